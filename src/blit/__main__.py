@@ -1,0 +1,5 @@
+"""`python -m blit`: the blit command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,273 @@
+"""The library API for Trio applications: `await blit.copy(src, dst)`, `mirror`, `move`.
+
+Resolves the two endpoints with rsync's trailing-slash rules, refuses bad input before anything
+is changed (missing source, source equals destination, destination inside the source), then
+hands the run to transfer.LocalTransfer (or, for remote endpoints, the remote client).
+
+This module never prints and never exits; it returns a Summary or raises from blit.errors.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Literal
+
+from . import fsops
+from .errors import FatalError, UsageError
+from .filters import Filters
+from .plan import Compare
+from .report import NullProgress, Progress, Summary
+from .transfer import LocalTransfer, Node, Planner, Timeouts
+from .worker import DirJob, RunSpec
+
+Operation = Literal["copy", "mirror", "move"]
+
+
+@dataclass
+class Options:
+    """What a transfer may be asked; the CLI fills it from flags. No speed knobs: the planner decides."""
+
+    dry_run: bool = False
+    compare: Compare = Compare.SIZE_MTIME
+    # Ordered filter rules: (include?, glob).
+    filters: list[tuple[bool, str]] = field(default_factory=list)
+    record_actions: bool = False
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+async def copy(src: str, dst: str, options: Options | None = None, progress: Progress | None = None) -> Summary:
+    """Copy SRC to DST (rsync -a semantics, atomic writes). Returns the Summary.
+
+    Raises:
+        UsageError: bad input; nothing was changed.
+        FatalError: the run could not go on (unreadable source root, full disk).
+    """
+    return await transfer("copy", src, dst, options, progress)
+
+
+async def mirror(src: str, dst: str, options: Options | None = None, progress: Progress | None = None) -> Summary:
+    """Make DST identical to SRC: copy, then delete DST entries absent from SRC (within the filters).
+
+    Deletes nothing when any part of SRC could not be read (Summary.deletions_skipped says why).
+    """
+    return await transfer("mirror", src, dst, options, progress)
+
+
+async def move(src: str, dst: str, options: Options | None = None, progress: Progress | None = None) -> Summary:
+    """Copy SRC to DST, make sure the data is on disk, then remove each source entry that landed."""
+    return await transfer("move", src, dst, options, progress)
+
+
+@dataclass
+class _Resolved:
+    src_base: bytes  # the directory jobs are relative to, on each side
+    dst_base: bytes
+    job: DirJob
+    node: Node
+    make_dst: bytes | None  # a destination directory to create (mkdir -p) before the run
+    rename_ok: bool  # move may be a single rename(2)
+    target: bytes  # what lands, for messages
+
+
+def _lstat(p: bytes) -> os.stat_result | None:
+    try:
+        return os.lstat(p)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+
+
+def _real(p: bytes) -> bytes:
+    return os.path.realpath(p)
+
+
+def _inside(child: bytes, parent: bytes) -> bool:
+    parent = parent.rstrip(b"/") + b"/"
+    return child.startswith(parent)
+
+
+def resolve(src: str, dst: str, operation: Operation) -> _Resolved:
+    """Apply rsync's trailing-slash rules; raise UsageError for bad input (nothing is changed)."""
+    if not src:
+        raise UsageError("empty source path")
+    if not dst:
+        raise UsageError("empty destination path")
+    bsrc, bdst = os.fsencode(src), os.fsencode(dst)
+    if b"\0" in bsrc or b"\0" in bdst:
+        raise UsageError("paths may not contain NUL")
+    src_slash = bsrc.endswith(b"/")
+    dst_slash = bdst.endswith(b"/")
+    src_abs = os.path.abspath(bsrc)
+    dst_abs = os.path.abspath(bdst)
+    sst = _lstat(src_abs)
+    if sst is None:
+        raise UsageError(f"source does not exist: {src}")
+    if src_slash or (stat.S_ISLNK(sst.st_mode) and src_slash):
+        try:
+            sst = os.stat(src_abs)
+        except OSError as exc:
+            raise UsageError(f"cannot read source {src}: {exc.strerror}") from None
+    src_is_dir = stat.S_ISDIR(sst.st_mode)
+    if src_slash and not src_is_dir:
+        raise UsageError(f"source is not a directory: {src}")
+
+    try:
+        dst_st: os.stat_result | None = os.stat(dst_abs)  # follows: a symlink to a dir is a dir
+    except FileNotFoundError:
+        dst_st = None
+    except NotADirectoryError:
+        raise UsageError(f"destination path goes through a file: {dst}") from None
+    except PermissionError as exc:
+        raise FatalError(f"cannot reach destination {dst}: {exc.strerror}") from None
+    dst_is_dir = dst_st is not None and stat.S_ISDIR(dst_st.st_mode)
+
+    make_dst: bytes | None = None
+    if src_is_dir and src_slash:
+        # Contents of SRC into DST.
+        if dst_st is not None and not dst_is_dir:
+            raise UsageError(f"destination exists and is not a directory: {dst}")
+        src_base, dst_base = src_abs, dst_abs
+        if dst_st is None:
+            make_dst = dst_abs
+        target = dst_abs
+        meta = fsops.meta_of(sst)
+        dmeta = fsops.meta_of(dst_st) if dst_st is not None else None
+        node = Node(None, "", "", meta, dmeta, dst_st is None, own=True)
+        job = DirJob("", "", dst_st is None)
+        rename_ok = False
+    else:
+        name = os.path.basename(src_abs)
+        src_base = os.path.dirname(src_abs)
+        if dst_is_dir:
+            dst_base, dname = dst_abs, name
+        elif dst_st is None and dst_slash:
+            dst_base, dname = dst_abs, name
+            make_dst = dst_abs
+        else:
+            if dst_st is not None and src_is_dir:
+                raise UsageError(f"cannot overwrite non-directory {dst} with directory {src}")
+            dst_base, dname = os.path.dirname(dst_abs), os.path.basename(dst_abs)
+            if not os.path.isdir(dst_base):
+                make_dst = dst_base
+        target = os.path.join(dst_base, dname)
+        node = Node(None, "", "", None, None, False, own=False)
+        job = DirJob("", "", False, only={os.fsdecode(name): os.fsdecode(dname)})
+        rename_ok = _lstat(target) is None
+    # Same / nested checks on the real paths.
+    real_src = _real(src_abs)
+    real_target = _real(target)
+    if real_src == real_target:
+        raise UsageError(f"source and destination are the same: {src} and {dst}")
+    if src_is_dir and _inside(real_target, real_src):
+        raise UsageError(f"destination {dst} is inside the source {src}")
+    if not src_is_dir and dst_st is not None and not dst_is_dir:
+        if (sst.st_dev, sst.st_ino) == (dst_st.st_dev, dst_st.st_ino):
+            raise UsageError(f"source and destination are the same file: {src} and {dst}")
+    if make_dst is not None and _inside(_real(make_dst), real_src) and src_is_dir:
+        raise UsageError(f"destination {dst} is inside the source {src}")
+    return _Resolved(src_base, dst_base, job, node, make_dst, rename_ok, target)
+
+
+def _makedirs(path: bytes) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"destination path goes through a file: {os.fsdecode(path)}") from None
+    except NotADirectoryError:
+        raise UsageError(f"destination path goes through a file: {os.fsdecode(path)}") from None
+    except OSError as exc:
+        raise FatalError(f"cannot create destination {os.fsdecode(path)}: {exc.strerror}") from None
+
+
+async def transfer(
+    operation: Operation,
+    src: str,
+    dst: str,
+    options: Options | None = None,
+    progress: Progress | None = None,
+) -> Summary:
+    import trio
+
+    opts = options or Options()
+    progress = progress or NullProgress()
+    summary = Summary(operation=operation, source=src, destination=dst, dry_run=opts.dry_run)
+    _reject_remote(src, dst)
+    filters = Filters.from_args(opts.filters)
+    r = await trio.to_thread.run_sync(resolve, src, dst, operation)
+    progress.start(summary)
+    if (
+        operation == "move"
+        and r.rename_ok
+        and not opts.filters
+        and not opts.dry_run
+        and await trio.to_thread.run_sync(_try_rename, r)
+    ):
+        summary.strategy = "rename"
+        summary.files_copied = 1
+        summary.files_removed = 1
+        progress.finish(summary)
+        return summary
+    if r.make_dst is not None and not opts.dry_run:
+        await trio.to_thread.run_sync(_makedirs, r.make_dst)
+    dst_base = r.dst_base
+    if opts.dry_run and not os.path.isdir(dst_base):
+        # Nothing exists yet: plan against an empty destination.
+        r.job.dst_new = True
+        dst_base = b"/"
+    spec = RunSpec(
+        src_root=r.src_base,
+        dst_root=dst_base,
+        mirror=operation == "mirror",
+        move=operation == "move",
+        compare=opts.compare,
+        filters=filters,
+        dry_run=opts.dry_run,
+        record_actions=opts.record_actions or opts.dry_run,
+    )
+    try:
+        run = LocalTransfer(spec, summary, progress, opts.timeouts, Planner())
+    except OSError as exc:
+        raise FatalError(f"cannot open {os.fsdecode(exc.filename or r.src_base)}: {exc.strerror}") from None
+    try:
+        await run.run(r.job, r.node)
+    except FatalError as exc:
+        summary.fatal = summary.fatal or str(exc)
+        progress.finish(summary)
+        raise
+    progress.finish(summary)
+    return summary
+
+
+def _try_rename(r: _Resolved) -> bool:
+    """Move within one filesystem onto a free name: one rename(2), as mv does."""
+    assert r.job.only is not None
+    (name, dname), = r.job.only.items()
+    src = os.path.join(r.src_base, os.fsencode(name))
+    try:
+        if r.make_dst is not None:
+            _makedirs(r.make_dst)
+        if os.lstat(src).st_dev != os.stat(r.dst_base).st_dev:
+            return False
+        # renameat2(RENAME_NOREPLACE) semantics via link-free check: the target must stay free.
+        if _lstat(r.target) is not None:
+            return False
+        os.rename(src, r.target)
+        return True
+    except OSError:
+        return False
+
+
+def _reject_remote(src: str, dst: str) -> None:
+    for p in (src, dst):
+        head = p.split("/", 1)[0]
+        if ":" in head and not p.startswith(("./", "../", "/")):
+            try:
+                from .endpoint import RemoteEndpoint, parse_endpoint
+            except ImportError:
+                raise UsageError(f"remote endpoints are not supported yet: {p}") from None
+            ep = parse_endpoint(p)
+            if isinstance(ep, RemoteEndpoint):
+                raise UsageError(f"remote transfers need the daemon client: {p}")

@@ -1,0 +1,345 @@
+"""The `blit` command: parse arguments, call the library API, render events, exit with its code.
+
+Thin by design: every decision lives in api/transfer; this module turns flags into Options and a
+Summary into text, JSON lines or a live bar. Heavy modules (trio, rich.progress, the engine) are
+imported inside the commands so that `blit --help` stays fast.
+
+This module must not contain transfer logic or read environment variables for configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+if TYPE_CHECKING:
+    from .report import Failure, Summary
+
+app = typer.Typer(
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Fast, exact file transfer: copy, mirror and move, locally or through a blit daemon.",
+)
+
+EXIT_INTERRUPTED = 130
+
+
+def _err(msg: str) -> None:
+    sys.stderr.write(f"blit: error: {msg}\n")
+    sys.stderr.flush()
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def summary_line(s: Summary) -> str:
+    verb = {"copy": "copied", "mirror": "copied", "move": "moved"}[s.operation]
+    head = "dry run: would have " + verb if s.dry_run else verb
+    parts = [f"{head} {s.files_copied:,} files ({_human_bytes(s.bytes_copied)})"]
+    if s.links_created:
+        parts.append(f"{s.links_created:,} links")
+    if s.operation == "mirror":
+        parts.append(f"deleted {s.files_deleted:,}")
+    parts.append(f"skipped {s.files_skipped:,}")
+    if s.failures:
+        parts.append(f"{len(s.failures):,} failed")
+    line = ", ".join(parts) + f" in {s.duration_s:.2f} s"
+    return line
+
+
+class TextProgress:
+    """Default output: per-file failures on stderr, actions with -v or --dry-run, one summary line."""
+
+    def __init__(self, verbose: bool, quiet: bool, dry_run: bool, bar: bool) -> None:
+        self.verbose = verbose or dry_run
+        self.quiet = quiet
+        self.bar = None
+        self.task = None
+        if bar:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("{task.fields[files]:>9,} files"),
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                transient=True,
+                console=__import__("rich.console", fromlist=["Console"]).Console(stderr=True),
+            )
+
+    def start(self, summary: Summary) -> None:
+        if self.bar is not None:
+            self.bar.start()
+            self.task = self.bar.add_task("copy", total=None, files=0)
+
+    def update(self, files: int, nbytes: int, elapsed: float) -> None:
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, completed=nbytes, files=files)
+
+    def action(self, action: str, path: str) -> None:
+        if self.verbose:
+            sys.stdout.write(f"{action} {path}\n")
+
+    def error(self, failure: Failure) -> None:
+        sys.stderr.write(f"blit: {failure.path}: {failure.op}: {failure.message}\n")
+
+    def finish(self, summary: Summary) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        if summary.deletions_skipped:
+            sys.stderr.write(f"blit: mirror {summary.deletions_skipped}\n")
+        if summary.fatal:
+            return
+        if not self.quiet:
+            sys.stdout.write(summary_line(summary) + "\n")
+        sys.stdout.flush()
+
+
+class JsonProgress:
+    """--json: newline-delimited events on stdout (schemas/events.schema.json)."""
+
+    def __init__(self, operation: str) -> None:
+        self.operation = operation
+        self.last = 0.0
+
+    def _emit(self, obj: dict[str, object]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+
+    def start(self, summary: Summary) -> None:
+        self._emit(
+            {
+                "event": "start",
+                "operation": summary.operation,
+                "source": summary.source,
+                "destination": summary.destination,
+                "dry_run": summary.dry_run,
+            }
+        )
+
+    def update(self, files: int, nbytes: int, elapsed: float) -> None:
+        if elapsed - self.last >= 0.1:
+            self.last = elapsed
+            self._emit(
+                {
+                    "event": "progress",
+                    "files_done": files,
+                    "bytes_done": nbytes,
+                    "files_total": None,
+                    "bytes_total": None,
+                    "elapsed_s": round(elapsed, 3),
+                }
+            )
+
+    def action(self, action: str, path: str) -> None:
+        self._emit({"event": "action", "action": action, "path": path})
+
+    def error(self, failure: Failure) -> None:
+        self._emit({"event": "error", **failure.as_dict()})
+
+    def finish(self, summary: Summary) -> None:
+        self._emit(summary.as_dict())
+        sys.stdout.flush()
+
+
+def _run(
+    operation: str,
+    src: str,
+    dst: str,
+    *,
+    dry_run: bool,
+    checksum: bool,
+    size_only: bool,
+    ignore_times: bool,
+    filters: list[tuple[bool, str]],
+    progress: bool,
+    as_json: bool,
+    verbose: bool,
+    quiet: bool,
+) -> int:
+    import signal
+
+    import trio
+
+    from . import api
+    from .errors import BlitError
+    from .plan import Compare
+
+    if sum((checksum, size_only, ignore_times)) > 1:
+        _err("--checksum, --size-only and --ignore-times exclude each other")
+        return 2
+    compare = (
+        Compare.CHECKSUM
+        if checksum
+        else Compare.SIZE_ONLY
+        if size_only
+        else Compare.ALWAYS
+        if ignore_times
+        else Compare.SIZE_MTIME
+    )
+    opts = api.Options(dry_run=dry_run, compare=compare, filters=filters, record_actions=verbose or dry_run)
+    rep: object = JsonProgress(operation) if as_json else TextProgress(verbose, quiet, dry_run, progress)
+    outcome: dict[str, object] = {}
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    async for _ in signals:
+                        outcome["interrupted"] = True
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(watch)
+                try:
+                    outcome["summary"] = await api.transfer(operation, src, dst, opts, rep)  # type: ignore[arg-type]
+                finally:
+                    nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except BlitError as exc:
+        _err(str(exc))
+        if as_json:
+            sys.stdout.write(json.dumps({"event": "summary", "fatal": str(exc), "exit_code": exc.exit_code}) + "\n")
+        return exc.exit_code
+    except BaseExceptionGroup as eg:
+        blit_errors = [e for e in _leaves(eg) if isinstance(e, BlitError)]
+        if blit_errors:
+            _err(str(blit_errors[0]))
+            return blit_errors[0].exit_code
+        raise
+    except KeyboardInterrupt:
+        outcome["interrupted"] = True
+    if outcome.get("interrupted") and "summary" not in outcome:
+        _err("interrupted; temporary files removed, run the same command again to finish")
+        return EXIT_INTERRUPTED
+    summary = outcome["summary"]
+    return summary.exit_code  # type: ignore[attr-defined,no-any-return]
+
+
+def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:  # type: ignore[type-arg]
+    out: list[BaseException] = []
+    for e in eg.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            out.extend(_leaves(e))
+        else:
+            out.append(e)
+    return out
+
+
+def _filters_in_order(ctx: typer.Context) -> list[tuple[bool, str]]:
+    """--include/--exclude keep their relative order from the command line."""
+    out: list[tuple[bool, str]] = []
+    argv = sys.argv[1:]
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        for flag, inc in (("--exclude", False), ("--include", True)):
+            if a == flag and i + 1 < len(argv):
+                out.append((inc, argv[i + 1]))
+                i += 1
+            elif a.startswith(flag + "="):
+                out.append((inc, a[len(flag) + 1 :]))
+        i += 1
+    return out
+
+
+def _transfer_command(operation: str, doc: str):  # type: ignore[no-untyped-def]
+    def command(
+        ctx: typer.Context,
+        src: Annotated[str, typer.Argument(help="Source path (trailing / = its contents).")],
+        dst: Annotated[str, typer.Argument(help="Destination path.")],
+        dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Change nothing; list what would be done.")] = False,
+        checksum: Annotated[bool, typer.Option("--checksum", "-c", help="Compare equal-size files by content hash.")] = False,
+        size_only: Annotated[bool, typer.Option("--size-only", help="Skip files whose size matches.")] = False,
+        ignore_times: Annotated[bool, typer.Option("--ignore-times", "-I", help="Copy every file.")] = False,
+        exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave out entries matching GLOB (repeatable).", metavar="GLOB")] = None,
+        include: Annotated[Optional[list[str]], typer.Option("--include", help="Keep entries matching GLOB (repeatable; first match wins).", metavar="GLOB")] = None,
+        progress: Annotated[bool, typer.Option("--progress", help="Live progress bar on stderr.")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Newline-delimited JSON events on stdout.")] = False,
+        verbose: Annotated[bool, typer.Option("--verbose", "-v", help="One line per entry changed.")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
+    ) -> None:
+        filters = _filters_in_order(ctx)
+        if len(filters) != len(exclude or []) + len(include or []):
+            filters = [(False, p) for p in exclude or []] + [(True, p) for p in include or []]
+        code = _run(
+            operation,
+            src,
+            dst,
+            dry_run=dry_run,
+            checksum=checksum,
+            size_only=size_only,
+            ignore_times=ignore_times,
+            filters=filters,
+            progress=progress,
+            as_json=as_json,
+            verbose=verbose,
+            quiet=quiet,
+        )
+        raise typer.Exit(code)
+
+    command.__doc__ = doc
+    command.__name__ = operation
+    return command
+
+
+app.command("copy")(_transfer_command("copy", "Copy SRC to DST (rsync -a semantics; atomic writes)."))
+app.command("mirror")(
+    _transfer_command("mirror", "Make DST identical to SRC: copy, then delete DST entries absent from SRC.")
+)
+app.command("move")(
+    _transfer_command("move", "Copy SRC to DST, confirm the data landed, then remove the source entries.")
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"blit {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Fast, exact file transfer: copy, mirror and move, locally or through a blit daemon."""
+
+
+try:  # the daemon, scan and list commands (they import their heavy modules lazily)
+    from .cli_remote import register as _register_remote
+except ImportError:  # pragma: no cover - during development of the remote side
+    pass
+else:
+    _register_remote(app)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit:
+        raise

@@ -1,0 +1,505 @@
+"""Blocking filesystem primitives: scan a directory, land a file atomically, carry metadata.
+
+Everything here is plain synchronous code that runs in a worker thread or a worker process,
+always relative to directory file descriptors so that paths longer than PATH_MAX and names that
+are not UTF-8 work. Names are `str` decoded with surrogateescape (what `os.scandir(fd)` yields);
+`os.fsencode` turns them back into the exact bytes.
+
+This module must not import trio, print, or keep state between calls beyond small per-process
+caches of what the kernel supports.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+from typing import NamedTuple
+
+from . import ffi
+
+# Open flags used everywhere.
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+O_SRC = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | getattr(os, "O_NOCTTY", 0)
+O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+
+TMP_PREFIX = ".blit-"
+TMP_SUFFIX = ".tmp"
+
+# Longest path handed to one syscall; longer relative paths are opened one chunk at a time.
+_PATH_CHUNK = 3000
+
+# Xattr namespaces an unprivileged process may not be able to read or write: failures there are
+# expected ("where permitted"), failures on user.* are reported.
+_PRIVILEGED_XATTR = ("security.", "trusted.", "system.")
+
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+class Meta(NamedTuple):
+    """The part of an lstat result a transfer needs; small, picklable, no per-file object graph."""
+
+    mode: int
+    size: int
+    mtime_ns: int
+    atime_ns: int
+    uid: int
+    gid: int
+    ino: int
+    dev: int
+    nlink: int
+    rdev: int
+    blocks: int
+
+
+def meta_of(st: os.stat_result) -> Meta:
+    return Meta(
+        st.st_mode,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_atime_ns,
+        st.st_uid,
+        st.st_gid,
+        st.st_ino,
+        st.st_dev,
+        st.st_nlink,
+        st.st_rdev,
+        getattr(st, "st_blocks", 0),
+    )
+
+
+def is_sparse(m: Meta) -> bool:
+    """A regular file whose allocated size is well below its length (holes worth keeping)."""
+    return m.size > 65536 and m.blocks * 512 < m.size - 65536
+
+
+# --------------------------------------------------------------------------------------------
+# Directories
+
+
+def open_rel(root_fd: int, rel: str) -> int:
+    """Open directory `rel` (relative to `root_fd`, "" for the root) without following symlinks
+    in its last component; paths of any length."""
+    if not rel:
+        return os.open(".", O_DIR, dir_fd=root_fd)
+    if len(rel) <= _PATH_CHUNK:
+        return os.open(rel, O_DIR, dir_fd=root_fd)
+    parts = rel.split("/")
+    fd = os.dup(root_fd)
+    try:
+        chunk: list[str] = []
+        size = 0
+        for i, part in enumerate(parts):
+            chunk.append(part)
+            size += len(part) + 1
+            if size > _PATH_CHUNK or i == len(parts) - 1:
+                nfd = os.open("/".join(chunk), O_DIR, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+                chunk, size = [], 0
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_root(path: bytes) -> int:
+    """Open a transfer root directory given as an absolute path (any length)."""
+    if len(path) <= _PATH_CHUNK:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    base = os.open(b"/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return open_rel(base, os.fsdecode(path.lstrip(b"/")))
+    finally:
+        os.close(base)
+
+
+def scan(dir_fd: int) -> tuple[list[tuple[str, Meta]], list[tuple[str, OSError]]]:
+    """List a directory with one lstat per entry.
+
+    Returns (entries, errors): entries as (name, Meta); errors for entries that vanished or could
+    not be stat'ed. Raises OSError when the directory itself cannot be read.
+    """
+    out: list[tuple[str, Meta]] = []
+    errs: list[tuple[str, OSError]] = []
+    # scandir(fd) dups the fd and closes its copy; the caller keeps dir_fd.
+    with os.scandir(dir_fd) as it:
+        for e in it:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError as exc:
+                errs.append((e.name, exc))
+                continue
+            out.append((e.name, meta_of(st)))
+    return out, errs
+
+
+def make_dir(parent_fd: int, name: str) -> None:
+    """Create a directory writable by us; its real mode is applied when it is finalised."""
+    os.mkdir(name, 0o700, dir_fd=parent_fd)
+
+
+def remove_tree(parent_fd: int, name: str) -> int:
+    """Remove `name` (any kind) below parent_fd, recursively; returns entries removed."""
+    try:
+        os.unlink(name, dir_fd=parent_fd)
+        return 1
+    except IsADirectoryError:
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EISDIR, errno.EPERM):
+            raise
+    count = 0
+    fd = os.open(name, O_DIR, dir_fd=parent_fd)
+    try:
+        # Make sure we can delete inside a read-only directory we own.
+        st = os.fstat(fd)
+        if not st.st_mode & stat.S_IWUSR:
+            os.chmod(fd, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
+        for child in os.listdir(fd):
+            count += remove_tree(fd, child)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+    return count + 1
+
+
+def set_dir_meta(fd: int, m: Meta, xattrs: list[tuple[str, bytes]] | None) -> None:
+    """Apply owner, xattrs, mode and times to an open directory."""
+    if xattrs:
+        put_xattrs(fd, xattrs, "directory")
+    if IS_ROOT:
+        os.fchown(fd, m.uid, m.gid)
+    os.fchmod(fd, stat.S_IMODE(m.mode))
+    os.utime(fd, ns=(m.atime_ns, m.mtime_ns))
+
+
+# --------------------------------------------------------------------------------------------
+# Extended attributes
+
+
+def get_xattrs(fd: int) -> list[tuple[str, bytes]]:
+    """All xattrs we may read from an open file (ACLs included); [] when none or unsupported."""
+    try:
+        names = os.listxattr(fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
+            return []
+        raise
+    out = []
+    for n in names:
+        try:
+            out.append((n, os.getxattr(fd, n)))
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.EPERM, errno.EACCES, errno.ENOTSUP):
+                continue
+            raise
+    return out
+
+
+def put_xattrs(fd: int, xattrs: list[tuple[str, bytes]], what: str) -> None:
+    for n, v in xattrs:
+        try:
+            os.setxattr(fd, n, v)
+        except OSError as exc:
+            if n.startswith(_PRIVILEGED_XATTR) and exc.errno in (
+                errno.EPERM,
+                errno.EACCES,
+                errno.ENOTSUP,
+                errno.EOPNOTSUPP,
+                errno.EINVAL,
+            ):
+                continue
+            raise OSError(exc.errno, f"setting xattr {n}: {exc.strerror}") from exc
+
+
+
+
+# --------------------------------------------------------------------------------------------
+# Landing files atomically
+
+
+class Landing:
+    """A destination file being written: unnamed (O_TMPFILE) or under a temporary name until
+    `commit` gives it its real name in one step. `abort` leaves nothing behind."""
+
+    __slots__ = ("fd", "dir_fd", "tmp_name")
+
+    def __init__(self, dir_fd: int) -> None:
+        self.dir_fd = dir_fd
+        self.tmp_name: str | None = None
+        self.fd = -1
+        if O_TMPFILE and _tmpfile_ok[0]:
+            try:
+                self.fd = os.open(".", os.O_WRONLY | O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                    raise
+                _tmpfile_ok[0] = False  # this filesystem cannot: named temporaries from now on
+        self.tmp_name = new_tmp_name()
+        self.fd = os.open(
+            self.tmp_name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o600,
+            dir_fd=dir_fd,
+        )
+
+    def finish_meta(self, m: Meta, xattrs: list[tuple[str, bytes]] | None, what: str) -> None:
+        fd = self.fd
+        if xattrs:
+            put_xattrs(fd, xattrs, what)
+        if IS_ROOT:
+            os.fchown(fd, m.uid, m.gid)
+        mode = stat.S_IMODE(m.mode)
+        if mode != 0o600 or IS_ROOT:
+            os.fchmod(fd, mode)
+        os.utime(fd, ns=(m.atime_ns, m.mtime_ns))
+
+    def commit(self, name: str, replace: bool) -> None:
+        """Give the file its real name. `replace`: a destination entry of that name may exist."""
+        try:
+            if self.tmp_name is None:
+                if not replace:
+                    try:
+                        ffi.link_fd(self.fd, self.dir_fd, name)
+                        return
+                    except FileExistsError:
+                        pass
+                self.tmp_name = new_tmp_name()
+                ffi.link_fd(self.fd, self.dir_fd, self.tmp_name)
+            os.rename(self.tmp_name, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+            self.tmp_name = None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def abort(self) -> None:
+        self.close()
+        if self.tmp_name is not None:
+            try:
+                os.unlink(self.tmp_name, dir_fd=self.dir_fd)
+            except OSError:
+                pass
+            self.tmp_name = None
+
+
+# Whether O_TMPFILE works where we write (one flag per process: a run writes to one filesystem).
+_tmpfile_ok = [True]
+
+
+def new_tmp_name() -> str:
+    return f"{TMP_PREFIX}{secrets.token_hex(8)}{TMP_SUFFIX}"
+
+
+def is_tmp_name(name: str) -> bool:
+    return name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX) and len(name) == 26
+
+
+def read_all(fd: int, size: int) -> bytes:
+    """Read a whole small file; one syscall when the size is right."""
+    data = os.read(fd, size + 1)
+    if len(data) == size:
+        return data
+    parts = [data]
+    while True:
+        more = os.read(fd, max(size, 65536))
+        if not more:
+            return b"".join(parts)
+        parts.append(more)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def copy_small(src_dir: int, name: str, dst_dir: int, dst_name: str, m: Meta, replace: bool) -> int:
+    """Copy one small regular file with its metadata and land it atomically; returns bytes."""
+    sfd = os.open(name, O_SRC, dir_fd=src_dir)
+    try:
+        xattrs = get_xattrs(sfd)
+        landing = Landing(dst_dir)
+        try:
+            if is_sparse(m):
+                n = copy_sparse(sfd, landing.fd, m.size)
+            elif m.size:
+                data = read_all(sfd, m.size)
+                write_all(landing.fd, data)
+                n = len(data)
+            else:
+                n = 0
+            landing.finish_meta(m, xattrs, name)
+            landing.commit(dst_name, replace)
+        except BaseException:
+            landing.abort()
+            raise
+    finally:
+        os.close(sfd)
+    return n
+
+
+def copy_range(sfd: int, dfd: int, offset: int, length: int) -> int:
+    """Copy up to `length` bytes at `offset` in the kernel where it can; returns bytes copied."""
+    done = 0
+    while done < length:
+        try:
+            n = ffi.copy_file_range(sfd, dfd, length - done, offset + done, offset + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+                raise
+            return done + _copy_range_rw(sfd, dfd, offset + done, length - done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _copy_range_rw(sfd: int, dfd: int, offset: int, length: int) -> int:
+    done = 0
+    while done < length:
+        buf = os.pread(sfd, min(length - done, 8 << 20), offset + done)
+        if not buf:
+            break
+        view = memoryview(buf)
+        pos = offset + done
+        while view:
+            w = os.pwrite(dfd, view, pos)
+            view = view[w:]
+            pos += w
+        done += len(buf)
+    return done
+
+
+def data_extents(sfd: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of the data regions of a file, via SEEK_DATA/SEEK_HOLE."""
+    out = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(sfd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return [(0, size)]
+            raise
+        end = os.lseek(sfd, start, os.SEEK_HOLE)
+        out.append((start, end - start))
+        pos = end
+    return out
+
+
+def copy_sparse(sfd: int, dfd: int, size: int) -> int:
+    n = 0
+    for off, length in data_extents(sfd, size):
+        n += _copy_range_rw(sfd, dfd, off, length)
+    os.ftruncate(dfd, size)
+    return n
+
+
+def make_symlink(target: str, dst_dir: int, name: str, m: Meta, replace: bool) -> None:
+    """Create a symlink (never followed) with its times and owner, atomically."""
+    if not replace:
+        try:
+            os.symlink(target, name, dir_fd=dst_dir)
+        except FileExistsError:
+            replace = True
+        else:
+            _symlink_meta(dst_dir, name, m)
+            return
+    tmp = new_tmp_name()
+    os.symlink(target, tmp, dir_fd=dst_dir)
+    try:
+        _symlink_meta(dst_dir, tmp, m)
+        os.rename(tmp, name, src_dir_fd=dst_dir, dst_dir_fd=dst_dir)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dst_dir)
+        except OSError:
+            pass
+        raise
+
+
+def _symlink_meta(dst_dir: int, name: str, m: Meta) -> None:
+    if IS_ROOT:
+        os.chown(name, m.uid, m.gid, dir_fd=dst_dir, follow_symlinks=False)
+    os.utime(name, ns=(m.atime_ns, m.mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
+
+
+def make_special(dst_dir: int, name: str, m: Meta, replace: bool) -> None:
+    """Recreate a FIFO, socket or (as root) device node, atomically, with its metadata."""
+    tmp = new_tmp_name()
+    os.mknod(tmp, stat.S_IFMT(m.mode) | 0o600, m.rdev, dir_fd=dst_dir)
+    try:
+        if IS_ROOT:
+            os.chown(tmp, m.uid, m.gid, dir_fd=dst_dir, follow_symlinks=False)
+        os.chmod(tmp, stat.S_IMODE(m.mode), dir_fd=dst_dir, follow_symlinks=False)
+        os.utime(tmp, ns=(m.atime_ns, m.mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
+        os.rename(tmp, name, src_dir_fd=dst_dir, dst_dir_fd=dst_dir)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dst_dir)
+        except OSError:
+            pass
+        raise
+
+
+def make_hardlink(dst_dir: int, name: str, first_dir: int, first_name: str, replace: bool) -> None:
+    """Make `name` another link to the already-landed `first_name`, atomically."""
+    if not replace:
+        try:
+            os.link(first_name, name, src_dir_fd=first_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
+            return
+        except FileExistsError:
+            pass
+    tmp = new_tmp_name()
+    os.link(first_name, tmp, src_dir_fd=first_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
+    try:
+        os.rename(tmp, name, src_dir_fd=dst_dir, dst_dir_fd=dst_dir)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dst_dir)
+        except OSError:
+            pass
+        raise
+
+
+def fix_meta(dst_dir: int, name: str, src: Meta, dst: Meta) -> bool:
+    """Bring mode/owner/times of an up-to-date destination entry in line; True if changed."""
+    changed = False
+    is_link = stat.S_ISLNK(src.mode)
+    if IS_ROOT and (src.uid != dst.uid or src.gid != dst.gid):
+        os.chown(name, src.uid, src.gid, dir_fd=dst_dir, follow_symlinks=False)
+        changed = True
+    if not is_link and (stat.S_IMODE(src.mode) != stat.S_IMODE(dst.mode) or changed):
+        os.chmod(name, stat.S_IMODE(src.mode), dir_fd=dst_dir)
+        changed = True
+    if src.mtime_ns != dst.mtime_ns:
+        os.utime(name, ns=(src.atime_ns, src.mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
+        changed = True
+    return changed
+
+
+def file_hash(dir_fd: int, name: str) -> bytes:
+    """xxh3-128 of a file's content (for --checksum)."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    fd = os.open(name, O_SRC, dir_fd=dir_fd)
+    try:
+        while True:
+            buf = os.read(fd, 4 << 20)
+            if not buf:
+                break
+            h.update(buf)
+    finally:
+        os.close(fd)
+    return h.digest()

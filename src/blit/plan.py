@@ -1,0 +1,134 @@
+"""Pure planning: for one directory, what to copy, skip, link, create and delete. No I/O.
+
+`plan_dir` compares the source listing of a directory with the destination's (either may come
+from the local disk or from a peer's manifest) and sorts every name into an action. Decisions
+that need the content (checksums, symlink targets) are marked for the executor to settle.
+
+This module must not touch the filesystem, import trio, or hold state between calls.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from .filters import Filters
+from .fsops import Meta
+
+
+class Compare(IntEnum):
+    """How an existing regular file is judged up to date."""
+
+    SIZE_MTIME = 0  # default: size and mtime (ns) match
+    CHECKSUM = 1  # equal sizes are compared by content hash
+    SIZE_ONLY = 2
+    ALWAYS = 3  # --ignore-times: copy every file
+
+
+class Op(IntEnum):
+    SUBDIR = 0  # source dir, destination dir exists: descend
+    MKDIR = 1  # source dir, nothing (or a non-dir, which is replaced) at the destination
+    COPY = 2  # regular file to copy
+    SAME = 3  # regular file up to date; metadata may need fixing
+    HASH = 4  # equal sizes under --checksum: hash both to decide
+    SYMLINK = 5  # symlink; executor compares targets when the destination is a symlink too
+    SPECIAL = 6  # fifo, socket, device
+    HARDLINK = 7  # regular file with nlink > 1: settled globally by the coordinator
+
+
+@dataclass(slots=True)
+class Item:
+    op: Op
+    name: str
+    src: Meta
+    dst: Meta | None  # the destination entry of that name, if any
+    dst_name: str  # usually == name; differs only for the renamed top entry
+
+
+@dataclass(slots=True)
+class DirPlan:
+    items: list[Item] = field(default_factory=list)
+    # Destination names to delete (mirror only): (name, is_dir).
+    extras: list[tuple[str, bool]] = field(default_factory=list)
+    # Destination entries in the way of a source entry of another kind: removed before landing.
+    conflicts: list[tuple[str, bool]] = field(default_factory=list)
+
+
+def up_to_date(src: Meta, dst: Meta, compare: Compare) -> Op:
+    if not stat.S_ISREG(dst.mode) or compare is Compare.ALWAYS:
+        return Op.COPY
+    if src.size != dst.size:
+        return Op.COPY
+    if compare is Compare.SIZE_ONLY:
+        return Op.SAME
+    if compare is Compare.CHECKSUM:
+        return Op.HASH
+    return Op.SAME if src.mtime_ns == dst.mtime_ns else Op.COPY
+
+
+def plan_dir(
+    rel: str,
+    src: list[tuple[str, Meta]],
+    dst: dict[str, Meta] | None,
+    *,
+    compare: Compare,
+    filters: Filters,
+    mirror: bool,
+    only: dict[str, str] | None = None,
+    keep: frozenset[str] = frozenset(),
+) -> DirPlan:
+    """Sort one directory's entries into actions.
+
+    Args:
+        rel: the directory's path relative to the transfer root ("" for the root), for filters.
+        src: the source entries (name, Meta).
+        dst: the destination entries by name, or None when the destination directory is new.
+        only: when set, transfer just these source names, each to the destination name given
+            (the top entry of `blit copy SRC DST`); no extras are considered.
+        keep: destination names never to delete (sources that vanished or failed to stat).
+    """
+    plan = DirPlan()
+    prefix = rel + "/" if rel else ""
+    seen: set[str] = set()
+    fa = filters.active
+    for name, m in src:
+        if only is not None:
+            if name not in only:
+                continue
+            dname = only[name]
+        else:
+            dname = name
+        is_dir = stat.S_ISDIR(m.mode)
+        if fa and filters.excluded(prefix + name, name, is_dir):
+            continue
+        seen.add(dname)
+        d = dst.get(dname) if dst else None
+        if d is not None:
+            d_is_dir = stat.S_ISDIR(d.mode)
+            if is_dir != d_is_dir:
+                plan.conflicts.append((dname, d_is_dir))
+                d = None
+        if is_dir:
+            plan.items.append(Item(Op.SUBDIR if d is not None else Op.MKDIR, name, m, d, dname))
+        elif stat.S_ISREG(m.mode):
+            if m.nlink > 1:
+                op = Op.HARDLINK
+            elif d is None:
+                op = Op.COPY
+            else:
+                op = up_to_date(m, d, compare)
+            plan.items.append(Item(op, name, m, d, dname))
+        elif stat.S_ISLNK(m.mode):
+            plan.items.append(Item(Op.SYMLINK, name, m, d, dname))
+        else:
+            plan.items.append(Item(Op.SPECIAL, name, m, d, dname))
+    if mirror and only is None and dst:
+        for dname, d in dst.items():
+            if dname in seen or dname in keep:
+                continue
+            d_is_dir = stat.S_ISDIR(d.mode)
+            if fa and filters.excluded(prefix + dname, dname, d_is_dir):
+                continue
+            plan.extras.append((dname, d_is_dir))
+    return plan

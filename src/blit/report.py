@@ -1,0 +1,103 @@
+"""What a run reports: the Summary, per-file failures, the Progress interface, exit codes.
+
+Renderers (plain text, JSON lines, rich bar) live in the CLI; the engine only calls a Progress.
+This module must not print or do I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(slots=True)
+class Failure:
+    path: str
+    op: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "op": self.op, "message": self.message}
+
+
+@dataclass(slots=True)
+class Summary:
+    """The outcome of a transfer. `exit_code` follows docs/cli.md."""
+
+    operation: str = "copy"
+    source: str = ""
+    destination: str = ""
+    dry_run: bool = False
+    files_copied: int = 0
+    bytes_copied: int = 0
+    files_deleted: int = 0
+    files_skipped: int = 0
+    dirs_created: int = 0
+    links_created: int = 0
+    files_removed: int = 0  # move: source entries removed
+    entries_seen: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    deletions_skipped: str | None = None  # why mirror deleted nothing
+    fatal: str | None = None
+    strategy: str = ""
+    duration_s: float = 0.0
+    predicted_s: float | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if self.fatal:
+            return 1
+        if self.failures or self.deletions_skipped:
+            return 3
+        return 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "event": "summary",
+            "operation": self.operation,
+            "source": self.source,
+            "destination": self.destination,
+            "files_copied": self.files_copied,
+            "bytes_copied": self.bytes_copied,
+            "files_deleted": self.files_deleted,
+            "files_skipped": self.files_skipped,
+            "dirs_created": self.dirs_created,
+            "links_created": self.links_created,
+            "files_removed": self.files_removed,
+            "entries_seen": self.entries_seen,
+            "failures": [f.as_dict() for f in self.failures],
+            "deletions_skipped": self.deletions_skipped,
+            "fatal": self.fatal,
+            "strategy": self.strategy,
+            "duration_s": round(self.duration_s, 6),
+            "predicted_s": self.predicted_s,
+            "dry_run": self.dry_run,
+            "exit_code": self.exit_code,
+        }
+
+
+class Progress(Protocol):
+    """Receives a run's events. Called from the Trio thread only; must not block."""
+
+    def start(self, summary: Summary) -> None: ...
+    def update(self, files: int, nbytes: int, elapsed: float) -> None: ...
+    def action(self, action: str, path: str) -> None: ...
+    def error(self, failure: Failure) -> None: ...
+    def finish(self, summary: Summary) -> None: ...
+
+
+class NullProgress:
+    def start(self, summary: Summary) -> None:
+        pass
+
+    def update(self, files: int, nbytes: int, elapsed: float) -> None:
+        pass
+
+    def action(self, action: str, path: str) -> None:
+        pass
+
+    def error(self, failure: Failure) -> None:
+        pass
+
+    def finish(self, summary: Summary) -> None:
+        pass

@@ -1,0 +1,772 @@
+"""Run a local transfer: the nursery tree that scans, plans and lands a tree a directory at a time.
+
+Directory jobs (worker.Worker.run: scan both sides, plan, land the small entries) run in worker
+threads, and once the tree proves large, in worker processes, so the per-file Python path uses
+every core. This coordinator owns what is global: the queue of directories (LIFO, so memory
+follows the depth of the tree, not its size), large files copied in multi-MiB chunks under a
+StallGuard, hard-link groups, directory metadata applied once a directory's subtree is done,
+mirror deletions (only after the whole source was read), and the counters.
+
+This module must not print or parse arguments; it reports through report.Progress.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from . import ffi, fsops
+from .errors import FatalError, StallError
+from .fsops import Meta
+from .report import Failure, NullProgress, Progress, Summary
+from .stall import StallGuard
+from .worker import FATAL_ERRNOS, DirJob, DirResult, RunSpec, StopFlag, Worker, frame
+
+CHUNK = 32 << 20  # bytes per thread hop when copying a large file
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """stall: seconds without progress before a file operation is reported as stalled."""
+
+    stall: float = 60.0
+
+
+class Planner:
+    """The heuristics: how many workers, when to use processes. No user knobs."""
+
+    def __init__(self) -> None:
+        self.cpus = max(1, os.cpu_count() or 1)
+        self.thread_jobs = 4  # concurrent directory jobs in threads (syscalls release the GIL)
+        self.procs = max(2, self.cpus)
+        self.jobs_per_proc = 2  # one in hand, one queued: a worker never waits on the coordinator
+        self.big_jobs = max(2, self.cpus)
+        self.proc_threshold = 2000  # entries seen before worker processes pay off (~50 ms start)
+
+    def want_processes(self, entries_seen: int, queued: int) -> bool:
+        return entries_seen >= self.proc_threshold and queued >= 2
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}/{b}" if a else b
+
+
+class Node:
+    """A destination directory whose metadata is applied once everything below it is done."""
+
+    __slots__ = ("parent", "src_rel", "dst_rel", "meta", "dst_meta", "new", "pending", "changed", "own")
+
+    def __init__(
+        self,
+        parent: Node | None,
+        src_rel: str,
+        dst_rel: str,
+        meta: Meta | None,
+        dst_meta: Meta | None,
+        new: bool,
+        own: bool = True,
+    ) -> None:
+        self.parent = parent
+        self.src_rel = src_rel
+        self.dst_rel = dst_rel
+        self.meta = meta
+        self.dst_meta = dst_meta
+        self.new = new
+        self.pending = 1
+        self.changed = False
+        self.own = own  # False: the parent of the top entry, not part of the transfer
+
+
+# ------------------------------------------------------------------------------------------------
+# Executors: where directory jobs run.
+
+
+class ThreadExecutor:
+    def __init__(self, worker: Worker, limit: int) -> None:
+        self.worker = worker
+        self.limiter = trio.CapacityLimiter(limit)
+        self.running = 0
+        self._lock = threading.Lock()
+
+    def _call(self, job: DirJob) -> DirResult:
+        with self._lock:
+            self.running += 1
+        try:
+            return self.worker.run(job)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    async def run(self, job: DirJob) -> DirResult:
+        try:
+            return await trio.to_thread.run_sync(self._call, job, limiter=self.limiter, abandon_on_cancel=True)
+        except trio.Cancelled:
+            self.worker.stop.is_set = True  # the thread stops before its next file
+            raise
+
+    def wait_idle(self, seconds: float) -> None:
+        """Give abandoned threads a moment to finish the file in hand (called at shutdown)."""
+        end = time.monotonic() + seconds
+        while self.running and time.monotonic() < end:
+            time.sleep(0.005)
+
+
+class _Proc:
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.waiters: deque[list[Any]] = deque()
+        self.buf = bytearray()
+        self.send_lock = trio.Lock()
+
+    async def read_frame(self) -> bytes | None:
+        stream = self.proc.stdout
+        assert stream is not None
+        while True:
+            if len(self.buf) >= 4:
+                n = int.from_bytes(self.buf[:4], "big")
+                if len(self.buf) >= 4 + n:
+                    body = bytes(self.buf[4 : 4 + n])
+                    del self.buf[: 4 + n]
+                    return body
+            data = await stream.receive_some(1 << 20)
+            if not data:
+                return None
+            self.buf += data
+
+
+class ProcessExecutor:
+    """Worker processes (`python -m blit.worker`) fed framed pickles over pipes."""
+
+    def __init__(self, spec: RunSpec, count: int, per_proc: int) -> None:
+        self.spec = spec
+        self.count = count
+        self.per_proc = per_proc
+        self.procs: list[_Proc] = []
+        self.ready = False
+        self.slots = trio.Semaphore(count * per_proc)
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        spec_frame = frame(self.spec)
+        for _ in range(self.count):
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "blit.worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                start_new_session=False,
+            )
+            p = _Proc(proc)
+            assert proc.stdin is not None
+            await proc.stdin.send_all(spec_frame)
+            self.procs.append(p)
+        for p in self.procs:
+            hello = await p.read_frame()
+            if hello is None:
+                raise FatalError("a worker process failed to start")
+            nursery.start_soon(self._reader, p)
+        self.ready = True
+
+    async def _reader(self, p: _Proc) -> None:
+        while True:
+            body = await p.read_frame()
+            if body is None:
+                while p.waiters:
+                    w = p.waiters.popleft()
+                    w[1] = None
+                    w[0].set()
+                return
+            w = p.waiters.popleft()
+            w[1] = pickle.loads(body)
+            w[0].set()
+
+    async def run(self, job: DirJob) -> DirResult:
+        async with self.slots:
+            p = min(self.procs, key=lambda q: len(q.waiters))
+            w: list[Any] = [trio.Event(), None]
+            async with p.send_lock:
+                p.waiters.append(w)
+                assert p.proc.stdin is not None
+                await p.proc.stdin.send_all(frame(job))
+            await w[0].wait()
+            if w[1] is None:
+                raise FatalError("a worker process died")
+            res: DirResult = w[1]
+            return res
+
+    async def aclose(self, interrupt: bool) -> None:
+        with trio.CancelScope(shield=True):
+            for p in self.procs:
+                if interrupt:
+                    try:
+                        p.proc.send_signal(signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+                try:
+                    assert p.proc.stdin is not None
+                    await p.proc.stdin.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            with trio.move_on_after(2):
+                for p in self.procs:
+                    await p.proc.wait()
+            for p in self.procs:
+                if p.proc.returncode is None:
+                    p.proc.kill()
+                    await p.proc.wait()
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class LocalTransfer:
+    """One run. `await run(top_job, top_node)` fills `summary`."""
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        summary: Summary,
+        progress: Progress | None = None,
+        timeouts: Timeouts = Timeouts(),
+        planner: Planner | None = None,
+    ) -> None:
+        self.spec = spec
+        self.summary = summary
+        self.progress: Progress = progress or NullProgress()
+        self.timeouts = timeouts
+        self.planner = planner or Planner()
+        self.stop = StopFlag()
+        self.worker = Worker(spec, self.stop)
+        self.threads = ThreadExecutor(self.worker, self.planner.thread_jobs)
+        self.procs: ProcessExecutor | None = None
+        self.queue: list[tuple[DirJob, Node]] = []
+        self.in_flight = 0
+        self.finished = False
+        self._wake = trio.Event()
+        self.scan_incomplete: list[str] = []
+        self.deletions: list[tuple[str, list[tuple[str, bool]], Meta | None]] = []
+        self.inodes: dict[tuple[int, int], Any] = {}
+        self.big_limiter = trio.CapacityLimiter(self.planner.big_jobs)
+        self.bytes_done = 0
+        self.files_done = 0
+        self._fin_send, self._fin_recv = trio.open_memory_channel[Node | None](math.inf)
+        self._fin_done = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    # -- bookkeeping --------------------------------------------------------------------------
+
+    def _fail(self, path: str, op: str, message: str) -> None:
+        f = Failure(path, op, message)
+        self.summary.failures.append(f)
+        self.progress.error(f)
+
+    def _fatal(self, message: str) -> None:
+        if not self.summary.fatal:
+            self.summary.fatal = message
+        self.stop.is_set = True
+        raise FatalError(message)
+
+    def _poke(self) -> None:
+        self._wake.set()
+        self._wake = trio.Event()
+
+    def _release(self, node: Node | None) -> None:
+        while node is not None:
+            node.pending -= 1
+            if node.pending:
+                return
+            self._fin_send.send_nowait(node)
+            node = node.parent
+
+    # -- main ---------------------------------------------------------------------------------
+
+    async def run(self, top_job: DirJob, top_node: Node) -> Summary:
+        t0 = time.perf_counter()
+        self.t0 = t0
+        self.queue.append((top_job, top_node))
+        interrupted = False
+        try:
+            async with trio.open_nursery() as outer:
+                self._nursery = outer
+                outer.start_soon(self._finalizer)
+                if not isinstance(self.progress, NullProgress):
+                    outer.start_soon(self._ticker)
+                async with trio.open_nursery() as work:
+                    self._work = work
+                    for _ in range(self.planner.thread_jobs):
+                        work.start_soon(self._dir_worker)
+                self._fin_send.send_nowait(None)
+                await self._fin_done.wait()
+                outer.cancel_scope.cancel()  # the ticker and the worker-process readers
+        except BaseException as exc:
+            interrupted = not isinstance(exc, FatalError) and not _only(exc, FatalError)
+            self.stop.is_set = True
+            if _only(exc, FatalError):
+                raise FatalError(self.summary.fatal or "fatal error") from None
+            raise
+        finally:
+            if self.procs is not None:
+                await self.procs.aclose(interrupt=interrupted or self.stop.is_set)
+            self.threads.wait_idle(1.0)
+            self.worker.close()
+            self.summary.duration_s = time.perf_counter() - t0
+        await self._delete_extras()
+        self.summary.duration_s = time.perf_counter() - t0
+        self.summary.strategy = (
+            f"processes:{self.procs.count}" if self.procs else f"threads:{self.planner.thread_jobs}"
+        )
+        return self.summary
+
+    async def _ticker(self) -> None:
+        last = (-1, -1)
+        while True:
+            await trio.sleep(0.1)
+            cur = (self.files_done, self.bytes_done)
+            if cur != last:
+                last = cur
+                self.progress.update(cur[0], cur[1], time.perf_counter() - self.t0)
+
+    # -- directory jobs -----------------------------------------------------------------------
+
+    async def _next_job(self) -> tuple[DirJob, Node] | None:
+        while not self.queue:
+            if self.finished:
+                return None
+            await self._wake.wait()
+        return self.queue.pop()
+
+    async def _dir_worker(self) -> None:
+        while True:
+            item = await self._next_job()
+            if item is None:
+                return
+            job, node = item
+            self.in_flight += 1
+            try:
+                ex = self.procs if (self.procs is not None and self.procs.ready) else self.threads
+                res = await ex.run(job)
+                self._handle(res, job, node)
+            finally:
+                self.in_flight -= 1
+                if not self.queue and self.in_flight == 0:
+                    self.finished = True
+                self._poke()
+            if (
+                self.procs is None
+                and not self.spec.dry_run
+                and self.planner.want_processes(self.summary.entries_seen, len(self.queue))
+            ):
+                self.procs = ProcessExecutor(self.spec, self.planner.procs, self.planner.jobs_per_proc)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._start_procs)
+
+    async def _start_procs(self) -> None:
+        assert self.procs is not None and self._nursery is not None
+        await self.procs.start(self._nursery)
+        # More directory jobs can now be in flight at once.
+        for _ in range(self.procs.count * self.procs.per_proc):
+            if self.finished:
+                break
+            self._work.start_soon(self._dir_worker)
+
+    def _handle(self, res: DirResult, job: DirJob, node: Node) -> None:
+        s = self.summary
+        s.files_copied += res.files_copied
+        s.bytes_copied += res.bytes_copied
+        s.files_skipped += res.files_skipped
+        s.dirs_created += res.dirs_created
+        s.links_created += res.links_created
+        s.entries_seen += res.entries_seen
+        s.files_removed += res.files_removed
+        self.files_done += res.files_copied + res.files_skipped + res.links_created
+        self.bytes_done += res.bytes_copied
+        for action, path in res.actions:
+            self.progress.action(action, path)
+        for path, op, msg in res.failures:
+            self._fail(path, op, msg)
+        if res.fatal:
+            self._fatal(res.fatal)
+        if res.scan_error is not None:
+            op, msg = res.scan_error
+            if job.rel == "" and node.parent is None:
+                self._fatal(f"cannot read source directory: {msg}")
+            self._fail(job.rel or ".", op, msg)
+            self.scan_incomplete.append(job.rel or ".")
+        if res.incomplete:
+            self.scan_incomplete.append(job.rel or ".")
+        if res.changed:
+            node.changed = True
+        if res.extras:
+            self.deletions.append((job.dst_rel, res.extras, node.meta if node.own else None))
+        for name, dname, m, new, dm in res.subdirs:
+            child = Node(node, _join(job.rel, name), _join(job.dst_rel, dname), m, dm, new)
+            node.pending += 1
+            self.queue.append((DirJob(child.src_rel, child.dst_rel, new), child))
+        for name, dname, m, replace in res.big:
+            node.pending += 1
+            self._work.start_soon(self._big_file, node, job, name, dname, m, replace)
+        for name, dname, m, d in res.links:
+            node.pending += 1
+            self._work.start_soon(self._hardlink, node, job, name, dname, m, d)
+        self._release(node)
+
+    # -- large files --------------------------------------------------------------------------
+
+    async def _big_file(self, node: Node, job: DirJob, name: str, dname: str, m: Meta, replace: bool) -> None:
+        path = _join(job.rel, name)
+        try:
+            async with self.big_limiter:
+                await self._copy_big(job, name, dname, m, replace, path)
+            node.changed = True
+        except StallError as exc:
+            self._fail(path, "copy", str(exc))
+        except OSError as exc:
+            if exc.errno in FATAL_ERRNOS:
+                self._fail(path, "write", exc.strerror or str(exc))
+                self._fatal(f"{exc.strerror} (writing {_join(job.dst_rel, dname)})")
+            self._fail(path, "copy", exc.strerror or str(exc))
+        finally:
+            self._release(node)
+
+    async def _copy_big(self, job: DirJob, name: str, dname: str, m: Meta, replace: bool, path: str) -> None:
+        w = self.worker
+
+        def _open() -> tuple[int, int, fsops.Landing, list[tuple[str, bytes]], bool]:
+            sdir = fsops.open_rel(w.src_root_fd, job.rel)
+            try:
+                sfd = os.open(name, fsops.O_SRC, dir_fd=sdir)
+            finally:
+                os.close(sdir)
+            try:
+                ddir = fsops.open_rel(w.dst_root_fd, job.dst_rel)
+                try:
+                    landing = fsops.Landing(ddir)
+                except BaseException:
+                    os.close(ddir)
+                    raise
+                xattrs = fsops.get_xattrs(sfd)
+                cloned = not fsops.is_sparse(m) and ffi.reflink(sfd, landing.fd)
+            except BaseException:
+                os.close(sfd)
+                raise
+            return sfd, ddir, landing, xattrs, cloned
+
+        sfd, ddir, landing, xattrs, cloned = await trio.to_thread.run_sync(_open)
+        abandoned = False
+        try:
+            with StallGuard(f"copy of {path}", self.timeouts.stall) as guard:
+                if not cloned:
+                    if fsops.is_sparse(m):
+                        ranges = await trio.to_thread.run_sync(fsops.data_extents, sfd, m.size)
+                    else:
+                        ranges = [(0, m.size)]
+                    for off, length in ranges:
+                        end = off + length
+                        while off < end:
+                            want = min(CHUNK, end - off)
+                            try:
+                                n = await trio.to_thread.run_sync(
+                                    fsops.copy_range, sfd, landing.fd, off, want, abandon_on_cancel=True
+                                )
+                            except trio.Cancelled:
+                                abandoned = True  # the thread may still use the fds: leave them
+                                raise
+                            guard.progress()
+                            if n == 0:
+                                break
+                            off += n
+                            self.bytes_done += n
+                    if fsops.is_sparse(m):
+                        await trio.to_thread.run_sync(os.ftruncate, landing.fd, m.size)
+                else:
+                    self.bytes_done += m.size
+
+                def _finish() -> None:
+                    landing.finish_meta(m, xattrs, name)
+                    landing.commit(dname, replace)
+
+                await trio.to_thread.run_sync(_finish)
+                guard.progress()
+        except BaseException:
+            if not abandoned:
+                landing.abort()
+            raise
+        finally:
+            if not abandoned:
+                os.close(sfd)
+                os.close(ddir)
+        self.summary.files_copied += 1
+        self.summary.bytes_copied += m.size
+        self.files_done += 1
+        if self.spec.record_actions:
+            self.progress.action("copy", path)
+        if self.spec.move:
+            await self._remove_source(job.rel, job.dst_rel, name)
+
+    async def _remove_source(self, rel: str, dst_rel: str, name: str) -> None:
+        """Move: flush the landed copy to disk, then remove the source entry."""
+        w = self.worker
+
+        def _remove() -> None:
+            ddir = fsops.open_rel(w.dst_root_fd, dst_rel)
+            try:
+                ffi.syncfs(ddir)
+            finally:
+                os.close(ddir)
+            sdir = fsops.open_rel(w.src_root_fd, rel)
+            try:
+                os.unlink(name, dir_fd=sdir)
+            finally:
+                os.close(sdir)
+
+        await trio.to_thread.run_sync(_remove)
+        self.summary.files_removed += 1
+
+    # -- hard links ---------------------------------------------------------------------------
+
+    async def _hardlink(self, node: Node, job: DirJob, name: str, dname: str, m: Meta, d: Meta | None) -> None:
+        """Land one member of a hard-link group: the first is copied, the rest are linked to it."""
+        key = (m.dev, m.ino)
+        path = _join(job.rel, name)
+        try:
+            entry = self.inodes.get(key)
+            if isinstance(entry, trio.Event):
+                await entry.wait()
+                entry = self.inodes.get(key)
+            if entry is None:
+                ev = trio.Event()
+                self.inodes[key] = ev
+                try:
+                    first_ino = await self._hardlink_first(job, name, dname, m, d, path)
+                    self.inodes[key] = (job.dst_rel, dname, first_ino)
+                except BaseException:
+                    self.inodes.pop(key, None)
+                    raise
+                finally:
+                    ev.set()
+            else:
+                first_dir, first_name, first_ino = entry
+                if d is not None and d.ino == first_ino:
+                    self.summary.files_skipped += 1
+                else:
+                    if self.spec.record_actions:
+                        self.progress.action("link", path)
+                    if not self.spec.dry_run:
+                        await trio.to_thread.run_sync(
+                            self._link_to_first, job.dst_rel, dname, first_dir, first_name, d is not None
+                        )
+                        node.changed = True
+                    self.summary.links_created += 1
+                if self.spec.move and not self.spec.dry_run:
+                    await self._remove_source(job.rel, job.dst_rel, name)
+        except OSError as exc:
+            if exc.errno in FATAL_ERRNOS:
+                self._fatal(f"{exc.strerror} (writing {_join(job.dst_rel, dname)})")
+            self._fail(path, "link", exc.strerror or str(exc))
+        finally:
+            self.files_done += 1
+            self._release(node)
+
+    async def _hardlink_first(self, job: DirJob, name: str, dname: str, m: Meta, d: Meta | None, path: str) -> int:
+        from .plan import Op, up_to_date
+
+        op = Op.COPY if d is None else up_to_date(m, d, self.spec.compare)
+        w = self.worker
+
+        def _check_hash() -> bool:
+            sdir = fsops.open_rel(w.src_root_fd, job.rel)
+            ddir = fsops.open_rel(w.dst_root_fd, job.dst_rel)
+            try:
+                return fsops.file_hash(sdir, name) == fsops.file_hash(ddir, dname)
+            finally:
+                os.close(sdir)
+                os.close(ddir)
+
+        if op is Op.HASH and not self.spec.dry_run:
+            op = Op.SAME if await trio.to_thread.run_sync(_check_hash) else Op.COPY
+        if op is not Op.COPY and d is not None:
+            self.summary.files_skipped += 1
+            if self.spec.move and not self.spec.dry_run:
+                await self._remove_source(job.rel, job.dst_rel, name)
+            return d.ino
+        if self.spec.record_actions:
+            self.progress.action("copy", path)
+        if self.spec.dry_run:
+            self.summary.files_copied += 1
+            self.summary.bytes_copied += m.size
+            return -1
+        await self._copy_big(job, name, dname, m, d is not None, path)
+
+        def _ino() -> int:
+            ddir = fsops.open_rel(w.dst_root_fd, job.dst_rel)
+            try:
+                return os.stat(dname, dir_fd=ddir, follow_symlinks=False).st_ino
+            finally:
+                os.close(ddir)
+
+        return await trio.to_thread.run_sync(_ino)
+
+    def _link_to_first(self, dst_rel: str, dname: str, first_dir: str, first_name: str, replace: bool) -> None:
+        w = self.worker
+        ddir = fsops.open_rel(w.dst_root_fd, dst_rel)
+        try:
+            fdir = fsops.open_rel(w.dst_root_fd, first_dir)
+            try:
+                fsops.make_hardlink(ddir, dname, fdir, first_name, replace)
+            finally:
+                os.close(fdir)
+        finally:
+            os.close(ddir)
+
+    # -- directory metadata -------------------------------------------------------------------
+
+    async def _finalizer(self) -> None:
+        """Apply directory metadata once a directory's subtree is done; children before parents."""
+        done = False
+        while not done:
+            node = await self._fin_recv.receive()
+            batch: list[Node] = []
+            while True:
+                if node is None:
+                    done = True
+                    break
+                if self._needs_finalize(node):
+                    batch.append(node)
+                try:
+                    node = self._fin_recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            if batch:
+                for f in await trio.to_thread.run_sync(self._finalize_batch, batch):
+                    self._fail(*f)
+        self._fin_done.set()
+
+    def _needs_finalize(self, node: Node) -> bool:
+        if self.spec.dry_run or not node.own or node.meta is None:
+            return self.spec.move and not self.spec.dry_run and node.own
+        if node.new or node.changed or self.spec.move:
+            return True
+        d, m = node.dst_meta, node.meta
+        if d is None:
+            return True
+        return (
+            d.mtime_ns != m.mtime_ns
+            or stat.S_IMODE(d.mode) != stat.S_IMODE(m.mode)
+            or (fsops.IS_ROOT and (d.uid != m.uid or d.gid != m.gid))
+        )
+
+    def _finalize_batch(self, batch: list[Node]) -> list[tuple[str, str, str]]:
+        w = self.worker
+        failures = []
+        for node in batch:
+            if node.meta is not None:
+                try:
+                    xattrs: list[tuple[str, bytes]] | None = None
+                    if node.new or node.changed:
+                        sfd = fsops.open_rel(w.src_root_fd, node.src_rel)
+                        try:
+                            xattrs = fsops.get_xattrs(sfd)
+                        finally:
+                            os.close(sfd)
+                    dfd = fsops.open_rel(w.dst_root_fd, node.dst_rel)
+                    try:
+                        fsops.set_dir_meta(dfd, node.meta, xattrs)
+                    finally:
+                        os.close(dfd)
+                except OSError as exc:
+                    failures.append((node.dst_rel or ".", "directory metadata", exc.strerror or str(exc)))
+            if self.spec.move and node.src_rel:
+                # The source directory goes once it is empty; leftovers (failures, excluded) keep it.
+                parent, _, base = node.src_rel.rpartition("/")
+                try:
+                    pfd = fsops.open_rel(w.src_root_fd, parent)
+                    try:
+                        os.rmdir(base, dir_fd=pfd)
+                    finally:
+                        os.close(pfd)
+                except OSError:
+                    pass
+        return failures
+
+    # -- mirror deletions ---------------------------------------------------------------------
+
+    async def _delete_extras(self) -> None:
+        if not self.deletions:
+            return
+        if self.scan_incomplete:
+            n = sum(len(x) for _, x, _ in self.deletions)
+            self.summary.deletions_skipped = (
+                f"deleted nothing: {len(self.scan_incomplete)} source director"
+                f"{'y' if len(self.scan_incomplete) == 1 else 'ies'} could not be read completely "
+                f"({n} destination entr{'y' if n == 1 else 'ies'} kept)"
+            )
+            return
+        for dst_rel, extras, _ in self.deletions:
+            for name, _ in extras:
+                if self.spec.record_actions:
+                    self.progress.action("delete", _join(dst_rel, name))
+        if self.spec.dry_run:
+            self.summary.files_deleted += sum(len(x) for _, x, _ in self.deletions)
+            return
+        deleted, failures = await trio.to_thread.run_sync(self._delete_batch, self.deletions)
+        self.summary.files_deleted += deleted
+        for f in failures:
+            self._fail(*f)
+
+    def _delete_batch(
+        self, deletions: list[tuple[str, list[tuple[str, bool]], Meta | None]]
+    ) -> tuple[int, list[tuple[str, str, str]]]:
+        """Runs in a thread: touches no shared state, returns (entries deleted, failures)."""
+        w = self.worker
+        deleted = 0
+        failures: list[tuple[str, str, str]] = []
+        # Deepest directories first, so a parent's times are restored after its children's.
+        for dst_rel, extras, meta in sorted(deletions, key=lambda d: -d[0].count("/") - bool(d[0])):
+            try:
+                dfd = fsops.open_rel(w.dst_root_fd, dst_rel)
+            except OSError as exc:
+                failures.append((dst_rel or ".", "delete", exc.strerror or str(exc)))
+                continue
+            try:
+                for name, _ in extras:
+                    try:
+                        deleted += fsops.remove_tree(dfd, name)
+                    except PermissionError:
+                        # A read-only directory of ours: open it up, delete, then restore below.
+                        try:
+                            os.chmod(dfd, stat.S_IMODE(os.fstat(dfd).st_mode) | stat.S_IRWXU)
+                            deleted += fsops.remove_tree(dfd, name)
+                        except OSError as exc:
+                            failures.append((_join(dst_rel, name), "delete", exc.strerror or str(exc)))
+                    except OSError as exc:
+                        failures.append((_join(dst_rel, name), "delete", exc.strerror or str(exc)))
+                if meta is not None:
+                    try:
+                        fsops.set_dir_meta(dfd, meta, None)
+                    except OSError as exc:
+                        failures.append((dst_rel or ".", "directory metadata", exc.strerror or str(exc)))
+            finally:
+                os.close(dfd)
+        return deleted, failures
+
+
+def _only(exc: BaseException, kind: type[BaseException]) -> bool:
+    """True when exc is `kind` or a group made only of `kind` (and groups of it)."""
+    if isinstance(exc, kind):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only(e, kind) for e in exc.exceptions)
+    return False

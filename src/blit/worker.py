@@ -1,0 +1,388 @@
+"""Execute one directory of a local transfer: scan both sides, plan, land what is small.
+
+`Worker.run(job)` is plain blocking code. The coordinator (transfer.py) calls it in a worker
+thread for small runs and, for large trees, in worker processes (`python -m blit.worker`, framed
+pickles on stdin/stdout) so that the per-file Python path runs on every core. Large files, hard
+links and directory metadata go back to the coordinator, which owns everything global.
+
+This module must not import trio, print, or decide anything global (hard-link groups, deletions,
+directory finalisation); it reports, the coordinator decides.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import signal
+import stat
+import struct
+import sys
+from dataclasses import dataclass, field
+
+from . import ffi, fsops
+from .filters import Filters
+from .fsops import Meta
+from .plan import Compare, Op, plan_dir
+
+# Errors that mean the destination cannot take anything more: the run stops (exit 1).
+FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+@dataclass(slots=True)
+class RunSpec:
+    """Everything a worker needs to know about the run; sent once to each worker process."""
+
+    src_root: bytes
+    dst_root: bytes
+    mirror: bool = False
+    move: bool = False
+    compare: Compare = Compare.SIZE_MTIME
+    filters: Filters = field(default_factory=lambda: Filters([]))
+    dry_run: bool = False
+    record_actions: bool = False
+    big: int = 4 << 20  # regular files above this go to the coordinator's chunked copier
+
+
+@dataclass(slots=True)
+class DirJob:
+    rel: str  # source directory, relative to src_root ("" = the root)
+    dst_rel: str  # destination directory, relative to dst_root
+    dst_new: bool  # the destination directory was just created (or is missing under dry-run)
+    only: dict[str, str] | None = None  # transfer just these names (top entry), renamed
+
+
+@dataclass(slots=True)
+class DirResult:
+    rel: str
+    dst_rel: str
+    scan_error: tuple[str, str] | None = None  # (op, message): the source dir could not be read
+    fatal: str | None = None  # the destination is full or read-only: stop the run
+    incomplete: bool = False  # some source entries could not be stat'ed
+    # name, dname, source meta, destination is new, destination meta (None when new)
+    subdirs: list[tuple[str, str, Meta, bool, Meta | None]] = field(default_factory=list)
+    big: list[tuple[str, str, Meta, bool]] = field(default_factory=list)  # name, dname, meta, replace
+    links: list[tuple[str, str, Meta, Meta | None]] = field(default_factory=list)
+    extras: list[tuple[str, bool]] = field(default_factory=list)
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # path, op, message
+    actions: list[tuple[str, str]] = field(default_factory=list)  # action, path
+    files_copied: int = 0
+    bytes_copied: int = 0
+    files_skipped: int = 0
+    dirs_created: int = 0
+    links_created: int = 0
+    entries_seen: int = 0
+    files_removed: int = 0  # move: source entries removed
+    changed: bool = False  # something in the destination directory was created/replaced/removed
+
+
+class StopFlag:
+    """Set from outside (coordinator or signal handler); checked between files."""
+
+    __slots__ = ("is_set",)
+
+    def __init__(self) -> None:
+        self.is_set = False
+
+
+class Stopped(Exception):
+    """The run is being interrupted; the worker returns what it has."""
+
+
+def _msg(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+class Worker:
+    """Runs directory jobs for one RunSpec; keeps the two root directories open."""
+
+    def __init__(self, spec: RunSpec, stop: StopFlag | None = None) -> None:
+        self.spec = spec
+        self.stop = stop or StopFlag()
+        self.src_root_fd = fsops.open_root(spec.src_root)
+        try:
+            self.dst_root_fd = fsops.open_root(spec.dst_root)
+        except BaseException:
+            os.close(self.src_root_fd)
+            raise
+
+    def close(self) -> None:
+        for fd in (self.src_root_fd, self.dst_root_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # ----------------------------------------------------------------------------------------
+
+    def run(self, job: DirJob) -> DirResult:
+        res = DirResult(job.rel, job.dst_rel)
+        spec = self.spec
+        try:
+            sfd = fsops.open_rel(self.src_root_fd, job.rel)
+        except OSError as exc:
+            res.scan_error = ("open", _msg(exc))
+            return res
+        dfd = -1
+        try:
+            try:
+                entries, errs = fsops.scan(sfd)
+            except OSError as exc:
+                res.scan_error = ("scan", _msg(exc))
+                return res
+            prefix = job.rel + "/" if job.rel else ""
+            keep: set[str] = set()
+            for name, exc in errs:
+                res.incomplete = True
+                keep.add(name)
+                res.failures.append((prefix + name, "stat", _msg(exc)))
+            res.entries_seen = len(entries)
+            dst: dict[str, Meta] | None = None
+            if not (spec.dry_run and job.dst_new):
+                try:
+                    dfd = fsops.open_rel(self.dst_root_fd, job.dst_rel)
+                except OSError as exc:
+                    res.failures.append((job.dst_rel or ".", "open destination", _msg(exc)))
+                    res.fatal = _msg(exc) if exc.errno in FATAL_ERRNOS else None
+                    return res
+                if not job.dst_new:
+                    try:
+                        dents, derrs = fsops.scan(dfd)
+                    except OSError as exc:
+                        res.failures.append((job.dst_rel or ".", "scan destination", _msg(exc)))
+                        return res
+                    dst = {}
+                    for dname, dm in dents:
+                        if fsops.is_tmp_name(dname) and not spec.dry_run:
+                            # A temporary of an interrupted run: ours to remove.
+                            try:
+                                os.unlink(dname, dir_fd=dfd)
+                            except OSError:
+                                pass
+                            continue
+                        dst[dname] = dm
+                    for dname, _ in derrs:
+                        keep.add(dname)
+            entries.sort()
+            plan = plan_dir(
+                job.rel,
+                entries,
+                dst,
+                compare=spec.compare,
+                filters=spec.filters,
+                mirror=spec.mirror,
+                only=job.only,
+                keep=frozenset(keep),
+            )
+            res.extras = plan.extras
+            self._execute(job, plan, sfd, dfd, res)
+        except Stopped:
+            pass
+        finally:
+            os.close(sfd)
+            if dfd >= 0:
+                os.close(dfd)
+        return res
+
+    def _execute(self, job: DirJob, plan, sfd: int, dfd: int, res: DirResult) -> None:  # type: ignore[no-untyped-def]
+        spec = self.spec
+        dry = spec.dry_run
+        rec = spec.record_actions
+        prefix = job.rel + "/" if job.rel else ""
+        dprefix = job.dst_rel + "/" if job.dst_rel else ""
+        stop = self.stop
+        blocked: set[str] = set()
+        landed: list[str] = []  # move: source names whose data is now at the destination
+
+        for dname, d_is_dir in plan.conflicts:
+            if rec:
+                res.actions.append(("delete", dprefix + dname))
+            if dry:
+                continue
+            try:
+                if d_is_dir and not spec.mirror:
+                    os.rmdir(dname, dir_fd=dfd)  # copy replaces only an empty directory
+                else:
+                    fsops.remove_tree(dfd, dname)
+                res.changed = True
+            except OSError as exc:
+                blocked.add(dname)
+                why = "directory not empty (mirror replaces it)" if exc.errno == errno.ENOTEMPTY else _msg(exc)
+                res.failures.append((dprefix + dname, "replace", why))
+
+        for it in plan.items:
+            if stop.is_set:
+                raise Stopped
+            name, dname, m, d = it.name, it.dst_name, it.src, it.dst
+            if dname in blocked:
+                continue
+            path = prefix + name
+            op = it.op
+            try:
+                if op is Op.SUBDIR:
+                    res.subdirs.append((name, dname, m, False, d))
+                elif op is Op.MKDIR:
+                    if rec:
+                        res.actions.append(("mkdir", path))
+                    if not dry:
+                        fsops.make_dir(dfd, dname)
+                        res.changed = True
+                    res.dirs_created += 1
+                    res.subdirs.append((name, dname, m, True, None))
+                elif op is Op.HARDLINK:
+                    res.links.append((name, dname, m, d))
+                elif op is Op.SAME or op is Op.HASH:
+                    if op is Op.HASH and fsops.file_hash(sfd, name) != fsops.file_hash(dfd, dname):
+                        op = Op.COPY
+                    else:
+                        res.files_skipped += 1
+                        if d is not None and not dry:
+                            fsops.fix_meta(dfd, dname, m, d)
+                        landed.append(name)
+                if op is Op.COPY:
+                    if m.size > spec.big and not dry:
+                        res.big.append((name, dname, m, d is not None))
+                        continue
+                    if rec:
+                        res.actions.append(("copy", path))
+                    if not dry:
+                        res.bytes_copied += fsops.copy_small(sfd, name, dfd, dname, m, d is not None)
+                        res.changed = True
+                    else:
+                        res.bytes_copied += m.size
+                    res.files_copied += 1
+                    landed.append(name)
+                elif op is Op.SYMLINK:
+                    target = os.readlink(name, dir_fd=sfd)
+                    if d is not None and stat.S_ISLNK(d.mode) and os.readlink(dname, dir_fd=dfd) == target:
+                        res.files_skipped += 1
+                        if not dry and (d.mtime_ns != m.mtime_ns or (fsops.IS_ROOT and d.uid != m.uid)):
+                            fsops.fix_meta(dfd, dname, m, d)
+                    else:
+                        if rec:
+                            res.actions.append(("symlink", path))
+                        if not dry:
+                            fsops.make_symlink(target, dfd, dname, m, d is not None)
+                            res.changed = True
+                        res.links_created += 1
+                    landed.append(name)
+                elif op is Op.SPECIAL:
+                    kind = stat.S_IFMT(m.mode)
+                    if kind in (stat.S_IFCHR, stat.S_IFBLK) and not fsops.IS_ROOT:
+                        res.failures.append((path, "skipped", "device nodes are recreated only as root"))
+                        continue
+                    if d is not None and stat.S_IFMT(d.mode) == kind and d.rdev == m.rdev:
+                        res.files_skipped += 1
+                        if not dry:
+                            fsops.fix_meta(dfd, dname, m, d)
+                    else:
+                        if rec:
+                            res.actions.append(("special", path))
+                        if not dry:
+                            fsops.make_special(dfd, dname, m, d is not None)
+                            res.changed = True
+                        res.links_created += 1
+                    landed.append(name)
+            except OSError as exc:
+                if exc.errno in FATAL_ERRNOS:
+                    res.fatal = f"{_msg(exc)} (writing {dprefix + dname})"
+                    res.failures.append((path, "write", _msg(exc)))
+                    raise Stopped from None
+                res.failures.append((path, _op_name(op), _msg(exc)))
+
+        if spec.move and landed and not dry:
+            self._remove_sources(sfd, dfd, prefix, landed, res)
+
+    def _remove_sources(self, sfd: int, dfd: int, prefix: str, names: list[str], res: DirResult) -> None:
+        """Move: the data is at the destination; flush it to disk, then drop the sources."""
+        try:
+            ffi.syncfs(dfd)
+        except OSError as exc:
+            res.failures.append((prefix or ".", "sync", _msg(exc)))
+            return
+        for name in names:
+            try:
+                os.unlink(name, dir_fd=sfd)
+                res.files_removed += 1
+            except OSError as exc:
+                res.failures.append((prefix + name, "remove source", _msg(exc)))
+
+
+def _op_name(op: Op) -> str:
+    return {
+        Op.MKDIR: "mkdir",
+        Op.COPY: "copy",
+        Op.SAME: "metadata",
+        Op.HASH: "checksum",
+        Op.SYMLINK: "symlink",
+        Op.SPECIAL: "mknod",
+    }.get(op, "copy")
+
+
+# --------------------------------------------------------------------------------------------
+# Worker process: `python -m blit.worker`. Frames: 4-byte big-endian length + pickle.
+
+_HDR = struct.Struct(">I")
+
+
+def read_frame(fd: int) -> bytes | None:
+    hdr = _read_exact(fd, 4)
+    if hdr is None:
+        return None
+    (n,) = _HDR.unpack(hdr)
+    body = _read_exact(fd, n)
+    if body is None:
+        raise EOFError("truncated frame")
+    return body
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    parts = []
+    while n:
+        b = os.read(fd, n)
+        if not b:
+            return None
+        parts.append(b)
+        n -= len(b)
+    return b"".join(parts)
+
+
+def frame(obj: object) -> bytes:
+    body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HDR.pack(len(body)) + body
+
+
+def _process_main() -> None:
+    stop = StopFlag()
+
+    def _on_term(signum: int, frame_: object) -> None:
+        stop.is_set = True
+
+    # Ctrl-C reaches the whole process group: the coordinator decides, the worker finishes the
+    # file in hand and returns. SIGTERM from the coordinator stops it between files.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_term)
+    inp, out = sys.stdin.fileno(), sys.stdout.fileno()
+    spec_bytes = read_frame(inp)
+    if spec_bytes is None:
+        return
+    spec: RunSpec = pickle.loads(spec_bytes)
+    worker = Worker(spec, stop)
+    os.write(out, frame("ready"))
+    try:
+        while not stop.is_set:
+            data = read_frame(inp)
+            if data is None:
+                break
+            job: DirJob = pickle.loads(data)
+            try:
+                result = worker.run(job)
+            except Exception as exc:  # a bug: report it for this directory, keep serving
+                result = DirResult(job.rel, job.dst_rel, scan_error=("internal error", repr(exc)))
+            fsops.write_all(out, frame(result))
+    finally:
+        worker.close()
+
+
+if __name__ == "__main__":
+    _process_main()
