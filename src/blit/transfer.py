@@ -163,7 +163,7 @@ class ProcessExecutor:
         spec_frame = frame(self.spec)
         for _ in range(self.count):
             proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "blit.worker"],
+                [sys.executable, "-c", "from blit.worker import process_main; process_main()"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env=env,
@@ -294,10 +294,20 @@ class LocalTransfer:
     # -- main ---------------------------------------------------------------------------------
 
     async def run(self, top_job: DirJob, top_node: Node) -> Summary:
-        t0 = time.perf_counter()
-        self.t0 = t0
+        self.t0 = time.perf_counter()
         self.queue.append((top_job, top_node))
-        interrupted = False
+        try:
+            await self._transfer()
+            await self._delete_extras()  # only now: after every source directory was read
+        finally:
+            self.worker.close()
+            self.summary.duration_s = time.perf_counter() - self.t0
+        self.summary.strategy = (
+            f"processes:{self.procs.count}" if self.procs else f"threads:{self.planner.thread_jobs}"
+        )
+        return self.summary
+
+    async def _transfer(self) -> None:
         try:
             async with trio.open_nursery() as outer:
                 self._nursery = outer
@@ -312,23 +322,14 @@ class LocalTransfer:
                 await self._fin_done.wait()
                 outer.cancel_scope.cancel()  # the ticker and the worker-process readers
         except BaseException as exc:
-            interrupted = not isinstance(exc, FatalError) and not _only(exc, FatalError)
             self.stop.is_set = True
             if _only(exc, FatalError):
                 raise FatalError(self.summary.fatal or "fatal error") from None
             raise
         finally:
             if self.procs is not None:
-                await self.procs.aclose(interrupt=interrupted or self.stop.is_set)
+                await self.procs.aclose(interrupt=self.stop.is_set)
             self.threads.wait_idle(1.0)
-            self.worker.close()
-            self.summary.duration_s = time.perf_counter() - t0
-        await self._delete_extras()
-        self.summary.duration_s = time.perf_counter() - t0
-        self.summary.strategy = (
-            f"processes:{self.procs.count}" if self.procs else f"threads:{self.planner.thread_jobs}"
-        )
-        return self.summary
 
     async def _ticker(self) -> None:
         last = (-1, -1)
@@ -602,9 +603,9 @@ class LocalTransfer:
             if self.spec.move and not self.spec.dry_run:
                 await self._remove_source(job.rel, job.dst_rel, name)
             return d.ino
-        if self.spec.record_actions:
-            self.progress.action("copy", path)
         if self.spec.dry_run:
+            if self.spec.record_actions:
+                self.progress.action("copy", path)
             self.summary.files_copied += 1
             self.summary.bytes_copied += m.size
             return -1

@@ -1,7 +1,7 @@
 """Execute one directory of a local transfer: scan both sides, plan, land what is small.
 
 `Worker.run(job)` is plain blocking code. The coordinator (transfer.py) calls it in a worker
-thread for small runs and, for large trees, in worker processes (`python -m blit.worker`, framed
+thread for small runs and, for large trees, in worker processes (see process_main, framed
 pickles on stdin/stdout) so that the per-file Python path runs on every core. Large files, hard
 links and directory metadata go back to the coordinator, which owns everything global.
 
@@ -320,7 +320,7 @@ def _op_name(op: Op) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Worker process: `python -m blit.worker`. Frames: 4-byte big-endian length + pickle.
+# Worker process: `python -c 'from blit.worker import process_main; process_main()'`. Frames: 4-byte big-endian length + pickle.
 
 _HDR = struct.Struct(">I")
 
@@ -352,7 +352,8 @@ def frame(obj: object) -> bytes:
     return _HDR.pack(len(body)) + body
 
 
-def _process_main() -> None:
+def process_main() -> None:
+    """Entry point of a worker process (classes must pickle as blit.worker.*, not __main__)."""
     stop = StopFlag()
 
     def _on_term(signum: int, frame_: object) -> None:
@@ -384,5 +385,3 @@ def _process_main() -> None:
         worker.close()
 
 
-if __name__ == "__main__":
-    _process_main()
