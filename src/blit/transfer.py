@@ -110,11 +110,10 @@ class ThreadExecutor:
                 self.running -= 1
 
     async def run(self, job: DirJob) -> DirResult:
-        try:
-            return await trio.to_thread.run_sync(self._call, job, limiter=self.limiter, abandon_on_cancel=True)
-        except trio.Cancelled:
-            self.worker.stop.is_set = True  # the thread stops before its next file
-            raise
+        # Abandoned on cancel: a stalled job is given up on (its thread may be stuck in a hung
+        # syscall); on interrupt the coordinator sets the stop flag and the thread returns after
+        # the file in hand (wait_idle).
+        return await trio.to_thread.run_sync(self._call, job, limiter=self.limiter, abandon_on_cancel=True)
 
     def wait_idle(self, seconds: float) -> None:
         """Give abandoned threads a moment to finish the file in hand (called at shutdown)."""
@@ -190,18 +189,23 @@ class ProcessExecutor:
                     w[0].set()
                 return
             w = p.waiters.popleft()
-            w[1] = pickle.loads(body)
-            w[0].set()
+            if not w[2]:
+                w[1] = pickle.loads(body)
+                w[0].set()
 
     async def run(self, job: DirJob) -> DirResult:
         async with self.slots:
             p = min(self.procs, key=lambda q: len(q.waiters))
-            w: list[Any] = [trio.Event(), None]
+            w: list[Any] = [trio.Event(), None, False]
             async with p.send_lock:
                 p.waiters.append(w)
                 assert p.proc.stdin is not None
                 await p.proc.stdin.send_all(frame(job))
-            await w[0].wait()
+            try:
+                await w[0].wait()
+            except trio.Cancelled:
+                w[2] = True  # stalled or interrupted: its answer, if it ever comes, is dropped
+                raise
             if w[1] is None:
                 raise FatalError("a worker process died")
             res: DirResult = w[1]
@@ -358,8 +362,16 @@ class LocalTransfer:
             self.in_flight += 1
             try:
                 ex = self.procs if (self.procs is not None and self.procs.ready) else self.threads
-                res = await ex.run(job)
-                self._handle(res, job, node)
+                try:
+                    with StallGuard(f"directory {job.rel or '.'}", self.timeouts.stall):
+                        res = await ex.run(job)
+                except StallError as exc:
+                    # Reported, never waited on forever; nothing below it is trusted for deletion.
+                    self._fail(job.rel or ".", "stall", str(exc))
+                    self.scan_incomplete.append(job.rel or ".")
+                    self._release(node)
+                else:
+                    self._handle(res, job, node)
             finally:
                 self.in_flight -= 1
                 if not self.queue and self.in_flight == 0:
