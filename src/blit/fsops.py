@@ -35,6 +35,25 @@ _PATH_CHUNK = 3000
 _PRIVILEGED_XATTR = ("security.", "trusted.", "system.")
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+EUID = os.geteuid() if hasattr(os, "geteuid") else -1
+EGID = os.getegid() if hasattr(os, "getegid") else -1
+
+
+def _read_umask() -> int:
+    """The process umask, read without changing it (other threads may be creating files)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+UMASK = _read_umask()
 
 
 class Meta(NamedTuple):
@@ -224,15 +243,18 @@ class Landing:
     """A destination file being written: unnamed (O_TMPFILE) or under a temporary name until
     `commit` gives it its real name in one step. `abort` leaves nothing behind."""
 
-    __slots__ = ("fd", "dir_fd", "tmp_name")
+    __slots__ = ("fd", "dir_fd", "tmp_name", "mode")
 
-    def __init__(self, dir_fd: int) -> None:
+    def __init__(self, dir_fd: int, mode: int = 0o600) -> None:
+        # Created with its final permission bits when the umask lets them through, so that
+        # finish_meta needs no fchmod; never more open than 0o700 for the owner until then.
+        self.mode = mode & 0o777 if not mode & UMASK else 0o600
         self.dir_fd = dir_fd
         self.tmp_name: str | None = None
         self.fd = -1
         if O_TMPFILE and _tmpfile_ok[0]:
             try:
-                self.fd = os.open(".", os.O_WRONLY | O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+                self.fd = os.open(".", os.O_WRONLY | O_TMPFILE | os.O_CLOEXEC, self.mode, dir_fd=dir_fd)
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
@@ -242,18 +264,23 @@ class Landing:
         self.fd = os.open(
             self.tmp_name,
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-            0o600,
+            self.mode,
             dir_fd=dir_fd,
         )
 
-    def finish_meta(self, m: Meta, xattrs: list[tuple[str, bytes]] | None, what: str) -> None:
+    def finish_meta(self, m: Meta, xattrs: list[tuple[str, bytes]] | None, what: str, inherit_gid: bool = True) -> None:
+        """Owner (as root), xattrs/ACLs, mode, times. `inherit_gid`: the directory may hand the
+        new file another group (setgid directory), so the owner is always set."""
         fd = self.fd
         if xattrs:
             put_xattrs(fd, xattrs, what)
-        if IS_ROOT:
+        chowned = False
+        if IS_ROOT and (inherit_gid or m.uid != EUID or m.gid != EGID):
             os.fchown(fd, m.uid, m.gid)
+            chowned = True
         mode = stat.S_IMODE(m.mode)
-        if mode != 0o600 or IS_ROOT:
+        # An ACL sets the group bits; chown clears set-id bits: re-apply the mode then.
+        if mode != self.mode or chowned or xattrs:
             os.fchmod(fd, mode)
         os.utime(fd, ns=(m.atime_ns, m.mtime_ns))
 
@@ -321,12 +348,14 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[n:]
 
 
-def copy_small(src_dir: int, name: str, dst_dir: int, dst_name: str, m: Meta, replace: bool) -> int:
+def copy_small(
+    src_dir: int, name: str, dst_dir: int, dst_name: str, m: Meta, replace: bool, inherit_gid: bool = True
+) -> int:
     """Copy one small regular file with its metadata and land it atomically; returns bytes."""
     sfd = os.open(name, O_SRC, dir_fd=src_dir)
     try:
         xattrs = get_xattrs(sfd)
-        landing = Landing(dst_dir)
+        landing = Landing(dst_dir, stat.S_IMODE(m.mode))
         try:
             if is_sparse(m):
                 n = copy_sparse(sfd, landing.fd, m.size)
@@ -336,7 +365,7 @@ def copy_small(src_dir: int, name: str, dst_dir: int, dst_name: str, m: Meta, re
                 n = len(data)
             else:
                 n = 0
-            landing.finish_meta(m, xattrs, name)
+            landing.finish_meta(m, xattrs, name, inherit_gid)
             landing.commit(dst_name, replace)
         except BaseException:
             landing.abort()

@@ -427,7 +427,9 @@ class LocalTransfer:
         for name, dname, m, new, dm in res.subdirs:
             child = Node(node, _join(job.rel, name), _join(job.dst_rel, dname), m, dm, new)
             node.pending += 1
-            self.queue.append((DirJob(child.src_rel, child.dst_rel, new), child))
+            # A directory we created is 0o700 until finalised: it hands out no group of its own.
+            inherit = not new and (dm is None or bool(dm.mode & stat.S_ISGID))
+            self.queue.append((DirJob(child.src_rel, child.dst_rel, new, inherit_gid=inherit), child))
         for name, dname, m, replace in res.big:
             node.pending += 1
             self._work.start_soon(self._big_file, node, job, name, dname, m, replace)
@@ -466,7 +468,7 @@ class LocalTransfer:
             try:
                 ddir = fsops.open_rel(w.dst_root_fd, job.dst_rel)
                 try:
-                    landing = fsops.Landing(ddir)
+                    landing = fsops.Landing(ddir, stat.S_IMODE(m.mode))
                 except BaseException:
                     os.close(ddir)
                     raise

@@ -50,6 +50,8 @@ class DirJob:
     dst_rel: str  # destination directory, relative to dst_root
     dst_new: bool  # the destination directory was just created (or is missing under dry-run)
     only: dict[str, str] | None = None  # transfer just these names (top entry), renamed
+    # New files may get a group other than ours (setgid destination directory, or unknown).
+    inherit_gid: bool = True
 
 
 @dataclass(slots=True)
@@ -246,7 +248,7 @@ class Worker:
                     if rec:
                         res.actions.append(("copy", path))
                     if not dry:
-                        res.bytes_copied += fsops.copy_small(sfd, name, dfd, dname, m, d is not None)
+                        res.bytes_copied += fsops.copy_small(sfd, name, dfd, dname, m, d is not None, job.inherit_gid)
                         res.changed = True
                     else:
                         res.bytes_copied += m.size
