@@ -1,0 +1,77 @@
+"""Stall injection on the local engine: a file operation that never returns is reported as a
+stall within the stall timeout, the rest of the run goes on, and nothing is left half-written."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+import blit
+from blit import fsops
+from blit.transfer import Timeouts
+
+
+def _tree(root: Path, dirs: int = 4, files: int = 5) -> None:
+    for d in range(dirs):
+        p = root / f"d{d}"
+        p.mkdir(parents=True)
+        for f in range(files):
+            (p / f"f{f}").write_bytes(os.urandom(100))
+
+
+async def test_stuck_small_file_copy_is_reported_as_stall_and_others_land(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _tree(src)
+    release = threading.Event()
+    real = fsops.copy_small
+
+    def stuck(src_dir, name, dst_dir, dst_name, m, replace, inherit_gid=True):  # type: ignore[no-untyped-def]
+        if name == "f2" and os.path.basename(os.readlink(f"/proc/self/fd/{src_dir}")) == "d1":
+            release.wait(30)  # a hung syscall, as on a dead NFS mount
+        return real(src_dir, name, dst_dir, dst_name, m, replace, inherit_gid)
+
+    monkeypatch.setattr(fsops, "copy_small", stuck)
+    try:
+        with trio.fail_after(10):
+            summary = await blit.copy(f"{src}/", str(dst), blit.Options(timeouts=Timeouts(stall=0.5)))
+    finally:
+        release.set()
+    stalls = [f for f in summary.failures if f.op == "stall"]
+    assert [f.path for f in stalls] == ["d1"]
+    assert "no progress for 0.5 s" in stalls[0].message
+    assert summary.exit_code == 3
+    for d in ("d0", "d2", "d3"):
+        for f in range(5):
+            assert (dst / d / f"f{f}").read_bytes() == (src / d / f"f{f}").read_bytes()
+    # Whatever landed in the stalled directory is complete; nothing is half-written.
+    for p in (dst / "d1").iterdir():
+        assert p.read_bytes() == (src / "d1" / p.name).read_bytes()
+
+
+async def test_stuck_large_file_chunk_is_reported_as_stall(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(6 << 20))
+    (src / "small").write_bytes(b"ok")
+    release = threading.Event()
+
+    def stuck(sfd, dfd, offset, length):  # type: ignore[no-untyped-def]
+        release.wait(30)
+        return 0
+
+    monkeypatch.setattr(fsops, "copy_range", stuck)
+    monkeypatch.setattr(blit.transfer.ffi, "reflink", lambda a, b: False)
+    try:
+        with trio.fail_after(10):
+            summary = await blit.copy(f"{src}/", str(dst), blit.Options(timeouts=Timeouts(stall=0.5)))
+    finally:
+        release.set()
+    assert [(f.path, f.op) for f in summary.failures] == [("big", "copy")]
+    assert "stall" in summary.failures[0].message or "no progress" in summary.failures[0].message
+    assert (dst / "small").read_bytes() == b"ok"
+    assert not (dst / "big").exists()
+    assert [p.name for p in dst.iterdir() if p.name.startswith(".blit-")] == []
