@@ -113,6 +113,7 @@ def resolve(src: str, dst: str, operation: Operation) -> _Resolved:
     src_is_dir = stat.S_ISDIR(sst.st_mode)
     if src_slash and not src_is_dir:
         raise UsageError(f"source is not a directory: {src}")
+    _check_readable(src_abs, sst, src)
 
     try:
         dst_st: os.stat_result | None = os.stat(dst_abs)  # follows: a symlink to a dir is a dir
@@ -169,6 +170,26 @@ def resolve(src: str, dst: str, operation: Operation) -> _Resolved:
     if make_dst is not None and _inside(_real(make_dst), real_src) and src_is_dir:
         raise UsageError(f"destination {dst} is inside the source {src}")
     return _Resolved(src_base, dst_base, job, node, make_dst, rename_ok, target)
+
+
+def _check_readable(path: bytes, st: os.stat_result, shown: str) -> None:
+    """The source root must be readable, or nothing is done at all (exit 1)."""
+    if stat.S_ISLNK(st.st_mode):
+        return
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                with os.scandir(fd) as it:
+                    for e in it:
+                        e.stat(follow_symlinks=False)  # search (x) permission
+                        break
+            finally:
+                os.close(fd)
+        elif stat.S_ISREG(st.st_mode):
+            os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW))
+    except OSError as exc:
+        raise FatalError(f"cannot read source {shown}: {exc.strerror}") from None
 
 
 def _makedirs(path: bytes) -> None:

@@ -339,7 +339,21 @@ else:
 
 
 def main() -> None:
+    """Entry point: click's usage errors become one line and exit 2, like every other error."""
+    from typer._click import exceptions as click_exc  # typer vendors click (pinned <0.29)
+
     try:
-        app()
-    except SystemExit:
-        raise
+        code = app(standalone_mode=False)
+    except click_exc.UsageError as exc:
+        if exc.format_message().startswith("Usage:"):  # `blit` alone: the help, as usage
+            sys.stderr.write(exc.format_message() + "\n")
+            raise SystemExit(2) from None
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        _err(exc.format_message() + hint)
+        raise SystemExit(2) from None
+    except click_exc.Abort:
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except click_exc.ClickException as exc:
+        _err(exc.format_message())
+        raise SystemExit(exc.exit_code) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

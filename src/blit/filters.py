@@ -73,7 +73,7 @@ def compile_rule(include: bool, pattern: str) -> Rule:
     elif anchored:
         rx = re.compile(f"^{body}$", re.S)
     else:
-        rx = re.compile(f"(?:^|/){body}$", re.S)
+        rx = re.compile(f"(?:.*/)?{body}$", re.S)
     return Rule(include, pattern, rx, dir_only, on_name)
 
 

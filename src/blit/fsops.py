@@ -18,6 +18,7 @@ import stat
 from typing import NamedTuple
 
 from . import ffi
+from .filters import Filters
 
 # Open flags used everywhere.
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -159,6 +160,43 @@ def make_dir(parent_fd: int, name: str) -> None:
     os.mkdir(name, 0o700, dir_fd=parent_fd)
 
 
+def remove_extra(parent_fd: int, name: str, rel: str, filters: Filters) -> tuple[int, bool]:
+    """Mirror's delete: remove `name` and everything below it except what the filters exclude
+    (excluded destination entries are protected, and so are the directories holding them).
+    Returns (entries removed, something was kept)."""
+    if not filters.active:
+        return remove_tree(parent_fd, name), False
+    try:
+        os.unlink(name, dir_fd=parent_fd)
+        return 1, False
+    except IsADirectoryError:
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EISDIR, errno.EPERM):
+            raise
+    count, kept = 0, False
+    fd = os.open(name, O_DIR, dir_fd=parent_fd)
+    try:
+        st = os.fstat(fd)
+        if not st.st_mode & stat.S_IWUSR:
+            os.chmod(fd, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
+        for child in os.listdir(fd):
+            crel = f"{rel}/{child}"
+            is_dir = stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode)
+            if filters.excluded(crel, child, is_dir):
+                kept = True
+                continue
+            c, k = remove_extra(fd, child, crel, filters)
+            count += c
+            kept |= k
+    finally:
+        os.close(fd)
+    if kept:
+        return count, True
+    os.rmdir(name, dir_fd=parent_fd)
+    return count + 1, False
+
+
 def remove_tree(parent_fd: int, name: str) -> int:
     """Remove `name` (any kind) below parent_fd, recursively; returns entries removed."""
     try:
@@ -217,6 +255,62 @@ def get_xattrs(fd: int) -> list[tuple[str, bytes]]:
     return out
 
 
+def _xattr_path(dir_fd: int, name: str) -> str:
+    # One lookup through the directory fd: os.*xattr take no dir_fd, and this stays short
+    # whatever the depth of the tree.
+    return f"/proc/self/fd/{dir_fd}/{name}"
+
+
+def xattrs_at(dir_fd: int, name: str) -> dict[str, bytes]:
+    """The xattrs of an entry (not following symlinks); {} when none or unsupported."""
+    p = _xattr_path(dir_fd, name)
+    try:
+        names = os.listxattr(p, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
+            return {}
+        raise
+    out = {}
+    for n in names:
+        try:
+            out[n] = os.getxattr(p, n, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.EPERM, errno.EACCES, errno.ENOTSUP):
+                continue
+            raise
+    return out
+
+
+def sync_xattrs(src_dir: int, name: str, dst_dir: int, dname: str) -> bool:
+    """Make an up-to-date destination entry's xattrs (and ACLs) equal the source's; True if
+    anything changed. Costs one listxattr per side when neither has any."""
+    ps, pd = _xattr_path(src_dir, name), _xattr_path(dst_dir, dname)
+    try:
+        if not os.listxattr(ps, follow_symlinks=False) and not os.listxattr(pd, follow_symlinks=False):
+            return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
+            return False
+        raise
+    a, b = xattrs_at(src_dir, name), xattrs_at(dst_dir, dname)
+    if a == b:
+        return False
+    for n, v in a.items():
+        if b.get(n) != v:
+            try:
+                os.setxattr(pd, n, v, follow_symlinks=False)
+            except OSError as exc:
+                if not (n.startswith(_PRIVILEGED_XATTR) and exc.errno in (errno.EPERM, errno.EACCES, errno.ENOTSUP)):
+                    raise OSError(exc.errno, f"setting xattr {n}: {exc.strerror}") from exc
+    for n in b.keys() - a.keys():
+        try:
+            os.removexattr(pd, n, follow_symlinks=False)
+        except OSError as exc:
+            if not (n.startswith(_PRIVILEGED_XATTR) and exc.errno in (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.ENODATA)):
+                raise OSError(exc.errno, f"removing xattr {n}: {exc.strerror}") from exc
+    return True
+
+
 def put_xattrs(fd: int, xattrs: list[tuple[str, bytes]], what: str) -> None:
     for n, v in xattrs:
         try:
@@ -248,7 +342,10 @@ class Landing:
     def __init__(self, dir_fd: int, mode: int = 0o600) -> None:
         # Created with its final permission bits when the umask lets them through, so that
         # finish_meta needs no fchmod; never more open than 0o700 for the owner until then.
-        self.mode = mode & 0o777 if not mode & UMASK else 0o600
+        # Owner read/write until finish_meta: an unprivileged process needs write permission to
+        # set user.* xattrs on its own file.
+        create = (mode & 0o777) | 0o600
+        self.mode = create if not create & UMASK else 0o600
         self.dir_fd = dir_fd
         self.tmp_name: str | None = None
         self.fd = -1
@@ -501,9 +598,10 @@ def make_hardlink(dst_dir: int, name: str, first_dir: int, first_name: str, repl
         raise
 
 
-def fix_meta(dst_dir: int, name: str, src: Meta, dst: Meta) -> bool:
-    """Bring mode/owner/times of an up-to-date destination entry in line; True if changed."""
-    changed = False
+def fix_meta(dst_dir: int, name: str, src: Meta, dst: Meta, force_mode: bool = False) -> bool:
+    """Bring mode/owner/times of an up-to-date destination entry in line; True if changed.
+    `force_mode`: its ACL was just rewritten, which may have changed the group bits."""
+    changed = force_mode
     is_link = stat.S_ISLNK(src.mode)
     if IS_ROOT and (src.uid != dst.uid or src.gid != dst.gid):
         os.chown(name, src.uid, src.gid, dir_fd=dst_dir, follow_symlinks=False)

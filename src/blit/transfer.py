@@ -746,6 +746,7 @@ class LocalTransfer:
     ) -> tuple[int, list[tuple[str, str, str]]]:
         """Runs in a thread: touches no shared state, returns (entries deleted, failures)."""
         w = self.worker
+        filters = self.spec.filters
         deleted = 0
         failures: list[tuple[str, str, str]] = []
         # Deepest directories first, so a parent's times are restored after its children's.
@@ -758,12 +759,12 @@ class LocalTransfer:
             try:
                 for name, _ in extras:
                     try:
-                        deleted += fsops.remove_tree(dfd, name)
+                        deleted += fsops.remove_extra(dfd, name, _join(dst_rel, name), filters)[0]
                     except PermissionError:
                         # A read-only directory of ours: open it up, delete, then restore below.
                         try:
                             os.chmod(dfd, stat.S_IMODE(os.fstat(dfd).st_mode) | stat.S_IRWXU)
-                            deleted += fsops.remove_tree(dfd, name)
+                            deleted += fsops.remove_extra(dfd, name, _join(dst_rel, name), filters)[0]
                         except OSError as exc:
                             failures.append((_join(dst_rel, name), "delete", exc.strerror or str(exc)))
                     except OSError as exc:

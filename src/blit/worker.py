@@ -222,6 +222,8 @@ class Worker:
             op = it.op
             try:
                 if op is Op.SUBDIR:
+                    if not dry:
+                        fsops.sync_xattrs(sfd, name, dfd, dname)
                     res.subdirs.append((name, dname, m, False, d))
                 elif op is Op.MKDIR:
                     if rec:
@@ -239,7 +241,9 @@ class Worker:
                     else:
                         res.files_skipped += 1
                         if d is not None and not dry:
-                            fsops.fix_meta(dfd, dname, m, d)
+                            # xattrs/ACLs first: setting an ACL rewrites the group bits.
+                            acl = fsops.sync_xattrs(sfd, name, dfd, dname)
+                            fsops.fix_meta(dfd, dname, m, d, acl)
                         landed.append(name)
                 if op is Op.COPY:
                     if m.size > spec.big and not dry:

@@ -1,0 +1,246 @@
+"""The daemon's configuration: TOML file + command-line flags -> one frozen `DaemonConfig`.
+
+Precedence: a command-line flag beats the file, which beats the built-in default. No environment
+variable is read. Every problem is a `ConfigError` naming the file, the line and the key at fault.
+The accepted keys are written down in `schemas/daemon-config.md`.
+
+This module must not open sockets or start anything; it only reads the file and checks paths.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..endpoint import DEFAULT_PORT
+from ..errors import ConfigError
+
+_MODULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleConfig:
+    name: str
+    path: Path
+    read_only: bool = False
+    comment: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    bind: str = ""
+    """Address to listen on; "" (or "*") is every interface, IPv4 and IPv6."""
+    port: int = DEFAULT_PORT
+    """Control (HTTP/2) port; 0 picks a free one (tests)."""
+    data_port: int | None = None
+    """Raw data-stream port; None: port + 1, or a free one when port is 0."""
+    root: Path | None = None
+    """The root export (`host://path`), or None for none."""
+    root_read_only: bool = False
+    mdns: bool = True
+    mdns_name: str = ""
+    """The advertised instance name; "" is the host name."""
+    mdns_interfaces: tuple[str, ...] = ()
+    """Addresses zeroconf listens on; empty: zeroconf's default choice."""
+    force_h2_data: bool = False
+    """Never grant raw data streams: all data goes over HTTP/2 (tests, restrictive firewalls)."""
+    tls: bool = True
+    """TLS on both planes with a self-signed certificate (clients pin it on first use)."""
+    state_dir: Path | None = None
+    """Where the certificate and key live; None: the user data dir (platformdirs) + /daemon."""
+    max_connections: int = 256
+    modules: tuple[ModuleConfig, ...] = field(default=())
+
+    @property
+    def effective_data_port(self) -> int:
+        if self.data_port is not None:
+            return self.data_port
+        return 0 if self.port == 0 else (self.port + 1 if self.port < 65535 else 0)
+
+    @property
+    def instance_name(self) -> str:
+        return self.mdns_name or socket.gethostname()
+
+    def module(self, name: str) -> ModuleConfig | None:
+        for m in self.modules:
+            if m.name == name:
+                return m
+        return None
+
+
+# key -> (type, checker); types are the TOML types accepted.
+_DAEMON_KEYS: dict[str, type | tuple[type, ...]] = {
+    "bind": str,
+    "port": int,
+    "data_port": int,
+    "root": str,
+    "root_read_only": bool,
+    "mdns": bool,
+    "mdns_name": str,
+    "mdns_interfaces": list,
+    "force_h2_data": bool,
+    "tls": bool,
+    "state_dir": str,
+    "max_connections": int,
+}
+_MODULE_KEYS: dict[str, type] = {"name": str, "path": str, "read_only": bool, "comment": str}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "an array"}
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
+    """Read the TOML file (if any), apply the command-line overrides, check everything.
+
+    Args:
+        path: the config file, or None for defaults only.
+        overrides: DaemonConfig fields given on the command line; None values are ignored
+            (the flag was not given).
+
+    Raises:
+        ConfigError: unreadable or malformed file, unknown or mistyped key, bad value, missing
+            module or root directory.
+    """
+    cfg = DaemonConfig()
+    if path is not None:
+        cfg = _parse_file(path)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - set(DaemonConfig.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown override(s) {sorted(unknown)}")  # a bug in the caller
+    if "root" in given:
+        given["root"] = Path(given["root"])
+    cfg = replace(cfg, **given)
+    _check(cfg, path)
+    return cfg
+
+
+def _parse_file(path: Path) -> DaemonConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message ends with "(at line L, column C)".
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+    def fail(section: str, key: str | None, index: int | None, problem: str) -> ConfigError:
+        line = _line_of(text, section, key, index)
+        where = f"{path}" + (f", line {line}" if line else "")
+        what = f"[{section}]" if index is None else f"[[{section}]] #{index + 1}"
+        if key:
+            what += f" {key}"
+        return ConfigError(f"config file {where}: {what}: {problem}")
+
+    for top in data:
+        if top not in ("daemon", "module"):
+            raise fail(top, None, None, "unknown section (expected [daemon] and [[module]])")
+    daemon = data.get("daemon", {})
+    if not isinstance(daemon, dict):
+        raise fail("daemon", None, None, "must be a table")
+    values: dict[str, Any] = {}
+    for key, value in daemon.items():
+        want = _DAEMON_KEYS.get(key)
+        if want is None:
+            raise fail("daemon", key, None, f"unknown key (known: {', '.join(sorted(_DAEMON_KEYS))})")
+        if not _is(value, want):
+            raise fail("daemon", key, None, f"must be {_TYPE_NAMES[want]}")  # type: ignore[index]
+        if key == "mdns_interfaces":
+            if not all(isinstance(v, str) for v in value):
+                raise fail("daemon", key, None, "must be an array of address strings")
+            value = tuple(value)
+        elif key in ("root", "state_dir"):
+            value = _resolve(path, value)
+        elif key in ("port", "data_port") and not 0 <= value <= 65535:
+            raise fail("daemon", key, None, f"{value} is out of range (0-65535)")
+        elif key == "max_connections" and not 1 <= value <= 100_000:
+            raise fail("daemon", key, None, f"{value} is out of range (1-100000)")
+        values[key] = value
+    modules = data.get("module", [])
+    if not isinstance(modules, list):
+        raise fail("module", None, None, "must be an array of tables: write [[module]]")
+    mods: list[ModuleConfig] = []
+    seen: set[str] = set()
+    for i, table in enumerate(modules):
+        for key, value in table.items():
+            want = _MODULE_KEYS.get(key)
+            if want is None:
+                raise fail("module", key, i, f"unknown key (known: {', '.join(sorted(_MODULE_KEYS))})")
+            if not _is(value, want):
+                raise fail("module", key, i, f"must be {_TYPE_NAMES[want]}")
+        for key in ("name", "path"):
+            if key not in table:
+                raise fail("module", None, i, f"missing key {key!r}")
+        name = table["name"]
+        if not _MODULE_NAME.match(name):
+            raise fail("module", "name", i, f"{name!r} is not a valid module name (letters, digits, '.', '_', '-')")
+        if name in seen:
+            raise fail("module", "name", i, f"module {name!r} is defined twice")
+        seen.add(name)
+        mods.append(
+            ModuleConfig(
+                name=name,
+                path=_resolve(path, table["path"]),
+                read_only=table.get("read_only", False),
+                comment=table.get("comment", ""),
+            )
+        )
+    values["modules"] = tuple(mods)
+    return DaemonConfig(**values)
+
+
+def _is(value: Any, want: type | tuple[type, ...]) -> bool:
+    if want is int:
+        return type(value) is int
+    return isinstance(value, want)
+
+
+def _resolve(config_path: Path, value: str) -> Path:
+    """Relative paths in the file are relative to the file's directory."""
+    p = Path(os.path.expanduser(value))
+    return p if p.is_absolute() else (config_path.parent / p)
+
+
+def _check(cfg: DaemonConfig, path: Path | None) -> None:
+    src = f"config file {path}: " if path else ""
+    if not 0 <= cfg.port <= 65535:
+        raise ConfigError(f"port {cfg.port} is out of range (0-65535)")
+    if cfg.data_port is not None and not 0 <= cfg.data_port <= 65535:
+        raise ConfigError(f"data port {cfg.data_port} is out of range (0-65535)")
+    if cfg.data_port and cfg.data_port == cfg.port:
+        raise ConfigError(f"{src}data_port must differ from port ({cfg.port})")
+    if cfg.root is not None and not cfg.root.is_dir():
+        raise ConfigError(f"{src}root {str(cfg.root)!r} is not a directory")
+    for m in cfg.modules:
+        if not m.path.is_dir():
+            raise ConfigError(f"{src}module {m.name!r}: path {str(m.path)!r} is not a directory")
+
+
+def _line_of(text: str, section: str, key: str | None, index: int | None) -> int | None:
+    """The line of `key` in the `index`-th [section] / [[section]] table (1-based), if found."""
+    current: str | None = None
+    count = -1
+    header_line = None
+    key_re = re.compile(rf"^\s*(?:{re.escape(key)}|\"{re.escape(key)}\")\s*=") if key else None
+    for n, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        m = re.match(r"^\[\[?\s*([A-Za-z0-9_.-]+)\s*\]\]?", stripped)
+        if m:
+            current = m.group(1)
+            if current == section:
+                count += 1
+                if index is None or count == index:
+                    header_line = n
+                    if key_re is None:
+                        return n
+            continue
+        if current == section and (index is None or count == index) and key_re and key_re.match(line):
+            return n
+    return header_line

@@ -1,0 +1,466 @@
+"""One function per control request: a decoded message in, a reply message out.
+
+Also the daemon-side objects those requests act on: `DaemonState` (config, modules, grants,
+limits), `Session` (one control connection) and `Transfer` (one push or pull with its data
+streams). Every filesystem call goes through `contain` in a worker thread, one hop per request.
+
+This module must not own sockets or listeners (server.py does) and must not parse bytes
+(protocol.py does). Refusals are `protocol.Refused`, turned into `Error` replies by server.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..stall import StallGuard
+from ..transport import data, protocol
+from ..transport.protocol import ErrorCode, Refused
+from . import contain
+from .config import DaemonConfig, ModuleConfig
+
+log = logging.getLogger("blit.daemon")
+
+MAX_TRANSFERS_PER_SESSION = 8
+MAX_FILES_PER_TRANSFER = 10_000_000
+
+
+@dataclass
+class DaemonState:
+    """Everything the handlers of all sessions share."""
+
+    config: DaemonConfig
+    software: str
+    data_port: int | None = None
+    fingerprint: str | None = None
+    grants: data.GrantTable = field(default_factory=data.GrantTable)
+    stream_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(512))
+    fs_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(16))
+    stall: float = data.DEFAULT_STALL
+    sessions: int = 0
+    shutting_down: bool = False
+    _ids: Any = field(default_factory=lambda: itertools.count(1))
+
+    def module(self, name: str) -> tuple[Path, bool]:
+        """(root path, read_only) of a module, "" being the root export.
+
+        Raises:
+            Refused(UNKNOWN_MODULE): no such module (its name is in the message).
+        """
+        if name == "":
+            if self.config.root is None:
+                raise Refused(ErrorCode.UNKNOWN_MODULE, "this daemon has no root export (host://path)")
+            return self.config.root, self.config.root_read_only
+        m: ModuleConfig | None = self.config.module(name)
+        if m is None:
+            known = ", ".join(x.name for x in self.config.modules) or "none"
+            raise Refused(ErrorCode.UNKNOWN_MODULE, f"unknown module {name!r} (modules: {known})")
+        return m.path, m.read_only
+
+    def next_id(self) -> int:
+        return int(next(self._ids))
+
+
+# =================================================================================================
+# Files of a transfer
+
+
+class _Src:
+    __slots__ = ("fd", "size", "extents")
+
+    def __init__(self, fd: int, size: int, extents: list[tuple[int, int]] | None) -> None:
+        self.fd = fd
+        self.size = size
+        self.extents = extents
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class ModuleSource:
+    """Pull: files of a transfer, opened below the transfer root without following links."""
+
+    def __init__(self, root: Path, base: list[bytes]) -> None:
+        self.root = root
+        self.base = base
+        self.paths: dict[int, list[bytes]] = {}
+
+    def open(self, file_id: int) -> _Src:
+        parts = self.paths[file_id]
+        try:
+            root_fd = contain.open_root(self.root)
+            try:
+                fd = contain.open_file(root_fd, self.base + parts)
+            finally:
+                os.close(root_fd)
+        except Refused as exc:
+            raise OSError(errno.EACCES, exc.message) from None
+        try:
+            st = os.fstat(fd)
+            extents = None
+            if st.st_size > 65536 and st.st_blocks * 512 < st.st_size - 65536:
+                from ..fsops import data_extents
+
+                extents = data_extents(fd, st.st_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return _Src(fd, st.st_size, extents)
+
+
+class _Sink:
+    __slots__ = ("landing", "name", "offer", "fd")
+
+    def __init__(self, landing: Any, name: bytes, offer: protocol.FileOffer) -> None:
+        self.landing = landing
+        self.name = name
+        self.offer = offer
+        self.fd = landing.fd
+
+    def commit(self, size: int) -> None:
+        from ..fsops import Meta
+
+        o = self.offer
+        meta = Meta(
+            mode=stat.S_IFREG | o.mode,
+            size=size,
+            mtime_ns=o.mtime_ns,
+            atime_ns=o.mtime_ns,
+            uid=os.geteuid(),
+            gid=os.getegid(),
+            ino=0,
+            dev=0,
+            nlink=1,
+            rdev=0,
+            blocks=0,
+        )
+        dir_fd = self.landing.dir_fd
+        try:
+            self.landing.finish_meta(meta, None, os.fsdecode(self.name))
+            self.landing.commit(os.fsdecode(self.name), True)
+        finally:
+            os.close(dir_fd)
+
+    def abort(self) -> None:
+        dir_fd = self.landing.dir_fd
+        try:
+            self.landing.abort()
+        finally:
+            try:
+                os.close(dir_fd)
+            except OSError:
+                pass
+
+
+class ModuleSink:
+    """Push: lands offered files below the transfer root, atomically (fsops.Landing)."""
+
+    def __init__(self, root: Path, base: list[bytes]) -> None:
+        self.root = root
+        self.base = base
+        self.offers: dict[int, protocol.FileOffer] = {}
+
+    def open(self, file_id: int) -> _Sink:
+        offer = self.offers[file_id]  # KeyError: never announced -> protocol error
+        from ..fsops import Landing
+
+        parts = protocol.split_path(offer.path) if offer.path else []
+        if not parts:
+            raise OSError(errno.EISDIR, "no file name")
+        try:
+            root_fd = contain.open_root(self.root)
+            try:
+                dir_fd = contain.walk_dir(root_fd, self.base + parts[:-1])
+            finally:
+                os.close(root_fd)
+        except Refused as exc:
+            raise OSError(errno.EACCES, exc.message) from None
+        try:
+            landing = Landing(dir_fd)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return _Sink(landing, parts[-1], offer)
+
+
+# =================================================================================================
+# Transfers
+
+
+class Transfer:
+    """One push or pull of a session, with its granted data streams."""
+
+    def __init__(self, state: DaemonState, session: Session, tid: int, msg: protocol.OpenTransfer, root: Path) -> None:
+        self.state = state
+        self.session = session
+        self.id = tid
+        self.direction = msg.direction
+        self.module = msg.module
+        self.base = protocol.split_path(msg.path)
+        self.jobs = data.JobQueue()
+        self.source = ModuleSource(root, self.base)
+        self.sink = ModuleSink(root, self.base)
+        self.h2_data = msg.h2_data
+        self.granted = msg.streams
+        self.attached = 0
+        self.finished_streams = 0
+        self.stats: list[data.StreamStats] = []
+        self.errors: list[str] = []
+        self.scopes: set[trio.CancelScope] = set()
+        self.changed = trio.Event()
+        self.closed = False
+
+    @property
+    def daemon_sends(self) -> bool:
+        return self.direction == "pull"
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def run_stream(self, carrier: str, io: data.StreamIO | None = None, st: Any = None) -> None:
+        """Drive one admitted data stream until its DONE (or failure, or the session's end)."""
+        n = len(self.stats) + 1
+        stats = data.StreamStats(what=f"data stream {n} of transfer {self.id}")
+        self.stats.append(stats)
+        self.attached += 1
+        try:
+            with trio.CancelScope() as scope:
+                self.scopes.add(scope)
+                if carrier == "raw":
+                    assert io is not None
+                    if self.daemon_sends:
+                        fn = lambda: data.send_loop(io, self.source, self.jobs, stats)  # noqa: E731
+                    else:
+                        fn = lambda: data.receive_loop(io, self.sink, stats)  # noqa: E731
+                    await data.run_worker(
+                        fn, kick=io.kick, stats=stats, stall=self.state.stall, limiter=self.state.stream_limiter
+                    )
+                else:
+                    if self.daemon_sends:
+                        loop = data.h2_send_loop(st, self.source, self.jobs, stats, limiter=self.state.fs_limiter)
+                    else:
+                        loop = data.h2_receive_loop(st, self.sink, stats, limiter=self.state.fs_limiter)
+                    with StallGuard(stats.what, self.state.stall) as guard:
+                        stats.on_progress = guard.progress
+                        await loop
+        except Exception as exc:
+            log.info("transfer %d: %s failed: %s", self.id, stats.what, exc)
+            self.errors.append(f"{stats.what}: {exc}")
+        finally:
+            self.scopes.discard(scope)
+            self.finished_streams += 1
+            self._notify()
+
+    def cancel(self) -> None:
+        self.closed = True
+        self.state.grants.revoke(self)
+        try:
+            self.jobs.close()
+        except RuntimeError:
+            pass
+        for scope in list(self.scopes):
+            scope.cancel()
+        self._notify()
+
+    def result(self) -> protocol.TransferDone:
+        failures: dict[int, str] = {}
+        for s in self.stats:
+            for fid, msg in s.failures:
+                failures.setdefault(fid, msg)
+        return protocol.TransferDone(
+            files=sum(s.files for s in self.stats),
+            nbytes=sum(s.bytes for s in self.stats),
+            failures=[protocol.FileFailure(id=k, message=v) for k, v in sorted(failures.items())],
+        )
+
+
+# =================================================================================================
+# Sessions
+
+
+class Session:
+    """One control connection: its protocol state, its transfers, and the request handlers."""
+
+    def __init__(self, state: DaemonState, peer: str) -> None:
+        self.state = state
+        self.peer = peer
+        self.proto = protocol.ServerSession(software=state.software)
+        self.transfers: dict[int, Transfer] = {}
+        self.ready = trio.Event()
+        self.request_slots = trio.Semaphore(4)
+
+    async def dispatch(self, msg: protocol.Message) -> protocol.Message:
+        handler = _HANDLERS.get(type(msg))
+        if handler is None:  # pragma: no cover - protocol.OPERATIONS and _HANDLERS agree
+            raise Refused(ErrorCode.UNKNOWN_OP, type(msg).__name__)
+        reply: protocol.Message = await handler(self, msg)
+        return reply
+
+    def close(self) -> None:
+        self.proto.close()
+        for t in list(self.transfers.values()):
+            t.cancel()
+        self.transfers.clear()
+
+    def transfer(self, tid: int) -> Transfer:
+        t = self.transfers.get(tid)
+        if t is None:
+            raise Refused(ErrorCode.UNKNOWN_TRANSFER, f"no transfer {tid} in this session")
+        return t
+
+    async def fs(self, fn: Any, *args: Any) -> Any:
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.state.fs_limiter)
+        except OSError as exc:
+            raise Refused(ErrorCode.IO_ERROR, exc.strerror or str(exc)) from None
+
+
+async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
+    s.ready.set()
+    log.info("session from %s (%s)", s.peer, msg.software)
+    return protocol.HelloReply(
+        protocol=protocol.PROTOCOL_VERSION,
+        software=s.state.software,
+        name=s.state.config.instance_name[:255],
+        data_port=None if s.state.config.force_h2_data else s.state.data_port,
+        max_message=protocol.MAX_MESSAGE,
+        features=[],
+    )
+
+
+async def handle_modules(s: Session, msg: protocol.ListModules) -> protocol.ModuleList:
+    cfg = s.state.config
+    return protocol.ModuleList(
+        modules=[protocol.ModuleInfo(name=m.name, comment=m.comment, read_only=m.read_only) for m in cfg.modules],
+        root=cfg.root is not None,
+        root_read_only=cfg.root_read_only,
+    )
+
+
+async def handle_list(s: Session, msg: protocol.ListDir) -> protocol.DirListing:
+    root, _ro = s.state.module(msg.module)
+    protocol.split_path(msg.path)  # refuse before touching the disk
+    entries, more = await s.fs(contain.list_dir, root, msg.path, msg.after, msg.limit)
+    return protocol.DirListing(entries=entries, more=more)
+
+
+async def handle_stat(s: Session, msg: protocol.Stat) -> protocol.StatReply:
+    root, _ro = s.state.module(msg.module)
+    protocol.split_path(msg.path)
+    entry = await s.fs(contain.stat_path, root, msg.path)
+    return protocol.StatReply(entry=entry)
+
+
+async def handle_open_transfer(s: Session, msg: protocol.OpenTransfer) -> protocol.TransferOpened:
+    if s.state.shutting_down:
+        raise Refused(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+    if msg.direction not in ("push", "pull"):
+        raise Refused(ErrorCode.BAD_REQUEST, f"direction must be push or pull, not {msg.direction!r}")
+    root, read_only = s.state.module(msg.module)
+    if msg.direction == "push" and read_only:
+        name = f"module {msg.module!r}" if msg.module else "the root export"
+        raise Refused(ErrorCode.READ_ONLY, f"{name} is read-only")
+    if len(s.transfers) >= MAX_TRANSFERS_PER_SESSION:
+        raise Refused(ErrorCode.BUSY, f"at most {MAX_TRANSFERS_PER_SESSION} transfers per session")
+    base = protocol.split_path(msg.path)
+
+    def check_base() -> None:
+        root_fd = contain.open_root(root)
+        try:
+            os.close(contain.walk_dir(root_fd, base))
+        finally:
+            os.close(root_fd)
+
+    await s.fs(check_base)
+    tid = s.state.next_id()
+    t = Transfer(s.state, s, tid, msg, root)
+    s.transfers[tid] = t
+    h2_only = msg.h2_data or s.state.config.force_h2_data or s.state.data_port is None
+    tokens = [s.state.grants.issue(t) for _ in range(msg.streams)]
+    return protocol.TransferOpened(
+        transfer=tid,
+        data_port=None if h2_only else s.state.data_port,
+        tokens=tokens,
+        expires_ms=int(s.state.grants.ttl * 1000),
+    )
+
+
+async def handle_send_files(s: Session, msg: protocol.SendFiles) -> protocol.Ack:
+    t = s.transfer(msg.transfer)
+    if not t.daemon_sends:
+        raise Refused(ErrorCode.BAD_REQUEST, "send is for pull transfers")
+    if len(t.source.paths) + len(msg.files) > MAX_FILES_PER_TRANSFER:
+        raise Refused(ErrorCode.BUSY, "too many files in one transfer")
+    ids = []
+    for f in msg.files:
+        if f.id in t.source.paths:
+            raise Refused(ErrorCode.BAD_REQUEST, f"file id {f.id} used twice")
+        t.source.paths[f.id] = protocol.split_path(f.path)
+        ids.append(f.id)
+    try:
+        t.jobs.put_many(ids)
+        if msg.last:
+            t.jobs.close()
+    except RuntimeError:
+        raise Refused(ErrorCode.BAD_REQUEST, "the transfer's file list was already closed") from None
+    return protocol.Ack()
+
+
+async def handle_expect_files(s: Session, msg: protocol.ExpectFiles) -> protocol.Ack:
+    t = s.transfer(msg.transfer)
+    if t.daemon_sends:
+        raise Refused(ErrorCode.BAD_REQUEST, "expect is for push transfers")
+    if len(t.sink.offers) + len(msg.files) > MAX_FILES_PER_TRANSFER:
+        raise Refused(ErrorCode.BUSY, "too many files in one transfer")
+    for f in msg.files:
+        parts = protocol.split_path(f.path)
+        if not parts:
+            raise Refused(ErrorCode.PATH_REFUSED, "a file needs a name")
+        if f.id in t.sink.offers:
+            raise Refused(ErrorCode.BAD_REQUEST, f"file id {f.id} used twice")
+        t.sink.offers[f.id] = f
+    return protocol.Ack()
+
+
+FINISH_TIMEOUT = 30.0
+
+
+async def handle_finish(s: Session, msg: protocol.FinishTransfer) -> protocol.TransferDone:
+    t = s.transfer(msg.transfer)
+    # Streams never connected will not come now; the ones attached end with DONE.
+    s.state.grants.revoke(t)
+    if t.daemon_sends:
+        try:
+            t.jobs.close()
+        except RuntimeError:
+            pass
+    with trio.move_on_after(FINISH_TIMEOUT):
+        while t.finished_streams < t.attached:
+            await t.changed.wait()
+    t.cancel()
+    del s.transfers[t.id]
+    result = t.result()
+    if t.errors and not result.failures:
+        raise Refused(ErrorCode.IO_ERROR, "; ".join(t.errors)[: protocol.MAX_TEXT])
+    return result
+
+
+_HANDLERS: dict[type[protocol.Message], Any] = {
+    protocol.Hello: handle_hello,
+    protocol.ListModules: handle_modules,
+    protocol.ListDir: handle_list,
+    protocol.Stat: handle_stat,
+    protocol.OpenTransfer: handle_open_transfer,
+    protocol.SendFiles: handle_send_files,
+    protocol.ExpectFiles: handle_expect_files,
+    protocol.FinishTransfer: handle_finish,
+}

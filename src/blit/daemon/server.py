@@ -1,0 +1,329 @@
+"""The daemon's listeners and lifetimes: control connections (HTTP/2), data streams (raw TCP),
+mDNS, and a clean stop.
+
+    serve()                                  one nursery for the daemon's life
+    ├── control listener(s) -> handle_control: TLS handshake, H2Connection, one Session
+    │       └── per request: unary handler (CBOR in, CBOR out), or the HTTP/2 data fallback
+    ├── data listener(s)    -> handle_data: handshake + token in a worker thread, then the
+    │                          stream's worker thread, owned by its Transfer
+    └── mDNS advertisement (zeroconf on its own thread)
+
+Stopping = cancelling serve(): every connection task is cancelled, every stream worker is kicked
+(its socket shut down, so it aborts its open files, which leaves no temporary file), and each
+control connection gets a GOAWAY on the way out.
+
+This module must not interpret messages (handlers.py) or frames (transport/data.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import h2.errors
+import trio
+
+from ..errors import RemoteProtocolError
+from ..transport import control, data, protocol
+from ..transport import tls as tls_mod
+from ..transport.protocol import AdmitStatus, ErrorCode, Refused
+from . import handlers
+from .config import DaemonConfig
+
+log = logging.getLogger("blit.daemon")
+
+HELLO_TIMEOUT = 10.0
+"""A control connection must complete TLS and say hello within this many seconds."""
+IDLE_TIMEOUT = 600.0
+"""A control connection with no open stream and no frame for this long is closed (clients ping)."""
+
+
+@dataclass(frozen=True)
+class ServeInfo:
+    """What `serve()` reports through task_status once it accepts connections."""
+
+    host: str
+    port: int
+    data_port: int | None
+    tls: bool
+    fingerprint: str | None
+
+
+def _software() -> str:
+    try:
+        from .. import __version__
+
+        return f"blitd {__version__}"
+    except Exception:
+        return "blitd"
+
+
+async def serve(config: DaemonConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED, stall: float | None = None, token_ttl: float | None = None) -> None:
+    """Run the daemon until cancelled.
+
+    Args:
+        config: the checked configuration.
+        stall: override of the data-stream stall timeout (tests).
+        token_ttl: override of the data-token lifetime (tests).
+    """
+    state = handlers.DaemonState(config=config, software=_software())
+    if stall is not None:
+        state.stall = stall
+    if token_ttl is not None:
+        state.grants = data.GrantTable(ttl=token_ttl)
+    ssl_ctx: ssl.SSLContext | None = None
+    if config.tls:
+        state_dir = config.state_dir or tls_mod.default_state_dir()
+        cert, key = await trio.to_thread.run_sync(tls_mod.ensure_certificate, state_dir)
+        ssl_ctx = tls_mod.server_context(cert, key)
+        state.fingerprint = tls_mod.fingerprint_of_file(cert)
+    host = None if config.bind in ("", "*") else config.bind
+    try:
+        control_listeners = await trio.open_tcp_listeners(config.port, host=host)
+    except OSError as exc:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"cannot listen on {config.bind or '*'}:{config.port}: {exc.strerror or exc}") from None
+    port = control_listeners[0].socket.getsockname()[1]
+    data_listeners: list[trio.SocketListener] = []
+    if not config.force_h2_data:
+        want = config.effective_data_port
+        try:
+            data_listeners = await trio.open_tcp_listeners(want, host=host)
+        except OSError as exc:
+            from ..errors import ConfigError
+
+            for lst in control_listeners:
+                await lst.aclose()
+            raise ConfigError(f"cannot listen for data on {config.bind or '*'}:{want}: {exc.strerror or exc}") from None
+        state.data_port = data_listeners[0].socket.getsockname()[1]
+    connections = trio.CapacityLimiter(config.max_connections)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            trio.serve_listeners,
+            lambda stream: _guarded(_handle_control, state, ssl_ctx, connections, stream),
+            control_listeners,
+        )
+        if data_listeners:
+            nursery.start_soon(
+                trio.serve_listeners,
+                lambda stream: _guarded(_handle_data, state, ssl_ctx, stream),
+                data_listeners,
+            )
+        if config.mdns:
+            from .. import discovery
+
+            nursery.start_soon(
+                discovery.advertise,
+                discovery.Advertisement(
+                    name=config.instance_name,
+                    port=port,
+                    modules=[m.name for m in config.modules],
+                    tls=config.tls,
+                ),
+                list(config.mdns_interfaces) or None,
+            )
+        log.info(
+            "listening on %s:%d (data %s, TLS %s)",
+            config.bind or "*",
+            port,
+            state.data_port if state.data_port is not None else "over HTTP/2 only",
+            "on, certificate " + state.fingerprint if state.fingerprint else "off",
+        )
+        task_status.started(
+            ServeInfo(
+                host=config.bind or "*",
+                port=port,
+                data_port=state.data_port,
+                tls=config.tls,
+                fingerprint=state.fingerprint,
+            )
+        )
+        try:
+            await trio.sleep_forever()
+        finally:
+            state.shutting_down = True
+            log.info("shutting down")
+
+
+async def _guarded(fn: Any, *args: Any) -> None:
+    """A connection handler must never take the daemon down: log what escapes and drop it."""
+    try:
+        with control.collapse_groups():
+            await fn(*args)
+    except Exception:
+        log.exception("connection handler failed")
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        addr = stream.socket.getpeername()
+        return f"{addr[0]}:{addr[1]}"
+    except OSError:
+        return "?"
+
+
+async def _handle_control(
+    state: handlers.DaemonState,
+    ssl_ctx: ssl.SSLContext | None,
+    connections: trio.CapacityLimiter,
+    tcp: trio.SocketStream,
+) -> None:
+    peer = _peer(tcp)
+    try:
+        connections.acquire_nowait()
+    except trio.WouldBlock:
+        log.warning("refusing %s: too many connections", peer)
+        await tcp.aclose()
+        return
+    try:
+        stream: trio.abc.Stream = tcp
+        if ssl_ctx is not None:
+            ssl_stream = trio.SSLStream(tcp, ssl_ctx, server_side=True)
+            try:
+                with trio.fail_after(HELLO_TIMEOUT):
+                    await ssl_stream.do_handshake()
+            except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+                log.info("TLS handshake with %s failed: %s", peer, exc.__cause__ or exc)
+                await trio.aclose_forcefully(tcp)
+                return
+            stream = ssl_stream
+        conn = control.H2Connection(stream, client_side=False, idle_timeout=IDLE_TIMEOUT)
+        session = handlers.Session(state, peer)
+        state.sessions += 1
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def hello_deadline() -> None:
+                    with trio.move_on_after(HELLO_TIMEOUT) as cs:
+                        await session.ready.wait()
+                    if cs.cancelled_caught:
+                        log.info("closing %s: no hello in %g s", peer, HELLO_TIMEOUT)
+                        await conn.close(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+
+                nursery.start_soon(hello_deadline)
+                await conn.run(lambda st: _handle_stream(session, st))
+                nursery.cancel_scope.cancel()
+        finally:
+            state.sessions -= 1
+            session.close()
+    finally:
+        connections.release()
+
+
+_OK_HEADERS = [(b":status", b"200"), (b"content-type", protocol.CONTENT_TYPE)]
+
+
+async def _reply_error(st: control.H2Stream, code: ErrorCode, message: str) -> None:
+    body = protocol.error_body(code, message)
+    await st.send_headers([(b":status", str(code.status).encode()), (b"content-type", protocol.CONTENT_TYPE)])
+    await st.send_data(body, end=True)
+
+
+async def _handle_stream(session: handlers.Session, st: control.H2Stream) -> None:
+    method = st.header(b":method")
+    path = (st.header(b":path") or b"").decode("ascii", "replace")
+    if method != b"POST":
+        await _reply_error(st, ErrorCode.BAD_REQUEST, "only POST is used")
+        return
+    if path == protocol.DATA_PATH:
+        await _handle_h2_data(session, st)
+        return
+    async with session.request_slots:
+        try:
+            try:
+                body = await st.read_body(session.proto.max_message)
+            except RemoteProtocolError as exc:
+                raise Refused(ErrorCode.TOO_LARGE, str(exc)) from None
+            msg = session.proto.receive_request(path, body)
+            reply = await session.dispatch(msg)
+        except Refused as exc:
+            log.info("%s %s refused: %s: %s", session.peer, path, exc.code.value, exc.message)
+            await _reply_error(st, exc.code, exc.message)
+            return
+        except control.StreamClosed:
+            raise
+        except Exception as exc:
+            log.exception("%s %s failed", session.peer, path)
+            await _reply_error(st, ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+            return
+    await st.send_headers(_OK_HEADERS)
+    await st.send_data(protocol.encode(reply), end=True)
+
+
+async def _handle_h2_data(session: handlers.Session, st: control.H2Stream) -> None:
+    """The HTTP/2 fallback: a data stream admitted by its token, on this session only."""
+    raw = st.header(protocol.TOKEN_HEADER) or b""
+    try:
+        if session.proto.state is not protocol.SessionState.READY:
+            raise Refused(ErrorCode.NO_SESSION, "hello first")
+        try:
+            token = bytes.fromhex(raw.decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
+            raise Refused(ErrorCode.BAD_TOKEN, "malformed data token") from None
+        transfer = session.state.grants.redeem(token)
+        if transfer.session is not session or transfer.closed:
+            raise Refused(ErrorCode.BAD_TOKEN, "the data token belongs to another session")
+    except Refused as exc:
+        log.info("%s: data stream refused: %s", session.peer, exc.message)
+        await _reply_error(st, exc.code, exc.message)
+        return
+    st.widen_window(control.DATA_STREAM_WINDOW)
+    await st.send_headers(_OK_HEADERS)
+    await transfer.run_stream("h2", st=st)
+    if not transfer.daemon_sends:
+        await st.end()
+
+
+async def _handle_data(state: handlers.DaemonState, ssl_ctx: ssl.SSLContext | None, tcp: trio.SocketStream) -> None:
+    """A raw data stream: handshake and token check, then the transfer's worker owns it."""
+    peer = _peer(tcp)
+    fd = tcp.socket.detach()
+    sock = socket.socket(fileno=fd)
+    try:
+        try:
+            sock, token = await trio.to_thread.run_sync(
+                data.accept_handshake, sock, ssl_ctx, limiter=state.stream_limiter, abandon_on_cancel=True
+            )
+        except Refused as exc:
+            status = AdmitStatus.VERSION if exc.code is ErrorCode.VERSION else AdmitStatus.BAD_HELLO
+            await trio.to_thread.run_sync(_answer_quietly, sock, status, exc.message)
+            return
+        except (OSError, ssl.SSLError, ConnectionError) as exc:
+            log.info("data connection from %s failed before admission: %s", peer, exc)
+            return
+        try:
+            transfer = state.grants.redeem(token)
+            if transfer.closed:
+                raise Refused(ErrorCode.BAD_TOKEN, "the transfer is over")
+        except Refused as exc:
+            log.info("data stream from %s refused: %s", peer, exc.message)
+            await trio.to_thread.run_sync(_answer_quietly, sock, AdmitStatus.BAD_TOKEN, exc.message)
+            return
+        try:
+            await trio.to_thread.run_sync(data.answer_admission, sock, AdmitStatus.OK, "")
+        except (OSError, ssl.SSLError):
+            return
+        io = data.StreamIO(sock, what="data stream", stall=state.stall)
+        sock = None  # type: ignore[assignment]  # owned by io now
+        try:
+            await transfer.run_stream("raw", io=io)
+        finally:
+            io.close()
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def _answer_quietly(sock: socket.socket, status: AdmitStatus, message: str) -> None:
+    try:
+        sock.settimeout(2)
+        data.answer_admission(sock, status, message)
+    except (OSError, ssl.SSLError):
+        pass
+
+
+__all__ = ["serve", "ServeInfo", "HELLO_TIMEOUT", "IDLE_TIMEOUT"]

@@ -1,0 +1,318 @@
+"""The client side of a daemon session: requests, transfers and their data streams.
+
+    async with open_session(HostSpec("nas"), tls=True) as s:
+        mods = await s.modules()
+        async with s.transfer("photos", b"2024", "pull", streams=2) as t:
+            await t.send_files([FileRef(id=1, path=b"a.jpg")], last=True)
+            await t.run_receivers(LocalSink(...))
+            done = await t.finish()
+
+Raw data streams are tried first; a data port that cannot be reached (refused, filtered, timed
+out) makes that stream fall back to HTTP/2 on the control connection with the same token, since
+an unsent token is still valid. `force_h2_data=True` goes to HTTP/2 directly.
+
+This module must not plan transfers (the engine does); it moves messages and files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..endpoint import HostSpec
+from ..errors import TransportError
+from . import control, data, protocol, tls
+
+log = logging.getLogger("blit.client")
+
+DATA_CONNECT_TIMEOUT = 5.0
+
+
+@dataclass
+class Timeouts:
+    connect: float = 10.0
+    request: float = 60.0
+    stall: float = data.DEFAULT_STALL
+
+
+class RemoteSession:
+    """One control connection to a daemon (say hello done)."""
+
+    def __init__(self, client: control.ControlClient, host: HostSpec, *, tls_enabled: bool, force_h2_data: bool, timeouts: Timeouts) -> None:
+        self.client = client
+        self.host = host
+        self.tls_enabled = tls_enabled
+        self.force_h2_data = force_h2_data
+        self.timeouts = timeouts
+        self.stream_limiter = trio.CapacityLimiter(64)
+        self.fs_limiter = trio.CapacityLimiter(8)
+
+    @property
+    def peer(self) -> protocol.HelloReply:
+        assert self.client.peer is not None
+        return self.client.peer
+
+    async def call(self, msg: protocol.Message) -> Any:
+        return await self.client.call(msg)
+
+    async def modules(self) -> protocol.ModuleList:
+        reply: protocol.ModuleList = await self.call(protocol.ListModules())
+        return reply
+
+    async def list_dir(self, module: str, path: bytes, *, page: int = 10_000) -> list[protocol.Entry]:
+        out: list[protocol.Entry] = []
+        after: bytes | None = None
+        while True:
+            reply: protocol.DirListing = await self.call(protocol.ListDir(module=module, path=path, after=after, limit=page))
+            out.extend(reply.entries)
+            if not reply.more or not reply.entries:
+                return out
+            after = reply.entries[-1].name
+
+    async def stat(self, module: str, path: bytes) -> protocol.Entry | None:
+        reply: protocol.StatReply = await self.call(protocol.Stat(module=module, path=path))
+        return reply.entry
+
+    @asynccontextmanager
+    async def transfer(self, module: str, path: bytes, direction: str, *, streams: int = 1) -> AsyncIterator[RemoteTransfer]:
+        opened: protocol.TransferOpened = await self.call(
+            protocol.OpenTransfer(module=module, path=path, direction=direction, streams=streams, h2_data=self.force_h2_data)
+        )
+        t = RemoteTransfer(self, opened, direction)
+        yield t
+
+
+class RemoteTransfer:
+    def __init__(self, session: RemoteSession, opened: protocol.TransferOpened, direction: str) -> None:
+        self.session = session
+        self.id = opened.transfer
+        self.tokens = list(opened.tokens)
+        self.data_port = opened.data_port
+        self.direction = direction
+        self.stats: list[data.StreamStats] = []
+        self.carriers: list[str] = []
+
+    async def send_files(self, files: Sequence[protocol.FileRef], *, last: bool = False) -> None:
+        await self.session.call(protocol.SendFiles(transfer=self.id, files=list(files), last=last))
+
+    async def expect_files(self, files: Sequence[protocol.FileOffer]) -> None:
+        await self.session.call(protocol.ExpectFiles(transfer=self.id, files=list(files)))
+
+    async def finish(self) -> protocol.TransferDone:
+        reply: protocol.TransferDone = await self.session.call(protocol.FinishTransfer(transfer=self.id))
+        return reply
+
+    async def run_receivers(self, sink: data.FileSink) -> None:
+        """Pull: receive on every granted stream until each says DONE."""
+        await self._run_all(lambda stats: ("recv", sink, stats))
+
+    async def run_senders(self, source: data.FileSource, jobs: data.JobQueue) -> None:
+        """Push: send the queued files on every granted stream, then DONE on each."""
+        await self._run_all(lambda stats: ("send", (source, jobs), stats))
+
+    async def _run_all(self, make: Callable[[data.StreamStats], tuple[str, Any, data.StreamStats]]) -> None:
+        errors: list[BaseException] = []
+
+        async def one(i: int, token: bytes) -> None:
+            stats = data.StreamStats(what=f"data stream {i + 1} of transfer {self.id}")
+            self.stats.append(stats)
+            try:
+                await self._run_stream(token, *make(stats))
+            except TransportError as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for i, token in enumerate(self.tokens):
+                nursery.start_soon(one, i, token)
+        if errors:
+            raise errors[0]
+
+    async def _run_stream(self, token: bytes, kind: str, arg: Any, stats: data.StreamStats) -> None:
+        s = self.session
+        io: data.StreamIO | None = None
+        if self.data_port is not None and not s.force_h2_data:
+            io = await trio.to_thread.run_sync(self._connect_raw, token, abandon_on_cancel=True)
+        if io is not None:
+            self.carriers.append("raw")
+            try:
+                if kind == "send":
+                    source, jobs = arg
+                    fn: Callable[[], None] = lambda: data.send_loop(io, source, jobs, stats)  # noqa: E731
+                else:
+                    fn = lambda: data.receive_loop(io, arg, stats)  # noqa: E731
+                await data.run_worker(fn, kick=io.kick, stats=stats, stall=s.timeouts.stall, limiter=s.stream_limiter)
+            finally:
+                io.close()
+            return
+        self.carriers.append("h2")
+        from ..stall import StallGuard
+
+        try:
+            async with s.client.data_stream(token) as st:
+                with StallGuard(stats.what, s.timeouts.stall) as guard:
+                    stats.on_progress = guard.progress
+                    if kind == "send":
+                        source, jobs = arg
+                        await data.h2_send_loop(st, source, jobs, stats, limiter=s.fs_limiter)
+                        await s.client.conn.wait_response(st, s.timeouts.stall)
+                        status = st.header(b":status")
+                        body = await st.read_body(protocol.MAX_MESSAGE)
+                        if status != b"200":
+                            s.client.session.reply(protocol.FinishTransfer, int(status or 0), body)
+                    else:
+                        await s.client.conn.wait_response(st, s.timeouts.stall)
+                        status = st.header(b":status")
+                        if status != b"200":
+                            body = await st.read_body(protocol.MAX_MESSAGE)
+                            s.client.session.reply(protocol.FinishTransfer, int(status or 0), body)
+                        await data.h2_receive_loop(st, arg, stats, limiter=s.fs_limiter)
+        except control.StreamClosed as exc:
+            raise TransportError(f"{stats.what}: {exc}") from None
+
+    def _connect_raw(self, token: bytes) -> data.StreamIO | None:
+        """Worker thread: a raw stream, or None if the data port cannot be reached (the token
+        was not sent, so the HTTP/2 fallback can still use it)."""
+        s = self.session
+        host, port = s.host.host, self.data_port
+        assert port is not None
+        try:
+            sock = socket.create_connection((host, port), timeout=DATA_CONNECT_TIMEOUT)
+        except OSError as exc:
+            log.warning("data port %s:%d unreachable (%s): falling back to HTTP/2", host, port, exc.strerror or exc)
+            return None
+        return data.admit_client(
+            sock,
+            token,
+            tls_ctx=tls.client_context() if s.tls_enabled else None,
+            fingerprint=s.client.fingerprint,
+            stall=s.timeouts.stall,
+            what=f"data stream to {host}:{port}",
+        )
+
+
+@asynccontextmanager
+async def open_session(
+    host: HostSpec,
+    *,
+    tls_enabled: bool = True,
+    known_hosts: Path | None = None,
+    force_h2_data: bool = False,
+    timeouts: Timeouts | None = None,
+) -> AsyncIterator[RemoteSession]:
+    """Connect, pin/check the certificate, say hello.
+
+    Raises:
+        ConnectError, CertificateMismatchError, IncompatiblePeerError, RemoteError.
+    """
+    timeouts = timeouts or Timeouts()
+    async with control.connect_control(
+        host.host,
+        host.port,
+        tls_enabled=tls_enabled,
+        known_hosts=known_hosts,
+        connect_timeout=timeouts.connect,
+        request_timeout=timeouts.request,
+    ) as client:
+        yield RemoteSession(client, host, tls_enabled=tls_enabled, force_h2_data=force_h2_data, timeouts=timeouts)
+
+
+# =================================================================================================
+# Plain local files for the client side (phase 1: single files by path; the engine's per-directory
+# writer replaces LocalSink for tree transfers)
+
+
+class _LocalSrc:
+    __slots__ = ("fd", "size", "extents")
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.extents: list[tuple[int, int]] | None = None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass
+class LocalSource:
+    """Files to push, by id -> local path."""
+
+    paths: dict[int, Path] = field(default_factory=dict)
+
+    def open(self, file_id: int) -> _LocalSrc:
+        fd = os.open(self.paths[file_id], os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise OSError(21, "not a regular file")
+        src = _LocalSrc(fd, st.st_size)
+        if st.st_size > 65536 and st.st_blocks * 512 < st.st_size - 65536:
+            from ..fsops import data_extents
+
+            src.extents = data_extents(fd, st.st_size)
+        return src
+
+
+class _LocalDst:
+    __slots__ = ("landing", "name", "fd", "mtime_ns", "mode")
+
+    def __init__(self, landing: Any, name: str, mtime_ns: int | None, mode: int | None) -> None:
+        self.landing = landing
+        self.name = name
+        self.fd = landing.fd
+        self.mtime_ns = mtime_ns
+        self.mode = mode
+
+    def commit(self, size: int) -> None:
+        try:
+            if self.mode is not None:
+                os.fchmod(self.fd, self.mode)
+            if self.mtime_ns is not None:
+                os.utime(self.fd, ns=(self.mtime_ns, self.mtime_ns))
+            self.landing.commit(self.name, True)
+        finally:
+            os.close(self.landing.dir_fd)
+
+    def abort(self) -> None:
+        try:
+            self.landing.abort()
+        finally:
+            os.close(self.landing.dir_fd)
+
+
+@dataclass
+class LocalSink:
+    """Files to pull, by id -> (local destination path, mtime_ns or None, mode or None)."""
+
+    targets: dict[int, tuple[Path, int | None, int | None]] = field(default_factory=dict)
+
+    def open(self, file_id: int) -> _LocalDst:
+        from ..fsops import Landing
+
+        path, mtime_ns, mode = self.targets[file_id]
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            landing = Landing(dir_fd)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return _LocalDst(landing, path.name, mtime_ns, mode)
+
+
+__all__ = [
+    "Timeouts",
+    "RemoteSession",
+    "RemoteTransfer",
+    "open_session",
+    "LocalSource",
+    "LocalSink",
+]

@@ -1,0 +1,714 @@
+"""The control plane's I/O shell: HTTP/2 over a trio stream, for the daemon and for the client.
+
+One `H2Connection` class serves both roles (HTTP/2 is symmetric). Each connection runs three
+tasks: a reader (bytes -> h2 events -> per-stream queues), a writer (the only task that writes to
+the socket, so a cancelled handler can never cut a frame in half), and, on the client, a PING
+keepalive that notices a frozen daemon. Handlers and callers see `H2Stream`s: read the peer's
+headers and body chunks (with flow-control backpressure), send headers and data (waiting for the
+peer's window).
+
+Why our own server and client instead of hypercorn + httpx: docs/decisions-remote.md (measured in
+STACK-NOTES §1: 4x the request rate, settable windows and frames, no 1,000-request or 5 s idle
+cut-offs, full duplex, and certificate pinning before the first request byte).
+
+Limits: a stream's window is 1 MiB unless its handler widens it (the data fallback does), the
+connection window (64 MiB) exceeds the sum of the stream windows (so one stream can never starve
+another of connection credit), at most 32 concurrent streams, 16 KiB of headers, writes buffered
+up to 4 MiB before a sender waits. Every wait has a timeout.
+
+This module must not know the blit messages beyond `protocol.py`'s constants: it moves bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import trio
+
+from ..errors import ConnectError, RemoteProtocolError, StallError, TransportError
+from . import protocol, tls
+
+log = logging.getLogger("blit.control")
+
+STREAM_WINDOW = 1 << 20
+DATA_STREAM_WINDOW = 8 << 20
+CONNECTION_WINDOW = 64 << 20
+MAX_FRAME = 1 << 20
+MAX_CONCURRENT_STREAMS = 32
+MAX_HEADER_LIST = 16 << 10
+READ_SIZE = 256 << 10
+HIGH_WATER = 4 << 20
+WRITE_TIMEOUT = 60.0
+"""A peer that reads nothing of what we send for this long is declared stalled."""
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class StreamClosed(Exception):
+    """The stream was reset by the peer or the connection went away.
+
+    Internal to the transport: callers in `transport/` map it to TransportError (client) or end
+    the handler (daemon); it never reaches users.
+    """
+
+
+class H2Stream:
+    """One request/response exchange on an `H2Connection`."""
+
+    def __init__(self, conn: H2Connection, stream_id: int) -> None:
+        self._conn = conn
+        self.id = stream_id
+        self.headers: Headers | None = None
+        self.headers_received = trio.Event()
+        self._chunks: deque[tuple[bytes, int]] = deque()
+        self._ended = False
+        self._local_ended = False
+        self._reset: int | None = None
+        self._changed = trio.Event()
+        self.cancel_scope: trio.CancelScope | None = None
+
+    # --- internal, called by the connection's reader -------------------------------------------
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _on_data(self, data: bytes, flow_len: int) -> None:
+        self._chunks.append((data, flow_len))
+        self._notify()
+
+    def _on_end(self) -> None:
+        self._ended = True
+        self._notify()
+
+    def _on_reset(self, code: int) -> None:
+        self._reset = code
+        self._notify()
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
+
+    # --- reading --------------------------------------------------------------------------------
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers or ():
+            if k == name:
+                return v
+        return None
+
+    @property
+    def ended(self) -> bool:
+        return self._ended and not self._chunks
+
+    async def receive_chunk(self) -> bytes | None:
+        """The next piece of the peer's body, or None at its end.
+
+        Raises:
+            StreamClosed: the peer reset the stream or the connection closed.
+        """
+        while True:
+            if self._chunks:
+                data, flow_len = self._chunks.popleft()
+                self._conn._acknowledge(self.id, flow_len)
+                return data
+            if self._reset is not None:
+                raise StreamClosed(f"stream reset by the peer (code {self._reset})")
+            if self._ended:
+                return None
+            if self._conn.closed:
+                raise StreamClosed(self._conn.close_reason or "connection closed")
+            await self._changed.wait()
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body, refusing more than `limit` bytes.
+
+        Raises:
+            RemoteProtocolError(413): the body is larger than `limit`.
+        """
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await self.receive_chunk()
+            if chunk is None:
+                return b"".join(parts)
+            size += len(chunk)
+            if size > limit:
+                raise RemoteProtocolError(f"body above the limit of {limit} bytes", 413)
+            parts.append(chunk)
+
+    # --- writing --------------------------------------------------------------------------------
+    async def send_headers(self, headers: Headers, *, end: bool = False) -> None:
+        self._conn._check_open()
+        self._conn._h2.send_headers(self.id, headers, end_stream=end)
+        self._local_ended = end
+        self._conn._wake()
+
+    async def send_data(self, data: bytes | memoryview, *, end: bool = False) -> None:
+        await self._conn._send_data(self, data, end)
+
+    async def end(self) -> None:
+        await self._conn._send_data(self, b"", True)
+
+    def reset(self, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """Abandon the stream (RST_STREAM); never raises."""
+        if self._conn.closed:
+            return
+        try:
+            self._conn._h2.reset_stream(self.id, code)
+        except h2.exceptions.H2Error:
+            return
+        self._conn._wake()
+
+    def widen_window(self, size: int) -> None:
+        """Let the peer send up to `size` bytes ahead on this stream (bulk data)."""
+        extra = size - STREAM_WINDOW
+        if extra > 0 and not self._conn.closed:
+            try:
+                self._conn._h2.increment_flow_control_window(extra, stream_id=self.id)
+            except h2.exceptions.H2Error:
+                return
+            self._conn._wake()
+
+
+Handler = Callable[[H2Stream], Awaitable[None]]
+
+
+class H2Connection:
+    """HTTP/2 over a trio stream, for either role. Use `run()` in a nursery for its lifetime."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        client_side: bool,
+        idle_timeout: float = math.inf,
+        max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
+    ) -> None:
+        self._stream = stream
+        self.client_side = client_side
+        config = h2.config.H2Configuration(
+            client_side=client_side,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            validate_outbound_headers=True,
+        )
+        self._h2 = h2.connection.H2Connection(config)
+        self._max_streams = max_concurrent_streams
+        self._idle_timeout = idle_timeout
+        self._streams: dict[int, H2Stream] = {}
+        self._wake_event = trio.Event()
+        self._window_event = trio.Event()
+        self._drain_event = trio.Event()
+        self._queued = 0
+        self.closed = False
+        self.close_reason: str | None = None
+        self._closed_event = trio.Event()
+        self._flushed = trio.Event()
+        self._last_activity = trio.current_time()
+        self._ping_acked = trio.Event()
+        self._stream_slots = trio.Semaphore(max_concurrent_streams)
+        self.bytes_received = 0
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Queue the connection preface and our settings (the gotcha of STACK-NOTES §1.8: settings
+        are sent with update_settings after initiate_connection, so h2 raises its own limits only
+        once the peer acknowledges them)."""
+        self._h2.initiate_connection()
+        s = h2.settings.SettingCodes
+        settings = {
+            s.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            s.MAX_FRAME_SIZE: MAX_FRAME,
+            s.MAX_CONCURRENT_STREAMS: self._max_streams,
+            s.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+        }
+        if self.client_side:
+            settings[s.ENABLE_PUSH] = 0
+        self._h2.update_settings(settings)
+        self._h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self._wake()
+
+    async def run(self, handler: Handler | None = None, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Read and write until the connection ends. A server passes `handler`, run once per
+        request in a task of its own (cancelled if the peer resets the stream)."""
+        self.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                if math.isfinite(self._idle_timeout):
+                    nursery.start_soon(self._idle_watchdog)
+                task_status.started()
+                await self._reader(nursery, handler)
+                # Reader done: the peer closed; let the writer flush what is left, briefly.
+                with trio.move_on_after(1):
+                    await self._wait_flushed()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._mark_closed(self.close_reason or "connection closed")
+            with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+                try:
+                    await self._stream.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError):
+                    pass
+
+    async def close(self, code: int = h2.errors.ErrorCodes.NO_ERROR, *, grace: float = 1.0) -> None:
+        """Send GOAWAY, give the writer `grace` seconds to flush it, and stop."""
+        if not self.closed:
+            try:
+                self._h2.close_connection(error_code=code)
+            except h2.exceptions.H2Error:
+                pass
+            self._wake()
+            with trio.move_on_after(grace):
+                await self._wait_flushed()
+        self._mark_closed("closed locally")
+        if hasattr(self, "_nursery"):
+            self._nursery.cancel_scope.cancel()
+
+    async def _idle_watchdog(self) -> None:
+        # Not a timeout around receive_some: cancelling a read can break an SSLStream.
+        while not self.closed:
+            idle_for = trio.current_time() - self._last_activity
+            if idle_for >= self._idle_timeout and not self._streams:
+                log.info("closing a connection idle for %.0f s", idle_for)
+                await self.close()
+                return
+            await trio.sleep(max(1.0, self._idle_timeout - idle_for))
+
+    def _mark_closed(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        self._closed_event.set()
+        for st in list(self._streams.values()):
+            st._notify()
+            if st.cancel_scope is not None:
+                st.cancel_scope.cancel()
+        self._window_event.set()
+        self._drain_event.set()
+        self._wake_event.set()
+        self._flushed.set()
+        self._ping_acked.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed_event.wait()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise StreamClosed(self.close_reason or "connection closed")
+
+    # --- writer ---------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        self._wake_event.set()
+
+    async def _writer(self) -> None:
+        while True:
+            self._wake_event = trio.Event()
+            data = self._h2.data_to_send()
+            if data:
+                try:
+                    with trio.fail_after(WRITE_TIMEOUT):
+                        await self._stream.send_all(data)
+                except trio.TooSlowError:
+                    self._mark_closed(f"the peer read nothing for {WRITE_TIMEOUT:g} s")
+                    self._nursery.cancel_scope.cancel()
+                    return
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
+                    self._mark_closed(f"connection lost while sending: {exc}")
+                    self._nursery.cancel_scope.cancel()
+                    return
+                self._queued = max(0, self._queued - len(data))
+                self._drain_event.set()
+                self._drain_event = trio.Event()
+                continue
+            self._flushed.set()
+            if self.closed:
+                return
+            await self._wake_event.wait()
+
+    async def _wait_flushed(self) -> None:
+        """Wait until the writer has sent everything queued so far (or the connection closed)."""
+        self._flushed = trio.Event()
+        self._wake()
+        await self._flushed.wait()
+
+    async def _send_data(self, st: H2Stream, data: bytes | memoryview, end: bool) -> None:
+        view = memoryview(data)
+        while True:
+            self._check_open()
+            if st._reset is not None:
+                raise StreamClosed(f"stream reset by the peer (code {st._reset})")
+            if not view:
+                if end:
+                    self._h2.end_stream(st.id)
+                    st._local_ended = True
+                    self._wake()
+                return
+            while self._queued > HIGH_WATER and not self.closed:
+                await self._drain_event.wait()
+            try:
+                window = self._h2.local_flow_control_window(st.id)
+            except h2.exceptions.StreamClosedError:
+                raise StreamClosed("stream closed") from None
+            size = min(window, self._h2.max_outbound_frame_size, len(view))
+            if size <= 0:
+                event = self._window_event
+                with trio.fail_after(WRITE_TIMEOUT):
+                    await event.wait()
+                continue
+            chunk = bytes(view[:size])
+            view = view[size:]
+            self._h2.send_data(st.id, chunk, end_stream=end and not view)
+            self._queued += size
+            self._wake()
+            if end and not view:
+                st._local_ended = True
+                return
+
+    def _acknowledge(self, stream_id: int, flow_len: int) -> None:
+        if flow_len and not self.closed:
+            try:
+                self._h2.acknowledge_received_data(flow_len, stream_id)
+            except h2.exceptions.H2Error:
+                return
+            self._wake()
+
+    # --- reader ---------------------------------------------------------------------------------
+    async def _reader(self, nursery: trio.Nursery, handler: Handler | None) -> None:
+        while not self.closed:
+            try:
+                data = await self._stream.receive_some(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
+                self._mark_closed(f"connection lost: {exc}")
+                return
+            if not data:
+                self._mark_closed("the peer closed the connection")
+                return
+            self.bytes_received += len(data)
+            self._last_activity = trio.current_time()
+            try:
+                events = self._h2.receive_data(data)
+            except h2.exceptions.ProtocolError as exc:
+                log.info("HTTP/2 protocol error from the peer: %s", exc)
+                self._wake()  # h2 queued a GOAWAY
+                with trio.move_on_after(0.5):
+                    await self._wait_flushed()
+                self._mark_closed(f"HTTP/2 protocol error: {exc}")
+                return
+            for ev in events:
+                self._dispatch(ev, nursery, handler)
+            self._wake()
+
+    def _dispatch(self, ev: h2.events.Event, nursery: trio.Nursery, handler: Handler | None) -> None:
+        if isinstance(ev, h2.events.RequestReceived):
+            if handler is None or ev.stream_id is None:
+                self._h2.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                return
+            st = H2Stream(self, ev.stream_id)
+            st.headers = list(ev.headers or [])
+            st.headers_received.set()
+            self._streams[ev.stream_id] = st
+            if ev.stream_ended is not None:
+                st._on_end()
+            nursery.start_soon(self._run_handler, handler, st)
+        elif isinstance(ev, h2.events.ResponseReceived):
+            st2 = self._streams.get(ev.stream_id or 0)
+            if st2 is not None:
+                st2.headers = list(ev.headers or [])
+                st2.headers_received.set()
+                if ev.stream_ended is not None:
+                    st2._on_end()
+        elif isinstance(ev, h2.events.DataReceived):
+            sid = ev.stream_id or 0
+            st3 = self._streams.get(sid)
+            flow = ev.flow_controlled_length or 0
+            if st3 is None:
+                self._acknowledge(sid, flow)
+            else:
+                st3._on_data(ev.data or b"", flow)
+                if ev.stream_ended is not None:
+                    st3._on_end()
+        elif isinstance(ev, h2.events.StreamEnded):
+            st4 = self._streams.get(ev.stream_id or 0)
+            if st4 is not None:
+                st4._on_end()
+        elif isinstance(ev, h2.events.StreamReset):
+            st5 = self._streams.get(ev.stream_id or 0)
+            if st5 is not None:
+                st5._on_reset(int(ev.error_code or 0))
+            self._window_event.set()
+            self._window_event = trio.Event()
+        elif isinstance(ev, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+            self._window_event.set()
+            self._window_event = trio.Event()
+        elif isinstance(ev, h2.events.PingAckReceived):
+            self._ping_acked.set()
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self._mark_closed(f"the peer ended the connection (GOAWAY, code {ev.error_code})")
+        # TrailersReceived, SettingsAcknowledged, PingReceived (h2 answers it), PriorityUpdated,
+        # UnknownFrameReceived: nothing to do.
+
+    async def _run_handler(self, handler: Handler, st: H2Stream) -> None:
+        try:
+            with trio.CancelScope() as scope:
+                st.cancel_scope = scope
+                if st._reset is not None or self.closed:
+                    return
+                await handler(st)
+        except StreamClosed:
+            pass
+        except Exception:
+            log.exception("handler for stream %d failed", st.id)
+            st.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+        finally:
+            self._streams.pop(st.id, None)
+            if not (st._local_ended and st._ended) and st._reset is None:
+                st.reset(h2.errors.ErrorCodes.NO_ERROR if st._local_ended else h2.errors.ErrorCodes.CANCEL)
+            # Give back the connection credit of anything the handler did not read.
+            while st._chunks:
+                _data, flow = st._chunks.popleft()
+                self._acknowledge(st.id, flow)
+
+    # --- client side ----------------------------------------------------------------------------
+    @asynccontextmanager
+    async def open_stream(self, headers: Headers, *, end: bool = False) -> AsyncIterator[H2Stream]:
+        """Start a request; the stream is reset if the block exits before both sides ended."""
+        async with self._stream_slots:
+            self._check_open()
+            sid = self._h2.get_next_available_stream_id()
+            st = H2Stream(self, sid)
+            self._streams[sid] = st
+            try:
+                self._h2.send_headers(sid, headers, end_stream=end)
+                st._local_ended = end
+                self._wake()
+                yield st
+            finally:
+                self._streams.pop(sid, None)
+                if not (st._local_ended and st._ended) and st._reset is None:
+                    st.reset()
+                while st._chunks:
+                    _d, flow = st._chunks.popleft()
+                    self._acknowledge(sid, flow)
+
+    async def wait_response(self, st: H2Stream, timeout: float) -> None:
+        with trio.move_on_after(timeout) as cs:
+            while st.headers is None:
+                if st._reset is not None:
+                    raise StreamClosed(f"stream reset by the peer (code {st._reset})")
+                if self.closed:
+                    raise StreamClosed(self.close_reason or "connection closed")
+                await st._changed.wait()
+        if cs.cancelled_caught:
+            raise StallError("control request", timeout)
+
+    async def keepalive(self, interval: float, timeout: float) -> None:
+        """Ping the peer every `interval` s; a peer silent for `timeout` s closes the connection
+        (its waiting requests fail with StallError)."""
+        while not self.closed:
+            await trio.sleep(interval)
+            self._ping_acked = trio.Event()
+            before = self.bytes_received
+            try:
+                self._h2.ping(b"blitping")
+            except h2.exceptions.H2Error:
+                return
+            self._wake()
+            with trio.move_on_after(timeout):
+                await self._ping_acked.wait()
+                continue
+            if self.bytes_received == before and not self.closed:
+                self.stalled = True
+                self._mark_closed(f"the daemon answered nothing for {timeout:g} s")
+                return
+
+    stalled = False
+
+
+# =================================================================================================
+# The client
+
+
+@contextmanager
+def collapse_groups() -> Iterator[None]:
+    """Re-raise the single real exception of a nursery's ExceptionGroup unwrapped, so callers of
+    our context managers see `RemoteError`, not a group. Groups of several errors, or of
+    cancellations only, pass through unchanged."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+        if len(real) == 1:
+            raise real[0] from None
+        raise
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            yield from _leaves(sub)
+    else:
+        yield exc
+
+
+def _request_headers(authority: str, path: str, extra: Headers = ()) -> Headers:  # type: ignore[assignment]
+    return [
+        (b":method", b"POST"),
+        (b":scheme", b"https"),
+        (b":authority", authority.encode()),
+        (b":path", path.encode()),
+        (b"content-type", protocol.CONTENT_TYPE),
+        *extra,
+    ]
+
+
+class ControlClient:
+    """A session with one daemon over one HTTP/2 connection. Use `connect_control()`."""
+
+    def __init__(self, conn: H2Connection, authority: str, request_timeout: float, fingerprint: str | None) -> None:
+        self.conn = conn
+        self.authority = authority
+        self.request_timeout = request_timeout
+        self.fingerprint = fingerprint
+        self.session = protocol.ClientSession(software=_software())
+        self.peer: protocol.HelloReply | None = None
+
+    async def call(self, msg: protocol.Message, *, timeout: float | None = None) -> Any:
+        """Send one request and return its reply message.
+
+        Raises:
+            RemoteError: the daemon refused. StallError: no answer in time.
+            TransportError: the connection failed.
+        """
+        path, body = self.session.request(msg)
+        timeout = self.request_timeout if timeout is None else timeout
+        try:
+            async with self.conn.open_stream(_request_headers(self.authority, path)) as st:
+                await st.send_data(body, end=True)
+                await self.conn.wait_response(st, timeout)
+                status = int((st.header(b":status") or b"0").decode() or 0)
+                with trio.move_on_after(timeout) as cs:
+                    reply = await st.read_body(protocol.MAX_MESSAGE)
+                if cs.cancelled_caught:
+                    raise StallError(f"reply to {path}", timeout)
+        except StreamClosed as exc:
+            if self.conn.stalled:
+                raise StallError(f"daemon at {self.authority}", self.request_timeout) from None
+            raise TransportError(f"{path}: {exc}") from None
+        return self.session.reply(type(msg), status, reply)
+
+    @asynccontextmanager
+    async def data_stream(self, token: bytes) -> AsyncIterator[H2Stream]:
+        """An HTTP/2 stream carrying data frames (the fallback), admitted by `token`."""
+        headers = _request_headers(self.authority, protocol.DATA_PATH, [(protocol.TOKEN_HEADER, token.hex().encode())])
+        async with self.conn.open_stream(headers) as st:
+            st.widen_window(DATA_STREAM_WINDOW)
+            yield st
+
+
+def _software() -> str:
+    try:
+        from .. import __version__
+
+        return f"blit {__version__}"
+    except Exception:
+        return "blit"
+
+
+@asynccontextmanager
+async def connect_control(
+    host: str,
+    port: int,
+    *,
+    tls_enabled: bool = True,
+    known_hosts: Path | None = None,
+    connect_timeout: float = 10.0,
+    request_timeout: float = 60.0,
+    keepalive: float = 15.0,
+) -> AsyncIterator[ControlClient]:
+    """Connect to a daemon, check its certificate pin, say hello, and yield the session.
+
+    Raises:
+        ConnectError: unreachable, TLS failure, or refused at hello.
+        CertificateMismatchError: the certificate differs from the pinned one.
+        IncompatiblePeerError: the daemon speaks another protocol version.
+    """
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        with trio.fail_after(connect_timeout):
+            tcp = await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise ConnectError(f"cannot reach the daemon at {netloc}: no answer in {connect_timeout:g} s") from None
+    except OSError as exc:
+        raise ConnectError(f"cannot reach the daemon at {netloc}: {exc.strerror or exc}") from None
+    stream: trio.abc.Stream = tcp
+    fp: str | None = None
+    try:
+        if tls_enabled:
+            ssl_stream = trio.SSLStream(tcp, tls.client_context(), server_hostname=None)
+            try:
+                with trio.fail_after(connect_timeout):
+                    await ssl_stream.do_handshake()
+            except trio.TooSlowError:
+                raise ConnectError(f"TLS handshake with {netloc} timed out") from None
+            except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+                cause = exc.__cause__ or exc
+                raise ConnectError(
+                    f"TLS handshake with {netloc} failed ({cause}); is the daemon running without "
+                    f"TLS (then pass --no-tls)?"
+                ) from None
+            der = ssl_stream.getpeercert(binary_form=True)
+            if not der:
+                raise ConnectError(f"{netloc} presented no certificate")
+            fp = tls.fingerprint(der)
+            pins = tls.KnownHosts(known_hosts or tls.default_known_hosts())
+            if not pins.check(netloc, fp):
+                log.warning("pinned the TLS certificate of %s (%s) on first use", netloc, fp)
+            if ssl_stream.selected_alpn_protocol() != tls.ALPN:
+                raise ConnectError(f"{netloc} does not speak HTTP/2 over TLS (ALPN)")
+            stream = ssl_stream
+        conn = H2Connection(stream, client_side=True)
+        with collapse_groups():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(conn.run)
+                if keepalive:
+                    nursery.start_soon(conn.keepalive, keepalive, max(request_timeout, keepalive * 2))
+                client = ControlClient(conn, netloc, request_timeout, fp)
+                try:
+                    try:
+                        hello_reply = await client.call(client.session.hello(), timeout=connect_timeout)
+                    except TransportError as exc:
+                        if isinstance(exc, (StallError,)) or "closed" in str(exc) or "lost" in str(exc):
+                            hint = (
+                                " (the daemon may expect TLS: drop --no-tls)"
+                                if not tls_enabled
+                                else ""
+                            )
+                            raise ConnectError(f"the daemon at {netloc} did not complete the hello: {exc}{hint}") from None
+                        raise
+                    client.peer = hello_reply
+                    yield client
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await conn.close(grace=0.5)
+                    nursery.cancel_scope.cancel()
+    except BaseException:
+        with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+            try:
+                await stream.aclose()
+            except Exception:
+                pass
+        raise

@@ -1,0 +1,991 @@
+"""The data plane: one-time stream tokens, raw TCP data streams, and the HTTP/2 fallback.
+
+A transfer's files travel as data frames (`protocol.FrameType`) on one or more streams. Raw
+streams are connected by the client to the daemon's data port and admitted by a one-time token
+(`GrantTable`: 192-bit secret, constant-time compare, single use, short expiry). The frames on a
+raw stream are moved by ONE worker thread per stream, entered once per stream (STACK-NOTES §2):
+the sender uses `os.sendfile` (plain TCP) or `pread` + `sendall` (TLS); the receiver `splice`s
+socket -> pipe -> file, or `recv_into` a reused buffer + `pwrite` (TLS, or where splice is not
+supported). Small files go header + data + END in one `sendmsg`. No thread hop per chunk.
+
+When the data port cannot be reached (or `--force-h2-data`), the same frames travel in the body
+of an HTTP/2 stream (`POST /blit/data`, token in a header); those loops run in trio and hop to a
+thread once per file open and per multi-MiB batch of writes.
+
+Files are named by the small integer ids the control plane agreed on; what a file id means, and
+how a file is opened or landed, is the caller's business (`FileSource`, `FileSink`).
+
+Stall detection: every blocking socket wait in a worker thread has the stall timeout (a network
+stall raises `StallError` in the thread); a trio-side watchdog also checks each stream's progress
+counter (a stuck disk), and kicks the thread (socket shutdown) on cancellation or stall. Senders
+send NOOP heartbeats while they wait for work, so an idle stream is not a stalled one.
+
+This module must not decide what to transfer or where files land.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import hmac
+import logging
+import math
+import os
+import secrets
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import trio
+
+from ..errors import ConnectError, RemoteProtocolError, StallError, TransportError
+from . import protocol
+from .protocol import FRAME_SIZE, AdmitStatus, ErrorCode, FrameType, Refused, pack_frame
+
+log = logging.getLogger("blit.data")
+
+DEFAULT_STALL = 60.0
+"""Seconds without progress after which a data stream is declared stalled."""
+HEARTBEAT = 5.0
+"""A sender with nothing to send emits a NOOP this often."""
+TOKEN_TTL = 30.0
+"""Seconds a granted token stays valid."""
+ADMIT_TIMEOUT = 10.0
+FRAME_CHUNK = 16 << 20
+"""Largest DATA frame a raw sender emits (one sendfile call range)."""
+SMALL_FILE = 256 << 10
+"""Files up to this size go header + data + END in one sendmsg."""
+PIPE_SIZE = 1 << 20
+H2_CHUNK = 4 << 20
+"""Bytes read per thread hop by the HTTP/2 fallback sender."""
+H2_WRITE_BATCH = 8 << 20
+"""Bytes the HTTP/2 fallback receiver gathers before it hops to a thread to write them."""
+
+T = TypeVar("T")
+
+
+# =================================================================================================
+# Tokens
+
+
+@dataclass(slots=True)
+class _Grant:
+    secret: bytes
+    expires: float
+    owner: Any
+
+
+class GrantTable:
+    """The daemon's outstanding data-stream tokens.
+
+    A token is `id (8 bytes) || secret (24 bytes)`: the id finds the grant, the secret is compared
+    with `hmac.compare_digest`. A grant is removed on its first presentation, right or wrong, so a
+    token is never accepted twice. Thread-safe; uses the monotonic clock.
+    """
+
+    def __init__(self, ttl: float = TOKEN_TTL, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._grants: dict[bytes, _Grant] = {}
+        self._lock = threading.Lock()
+
+    def issue(self, owner: Any) -> bytes:
+        tid = secrets.token_bytes(protocol.TOKEN_ID_BYTES)
+        secret = secrets.token_bytes(protocol.TOKEN_SECRET_BYTES)
+        with self._lock:
+            self._purge()
+            self._grants[tid] = _Grant(secret, self._clock() + self.ttl, owner)
+        return tid + secret
+
+    def redeem(self, token: bytes) -> Any:
+        """The owner of a valid token, consuming it.
+
+        Raises:
+            Refused(BAD_TOKEN): unknown, already used, wrong secret, or expired.
+        """
+        if len(token) != protocol.TOKEN_BYTES:
+            raise Refused(ErrorCode.BAD_TOKEN, "malformed data token")
+        tid, secret = token[: protocol.TOKEN_ID_BYTES], token[protocol.TOKEN_ID_BYTES :]
+        with self._lock:
+            grant = self._grants.pop(tid, None)
+        expected = grant.secret if grant is not None else bytes(protocol.TOKEN_SECRET_BYTES)
+        ok = hmac.compare_digest(expected, secret)
+        if grant is None or not ok:
+            raise Refused(ErrorCode.BAD_TOKEN, "unknown or already used data token")
+        if self._clock() > grant.expires:
+            raise Refused(ErrorCode.BAD_TOKEN, "data token expired")
+        return grant.owner
+
+    def revoke(self, owner: Any) -> int:
+        """Drop every grant of `owner` (its transfer ended); returns how many."""
+        with self._lock:
+            dead = [tid for tid, g in self._grants.items() if g.owner is owner]
+            for tid in dead:
+                del self._grants[tid]
+        return len(dead)
+
+    def outstanding(self, owner: Any) -> int:
+        now = self._clock()
+        with self._lock:
+            return sum(1 for g in self._grants.values() if g.owner is owner and g.expires >= now)
+
+    def _purge(self) -> None:
+        now = self._clock()
+        for tid in [t for t, g in self._grants.items() if g.expires < now]:
+            del self._grants[tid]
+
+
+# =================================================================================================
+# What a stream moves: the caller's files
+
+
+class SourceFile(Protocol):
+    fd: int
+    size: int
+    extents: list[tuple[int, int]] | None
+    """(offset, length) data regions of a sparse file, or None for the whole file."""
+
+    def close(self) -> None: ...
+
+
+class FileSource(Protocol):
+    def open(self, file_id: int) -> SourceFile:
+        """Open file `file_id` for sending (worker thread). Raises OSError (reported per file)."""
+        ...
+
+
+class SinkFile(Protocol):
+    fd: int
+
+    def commit(self, size: int) -> None:
+        """The data is complete: give the file its name and metadata (worker thread)."""
+        ...
+
+    def abort(self) -> None:
+        """Drop the file; leave nothing behind. Never raises."""
+        ...
+
+
+class FileSink(Protocol):
+    def open(self, file_id: int) -> SinkFile:
+        """Start landing `file_id` (worker thread). Raises OSError (reported per file), or
+        KeyError when `file_id` was never announced (a protocol error: the stream is dropped)."""
+        ...
+
+
+@dataclass
+class StreamStats:
+    """Progress of one stream, written by its worker, read by trio (plain ints: no lock needed)."""
+
+    what: str = "data stream"
+    files: int = 0
+    bytes: int = 0
+    frames: int = 0
+    failures: list[tuple[int, str]] = field(default_factory=list)
+    done: bool = False
+    on_progress: Callable[[], None] | None = None
+    """Called by the trio-side (HTTP/2) loops on each frame, e.g. `StallGuard.progress`; never
+    called from a worker thread (those are watched through `progress_mark` instead)."""
+
+    def progress_mark(self) -> tuple[int, int]:
+        return (self.frames, self.bytes)
+
+    def tick(self, frames: int = 1, nbytes: int = 0) -> None:
+        self.frames += frames
+        self.bytes += nbytes
+        if self.on_progress is not None:
+            self.on_progress()
+
+
+class JobQueue:
+    """File ids waiting to be sent, shared by a transfer's sender streams (thread-safe)."""
+
+    EMPTY = -1
+
+    def __init__(self) -> None:
+        self._q: collections.deque[int] = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+
+    def put_many(self, ids: Iterable[int]) -> None:
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("queue closed")
+            self._q.extend(ids)
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        """No more jobs: senders finish once the queue is drained."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    def get(self, timeout: float) -> int | None:
+        """The next file id; None when closed and drained; EMPTY after `timeout` s of nothing."""
+        with self._cv:
+            end = time.monotonic() + timeout
+            while not self._q:
+                if self._closed:
+                    return None
+                left = end - time.monotonic()
+                if left <= 0:
+                    return self.EMPTY
+                self._cv.wait(left)
+            return self._q.popleft()
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+
+# =================================================================================================
+# Blocking socket I/O for one worker thread
+
+
+class StreamIO:
+    """A connected data socket, driven by one worker thread at a time.
+
+    Plain TCP sockets are put in non-blocking mode and waited on with poll() and the stall
+    timeout, which lets the receiver splice and the sender sendfile. TLS sockets use the ssl
+    module's own timeout. `kick()` (any thread) shuts the socket down to unblock the worker.
+    """
+
+    def __init__(self, sock: socket.socket, *, what: str, stall: float = DEFAULT_STALL) -> None:
+        self.sock = sock
+        self.what = what
+        self.stall = stall
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.fd = sock.fileno()
+        self._kicked = False
+        if self.tls:
+            sock.settimeout(stall if math.isfinite(stall) else None)
+        else:
+            sock.setblocking(False)
+        self._pin = select.poll()
+        self._pin.register(self.fd, select.POLLIN)
+        self._pout = select.poll()
+        self._pout.register(self.fd, select.POLLOUT)
+        self._pipe: tuple[int, int] | None = None
+        self._splice_ok = hasattr(os, "splice") and not self.tls
+        self._buf = bytearray(1 << 20)
+        self._sendfile_ok = hasattr(os, "sendfile") and not self.tls
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def kick(self) -> None:
+        """Unblock the worker (from any thread): its next wait fails."""
+        self._kicked = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self._pipe is not None:
+            for fd in self._pipe:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._pipe = None
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # --- waiting -------------------------------------------------------------------------------
+    def _wait(self, p: Any) -> None:
+        timeout = -1 if not math.isfinite(self.stall) else int(self.stall * 1000)
+        if not p.poll(timeout):
+            raise StallError(self.what, self.stall)
+
+    def _closed(self) -> TransportError:
+        if self._kicked:
+            return TransportError(f"{self.what}: stopped")
+        return TransportError(f"{self.what}: the peer closed the stream")
+
+    def _tls_call(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except TimeoutError:
+            raise StallError(self.what, self.stall) from None
+        except (ssl.SSLError, OSError) as exc:
+            if self._kicked:
+                raise self._closed() from None
+            raise TransportError(f"{self.what}: {exc}") from None
+
+    # --- receiving -------------------------------------------------------------------------------
+    def recv_into(self, view: memoryview) -> int:
+        """Receive some bytes into `view`; raises at end of stream."""
+        if self.tls:
+            n = self._tls_call(self.sock.recv_into, view)
+            if n == 0:
+                raise self._closed()
+            return n
+        while True:
+            try:
+                n = self.sock.recv_into(view)
+            except BlockingIOError:
+                self._wait(self._pin)
+                continue
+            except OSError as exc:
+                if self._kicked:
+                    raise self._closed() from None
+                raise TransportError(f"{self.what}: {exc.strerror or exc}") from None
+            if n == 0:
+                raise self._closed()
+            return n
+
+    def recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            got += self.recv_into(view[got:])
+        return bytes(buf)
+
+    def recv_to_fd(self, fd: int, offset: int, length: int) -> OSError | None:
+        """Move `length` payload bytes into file `fd` at `offset` (fd -1 discards them).
+
+        The payload is always consumed whole, so the framing stays intact. Returns the OSError of
+        a failed write into the file (the rest was discarded), else None. Socket failures raise.
+        """
+        error: OSError | None = None
+        if fd >= 0 and self._splice_ok and length:
+            try:
+                self._splice_to(fd, offset, length)
+                return None
+            except _SpliceUnsupported as exc:
+                self._splice_ok = False
+                offset += exc.done
+                length -= exc.done
+            except _WriteFailed as exc:
+                error, fd = exc.error, -1
+                offset += exc.done
+                length -= exc.done
+        view = memoryview(self._buf)
+        while length:
+            n = self.recv_into(view[: min(length, len(view))])
+            if fd >= 0:
+                try:
+                    _pwrite_all(fd, view[:n], offset)
+                except OSError as exc:
+                    error, fd = exc, -1
+            offset += n
+            length -= n
+        return error
+
+    def _splice_to(self, fd: int, offset: int, length: int) -> None:
+        if self._pipe is None:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            try:
+                import fcntl
+
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass
+            self._pipe = (r, w)
+        r, w = self._pipe
+        done = 0
+        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        while done < length:
+            try:
+                n = os.splice(self.fd, w, min(length - done, PIPE_SIZE), flags=flags)
+            except BlockingIOError:
+                self._wait(self._pin)
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EINVAL, errno.ENOSYS) and done == 0:
+                    raise _SpliceUnsupported(0) from None
+                if self._kicked:
+                    raise self._closed() from None
+                raise TransportError(f"{self.what}: {exc.strerror or exc}") from None
+            if n == 0:
+                raise self._closed()
+            moved = 0
+            while moved < n:
+                try:
+                    m = os.splice(r, fd, n - moved, offset_dst=offset + done + moved, flags=os.SPLICE_F_MOVE)
+                except OSError as exc:
+                    if exc.errno in (errno.EINVAL, errno.ENOSYS) and done == 0 and moved == 0:
+                        # This filesystem cannot splice: write these n bytes from the pipe by hand.
+                        try:
+                            self._pipe_to_file(fd, offset, n)
+                        except OSError as wexc:
+                            raise _WriteFailed(n, wexc) from None
+                        raise _SpliceUnsupported(n) from None
+                    self._pipe_to_file(-1, 0, n - moved)  # drop what is left in the pipe
+                    raise _WriteFailed(done + n, exc) from None
+                moved += m
+            done += n
+
+    def _pipe_to_file(self, fd: int, offset: int, n: int) -> None:
+        assert self._pipe is not None
+        error: OSError | None = None
+        while n:
+            data = os.read(self._pipe[0], n)
+            if fd >= 0 and error is None:
+                try:
+                    _pwrite_all(fd, memoryview(data), offset)
+                except OSError as exc:
+                    error = exc
+            offset += len(data)
+            n -= len(data)
+        if error is not None:
+            raise error
+
+    # --- sending -------------------------------------------------------------------------------
+    def send_all(self, data: bytes | memoryview, *, more: bool = False) -> None:
+        if self.tls:
+            self._tls_call(self.sock.sendall, data)
+            return
+        view = memoryview(data)
+        flags = socket.MSG_MORE if more and hasattr(socket, "MSG_MORE") else 0
+        while view:
+            try:
+                n = self.sock.send(view, flags)
+            except BlockingIOError:
+                self._wait(self._pout)
+                continue
+            except OSError as exc:
+                if self._kicked:
+                    raise self._closed() from None
+                raise TransportError(f"{self.what}: {exc.strerror or exc}") from None
+            view = view[n:]
+
+    def send_parts(self, parts: list[bytes]) -> None:
+        """Several buffers in one sendmsg where possible (small files)."""
+        if self.tls:
+            self.send_all(b"".join(parts))
+            return
+        total = sum(len(p) for p in parts)
+        sent = 0
+        while sent < total:
+            try:
+                if sent == 0:
+                    n = self.sock.sendmsg(parts)
+                else:
+                    self.send_all(b"".join(parts)[sent:])
+                    return
+            except BlockingIOError:
+                self._wait(self._pout)
+                continue
+            except OSError as exc:
+                if self._kicked:
+                    raise self._closed() from None
+                raise TransportError(f"{self.what}: {exc.strerror or exc}") from None
+            sent += n
+
+    def send_file_range(self, fd: int, offset: int, length: int) -> int:
+        """Send `length` bytes of `fd` from `offset`; returns how many the file had (fewer if it
+        shrank: the caller pads and aborts the file)."""
+        done = 0
+        if self._sendfile_ok:
+            while done < length:
+                try:
+                    n = os.sendfile(self.fd, fd, offset + done, length - done)
+                except BlockingIOError:
+                    self._wait(self._pout)
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) and done == 0:
+                        self._sendfile_ok = False
+                        break
+                    if self._kicked:
+                        raise self._closed() from None
+                    if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                        raise TransportError(f"{self.what}: {exc.strerror}") from None
+                    raise
+                if n == 0:
+                    return done
+                done += n
+            if done == length:
+                return done
+        while done < length:
+            data = os.pread(fd, min(length - done, 1 << 20), offset + done)
+            if not data:
+                return done
+            self.send_all(data)
+            done += len(data)
+        return done
+
+
+class _SpliceUnsupported(Exception):
+    def __init__(self, done: int) -> None:
+        self.done = done
+
+
+class _WriteFailed(Exception):
+    def __init__(self, done: int, error: OSError) -> None:
+        self.done = done
+        self.error = error
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+# =================================================================================================
+# Frame loops on a raw stream (one worker thread each)
+
+
+def send_loop(io: StreamIO, source: FileSource, jobs: JobQueue, stats: StreamStats) -> None:
+    """Send queued files as frames until the queue is closed and drained, then DONE."""
+    while True:
+        file_id = jobs.get(HEARTBEAT)
+        if file_id is None:
+            io.send_all(pack_frame(FrameType.DONE))
+            stats.frames += 1
+            stats.done = True
+            return
+        if file_id == JobQueue.EMPTY:
+            io.send_all(pack_frame(FrameType.NOOP))
+            stats.frames += 1
+            continue
+        _send_one(io, source, file_id, stats)
+
+
+def _send_one(io: StreamIO, source: FileSource, file_id: int, stats: StreamStats) -> None:
+    try:
+        f = source.open(file_id)
+    except OSError as exc:
+        _send_abort(io, file_id, _reason(exc), stats)
+        return
+    try:
+        size = f.size
+        if f.extents is None and size <= SMALL_FILE:
+            data = os.pread(f.fd, size + 1, 0) if size else b""
+            if len(data) != size:
+                _send_abort(io, file_id, "file changed size while being read", stats)
+                return
+            parts = [pack_frame(FrameType.DATA, file_id, 0, size), data] if size else []
+            parts.append(pack_frame(FrameType.END, file_id, size))
+            io.send_parts(parts)
+            stats.frames += len(parts)
+            stats.bytes += size
+            stats.files += 1
+            return
+        for offset, length in f.extents if f.extents is not None else [(0, size)]:
+            end = offset + length
+            while offset < end:
+                n = min(FRAME_CHUNK, end - offset)
+                io.send_all(pack_frame(FrameType.DATA, file_id, offset, n), more=True)
+                got = io.send_file_range(f.fd, offset, n)
+                stats.frames += 1
+                stats.bytes += got
+                if got < n:
+                    # The file shrank under us: keep the framing whole, then abort the file.
+                    _send_zeros(io, n - got)
+                    _send_abort(io, file_id, "file changed size while being read", stats)
+                    return
+                offset += n
+        io.send_all(pack_frame(FrameType.END, file_id, size))
+        stats.frames += 1
+        stats.files += 1
+    except OSError as exc:  # reading the source failed mid-file (EIO...)
+        raise TransportError(f"{stats.what}: reading file {file_id} failed: {_reason(exc)}") from exc
+    finally:
+        f.close()
+
+
+def _send_zeros(io: StreamIO, n: int) -> None:
+    zeros = bytes(min(n, 1 << 20))
+    while n:
+        k = min(n, len(zeros))
+        io.send_all(zeros[:k])
+        n -= k
+
+
+def _send_abort(io: StreamIO, file_id: int, reason: str, stats: StreamStats) -> None:
+    text = reason.encode("utf-8", "replace")[: protocol.MAX_ABORT_TEXT]
+    io.send_all(pack_frame(FrameType.ABORT, file_id, 0, len(text)) + text)
+    stats.frames += 1
+    stats.failures.append((file_id, reason))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+class _Landing:
+    """Receiver-side bookkeeping shared by both carriers: which files are open, which failed."""
+
+    def __init__(self, sink: FileSink, stats: StreamStats) -> None:
+        self.sink = sink
+        self.stats = stats
+        self.open: dict[int, SinkFile | None] = {}  # None: failed, discard its payload
+
+    def target(self, file_id: int) -> int:
+        """The fd to write `file_id`'s data to, or -1 to discard it."""
+        if file_id not in self.open:
+            try:
+                self.open[file_id] = self.sink.open(file_id)
+            except KeyError:
+                raise RemoteProtocolError(f"data for file {file_id}, which was never announced") from None
+            except OSError as exc:
+                self.open[file_id] = None
+                self.stats.failures.append((file_id, _reason(exc)))
+        f = self.open[file_id]
+        return f.fd if f is not None else -1
+
+    def wrote(self, file_id: int, exc: OSError) -> None:
+        """A write into `file_id` failed: drop the file, discard the rest of it."""
+        f = self.open.get(file_id)
+        if f is not None:
+            f.abort()
+        self.open[file_id] = None
+        self.stats.failures.append((file_id, _reason(exc)))
+
+    def end(self, file_id: int, size: int) -> None:
+        self.target(file_id)
+        f = self.open.pop(file_id)
+        if f is None:
+            return
+        try:
+            os.ftruncate(f.fd, size)
+            f.commit(size)
+        except OSError as exc:
+            f.abort()
+            self.stats.failures.append((file_id, _reason(exc)))
+            return
+        self.stats.files += 1
+
+    def abort(self, file_id: int, reason: str) -> None:
+        f = self.open.pop(file_id, None)
+        if f is not None:
+            f.abort()
+        self.stats.failures.append((file_id, reason or "failed on the sender"))
+
+    def close(self) -> None:
+        """Abort everything still open (the stream ended early)."""
+        for f in self.open.values():
+            if f is not None:
+                f.abort()
+        self.open.clear()
+
+
+def receive_loop(io: StreamIO, sink: FileSink, stats: StreamStats) -> None:
+    """Receive frames and land files until DONE. On any error, files still open are aborted."""
+    landing = _Landing(sink, stats)
+    try:
+        while True:
+            h = protocol.unpack_frame(io.recv_exact(FRAME_SIZE))
+            stats.frames += 1
+            if h.type is FrameType.DATA:
+                fd = landing.target(h.file_id)
+                write_error = io.recv_to_fd(fd, h.offset, h.length)
+                if write_error is not None:  # the disk side (full, EIO): drop this file only
+                    landing.wrote(h.file_id, write_error)
+                stats.bytes += h.length
+            elif h.type is FrameType.END:
+                if h.length:
+                    io.recv_exact(h.length)  # digest: reserved, not checked yet
+                landing.end(h.file_id, h.offset)
+            elif h.type is FrameType.ABORT:
+                text = io.recv_exact(h.length).decode("utf-8", "replace") if h.length else ""
+                landing.abort(h.file_id, text)
+            elif h.type is FrameType.DONE:
+                stats.done = True
+                return
+            # NOOP: a heartbeat, counted as progress above.
+    finally:
+        landing.close()
+
+
+# =================================================================================================
+# Running a stream's worker thread from trio
+
+
+async def run_worker(
+    fn: Callable[[], T],
+    *,
+    kick: Callable[[], None],
+    stats: StreamStats,
+    stall: float = DEFAULT_STALL,
+    limiter: trio.CapacityLimiter | None = None,
+    grace: float = 2.0,
+) -> T:
+    """Run a stream's blocking loop in one worker thread, with cancellation and a stall watchdog.
+
+    Cancellation: when the surrounding scope is cancelled, `kick()` shuts the socket so the thread
+    returns promptly (its loop aborts the files it had open); a thread that does not return
+    within `grace` seconds (a hung disk) is abandoned. A stream whose `stats` do not move for
+    `stall` seconds is kicked the same way and StallError is raised.
+    """
+    finished = stalled = cancelled = False
+    shield = trio.CancelScope(shield=True)
+
+    def stop() -> None:
+        if not finished:
+            kick()
+            shield.deadline = min(shield.deadline, trio.current_time() + grace)
+
+    async def watchdog() -> None:
+        nonlocal stalled, cancelled
+        try:
+            last = stats.progress_mark()
+            last_t = trio.current_time()
+            period = min(stall / 4, 5.0) if math.isfinite(stall) else math.inf
+            while True:
+                await trio.sleep(period)
+                mark = stats.progress_mark()
+                now = trio.current_time()
+                if mark != last:
+                    last, last_t = mark, now
+                elif now - last_t >= stall:
+                    stalled = True
+                    stop()
+                    return
+        except trio.Cancelled:
+            if not finished:
+                cancelled = True
+                stop()
+            raise
+
+    error: BaseException | None = None
+    result: Any = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watchdog)
+        try:
+            with shield:
+                result = await trio.to_thread.run_sync(fn, abandon_on_cancel=True, limiter=limiter)
+        except Exception as exc:  # raised in the thread; decided below, outside the nursery
+            error = exc
+        finally:
+            finished = True
+            nursery.cancel_scope.cancel()
+    if stalled:
+        raise StallError(stats.what, stall) from None
+    if cancelled:
+        await trio.lowlevel.checkpoint()  # delivers the outer cancellation
+    if shield.cancelled_caught:
+        raise TransportError(f"{stats.what}: abandoned a worker thread stuck for {grace:g} s")
+    if error is not None:
+        raise error
+    return result  # type: ignore[no-any-return]
+
+
+# =================================================================================================
+# Opening and admitting raw streams
+
+
+def admit_client(
+    sock: socket.socket,
+    token: bytes,
+    *,
+    tls_ctx: ssl.SSLContext | None,
+    fingerprint: str | None,
+    timeout: float = ADMIT_TIMEOUT,
+    stall: float = DEFAULT_STALL,
+    what: str = "data stream",
+) -> StreamIO:
+    """Client side, worker thread: TLS (checking the certificate is the control plane's), then
+    the hello with the token, then the daemon's answer. Takes ownership of `sock`.
+
+    Raises:
+        ConnectError: refused by the daemon, TLS failure, or another certificate.
+    """
+    from . import tls as tls_mod
+
+    try:
+        sock.settimeout(timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls_ctx is not None:
+            sock = tls_ctx.wrap_socket(sock, server_side=False)
+            der = sock.getpeercert(binary_form=True)
+            if not der or tls_mod.fingerprint(der) != fingerprint:
+                raise ConnectError(f"{what}: the data port presented another certificate than the daemon")
+        sock.sendall(protocol.pack_data_hello(token))
+        head = _recv_exact_blocking(sock, protocol.ADMIT.size)
+        status, n = protocol.ADMIT.unpack(head)
+        message = _recv_exact_blocking(sock, n).decode("utf-8", "replace") if n else ""
+        if status != AdmitStatus.OK:
+            try:
+                name = AdmitStatus(status).name
+            except ValueError:
+                name = str(status)
+            raise ConnectError(f"{what}: refused by the daemon: {message or name}")
+    except (OSError, ssl.SSLError) as exc:
+        sock.close()
+        raise ConnectError(f"{what}: {exc}") from None
+    except BaseException:
+        sock.close()
+        raise
+    return StreamIO(sock, what=what, stall=stall)
+
+
+def _recv_exact_blocking(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("the daemon closed the data stream")
+        buf += chunk
+    return bytes(buf)
+
+
+def accept_handshake(
+    sock: socket.socket, tls_ctx: ssl.SSLContext | None, timeout: float = ADMIT_TIMEOUT
+) -> tuple[socket.socket, bytes]:
+    """Daemon side, worker thread: TLS handshake and the client's hello; returns (socket, token).
+
+    Raises:
+        Refused: not a blit data hello, or another version (the caller answers and closes).
+        OSError / ssl.SSLError: the connection failed.
+    """
+    sock.settimeout(timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls_ctx is not None:
+        sock = tls_ctx.wrap_socket(sock, server_side=True)
+    hello = _recv_exact_blocking(sock, protocol.DATA_HELLO.size)
+    return sock, protocol.unpack_data_hello(hello)
+
+
+def answer_admission(sock: socket.socket, status: AdmitStatus, message: str = "") -> None:
+    sock.sendall(protocol.pack_admit(status, message))
+
+
+# =================================================================================================
+# The HTTP/2 fallback carrier (trio side)
+
+
+class _H2Like(Protocol):
+    async def send_data(self, data: bytes | memoryview, *, end: bool = False) -> None: ...
+    async def receive_chunk(self) -> bytes | None: ...
+
+
+def _open_and_read(source: FileSource, jobs: JobQueue, timeout: float) -> tuple[int | None, Any, bytes | str]:
+    """Worker thread: the next job, its file, and its first chunk (or the error text)."""
+    file_id = jobs.get(timeout)
+    if file_id is None or file_id == JobQueue.EMPTY:
+        return file_id, None, b""
+    try:
+        f = source.open(file_id)
+    except OSError as exc:
+        return file_id, None, _reason(exc)
+    return file_id, f, b""
+
+
+async def h2_send_loop(
+    st: _H2Like,
+    source: FileSource,
+    jobs: JobQueue,
+    stats: StreamStats,
+    *,
+    limiter: trio.CapacityLimiter | None = None,
+) -> None:
+    """The fallback sender: frames over an HTTP/2 stream, one thread hop per file open and per
+    H2_CHUNK of file data."""
+    while True:
+        file_id, f, err = await trio.to_thread.run_sync(_open_and_read, source, jobs, HEARTBEAT, limiter=limiter)
+        if file_id is None:
+            await st.send_data(pack_frame(FrameType.DONE), end=True)
+            stats.tick()
+            stats.done = True
+            return
+        if file_id == JobQueue.EMPTY:
+            await st.send_data(pack_frame(FrameType.NOOP))
+            stats.tick()
+            continue
+        if f is None:
+            text = str(err).encode()[: protocol.MAX_ABORT_TEXT]
+            await st.send_data(pack_frame(FrameType.ABORT, file_id, 0, len(text)) + text)
+            stats.failures.append((file_id, str(err)))
+            continue
+        try:
+            ok = True
+            for offset, length in f.extents if f.extents is not None else [(0, f.size)]:
+                end = offset + length
+                while offset < end:
+                    n = min(H2_CHUNK, end - offset)
+                    data = await trio.to_thread.run_sync(os.pread, f.fd, n, offset, limiter=limiter)
+                    if len(data) < n:
+                        ok = False
+                        break
+                    await st.send_data(pack_frame(FrameType.DATA, file_id, offset, n) + data)
+                    stats.tick(1, n)
+                    offset += n
+                if not ok:
+                    break
+            if ok:
+                await st.send_data(pack_frame(FrameType.END, file_id, f.size))
+                stats.tick()
+                stats.files += 1
+            else:
+                text = b"file changed size while being read"
+                await st.send_data(pack_frame(FrameType.ABORT, file_id, 0, len(text)) + text)
+                stats.failures.append((file_id, text.decode()))
+        finally:
+            await trio.to_thread.run_sync(f.close, limiter=limiter)
+
+
+def _apply_events(landing: _Landing, events: list[protocol.FrameEvent]) -> bool:
+    """Worker thread: land a batch of parsed frame events; True once DONE was seen."""
+    for ev in events:
+        if isinstance(ev, protocol.FramePayload):
+            fd = landing.target(ev.header.file_id)
+            if fd >= 0:
+                try:
+                    _pwrite_all(fd, memoryview(ev.data), ev.offset)
+                except OSError as exc:
+                    landing.wrote(ev.header.file_id, exc)
+        elif isinstance(ev, protocol.FrameComplete):
+            h = ev.header
+            if h.type is FrameType.END:
+                landing.end(h.file_id, h.offset)
+            elif h.type is FrameType.ABORT:
+                landing.abort(h.file_id, ev.data.decode("utf-8", "replace"))
+            elif h.type is FrameType.DONE:
+                return True
+    return False
+
+
+async def h2_receive_loop(
+    st: _H2Like,
+    sink: FileSink,
+    stats: StreamStats,
+    *,
+    limiter: trio.CapacityLimiter | None = None,
+) -> None:
+    """The fallback receiver: parse frames from HTTP/2 chunks; land them in batches."""
+    parser = protocol.FrameParser()
+    landing = _Landing(sink, stats)
+    pending: list[protocol.FrameEvent] = []
+    pending_bytes = 0
+    done = False
+    try:
+        while not done:
+            chunk = await st.receive_chunk()
+            if chunk is None:
+                raise RemoteProtocolError(f"{stats.what}: the stream ended before DONE")
+            for ev in parser.feed(chunk):
+                if isinstance(ev, protocol.FrameHeader):
+                    stats.tick()
+                    continue
+                if isinstance(ev, protocol.FramePayload):
+                    pending_bytes += len(ev.data)
+                    stats.tick(0, len(ev.data))
+                pending.append(ev)
+                if isinstance(ev, protocol.FrameComplete) and ev.header.type is FrameType.DONE:
+                    done = True
+            if pending and (done or pending_bytes >= H2_WRITE_BATCH or len(pending) >= 4096 or _quiet(st)):
+                batch, pending, pending_bytes = pending, [], 0
+                if await trio.to_thread.run_sync(_apply_events, landing, batch, limiter=limiter):
+                    done = True
+        stats.done = True
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(landing.close, limiter=limiter)
+
+
+def _quiet(st: Any) -> bool:
+    """No more chunks queued right now on the HTTP/2 stream (flush what we have)."""
+    return not getattr(st, "_chunks", True)

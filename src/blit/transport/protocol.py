@@ -1,0 +1,910 @@
+"""Sans-IO control protocol: message types, CBOR codec with validation, session states, data frames.
+
+Bytes in, messages out; messages in, bytes out. The control plane is HTTP/2: every request is a
+`POST /blit/<op>` whose body is one CBOR map (the request message) and whose response body is one
+CBOR map (the reply, or an `Error` with a non-200 status). `schemas/control.cddl` is the written
+contract; `tests/remote/test_protocol.py` checks this module against it.
+
+The data plane carries files as a sequence of frames (`FrameHeader`, 24 bytes, then a payload)
+either on a raw TCP stream admitted by a one-time token (`DataHello`), or in the body of an
+HTTP/2 stream when the data port cannot be reached. The same frames flow on both carriers.
+
+This module must not import trio, h2 or socket, and must not do I/O: the shells in `control.py`,
+`data.py` and `blit.daemon` own sockets, locks and timeouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import struct
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar, Union
+
+import cbor2
+
+from ..errors import (
+    IncompatiblePeerError,
+    LocalProtocolError,
+    RemoteError,
+    RemoteProtocolError,
+)
+
+PROTOCOL_VERSION = 1
+"""Bumped on any incompatible change of a message, a frame or a rule in this module."""
+
+# --- limits (the daemon enforces them on everything a peer sends) --------------------------------
+MAX_MESSAGE = 8 << 20
+"""Largest control body in bytes (request or reply). Manifests are split to stay below it."""
+MAX_DEPTH = 8
+"""Deepest CBOR nesting a message may use."""
+MAX_PATH = 4096
+MAX_NAME = 255
+MAX_TEXT = 4096
+MAX_LIST = 100_000
+MAX_STREAMS = 16
+"""Most data streams one transfer may ask for."""
+TOKEN_ID_BYTES = 8
+TOKEN_SECRET_BYTES = 24
+TOKEN_BYTES = TOKEN_ID_BYTES + TOKEN_SECRET_BYTES
+"""A data token: a public id (to find the grant) and a 192-bit secret (compared in constant time)."""
+
+CONTENT_TYPE = b"application/cbor"
+PATH_PREFIX = "/blit/"
+DATA_PATH = "/blit/data"
+"""The HTTP/2 path that carries data frames when the raw data port cannot be used."""
+TOKEN_HEADER = b"blit-token"
+
+
+class ErrorCode(str, enum.Enum):
+    """Wire error codes carried in `Error.error`, with the HTTP status they travel with."""
+
+    BAD_REQUEST = "bad-request"  # malformed CBOR, wrong field, value out of range
+    TOO_LARGE = "too-large"  # body above MAX_MESSAGE
+    UNKNOWN_OP = "unknown-op"
+    NO_SESSION = "no-session"  # a request before a successful hello, or hello twice
+    VERSION = "version-mismatch"
+    UNKNOWN_MODULE = "unknown-module"
+    NOT_FOUND = "not-found"
+    NOT_A_DIRECTORY = "not-a-directory"
+    PATH_REFUSED = "path-refused"  # '..', absolute, NUL, or a symlink on the way
+    READ_ONLY = "read-only"
+    BAD_TOKEN = "bad-token"
+    UNKNOWN_TRANSFER = "unknown-transfer"
+    BUSY = "busy"  # too many sessions or transfers
+    IO_ERROR = "io-error"
+    SHUTTING_DOWN = "shutting-down"
+    INTERNAL = "internal"
+
+    @property
+    def status(self) -> int:
+        return _STATUS.get(self, 400)
+
+
+_STATUS = {
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.UNKNOWN_OP: 404,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.UNKNOWN_MODULE: 404,
+    ErrorCode.UNKNOWN_TRANSFER: 404,
+    ErrorCode.READ_ONLY: 403,
+    ErrorCode.PATH_REFUSED: 403,
+    ErrorCode.BAD_TOKEN: 403,
+    ErrorCode.NO_SESSION: 409,
+    ErrorCode.VERSION: 426,
+    ErrorCode.BUSY: 503,
+    ErrorCode.SHUTTING_DOWN: 503,
+    ErrorCode.IO_ERROR: 500,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+class Refused(Exception):
+    """Raised by daemon-side code to answer a request with an `Error` (not an exception of the
+    public tree: it never leaves the daemon; the client turns the reply into `RemoteError`)."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# =================================================================================================
+# Messages
+#
+# Frozen keyword-only dataclasses. A field's Python type is its wire type: int (a CBOR integer in
+# the signed/unsigned 64-bit range, never a bool), bool, str, bytes, None, list[T], a nested
+# message (a CBOR map, or an array of its fields in order when the class sets ARRAY = True), or a
+# union of those. `field(metadata={"max": n})` overrides the default length limit of a str, bytes
+# or list field; {"min": a, "max": b} on an int bounds its value.
+
+
+def _lim(max: int | None = None, min: int | None = None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    if max is not None:
+        out["max"] = max
+    if min is not None:
+        out["min"] = min
+    return out
+
+
+class Message:
+    """Base of every control message."""
+
+    ARRAY: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Error(Message):
+    """A refusal: the reply to any request that failed. Sent with a non-200 status."""
+
+    error: str = field(metadata=_lim(64))
+    message: str = field(metadata=_lim(MAX_TEXT))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Ack(Message):
+    """An empty success reply."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Hello(Message):
+    """Opens the session; must be the first request on a connection."""
+
+    protocol: int = field(metadata=_lim(min=0, max=1 << 32))
+    software: str = field(metadata=_lim(128))
+    features: list[str] = field(default_factory=list, metadata=_lim(64))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HelloReply(Message):
+    protocol: int = field(metadata=_lim(min=0, max=1 << 32))
+    software: str = field(metadata=_lim(128))
+    name: str = field(metadata=_lim(255))
+    data_port: int | None = field(metadata=_lim(min=0, max=65535))
+    """The raw data port, or None when the daemon only carries data over HTTP/2."""
+    max_message: int = field(metadata=_lim(min=0, max=1 << 40))
+    features: list[str] = field(default_factory=list, metadata=_lim(64))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ListModules(Message):
+    pass
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModuleInfo(Message):
+    name: str = field(metadata=_lim(MAX_NAME))
+    comment: str = field(metadata=_lim(MAX_TEXT))
+    read_only: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModuleList(Message):
+    modules: list[ModuleInfo] = field(metadata=_lim(10_000))
+    root: bool
+    """Whether the daemon exports its root (`host://path`), module name ""."""
+    root_read_only: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Entry(Message):
+    """One directory entry as seen on the daemon (lstat; symlinks are never followed)."""
+
+    ARRAY: ClassVar[bool] = True
+    name: bytes = field(metadata=_lim(MAX_NAME))
+    kind: str = field(metadata=_lim(16))
+    """One of ENTRY_KINDS."""
+    size: int = field(metadata=_lim(min=0, max=1 << 63))
+    mtime_ns: int = field(metadata=_lim(min=-(1 << 63), max=(1 << 63) - 1))
+    mode: int = field(metadata=_lim(min=0, max=(1 << 32) - 1))
+    target: bytes | None = field(default=None, metadata=_lim(MAX_PATH))
+    """The link text of a symlink."""
+
+
+ENTRY_KINDS = ("file", "dir", "symlink", "fifo", "socket", "char", "block", "other")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ListDir(Message):
+    """List a directory of a module; names sorted by bytes; paged with `after`."""
+
+    module: str = field(metadata=_lim(MAX_NAME))
+    path: bytes = field(metadata=_lim(MAX_PATH))
+    after: bytes | None = field(default=None, metadata=_lim(MAX_NAME))
+    limit: int = field(default=10_000, metadata=_lim(min=1, max=MAX_LIST))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DirListing(Message):
+    entries: list[Entry] = field(metadata=_lim(MAX_LIST))
+    more: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Stat(Message):
+    module: str = field(metadata=_lim(MAX_NAME))
+    path: bytes = field(metadata=_lim(MAX_PATH))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StatReply(Message):
+    entry: Entry | None
+    """None when nothing exists at the path (its parent does)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OpenTransfer(Message):
+    """Start a transfer rooted at module/path and ask for data streams.
+
+    `direction` is seen from the client: "push" sends files to the daemon, "pull" receives.
+    """
+
+    module: str = field(metadata=_lim(MAX_NAME))
+    path: bytes = field(metadata=_lim(MAX_PATH))
+    direction: str = field(metadata=_lim(8))
+    streams: int = field(metadata=_lim(min=1, max=MAX_STREAMS))
+    h2_data: bool = False
+    """Carry the data over this HTTP/2 connection instead of raw TCP streams."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TransferOpened(Message):
+    transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+    data_port: int | None = field(metadata=_lim(min=0, max=65535))
+    """Where to open the raw streams; None: use `POST /blit/data` on this connection."""
+    tokens: list[bytes] = field(metadata=_lim(MAX_STREAMS))
+    expires_ms: int = field(metadata=_lim(min=0, max=1 << 32))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FileRef(Message):
+    """A file to send (pull): its id in this transfer and its path below the transfer root."""
+
+    ARRAY: ClassVar[bool] = True
+    id: int = field(metadata=_lim(min=0, max=(1 << 32) - 1))
+    path: bytes = field(metadata=_lim(MAX_PATH))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FileOffer(Message):
+    """A file the client will send (push), with the metadata the daemon lands it with."""
+
+    ARRAY: ClassVar[bool] = True
+    id: int = field(metadata=_lim(min=0, max=(1 << 32) - 1))
+    path: bytes = field(metadata=_lim(MAX_PATH))
+    size: int = field(metadata=_lim(min=0, max=1 << 63))
+    mtime_ns: int = field(metadata=_lim(min=-(1 << 63), max=(1 << 63) - 1))
+    mode: int = field(metadata=_lim(min=0, max=0o7777))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SendFiles(Message):
+    """Pull: queue these files on the transfer's streams; `last` ends the streams afterwards."""
+
+    transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+    files: list[FileRef] = field(metadata=_lim(MAX_LIST))
+    last: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExpectFiles(Message):
+    """Push: the daemon will receive these files on the transfer's streams."""
+
+    transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+    files: list[FileOffer] = field(metadata=_lim(MAX_LIST))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FinishTransfer(Message):
+    """End the transfer once the client's side of the data is done; the reply tallies it."""
+
+    transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FileFailure(Message):
+    ARRAY: ClassVar[bool] = True
+    id: int = field(metadata=_lim(min=0, max=(1 << 32) - 1))
+    message: str = field(metadata=_lim(MAX_TEXT))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TransferDone(Message):
+    files: int = field(metadata=_lim(min=0, max=1 << 63))
+    nbytes: int = field(metadata=_lim(min=0, max=1 << 63))
+    failures: list[FileFailure] = field(metadata=_lim(MAX_LIST))
+
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One request type: its path name, request message and reply message."""
+
+    name: str
+    request: type[Message]
+    reply: type[Message]
+
+
+OPERATIONS: dict[str, Operation] = {
+    op.name: op
+    for op in (
+        Operation("hello", Hello, HelloReply),
+        Operation("modules", ListModules, ModuleList),
+        Operation("list", ListDir, DirListing),
+        Operation("stat", Stat, StatReply),
+        Operation("transfer/open", OpenTransfer, TransferOpened),
+        Operation("transfer/send", SendFiles, Ack),
+        Operation("transfer/expect", ExpectFiles, Ack),
+        Operation("transfer/finish", FinishTransfer, TransferDone),
+    )
+}
+OP_OF: dict[type[Message], Operation] = {op.request: op for op in OPERATIONS.values()}
+
+
+# =================================================================================================
+# Codec
+
+
+@dataclass(frozen=True, slots=True)
+class _FieldSpec:
+    name: str
+    tp: Any
+    meta: dict[str, int]
+    required: bool
+
+
+_SPECS: dict[type[Message], tuple[_FieldSpec, ...]] = {}
+
+
+def _specs(cls: type[Message]) -> tuple[_FieldSpec, ...]:
+    specs = _SPECS.get(cls)
+    if specs is None:
+        hints = typing.get_type_hints(cls)
+        specs = tuple(
+            _FieldSpec(
+                f.name,
+                hints[f.name],
+                dict(f.metadata),
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            )
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        )
+        _SPECS[cls] = specs
+    return specs
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _convert(value: Any, tp: Any, meta: dict[str, int], where: str) -> Any:
+    """Check a decoded CBOR value against a field type; returns the Python value."""
+    origin = typing.get_origin(tp)
+    if origin is Union or origin is getattr(__import__("types"), "UnionType", None):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, meta, where)
+            except _Invalid as exc:
+                errors.append(str(exc))
+        raise _Invalid(errors[0] if len(errors) == 1 else f"{where}: unexpected value")
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Invalid(f"{where}: expected an array")
+        limit = meta.get("max", MAX_LIST)
+        if len(value) > limit:
+            raise _Invalid(f"{where}: more than {limit} items")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, {}, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if type(value) is not bool:
+            raise _Invalid(f"{where}: expected a boolean")
+        return value
+    if tp is int:
+        if type(value) is not int:
+            raise _Invalid(f"{where}: expected an integer")
+        lo = meta.get("min", -(1 << 63))
+        hi = meta.get("max", (1 << 64) - 1)
+        if not lo <= value <= hi:
+            raise _Invalid(f"{where}: {value} out of range [{lo}, {hi}]")
+        return value
+    if tp is str:
+        if type(value) is not str:
+            raise _Invalid(f"{where}: expected a text string")
+        limit = meta.get("max", MAX_TEXT)
+        if len(value) > limit:
+            raise _Invalid(f"{where}: longer than {limit}")
+        return value
+    if tp is bytes:
+        if type(value) is not bytes:
+            raise _Invalid(f"{where}: expected a byte string")
+        limit = meta.get("max", MAX_PATH)
+        if len(value) > limit:
+            raise _Invalid(f"{where}: longer than {limit} bytes")
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise _Invalid(f"{where}: expected null")
+        return None
+    if isinstance(tp, type) and issubclass(tp, Message):
+        return _from_wire(tp, value, where)
+    raise TypeError(f"unsupported field type {tp!r}")  # a bug in this module
+
+
+def _from_wire(cls: type[M], obj: Any, where: str) -> M:
+    specs = _specs(cls)
+    kwargs: dict[str, Any] = {}
+    if cls.ARRAY:
+        if not isinstance(obj, list):
+            raise _Invalid(f"{where}: expected an array")
+        required = sum(1 for s in specs if s.required)
+        if not required <= len(obj) <= len(specs):
+            raise _Invalid(f"{where}: expected {required} to {len(specs)} items, got {len(obj)}")
+        for spec, value in zip(specs, obj):
+            kwargs[spec.name] = _convert(value, spec.tp, spec.meta, f"{where}.{spec.name}")
+    else:
+        if not isinstance(obj, dict):
+            raise _Invalid(f"{where}: expected a map")
+        known = {s.name for s in specs}
+        for key in obj:
+            if key not in known:
+                raise _Invalid(f"{where}: unknown field {key!r}")
+        for spec in specs:
+            if spec.name in obj:
+                kwargs[spec.name] = _convert(obj[spec.name], spec.tp, spec.meta, f"{where}.{spec.name}")
+            elif spec.required:
+                raise _Invalid(f"{where}: missing field {spec.name!r}")
+    return cls(**kwargs)
+
+
+def _to_wire(msg: Message) -> Any:
+    specs = _specs(type(msg))
+    if type(msg).ARRAY:
+        out_list = [_value_to_wire(getattr(msg, s.name)) for s in specs]
+        # Trailing optional fields left at None are dropped (the decoder fills the defaults).
+        while out_list and out_list[-1] is None and not specs[len(out_list) - 1].required:
+            out_list.pop()
+        return out_list
+    return {s.name: _value_to_wire(getattr(msg, s.name)) for s in specs}
+
+
+def _value_to_wire(value: Any) -> Any:
+    if isinstance(value, Message):
+        return _to_wire(value)
+    if isinstance(value, list):
+        return [_value_to_wire(v) for v in value]
+    return value
+
+
+def encode(msg: Message) -> bytes:
+    """A message as its CBOR body. Raises LocalProtocolError if it breaks its own limits."""
+    try:
+        # Validate what we send with the same rules as what we receive: our bugs surface here.
+        wire = _to_wire(msg)
+        _from_wire(type(msg), wire, type(msg).__name__)
+    except _Invalid as exc:
+        raise LocalProtocolError(f"refusing to send an invalid message: {exc}") from None
+    body = cbor2.dumps(wire)
+    if len(body) > MAX_MESSAGE:
+        raise LocalProtocolError(f"{type(msg).__name__} is {len(body)} bytes, above {MAX_MESSAGE}")
+    return body
+
+
+def decode(cls: type[M], body: bytes, *, max_size: int = MAX_MESSAGE) -> M:
+    """Parse and validate a CBOR body as message `cls`.
+
+    Raises:
+        RemoteProtocolError: the body is too large, not CBOR, or not a valid `cls`
+            (code 413 for size, 400 otherwise).
+    """
+    if len(body) > max_size:
+        raise RemoteProtocolError(f"message of {len(body)} bytes is above the limit of {max_size}", 413)
+    try:
+        obj = cbor2.loads(
+            body,
+            max_depth=MAX_DEPTH,
+            allow_duplicate_keys=False,
+            strict_hashable_types=True,
+        )
+    except Exception as exc:  # cbor2 raises CBORDecodeError, ValueError, OverflowError, ...
+        raise RemoteProtocolError(f"malformed CBOR: {exc}", 400) from None
+    try:
+        return _from_wire(cls, obj, cls.__name__)
+    except _Invalid as exc:
+        raise RemoteProtocolError(f"invalid {cls.__name__}: {exc}", 400) from None
+    except RecursionError:
+        raise RemoteProtocolError(f"invalid {cls.__name__}: nested too deeply", 400) from None
+
+
+def error_body(code: ErrorCode, message: str) -> bytes:
+    return encode(Error(error=code.value, message=message[:MAX_TEXT]))
+
+
+# =================================================================================================
+# Paths
+
+
+def split_path(path: bytes) -> list[bytes]:
+    """The components of a module-relative path, refusing anything that could leave the module.
+
+    "" and "." components are dropped ("a//b/./c" is a/b/c); a trailing "/" is fine.
+
+    Raises:
+        Refused(PATH_REFUSED): NUL, an absolute path, a ".." component, an over-long path or name.
+    """
+    if b"\0" in path:
+        raise Refused(ErrorCode.PATH_REFUSED, f"path {path!r} contains a NUL byte")
+    if path.startswith(b"/"):
+        raise Refused(ErrorCode.PATH_REFUSED, f"path {path!r} is absolute; paths are relative to the module")
+    if len(path) > MAX_PATH:
+        raise Refused(ErrorCode.PATH_REFUSED, f"path is longer than {MAX_PATH} bytes")
+    parts = []
+    for part in path.split(b"/"):
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            raise Refused(ErrorCode.PATH_REFUSED, f"path {path!r} contains '..'")
+        if len(part) > MAX_NAME:
+            raise Refused(ErrorCode.PATH_REFUSED, f"a name in {path!r} is longer than {MAX_NAME} bytes")
+        parts.append(part)
+    return parts
+
+
+def check_name(name: bytes) -> None:
+    """A single directory-entry name as it travels in manifests: no '/', NUL, '.', '..' or ''."""
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name or len(name) > MAX_NAME:
+        raise Refused(ErrorCode.PATH_REFUSED, f"invalid entry name {name!r}")
+
+
+# =================================================================================================
+# Session state (daemon side), as data: which requests each state accepts and where they lead.
+
+
+class SessionState(enum.Enum):
+    AWAIT_HELLO = "await-hello"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+SESSION_TRANSITIONS: dict[SessionState, dict[str, SessionState]] = {
+    SessionState.AWAIT_HELLO: {"hello": SessionState.READY},
+    SessionState.READY: {name: SessionState.READY for name in OPERATIONS if name != "hello"},
+    SessionState.CLOSED: {},
+}
+
+
+class ServerSession:
+    """The daemon's view of one control connection: decodes requests, enforces the state table,
+    negotiates the version. No I/O: `control.py`/`daemon.server` feed it and send what it says."""
+
+    def __init__(self, *, software: str, max_message: int = MAX_MESSAGE) -> None:
+        self.state = SessionState.AWAIT_HELLO
+        self.software = software
+        self.max_message = max_message
+        self.peer_software: str | None = None
+
+    def receive_request(self, path: str, body: bytes) -> Message:
+        """Decode the request at `path` ("/blit/<op>") for the current state.
+
+        Raises:
+            Refused: unknown op, op not allowed now, version mismatch, or a malformed body.
+        """
+        if not path.startswith(PATH_PREFIX):
+            raise Refused(ErrorCode.UNKNOWN_OP, f"unknown path {path!r}")
+        name = path[len(PATH_PREFIX) :]
+        op = OPERATIONS.get(name)
+        if op is None:
+            raise Refused(ErrorCode.UNKNOWN_OP, f"unknown operation {name!r}")
+        nxt = SESSION_TRANSITIONS[self.state].get(name)
+        if nxt is None:
+            if self.state is SessionState.AWAIT_HELLO:
+                raise Refused(ErrorCode.NO_SESSION, "the first request on a connection must be hello")
+            if self.state is SessionState.CLOSED:
+                raise Refused(ErrorCode.SHUTTING_DOWN, "the session is closed")
+            raise Refused(ErrorCode.NO_SESSION, f"{name} is not allowed now")
+        try:
+            msg = decode(op.request, body, max_size=self.max_message)
+        except RemoteProtocolError as exc:
+            raise Refused(ErrorCode.TOO_LARGE if exc.code == 413 else ErrorCode.BAD_REQUEST, str(exc)) from None
+        if isinstance(msg, Hello):
+            if msg.protocol != PROTOCOL_VERSION:
+                raise Refused(
+                    ErrorCode.VERSION,
+                    f"protocol version mismatch: the daemon ({self.software}) speaks blit protocol "
+                    f"{PROTOCOL_VERSION}, the client ({msg.software}) speaks {msg.protocol}",
+                )
+            self.peer_software = msg.software
+        self.state = nxt
+        return msg
+
+    def close(self) -> None:
+        self.state = SessionState.CLOSED
+
+
+class ClientSession:
+    """The client's view: encodes requests and interprets replies. No I/O."""
+
+    def __init__(self, *, software: str) -> None:
+        self.software = software
+        self.state = SessionState.AWAIT_HELLO
+        self.peer: HelloReply | None = None
+
+    def hello(self) -> Hello:
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[])
+
+    def request(self, msg: Message) -> tuple[str, bytes]:
+        """(path, body) for a request message."""
+        op = OP_OF.get(type(msg))
+        if op is None:
+            raise LocalProtocolError(f"{type(msg).__name__} is not a request")
+        if self.state is not SessionState.READY and op.name != "hello":
+            raise LocalProtocolError(f"{op.name} before hello")
+        return PATH_PREFIX + op.name, encode(msg)
+
+    def reply(self, request: type[Message], status: int, body: bytes) -> Message:
+        """Decode the reply to a request; an error status raises.
+
+        Raises:
+            RemoteError: the daemon refused (its code and message).
+            IncompatiblePeerError: the versions differ (either side noticed).
+            RemoteProtocolError: the reply is malformed.
+        """
+        op = OP_OF[request]
+        if status != 200:
+            err = decode(Error, body)
+            if err.error == ErrorCode.VERSION.value:
+                raise IncompatiblePeerError(err.message, local_version=PROTOCOL_VERSION, peer_version=None)
+            raise RemoteError(err.error, err.message)
+        msg = decode(op.reply, body)
+        if isinstance(msg, HelloReply):
+            if msg.protocol != PROTOCOL_VERSION:
+                raise IncompatiblePeerError(
+                    f"protocol version mismatch: this client ({self.software}) speaks blit protocol "
+                    f"{PROTOCOL_VERSION}, the daemon ({msg.software}) speaks {msg.protocol}",
+                    local_version=PROTOCOL_VERSION,
+                    peer_version=msg.protocol,
+                )
+            self.peer = msg
+            self.state = SessionState.READY
+        return msg
+
+
+# =================================================================================================
+# Data plane: stream admission and frames
+
+
+DATA_MAGIC = b"BLITDATA"
+DATA_HELLO = struct.Struct("!8sHH32s")
+"""Sent first by the client on a raw data stream: magic, protocol version, reserved, token."""
+ADMIT = struct.Struct("!BH")
+"""The daemon's answer: status (0 = admitted), length of a UTF-8 message that follows."""
+
+
+class AdmitStatus(enum.IntEnum):
+    OK = 0
+    BAD_HELLO = 1
+    VERSION = 2
+    BAD_TOKEN = 3
+    BUSY = 4
+
+
+def pack_data_hello(token: bytes) -> bytes:
+    if len(token) != TOKEN_BYTES:
+        raise LocalProtocolError("bad token length")
+    return DATA_HELLO.pack(DATA_MAGIC, PROTOCOL_VERSION, 0, token)
+
+
+def unpack_data_hello(data: bytes) -> bytes:
+    """The token of a data-stream hello.
+
+    Raises:
+        Refused(BAD_REQUEST): not a blit data hello; Refused(VERSION): another protocol version.
+    """
+    if len(data) != DATA_HELLO.size:
+        raise Refused(ErrorCode.BAD_REQUEST, "short data hello")
+    magic, version, _reserved, token = DATA_HELLO.unpack(data)
+    if magic != DATA_MAGIC:
+        raise Refused(ErrorCode.BAD_REQUEST, "not a blit data stream")
+    if version != PROTOCOL_VERSION:
+        raise Refused(
+            ErrorCode.VERSION,
+            f"data stream protocol version mismatch: the daemon speaks {PROTOCOL_VERSION}, "
+            f"the client speaks {version}",
+        )
+    return bytes(token)
+
+
+def pack_admit(status: AdmitStatus, message: str = "") -> bytes:
+    raw = message.encode()[:1024]
+    return ADMIT.pack(status, len(raw)) + raw
+
+
+class FrameType(enum.IntEnum):
+    DATA = 1
+    """`length` bytes of file `file_id` at `offset`."""
+    END = 2
+    """File `file_id` is complete; `offset` is its final size (holes up to it are kept)."""
+    ABORT = 3
+    """File `file_id` failed on the sender; the payload is a UTF-8 reason. Discard what came."""
+    DONE = 4
+    """No more files on this stream."""
+    NOOP = 5
+    """Heartbeat: the sender is alive but has nothing to send yet."""
+
+
+FRAME = struct.Struct("!BBHIQQ")
+"""type u8, flags u8, reserved u16, file_id u32, offset u64, length u64 (payload bytes)."""
+FRAME_SIZE = FRAME.size
+MAX_ABORT_TEXT = 4096
+MAX_OFFSET = (1 << 63) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class FrameHeader:
+    type: FrameType
+    file_id: int
+    offset: int
+    length: int
+
+
+def pack_frame(kind: FrameType, file_id: int = 0, offset: int = 0, length: int = 0) -> bytes:
+    return FRAME.pack(kind, 0, 0, file_id, offset, length)
+
+
+def unpack_frame(data: bytes | bytearray | memoryview) -> FrameHeader:
+    """Parse and check a frame header.
+
+    Raises:
+        RemoteProtocolError: unknown type, or sizes no sender would use.
+    """
+    kind, _flags, _reserved, file_id, offset, length = FRAME.unpack(data)
+    try:
+        ftype = FrameType(kind)
+    except ValueError:
+        raise RemoteProtocolError(f"unknown data frame type {kind}") from None
+    if offset > MAX_OFFSET or length > MAX_OFFSET or offset + length > MAX_OFFSET:
+        raise RemoteProtocolError("data frame beyond the largest file size")
+    if ftype is FrameType.END and length not in (0, 16):
+        raise RemoteProtocolError("END frame with an unexpected payload")
+    if ftype is FrameType.ABORT and length > MAX_ABORT_TEXT:
+        raise RemoteProtocolError("ABORT frame reason too long")
+    if ftype in (FrameType.DONE, FrameType.NOOP) and length:
+        raise RemoteProtocolError(f"{ftype.name} frame with a payload")
+    return FrameHeader(ftype, file_id, offset, length)
+
+
+@dataclass(frozen=True, slots=True)
+class FramePayload:
+    """A piece of the payload of the last header: bytes at `offset` (file offset for DATA)."""
+
+    header: FrameHeader
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FrameComplete:
+    """The whole payload of `header` has been delivered (ABORT carries its text in `data`)."""
+
+    header: FrameHeader
+    data: bytes = b""
+
+
+FrameEvent = Union[FrameHeader, FramePayload, FrameComplete]
+
+
+class FrameParser:
+    """Incremental parser of a data-frame byte stream, for carriers that deliver arbitrary chunks
+    (the HTTP/2 fallback). Raw TCP streams read headers and payloads directly instead.
+
+    `feed(chunk)` returns events: a `FrameHeader`, then `FramePayload` pieces of a DATA frame
+    (without copying more than slicing), then `FrameComplete`.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._header: FrameHeader | None = None
+        self._remaining = 0
+        self._pos = 0  # file offset of the next DATA payload byte
+        self._text = bytearray()
+
+    @property
+    def idle(self) -> bool:
+        """True between frames (a clean place for the stream to end)."""
+        return self._header is None and not self._buf
+
+    def feed(self, chunk: bytes) -> list[FrameEvent]:
+        events: list[FrameEvent] = []
+        view = memoryview(chunk)
+        while view:
+            if self._header is None:
+                need = FRAME_SIZE - len(self._buf)
+                self._buf += view[:need]
+                view = view[need:]
+                if len(self._buf) < FRAME_SIZE:
+                    break
+                header = unpack_frame(bytes(self._buf))
+                self._buf.clear()
+                events.append(header)
+                if header.length == 0:
+                    events.append(FrameComplete(header))
+                    continue
+                self._header = header
+                self._remaining = header.length
+                self._pos = header.offset
+                continue
+            take = min(self._remaining, len(view))
+            piece = view[:take]
+            view = view[take:]
+            self._remaining -= take
+            if self._header.type is FrameType.DATA:
+                events.append(FramePayload(self._header, self._pos, bytes(piece)))
+                self._pos += take
+            else:
+                self._text += piece
+            if self._remaining == 0:
+                events.append(FrameComplete(self._header, bytes(self._text)))
+                self._text.clear()
+                self._header = None
+        return events
+
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_MESSAGE",
+    "ErrorCode",
+    "Refused",
+    "Message",
+    "Error",
+    "Ack",
+    "Hello",
+    "HelloReply",
+    "ListModules",
+    "ModuleInfo",
+    "ModuleList",
+    "Entry",
+    "ENTRY_KINDS",
+    "ListDir",
+    "DirListing",
+    "Stat",
+    "StatReply",
+    "OpenTransfer",
+    "TransferOpened",
+    "FileRef",
+    "FileOffer",
+    "SendFiles",
+    "ExpectFiles",
+    "FinishTransfer",
+    "FileFailure",
+    "TransferDone",
+    "Operation",
+    "OPERATIONS",
+    "encode",
+    "decode",
+    "error_body",
+    "split_path",
+    "check_name",
+    "SessionState",
+    "ServerSession",
+    "ClientSession",
+    "FrameType",
+    "FrameHeader",
+    "FramePayload",
+    "FrameComplete",
+    "FrameParser",
+    "pack_frame",
+    "unpack_frame",
+    "pack_data_hello",
+    "unpack_data_hello",
+    "pack_admit",
+    "AdmitStatus",
+]

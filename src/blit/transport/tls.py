@@ -1,0 +1,214 @@
+"""TLS for both planes: the daemon's self-signed certificate and the client's pin on first use.
+
+The daemon makes an ECDSA P-256 key and a self-signed certificate (`cryptography`) at its first
+start and keeps them in its state directory. A client does not trust any CA for blit: it records
+the SHA-256 fingerprint of the certificate the first time it meets `host:port` (its known-hosts
+file, in the client's data directory) and refuses a different certificate afterwards, naming the
+file and the line to remove if the change is expected (ssh's model).
+
+This module must not open connections; it makes `ssl.SSLContext`s and checks fingerprints.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import os
+import socket
+import ssl
+import tempfile
+import threading
+from pathlib import Path
+
+from ..errors import CertificateMismatchError, ConfigError
+
+ALPN = "h2"
+CERT_NAME = "cert.pem"
+KEY_NAME = "key.pem"
+KNOWN_HOSTS = "known_hosts"
+
+
+def default_state_dir() -> Path:
+    """The daemon's state directory (certificate and key): <user data dir>/blit/daemon."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("blit", appauthor=False)) / "daemon"
+
+
+def default_known_hosts() -> Path:
+    """The client's known-hosts file: <user data dir>/blit/known_hosts."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("blit", appauthor=False)) / KNOWN_HOSTS
+
+
+def ensure_certificate(state_dir: Path) -> tuple[Path, Path]:
+    """The daemon's (cert, key) paths, made on first use.
+
+    Raises:
+        ConfigError: the state directory cannot be created or written.
+    """
+    cert, key = state_dir / CERT_NAME, state_dir / KEY_NAME
+    if cert.exists() and key.exists():
+        return cert, key
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cert_pem, key_pem = make_self_signed(socket.gethostname())
+        _write_private(key, key_pem, 0o600)
+        _write_private(cert, cert_pem, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the TLS certificate into {state_dir}: {exc.strerror or exc}") from None
+    return cert, key
+
+
+def make_self_signed(hostname: str) -> tuple[bytes, bytes]:
+    """A fresh (certificate PEM, private key PEM) valid for 20 years."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"blit daemon {hostname}"[:64])])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    alt: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    try:
+        alt.append(x509.DNSName(hostname.encode("idna").decode()))
+    except UnicodeError:
+        pass
+    alt += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=365 * 20))
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return (
+        cert.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+
+
+def _write_private(path: Path, data: bytes, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        os.close(fd) if _fd_open(fd) else None
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols([ALPN])
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    return ctx
+
+
+def client_context() -> ssl.SSLContext:
+    """A context that accepts any certificate: the caller pins the fingerprint afterwards
+    (`check_pin`) before it sends a single request byte."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols([ALPN])
+    return ctx
+
+
+def fingerprint(der: bytes) -> str:
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def fingerprint_of_file(cert: Path) -> str:
+    return fingerprint(ssl.PEM_cert_to_DER_cert(cert.read_text()))
+
+
+class KnownHosts:
+    """The client's pins: one `host:port sha256:<hex>` line per daemon. Thread-safe appends."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _read(self) -> list[tuple[int, str, str]]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise ConfigError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            parts = line.split()
+            if len(parts) >= 2 and not line.startswith("#"):
+                out.append((n, parts[0], parts[1]))
+        return out
+
+    def lookup(self, host: str) -> tuple[int, str] | None:
+        """(line, fingerprint) pinned for `host` ("host:port"), if any."""
+        for n, h, fp in self._read():
+            if h == host:
+                return n, fp
+        return None
+
+    def check(self, host: str, actual: str) -> bool:
+        """Accept `actual` for `host`: True if it was pinned already, False if pinned just now.
+
+        Raises:
+            CertificateMismatchError: a different certificate is pinned for `host`.
+        """
+        with self._lock:
+            found = self.lookup(host)
+            if found is None:
+                self._append(host, actual)
+                return False
+        line, expected = found
+        if expected != actual:
+            raise CertificateMismatchError(
+                f"the TLS certificate of {host} has changed (pinned {expected}, presented {actual}); "
+                f"refusing to connect. If the daemon's certificate was replaced on purpose, remove "
+                f"line {line} of {self.path} and connect again",
+                host,
+                expected,
+                actual,
+            )
+        return True
+
+    def _append(self, host: str, fp: str) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(f"{host} {fp}\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot record the daemon's certificate in {self.path}: {exc.strerror or exc}") from None
