@@ -281,6 +281,28 @@ def xattrs_at(dir_fd: int, name: str) -> dict[str, bytes]:
     return out
 
 
+def have_xattrs(dir_fd: int, names: list[str], base: str | None, use_cwd: bool) -> list[bool]:
+    """For each name in one directory: does it carry any xattr? One listxattr per name, by the
+    cheapest path: relative to the cwd after one fchdir (only where nothing else shares the
+    cwd: worker processes), else an absolute path, else through /proc/self/fd."""
+    if use_cwd:
+        os.fchdir(dir_fd)
+        prefix = ""
+    elif base is not None and len(base) < _PATH_CHUNK:
+        prefix = base + "/" if base else "/"
+    else:
+        prefix = f"/proc/self/fd/{dir_fd}/"
+    out = []
+    listx = os.listxattr
+    for n in names:
+        try:
+            out.append(bool(listx(prefix + n, follow_symlinks=False)))
+        except OSError as exc:
+            # Unsupported here: nothing to carry. Anything else: let sync_xattrs look closer.
+            out.append(exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP))
+    return out
+
+
 def sync_xattrs(src_dir: int, name: str, dst_dir: int, dname: str) -> bool:
     """Make an up-to-date destination entry's xattrs (and ACLs) equal the source's; True if
     anything changed. Costs one listxattr per side when neither has any."""

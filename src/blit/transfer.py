@@ -12,6 +12,7 @@ This module must not print or parse arguments; it reports through report.Progres
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import pickle
@@ -53,10 +54,16 @@ class Planner:
         self.procs = max(2, self.cpus)
         self.jobs_per_proc = 2  # one in hand, one queued: a worker never waits on the coordinator
         self.big_jobs = max(2, self.cpus)
-        self.proc_threshold = 2000  # entries seen before worker processes pay off (~50 ms start)
+        # Worker processes cost ~50 ms of CPU each to start and then run the per-file path on
+        # every core: worth it when the directories already queued would keep the threads busy
+        # for longer than this (measured from the jobs done so far).
+        self.proc_payoff_s = 0.25
 
-    def want_processes(self, entries_seen: int, queued: int) -> bool:
-        return entries_seen >= self.proc_threshold and queued >= 2
+    def want_processes(self, jobs_done: int, job_seconds: float, queued: int) -> bool:
+        if jobs_done < 2 or queued < 2 or self.cpus < 2:
+            return False
+        projected = job_seconds / jobs_done * queued / self.thread_jobs
+        return projected > self.proc_payoff_s
 
 
 def _join(a: str, b: str) -> str:
@@ -258,12 +265,15 @@ class LocalTransfer:
         self.procs: ProcessExecutor | None = None
         self.queue: list[tuple[DirJob, Node]] = []
         self.in_flight = 0
+        self.thread_jobs_done = 0
+        self.thread_job_seconds = 0.0
         self.finished = False
         self._wake = trio.Event()
         self.scan_incomplete: list[str] = []
         self.deletions: list[tuple[str, list[tuple[str, bool]], Meta | None]] = []
         self.inodes: dict[tuple[int, int], Any] = {}
         self.big_limiter = trio.CapacityLimiter(self.planner.big_jobs)
+        self.chunk_limiter = trio.CapacityLimiter(self.planner.cpus)
         self.bytes_done = 0
         self.files_done = 0
         self._fin_send, self._fin_recv = trio.open_memory_channel[Node | None](math.inf)
@@ -363,8 +373,12 @@ class LocalTransfer:
             try:
                 ex = self.procs if (self.procs is not None and self.procs.ready) else self.threads
                 try:
+                    t = time.perf_counter()
                     with StallGuard(f"directory {job.rel or '.'}", self.timeouts.stall):
                         res = await ex.run(job)
+                    if ex is self.threads:
+                        self.thread_jobs_done += 1
+                        self.thread_job_seconds += time.perf_counter() - t
                 except StallError as exc:
                     # Reported, never waited on forever; nothing below it is trusted for deletion.
                     self._fail(job.rel or ".", "stall", str(exc))
@@ -380,7 +394,7 @@ class LocalTransfer:
             if (
                 self.procs is None
                 and not self.spec.dry_run
-                and self.planner.want_processes(self.summary.entries_seen, len(self.queue))
+                and self.planner.want_processes(self.thread_jobs_done, self.thread_job_seconds, len(self.queue))
             ):
                 self.procs = ProcessExecutor(self.spec, self.planner.procs, self.planner.jobs_per_proc)
                 assert self._nursery is not None
@@ -484,27 +498,54 @@ class LocalTransfer:
         try:
             with StallGuard(f"copy of {path}", self.timeouts.stall) as guard:
                 if not cloned:
-                    if fsops.is_sparse(m):
+                    sparse = fsops.is_sparse(m)
+                    if sparse:
                         ranges = await trio.to_thread.run_sync(fsops.data_extents, sfd, m.size)
                     else:
                         ranges = [(0, m.size)]
-                    for off, length in ranges:
-                        end = off + length
-                        while off < end:
-                            want = min(CHUNK, end - off)
+                    chunks = deque(
+                        (o, min(CHUNK, off + length - o)) for off, length in ranges for o in range(off, off + length, CHUNK)
+                    )
+                    state = {"abandoned": False, "short": False}
+
+                    async def pump() -> None:
+                        # Chunks of one file go to several threads at once: copy_file_range
+                        # releases the GIL, and one core alone cannot fill tmpfs or a fast disk.
+                        while chunks and not state["short"]:
+                            off, want = chunks.popleft()
                             try:
                                 n = await trio.to_thread.run_sync(
-                                    fsops.copy_range, sfd, landing.fd, off, want, abandon_on_cancel=True
+                                    fsops.copy_range,
+                                    sfd,
+                                    landing.fd,
+                                    off,
+                                    want,
+                                    limiter=self.chunk_limiter,
+                                    abandon_on_cancel=True,
                                 )
                             except trio.Cancelled:
-                                abandoned = True  # the thread may still use the fds: leave them
+                                state["abandoned"] = True  # the thread may still use the fds
                                 raise
                             guard.progress()
-                            if n == 0:
-                                break
-                            off += n
                             self.bytes_done += n
-                    if fsops.is_sparse(m):
+                            if n < want:
+                                state["short"] = True
+
+                    try:
+                        async with trio.open_nursery() as pumps:
+                            for _ in range(min(len(chunks), self.planner.cpus)):
+                                pumps.start_soon(pump)
+                    except BaseExceptionGroup as eg:
+                        # One pump's OSError (disk full, I/O error) is the file's error.
+                        leaf = next((e for e in _leaves(eg) if isinstance(e, OSError)), None)
+                        if leaf is not None:
+                            raise leaf from None
+                        raise
+                    finally:
+                        abandoned = state["abandoned"]
+                    if state["short"]:
+                        raise OSError(errno.EAGAIN, "the source file shrank while it was being copied")
+                    if sparse:
                         await trio.to_thread.run_sync(os.ftruncate, landing.fd, m.size)
                 else:
                     self.bytes_done += m.size
@@ -614,6 +655,19 @@ class LocalTransfer:
             op = Op.SAME if await trio.to_thread.run_sync(_check_hash) else Op.COPY
         if op is not Op.COPY and d is not None:
             self.summary.files_skipped += 1
+            if not self.spec.dry_run:
+
+                def _settle() -> None:
+                    sdir = fsops.open_rel(w.src_root_fd, job.rel)
+                    ddir = fsops.open_rel(w.dst_root_fd, job.dst_rel)
+                    try:
+                        acl = fsops.sync_xattrs(sdir, name, ddir, dname)
+                        fsops.fix_meta(ddir, dname, m, d, acl)
+                    finally:
+                        os.close(sdir)
+                        os.close(ddir)
+
+                await trio.to_thread.run_sync(_settle)
             if self.spec.move and not self.spec.dry_run:
                 await self._remove_source(job.rel, job.dst_rel, name)
             return d.ino
@@ -777,6 +831,13 @@ class LocalTransfer:
             finally:
                 os.close(dfd)
         return deleted, failures
+
+
+def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:  # type: ignore[type-arg]
+    out: list[BaseException] = []
+    for e in eg.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
 
 
 def _only(exc: BaseException, kind: type[BaseException]) -> bool:

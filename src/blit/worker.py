@@ -98,8 +98,12 @@ def _msg(exc: OSError) -> str:
 class Worker:
     """Runs directory jobs for one RunSpec; keeps the two root directories open."""
 
-    def __init__(self, spec: RunSpec, stop: StopFlag | None = None) -> None:
+    def __init__(self, spec: RunSpec, stop: StopFlag | None = None, own_cwd: bool = False) -> None:
+        """own_cwd: this process runs nothing else, so the worker may fchdir (cheaper lookups)."""
         self.spec = spec
+        self.own_cwd = own_cwd
+        self.src_base = os.fsdecode(spec.src_root)
+        self.dst_base = os.fsdecode(spec.dst_root)
         self.stop = stop or StopFlag()
         self.src_root_fd = fsops.open_root(spec.src_root)
         try:
@@ -195,6 +199,7 @@ class Worker:
         stop = self.stop
         blocked: set[str] = set()
         landed: list[str] = []  # move: source names whose data is now at the destination
+        same: list[tuple[str, str, Meta, Meta]] = []  # up-to-date files: check xattrs, metadata
 
         for dname, d_is_dir in plan.conflicts:
             if rec:
@@ -241,9 +246,7 @@ class Worker:
                     else:
                         res.files_skipped += 1
                         if d is not None and not dry:
-                            # xattrs/ACLs first: setting an ACL rewrites the group bits.
-                            acl = fsops.sync_xattrs(sfd, name, dfd, dname)
-                            fsops.fix_meta(dfd, dname, m, d, acl)
+                            same.append((name, dname, m, d))
                         landed.append(name)
                 if op is Op.COPY:
                     if m.size > spec.big and not dry:
@@ -296,8 +299,30 @@ class Worker:
                     raise Stopped from None
                 res.failures.append((path, _op_name(op), _msg(exc)))
 
+        if same:
+            self._settle_same(job, sfd, dfd, same, res)
         if spec.move and landed and not dry:
             self._remove_sources(sfd, dfd, prefix, landed, res)
+
+    def _settle_same(
+        self, job: DirJob, sfd: int, dfd: int, same: list[tuple[str, str, Meta, Meta]], res: DirResult
+    ) -> None:
+        """Up-to-date files keep their content, but xattrs/ACLs, mode, owner and times must match:
+        one listxattr per side per file (batched per directory), full compare only where any."""
+        prefix = job.rel + "/" if job.rel else ""
+        try:
+            src_x = fsops.have_xattrs(sfd, [s[0] for s in same], _join(self.src_base, job.rel), self.own_cwd)
+            dst_x = fsops.have_xattrs(dfd, [s[1] for s in same], _join(self.dst_base, job.dst_rel), self.own_cwd)
+        except OSError as exc:
+            res.failures.append((prefix or ".", "xattrs", _msg(exc)))
+            return
+        for (name, dname, m, d), sx, dx in zip(same, src_x, dst_x):
+            try:
+                # xattrs/ACLs first: setting an ACL rewrites the group bits.
+                acl = (sx or dx) and fsops.sync_xattrs(sfd, name, dfd, dname)
+                fsops.fix_meta(dfd, dname, m, d, bool(acl))
+            except OSError as exc:
+                res.failures.append((prefix + name, "metadata", _msg(exc)))
 
     def _remove_sources(self, sfd: int, dfd: int, prefix: str, names: list[str], res: DirResult) -> None:
         """Move: the data is at the destination; flush it to disk, then drop the sources."""
@@ -312,6 +337,10 @@ class Worker:
                 res.files_removed += 1
             except OSError as exc:
                 res.failures.append((prefix + name, "remove source", _msg(exc)))
+
+
+def _join(base: str, rel: str) -> str:
+    return f"{base.rstrip('/')}/{rel}" if rel else base
 
 
 def _op_name(op: Op) -> str:
@@ -374,7 +403,7 @@ def process_main() -> None:
     if spec_bytes is None:
         return
     spec: RunSpec = pickle.loads(spec_bytes)
-    worker = Worker(spec, stop)
+    worker = Worker(spec, stop, own_cwd=True)
     os.write(out, frame("ready"))
     try:
         while not stop.is_set:

@@ -32,9 +32,9 @@ import logging
 import math
 import os
 import secrets
-import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -249,9 +249,9 @@ class JobQueue:
 class StreamIO:
     """A connected data socket, driven by one worker thread at a time.
 
-    Plain TCP sockets are put in non-blocking mode and waited on with poll() and the stall
-    timeout, which lets the receiver splice and the sender sendfile. TLS sockets use the ssl
-    module's own timeout. `kick()` (any thread) shuts the socket down to unblock the worker.
+    Plain TCP sockets stay blocking with the stall timeout set in the kernel (SO_RCVTIMEO,
+    SO_SNDTIMEO), which also bounds splice and sendfile; TLS sockets use the ssl module's own
+    timeout. `kick()` (any thread) shuts the socket down to unblock the worker.
     """
 
     def __init__(self, sock: socket.socket, *, what: str, stall: float = DEFAULT_STALL) -> None:
@@ -264,11 +264,14 @@ class StreamIO:
         if self.tls:
             sock.settimeout(stall if math.isfinite(stall) else None)
         else:
-            sock.setblocking(False)
-        self._pin = select.poll()
-        self._pin.register(self.fd, select.POLLIN)
-        self._pout = select.poll()
-        self._pout.register(self.fd, select.POLLOUT)
+            # Blocking, with the stall timeout in the kernel (SO_RCVTIMEO/SO_SNDTIMEO): recv,
+            # splice and sendfile then block without a poll() per chunk and fail with EAGAIN
+            # after `stall` seconds without progress.
+            sock.setblocking(True)
+            if math.isfinite(stall):
+                tv = struct.pack("ll", int(stall), int((stall % 1) * 1e6))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._pipe: tuple[int, int] | None = None
         self._splice_ok = hasattr(os, "splice") and not self.tls
         self._buf = bytearray(1 << 20)
@@ -297,10 +300,9 @@ class StreamIO:
             pass
 
     # --- waiting -------------------------------------------------------------------------------
-    def _wait(self, p: Any) -> None:
-        timeout = -1 if not math.isfinite(self.stall) else int(self.stall * 1000)
-        if not p.poll(timeout):
-            raise StallError(self.what, self.stall)
+    def _wait(self) -> None:
+        """EAGAIN on a blocking socket: its kernel timeout (the stall timeout) expired."""
+        raise StallError(self.what, self.stall)
 
     def _closed(self) -> TransportError:
         if self._kicked:
@@ -329,7 +331,7 @@ class StreamIO:
             try:
                 n = self.sock.recv_into(view)
             except BlockingIOError:
-                self._wait(self._pin)
+                self._wait()
                 continue
             except OSError as exc:
                 if self._kicked:
@@ -390,12 +392,12 @@ class StreamIO:
             self._pipe = (r, w)
         r, w = self._pipe
         done = 0
-        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        flags = os.SPLICE_F_MOVE
         while done < length:
             try:
                 n = os.splice(self.fd, w, min(length - done, PIPE_SIZE), flags=flags)
             except BlockingIOError:
-                self._wait(self._pin)
+                self._wait()
                 continue
             except OSError as exc:
                 if exc.errno in (errno.EINVAL, errno.ENOSYS) and done == 0:
@@ -448,7 +450,7 @@ class StreamIO:
             try:
                 n = self.sock.send(view, flags)
             except BlockingIOError:
-                self._wait(self._pout)
+                self._wait()
                 continue
             except OSError as exc:
                 if self._kicked:
@@ -471,7 +473,7 @@ class StreamIO:
                     self.send_all(b"".join(parts)[sent:])
                     return
             except BlockingIOError:
-                self._wait(self._pout)
+                self._wait()
                 continue
             except OSError as exc:
                 if self._kicked:
@@ -488,7 +490,7 @@ class StreamIO:
                 try:
                     n = os.sendfile(self.fd, fd, offset + done, length - done)
                 except BlockingIOError:
-                    self._wait(self._pout)
+                    self._wait()
                     continue
                 except OSError as exc:
                     if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) and done == 0:
