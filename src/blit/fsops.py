@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 from typing import NamedTuple
 
@@ -440,7 +439,7 @@ _tmpfile_ok = [True]
 
 
 def new_tmp_name() -> str:
-    return f"{TMP_PREFIX}{secrets.token_hex(8)}{TMP_SUFFIX}"
+    return f"{TMP_PREFIX}{os.urandom(8).hex()}{TMP_SUFFIX}"
 
 
 def is_tmp_name(name: str) -> bool:
