@@ -57,22 +57,26 @@ UMASK = _read_umask()
 
 
 class Meta(NamedTuple):
-    """The part of an lstat result a transfer needs; small, picklable, no per-file object graph."""
+    """The part of an lstat result a transfer needs, with os.stat_result's field names, so code
+    takes either: workers use stat results as they come, and build a Meta only for what crosses a
+    process boundary (small, picklable)."""
 
-    mode: int
-    size: int
-    mtime_ns: int
-    atime_ns: int
-    uid: int
-    gid: int
-    ino: int
-    dev: int
-    nlink: int
-    rdev: int
-    blocks: int
+    st_mode: int
+    st_size: int
+    st_mtime_ns: int
+    st_atime_ns: int
+    st_uid: int
+    st_gid: int
+    st_ino: int
+    st_dev: int
+    st_nlink: int
+    st_rdev: int
+    st_blocks: int
 
 
-def meta_of(st: os.stat_result) -> Meta:
+def meta_of(st: os.stat_result | Meta) -> Meta:
+    if type(st) is Meta:
+        return st
     return Meta(
         st.st_mode,
         st.st_size,
@@ -90,7 +94,7 @@ def meta_of(st: os.stat_result) -> Meta:
 
 def is_sparse(m: Meta) -> bool:
     """A regular file whose allocated size is well below its length (holes worth keeping)."""
-    return m.size > 65536 and m.blocks * 512 < m.size - 65536
+    return m.st_size > 65536 and m.st_blocks * 512 < m.st_size - 65536
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,23 +138,22 @@ def open_root(path: bytes) -> int:
         os.close(base)
 
 
-def scan(dir_fd: int) -> tuple[list[tuple[str, Meta]], list[tuple[str, OSError]]]:
+def scan(dir_fd: int) -> tuple[list[tuple[str, os.stat_result]], list[tuple[str, OSError]]]:
     """List a directory with one lstat per entry.
 
     Returns (entries, errors): entries as (name, Meta); errors for entries that vanished or could
     not be stat'ed. Raises OSError when the directory itself cannot be read.
     """
-    out: list[tuple[str, Meta]] = []
+    out: list[tuple[str, os.stat_result]] = []
     errs: list[tuple[str, OSError]] = []
+    append = out.append
     # scandir(fd) dups the fd and closes its copy; the caller keeps dir_fd.
     with os.scandir(dir_fd) as it:
         for e in it:
             try:
-                st = e.stat(follow_symlinks=False)
+                append((e.name, e.stat(follow_symlinks=False)))
             except OSError as exc:
                 errs.append((e.name, exc))
-                continue
-            out.append((e.name, meta_of(st)))
     return out, errs
 
 
@@ -226,9 +229,9 @@ def set_dir_meta(fd: int, m: Meta, xattrs: list[tuple[str, bytes]] | None) -> No
     if xattrs:
         put_xattrs(fd, xattrs, "directory")
     if IS_ROOT:
-        os.fchown(fd, m.uid, m.gid)
-    os.fchmod(fd, stat.S_IMODE(m.mode))
-    os.utime(fd, ns=(m.atime_ns, m.mtime_ns))
+        os.fchown(fd, m.st_uid, m.st_gid)
+    os.fchmod(fd, stat.S_IMODE(m.st_mode))
+    os.utime(fd, ns=(m.st_atime_ns, m.st_mtime_ns))
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,14 +396,14 @@ class Landing:
         if xattrs:
             put_xattrs(fd, xattrs, what)
         chowned = False
-        if IS_ROOT and (inherit_gid or m.uid != EUID or m.gid != EGID):
-            os.fchown(fd, m.uid, m.gid)
+        if IS_ROOT and (inherit_gid or m.st_uid != EUID or m.st_gid != EGID):
+            os.fchown(fd, m.st_uid, m.st_gid)
             chowned = True
-        mode = stat.S_IMODE(m.mode)
+        mode = stat.S_IMODE(m.st_mode)
         # An ACL sets the group bits; chown clears set-id bits: re-apply the mode then.
         if mode != self.mode or chowned or xattrs:
             os.fchmod(fd, mode)
-        os.utime(fd, ns=(m.atime_ns, m.mtime_ns))
+        os.utime(fd, ns=(m.st_atime_ns, m.st_mtime_ns))
 
     def commit(self, name: str, replace: bool) -> None:
         """Give the file its real name. `replace`: a destination entry of that name may exist."""
@@ -473,12 +476,12 @@ def copy_small(
     sfd = os.open(name, O_SRC, dir_fd=src_dir)
     try:
         xattrs = get_xattrs(sfd)
-        landing = Landing(dst_dir, stat.S_IMODE(m.mode))
+        landing = Landing(dst_dir, stat.S_IMODE(m.st_mode))
         try:
             if is_sparse(m):
-                n = copy_sparse(sfd, landing.fd, m.size)
-            elif m.size:
-                data = read_all(sfd, m.size)
+                n = copy_sparse(sfd, landing.fd, m.st_size)
+            elif m.st_size:
+                data = read_all(sfd, m.st_size)
                 write_all(landing.fd, data)
                 n = len(data)
             else:
@@ -577,19 +580,19 @@ def make_symlink(target: str, dst_dir: int, name: str, m: Meta, replace: bool) -
 
 def _symlink_meta(dst_dir: int, name: str, m: Meta) -> None:
     if IS_ROOT:
-        os.chown(name, m.uid, m.gid, dir_fd=dst_dir, follow_symlinks=False)
-    os.utime(name, ns=(m.atime_ns, m.mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
+        os.chown(name, m.st_uid, m.st_gid, dir_fd=dst_dir, follow_symlinks=False)
+    os.utime(name, ns=(m.st_atime_ns, m.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
 
 
 def make_special(dst_dir: int, name: str, m: Meta, replace: bool) -> None:
     """Recreate a FIFO, socket or (as root) device node, atomically, with its metadata."""
     tmp = new_tmp_name()
-    os.mknod(tmp, stat.S_IFMT(m.mode) | 0o600, m.rdev, dir_fd=dst_dir)
+    os.mknod(tmp, stat.S_IFMT(m.st_mode) | 0o600, m.st_rdev, dir_fd=dst_dir)
     try:
         if IS_ROOT:
-            os.chown(tmp, m.uid, m.gid, dir_fd=dst_dir, follow_symlinks=False)
-        os.chmod(tmp, stat.S_IMODE(m.mode), dir_fd=dst_dir, follow_symlinks=False)
-        os.utime(tmp, ns=(m.atime_ns, m.mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
+            os.chown(tmp, m.st_uid, m.st_gid, dir_fd=dst_dir, follow_symlinks=False)
+        os.chmod(tmp, stat.S_IMODE(m.st_mode), dir_fd=dst_dir, follow_symlinks=False)
+        os.utime(tmp, ns=(m.st_atime_ns, m.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
         os.rename(tmp, name, src_dir_fd=dst_dir, dst_dir_fd=dst_dir)
     except BaseException:
         try:
@@ -623,15 +626,15 @@ def fix_meta(dst_dir: int, name: str, src: Meta, dst: Meta, force_mode: bool = F
     """Bring mode/owner/times of an up-to-date destination entry in line; True if changed.
     `force_mode`: its ACL was just rewritten, which may have changed the group bits."""
     changed = force_mode
-    is_link = stat.S_ISLNK(src.mode)
-    if IS_ROOT and (src.uid != dst.uid or src.gid != dst.gid):
-        os.chown(name, src.uid, src.gid, dir_fd=dst_dir, follow_symlinks=False)
+    is_link = stat.S_ISLNK(src.st_mode)
+    if IS_ROOT and (src.st_uid != dst.st_uid or src.st_gid != dst.st_gid):
+        os.chown(name, src.st_uid, src.st_gid, dir_fd=dst_dir, follow_symlinks=False)
         changed = True
-    if not is_link and (stat.S_IMODE(src.mode) != stat.S_IMODE(dst.mode) or changed):
-        os.chmod(name, stat.S_IMODE(src.mode), dir_fd=dst_dir)
+    if not is_link and (stat.S_IMODE(src.st_mode) != stat.S_IMODE(dst.st_mode) or changed):
+        os.chmod(name, stat.S_IMODE(src.st_mode), dir_fd=dst_dir)
         changed = True
-    if src.mtime_ns != dst.mtime_ns:
-        os.utime(name, ns=(src.atime_ns, src.mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
+    if src.st_mtime_ns != dst.st_mtime_ns:
+        os.utime(name, ns=(src.st_atime_ns, src.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
         changed = True
     return changed
 

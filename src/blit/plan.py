@@ -56,15 +56,15 @@ class DirPlan:
 
 
 def up_to_date(src: Meta, dst: Meta, compare: Compare) -> Op:
-    if not stat.S_ISREG(dst.mode) or compare is Compare.ALWAYS:
+    if not stat.S_ISREG(dst.st_mode) or compare is Compare.ALWAYS:
         return Op.COPY
-    if src.size != dst.size:
+    if src.st_size != dst.st_size:
         return Op.COPY
     if compare is Compare.SIZE_ONLY:
         return Op.SAME
     if compare is Compare.CHECKSUM:
         return Op.HASH
-    return Op.SAME if src.mtime_ns == dst.mtime_ns else Op.COPY
+    return Op.SAME if src.st_mtime_ns == dst.st_mtime_ns else Op.COPY
 
 
 def plan_dir(
@@ -89,9 +89,13 @@ def plan_dir(
         keep: destination names never to delete (sources that vanished or failed to stat).
     """
     plan = DirPlan()
+    items = plan.items
     prefix = rel + "/" if rel else ""
     seen: set[str] = set()
     fa = filters.active
+    dget = dst.get if dst else None
+    S_IFMT, IFDIR, IFREG, IFLNK = stat.S_IFMT, stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
+    fast = compare is Compare.SIZE_MTIME
     for name, m in src:
         if only is not None:
             if name not in only:
@@ -99,35 +103,35 @@ def plan_dir(
             dname = only[name]
         else:
             dname = name
-        is_dir = stat.S_ISDIR(m.mode)
-        if fa and filters.excluded(prefix + name, name, is_dir):
+        kind = S_IFMT(m.st_mode)
+        if fa and filters.excluded(prefix + name, name, kind == IFDIR):
             continue
         seen.add(dname)
-        d = dst.get(dname) if dst else None
-        if d is not None:
-            d_is_dir = stat.S_ISDIR(d.mode)
-            if is_dir != d_is_dir:
-                plan.conflicts.append((dname, d_is_dir))
-                d = None
-        if is_dir:
-            plan.items.append(Item(Op.SUBDIR if d is not None else Op.MKDIR, name, m, d, dname))
-        elif stat.S_ISREG(m.mode):
-            if m.nlink > 1:
+        d = dget(dname) if dget is not None else None
+        if d is not None and (kind == IFDIR) != (S_IFMT(d.st_mode) == IFDIR):
+            plan.conflicts.append((dname, kind != IFDIR))
+            d = None
+        if kind == IFREG:
+            if m.st_nlink > 1:
                 op = Op.HARDLINK
             elif d is None:
                 op = Op.COPY
+            elif fast and S_IFMT(d.st_mode) == IFREG:  # the common case, inline
+                op = Op.SAME if m.st_size == d.st_size and m.st_mtime_ns == d.st_mtime_ns else Op.COPY
             else:
                 op = up_to_date(m, d, compare)
-            plan.items.append(Item(op, name, m, d, dname))
-        elif stat.S_ISLNK(m.mode):
-            plan.items.append(Item(Op.SYMLINK, name, m, d, dname))
+        elif kind == IFDIR:
+            op = Op.SUBDIR if d is not None else Op.MKDIR
+        elif kind == IFLNK:
+            op = Op.SYMLINK
         else:
-            plan.items.append(Item(Op.SPECIAL, name, m, d, dname))
+            op = Op.SPECIAL
+        items.append(Item(op, name, m, d, dname))
     if mirror and only is None and dst:
         for dname, d in dst.items():
             if dname in seen or dname in keep:
                 continue
-            d_is_dir = stat.S_ISDIR(d.mode)
+            d_is_dir = stat.S_ISDIR(d.st_mode)
             if fa and filters.excluded(prefix + dname, dname, d_is_dir):
                 continue
             plan.extras.append((dname, d_is_dir))

@@ -442,7 +442,7 @@ class LocalTransfer:
             child = Node(node, _join(job.rel, name), _join(job.dst_rel, dname), m, dm, new)
             node.pending += 1
             # A directory we created is 0o700 until finalised: it hands out no group of its own.
-            inherit = not new and (dm is None or bool(dm.mode & stat.S_ISGID))
+            inherit = not new and (dm is None or bool(dm.st_mode & stat.S_ISGID))
             self.queue.append((DirJob(child.src_rel, child.dst_rel, new, inherit_gid=inherit), child))
         for name, dname, m, replace in res.big:
             node.pending += 1
@@ -482,7 +482,7 @@ class LocalTransfer:
             try:
                 ddir = fsops.open_rel(w.dst_root_fd, job.dst_rel)
                 try:
-                    landing = fsops.Landing(ddir, stat.S_IMODE(m.mode))
+                    landing = fsops.Landing(ddir, stat.S_IMODE(m.st_mode))
                 except BaseException:
                     os.close(ddir)
                     raise
@@ -500,9 +500,9 @@ class LocalTransfer:
                 if not cloned:
                     sparse = fsops.is_sparse(m)
                     if sparse:
-                        ranges = await trio.to_thread.run_sync(fsops.data_extents, sfd, m.size)
+                        ranges = await trio.to_thread.run_sync(fsops.data_extents, sfd, m.st_size)
                     else:
-                        ranges = [(0, m.size)]
+                        ranges = [(0, m.st_size)]
                     chunks = deque(
                         (o, min(CHUNK, off + length - o)) for off, length in ranges for o in range(off, off + length, CHUNK)
                     )
@@ -546,9 +546,9 @@ class LocalTransfer:
                     if state["short"]:
                         raise OSError(errno.EAGAIN, "the source file shrank while it was being copied")
                     if sparse:
-                        await trio.to_thread.run_sync(os.ftruncate, landing.fd, m.size)
+                        await trio.to_thread.run_sync(os.ftruncate, landing.fd, m.st_size)
                 else:
-                    self.bytes_done += m.size
+                    self.bytes_done += m.st_size
 
                 def _finish() -> None:
                     landing.finish_meta(m, xattrs, name)
@@ -565,7 +565,7 @@ class LocalTransfer:
                 os.close(sfd)
                 os.close(ddir)
         self.summary.files_copied += 1
-        self.summary.bytes_copied += m.size
+        self.summary.bytes_copied += m.st_size
         self.files_done += 1
         if self.spec.record_actions:
             self.progress.action("copy", path)
@@ -595,7 +595,7 @@ class LocalTransfer:
 
     async def _hardlink(self, node: Node, job: DirJob, name: str, dname: str, m: Meta, d: Meta | None) -> None:
         """Land one member of a hard-link group: the first is copied, the rest are linked to it."""
-        key = (m.dev, m.ino)
+        key = (m.st_dev, m.st_ino)
         path = _join(job.rel, name)
         try:
             entry = self.inodes.get(key)
@@ -615,7 +615,7 @@ class LocalTransfer:
                     ev.set()
             else:
                 first_dir, first_name, first_ino = entry
-                if d is not None and d.ino == first_ino:
+                if d is not None and d.st_ino == first_ino:
                     self.summary.files_skipped += 1
                 else:
                     if self.spec.record_actions:
@@ -670,12 +670,12 @@ class LocalTransfer:
                 await trio.to_thread.run_sync(_settle)
             if self.spec.move and not self.spec.dry_run:
                 await self._remove_source(job.rel, job.dst_rel, name)
-            return d.ino
+            return d.st_ino
         if self.spec.dry_run:
             if self.spec.record_actions:
                 self.progress.action("copy", path)
             self.summary.files_copied += 1
-            self.summary.bytes_copied += m.size
+            self.summary.bytes_copied += m.st_size
             return -1
         await self._copy_big(job, name, dname, m, d is not None, path)
 
@@ -732,9 +732,9 @@ class LocalTransfer:
         if d is None:
             return True
         return (
-            d.mtime_ns != m.mtime_ns
-            or stat.S_IMODE(d.mode) != stat.S_IMODE(m.mode)
-            or (fsops.IS_ROOT and (d.uid != m.uid or d.gid != m.gid))
+            d.st_mtime_ns != m.st_mtime_ns
+            or stat.S_IMODE(d.st_mode) != stat.S_IMODE(m.st_mode)
+            or (fsops.IS_ROOT and (d.st_uid != m.st_uid or d.st_gid != m.st_gid))
         )
 
     def _finalize_batch(self, batch: list[Node]) -> list[tuple[str, str, str]]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from . import ffi, fsops
 from .filters import Filters
-from .fsops import Meta
+from .fsops import Meta, meta_of
 from .plan import Compare, Op, plan_dir
 
 # Errors that mean the destination cannot take anything more: the run stops (exit 1).
@@ -229,7 +229,7 @@ class Worker:
                 if op is Op.SUBDIR:
                     if not dry:
                         fsops.sync_xattrs(sfd, name, dfd, dname)
-                    res.subdirs.append((name, dname, m, False, d))
+                    res.subdirs.append((name, dname, meta_of(m), False, meta_of(d) if d is not None else None))
                 elif op is Op.MKDIR:
                     if rec:
                         res.actions.append(("mkdir", path))
@@ -237,9 +237,9 @@ class Worker:
                         fsops.make_dir(dfd, dname)
                         res.changed = True
                     res.dirs_created += 1
-                    res.subdirs.append((name, dname, m, True, None))
+                    res.subdirs.append((name, dname, meta_of(m), True, None))
                 elif op is Op.HARDLINK:
-                    res.links.append((name, dname, m, d))
+                    res.links.append((name, dname, meta_of(m), meta_of(d) if d is not None else None))
                 elif op is Op.SAME or op is Op.HASH:
                     if op is Op.HASH and fsops.file_hash(sfd, name) != fsops.file_hash(dfd, dname):
                         op = Op.COPY
@@ -249,8 +249,8 @@ class Worker:
                             same.append((name, dname, m, d))
                         landed.append(name)
                 if op is Op.COPY:
-                    if m.size > spec.big and not dry:
-                        res.big.append((name, dname, m, d is not None))
+                    if m.st_size > spec.big and not dry:
+                        res.big.append((name, dname, meta_of(m), d is not None))
                         continue
                     if rec:
                         res.actions.append(("copy", path))
@@ -258,14 +258,14 @@ class Worker:
                         res.bytes_copied += fsops.copy_small(sfd, name, dfd, dname, m, d is not None, job.inherit_gid)
                         res.changed = True
                     else:
-                        res.bytes_copied += m.size
+                        res.bytes_copied += m.st_size
                     res.files_copied += 1
                     landed.append(name)
                 elif op is Op.SYMLINK:
                     target = os.readlink(name, dir_fd=sfd)
-                    if d is not None and stat.S_ISLNK(d.mode) and os.readlink(dname, dir_fd=dfd) == target:
+                    if d is not None and stat.S_ISLNK(d.st_mode) and os.readlink(dname, dir_fd=dfd) == target:
                         res.files_skipped += 1
-                        if not dry and (d.mtime_ns != m.mtime_ns or (fsops.IS_ROOT and d.uid != m.uid)):
+                        if not dry and (d.st_mtime_ns != m.st_mtime_ns or (fsops.IS_ROOT and d.st_uid != m.st_uid)):
                             fsops.fix_meta(dfd, dname, m, d)
                     else:
                         if rec:
@@ -276,11 +276,11 @@ class Worker:
                         res.links_created += 1
                     landed.append(name)
                 elif op is Op.SPECIAL:
-                    kind = stat.S_IFMT(m.mode)
+                    kind = stat.S_IFMT(m.st_mode)
                     if kind in (stat.S_IFCHR, stat.S_IFBLK) and not fsops.IS_ROOT:
                         res.failures.append((path, "skipped", "device nodes are recreated only as root"))
                         continue
-                    if d is not None and stat.S_IFMT(d.mode) == kind and d.rdev == m.rdev:
+                    if d is not None and stat.S_IFMT(d.st_mode) == kind and d.st_rdev == m.st_rdev:
                         res.files_skipped += 1
                         if not dry:
                             fsops.fix_meta(dfd, dname, m, d)
