@@ -273,7 +273,6 @@ class LocalTransfer:
         self.deletions: list[tuple[str, list[tuple[str, bool]], Meta | None]] = []
         self.inodes: dict[tuple[int, int], Any] = {}
         self.big_limiter = trio.CapacityLimiter(self.planner.big_jobs)
-        self.chunk_limiter = trio.CapacityLimiter(self.planner.cpus)
         self.bytes_done = 0
         self.files_done = 0
         self._fin_send, self._fin_recv = trio.open_memory_channel[Node | None](math.inf)
@@ -507,21 +506,15 @@ class LocalTransfer:
                         (o, min(CHUNK, off + length - o)) for off, length in ranges for o in range(off, off + length, CHUNK)
                     )
                     state = {"abandoned": False, "short": False}
-
-                    async def pump() -> None:
-                        # Chunks of one file go to several threads at once: copy_file_range
-                        # releases the GIL, and one core alone cannot fill tmpfs or a fast disk.
+                    # One pump per file: parallel writes into one file serialise on its inode
+                    # lock (measured on tmpfs: 2 threads 1.77 s vs 1 thread 1.13 s for 2 GiB).
+                    # Different files do run in parallel (big_limiter).
+                    try:
                         while chunks and not state["short"]:
                             off, want = chunks.popleft()
                             try:
                                 n = await trio.to_thread.run_sync(
-                                    fsops.copy_range,
-                                    sfd,
-                                    landing.fd,
-                                    off,
-                                    want,
-                                    limiter=self.chunk_limiter,
-                                    abandon_on_cancel=True,
+                                    fsops.copy_range, sfd, landing.fd, off, want, abandon_on_cancel=True
                                 )
                             except trio.Cancelled:
                                 state["abandoned"] = True  # the thread may still use the fds
@@ -530,17 +523,6 @@ class LocalTransfer:
                             self.bytes_done += n
                             if n < want:
                                 state["short"] = True
-
-                    try:
-                        async with trio.open_nursery() as pumps:
-                            for _ in range(min(len(chunks), self.planner.cpus)):
-                                pumps.start_soon(pump)
-                    except BaseExceptionGroup as eg:
-                        # One pump's OSError (disk full, I/O error) is the file's error.
-                        leaf = next((e for e in _leaves(eg) if isinstance(e, OSError)), None)
-                        if leaf is not None:
-                            raise leaf from None
-                        raise
                     finally:
                         abandoned = state["abandoned"]
                     if state["short"]:
@@ -831,13 +813,6 @@ class LocalTransfer:
             finally:
                 os.close(dfd)
         return deleted, failures
-
-
-def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:  # type: ignore[type-arg]
-    out: list[BaseException] = []
-    for e in eg.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
 
 
 def _only(exc: BaseException, kind: type[BaseException]) -> bool:

@@ -130,17 +130,17 @@ class _Sink:
 
         o = self.offer
         meta = Meta(
-            mode=stat.S_IFREG | o.mode,
-            size=size,
-            mtime_ns=o.mtime_ns,
-            atime_ns=o.mtime_ns,
-            uid=os.geteuid(),
-            gid=os.getegid(),
-            ino=0,
-            dev=0,
-            nlink=1,
-            rdev=0,
-            blocks=0,
+            stat.S_IFREG | o.mode,  # st_mode
+            size,  # st_size
+            o.mtime_ns,  # st_mtime_ns
+            o.mtime_ns,  # st_atime_ns
+            os.geteuid(),  # st_uid
+            os.getegid(),  # st_gid
+            0,  # st_ino
+            0,  # st_dev
+            1,  # st_nlink
+            0,  # st_rdev
+            0,  # st_blocks
         )
         dir_fd = self.landing.dir_fd
         try:

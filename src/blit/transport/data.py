@@ -279,8 +279,14 @@ class StreamIO:
 
     # --- lifecycle ----------------------------------------------------------------------------
     def kick(self) -> None:
-        """Unblock the worker (from any thread): its next wait fails."""
+        """Unblock the worker (from any thread): its next wait fails. The stream is dead: its
+        close will be abortive (RST), so the peer learns at once instead of probing a zero
+        window until its own stall timeout."""
         self._kicked = True
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
