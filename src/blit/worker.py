@@ -181,6 +181,8 @@ class Worker:
                 keep=frozenset(keep),
             )
             res.extras = plan.extras
+            if dfd >= 0 and not job.dst_new and not spec.dry_run and not fsops.IS_ROOT and _writes(plan):
+                _open_up(dfd, res)
             self._execute(job, plan, sfd, dfd, res)
         except Stopped:
             pass
@@ -337,6 +339,24 @@ class Worker:
                 res.files_removed += 1
             except OSError as exc:
                 res.failures.append((prefix + name, "remove source", _msg(exc)))
+
+
+def _writes(plan) -> bool:  # type: ignore[no-untyped-def]
+    """Will this directory's job create, replace or remove entries in the destination directory?"""
+    return bool(plan.conflicts) or any(it.op not in (Op.SUBDIR, Op.SAME, Op.HASH) for it in plan.items)
+
+
+def _open_up(dfd: int, res: DirResult) -> None:
+    """A read-only destination directory of ours (kept from an earlier run): make it writable for
+    this job, as rsync does; the coordinator restores its mode when the directory is finalised."""
+    st = os.fstat(dfd)
+    if st.st_mode & stat.S_IWUSR and st.st_mode & stat.S_IXUSR:
+        return
+    try:
+        os.fchmod(dfd, stat.S_IMODE(st.st_mode) | stat.S_IWUSR | stat.S_IXUSR)
+        res.changed = True
+    except OSError:
+        pass  # not ours: the writes will fail one by one and be reported
 
 
 def _join(base: str, rel: str) -> str:

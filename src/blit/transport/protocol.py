@@ -317,6 +317,146 @@ class TransferDone(Message):
     failures: list[FileFailure] = field(metadata=_lim(MAX_LIST))
 
 
+# --- version 2 design, first part: tree transfers (docs/protocol.md §4) ---------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class XAttr(Message):
+    ARRAY: ClassVar[bool] = True
+    name: str = field(metadata=_lim(255))
+    value: bytes = field(metadata=_lim(65536))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SrcEntry(Message):
+    """One source directory entry in a manifest: the lstat fields a destination plans with."""
+
+    ARRAY: ClassVar[bool] = True
+    name: bytes = field(metadata=_lim(MAX_NAME))
+    mode: int = field(metadata=_lim(min=0, max=(1 << 32) - 1))
+    size: int = field(metadata=_lim(min=0, max=1 << 63))
+    mtime_ns: int = field(metadata=_lim(min=-(1 << 63), max=(1 << 63) - 1))
+    atime_ns: int = field(metadata=_lim(min=-(1 << 63), max=(1 << 63) - 1))
+    uid: int = field(metadata=_lim(min=0, max=(1 << 32) - 1))
+    gid: int = field(metadata=_lim(min=0, max=(1 << 32) - 1))
+    dev: int = field(metadata=_lim(min=0, max=(1 << 64) - 1))
+    ino: int = field(metadata=_lim(min=0, max=(1 << 64) - 1))
+    nlink: int = field(metadata=_lim(min=0, max=(1 << 32) - 1))
+    rdev: int = field(metadata=_lim(min=0, max=(1 << 64) - 1))
+    blocks: int = field(metadata=_lim(min=0, max=1 << 63))
+    target: bytes | None = field(default=None, metadata=_lim(MAX_PATH))
+    xattrs: list[XAttr] | None = field(default=None, metadata=_lim(1024))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FilterRule(Message):
+    ARRAY: ClassVar[bool] = True
+    include: bool
+    pattern: str = field(metadata=_lim(MAX_TEXT))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Rename(Message):
+    ARRAY: ClassVar[bool] = True
+    name: bytes = field(metadata=_lim(MAX_NAME))
+    dname: bytes = field(metadata=_lim(MAX_NAME))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OpenTree(Message):
+    """Start a tree transfer between base directories (docs/protocol.md §4)."""
+
+    module: str = field(metadata=_lim(MAX_NAME))
+    path: bytes = field(metadata=_lim(MAX_PATH))
+    """The daemon-side base directory, relative to the module."""
+    direction: str = field(metadata=_lim(8))
+    operation: str = field(metadata=_lim(8))
+    """copy, mirror or move."""
+    compare: int = field(metadata=_lim(min=0, max=3))
+    """plan.Compare: 0 size+mtime, 1 checksum, 2 size only, 3 always."""
+    filters: list[FilterRule] = field(default_factory=list, metadata=_lim(1000))
+    dry_run: bool = False
+    streams: int = field(default=1, metadata=_lim(min=1, max=MAX_STREAMS))
+    h2_data: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TreeDir(Message):
+    """Push: one source directory's manifest; the daemon plans it against its destination."""
+
+    transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+    rel: bytes = field(metadata=_lim(MAX_PATH))
+    dst_rel: bytes = field(metadata=_lim(MAX_PATH))
+    dst_new: bool
+    only: list[Rename] | None = field(default=None, metadata=_lim(16))
+    entries: list[SrcEntry] = field(metadata=_lim(MAX_LIST))
+    incomplete: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SubDir(Message):
+    ARRAY: ClassVar[bool] = True
+    name: bytes = field(metadata=_lim(MAX_NAME))
+    dname: bytes = field(metadata=_lim(MAX_NAME))
+    new: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Need(Message):
+    ARRAY: ClassVar[bool] = True
+    id: int = field(metadata=_lim(min=0, max=(1 << 32) - 1))
+    name: bytes = field(metadata=_lim(MAX_NAME))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PathFailure(Message):
+    ARRAY: ClassVar[bool] = True
+    path: bytes = field(metadata=_lim(MAX_PATH))
+    op: str = field(metadata=_lim(64))
+    message: str = field(metadata=_lim(MAX_TEXT))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DirPlanned(Message):
+    subdirs: list[SubDir] = field(metadata=_lim(MAX_LIST))
+    need: list[Need] = field(metadata=_lim(MAX_LIST))
+    failures: list[PathFailure] = field(default_factory=list, metadata=_lim(MAX_LIST))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TreeScan(Message):
+    """Pull: the manifest of one source directory."""
+
+    transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+    rel: bytes = field(metadata=_lim(MAX_PATH))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DirManifest(Message):
+    entries: list[SrcEntry] = field(metadata=_lim(MAX_LIST))
+    incomplete: bool
+    failures: list[PathFailure] = field(default_factory=list, metadata=_lim(MAX_LIST))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TreeFinish(Message):
+    transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+    source_complete: bool = True
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TreeDone(Message):
+    files_copied: int = field(metadata=_lim(min=0, max=1 << 63))
+    bytes_copied: int = field(metadata=_lim(min=0, max=1 << 63))
+    files_skipped: int = field(metadata=_lim(min=0, max=1 << 63))
+    dirs_created: int = field(metadata=_lim(min=0, max=1 << 63))
+    links_created: int = field(metadata=_lim(min=0, max=1 << 63))
+    files_deleted: int = field(metadata=_lim(min=0, max=1 << 63))
+    entries_seen: int = field(metadata=_lim(min=0, max=1 << 63))
+    failures: list[PathFailure] = field(metadata=_lim(MAX_LIST))
+    deletions_skipped: str | None = field(default=None, metadata=_lim(MAX_TEXT))
+
+
 M = TypeVar("M", bound=Message)
 
 
@@ -340,6 +480,10 @@ OPERATIONS: dict[str, Operation] = {
         Operation("transfer/send", SendFiles, Ack),
         Operation("transfer/expect", ExpectFiles, Ack),
         Operation("transfer/finish", FinishTransfer, TransferDone),
+        Operation("tree/open", OpenTree, TransferOpened),
+        Operation("tree/dir", TreeDir, DirPlanned),
+        Operation("tree/scan", TreeScan, DirManifest),
+        Operation("tree/finish", TreeFinish, TreeDone),
     )
 }
 OP_OF: dict[type[Message], Operation] = {op.request: op for op in OPERATIONS.values()}
@@ -886,6 +1030,20 @@ __all__ = [
     "FinishTransfer",
     "FileFailure",
     "TransferDone",
+    "XAttr",
+    "SrcEntry",
+    "FilterRule",
+    "Rename",
+    "OpenTree",
+    "TreeDir",
+    "SubDir",
+    "Need",
+    "PathFailure",
+    "DirPlanned",
+    "TreeScan",
+    "DirManifest",
+    "TreeFinish",
+    "TreeDone",
     "Operation",
     "OPERATIONS",
     "encode",
