@@ -1,0 +1,107 @@
+"""Daemon configuration: file + flags, precedence, and errors naming the line and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blit.daemon.config import DaemonConfig, load_config
+from blit.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "blitd.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_without_a_file() -> None:
+    cfg = load_config(None)
+    assert cfg == DaemonConfig()
+    assert cfg.port == 9031 and cfg.effective_data_port == 9032
+    assert cfg.tls and cfg.mdns and not cfg.force_h2_data and cfg.modules == ()
+
+
+def test_full_file(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "root").mkdir()
+    cfg = load_config(
+        write(
+            tmp_path,
+            """
+[daemon]
+bind = "127.0.0.1"
+port = 7000
+data_port = 7100
+root = "root"
+root_read_only = true
+mdns = false
+mdns_name = "box"
+mdns_interfaces = ["127.0.0.1"]
+force_h2_data = true
+tls = false
+state_dir = "st"
+
+[[module]]
+name = "a"
+path = "a"
+read_only = true
+comment = "the a"
+""",
+        )
+    )
+    assert cfg.bind == "127.0.0.1" and cfg.port == 7000 and cfg.effective_data_port == 7100
+    assert cfg.root == tmp_path / "root" and cfg.root_read_only
+    assert not cfg.mdns and cfg.mdns_name == "box" and cfg.mdns_interfaces == ("127.0.0.1",)
+    assert cfg.force_h2_data and not cfg.tls and cfg.state_dir == tmp_path / "st"
+    (m,) = cfg.modules
+    assert (m.name, m.path, m.read_only, m.comment) == ("a", tmp_path / "a", True, "the a")
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    p = write(tmp_path, '[daemon]\nport = 7000\nmdns = true\nbind = "0.0.0.0"\n')
+    cfg = load_config(p, port=8000, mdns=False, bind=None, root=str(tmp_path))
+    assert cfg.port == 8000 and not cfg.mdns and cfg.bind == "0.0.0.0" and cfg.root == tmp_path
+
+
+def test_port_zero_means_free_ports() -> None:
+    assert load_config(None, port=0).effective_data_port == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("[daemon]\nport = \n", ["line 2", "blitd.toml"]),
+        ("[daemon]\nbind = '127.0.0.1'\nprot = 5\n", ["line 3", "prot", "unknown key"]),
+        ("[daemon]\n\nport = 'x'\n", ["line 3", "port", "must be an integer"]),
+        ("[daemon]\nport = 70000\n", ["line 2", "port", "out of range"]),
+        ("[daemon]\nmdns = 1\n", ["line 2", "mdns", "true or false"]),
+        ("[daemon]\nmdns_interfaces = [1]\n", ["line 2", "mdns_interfaces"]),
+        ("[demon]\nport = 1\n", ["line 1", "unknown section"]),
+        ("[[module]]\nname = 'a'\n", ["line 1", "missing key 'path'"]),
+        ("[[module]]\nname = 'a'\npath = '.'\n[[module]]\nname = 'b'\npath = '.'\nread_only = 'yes'\n",
+         ["line 7", "#2", "read_only"]),
+        ("[[module]]\nname = 'a b'\npath = '.'\n", ["line 2", "not a valid module name"]),
+        ("[[module]]\nname = 'a'\npath = '.'\n[[module]]\nname = 'a'\npath = '.'\n", ["line 5", "defined twice"]),
+        ("[[module]]\nname = 'a'\npath = 'missing'\n", ["module 'a'", "not a directory"]),
+        ("[daemon]\nroot = 'missing'\n", ["root", "not a directory"]),
+        ("[module]\nname = 'a'\n", ["[[module]]"]),
+    ],
+)
+def test_malformed_files_name_line_and_key(tmp_path: Path, text: str, fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    for f in fragments:
+        assert f in str(info.value), str(info.value)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_no_environment_variable_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BLIT_PORT", "1234")
+    monkeypatch.setenv("BLIT_DAEMON_PORT", "1234")
+    assert load_config(None).port == 9031

@@ -1,0 +1,250 @@
+"""The daemon's control plane, in process: hello and versions, listing, containment, hostile
+messages. Everything on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cbor2
+import pytest
+import trio
+
+from blit.errors import CertificateMismatchError, ConnectError, RemoteError
+from blit.transport import protocol as p
+
+from .conftest import Daemon, h2_post, raw_h2
+
+
+async def test_hello_and_modules(daemon_any_tls: Daemon) -> None:
+    async with daemon_any_tls.session() as s:
+        assert s.peer.protocol == p.PROTOCOL_VERSION
+        assert s.peer.data_port == daemon_any_tls.info.data_port
+        mods = await s.modules()
+    assert [(m.name, m.read_only) for m in mods.modules] == [("data", False), ("ro", True), ("other", False)]
+    assert mods.modules[0].comment == "read-write test module"
+    assert not mods.root
+
+
+async def test_a_client_of_another_version_is_refused_naming_both(daemon: Daemon) -> None:
+    async with raw_h2(daemon) as conn:
+        status, body = await h2_post(conn, "/blit/hello", p.encode(p.Hello(protocol=99, software="blit 9.0")))
+    err = p.decode(p.Error, body)
+    assert status == 426 and err.error == "version-mismatch"
+    assert "speaks blit protocol 1" in err.message and "(blit 9.0) speaks 99" in err.message
+
+
+async def test_requests_before_hello_are_refused(daemon: Daemon) -> None:
+    async with raw_h2(daemon) as conn:
+        status, body = await h2_post(conn, "/blit/modules", p.encode(p.ListModules()))
+        assert status == 409 and p.decode(p.Error, body).error == "no-session"
+        status, _ = await h2_post(conn, "/blit/hello", p.encode(p.Hello(protocol=1, software="t")))
+        assert status == 200
+        status, body = await h2_post(conn, "/blit/modules", p.encode(p.ListModules()))
+        assert status == 200 and p.decode(p.ModuleList, body).modules
+
+
+async def test_malformed_and_oversized_messages_get_protocol_errors_and_the_daemon_keeps_serving(daemon: Daemon) -> None:
+    async with raw_h2(daemon) as conn:
+        assert (await h2_post(conn, "/blit/hello", p.encode(p.Hello(protocol=1, software="t"))))[0] == 200
+        cases = [
+            (b"\xff\x00garbage", 400, "bad-request"),
+            (cbor2.dumps({"module": 5, "path": b""}), 400, "bad-request"),
+            (cbor2.dumps([[[[[[[[[[[[[1]]]]]]]]]]]]]), 400, "bad-request"),
+            (b"\x00" * (p.MAX_MESSAGE + 100), 413, "too-large"),
+        ]
+        for body, status, code in cases:
+            got_status, got = await h2_post(conn, "/blit/list", body)
+            assert got_status == status
+            assert p.decode(p.Error, got).error == code
+        status, body = await h2_post(conn, "/blit/unknown", b"")
+        assert status == 404 and p.decode(p.Error, body).error == "unknown-op"
+        # Same connection still serves.
+        status, body = await h2_post(conn, "/blit/modules", p.encode(p.ListModules()))
+        assert status == 200
+    # And a fresh session too.
+    async with daemon.session() as s:
+        assert (await s.modules()).modules
+
+
+async def test_garbage_instead_of_http2_does_not_hurt_the_daemon(daemon: Daemon) -> None:
+    for junk in [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", os.urandom(5000), b""]:
+        tcp = await trio.open_tcp_stream("127.0.0.1", daemon.info.port)
+        with trio.move_on_after(2):
+            if junk:
+                await tcp.send_all(junk)
+            await tcp.send_eof() if hasattr(tcp, "send_eof") else None
+            while await tcp.receive_some(65536):
+                pass
+        await tcp.aclose()
+    async with daemon.session() as s:
+        assert (await s.modules()).modules
+
+
+async def test_listing_keeps_names_as_bytes(daemon: Daemon) -> None:
+    d = daemon.modules["data"]
+    names = [b"plain", b"caf\xe9", b"new\nline", b" spaced ", b"x:y"]
+    for n in names:
+        (Path(os.fsdecode(bytes(d) + b"/" + n))).write_bytes(n)
+    (d / "sub").mkdir()
+    os.symlink("plain", d / "link")
+    async with daemon.session() as s:
+        entries = await s.list_dir("data", b"")
+        small_pages = await s.list_dir("data", b"", page=2)
+        root = await s.stat("data", b"")
+        link = await s.stat("data", b"link")
+        missing = await s.stat("data", b"nope")
+    got = {e.name: e for e in entries}
+    assert set(got) == set(names) | {b"sub", b"link"}
+    assert [e.name for e in entries] == sorted(got)
+    assert small_pages == entries
+    assert got[b"caf\xe9"].kind == "file" and got[b"caf\xe9"].size == 4
+    assert got[b"sub"].kind == "dir"
+    assert got[b"link"].kind == "symlink" and got[b"link"].target == b"plain"
+    assert root is not None and root.kind == "dir"
+    assert link is not None and link.kind == "symlink"
+    assert missing is None
+
+
+@pytest.mark.parametrize(
+    ("module", "path", "code", "fragment"),
+    [
+        ("data", b"../../etc", "path-refused", "'..'"),
+        ("data", b"/etc", "path-refused", "absolute"),
+        ("data", b"a\0b", "path-refused", "NUL"),
+        ("data", b"out/passwd", "path-refused", "symbolic link"),
+        ("data", b"inlink", "path-refused", "symbolic link"),
+        ("data", b"file/x", "not-a-directory", "not a directory"),
+        ("data", b"missing", "not-found", "no such file"),
+        ("nosuch", b"", "unknown-module", "unknown module 'nosuch'"),
+        ("", b"", "unknown-module", "no root export"),
+    ],
+)
+async def test_containment_refusals_are_clear(daemon: Daemon, tmp_path: Path, module: str, path: bytes, code: str, fragment: str) -> None:
+    d = daemon.modules["data"]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "passwd").write_text("secret")
+    os.symlink(outside, d / "out")
+    (d / "inside").mkdir()
+    os.symlink("inside", d / "inlink")
+    (d / "file").write_text("x")
+    async with daemon.session() as s:
+        with pytest.raises(RemoteError) as info:
+            await s.list_dir(module, path)
+        assert info.value.code == code
+        assert fragment in info.value.message
+        # The session is still usable after a refusal.
+        assert (await s.modules()).modules
+
+
+async def test_symlink_escape_is_never_followed_for_reads(daemon: Daemon, tmp_path: Path) -> None:
+    d = daemon.modules["data"]
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not leak")
+    os.symlink(secret, d / "leak")
+    os.symlink(tmp_path, d / "dirleak")
+    got_dir = tmp_path / "got"
+    got_dir.mkdir()
+    from blit.transport.client import LocalSink
+
+    async with daemon.session() as s:
+        async with s.transfer("data", b"", "pull") as t:
+            await t.send_files([p.FileRef(id=1, path=b"leak"), p.FileRef(id=2, path=b"dirleak/secret.txt")], last=True)
+            await t.run_receivers(LocalSink({1: (got_dir / "a", None, None), 2: (got_dir / "b", None, None)}))
+            done = await t.finish()
+    assert done.files == 0
+    assert {f.id for f in done.failures} == {1, 2}
+    assert all("link" in f.message for f in done.failures)
+    assert list(got_dir.iterdir()) == []
+
+
+async def test_read_only_module_refuses_writes(daemon: Daemon) -> None:
+    async with daemon.session() as s:
+        with pytest.raises(RemoteError) as info:
+            async with s.transfer("ro", b"", "push"):
+                pass
+    assert info.value.code == "read-only" and "'ro' is read-only" in info.value.message
+
+
+async def test_changed_certificate_is_refused(daemon: Daemon) -> None:
+    daemon.known_hosts.write_text(f"127.0.0.1:{daemon.info.port} sha256:{'0' * 64}\n")
+    with pytest.raises(CertificateMismatchError) as info:
+        async with daemon.session():
+            pass
+    msg = str(info.value)
+    assert "has changed" in msg and str(daemon.known_hosts) in msg and "line 1" in msg
+    assert info.value.actual == daemon.info.fingerprint
+
+
+async def test_first_use_pins_the_certificate(daemon: Daemon) -> None:
+    assert not daemon.known_hosts.exists()
+    async with daemon.session():
+        pass
+    line = daemon.known_hosts.read_text().strip()
+    assert line == f"127.0.0.1:{daemon.info.port} {daemon.info.fingerprint}"
+    async with daemon.session():  # the pinned certificate matches
+        pass
+    assert daemon.known_hosts.read_text().count("\n") == 1
+
+
+async def test_cleartext_client_against_tls_daemon_gets_a_hint(daemon: Daemon) -> None:
+    from blit.endpoint import HostSpec
+    from blit.transport.client import Timeouts, open_session
+
+    with pytest.raises(ConnectError, match="TLS"):
+        async with open_session(HostSpec("127.0.0.1", daemon.info.port), tls_enabled=False, timeouts=Timeouts(connect=3)):
+            pass
+
+
+async def test_tls_client_against_cleartext_daemon_gets_a_hint(nursery: trio.Nursery, tmp_path: Path) -> None:
+    from .conftest import start_daemon
+
+    d = await start_daemon(nursery, tmp_path, tls=False)
+    from blit.transport.client import Timeouts, open_session
+
+    with pytest.raises(ConnectError, match="--no-tls"):
+        async with open_session(d.host, tls_enabled=True, known_hosts=d.known_hosts, timeouts=Timeouts(connect=3)):
+            pass
+
+
+async def test_standard_http2_clients_can_talk_to_the_daemon(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Interop: httpx2 (the user's library) speaks to our h2 server (cleartext, prior knowledge)."""
+    import httpx2
+
+    from .conftest import start_daemon
+
+    d = await start_daemon(nursery, tmp_path, tls=False)
+    async with httpx2.AsyncClient(http1=False, http2=True, base_url=f"http://127.0.0.1:{d.info.port}") as c:
+        r = await c.post("/blit/hello", content=p.encode(p.Hello(protocol=1, software="httpx2")))
+        assert r.status_code == 200 and r.http_version == "HTTP/2"
+        assert p.decode(p.HelloReply, r.content).protocol == 1
+        r = await c.post("/blit/modules", content=p.encode(p.ListModules()))
+        assert r.status_code == 200 and len(p.decode(p.ModuleList, r.content).modules) == 3
+
+
+async def test_many_sessions_at_once(daemon: Daemon) -> None:
+    results = []
+
+    async def one() -> None:
+        async with daemon.session() as s:
+            for _ in range(5):
+                results.append(len((await s.modules()).modules))
+
+    async with trio.open_nursery() as n:
+        for _ in range(20):
+            n.start_soon(one)
+    assert results == [3] * 100
+
+
+async def test_concurrent_requests_on_one_session(daemon: Daemon) -> None:
+    async with daemon.session() as s:
+        out = []
+
+        async def one() -> None:
+            out.append(await s.stat("data", b""))
+
+        async with trio.open_nursery() as n:
+            for _ in range(100):
+                n.start_soon(one)
+    assert len(out) == 100 and all(e is not None and e.kind == "dir" for e in out)

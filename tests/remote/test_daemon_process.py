@@ -1,0 +1,160 @@
+"""A real `blit daemon` process on 127.0.0.1: the CLI against it, data through it, and a clean
+stop on SIGTERM/SIGINT within 5 s, also mid-transfer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from blit.endpoint import HostSpec
+from blit.transport import data, protocol as p
+from blit.transport.client import LocalSink, LocalSource, open_session
+
+from .conftest import DaemonProcess, blit_cmd, run_daemon_process
+from .test_data import MiB, digest, make_file
+
+
+def run_cli(d: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*blit_cmd(), *args], env=d.env, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_lists_modules_and_entries(daemon_process: DaemonProcess) -> None:
+    d = daemon_process
+    (d.modules["data"] / "hello.txt").write_text("hi")
+    (d.modules["data"] / "sub").mkdir()
+    r = run_cli(d, "list", f"127.0.0.1:{d.port}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "data   read-write test module",
+        "ro     read-only module (read-only)",
+        "other",
+    ]
+    assert "pinned the TLS certificate" in r.stderr
+    r = run_cli(d, "list", f"127.0.0.1:{d.port}:/data/")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].endswith(" hello.txt") and lines[1].startswith("d")
+    r = run_cli(d, "list", "--json", f"127.0.0.1:{d.port}:/data/hello.txt")
+    assert r.returncode == 0 and '"size": 2' in r.stdout and "pinned" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("/data/../../etc", "'..' is not allowed"),
+        ("/nosuch/x", "unknown module 'nosuch'"),
+        ("/data/missing", "no such file"),
+    ],
+)
+def test_cli_errors_are_one_line(daemon_process: DaemonProcess, target: str, message: str) -> None:
+    r = run_cli(daemon_process, "list", f"127.0.0.1:{daemon_process.port}:{target}")
+    assert r.returncode != 0
+    (line,) = r.stderr.strip().splitlines()[-1:]
+    assert line.startswith("blit: error: ") and message in line
+
+
+def test_cli_unreachable_daemon(tmp_path: Path) -> None:
+    from .conftest import _free_port, subprocess_env
+
+    r = subprocess.run(
+        [*blit_cmd(), "list", f"127.0.0.1:{_free_port()}"], env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 1 and "cannot reach the daemon" in r.stderr
+
+
+def test_malformed_config_is_refused_at_start(tmp_path: Path) -> None:
+    from .conftest import subprocess_env
+
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[daemon]\nport = 1\nmdsn = false\n")
+    r = subprocess.run([*blit_cmd(), "daemon", "--config", str(cfg)], env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "line 3" in r.stderr and "mdsn" in r.stderr and "unknown key" in r.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_the_daemon_quickly(tmp_path: Path, sig: signal.Signals) -> None:
+    with run_daemon_process(tmp_path) as d:
+        t0 = time.monotonic()
+        d.proc.send_signal(sig)
+        rc = d.proc.wait(10)
+        elapsed = time.monotonic() - t0
+    assert elapsed < 5, d.log()
+    assert rc == 0, d.log()
+    assert "stopped" in d.log()
+
+
+def test_sigterm_mid_push_leaves_no_partial_or_temporary_file(tmp_path: Path) -> None:
+    src = tmp_path / "big.bin"
+    make_file(src, 400 * MiB)
+    with run_daemon_process(tmp_path) as d:
+        dst = d.modules["data"]
+        known = Path(d.env["HOME"]) / "kh"
+        outcome: dict[str, object] = {}
+
+        async def push() -> None:
+            async with open_session(HostSpec("127.0.0.1", d.port), known_hosts=known) as s:
+                async with s.transfer("data", b"", "push") as t:
+                    await t.expect_files([p.FileOffer(id=1, path=b"big.bin", size=400 * MiB, mtime_ns=0, mode=0o644)])
+                    jobs = data.JobQueue()
+                    jobs.put_many([1])
+                    jobs.close()
+
+                    async def killer() -> None:
+                        while not t.stats or t.stats[0].bytes < 20 * MiB:
+                            await trio.sleep(0.005)
+                        t0 = time.monotonic()
+                        outcome["at"] = t0
+                        d.proc.send_signal(signal.SIGTERM)
+                        while d.proc.poll() is None and time.monotonic() - t0 < 10:
+                            await trio.sleep(0.01)
+                        outcome["daemon_exit"] = time.monotonic() - t0
+
+                    async with trio.open_nursery() as n:
+                        n.start_soon(killer)
+                        try:
+                            await t.run_senders(LocalSource({1: src}), jobs)
+                            await t.finish()
+                            outcome["result"] = "finished"
+                        except Exception as exc:  # the daemon went away: expected
+                            outcome["result"] = exc
+                        outcome["client_done"] = time.monotonic() - float(outcome.get("at", time.monotonic()))
+
+        try:
+            trio.run(push)
+        except BaseException as exc:  # the session breaks when the daemon dies
+            outcome.setdefault("result", exc)
+        rc = d.proc.wait(10)
+        assert float(outcome["daemon_exit"]) < 5, d.log()  # type: ignore[arg-type]
+        assert rc == 0, d.log()
+        # The client noticed at once (RST), not after its stall timeout.
+        assert float(outcome["client_done"]) < 10, outcome  # type: ignore[arg-type]
+        assert os.listdir(dst) == [] or (os.listdir(dst) == ["big.bin"] and outcome["result"] == "finished")
+
+
+def test_pull_100_mib_from_a_real_daemon(daemon_process: DaemonProcess, tmp_path: Path) -> None:
+    d = daemon_process
+    want = make_file(d.modules["data"] / "big.bin", 100 * MiB)
+    out = tmp_path / "big.out"
+    known = Path(d.env["HOME"]) / "kh"
+
+    async def pull(force_h2: bool) -> float:
+        async with open_session(HostSpec("127.0.0.1", d.port), known_hosts=known, force_h2_data=force_h2) as s:
+            async with s.transfer("data", b"", "pull") as t:
+                await t.send_files([p.FileRef(id=1, path=b"big.bin")], last=True)
+                t0 = time.perf_counter()
+                await t.run_receivers(LocalSink({1: (out, None, None)}))
+                await t.finish()
+                return time.perf_counter() - t0
+
+    for force_h2 in (False, True):
+        elapsed = trio.run(pull, force_h2)
+        assert digest(out) == want
+        print(f"pull 100 MiB from a daemon process, TLS, {'h2' if force_h2 else 'raw'}: {100 / elapsed:.0f} MiB/s")
+        out.unlink()

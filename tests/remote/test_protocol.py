@@ -1,0 +1,261 @@
+"""The sans-IO protocol: codec round trips, validation, limits, the session table, data frames.
+No sockets, no event loop."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from blit.errors import IncompatiblePeerError, LocalProtocolError, RemoteError, RemoteProtocolError
+from blit.transport import protocol as p
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SAMPLES: list[p.Message] = [
+    p.Hello(protocol=1, software="blit test", features=["x"]),
+    p.HelloReply(protocol=1, software="blitd", name="box", data_port=9032, max_message=p.MAX_MESSAGE),
+    p.HelloReply(protocol=1, software="blitd", name="box", data_port=None, max_message=1),
+    p.ListModules(),
+    p.ModuleList(modules=[p.ModuleInfo(name="m", comment="c", read_only=True)], root=False, root_read_only=False),
+    p.ListDir(module="m", path=b"a/\xff\n b", after=b"x", limit=5),
+    p.DirListing(
+        entries=[
+            p.Entry(name=b"\xff\xfe", kind="file", size=1, mtime_ns=-5, mode=0o100644),
+            p.Entry(name=b"l", kind="symlink", size=0, mtime_ns=1, mode=0o120777, target=b"/etc"),
+        ],
+        more=True,
+    ),
+    p.Stat(module="", path=b""),
+    p.StatReply(entry=None),
+    p.OpenTransfer(module="m", path=b"d", direction="pull", streams=4, h2_data=True),
+    p.TransferOpened(transfer=7, data_port=None, tokens=[b"t" * 32], expires_ms=30000),
+    p.SendFiles(transfer=7, files=[p.FileRef(id=1, path=b"a")], last=True),
+    p.ExpectFiles(transfer=7, files=[p.FileOffer(id=1, path=b"a", size=3, mtime_ns=4, mode=0o644)]),
+    p.FinishTransfer(transfer=7),
+    p.TransferDone(files=1, nbytes=2, failures=[p.FileFailure(id=3, message="gone")]),
+    p.Error(error="bad-request", message="no"),
+    p.Ack(),
+]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_messages_round_trip(msg: p.Message) -> None:
+    assert p.decode(type(msg), p.encode(msg)) == msg
+
+
+def test_array_messages_are_compact_arrays() -> None:
+    wire = cbor2.loads(p.encode(p.DirListing(entries=[p.Entry(name=b"a", kind="dir", size=0, mtime_ns=0, mode=0)], more=False)))
+    assert wire["entries"] == [[b"a", "dir", 0, 0, 0]]
+
+
+@pytest.mark.parametrize(
+    ("cls", "obj", "problem"),
+    [
+        (p.Hello, {"protocol": True, "software": "x"}, "expected an integer"),
+        (p.Hello, {"protocol": 1}, "missing field 'software'"),
+        (p.Hello, {"protocol": 1, "software": "x", "extra": 1}, "unknown field"),
+        (p.Hello, [1, "x"], "expected a map"),
+        (p.Hello, {"protocol": -1, "software": "x"}, "out of range"),
+        (p.Hello, {"protocol": 1, "software": "x" * 129}, "longer than"),
+        (p.ListDir, {"module": "m", "path": "text"}, "expected a byte string"),
+        (p.ListDir, {"module": "m", "path": b"x" * 5000}, "longer than 4096"),
+        (p.OpenTransfer, {"module": "m", "path": b"", "direction": "push", "streams": 99}, "out of range"),
+        (p.DirListing, {"entries": [[b"a", "file"]], "more": False}, "expected 5 to 6 items"),
+        (p.SendFiles, {"transfer": 1, "files": [[1, b"a"]] * (p.MAX_LIST + 1)}, "more than"),
+        (p.StatReply, {"entry": "x"}, "expected an array"),
+    ],
+)
+def test_invalid_messages_are_refused_with_the_field(cls: type[p.Message], obj: object, problem: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=re.escape(problem)):
+        p.decode(cls, cbor2.dumps(obj))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"\xff", b"\x9f\x9f\x9f", b"\x5b\xff\xff\xff\xff\xff\xff\xff\xff", cbor2.dumps([[[[[[[[[[[1]]]]]]]]]]])],
+    ids=["empty", "break", "indefinite-unterminated", "huge-length", "too-deep"],
+)
+def test_malformed_cbor_is_a_remote_protocol_error(body: bytes) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        p.decode(p.Hello, body)
+    assert info.value.code == 400
+
+
+def test_duplicate_keys_and_tags_are_refused() -> None:
+    dup = b"\xa2" + cbor2.dumps("protocol") + b"\x01" + cbor2.dumps("protocol") + b"\x01"
+    with pytest.raises(RemoteProtocolError):
+        p.decode(p.Hello, dup)
+    tagged = cbor2.dumps({"protocol": cbor2.CBORTag(1, 5), "software": "x"})
+    with pytest.raises(RemoteProtocolError):
+        p.decode(p.Hello, tagged)
+
+
+def test_oversized_body_is_413() -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        p.decode(p.Hello, b"\0" * (p.MAX_MESSAGE + 1))
+    assert info.value.code == 413
+
+
+def test_encoding_an_invalid_message_is_our_bug() -> None:
+    with pytest.raises(LocalProtocolError):
+        p.encode(p.Hello(protocol=1, software="x" * 1000))
+
+
+# --- paths -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "parts"),
+    [(b"", []), (b"a", [b"a"]), (b"a//b/./c/", [b"a", b"b", b"c"]), (b"\xff\n x", [b"\xff\n x"]), (b"...", [b"..."])],
+)
+def test_split_path(path: bytes, parts: list[bytes]) -> None:
+    assert p.split_path(path) == parts
+
+
+@pytest.mark.parametrize(("path", "why"), [(b"/etc", "absolute"), (b"a/../b", "'..'"), (b"..", "'..'"), (b"a\0b", "NUL"), (b"x" * 256, "longer")])
+def test_split_path_refuses_escapes(path: bytes, why: str) -> None:
+    with pytest.raises(p.Refused) as info:
+        p.split_path(path)
+    assert info.value.code is p.ErrorCode.PATH_REFUSED and why in info.value.message
+
+
+# --- sessions ----------------------------------------------------------------------------------
+
+
+def hello(version: int = p.PROTOCOL_VERSION) -> bytes:
+    return p.encode(p.Hello(protocol=version, software="blit peer"))
+
+
+def test_session_requires_hello_first() -> None:
+    s = p.ServerSession(software="blitd")
+    with pytest.raises(p.Refused) as info:
+        s.receive_request("/blit/modules", p.encode(p.ListModules()))
+    assert info.value.code is p.ErrorCode.NO_SESSION
+    assert isinstance(s.receive_request("/blit/hello", hello()), p.Hello)
+    assert s.state is p.SessionState.READY
+    assert isinstance(s.receive_request("/blit/modules", p.encode(p.ListModules())), p.ListModules)
+    with pytest.raises(p.Refused):
+        s.receive_request("/blit/hello", hello())
+
+
+def test_every_state_and_operation_pair_is_decided_by_the_table() -> None:
+    for state, allowed in p.SESSION_TRANSITIONS.items():
+        for name, op in p.OPERATIONS.items():
+            s = p.ServerSession(software="d")
+            s.state = state
+            body = hello() if name == "hello" else p.encode(next(m for m in SAMPLES if type(m) is op.request))
+            if name in allowed:
+                s.receive_request("/blit/" + name, body)
+                assert s.state is allowed[name]
+            else:
+                with pytest.raises(p.Refused):
+                    s.receive_request("/blit/" + name, body)
+
+
+def test_version_mismatch_names_both_versions() -> None:
+    s = p.ServerSession(software="blitd 0.1")
+    with pytest.raises(p.Refused) as info:
+        s.receive_request("/blit/hello", hello(2))
+    assert info.value.code is p.ErrorCode.VERSION
+    assert "speaks blit protocol 1" in info.value.message and "speaks 2" in info.value.message
+    assert s.state is p.SessionState.AWAIT_HELLO
+
+
+def test_client_refuses_a_daemon_of_another_version() -> None:
+    c = p.ClientSession(software="blit")
+    reply = p.encode(p.HelloReply(protocol=9, software="blitd 9", name="x", data_port=None, max_message=1))
+    with pytest.raises(IncompatiblePeerError, match="speaks blit protocol 1.*speaks 9"):
+        c.reply(p.Hello, 200, reply)
+
+
+def test_client_turns_errors_into_remote_errors() -> None:
+    c = p.ClientSession(software="blit")
+    with pytest.raises(RemoteError) as info:
+        c.reply(p.ListModules, 404, p.error_body(p.ErrorCode.UNKNOWN_MODULE, "unknown module 'x'"))
+    assert info.value.code == "unknown-module"
+    with pytest.raises(IncompatiblePeerError):
+        c.reply(p.Hello, 426, p.error_body(p.ErrorCode.VERSION, "v"))
+
+
+def test_unknown_paths_and_operations() -> None:
+    s = p.ServerSession(software="d")
+    for path in ["/other", "/blit/nope", "/blit/"]:
+        with pytest.raises(p.Refused) as info:
+            s.receive_request(path, b"")
+        assert info.value.code is p.ErrorCode.UNKNOWN_OP
+
+
+# --- data frames ---------------------------------------------------------------------------------
+
+
+def test_data_hello_round_trip_and_refusals() -> None:
+    tok = bytes(range(32))
+    assert p.unpack_data_hello(p.pack_data_hello(tok)) == tok
+    with pytest.raises(p.Refused, match="not a blit data stream"):
+        p.unpack_data_hello(b"GET / HTTP/1.1\r\n" + b"\0" * 28)
+    other = p.DATA_HELLO.pack(p.DATA_MAGIC, 7, 0, tok)
+    with pytest.raises(p.Refused, match="speaks 1.*speaks 7"):
+        p.unpack_data_hello(other)
+
+
+def test_frame_parser_handles_any_chunking() -> None:
+    stream = (
+        p.pack_frame(p.FrameType.DATA, 1, 10, 6) + b"abcdef"
+        + p.pack_frame(p.FrameType.NOOP)
+        + p.pack_frame(p.FrameType.ABORT, 2, 0, 4) + b"gone"
+        + p.pack_frame(p.FrameType.END, 1, 16)
+        + p.pack_frame(p.FrameType.DONE)
+    )
+    for step in (1, 5, 24, 1000):
+        parser = p.FrameParser()
+        events = []
+        for i in range(0, len(stream), step):
+            events += parser.feed(stream[i : i + step])
+        assert parser.idle
+        data = b"".join(e.data for e in events if isinstance(e, p.FramePayload))
+        assert data == b"abcdef"
+        offsets = [e.offset for e in events if isinstance(e, p.FramePayload)]
+        assert offsets[0] == 10
+        done = [e for e in events if isinstance(e, p.FrameComplete)]
+        assert [e.header.type for e in done] == [p.FrameType.DATA, p.FrameType.NOOP, p.FrameType.ABORT, p.FrameType.END, p.FrameType.DONE]
+        assert done[2].data == b"gone"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        p.FRAME.pack(99, 0, 0, 0, 0, 0),
+        p.FRAME.pack(p.FrameType.DONE, 0, 0, 0, 0, 5),
+        p.FRAME.pack(p.FrameType.END, 0, 0, 1, 0, 3),
+        p.FRAME.pack(p.FrameType.ABORT, 0, 0, 1, 0, 1 << 20),
+        p.FRAME.pack(p.FrameType.DATA, 0, 0, 1, 1 << 63, 1),
+    ],
+)
+def test_bad_frames_are_refused(raw: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        p.unpack_frame(raw)
+
+
+def test_protocol_module_imports_no_io() -> None:
+    import ast
+
+    src = (ROOT / "src/blit/transport/protocol.py").read_text()
+    names = set()
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    assert not names & {"trio", "h2", "socket", "ssl", "select", "httpx", "httpx2"}
+
+
+def test_schema_names_every_message() -> None:
+    cddl = (ROOT / "schemas/control.cddl").read_text()
+    for op in p.OPERATIONS.values():
+        for cls in (op.request, op.reply):
+            assert re.search(rf"^{cls.__name__}\s*=", cddl, re.M), cls.__name__
+        assert f'"{op.name}"' in cddl
+    assert f"protocol-version = {p.PROTOCOL_VERSION}" in cddl

@@ -1,0 +1,223 @@
+"""Tree transfers through the daemon: push and pull of a tree with every kind of entry, over raw
+streams and forced HTTP/2; mirror deletions; read-only and containment refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from blit.errors import RemoteError
+from blit.transport.tree import TopJob, TreeSpec, pull_tree, push_tree
+
+from .conftest import Daemon
+from .treeutil import assert_same_tree, make_full_tree, sparse_ok
+
+
+@pytest.fixture(params=[False, True], ids=["raw", "h2"])
+def force_h2(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+async def test_push_a_tree_with_every_kind_of_entry(daemon: Daemon, tmp_path: Path, force_h2: bool) -> None:
+    src = tmp_path / "src"
+    await trio.to_thread.run_sync(make_full_tree, src)
+    dst = daemon.modules["data"] / "dst"
+    dst.mkdir()
+    async with daemon.session(force_h2_data=force_h2) as s:
+        done = await push_tree(s, os.fsencode(src), "data", b"dst", TopJob(), TreeSpec())
+    assert not done.failures, done.failures
+    assert done.files_copied >= 8 and done.dirs_created == 5
+    await trio.to_thread.run_sync(assert_same_tree, src, dst)
+    assert sparse_ok(dst / "sparse.img")
+    assert os.stat(dst).st_mtime_ns == os.stat(src).st_mtime_ns  # `src/` -> dst: the top too
+    assert [n for n in os.listdir(dst) if n.startswith(".blit-")] == []
+    # A second run has nothing to do.
+    async with daemon.session(force_h2_data=force_h2) as s:
+        again = await push_tree(s, os.fsencode(src), "data", b"dst", TopJob(), TreeSpec())
+    assert again.files_copied == 0 and again.links_created == 0 and not again.failures, again
+
+
+async def test_pull_a_tree_with_every_kind_of_entry(daemon: Daemon, tmp_path: Path, force_h2: bool) -> None:
+    src = daemon.modules["data"] / "src"
+    await trio.to_thread.run_sync(make_full_tree, src)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    async with daemon.session(force_h2_data=force_h2) as s:
+        done = await pull_tree(s, "data", b"src", os.fsencode(dst), TopJob(), TreeSpec())
+    assert not done.failures, done.failures
+    await trio.to_thread.run_sync(assert_same_tree, src, dst)
+    assert sparse_ok(dst / "sparse.img")
+    async with daemon.session(force_h2_data=force_h2) as s:
+        again = await pull_tree(s, "data", b"src", os.fsencode(dst), TopJob(), TreeSpec())
+    assert again.files_copied == 0 and not again.failures, again
+
+
+async def test_push_mirror_deletes_extras_and_updates_changes(daemon: Daemon, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "keep").mkdir(parents=True)
+    (src / "keep" / "f").write_text("new content")
+    (src / "same").write_text("same")
+    dst = daemon.modules["data"] / "m"
+    (dst / "keep").mkdir(parents=True)
+    (dst / "keep" / "f").write_text("old")
+    (dst / "keep" / "extra").write_text("x")
+    (dst / "gone").mkdir()
+    (dst / "gone" / "deep").write_text("x")
+    (dst / "same").write_text("same")
+    os.utime(dst / "same", ns=(os.stat(src / "same").st_mtime_ns,) * 2)
+    async with daemon.session() as s:
+        done = await push_tree(s, os.fsencode(src), "data", b"m", TopJob(), TreeSpec(operation="mirror"))
+    assert done.files_copied == 1 and done.files_deleted == 3 and done.files_skipped == 1, done
+    assert sorted(os.listdir(dst)) == ["keep", "same"]
+    assert os.listdir(dst / "keep") == ["f"] and (dst / "keep" / "f").read_text() == "new content"
+
+
+async def test_pull_mirror_deletes_local_extras(daemon: Daemon, tmp_path: Path) -> None:
+    src = daemon.modules["data"] / "s"
+    src.mkdir()
+    (src / "a").write_text("a")
+    dst = tmp_path / "d"
+    dst.mkdir()
+    (dst / "extra").write_text("x")
+    async with daemon.session() as s:
+        done = await pull_tree(s, "data", b"s", os.fsencode(dst), TopJob(), TreeSpec(operation="mirror"))
+    assert done.files_deleted == 1
+    assert os.listdir(dst) == ["a"]
+
+
+async def test_pushing_into_a_read_only_module_is_refused(daemon: Daemon, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    async with daemon.session() as s:
+        with pytest.raises(RemoteError) as info:
+            await push_tree(s, os.fsencode(src), "ro", b"", TopJob(), TreeSpec())
+    assert info.value.code == "read-only"
+    assert os.listdir(daemon.modules["ro"]) == []
+
+
+async def test_a_manifest_cannot_write_outside_the_module(daemon: Daemon, tmp_path: Path) -> None:
+    """A hostile client naming '..' or a path with '/' in a manifest gets a refusal."""
+    from blit.transport import protocol as p
+
+    async with daemon.session() as s:
+        opened = await s.call(p.OpenTree(module="data", path=b"", direction="push", operation="copy", compare=0))
+        entry = p.SrcEntry(name=b"..", mode=0o100644, size=1, mtime_ns=0, atime_ns=0, uid=0, gid=0, dev=1, ino=1, nlink=1, rdev=0, blocks=0)
+        for bad in (b"..", b"a/b", b"x\0y"):
+            with pytest.raises(RemoteError) as info:
+                await s.call(p.TreeDir(transfer=opened.transfer, rel=b"", dst_rel=b"", dst_new=False, entries=[dataclasses.replace(entry, name=bad)]))
+            assert info.value.code in ("path-refused", "bad-request")
+        for rel in (b"../x", b"/etc"):
+            with pytest.raises(RemoteError) as info:
+                await s.call(p.TreeDir(transfer=opened.transfer, rel=rel, dst_rel=rel, dst_new=False, entries=[]))
+            assert info.value.code == "path-refused"
+    assert os.listdir(daemon.modules["data"]) == []
+
+
+async def test_symlinked_destination_directory_is_not_followed(daemon: Daemon, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, daemon.modules["data"] / "escape")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    async with daemon.session() as s:
+        with pytest.raises(RemoteError) as info:
+            await push_tree(s, os.fsencode(src), "data", b"escape", TopJob(), TreeSpec())
+    assert info.value.code == "path-refused"
+    assert os.listdir(outside) == []
+
+
+# --- remote_transfer: rsync's trailing-slash rules across topologies --------------------------
+
+from blit.transport.remote import remote_transfer  # noqa: E402
+
+
+async def _run(d: Daemon, op: str, src: str, dst: str, **kw: object):  # type: ignore[no-untyped-def]
+    return await remote_transfer(op, src, dst, tls_enabled=d.tls, known_hosts=d.known_hosts, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("src_suffix", "dst_suffix", "pre", "expected"),
+    [
+        ("tree/", "/out", None, {"out/f", "out/sub/g"}),  # contents into a new dir
+        ("tree/", "/out/", "dir", {"out/f", "out/sub/g"}),  # contents into an existing dir
+        ("tree", "/out", "dir", {"out/tree/f", "out/tree/sub/g"}),  # dir into an existing dir
+        ("tree", "/out", None, {"out/f", "out/sub/g"}),  # dir lands as DST
+        ("tree/f", "/out", "dir", {"out/f"}),  # file into a dir
+        ("tree/f", "/out", None, {"out"}),  # file as DST
+        ("tree/f", "/new/deeper/", None, {"new/deeper/f"}),  # file into a new dir (trailing /)
+    ],
+)
+async def test_push_follows_rsync_slash_rules(daemon: Daemon, tmp_path: Path, src_suffix: str, dst_suffix: str, pre: str | None, expected: set[str]) -> None:
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "f").write_text("f")
+    (tmp_path / "tree" / "sub" / "g").write_text("g")
+    mod = daemon.modules["data"]
+    if pre == "dir":
+        (mod / "out").mkdir()
+    summary = await _run(daemon, "copy", f"{tmp_path}/{src_suffix}", f"127.0.0.1:{daemon.info.port}:/data{dst_suffix}")
+    assert summary.exit_code == 0, summary.failures
+    got = {str(p.relative_to(mod)) for p in mod.rglob("*") if p.is_file()}
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("src_suffix", "dst_name", "pre", "expected"),
+    [
+        ("/tree/", "out", None, {"out/f", "out/sub/g"}),
+        ("/tree", "out", "dir", {"out/tree/f", "out/tree/sub/g"}),
+        ("/tree", "out", None, {"out/f", "out/sub/g"}),
+        ("/tree/f", "out", "dir", {"out/f"}),
+        ("/tree/f", "out", None, {"out"}),
+        ("", "out", None, {"out/tree/f", "out/tree/sub/g"}),  # the module's top: its contents
+    ],
+)
+async def test_pull_follows_rsync_slash_rules(daemon: Daemon, tmp_path: Path, src_suffix: str, dst_name: str, pre: str | None, expected: set[str]) -> None:
+    mod = daemon.modules["data"]
+    (mod / "tree" / "sub").mkdir(parents=True)
+    (mod / "tree" / "f").write_text("f")
+    (mod / "tree" / "sub" / "g").write_text("g")
+    local = tmp_path / "local"
+    local.mkdir()
+    if pre == "dir":
+        (local / dst_name).mkdir()
+    summary = await _run(daemon, "copy", f"127.0.0.1:{daemon.info.port}:/data{src_suffix}", f"{local}/{dst_name}")
+    assert summary.exit_code == 0, summary.failures
+    got = {str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()}
+    assert got == expected
+
+
+async def test_remote_transfer_bad_input(daemon: Daemon, tmp_path: Path) -> None:
+    from blit.errors import UsageError
+
+    host = f"127.0.0.1:{daemon.info.port}"
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UsageError, match="source does not exist"):
+        await _run(daemon, "copy", f"{host}:/data/missing", str(tmp_path / "x"))
+    with pytest.raises(UsageError, match="source does not exist"):
+        await _run(daemon, "copy", str(tmp_path / "missing"), f"{host}:/data/x")
+    with pytest.raises(UsageError, match="not a directory"):
+        await _run(daemon, "copy", str(tmp_path / "f") + "/", f"{host}:/data/x")
+    with pytest.raises(RemoteError, match="unknown module 'nope'"):
+        await _run(daemon, "copy", str(tmp_path / "f"), f"{host}:/nope/x")
+    with pytest.raises(UsageError, match="remote to remote"):
+        await _run(daemon, "copy", f"{host}:/data/a", f"{host}:/data/b")
+    assert os.listdir(daemon.modules["data"]) == []
+
+
+async def test_remote_mirror_summary(daemon: Daemon, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("a")
+    mod = daemon.modules["data"]
+    (mod / "m").mkdir()
+    (mod / "m" / "old").write_text("x")
+    s = await _run(daemon, "mirror", str(src) + "/", f"127.0.0.1:{daemon.info.port}:/data/m/")
+    assert (s.files_copied, s.files_deleted, s.exit_code) == (1, 1, 0)
+    assert s.strategy.startswith("push:")
+    assert os.listdir(mod / "m") == ["a"]

@@ -1,0 +1,69 @@
+"""The library API for Trio applications: `await blit.copy(...)` / `mirror` / `move` land the
+same trees as the CLI, return a Summary, and raise documented errors on bad input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import blit
+from helpers import Symlink, assert_same_tree, make_full_tree, make_tree, snapshot, write_file
+
+TREE = {"a.txt": "a\n", "sub/": {"b.bin": b"\x00" * 3000}, "link": Symlink("a.txt")}
+
+
+async def test_copy_returns_a_summary_and_lands_the_full_tree(tmp_path: Path) -> None:
+    src = make_full_tree(tmp_path / "src")
+    summary = await blit.copy(f"{src}/", str(tmp_path / "dst"))
+    assert isinstance(summary, blit.Summary)
+    assert summary.exit_code == 0 and summary.failures == []
+    assert summary.files_copied > 0
+    assert_same_tree(src, tmp_path / "dst")
+    again = await blit.copy(f"{src}/", str(tmp_path / "dst"))
+    assert again.files_copied == 0 and again.bytes_copied == 0
+
+
+async def test_mirror_deletes_extras(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", TREE)
+    dst = make_tree(tmp_path / "dst", {**TREE, "extra.txt": "x", "extra_dir/": {"y": "y"}})
+    summary = await blit.mirror(f"{src}/", str(dst))
+    assert summary.exit_code == 0, summary.failures
+    assert_same_tree(src, dst)
+
+
+async def test_move_removes_the_source(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", TREE)
+    expected = snapshot(src)
+    await blit.move(str(src), str(tmp_path / "dst"))
+    assert not os.path.lexists(src)
+    assert_same_tree(expected, snapshot(tmp_path / "dst"))
+
+
+async def test_bad_input_raises_a_usage_error_and_changes_nothing(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", TREE)
+    before = snapshot(tmp_path)
+    with pytest.raises(blit.UsageError):
+        await blit.copy(str(tmp_path / "missing"), str(tmp_path / "dst"))
+    with pytest.raises(blit.UsageError):
+        await blit.copy(f"{src}/", str(src / "sub/inner"))
+    with pytest.raises(blit.UsageError):
+        await blit.mirror(f"{src}/", str(src))
+    assert issubclass(blit.UsageError, blit.BlitError)
+    assert_same_tree(before, snapshot(tmp_path))
+
+
+async def test_options_select_compare_mode_and_filters(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", {"keep.c": "c\n", "drop.o": "o\n"})
+    dst = tmp_path / "dst"
+    opts = blit.Options(filters=[(False, "*.o")])
+    await blit.copy(f"{src}/", str(dst), opts)
+    assert sorted(os.listdir(dst)) == ["keep.c"]
+    st = os.stat(dst / "keep.c")
+    write_file(dst / "keep.c", b"C\n")
+    os.utime(dst / "keep.c", ns=(st.st_atime_ns, st.st_mtime_ns))
+    opts = blit.Options(compare=blit.Compare.CHECKSUM, filters=[(False, "*.o")])
+    summary = await blit.copy(f"{src}/", str(dst), opts)
+    assert summary.files_copied == 1
+    assert (dst / "keep.c").read_bytes() == b"c\n"

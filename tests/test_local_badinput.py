@@ -1,0 +1,173 @@
+"""Bad input gets one clear line naming the problem, the documented exit code, and nothing
+changed; a full disk stops the run with nothing half-written under a real name."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from helpers import (
+    MiB,
+    NOBODY,
+    Symlink,
+    assert_same_tree,
+    chown_tree,
+    describe_output,
+    extra_entries,
+    make_tree,
+    mounted_tmpfs,
+    run_blit,
+    snapshot,
+    stderr_lines,
+    write_file,
+)
+
+pytestmark = pytest.mark.usefixtures("blit_exe")
+
+TREE = {"a.txt": "a\n", "sub/": {"b.txt": "b\n", "inner/": {}}, "link": Symlink("a.txt")}
+
+
+def _one_error_line(proc, *needles: str, pattern: str | None = None) -> str:  # type: ignore[no-untyped-def]
+    """The single stderr line `blit: error: MESSAGE`, naming each needle (case-insensitive)."""
+    lines = stderr_lines(proc)
+    assert len(lines) == 1, f"expected one line on stderr\n{describe_output(proc)}"
+    line = lines[0]
+    assert line.startswith("blit: error: "), line
+    for n in needles:
+        assert n.lower() in line.lower(), f"{n!r} not in {line!r}"
+    if pattern:
+        assert re.search(pattern, line, re.I), f"{line!r} does not say {pattern!r}"
+    return line
+
+
+@pytest.mark.parametrize("op", ["copy", "mirror", "move"])
+def test_missing_source(tmp_path: Path, op: str) -> None:
+    before = snapshot(tmp_path, include_root=False)
+    proc = run_blit(op, tmp_path / "no_such_dir", tmp_path / "dst")
+    assert proc.returncode == 2, describe_output(proc)
+    _one_error_line(proc, "no_such_dir")
+    assert proc.stdout == b""
+    assert_same_tree(before, snapshot(tmp_path, include_root=False))
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [("src/", "src/sub/dst"), ("src", "src/dst"), ("src/", "src/sub"), ("src", "src/sub/deeper/x"),
+     ("src/", "alias/inside"), ("src", "./src/../src/sub"), ("src/", "into_src"),
+     ("src/", "into_src/new")],
+)  # fmt: skip
+@pytest.mark.parametrize("op", ["copy", "mirror", "move"])
+def test_destination_inside_the_source(tmp_path: Path, op: str, src: str, dst: str) -> None:
+    make_tree(tmp_path / "src", TREE)
+    os.symlink("src", tmp_path / "alias")
+    os.symlink("src/sub", tmp_path / "into_src")
+    before = snapshot(tmp_path, include_root=False)
+    proc = run_blit(op, src, dst, cwd=tmp_path)
+    assert proc.returncode == 2, describe_output(proc)
+    _one_error_line(proc, pattern="inside|within")
+    assert_same_tree(before, snapshot(tmp_path, include_root=False))
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [("src/", "src"), ("src/", "src/"), ("src/", "alias/"), ("src/", "alias"),
+     ("src/", "src/../src"), ("src/", "./src/sub/.."), ("src/a.txt", "src/a.txt"),
+     ("src/a.txt", "alias/a.txt"), ("src/a.txt", "src/sub/../a.txt"), ("src/a.txt", "src/")],
+)  # fmt: skip
+@pytest.mark.parametrize("op", ["copy", "mirror", "move"])
+def test_source_equal_to_destination(tmp_path: Path, op: str, src: str, dst: str) -> None:
+    make_tree(tmp_path / "src", TREE)
+    os.symlink("src", tmp_path / "alias")
+    before = snapshot(tmp_path, include_root=False)
+    proc = run_blit(op, src, dst, cwd=tmp_path)
+    assert proc.returncode == 2, describe_output(proc)
+    _one_error_line(proc, pattern="same|equal|itself")
+    assert_same_tree(before, snapshot(tmp_path, include_root=False))
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [":/module/path", "host:", "host:relative/path", "host:99999:/module/path",
+     "host:-1:/m/p", "[::1:/module/path", "[]:873:/m/p"],
+)  # fmt: skip
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_malformed_endpoint(tmp_path: Path, endpoint: str, side: str) -> None:
+    make_tree(tmp_path / "src", TREE)
+    before = snapshot(tmp_path, include_root=False)
+    args = ("src/", endpoint) if side == "destination" else (endpoint, "dst")
+    proc = run_blit("copy", *args, cwd=tmp_path)
+    assert proc.returncode == 2, describe_output(proc)
+    _one_error_line(proc, endpoint)
+    assert_same_tree(before, snapshot(tmp_path, include_root=False))
+
+
+def test_a_local_name_with_a_colon_is_reachable_as_dot_slash(tmp_path: Path) -> None:
+    make_tree(tmp_path / "src:x", TREE)
+    run_blit("copy", "./src:x/", "./dst:y", cwd=tmp_path, check=0)
+    assert_same_tree(tmp_path / "src:x", tmp_path / "dst:y")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["copy", "--frobnicate", "src/", "dst"], ["copy", "src/"], ["copy"],
+     ["copy", "src/", "dst", "extra"], ["teleport", "src/", "dst"],
+     ["copy", "--checksum", "--size-only", "src/", "dst"]],
+    ids=["unknown option", "missing DST", "missing SRC and DST", "extra argument",
+         "unknown verb", "conflicting compare flags"],
+)  # fmt: skip
+def test_bad_usage(tmp_path: Path, args: list[str]) -> None:
+    make_tree(tmp_path / "src", TREE)
+    before = snapshot(tmp_path, include_root=False)
+    proc = run_blit(*args, cwd=tmp_path)
+    assert proc.returncode == 2, describe_output(proc)
+    lines = stderr_lines(proc)
+    assert len(lines) == 1, f"expected one line naming the problem\n{describe_output(proc)}"
+    if "--frobnicate" in args:
+        assert "--frobnicate" in lines[0]
+    if "teleport" in args:
+        assert "teleport" in lines[0]
+    assert_same_tree(before, snapshot(tmp_path, include_root=False))
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("what", ["dir", "dir contents", "file"])
+def test_unreadable_source_root_is_fatal(nobody_tmp: Path, what: str) -> None:
+    make_tree(nobody_tmp / "src", TREE)
+    chown_tree(nobody_tmp / "src", NOBODY, NOBODY)
+    if what == "file":
+        os.chmod(nobody_tmp / "src/a.txt", 0o000)
+        src = str(nobody_tmp / "src/a.txt")
+    else:
+        os.chmod(nobody_tmp / "src", 0o000)
+        src = f"{nobody_tmp}/src" + ("/" if what == "dir contents" else "")
+    before = snapshot(nobody_tmp, include_root=False)
+    proc = run_blit("copy", src, nobody_tmp / "dst", as_nobody=True)
+    assert proc.returncode == 1, describe_output(proc)
+    _one_error_line(proc, "Permission denied")
+    assert_same_tree(before, snapshot(nobody_tmp, include_root=False))
+
+
+@pytest.mark.root
+def test_full_destination_disk(tmp_path: Path) -> None:
+    """5 MiB of files onto a 2 MiB tmpfs: exit 1, "No space left", nothing partial left behind."""
+    src = tmp_path / "src"
+    for i in range(10):
+        write_file(src / f"f{i:02d}.bin", os.urandom(512 * 1024))
+    write_file(src / "sub/tiny.txt", b"tiny\n")
+    write_file(src / "sub/big.bin", os.urandom(MiB + 5))
+    src_snap = snapshot(src)
+    with mounted_tmpfs(tmp_path / "mnt", "2m") as mnt:
+        proc = run_blit("copy", f"{src}/", mnt / "dst")
+        assert proc.returncode == 1, describe_output(proc)
+        err = proc.stderr.decode(errors="replace")
+        assert "No space left" in err, describe_output(proc)
+        assert any(ln.startswith("blit: error:") for ln in stderr_lines(proc)), describe_output(proc)
+        dst_snap = snapshot(mnt / "dst", include_root=False) if (mnt / "dst").exists() else {}
+        for p, e in dst_snap.items():
+            if e.kind == "file":
+                assert p in src_snap, f"{p!r} is not a source file: a temporary file left behind"
+                assert e.sha256 == src_snap[p].sha256, f"{p!r} is partial under its real name"
+        assert not extra_entries(src_snap, dst_snap), extra_entries(src_snap, dst_snap)

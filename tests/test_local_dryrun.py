@@ -1,0 +1,212 @@
+"""--dry-run changes nothing and lists what would be done; --json is valid NDJSON ending in the
+documented summary; the default output is one summary line, -q prints nothing, -v one line per
+entry (docs/cli.md, "Output" and "JSON events")."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import (
+    NOBODY,
+    Symlink,
+    assert_same_tree,
+    chown_tree,
+    describe_output,
+    json_events,
+    make_tree,
+    run_blit,
+    snapshot,
+    write_file,
+)
+
+pytestmark = pytest.mark.usefixtures("blit_exe")
+
+TREE = {
+    "a.txt": "a\n",
+    "b.bin": b"\x01" * 5000,
+    "sub/": {"c.txt": "c\n", "deeper/": {"d.txt": "d\n"}},
+    "empty/": {},
+    "link": Symlink("a.txt"),
+    b"caf\xe9": "latin-1 name\n",
+    "space name.txt": "s\n",
+}
+N_FILES = 6
+N_BYTES = 2 + 5000 + 2 + 2 + len("latin-1 name\n") + 2
+
+SUMMARY_KEYS = {"event", "operation", "files_copied", "bytes_copied", "files_deleted",
+                "files_skipped", "dirs_created", "links_created", "failures", "duration_s",
+                "dry_run", "exit_code"}  # fmt: skip
+
+
+def _stale_dst(tmp_path: Path, src: Path) -> Path:
+    dst = tmp_path / "dst"
+    run_blit("copy", f"{src}/", dst, check=0)
+    write_file(dst / "extra.txt", b"extra\n")
+    write_file(dst / "extra_dir/x.txt", b"x\n")
+    write_file(dst / "a.txt", b"stale and longer\n")
+    return dst
+
+
+@pytest.mark.parametrize("op", ["copy", "mirror", "move"])
+def test_dry_run_changes_nothing(tmp_path: Path, op: str) -> None:
+    src = make_tree(tmp_path / "src", TREE)
+    dst = _stale_dst(tmp_path, src)
+    src_before, dst_before = snapshot(src), snapshot(dst)
+    proc = run_blit(op, "--dry-run", f"{src}/", dst, check=0)
+    assert_same_tree(src_before, snapshot(src))
+    assert_same_tree(dst_before, snapshot(dst))
+    out = proc.stdout.decode(errors="surrogateescape")
+    assert "a.txt" in out, describe_output(proc)  # the stale file would be copied
+    if op == "mirror":
+        assert "extra.txt" in out and "extra_dir" in out, describe_output(proc)
+    assert "extra.txt" not in out or op == "mirror", describe_output(proc)
+
+
+def test_dry_run_into_a_missing_destination_creates_nothing(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", TREE)
+    before = snapshot(src)
+    proc = run_blit("copy", "-n", f"{src}/", tmp_path / "new/dst", check=0)
+    assert not os.path.lexists(tmp_path / "new")
+    assert_same_tree(before, snapshot(src))
+    out = proc.stdout
+    for name in (b"a.txt", b"b.bin", b"sub/c.txt", b"sub/deeper/d.txt", b"space name.txt", b"link"):
+        assert name in out, f"{name!r} not listed\n{describe_output(proc)}"
+
+
+def test_dry_run_json_lists_each_action_with_round_tripping_paths(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", TREE)
+    dst = _stale_dst(tmp_path, src)
+    dst_before = snapshot(dst)
+    proc = run_blit("mirror", "--dry-run", "--json", f"{src}/", dst, check=0)
+    assert_same_tree(dst_before, snapshot(dst))
+    events = json_events(proc)
+    assert events[0]["event"] == "start" and events[0]["dry_run"] is True
+    actions = {(e["action"], os.fsencode(e["path"])) for e in events if e["event"] == "action"}
+    assert ("copy", b"a.txt") in actions, actions
+    deleted = {p for a, p in actions if a == "delete"}
+    assert b"extra.txt" in deleted and any(p.startswith(b"extra_dir") for p in deleted), actions
+    assert not any(p.startswith(b"sub") for p in deleted)
+    summary = events[-1]
+    assert summary["event"] == "summary" and summary["dry_run"] is True
+    assert summary["exit_code"] == 0
+
+    # A non-UTF-8 name comes out with surrogate escapes and round-trips through os.fsencode.
+    proc = run_blit("copy", "--dry-run", "--json", f"{src}/", tmp_path / "fresh", check=0)
+    paths = {os.fsencode(e["path"]) for e in json_events(proc) if e["event"] == "action"}
+    assert b"caf\xe9" in paths, paths
+
+
+def test_json_run_is_ndjson_ending_in_the_documented_summary(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", TREE)
+    proc = run_blit("copy", "--json", f"{src}/", tmp_path / "dst", check=0)
+    assert proc.stderr == b"", describe_output(proc)
+    events = json_events(proc)
+    start = events[0]
+    assert start["event"] == "start"
+    assert start["operation"] == "copy" and start["dry_run"] is False
+    assert {"source", "destination"} <= start.keys()
+    summary = events[-1]
+    assert summary["event"] == "summary"
+    assert SUMMARY_KEYS <= summary.keys(), SUMMARY_KEYS - summary.keys()
+    assert summary["operation"] == "copy"
+    assert summary["files_copied"] == N_FILES
+    assert summary["bytes_copied"] == N_BYTES
+    assert summary["files_deleted"] == 0
+    assert summary["failures"] == []
+    assert summary["dry_run"] is False
+    assert summary["exit_code"] == 0 == proc.returncode
+    assert isinstance(summary["duration_s"], (int, float)) and summary["duration_s"] >= 0
+    assert [e["event"] for e in events].count("summary") == 1
+    for e in events:
+        if e["event"] == "progress":
+            assert {"files_done", "bytes_done", "files_total", "bytes_total", "elapsed_s"} <= e.keys()
+    assert_same_tree(src, tmp_path / "dst")
+
+
+@pytest.mark.slow
+def test_json_progress_events_come_at_most_ten_per_second(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for i in range(40):
+        write_file(src / f"d{i % 8}" / f"f{i}.bin", os.urandom(4 * 1024 * 1024))
+    for i in range(3000):
+        write_file(src / f"small{i % 30}" / f"s{i}", b"x" * (i % 500))
+    t0 = time.monotonic()
+    proc = run_blit("copy", "--json", f"{src}/", tmp_path / "dst", check=0)
+    wall = time.monotonic() - t0
+    events = json_events(proc)
+    progress = [e for e in events if e["event"] == "progress"]
+    assert len(progress) <= 10 * wall + 1, (len(progress), wall)
+    elapsed = [e["elapsed_s"] for e in progress]
+    assert elapsed == sorted(elapsed)
+    assert all(b - a >= 0.09 for a, b in zip(elapsed, elapsed[1:])), elapsed
+    done = [e["bytes_done"] for e in progress]
+    assert done == sorted(done)
+
+
+@pytest.mark.root
+def test_json_reports_each_failure_and_exit_code_3(nobody_tmp: Path) -> None:
+    src = make_tree(nobody_tmp / "src", {"ok.txt": "ok\n", "secret.txt": "s\n"})
+    chown_tree(src, NOBODY, NOBODY)
+    os.chmod(src / "secret.txt", 0o000)
+    proc = run_blit("copy", "--json", f"{src}/", nobody_tmp / "dst", as_nobody=True)
+    assert proc.returncode == 3, describe_output(proc)
+    events = json_events(proc)
+    errors = [e for e in events if e["event"] == "error"]
+    assert [e["path"] for e in errors] == ["secret.txt"], errors
+    assert errors[0]["op"] and "Permission denied" in errors[0]["message"]
+    summary = events[-1]
+    assert summary["event"] == "summary" and summary["exit_code"] == 3
+    assert [f["path"] for f in summary["failures"]] == ["secret.txt"]
+    assert {"path", "op", "message"} <= summary["failures"][0].keys()
+    assert (nobody_tmp / "dst/ok.txt").read_bytes() == b"ok\n"
+
+
+def test_default_output_is_one_summary_line(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", TREE)
+    proc = run_blit("copy", f"{src}/", tmp_path / "dst", check=0)
+    lines = proc.stdout.decode().splitlines()
+    assert len(lines) == 1, describe_output(proc)
+    assert lines[0].startswith(f"copied {N_FILES} files"), lines
+    assert proc.stderr == b""
+
+
+def test_quiet_prints_nothing_on_success(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", TREE)
+    for flag in ("-q", "--quiet"):
+        proc = run_blit("copy", flag, f"{src}/", tmp_path / f"dst{flag}", check=0)
+        assert proc.stdout == b"" and proc.stderr == b"", describe_output(proc)
+        assert_same_tree(src, tmp_path / f"dst{flag}")
+
+
+def test_verbose_prints_one_line_per_entry_changed(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", TREE)
+    proc = run_blit("copy", "-v", f"{src}/", tmp_path / "dst", check=0)
+    out = proc.stdout.splitlines()
+    for name in (b"a.txt", b"b.bin", b"sub/c.txt", b"sub/deeper/d.txt", b"link"):
+        assert sum(1 for ln in out if ln.endswith(b" " + name)) == 1, (name, out)
+    assert any(b"caf" in ln for ln in out), out  # the non-UTF-8 name, raw or escaped
+    again = run_blit("copy", "-v", f"{src}/", tmp_path / "dst", check=0)
+    assert len(again.stdout.splitlines()) == 1, describe_output(again)  # only the summary
+
+
+def test_verbose_mirror_lists_deletions(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", TREE)
+    dst = _stale_dst(tmp_path, src)
+    proc = run_blit("mirror", "-v", f"{src}/", dst, check=0)
+    out = proc.stdout.splitlines()
+    assert any(b"extra.txt" in ln for ln in out), describe_output(proc)
+    assert any(b"extra_dir" in ln for ln in out), describe_output(proc)
+    assert any(ln.endswith(b" a.txt") for ln in out), describe_output(proc)
+    assert_same_tree(src, dst)
+
+
+def test_progress_bar_goes_to_stderr_and_changes_nothing_else(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", TREE)
+    proc = run_blit("copy", "--progress", f"{src}/", tmp_path / "dst", check=0)
+    lines = proc.stdout.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"copied {N_FILES} files"), describe_output(proc)
+    assert_same_tree(src, tmp_path / "dst")

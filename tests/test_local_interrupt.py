@@ -1,0 +1,361 @@
+"""Interrupted runs: kill -9 never leaves a partial file under a real name; SIGINT and SIGTERM
+stop within about a second with exit code 130 and no temporary files; a rerun converges.
+
+The source (~215 MiB in files of 1-20 MiB plus 3,000 small files) takes a couple of seconds to
+copy, and each interruption is timed by watching the bytes land in the destination, so that it
+hits the middle of the run rather than a moment picked by the clock.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers import (
+    BLIT,
+    BLIT_ENV,
+    MiB,
+    Snapshot,
+    assert_same_tree,
+    describe_output,
+    extra_entries,
+    files_equal_to_source,
+    make_bulk_tree,
+    rmtree,
+    run_blit,
+    snapshot,
+    walk,
+    write_file,
+)
+
+pytestmark = [pytest.mark.usefixtures("blit_exe"), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def big_src(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Snapshot, int]]:
+    root = tmp_path_factory.mktemp("interrupt")
+    src = root / "src"
+    rng = random.Random(7)
+    total, i = 0, 0
+    while total < 200 * MiB:
+        n = rng.randint(1, 20) * MiB + rng.randint(0, 4095)
+        write_file(src / f"big{i % 3}" / f"f{i:02d}.bin", os.urandom(n))
+        total, i = total + n, i + 1
+    for j in range(3000):
+        n = rng.randint(0, 8192)
+        write_file(src / "small" / f"d{j % 50:02d}" / f"s{j:04d}", os.urandom(n))
+        total += n
+    os.symlink("big0", src / "link_to_big0")
+    yield src, snapshot(src), total
+    rmtree(root)
+
+
+def _landed(dst: Path) -> int:
+    """Bytes in regular files under dst (temporary files included); 0 if dst is not there yet."""
+    try:
+        return sum(st.st_size for _, st in walk(dst) if stat.S_ISREG(st.st_mode))
+    except FileNotFoundError:
+        return 0
+
+
+def _start(src: Path, dst: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [BLIT, "copy", f"{src}/", str(dst)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=BLIT_ENV,
+    )
+
+
+def _run_until(proc: subprocess.Popen[bytes], dst: Path, nbytes: int, timeout: float = 60) -> None:
+    """Wait until at least nbytes landed in dst (dst exists, for nbytes 0)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(
+                f"blit exited ({proc.returncode}) before {nbytes} bytes landed: the tree is too "
+                f"small to interrupt on this machine\nstdout: {out[-2000:]!r}\nstderr: {err[-2000:]!r}"
+            )
+        if (nbytes == 0 and dst.exists()) or (nbytes and _landed(dst) >= nbytes):
+            return
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    pytest.fail(f"{nbytes} bytes did not land within {timeout} s")
+
+
+def _assert_no_partial_file(src_snap: Snapshot, dst: Path) -> Snapshot:
+    dst_snap = snapshot(dst) if dst.exists() else {}
+    bad = files_equal_to_source(src_snap, dst_snap)
+    assert not bad, "partial files under real names:\n" + "\n".join(bad[:20])
+    return dst_snap
+
+
+def _rerun_converges(src: Path, src_snap: Snapshot, dst: Path) -> None:
+    proc = run_blit("copy", f"{src}/", dst, timeout=300)
+    assert proc.returncode == 0, describe_output(proc)
+    assert_same_tree(src_snap, snapshot(dst))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.05, 0.3, 0.6, 0.85])
+def test_kill_9_leaves_no_partial_file_and_a_rerun_completes(
+    big_src: tuple[Path, Snapshot, int], tmp_path: Path, fraction: float
+) -> None:
+    src, src_snap, total = big_src
+    dst = tmp_path / "dst"
+    proc = _start(src, dst)
+    try:
+        _run_until(proc, dst, int(total * fraction))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    dst_snap = _assert_no_partial_file(src_snap, dst)
+    complete = [p for p, e in dst_snap.items() if e.kind == "file" and p in src_snap]
+    if fraction >= 0.3:
+        assert len(complete) < sum(1 for e in src_snap.values() if e.kind == "file"), (
+            "the copy was already complete when killed: nothing was tested"
+        )
+    _rerun_converges(src, src_snap, dst)
+    rmtree(dst)
+
+
+def test_repeated_kills_then_a_rerun_completes(
+    big_src: tuple[Path, Snapshot, int], tmp_path: Path
+) -> None:
+    """Each run resumes the previous one's leftovers; none of them may corrupt a file."""
+    src, src_snap, total = big_src
+    dst = tmp_path / "dst"
+    for fraction in (0.2, 0.45, 0.7):
+        proc = _start(src, dst)
+        try:
+            _run_until(proc, dst, int(total * fraction))
+            proc.kill()
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+        _assert_no_partial_file(src_snap, dst)
+    _rerun_converges(src, src_snap, dst)
+    rmtree(dst)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.6])
+def test_sigint_and_sigterm_stop_within_a_second_and_clean_up(
+    big_src: tuple[Path, Snapshot, int], tmp_path: Path, sig: signal.Signals, fraction: float
+) -> None:
+    src, src_snap, total = big_src
+    dst = tmp_path / "dst"
+    proc = _start(src, dst)
+    try:
+        _run_until(proc, dst, int(total * fraction))
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"blit still running 10 s after {sig.name}")
+        stopped_in = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out, err = proc.communicate()
+    shown = f"stdout: {out[-2000:]!r}\nstderr: {err[-2000:]!r}"
+    assert proc.returncode == 130, f"exit code {proc.returncode} after {sig.name}\n{shown}"
+    assert stopped_in < 1.5, f"took {stopped_in:.2f} s to stop after {sig.name}"
+    dst_snap = _assert_no_partial_file(src_snap, dst)
+    leftovers = extra_entries(src_snap, dst_snap)
+    assert not leftovers, f"left behind after {sig.name}: {leftovers[:10]}"
+    _rerun_converges(src, src_snap, dst)
+    rmtree(dst)
+
+
+# --- The same with worker processes (many small files in many directories) -----------------
+
+
+@pytest.fixture(scope="module")
+def bulk_src(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Snapshot, int]]:
+    root = tmp_path_factory.mktemp("interrupt_bulk")
+    src = make_bulk_tree(root / "src", files=30_000, dirs=300)
+    for i in range(2):
+        write_file(src / f"big/f{i}.bin", os.urandom(8 * MiB))
+    yield src, snapshot(src), _landed(src)
+    rmtree(root)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                fields = Path(f"/proc/{p}/stat").read_bytes().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(p))
+    return out
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != b"Z":
+            alive.append(p)
+    return alive
+
+
+def _run_until_workers(proc: subprocess.Popen[bytes], dst: Path, timeout: float = 60) -> list[int]:
+    """Wait until blit has worker processes and they have been at work for 0.2 s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("blit finished without starting worker processes: this tree no longer "
+                        "reaches the process mode; give it more small files")  # fmt: skip
+        workers = _children(proc.pid)
+        if workers:
+            time.sleep(0.2)
+            if proc.poll() is None:
+                return workers
+        time.sleep(0.005)
+    pytest.fail(f"no worker processes within {timeout} s")
+
+
+def _listing(dst: Path) -> dict[bytes, tuple[int, int]]:
+    return {p: (st.st_size, st.st_mtime_ns) for p, st in walk(dst)}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_stops_worker_processes_too(
+    bulk_src: tuple[Path, Snapshot, int], tmp_path: Path, sig: signal.Signals
+) -> None:
+    src, src_snap, total = bulk_src
+    dst = tmp_path / "dst"
+    proc = _start(src, dst)
+    try:
+        workers = _run_until_workers(proc, dst)
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"blit still running 10 s after {sig.name}")
+        stopped_in = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out, err = proc.communicate()
+    shown = f"stdout: {out[-2000:]!r}\nstderr: {err[-2000:]!r}"
+    assert proc.returncode == 130, f"exit code {proc.returncode} after {sig.name}\n{shown}"
+    assert stopped_in < 1.5, f"took {stopped_in:.2f} s to stop after {sig.name}"
+    assert not _alive(workers), f"worker processes {_alive(workers)} outlived blit"
+    dst_snap = _assert_no_partial_file(src_snap, dst)
+    leftovers = extra_entries(src_snap, dst_snap)
+    assert not leftovers, f"left behind after {sig.name}: {leftovers[:10]}"
+    _rerun_converges(src, src_snap, dst)
+    rmtree(dst)
+
+
+def test_kill_9_stops_every_write_and_a_rerun_completes(
+    bulk_src: tuple[Path, Snapshot, int], tmp_path: Path
+) -> None:
+    """After kill -9 of blit, nothing goes on writing into the destination (no orphan worker)."""
+    src, src_snap, total = bulk_src
+    dst = tmp_path / "dst"
+    proc = _start(src, dst)
+    try:
+        workers = _run_until_workers(proc, dst)
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    time.sleep(0.5)
+    first = _listing(dst)
+    time.sleep(1.5)
+    second = _listing(dst)
+    try:
+        assert first == second, (
+            f"the destination still changed 0.5-2 s after kill -9 ({len(second) - len(first)} "
+            f"new entries): worker processes {_alive(workers)} went on without blit"
+        )
+        assert not _alive(workers), f"worker processes {_alive(workers)} outlived blit"
+    finally:
+        for p in _alive(workers):
+            os.kill(p, signal.SIGKILL)
+    _assert_no_partial_file(src_snap, dst)
+    _rerun_converges(src, src_snap, dst)
+    rmtree(dst)
+
+
+# --- Interrupted mirror over a stale destination ---------------------------------------------
+
+
+def _stale_copy(src: Path, dst: Path) -> Snapshot:
+    """dst: a copy of src with a third of the big files changed (same size, older mtime) and
+    extras; returns its snapshot."""
+    proc = run_blit("copy", f"{src}/", dst, timeout=300)
+    assert proc.returncode == 0, describe_output(proc)
+    for i, (rel, st) in enumerate(sorted(walk(dst))):
+        if stat.S_ISREG(st.st_mode) and st.st_size > MiB and i % 3 == 0:
+            p = os.path.join(os.fsencode(dst), rel)
+            with open(p, "r+b") as f:
+                f.seek(st.st_size // 2)
+                f.write(b"STALE")
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))
+    for j in range(200):
+        write_file(dst / "small" / f"d{j % 50:02d}" / f"extra{j}", b"extra" * j)
+    return snapshot(dst)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_interrupted_mirror_leaves_old_or_new_files_and_a_rerun_converges(
+    big_src: tuple[Path, Snapshot, int], tmp_path: Path, sig: signal.Signals
+) -> None:
+    src, src_snap, total = big_src
+    dst = tmp_path / "dst"
+    stale = _stale_copy(src, dst)
+    proc = subprocess.Popen([BLIT, "mirror", "--ignore-times", f"{src}/", str(dst)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, env=BLIT_ENV)  # fmt: skip
+    try:
+        time.sleep(0.3)  # --ignore-times rewrites every file: the run lasts as long as a copy
+        assert proc.poll() is None, "mirror finished before the signal: nothing was tested"
+        proc.send_signal(sig)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out, err = proc.communicate()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    after = snapshot(dst)
+    mixed = [p for p, e in after.items() if e.kind == "file" and p in src_snap
+             and e.sha256 not in (src_snap[p].sha256, stale[p].sha256 if p in stale else None)]  # fmt: skip
+    assert not mixed, f"files that are neither the old nor the new version: {mixed[:10]}"
+    if sig == signal.SIGINT:
+        leftovers = [p for p in extra_entries(src_snap, after) if p not in stale]
+        assert not leftovers, f"temporary files left after SIGINT: {leftovers[:10]}"
+    proc2 = run_blit("mirror", f"{src}/", dst, timeout=300)
+    assert proc2.returncode == 0, describe_output(proc2)
+    assert_same_tree(src_snap, snapshot(dst))
+    rmtree(dst)

@@ -1,0 +1,242 @@
+"""Mirror: deletes what the source lacks, only inside the filter scope, and nothing at all when
+the source could not be read in full. Filters are checked against `rsync -a --delete`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import (
+    NOBODY,
+    Symlink,
+    assert_same_tree,
+    chown_tree,
+    cp_a,
+    describe_output,
+    json_events,
+    make_tree,
+    recent_mtimes,
+    run_blit,
+    run_rsync,
+    snapshot,
+    stderr_lines,
+    summary_of,
+    write_file,
+)
+
+pytestmark = pytest.mark.usefixtures("blit_exe")
+
+SMALL = {
+    "a.txt": "a\n",
+    "b.bin": b"\x00\x01" * 1000,
+    "sub/": {"c.txt": "c\n", "deeper/": {"d.txt": "d\n"}},
+    "empty/": {},
+    "link": Symlink("a.txt"),
+}
+
+
+def test_mirror_deletes_extras_and_nothing_else(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", SMALL)
+    dst = tmp_path / "dst"
+    outside = make_tree(tmp_path / "outside", {"precious.txt": "keep me\n", "dir/": {"x": "x"}})
+    outside_before = snapshot(outside)
+    run_blit("copy", f"{src}/", dst, check=0)
+    write_file(dst / "extra.txt", b"extra\n")
+    write_file(dst / "sub/extra.txt", b"extra\n")
+    write_file(dst / "extra_dir/x/y/z.txt", b"deep extra\n")
+    os.makedirs(dst / "extra_empty")
+    write_file(dst / "extra_ro/inside.txt", b"in a read-only extra dir\n")
+    os.chmod(dst / "extra_ro", 0o555)
+    os.symlink("a.txt", dst / "sub/extra_link")
+    os.symlink(outside, dst / "escape")  # deleting it must not touch what it points to
+    os.symlink(outside / "dir", dst / "sub/deeper/escape_dir")
+    os.mkfifo(dst / "extra_fifo")
+    summary = summary_of(run_blit("mirror", "--json", f"{src}/", dst, check=0))
+    assert_same_tree(src, dst)
+    assert_same_tree(outside_before, snapshot(outside))
+    assert summary["files_deleted"] >= 7, summary
+    assert summary["failures"] == []
+
+
+def test_mirror_of_an_empty_source_empties_the_destination(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", {})
+    dst = make_tree(tmp_path / "dst", SMALL)
+    run_blit("mirror", f"{src}/", dst, check=0)
+    assert os.listdir(dst) == []
+    assert_same_tree(src, dst)
+
+
+def test_mirror_keeps_excluded_destination_entries(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", {**SMALL, "a.o": "object\n", "sub/": {"c.txt": "c\n", "c.o": "o"}})
+    dst = make_tree(tmp_path / "dst", {"x.o": "excluded extra\n", "sub/": {"y.o": "nested excluded"},
+                                       "gone.txt": "not excluded, deleted\n"})  # fmt: skip
+    run_blit("mirror", "--exclude", "*.o", f"{src}/", dst, check=0)
+    assert (dst / "x.o").read_bytes() == b"excluded extra\n"
+    assert (dst / "sub/y.o").read_bytes() == b"nested excluded"
+    assert not (dst / "a.o").exists() and not (dst / "sub/c.o").exists()
+    assert not (dst / "gone.txt").exists()
+    assert (dst / "sub/c.txt").read_bytes() == b"c\n"
+
+
+FILTER_SOURCE = {
+    "a.c": "c source\n",
+    "a.o": "object\n",
+    "keep.o": "kept object\n",
+    "lib.a": "archive\n",
+    "x/": {"in_x.txt": "top x\n"},
+    "build/": {"out.bin": "built\n", "sub/": {"more.bin": "more\n"}},
+    "build_not_dir": "name starts like build\n",
+    "name with space.txt": "spaces\n",
+    "1.txt": "one\n",
+    "12.txt": "twelve\n",
+    "sub/": {
+        "x/": {"nested_x.txt": "nested x\n"},
+        "x.txt": "x.txt\n",
+        "b.c": "b\n",
+        "b.o": "b object\n",
+        "keep.o": "nested kept object\n",
+        "build": "a FILE named build\n",
+        "note.txt": "note\n",
+        "sub/": {"note.txt": "sub/sub/note\n"},
+    },
+    "deep/": {"a/": {"b/": {"z.txt": "z\n", "z.log": "log\n"}}, "z.txt": "top z\n",
+              "build": Symlink("a")},
+    "star*": "a name with a literal star\n",
+    "starry": "a name the star pattern would match\n",
+}
+
+FILTER_DEST = {
+    "stale.o": "extra object (excluded by *.o filters)\n",
+    "stale.txt": "extra text\n",
+    "x/": {"extra_in_x.txt": "extra\n"},
+    "build/": {"old.bin": "old build output\n"},
+    "sub/": {"old.o": "old\n", "old.c": "old c\n", "x/": {"old": "old\n"},
+             "extra_note.txt": "extra\n", "sub/": {"extra.txt": "extra\n"}},
+    "deep/": {"a/": {"b/": {"old.log": "old log\n"}}},
+    "only_dst_dir/": {"f.txt": "f\n", "g.o": "g\n"},
+}  # fmt: skip
+
+FILTERS = {
+    "exclude *.o": ["--exclude", "*.o"],
+    "exclude build/": ["--exclude", "build/"],
+    "exclude build": ["--exclude", "build"],
+    "include keep.o before exclude *.o": ["--include", "keep.o", "--exclude", "*.o"],
+    "exclude *.o before include keep.o": ["--exclude", "*.o", "--include", "keep.o"],
+    "exclude anchored /x": ["--exclude", "/x"],
+    "exclude x at any depth": ["--exclude", "x"],
+    "exclude sub/*.txt": ["--exclude", "sub/*.txt"],
+    "exclude /sub/*.txt": ["--exclude", "/sub/*.txt"],
+    "exclude deep/**": ["--exclude", "deep/**"],
+    "exclude **/b/*.log": ["--exclude", "**/b/*.log"],
+    "only *.c and dirs": ["--include", "*/", "--include", "*.c", "--exclude", "*"],
+    "exclude class *.[oa]": ["--exclude", "*.[oa]"],
+    "exclude ?.txt": ["--exclude", "?.txt"],
+    "exclude name with space*": ["--exclude", "name with space*"],
+    "exclude=form": ["--exclude=*.o", "--include=x/"],
+    "negated class *.[!c]": ["--exclude", "*.[!c]"],
+    "escaped star": ["--exclude", "star\\*"],
+    "only sub/*.c": ["--include", "sub/", "--include", "sub/*.c", "--exclude", "*"],
+    "exclude dir contents sub/*": ["--exclude", "sub/*"],
+}
+
+
+@pytest.mark.parametrize("flags", FILTERS.values(), ids=FILTERS.keys())
+def test_mirror_filters_match_rsync_delete(tmp_path: Path, flags: list[str]) -> None:
+    src = make_tree(tmp_path / "src", FILTER_SOURCE)
+    r_dst = make_tree(tmp_path / "rsync", FILTER_DEST)
+    b_dst = make_tree(tmp_path / "blit", FILTER_DEST)
+    start = time.time_ns() - 1_000_000_000
+    assert run_rsync("-a", "--delete", *flags, f"{src}/", f"{r_dst}/") == 0
+    run_blit("mirror", *flags, f"{src}/", b_dst, check=0)
+    # A destination-only directory that keeps excluded entries gets the time of the deletions.
+    assert_same_tree(recent_mtimes(snapshot(r_dst), start), recent_mtimes(snapshot(b_dst), start))
+
+
+@pytest.mark.parametrize("flags", [FILTERS["exclude *.o"], FILTERS["only *.c and dirs"],
+                                   FILTERS["exclude anchored /x"]])  # fmt: skip
+def test_copy_filters_match_rsync(tmp_path: Path, flags: list[str]) -> None:
+    src = make_tree(tmp_path / "src", FILTER_SOURCE)
+    assert run_rsync("-a", *flags, f"{src}/", f"{tmp_path}/rsync/") == 0
+    run_blit("copy", *flags, f"{src}/", tmp_path / "blit", check=0)
+    assert_same_tree(tmp_path / "rsync", tmp_path / "blit")
+
+
+@pytest.mark.root
+def test_mirror_deletes_nothing_when_part_of_the_source_is_unreadable(nobody_tmp: Path) -> None:
+    src = make_tree(nobody_tmp / "src", {"a.txt": "a\n", "changed.txt": "v1\n",
+                                         "locked/": {"secret.txt": "s\n", "inner/": {"t": "t"}},
+                                         "sub/": {"b.txt": "b\n"}})  # fmt: skip
+    dst = nobody_tmp / "dst"
+    cp_a(src, dst)
+    write_file(dst / "extra.txt", b"extra, must survive\n")
+    write_file(dst / "sub/extra2.txt", b"extra, must survive\n")
+    write_file(src / "changed.txt", b"v2, longer\n", mtime_ns=1_700_000_000_000_000_000)
+    chown_tree(src, NOBODY, NOBODY)
+    chown_tree(dst, NOBODY, NOBODY)
+    os.chmod(src / "locked", 0o000)
+    dst_extras = {p: e for p, e in snapshot(dst).items() if b"extra" in p or p.startswith(b"locked")}
+
+    proc = run_blit("mirror", f"{src}/", dst, as_nobody=True)
+    assert proc.returncode == 3, describe_output(proc)
+    lines = stderr_lines(proc)
+    assert any("locked" in ln and "Permission denied" in ln for ln in lines), describe_output(proc)
+    assert any(re.search(r"delet", ln, re.I) and "locked" not in ln for ln in lines), (
+        "mirror must say that (and why) it deleted nothing\n" + describe_output(proc)
+    )
+    after = snapshot(dst)
+    for p, e in dst_extras.items():
+        assert p in after, f"{p!r} was deleted although the source scan was incomplete"
+        assert after[p].sha256 == e.sha256
+    # What could be read was still copied.
+    assert (dst / "changed.txt").read_bytes() == b"v2, longer\n"
+
+    # --json says the same: an error event for the unreadable directory, exit_code 3.
+    os.chmod(src / "locked", 0o000)
+    proc = run_blit("mirror", "--json", f"{src}/", dst, as_nobody=True)
+    assert proc.returncode == 3, describe_output(proc)
+    events = json_events(proc)
+    errors = [e for e in events if e["event"] == "error"]
+    assert any(e["path"].startswith("locked") for e in errors), errors
+    summary = events[-1]
+    assert summary["event"] == "summary" and summary["exit_code"] == 3
+    assert summary["files_deleted"] == 0
+    assert (dst / "extra.txt").exists()
+
+
+def test_mirror_replaces_dir_by_file_and_file_by_dir(tmp_path: Path) -> None:
+    outside = make_tree(tmp_path / "outside", {"victim.txt": "must stay\n"})
+    outside_before = snapshot(outside)
+    src = make_tree(tmp_path / "src", {
+        "x": "x is a file now\n",
+        "y/": {"inside.txt": "y is a dir now\n", "deeper/": {"z": "z"}},
+        "z": Symlink("y"),
+        "w/": {"file.txt": "w is a real dir\n"},
+        "v/": {},
+    })  # fmt: skip
+    dst = make_tree(tmp_path / "dst", {
+        "x/": {"old/": {"deep.txt": "old\n"}, "old.txt": "old\n"},
+        "y": "y was a file\n",
+        "z/": {"was_dir.txt": "z was a dir\n"},
+        "w": Symlink(str(outside)),
+        "v": Symlink("x"),
+    })  # fmt: skip
+    run_blit("mirror", f"{src}/", dst, check=0)
+    assert_same_tree(src, dst)
+    assert_same_tree(outside_before, snapshot(outside))
+
+
+def test_copy_replaces_a_symlink_where_the_source_has_a_dir_without_following_it(
+    tmp_path: Path,
+) -> None:
+    outside = make_tree(tmp_path / "outside", {"victim.txt": "must stay\n"})
+    outside_before = snapshot(outside)
+    src = make_tree(tmp_path / "src", {"w/": {"victim.txt": "from the source\n", "new": "n"}})
+    dst = make_tree(tmp_path / "dst", {"w": Symlink(str(outside))})
+    run_blit("copy", f"{src}/", dst, check=0)
+    assert_same_tree(outside_before, snapshot(outside))
+    assert_same_tree(src, dst)
