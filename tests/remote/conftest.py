@@ -26,6 +26,11 @@ from blit.daemon import ServeInfo, load_config, serve  # noqa: E402
 from blit.endpoint import HostSpec  # noqa: E402
 from blit.transport import client as client_mod  # noqa: E402
 from blit.transport import control  # noqa: E402
+from blit.transport import protocol as _protocol  # noqa: E402
+
+# In tests, everything we send is checked with the receiving side's rules (our bugs surface as
+# LocalProtocolError); production skips that (protocol.VALIDATE_OUTGOING).
+_protocol.VALIDATE_OUTGOING = True
 
 
 @dataclass

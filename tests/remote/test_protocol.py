@@ -38,12 +38,43 @@ SAMPLES: list[p.Message] = [
     p.TransferDone(files=1, nbytes=2, failures=[p.FileFailure(id=3, message="gone")]),
     p.Error(error="bad-request", message="no"),
     p.Ack(),
+    p.OpenTree(module="m", path=b"", direction="push", operation="mirror", compare=1, filters=[p.FilterRule(include=False, pattern="*.o")]),
+    p.TreeDir(
+        transfer=1,
+        rel=b"a",
+        dst_rel=b"b",
+        dst_new=True,
+        only=[p.Rename(name=b"x", dname=b"y")],
+        entries=[
+            p.SrcEntry(name=b"\xff", mode=0o100644, size=3, mtime_ns=1, atime_ns=2, uid=0, gid=0, dev=5, ino=6, nlink=2, rdev=0, blocks=8,
+                       xattrs=[p.XAttr(name="user.a", value=b"v")]),
+        ],
+    ),
+    p.DirPlanned(subdirs=[p.SubDir(name=b"d", dname=b"d", new=True)], need=[p.Need(id=3, name=b"f")], failures=[p.PathFailure(path=b"p", op="copy", message="m")]),
+    p.TreeScan(transfer=1, rel=b""),
+    p.DirManifest(entries=[], incomplete=False),
+    p.TreeFinish(transfer=1, source_complete=False),
+    p.TreeDone(files_copied=1, bytes_copied=2, files_skipped=3, dirs_created=4, links_created=5, files_deleted=6, entries_seen=7, failures=[], deletions_skipped="why"),
 ]
 
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_messages_round_trip(msg: p.Message) -> None:
-    assert p.decode(type(msg), p.encode(msg)) == msg
+    wire = p.encode(msg)
+    back = p.decode(type(msg), wire)
+    assert p.encode(back) == wire
+    if "entries=[SrcEntry" not in repr(msg):  # RAW entries come back as their arrays
+        assert back == msg
+
+
+def test_raw_entries_decode_to_meta_ordered_arrays() -> None:
+    e = p.SrcEntry(name=b"n", mode=1, size=2, mtime_ns=3, atime_ns=4, uid=5, gid=6, ino=7, dev=8, nlink=9, rdev=10, blocks=11)
+    back = p.decode(p.DirManifest, p.encode(p.DirManifest(entries=[e], incomplete=False)))
+    (raw,) = back.entries
+    from blit.fsops import Meta
+
+    m = Meta._make(raw[1:12])
+    assert (m.st_mode, m.st_ino, m.st_dev, m.st_blocks) == (1, 7, 8, 11)
 
 
 def test_array_messages_are_compact_arrays() -> None:

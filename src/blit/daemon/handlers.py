@@ -217,6 +217,8 @@ class Transfer:
         self.scopes: set[trio.CancelScope] = set()
         self.changed = trio.Event()
         self.closed = False
+        self.tree_dest: Any = None  # transport.tree.DestTree (push of a tree)
+        self.tree_src: Any = None  # transport.tree.SourceTree (pull of a tree)
 
     @property
     def daemon_sends(self) -> bool:
@@ -231,7 +233,7 @@ class Transfer:
         n = len(self.stats) + 1
         stats = data.StreamStats(what=f"data stream {n} of transfer {self.id}")
         self.stats.append(stats)
-        self.attached += 1
+        scope = None
         try:
             with trio.CancelScope() as scope:
                 self.scopes.add(scope)
@@ -256,13 +258,22 @@ class Transfer:
             log.info("transfer %d: %s failed: %s", self.id, stats.what, exc)
             self.errors.append(f"{stats.what}: {exc}")
         finally:
-            self.scopes.discard(scope)
-            self.finished_streams += 1
-            self._notify()
+            if scope is not None:
+                self.scopes.discard(scope)
+            self.stream_done()
+
+    def stream_done(self) -> None:
+        """One attached stream is over (counted in `attached` when it was admitted)."""
+        self.finished_streams += 1
+        self._notify()
 
     def cancel(self) -> None:
         self.closed = True
         self.state.grants.revoke(self)
+        for tree in (self.tree_dest, self.tree_src):
+            if tree is not None:
+                tree.close()
+        self.tree_dest = self.tree_src = None
         try:
             self.jobs.close()
         except RuntimeError:
@@ -454,6 +465,150 @@ async def handle_finish(s: Session, msg: protocol.FinishTransfer) -> protocol.Tr
     return result
 
 
+# =================================================================================================
+# Tree transfers (docs/protocol.md §4)
+
+
+def contained_open_dir(root_fd: int, rel: str) -> int:
+    """`open_dir` for the tree code on the daemon: the containment walk, as OSErrors."""
+    try:
+        return contain.walk_dir(root_fd, protocol.split_path(os.fsencode(rel)))
+    except Refused as exc:
+        code = errno.ENOENT if exc.code is ErrorCode.NOT_FOUND else errno.ENOTDIR if exc.code is ErrorCode.NOT_A_DIRECTORY else errno.EACCES
+        raise OSError(code, exc.message) from None
+
+
+def _make_base(root: Path, base: list[bytes]) -> None:
+    """mkdir -p below the module root, refusing links on the way (containment)."""
+    fd = contain.open_root(root)
+    try:
+        for part in base:
+            try:
+                os.mkdir(part, 0o777, dir_fd=fd)
+            except FileExistsError:
+                pass
+            nfd = contain.walk_dir(fd, [part])
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
+
+
+async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.TransferOpened:
+    from ..plan import Compare
+    from ..transport import tree
+
+    if s.state.shutting_down:
+        raise Refused(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+    if msg.direction not in ("push", "pull") or msg.operation not in ("copy", "mirror", "move"):
+        raise Refused(ErrorCode.BAD_REQUEST, "direction must be push or pull; operation copy, mirror or move")
+    root, read_only = s.state.module(msg.module)
+    if read_only and (msg.direction == "push" or msg.operation == "move"):
+        name = f"module {msg.module!r}" if msg.module else "the root export"
+        raise Refused(ErrorCode.READ_ONLY, f"{name} is read-only")
+    if len(s.transfers) >= MAX_TRANSFERS_PER_SESSION:
+        raise Refused(ErrorCode.BUSY, f"at most {MAX_TRANSFERS_PER_SESSION} transfers per session")
+    base = protocol.split_path(msg.path)
+    try:
+        from ..filters import Filters
+
+        filters = Filters.from_args([(r.include, r.pattern) for r in msg.filters])
+    except Exception as exc:
+        raise Refused(ErrorCode.BAD_REQUEST, f"bad filter: {exc}") from None
+
+    def open_base() -> int:
+        if msg.create_base and msg.direction == "push" and not msg.dry_run:
+            _make_base(root, base)
+        root_fd = contain.open_root(root)
+        try:
+            return contain.walk_dir(root_fd, base)
+        finally:
+            os.close(root_fd)
+
+    base_fd = await s.fs(open_base)
+    tid = s.state.next_id()
+    t = Transfer(s.state, s, tid, msg, root)  # type: ignore[arg-type]
+    if msg.direction == "push":
+        spec = tree.TreeSpec(operation=msg.operation, compare=Compare(msg.compare), filters=filters, dry_run=msg.dry_run)
+        t.tree_dest = tree.DestTree(base_fd, spec, open_dir=contained_open_dir)
+        t.sink = t.tree_dest  # type: ignore[assignment]
+    else:
+        t.tree_src = tree.SourceTree(base_fd, open_dir=contained_open_dir)
+    s.transfers[tid] = t
+    h2_only = msg.h2_data or s.state.config.force_h2_data or s.state.data_port is None
+    tokens = [s.state.grants.issue(t) for _ in range(msg.streams)]
+    return protocol.TransferOpened(
+        transfer=tid,
+        data_port=None if h2_only else s.state.data_port,
+        tokens=tokens,
+        expires_ms=int(s.state.grants.ttl * 1000),
+    )
+
+
+def _rel(b: bytes) -> str:
+    return "/".join(os.fsdecode(p) for p in protocol.split_path(b))
+
+
+async def handle_tree_dir(s: Session, msg: protocol.TreeDir) -> protocol.DirPlanned:
+    t = s.transfer(msg.transfer)
+    if t.tree_dest is None:
+        raise Refused(ErrorCode.BAD_REQUEST, "tree/dir is for push tree transfers")
+    only = None
+    if msg.only is not None:
+        only = {}
+        for r in msg.only:
+            protocol.check_name(r.name)
+            protocol.check_name(r.dname)
+            only[os.fsdecode(r.name)] = os.fsdecode(r.dname)
+    reply: protocol.DirPlanned = await s.fs(
+        t.tree_dest.plan, _rel(msg.rel), _rel(msg.dst_rel), msg.dst_new, only, msg.entries, msg.incomplete, msg.dir_entry
+    )
+    return reply
+
+
+async def handle_tree_scan(s: Session, msg: protocol.TreeScan) -> protocol.DirManifest:
+    t = s.transfer(msg.transfer)
+    if t.tree_src is None:
+        raise Refused(ErrorCode.BAD_REQUEST, "tree/scan is for pull tree transfers")
+    reply: protocol.DirManifest = await s.fs(t.tree_src.scan, _rel(msg.rel))
+    return reply
+
+
+async def handle_tree_finish(s: Session, msg: protocol.TreeFinish) -> protocol.TreeDone:
+    t = s.transfer(msg.transfer)
+    s.state.grants.revoke(t)
+    if t.daemon_sends:
+        try:
+            t.jobs.close()
+        except RuntimeError:
+            pass
+    with trio.move_on_after(FINISH_TIMEOUT):
+        while t.finished_streams < t.attached:
+            await t.changed.wait()
+    try:
+        if t.tree_dest is not None:
+            dest = t.tree_dest
+            for e in t.errors:
+                dest._fail(".", "data stream", e)
+            await s.fs(dest.finish, msg.source_complete)
+            return dest.result()  # type: ignore[no-any-return]
+        if t.errors:
+            raise Refused(ErrorCode.IO_ERROR, "; ".join(t.errors)[: protocol.MAX_TEXT])
+        return protocol.TreeDone(
+            files_copied=sum(x.files for x in t.stats),
+            bytes_copied=sum(x.bytes for x in t.stats),
+            files_skipped=0,
+            dirs_created=0,
+            links_created=0,
+            files_deleted=0,
+            entries_seen=0,
+            failures=[],
+        )
+    finally:
+        t.cancel()
+        s.transfers.pop(t.id, None)
+
+
 _HANDLERS: dict[type[protocol.Message], Any] = {
     protocol.Hello: handle_hello,
     protocol.ListModules: handle_modules,
@@ -463,4 +618,8 @@ _HANDLERS: dict[type[protocol.Message], Any] = {
     protocol.SendFiles: handle_send_files,
     protocol.ExpectFiles: handle_expect_files,
     protocol.FinishTransfer: handle_finish,
+    protocol.OpenTree: handle_open_tree,
+    protocol.TreeDir: handle_tree_dir,
+    protocol.TreeScan: handle_tree_scan,
+    protocol.TreeFinish: handle_tree_finish,
 }

@@ -271,6 +271,7 @@ async def _handle_h2_data(session: handlers.Session, st: control.H2Stream) -> No
         log.info("%s: data stream refused: %s", session.peer, exc.message)
         await _reply_error(st, exc.code, exc.message)
         return
+    transfer.attached += 1
     st.widen_window(control.DATA_STREAM_WINDOW)
     await st.send_headers(_OK_HEADERS)
     await transfer.run_stream("h2", st=st)
@@ -281,19 +282,21 @@ async def _handle_h2_data(session: handlers.Session, st: control.H2Stream) -> No
 async def _handle_data(state: handlers.DaemonState, ssl_ctx: ssl.SSLContext | None, tcp: trio.SocketStream) -> None:
     """A raw data stream: handshake and token check, then the transfer's worker owns it."""
     peer = _peer(tcp)
-    fd = tcp.socket.detach()
-    sock = socket.socket(fileno=fd)
+    sock = socket.socket(fileno=tcp.socket.detach())
+    raw = sock
     try:
-        try:
-            sock, token = await trio.to_thread.run_sync(
-                data.accept_handshake, sock, ssl_ctx, limiter=state.stream_limiter, abandon_on_cancel=True
-            )
-        except Refused as exc:
-            status = AdmitStatus.VERSION if exc.code is ErrorCode.VERSION else AdmitStatus.BAD_HELLO
-            await trio.to_thread.run_sync(_answer_quietly, sock, status, exc.message)
-            return
-        except (OSError, ssl.SSLError, ConnectionError) as exc:
-            log.info("data connection from %s failed before admission: %s", peer, exc)
+        got = await data.run_sync_owned(
+            lambda: data.accept_handshake(raw, ssl_ctx), lambda r: r[0].close(), limiter=state.stream_limiter
+        )
+    except (OSError, ssl.SSLError, ConnectionError) as exc:
+        log.info("data connection from %s failed before admission: %s", peer, exc)
+        return
+    assert got is not None
+    sock, token = got
+    try:
+        if isinstance(token, Refused):
+            status = AdmitStatus.VERSION if token.code is ErrorCode.VERSION else AdmitStatus.BAD_HELLO
+            await trio.to_thread.run_sync(_answer_quietly, sock, status, token.message)
             return
         try:
             transfer = state.grants.redeem(token)
@@ -303,9 +306,13 @@ async def _handle_data(state: handlers.DaemonState, ssl_ctx: ssl.SSLContext | No
             log.info("data stream from %s refused: %s", peer, exc.message)
             await trio.to_thread.run_sync(_answer_quietly, sock, AdmitStatus.BAD_TOKEN, exc.message)
             return
+        # Counted before the client hears "admitted", so a finish request that follows at once
+        # waits for this stream.
+        transfer.attached += 1
         try:
             await trio.to_thread.run_sync(data.answer_admission, sock, AdmitStatus.OK, "")
         except (OSError, ssl.SSLError):
+            transfer.stream_done()
             return
         io = data.StreamIO(sock, what="data stream", stall=state.stall)
         sock = None  # type: ignore[assignment]  # owned by io now

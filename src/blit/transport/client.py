@@ -140,7 +140,7 @@ class RemoteTransfer:
         s = self.session
         io: data.StreamIO | None = None
         if self.data_port is not None and not s.force_h2_data:
-            io = await trio.to_thread.run_sync(self._connect_raw, token, abandon_on_cancel=True)
+            io = await data.run_sync_owned(lambda: self._connect_raw(token), data.StreamIO.close)
         if io is not None:
             self.carriers.append("raw")
             try:

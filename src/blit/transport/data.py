@@ -61,6 +61,13 @@ FRAME_CHUNK = 16 << 20
 SMALL_FILE = 256 << 10
 """Files up to this size go header + data + END in one sendmsg."""
 PIPE_SIZE = 1 << 20
+RECV_BUFFER = 1 << 20
+"""The receiver's read buffer: many small frames per recv()."""
+SPLICE_MIN = 256 << 10
+"""Payload rests at least this large are spliced; smaller ones go through the buffer."""
+BATCH_BYTES = 256 << 10
+"""Small files are gathered into one sendmsg() up to this many bytes (or IOV_BATCH buffers)."""
+IOV_BATCH = 512
 H2_CHUNK = 4 << 20
 """Bytes read per thread hop by the HTTP/2 fallback sender."""
 H2_WRITE_BATCH = 8 << 20
@@ -177,6 +184,9 @@ class FileSink(Protocol):
         KeyError when `file_id` was never announced (a protocol error: the stream is dropped)."""
         ...
 
+    # Optional: `failed(file_id, message)` is called (worker thread) for every file that did
+    # not land, with the reason, when the sink defines it.
+
 
 @dataclass
 class StreamStats:
@@ -228,6 +238,8 @@ class JobQueue:
     def get(self, timeout: float) -> int | None:
         """The next file id; None when closed and drained; EMPTY after `timeout` s of nothing."""
         with self._cv:
+            if not self._q and timeout <= 0:
+                return None if self._closed else self.EMPTY
             end = time.monotonic() + timeout
             while not self._q:
                 if self._closed:
@@ -274,7 +286,9 @@ class StreamIO:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._pipe: tuple[int, int] | None = None
         self._splice_ok = hasattr(os, "splice") and not self.tls
-        self._buf = bytearray(1 << 20)
+        self._rbuf = bytearray(RECV_BUFFER)
+        self._rview = memoryview(self._rbuf)
+        self._rpos = self._rend = 0
         self._sendfile_ok = hasattr(os, "sendfile") and not self.tls
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -347,13 +361,27 @@ class StreamIO:
                 raise self._closed()
             return n
 
+    # The receive side reads through a buffer: one recv() brings in as many small frames as the
+    # socket holds (a 4 KiB file is a header, its data and an END: three reads unbuffered).
+    # Large payloads bypass it: what is buffered is written out, the rest is spliced directly.
+
+    def _fill(self) -> None:
+        """Read what the socket has (at least one byte) into the buffer after the data kept."""
+        if self._rpos:
+            left = self._rend - self._rpos
+            self._rbuf[:left] = self._rbuf[self._rpos : self._rend]
+            self._rpos, self._rend = 0, left
+        n = self.recv_into(self._rview[self._rend :])
+        self._rend += n
+
     def recv_exact(self, n: int) -> bytes:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            got += self.recv_into(view[got:])
-        return bytes(buf)
+        while self._rend - self._rpos < n:
+            if n > len(self._rbuf):
+                raise TransportError(f"{self.what}: frame larger than the buffer")
+            self._fill()
+        out = bytes(self._rview[self._rpos : self._rpos + n])
+        self._rpos += n
+        return out
 
     def recv_to_fd(self, fd: int, offset: int, length: int) -> OSError | None:
         """Move `length` payload bytes into file `fd` at `offset` (fd -1 discards them).
@@ -362,7 +390,21 @@ class StreamIO:
         a failed write into the file (the rest was discarded), else None. Socket failures raise.
         """
         error: OSError | None = None
-        if fd >= 0 and self._splice_ok and length:
+        # First what is already buffered.
+        have = min(self._rend - self._rpos, length)
+        if have:
+            if fd >= 0:
+                try:
+                    _pwrite_all(fd, self._rview[self._rpos : self._rpos + have], offset)
+                except OSError as exc:
+                    error, fd = exc, -1
+            self._rpos += have
+            offset += have
+            length -= have
+        if not length:
+            return error
+        # The buffer is empty now: a large rest goes socket -> pipe -> file.
+        if fd >= 0 and self._splice_ok and length >= SPLICE_MIN:
             try:
                 self._splice_to(fd, offset, length)
                 return None
@@ -374,16 +416,18 @@ class StreamIO:
                 error, fd = exc.error, -1
                 offset += exc.done
                 length -= exc.done
-        view = memoryview(self._buf)
+        # Small rests (and no splice): through the buffer, which may also catch the next frames.
         while length:
-            n = self.recv_into(view[: min(length, len(view))])
+            self._fill()
+            take = min(self._rend - self._rpos, length)
             if fd >= 0:
                 try:
-                    _pwrite_all(fd, view[:n], offset)
+                    _pwrite_all(fd, self._rview[self._rpos : self._rpos + take], offset)
                 except OSError as exc:
                     error, fd = exc, -1
-            offset += n
-            length -= n
+            self._rpos += take
+            offset += take
+            length -= take
         return error
 
     def _splice_to(self, fd: int, offset: int, length: int) -> None:
@@ -544,25 +588,55 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 
 
 def send_loop(io: StreamIO, source: FileSource, jobs: JobQueue, stats: StreamStats) -> None:
-    """Send queued files as frames until the queue is closed and drained, then DONE."""
+    """Send queued files as frames until the queue is closed and drained, then DONE. Small
+    files are gathered and sent several per sendmsg()."""
+    batch = _Batch(io, stats)
     while True:
-        file_id = jobs.get(HEARTBEAT)
+        file_id = jobs.get(0)
+        if file_id == JobQueue.EMPTY:
+            batch.flush()  # nothing more right now: what we hold goes out
+            file_id = jobs.get(HEARTBEAT)
         if file_id is None:
-            io.send_all(pack_frame(FrameType.DONE))
-            stats.frames += 1
+            batch.add([pack_frame(FrameType.DONE)], 0)
+            batch.flush()
             stats.done = True
             return
         if file_id == JobQueue.EMPTY:
             io.send_all(pack_frame(FrameType.NOOP))
             stats.frames += 1
             continue
-        _send_one(io, source, file_id, stats)
+        _send_one(io, source, file_id, stats, batch)
 
 
-def _send_one(io: StreamIO, source: FileSource, file_id: int, stats: StreamStats) -> None:
+class _Batch:
+    """Frames of small files waiting to go out together."""
+
+    def __init__(self, io: StreamIO, stats: StreamStats) -> None:
+        self.io = io
+        self.stats = stats
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, parts: list[bytes], nbytes: int) -> None:
+        self.parts.extend(parts)
+        self.size += sum(len(p) for p in parts)
+        self.stats.frames += len(parts)
+        self.stats.bytes += nbytes
+        if self.size >= BATCH_BYTES or len(self.parts) >= IOV_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.parts:
+            self.io.send_parts(self.parts)
+            self.parts = []
+            self.size = 0
+
+
+def _send_one(io: StreamIO, source: FileSource, file_id: int, stats: StreamStats, batch: _Batch) -> None:
     try:
         f = source.open(file_id)
     except OSError as exc:
+        batch.flush()
         _send_abort(io, file_id, _reason(exc), stats)
         return
     try:
@@ -570,15 +644,15 @@ def _send_one(io: StreamIO, source: FileSource, file_id: int, stats: StreamStats
         if f.extents is None and size <= SMALL_FILE:
             data = os.pread(f.fd, size + 1, 0) if size else b""
             if len(data) != size:
+                batch.flush()
                 _send_abort(io, file_id, "file changed size while being read", stats)
                 return
             parts = [pack_frame(FrameType.DATA, file_id, 0, size), data] if size else []
             parts.append(pack_frame(FrameType.END, file_id, size))
-            io.send_parts(parts)
-            stats.frames += len(parts)
-            stats.bytes += size
+            batch.add(parts, size)
             stats.files += 1
             return
+        batch.flush()
         for offset, length in f.extents if f.extents is not None else [(0, size)]:
             end = offset + length
             while offset < end:
@@ -630,6 +704,17 @@ class _Landing:
         self.sink = sink
         self.stats = stats
         self.open: dict[int, SinkFile | None] = {}  # None: failed, discard its payload
+        self.ends: dict[int, int] = {}  # highest byte written per open file
+        self._failed_hook = getattr(sink, "failed", None)
+
+    def wrote_to(self, file_id: int, end: int) -> None:
+        if end > self.ends.get(file_id, 0):
+            self.ends[file_id] = end
+
+    def _failure(self, file_id: int, message: str) -> None:
+        self.stats.failures.append((file_id, message))
+        if self._failed_hook is not None:
+            self._failed_hook(file_id, message)
 
     def target(self, file_id: int) -> int:
         """The fd to write `file_id`'s data to, or -1 to discard it."""
@@ -640,7 +725,7 @@ class _Landing:
                 raise RemoteProtocolError(f"data for file {file_id}, which was never announced") from None
             except OSError as exc:
                 self.open[file_id] = None
-                self.stats.failures.append((file_id, _reason(exc)))
+                self._failure(file_id, _reason(exc))
         f = self.open[file_id]
         return f.fd if f is not None else -1
 
@@ -650,7 +735,7 @@ class _Landing:
         if f is not None:
             f.abort()
         self.open[file_id] = None
-        self.stats.failures.append((file_id, _reason(exc)))
+        self._failure(file_id, _reason(exc))
 
     def end(self, file_id: int, size: int) -> None:
         self.target(file_id)
@@ -658,11 +743,12 @@ class _Landing:
         if f is None:
             return
         try:
-            os.ftruncate(f.fd, size)
+            if self.ends.pop(file_id, 0) != size:
+                os.ftruncate(f.fd, size)  # trailing hole, or a file that shrank
             f.commit(size)
         except OSError as exc:
             f.abort()
-            self.stats.failures.append((file_id, _reason(exc)))
+            self._failure(file_id, _reason(exc))
             return
         self.stats.files += 1
 
@@ -670,40 +756,68 @@ class _Landing:
         f = self.open.pop(file_id, None)
         if f is not None:
             f.abort()
-        self.stats.failures.append((file_id, reason or "failed on the sender"))
+        self._failure(file_id, reason or "failed on the sender")
 
-    def close(self) -> None:
+    def close(self, why: str = "") -> None:
         """Abort everything still open (the stream ended early)."""
-        for f in self.open.values():
+        for fid, f in list(self.open.items()):
             if f is not None:
                 f.abort()
+                self._failure(fid, why or "the data stream ended before the file was complete")
         self.open.clear()
 
 
 def receive_loop(io: StreamIO, sink: FileSink, stats: StreamStats) -> None:
-    """Receive frames and land files until DONE. On any error, files still open are aborted."""
+    """Receive frames and land files until DONE. On any error, files still open are aborted.
+
+    The hot loop of small-file transfers: headers are parsed in place from the read buffer,
+    with the checks of `protocol.unpack_frame` inlined.
+    """
     landing = _Landing(sink, stats)
+    unpack_from = protocol.FRAME.unpack_from
+    DATA, END, ABORT, DONE, NOOP = (int(t) for t in (FrameType.DATA, FrameType.END, FrameType.ABORT, FrameType.DONE, FrameType.NOOP))
+    limit = protocol.MAX_OFFSET
     try:
         while True:
-            h = protocol.unpack_frame(io.recv_exact(FRAME_SIZE))
+            if io._rend - io._rpos < FRAME_SIZE:
+                while io._rend - io._rpos < FRAME_SIZE:
+                    io._fill()
+            kind, _f, _r, fid, offset, length = unpack_from(io._rbuf, io._rpos)
+            io._rpos += FRAME_SIZE
             stats.frames += 1
-            if h.type is FrameType.DATA:
-                fd = landing.target(h.file_id)
-                write_error = io.recv_to_fd(fd, h.offset, h.length)
+            if offset > limit or length > limit or offset + length > limit:
+                raise RemoteProtocolError("data frame beyond the largest file size")
+            if kind == DATA:
+                fd = landing.target(fid)
+                write_error = io.recv_to_fd(fd, offset, length)
+                landing.wrote_to(fid, offset + length)
                 if write_error is not None:  # the disk side (full, EIO): drop this file only
-                    landing.wrote(h.file_id, write_error)
-                stats.bytes += h.length
-            elif h.type is FrameType.END:
-                if h.length:
-                    io.recv_exact(h.length)  # digest: reserved, not checked yet
-                landing.end(h.file_id, h.offset)
-            elif h.type is FrameType.ABORT:
-                text = io.recv_exact(h.length).decode("utf-8", "replace") if h.length else ""
-                landing.abort(h.file_id, text)
-            elif h.type is FrameType.DONE:
+                    landing.wrote(fid, write_error)
+                stats.bytes += length
+            elif kind == END:
+                if length not in (0, 16):
+                    raise RemoteProtocolError("END frame with an unexpected payload")
+                if length:
+                    io.recv_exact(length)  # digest: reserved, not checked yet
+                landing.end(fid, offset)
+            elif kind == ABORT:
+                if length > protocol.MAX_ABORT_TEXT:
+                    raise RemoteProtocolError("ABORT frame reason too long")
+                text = io.recv_exact(length).decode("utf-8", "replace") if length else ""
+                landing.abort(fid, text)
+            elif kind == DONE:
+                if length:
+                    raise RemoteProtocolError("DONE frame with a payload")
                 stats.done = True
                 return
-            # NOOP: a heartbeat, counted as progress above.
+            elif kind == NOOP:
+                if length:
+                    raise RemoteProtocolError("NOOP frame with a payload")
+            else:
+                raise RemoteProtocolError(f"unknown data frame type {kind}")
+    except Exception as exc:
+        landing.close(f"data stream failed: {exc}")
+        raise
     finally:
         landing.close()
 
@@ -781,6 +895,33 @@ async def run_worker(
     return result  # type: ignore[no-any-return]
 
 
+async def run_sync_owned(fn: Callable[[], T | None], close: Callable[[T], None], *, limiter: trio.CapacityLimiter | None = None) -> T | None:
+    """Run `fn` (which opens a resource) in a thread that may be abandoned on cancellation; a
+    resource the abandoned thread still produces is closed, never leaked."""
+    lock = threading.Lock()
+    state: dict[str, Any] = {"gone": False, "result": None}
+
+    def work() -> T | None:
+        result = fn()
+        with lock:
+            if state["gone"]:
+                if result is not None:
+                    close(result)
+                return None
+            state["result"] = result
+        return result
+
+    try:
+        return await trio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=limiter)
+    except BaseException:
+        with lock:
+            state["gone"] = True
+            leftover = state["result"]
+        if leftover is not None:
+            close(leftover)
+        raise
+
+
 # =================================================================================================
 # Opening and admitting raw streams
 
@@ -842,19 +983,26 @@ def _recv_exact_blocking(sock: socket.socket, n: int) -> bytes:
 
 def accept_handshake(
     sock: socket.socket, tls_ctx: ssl.SSLContext | None, timeout: float = ADMIT_TIMEOUT
-) -> tuple[socket.socket, bytes]:
-    """Daemon side, worker thread: TLS handshake and the client's hello; returns (socket, token).
+) -> tuple[socket.socket, bytes | Refused]:
+    """Daemon side, worker thread: TLS handshake and the client's hello.
 
-    Raises:
-        Refused: not a blit data hello, or another version (the caller answers and closes).
-        OSError / ssl.SSLError: the connection failed.
+    Returns the (possibly TLS-wrapped) socket and the token, or the refusal to answer with
+    (not a blit data hello, another version). On a connection failure the socket is closed and
+    OSError / ssl.SSLError raised.
     """
-    sock.settimeout(timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if tls_ctx is not None:
-        sock = tls_ctx.wrap_socket(sock, server_side=True)
-    hello = _recv_exact_blocking(sock, protocol.DATA_HELLO.size)
-    return sock, protocol.unpack_data_hello(hello)
+    try:
+        sock.settimeout(timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls_ctx is not None:
+            sock = tls_ctx.wrap_socket(sock, server_side=True)
+        hello = _recv_exact_blocking(sock, protocol.DATA_HELLO.size)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        return sock, protocol.unpack_data_hello(hello)
+    except Refused as exc:
+        return sock, exc
 
 
 def answer_admission(sock: socket.socket, status: AdmitStatus, message: str = "") -> None:
@@ -940,6 +1088,7 @@ def _apply_events(landing: _Landing, events: list[protocol.FrameEvent]) -> bool:
     for ev in events:
         if isinstance(ev, protocol.FramePayload):
             fd = landing.target(ev.header.file_id)
+            landing.wrote_to(ev.header.file_id, ev.offset + len(ev.data))
             if fd >= 0:
                 try:
                     _pwrite_all(fd, memoryview(ev.data), ev.offset)
@@ -989,6 +1138,10 @@ async def h2_receive_loop(
                 if await trio.to_thread.run_sync(_apply_events, landing, batch, limiter=limiter):
                     done = True
         stats.done = True
+    except Exception as exc:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(landing.close, f"data stream failed: {exc}", limiter=limiter)
+        raise
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(landing.close, limiter=limiter)
