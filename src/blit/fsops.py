@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from . import ffi
 from .filters import Filters
@@ -555,20 +555,14 @@ def copy_sparse(sfd: int, dfd: int, size: int) -> int:
     return n
 
 
-def make_symlink(target: str, dst_dir: int, name: str, m: Meta, replace: bool) -> None:
-    """Create a symlink (never followed) with its times and owner, atomically."""
-    if not replace:
-        try:
-            os.symlink(target, name, dir_fd=dst_dir)
-        except FileExistsError:
-            replace = True
-        else:
-            _symlink_meta(dst_dir, name, m)
-            return
+def _via_tmp(dst_dir: int, name: str, create: Callable[[str], None], finish: Callable[[str], None] | None = None) -> None:
+    """Create an entry under a temporary name, finish its metadata, rename it over `name` in
+    one step; on any failure the temporary is removed."""
     tmp = new_tmp_name()
-    os.symlink(target, tmp, dir_fd=dst_dir)
+    create(tmp)
     try:
-        _symlink_meta(dst_dir, tmp, m)
+        if finish is not None:
+            finish(tmp)
         os.rename(tmp, name, src_dir_fd=dst_dir, dst_dir_fd=dst_dir)
     except BaseException:
         try:
@@ -576,6 +570,19 @@ def make_symlink(target: str, dst_dir: int, name: str, m: Meta, replace: bool) -
         except OSError:
             pass
         raise
+
+
+def make_symlink(target: str, dst_dir: int, name: str, m: Meta, replace: bool) -> None:
+    """Create a symlink (never followed) with its times and owner, atomically."""
+    if not replace:
+        try:
+            os.symlink(target, name, dir_fd=dst_dir)
+        except FileExistsError:
+            pass
+        else:
+            _symlink_meta(dst_dir, name, m)
+            return
+    _via_tmp(dst_dir, name, lambda t: os.symlink(target, t, dir_fd=dst_dir), lambda t: _symlink_meta(dst_dir, t, m))
 
 
 def _symlink_meta(dst_dir: int, name: str, m: Meta) -> None:
@@ -586,40 +593,29 @@ def _symlink_meta(dst_dir: int, name: str, m: Meta) -> None:
 
 def make_special(dst_dir: int, name: str, m: Meta, replace: bool) -> None:
     """Recreate a FIFO, socket or (as root) device node, atomically, with its metadata."""
-    tmp = new_tmp_name()
-    os.mknod(tmp, stat.S_IFMT(m.st_mode) | 0o600, m.st_rdev, dir_fd=dst_dir)
-    try:
+
+    def finish(tmp: str) -> None:
         if IS_ROOT:
             os.chown(tmp, m.st_uid, m.st_gid, dir_fd=dst_dir, follow_symlinks=False)
         os.chmod(tmp, stat.S_IMODE(m.st_mode), dir_fd=dst_dir, follow_symlinks=False)
         os.utime(tmp, ns=(m.st_atime_ns, m.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
-        os.rename(tmp, name, src_dir_fd=dst_dir, dst_dir_fd=dst_dir)
-    except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=dst_dir)
-        except OSError:
-            pass
-        raise
+
+    _via_tmp(dst_dir, name, lambda t: os.mknod(t, stat.S_IFMT(m.st_mode) | 0o600, m.st_rdev, dir_fd=dst_dir), finish)
 
 
 def make_hardlink(dst_dir: int, name: str, first_dir: int, first_name: str, replace: bool) -> None:
     """Make `name` another link to the already-landed `first_name`, atomically."""
+
+    def link(to: str) -> None:
+        os.link(first_name, to, src_dir_fd=first_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
+
     if not replace:
         try:
-            os.link(first_name, name, src_dir_fd=first_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
+            link(name)
             return
         except FileExistsError:
             pass
-    tmp = new_tmp_name()
-    os.link(first_name, tmp, src_dir_fd=first_dir, dst_dir_fd=dst_dir, follow_symlinks=False)
-    try:
-        os.rename(tmp, name, src_dir_fd=dst_dir, dst_dir_fd=dst_dir)
-    except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=dst_dir)
-        except OSError:
-            pass
-        raise
+    _via_tmp(dst_dir, name, link)
 
 
 def fix_meta(dst_dir: int, name: str, src: Meta, dst: Meta, force_mode: bool = False) -> bool:
