@@ -35,6 +35,10 @@ class Options:
     filters: list[tuple[bool, str]] = field(default_factory=list)
     record_actions: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # Remote endpoints only: TLS on both planes (pinned on first use), or cleartext when the
+    # daemon runs with --no-tls; force_h2_data carries file data over HTTP/2 (for testing).
+    tls: bool = True
+    force_h2_data: bool = False
 
 
 async def copy(src: str, dst: str, options: Options | None = None, progress: Progress | None = None) -> Summary:
@@ -214,8 +218,27 @@ async def transfer(
 
     opts = options or Options()
     progress = progress or NullProgress()
+    from .endpoint import is_local
+
+    if not (is_local(src) and is_local(dst)):
+        from .transport.client import Timeouts as NetTimeouts
+        from .transport.remote import remote_transfer
+
+        remote: Summary = await remote_transfer(
+            operation,
+            src,
+            dst,
+            dry_run=opts.dry_run,
+            compare=opts.compare,
+            filters=opts.filters,
+            progress=progress,
+            tls_enabled=opts.tls,
+            force_h2_data=opts.force_h2_data,
+            known_hosts=None,
+            timeouts=NetTimeouts(stall=opts.timeouts.stall),
+        )
+        return remote
     summary = Summary(operation=operation, source=src, destination=dst, dry_run=opts.dry_run)
-    _reject_remote(src, dst)
     filters = Filters.from_args(opts.filters)
     r = await trio.to_thread.run_sync(resolve, src, dst, operation)
     progress.start(summary)
@@ -279,16 +302,3 @@ def _try_rename(r: _Resolved) -> bool:
         return True
     except OSError:
         return False
-
-
-def _reject_remote(src: str, dst: str) -> None:
-    for p in (src, dst):
-        head = p.split("/", 1)[0]
-        if ":" in head and not p.startswith(("./", "../", "/")):
-            try:
-                from .endpoint import RemoteEndpoint, parse_endpoint
-            except ImportError:
-                raise UsageError(f"remote endpoints are not supported yet: {p}") from None
-            ep = parse_endpoint(p)
-            if isinstance(ep, RemoteEndpoint):
-                raise UsageError(f"remote transfers need the daemon client: {p}")

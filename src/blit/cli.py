@@ -174,6 +174,8 @@ def _run(
     as_json: bool,
     verbose: bool,
     quiet: bool,
+    tls: bool = True,
+    force_h2_data: bool = False,
 ) -> int:
     import signal
 
@@ -195,7 +197,14 @@ def _run(
         if ignore_times
         else Compare.SIZE_MTIME
     )
-    opts = api.Options(dry_run=dry_run, compare=compare, filters=filters, record_actions=verbose or dry_run)
+    opts = api.Options(
+        dry_run=dry_run,
+        compare=compare,
+        filters=filters,
+        record_actions=verbose or dry_run,
+        tls=tls,
+        force_h2_data=force_h2_data,
+    )
     rep: object = JsonProgress(operation) if as_json else TextProgress(verbose, quiet, dry_run, progress)
     outcome: dict[str, object] = {}
 
@@ -279,6 +288,8 @@ def _transfer_command(operation: str, doc: str):  # type: ignore[no-untyped-def]
         as_json: Annotated[bool, typer.Option("--json", help="Newline-delimited JSON events on stdout.")] = False,
         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="One line per entry changed.")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
+        no_tls: Annotated[bool, typer.Option("--no-tls", help="Remote: talk cleartext to a daemon run with --no-tls.")] = False,
+        force_h2_data: Annotated[bool, typer.Option("--force-h2-data", help="Remote: carry file data over HTTP/2 (testing).")] = False,
     ) -> None:
         filters = _filters_in_order(ctx)
         if len(filters) != len(exclude or []) + len(include or []):
@@ -296,6 +307,8 @@ def _transfer_command(operation: str, doc: str):  # type: ignore[no-untyped-def]
             as_json=as_json,
             verbose=verbose,
             quiet=quiet,
+            tls=not no_tls,
+            force_h2_data=force_h2_data,
         )
         raise typer.Exit(code)
 

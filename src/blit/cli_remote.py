@@ -125,7 +125,11 @@ def _run_daemon(config: Path | None, *, verbose: int, **overrides: Any) -> None:
                 async for signum in signals:
                     log.info("%s received: stopping", signal.Signals(signum).name)
                     # Belt and braces: a clean stop takes well under a second; never hang.
-                    timer = threading.Timer(4.5, lambda: (log.error("forced exit after 4.5 s"), os._exit(1)))
+                    def force_exit() -> None:
+                        log.error("forced exit after 4.5 s")
+                        os._exit(1)
+
+                    timer = threading.Timer(4.5, force_exit)
                     timer.daemon = True
                     timer.start()
                     nursery.cancel_scope.cancel()

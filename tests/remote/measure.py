@@ -26,6 +26,9 @@ from blit.endpoint import HostSpec  # noqa: E402
 from blit.transport import data, protocol as p  # noqa: E402
 from blit.transport.client import LocalSink, LocalSource, open_session  # noqa: E402
 from tests.remote.conftest import run_daemon_process  # noqa: E402
+from blit.transport import protocol as _p  # noqa: E402
+
+_p.VALIDATE_OUTGOING = False
 
 MiB = 1 << 20
 

@@ -92,7 +92,7 @@ def test_array_messages_are_compact_arrays() -> None:
         (p.Hello, {"protocol": -1, "software": "x"}, "out of range"),
         (p.Hello, {"protocol": 1, "software": "x" * 129}, "longer than"),
         (p.ListDir, {"module": "m", "path": "text"}, "expected a byte string"),
-        (p.ListDir, {"module": "m", "path": b"x" * 5000}, "longer than 4096"),
+        (p.ListDir, {"module": "m", "path": b"x" * 70000}, "longer than 65536"),
         (p.OpenTransfer, {"module": "m", "path": b"", "direction": "push", "streams": 99}, "out of range"),
         (p.DirListing, {"entries": [[b"a", "file"]], "more": False}, "expected 5 to 6 items"),
         (p.SendFiles, {"transfer": 1, "files": [[1, b"a"]] * (p.MAX_LIST + 1)}, "more than"),

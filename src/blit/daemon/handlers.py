@@ -531,7 +531,7 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
     if msg.direction == "push":
         spec = tree.TreeSpec(operation=msg.operation, compare=Compare(msg.compare), filters=filters, dry_run=msg.dry_run)
         t.tree_dest = tree.DestTree(base_fd, spec, open_dir=contained_open_dir)
-        t.sink = t.tree_dest  # type: ignore[assignment]
+        t.sink = t.tree_dest
     else:
         t.tree_src = tree.SourceTree(base_fd, open_dir=contained_open_dir)
     s.transfers[tid] = t

@@ -226,7 +226,7 @@ class H2Connection:
         once the peer acknowledges them)."""
         self._h2.initiate_connection()
         s = h2.settings.SettingCodes
-        settings = {
+        settings: dict[h2.settings.SettingCodes | int, int] = {
             s.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             s.MAX_FRAME_SIZE: MAX_FRAME,
             s.MAX_CONCURRENT_STREAMS: self._max_streams,

@@ -39,7 +39,10 @@ MAX_MESSAGE = 8 << 20
 """Largest control body in bytes (request or reply). Manifests are split to stay below it."""
 MAX_DEPTH = 8
 """Deepest CBOR nesting a message may use."""
-MAX_PATH = 4096
+MAX_PATH = 64 << 10
+"""Longest relative path: blit lands trees deeper than PATH_MAX (every syscall is dir-fd relative)."""
+MAX_TARGET = 4096
+"""Longest symlink target (the kernel's own limit)."""
 MAX_NAME = 255
 MAX_TEXT = 4096
 MAX_LIST = 100_000
@@ -200,7 +203,7 @@ class Entry(Message):
     size: int = field(metadata=_lim(min=0, max=1 << 63))
     mtime_ns: int = field(metadata=_lim(min=-(1 << 63), max=(1 << 63) - 1))
     mode: int = field(metadata=_lim(min=0, max=(1 << 32) - 1))
-    target: bytes | None = field(default=None, metadata=_lim(MAX_PATH))
+    target: bytes | None = field(default=None, metadata=_lim(MAX_TARGET))
     """The link text of a symlink."""
 
 
@@ -354,7 +357,7 @@ class SrcEntry(Message):
     nlink: int = field(metadata=_lim(min=0, max=(1 << 32) - 1))
     rdev: int = field(metadata=_lim(min=0, max=(1 << 64) - 1))
     blocks: int = field(metadata=_lim(min=0, max=1 << 63))
-    target: bytes | None = field(default=None, metadata=_lim(MAX_PATH))
+    target: bytes | None = field(default=None, metadata=_lim(MAX_TARGET))
     xattrs: list[XAttr] | None = field(default=None, metadata=_lim(1024))
 
 

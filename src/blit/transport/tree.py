@@ -20,7 +20,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -68,7 +68,7 @@ def _s(b: bytes) -> str:
 # Manifest entries travel and are handled as raw arrays (protocol.SrcEntry is RAW):
 #   [name, mode, size, mtime_ns, atime_ns, uid, gid, ino, dev, nlink, rdev, blocks, target, xattrs]
 # fields 1..11 in fsops.Meta order; target: bytes | None; xattrs: [[name, value], ...] | None.
-Entry = list  # a raw SrcEntry
+Entry = list[Any]  # a raw SrcEntry
 
 
 def meta_of_entry(e: Entry) -> Meta:
@@ -184,7 +184,10 @@ class SourceTree:
             except OSError:
                 dir_entry = None
             return DirManifest(
-                entries=out, incomplete=bool(errs) or len(out) != len(entries), failures=failures, dir_entry=dir_entry
+                entries=cast("list[SrcEntry]", out),
+                incomplete=bool(errs) or len(out) != len(entries),
+                failures=failures,
+                dir_entry=cast("SrcEntry | None", dir_entry),
             )
         finally:
             os.close(dfd)
@@ -624,6 +627,7 @@ class DestTree:
                     self.links[key] = ("landed", dst_rel, dname, -1)
                 return None
             return self._register(dst_rel, dname, m, xattrs, d is not None, key)
+        assert group is not None
         _, frel, fname, fino = group
         self._link_to(frel, fname, fino, dst_rel, dname, d.st_ino if d is not None else None, path)
         return None
@@ -749,12 +753,12 @@ class DestTree:
                 os.close(fd)
         # Deletions changed directory mtimes: put back those of directories that had extras.
         for dst_rel, _extras in self.deletions:
-            node = self.nodes.get(dst_rel)
-            if node is not None and node.meta is not None:
+            dnode = self.nodes.get(dst_rel)
+            if dnode is not None and dnode.meta is not None:
                 try:
                     fd = self.dirs.open_dir(self.root_fd, dst_rel)
                     try:
-                        os.utime(fd, ns=(node.meta.st_atime_ns, node.meta.st_mtime_ns))
+                        os.utime(fd, ns=(dnode.meta.st_atime_ns, dnode.meta.st_mtime_ns))
                     finally:
                         os.close(fd)
                 except OSError:
@@ -919,7 +923,7 @@ async def push_tree(
         manifest = await trio.to_thread.run_sync(source.scan, rel)
         if manifest.incomplete:
             complete = False
-        entries = manifest.entries
+        entries = cast("list[Entry]", manifest.entries)
         if only is not None:
             entries = [e for e in entries if _s(e[0]) in only]
         planned: DirPlanned = await session.call(
@@ -929,7 +933,7 @@ async def push_tree(
                 dst_rel=_b(dst_rel),
                 dst_new=dst_new,
                 only=_only_wire(only),
-                entries=entries,
+                entries=cast("list[SrcEntry]", entries),
                 incomplete=manifest.incomplete,
                 dir_entry=manifest.dir_entry,
             )
@@ -985,11 +989,11 @@ async def pull_tree(session: Any, module: str, remote_base: bytes, local_root: b
             complete = False
         for f in manifest.failures:
             dest._fail(_s(f.path), f.op, f.message)
-        entries = manifest.entries
+        entries = cast("list[Entry]", manifest.entries)
         if only is not None:
             entries = [e for e in entries if _s(e[0]) in only]
         planned = await trio.to_thread.run_sync(
-            dest.plan, rel, dst_rel, dst_new, only, entries, manifest.incomplete, manifest.dir_entry
+            dest.plan, rel, dst_rel, dst_new, only, entries, manifest.incomplete, cast("Entry | None", manifest.dir_entry)
         )
         if planned.need:
             await session.call(
