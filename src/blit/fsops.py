@@ -14,7 +14,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Callable, NamedTuple
+from contextlib import contextmanager
+from typing import Callable, Iterator, NamedTuple
 
 from . import ffi
 from .filters import Filters
@@ -125,6 +126,16 @@ def open_rel(root_fd: int, rel: str) -> int:
     except BaseException:
         os.close(fd)
         raise
+
+
+@contextmanager
+def dir_at(root_fd: int, rel: str) -> Iterator[int]:
+    """`with dir_at(root, rel) as fd:` the directory open for the block, closed after it."""
+    fd = open_rel(root_fd, rel)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def open_root(path: bytes) -> int:

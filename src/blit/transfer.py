@@ -473,11 +473,8 @@ class LocalTransfer:
         w = self.worker
 
         def _open() -> tuple[int, int, fsops.Landing, list[tuple[str, bytes]], bool]:
-            sdir = fsops.open_rel(w.src_root_fd, job.rel)
-            try:
+            with fsops.dir_at(w.src_root_fd, job.rel) as sdir:
                 sfd = os.open(name, fsops.O_SRC, dir_fd=sdir)
-            finally:
-                os.close(sdir)
             try:
                 ddir = fsops.open_rel(w.dst_root_fd, job.dst_rel)
                 try:
@@ -559,16 +556,10 @@ class LocalTransfer:
         w = self.worker
 
         def _remove() -> None:
-            ddir = fsops.open_rel(w.dst_root_fd, dst_rel)
-            try:
+            with fsops.dir_at(w.dst_root_fd, dst_rel) as ddir:
                 ffi.syncfs(ddir)
-            finally:
-                os.close(ddir)
-            sdir = fsops.open_rel(w.src_root_fd, rel)
-            try:
+            with fsops.dir_at(w.src_root_fd, rel) as sdir:
                 os.unlink(name, dir_fd=sdir)
-            finally:
-                os.close(sdir)
 
         await trio.to_thread.run_sync(_remove)
         self.summary.files_removed += 1
@@ -625,13 +616,8 @@ class LocalTransfer:
         w = self.worker
 
         def _check_hash() -> bool:
-            sdir = fsops.open_rel(w.src_root_fd, job.rel)
-            ddir = fsops.open_rel(w.dst_root_fd, job.dst_rel)
-            try:
+            with fsops.dir_at(w.src_root_fd, job.rel) as sdir, fsops.dir_at(w.dst_root_fd, job.dst_rel) as ddir:
                 return fsops.file_hash(sdir, name) == fsops.file_hash(ddir, dname)
-            finally:
-                os.close(sdir)
-                os.close(ddir)
 
         if op is Op.HASH and not self.spec.dry_run:
             op = Op.SAME if await trio.to_thread.run_sync(_check_hash) else Op.COPY
@@ -640,14 +626,9 @@ class LocalTransfer:
             if not self.spec.dry_run:
 
                 def _settle() -> None:
-                    sdir = fsops.open_rel(w.src_root_fd, job.rel)
-                    ddir = fsops.open_rel(w.dst_root_fd, job.dst_rel)
-                    try:
+                    with fsops.dir_at(w.src_root_fd, job.rel) as sdir, fsops.dir_at(w.dst_root_fd, job.dst_rel) as ddir:
                         acl = fsops.sync_xattrs(sdir, name, ddir, dname)
                         fsops.fix_meta(ddir, dname, m, d, acl)
-                    finally:
-                        os.close(sdir)
-                        os.close(ddir)
 
                 await trio.to_thread.run_sync(_settle)
             if self.spec.move and not self.spec.dry_run:
@@ -662,25 +643,15 @@ class LocalTransfer:
         await self._copy_big(job, name, dname, m, d is not None, path)
 
         def _ino() -> int:
-            ddir = fsops.open_rel(w.dst_root_fd, job.dst_rel)
-            try:
+            with fsops.dir_at(w.dst_root_fd, job.dst_rel) as ddir:
                 return os.stat(dname, dir_fd=ddir, follow_symlinks=False).st_ino
-            finally:
-                os.close(ddir)
 
         return await trio.to_thread.run_sync(_ino)
 
     def _link_to_first(self, dst_rel: str, dname: str, first_dir: str, first_name: str, replace: bool) -> None:
         w = self.worker
-        ddir = fsops.open_rel(w.dst_root_fd, dst_rel)
-        try:
-            fdir = fsops.open_rel(w.dst_root_fd, first_dir)
-            try:
-                fsops.make_hardlink(ddir, dname, fdir, first_name, replace)
-            finally:
-                os.close(fdir)
-        finally:
-            os.close(ddir)
+        with fsops.dir_at(w.dst_root_fd, dst_rel) as ddir, fsops.dir_at(w.dst_root_fd, first_dir) as fdir:
+            fsops.make_hardlink(ddir, dname, fdir, first_name, replace)
 
     # -- directory metadata -------------------------------------------------------------------
 
@@ -727,27 +698,18 @@ class LocalTransfer:
                 try:
                     xattrs: list[tuple[str, bytes]] | None = None
                     if node.new or node.changed:
-                        sfd = fsops.open_rel(w.src_root_fd, node.src_rel)
-                        try:
+                        with fsops.dir_at(w.src_root_fd, node.src_rel) as sfd:
                             xattrs = fsops.get_xattrs(sfd)
-                        finally:
-                            os.close(sfd)
-                    dfd = fsops.open_rel(w.dst_root_fd, node.dst_rel)
-                    try:
+                    with fsops.dir_at(w.dst_root_fd, node.dst_rel) as dfd:
                         fsops.set_dir_meta(dfd, node.meta, xattrs)
-                    finally:
-                        os.close(dfd)
                 except OSError as exc:
                     failures.append((node.dst_rel or ".", "directory metadata", exc.strerror or str(exc)))
             if self.spec.move and node.src_rel:
                 # The source directory goes once it is empty; leftovers (failures, excluded) keep it.
                 parent, _, base = node.src_rel.rpartition("/")
                 try:
-                    pfd = fsops.open_rel(w.src_root_fd, parent)
-                    try:
+                    with fsops.dir_at(w.src_root_fd, parent) as pfd:
                         os.rmdir(base, dir_fd=pfd)
-                    finally:
-                        os.close(pfd)
                 except OSError:
                     pass
         return failures

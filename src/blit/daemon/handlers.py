@@ -24,6 +24,7 @@ import trio
 from ..stall import StallGuard
 from ..transport import data, protocol
 from ..transport.protocol import ErrorCode, Refused
+from ..transport.tree import SrcFile
 from . import contain
 from .config import DaemonConfig, ModuleConfig
 
@@ -73,18 +74,6 @@ class DaemonState:
 # Files of a transfer
 
 
-class _Src:
-    __slots__ = ("fd", "size", "extents")
-
-    def __init__(self, fd: int, size: int, extents: list[tuple[int, int]] | None) -> None:
-        self.fd = fd
-        self.size = size
-        self.extents = extents
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 class ModuleSource:
     """Pull: files of a transfer, opened below the transfer root without following links."""
 
@@ -93,7 +82,7 @@ class ModuleSource:
         self.base = base
         self.paths: dict[int, list[bytes]] = {}
 
-    def open(self, file_id: int) -> _Src:
+    def open(self, file_id: int) -> SrcFile:
         parts = self.paths[file_id]
         try:
             root_fd = contain.open_root(self.root)
@@ -113,7 +102,7 @@ class ModuleSource:
         except BaseException:
             os.close(fd)
             raise
-        return _Src(fd, st.st_size, extents)
+        return SrcFile(fd, st.st_size, extents)
 
 
 class _Sink:

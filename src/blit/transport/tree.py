@@ -85,19 +85,11 @@ def _xattrs(e: Entry) -> list[tuple[str, bytes]] | None:
 
 
 def entry_of(name: str, st: os.stat_result | Meta, target: bytes | None, xattrs: dict[str, bytes] | None) -> Entry:
+    # Manifest layout: name, the Meta fields in order (read back with Meta._make(entry[1:12])),
+    # symlink target, xattrs.
     return [
         _b(name),
-        st.st_mode,
-        st.st_size,
-        st.st_mtime_ns,
-        st.st_atime_ns,
-        st.st_uid,
-        st.st_gid,
-        st.st_ino,
-        st.st_dev,
-        st.st_nlink,
-        st.st_rdev,
-        getattr(st, "st_blocks", 0),
+        *fsops.meta_of(st),
         target,
         [[k, v] for k, v in sorted(xattrs.items())] if xattrs else None,
     ]
@@ -216,10 +208,12 @@ class SourceTree:
         except BaseException:
             os.close(fd)
             raise
-        return _SrcFile(fd, st.st_size, extents)
+        return SrcFile(fd, st.st_size, extents)
 
 
-class _SrcFile:
+class SrcFile:
+    """An open source file of a transfer: fd, size, and data extents when sparse."""
+
     __slots__ = ("fd", "size", "extents")
 
     def __init__(self, fd: int, size: int, extents: list[tuple[int, int]] | None) -> None:
