@@ -205,7 +205,7 @@ async def test_remote_transfer_bad_input(daemon: Daemon, tmp_path: Path) -> None
         await _run(daemon, "copy", str(tmp_path / "f") + "/", f"{host}:/data/x")
     with pytest.raises(RemoteError, match="unknown module 'nope'"):
         await _run(daemon, "copy", str(tmp_path / "f"), f"{host}:/nope/x")
-    with pytest.raises(UsageError, match="remote to remote"):
+    with pytest.raises(RemoteError, match="does not accept remote to remote transfers"):  # no allow_peer_pull
         await _run(daemon, "copy", f"{host}:/data/a", f"{host}:/data/b")
     assert os.listdir(daemon.modules["data"]) == []
 
