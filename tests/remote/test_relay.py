@@ -264,3 +264,12 @@ async def test_a_client_that_goes_away_cancels_bs_pull(pair: tuple[Daemon, Daemo
     dst = b.modules["data"] / "d"
     assert not (dst / "slow" / "f").exists()
     assert [p for p in files_below(dst) if ".blit-" in p] == []
+
+
+async def test_dry_run_into_a_missing_directory_on_b_changes_nothing(pair: tuple[Daemon, Daemon]) -> None:
+    a, b = pair
+    (a.modules["data"] / "t" / "sub").mkdir(parents=True)
+    (a.modules["data"] / "t" / "sub" / "g").write_text("gg")
+    s = await run(b, "mirror", ep(a, "data/t/"), ep(b, "data/new/deeper"), dry_run=True)
+    assert (s.exit_code, s.files_copied, s.bytes_copied, s.dirs_created) == (0, 1, 2, 1), s.failures
+    assert files_below(b.modules["data"]) == set()
