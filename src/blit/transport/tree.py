@@ -953,27 +953,46 @@ async def push_tree(
         del queued_room
 
 
-async def pull_tree(session: Any, module: str, remote_base: bytes, local_root: bytes, top: TopJob, spec: TreeSpec, streams: int = 2) -> TreeDone:
-    """Pull a daemon module directory (source) into a local tree (destination)."""
+async def pull_tree(
+    session: Any,
+    module: str,
+    remote_base: bytes,
+    local_root: bytes | None,
+    top: TopJob,
+    spec: TreeSpec,
+    streams: int = 2,
+    *,
+    dest: DestTree | None = None,
+) -> TreeDone:
+    """Pull a daemon module directory (source) into a local tree (destination): `local_root`, or
+    `dest` when the caller made the DestTree (a daemon pulling from a peer into its module,
+    with its containment walk). The DestTree is closed on return either way."""
     from .client import RemoteTransfer
     from .control import collapse_groups
 
-    opened: protocol.TransferOpened = await session.call(
-        protocol.OpenTree(
-            module=module,
-            path=remote_base,
-            direction="pull",
-            operation=spec.operation,
-            compare=int(spec.compare),
-            filters=[],
-            dry_run=spec.dry_run,
-            streams=streams,
-            h2_data=session.force_h2_data,
+    try:
+        opened: protocol.TransferOpened = await session.call(
+            protocol.OpenTree(
+                module=module,
+                path=remote_base,
+                direction="pull",
+                operation=spec.operation,
+                compare=int(spec.compare),
+                filters=[],
+                dry_run=spec.dry_run,
+                streams=streams,
+                h2_data=session.force_h2_data,
+            )
         )
-    )
+        if dest is None:
+            assert local_root is not None
+            dest = DestTree(await trio.to_thread.run_sync(fsops.open_root, local_root), spec)
+    except BaseException:
+        if dest is not None:
+            dest.close()
+        raise
     t = RemoteTransfer(session, opened, "pull")
-    root_fd = await trio.to_thread.run_sync(fsops.open_root, local_root)
-    dest = DestTree(root_fd, spec)
+    sink: DestTree = dest
     complete = True
 
     async def visit(rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None) -> list[tuple[str, str, bool]]:
@@ -982,12 +1001,12 @@ async def pull_tree(session: Any, module: str, remote_base: bytes, local_root: b
         if manifest.incomplete:
             complete = False
         for f in manifest.failures:
-            dest._fail(_s(f.path), f.op, f.message)
+            sink._fail(_s(f.path), f.op, f.message)
         entries = cast("list[Entry]", manifest.entries)
         if only is not None:
             entries = [e for e in entries if _s(e[0]) in only]
         planned = await trio.to_thread.run_sync(
-            dest.plan, rel, dst_rel, dst_new, only, entries, manifest.incomplete, cast("Entry | None", manifest.dir_entry)
+            sink.plan, rel, dst_rel, dst_new, only, entries, manifest.incomplete, cast("Entry | None", manifest.dir_entry)
         )
         if planned.need:
             await session.call(
@@ -998,7 +1017,7 @@ async def pull_tree(session: Any, module: str, remote_base: bytes, local_root: b
     try:
         with collapse_groups():
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(t.run_receivers, dest)
+                nursery.start_soon(t.run_receivers, sink)
                 try:
                     await _walk(top, visit)
                 finally:
@@ -1006,8 +1025,8 @@ async def pull_tree(session: Any, module: str, remote_base: bytes, local_root: b
                         await session.call(protocol.SendFiles(transfer=t.id, files=[], last=True))
         remote = await session.call(protocol.TreeFinish(transfer=t.id, source_complete=complete))
         for f in remote.failures:
-            dest._fail(_s(f.path), f.op, f.message)
-        await trio.to_thread.run_sync(dest.finish, complete)
-        return dest.result()
+            sink._fail(_s(f.path), f.op, f.message)
+        await trio.to_thread.run_sync(sink.finish, complete)
+        return sink.result()
     finally:
-        dest.close()
+        sink.close()
