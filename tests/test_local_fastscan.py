@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.usefixtures("blit_exe")
+
 import blit
 from blit.ffi import scan
-from helpers import Symlink, assert_same_tree, is_root, make_tree, write_file
+from helpers import Symlink, assert_same_tree, is_root, make_tree, run_blit, summary_of, write_file
 
 TREE = {
     "a.txt": "a\n",
@@ -128,3 +130,41 @@ def test_cmpdir_reports_only_what_is_not_clean(tmp_path: Path, xattr_mode: int) 
     assert by_name["new"][1] is None
     assert by_name["changed"][1] is not None and by_name["changed"][1].st_mtime_ns == 1
     assert by_name["changed"][0].st_size == os.lstat(src / "changed").st_size
+
+
+def test_prefetch_starts_only_for_plain_local_copy_and_mirror(tmp_path: Path) -> None:
+    from blit import prefetch
+
+    src = make_tree(tmp_path / "src", {"d/": {"f": "x"}})
+    dst = make_tree(tmp_path / "dst", {"d/": {"f": "x"}, "src/": {}})
+    s, d = str(src), str(dst)
+    assert prefetch.sniff(["mirror", f"{s}/", f"{d}/"]) == (s, d)
+    assert prefetch.sniff(["copy", "-q", f"{s}/", d]) == (s, d)
+    assert prefetch.sniff(["copy", s, d]) == (s, f"{d}/src")  # `src` lands as dst/src
+    assert prefetch.sniff(["move", f"{s}/", d]) is None  # move removes sources: never
+    assert prefetch.sniff(["mirror", "--checksum", f"{s}/", d]) is None
+    assert prefetch.sniff(["mirror", "--exclude", "*.o", f"{s}/", d]) is None
+    assert prefetch.sniff(["copy", f"{s}/", "host:/mod/x"]) is None
+    assert prefetch.sniff(["copy", f"{s}/", str(tmp_path / "missing")]) is None
+    assert prefetch.sniff(["copy", f"{s}/f", d]) is None
+
+
+def test_cli_rerun_with_prefetch_repairs_drift_in_every_directory(tmp_path: Path) -> None:
+    """The entry point compares the first directories while it imports: drift spread over many
+    directories must be repaired exactly wherever the comparison ran."""
+    spec = {f"d{i:02}/": {f"f{j:02}": f"{i}-{j}\n" for j in range(20)} for i in range(40)}
+    src = make_tree(tmp_path / "src", spec)
+    dst = tmp_path / "dst"
+    run_blit("mirror", "-q", f"{src}/", dst, check=0)
+    for i in range(0, 40, 3):
+        d = dst / f"d{i:02}"
+        os.chmod(d / "f01", 0o600)
+        write_file(d / "f02", b"changed and longer\n")
+        write_file(d / "extra", b"extra\n")
+        os.setxattr(src / f"d{i:02}" / "f03", "user.tag", str(i).encode())
+    proc = run_blit("mirror", "--json", f"{src}/", dst, check=0)
+    summary = summary_of(proc)
+    assert summary["files_copied"] == 14 and summary["files_deleted"] == 14
+    assert_same_tree(src, dst)
+    again = summary_of(run_blit("mirror", "--json", f"{src}/", dst, check=0))
+    assert (again["files_copied"], again["files_deleted"], again["files_skipped"]) == (0, 0, 800)

@@ -1,5 +1,5 @@
 """`python -m blit`: the blit command."""
 
-from .cli import main
+from .entry import main
 
 main()

@@ -20,7 +20,7 @@ import struct
 import sys
 from dataclasses import dataclass, field
 
-from . import ffi, fsops
+from . import ffi, fsops, prefetch
 from .ffi import scan
 from .filters import Filters
 from .fsops import Meta, meta_of
@@ -196,7 +196,9 @@ class Worker:
             dfd = fsops.open_rel(self.dst_root_fd, job.dst_rel)
         except OSError:
             return -1  # the ordinary path reports it
-        got = scan.cmpdir(sfd, dfd, self.cmp_flags)
+        got = prefetch.take(_join(self.src_base, job.rel), _join(self.dst_base, job.dst_rel)) if prefetch.ACTIVE else None
+        if got is None:
+            got = scan.cmpdir(sfd, dfd, self.cmp_flags)
         if got is None or got[2] != got[3]:  # no answer, or extras/temporaries to look at
             return dfd
         clean, total, _, _, others = got
