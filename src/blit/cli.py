@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -65,7 +65,7 @@ class TextProgress:
         self.verbose = verbose or dry_run
         self.quiet = quiet
         self.bar = None
-        self.task = None
+        self.task: Any = None
         if bar:
             from rich.progress import (
                 BarColumn,
@@ -246,7 +246,7 @@ def _run(
     return summary.exit_code  # type: ignore[attr-defined,no-any-return]
 
 
-def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:  # type: ignore[type-arg]
+def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
     out: list[BaseException] = []
     for e in eg.exceptions:
         if isinstance(e, BaseExceptionGroup):
@@ -353,6 +353,7 @@ else:
 
 def main() -> None:
     """Entry point: click's usage errors become one line and exit 2, like every other error."""
+    from typer import exceptions as typer_exc
     from typer._click import exceptions as click_exc  # typer vendors click (pinned <0.29)
 
     try:
@@ -364,7 +365,7 @@ def main() -> None:
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
         _err(exc.format_message() + hint)
         raise SystemExit(2) from None
-    except click_exc.Abort:
+    except typer_exc.Abort:
         raise SystemExit(EXIT_INTERRUPTED) from None
     except click_exc.ClickException as exc:
         _err(exc.format_message())

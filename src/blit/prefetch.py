@@ -18,7 +18,9 @@ import os
 import stat
 import sys
 import threading
-from typing import Any
+TYPE_CHECKING = False  # not `import typing`: it costs start-up time in every process
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_DIRS = 4096  # never more results held than this (clean directories are a few bytes each)
 _FLAGS_OK = frozenset({"-q", "--quiet", "-v", "--verbose", "--progress", "--json", "--dry-run", "-n"})

@@ -19,6 +19,9 @@ import stat
 import struct
 import sys
 from dataclasses import dataclass, field
+TYPE_CHECKING = False  # not `import typing`: it costs start-up time in every process
+if TYPE_CHECKING:
+    from typing import Any
 
 from . import ffi, fsops, prefetch
 from .ffi import scan
@@ -147,12 +150,12 @@ class Worker:
                 return res
             prefix = job.rel + "/" if job.rel else ""
             keep: set[str] = set()
-            for name, exc in errs:
+            for name, err in errs:
                 res.incomplete = True
                 keep.add(name)
-                res.failures.append((prefix + name, "stat", _msg(exc)))
+                res.failures.append((prefix + name, "stat", _msg(err)))
             res.entries_seen = len(entries)
-            dst: dict[str, Meta] | None = None
+            dst: dict[str, Any] | None = None  # Meta or os.stat_result (same field names)
             if not (spec.dry_run and job.dst_new):
                 if dfd < 0:
                     try:
@@ -216,8 +219,8 @@ class Worker:
     def _plan_and_execute(
         self,
         job: DirJob,
-        entries: list[tuple[str, Meta]],
-        dst: dict[str, Meta] | None,
+        entries: list[tuple[str, Any]],  # Meta or os.stat_result
+        dst: dict[str, Any] | None,
         keep: frozenset[str],
         sfd: int,
         dfd: int,

@@ -66,7 +66,7 @@ def _ffi() -> tuple[FFI, _LibSystem]:
 
         ffi = cffi.FFI()
         ffi.cdef(CDEF)
-        lib: _LibSystem = ffi.dlopen(None)  # type: ignore[assignment]  # typed by the Protocol
+        lib: _LibSystem = ffi.dlopen(None)  # typed by the Protocol
         _state = (ffi, lib)
     return _state
 

@@ -20,8 +20,8 @@ import threading
 from blit.fsops import Meta
 
 try:
-    from blit.ffi._scan import ffi as _ffi  # type: ignore[import-not-found]
-    from blit.ffi._scan import lib as _lib  # type: ignore[import-not-found]
+    from blit.ffi._scan import ffi as _ffi
+    from blit.ffi._scan import lib as _lib
 
     HAVE_CMPDIR = _lib.blit_version() == 1  # a stale build of an older _scan.c is not used
 except ImportError:  # built without a C compiler: the pure-Python path does everything

@@ -87,7 +87,7 @@ def _ffi() -> tuple[FFI, _Kernel32]:
         ffi = cffi.FFI()
         ffi.cdef(CDEF)
         # dlopen(None) does not work on Windows with Python 3 (cffi docs): name the DLL.
-        kernel32: _Kernel32 = ffi.dlopen("kernel32.dll")  # type: ignore[assignment]
+        kernel32: _Kernel32 = ffi.dlopen("kernel32.dll")
         _state = (ffi, kernel32)
     return _state
 
