@@ -55,6 +55,14 @@ SAMPLES: list[p.Message] = [
     p.DirManifest(entries=[], incomplete=False),
     p.TreeFinish(transfer=1, source_complete=False),
     p.TreeDone(files_copied=1, bytes_copied=2, files_skipped=3, dirs_created=4, links_created=5, files_deleted=6, entries_seen=7, failures=[], deletions_skipped="why"),
+    p.DirPlanned(subdirs=[], need=[], hash=[b"same-size"], settled=4),
+    p.TreeHashes(transfer=1, rel=b"a", hashes=[p.FileHash(name=b"f", digest=b"\x01" * 16), p.FileHash(name=b"g", digest=None)]),
+    p.TreeHash(transfer=1, rel=b"", names=[b"f"]),
+    p.HashList(hashes=[p.FileHash(name=b"f", digest=b"\x02" * 16)], failures=[p.PathFailure(path=b"g", op="checksum", message="Permission denied")]),
+    p.TreeLanded(transfer=1),
+    p.LandedPage(groups=[p.RemoveGroup(rel=b"a", files=[p.Landed(name=b"\xff", size=3, mtime_ns=-1)], dirs=[]), p.RemoveGroup(rel=b"", files=[], dirs=[b"a"])], more=False),
+    p.TreeRemove(transfer=1, groups=[], last=True),
+    p.TreeRemoved(removed=3, failures=[]),
 ]
 
 

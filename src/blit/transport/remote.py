@@ -1,4 +1,4 @@
-"""Remote copy/mirror: resolve the endpoints with rsync's trailing-slash rules, then push or pull.
+"""Remote copy/mirror/move: resolve the endpoints with rsync's trailing-slash rules, then push or pull.
 
 `remote_transfer()` is what `api.transfer` calls when an endpoint is remote. The rules are the
 local ones (`api.resolve`), with the remote side looked at through `stat` on the daemon (which
@@ -11,6 +11,9 @@ never follows a symlink, so a remote symlink is never a directory):
 | `dir` | missing | dir lands as DST |
 | `file` | existing directory | `DST/file` |
 | `file` | anything else | DST |
+
+Move removes a source entry only once the destination side confirmed it landed and synced it
+(docs/protocol.md §4). Progress goes to the caller's Progress at most 10 times a second.
 
 This module must not print; it returns a Summary or raises from blit.errors.
 """
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..endpoint import LocalEndpoint, RemoteEndpoint, parse_endpoint
-from ..errors import FatalError, UsageError
+from ..errors import UsageError
 from ..plan import Compare
 from ..report import Failure, Summary
 from . import protocol
@@ -157,25 +160,24 @@ async def remote_transfer(
     timeouts: Any = None,
     streams: int = 2,
 ) -> Summary:
-    """Copy or mirror between a local path and a daemon (either direction).
+    """Copy, mirror or move between a local path and a daemon (either direction).
 
     Raises:
-        UsageError: bad endpoints, missing source, remote-to-remote (not yet), move (not yet).
+        UsageError: bad endpoints, missing source, remote-to-remote (not yet).
         ConnectError, RemoteError, TransportError: the daemon could not be used.
     """
     import trio
 
     from ..filters import Filters
     from .client import Timeouts, open_session
-    from .tree import pull_tree, push_tree
+    from ..report import NullProgress, tick
+    from .tree import TreeCounters, pull_tree, push_tree
 
     s_ep, d_ep = parse_endpoint(src), parse_endpoint(dst)
     if isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, RemoteEndpoint):
         raise UsageError("remote to remote transfers are not supported yet (docs/protocol.md §4)")
     if not isinstance(s_ep, RemoteEndpoint) and not isinstance(d_ep, RemoteEndpoint):
         raise UsageError("remote_transfer needs a remote endpoint")
-    if operation == "move":
-        raise UsageError("move to or from a daemon is not supported yet")
     remote = s_ep if isinstance(s_ep, RemoteEndpoint) else d_ep
     assert isinstance(remote, RemoteEndpoint)
     summary = Summary(operation=operation, source=src, destination=dst, dry_run=dry_run)
@@ -183,25 +185,27 @@ async def remote_transfer(
         progress.start(summary)
     spec = TreeSpec(operation=operation, compare=compare, filters=Filters.from_args(filters or []), dry_run=dry_run)
     t0 = time.perf_counter()
+    counters = TreeCounters()
     async with open_session(
         remote.host, tls_enabled=tls_enabled, known_hosts=known_hosts, force_h2_data=force_h2_data, timeouts=timeouts or Timeouts()
-    ) as session:
+    ) as session, trio.open_nursery() as nursery:
+        if progress is not None and not isinstance(progress, NullProgress):
+            nursery.start_soon(tick, progress, counters.snapshot, t0)
         if isinstance(d_ep, RemoteEndpoint):
             assert isinstance(s_ep, LocalEndpoint)
             plan = await resolve_push(session, s_ep, d_ep)
             done = await push_tree(
                 session, plan.local_root, plan.module, plan.remote_base, plan.top, spec, streams,
-                create_base=plan.create_remote_base,
+                create_base=plan.create_remote_base, counters=counters,
             )
         else:
             assert isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, LocalEndpoint)
             plan = await resolve_pull(session, s_ep, d_ep)
-            if plan.create_local_root and not dry_run:
-                try:
-                    await trio.to_thread.run_sync(lambda: os.makedirs(plan.local_root, exist_ok=True))
-                except OSError as exc:
-                    raise FatalError(f"cannot create destination {dst}: {exc.strerror}") from None
-            done = await pull_tree(session, plan.module, plan.remote_base, plan.local_root, plan.top, spec, streams)
+            done = await pull_tree(
+                session, plan.module, plan.remote_base, plan.local_root, plan.top, spec, streams,
+                create_root=plan.create_local_root and not dry_run, counters=counters,
+            )
+        nursery.cancel_scope.cancel()  # the ticker
         carriers = "h2" if session.force_h2_data or session.peer.data_port is None else "tcp"
     summary.files_copied = done.files_copied
     summary.bytes_copied = done.bytes_copied
@@ -210,6 +214,7 @@ async def remote_transfer(
     summary.links_created = done.links_created
     summary.files_deleted = done.files_deleted
     summary.entries_seen = done.entries_seen
+    summary.files_removed = done.files_removed
     summary.deletions_skipped = done.deletions_skipped
     for f in done.failures:
         failure = Failure(os.fsdecode(f.path), f.op, f.message)
