@@ -128,6 +128,44 @@ async def test_move_keeps_a_source_whose_copy_failed(daemon: Daemon, tmp_path: P
     assert (dst_root / "out" / "x" / "keep").read_text() == "in the way"
 
 
+@pytest.mark.parametrize("direction", ["push", "pull"])
+async def test_move_confirms_in_pages_during_the_walk(daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direction: str) -> None:
+    """With tiny pages, sources are removed while the walk goes on (hard-link members only at
+    the end, or the source would report a smaller link count for the members not scanned yet),
+    and the tree still lands exactly, links included."""
+    monkeypatch.setattr(tree, "LANDED_DRAIN", 3)
+    monkeypatch.setattr(tree, "LANDED_PAGE", 2)
+    monkeypatch.setattr(tree, "WALK_CONCURRENCY", 1)  # scans strictly after earlier removals
+    local = tmp_path / "local"
+    remote = daemon.modules["data"] / "src"
+    src, dst = (local, daemon.modules["data"] / "out") if direction == "push" else (remote, tmp_path / "out")
+    await trio.to_thread.run_sync(make_full_tree, src)
+    for i in range(12):
+        (src / "a" / f"more{i}").write_text(str(i))
+    want = await trio.to_thread.run_sync(snapshot, src)
+    r = f"{host(daemon)}:/data"
+    a, b = (f"{src}/", f"{r}/out") if direction == "push" else (f"{r}/src/", str(dst))
+    s = await run(daemon, "move", a, b)
+    assert s.exit_code == 0, s.failures
+    assert await trio.to_thread.run_sync(snapshot, dst) == want
+    assert leftovers(src) == []
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+async def test_move_dry_run_changes_nothing(daemon: Daemon, tmp_path: Path, direction: str) -> None:
+    local = tmp_path / "local"
+    src = local if direction == "push" else daemon.modules["data"] / "src"
+    await trio.to_thread.run_sync(make_full_tree, src)
+    (tmp_path / "out").mkdir()
+    before = await trio.to_thread.run_sync(snapshot, src)
+    r = f"{host(daemon)}:/data"
+    a, b = (f"{src}/", f"{r}/") if direction == "push" else (f"{r}/src/", str(tmp_path / "out"))
+    s = await run(daemon, "move", a, b, dry_run=True)
+    assert s.exit_code == 0 and s.files_copied > 0 and s.files_removed == 0, s
+    assert await trio.to_thread.run_sync(snapshot, src) == before
+    assert os.listdir(tmp_path / "out") == [] and os.listdir(daemon.modules["data"]) == ([] if direction == "push" else ["src"])
+
+
 async def test_push_move_onto_an_up_to_date_destination_removes_the_source(daemon: Daemon, tmp_path: Path) -> None:
     """Up-to-date files count as landed: the destination holds the same data."""
     src = tmp_path / "src"

@@ -201,8 +201,10 @@ class LandedLog:
             self._dirs.clear()
             self.nbytes = self.count = 0
 
-    def take(self, max_entries: int = LANDED_PAGE, max_bytes: int = LANDED_PAGE_BYTES) -> list[RemoveGroup]:
-        """The next page: files first (grouped by directory), then directories, deepest first."""
+    def take(self) -> list[RemoveGroup]:
+        """The next page (at most LANDED_PAGE entries): files first (grouped by directory), then
+        directories, deepest first."""
+        max_entries, max_bytes = LANDED_PAGE, LANDED_PAGE_BYTES
         groups: list[RemoveGroup] = []
         n = size = 0
         rec = self.REC
