@@ -5,7 +5,10 @@ docs/protocol.md §4 is the design. The destination side (`DestTree`) runs on th
 push and on the client for a pull; the source side (`SourceTree`) the other way round. Both are
 plain blocking code around the engine's `fsops` and `plan.plan_dir`, called from worker threads
 (one hop per directory; data-stream threads call `DestTree.open` / `SourceTree.open` per file).
-`push_tree` and `pull_tree` are the client's drivers.
+`push_tree` and `pull_tree` are the client's drivers. --checksum: the destination side lists
+equal-size files, both sides hash them in worker threads (batches), the destination settles
+them. Move: the destination side logs what landed (`LandedLog`), the source side removes it
+(`SourceTree.remove`) in pages after a syncfs, directories last.
 
 This module must not parse bytes (protocol.py) or own sockets (data.py, control.py).
 """
