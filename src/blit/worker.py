@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 
 from . import ffi, fsops
+from .ffi import scan
 from .filters import Filters
 from .fsops import Meta, meta_of
 from .plan import Compare, Op, plan_dir
@@ -105,6 +106,10 @@ class Worker:
         self.src_base = os.fsdecode(spec.src_root)
         self.dst_base = os.fsdecode(spec.dst_root)
         self.stop = stop or StopFlag()
+        # The C comparer answers for plain size+mtime runs; filters, --checksum and move need
+        # every entry in Python.
+        self.fast = scan.HAVE_CMPDIR and not spec.move and spec.compare is Compare.SIZE_MTIME and not spec.filters.active
+        self.cmp_flags = scan.CHECK_XATTRS | (scan.CHECK_OWNER if fsops.IS_ROOT else 0)
         self.src_root_fd = fsops.open_root(spec.src_root)
         try:
             self.dst_root_fd = fsops.open_root(spec.dst_root)
@@ -131,6 +136,10 @@ class Worker:
             return res
         dfd = -1
         try:
+            if self.fast and not job.dst_new and job.only is None:
+                dfd = self._try_fast(job, sfd, res)
+                if dfd < -1:  # answered
+                    return res
             try:
                 entries, errs = fsops.scan(sfd)
             except OSError as exc:
@@ -145,12 +154,13 @@ class Worker:
             res.entries_seen = len(entries)
             dst: dict[str, Meta] | None = None
             if not (spec.dry_run and job.dst_new):
-                try:
-                    dfd = fsops.open_rel(self.dst_root_fd, job.dst_rel)
-                except OSError as exc:
-                    res.failures.append((job.dst_rel or ".", "open destination", _msg(exc)))
-                    res.fatal = _msg(exc) if exc.errno in FATAL_ERRNOS else None
-                    return res
+                if dfd < 0:
+                    try:
+                        dfd = fsops.open_rel(self.dst_root_fd, job.dst_rel)
+                    except OSError as exc:
+                        res.failures.append((job.dst_rel or ".", "open destination", _msg(exc)))
+                        res.fatal = _msg(exc) if exc.errno in FATAL_ERRNOS else None
+                        return res
                 if not job.dst_new:
                     try:
                         dents, derrs = fsops.scan(dfd)
@@ -169,21 +179,7 @@ class Worker:
                         dst[dname] = dm
                     for dname, _ in derrs:
                         keep.add(dname)
-            entries.sort()
-            plan = plan_dir(
-                job.rel,
-                entries,
-                dst,
-                compare=spec.compare,
-                filters=spec.filters,
-                mirror=spec.mirror,
-                only=job.only,
-                keep=frozenset(keep),
-            )
-            res.extras = plan.extras
-            if dfd >= 0 and not job.dst_new and not spec.dry_run and not fsops.IS_ROOT and _writes(plan):
-                _open_up(dfd, res)
-            self._execute(job, plan, sfd, dfd, res)
+            self._plan_and_execute(job, entries, dst, frozenset(keep), sfd, dfd, res)
         except Stopped:
             pass
         finally:
@@ -191,6 +187,56 @@ class Worker:
             if dfd >= 0:
                 os.close(dfd)
         return res
+
+    def _try_fast(self, job: DirJob, sfd: int, res: DirResult) -> int:
+        """The C comparer (blit.ffi.scan): clean up-to-date files are counted, not listed, and
+        only the rest is planned. Returns -2 when the directory is done (its fd closed), else the
+        open destination fd (or -1) for the ordinary path to continue with."""
+        try:
+            dfd = fsops.open_rel(self.dst_root_fd, job.dst_rel)
+        except OSError:
+            return -1  # the ordinary path reports it
+        got = scan.cmpdir(sfd, dfd, self.cmp_flags)
+        if got is None or got[2] != got[3]:  # no answer, or extras/temporaries to look at
+            return dfd
+        clean, total, _, _, others = got
+        res.entries_seen = total
+        res.files_skipped += clean
+        try:
+            if others:
+                others.sort()
+                dst = {n: d for n, _, d in others if d is not None}
+                self._plan_and_execute(job, [(n, m) for n, m, _ in others], dst, frozenset(), sfd, dfd, res)
+        finally:
+            os.close(dfd)
+        return -2
+
+    def _plan_and_execute(
+        self,
+        job: DirJob,
+        entries: list[tuple[str, Meta]],
+        dst: dict[str, Meta] | None,
+        keep: frozenset[str],
+        sfd: int,
+        dfd: int,
+        res: DirResult,
+    ) -> None:
+        spec = self.spec
+        entries.sort()
+        plan = plan_dir(
+            job.rel,
+            entries,
+            dst,
+            compare=spec.compare,
+            filters=spec.filters,
+            mirror=spec.mirror,
+            only=job.only,
+            keep=keep,
+        )
+        res.extras = plan.extras
+        if dfd >= 0 and not job.dst_new and not spec.dry_run and not fsops.IS_ROOT and _writes(plan):
+            _open_up(dfd, res)
+        self._execute(job, plan, sfd, dfd, res)
 
     def _execute(self, job: DirJob, plan, sfd: int, dfd: int, res: DirResult) -> None:  # type: ignore[no-untyped-def]
         spec = self.spec

@@ -55,7 +55,11 @@ class Daemon:
         )
 
 
-def write_config(tmp: Path, *, tls: bool = True, force_h2_data: bool = False, extra: str = "") -> tuple[Path, dict[str, Path]]:
+def write_config(
+    tmp: Path, *, tls: bool = True, force_h2_data: bool = False, extra: str = "", peer_pull: bool = False
+) -> tuple[Path, dict[str, Path]]:
+    """Modules data (read-write; `peer_pull`: may pull from other daemons), ro (read-only) and
+    other (read-write, never allowed to pull from other daemons)."""
     mods = {"data": tmp / "mod_data", "ro": tmp / "mod_ro", "other": tmp / "mod_other"}
     for p in mods.values():
         p.mkdir(exist_ok=True)
@@ -75,6 +79,7 @@ state_dir = "{tmp / 'state'}"
 name = "data"
 path = "{mods['data']}"
 comment = "read-write test module"
+allow_peer_pull = {str(peer_pull).lower()}
 
 [[module]]
 name = "ro"
@@ -95,8 +100,11 @@ def tls_mode(request: pytest.FixtureRequest) -> bool:
     return bool(request.param)
 
 
-async def start_daemon(nursery: trio.Nursery, tmp: Path, *, tls: bool = True, force_h2_data: bool = False, **kw) -> Daemon:
-    cfg_path, mods = write_config(tmp, tls=tls, force_h2_data=force_h2_data)
+async def start_daemon(
+    nursery: trio.Nursery, tmp: Path, *, tls: bool = True, force_h2_data: bool = False, peer_pull: bool = False, **kw
+) -> Daemon:
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg_path, mods = write_config(tmp, tls=tls, force_h2_data=force_h2_data, peer_pull=peer_pull)
     cfg = load_config(cfg_path)
     info = await nursery.start(functools.partial(serve, cfg, **kw))
     return Daemon(info, cfg_path, tmp / "known_hosts", tls, mods)
@@ -159,15 +167,19 @@ def subprocess_env(tmp: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def run_daemon_process(tmp: Path, *, tls: bool = True, args: tuple[str, ...] = ()) -> Iterator[DaemonProcess]:
+def run_daemon_process(
+    tmp: Path, *, tls: bool = True, args: tuple[str, ...] = (), peer_pull: bool = False, prefix: tuple[str, ...] = ()
+) -> Iterator[DaemonProcess]:
+    """`prefix`: a command the daemon runs under (e.g. setpriv to drop privileges)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     data_port = _free_port()
-    cfg, mods = write_config(tmp, tls=tls, extra=f"data_port = {data_port}")
+    cfg, mods = write_config(tmp, tls=tls, extra=f"data_port = {data_port}", peer_pull=peer_pull)
     env = subprocess_env(tmp)
     log_path = tmp / "daemon.log"
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(
-            [*blit_cmd(), "daemon", "--config", str(cfg), "--port", str(port), *args],
+            [*prefix, *blit_cmd(), "daemon", "--config", str(cfg), "--port", str(port), *args],
             stdout=logf,
             stderr=subprocess.STDOUT,
             env=env,

@@ -48,6 +48,11 @@ name = "a"
 path = "a"
 read_only = true
 comment = "the a"
+
+[[module]]
+name = "b"
+path = "a"
+allow_peer_pull = true
 """,
         )
     )
@@ -55,8 +60,10 @@ comment = "the a"
     assert cfg.root == tmp_path / "root" and cfg.root_read_only
     assert not cfg.mdns and cfg.mdns_name == "box" and cfg.mdns_interfaces == ("127.0.0.1",)
     assert cfg.force_h2_data and not cfg.tls and cfg.state_dir == tmp_path / "st"
-    (m,) = cfg.modules
-    assert (m.name, m.path, m.read_only, m.comment) == ("a", tmp_path / "a", True, "the a")
+    m, b = cfg.modules
+    assert (m.name, m.path, m.read_only, m.comment, m.allow_peer_pull) == ("a", tmp_path / "a", True, "the a", False)
+    assert (b.name, b.read_only, b.allow_peer_pull) == ("b", False, True)
+    assert not cfg.root_allow_peer_pull
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:
@@ -87,6 +94,11 @@ def test_port_zero_means_free_ports() -> None:
         ("[[module]]\nname = 'a'\npath = 'missing'\n", ["module 'a'", "not a directory"]),
         ("[daemon]\nroot = 'missing'\n", ["root", "not a directory"]),
         ("[module]\nname = 'a'\n", ["[[module]]"]),
+        ("[[module]]\nname = 'a'\npath = '.'\nallow_peer_pull = 1\n", ["line 4", "allow_peer_pull", "true or false"]),
+        ("[[module]]\nname = 'a'\npath = '.'\n[[module]]\nname = 'b'\npath = '.'\nread_only = true\nallow_peer_pull = true\n",
+         ["line 8", "[[module]] #2 allow_peer_pull", "read-only", "drop read_only"]),
+        ("[daemon]\nroot = '.'\nroot_read_only = true\nroot_allow_peer_pull = true\n",
+         ["line 4", "[daemon] root_allow_peer_pull", "read-only", "drop root_read_only"]),
     ],
 )
 def test_malformed_files_name_line_and_key(tmp_path: Path, text: str, fragments: list[str]) -> None:

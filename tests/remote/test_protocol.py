@@ -63,6 +63,15 @@ SAMPLES: list[p.Message] = [
     p.LandedPage(groups=[p.RemoveGroup(rel=b"a", files=[p.Landed(name=b"\xff", size=3, mtime_ns=-1)], dirs=[]), p.RemoveGroup(rel=b"", files=[], dirs=[b"a"])], more=False),
     p.TreeRemove(transfer=1, groups=[], last=True),
     p.TreeRemoved(removed=3, failures=[]),
+    p.PeerPull(module="n", path=b"y/", peer=p.Peer(host="::1", port=9031, module="m", path=b"x", tls=False), operation="mirror", compare=0,
+               filters=[p.FilterRule(include=True, pattern="*.c")], dry_run=True, streams=3, h2_data=True),
+    p.PeerStarted(job=4),
+    p.PeerWait(job=4, wait_ms=250),
+    p.PeerStatus(done=False, files_copied=1, bytes_copied=2, entries_seen=3),
+    p.PeerStatus(done=True, files_copied=1, bytes_copied=2, entries_seen=3, carrier="tcp",
+                 result=p.TreeDone(files_copied=1, bytes_copied=2, files_skipped=0, dirs_created=0, links_created=0, files_deleted=0, entries_seen=3,
+                                   failures=[p.PathFailure(path=b"a", op="copy", message="gone")])),
+    p.PeerStatus(done=True, files_copied=0, bytes_copied=0, entries_seen=0, error=p.Error(error="peer-failed", message="Connection refused")),
 ]
 
 

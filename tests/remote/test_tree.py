@@ -205,7 +205,7 @@ async def test_remote_transfer_bad_input(daemon: Daemon, tmp_path: Path) -> None
         await _run(daemon, "copy", str(tmp_path / "f") + "/", f"{host}:/data/x")
     with pytest.raises(RemoteError, match="unknown module 'nope'"):
         await _run(daemon, "copy", str(tmp_path / "f"), f"{host}:/nope/x")
-    with pytest.raises(UsageError, match="remote to remote"):
+    with pytest.raises(RemoteError, match="does not accept remote to remote transfers"):  # no allow_peer_pull
         await _run(daemon, "copy", f"{host}:/data/a", f"{host}:/data/b")
     assert os.listdir(daemon.modules["data"]) == []
 
@@ -221,3 +221,14 @@ async def test_remote_mirror_summary(daemon: Daemon, tmp_path: Path) -> None:
     assert (s.files_copied, s.files_deleted, s.exit_code) == (1, 1, 0)
     assert s.strategy.startswith("push:")
     assert os.listdir(mod / "m") == ["a"]
+
+
+async def test_pull_dry_run_into_a_missing_directory_changes_nothing(daemon: Daemon, tmp_path: Path) -> None:
+    mod = daemon.modules["data"]
+    (mod / "tree" / "sub").mkdir(parents=True)
+    (mod / "tree" / "f").write_text("f")
+    (mod / "tree" / "sub" / "g").write_text("gg")
+    for src, dst in ((f"127.0.0.1:{daemon.info.port}:/data/tree/", tmp_path / "new"), (f"127.0.0.1:{daemon.info.port}:/data/tree/f", tmp_path / "x" / "y")):
+        s = await _run(daemon, "copy", src, str(dst), dry_run=True)
+        assert s.exit_code == 0 and s.files_copied >= 1, s.failures
+    assert not (tmp_path / "new").exists() and not (tmp_path / "x").exists()

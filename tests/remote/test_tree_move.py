@@ -17,7 +17,7 @@ from blit.transport import tree
 from blit.transport.remote import remote_transfer
 
 from .conftest import Daemon
-from .treeutil import make_full_tree, snapshot
+from .treeutil import checksum_case, make_full_tree, snapshot
 
 
 def host(d: Daemon) -> str:
@@ -243,41 +243,13 @@ async def test_tree_remove_stays_inside_the_module(daemon: Daemon, tmp_path: Pat
 # --- --checksum: the hash exchange --------------------------------------------------------------
 
 
-def _checksum_case(src: Path, dst: Path) -> int:
-    """Source and destination with: equal content and size but another mtime (not sent), the
-    same size and mtime but other content (sent), another size (sent), a hard-linked pair with
-    equal content and another mtime (not sent). Returns the bytes that must travel."""
-    for root in (src, dst):
-        (root / "sub").mkdir(parents=True)
-    (src / "same").write_bytes(b"S" * 5000)
-    (dst / "same").write_bytes(b"S" * 5000)
-    (src / "sub" / "differs").write_bytes(b"A" * 3000)
-    (dst / "sub" / "differs").write_bytes(b"B" * 3000)
-    (src / "grown").write_bytes(b"G" * 700)
-    (dst / "grown").write_bytes(b"G" * 600)
-    (src / "big").write_bytes(os.urandom(6 << 20))
-    (dst / "big").write_bytes((src / "big").read_bytes())
-    (src / "h1").write_bytes(b"H" * 100)
-    os.link(src / "h1", src / "sub" / "h2")
-    (dst / "h1").write_bytes(b"H" * 100)
-    os.link(dst / "h1", dst / "sub" / "h2")
-    t = 1_700_000_000_000_000_000
-    for rel in ("same", "big", "h1"):
-        os.utime(src / rel, ns=(t, t))
-        os.utime(dst / rel, ns=(t + 10**9, t + 10**9))
-    for rel in ("sub/differs", "grown"):
-        os.utime(src / rel, ns=(t, t))
-        os.utime(dst / rel, ns=(t, t))
-    return 3000 + 700
-
-
 @pytest.mark.parametrize("direction", ["push", "pull"])
 @pytest.mark.parametrize("force_h2", [False, True], ids=["raw", "h2"])
 async def test_checksum_sends_only_what_differs(daemon: Daemon, tmp_path: Path, direction: str, force_h2: bool) -> None:
     local = tmp_path / "local"
     remote = daemon.modules["data"] / "tree"
     src, dst = (local, remote) if direction == "push" else (remote, local)
-    must_send = await trio.to_thread.run_sync(_checksum_case, src, dst)
+    must_send = await trio.to_thread.run_sync(checksum_case, src, dst)
     want = await trio.to_thread.run_sync(snapshot, src)
     r = f"{host(daemon)}:/data/tree/"
     a, b = (f"{local}/", r) if direction == "push" else (r, f"{local}/")
@@ -295,7 +267,7 @@ async def test_checksum_dry_run_counts_without_changing(daemon: Daemon, tmp_path
     local = tmp_path / "local"
     remote = daemon.modules["data"] / "tree"
     src, dst = (local, remote) if direction == "push" else (remote, local)
-    must_send = await trio.to_thread.run_sync(_checksum_case, src, dst)
+    must_send = await trio.to_thread.run_sync(checksum_case, src, dst)
     before = await trio.to_thread.run_sync(snapshot, dst)
     r = f"{host(daemon)}:/data/tree/"
     a, b = (f"{local}/", r) if direction == "push" else (r, f"{local}/")
@@ -307,7 +279,7 @@ async def test_checksum_dry_run_counts_without_changing(daemon: Daemon, tmp_path
 async def test_checksum_move_removes_equal_sources(daemon: Daemon, tmp_path: Path) -> None:
     local = tmp_path / "local"
     remote = daemon.modules["data"] / "tree"
-    await trio.to_thread.run_sync(_checksum_case, local, remote)
+    await trio.to_thread.run_sync(checksum_case, local, remote)
     want = await trio.to_thread.run_sync(snapshot, local)
     s = await run(daemon, "move", f"{local}/", f"{host(daemon)}:/data/tree/", compare=Compare.CHECKSUM)
     assert s.exit_code == 0, s.failures

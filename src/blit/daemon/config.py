@@ -29,6 +29,8 @@ class ModuleConfig:
     path: Path
     read_only: bool = False
     comment: str = ""
+    allow_peer_pull: bool = False
+    """Remote to remote: clients may ask this daemon to pull from another daemon into here."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,8 @@ class DaemonConfig:
     root: Path | None = None
     """The root export (`host://path`), or None for none."""
     root_read_only: bool = False
+    root_allow_peer_pull: bool = False
+    """The root export's `allow_peer_pull` (remote to remote transfers into it)."""
     mdns: bool = True
     mdns_name: str = ""
     """The advertised instance name; "" is the host name."""
@@ -80,6 +84,7 @@ _DAEMON_KEYS: dict[str, type | tuple[type, ...]] = {
     "data_port": int,
     "root": str,
     "root_read_only": bool,
+    "root_allow_peer_pull": bool,
     "mdns": bool,
     "mdns_name": str,
     "mdns_interfaces": list,
@@ -88,7 +93,8 @@ _DAEMON_KEYS: dict[str, type | tuple[type, ...]] = {
     "state_dir": str,
     "max_connections": int,
 }
-_MODULE_KEYS: dict[str, type] = {"name": str, "path": str, "read_only": bool, "comment": str}
+_MODULE_KEYS: dict[str, type] = {"name": str, "path": str, "read_only": bool, "comment": str, "allow_peer_pull": bool}
+_PEER_PULL_READ_ONLY = "a read-only export cannot receive pulls from other daemons (drop {ro} or this key)"
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "an array"}
 
 
@@ -163,6 +169,8 @@ def _parse_file(path: Path) -> DaemonConfig:
         elif key == "max_connections" and not 1 <= value <= 100_000:
             raise fail("daemon", key, None, f"{value} is out of range (1-100000)")
         values[key] = value
+    if values.get("root_allow_peer_pull") and values.get("root_read_only"):
+        raise fail("daemon", "root_allow_peer_pull", None, _PEER_PULL_READ_ONLY.format(ro="root_read_only"))
     modules = data.get("module", [])
     if not isinstance(modules, list):
         raise fail("module", None, None, "must be an array of tables: write [[module]]")
@@ -184,12 +192,15 @@ def _parse_file(path: Path) -> DaemonConfig:
         if name in seen:
             raise fail("module", "name", i, f"module {name!r} is defined twice")
         seen.add(name)
+        if table.get("allow_peer_pull") and table.get("read_only"):
+            raise fail("module", "allow_peer_pull", i, _PEER_PULL_READ_ONLY.format(ro="read_only"))
         mods.append(
             ModuleConfig(
                 name=name,
                 path=_resolve(path, table["path"]),
                 read_only=table.get("read_only", False),
                 comment=table.get("comment", ""),
+                allow_peer_pull=table.get("allow_peer_pull", False),
             )
         )
     values["modules"] = tuple(mods)

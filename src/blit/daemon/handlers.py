@@ -69,6 +69,13 @@ class DaemonState:
     def next_id(self) -> int:
         return int(next(self._ids))
 
+    def peer_pull_allowed(self, name: str) -> bool:
+        """Whether the config lets clients make this module pull from other daemons."""
+        if name == "":
+            return self.config.root_allow_peer_pull
+        m = self.config.module(name)
+        return m is not None and m.allow_peer_pull
+
 
 # =================================================================================================
 # Files of a transfer
@@ -303,6 +310,9 @@ class Session:
         self.transfers: dict[int, Transfer] = {}
         self.ready = trio.Event()
         self.request_slots = trio.Semaphore(4)
+        self.nursery: trio.Nursery | None = None
+        """The connection's nursery (server.py): remote to remote jobs run in it and end with it."""
+        self.jobs: dict[int, Any] = {}  # relay.PeerJob by id
 
     async def dispatch(self, msg: protocol.Message) -> protocol.Message:
         handler = _HANDLERS.get(type(msg))
@@ -677,6 +687,18 @@ async def handle_tree_finish(s: Session, msg: protocol.TreeFinish) -> protocol.T
             s.transfers.pop(t.id, None)
 
 
+async def handle_peer_pull(s: Session, msg: protocol.PeerPull) -> protocol.PeerStarted:
+    from . import relay
+
+    return await relay.start(s, msg)
+
+
+async def handle_peer_wait(s: Session, msg: protocol.PeerWait) -> protocol.PeerStatus:
+    from . import relay
+
+    return await relay.wait(s, msg)
+
+
 _HANDLERS: dict[type[protocol.Message], Any] = {
     protocol.Hello: handle_hello,
     protocol.ListModules: handle_modules,
@@ -694,4 +716,6 @@ _HANDLERS: dict[type[protocol.Message], Any] = {
     protocol.TreeHash: handle_tree_hash,
     protocol.TreeLanded: handle_tree_landed,
     protocol.TreeRemove: handle_tree_remove,
+    protocol.PeerPull: handle_peer_pull,
+    protocol.PeerWait: handle_peer_wait,
 }

@@ -3,7 +3,8 @@ mDNS, and a clean stop.
 
     serve()                                  one nursery for the daemon's life
     ├── control listener(s) -> handle_control: TLS handshake, H2Connection, one Session
-    │       └── per request: unary handler (CBOR in, CBOR out), or the HTTP/2 data fallback
+    │       ├── per request: unary handler (CBOR in, CBOR out), or the HTTP/2 data fallback
+    │       └── remote to remote jobs (relay.py): this daemon pulling from a peer daemon
     ├── data listener(s)    -> handle_data: handshake + token in a worker thread, then the
     │                          stream's worker thread, owned by its Transfer
     └── mDNS advertisement (zeroconf on its own thread)
@@ -205,6 +206,7 @@ async def _handle_control(
                         await conn.close(h2.errors.ErrorCodes.PROTOCOL_ERROR)
 
                 nursery.start_soon(hello_deadline)
+                session.nursery = nursery  # remote to remote jobs: cancelled when the connection ends
                 await conn.run(lambda st: _handle_stream(session, st))
                 nursery.cancel_scope.cancel()
         finally:

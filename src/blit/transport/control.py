@@ -653,7 +653,12 @@ async def connect_control(
     except trio.TooSlowError:
         raise ConnectError(f"cannot reach the daemon at {netloc}: no answer in {connect_timeout:g} s") from None
     except OSError as exc:
-        raise ConnectError(f"cannot reach the daemon at {netloc}: {exc.strerror or exc}") from None
+        # trio's "all attempts to connect ... failed" carries the real reasons as its cause.
+        cause = exc.__cause__
+        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+            cause = cause.exceptions[0]
+        why = exc.strerror or getattr(cause, "strerror", None) or exc
+        raise ConnectError(f"cannot reach the daemon at {netloc}: {why}") from None
     stream: trio.abc.Stream = tcp
     fp: str | None = None
     try:

@@ -79,6 +79,8 @@ class ErrorCode(str, enum.Enum):
     IO_ERROR = "io-error"
     SHUTTING_DOWN = "shutting-down"
     INTERNAL = "internal"
+    NOT_ALLOWED = "not-allowed"  # the daemon's config does not allow this (remote to remote)
+    PEER_FAILED = "peer-failed"  # the daemon could not reach or use the peer daemon
 
     @property
     def status(self) -> int:
@@ -100,6 +102,8 @@ _STATUS = {
     ErrorCode.SHUTTING_DOWN: 503,
     ErrorCode.IO_ERROR: 500,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.NOT_ALLOWED: 403,
+    ErrorCode.PEER_FAILED: 502,
 }
 
 
@@ -571,6 +575,65 @@ class TreeRemoved(Message):
     failures: list[PathFailure] = field(default_factory=list, metadata=_lim(MAX_LIST))
 
 
+# --- remote to remote (docs/protocol.md §4 "Remote to remote") ----------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Peer(Message):
+    """The source daemon A that the daemon receiving `PeerPull` pulls from, as the client named
+    it (the host is resolved by the pulling daemon)."""
+
+    host: str = field(metadata=_lim(255))
+    port: int = field(metadata=_lim(min=1, max=65535))
+    module: str = field(metadata=_lim(MAX_NAME))
+    path: bytes = field(metadata=_lim(MAX_PATH))
+    """As typed: a trailing "/" means "the contents of"."""
+    tls: bool = True
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeerPull(Message):
+    """Ask this daemon (B) to pull `peer` into module/path; answered at once with a job id."""
+
+    module: str = field(metadata=_lim(MAX_NAME))
+    path: bytes = field(metadata=_lim(MAX_PATH))
+    """The destination as typed (trailing "/" kept): B applies the trailing-slash rules."""
+    peer: Peer
+    operation: str = field(metadata=_lim(8))
+    compare: int = field(metadata=_lim(min=0, max=3))
+    filters: list[FilterRule] = field(default_factory=list, metadata=_lim(1000))
+    dry_run: bool = False
+    streams: int = field(default=1, metadata=_lim(min=1, max=MAX_STREAMS))
+    h2_data: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeerStarted(Message):
+    job: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeerWait(Message):
+    """Long poll: answered when the job ends or after `wait_ms`, whichever comes first."""
+
+    job: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+    wait_ms: int = field(metadata=_lim(min=0, max=30_000))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeerStatus(Message):
+    """A job's progress; once `done`, its `result` or its `error` (and the job is forgotten)."""
+
+    done: bool
+    files_copied: int = field(metadata=_lim(min=0, max=1 << 63))
+    bytes_copied: int = field(metadata=_lim(min=0, max=1 << 63))
+    entries_seen: int = field(metadata=_lim(min=0, max=1 << 63))
+    result: TreeDone | None = None
+    error: Error | None = None
+    carrier: str | None = field(default=None, metadata=_lim(8))
+    """How B's data came from A: "tcp" or "h2"."""
+
+
 M = TypeVar("M", bound=Message)
 
 
@@ -602,6 +665,8 @@ OPERATIONS: dict[str, Operation] = {
         Operation("tree/hash", TreeHash, HashList),
         Operation("tree/landed", TreeLanded, LandedPage),
         Operation("tree/remove", TreeRemove, TreeRemoved),
+        Operation("peer/pull", PeerPull, PeerStarted),
+        Operation("peer/wait", PeerWait, PeerStatus),
     )
 }
 OP_OF: dict[type[Message], Operation] = {op.request: op for op in OPERATIONS.values()}

@@ -1,8 +1,11 @@
-"""Remote copy/mirror/move: resolve the endpoints with rsync's trailing-slash rules, then push or pull.
+"""Remote copy/mirror/move: resolve the endpoints with rsync's trailing-slash rules, then push,
+pull or relay (remote to remote).
 
 `remote_transfer()` is what `api.transfer` calls when an endpoint is remote. The rules are the
-local ones (`api.resolve`), with the remote side looked at through `stat` on the daemon (which
-never follows a symlink, so a remote symlink is never a directory):
+local ones (`api.resolve`), with a remote side looked at through `stat` on its daemon (which
+never follows a symlink, so a remote symlink is never a directory). `resolve()` applies them to
+any two `Side`s: local and remote here, and on a daemon asked to pull from another daemon
+(daemon/relay.py), that daemon's own module and the source daemon:
 
 | SRC | DST | transfer |
 |---|---|---|
@@ -13,7 +16,12 @@ never follows a symlink, so a remote symlink is never a directory):
 | `file` | anything else | DST |
 
 Move removes a source entry only once the destination side confirmed it landed and synced it
-(docs/protocol.md §4). Progress goes to the caller's Progress at most 10 times a second.
+(docs/protocol.md §4); between two daemons it is refused. Progress goes to the caller's Progress
+at most 10 times a second.
+
+Remote to remote (`relay()`): the client opens a session with the destination daemon B only and
+sends `peer/pull`; B checks its config's consent, connects to the source daemon A as an ordinary
+pull client, resolves, pulls, and the client polls `peer/wait` for progress and the tally.
 
 This module must not print; it returns a Summary or raises from blit.errors.
 """
@@ -36,16 +44,76 @@ from .tree import TopJob, TreeSpec
 
 
 @dataclass
-class Plan:
-    """A resolved remote transfer."""
+class Resolved:
+    """Where a transfer goes once the trailing-slash rules are applied."""
 
-    direction: str  # push or pull
-    local_root: bytes
-    module: str
-    remote_base: bytes
+    src_base: bytes
+    """The source directory the transfer is rooted at (local absolute, or module-relative)."""
+    dst_base: bytes
+    """The destination directory it lands in (the same kinds)."""
     top: TopJob
-    create_remote_base: bool = False
-    create_local_root: bool = False
+    create_dst: bool = False
+    """`dst_base` does not exist yet: create it (`mkdir -p`) before the transfer."""
+
+
+class Side:
+    """One endpoint as the rules see it: its path, a way to look at paths on its side, and a way
+    to split a path into (parent, name). Subclasses: LocalSide, RemoteSide, and the daemon's
+    own module (daemon/relay.py) for remote to remote."""
+
+    label: str
+    """The endpoint as the user wrote it (error messages)."""
+    path: bytes
+    trailing_slash: bool
+    at_top: bool = False
+    """The path is a module's top: transferred as its contents even without a trailing slash."""
+
+    async def kind(self, path: bytes, follow: bool) -> str | None:
+        """"dir", "other", or None when missing; OSError for anything else."""
+        raise NotImplementedError
+
+    def split(self, path: bytes) -> tuple[bytes, bytes]:
+        raise NotImplementedError
+
+
+class LocalSide(Side):
+    def __init__(self, ep: LocalEndpoint) -> None:
+        self.label = ep.path
+        self.path = os.path.abspath(os.fsencode(ep.path))
+        self.trailing_slash = ep.trailing_slash
+
+    async def kind(self, path: bytes, follow: bool) -> str | None:
+        try:
+            st = os.stat(path) if follow else os.lstat(path)
+        except FileNotFoundError:
+            return None
+        return "dir" if stat.S_ISDIR(st.st_mode) else "other"
+
+    def split(self, path: bytes) -> tuple[bytes, bytes]:
+        return os.path.dirname(path), os.path.basename(path)
+
+
+class RemoteSide(Side):
+    """A module path on a daemon, looked at with `stat` (which never follows a symlink)."""
+
+    def __init__(self, session: Any, module: str, path: bytes, label: str) -> None:
+        self.session = session
+        self.module = module
+        self.label = label
+        self.path = path
+        self.trailing_slash = path.endswith(b"/")
+        self.at_top = not protocol.split_path(path)
+
+    async def kind(self, path: bytes, follow: bool) -> str | None:
+        entry = await _rstat(self.session, self.module, path)
+        return None if entry is None else "dir" if entry.kind == "dir" else "other"
+
+    def split(self, path: bytes) -> tuple[bytes, bytes]:
+        return split_remote(path)
+
+
+def remote_side(session: Any, ep: RemoteEndpoint) -> RemoteSide:
+    return RemoteSide(session, ep.module, ep.path_bytes, str(ep))
 
 
 async def _rstat(session: Any, module: str, path: bytes) -> protocol.Entry | None:
@@ -61,88 +129,140 @@ async def _rstat(session: Any, module: str, path: bytes) -> protocol.Entry | Non
         raise
 
 
-def _split(path: bytes) -> tuple[bytes, bytes]:
+def split_remote(path: bytes) -> tuple[bytes, bytes]:
+    """(parent, name) of a module-relative path; ("", "") for the module's top."""
     parts = protocol.split_path(path)
     if not parts:
         return b"", b""
     return b"/".join(parts[:-1]), parts[-1]
 
 
-async def resolve_push(session: Any, src: LocalEndpoint, dst: RemoteEndpoint) -> Plan:
-    bsrc = os.fsencode(src.path)
-    src_abs = os.path.abspath(bsrc)
+async def resolve(src: Side, dst: Side) -> Resolved:
+    """rsync's trailing-slash rules (the table in the module docstring), for any two sides.
+
+    Raises:
+        UsageError: missing source, `file/`, a directory onto a non-directory, a destination
+            that goes through a file. Nothing is changed on either side.
+    """
     try:
-        sst = os.lstat(src_abs)
-        if src.trailing_slash:
-            sst = os.stat(src_abs)
-    except FileNotFoundError:
-        raise UsageError(f"source does not exist: {src.path}") from None
+        skind = await src.kind(src.path, src.trailing_slash)
     except OSError as exc:
-        raise UsageError(f"cannot read source {src.path}: {exc.strerror}") from None
-    src_is_dir = stat.S_ISDIR(sst.st_mode)
+        raise UsageError(f"cannot read source {src.label}: {exc.strerror}") from None
+    if skind is None:
+        raise UsageError(f"source does not exist: {src.label}")
+    src_is_dir = skind == "dir"
     if src.trailing_slash and not src_is_dir:
-        raise UsageError(f"source is not a directory: {src.path}")
-    dpath = dst.path_bytes
-    dentry = await _rstat(session, dst.module, dpath)
-    dst_is_dir = dentry is not None and dentry.kind == "dir"
-    if src_is_dir and src.trailing_slash:
-        if dentry is not None and not dst_is_dir:
-            raise UsageError(f"destination exists and is not a directory: {dst}")
-        return Plan("push", src_abs, dst.module, dpath, TopJob(dst_new=dentry is None), create_remote_base=dentry is None)
-    name = os.path.basename(src_abs)
-    local_root = os.path.dirname(src_abs)
-    if dst_is_dir:
-        base, dname, create = dpath, name, False
-    elif dentry is None and dst.trailing_slash:
-        base, dname, create = dpath, name, True
+        raise UsageError(f"source is not a directory: {src.label}")
+
+    async def dst_kind(path: bytes) -> str | None:
+        try:
+            return await dst.kind(path, True)
+        except NotADirectoryError:
+            raise UsageError(f"destination path goes through a file: {dst.label}") from None
+        except OSError as exc:
+            raise UsageError(f"cannot read destination {dst.label}: {exc.strerror}") from None
+
+    dkind = await dst_kind(dst.path)
+    if src_is_dir and (src.trailing_slash or src.at_top):
+        if dkind is not None and dkind != "dir":
+            raise UsageError(f"destination exists and is not a directory: {dst.label}")
+        return Resolved(src.path, dst.path, TopJob(dst_new=dkind is None), create_dst=dkind is None)
+    src_base, name = src.split(src.path)
+    if dkind == "dir":
+        base, dname, create = dst.path, name, False
+    elif dkind is None and dst.trailing_slash:
+        base, dname, create = dst.path, name, True
     else:
-        if dentry is not None and src_is_dir:
-            raise UsageError(f"cannot overwrite non-directory {dst} with directory {src.path}")
-        base, dname = _split(dpath)
+        if dkind is not None and src_is_dir:
+            raise UsageError(f"cannot overwrite non-directory {dst.label} with directory {src.label}")
+        base, dname = dst.split(dst.path)
         if not dname:
-            raise UsageError(f"destination {dst} names no file")
-        parent = await _rstat(session, dst.module, base)
+            raise UsageError(f"destination {dst.label} names no file")
+        parent = await dst_kind(base)
+        if parent is not None and parent != "dir":
+            raise UsageError(f"destination path goes through a file: {dst.label}")
         create = parent is None
-        if parent is not None and parent.kind != "dir":
-            raise UsageError(f"destination path goes through a file: {dst}")
-    top = TopJob(only={os.fsdecode(name): os.fsdecode(dname)})
-    return Plan("push", local_root, dst.module, base, top, create_remote_base=create)
+    # A base created for this run is empty: the top job need not scan it (and a dry run, which
+    # creates nothing, need not open it).
+    top = TopJob(dst_new=create, only={os.fsdecode(name): os.fsdecode(dname)})
+    return Resolved(src_base, base, top, create_dst=create)
 
 
-async def resolve_pull(session: Any, src: RemoteEndpoint, dst: LocalEndpoint) -> Plan:
-    spath = src.path_bytes
-    sentry = await _rstat(session, src.module, spath)
-    if sentry is None:
-        raise UsageError(f"source does not exist: {src}")
-    src_is_dir = sentry.kind == "dir"
-    contents = src.trailing_slash or not protocol.split_path(spath)  # a module's top: its contents
-    if src.trailing_slash and not src_is_dir:
-        raise UsageError(f"source is not a directory: {src}")
-    bdst = os.fsencode(dst.path)
-    dst_abs = os.path.abspath(bdst)
-    try:
-        dst_st: os.stat_result | None = os.stat(dst_abs)
-    except FileNotFoundError:
-        dst_st = None
-    except NotADirectoryError:
-        raise UsageError(f"destination path goes through a file: {dst.path}") from None
-    dst_is_dir = dst_st is not None and stat.S_ISDIR(dst_st.st_mode)
-    if src_is_dir and contents:
-        if dst_st is not None and not dst_is_dir:
-            raise UsageError(f"destination exists and is not a directory: {dst.path}")
-        return Plan("pull", dst_abs, src.module, spath, TopJob(dst_new=dst_st is None), create_local_root=dst_st is None)
-    base, name = _split(spath)
-    if dst_is_dir:
-        root, dname, create = dst_abs, name, False
-    elif dst_st is None and dst.trailing_slash:
-        root, dname, create = dst_abs, name, True
-    else:
-        if dst_st is not None and src_is_dir:
-            raise UsageError(f"cannot overwrite non-directory {dst.path} with directory {src}")
-        root, dname = os.path.dirname(dst_abs), os.path.basename(dst_abs)
-        create = not os.path.isdir(root)
-    top = TopJob(only={os.fsdecode(name): os.fsdecode(dname)})
-    return Plan("pull", root, src.module, base, top, create_local_root=create)
+def _summarize(summary: Summary, done: protocol.TreeDone, progress: Any) -> None:
+    summary.files_copied = done.files_copied
+    summary.bytes_copied = done.bytes_copied
+    summary.files_skipped = done.files_skipped
+    summary.dirs_created = done.dirs_created
+    summary.links_created = done.links_created
+    summary.files_deleted = done.files_deleted
+    summary.entries_seen = done.entries_seen
+    summary.files_removed = done.files_removed
+    summary.deletions_skipped = done.deletions_skipped
+    for f in done.failures:
+        failure = Failure(os.fsdecode(f.path), f.op, f.message)
+        summary.failures.append(failure)
+        if progress is not None:
+            progress.error(failure)
+
+
+RELAY_POLL = 5.0
+"""Remote to remote: the longest the client lets one `peer/wait` poll last (seconds)."""
+
+
+async def relay(
+    session: Any,
+    src: RemoteEndpoint,
+    dst: RemoteEndpoint,
+    spec: TreeSpec,
+    streams: int,
+    *,
+    tls_enabled: bool,
+    progress: Any = None,
+) -> tuple[protocol.TreeDone, str]:
+    """Remote to remote: ask the destination daemon (the session's) to pull `src` from its
+    daemon, then poll until the job ends. Returns B's tally and how its data came ("tcp"/"h2").
+
+    Each poll is answered within min(RELAY_POLL, request timeout / 4), so no request waits
+    longer than the request timeout for as long as B is alive; closing the session cancels
+    B's pull.
+
+    Raises:
+        RemoteError: B refused (unknown module, read-only, no consent) or A refused.
+        UsageError: the trailing-slash rules refused the pair (missing source, ...).
+        TransportError: B could not reach or use A.
+    """
+    started: protocol.PeerStarted = await session.call(
+        protocol.PeerPull(
+            module=dst.module,
+            path=dst.path_bytes,
+            peer=protocol.Peer(host=src.host.host, port=src.host.port, module=src.module, path=src.path_bytes, tls=tls_enabled),
+            operation=spec.operation,
+            compare=int(spec.compare),
+            filters=[protocol.FilterRule(include=r.include, pattern=r.pattern) for r in spec.filters.rules],
+            dry_run=spec.dry_run,
+            streams=streams,
+            h2_data=session.force_h2_data,
+        )
+    )
+    wait_ms = int(min(RELAY_POLL, session.timeouts.request / 4) * 1000)
+    t0 = time.perf_counter()
+    while True:
+        status: protocol.PeerStatus = await session.call(protocol.PeerWait(job=started.job, wait_ms=wait_ms))
+        if progress is not None:
+            progress.update(status.files_copied, status.bytes_copied, time.perf_counter() - t0)
+        if status.done:
+            break
+    if status.error is not None:
+        from ..errors import RemoteError, TransportError
+
+        code, message = status.error.error, status.error.message
+        if code == protocol.ErrorCode.BAD_REQUEST.value:
+            raise UsageError(message)
+        if code == protocol.ErrorCode.PEER_FAILED.value:
+            raise TransportError(f"{dst.host} could not reach {src.host}: {message}")
+        raise RemoteError(code, message)
+    assert status.result is not None
+    return status.result, status.carrier or "tcp"
 
 
 async def remote_transfer(
@@ -160,25 +280,28 @@ async def remote_transfer(
     timeouts: Any = None,
     streams: int = 2,
 ) -> Summary:
-    """Copy, mirror or move between a local path and a daemon (either direction).
+    """Copy, mirror or move between a local path and a daemon (either direction); copy or mirror
+    between two daemons (the destination daemon pulls from the source daemon; the client relays).
 
     Raises:
-        UsageError: bad endpoints, missing source, remote-to-remote (not yet).
-        ConnectError, RemoteError, TransportError: the daemon could not be used.
+        UsageError: bad endpoints, missing source, move between two daemons (not yet).
+        ConnectError, RemoteError, TransportError: a daemon could not be used (remote to
+            remote: B refused, or B could not reach or use A).
     """
     import trio
 
     from ..filters import Filters
-    from .client import Timeouts, open_session
     from ..report import NullProgress, tick
-    from .tree import TreeCounters, pull_tree, push_tree
+    from .client import Timeouts, open_session
+    from .tree import DestTree, TreeCounters, pull_tree, push_tree
 
     s_ep, d_ep = parse_endpoint(src), parse_endpoint(dst)
-    if isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, RemoteEndpoint):
-        raise UsageError("remote to remote transfers are not supported yet (docs/protocol.md §4)")
     if not isinstance(s_ep, RemoteEndpoint) and not isinstance(d_ep, RemoteEndpoint):
         raise UsageError("remote_transfer needs a remote endpoint")
-    remote = s_ep if isinstance(s_ep, RemoteEndpoint) else d_ep
+    if operation == "move" and isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, RemoteEndpoint):
+        raise UsageError("move between two daemons is not supported yet (copy, then delete the source)")
+    # The session is with the destination daemon when both ends are remote (it does the work).
+    remote = d_ep if isinstance(d_ep, RemoteEndpoint) else s_ep
     assert isinstance(remote, RemoteEndpoint)
     summary = Summary(operation=operation, source=src, destination=dst, dry_run=dry_run)
     if progress is not None:
@@ -189,39 +312,35 @@ async def remote_transfer(
     async with open_session(
         remote.host, tls_enabled=tls_enabled, known_hosts=known_hosts, force_h2_data=force_h2_data, timeouts=timeouts or Timeouts()
     ) as session, trio.open_nursery() as nursery:
-        if progress is not None and not isinstance(progress, NullProgress):
-            nursery.start_soon(tick, progress, counters.snapshot, t0)
-        if isinstance(d_ep, RemoteEndpoint):
-            assert isinstance(s_ep, LocalEndpoint)
-            plan = await resolve_push(session, s_ep, d_ep)
-            done = await push_tree(
-                session, plan.local_root, plan.module, plan.remote_base, plan.top, spec, streams,
-                create_base=plan.create_remote_base, counters=counters,
-            )
+        if isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, RemoteEndpoint):
+            direction = "relay"  # progress: relay() reports each poll's counters
+            done, carriers = await relay(session, s_ep, d_ep, spec, streams, tls_enabled=tls_enabled, progress=progress)
         else:
-            assert isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, LocalEndpoint)
-            plan = await resolve_pull(session, s_ep, d_ep)
-            done = await pull_tree(
-                session, plan.module, plan.remote_base, plan.local_root, plan.top, spec, streams,
-                create_root=plan.create_local_root and not dry_run, counters=counters,
-            )
-        nursery.cancel_scope.cancel()  # the ticker
-        carriers = "h2" if session.force_h2_data or session.peer.data_port is None else "tcp"
-    summary.files_copied = done.files_copied
-    summary.bytes_copied = done.bytes_copied
-    summary.files_skipped = done.files_skipped
-    summary.dirs_created = done.dirs_created
-    summary.links_created = done.links_created
-    summary.files_deleted = done.files_deleted
-    summary.entries_seen = done.entries_seen
-    summary.files_removed = done.files_removed
-    summary.deletions_skipped = done.deletions_skipped
-    for f in done.failures:
-        failure = Failure(os.fsdecode(f.path), f.op, f.message)
-        summary.failures.append(failure)
-        if progress is not None:
-            progress.error(failure)
-    summary.strategy = f"{plan.direction}:{carriers}:{streams}"
+            if progress is not None and not isinstance(progress, NullProgress):
+                nursery.start_soon(tick, progress, counters.snapshot, t0)
+            if isinstance(d_ep, RemoteEndpoint):
+                assert isinstance(s_ep, LocalEndpoint)
+                direction = "push"
+                r = await resolve(LocalSide(s_ep), remote_side(session, d_ep))
+                done = await push_tree(
+                    session, r.src_base, d_ep.module, r.dst_base, r.top, spec, streams, create_base=r.create_dst, counters=counters
+                )
+            else:
+                assert isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, LocalEndpoint)
+                direction = "pull"
+                r = await resolve(remote_side(session, s_ep), LocalSide(d_ep))
+                # A missing local destination is made once the daemon accepted the transfer (a
+                # refused move leaves nothing behind); a dry run makes nothing and opens nothing
+                # (the top job is new, see resolve).
+                dest = DestTree(-1, spec) if r.create_dst and dry_run else None
+                done = await pull_tree(
+                    session, s_ep.module, r.src_base, r.dst_base, r.top, spec, streams,
+                    create_root=r.create_dst and not dry_run, counters=counters, dest=dest,
+                )
+            nursery.cancel_scope.cancel()  # the ticker
+            carriers = "h2" if session.force_h2_data or session.peer.data_port is None else "tcp"
+    _summarize(summary, done, progress)
+    summary.strategy = f"{direction}:{carriers}:{streams}"
     summary.duration_s = time.perf_counter() - t0
     if progress is not None:
         progress.finish(summary)

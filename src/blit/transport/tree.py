@@ -1464,18 +1464,21 @@ async def pull_tree(
     session: Any,
     module: str,
     remote_base: bytes,
-    local_root: bytes,
+    local_root: bytes | None,
     top: TopJob,
     spec: TreeSpec,
     streams: int = 2,
     *,
     create_root: bool = False,
     counters: TreeCounters | None = None,
+    dest: DestTree | None = None,
 ) -> TreeDone:
-    """Pull a daemon module directory (source) into a local tree (destination); `create_root`
-    makes the local root (and its parents) once the daemon has accepted the transfer. Move:
-    what landed here is synced, then removed on the daemon (tree/remove), emptied directories
-    last.
+    """Pull a daemon module directory (source) into a local tree (destination): `local_root`, or
+    `dest` when the caller made the DestTree (a daemon pulling from a peer into its module,
+    with its containment walk; a dry run into a missing directory). The DestTree is closed on
+    return either way. `create_root` makes the local root (and its parents) once the daemon has
+    accepted the transfer. Move: what landed here is synced, then removed on the daemon
+    (tree/remove), emptied directories last.
 
     Raises:
         FatalError: the local root cannot be created. TransportError / RemoteError.
@@ -1483,32 +1486,40 @@ async def pull_tree(
     from .client import RemoteTransfer
     from .control import collapse_groups
 
-    opened: protocol.TransferOpened = await session.call(
-        protocol.OpenTree(
-            module=module,
-            path=remote_base,
-            direction="pull",
-            operation=spec.operation,
-            compare=int(spec.compare),
-            filters=[],
-            dry_run=spec.dry_run,
-            streams=streams,
-            h2_data=session.force_h2_data,
+    try:
+        opened: protocol.TransferOpened = await session.call(
+            protocol.OpenTree(
+                module=module,
+                path=remote_base,
+                direction="pull",
+                operation=spec.operation,
+                compare=int(spec.compare),
+                filters=[],
+                dry_run=spec.dry_run,
+                streams=streams,
+                h2_data=session.force_h2_data,
+            )
         )
-    )
-    t = RemoteTransfer(session, opened, "pull")
-    if create_root:
-        try:
-            await trio.to_thread.run_sync(lambda: os.makedirs(local_root, exist_ok=True))
-        except OSError as exc:
-            from ..errors import FatalError
+        if dest is None:
+            assert local_root is not None
+            root = local_root
+            if create_root:
+                try:
+                    await trio.to_thread.run_sync(lambda: os.makedirs(root, exist_ok=True))
+                except OSError as exc:
+                    from ..errors import FatalError
 
-            raise FatalError(f"cannot create destination {_s(local_root)}: {_msg(exc)}") from None
-    root_fd = await trio.to_thread.run_sync(fsops.open_root, local_root)
-    dest = DestTree(root_fd, spec)
+                    raise FatalError(f"cannot create destination {_s(root)}: {_msg(exc)}") from None
+            dest = DestTree(await trio.to_thread.run_sync(fsops.open_root, root), spec)
+    except BaseException:
+        if dest is not None:
+            dest.close()
+        raise
+    t = RemoteTransfer(session, opened, "pull")
+    sink: DestTree = dest
     if counters is not None:
         counters.streams = t.stats
-        counters.dest = dest
+        counters.dest = sink
     complete = True
     hash_slots = trio.Semaphore(HASH_CALLS)
     drain_lock = trio.Lock()
@@ -1525,28 +1536,28 @@ async def pull_tree(
 
             async with trio.open_nursery() as n:  # both sides hash at once
                 n.start_soon(remote_side)
-                mine = await trio.to_thread.run_sync(dest.dest_hashes, rel, batch, abandon_on_cancel=True)
+                mine = await trio.to_thread.run_sync(sink.dest_hashes, rel, batch, abandon_on_cancel=True)
             # Unreadable sources come back without a digest: they are asked for, and their send
             # fails with the reason (reported once, then).
-            extra = await trio.to_thread.run_sync(dest.settle_hashes, rel, got["src"].hashes, mine)
+            extra = await trio.to_thread.run_sync(sink.settle_hashes, rel, got["src"].hashes, mine)
             need.extend(extra.need)
         return need
 
     async def give_back(final: bool) -> None:
         """Move: sync what landed here, then have the daemon remove those sources."""
         nonlocal removed
-        assert dest.landed is not None
+        assert sink.landed is not None
         async with drain_lock:
             while True:
-                page, failures = await trio.to_thread.run_sync(dest.sync_landed) if not final else (dest.landed.take(), [])
+                page, failures = await trio.to_thread.run_sync(sink.sync_landed) if not final else (sink.landed.take(), [])
                 for f in failures:
-                    dest._fail(_s(f.path), f.op, f.message)
-                last = final and not len(dest.landed)
+                    sink._fail(_s(f.path), f.op, f.message)
+                last = final and not len(sink.landed)
                 if page or last:
                     done: protocol.TreeRemoved = await session.call(protocol.TreeRemove(transfer=t.id, groups=page, last=last))
                     removed += done.removed
                     for f in done.failures:
-                        dest._fail(_s(f.path), f.op, f.message)
+                        sink._fail(_s(f.path), f.op, f.message)
                 if last or (not final and page_size(page) < LANDED_PAGE):
                     return
 
@@ -1556,12 +1567,12 @@ async def pull_tree(
         if manifest.incomplete:
             complete = False
         for f in manifest.failures:
-            dest._fail(_s(f.path), f.op, f.message)
+            sink._fail(_s(f.path), f.op, f.message)
         entries = cast("list[Entry]", manifest.entries)
         if only is not None:
             entries = [e for e in entries if _s(e[0]) in only]
         planned = await trio.to_thread.run_sync(
-            dest.plan, rel, dst_rel, dst_new, only, entries, manifest.incomplete, cast("Entry | None", manifest.dir_entry)
+            sink.plan, rel, dst_rel, dst_new, only, entries, manifest.incomplete, cast("Entry | None", manifest.dir_entry)
         )
         need = list(planned.need)
         if planned.hash:
@@ -1570,14 +1581,14 @@ async def pull_tree(
             await session.call(
                 protocol.SendFiles(transfer=t.id, files=[protocol.FileRef(id=n.id, path=_b(_join(rel, _s(n.name)))) for n in need])
             )
-        if dest.landed is not None and len(dest.landed) >= LANDED_DRAIN and not drain_lock.locked():
+        if sink.landed is not None and len(sink.landed) >= LANDED_DRAIN and not drain_lock.locked():
             await give_back(False)
         return [(_s(sd.name), _s(sd.dname), sd.new) for sd in planned.subdirs]
 
     try:
         with collapse_groups():
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(t.run_receivers, dest)
+                nursery.start_soon(t.run_receivers, sink)
                 try:
                     await _walk(top, visit)
                 finally:
@@ -1585,10 +1596,10 @@ async def pull_tree(
                         await session.call(protocol.SendFiles(transfer=t.id, files=[], last=True))
         remote = await session.call(protocol.TreeFinish(transfer=t.id, source_complete=complete))
         for f in remote.failures:
-            dest._fail(_s(f.path), f.op, f.message)
-        await trio.to_thread.run_sync(dest.finish, complete)
-        if dest.landed is not None:
+            sink._fail(_s(f.path), f.op, f.message)
+        await trio.to_thread.run_sync(sink.finish, complete)
+        if sink.landed is not None:
             await give_back(True)
-        return dataclasses.replace(dest.result(), files_removed=removed)
+        return dataclasses.replace(sink.result(), files_removed=removed)
     finally:
-        dest.close()
+        sink.close()

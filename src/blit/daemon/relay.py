@@ -1,0 +1,253 @@
+"""Remote to remote on the destination daemon: a client asks this daemon (B) to pull a tree from
+another daemon (A) into one of B's modules (docs/protocol.md §4 "Remote to remote").
+
+    peer/pull   module, read-only, consent (allow_peer_pull), paths, filters -> PeerStarted{job};
+                the job runs in the session's nursery
+    the job     open_session(A), A's certificate pinned in B's own known_hosts (state dir)
+                -> transport.remote.resolve(): stat on A, contained stat on B
+                -> mkdir -p the base inside the module (no link followed)
+                -> transport.tree.pull_tree into a DestTree rooted at the base's fd, every
+                   directory opened by the containment walk
+    peer/wait   long poll: progress so far; once over, the tally or the error (job forgotten)
+
+B is an ordinary pull client of A: the same client code as `blit copy A:/m/x here`. A client
+that goes away closes its session, whose nursery cancels the job, which closes B's session with
+A (A cancels its side). This module must not own listeners or parse bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..endpoint import HostSpec, RemoteEndpoint, parse_host
+from ..errors import ConfigError, RemoteError, TransportError, UsageError
+from ..transport import protocol
+from ..transport import tls as tls_mod
+from ..transport.protocol import ErrorCode, Refused
+from ..transport.remote import RemoteSide, Resolved, resolve
+from . import contain
+
+log = logging.getLogger("blit.daemon")
+
+MAX_JOBS_PER_SESSION = 2
+
+
+def known_hosts_of(state: Any) -> Path:
+    """B's own pins of the daemons it pulls from: known_hosts in the daemon's state dir."""
+    return (state.config.state_dir or tls_mod.default_state_dir()) / tls_mod.KNOWN_HOSTS
+
+
+def _label(module: str, path: bytes) -> str:
+    text = path.decode("utf-8", "surrogateescape")
+    return f"//{text}" if module == "" else f"/{module}" + (f"/{text}" if text else "")
+
+
+class ModuleSide(RemoteSide):
+    """The destination as B sees it: its own module, looked at with the containment walk."""
+
+    def __init__(self, root: Path, module: str, path: bytes, limiter: trio.CapacityLimiter) -> None:
+        super().__init__(None, module, path, _label(module, path))
+        self.root = root
+        self.limiter = limiter
+
+    async def kind(self, path: bytes, follow: bool) -> str | None:
+        try:
+            entry = await trio.to_thread.run_sync(contain.stat_path, self.root, path, limiter=self.limiter)
+        except Refused as exc:
+            if exc.code in (ErrorCode.NOT_FOUND, ErrorCode.NOT_A_DIRECTORY):
+                return None
+            raise
+        return None if entry is None else "dir" if entry.kind == "dir" else "other"
+
+
+@dataclass
+class PeerJob:
+    """One pull from a peer daemon, started by `peer/pull` and watched by `peer/wait`."""
+
+    id: int
+    msg: protocol.PeerPull
+    root: Path
+    state: Any  # handlers.DaemonState
+    finished: trio.Event = field(default_factory=trio.Event)
+    dest: Any = None  # transport.tree.DestTree once the pull runs (live counters)
+    result: protocol.TreeDone | None = None
+    error: protocol.Error | None = None
+    carrier: str | None = None
+
+    @property
+    def source(self) -> str:
+        p = self.msg.peer
+        return str(RemoteEndpoint(HostSpec(p.host, p.port), p.module, p.path.decode("utf-8", "surrogateescape")))
+
+    def status(self) -> protocol.PeerStatus:
+        d = self.dest
+        return protocol.PeerStatus(
+            done=self.finished.is_set(),
+            files_copied=d.files_copied if d is not None else 0,
+            bytes_copied=d.bytes_copied if d is not None else 0,
+            entries_seen=d.entries_seen if d is not None else 0,
+            result=self.result if self.finished.is_set() else None,
+            error=self.error,
+            carrier=self.carrier,
+        )
+
+    def _fail(self, code: ErrorCode | str, message: str) -> None:
+        code = code.value if isinstance(code, ErrorCode) else code
+        self.error = protocol.Error(error=code[:64], message=message[: protocol.MAX_TEXT])
+        log.info("peer pull %d from %s failed: %s: %s", self.id, self.source, code, message)
+
+    async def run(self) -> None:
+        """The job's task: never raises (but Cancelled); the outcome is in result / error."""
+        try:
+            await self._pull()
+            log.info("peer pull %d from %s done: %d files", self.id, self.source, self.result.files_copied if self.result else 0)
+        except Refused as exc:
+            self._fail(exc.code, exc.message)
+        except UsageError as exc:
+            self._fail(ErrorCode.BAD_REQUEST, str(exc))
+        except RemoteError as exc:  # only A answers RemoteErrors here
+            self._fail(exc.code, f"the source daemon {HostSpec(self.msg.peer.host, self.msg.peer.port)} refused: {exc.message}")
+        except TransportError as exc:
+            why = str(exc)  # the client says "B could not reach A: ..." around it
+            redundant = f"cannot reach the daemon at {HostSpec(self.msg.peer.host, self.msg.peer.port).netloc}: "
+            self._fail(ErrorCode.PEER_FAILED, why.removeprefix(redundant))
+        except (ConfigError, OSError) as exc:  # B's own known_hosts, B's disk
+            self._fail(ErrorCode.IO_ERROR, str(exc))
+        except Exception as exc:
+            log.exception("peer pull %d failed", self.id)
+            self._fail(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        finally:
+            self.finished.set()
+
+    async def _pull(self) -> None:
+        from ..filters import Filters
+        from ..plan import Compare
+        from ..transport.client import Timeouts, open_session
+        from ..transport.tree import DestTree, TreeSpec, pull_tree
+        from .handlers import _make_base, contained_open_dir
+
+        msg, peer, state = self.msg, self.msg.peer, self.state
+        spec = TreeSpec(
+            operation=msg.operation,
+            compare=Compare(msg.compare),
+            filters=Filters.from_args([(r.include, r.pattern) for r in msg.filters]),
+            dry_run=msg.dry_run,
+        )
+        async with open_session(
+            HostSpec(peer.host, peer.port),
+            tls_enabled=peer.tls,
+            known_hosts=known_hosts_of(state),
+            force_h2_data=msg.h2_data,
+            timeouts=Timeouts(stall=state.stall),
+        ) as a:
+            src = RemoteSide(a, peer.module, peer.path, self.source)
+            r = await resolve(src, ModuleSide(self.root, msg.module, msg.path, state.fs_limiter))
+            await self._refuse_overlap(a, r)
+
+            def open_base() -> int:
+                parts = protocol.split_path(r.dst_base)
+                if r.create_dst:
+                    if msg.dry_run:
+                        return -1  # nothing to open: the top job is new (remote.resolve)
+                    _make_base(self.root, parts)
+                root_fd = contain.open_root(self.root)
+                try:
+                    return contain.walk_dir(root_fd, parts)
+                finally:
+                    os.close(root_fd)
+
+            base_fd = await trio.to_thread.run_sync(open_base, limiter=state.fs_limiter)
+            self.dest = DestTree(base_fd, spec, open_dir=contained_open_dir)
+            self.carrier = "h2" if a.force_h2_data or a.peer.data_port is None else "tcp"
+            self.result = await pull_tree(a, peer.module, r.src_base, None, r.top, spec, msg.streams, dest=self.dest)
+
+    async def _refuse_overlap(self, a: Any, r: Resolved) -> None:
+        """When A is this very daemon, the destination must not be the source or inside it
+        (the pull would chase its own output), as for a local copy."""
+        state, peer = self.state, self.msg.peer
+        mine, theirs = state.fingerprint, a.client.fingerprint
+        if mine is not None and theirs is not None:
+            same = mine == theirs
+        else:
+            same = a.peer.name == state.config.instance_name and a.peer.data_port == state.data_port
+        if not same:
+            return
+        try:
+            src_root, _ro = state.module(peer.module)
+        except Refused:
+            return
+        from ..api import _inside
+
+        def where(root: Path, base: bytes, name: str | None) -> bytes:
+            parts = protocol.split_path(base) + ([os.fsencode(name)] if name else [])
+            return os.path.realpath(os.path.join(os.fsencode(root), *parts))
+
+        only = r.top.only
+        name, dname = next(iter(only.items())) if only else (None, None)
+        s_abs, d_abs = where(src_root, r.src_base, name), where(self.root, r.dst_base, dname)
+        if s_abs == d_abs:
+            raise UsageError(f"source and destination are the same: {self.source}")
+        if _inside(d_abs, s_abs):
+            raise UsageError(f"destination {_label(self.msg.module, self.msg.path)} is inside the source {self.source}")
+
+
+async def start(s: Any, msg: protocol.PeerPull) -> protocol.PeerStarted:
+    """`peer/pull`: refuse at once what B's config or the request does not allow; else start."""
+    state = s.state
+    if state.shutting_down:
+        raise Refused(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
+    if msg.operation == "move":
+        raise Refused(ErrorCode.BAD_REQUEST, "move between two daemons is not supported yet")
+    if msg.operation not in ("copy", "mirror"):
+        raise Refused(ErrorCode.BAD_REQUEST, "operation must be copy or mirror")
+    root, read_only = state.module(msg.module)
+    name = f"module {msg.module!r}" if msg.module else "the root export"
+    if read_only:
+        raise Refused(ErrorCode.READ_ONLY, f"{name} is read-only")
+    if not state.peer_pull_allowed(msg.module):
+        key = "allow_peer_pull = true in that [[module]] table" if msg.module else "root_allow_peer_pull = true in [daemon]"
+        raise Refused(
+            ErrorCode.NOT_ALLOWED,
+            f"{name} does not accept remote to remote transfers (the daemon's config needs {key})",
+        )
+    protocol.split_path(msg.path)
+    protocol.split_path(msg.peer.path)
+    try:
+        parse_host(f"[{msg.peer.host}]:{msg.peer.port}" if ":" in msg.peer.host else f"{msg.peer.host}:{msg.peer.port}")
+    except ConfigError as exc:
+        raise Refused(ErrorCode.BAD_REQUEST, f"source daemon: {exc}") from None
+    try:
+        from ..filters import Filters
+
+        Filters.from_args([(r.include, r.pattern) for r in msg.filters])
+    except Exception as exc:
+        raise Refused(ErrorCode.BAD_REQUEST, f"bad filter: {exc}") from None
+    if len(s.jobs) >= MAX_JOBS_PER_SESSION:
+        raise Refused(ErrorCode.BUSY, f"at most {MAX_JOBS_PER_SESSION} remote to remote transfers per session")
+    job = PeerJob(state.next_id(), msg, root, state)
+    s.jobs[job.id] = job
+    log.info("peer pull %d: %s -> %s", job.id, job.source, _label(msg.module, msg.path))
+    s.nursery.start_soon(job.run)
+    return protocol.PeerStarted(job=job.id)
+
+
+async def wait(s: Any, msg: protocol.PeerWait) -> protocol.PeerStatus:
+    """`peer/wait`: answer when the job ends or after `wait_ms`; a final answer forgets the job."""
+    job: PeerJob | None = s.jobs.get(msg.job)
+    if job is None:
+        raise Refused(ErrorCode.UNKNOWN_TRANSFER, f"no remote to remote job {msg.job} in this session")
+    with trio.move_on_after(msg.wait_ms / 1000):
+        await job.finished.wait()
+    status = job.status()
+    if status.done:
+        s.jobs.pop(job.id, None)
+    return status
+
+
+__all__ = ["PeerJob", "ModuleSide", "start", "wait", "known_hosts_of", "MAX_JOBS_PER_SESSION"]

@@ -1,0 +1,43 @@
+"""Compile ``blit.ffi._scan``, the C directory comparer (``_scan.c``), with cffi's API mode.
+
+Called at build time by ``hatch_build.py`` (wheel and editable installs) and by hand with
+``python src/blit/ffi/_build_scan.py``; it writes the extension next to this file. It must not be
+imported at run time: ``blit.ffi.scan`` loads the compiled module, or runs without it when the
+build had no C compiler.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import tempfile
+
+HERE = pathlib.Path(__file__).resolve().parent
+MODULE = "blit.ffi._scan"
+
+CDEF = """
+int blit_version(void);
+int blit_cmpdir(int sfd, int dfd, int flags, int64_t *rec, int rec_cap, char *names,
+                int64_t names_cap, int64_t *counts);
+void blit_set_xattr_mode(int mode);
+"""
+
+
+def build(out_dir: pathlib.Path = HERE) -> pathlib.Path:
+    """Compile and copy the extension into ``out_dir``; returns its path. Raises on failure."""
+    import cffi
+
+    ffibuilder = cffi.FFI()
+    ffibuilder.cdef(CDEF)
+    ffibuilder.set_source(MODULE, (HERE / "_scan.c").read_text(), extra_compile_args=["-O2"])
+    with tempfile.TemporaryDirectory(prefix="blit-cffi-") as tmp:
+        built = pathlib.Path(ffibuilder.compile(tmpdir=tmp, verbose=False))
+        for old in out_dir.glob("_scan.*.so"):
+            old.unlink()
+        target = out_dir / built.name
+        shutil.copyfile(built, target)
+    return target
+
+
+if __name__ == "__main__":
+    print(f"wrote {build()}")

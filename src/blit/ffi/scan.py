@@ -1,0 +1,80 @@
+"""One C call per directory pair: which source entries are plain up-to-date files, and the
+stat results of everything else (``blit.ffi._scan``, built from ``_scan.c`` at install).
+
+The no-change mirror spends its time on four syscalls per file (an lstat and a listxattr on each
+side) and on the Python around them; the C loop does the same syscalls with the GIL released, so
+worker threads run in parallel and clean files never become Python objects.
+
+It must not decide more than "this regular file is up to date with nothing to fix": everything
+else goes back to the planner. ``cmpdir`` returns None whenever the fast path cannot answer
+(no compiled module, a full buffer, an entry that vanished, any unexpected errno), and the
+caller then uses the ordinary scan.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+
+from blit.fsops import Meta
+
+try:
+    from blit.ffi._scan import ffi as _ffi  # type: ignore[import-not-found]
+    from blit.ffi._scan import lib as _lib  # type: ignore[import-not-found]
+
+    HAVE_CMPDIR = _lib.blit_version() == 1  # a stale build of an older _scan.c is not used
+except ImportError:  # built without a C compiler: the pure-Python path does everything
+    HAVE_CMPDIR = False
+
+CHECK_OWNER = 1
+CHECK_XATTRS = 2
+_FIELDS = 25
+_SIDE = "QqqqQQQQQQq"  # mode size mtime atime uid gid ino dev nlink rdev blocks
+_REC = struct.Struct("<QQ" + _SIDE + "q" + _SIDE)
+_REC_CAP = 4096
+_NAMES_CAP = 256 << 10
+
+
+class _Buffers(threading.local):
+    def __init__(self) -> None:
+        self.rec = _ffi.new("int64_t[]", _REC_CAP * _FIELDS)
+        self.names = _ffi.new("char[]", _NAMES_CAP)
+        self.counts = _ffi.new("int64_t[4]")
+
+
+_bufs: _Buffers | None = None
+
+
+def cmpdir(sfd: int, dfd: int, flags: int) -> tuple[int, int, int, int, list[tuple[str, Meta, Meta | None]]] | None:
+    """Compare directory `sfd` with `dfd`.
+
+    Returns (clean, source entries, destination entries, source names present at the
+    destination, others), where `others` lists (name, source Meta, destination Meta or None) for
+    every entry that is not a clean up-to-date regular file, in directory order; or None when
+    the caller must scan in Python.
+    """
+    global _bufs
+    if not HAVE_CMPDIR:
+        return None
+    b = _bufs
+    if b is None:
+        b = _bufs = _Buffers()
+    n = _lib.blit_cmpdir(sfd, dfd, flags, b.rec, _REC_CAP, b.names, _NAMES_CAP, b.counts)
+    if n < 0:
+        return None
+    names = _ffi.buffer(b.names)
+    others: list[tuple[str, Meta, Meta | None]] = []
+    if n:
+        fsdecode = os.fsdecode
+        for r in _REC.iter_unpack(_ffi.buffer(b.rec, n * _FIELDS * 8)):
+            off, ln = r[0], r[1]
+            others.append((fsdecode(names[off : off + ln]), Meta(*r[2:13]), Meta(*r[14:25]) if r[13] else None))
+    c = b.counts
+    return c[0], c[1], c[2], c[3], others
+
+
+def set_xattr_mode(mode: int) -> None:
+    """Tests: 1 = listxattrat, -1 = the private-cwd fallback of older kernels, 0 = probe."""
+    if HAVE_CMPDIR:
+        _lib.blit_set_xattr_mode(mode)

@@ -1,0 +1,130 @@
+"""The C directory comparer (blit.ffi.scan): a re-run over an up-to-date tree counts clean files
+in C and hands everything else to the planner. These tests drift a destination in every way the
+comparer must notice and check that mirror repairs each one, on both of its xattr paths
+(listxattrat, and the private-cwd fallback of kernels before 6.13)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import blit
+from blit.ffi import scan
+from helpers import Symlink, assert_same_tree, is_root, make_tree, write_file
+
+TREE = {
+    "a.txt": "a\n",
+    "b.bin": b"\x00\x01" * 1000,
+    "mode.txt": "m\n",
+    "xsrc.txt": "x\n",
+    "xdst.txt": "y\n",
+    "owner.txt": "o\n",
+    "samesize.txt": "1234\n",
+    "grow.txt": "g\n",
+    "gone.txt": "g\n",
+    "kind": "file in source\n",
+    "sub/": {"c.txt": "c\n", "deeper/": {"d.txt": "d\n"}},
+    "link": Symlink("a.txt"),
+}
+
+
+def test_the_comparer_is_built_where_a_compiler_is() -> None:
+    """The installs that CI makes have gcc: the fast path must not silently be missing."""
+    if sys.platform != "linux" or shutil.which("gcc") is None:
+        assert scan.cmpdir(0, 0, 0) is None or scan.HAVE_CMPDIR
+        return
+    assert scan.HAVE_CMPDIR, "blit.ffi._scan was not built at install (see hatch_build.py)"
+
+
+@pytest.fixture(params=[1, -1], ids=["listxattrat", "cwd-fallback"])
+def xattr_mode(request: pytest.FixtureRequest) -> Iterator[int]:
+    if not scan.HAVE_CMPDIR:
+        pytest.fail("blit.ffi._scan is not built")
+    scan.set_xattr_mode(request.param)
+    yield request.param
+    scan.set_xattr_mode(0)
+
+
+def _drift(src: Path, dst: Path) -> None:
+    os.chmod(dst / "mode.txt", 0o600)
+    os.setxattr(src / "xsrc.txt", "user.tag", b"source")
+    os.setxattr(dst / "xdst.txt", "user.stale", b"dest only")
+    if is_root():
+        os.chown(dst / "owner.txt", 1234, 5678)
+    st = os.stat(src / "samesize.txt")
+    write_file(dst / "samesize.txt", b"abcd\n")  # same size, other mtime: must be copied
+    os.utime(dst / "samesize.txt", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    write_file(dst / "grow.txt", b"longer content\n")
+    os.unlink(dst / "gone.txt")
+    os.unlink(dst / "kind")
+    os.mkdir(dst / "kind")
+    write_file(dst / "extra.txt", b"extra\n")
+    write_file(dst / ".blit-0123456789abcdef.tmp", b"stale temporary\n")
+    write_file(dst / "sub" / "deeper" / "extra2.txt", b"extra\n")
+
+
+async def test_mirror_repairs_every_drift_of_an_up_to_date_tree(tmp_path: Path, xattr_mode: int) -> None:
+    src = make_tree(tmp_path / "src", TREE)
+    dst = tmp_path / "dst"
+    first = await blit.mirror(f"{src}/", str(dst))
+    assert first.exit_code == 0, first.failures
+    again = await blit.mirror(f"{src}/", str(dst))
+    assert (again.files_copied, again.files_deleted, again.files_skipped) == (0, 0, 13)  # 12 files, 1 symlink
+    _drift(src, dst)
+    cwd = os.getcwd()
+    fixed = await blit.mirror(f"{src}/", str(dst))
+    assert os.getcwd() == cwd
+    assert fixed.exit_code == 0, fixed.failures
+    assert fixed.files_copied == 4  # samesize, grow, gone, kind
+    assert fixed.files_deleted == 2  # extra.txt, extra2.txt (the directory at "kind" is replaced)
+    assert_same_tree(src, dst)
+    assert os.getxattr(dst / "xsrc.txt", "user.tag") == b"source"
+    assert "user.stale" not in os.listxattr(dst / "xdst.txt")
+    assert not (dst / ".blit-0123456789abcdef.tmp").exists()
+    quiet = await blit.mirror(f"{src}/", str(dst))
+    assert (quiet.files_copied, quiet.files_deleted) == (0, 0)
+
+
+async def test_copy_keeps_extras_and_fixes_metadata(tmp_path: Path, xattr_mode: int) -> None:
+    src = make_tree(tmp_path / "src", TREE)
+    dst = tmp_path / "dst"
+    await blit.copy(f"{src}/", str(dst))
+    os.chmod(dst / "mode.txt", 0o600)
+    os.setxattr(src / "sub" / "c.txt", "user.tag", b"v")
+    write_file(dst / "sub" / "extra.txt", b"kept\n")
+    summary = await blit.copy(f"{src}/", str(dst))
+    assert summary.exit_code == 0 and summary.files_copied == 0
+    assert os.stat(dst / "mode.txt").st_mode & 0o777 == os.stat(src / "mode.txt").st_mode & 0o777
+    assert os.getxattr(dst / "sub" / "c.txt", "user.tag") == b"v"
+    assert (dst / "sub" / "extra.txt").read_text() == "kept\n"
+
+
+def test_cmpdir_reports_only_what_is_not_clean(tmp_path: Path, xattr_mode: int) -> None:
+    src = make_tree(tmp_path / "src", {"same": "s", "changed": "c", "new": "n", "d/": {}, "l": Symlink("same")})
+    dst = tmp_path / "dst"
+    shutil.copytree(src, dst, symlinks=True)
+    for name in ("same", "changed"):
+        st = os.stat(src / name)
+        os.utime(dst / name, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.unlink(dst / "new")
+    os.utime(dst / "changed", ns=(0, 1))
+    write_file(dst / "extra", b"e")
+    sfd, dfd = os.open(src, os.O_RDONLY | os.O_DIRECTORY), os.open(dst, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        got = scan.cmpdir(sfd, dfd, scan.CHECK_XATTRS)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+    assert got is not None
+    clean, total, dst_total, found, others = got
+    assert (clean, total, dst_total, found) == (1, 5, 5, 4)
+    by_name = {n: (m, d) for n, m, d in others}
+    assert sorted(by_name) == ["changed", "d", "l", "new"]
+    assert by_name["new"][1] is None
+    assert by_name["changed"][1] is not None and by_name["changed"][1].st_mtime_ns == 1
+    assert by_name["changed"][0].st_size == os.lstat(src / "changed").st_size
