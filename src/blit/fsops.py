@@ -646,18 +646,24 @@ def fix_meta(dst_dir: int, name: str, src: Meta, dst: Meta, force_mode: bool = F
     return changed
 
 
-def file_hash(dir_fd: int, name: str) -> bytes:
-    """xxh3-128 of a file's content (for --checksum)."""
+def file_hash(dir_fd: int, name: str, stop: Callable[[], bool] | None = None) -> bytes:
+    """xxh3-128 of a regular file's content (for --checksum). Never follows a link or waits on
+    a FIFO; `stop`, checked between 4 MiB reads, abandons the file (InterruptedError)."""
     import xxhash
 
     h = xxhash.xxh3_128()
-    fd = os.open(name, O_SRC, dir_fd=dir_fd)
+    fd = os.open(name, O_SRC | os.O_NONBLOCK, dir_fd=dir_fd)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
         while True:
             buf = os.read(fd, 4 << 20)
             if not buf:
                 break
             h.update(buf)
+            if stop is not None and stop():
+                raise InterruptedError(errno.EINTR, "stopped")
     finally:
         os.close(fd)
     return h.digest()

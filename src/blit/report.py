@@ -1,13 +1,17 @@
 """What a run reports: the Summary, per-file failures, the Progress interface, exit codes.
 
-Renderers (plain text, JSON lines, rich bar) live in the CLI; the engine only calls a Progress.
-This module must not print or do I/O.
+Renderers (plain text, JSON lines, rich bar) live in the CLI; the engine only calls a Progress
+(local runs and remote ones alike, through `tick`). This module must not print or do I/O.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+TICK = 0.1
+"""Seconds between progress updates: at most 10 a second."""
 
 
 @dataclass(slots=True)
@@ -101,3 +105,19 @@ class NullProgress:
 
     def finish(self, summary: Summary) -> None:
         pass
+
+
+async def tick(progress: Progress, counts: Callable[[], tuple[int, int]], t0: float) -> None:
+    """Report `counts()` (files done, bytes done) to `progress` every TICK seconds while they
+    change, until cancelled (run it beside the transfer in a nursery). Trio."""
+    import time
+
+    import trio
+
+    last = (-1, -1)
+    while True:
+        await trio.sleep(TICK)
+        cur = counts()
+        if cur != last:
+            last = cur
+            progress.update(cur[0], cur[1], time.perf_counter() - t0)

@@ -31,7 +31,7 @@ import trio
 from . import ffi, fsops
 from .errors import FatalError, StallError
 from .fsops import Meta
-from .report import Failure, NullProgress, Progress, Summary
+from .report import Failure, NullProgress, Progress, Summary, tick
 from .stall import StallGuard
 from .worker import FATAL_ERRNOS, DirJob, DirResult, RunSpec, StopFlag, Worker, frame
 
@@ -345,13 +345,7 @@ class LocalTransfer:
             self.threads.wait_idle(1.0)
 
     async def _ticker(self) -> None:
-        last = (-1, -1)
-        while True:
-            await trio.sleep(0.1)
-            cur = (self.files_done, self.bytes_done)
-            if cur != last:
-                last = cur
-                self.progress.update(cur[0], cur[1], time.perf_counter() - self.t0)
+        await tick(self.progress, lambda: (self.files_done, self.bytes_done), self.t0)
 
     # -- directory jobs -----------------------------------------------------------------------
 

@@ -12,12 +12,13 @@ import pytest
 import trio
 
 from blit.errors import RemoteError, TransportError, UsageError
+from blit.plan import Compare
 from blit.transport import tree
 from blit.transport.client import Timeouts
 from blit.transport.remote import remote_transfer
 
 from .conftest import Daemon, start_daemon
-from .treeutil import assert_same_tree, make_full_tree, sparse_ok
+from .treeutil import assert_same_tree, checksum_case, make_full_tree, snapshot, sparse_ok
 
 
 async def make_pair(nursery: trio.Nursery, tmp: Path, tls: bool = True) -> tuple[Daemon, Daemon]:
@@ -183,6 +184,18 @@ async def test_move_between_daemons_is_refused_for_now(pair: tuple[Daemon, Daemo
     with pytest.raises(UsageError, match="move between two daemons is not supported yet"):
         await run(b, "move", ep(a, "data/f"), ep(b, "data/f"))
     assert (a.modules["data"] / "f").exists() and files_below(b.modules["data"]) == set()
+
+
+async def test_checksum_between_two_daemons_sends_only_what_differs(pair: tuple[Daemon, Daemon]) -> None:
+    """B pulls with --checksum: equal content stays (its metadata is fixed), the rest comes."""
+    a, b = pair
+    src, dst = a.modules["data"] / "t", b.modules["data"] / "t"
+    must_send = await trio.to_thread.run_sync(checksum_case, src, dst)
+    want = await trio.to_thread.run_sync(snapshot, src)
+    s = await run(b, "copy", ep(a, "data/t/"), ep(b, "data/t/"), compare=Compare.CHECKSUM)
+    assert s.exit_code == 0, s.failures
+    assert (s.files_copied, s.bytes_copied, s.files_skipped) == (2, must_send, 4), s
+    assert await trio.to_thread.run_sync(snapshot, dst) == want
 
 
 async def test_a_daemon_pulling_from_itself_refuses_to_land_inside_the_source(pair: tuple[Daemon, Daemon]) -> None:

@@ -116,3 +116,31 @@ def assert_same_tree(a: Path, b: Path) -> None:
         if v[6] is not None:
             gb.setdefault(v[6], set()).add(k)
     assert sorted(map(sorted, ga.values())) == sorted(map(sorted, gb.values()))
+
+
+def checksum_case(src: Path, dst: Path) -> int:
+    """Source and destination with: equal content and size but another mtime (not sent), the
+    same size and mtime but other content (sent), another size (sent), a hard-linked pair with
+    equal content and another mtime (not sent). Returns the bytes that must travel."""
+    for root in (src, dst):
+        (root / "sub").mkdir(parents=True)
+    (src / "same").write_bytes(b"S" * 5000)
+    (dst / "same").write_bytes(b"S" * 5000)
+    (src / "sub" / "differs").write_bytes(b"A" * 3000)
+    (dst / "sub" / "differs").write_bytes(b"B" * 3000)
+    (src / "grown").write_bytes(b"G" * 700)
+    (dst / "grown").write_bytes(b"G" * 600)
+    (src / "big").write_bytes(os.urandom(6 << 20))
+    (dst / "big").write_bytes((src / "big").read_bytes())
+    (src / "h1").write_bytes(b"H" * 100)
+    os.link(src / "h1", src / "sub" / "h2")
+    (dst / "h1").write_bytes(b"H" * 100)
+    os.link(dst / "h1", dst / "sub" / "h2")
+    t = 1_700_000_000_000_000_000
+    for rel in ("same", "big", "h1"):
+        os.utime(src / rel, ns=(t, t))
+        os.utime(dst / rel, ns=(t + 10**9, t + 10**9))
+    for rel in ("sub/differs", "grown"):
+        os.utime(src / rel, ns=(t, t))
+        os.utime(dst / rel, ns=(t, t))
+    return 3000 + 700

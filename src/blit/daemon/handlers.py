@@ -215,6 +215,8 @@ class Transfer:
         self.closed = False
         self.tree_dest: Any = None  # transport.tree.DestTree (push of a tree)
         self.tree_src: Any = None  # transport.tree.SourceTree (pull of a tree)
+        self.move = getattr(msg, "operation", "copy") == "move" and not getattr(msg, "dry_run", False)
+        self.finished = False  # a move's tree/finish came: only removal requests are left
 
     @property
     def daemon_sends(self) -> bool:
@@ -264,12 +266,16 @@ class Transfer:
         self._notify()
 
     def cancel(self) -> None:
-        self.closed = True
-        self.state.grants.revoke(self)
+        self.end_streams()
         for tree in (self.tree_dest, self.tree_src):
             if tree is not None:
                 tree.close()
         self.tree_dest = self.tree_src = None
+
+    def end_streams(self) -> None:
+        """No more data: grants revoked, streams cancelled (the trees stay open)."""
+        self.closed = True
+        self.state.grants.revoke(self)
         try:
             self.jobs.close()
         except RuntimeError:
@@ -504,7 +510,8 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
     root, read_only = s.state.module(msg.module)
     if read_only and (msg.direction == "push" or msg.operation == "move"):
         name = f"module {msg.module!r}" if msg.module else "the root export"
-        raise Refused(ErrorCode.READ_ONLY, f"{name} is read-only")
+        why = ": a move from it would remove its files (copy instead)" if msg.direction == "pull" else ""
+        raise Refused(ErrorCode.READ_ONLY, f"{name} is read-only{why}")
     if len(s.transfers) >= MAX_TRANSFERS_PER_SESSION:
         raise Refused(ErrorCode.BUSY, f"at most {MAX_TRANSFERS_PER_SESSION} transfers per session")
     base = protocol.split_path(msg.path)
@@ -550,7 +557,7 @@ def _rel(b: bytes) -> str:
 
 async def handle_tree_dir(s: Session, msg: protocol.TreeDir) -> protocol.DirPlanned:
     t = s.transfer(msg.transfer)
-    if t.tree_dest is None:
+    if t.tree_dest is None or t.finished:
         raise Refused(ErrorCode.BAD_REQUEST, "tree/dir is for push tree transfers")
     only = None
     if msg.only is not None:
@@ -567,14 +574,81 @@ async def handle_tree_dir(s: Session, msg: protocol.TreeDir) -> protocol.DirPlan
 
 async def handle_tree_scan(s: Session, msg: protocol.TreeScan) -> protocol.DirManifest:
     t = s.transfer(msg.transfer)
-    if t.tree_src is None:
+    if t.tree_src is None or t.finished:
         raise Refused(ErrorCode.BAD_REQUEST, "tree/scan is for pull tree transfers")
     reply: protocol.DirManifest = await s.fs(t.tree_src.scan, _rel(msg.rel))
     return reply
 
 
+async def handle_tree_hashes(s: Session, msg: protocol.TreeHashes) -> protocol.DirPlanned:
+    """Push, --checksum: compare the source's hashes with the destination copies."""
+    t = s.transfer(msg.transfer)
+    if t.tree_dest is None or t.finished:
+        raise Refused(ErrorCode.BAD_REQUEST, "tree/hashes is for push tree transfers")
+    for h in msg.hashes:
+        protocol.check_name(h.name)
+    reply: protocol.DirPlanned = await s.fs(t.tree_dest.settle_hashes, _rel(msg.rel), msg.hashes)
+    return reply
+
+
+async def handle_tree_hash(s: Session, msg: protocol.TreeHash) -> protocol.HashList:
+    """Pull, --checksum: hash source files (a file that is not regular or not readable gets a
+    null digest and a failure)."""
+    t = s.transfer(msg.transfer)
+    if t.tree_src is None or t.finished:
+        raise Refused(ErrorCode.BAD_REQUEST, "tree/hash is for pull tree transfers")
+    for n in msg.names:
+        protocol.check_name(n)
+    hashes, failures = await s.fs(t.tree_src.hashes, _rel(msg.rel), msg.names)
+    return protocol.HashList(hashes=hashes, failures=failures)
+
+
+def _move_done(s: Session, t: Transfer) -> None:
+    t.cancel()
+    s.transfers.pop(t.id, None)
+
+
+async def handle_tree_landed(s: Session, msg: protocol.TreeLanded) -> protocol.LandedPage:
+    """Push move: the next page of source entries landed and synced here; the client removes
+    them. Before tree/finish a page is synced first; after it, finish has synced everything."""
+    t = s.transfer(msg.transfer)
+    dest = t.tree_dest
+    if dest is None or dest.landed is None:
+        raise Refused(ErrorCode.BAD_REQUEST, "tree/landed is for push move transfers")
+    if t.finished:
+        page, failures = dest.landed.take(), []
+    else:
+        page, failures = await s.fs(dest.sync_landed)
+    more = not t.finished or len(dest.landed) > 0
+    if not more:
+        _move_done(s, t)
+    return protocol.LandedPage(groups=page, more=more, failures=failures)
+
+
+async def handle_tree_remove(s: Session, msg: protocol.TreeRemove) -> protocol.TreeRemoved:
+    """Pull move: the client has landed and synced these; remove them from the module (inside
+    it, never through a link), then the directories left empty."""
+    from ..transport.tree import check_groups
+
+    t = s.transfer(msg.transfer)
+    if t.tree_src is None or not t.move:
+        raise Refused(ErrorCode.BAD_REQUEST, "tree/remove is for pull move transfers")
+    _root, read_only = s.state.module(t.module)
+    if read_only:
+        raise Refused(ErrorCode.READ_ONLY, f"module {t.module!r} is read-only" if t.module else "the root export is read-only")
+    check_groups(msg.groups)
+    removed, failures = await s.fs(t.tree_src.remove, msg.groups)
+    if msg.last:
+        if not t.finished:
+            raise Refused(ErrorCode.BAD_REQUEST, "tree/remove last before tree/finish")
+        _move_done(s, t)
+    return protocol.TreeRemoved(removed=removed, failures=failures[: protocol.MAX_LIST])
+
+
 async def handle_tree_finish(s: Session, msg: protocol.TreeFinish) -> protocol.TreeDone:
     t = s.transfer(msg.transfer)
+    if t.finished:
+        raise Refused(ErrorCode.BAD_REQUEST, "the transfer is already finished")
     s.state.grants.revoke(t)
     if t.daemon_sends:
         try:
@@ -604,8 +678,13 @@ async def handle_tree_finish(s: Session, msg: protocol.TreeFinish) -> protocol.T
             failures=[],
         )
     finally:
-        t.cancel()
-        s.transfers.pop(t.id, None)
+        if t.move:
+            # Removal follows: tree/landed pages (push) or tree/remove (pull) end the transfer.
+            t.finished = True
+            t.end_streams()
+        else:
+            t.cancel()
+            s.transfers.pop(t.id, None)
 
 
 async def handle_peer_pull(s: Session, msg: protocol.PeerPull) -> protocol.PeerStarted:
@@ -633,6 +712,10 @@ _HANDLERS: dict[type[protocol.Message], Any] = {
     protocol.TreeDir: handle_tree_dir,
     protocol.TreeScan: handle_tree_scan,
     protocol.TreeFinish: handle_tree_finish,
+    protocol.TreeHashes: handle_tree_hashes,
+    protocol.TreeHash: handle_tree_hash,
+    protocol.TreeLanded: handle_tree_landed,
+    protocol.TreeRemove: handle_tree_remove,
     protocol.PeerPull: handle_peer_pull,
     protocol.PeerWait: handle_peer_wait,
 }

@@ -442,6 +442,10 @@ class DirPlanned(Message):
     subdirs: list[SubDir] = field(metadata=_lim(MAX_LIST))
     need: list[Need] = field(metadata=_lim(MAX_LIST))
     failures: list[PathFailure] = field(default_factory=list, metadata=_lim(MAX_LIST))
+    hash: list[bytes] = field(default_factory=list, metadata=_lim(MAX_LIST))
+    """--checksum: source names of equal size whose content hash decides (answer with tree/hashes)."""
+    settled: int = field(default=0, metadata=_lim(min=0, max=1 << 63))
+    """Entries done in place without data (up to date, links, specials): for progress."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -477,6 +481,98 @@ class TreeDone(Message):
     entries_seen: int = field(metadata=_lim(min=0, max=1 << 63))
     failures: list[PathFailure] = field(metadata=_lim(MAX_LIST))
     deletions_skipped: str | None = field(default=None, metadata=_lim(MAX_TEXT))
+    files_removed: int = field(default=0, metadata=_lim(min=0, max=1 << 63))
+    """Move: source entries removed (the client fills it in for a push)."""
+
+
+# --- --checksum and move for tree transfers (docs/protocol.md §4) ------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FileHash(Message):
+    """[name, xxh3-128 of the content], or a null digest when the file could not be read."""
+
+    ARRAY: ClassVar[bool] = True
+    name: bytes = field(metadata=_lim(MAX_NAME))
+    digest: bytes | None = field(metadata=_lim(16))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TreeHashes(Message):
+    """Push, --checksum: the source's hashes of names a DirPlanned listed under `hash`; the
+    daemon compares them with its copies and answers with the files to send after all."""
+
+    transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+    rel: bytes = field(metadata=_lim(MAX_PATH))
+    hashes: list[FileHash] = field(metadata=_lim(MAX_LIST))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TreeHash(Message):
+    """Pull, --checksum: hash these source files of directory `rel` on the daemon."""
+
+    transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+    rel: bytes = field(metadata=_lim(MAX_PATH))
+    names: list[bytes] = field(metadata=_lim(MAX_LIST))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HashList(Message):
+    hashes: list[FileHash] = field(metadata=_lim(MAX_LIST))
+    failures: list[PathFailure] = field(default_factory=list, metadata=_lim(MAX_LIST))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Landed(Message):
+    """A source entry now safely at the destination: [name, size, mtime_ns] as the source's
+    manifest had them (the remover keeps an entry that changed since)."""
+
+    ARRAY: ClassVar[bool] = True
+    name: bytes = field(metadata=_lim(MAX_NAME))
+    size: int = field(metadata=_lim(min=0, max=1 << 63))
+    mtime_ns: int = field(metadata=_lim(min=-(1 << 63), max=(1 << 63) - 1))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RemoveGroup(Message):
+    """Move: in source directory `rel`, unlink `files`, then remove the directories `dirs` that
+    are empty. Groups are applied in order (a page ends with directories, deepest first)."""
+
+    ARRAY: ClassVar[bool] = True
+    rel: bytes = field(metadata=_lim(MAX_PATH))
+    files: list[Landed] = field(metadata=_lim(MAX_LIST))
+    dirs: list[bytes] = field(metadata=_lim(MAX_LIST))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TreeLanded(Message):
+    """Push move: the next page of source entries the daemon has landed and synced."""
+
+    transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LandedPage(Message):
+    groups: list[RemoveGroup] = field(metadata=_lim(MAX_LIST))
+    more: bool
+    """True: ask again (the transfer is still running, or more pages wait)."""
+    failures: list[PathFailure] = field(default_factory=list, metadata=_lim(MAX_LIST))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TreeRemove(Message):
+    """Pull move: the client has landed and synced these source entries; the daemon removes
+    them. `last` ends the transfer."""
+
+    transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+    groups: list[RemoveGroup] = field(metadata=_lim(MAX_LIST))
+    last: bool = False
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TreeRemoved(Message):
+    removed: int = field(metadata=_lim(min=0, max=1 << 63))
+    failures: list[PathFailure] = field(default_factory=list, metadata=_lim(MAX_LIST))
 
 
 # --- remote to remote (docs/protocol.md §4 "Remote to remote") ----------------------------------
@@ -565,6 +661,10 @@ OPERATIONS: dict[str, Operation] = {
         Operation("tree/dir", TreeDir, DirPlanned),
         Operation("tree/scan", TreeScan, DirManifest),
         Operation("tree/finish", TreeFinish, TreeDone),
+        Operation("tree/hashes", TreeHashes, DirPlanned),
+        Operation("tree/hash", TreeHash, HashList),
+        Operation("tree/landed", TreeLanded, LandedPage),
+        Operation("tree/remove", TreeRemove, TreeRemoved),
         Operation("peer/pull", PeerPull, PeerStarted),
         Operation("peer/wait", PeerWait, PeerStatus),
     )
@@ -1286,6 +1386,16 @@ __all__ = [
     "DirManifest",
     "TreeFinish",
     "TreeDone",
+    "FileHash",
+    "TreeHashes",
+    "TreeHash",
+    "HashList",
+    "Landed",
+    "RemoveGroup",
+    "TreeLanded",
+    "LandedPage",
+    "TreeRemove",
+    "TreeRemoved",
     "Operation",
     "OPERATIONS",
     "encode",

@@ -1,5 +1,5 @@
-"""Remote copy/mirror: resolve the endpoints with rsync's trailing-slash rules, then push, pull
-or relay (remote to remote).
+"""Remote copy/mirror/move: resolve the endpoints with rsync's trailing-slash rules, then push,
+pull or relay (remote to remote).
 
 `remote_transfer()` is what `api.transfer` calls when an endpoint is remote. The rules are the
 local ones (`api.resolve`), with a remote side looked at through `stat` on its daemon (which
@@ -14,6 +14,10 @@ any two `Side`s: local and remote here, and on a daemon asked to pull from anoth
 | `dir` | missing | dir lands as DST |
 | `file` | existing directory | `DST/file` |
 | `file` | anything else | DST |
+
+Move removes a source entry only once the destination side confirmed it landed and synced it
+(docs/protocol.md §4); between two daemons it is refused. Progress goes to the caller's Progress
+at most 10 times a second.
 
 Remote to remote (`relay()`): the client opens a session with the destination daemon B only and
 sends `peer/pull`; B checks its config's consent, connects to the source daemon A as an ordinary
@@ -32,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..endpoint import LocalEndpoint, RemoteEndpoint, parse_endpoint
-from ..errors import FatalError, UsageError
+from ..errors import UsageError
 from ..plan import Compare
 from ..report import Failure, Summary
 from . import protocol
@@ -192,6 +196,7 @@ def _summarize(summary: Summary, done: protocol.TreeDone, progress: Any) -> None
     summary.links_created = done.links_created
     summary.files_deleted = done.files_deleted
     summary.entries_seen = done.entries_seen
+    summary.files_removed = done.files_removed
     summary.deletions_skipped = done.deletions_skipped
     for f in done.failures:
         failure = Failure(os.fsdecode(f.path), f.op, f.message)
@@ -275,27 +280,26 @@ async def remote_transfer(
     timeouts: Any = None,
     streams: int = 2,
 ) -> Summary:
-    """Copy or mirror between a local path and a daemon (either direction), or between two
-    daemons (the destination daemon pulls from the source daemon; the client relays).
+    """Copy, mirror or move between a local path and a daemon (either direction); copy or mirror
+    between two daemons (the destination daemon pulls from the source daemon; the client relays).
 
     Raises:
-        UsageError: bad endpoints, missing source, move (not yet).
+        UsageError: bad endpoints, missing source, move between two daemons (not yet).
         ConnectError, RemoteError, TransportError: a daemon could not be used (remote to
             remote: B refused, or B could not reach or use A).
     """
     import trio
 
     from ..filters import Filters
+    from ..report import NullProgress, tick
     from .client import Timeouts, open_session
-    from .tree import DestTree, pull_tree, push_tree
+    from .tree import DestTree, TreeCounters, pull_tree, push_tree
 
     s_ep, d_ep = parse_endpoint(src), parse_endpoint(dst)
     if not isinstance(s_ep, RemoteEndpoint) and not isinstance(d_ep, RemoteEndpoint):
         raise UsageError("remote_transfer needs a remote endpoint")
-    if operation == "move":
-        if isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, RemoteEndpoint):
-            raise UsageError("move between two daemons is not supported yet (copy, then delete the source)")
-        raise UsageError("move to or from a daemon is not supported yet")
+    if operation == "move" and isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, RemoteEndpoint):
+        raise UsageError("move between two daemons is not supported yet (copy, then delete the source)")
     # The session is with the destination daemon when both ends are remote (it does the work).
     remote = d_ep if isinstance(d_ep, RemoteEndpoint) else s_ep
     assert isinstance(remote, RemoteEndpoint)
@@ -304,32 +308,36 @@ async def remote_transfer(
         progress.start(summary)
     spec = TreeSpec(operation=operation, compare=compare, filters=Filters.from_args(filters or []), dry_run=dry_run)
     t0 = time.perf_counter()
+    counters = TreeCounters()
     async with open_session(
         remote.host, tls_enabled=tls_enabled, known_hosts=known_hosts, force_h2_data=force_h2_data, timeouts=timeouts or Timeouts()
-    ) as session:
+    ) as session, trio.open_nursery() as nursery:
         if isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, RemoteEndpoint):
-            direction = "relay"
+            direction = "relay"  # progress: relay() reports each poll's counters
             done, carriers = await relay(session, s_ep, d_ep, spec, streams, tls_enabled=tls_enabled, progress=progress)
-        elif isinstance(d_ep, RemoteEndpoint):
-            assert isinstance(s_ep, LocalEndpoint)
-            direction = "push"
-            r = await resolve(LocalSide(s_ep), remote_side(session, d_ep))
-            done = await push_tree(session, r.src_base, d_ep.module, r.dst_base, r.top, spec, streams, create_base=r.create_dst)
         else:
-            assert isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, LocalEndpoint)
-            direction = "pull"
-            r = await resolve(remote_side(session, s_ep), LocalSide(d_ep))
-            dest = None
-            if r.create_dst:
-                if dry_run:
-                    dest = DestTree(-1, spec)  # nothing to open: the top job is new (see resolve)
-                else:
-                    try:
-                        await trio.to_thread.run_sync(lambda: os.makedirs(r.dst_base, exist_ok=True))
-                    except OSError as exc:
-                        raise FatalError(f"cannot create destination {dst}: {exc.strerror}") from None
-            done = await pull_tree(session, s_ep.module, r.src_base, r.dst_base, r.top, spec, streams, dest=dest)
-        if direction != "relay":
+            if progress is not None and not isinstance(progress, NullProgress):
+                nursery.start_soon(tick, progress, counters.snapshot, t0)
+            if isinstance(d_ep, RemoteEndpoint):
+                assert isinstance(s_ep, LocalEndpoint)
+                direction = "push"
+                r = await resolve(LocalSide(s_ep), remote_side(session, d_ep))
+                done = await push_tree(
+                    session, r.src_base, d_ep.module, r.dst_base, r.top, spec, streams, create_base=r.create_dst, counters=counters
+                )
+            else:
+                assert isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, LocalEndpoint)
+                direction = "pull"
+                r = await resolve(remote_side(session, s_ep), LocalSide(d_ep))
+                # A missing local destination is made once the daemon accepted the transfer (a
+                # refused move leaves nothing behind); a dry run makes nothing and opens nothing
+                # (the top job is new, see resolve).
+                dest = DestTree(-1, spec) if r.create_dst and dry_run else None
+                done = await pull_tree(
+                    session, s_ep.module, r.src_base, r.dst_base, r.top, spec, streams,
+                    create_root=r.create_dst and not dry_run, counters=counters, dest=dest,
+                )
+            nursery.cancel_scope.cancel()  # the ticker
             carriers = "h2" if session.force_h2_data or session.peer.data_port is None else "tcp"
     _summarize(summary, done, progress)
     summary.strategy = f"{direction}:{carriers}:{streams}"

@@ -5,7 +5,10 @@ docs/protocol.md §4 is the design. The destination side (`DestTree`) runs on th
 push and on the client for a pull; the source side (`SourceTree`) the other way round. Both are
 plain blocking code around the engine's `fsops` and `plan.plan_dir`, called from worker threads
 (one hop per directory; data-stream threads call `DestTree.open` / `SourceTree.open` per file).
-`push_tree` and `pull_tree` are the client's drivers.
+`push_tree` and `pull_tree` are the client's drivers. --checksum: the destination side lists
+equal-size files, both sides hash them in worker threads (batches), the destination settles
+them. Move: the destination side logs what landed (`LandedLog`), the source side removes it
+(`SourceTree.remove`) in pages after a syncfs, directories last.
 
 This module must not parse bytes (protocol.py) or own sockets (data.py, control.py).
 """
@@ -16,15 +19,17 @@ import errno
 import logging
 import os
 import stat
+import struct
+import dataclasses
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import trio
 
-from .. import fsops
+from .. import ffi, fsops
 from ..filters import Filters
 from ..fsops import Meta
 from ..plan import Compare, Op, plan_dir, up_to_date
@@ -32,8 +37,10 @@ from . import data, protocol
 from .protocol import (
     DirManifest,
     DirPlanned,
+    FileHash,
     Need,
     PathFailure,
+    RemoveGroup,
     SrcEntry,
     SubDir,
     TreeDone,
@@ -47,6 +54,21 @@ WALK_CONCURRENCY = 8
 MAX_QUEUED_FILES = 20_000
 """A pushing client stops walking ahead while this many files wait for a data stream."""
 MANIFEST_CHUNK = 50_000
+_HASH = "hash"  # _hardlink's answer: the group's first member waits for its hash
+LANDED_PAGE = 20_000
+"""Move: most source entries in one tree/landed or tree/remove page."""
+LANDED_PAGE_BYTES = 2 << 20
+LANDED_DRAIN = 50_000
+"""Move: the client collects confirmations (and removes sources) every this many entries walked,
+so neither side holds more than about this many unconfirmed entries."""
+HASH_BATCH_BYTES = 256 << 20
+"""--checksum: most file bytes hashed per request (a request must answer within its timeout)."""
+HASH_BATCH_FILES = 5_000
+HASH_RATE = 50 << 20
+"""Bytes per second a peer is assumed to hash at least: a hash request's timeout grows with it."""
+HASH_CALLS = 2
+"""--checksum requests in flight per transfer (the daemon serves 4 requests per session at once:
+hashing never takes them all)."""
 
 
 def _msg(exc: OSError) -> str:
@@ -119,6 +141,128 @@ def _read_xattrs(dir_fd: int, names: list[str], base: str | None) -> dict[str, d
 
 
 # =================================================================================================
+# Move: confirmations of landed source entries
+
+
+class LandedLog:
+    """Move: source entries now at the destination, waiting to be removed at the source.
+
+    Kept packed per source directory (about 20 bytes + the name each) until taken in pages.
+    Members of hard-link groups wait until `end()`: removing one earlier would change the link
+    count the source reports for members not scanned yet. Directories are added at the end,
+    deepest first, and come after every file. Above `cap` bytes nothing more is kept: those
+    sources stay where they are and `dropped` counts them (a peer that never collects its
+    confirmations cannot grow the daemon). Thread-safe.
+    """
+
+    REC = struct.Struct("<QqH")  # size, mtime_ns, name length; then the name
+
+    def __init__(self, cap: int = 64 << 20) -> None:
+        self.cap = cap
+        self._lock = threading.Lock()
+        self._files: dict[str, bytearray] = {}
+        self._deferred: dict[str, bytearray] = {}
+        self._dirs: deque[tuple[str, str]] = deque()
+        self.nbytes = 0
+        self.count = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self.count + len(self._dirs)
+
+    def add(self, rel: str, name: str, m: Meta) -> None:
+        nb = _b(name)
+        rec = self.REC.pack(m.st_size, m.st_mtime_ns, len(nb)) + nb
+        with self._lock:
+            if self.nbytes + len(rec) > self.cap:
+                self.dropped += 1
+                return
+            target = self._deferred if m.st_nlink > 1 else self._files
+            buf = target.get(rel)
+            if buf is None:
+                buf = target[rel] = bytearray()
+            buf += rec
+            self.nbytes += len(rec)
+            self.count += 1
+
+    def end(self, dirs: list[str]) -> None:
+        """The transfer is over: hard-link members become available, then `dirs` (source
+        directory paths, deepest first) to remove once empty."""
+        with self._lock:
+            for rel, buf in self._deferred.items():
+                self._files.setdefault(rel, bytearray()).extend(buf)
+            self._deferred.clear()
+            for d in dirs:
+                parent, _, name = d.rpartition("/")
+                self._dirs.append((parent, name))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._files.clear()
+            self._deferred.clear()
+            self._dirs.clear()
+            self.nbytes = self.count = 0
+
+    def take(self) -> list[RemoveGroup]:
+        """The next page (at most LANDED_PAGE entries): files first (grouped by directory), then
+        directories, deepest first."""
+        max_entries, max_bytes = LANDED_PAGE, LANDED_PAGE_BYTES
+        groups: list[RemoveGroup] = []
+        n = size = 0
+        rec = self.REC
+        with self._lock:
+            while self._files and n < max_entries and size < max_bytes:
+                rel = next(iter(self._files))
+                buf = self._files[rel]
+                files: list[protocol.Landed] = []
+                pos = 0
+                while pos < len(buf) and n < max_entries and size < max_bytes:
+                    fsize, mtime, ln = rec.unpack_from(buf, pos)
+                    pos += rec.size
+                    files.append(protocol.Landed(name=bytes(buf[pos : pos + ln]), size=fsize, mtime_ns=mtime))
+                    pos += ln
+                    n += 1
+                    size += ln + 24
+                if pos >= len(buf):
+                    del self._files[rel]
+                else:
+                    del buf[:pos]
+                self.nbytes -= pos
+                self.count -= len(files)
+                size += len(rel) + 8
+                groups.append(RemoveGroup(rel=_b(rel), files=files, dirs=[]))
+            while not self._files and self._dirs and n < max_entries and size < max_bytes:
+                parent = self._dirs[0][0]
+                names: list[bytes] = []
+                while self._dirs and self._dirs[0][0] == parent and n < max_entries:
+                    names.append(_b(self._dirs.popleft()[1]))
+                    n += 1
+                    size += len(names[-1]) + 8
+                size += len(parent) + 8
+                groups.append(RemoveGroup(rel=_b(parent), files=[], dirs=names))
+        return groups
+
+
+def check_groups(groups: list[RemoveGroup]) -> None:
+    """Every path and name of removal groups stays below the source base.
+
+    Raises:
+        Refused(PATH_REFUSED): '..', an absolute path, NUL, or a name with '/'.
+    """
+    for g in groups:
+        protocol.split_path(g.rel)
+        for f in g.files:
+            protocol.check_name(f.name)
+        for d in g.dirs:
+            protocol.check_name(d)
+
+
+def page_size(groups: list[RemoveGroup]) -> int:
+    return sum(len(g.files) + len(g.dirs) for g in groups)
+
+
+# =================================================================================================
 # Source side
 
 
@@ -138,8 +282,10 @@ class SourceTree:
         self.files: dict[int, tuple[str, str]] = {}  # id -> (rel, name)
         self._lock = threading.Lock()
         self.dirs = _DirFds(root_fd, open_dir)
+        self.stopped = False
 
     def close(self) -> None:
+        self.stopped = True  # a hashing thread left behind stops at its next read
         self.dirs.close()
         try:
             os.close(self.root_fd)
@@ -183,6 +329,69 @@ class SourceTree:
             )
         finally:
             os.close(dfd)
+
+    def hashes(self, rel: str, names: list[bytes]) -> tuple[list[FileHash], list[PathFailure]]:
+        """Worker thread, --checksum: xxh3-128 of these files of directory `rel` (a null digest
+        for a file that cannot be read: the destination then asks for it, and its send fails)."""
+        out: list[FileHash] = []
+        failures: list[PathFailure] = []
+        try:
+            dfd = self.dirs.acquire(rel)
+        except OSError as exc:
+            return [FileHash(name=n, digest=None) for n in names], [PathFailure(path=_b(rel or "."), op="checksum", message=_msg(exc))]
+        try:
+            stop = lambda: self.stopped  # noqa: E731
+            for n in names:
+                try:
+                    digest: bytes | None = fsops.file_hash(dfd, _s(n), stop)
+                except InterruptedError:
+                    raise
+                except OSError as exc:
+                    digest = None
+                    failures.append(PathFailure(path=_b(_join(rel, _s(n))), op="checksum", message=_msg(exc)))
+                out.append(FileHash(name=n, digest=digest))
+        finally:
+            self.dirs.release(rel)
+        return out, failures
+
+    def remove(self, groups: list[RemoveGroup]) -> tuple[int, list[PathFailure]]:
+        """Worker thread, move: unlink the landed source entries of each group (only if they are
+        still what was copied: same size and mtime, not a directory), then remove the group's
+        directories that are now empty. Returns (entries removed, failures). The caller has
+        checked the groups (check_groups)."""
+        removed = 0
+        failures: list[PathFailure] = []
+        for g in groups:
+            rel = "/".join(_s(p) for p in protocol.split_path(g.rel))
+            try:
+                dfd = self.open_dir(self.root_fd, rel)
+            except OSError as exc:
+                for f in g.files:
+                    failures.append(PathFailure(path=_b(_join(rel, _s(f.name))), op="remove source", message=_msg(exc)))
+                continue
+            try:
+                for f in g.files:
+                    try:
+                        st = os.stat(f.name, dir_fd=dfd, follow_symlinks=False)
+                        if stat.S_ISDIR(st.st_mode) or st.st_size != f.size or st.st_mtime_ns != f.mtime_ns:
+                            failures.append(PathFailure(path=_b(_join(rel, _s(f.name))), op="remove source", message="changed since it was copied; kept"))
+                            continue
+                        os.unlink(f.name, dir_fd=dfd)
+                        removed += 1
+                    except FileNotFoundError:
+                        pass  # gone already: nothing to remove
+                    except OSError as exc:
+                        failures.append(PathFailure(path=_b(_join(rel, _s(f.name))), op="remove source", message=_msg(exc)))
+                for d in g.dirs:
+                    try:
+                        os.rmdir(d, dir_fd=dfd)
+                    except OSError as exc:
+                        # Leftovers (failed, excluded or new entries) keep a directory, as locally.
+                        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.ENOTDIR):
+                            failures.append(PathFailure(path=_b(_join(rel, _s(d))), op="remove source", message=_msg(exc)))
+            finally:
+                os.close(dfd)
+        return removed, failures
 
     def register(self, rel: str, needs: list[Need]) -> list[int]:
         with self._lock:
@@ -250,6 +459,20 @@ class _Pending:
     replace: bool
     link_key: tuple[int, int] | None = None
     inherit_gid: bool = True
+    rel: str = ""  # the source directory and name (move: what to remove once landed)
+    name: str = ""
+
+
+@dataclass
+class _HashItem:
+    """--checksum: an existing destination file of the same size, waiting for the source's hash."""
+
+    name: str
+    dname: str
+    meta: Meta
+    dst: Meta
+    xattrs: list[tuple[str, bytes]] | None
+    link_key: tuple[int, int] | None = None
 
 
 @dataclass
@@ -261,6 +484,8 @@ class _DirNode:
     changed: bool = False
     inherit_gid: bool = True
     """The directory may hand new files another group (setgid, or not known): chown always."""
+    src_rel: str = ""
+    """The source directory (move removes it at the end when empty); "" for the top."""
 
 
 class _DirFds:
@@ -348,8 +573,22 @@ class DestTree:
         self.files_deleted = 0
         self.fatal: str | None = None
         self.deletions_skipped: str | None = None
+        # --checksum: source rel -> (destination rel, items by source name) awaiting hashes
+        self.hashing: dict[str, tuple[str, dict[str, _HashItem]]] = {}
+        # move: what landed, for the source side to remove (None unless a real move)
+        self.landed: LandedLog | None = LandedLog() if spec.operation == "move" and not spec.dry_run else None
+        self.stopped = False
+
+    def _stop(self) -> bool:
+        return self.stopped
+
+    def _record(self, rel: str, name: str, m: Meta) -> None:
+        """Move: source entry rel/name is now at the destination."""
+        if self.landed is not None:
+            self.landed.add(rel, name, m)
 
     def close(self) -> None:
+        self.stopped = True
         self.dirs.close()
         try:
             os.close(self.root_fd)
@@ -394,9 +633,9 @@ class DestTree:
                 # The top directory: its metadata is the source directory's when its contents
                 # are transferred (`SRC/`), nobody's when SRC itself lands inside it.
                 if dir_entry is not None and only is None:
-                    self.nodes[dst_rel] = _DirNode(meta_of_entry(dir_entry), None, dst_new, _xattrs(dir_entry))
+                    self.nodes[dst_rel] = _DirNode(meta_of_entry(dir_entry), None, dst_new, _xattrs(dir_entry), src_rel=rel)
                 else:
-                    self.nodes[dst_rel] = _DirNode(None, None, dst_new, None)
+                    self.nodes[dst_rel] = _DirNode(None, None, dst_new, None, src_rel=rel)
         dry = spec.dry_run
         dfd = -1
         dst: dict[str, Any] | None = None
@@ -444,6 +683,8 @@ class DestTree:
         dry = spec.dry_run
         subdirs: list[SubDir] = []
         need: list[Need] = []
+        hash_names: list[bytes] = []
+        settled = 0
         blocked: set[str] = set()
         changed = False
         for dname, d_is_dir in p.conflicts:
@@ -472,7 +713,8 @@ class DestTree:
                         self._sync_xattrs(dfd, dname, xattrs)
                     with self._lock:
                         self.nodes[_join(dst_rel, dname)] = _DirNode(
-                            m, fsops.meta_of(d) if d is not None else None, False, xattrs, inherit_gid=bool(d.st_mode & stat.S_ISGID)
+                            m, fsops.meta_of(d) if d is not None else None, False, xattrs,
+                            inherit_gid=bool(d.st_mode & stat.S_ISGID), src_rel=_join(rel, name),
                         )
                     subdirs.append(SubDir(name=_b(name), dname=_b(dname), new=False))
                 elif op is Op.MKDIR:
@@ -482,30 +724,31 @@ class DestTree:
                     with self._lock:
                         self.dirs_created += 1
                         # Ours, 0o700 until finalised: it hands out no group of its own.
-                        self.nodes[_join(dst_rel, dname)] = _DirNode(m, None, True, xattrs, inherit_gid=False)
+                        self.nodes[_join(dst_rel, dname)] = _DirNode(m, None, True, xattrs, inherit_gid=False, src_rel=_join(rel, name))
                     subdirs.append(SubDir(name=_b(name), dname=_b(dname), new=True))
                 elif op is Op.HARDLINK:
-                    fid = self._hardlink(dst_rel, dname, m, d, xattrs, dfd, prefix + name)
-                    if fid is not None:
+                    fid = self._hardlink(rel, name, dst_rel, dname, m, d, xattrs, dfd, prefix + name)
+                    if fid == _HASH:
+                        hash_names.append(_b(name))
+                    elif fid is not None:
                         need.append(Need(id=fid, name=_b(name)))
-                elif op in (Op.SAME, Op.HASH):
-                    # HASH (--checksum) needs both contents; until the hash exchange exists the
-                    # file is re-sent when sizes match (correct, not minimal).
-                    if op is Op.HASH:
-                        need.append(Need(id=self._register(dst_rel, dname, m, xattrs, d is not None), name=_b(name)))
-                        continue
-                    with self._lock:
-                        self.files_skipped += 1
-                    if d is not None and not dry:
-                        acl = self._sync_xattrs(dfd, dname, xattrs)
-                        fsops.fix_meta(dfd, dname, m, fsops.meta_of(d), acl)
+                    else:
+                        settled += 1
+                elif op is Op.HASH:
+                    # --checksum, equal sizes: the source's hash decides (tree/hashes, tree/hash).
+                    self._await_hash(rel, dst_rel, _HashItem(name, dname, m, fsops.meta_of(d), xattrs))
+                    hash_names.append(_b(name))
+                elif op is Op.SAME:
+                    self._same(rel, dfd, name, dname, m, d, xattrs)
+                    settled += 1
                 elif op is Op.COPY:
                     if dry:
                         with self._lock:
                             self.files_copied += 1
                             self.bytes_copied += m.st_size
+                        settled += 1
                         continue
-                    need.append(Need(id=self._register(dst_rel, dname, m, xattrs, d is not None), name=_b(name)))
+                    need.append(Need(id=self._register(dst_rel, dname, m, xattrs, d is not None, rel=rel, name=name), name=_b(name)))
                 elif op is Op.SYMLINK:
                     target = _target(e) or b""
                     if d is not None and stat.S_ISLNK(d.st_mode) and os.readlink(_b(dname), dir_fd=dfd) == target:
@@ -519,6 +762,8 @@ class DestTree:
                             changed = True
                         with self._lock:
                             self.links_created += 1
+                    self._record(rel, name, m)
+                    settled += 1
                 elif op is Op.SPECIAL:
                     kind = stat.S_IFMT(m.st_mode)
                     if kind in (stat.S_IFCHR, stat.S_IFBLK) and not fsops.IS_ROOT:
@@ -535,6 +780,8 @@ class DestTree:
                             changed = True
                         with self._lock:
                             self.links_created += 1
+                    self._record(rel, name, m)
+                    settled += 1
             except OSError as exc:
                 if exc.errno in FATAL_ERRNOS:
                     self.fatal = f"{_msg(exc)} (writing {dprefix + dname})"
@@ -547,16 +794,125 @@ class DestTree:
         with self._lock:
             for f in failures:
                 self.failures.append((_s(f.path), f.op, f.message))
-        return DirPlanned(subdirs=subdirs, need=need, failures=failures)
+        return DirPlanned(subdirs=subdirs, need=need, failures=failures, hash=hash_names, settled=settled)
 
-    def _register(self, dst_rel: str, dname: str, m: Meta, xattrs: list[tuple[str, bytes]] | None, replace: bool, link_key: tuple[int, int] | None = None) -> int:
+    def _same(self, rel: str, dfd: int, name: str, dname: str, m: Meta, d: Any, xattrs: list[tuple[str, bytes]] | None) -> None:
+        """An up-to-date file: its metadata and xattrs are made the source's."""
+        with self._lock:
+            self.files_skipped += 1
+        if d is not None and not self.spec.dry_run:
+            acl = self._sync_xattrs(dfd, dname, xattrs)
+            fsops.fix_meta(dfd, dname, m, fsops.meta_of(d), acl)
+        self._record(rel, name, m)
+
+    def _register(
+        self,
+        dst_rel: str,
+        dname: str,
+        m: Meta,
+        xattrs: list[tuple[str, bytes]] | None,
+        replace: bool,
+        link_key: tuple[int, int] | None = None,
+        *,
+        rel: str = "",
+        name: str = "",
+    ) -> int:
         with self._lock:
             fid = self._next_id
             self._next_id += 1
             node = self.nodes.get(dst_rel)
             inherit = node.inherit_gid if node is not None else True
-            self.pending[fid] = _Pending(dst_rel, dname, m, xattrs, replace, link_key, inherit)
+            self.pending[fid] = _Pending(dst_rel, dname, m, xattrs, replace, link_key, inherit, rel, name)
         return fid
+
+    # --- --checksum ---------------------------------------------------------------------------------
+    def _await_hash(self, rel: str, dst_rel: str, item: _HashItem) -> None:
+        with self._lock:
+            entry = self.hashing.get(rel)
+            if entry is None:
+                entry = self.hashing[rel] = (dst_rel, {})
+            entry[1][item.name] = item
+
+    def dest_hashes(self, rel: str, names: list[bytes]) -> dict[bytes, bytes | None]:
+        """Worker thread (read only: may be abandoned): xxh3-128 of the destination copies of
+        these source names of directory `rel` that wait for a hash."""
+        with self._lock:
+            entry = self.hashing.get(rel)
+            if entry is None:
+                return {}
+            dst_rel, items = entry
+            todo = [(n, items[_s(n)].dname) for n in names if _s(n) in items]
+        out: dict[bytes, bytes | None] = {}
+        try:
+            dfd = self.dirs.acquire(dst_rel)
+        except OSError:
+            return {n: None for n, _ in todo}
+        try:
+            for n, dname in todo:
+                try:
+                    out[n] = fsops.file_hash(dfd, dname, self._stop)
+                except InterruptedError:
+                    raise
+                except OSError:
+                    out[n] = None
+        finally:
+            self.dirs.release(dst_rel)
+        return out
+
+    def settle_hashes(self, rel: str, hashes: list[FileHash], dst: dict[bytes, bytes | None] | None = None) -> DirPlanned:
+        """Worker thread: the source's hashes of files that wait for one. Equal content: the file
+        is up to date (metadata fixed, nothing sent); otherwise it is needed after all. `dst`:
+        the destination's hashes when already computed (dest_hashes)."""
+        if dst is None:
+            dst = self.dest_hashes(rel, [h.name for h in hashes])
+        with self._lock:
+            entry = self.hashing.get(rel)
+            if entry is None:
+                return DirPlanned(subdirs=[], need=[])
+            dst_rel, items = entry
+            batch = [(items.pop(_s(h.name)), h.digest) for h in hashes if _s(h.name) in items]
+            if not items:
+                del self.hashing[rel]
+        need: list[Need] = []
+        failures: list[PathFailure] = []
+        settled = 0
+        dry = self.spec.dry_run
+        prefix = rel + "/" if rel else ""
+        try:
+            dfd = self.dirs.acquire(dst_rel)
+        except OSError as exc:
+            for it, _ in batch:
+                self._fail(prefix + it.name, "checksum", _msg(exc))
+            return DirPlanned(subdirs=[], need=[], failures=[PathFailure(path=_b(prefix + it.name), op="checksum", message=_msg(exc)) for it, _ in batch])
+        try:
+            for it, digest in batch:
+                try:
+                    mine = dst.get(_b(it.name))
+                    if digest is not None and mine is not None and digest == mine:
+                        self._same(rel, dfd, it.name, it.dname, it.meta, it.dst, it.xattrs)
+                        settled += 1
+                        if it.link_key is not None:
+                            self._group_landed(it.link_key, dst_rel, it.dname, it.dst.st_ino)
+                    elif dry:
+                        with self._lock:
+                            self.files_copied += 1
+                            self.bytes_copied += it.meta.st_size
+                        settled += 1
+                        if it.link_key is not None:
+                            self._group_landed(it.link_key, dst_rel, it.dname, -1)
+                    else:
+                        fid = self._register(dst_rel, it.dname, it.meta, it.xattrs, True, it.link_key, rel=rel, name=it.name)
+                        need.append(Need(id=fid, name=_b(it.name)))
+                except OSError as exc:
+                    if exc.errno in FATAL_ERRNOS:
+                        self.fatal = f"{_msg(exc)} (writing {_join(dst_rel, it.dname)})"
+                    failures.append(PathFailure(path=_b(prefix + it.name), op="checksum", message=_msg(exc)))
+        finally:
+            self.dirs.release(dst_rel)
+        with self._lock:
+            for f in failures:
+                self.failures.append((_s(f.path), f.op, f.message))
+        return DirPlanned(subdirs=[], need=need, failures=failures, settled=settled)
 
     def _sync_xattrs(self, dfd: int, dname: str, want: list[tuple[str, bytes]] | None) -> bool:
         """Make an existing entry's xattrs those of the source manifest; True if any changed."""
@@ -589,10 +945,14 @@ class DestTree:
         return True
 
     # --- hard links -------------------------------------------------------------------------------
-    def _hardlink(self, dst_rel: str, dname: str, m: Meta, d: Any, xattrs: list[tuple[str, bytes]] | None, dfd: int, path: str) -> int | None:
-        """One member of a source hard-link group: the first needs its data (or is up to date),
-        the others are linked to it once it has landed. Returns a file id when data is needed."""
+    def _hardlink(
+        self, rel: str, name: str, dst_rel: str, dname: str, m: Meta, d: Any, xattrs: list[tuple[str, bytes]] | None, dfd: int, path: str
+    ) -> int | str | None:
+        """One member of a source hard-link group: the first needs its data (or is up to date,
+        or waits for its hash under --checksum: returns _HASH), the others are linked to it once
+        it has landed. Returns a file id when data is needed."""
         key = (m.st_dev, m.st_ino)
+        src = (rel, name, m)
         with self._lock:
             group = self.links.get(key)
             if group is None:
@@ -603,16 +963,23 @@ class DestTree:
                     first = None
                 else:
                     self.links[key] = ("waiting", [])
-                    first = True
+                    first = op is not Op.HASH or d is None
+                    if not first:
+                        dst_meta = fsops.meta_of(d)
             elif group[0] == "waiting":
-                group[1].append((dst_rel, dname, d.st_ino if d is not None else None))
+                group[1].append((dst_rel, dname, d.st_ino if d is not None else None, path, src))
                 return None
             else:
                 first = False
+                group_landed = group
         if first is None:
             if not self.spec.dry_run:
                 fsops.fix_meta(dfd, dname, m, fsops.meta_of(d))
+            self._record(rel, name, m)
             return None
+        if first is False and group is None:
+            self._await_hash(rel, dst_rel, _HashItem(name, dname, m, dst_meta, xattrs, key))
+            return _HASH
         if first:
             if self.spec.dry_run:
                 with self._lock:
@@ -620,16 +987,19 @@ class DestTree:
                     self.bytes_copied += m.st_size
                     self.links[key] = ("landed", dst_rel, dname, -1)
                 return None
-            return self._register(dst_rel, dname, m, xattrs, d is not None, key)
-        assert group is not None
-        _, frel, fname, fino = group
-        self._link_to(frel, fname, fino, dst_rel, dname, d.st_ino if d is not None else None, path)
+            return self._register(dst_rel, dname, m, xattrs, d is not None, key, rel=rel, name=name)
+        _, frel, fname, fino = group_landed
+        self._link_to(frel, fname, fino, dst_rel, dname, d.st_ino if d is not None else None, path, src)
         return None
 
-    def _link_to(self, frel: str, fname: str, fino: int, dst_rel: str, dname: str, d_ino: int | None, path: str) -> None:
+    def _link_to(
+        self, frel: str, fname: str, fino: int, dst_rel: str, dname: str, d_ino: int | None, path: str, src: tuple[str, str, Meta] | None = None
+    ) -> None:
         if d_ino is not None and d_ino == fino:
             with self._lock:
                 self.files_skipped += 1
+            if src is not None:
+                self._record(*src)
             return
         if self.spec.dry_run:
             with self._lock:
@@ -650,24 +1020,30 @@ class DestTree:
             return
         with self._lock:
             self.links_created += 1
+        if src is not None:
+            self._record(*src)
 
     def _landed(self, p: _Pending) -> None:
         if p.link_key is None:
             return
-        with self._lock:
-            group = self.links.get(p.link_key)
+        try:
+            dfd = self.dirs.acquire(p.dst_rel)
             try:
-                dfd = self.dirs.acquire(p.dst_rel)
-                try:
-                    ino = os.stat(p.dname, dir_fd=dfd, follow_symlinks=False).st_ino
-                finally:
-                    self.dirs.release(p.dst_rel)
-            except OSError:
-                ino = -1
-            self.links[p.link_key] = ("landed", p.dst_rel, p.dname, ino)
+                ino = os.stat(p.dname, dir_fd=dfd, follow_symlinks=False).st_ino
+            finally:
+                self.dirs.release(p.dst_rel)
+        except OSError:
+            ino = -1
+        self._group_landed(p.link_key, p.dst_rel, p.dname, ino)
+
+    def _group_landed(self, key: tuple[int, int], dst_rel: str, dname: str, ino: int) -> None:
+        """The first member of a hard-link group is at the destination: link the waiting ones."""
+        with self._lock:
+            group = self.links.get(key)
+            self.links[key] = ("landed", dst_rel, dname, ino)
         waiters = group[1] if group and group[0] == "waiting" else []
-        for wrel, wname, wino in waiters:
-            self._link_to(p.dst_rel, p.dname, ino, wrel, wname, wino, _join(wrel, wname))
+        for wrel, wname, wino, wpath, wsrc in waiters:
+            self._link_to(dst_rel, dname, ino, wrel, wname, wino, wpath, wsrc)
 
     # --- landing files (data-stream threads) ------------------------------------------------------
     def failed(self, file_id: int, message: str) -> None:
@@ -700,8 +1076,13 @@ class DestTree:
         with self._lock:
             missing = list(self.pending.items())
             self.pending.clear()
+            unhashed = [(rel, it) for rel, (_d, items) in self.hashing.items() for it in items.values()]
+            self.hashing.clear()
         for _fid, p in missing:
             self._fail(_join(p.dst_rel, p.dname), "copy", "the data never arrived")
+        for rel, it in unhashed:
+            self._fail(_join(rel, it.name), "checksum", "the source's checksum never arrived")
+        kept: set[str] = set()  # move: directories whose metadata failed keep their source
         if not self.spec.dry_run:
             for rel in sorted(self.nodes, key=lambda r: (-r.count("/") if r else 1, r)):
                 node = self.nodes[rel]
@@ -717,6 +1098,9 @@ class DestTree:
                         os.close(fd)
                 except OSError as exc:
                     self._fail(rel or ".", "directory metadata", _msg(exc))
+                    kept.add(rel)
+        if self.landed is not None:
+            self._end_move(kept)
         if not self.deletions:
             return
         if self.incomplete or not source_complete:
@@ -757,6 +1141,35 @@ class DestTree:
                         os.close(fd)
                 except OSError:
                     pass
+
+    def _end_move(self, kept: set[str]) -> None:
+        """Move: every entry has landed; the source directories follow (deepest first, once
+        empty), then the destination filesystem is flushed before anything is confirmed."""
+        assert self.landed is not None
+        dirs = [(n.src_rel, rel) for rel, n in self.nodes.items() if n.src_rel and rel not in kept]
+        dirs.sort(key=lambda x: (-x[0].count("/"), x[0]))
+        self.landed.end([d for d, _ in dirs])
+        try:
+            ffi.syncfs(self.root_fd)
+        except OSError as exc:
+            self.landed.clear()
+            self._fail(".", "sync", f"{_msg(exc)}: no source entry was removed")
+        if self.landed.dropped:
+            self._fail(".", "remove source", f"{self.landed.dropped} entries kept at the source: too many confirmations were waiting")
+
+    def sync_landed(self) -> tuple[list[RemoveGroup], list[PathFailure]]:
+        """Worker thread, move, during the transfer: the next page of landed entries, after a
+        syncfs of the destination (what is taken had landed before it)."""
+        assert self.landed is not None
+        page = self.landed.take()
+        if not page:
+            return [], []
+        try:
+            ffi.syncfs(self.root_fd)
+        except OSError as exc:
+            n = page_size(page)
+            return [], [PathFailure(path=b".", op="sync", message=f"{_msg(exc)}: {n} source entries kept")]
+        return page, []
 
     def result(self) -> TreeDone:
         return TreeDone(
@@ -808,6 +1221,7 @@ class _DestFile:
             node = t.nodes.get(p.dst_rel)
             if node is not None:
                 node.changed = True
+        t._record(p.rel, p.name, p.meta)
         t._landed(p)
 
     def abort(self) -> None:
@@ -871,6 +1285,48 @@ async def _walk(top: TopJob, visit: Callable[[str, str, bool, dict[str, str] | N
         raise errors[0]
 
 
+@dataclass
+class TreeCounters:
+    """Live counts of a tree transfer for progress reports, read by the caller's ticker (trio
+    side; the counters are plain ints written by stream threads)."""
+
+    streams: list[data.StreamStats] = field(default_factory=list)
+    settled: int = 0  # push: entries the daemon settled without data
+    dest: DestTree | None = None  # pull: the local destination side
+
+    def snapshot(self) -> tuple[int, int]:
+        """(files done, bytes moved so far)."""
+        nbytes = sum(s.bytes for s in self.streams)
+        d = self.dest
+        if d is not None:
+            return d.files_copied + d.files_skipped + d.links_created, nbytes
+        return self.settled + sum(s.files for s in self.streams), nbytes
+
+
+def _hash_batches(names: list[bytes], sizes: dict[bytes, int]) -> list[tuple[list[bytes], int]]:
+    """--checksum names in batches of at most HASH_BATCH_BYTES / HASH_BATCH_FILES (a larger
+    file alone), each with its byte count."""
+    out: list[tuple[list[bytes], int]] = []
+    cur: list[bytes] = []
+    nbytes = 0
+    for n in names:
+        size = sizes.get(n, 0)
+        if cur and (nbytes + size > HASH_BATCH_BYTES or len(cur) >= HASH_BATCH_FILES):
+            out.append((cur, nbytes))
+            cur, nbytes = [], 0
+        cur.append(n)
+        nbytes += size
+    if cur:
+        out.append((cur, nbytes))
+    return out
+
+
+async def _call_long(session: Any, msg: protocol.Message, nbytes: int) -> Any:
+    """A request whose answer takes the daemon time proportional to `nbytes` (hashing): its
+    timeout grows with them (a dead daemon is still noticed by the keepalive)."""
+    return await session.client.call(msg, timeout=session.timeouts.request + nbytes / HASH_RATE)
+
+
 async def push_tree(
     session: Any,
     local_root: bytes,
@@ -881,11 +1337,14 @@ async def push_tree(
     streams: int = 2,
     *,
     create_base: bool = False,
+    counters: TreeCounters | None = None,
 ) -> TreeDone:
     """Push a local tree (source) to a daemon module directory (destination); `create_base`
-    asks the daemon to `mkdir -p` the base first.
+    asks the daemon to `mkdir -p` the base first. Move: the sources the daemon confirms
+    (tree/landed, synced) are removed as the confirmations come, emptied directories last.
 
-    Returns the daemon's tally. Raises TransportError / RemoteError when the session fails.
+    Returns the daemon's tally (with the local removal count and failures for a move).
+    Raises TransportError / RemoteError when the session fails.
     """
     from .control import collapse_groups
 
@@ -906,14 +1365,54 @@ async def push_tree(
     from .client import RemoteTransfer
 
     t = RemoteTransfer(session, opened, "push")
+    counters = counters if counters is not None else TreeCounters()
+    counters.streams = t.stats
     root_fd = await trio.to_thread.run_sync(fsops.open_root, local_root)
     source = SourceTree(root_fd, base_path=local_root)
     jobs = data.JobQueue()
     complete = True
-    queued_room = trio.Semaphore(1)
+    move = spec.operation == "move" and not spec.dry_run
+    hash_slots = trio.Semaphore(HASH_CALLS)
+    drain_lock = trio.Lock()
+    walked = 0  # move: entries sent since confirmations were last collected
+    removed = 0
+    move_failures: list[PathFailure] = []
+
+    def queue(rel: str, planned: DirPlanned) -> None:
+        counters.settled += planned.settled
+        if planned.need:
+            jobs.put_many(source.register(rel, planned.need))
+
+    async def checksums(rel: str, names: list[bytes], sizes: dict[bytes, int]) -> None:
+        for batch, nbytes in _hash_batches(names, sizes):
+            hashes, _failures = await trio.to_thread.run_sync(source.hashes, rel, batch, abandon_on_cancel=True)
+            async with hash_slots:
+                extra: DirPlanned = await _call_long(session, protocol.TreeHashes(transfer=t.id, rel=_b(rel), hashes=hashes), nbytes)
+            queue(rel, extra)
+
+    async def collect(final: bool) -> None:
+        """Move: take the daemon's confirmations and remove those sources (final: all of them,
+        after tree/finish; otherwise what is ready now)."""
+        nonlocal removed
+        async with drain_lock:
+            while True:
+                page: protocol.LandedPage = await session.call(protocol.TreeLanded(transfer=t.id))
+                move_failures.extend(page.failures)
+                if page.groups:
+                    try:
+                        check_groups(page.groups)
+                    except protocol.Refused as exc:
+                        from ..errors import RemoteProtocolError
+
+                        raise RemoteProtocolError(f"the daemon confirmed an impossible path: {exc.message}") from None
+                    n, failures = await trio.to_thread.run_sync(source.remove, page.groups)
+                    removed += n
+                    move_failures.extend(failures)
+                if not page.more or (not final and page_size(page.groups) < LANDED_PAGE):
+                    return
 
     async def visit(rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None) -> list[tuple[str, str, bool]]:
-        nonlocal complete
+        nonlocal complete, walked
         manifest = await trio.to_thread.run_sync(source.scan, rel)
         if manifest.incomplete:
             complete = False
@@ -932,10 +1431,16 @@ async def push_tree(
                 dir_entry=manifest.dir_entry,
             )
         )
-        if planned.need:
-            jobs.put_many(source.register(rel, planned.need))
-            while len(jobs) > MAX_QUEUED_FILES:
-                await trio.sleep(0.05)
+        queue(rel, planned)
+        if planned.hash:
+            await checksums(rel, planned.hash, {e[0]: e[2] for e in entries})
+        while len(jobs) > MAX_QUEUED_FILES:
+            await trio.sleep(0.05)
+        if move:
+            walked += len(entries)
+            if walked >= LANDED_DRAIN and not drain_lock.locked():
+                walked = 0
+                await collect(False)
         return [(_s(sd.name), _s(sd.dname), sd.new) for sd in planned.subdirs]
 
     try:
@@ -947,10 +1452,12 @@ async def push_tree(
                 finally:
                     jobs.close()
         done: TreeDone = await session.call(protocol.TreeFinish(transfer=t.id, source_complete=complete))
+        if move:
+            await collect(True)
+            done = dataclasses.replace(done, files_removed=removed, failures=[*done.failures, *move_failures])
         return done
     finally:
         source.close()
-        del queued_room
 
 
 async def pull_tree(
@@ -962,11 +1469,20 @@ async def pull_tree(
     spec: TreeSpec,
     streams: int = 2,
     *,
+    create_root: bool = False,
+    counters: TreeCounters | None = None,
     dest: DestTree | None = None,
 ) -> TreeDone:
     """Pull a daemon module directory (source) into a local tree (destination): `local_root`, or
     `dest` when the caller made the DestTree (a daemon pulling from a peer into its module,
-    with its containment walk). The DestTree is closed on return either way."""
+    with its containment walk; a dry run into a missing directory). The DestTree is closed on
+    return either way. `create_root` makes the local root (and its parents) once the daemon has
+    accepted the transfer. Move: what landed here is synced, then removed on the daemon
+    (tree/remove), emptied directories last.
+
+    Raises:
+        FatalError: the local root cannot be created. TransportError / RemoteError.
+    """
     from .client import RemoteTransfer
     from .control import collapse_groups
 
@@ -986,14 +1502,64 @@ async def pull_tree(
         )
         if dest is None:
             assert local_root is not None
-            dest = DestTree(await trio.to_thread.run_sync(fsops.open_root, local_root), spec)
+            root = local_root
+            if create_root:
+                try:
+                    await trio.to_thread.run_sync(lambda: os.makedirs(root, exist_ok=True))
+                except OSError as exc:
+                    from ..errors import FatalError
+
+                    raise FatalError(f"cannot create destination {_s(root)}: {_msg(exc)}") from None
+            dest = DestTree(await trio.to_thread.run_sync(fsops.open_root, root), spec)
     except BaseException:
         if dest is not None:
             dest.close()
         raise
     t = RemoteTransfer(session, opened, "pull")
     sink: DestTree = dest
+    if counters is not None:
+        counters.streams = t.stats
+        counters.dest = sink
     complete = True
+    hash_slots = trio.Semaphore(HASH_CALLS)
+    drain_lock = trio.Lock()
+    removed = 0
+
+    async def checksums(rel: str, names: list[bytes], sizes: dict[bytes, int]) -> list[Need]:
+        need: list[Need] = []
+        for batch, nbytes in _hash_batches(names, sizes):
+            got: dict[str, Any] = {}
+
+            async def remote_side() -> None:
+                async with hash_slots:
+                    got["src"] = await _call_long(session, protocol.TreeHash(transfer=t.id, rel=_b(rel), names=batch), nbytes)
+
+            async with trio.open_nursery() as n:  # both sides hash at once
+                n.start_soon(remote_side)
+                mine = await trio.to_thread.run_sync(sink.dest_hashes, rel, batch, abandon_on_cancel=True)
+            # Unreadable sources come back without a digest: they are asked for, and their send
+            # fails with the reason (reported once, then).
+            extra = await trio.to_thread.run_sync(sink.settle_hashes, rel, got["src"].hashes, mine)
+            need.extend(extra.need)
+        return need
+
+    async def give_back(final: bool) -> None:
+        """Move: sync what landed here, then have the daemon remove those sources."""
+        nonlocal removed
+        assert sink.landed is not None
+        async with drain_lock:
+            while True:
+                page, failures = await trio.to_thread.run_sync(sink.sync_landed) if not final else (sink.landed.take(), [])
+                for f in failures:
+                    sink._fail(_s(f.path), f.op, f.message)
+                last = final and not len(sink.landed)
+                if page or last:
+                    done: protocol.TreeRemoved = await session.call(protocol.TreeRemove(transfer=t.id, groups=page, last=last))
+                    removed += done.removed
+                    for f in done.failures:
+                        sink._fail(_s(f.path), f.op, f.message)
+                if last or (not final and page_size(page) < LANDED_PAGE):
+                    return
 
     async def visit(rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None) -> list[tuple[str, str, bool]]:
         nonlocal complete
@@ -1008,10 +1574,15 @@ async def pull_tree(
         planned = await trio.to_thread.run_sync(
             sink.plan, rel, dst_rel, dst_new, only, entries, manifest.incomplete, cast("Entry | None", manifest.dir_entry)
         )
-        if planned.need:
+        need = list(planned.need)
+        if planned.hash:
+            need += await checksums(rel, planned.hash, {e[0]: e[2] for e in entries})
+        if need:
             await session.call(
-                protocol.SendFiles(transfer=t.id, files=[protocol.FileRef(id=n.id, path=_b(_join(rel, _s(n.name)))) for n in planned.need])
+                protocol.SendFiles(transfer=t.id, files=[protocol.FileRef(id=n.id, path=_b(_join(rel, _s(n.name)))) for n in need])
             )
+        if sink.landed is not None and len(sink.landed) >= LANDED_DRAIN and not drain_lock.locked():
+            await give_back(False)
         return [(_s(sd.name), _s(sd.dname), sd.new) for sd in planned.subdirs]
 
     try:
@@ -1027,6 +1598,8 @@ async def pull_tree(
         for f in remote.failures:
             sink._fail(_s(f.path), f.op, f.message)
         await trio.to_thread.run_sync(sink.finish, complete)
-        return sink.result()
+        if sink.landed is not None:
+            await give_back(True)
+        return dataclasses.replace(sink.result(), files_removed=removed)
     finally:
         sink.close()

@@ -1,0 +1,117 @@
+"""`blit copy/move` against a real `blit daemon` process: move's exit codes and messages, a
+read-only module refusing a pull move, a source unreadable by the client, and live --json
+progress of remote runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import AS_NOBODY, NOBODY, chown_tree
+
+from .conftest import DaemonProcess, blit_cmd, run_daemon_process
+
+MiB = 1 << 20
+
+
+def blit(d: DaemonProcess, *args: str, as_nobody: bool = False, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [*blit_cmd(), *args]
+    if as_nobody:
+        argv = [*AS_NOBODY, *argv]
+    return subprocess.run(argv, env=env or d.env, capture_output=True, text=True, timeout=120)
+
+
+def errors(r: subprocess.CompletedProcess[str]) -> list[str]:
+    """blit's own stderr lines (not the note about pinning the daemon's certificate)."""
+    return [ln for ln in r.stderr.splitlines() if ln.startswith("blit:")]
+
+
+def url(d: DaemonProcess, path: str) -> str:
+    return f"127.0.0.1:{d.port}:/{path}"
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_move_with_a_failed_file_exits_3_and_keeps_it(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
+    d = daemon_process
+    local = tmp_path / "local"
+    local.mkdir()
+    remote = d.modules["data"]
+    src_root, dst_root = (local, remote) if direction == "push" else (remote, local)
+    src = src_root / "tree"
+    (src / "sub").mkdir(parents=True)
+    (src / "x").write_text("cannot land")
+    (src / "sub" / "ok").write_text("ok")
+    (dst_root / "out" / "x").mkdir(parents=True)
+    (dst_root / "out" / "x" / "keep").write_text("in the way")
+    a, b = (f"{src}/", url(d, "data/out")) if direction == "push" else (url(d, "data/tree/"), f"{local}/out")
+    r = blit(d, "move", a, b)
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert errors(r) == ["blit: x: replace: directory not empty (mirror replaces it)"], r.stderr
+    assert sorted(os.listdir(src)) == ["x"] and (src / "x").read_text() == "cannot land"
+    assert (dst_root / "out" / "sub" / "ok").read_text() == "ok"
+
+
+def test_pull_move_from_a_read_only_module_changes_nothing(daemon_process: DaemonProcess, tmp_path: Path) -> None:
+    d = daemon_process
+    (d.modules["ro"] / "tree").mkdir()
+    (d.modules["ro"] / "tree" / "f").write_text("stays")
+    r = blit(d, "move", url(d, "ro/tree"), str(tmp_path / "out"))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert errors(r) == [
+        "blit: error: module 'ro' is read-only: a move from it would remove its files (copy instead)"
+    ], r.stderr
+    assert (d.modules["ro"] / "tree" / "f").read_text() == "stays"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.root
+def test_push_move_keeps_a_file_the_client_cannot_read(nobody_tmp: Path, tmp_path: Path) -> None:
+    src = nobody_tmp / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "secret").write_text("unreadable")
+    (src / "ok").write_bytes(os.urandom(100_000))
+    (src / "sub" / "ok2").write_text("ok2")
+    chown_tree(src, NOBODY, NOBODY)
+    os.chmod(src / "sub" / "secret", 0o000)
+    ok = (src / "ok").read_bytes()
+    with run_daemon_process(tmp_path, tls=False) as d:
+        env = {**d.env, "HOME": str(nobody_tmp / "home")}
+        r = blit(d, "move", "--no-tls", f"{src}/", url(d, "data/out"), as_nobody=True, env=env)
+        assert r.returncode == 3, (r.stdout, r.stderr)
+        assert errors(r) == ["blit: sub/secret: copy: Permission denied"], r.stderr
+        out = d.modules["data"] / "out"
+        assert (out / "ok").read_bytes() == ok and (out / "sub" / "ok2").read_text() == "ok2"
+        assert not (out / "sub" / "secret").exists()
+        assert sorted(p.name for p in src.rglob("*")) == ["secret", "sub"]
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_json_progress_of_a_remote_run(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
+    d = daemon_process
+    local = tmp_path / "local"
+    remote = d.modules["data"] / "big"
+    src = local if direction == "push" else remote
+    src.mkdir()
+    total = 0
+    for i in range(8):
+        data = os.urandom(MiB) * 32  # 32 MiB each
+        (src / f"f{i}").write_bytes(data)
+        total += len(data)
+    a, b = (f"{local}/", url(d, "data/big2/")) if direction == "push" else (url(d, "data/big/"), f"{tmp_path}/out/")
+    r = blit(d, "copy", "--json", a, b)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "summary"
+    summary = events[-1]
+    assert (summary["files_copied"], summary["bytes_copied"]) == (8, total)
+    progress = [e for e in events if e["event"] == "progress"]
+    assert len(progress) >= 2, f"{len(progress)} progress events in {summary['duration_s']} s"
+    sizes = [e["bytes_done"] for e in progress]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1] <= total, sizes
+    assert all(e["files_done"] <= 8 for e in progress)
+    times = [e["elapsed_s"] for e in progress]
+    assert all(b - a >= 0.099 for a, b in zip(times, times[1:])), times  # at most 10 per second
