@@ -730,7 +730,7 @@ class DestTree:
                     fid = self._hardlink(rel, name, dst_rel, dname, m, d, xattrs, dfd, prefix + name)
                     if fid == _HASH:
                         hash_names.append(_b(name))
-                    elif fid is not None:
+                    elif isinstance(fid, int):
                         need.append(Need(id=fid, name=_b(name)))
                     else:
                         settled += 1
