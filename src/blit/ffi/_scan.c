@@ -100,17 +100,28 @@ static int is_dot(const char *n) {
     return n[0] == '.' && (n[1] == 0 || (n[1] == '.' && n[2] == 0));
 }
 
-/* Count a directory's entries (without . and ..); -errno on failure. */
-static int64_t count_entries(int dfd) {
+/* A directory stream of its own over `dfd` (the caller's fd and its offset stay untouched);
+ * NULL with *err = errno on failure. */
+static DIR *open_stream(int dfd, int *err) {
     int fd = openat(dfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
+    if (fd < 0) {
+        *err = errno;
+        return NULL;
+    }
     DIR *d = fdopendir(fd);
     if (!d) {
-        int e = errno;
+        *err = errno;
         close(fd);
-        return -e;
     }
+    return d;
+}
+
+/* Count a directory's entries (without . and ..); -errno on failure. */
+static int64_t count_entries(int dfd) {
+    int oerr = 0;
+    DIR *d = open_stream(dfd, &oerr);
+    if (!d)
+        return -oerr;
     int64_t n = 0;
     struct dirent *e;
     errno = 0;
@@ -137,15 +148,10 @@ static int blit_cmpdir(int sfd, int dfd, int flags, int64_t *rec, int rec_cap, c
                        int64_t names_cap, int64_t *counts) {
     if (have_listxattrat == 0 && (flags & BLIT_CHECK_XATTRS))
         probe_listxattrat();
-    int fd = openat(sfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    DIR *d = fdopendir(fd);
-    if (!d) {
-        int e = errno;
-        close(fd);
-        return -e;
-    }
+    int oerr = 0;
+    DIR *d = open_stream(sfd, &oerr);
+    if (!d)
+        return -oerr;
     int nrec = 0, ret = 0, cwd_fd = -1, saved_cwd = -1;
     int64_t clean = 0, total = 0, found = 0, name_used = 0;
     struct dirent *e;
