@@ -17,8 +17,10 @@ how a file is opened or landed, is the caller's business (`FileSource`, `FileSin
 
 Stall detection: every blocking socket wait in a worker thread has the stall timeout (a network
 stall raises `StallError` in the thread); a trio-side watchdog also checks each stream's progress
-counter (a stuck disk), and kicks the thread (socket shutdown) on cancellation or stall. Senders
-send NOOP heartbeats while they wait for work, so an idle stream is not a stalled one.
+(frames, file bytes, and bytes through the socket, so a slow link inside a 16 MiB frame is not a
+stall; a stuck disk is), and kicks the thread (socket shutdown) on cancellation or stall; a
+thread still stuck after that is stuck on this machine (`StallError.local`). Senders send NOOP
+heartbeats while they wait for work, so an idle stream is not a stalled one.
 
 This module must not decide what to transfer or where files land.
 """
