@@ -224,6 +224,8 @@ def test_a_frozen_daemon_ends_push_and_pull_within_a_minute(tmp_path: Path) -> N
     with contextlib.ExitStack() as stack:
         da = stack.enter_context(run_daemon_process(a))
         db = stack.enter_context(run_daemon_process(b))
+        for big in (src / "big.bin", db.modules["data"] / "big.bin", da.modules["data"] / "big.bin"):
+            stack.callback(big.unlink, missing_ok=True)  # 512 MiB each: gone also on failure
         _big_file(src / "big.bin", size)
         _small_tree(src, dirs=2, files=5)
         _big_file(db.modules["data"] / "big.bin", size)
@@ -268,8 +270,6 @@ def test_a_frozen_daemon_ends_push_and_pull_within_a_minute(tmp_path: Path) -> N
             assert time.monotonic() - t0 < 5
         assert not (da.modules["data"] / "big.bin").exists()
         _assert_nothing_half_written(da.modules["data"], src)
-        (src / "big.bin").unlink()
-        (db.modules["data"] / "big.bin").unlink()
 
 
 # =================================================================================================
@@ -283,6 +283,14 @@ def test_daemon_stopped_mid_push_leaves_nothing_and_a_rerun_converges(tmp_path: 
     src.mkdir()
     _big_file(src / "big.bin", 256 * MiB)
     _small_tree(src)
+    try:
+        _stop_mid_push_and_rerun(tmp_path, src, sig)
+    finally:
+        (src / "big.bin").unlink()
+        (tmp_path / "mod_data" / "big.bin").unlink(missing_ok=True)
+
+
+def _stop_mid_push_and_rerun(tmp_path: Path, src: Path, sig: signal.Signals) -> None:
     with run_daemon_process(tmp_path) as d:
         dst = d.modules["data"]
         with cli(d.env, tmp_path, "push", "copy", f"{src}/", f"127.0.0.1:{d.port}:/data/") as c:
@@ -300,8 +308,6 @@ def test_daemon_stopped_mid_push_leaves_nothing_and_a_rerun_converges(tmp_path: 
         with cli(d.env, tmp_path, "rerun", "copy", f"{src}/", f"127.0.0.1:{d.port}:/data/") as c:
             assert c.proc.wait(60) == 0, c.stderr()
         assert_same_tree(src, d.modules["data"])
-    (src / "big.bin").unlink()
-    (d.modules["data"] / "big.bin").unlink()
 
 
 # =================================================================================================
