@@ -101,14 +101,16 @@ class StallError(TransportError, TimeoutError):
     """An operation made no progress for `seconds`.
 
     Attributes:
-        what: what stalled ("copy of big.iso", "data stream 2", ...).
+        what: what stalled ("copy of big.iso", "data stream 2", "daemon nas:9031", ...).
         seconds: the stall timeout that expired.
+        local: True when a file operation on this machine hung (not the network or the peer).
     """
 
-    def __init__(self, what: str, seconds: float) -> None:
-        super().__init__(f"{what}: no progress for {seconds:g} s")
+    def __init__(self, what: str, seconds: float, *, message: str | None = None, local: bool = False) -> None:
+        super().__init__(message or f"{what}: no progress for {seconds:g} s")
         self.what = what
         self.seconds = seconds
+        self.local = local
 
 
 class ProtocolError(TransportError):

@@ -242,7 +242,7 @@ class Transfer:
                     else:
                         fn = lambda: data.receive_loop(io, self.sink, stats)  # noqa: E731
                     await data.run_worker(
-                        fn, kick=io.kick, stats=stats, stall=self.state.stall, limiter=self.state.stream_limiter
+                        fn, io=io, stats=stats, stall=self.state.stall, limiter=self.state.stream_limiter
                     )
                 else:
                     if self.daemon_sends:

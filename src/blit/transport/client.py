@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from ..endpoint import HostSpec
-from ..errors import TransportError
+from ..errors import StallError, TransportError
 from . import control, data, protocol, tls
 
 log = logging.getLogger("blit.client")
@@ -63,6 +63,10 @@ class RemoteSession:
 
     async def call(self, msg: protocol.Message) -> Any:
         return await self.client.call(msg)
+
+    def daemon_stalled(self, what: str, seconds: float) -> StallError:
+        """The one-line error for a daemon that stopped making progress."""
+        return control.daemon_stalled(self.client.authority, what, seconds)
 
     async def modules(self) -> protocol.ModuleList:
         reply: protocol.ModuleList = await self.call(protocol.ListModules())
@@ -127,6 +131,8 @@ class RemoteTransfer:
             self.stats.append(stats)
             try:
                 await self._run_stream(token, *make(stats))
+            except StallError as exc:
+                errors.append(exc if exc.local else self.session.daemon_stalled(f"no progress on data stream {i + 1}", exc.seconds))
             except TransportError as exc:
                 errors.append(exc)
 
@@ -149,7 +155,7 @@ class RemoteTransfer:
                     fn: Callable[[], None] = lambda: data.send_loop(io, source, jobs, stats)  # noqa: E731
                 else:
                     fn = lambda: data.receive_loop(io, arg, stats)  # noqa: E731
-                await data.run_worker(fn, kick=io.kick, stats=stats, stall=s.timeouts.stall, limiter=s.stream_limiter)
+                await data.run_worker(fn, io=io, stats=stats, stall=s.timeouts.stall, limiter=s.stream_limiter)
             finally:
                 io.close()
             return

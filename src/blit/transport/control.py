@@ -3,7 +3,8 @@
 One `H2Connection` class serves both roles (HTTP/2 is symmetric). Each connection runs three
 tasks: a reader (bytes -> h2 events -> per-stream queues), a writer (the only task that writes to
 the socket, so a cancelled handler can never cut a frame in half), and, on the client, a PING
-keepalive that notices a frozen daemon. Handlers and callers see `H2Stream`s: read the peer's
+keepalive that notices a frozen daemon (nothing received for the request timeout). A stalled
+daemon is reported as `daemon HOST:PORT stopped responding: ...` (`daemon_stalled`). Handlers and callers see `H2Stream`s: read the peer's
 headers and body chunks (with flow-control backpressure), send headers and data (waiting for the
 peer's window).
 
@@ -53,6 +54,8 @@ READ_SIZE = 256 << 10
 HIGH_WATER = 4 << 20
 WRITE_TIMEOUT = 60.0
 """A peer that reads nothing of what we send for this long is declared stalled."""
+WRITE_PIECE = 256 << 10
+"""The writer's unit of progress (each piece has WRITE_TIMEOUT to go out)."""
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -319,8 +322,13 @@ class H2Connection:
             data = self._h2.data_to_send()
             if data:
                 try:
-                    with trio.fail_after(WRITE_TIMEOUT):
-                        await self._stream.send_all(data)
+                    # Piece by piece, each with the timeout: a slow link that keeps taking bytes
+                    # is progress, a peer that takes none for WRITE_TIMEOUT is stalled.
+                    view = memoryview(data)
+                    while view:
+                        with trio.fail_after(WRITE_TIMEOUT):
+                            await self._stream.send_all(view[:WRITE_PIECE])
+                        view = view[WRITE_PIECE:]
                 except trio.TooSlowError:
                     self._mark_closed(f"the peer read nothing for {WRITE_TIMEOUT:g} s")
                     self._nursery.cancel_scope.cancel()
@@ -365,8 +373,10 @@ class H2Connection:
             size = min(window, self._h2.max_outbound_frame_size, len(view))
             if size <= 0:
                 event = self._window_event
-                with trio.fail_after(WRITE_TIMEOUT):
+                with trio.move_on_after(WRITE_TIMEOUT) as cs:
                     await event.wait()
+                if cs.cancelled_caught:
+                    raise StallError(f"stream {st.id}: the peer opened no window", WRITE_TIMEOUT)
                 continue
             chunk = bytes(view[:size])
             view = view[size:]
@@ -515,26 +525,30 @@ class H2Connection:
             raise StallError("control request", timeout)
 
     async def keepalive(self, interval: float, timeout: float) -> None:
-        """Ping the peer every `interval` s; a peer silent for `timeout` s closes the connection
-        (its waiting requests fail with StallError)."""
+        """Ping the peer every `interval` s; a peer from which nothing at all (not even a PING
+        ack) arrived for `timeout` s closes the connection, and its waiting requests fail with
+        StallError. Measured from the last byte received, so a peer that froze is noticed
+        `timeout` s after its last word, whatever the ping phase."""
+        last_ping = -math.inf
         while not self.closed:
-            await trio.sleep(interval)
-            self._ping_acked = trio.Event()
-            before = self.bytes_received
-            try:
-                self._h2.ping(b"blitping")
-            except h2.exceptions.H2Error:
-                return
-            self._wake()
-            with trio.move_on_after(timeout):
-                await self._ping_acked.wait()
-                continue
-            if self.bytes_received == before and not self.closed:
+            now = trio.current_time()
+            silent = now - self._last_activity
+            if silent >= timeout:
                 self.stalled = True
+                self.stalled_for = timeout
                 self._mark_closed(f"the daemon answered nothing for {timeout:g} s")
                 return
+            if now - last_ping >= interval:
+                try:
+                    self._h2.ping(b"blitping")
+                except h2.exceptions.H2Error:
+                    return
+                self._wake()
+                last_ping = now
+            await trio.sleep(min(interval - (now - last_ping), timeout - silent))
 
     stalled = False
+    stalled_for = 0.0
 
 
 # =================================================================================================
@@ -594,20 +608,21 @@ class ControlClient:
             TransportError: the connection failed.
         """
         path, body = self.session.request(msg)
+        op = path.removeprefix(protocol.PATH_PREFIX)
         timeout = self.request_timeout if timeout is None else timeout
         try:
-            async with self.conn.open_stream(_request_headers(self.authority, path)) as st:
-                await st.send_data(body, end=True)
-                await self.conn.wait_response(st, timeout)
-                status = int((st.header(b":status") or b"0").decode() or 0)
-                with trio.move_on_after(timeout) as cs:
+            with trio.move_on_after(timeout) as cs:
+                async with self.conn.open_stream(_request_headers(self.authority, path)) as st:
+                    await st.send_data(body, end=True)
+                    await self.conn.wait_response(st, math.inf)
+                    status = int((st.header(b":status") or b"0").decode() or 0)
                     reply = await st.read_body(protocol.MAX_MESSAGE)
-                if cs.cancelled_caught:
-                    raise StallError(f"reply to {path}", timeout)
+            if cs.cancelled_caught:
+                raise daemon_stalled(self.authority, f"no answer to {op}", timeout)
         except StreamClosed as exc:
             if self.conn.stalled:
-                raise StallError(f"daemon at {self.authority}", self.request_timeout) from None
-            raise TransportError(f"{path}: {exc}") from None
+                raise daemon_stalled(self.authority, "nothing received", self.conn.stalled_for) from None
+            raise TransportError(f"{op} to {self.authority}: {exc}") from None
         return self.session.reply(type(msg), status, reply)
 
     @asynccontextmanager
@@ -617,6 +632,12 @@ class ControlClient:
         async with self.conn.open_stream(headers) as st:
             st.widen_window(DATA_STREAM_WINDOW)
             yield st
+
+
+def daemon_stalled(authority: str, what: str, seconds: float) -> StallError:
+    """The one-line error for a daemon that stopped making progress:
+    "daemon HOST:PORT stopped responding: WHAT for N s"."""
+    return StallError(f"daemon {authority}", seconds, message=f"daemon {authority} stopped responding: {what} for {seconds:g} s")
 
 
 def _software() -> str:
@@ -637,7 +658,7 @@ async def connect_control(
     known_hosts: Path | None = None,
     connect_timeout: float = 10.0,
     request_timeout: float = 60.0,
-    keepalive: float = 15.0,
+    keepalive: float = 10.0,
 ) -> AsyncIterator[ControlClient]:
     """Connect to a daemon, check its certificate pin, say hello, and yield the session.
 

@@ -17,8 +17,10 @@ how a file is opened or landed, is the caller's business (`FileSource`, `FileSin
 
 Stall detection: every blocking socket wait in a worker thread has the stall timeout (a network
 stall raises `StallError` in the thread); a trio-side watchdog also checks each stream's progress
-counter (a stuck disk), and kicks the thread (socket shutdown) on cancellation or stall. Senders
-send NOOP heartbeats while they wait for work, so an idle stream is not a stalled one.
+(frames, file bytes, and bytes through the socket, so a slow link inside a 16 MiB frame is not a
+stall; a stuck disk is), and kicks the thread (socket shutdown) on cancellation or stall; a
+thread still stuck after that is stuck on this machine (`StallError.local`). Senders send NOOP
+heartbeats while they wait for work, so an idle stream is not a stalled one.
 
 This module must not decide what to transfer or where files land.
 """
@@ -68,6 +70,8 @@ SPLICE_MIN = 256 << 10
 BATCH_BYTES = 256 << 10
 """Small files are gathered into one sendmsg() up to this many bytes (or IOV_BATCH buffers)."""
 IOV_BATCH = 512
+TLS_SEND_PIECE = 256 << 10
+"""A TLS sender counts its progress at least this often."""
 H2_CHUNK = 4 << 20
 """Bytes read per thread hop by the HTTP/2 fallback sender."""
 H2_WRITE_BATCH = 8 << 20
@@ -273,6 +277,9 @@ class StreamIO:
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.fd = sock.fileno()
         self._kicked = False
+        self.moved = 0
+        """Bytes through the socket so far (worker thread writes, the watchdog reads): progress
+        inside a frame, so a slow link moving a 16 MiB frame for minutes is not a stall."""
         if self.tls:
             sock.settimeout(stall if math.isfinite(stall) else None)
         else:
@@ -334,6 +341,8 @@ class StreamIO:
             return fn(*args)
         except TimeoutError:
             raise StallError(self.what, self.stall) from None
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError):
+            raise self._closed() from None
         except (ssl.SSLError, OSError) as exc:
             if self._kicked:
                 raise self._closed() from None
@@ -346,6 +355,7 @@ class StreamIO:
             n = self._tls_call(self.sock.recv_into, view)
             if n == 0:
                 raise self._closed()
+            self.moved += n
             return n
         while True:
             try:
@@ -359,6 +369,7 @@ class StreamIO:
                 raise TransportError(f"{self.what}: {exc.strerror or exc}") from None
             if n == 0:
                 raise self._closed()
+            self.moved += n
             return n
 
     # The receive side reads through a buffer: one recv() brings in as many small frames as the
@@ -457,6 +468,7 @@ class StreamIO:
                 raise TransportError(f"{self.what}: {exc.strerror or exc}") from None
             if n == 0:
                 raise self._closed()
+            self.moved += n
             moved = 0
             while moved < n:
                 try:
@@ -491,10 +503,13 @@ class StreamIO:
 
     # --- sending -------------------------------------------------------------------------------
     def send_all(self, data: bytes | memoryview, *, more: bool = False) -> None:
-        if self.tls:
-            self._tls_call(self.sock.sendall, data)
-            return
         view = memoryview(data)
+        if self.tls:
+            while view:  # sendall by hand: progress is counted as it goes
+                n = self._tls_call(self.sock.send, view[:TLS_SEND_PIECE])
+                self.moved += n
+                view = view[n:]
+            return
         flags = socket.MSG_MORE if more and hasattr(socket, "MSG_MORE") else 0
         while view:
             try:
@@ -506,6 +521,7 @@ class StreamIO:
                 if self._kicked:
                     raise self._closed() from None
                 raise TransportError(f"{self.what}: {exc.strerror or exc}") from None
+            self.moved += n
             view = view[n:]
 
     def send_parts(self, parts: list[bytes]) -> None:
@@ -529,6 +545,7 @@ class StreamIO:
                 if self._kicked:
                     raise self._closed() from None
                 raise TransportError(f"{self.what}: {exc.strerror or exc}") from None
+            self.moved += n
             sent += n
 
     def send_file_range(self, fd: int, offset: int, length: int) -> int:
@@ -553,6 +570,7 @@ class StreamIO:
                     raise
                 if n == 0:
                     return done
+                self.moved += n
                 done += n
             if done == length:
                 return done
@@ -670,6 +688,8 @@ def _send_one(io: StreamIO, source: FileSource, file_id: int, stats: StreamStats
         io.send_all(pack_frame(FrameType.END, file_id, size))
         stats.frames += 1
         stats.files += 1
+    except TransportError:  # the stream (StallError is also an OSError: not a read failure)
+        raise
     except OSError as exc:  # reading the source failed mid-file (EIO...)
         raise TransportError(f"{stats.what}: reading file {file_id} failed: {_reason(exc)}") from exc
     finally:
@@ -829,7 +849,8 @@ def receive_loop(io: StreamIO, sink: FileSink, stats: StreamStats) -> None:
 async def run_worker(
     fn: Callable[[], T],
     *,
-    kick: Callable[[], None],
+    kick: Callable[[], None] | None = None,
+    io: StreamIO | None = None,
     stats: StreamStats,
     stall: float = DEFAULT_STALL,
     limiter: trio.CapacityLimiter | None = None,
@@ -839,29 +860,39 @@ async def run_worker(
 
     Cancellation: when the surrounding scope is cancelled, `kick()` shuts the socket so the thread
     returns promptly (its loop aborts the files it had open); a thread that does not return
-    within `grace` seconds (a hung disk) is abandoned. A stream whose `stats` do not move for
-    `stall` seconds is kicked the same way and StallError is raised.
+    within `grace` seconds (a hung disk) is abandoned. A stream whose `stats` (and the bytes
+    through `io`'s socket, `io.kick` being the default `kick`) do not move for `stall` seconds is
+    kicked the same way and StallError is raised: `.local` is set when the thread was then stuck
+    on this machine (a hung disk), not on the network or the peer.
     """
     finished = stalled = cancelled = False
     shield = trio.CancelScope(shield=True)
+    if kick is None:
+        assert io is not None
+        kick = io.kick
+    do_kick = kick
+
+    def mark() -> tuple[int, int, int]:
+        frames, nbytes = stats.progress_mark()
+        return frames, nbytes, io.moved if io is not None else 0
 
     def stop() -> None:
         if not finished:
-            kick()
+            do_kick()
             shield.deadline = min(shield.deadline, trio.current_time() + grace)
 
     async def watchdog() -> None:
         nonlocal stalled, cancelled
         try:
-            last = stats.progress_mark()
+            last = mark()
             last_t = trio.current_time()
             period = min(stall / 4, 5.0) if math.isfinite(stall) else math.inf
             while True:
                 await trio.sleep(period)
-                mark = stats.progress_mark()
+                now_mark = mark()
                 now = trio.current_time()
-                if mark != last:
-                    last, last_t = mark, now
+                if now_mark != last:
+                    last, last_t = now_mark, now
                 elif now - last_t >= stall:
                     stalled = True
                     stop()
@@ -885,6 +916,11 @@ async def run_worker(
             finished = True
             nursery.cancel_scope.cancel()
     if stalled:
+        if shield.cancelled_caught:
+            raise StallError(
+                stats.what, stall, local=True,
+                message=f"{stats.what}: a file operation on this machine hung (no progress for {stall:g} s)",
+            ) from None
         raise StallError(stats.what, stall) from None
     if cancelled:
         await trio.lowlevel.checkpoint()  # delivers the outer cancellation

@@ -1589,11 +1589,10 @@ async def pull_tree(
         with collapse_groups():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(t.run_receivers, sink)
-                try:
-                    await _walk(top, visit)
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await session.call(protocol.SendFiles(transfer=t.id, files=[], last=True))
+                await _walk(top, visit)
+                # No more files: the daemon's senders end with DONE. (Not on a failed walk: the
+                # receivers are cancelled then, and a frozen daemon would not answer anyway.)
+                await session.call(protocol.SendFiles(transfer=t.id, files=[], last=True))
         remote = await session.call(protocol.TreeFinish(transfer=t.id, source_complete=complete))
         for f in remote.failures:
             sink._fail(_s(f.path), f.op, f.message)

@@ -1,0 +1,510 @@
+"""Stall injection on remote transfers: a frozen daemon, a daemon stopped by a signal, a control
+request that is never answered, a data stream that freezes or crawls, a receiving disk that
+hangs and a sending client that freezes. Each case asserts what the user sees (exit code, the
+one-line message, how long it took) and what lands (no partial file under a real name, no
+temporary, a rerun converges). Network: 127.0.0.1 and 127.0.0.2 only; every case is bounded in
+time and stops its processes and proxies itself."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from blit.daemon import handlers
+from blit.errors import ConnectError, StallError
+from blit.transport import protocol, tree
+from blit.transport.client import Timeouts
+from blit.transport.remote import remote_transfer
+from remote.conftest import Daemon, blit_cmd, run_daemon_process, start_daemon
+from remote.treeutil import assert_same_tree
+
+MiB = 1 << 20
+PROXY_HOST = "127.0.0.2"  # the proxy's address: a client told to use it sends everything through it
+
+
+# =================================================================================================
+# Helpers
+
+
+def _big_file(path: Path, size: int) -> bytes:
+    """A file of `size` bytes that does not compress or dedupe; returns its content's first MiB."""
+    block = os.urandom(MiB)
+    with open(path, "wb") as f:
+        for i in range(size // MiB):
+            f.write(i.to_bytes(8, "little") + block[8:])
+    return block
+
+
+def _small_tree(root: Path, dirs: int = 3, files: int = 10, size: int = 50_000) -> None:
+    for d in range(dirs):
+        p = root / f"d{d}"
+        p.mkdir(parents=True, exist_ok=True)
+        for f in range(files):
+            (p / f"f{f}").write_bytes(os.urandom(size))
+
+
+def _rchar(pid: int) -> int:
+    """Bytes a process has read so far (read, pread, sendfile all count)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar")
+
+
+def _temporaries(root: Path) -> list[str]:
+    """`.blit-*` names anywhere below root."""
+    return [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files if n.startswith(".blit-")]
+
+
+def _open_unlinked_under(root: Path, pid: int | str = "self") -> list[str]:
+    """Files of process `pid` that are open, unlinked and below root: O_TMPFILE landings."""
+    out = []
+    prefix = str(root) + "/"
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}")
+        except OSError:
+            continue
+        if target.startswith(prefix) and target.endswith(" (deleted)"):
+            out.append(target)
+    return out
+
+
+def _assert_nothing_half_written(dst: Path, src: Path) -> None:
+    """Every file under a real name below dst is complete (equal to its source); no temporaries."""
+    assert _temporaries(dst) == []
+    for d, _dirs, files in os.walk(dst):
+        for n in files:
+            rel = os.path.relpath(os.path.join(d, n), dst)
+            assert (dst / rel).read_bytes() == (src / rel).read_bytes(), f"{rel} is half-written"
+
+
+async def _wait_until(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    with trio.move_on_after(timeout):
+        while not cond():
+            await trio.sleep(0.05)
+        return
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("blit: error:")]
+
+
+@dataclass
+class Cli:
+    proc: subprocess.Popen[bytes]
+    out: Path
+    err: Path
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def cli(env: dict[str, str], tmp: Path, name: str, *args: str) -> Iterator[Cli]:
+    """A `blit` command in a process of its own (killed on the way out if still running)."""
+    out, err = tmp / f"{name}.out", tmp / f"{name}.err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen([*blit_cmd(), *args], env=env, stdout=o, stderr=e)
+    try:
+        yield Cli(proc, out, err)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def _wait_reading(proc: subprocess.Popen[bytes], reader_pid: int, nbytes: int, timeout: float = 30) -> None:
+    """Wait until `reader_pid` has read `nbytes` more than now (the transfer is mid-flight)."""
+    base = _rchar(reader_pid)
+    deadline = time.monotonic() + timeout
+    while _rchar(reader_pid) - base < nbytes:
+        if proc.poll() is not None:
+            pytest.fail(f"the transfer ended (exit {proc.returncode}) before it could be stopped mid-flight")
+        assert time.monotonic() < deadline, "the transfer did not start"
+        time.sleep(0.002)
+
+
+class Proxy:
+    """Forwards 127.0.0.2:PORT to 127.0.0.1:PORT for a daemon's control and data ports, so a
+    client pointed at 127.0.0.2 sends everything through it. Control bytes always pass; data
+    connections can be frozen after `freeze_after` bytes each (the proxy stops reading and
+    writing, holding both sockets open: a frozen path) or slowed to `rate` bytes/s."""
+
+    def __init__(self, control_port: int, data_port: int, *, freeze_after: int | None = None, rate: float | None = None) -> None:
+        self.ports = (control_port, data_port)
+        self.data_port = data_port
+        self.freeze_after = freeze_after
+        self.rate = rate
+        self.frozen = 0
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+        listeners = []
+        for port in self.ports:
+            listeners += await trio.open_tcp_listeners(port, host=PROXY_HOST)
+        async with trio.open_nursery() as n:
+            for lst in listeners:
+                n.start_soon(trio.serve_listeners, self._handle, [lst])
+            task_status.started()
+
+    async def _handle(self, down: trio.SocketStream) -> None:
+        port = down.socket.getsockname()[1]
+        is_data = port == self.data_port
+        moved = [0]
+        try:
+            up = await trio.open_tcp_stream("127.0.0.1", port)
+        except OSError:
+            await down.aclose()
+            return
+        async with down, up, trio.open_nursery() as n:
+            n.start_soon(self._pump, down, up, is_data, moved)
+            n.start_soon(self._pump, up, down, is_data, moved)
+
+    async def _pump(self, a: trio.SocketStream, b: trio.SocketStream, is_data: bool, moved: list[int]) -> None:
+        try:
+            while True:
+                chunk = await a.receive_some(16384 if is_data and self.rate else 65536)
+                if not chunk:
+                    await b.send_eof()
+                    return
+                if is_data and self.freeze_after is not None and moved[0] + len(chunk) > self.freeze_after:
+                    self.frozen += 1
+                    await trio.sleep_forever()
+                moved[0] += len(chunk)
+                if is_data and self.rate:
+                    await trio.sleep(len(chunk) / self.rate)
+                await b.send_all(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+@contextlib.asynccontextmanager
+async def proxied(d: Daemon, **kw: float) -> AsyncIterator[Proxy]:
+    proxy = Proxy(d.info.port, d.info.data_port or 0, **kw)  # type: ignore[arg-type]
+    async with trio.open_nursery() as n:
+        await n.start(proxy.serve)
+        try:
+            yield proxy
+        finally:
+            n.cancel_scope.cancel()
+
+
+async def _daemon(nursery: trio.Nursery, tmp: Path, stall: float) -> Daemon:
+    return await start_daemon(nursery, tmp, tls=True, stall=stall)
+
+
+# =================================================================================================
+# A frozen daemon process (SIGSTOP), at the real default timeouts
+
+
+def test_a_frozen_daemon_ends_push_and_pull_within_a_minute(tmp_path: Path) -> None:
+    """SIGSTOP of the daemon mid-push and mid-pull: each `blit copy` exits 1 within about a minute
+    (the 60 s stall timeout) with one line saying which daemon stopped responding and what
+    stalled; the pull's destination holds no partial file and no temporary; once the daemon
+    runs again it stops cleanly and the push's module holds nothing half-written either. Both
+    run at once, so the case costs one stall timeout."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for t in (a, b):
+        (t / "home").mkdir(parents=True)
+    src = a / "src"
+    src.mkdir()
+    size = 512 * MiB
+    with contextlib.ExitStack() as stack:
+        da = stack.enter_context(run_daemon_process(a))
+        db = stack.enter_context(run_daemon_process(b))
+        for big in (src / "big.bin", db.modules["data"] / "big.bin", da.modules["data"] / "big.bin"):
+            stack.callback(big.unlink, missing_ok=True)  # 512 MiB each: gone also on failure
+        _big_file(src / "big.bin", size)
+        _small_tree(src, dirs=2, files=5)
+        _big_file(db.modules["data"] / "big.bin", size)
+        _small_tree(db.modules["data"], dirs=2, files=5)
+        out = b / "out"
+        push = stack.enter_context(cli(da.env, a, "push", "copy", f"{src}/", f"127.0.0.1:{da.port}:/data/"))
+        _wait_reading(push.proc, push.proc.pid, 128 * MiB)
+        da.proc.send_signal(signal.SIGSTOP)
+        stopped = {"push": time.monotonic()}
+        pull_base = _rchar(db.proc.pid)
+        pull = stack.enter_context(cli(db.env, b, "pull", "copy", f"127.0.0.1:{db.port}:/data/", f"{out}/"))
+        while _rchar(db.proc.pid) - pull_base < 128 * MiB:  # the daemon's sendfile reads the source
+            if pull.proc.poll() is not None:
+                pytest.fail(f"the pull ended (exit {pull.proc.returncode}) before it could be stopped mid-flight")
+            time.sleep(0.002)
+        db.proc.send_signal(signal.SIGSTOP)
+        stopped["pull"] = time.monotonic()
+        try:
+            took = {}
+            for name, c in (("push", push), ("pull", pull)):
+                rc = c.proc.wait(100)
+                took[name] = time.monotonic() - stopped[name]
+                assert rc == 1, (name, c.stderr())
+                lines = _error_lines(c.stderr())
+                port = da.port if name == "push" else db.port
+                assert len(lines) == 1, (name, c.stderr())
+                assert lines[0].startswith(f"blit: error: daemon 127.0.0.1:{port} stopped responding: "), lines
+                assert lines[0].endswith(" for 60 s"), lines
+                print(f"{name}: {lines[0]!r} after {took[name]:.1f} s")
+                assert 50 < took[name] < 75, (name, took[name])
+            # The pull's destination: nothing half-written, no temporary.
+            assert not (out / "big.bin").exists()
+            _assert_nothing_half_written(out, db.modules["data"])
+        finally:
+            da.proc.send_signal(signal.SIGCONT)
+            db.proc.send_signal(signal.SIGCONT)
+        # The daemons run again and stop cleanly; the push left nothing half-written.
+        for d in (da, db):
+            d.proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            assert d.proc.wait(10) == 0, d.log()
+            assert time.monotonic() - t0 < 5
+        assert not (da.modules["data"] / "big.bin").exists()
+        _assert_nothing_half_written(da.modules["data"], src)
+
+
+# =================================================================================================
+# The daemon stopped by a signal mid-push
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_daemon_stopped_mid_push_leaves_nothing_and_a_rerun_converges(tmp_path: Path, sig: signal.Signals) -> None:
+    (tmp_path / "home").mkdir()
+    src = tmp_path / "src"
+    src.mkdir()
+    _big_file(src / "big.bin", 256 * MiB)
+    _small_tree(src)
+    try:
+        _stop_mid_push_and_rerun(tmp_path, src, sig)
+    finally:
+        (src / "big.bin").unlink()
+        (tmp_path / "mod_data" / "big.bin").unlink(missing_ok=True)
+
+
+def _stop_mid_push_and_rerun(tmp_path: Path, src: Path, sig: signal.Signals) -> None:
+    with run_daemon_process(tmp_path) as d:
+        dst = d.modules["data"]
+        with cli(d.env, tmp_path, "push", "copy", f"{src}/", f"127.0.0.1:{d.port}:/data/") as c:
+            _wait_reading(c.proc, c.proc.pid, 64 * MiB)
+            d.proc.send_signal(sig)
+            t0 = time.monotonic()
+            rc = d.proc.wait(10)
+            assert time.monotonic() - t0 < 5, d.log()
+            assert rc == 0, d.log()
+            assert c.proc.wait(30) == 1, c.stderr()
+            assert len(_error_lines(c.stderr())) == 1, c.stderr()
+        assert not (dst / "big.bin").exists()
+        _assert_nothing_half_written(dst, src)
+    with run_daemon_process(tmp_path) as d:
+        with cli(d.env, tmp_path, "rerun", "copy", f"{src}/", f"127.0.0.1:{d.port}:/data/") as c:
+            assert c.proc.wait(60) == 0, c.stderr()
+        assert_same_tree(src, d.modules["data"])
+
+
+# =================================================================================================
+# A control exchange that is never answered
+
+
+@pytest.mark.parametrize(("direction", "op"), [("push", protocol.TreeDir), ("pull", protocol.TreeScan)])
+async def test_an_unanswered_request_fails_within_the_request_timeout(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direction: str, op: type
+) -> None:
+    d = await _daemon(nursery, tmp_path, stall=10)
+    src = tmp_path / "src"
+    _small_tree(src)
+    if direction == "pull":
+        _small_tree(d.modules["data"])
+    entered = trio.Event()
+
+    async def frozen(s: handlers.Session, msg: protocol.Message) -> protocol.Message:
+        entered.set()
+        await trio.sleep_forever()
+        raise AssertionError
+
+    monkeypatch.setitem(handlers._HANDLERS, op, frozen)
+    url = f"127.0.0.1:{d.info.port}:/data/"
+    a, b = (f"{src}/", url) if direction == "push" else (url, f"{tmp_path / 'out'}/")
+    t0 = trio.current_time()
+    with trio.fail_after(10), pytest.raises(StallError) as caught:
+        await remote_transfer("copy", a, b, known_hosts=d.known_hosts, timeouts=Timeouts(request=1.5))
+    took = trio.current_time() - t0
+    assert entered.is_set()
+    name = op.__name__  # TreeDir -> tree/dir
+    assert str(caught.value) == (
+        f"daemon 127.0.0.1:{d.info.port} stopped responding: no answer to tree/{name[4:].lower()} for 1.5 s"
+    )
+    assert 1.5 <= took < 5
+    # The daemon is unharmed: another session is served at once.
+    async with d.session() as s:
+        assert [m.name for m in (await s.modules()).modules] == ["data", "ro", "other"]
+    if direction == "push":
+        assert list(d.modules["data"].iterdir()) == []
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "cleartext"])
+async def test_a_server_that_accepts_and_says_nothing_fails_the_connect(nursery: trio.Nursery, tmp_path: Path, tls: bool) -> None:
+    """A hostile or hung server: TCP accepted, then silence (no TLS handshake, no hello)."""
+    held: list[trio.SocketStream] = []
+
+    async def mute(stream: trio.SocketStream) -> None:
+        held.append(stream)
+        await trio.sleep_forever()
+
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener.socket.getsockname()[1]
+    nursery.start_soon(trio.serve_listeners, mute, [listener])
+    t0 = trio.current_time()
+    with trio.fail_after(10), pytest.raises(ConnectError) as caught:
+        await remote_transfer(
+            "copy", f"127.0.0.1:{port}:/data/", str(tmp_path / "out"),
+            tls_enabled=tls, known_hosts=tmp_path / "kh", timeouts=Timeouts(connect=1),
+        )
+    assert trio.current_time() - t0 < 3
+    msg = str(caught.value)
+    assert f"127.0.0.1:{port}" in msg and ("timed out" in msg or "did not complete the hello" in msg), msg
+    assert not (tmp_path / "out").exists()
+
+
+# =================================================================================================
+# A data stream that freezes or crawls (a proxy between the client and the daemon)
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+async def test_a_frozen_data_stream_is_reported_and_nothing_is_half_written(nursery: trio.Nursery, tmp_path: Path, direction: str) -> None:
+    d = await _daemon(nursery, tmp_path, stall=1.5)
+    src = tmp_path / "src" if direction == "push" else d.modules["data"]
+    dst = d.modules["data"] if direction == "push" else tmp_path / "out"
+    src.mkdir(exist_ok=True)
+    _big_file(src / "big.bin", 32 * MiB)
+    _small_tree(src)
+    url = f"{PROXY_HOST}:{d.info.port}:/data/"
+    a, b = (f"{src}/", url) if direction == "push" else (url, f"{dst}/")
+    async with proxied(d, freeze_after=2 * MiB) as proxy:
+        t0 = trio.current_time()
+        with trio.fail_after(15), pytest.raises(StallError) as caught:
+            await remote_transfer("copy", a, b, known_hosts=d.known_hosts, timeouts=Timeouts(stall=1.5))
+        took = trio.current_time() - t0
+        assert proxy.frozen >= 1
+        assert str(caught.value).startswith(f"daemon {PROXY_HOST}:{d.info.port} stopped responding: no progress on data stream ")
+        assert str(caught.value).endswith(" for 1.5 s")
+        assert took < 8
+    # Both sides dropped their landings: no O_TMPFILE left open, no temporary, no partial file.
+    await _wait_until(lambda: not _open_unlinked_under(dst), 5, "the landings were aborted")
+    assert not (dst / "big.bin").exists()
+    _assert_nothing_half_written(dst, src)
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+async def test_a_slow_data_stream_is_not_a_stall(nursery: trio.Nursery, tmp_path: Path, direction: str) -> None:
+    """1 MiB/s on a link with a 1 s stall timeout: a 3 MiB file is one frame that takes 3 s,
+    and it lands, because bytes keep moving."""
+    d = await _daemon(nursery, tmp_path, stall=1)
+    src = tmp_path / "src" if direction == "push" else d.modules["data"]
+    dst = d.modules["data"] if direction == "push" else tmp_path / "out"
+    src.mkdir(exist_ok=True)
+    (src / "slow.bin").write_bytes(os.urandom(3 * MiB))
+    url = f"{PROXY_HOST}:{d.info.port}:/data/"
+    a, b = (f"{src}/", url) if direction == "push" else (url, f"{dst}/")
+    async with proxied(d, rate=1 * MiB):
+        t0 = trio.current_time()
+        with trio.fail_after(20):
+            summary = await remote_transfer("copy", a, b, known_hosts=d.known_hosts, timeouts=Timeouts(stall=1))
+        took = trio.current_time() - t0
+    assert summary.failures == [] and summary.files_copied == 1
+    assert took > 2.5  # it really went through the slow link
+    assert (dst / "slow.bin").read_bytes() == (src / "slow.bin").read_bytes()
+
+
+# =================================================================================================
+# A receiving disk that hangs, a sending client that freezes
+
+
+async def test_a_hung_receiving_disk_is_reported_as_a_local_stall(nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pull: landing one file hangs on this machine (a dead NFS mount): the stream is given up
+    on after the stall timeout, the message says the local side hung, files that landed are
+    complete, and the hung landing is dropped once its syscall returns."""
+    d = await _daemon(nursery, tmp_path, stall=10)
+    src = d.modules["data"]
+    _big_file(src / "big.bin", 8 * MiB)
+    _small_tree(src, dirs=1, files=5)
+    dst = tmp_path / "out"
+    release = threading.Event()
+    real_open = tree.DestTree.open
+
+    def hanging_open(self: tree.DestTree, file_id: int):  # type: ignore[no-untyped-def]
+        f = real_open(self, file_id)  # the landing exists (O_TMPFILE) ...
+        if f.p.dname == "big.bin":
+            release.wait(30)  # ... and its first write never returns
+        return f
+
+    monkeypatch.setattr(tree.DestTree, "open", hanging_open)
+    try:
+        t0 = trio.current_time()
+        with trio.fail_after(15), pytest.raises(StallError) as caught:
+            await remote_transfer("copy", f"127.0.0.1:{d.info.port}:/data/", f"{dst}/", known_hosts=d.known_hosts, timeouts=Timeouts(stall=1))
+        took = trio.current_time() - t0
+    finally:
+        release.set()
+    assert caught.value.local
+    assert "a file operation on this machine hung (no progress for 1 s)" in str(caught.value)
+    assert took < 8
+    await _wait_until(lambda: not _open_unlinked_under(dst), 5, "the hung landing was dropped")
+    assert not (dst / "big.bin").exists()
+    _assert_nothing_half_written(dst, src)
+
+
+async def test_a_frozen_sending_client_is_dropped_and_others_are_served(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """SIGSTOP of a pushing `blit` process: the daemon gives up on its stream after its stall
+    timeout, drops the landing (no temporary, no partial file), and serves another client
+    meanwhile."""
+    d = await _daemon(nursery, tmp_path, stall=2)
+    (tmp_path / "home").mkdir()
+    from remote.conftest import subprocess_env
+
+    env = subprocess_env(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    _big_file(src / "big.bin", 400 * MiB)
+    other = tmp_path / "other"
+    _small_tree(other)
+    dst = d.modules["data"]
+    try:
+        with cli(env, tmp_path, "push", "copy", f"{src}/", f"127.0.0.1:{d.info.port}:/data/first/") as c:
+            base = _rchar(c.proc.pid)
+            with trio.fail_after(30):
+                while _rchar(c.proc.pid) - base < 64 * MiB:
+                    if c.proc.poll() is not None:
+                        pytest.fail(f"the push ended (exit {c.proc.returncode}) before it could be frozen:\n{c.stderr()}")
+                    await trio.sleep(0.002)
+            c.proc.send_signal(signal.SIGSTOP)
+            try:
+                # The daemon is still serving: a second client pushes a tree meanwhile.
+                with trio.fail_after(20):
+                    summary = await remote_transfer("copy", f"{other}/", f"127.0.0.1:{d.info.port}:/data/second/", known_hosts=d.known_hosts)
+                assert summary.failures == []
+                assert_same_tree(other, dst / "second")
+                # Within its stall timeout (and a little), the daemon dropped the frozen landing.
+                await _wait_until(lambda: not _open_unlinked_under(dst), 6, "the daemon dropped the frozen client's landing")
+                assert not (dst / "first" / "big.bin").exists()
+                assert _temporaries(dst) == []
+            finally:
+                c.proc.send_signal(signal.SIGCONT)
+            # Resumed, the client finds its stream dropped: it fails with one line, exit 1. (Waited
+            # for without blocking: the daemon runs in this process's trio loop.)
+            await _wait_until(lambda: c.proc.poll() is not None, 30, "the resumed client exited")
+            assert c.proc.returncode == 1, c.stderr()
+            assert len(_error_lines(c.stderr())) == 1, c.stderr()
+        assert not (dst / "first" / "big.bin").exists()
+        assert _temporaries(dst) == []
+    finally:
+        (src / "big.bin").unlink()
+
