@@ -77,6 +77,9 @@ H2_CHUNK = 4 << 20
 H2_WRITE_BATCH = 8 << 20
 """Bytes the HTTP/2 fallback receiver gathers before it hops to a thread to write them."""
 
+_SHRANK = "file changed size while being read"
+"""The reason a file is aborted when it holds fewer bytes than announced."""
+
 T = TypeVar("T")
 
 
@@ -336,6 +339,12 @@ class StreamIO:
             return TransportError(f"{self.what}: stopped")
         return TransportError(f"{self.what}: the peer closed the stream")
 
+    def _failed(self, exc: OSError) -> TransportError:
+        """What a failed socket call on a plain TCP stream raises."""
+        if self._kicked:
+            return self._closed()
+        return TransportError(f"{self.what}: {exc.strerror or exc}")
+
     def _tls_call(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             return fn(*args)
@@ -364,9 +373,7 @@ class StreamIO:
                 self._wait()
                 continue
             except OSError as exc:
-                if self._kicked:
-                    raise self._closed() from None
-                raise TransportError(f"{self.what}: {exc.strerror or exc}") from None
+                raise self._failed(exc) from None
             if n == 0:
                 raise self._closed()
             self.moved += n
@@ -404,12 +411,9 @@ class StreamIO:
         # First what is already buffered.
         have = min(self._rend - self._rpos, length)
         if have:
-            if fd >= 0:
-                try:
-                    _pwrite_all(fd, self._rview[self._rpos : self._rpos + have], offset)
-                except OSError as exc:
-                    error, fd = exc, -1
-            self._rpos += have
+            error = self._take_to_fd(fd, offset, have)
+            if error is not None:
+                fd = -1
             offset += have
             length -= have
         if not length:
@@ -431,14 +435,23 @@ class StreamIO:
         while length:
             self._fill()
             take = min(self._rend - self._rpos, length)
-            if fd >= 0:
-                try:
-                    _pwrite_all(fd, self._rview[self._rpos : self._rpos + take], offset)
-                except OSError as exc:
-                    error, fd = exc, -1
-            self._rpos += take
+            failed = self._take_to_fd(fd, offset, take)
+            if failed is not None:
+                error, fd = failed, -1
             offset += take
             length -= take
+        return error
+
+    def _take_to_fd(self, fd: int, offset: int, n: int) -> OSError | None:
+        """Consume `n` buffered bytes, writing them into `fd` at `offset` (fd -1 discards them);
+        returns the OSError of a failed write."""
+        error: OSError | None = None
+        if fd >= 0:
+            try:
+                _pwrite_all(fd, self._rview[self._rpos : self._rpos + n], offset)
+            except OSError as exc:
+                error = exc
+        self._rpos += n
         return error
 
     def _splice_to(self, fd: int, offset: int, length: int) -> None:
@@ -463,9 +476,7 @@ class StreamIO:
             except OSError as exc:
                 if exc.errno in (errno.EINVAL, errno.ENOSYS) and done == 0:
                     raise _SpliceUnsupported(0) from None
-                if self._kicked:
-                    raise self._closed() from None
-                raise TransportError(f"{self.what}: {exc.strerror or exc}") from None
+                raise self._failed(exc) from None
             if n == 0:
                 raise self._closed()
             self.moved += n
@@ -518,9 +529,7 @@ class StreamIO:
                 self._wait()
                 continue
             except OSError as exc:
-                if self._kicked:
-                    raise self._closed() from None
-                raise TransportError(f"{self.what}: {exc.strerror or exc}") from None
+                raise self._failed(exc) from None
             self.moved += n
             view = view[n:]
 
@@ -542,9 +551,7 @@ class StreamIO:
                 self._wait()
                 continue
             except OSError as exc:
-                if self._kicked:
-                    raise self._closed() from None
-                raise TransportError(f"{self.what}: {exc.strerror or exc}") from None
+                raise self._failed(exc) from None
             self.moved += n
             sent += n
 
@@ -663,7 +670,7 @@ def _send_one(io: StreamIO, source: FileSource, file_id: int, stats: StreamStats
             data = os.pread(f.fd, size + 1, 0) if size else b""
             if len(data) != size:
                 batch.flush()
-                _send_abort(io, file_id, "file changed size while being read", stats)
+                _send_abort(io, file_id, _SHRANK, stats)
                 return
             parts = [pack_frame(FrameType.DATA, file_id, 0, size), data] if size else []
             parts.append(pack_frame(FrameType.END, file_id, size))
@@ -671,20 +678,16 @@ def _send_one(io: StreamIO, source: FileSource, file_id: int, stats: StreamStats
             stats.files += 1
             return
         batch.flush()
-        for offset, length in f.extents if f.extents is not None else [(0, size)]:
-            end = offset + length
-            while offset < end:
-                n = min(FRAME_CHUNK, end - offset)
-                io.send_all(pack_frame(FrameType.DATA, file_id, offset, n), more=True)
-                got = io.send_file_range(f.fd, offset, n)
-                stats.frames += 1
-                stats.bytes += got
-                if got < n:
-                    # The file shrank under us: keep the framing whole, then abort the file.
-                    _send_zeros(io, n - got)
-                    _send_abort(io, file_id, "file changed size while being read", stats)
-                    return
-                offset += n
+        for offset, n in _chunks(f, FRAME_CHUNK):
+            io.send_all(pack_frame(FrameType.DATA, file_id, offset, n), more=True)
+            got = io.send_file_range(f.fd, offset, n)
+            stats.frames += 1
+            stats.bytes += got
+            if got < n:
+                # The file shrank under us: keep the framing whole, then abort the file.
+                _send_zeros(io, n - got)
+                _send_abort(io, file_id, _SHRANK, stats)
+                return
         io.send_all(pack_frame(FrameType.END, file_id, size))
         stats.frames += 1
         stats.files += 1
@@ -696,6 +699,16 @@ def _send_one(io: StreamIO, source: FileSource, file_id: int, stats: StreamStats
         f.close()
 
 
+def _chunks(f: SourceFile, chunk: int) -> Iterable[tuple[int, int]]:
+    """(offset, length) pieces of at most `chunk` bytes covering the file's data regions."""
+    for offset, length in f.extents if f.extents is not None else [(0, f.size)]:
+        end = offset + length
+        while offset < end:
+            n = min(chunk, end - offset)
+            yield offset, n
+            offset += n
+
+
 def _send_zeros(io: StreamIO, n: int) -> None:
     zeros = bytes(min(n, 1 << 20))
     while n:
@@ -705,10 +718,15 @@ def _send_zeros(io: StreamIO, n: int) -> None:
 
 
 def _send_abort(io: StreamIO, file_id: int, reason: str, stats: StreamStats) -> None:
-    text = reason.encode("utf-8", "replace")[: protocol.MAX_ABORT_TEXT]
-    io.send_all(pack_frame(FrameType.ABORT, file_id, 0, len(text)) + text)
+    io.send_all(_abort_frame(file_id, reason))
     stats.frames += 1
     stats.failures.append((file_id, reason))
+
+
+def _abort_frame(file_id: int, reason: str) -> bytes:
+    """The ABORT frame of `file_id`, with its reason (cut to the protocol's limit)."""
+    text = reason.encode("utf-8", "replace")[: protocol.MAX_ABORT_TEXT]
+    return pack_frame(FrameType.ABORT, file_id, 0, len(text)) + text
 
 
 def _reason(exc: BaseException) -> str:
@@ -1088,33 +1106,25 @@ async def h2_send_loop(
             stats.tick()
             continue
         if f is None:
-            text = str(err).encode()[: protocol.MAX_ABORT_TEXT]
-            await st.send_data(pack_frame(FrameType.ABORT, file_id, 0, len(text)) + text)
+            await st.send_data(_abort_frame(file_id, str(err)))
             stats.failures.append((file_id, str(err)))
             continue
         try:
             ok = True
-            for offset, length in f.extents if f.extents is not None else [(0, f.size)]:
-                end = offset + length
-                while offset < end:
-                    n = min(H2_CHUNK, end - offset)
-                    data = await trio.to_thread.run_sync(os.pread, f.fd, n, offset, limiter=limiter)
-                    if len(data) < n:
-                        ok = False
-                        break
-                    await st.send_data(pack_frame(FrameType.DATA, file_id, offset, n) + data)
-                    stats.tick(1, n)
-                    offset += n
-                if not ok:
+            for offset, n in _chunks(f, H2_CHUNK):
+                data = await trio.to_thread.run_sync(os.pread, f.fd, n, offset, limiter=limiter)
+                if len(data) < n:
+                    ok = False
                     break
+                await st.send_data(pack_frame(FrameType.DATA, file_id, offset, n) + data)
+                stats.tick(1, n)
             if ok:
                 await st.send_data(pack_frame(FrameType.END, file_id, f.size))
                 stats.tick()
                 stats.files += 1
             else:
-                text = b"file changed size while being read"
-                await st.send_data(pack_frame(FrameType.ABORT, file_id, 0, len(text)) + text)
-                stats.failures.append((file_id, text.decode()))
+                await st.send_data(_abort_frame(file_id, _SHRANK))
+                stats.failures.append((file_id, _SHRANK))
         finally:
             await trio.to_thread.run_sync(f.close, limiter=limiter)
 
