@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import trio
 
@@ -330,7 +330,7 @@ class StreamIO:
             pass
 
     # --- waiting -------------------------------------------------------------------------------
-    def _wait(self) -> None:
+    def _wait(self) -> NoReturn:
         """EAGAIN on a blocking socket: its kernel timeout (the stall timeout) expired."""
         raise StallError(self.what, self.stall)
 
@@ -344,6 +344,15 @@ class StreamIO:
         if self._kicked:
             return self._closed()
         return TransportError(f"{self.what}: {exc.strerror or exc}")
+
+    def _plain_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """One call on a plain TCP socket, its failures turned into the stream's errors."""
+        try:
+            return fn(*args)
+        except BlockingIOError:
+            self._wait()
+        except OSError as exc:
+            raise self._failed(exc) from None
 
     def _tls_call(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -360,24 +369,11 @@ class StreamIO:
     # --- receiving -------------------------------------------------------------------------------
     def recv_into(self, view: memoryview) -> int:
         """Receive some bytes into `view`; raises at end of stream."""
-        if self.tls:
-            n = self._tls_call(self.sock.recv_into, view)
-            if n == 0:
-                raise self._closed()
-            self.moved += n
-            return n
-        while True:
-            try:
-                n = self.sock.recv_into(view)
-            except BlockingIOError:
-                self._wait()
-                continue
-            except OSError as exc:
-                raise self._failed(exc) from None
-            if n == 0:
-                raise self._closed()
-            self.moved += n
-            return n
+        n = (self._tls_call if self.tls else self._plain_call)(self.sock.recv_into, view)
+        if n == 0:
+            raise self._closed()
+        self.moved += n
+        return n
 
     # The receive side reads through a buffer: one recv() brings in as many small frames as the
     # socket holds (a 4 KiB file is a header, its data and an END: three reads unbuffered).
@@ -523,13 +519,7 @@ class StreamIO:
             return
         flags = socket.MSG_MORE if more and hasattr(socket, "MSG_MORE") else 0
         while view:
-            try:
-                n = self.sock.send(view, flags)
-            except BlockingIOError:
-                self._wait()
-                continue
-            except OSError as exc:
-                raise self._failed(exc) from None
+            n = self._plain_call(self.sock.send, view, flags)
             self.moved += n
             view = view[n:]
 
