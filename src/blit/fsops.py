@@ -179,20 +179,11 @@ def remove_extra(parent_fd: int, name: str, rel: str, filters: Filters) -> tuple
     Returns (entries removed, something was kept)."""
     if not filters.active:
         return remove_tree(parent_fd, name), False
-    try:
-        os.unlink(name, dir_fd=parent_fd)
+    fd = _unlink_or_open(parent_fd, name)
+    if fd < 0:
         return 1, False
-    except IsADirectoryError:
-        pass
-    except OSError as exc:
-        if exc.errno not in (errno.EISDIR, errno.EPERM):
-            raise
     count, kept = 0, False
-    fd = os.open(name, O_DIR, dir_fd=parent_fd)
     try:
-        st = os.fstat(fd)
-        if not st.st_mode & stat.S_IWUSR:
-            os.chmod(fd, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
         for child in os.listdir(fd):
             crel = f"{rel}/{child}"
             is_dir = stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode)
@@ -212,27 +203,39 @@ def remove_extra(parent_fd: int, name: str, rel: str, filters: Filters) -> tuple
 
 def remove_tree(parent_fd: int, name: str) -> int:
     """Remove `name` (any kind) below parent_fd, recursively; returns entries removed."""
-    try:
-        os.unlink(name, dir_fd=parent_fd)
+    fd = _unlink_or_open(parent_fd, name)
+    if fd < 0:
         return 1
-    except IsADirectoryError:
-        pass
-    except OSError as exc:
-        if exc.errno not in (errno.EISDIR, errno.EPERM):
-            raise
     count = 0
-    fd = os.open(name, O_DIR, dir_fd=parent_fd)
     try:
-        # Make sure we can delete inside a read-only directory we own.
-        st = os.fstat(fd)
-        if not st.st_mode & stat.S_IWUSR:
-            os.chmod(fd, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
         for child in os.listdir(fd):
             count += remove_tree(fd, child)
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=parent_fd)
     return count + 1
+
+
+def _unlink_or_open(parent_fd: int, name: str) -> int:
+    """Unlink `name` and return -1; or, a directory, open it to empty it and return its fd (a
+    read-only directory we own is made writable, so that we can delete inside it)."""
+    try:
+        os.unlink(name, dir_fd=parent_fd)
+        return -1
+    except IsADirectoryError:
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EISDIR, errno.EPERM):
+            raise
+    fd = os.open(name, O_DIR, dir_fd=parent_fd)
+    try:
+        st = os.fstat(fd)
+        if not st.st_mode & stat.S_IWUSR:
+            os.chmod(fd, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def set_dir_meta(fd: int, m: Meta, xattrs: list[tuple[str, bytes]] | None) -> None:
@@ -328,18 +331,25 @@ def sync_xattrs(src_dir: int, name: str, dst_dir: int, dname: str) -> bool:
             return False
         raise
     a, b = xattrs_at(src_dir, name), xattrs_at(dst_dir, dname)
-    if a == b:
+    return replace_xattrs(dst_dir, dname, b, a)
+
+
+def replace_xattrs(dir_fd: int, name: str, current: dict[str, bytes], wanted: dict[str, bytes]) -> bool:
+    """Make an entry's xattrs, now `current`, equal `wanted`; True if anything changed.
+    Privileged names (security., trusted., system.) that we may not set are left as they are."""
+    if current == wanted:
         return False
-    for n, v in a.items():
-        if b.get(n) != v:
+    path = _xattr_path(dir_fd, name)
+    for n, v in wanted.items():
+        if current.get(n) != v:
             try:
-                os.setxattr(pd, n, v, follow_symlinks=False)
+                os.setxattr(path, n, v, follow_symlinks=False)
             except OSError as exc:
                 if not (n.startswith(_PRIVILEGED_XATTR) and exc.errno in (errno.EPERM, errno.EACCES, errno.ENOTSUP)):
                     raise OSError(exc.errno, f"setting xattr {n}: {exc.strerror}") from exc
-    for n in b.keys() - a.keys():
+    for n in current.keys() - wanted.keys():
         try:
-            os.removexattr(pd, n, follow_symlinks=False)
+            os.removexattr(path, n, follow_symlinks=False)
         except OSError as exc:
             if not (n.startswith(_PRIVILEGED_XATTR) and exc.errno in (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.ENODATA)):
                 raise OSError(exc.errno, f"removing xattr {n}: {exc.strerror}") from exc
@@ -458,6 +468,21 @@ def new_tmp_name() -> str:
 
 def is_tmp_name(name: str) -> bool:
     return name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX) and len(name) == 26
+
+
+def without_tmp(dir_fd: int, entries: list[tuple[str, os.stat_result]], dry_run: bool) -> dict[str, os.stat_result]:
+    """A scanned destination directory's entries by name, without the temporaries of an
+    interrupted run: those are ours to remove (left in place by a dry run, and then listed)."""
+    out = {}
+    for name, m in entries:
+        if is_tmp_name(name) and not dry_run:
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except OSError:
+                pass
+            continue
+        out[name] = m
+    return out
 
 
 def read_all(fd: int, size: int) -> bytes:

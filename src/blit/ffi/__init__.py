@@ -31,106 +31,21 @@ from __future__ import annotations
 
 import sys
 
-from blit.ffi._errnos import (
-    COPY_FALLBACK_ERRNOS as COPY_FALLBACK_ERRNOS,
-)
-from blit.ffi._errnos import (
-    REFLINK_UNSUPPORTED_ERRNOS as REFLINK_UNSUPPORTED_ERRNOS,
-)
+from blit.ffi._errnos import COPY_FALLBACK_ERRNOS, REFLINK_UNSUPPORTED_ERRNOS
 
 # ImportError: cffi (its _cffi_backend) is missing, or no backend for this platform.
 # OSError: ffi.dlopen found no C library. Either way the stdlib version takes over.
 try:
     if sys.platform.startswith("linux"):
-        from blit.ffi.linux import (
-            BACKEND as BACKEND,
-        )
-        from blit.ffi.linux import (
-            HAVE_COPY_FILE_RANGE as HAVE_COPY_FILE_RANGE,
-        )
-        from blit.ffi.linux import (
-            HAVE_REFLINK as HAVE_REFLINK,
-        )
-        from blit.ffi.linux import (
-            copy_file_range as copy_file_range,
-        )
-        from blit.ffi.linux import (
-            link_fd as link_fd,
-        )
-        from blit.ffi.linux import (
-            reflink as reflink,
-        )
-        from blit.ffi.linux import (
-            syncfs as syncfs,
-        )
+        from blit.ffi.linux import BACKEND, HAVE_COPY_FILE_RANGE, HAVE_REFLINK, copy_file_range, link_fd, reflink, syncfs
     elif sys.platform == "darwin":
-        from blit.ffi.macos import (
-            BACKEND as BACKEND,
-        )
-        from blit.ffi.macos import (
-            HAVE_COPY_FILE_RANGE as HAVE_COPY_FILE_RANGE,
-        )
-        from blit.ffi.macos import (
-            HAVE_REFLINK as HAVE_REFLINK,
-        )
-        from blit.ffi.macos import (
-            copy_file_range as copy_file_range,
-        )
-        from blit.ffi.macos import (
-            link_fd as link_fd,
-        )
-        from blit.ffi.macos import (
-            reflink as reflink,
-        )
-        from blit.ffi.macos import (
-            syncfs as syncfs,
-        )
+        from blit.ffi.macos import BACKEND, HAVE_COPY_FILE_RANGE, HAVE_REFLINK, copy_file_range, link_fd, reflink, syncfs
     elif sys.platform == "win32":
-        from blit.ffi.windows import (
-            BACKEND as BACKEND,
-        )
-        from blit.ffi.windows import (
-            HAVE_COPY_FILE_RANGE as HAVE_COPY_FILE_RANGE,
-        )
-        from blit.ffi.windows import (
-            HAVE_REFLINK as HAVE_REFLINK,
-        )
-        from blit.ffi.windows import (
-            copy_file_range as copy_file_range,
-        )
-        from blit.ffi.windows import (
-            link_fd as link_fd,
-        )
-        from blit.ffi.windows import (
-            reflink as reflink,
-        )
-        from blit.ffi.windows import (
-            syncfs as syncfs,
-        )
+        from blit.ffi.windows import BACKEND, HAVE_COPY_FILE_RANGE, HAVE_REFLINK, copy_file_range, link_fd, reflink, syncfs
     else:
         raise ImportError(f"no ffi backend for {sys.platform}")
 except (ImportError, OSError):
-    from blit.ffi.fallback import (
-        BACKEND as BACKEND,
-    )
-    from blit.ffi.fallback import (
-        HAVE_COPY_FILE_RANGE as HAVE_COPY_FILE_RANGE,
-    )
-    from blit.ffi.fallback import (
-        HAVE_REFLINK as HAVE_REFLINK,
-    )
-    from blit.ffi.fallback import (
-        copy_file_range as copy_file_range,
-    )
-    from blit.ffi.fallback import (
-        link_fd as link_fd,
-    )
-    from blit.ffi.fallback import (
-        reflink as reflink,
-    )
-    from blit.ffi.fallback import (
-        syncfs as syncfs,
-    )
+    from blit.ffi.fallback import BACKEND, HAVE_COPY_FILE_RANGE, HAVE_REFLINK, copy_file_range, link_fd, reflink, syncfs
 
 __all__ = [
     "BACKEND",

@@ -659,15 +659,7 @@ class DestTree:
                     with self._lock:
                         self.incomplete.append(rel or ".")
                     return DirPlanned(subdirs=[], need=[], failures=failures)
-                dst = {}
-                for dname, dm in dents:
-                    if fsops.is_tmp_name(dname) and not dry:
-                        try:
-                            os.unlink(dname, dir_fd=dfd)
-                        except OSError:
-                            pass
-                        continue
-                    dst[dname] = dm
+                dst = fsops.without_tmp(dfd, dents, dry)
                 keep.update(n for n, _ in derrs)
             p = plan_dir(rel, src, dst, compare=spec.compare, filters=spec.filters, mirror=spec.mirror, only=only, keep=frozenset(keep))
             if p.extras:
@@ -925,24 +917,7 @@ class DestTree:
             raise
         if not want and not have_any:
             return False
-        current = fsops.xattrs_at(dfd, dname)
-        wanted = dict(want or [])
-        if current == wanted:
-            return False
-        for n, v in wanted.items():
-            if current.get(n) != v:
-                try:
-                    os.setxattr(path, n, v, follow_symlinks=False)
-                except OSError as exc:
-                    if not (n.startswith(("security.", "trusted.", "system.")) and exc.errno in (errno.EPERM, errno.EACCES, errno.ENOTSUP)):
-                        raise
-        for n in current.keys() - wanted.keys():
-            try:
-                os.removexattr(path, n, follow_symlinks=False)
-            except OSError as exc:
-                if not (n.startswith(("security.", "trusted.", "system.")) and exc.errno in (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.ENODATA)):
-                    raise
-        return True
+        return fsops.replace_xattrs(dfd, dname, fsops.xattrs_at(dfd, dname), dict(want or []))
 
     # --- hard links -------------------------------------------------------------------------------
     def _hardlink(
