@@ -64,10 +64,16 @@ def test_destination_inside_the_source(tmp_path: Path, op: str, src: str, dst: s
     make_tree(tmp_path / "src", TREE)
     os.symlink("src", tmp_path / "alias")
     os.symlink("src/sub", tmp_path / "into_src")
+    _assert_refused_untouched(tmp_path, op, src, dst, pattern="inside|within")
+
+
+def _assert_refused_untouched(tmp_path: Path, op: str, src: str, dst: str, *, pattern: str) -> None:
+    """`blit op src dst` (in tmp_path) exits 2 with one error line matching `pattern`, and
+    changes nothing under tmp_path."""
     before = snapshot(tmp_path, include_root=False)
     proc = run_blit(op, src, dst, cwd=tmp_path)
     assert proc.returncode == 2, describe_output(proc)
-    _one_error_line(proc, pattern="inside|within")
+    _one_error_line(proc, pattern=pattern)
     assert_same_tree(before, snapshot(tmp_path, include_root=False))
 
 
@@ -81,11 +87,7 @@ def test_destination_inside_the_source(tmp_path: Path, op: str, src: str, dst: s
 def test_source_equal_to_destination(tmp_path: Path, op: str, src: str, dst: str) -> None:
     make_tree(tmp_path / "src", TREE)
     os.symlink("src", tmp_path / "alias")
-    before = snapshot(tmp_path, include_root=False)
-    proc = run_blit(op, src, dst, cwd=tmp_path)
-    assert proc.returncode == 2, describe_output(proc)
-    _one_error_line(proc, pattern="same|equal|itself")
-    assert_same_tree(before, snapshot(tmp_path, include_root=False))
+    _assert_refused_untouched(tmp_path, op, src, dst, pattern="same|equal|itself")
 
 
 @pytest.mark.parametrize(

@@ -107,6 +107,39 @@ def _rerun_converges(src: Path, src_snap: Snapshot, dst: Path) -> None:
     assert_same_tree(src_snap, snapshot(dst))
 
 
+def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> float:
+    """Send `sig` to blit; the seconds it took to exit (fails after 10 s)."""
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"blit still running 10 s after {sig.name}")
+    return time.monotonic() - t0
+
+
+def _finish(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
+    """Kill blit if it still runs; its stdout and stderr."""
+    if proc.poll() is None:
+        proc.kill()
+    return proc.communicate()
+
+
+def _assert_stopped(proc: subprocess.Popen[bytes], out: bytes, err: bytes, sig: signal.Signals, stopped_in: float) -> None:
+    shown = f"stdout: {out[-2000:]!r}\nstderr: {err[-2000:]!r}"
+    assert proc.returncode == 130, f"exit code {proc.returncode} after {sig.name}\n{shown}"
+    assert stopped_in < 1.5, f"took {stopped_in:.2f} s to stop after {sig.name}"
+
+
+def _assert_clean_and_rerun(src: Path, src_snap: Snapshot, dst: Path, sig: signal.Signals) -> None:
+    """No partial file and nothing extra in `dst`; a rerun completes the copy."""
+    dst_snap = _assert_no_partial_file(src_snap, dst)
+    leftovers = extra_entries(src_snap, dst_snap)
+    assert not leftovers, f"left behind after {sig.name}: {leftovers[:10]}"
+    _rerun_converges(src, src_snap, dst)
+    rmtree(dst)
+
+
 @pytest.mark.parametrize("fraction", [0.0, 0.05, 0.3, 0.6, 0.85])
 def test_kill_9_leaves_no_partial_file_and_a_rerun_completes(
     big_src: tuple[Path, Snapshot, int], tmp_path: Path, fraction: float
@@ -119,9 +152,7 @@ def test_kill_9_leaves_no_partial_file_and_a_rerun_completes(
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+        _finish(proc)
     assert proc.returncode == -signal.SIGKILL
     dst_snap = _assert_no_partial_file(src_snap, dst)
     complete = [p for p, e in dst_snap.items() if e.kind == "file" and p in src_snap]
@@ -146,9 +177,7 @@ def test_repeated_kills_then_a_rerun_completes(
             proc.kill()
             proc.wait(timeout=10)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate()
+            _finish(proc)
         _assert_no_partial_file(src_snap, dst)
     _rerun_converges(src, src_snap, dst)
     rmtree(dst)
@@ -164,25 +193,11 @@ def test_sigint_and_sigterm_stop_within_a_second_and_clean_up(
     proc = _start(src, dst)
     try:
         _run_until(proc, dst, int(total * fraction))
-        t0 = time.monotonic()
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"blit still running 10 s after {sig.name}")
-        stopped_in = time.monotonic() - t0
+        stopped_in = _signal(proc, sig)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        out, err = proc.communicate()
-    shown = f"stdout: {out[-2000:]!r}\nstderr: {err[-2000:]!r}"
-    assert proc.returncode == 130, f"exit code {proc.returncode} after {sig.name}\n{shown}"
-    assert stopped_in < 1.5, f"took {stopped_in:.2f} s to stop after {sig.name}"
-    dst_snap = _assert_no_partial_file(src_snap, dst)
-    leftovers = extra_entries(src_snap, dst_snap)
-    assert not leftovers, f"left behind after {sig.name}: {leftovers[:10]}"
-    _rerun_converges(src, src_snap, dst)
-    rmtree(dst)
+        out, err = _finish(proc)
+    _assert_stopped(proc, out, err, sig, stopped_in)
+    _assert_clean_and_rerun(src, src_snap, dst, sig)
 
 
 # --- The same with worker processes (many small files in many directories) -----------------
@@ -252,26 +267,12 @@ def test_interrupt_stops_worker_processes_too(
     proc = _start(src, dst)
     try:
         workers = _run_until_workers(proc, dst)
-        t0 = time.monotonic()
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"blit still running 10 s after {sig.name}")
-        stopped_in = time.monotonic() - t0
+        stopped_in = _signal(proc, sig)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        out, err = proc.communicate()
-    shown = f"stdout: {out[-2000:]!r}\nstderr: {err[-2000:]!r}"
-    assert proc.returncode == 130, f"exit code {proc.returncode} after {sig.name}\n{shown}"
-    assert stopped_in < 1.5, f"took {stopped_in:.2f} s to stop after {sig.name}"
+        out, err = _finish(proc)
+    _assert_stopped(proc, out, err, sig, stopped_in)
     assert not _alive(workers), f"worker processes {_alive(workers)} outlived blit"
-    dst_snap = _assert_no_partial_file(src_snap, dst)
-    leftovers = extra_entries(src_snap, dst_snap)
-    assert not leftovers, f"left behind after {sig.name}: {leftovers[:10]}"
-    _rerun_converges(src, src_snap, dst)
-    rmtree(dst)
+    _assert_clean_and_rerun(src, src_snap, dst, sig)
 
 
 def test_kill_9_stops_every_write_and_a_rerun_completes(
@@ -286,9 +287,7 @@ def test_kill_9_stops_every_write_and_a_rerun_completes(
         proc.kill()
         proc.wait(timeout=10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
+        _finish(proc)
     time.sleep(0.5)
     first = _listing(dst)
     time.sleep(1.5)
@@ -343,9 +342,7 @@ def test_interrupted_mirror_leaves_old_or_new_files_and_a_rerun_converges(
         proc.send_signal(sig)
         proc.wait(timeout=10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        out, err = proc.communicate()
+        out, err = _finish(proc)
     if sig == signal.SIGINT:
         assert proc.returncode == 130, (proc.returncode, err[-2000:])
     after = snapshot(dst)

@@ -243,16 +243,23 @@ async def test_tree_remove_stays_inside_the_module(daemon: Daemon, tmp_path: Pat
 # --- --checksum: the hash exchange --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("direction", ["push", "pull"])
-@pytest.mark.parametrize("force_h2", [False, True], ids=["raw", "h2"])
-async def test_checksum_sends_only_what_differs(daemon: Daemon, tmp_path: Path, direction: str, force_h2: bool) -> None:
+async def _checksum_case(daemon: Daemon, tmp_path: Path, direction: str) -> tuple[Path, Path, int, str, str]:
+    """`checksum_case` between a local tree and the module's "tree", the source one way or the
+    other: (source, destination, bytes that must be sent, blit's source and destination args)."""
     local = tmp_path / "local"
     remote = daemon.modules["data"] / "tree"
     src, dst = (local, remote) if direction == "push" else (remote, local)
     must_send = await trio.to_thread.run_sync(checksum_case, src, dst)
-    want = await trio.to_thread.run_sync(snapshot, src)
     r = f"{host(daemon)}:/data/tree/"
     a, b = (f"{local}/", r) if direction == "push" else (r, f"{local}/")
+    return src, dst, must_send, a, b
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+@pytest.mark.parametrize("force_h2", [False, True], ids=["raw", "h2"])
+async def test_checksum_sends_only_what_differs(daemon: Daemon, tmp_path: Path, direction: str, force_h2: bool) -> None:
+    src, dst, must_send, a, b = await _checksum_case(daemon, tmp_path, direction)
+    want = await trio.to_thread.run_sync(snapshot, src)
     s = await run(daemon, "copy", a, b, compare=Compare.CHECKSUM, force_h2_data=force_h2)
     assert s.exit_code == 0, s.failures
     assert (s.files_copied, s.bytes_copied) == (2, must_send), s
@@ -264,13 +271,8 @@ async def test_checksum_sends_only_what_differs(daemon: Daemon, tmp_path: Path, 
 
 @pytest.mark.parametrize("direction", ["push", "pull"])
 async def test_checksum_dry_run_counts_without_changing(daemon: Daemon, tmp_path: Path, direction: str) -> None:
-    local = tmp_path / "local"
-    remote = daemon.modules["data"] / "tree"
-    src, dst = (local, remote) if direction == "push" else (remote, local)
-    must_send = await trio.to_thread.run_sync(checksum_case, src, dst)
+    _src, dst, must_send, a, b = await _checksum_case(daemon, tmp_path, direction)
     before = await trio.to_thread.run_sync(snapshot, dst)
-    r = f"{host(daemon)}:/data/tree/"
-    a, b = (f"{local}/", r) if direction == "push" else (r, f"{local}/")
     s = await run(daemon, "copy", a, b, compare=Compare.CHECKSUM, dry_run=True)
     assert (s.files_copied, s.bytes_copied, s.exit_code) == (2, must_send, 0), s
     assert await trio.to_thread.run_sync(snapshot, dst) == before
