@@ -129,11 +129,16 @@ def _register(w: Workload) -> None:
     WORKLOADS[w.key] = w
 
 
+def _fresh_copy(targets: tuple[Target, ...], *, optional_peers: bool = False) -> Case:
+    """The "fresh copy" case (copy into an empty destination, the fresh-copy tools) with its targets."""
+    return Case("fresh", "fresh copy", tools.COPY, "empty", _FRESH_TOOLS, targets, optional_peers=optional_peers)
+
+
 _register(Workload(
     key="small",
     title="small files, fresh copy",
     specs=_specs(_small),
-    cases=(Case("fresh", "fresh copy", tools.COPY, "empty", _FRESH_TOOLS, (
+    cases=(_fresh_copy((
         Target("at least 1.5x faster than rsync -a", "ratio_min", 1.5, "rsync"),
         Target("faster than cp -a", "ratio_gt", 1.0, "cp"),
     )),),
@@ -143,7 +148,7 @@ _register(Workload(
     key="large",
     title="one large file, fresh copy",
     specs=_specs(_large),
-    cases=(Case("fresh", "fresh copy", tools.COPY, "empty", _FRESH_TOOLS, (
+    cases=(_fresh_copy((
         Target("within 10% of cp -a", "within", 0.10, "cp"),
         Target("at least 2x faster than rsync -a", "ratio_min", 2.0, "rsync"),
     )),),
@@ -153,7 +158,7 @@ _register(Workload(
     key="mixed",
     title="mixed sizes, fresh copy",
     specs=_specs(_mixed),
-    cases=(Case("fresh", "fresh copy", tools.COPY, "empty", _FRESH_TOOLS, (
+    cases=(_fresh_copy((
         Target("at least 2x faster than rsync -a", "ratio_min", 2.0, "rsync"),
     )),),
 ))
@@ -187,7 +192,7 @@ _register(Workload(
     key="huge",
     title="huge tree of empty files (memory and time to first byte)",
     specs=_specs(_huge),
-    cases=(Case("fresh", "fresh copy", tools.COPY, "empty", _FRESH_TOOLS, (
+    cases=(_fresh_copy((
         Target("first file lands within 1 s of the start", "ttfb_max", 1.0),
         Target("peak RSS under 150 MiB", "rss_max", 150 * MiB),
     ), optional_peers=True),),
