@@ -26,8 +26,10 @@ DEFAULT_PORT = 9031
 """The daemon's default control port (its data port defaults to the next one)."""
 
 _MODULE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
-_USER_RE = re.compile(r"^([A-Za-z0-9_][A-Za-z0-9._-]{0,254})@")
-"""A leading `user@` of a remote endpoint (the daemon config's USER_NAME)."""
+_USER = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}"
+USER_NAME = re.compile(rf"^{_USER}$")
+"""A user name (`user@host:...` here, `auth_users` in the daemon's config)."""
+_USER_RE = re.compile(rf"^({_USER})@")
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,252}[A-Za-z0-9])?$")
 
 

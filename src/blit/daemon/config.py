@@ -18,12 +18,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
 
-from ..endpoint import DEFAULT_PORT
+from ..endpoint import DEFAULT_PORT, USER_NAME
 from ..errors import ConfigError
 
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
-USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
-"""Auth user names (also what `user@host:` accepts on the client)."""
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -283,7 +281,7 @@ def _parse_file(path: Path) -> DaemonConfig:
                     table.get("secrets_file"),
                     default_secrets,
                     secrets_cache,
-                    lambda key, problem, i=i: fail("module", key, i, problem),  # type: ignore[misc]
+                    lambda key, problem, i=i: fail("module", key, i, problem),
                     path,
                 ),
             )
