@@ -380,3 +380,39 @@ def test_the_secret_never_crosses_the_wire(tmp_path: Path) -> None:
         wire = bytes(proxy.captured)
         assert payload in wire and b"alice" in wire  # the capture saw the session in the clear
         assert SECRET.encode() not in wire
+
+
+# --- remote to remote ----------------------------------------------------------------------------
+
+
+async def test_remote_to_remote_with_protected_modules(nursery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from blit.errors import RemoteError, UsageError
+    from blit.transport.remote import remote_transfer
+
+    a = await auth_daemon_inproc(nursery, tmp_path / "A")
+    b_secrets = daemon_secrets(tmp_path / "B")
+    b = await start_daemon(
+        nursery, tmp_path / "B", tls=False, stall=10.0, peer_pull=True,
+        extra=f'secrets_file = "{b_secrets}"', module_extra=MODULE_RULES,
+    )
+    (a.modules["ro"] / "f").write_text("from A")
+    (a.modules["data"] / "g").write_text("protected on A")
+    creds = client_secrets(tmp_path, f"alice@127.0.0.1:data {SECRET}\n")
+
+    async def run(src: str, dst: str) -> object:
+        return await remote_transfer("copy", src, dst, tls_enabled=False, secrets_file=creds)
+
+    # Into B's protected module: the client authenticates to B; A's open module is the source.
+    s = await run(f"127.0.0.1:{a.info.port}:/ro/f", f"alice@127.0.0.1:{b.info.port}:/data/f")
+    assert s.exit_code == 0  # type: ignore[attr-defined]
+    assert (b.modules["data"] / "f").read_text() == "from A"
+    # Without credentials for B: refused by B, nothing written.
+    with pytest.raises(RemoteError, match=r"^module 'data' requires a user and secret \(see --secrets-file\)$"):
+        await run(f"127.0.0.1:{a.info.port}:/ro/f", f"127.0.0.1:{b.info.port}:/data/f2")
+    # From A's protected module: B holds no secret, so it is refused, and a user@ on the source
+    # is a usage error before anything is sent.
+    with pytest.raises(RemoteError, match="requires authentication for module 'data': remote to remote cannot pull"):
+        await run(f"127.0.0.1:{a.info.port}:/data/g", f"alice@127.0.0.1:{b.info.port}:/data/g")
+    with pytest.raises(UsageError, match="cannot authenticate to the source daemon"):
+        await run(f"alice@127.0.0.1:{a.info.port}:/data/g", f"alice@127.0.0.1:{b.info.port}:/data/g")
+    assert sorted(os.listdir(b.modules["data"])) == ["f"]
