@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from . import fsops
@@ -39,6 +40,8 @@ class Options:
     # daemon runs with --no-tls; force_h2_data carries file data over HTTP/2 (for testing).
     tls: bool = True
     force_h2_data: bool = False
+    # Remote endpoints written user@host:...: the file holding that user's secret (docs/cli.md).
+    secrets_file: Path | None = None
 
 
 async def copy(src: str, dst: str, options: Options | None = None, progress: Progress | None = None) -> Summary:
@@ -236,6 +239,7 @@ async def transfer(
             force_h2_data=opts.force_h2_data,
             known_hosts=None,
             timeouts=NetTimeouts(stall=opts.timeouts.stall),
+            secrets_file=opts.secrets_file,
         )
         return remote
     summary = Summary(operation=operation, source=src, destination=dst, dry_run=opts.dry_run)

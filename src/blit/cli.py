@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
@@ -176,6 +177,7 @@ def _run(
     quiet: bool,
     tls: bool = True,
     force_h2_data: bool = False,
+    secrets_file: Path | None = None,
 ) -> int:
     import signal
 
@@ -204,6 +206,7 @@ def _run(
         record_actions=verbose or dry_run,
         tls=tls,
         force_h2_data=force_h2_data,
+        secrets_file=secrets_file,
     )
     rep: object = JsonProgress(operation) if as_json else TextProgress(verbose, quiet, dry_run, progress)
     outcome: dict[str, object] = {}
@@ -290,6 +293,7 @@ def _transfer_command(operation: str, doc: str):  # type: ignore[no-untyped-def]
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
         no_tls: Annotated[bool, typer.Option("--no-tls", help="Remote: talk cleartext to a daemon run with --no-tls.")] = False,
         force_h2_data: Annotated[bool, typer.Option("--force-h2-data", help="Remote: carry file data over HTTP/2 (testing).")] = False,
+        secrets_file: Annotated[Optional[Path], typer.Option("--secrets-file", help="Remote, user@host:...: the file with the user's secret (mode 600).", metavar="FILE")] = None,
     ) -> None:
         filters = _filters_in_order(ctx)
         if len(filters) != len(exclude or []) + len(include or []):
@@ -309,6 +313,7 @@ def _transfer_command(operation: str, doc: str):  # type: ignore[no-untyped-def]
             quiet=quiet,
             tls=not no_tls,
             force_h2_data=force_h2_data,
+            secrets_file=secrets_file,
         )
         raise typer.Exit(code)
 

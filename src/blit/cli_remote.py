@@ -91,10 +91,13 @@ def register(app: typer.Typer) -> None:
         target: Annotated[str, typer.Argument(help="HOST (its modules) or HOST:/module/path (entries).")],
         json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
         no_tls: Annotated[bool, typer.Option("--no-tls", help="The daemon runs without TLS.")] = False,
+        secrets_file: Annotated[
+            Optional[Path], typer.Option("--secrets-file", help="user@HOST:/module: the file with the user's secret.", metavar="FILE")
+        ] = None,
         verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
     ) -> None:
         """List a daemon's modules, or the entries of a remote directory."""
-        _run_list(target, json_out=json_out, tls_enabled=not no_tls, verbose=verbose)
+        _run_list(target, json_out=json_out, tls_enabled=not no_tls, verbose=verbose, secrets_file=secrets_file)
 
 
 # =================================================================================================
@@ -176,12 +179,14 @@ def _run_scan(wait: float, json_out: bool) -> None:
         typer.echo(f"{s.name}\t{addr}:{s.port}\tv{s.version}\t{'tls' if s.tls else 'no-tls'}\t{','.join(s.modules)}")
 
 
-def _run_list(target: str, *, json_out: bool, tls_enabled: bool, verbose: int) -> None:
+def _run_list(target: str, *, json_out: bool, tls_enabled: bool, verbose: int, secrets_file: Path | None = None) -> None:
     _setup_logging(verbose, daemon=False)
+    from .credentials import client_credentials
     from .endpoint import HostSpec, parse_listing_target
 
     try:
         what = parse_listing_target(target)
+        creds = None if isinstance(what, HostSpec) else client_credentials(what.user, what.host.host, what.module, secrets_file)
     except BlitError as exc:
         raise _fail(exc) from None
     import trio
@@ -198,6 +203,8 @@ def _run_list(target: str, *, json_out: bool, tls_enabled: bool, verbose: int) -
                     rows.append({"module": "", "comment": "(root export: host://path)", "read_only": mods.root_read_only})
                 rows += [{"module": m.name, "comment": m.comment, "read_only": m.read_only} for m in mods.modules]
                 return rows
+            if creds is not None:
+                await s.authenticate(what.module, *creds)
             path = what.path_bytes
             entry = await s.stat(what.module, path)
             if entry is None:

@@ -6,6 +6,8 @@
     [v6addr]:/module/path                 IPv6 literal, default port
     [v6addr]:port:/module/path            IPv6 literal and port
     host://path  host:port://path         the daemon's root export (module "")
+    user@host:/module/path, user@[v6]:port:/module/path, user@host://path
+                                          the same, authenticating as `user` (--secrets-file)
 
 A text is local when it starts with "/", "./" or "../", or when it has no ":" before its first
 "/". The trailing slash is kept: it carries rsync's meaning ("the contents of").
@@ -24,6 +26,10 @@ DEFAULT_PORT = 9031
 """The daemon's default control port (its data port defaults to the next one)."""
 
 _MODULE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+_USER = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}"
+USER_NAME = re.compile(rf"^{_USER}$")
+"""A user name (`user@host:...` here, `auth_users` in the daemon's config)."""
+_USER_RE = re.compile(rf"^({_USER})@")
 _HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,252}[A-Za-z0-9])?$")
 
 
@@ -70,6 +76,8 @@ class RemoteEndpoint:
     path: str
     """The path inside the module, relative, without a leading "/", trailing slash kept
     ("" is the module's top)."""
+    user: str | None = None
+    """`user@host:...`: authenticate as this user (None: no authentication)."""
 
     @property
     def trailing_slash(self) -> bool:
@@ -85,9 +93,10 @@ class RemoteEndpoint:
         return self.path.encode("utf-8", "surrogateescape")
 
     def __str__(self) -> str:
+        who = f"{self.user}@" if self.user else ""
         if self.is_root_export:
-            return f"{self.host}://{self.path}"
-        return f"{self.host}:/{self.module}" + (f"/{self.path}" if self.path else "")
+            return f"{who}{self.host}://{self.path}"
+        return f"{who}{self.host}:/{self.module}" + (f"/{self.path}" if self.path else "")
 
 
 Endpoint = LocalEndpoint | RemoteEndpoint
@@ -117,11 +126,13 @@ def parse_endpoint(text: str) -> LocalEndpoint | RemoteEndpoint:
         raise ConfigError(f"endpoint {text!r} contains a NUL byte")
     if is_local(text):
         return LocalEndpoint(text)
-    host, rest = _split_host(text)
+    m = _USER_RE.match(text)
+    user = m.group(1) if m else None
+    host, rest = _split_host(text[m.end() :] if m else text)
     if rest.startswith("//"):
         path = rest[2:]
         _check_path(text, path)
-        return RemoteEndpoint(host, "", path.lstrip("/"))
+        return RemoteEndpoint(host, "", path.lstrip("/"), user)
     if not rest.startswith("/"):
         raise ConfigError(
             f"malformed endpoint {text!r}: the path after {text[: len(text) - len(rest)]!r} must "
@@ -133,7 +144,7 @@ def parse_endpoint(text: str) -> LocalEndpoint | RemoteEndpoint:
     if not _MODULE_RE.match(module):
         raise ConfigError(f"malformed endpoint {text!r}: {module!r} is not a valid module name")
     _check_path(text, path)
-    return RemoteEndpoint(host, module, path)
+    return RemoteEndpoint(host, module, path, user)
 
 
 def parse_host(text: str) -> HostSpec:
@@ -167,8 +178,12 @@ def parse_host(text: str) -> HostSpec:
 def parse_listing_target(text: str) -> HostSpec | RemoteEndpoint:
     """What `blit list` accepts: a bare host (modules) or a remote endpoint (entries).
 
-    `host:/` is taken as the bare host.
+    `host:/` is taken as the bare host; a `user@` before a bare host is dropped (listing the
+    modules needs no authentication).
     """
+    m = _USER_RE.match(text)
+    if m and not ("/" in text and not text.endswith(":/")):
+        text = text[m.end() :]
     if text.endswith(":/") and not text.endswith("::/"):
         return parse_host(text[:-2])
     if "/" in text and not text.startswith(("/", "./", "../")):

@@ -56,10 +56,18 @@ class Daemon:
 
 
 def write_config(
-    tmp: Path, *, tls: bool = True, force_h2_data: bool = False, extra: str = "", peer_pull: bool = False
+    tmp: Path,
+    *,
+    tls: bool = True,
+    force_h2_data: bool = False,
+    extra: str = "",
+    peer_pull: bool = False,
+    module_extra: dict[str, str] | None = None,
 ) -> tuple[Path, dict[str, Path]]:
     """Modules data (read-write; `peer_pull`: may pull from other daemons), ro (read-only) and
-    other (read-write, never allowed to pull from other daemons)."""
+    other (read-write, never allowed to pull from other daemons). `extra`: more [daemon] lines;
+    `module_extra`: more lines per module name (access rules)."""
+    more = module_extra or {}
     mods = {"data": tmp / "mod_data", "ro": tmp / "mod_ro", "other": tmp / "mod_other"}
     for p in mods.values():
         p.mkdir(exist_ok=True)
@@ -80,16 +88,19 @@ name = "data"
 path = "{mods['data']}"
 comment = "read-write test module"
 allow_peer_pull = {str(peer_pull).lower()}
+{more.get("data", "")}
 
 [[module]]
 name = "ro"
 path = "{mods['ro']}"
 read_only = true
 comment = "read-only module"
+{more.get("ro", "")}
 
 [[module]]
 name = "other"
 path = "{mods['other']}"
+{more.get("other", "")}
 """
     )
     return cfg, mods
@@ -101,10 +112,20 @@ def tls_mode(request: pytest.FixtureRequest) -> bool:
 
 
 async def start_daemon(
-    nursery: trio.Nursery, tmp: Path, *, tls: bool = True, force_h2_data: bool = False, peer_pull: bool = False, **kw
+    nursery: trio.Nursery,
+    tmp: Path,
+    *,
+    tls: bool = True,
+    force_h2_data: bool = False,
+    peer_pull: bool = False,
+    extra: str = "",
+    module_extra: dict[str, str] | None = None,
+    **kw,
 ) -> Daemon:
     tmp.mkdir(parents=True, exist_ok=True)
-    cfg_path, mods = write_config(tmp, tls=tls, force_h2_data=force_h2_data, peer_pull=peer_pull)
+    cfg_path, mods = write_config(
+        tmp, tls=tls, force_h2_data=force_h2_data, peer_pull=peer_pull, extra=extra, module_extra=module_extra
+    )
     cfg = load_config(cfg_path)
     info = await nursery.start(functools.partial(serve, cfg, **kw))
     return Daemon(info, cfg_path, tmp / "known_hosts", tls, mods)
@@ -168,13 +189,23 @@ def subprocess_env(tmp: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def run_daemon_process(
-    tmp: Path, *, tls: bool = True, args: tuple[str, ...] = (), peer_pull: bool = False, prefix: tuple[str, ...] = ()
+    tmp: Path,
+    *,
+    tls: bool = True,
+    args: tuple[str, ...] = (),
+    peer_pull: bool = False,
+    prefix: tuple[str, ...] = (),
+    extra: str = "",
+    module_extra: dict[str, str] | None = None,
 ) -> Iterator[DaemonProcess]:
-    """`prefix`: a command the daemon runs under (e.g. setpriv to drop privileges)."""
+    """`prefix`: a command the daemon runs under (e.g. setpriv to drop privileges); `extra`,
+    `module_extra`: more config lines (write_config)."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     data_port = _free_port()
-    cfg, mods = write_config(tmp, tls=tls, extra=f"data_port = {data_port}", peer_pull=peer_pull)
+    cfg, mods = write_config(
+        tmp, tls=tls, extra=f"data_port = {data_port}\n{extra}", peer_pull=peer_pull, module_extra=module_extra
+    )
     env = subprocess_env(tmp)
     log_path = tmp / "daemon.log"
     with open(log_path, "wb") as logf:

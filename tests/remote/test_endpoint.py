@@ -47,6 +47,14 @@ CASES = [
     ("host://", RemoteEndpoint(HostSpec("host", D), "", "")),
     ("host:9000://srv/x", RemoteEndpoint(HostSpec("host", 9000), "", "srv/x")),
     ("[::1]://srv", RemoteEndpoint(HostSpec("::1", D), "", "srv")),
+    # a user to authenticate as (--secrets-file)
+    ("alice@nas:/photos/x", RemoteEndpoint(HostSpec("nas", D), "photos", "x", "alice")),
+    ("al.ice_2@nas:9000:/m/", RemoteEndpoint(HostSpec("nas", 9000), "m", "", "al.ice_2")),
+    ("alice@[::1]:9000:/mod/p", RemoteEndpoint(HostSpec("::1", 9000), "mod", "p", "alice")),
+    ("alice@[2001:db8::5]:/mod", RemoteEndpoint(HostSpec("2001:db8::5", D), "mod", "", "alice")),
+    ("bob@host://srv/x", RemoteEndpoint(HostSpec("host", D), "", "srv/x", "bob")),
+    ("a@b", LocalEndpoint("a@b")),
+    ("./alice@nas:/x", LocalEndpoint("./alice@nas:/x")),
 ]
 
 

@@ -18,6 +18,9 @@ SAMPLES: list[p.Message] = [
     p.Hello(protocol=1, software="blit test", features=["x"]),
     p.HelloReply(protocol=1, software="blitd", name="box", data_port=9032, max_message=p.MAX_MESSAGE),
     p.HelloReply(protocol=1, software="blitd", name="box", data_port=None, max_message=1),
+    p.AuthChallenge(),
+    p.AuthNonce(nonce=bytes(range(32))),
+    p.Auth(module="m", user="alice", mac=bytes(32)),
     p.ListModules(),
     p.ModuleList(modules=[p.ModuleInfo(name="m", comment="c", read_only=True)], root=False, root_read_only=False),
     p.ListDir(module="m", path=b"a/\xff\n b", after=b"x", limit=5),
@@ -307,3 +310,20 @@ def test_schema_names_every_message() -> None:
             assert re.search(rf"^{cls.__name__}\s*=", cddl, re.M), cls.__name__
         assert f'"{op.name}"' in cddl
     assert f"protocol-version = {p.PROTOCOL_VERSION}" in cddl
+
+
+def test_auth_mac_binds_the_nonce_user_and_module() -> None:
+    import hashlib
+    import hmac
+
+    nonce = bytes(range(32))
+    mac = p.auth_mac(b"secret", nonce, "alice", "m")
+    want = hmac.new(b"secret", b"blit-auth-1\x00\x20" + nonce + b"\x00\x05alice\x00\x01m", hashlib.sha256).digest()
+    assert mac == want and len(mac) == p.AUTH_MAC_BYTES
+    others = {
+        p.auth_mac(b"secret", bytes(32), "alice", "m"),
+        p.auth_mac(b"secret", nonce, "alicem", ""),
+        p.auth_mac(b"secret", nonce, "alice", "n"),
+        p.auth_mac(b"secreT", nonce, "alice", "m"),
+    }
+    assert mac not in others and len(others) == 4

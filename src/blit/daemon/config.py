@@ -9,18 +9,60 @@ This module must not open sockets or start anything; it only reads the file and 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
-from ..endpoint import DEFAULT_PORT
+from ..endpoint import DEFAULT_PORT, USER_NAME
 from ..errors import ConfigError
 
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """Who may use an export: client addresses (rsyncd.conf's `hosts allow` / `hosts deny`) and
+    users with a secret (`auth users` / `secrets file`). The default lets everyone in."""
+
+    auth_users: tuple[str, ...] = ()
+    """Empty: no authentication. Otherwise a session must `auth` as one of these users."""
+    secrets: tuple[tuple[str, bytes], ...] = ()
+    """(user, secret) of every auth user, read from the secrets file at start."""
+    hosts_allow: tuple[Network, ...] = ()
+    hosts_deny: tuple[Network, ...] = ()
+
+    @property
+    def needs_auth(self) -> bool:
+        return bool(self.auth_users)
+
+    def secret_of(self, user: str) -> bytes | None:
+        for name, secret in self.secrets:
+            if name == user:
+                return secret
+        return None
+
+    def allows(self, addr: Address | None) -> bool:
+        """rsync's rule: a match in hosts_allow admits, then a match in hosts_deny refuses; an
+        address matching neither is refused only when hosts_allow alone is given."""
+        if not self.hosts_allow and not self.hosts_deny:
+            return True
+        if addr is None:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if any(addr in n for n in self.hosts_allow):
+            return True
+        if any(addr in n for n in self.hosts_deny):
+            return False
+        return not (self.hosts_allow and not self.hosts_deny)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +73,7 @@ class ModuleConfig:
     comment: str = ""
     allow_peer_pull: bool = False
     """Remote to remote: clients may ask this daemon to pull from another daemon into here."""
+    access: Access = Access()
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +89,8 @@ class DaemonConfig:
     root_read_only: bool = False
     root_allow_peer_pull: bool = False
     """The root export's `allow_peer_pull` (remote to remote transfers into it)."""
+    root_access: Access = Access()
+    """The root export's root_auth_users, root_hosts_allow, root_hosts_deny."""
     mdns: bool = True
     mdns_name: str = ""
     """The advertised instance name; "" is the host name."""
@@ -92,8 +137,23 @@ _DAEMON_KEYS: dict[str, type | tuple[type, ...]] = {
     "tls": bool,
     "state_dir": str,
     "max_connections": int,
+    "secrets_file": str,
+    "root_auth_users": list,
+    "root_hosts_allow": list,
+    "root_hosts_deny": list,
 }
-_MODULE_KEYS: dict[str, type] = {"name": str, "path": str, "read_only": bool, "comment": str, "allow_peer_pull": bool}
+_MODULE_KEYS: dict[str, type] = {
+    "name": str,
+    "path": str,
+    "read_only": bool,
+    "comment": str,
+    "allow_peer_pull": bool,
+    "auth_users": list,
+    "secrets_file": str,
+    "hosts_allow": list,
+    "hosts_deny": list,
+}
+_ACCESS_KEYS = ("auth_users", "hosts_allow", "hosts_deny")
 _PEER_PULL_READ_ONLY = "a read-only export cannot receive pulls from other daemons (drop {ro} or this key)"
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "an array"}
 
@@ -164,6 +224,8 @@ def _parse_file(path: Path) -> DaemonConfig:
             value = tuple(value)
         elif key in ("root", "state_dir"):
             value = _resolve(path, value)
+        elif key.removeprefix("root_") in _ACCESS_KEYS or key == "secrets_file":
+            continue  # read below, together (the secrets file serves the root and the modules)
         elif key in ("port", "data_port") and not 0 <= value <= 65535:
             raise fail("daemon", key, None, f"{value} is out of range (0-65535)")
         elif key == "max_connections" and not 1 <= value <= 100_000:
@@ -171,6 +233,19 @@ def _parse_file(path: Path) -> DaemonConfig:
         values[key] = value
     if values.get("root_allow_peer_pull") and values.get("root_read_only"):
         raise fail("daemon", "root_allow_peer_pull", None, _PEER_PULL_READ_ONLY.format(ro="root_read_only"))
+    secrets_cache: dict[Path, dict[str, bytes]] = {}
+    default_secrets: tuple[str, Path] | None = None
+    if "secrets_file" in daemon:
+        default_secrets = ("daemon", _resolve(path, daemon["secrets_file"]))
+        _read_secrets(default_secrets[1], secrets_cache, lambda p: fail("daemon", "secrets_file", None, p))
+    values["root_access"] = _access(
+        {k.removeprefix("root_"): v for k, v in daemon.items() if k.startswith("root_")},
+        None,
+        default_secrets,
+        secrets_cache,
+        lambda key, problem: fail("daemon", "root_" + key, None, problem),
+        path,
+    )
     modules = data.get("module", [])
     if not isinstance(modules, list):
         raise fail("module", None, None, "must be an array of tables: write [[module]]")
@@ -201,10 +276,96 @@ def _parse_file(path: Path) -> DaemonConfig:
                 read_only=table.get("read_only", False),
                 comment=table.get("comment", ""),
                 allow_peer_pull=table.get("allow_peer_pull", False),
+                access=_access(
+                    table,
+                    table.get("secrets_file"),
+                    default_secrets,
+                    secrets_cache,
+                    lambda key, problem, i=i: fail("module", key, i, problem),
+                    path,
+                ),
             )
         )
     values["modules"] = tuple(mods)
     return DaemonConfig(**values)
+
+
+def _access(
+    table: dict[str, Any],
+    own_secrets: str | None,
+    default_secrets: tuple[str, Path] | None,
+    cache: dict[Path, dict[str, bytes]],
+    fail: Any,
+    config_path: Path,
+) -> Access:
+    """An export's Access from its table (keys without the root_ prefix); `fail(key, problem)`
+    makes the ConfigError naming the line and key."""
+    nets: dict[str, tuple[Network, ...]] = {}
+    for key in ("hosts_allow", "hosts_deny"):
+        out = []
+        for item in table.get(key, []):
+            if not isinstance(item, str):
+                raise fail(key, "must be an array of addresses or CIDR networks (strings)")
+            try:
+                out.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                raise fail(key, f"{item!r} is not an IP address or CIDR network (host names are not supported)") from None
+        nets[key] = tuple(out)
+    users = table.get("auth_users", [])
+    for u in users:
+        if not isinstance(u, str) or not USER_NAME.match(u):
+            raise fail("auth_users", f"{u!r} is not a valid user name (letters, digits, '.', '_', '-')")
+    secrets: list[tuple[str, bytes]] = []
+    if users:
+        if own_secrets is not None:
+            file = _resolve(config_path, own_secrets)
+            known = _read_secrets(file, cache, lambda p: fail("secrets_file", p))
+        elif default_secrets is not None:
+            file = default_secrets[1]
+            known = cache[file]
+        else:
+            raise fail("auth_users", "needs a secrets_file (in this table, or in [daemon] for every export)")
+        for u in dict.fromkeys(users):
+            if u not in known:
+                raise fail("auth_users", f"user {u!r} has no line in the secrets file {file}")
+            secrets.append((u, known[u]))
+    elif own_secrets is not None:
+        _read_secrets(_resolve(config_path, own_secrets), cache, lambda p: fail("secrets_file", p))
+    return Access(
+        auth_users=tuple(dict.fromkeys(users)),
+        secrets=tuple(secrets),
+        hosts_allow=nets["hosts_allow"],
+        hosts_deny=nets["hosts_deny"],
+    )
+
+
+def _read_secrets(file: Path, cache: dict[Path, dict[str, bytes]], fail: Any) -> dict[str, bytes]:
+    """`user:secret` lines (blank lines and `#` comments skipped; blanks around the secret
+    dropped). Like rsync's strict modes, the file must not be accessible by group or others and
+    must belong to the daemon's user or root."""
+    if file in cache:
+        return cache[file]
+    from ..credentials import read_private_file
+
+    try:
+        raw = read_private_file(file, "the secrets file", owners=tuple(dict.fromkeys((os.geteuid(), 0))))
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    out: dict[str, bytes] = {}
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        line = line.rstrip(b"\r")
+        if not line.strip() or line.lstrip().startswith(b"#"):
+            continue
+        user, sep, secret = line.partition(b":")
+        name = user.strip().decode("utf-8", "replace")
+        secret = secret.strip()
+        if not sep or not secret or not USER_NAME.match(name):
+            raise fail(f"the secrets file {file}, line {n}: expected user:secret")
+        if name in out:
+            raise fail(f"the secrets file {file}, line {n}: user {name!r} appears twice")
+        out[name] = secret
+    cache[file] = out
+    return out
 
 
 def _is(value: Any, want: type | tuple[type, ...]) -> bool:

@@ -11,9 +11,11 @@ This module must not own sockets or listeners (server.py does) and must not pars
 from __future__ import annotations
 
 import errno
+import hmac
 import itertools
 import logging
 import os
+import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +28,16 @@ from ..transport import data, protocol
 from ..transport.protocol import ErrorCode, Refused
 from ..transport.tree import SrcFile
 from . import contain
-from .config import DaemonConfig, ModuleConfig
+from .config import Access, DaemonConfig, ModuleConfig
 
 log = logging.getLogger("blit.daemon")
 
 MAX_TRANSFERS_PER_SESSION = 8
 MAX_FILES_PER_TRANSFER = 10_000_000
+MAX_AUTH_FAILURES = 3
+"""Failed `auth` answers one session may give; later ones fail without being checked."""
+AUTH_FAILURE_DELAY = 0.3
+"""Seconds a failed `auth` waits before its answer (with the limit above: against guessing)."""
 
 
 @dataclass
@@ -50,8 +56,9 @@ class DaemonState:
     shutting_down: bool = False
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
-    def module(self, name: str) -> tuple[Path, bool]:
-        """(root path, read_only) of a module, "" being the root export.
+    def export(self, name: str) -> tuple[Path, bool, Access]:
+        """(root path, read_only, access rules) of a module, "" being the root export. Only
+        `Session.module` may hand a module to a request: it applies the access rules.
 
         Raises:
             Refused(UNKNOWN_MODULE): no such module (its name is in the message).
@@ -59,12 +66,12 @@ class DaemonState:
         if name == "":
             if self.config.root is None:
                 raise Refused(ErrorCode.UNKNOWN_MODULE, "this daemon has no root export (host://path)")
-            return self.config.root, self.config.root_read_only
+            return self.config.root, self.config.root_read_only, self.config.root_access
         m: ModuleConfig | None = self.config.module(name)
         if m is None:
             known = ", ".join(x.name for x in self.config.modules) or "none"
             raise Refused(ErrorCode.UNKNOWN_MODULE, f"unknown module {name!r} (modules: {known})")
-        return m.path, m.read_only
+        return m.path, m.read_only, m.access
 
     def next_id(self) -> int:
         return int(next(self._ids))
@@ -303,9 +310,16 @@ class Transfer:
 class Session:
     """One control connection: its protocol state, its transfers, and the request handlers."""
 
-    def __init__(self, state: DaemonState, peer: str) -> None:
+    def __init__(self, state: DaemonState, peer: str, addr: Any = None) -> None:
         self.state = state
         self.peer = peer
+        self.addr = addr
+        """The client's IP address (ipaddress), for the modules' hosts_allow / hosts_deny."""
+        self.nonce: bytes | None = None
+        """The challenge the next `auth` answers (spent by it, whatever the outcome)."""
+        self.authenticated: dict[str, str] = {}
+        """module -> user, for the modules this session has authenticated to."""
+        self.auth_failures = 0
         self.proto = protocol.ServerSession(software=state.software)
         self.transfers: dict[int, Transfer] = {}
         self.ready = trio.Event()
@@ -327,6 +341,30 @@ class Session:
             t.cancel()
         self.transfers.clear()
 
+    def module(self, name: str) -> tuple[Path, bool]:
+        """(root path, read_only) of a module for this session: the one door every request
+        goes through to a module (list, stat, transfers, tree transfers, removals, peer pulls).
+
+        Raises:
+            Refused: UNKNOWN_MODULE; ACCESS_DENIED when the module's address rules refuse this
+                client; AUTH_REQUIRED when the module needs `auth` and this session has not.
+        """
+        root, read_only, access = self.state.export(name)
+        self.check_address(name, access)
+        if access.needs_auth and name not in self.authenticated:
+            raise Refused(ErrorCode.AUTH_REQUIRED, f"{_export_name(name)} requires a user and secret (see --secrets-file)")
+        return root, read_only
+
+    def check_address(self, name: str, access: Access, addr: Any = None) -> None:
+        addr = self.addr if addr is None else addr
+        if not access.allows(addr):
+            shown = getattr(addr, "ipv4_mapped", None) or addr
+            raise Refused(ErrorCode.ACCESS_DENIED, f"access to {_export_name(name)} denied for {shown}")
+
+    def may_list(self, name: str, access: Access) -> bool:
+        """`modules` hides the modules this client's address may not use (as rsync does)."""
+        return access.allows(self.addr)
+
     def transfer(self, tid: int) -> Transfer:
         t = self.transfers.get(tid)
         if t is None:
@@ -338,6 +376,44 @@ class Session:
             return await trio.to_thread.run_sync(fn, *args, limiter=self.state.fs_limiter)
         except OSError as exc:
             raise Refused(ErrorCode.IO_ERROR, exc.strerror or str(exc)) from None
+
+
+def _export_name(name: str) -> str:
+    return f"module {name!r}" if name else "the root export"
+
+
+async def handle_auth_challenge(s: Session, msg: protocol.AuthChallenge) -> protocol.AuthNonce:
+    s.nonce = secrets.token_bytes(protocol.AUTH_NONCE_BYTES)
+    return protocol.AuthNonce(nonce=s.nonce)
+
+
+_DUMMY_SECRET = secrets.token_bytes(32)
+
+
+async def handle_auth(s: Session, msg: protocol.Auth) -> protocol.Ack:
+    """Check an answer to this session's challenge. Every failure gets the same message after
+    the same delay (an unknown user costs the same HMAC as a wrong secret); the nonce is spent
+    either way, so an answer cannot be replayed, in this session or another."""
+    _root, _ro, access = s.state.export(msg.module)
+    s.check_address(msg.module, access)
+    nonce, s.nonce = s.nonce, None
+    if not access.needs_auth:
+        return protocol.Ack()  # nothing to prove (rsync accepts any user on such a module)
+    failed = Refused(ErrorCode.AUTH_FAILED, f"authentication failed for {_export_name(msg.module)}")
+    if s.auth_failures >= MAX_AUTH_FAILURES:
+        raise Refused(ErrorCode.AUTH_FAILED, f"authentication failed for {_export_name(msg.module)} (too many attempts in this session)")
+    if nonce is None:
+        raise Refused(ErrorCode.NO_SESSION, "auth needs a fresh auth/challenge first")
+    known = access.secret_of(msg.user) if msg.user in access.auth_users else None
+    expected = protocol.auth_mac(known if known is not None else _DUMMY_SECRET, nonce, msg.user, msg.module)
+    if known is None or not hmac.compare_digest(expected, msg.mac):
+        s.auth_failures += 1
+        log.warning("%s: authentication as %r for %s failed", s.peer, msg.user, _export_name(msg.module))
+        await trio.sleep(AUTH_FAILURE_DELAY)
+        raise failed
+    s.authenticated[msg.module] = msg.user
+    log.info("%s: authenticated as %r for %s", s.peer, msg.user, _export_name(msg.module))
+    return protocol.Ack()
 
 
 async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
@@ -356,21 +432,25 @@ async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
 async def handle_modules(s: Session, msg: protocol.ListModules) -> protocol.ModuleList:
     cfg = s.state.config
     return protocol.ModuleList(
-        modules=[protocol.ModuleInfo(name=m.name, comment=m.comment, read_only=m.read_only) for m in cfg.modules],
-        root=cfg.root is not None,
+        modules=[
+            protocol.ModuleInfo(name=m.name, comment=m.comment, read_only=m.read_only)
+            for m in cfg.modules
+            if s.may_list(m.name, m.access)
+        ],
+        root=cfg.root is not None and s.may_list("", cfg.root_access),
         root_read_only=cfg.root_read_only,
     )
 
 
 async def handle_list(s: Session, msg: protocol.ListDir) -> protocol.DirListing:
-    root, _ro = s.state.module(msg.module)
+    root, _ro = s.module(msg.module)
     protocol.split_path(msg.path)  # refuse before touching the disk
     entries, more = await s.fs(contain.list_dir, root, msg.path, msg.after, msg.limit)
     return protocol.DirListing(entries=entries, more=more)
 
 
 async def handle_stat(s: Session, msg: protocol.Stat) -> protocol.StatReply:
-    root, _ro = s.state.module(msg.module)
+    root, _ro = s.module(msg.module)
     protocol.split_path(msg.path)
     entry = await s.fs(contain.stat_path, root, msg.path)
     return protocol.StatReply(entry=entry)
@@ -381,7 +461,7 @@ async def handle_open_transfer(s: Session, msg: protocol.OpenTransfer) -> protoc
         raise Refused(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
     if msg.direction not in ("push", "pull"):
         raise Refused(ErrorCode.BAD_REQUEST, f"direction must be push or pull, not {msg.direction!r}")
-    root, read_only = s.state.module(msg.module)
+    root, read_only = s.module(msg.module)
     if msg.direction == "push" and read_only:
         name = f"module {msg.module!r}" if msg.module else "the root export"
         raise Refused(ErrorCode.READ_ONLY, f"{name} is read-only")
@@ -507,7 +587,7 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
         raise Refused(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
     if msg.direction not in ("push", "pull") or msg.operation not in ("copy", "mirror", "move"):
         raise Refused(ErrorCode.BAD_REQUEST, "direction must be push or pull; operation copy, mirror or move")
-    root, read_only = s.state.module(msg.module)
+    root, read_only = s.module(msg.module)
     if read_only and (msg.direction == "push" or msg.operation == "move"):
         name = f"module {msg.module!r}" if msg.module else "the root export"
         why = ": a move from it would remove its files (copy instead)" if msg.direction == "pull" else ""
@@ -633,7 +713,7 @@ async def handle_tree_remove(s: Session, msg: protocol.TreeRemove) -> protocol.T
     t = s.transfer(msg.transfer)
     if t.tree_src is None or not t.move:
         raise Refused(ErrorCode.BAD_REQUEST, "tree/remove is for pull move transfers")
-    _root, read_only = s.state.module(t.module)
+    _root, read_only = s.module(t.module)
     if read_only:
         raise Refused(ErrorCode.READ_ONLY, f"module {t.module!r} is read-only" if t.module else "the root export is read-only")
     check_groups(msg.groups)
@@ -701,6 +781,8 @@ async def handle_peer_wait(s: Session, msg: protocol.PeerWait) -> protocol.PeerS
 
 _HANDLERS: dict[type[protocol.Message], Any] = {
     protocol.Hello: handle_hello,
+    protocol.AuthChallenge: handle_auth_challenge,
+    protocol.Auth: handle_auth,
     protocol.ListModules: handle_modules,
     protocol.ListDir: handle_list,
     protocol.Stat: handle_stat,

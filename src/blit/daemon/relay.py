@@ -112,7 +112,16 @@ class PeerJob:
         except UsageError as exc:
             self._fail(ErrorCode.BAD_REQUEST, str(exc))
         except RemoteError as exc:  # only A answers RemoteErrors here
-            self._fail(exc.code, f"the source daemon {HostSpec(self.msg.peer.host, self.msg.peer.port)} refused: {exc.message}")
+            a = HostSpec(self.msg.peer.host, self.msg.peer.port)
+            if exc.code == ErrorCode.AUTH_REQUIRED.value:  # B holds no secret for A (R17)
+                name = f"module {self.msg.peer.module!r}" if self.msg.peer.module else "the root export"
+                self._fail(
+                    ErrorCode.NOT_ALLOWED,
+                    f"the source daemon {a} requires authentication for {name}: remote to remote"
+                    " cannot pull from a protected module (copy through this machine instead)",
+                )
+            else:
+                self._fail(exc.code, f"the source daemon {a} refused: {exc.message}")
         except TransportError as exc:
             why = str(exc)  # the client says "B could not reach A: ..." around it
             redundant = f"cannot reach the daemon at {HostSpec(self.msg.peer.host, self.msg.peer.port).netloc}: "
@@ -179,7 +188,7 @@ class PeerJob:
         if not same:
             return
         try:
-            src_root, _ro = state.module(peer.module)
+            src_root = state.export(peer.module)[0]  # a path to compare, not an access
         except Refused:
             return
         from ..api import _inside
@@ -206,7 +215,7 @@ async def start(s: Any, msg: protocol.PeerPull) -> protocol.PeerStarted:
         raise Refused(ErrorCode.BAD_REQUEST, "move between two daemons is not supported yet")
     if msg.operation not in ("copy", "mirror"):
         raise Refused(ErrorCode.BAD_REQUEST, "operation must be copy or mirror")
-    root, read_only = state.module(msg.module)
+    root, read_only = s.module(msg.module)
     name = f"module {msg.module!r}" if msg.module else "the root export"
     if read_only:
         raise Refused(ErrorCode.READ_ONLY, f"{name} is read-only")

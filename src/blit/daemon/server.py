@@ -167,6 +167,20 @@ def _peer(stream: trio.SocketStream) -> str:
         return "?"
 
 
+def _peer_ip(stream: trio.SocketStream) -> Any:
+    """The client's address (ipaddress; IPv4-mapped IPv6 unwrapped), or None if unknown (then
+    every module with address rules refuses it)."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(str(stream.socket.getpeername()[0]).split("%", 1)[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 async def _handle_control(
     state: handlers.DaemonState,
     ssl_ctx: ssl.SSLContext | None,
@@ -193,7 +207,7 @@ async def _handle_control(
                 return
             stream = ssl_stream
         conn = control.H2Connection(stream, client_side=False, idle_timeout=IDLE_TIMEOUT)
-        session = handlers.Session(state, peer)
+        session = handlers.Session(state, peer, _peer_ip(tcp))
         state.sessions += 1
         try:
             async with trio.open_nursery() as nursery:
@@ -284,6 +298,7 @@ async def _handle_h2_data(session: handlers.Session, st: control.H2Stream) -> No
 async def _handle_data(state: handlers.DaemonState, ssl_ctx: ssl.SSLContext | None, tcp: trio.SocketStream) -> None:
     """A raw data stream: handshake and token check, then the transfer's worker owns it."""
     peer = _peer(tcp)
+    addr = _peer_ip(tcp)
     sock = socket.socket(fileno=tcp.socket.detach())
     raw = sock
     try:
@@ -304,6 +319,9 @@ async def _handle_data(state: handlers.DaemonState, ssl_ctx: ssl.SSLContext | No
             transfer = state.grants.redeem(token)
             if transfer.closed:
                 raise Refused(ErrorCode.BAD_TOKEN, "the transfer is over")
+            # The token ties the stream to its session (which passed the module's checks); the
+            # stream's own address must pass the module's address rules too.
+            transfer.session.check_address(transfer.module, state.export(transfer.module)[2], addr)
         except Refused as exc:
             log.info("data stream from %s refused: %s", peer, exc.message)
             await trio.to_thread.run_sync(_answer_quietly, sock, AdmitStatus.BAD_TOKEN, exc.message)

@@ -68,6 +68,17 @@ class RemoteSession:
         """The one-line error for a daemon that stopped making progress."""
         return control.daemon_stalled(self.client.authority, what, seconds)
 
+    async def authenticate(self, module: str, user: str, secret: bytes) -> None:
+        """Challenge-response for a module (docs/protocol.md §1): the secret never travels, only
+        an HMAC of this session's fresh nonce. Raises RemoteError("auth-failed") when refused."""
+        from ..errors import RemoteProtocolError
+
+        challenge: protocol.AuthNonce = await self.call(protocol.AuthChallenge())
+        if len(challenge.nonce) != protocol.AUTH_NONCE_BYTES:
+            raise RemoteProtocolError(f"the daemon's challenge is {len(challenge.nonce)} bytes, not {protocol.AUTH_NONCE_BYTES}")
+        mac = protocol.auth_mac(secret, challenge.nonce, user, module)
+        await self.call(protocol.Auth(module=module, user=user, mac=mac))
+
     async def modules(self) -> protocol.ModuleList:
         reply: protocol.ModuleList = await self.call(protocol.ListModules())
         return reply

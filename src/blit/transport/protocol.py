@@ -53,6 +53,11 @@ TOKEN_SECRET_BYTES = 24
 TOKEN_BYTES = TOKEN_ID_BYTES + TOKEN_SECRET_BYTES
 """A data token: a public id (to find the grant) and a 192-bit secret (compared in constant time)."""
 
+AUTH_NONCE_BYTES = 32
+"""The daemon's challenge: 256 random bits per `auth/challenge`, spent by the next `auth`."""
+AUTH_MAC_BYTES = 32
+"""HMAC-SHA256."""
+
 CONTENT_TYPE = b"application/cbor"
 PATH_PREFIX = "/blit/"
 DATA_PATH = "/blit/data"
@@ -81,6 +86,9 @@ class ErrorCode(str, enum.Enum):
     INTERNAL = "internal"
     NOT_ALLOWED = "not-allowed"  # the daemon's config does not allow this (remote to remote)
     PEER_FAILED = "peer-failed"  # the daemon could not reach or use the peer daemon
+    AUTH_REQUIRED = "auth-required"  # the module needs `auth` first (user + secret)
+    AUTH_FAILED = "auth-failed"  # wrong user or secret (never says which), or too many tries
+    ACCESS_DENIED = "access-denied"  # the module's hosts_allow / hosts_deny refuse this address
 
     @property
     def status(self) -> int:
@@ -104,6 +112,9 @@ _STATUS = {
     ErrorCode.INTERNAL: 500,
     ErrorCode.NOT_ALLOWED: 403,
     ErrorCode.PEER_FAILED: 502,
+    ErrorCode.AUTH_REQUIRED: 401,
+    ErrorCode.AUTH_FAILED: 403,
+    ErrorCode.ACCESS_DENIED: 403,
 }
 
 
@@ -174,6 +185,26 @@ class HelloReply(Message):
     """The raw data port, or None when the daemon only carries data over HTTP/2."""
     max_message: int = field(metadata=_lim(min=0, max=1 << 40))
     features: list[str] = field(default_factory=list, metadata=_lim(64))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AuthChallenge(Message):
+    """Ask for a fresh nonce; the next `auth` of this session spends it (docs/protocol.md §1)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AuthNonce(Message):
+    nonce: bytes = field(metadata=_lim(AUTH_NONCE_BYTES))
+    """AUTH_NONCE_BYTES random bytes, new for each challenge."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Auth(Message):
+    """Prove knowledge of `user`'s secret for `module`: mac = auth_mac(secret, nonce, user, module)."""
+
+    module: str = field(metadata=_lim(MAX_NAME))
+    user: str = field(metadata=_lim(MAX_NAME))
+    mac: bytes = field(metadata=_lim(AUTH_MAC_BYTES))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -650,6 +681,8 @@ OPERATIONS: dict[str, Operation] = {
     op.name: op
     for op in (
         Operation("hello", Hello, HelloReply),
+        Operation("auth/challenge", AuthChallenge, AuthNonce),
+        Operation("auth", Auth, Ack),
         Operation("modules", ListModules, ModuleList),
         Operation("list", ListDir, DirListing),
         Operation("stat", Stat, StatReply),
@@ -1019,6 +1052,19 @@ def error_body(code: ErrorCode, message: str) -> bytes:
 # Paths
 
 
+def auth_mac(secret: bytes, nonce: bytes, user: str, module: str) -> bytes:
+    """The answer to a challenge: HMAC-SHA256 keyed by the secret over a domain tag and the
+    length-prefixed nonce, user and module, so an answer is good for one nonce (one session,
+    one attempt), one user and one module only. The secret itself never travels."""
+    import hashlib
+    import hmac
+
+    msg = bytearray(b"blit-auth-1")
+    for part in (nonce, user.encode("utf-8"), module.encode("utf-8")):
+        msg += struct.pack("!H", len(part)) + part
+    return hmac.new(secret, bytes(msg), hashlib.sha256).digest()
+
+
 def split_path(path: bytes) -> list[bytes]:
     """The components of a module-relative path, refusing anything that could leave the module.
 
@@ -1354,6 +1400,12 @@ __all__ = [
     "Ack",
     "Hello",
     "HelloReply",
+    "AuthChallenge",
+    "AuthNonce",
+    "Auth",
+    "auth_mac",
+    "AUTH_NONCE_BYTES",
+    "AUTH_MAC_BYTES",
     "ListModules",
     "ModuleInfo",
     "ModuleList",

@@ -279,6 +279,7 @@ async def remote_transfer(
     force_h2_data: bool = False,
     timeouts: Any = None,
     streams: int = 2,
+    secrets_file: Path | None = None,
 ) -> Summary:
     """Copy, mirror or move between a local path and a daemon (either direction); copy or mirror
     between two daemons (the destination daemon pulls from the source daemon; the client relays).
@@ -290,6 +291,7 @@ async def remote_transfer(
     """
     import trio
 
+    from ..credentials import client_credentials
     from ..filters import Filters
     from ..report import NullProgress, tick
     from .client import Timeouts, open_session
@@ -303,6 +305,14 @@ async def remote_transfer(
     # The session is with the destination daemon when both ends are remote (it does the work).
     remote = d_ep if isinstance(d_ep, RemoteEndpoint) else s_ep
     assert isinstance(remote, RemoteEndpoint)
+    if remote is d_ep and isinstance(s_ep, RemoteEndpoint) and s_ep.user is not None:
+        raise UsageError(
+            f"{s_ep}: remote to remote cannot authenticate to the source daemon (the destination "
+            "daemon pulls and holds no secret); copy through this machine instead"
+        )
+    creds = await trio.to_thread.run_sync(
+        client_credentials, remote.user, remote.host.host, remote.module, secrets_file
+    )
     summary = Summary(operation=operation, source=src, destination=dst, dry_run=dry_run)
     if progress is not None:
         progress.start(summary)
@@ -312,6 +322,8 @@ async def remote_transfer(
     async with open_session(
         remote.host, tls_enabled=tls_enabled, known_hosts=known_hosts, force_h2_data=force_h2_data, timeouts=timeouts or Timeouts()
     ) as session, trio.open_nursery() as nursery:
+        if creds is not None:
+            await session.authenticate(remote.module, *creds)
         if isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, RemoteEndpoint):
             direction = "relay"  # progress: relay() reports each poll's counters
             done, carriers = await relay(session, s_ep, d_ep, spec, streams, tls_enabled=tls_enabled, progress=progress)

@@ -1,0 +1,132 @@
+"""Secrets files: reading one safely (both ends), and the client's choice of user and secret.
+
+    read_private_file(path)      the bytes of a file only its owner can read (rsync's strict
+                                 modes): refused when group or others have any access
+    client_credentials(ep, file) (user, secret) for a remote endpoint written user@host:...
+
+The client's `--secrets-file` has one entry per line (docs/cli.md "Authentication"):
+
+    alice@nas:photos   s3cret        user@host:module, then the secret
+    alice@nas://       other         the root export of nas (host://path)
+    s3cret                           a line that is only a secret: for every other endpoint
+
+Blank lines and lines starting with '#' are skipped; the secret is the rest of the line with
+surrounding blanks removed. The user always comes from the endpoint (`alice@nas:/photos/x`);
+no environment variable is read. This module must not talk to the network.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+
+from .errors import ConfigError
+
+MAX_SECRETS_FILE = 1 << 20
+_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*@(\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._-]+):(//|[A-Za-z0-9][A-Za-z0-9._-]*)$")
+
+
+def read_private_file(path: Path, what: str, *, owners: tuple[int, ...] | None = None) -> bytes:
+    """The content of a secrets file, refusing one that group or others may access.
+
+    Args:
+        what: how messages name the file ("the secrets file").
+        owners: uids allowed to own it (None: any).
+
+    Raises:
+        ConfigError: unreadable, not a regular file, too permissive, wrong owner, too large.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{what} {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise ConfigError(
+                f"{what} {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}):"
+                f" run chmod 600 on it"
+            )
+        if owners is not None and st.st_uid not in owners:
+            raise ConfigError(f"{what} {path} belongs to uid {st.st_uid}, not to uid {' or '.join(map(str, owners))}")
+        if st.st_size > MAX_SECRETS_FILE:
+            raise ConfigError(f"{what} {path} is larger than {MAX_SECRETS_FILE} bytes")
+        chunks = []
+        while True:
+            b = os.read(fd, 65536)
+            if not b:
+                break
+            chunks.append(b)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def entry_key(user: str, host: str, module: str) -> str:
+    """How the client's secrets file names an endpoint: user@host:module, user@host:// for the
+    root export; host as written, IPv6 literals in brackets, lower case."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{user}@{shown.lower()}:" + (module if module else "//")
+
+
+def parse_client_secrets(raw: bytes, path: Path) -> tuple[dict[str, bytes], bytes | None]:
+    """(secret by entry key, default secret) of a client secrets file.
+
+    Raises:
+        ConfigError: a malformed line (its number named), two default lines, a key twice.
+    """
+    keyed: dict[str, bytes] = {}
+    default: bytes | None = None
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        text = line.strip()
+        if not text or text.startswith(b"#"):
+            continue
+        words = text.split(None, 1)
+        key = words[0].decode("utf-8", "surrogateescape")
+        if _KEY.match(key):
+            if len(words) < 2:
+                raise ConfigError(f"the secrets file {path}, line {n}: {key} has no secret after it")
+            k_user, _, k_where = key.partition("@")
+            if k_where.endswith("://"):
+                k_host, k_module = k_where[:-3], "//"
+            else:
+                k_host, _, k_module = k_where.rpartition(":")
+            norm = f"{k_user}@{k_host.lower()}:{k_module}"
+            if norm in keyed:
+                raise ConfigError(f"the secrets file {path}, line {n}: {key} appears twice")
+            keyed[norm] = words[1].strip()
+        else:
+            if default is not None:
+                raise ConfigError(f"the secrets file {path}, line {n}: a second line with a secret alone")
+            default = text
+    return keyed, default
+
+
+def client_credentials(user: str | None, host: str, module: str, secrets_file: Path | None) -> tuple[str, bytes] | None:
+    """The (user, secret) to authenticate with, or None when the endpoint names no user (then
+    a protected module refuses with "requires a user and secret").
+
+    Raises:
+        ConfigError: a user but no --secrets-file, no entry for the endpoint, or a bad file.
+    """
+    if user is None:
+        return None
+    where = f"{user}@" + (f"[{host}]" if ":" in host else host) + (f":/{module}" if module else "://")
+    if secrets_file is None:
+        raise ConfigError(f"{where} names user {user!r}: give the secret with --secrets-file FILE")
+    keyed, default = parse_client_secrets(read_private_file(secrets_file, "the secrets file"), secrets_file)
+    secret = keyed.get(entry_key(user, host, module), default)
+    if secret is None:
+        raise ConfigError(
+            f"the secrets file {secrets_file} has no line for {entry_key(user, host, module)} (and no line with a secret alone)"
+        )
+    return user, secret
+
+
+__all__ = ["read_private_file", "parse_client_secrets", "client_credentials", "entry_key"]

@@ -1,0 +1,418 @@
+"""Module credentials and address rules (SPEC "Security"): a real `blit daemon` and the real
+`blit` client on 127.0.0.1. Right secret: push and pull work; wrong secret, unknown user, no
+secret: one clear line and nothing written; answers cannot be replayed in another session; the
+secret never crosses the wire; hosts_allow / hosts_deny; config errors name the line and key."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blit.daemon.config import load_config
+from blit.errors import ConfigError
+from blit.transport import protocol
+
+from .conftest import Daemon, DaemonProcess, blit_cmd, h2_post, raw_h2, run_daemon_process, start_daemon
+
+SECRET = "s3cret-alice-b7f1e2"
+BOB_SECRET = "bob-secret-99c4"
+
+MODULE_RULES = {
+    "data": 'auth_users = ["alice", "bob"]',
+    "ro": 'hosts_allow = ["::1", "127.0.0.0/8"]\nhosts_deny = ["0.0.0.0/0"]',
+    "other": 'hosts_allow = ["127.0.0.2", "fd00::/8"]',
+}
+
+
+def daemon_secrets(tmp: Path) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    p = tmp / "daemon-secrets"
+    p.write_text(f"# users\nalice:{SECRET}\nbob: {BOB_SECRET}\n")
+    p.chmod(0o600)
+    return p
+
+
+def client_secrets(tmp: Path, text: str, mode: int = 0o600) -> Path:
+    p = tmp / "client-secrets"
+    p.write_text(text)
+    p.chmod(mode)
+    return p
+
+
+@pytest.fixture(params=[True, False], ids=["tls", "cleartext"])
+def auth_daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DaemonProcess]:
+    tls = bool(request.param)
+    secrets = daemon_secrets(tmp_path / "d")
+    with run_daemon_process(
+        tmp_path / "d", tls=tls, extra=f'secrets_file = "{secrets}"', module_extra=MODULE_RULES,
+        args=() if tls else ("--no-tls",),
+    ) as d:
+        d.tls = tls  # type: ignore[attr-defined]
+        yield d
+
+
+def blit(d: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    tls_args = () if getattr(d, "tls", True) else ("--no-tls",)
+    argv = [*blit_cmd(), *args[:1], *tls_args, *args[1:]]
+    return subprocess.run(argv, env=d.env, capture_output=True, text=True, timeout=120)
+
+
+def errors(r: subprocess.CompletedProcess[str]) -> list[str]:
+    return [ln for ln in r.stderr.splitlines() if ln.startswith("blit:")]
+
+
+def make_tree(root: Path) -> dict[str, bytes]:
+    files = {"a.txt": b"alpha\n", "sub/b.bin": os.urandom(200_000), "sub/deeper/c": b""}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def tree_of(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_right_secret_pushes_and_pulls(auth_daemon: DaemonProcess, tmp_path: Path) -> None:
+    d = auth_daemon
+    files = make_tree(tmp_path / "src")
+    creds = client_secrets(tmp_path, f"alice@127.0.0.1:data {SECRET}\n")
+    r = blit(d, "copy", f"{tmp_path / 'src'}/", f"alice@127.0.0.1:{d.port}:/data/in", "--secrets-file", str(creds))
+    assert r.returncode == 0, r.stderr
+    assert tree_of(d.modules["data"] / "in") == files
+    r = blit(d, "copy", f"alice@127.0.0.1:{d.port}:/data/in/", str(tmp_path / "back"), "--secrets-file", str(creds))
+    assert r.returncode == 0, r.stderr
+    assert tree_of(tmp_path / "back") == files
+    # A file holding only the secret serves any endpoint; bob's own secret works for bob.
+    bare = client_secrets(tmp_path, f"{BOB_SECRET}\n")
+    r = blit(d, "list", f"bob@127.0.0.1:{d.port}:/data/in", "--secrets-file", str(bare))
+    assert r.returncode == 0, r.stderr
+    assert "a.txt" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "user, line",
+    [("alice", "alice@127.0.0.1:data not-the-secret"), ("mallory", f"mallory@127.0.0.1:data {SECRET}")],
+    ids=["wrong-secret", "unknown-user"],
+)
+def test_wrong_credentials_fail_alike_and_write_nothing(auth_daemon: DaemonProcess, tmp_path: Path, user: str, line: str) -> None:
+    d = auth_daemon
+    make_tree(tmp_path / "src")
+    creds = client_secrets(tmp_path, line + "\n")
+    r = blit(d, "copy", f"{tmp_path / 'src'}/", f"{user}@127.0.0.1:{d.port}:/data/in", "--secrets-file", str(creds))
+    assert r.returncode == 1, r.stderr
+    assert errors(r) == ["blit: error: authentication failed for module 'data'"]
+    assert os.listdir(d.modules["data"]) == []
+    (d.modules["data"] / "kept").write_text("module file")
+    r = blit(d, "copy", f"{user}@127.0.0.1:{d.port}:/data/kept", str(tmp_path / "out"), "--secrets-file", str(creds))
+    assert r.returncode == 1 and errors(r) == ["blit: error: authentication failed for module 'data'"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_credentials(auth_daemon: DaemonProcess, tmp_path: Path) -> None:
+    d = auth_daemon
+    make_tree(tmp_path / "src")
+    (d.modules["data"] / "kept").write_text("module file")
+    for args in (
+        ("copy", f"{tmp_path / 'src'}/", f"127.0.0.1:{d.port}:/data/in"),
+        ("copy", f"127.0.0.1:{d.port}:/data/kept", str(tmp_path / "out")),
+        ("list", f"127.0.0.1:{d.port}:/data"),
+    ):
+        r = blit(d, *args)
+        assert r.returncode == 1, r.stderr
+        assert errors(r) == ["blit: error: module 'data' requires a user and secret (see --secrets-file)"]
+    # A user without --secrets-file, or a file without a line for this endpoint: usage, exit 2.
+    r = blit(d, "copy", f"{tmp_path / 'src'}/", f"alice@127.0.0.1:{d.port}:/data/in")
+    assert r.returncode == 2
+    assert errors(r) == [f"blit: error: alice@127.0.0.1:/data names user 'alice': give the secret with --secrets-file FILE"]
+    creds = client_secrets(tmp_path, f"alice@example.org:data {SECRET}\n")
+    r = blit(d, "copy", f"{tmp_path / 'src'}/", f"alice@127.0.0.1:{d.port}:/data/in", "--secrets-file", str(creds))
+    assert r.returncode == 2
+    assert errors(r) == [
+        f"blit: error: the secrets file {creds} has no line for alice@127.0.0.1:data (and no line with a secret alone)"
+    ]
+    assert os.listdir(d.modules["data"]) == ["kept"] and not (tmp_path / "out").exists()
+
+
+def test_client_refuses_a_secrets_file_others_can_read(auth_daemon: DaemonProcess, tmp_path: Path) -> None:
+    d = auth_daemon
+    make_tree(tmp_path / "src")
+    creds = client_secrets(tmp_path, f"alice@127.0.0.1:data {SECRET}\n", mode=0o644)
+    r = blit(d, "copy", f"{tmp_path / 'src'}/", f"alice@127.0.0.1:{d.port}:/data/in", "--secrets-file", str(creds))
+    assert r.returncode == 2
+    assert errors(r) == [
+        f"blit: error: the secrets file {creds} is accessible by group or others (mode 0644): run chmod 600 on it"
+    ]
+    assert os.listdir(d.modules["data"]) == []
+
+
+def test_address_rules(auth_daemon: DaemonProcess, tmp_path: Path) -> None:
+    d = auth_daemon
+    make_tree(tmp_path / "src")
+    # other: hosts_allow = 127.0.0.2 only -> 127.0.0.1 is denied, and the daemon goes on serving.
+    r = blit(d, "copy", f"{tmp_path / 'src'}/", f"127.0.0.1:{d.port}:/other/in")
+    assert r.returncode == 1
+    assert errors(r) == ["blit: error: access to module 'other' denied for 127.0.0.1"]
+    assert os.listdir(d.modules["other"]) == []
+    # ro: allowed by the CIDR 127.0.0.0/8 before hosts_deny 0.0.0.0/0 is looked at (rsync's order).
+    (d.modules["ro"] / "f").write_text("readable")
+    r = blit(d, "copy", f"127.0.0.1:{d.port}:/ro/f", str(tmp_path / "f"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "f").read_text() == "readable"
+    # The module list hides what this address may not use.
+    r = blit(d, "list", f"127.0.0.1:{d.port}")
+    assert r.returncode == 0, r.stderr
+    names = [ln.split()[0] for ln in r.stdout.splitlines()]
+    assert names == ["data", "ro"]
+
+
+def test_daemon_refuses_to_start_on_bad_access_config(tmp_path: Path) -> None:
+    secrets = daemon_secrets(tmp_path / "d")
+    secrets.chmod(0o640)
+    from .conftest import subprocess_env, write_config
+
+    cfg, _ = write_config(tmp_path / "d", extra=f'secrets_file = "{secrets}"', module_extra=MODULE_RULES)
+    r = subprocess.run([*blit_cmd(), "daemon", "--config", str(cfg)], env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    line = next(i for i, t in enumerate(cfg.read_text().splitlines(), 1) if t.startswith("secrets_file"))
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"blit: error: config file {cfg}, line {line}: [daemon] secrets_file: the secrets file {secrets}"
+        " is accessible by group or others (mode 0640): run chmod 600 on it"
+    )
+
+
+@pytest.mark.parametrize(
+    "daemon_extra, module_line, fragments",
+    [
+        ("", 'hosts_allow = ["10.0.0.0/33"]', ["[[module]] #1 hosts_allow", "'10.0.0.0/33' is not an IP address or CIDR network"]),
+        ("", 'hosts_deny = ["nas.example.org"]', ["[[module]] #1 hosts_deny", "host names are not supported"]),
+        ("", 'hosts_deny = ["fe80::/129"]', ["[[module]] #1 hosts_deny", "'fe80::/129'"]),
+        ("", 'auth_users = ["alice"]', ["[[module]] #1 auth_users", "needs a secrets_file"]),
+        ("SECRETS", 'auth_users = ["carol"]', ["[[module]] #1 auth_users", "user 'carol' has no line in the secrets file"]),
+        ("SECRETS", 'auth_users = ["a b"]', ["[[module]] #1 auth_users", "'a b' is not a valid user name"]),
+        ("", 'secrets_file = "missing"', ["[[module]] #1 secrets_file", "cannot read the secrets file", "No such file"]),
+        ("", "auth_user = []", ["[[module]] #1 auth_user", "unknown key"]),
+        ('root_hosts_allow = ["x"]', "", ["[daemon] root_hosts_allow", "'x' is not an IP address"]),
+    ],
+)
+def test_access_config_errors_name_line_and_key(tmp_path: Path, daemon_extra: str, module_line: str, fragments: list[str]) -> None:
+    secrets = daemon_secrets(tmp_path)
+    (tmp_path / "m").mkdir()
+    text = f"""[daemon]
+port = 0
+{daemon_extra.replace("SECRETS", f'secrets_file = "{secrets}"')}
+
+[[module]]
+name = "m"
+path = "m"
+{module_line}
+"""
+    cfg = tmp_path / "blitd.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    msg = str(info.value)
+    key = fragments[0].split()[-1]
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith(key))
+    assert f", line {line}: " in msg, msg
+    for f in fragments:
+        assert f in msg, msg
+
+
+def test_secrets_file_lines_are_checked(tmp_path: Path) -> None:
+    secrets = tmp_path / "s"
+    secrets.write_text("alice:x\nno separator here\n")
+    secrets.chmod(0o600)
+    (tmp_path / "m").mkdir()
+    cfg = tmp_path / "blitd.toml"
+    cfg.write_text(f'[daemon]\nsecrets_file = "{secrets}"\n[[module]]\nname = "m"\npath = "m"\n')
+    with pytest.raises(ConfigError, match=rf"line 2: \[daemon\] secrets_file: the secrets file {secrets}, line 2: expected user:secret"):
+        load_config(cfg)
+
+
+# --- the protocol itself, on raw HTTP/2 (an in-process daemon) ---------------------------------
+
+
+async def auth_daemon_inproc(nursery, tmp: Path) -> Daemon:  # type: ignore[no-untyped-def]
+    secrets = daemon_secrets(tmp)
+    return await start_daemon(
+        nursery, tmp, tls=False, stall=10.0, extra=f'secrets_file = "{secrets}"', module_extra=MODULE_RULES
+    )
+
+
+async def call(conn, op: str, msg: protocol.Message) -> tuple[int, object]:  # type: ignore[no-untyped-def]
+    status, body = await h2_post(conn, "/blit/" + op, protocol.encode(msg))
+    reply_cls = protocol.OPERATIONS[op].reply if status == 200 else protocol.Error
+    return status, protocol.decode(reply_cls, body)
+
+
+async def hello(conn) -> None:  # type: ignore[no-untyped-def]
+    status, _ = await call(conn, "hello", protocol.Hello(protocol=protocol.PROTOCOL_VERSION, software="test"))
+    assert status == 200
+
+
+async def test_every_module_operation_needs_auth_and_answers_do_not_replay(nursery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    d = await auth_daemon_inproc(nursery, tmp_path)
+    (d.modules["data"] / "f").write_text("x")
+    guarded = [
+        ("list", protocol.ListDir(module="data", path=b"")),
+        ("stat", protocol.Stat(module="data", path=b"f")),
+        ("transfer/open", protocol.OpenTransfer(module="data", path=b"", direction="pull", streams=1)),
+        ("tree/open", protocol.OpenTree(module="data", path=b"", direction="push", operation="copy", compare=0, streams=1)),
+        (
+            "peer/pull",
+            protocol.PeerPull(
+                module="data", path=b"x", peer=protocol.Peer(host="127.0.0.1", port=d.info.port, module="ro", path=b"", tls=False),
+                operation="copy", compare=0, filters=[], dry_run=False, streams=1, h2_data=False,
+            ),
+        ),
+    ]
+    async with raw_h2(d) as conn:
+        await hello(conn)
+        for op, msg in guarded:
+            status, err = await call(conn, op, msg)
+            assert (status, err) == (401, protocol.Error(error="auth-required", message="module 'data' requires a user and secret (see --secrets-file)")), op
+        _, challenge = await call(conn, "auth/challenge", protocol.AuthChallenge())
+        nonce = challenge.nonce  # type: ignore[attr-defined]
+        assert len(nonce) == 32
+        answer = protocol.Auth(module="data", user="alice", mac=protocol.auth_mac(SECRET.encode(), nonce, "alice", "data"))
+        assert (await call(conn, "auth", answer))[0] == 200
+        status, reply = await call(conn, "stat", protocol.Stat(module="data", path=b"f"))
+        assert status == 200 and reply.entry.size == 1  # type: ignore[attr-defined]
+        # The same answer again in this session: its nonce is spent.
+        status, err = await call(conn, "auth", answer)
+        assert status == 409 and err.error == "no-session"  # type: ignore[attr-defined]
+    # In another session (its own nonce), the recorded answer is refused and nothing is granted.
+    async with raw_h2(d) as conn:
+        await hello(conn)
+        _, challenge2 = await call(conn, "auth/challenge", protocol.AuthChallenge())
+        assert challenge2.nonce != nonce  # type: ignore[attr-defined]
+        status, err = await call(conn, "auth", answer)
+        assert (status, err) == (403, protocol.Error(error="auth-failed", message="authentication failed for module 'data'"))
+        status, _ = await call(conn, "list", protocol.ListDir(module="data", path=b""))
+        assert status == 401
+        # Attempts are limited per session: after 3 failures even the right answer fails.
+        for _ in range(2):
+            await call(conn, "auth/challenge", protocol.AuthChallenge())
+            await call(conn, "auth", answer)
+        _, c = await call(conn, "auth/challenge", protocol.AuthChallenge())
+        right = protocol.Auth(module="data", user="alice", mac=protocol.auth_mac(SECRET.encode(), c.nonce, "alice", "data"))  # type: ignore[attr-defined]
+        status, err = await call(conn, "auth", right)
+        assert status == 403 and "too many attempts" in err.message  # type: ignore[attr-defined]
+
+
+# --- the secret never crosses the wire --------------------------------------------------------
+
+
+class Recorder:
+    """A TCP proxy on 127.0.0.1 that forwards to `target` and keeps every byte both ways."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.captured = bytearray()
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                t = threading.Thread(target=self._pump, args=(a, b), daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while chunk := a.recv(65536):
+                with self.lock:
+                    self.captured += chunk
+                b.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            try:
+                b.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.socks:
+            s.close()
+        for t in self.threads:
+            t.join(5)
+
+
+def test_the_secret_never_crosses_the_wire(tmp_path: Path) -> None:
+    secrets = daemon_secrets(tmp_path / "d")
+    with run_daemon_process(
+        tmp_path / "d", tls=False, args=("--no-tls",), extra=f'secrets_file = "{secrets}"', module_extra=MODULE_RULES
+    ) as d:
+        proxy = Recorder(d.port)
+        try:
+            payload = b"clear payload " + os.urandom(8).hex().encode()
+            (tmp_path / "f").write_bytes(payload)
+            creds = client_secrets(tmp_path, f"alice@127.0.0.1:data {SECRET}\n")
+            r = subprocess.run(
+                [*blit_cmd(), "copy", "--no-tls", "--force-h2-data", str(tmp_path / "f"),
+                 f"alice@127.0.0.1:{proxy.port}:/data/f", "--secrets-file", str(creds)],
+                env=d.env, capture_output=True, text=True, timeout=60,
+            )
+            assert r.returncode == 0, r.stderr
+            assert (d.modules["data"] / "f").read_bytes() == payload
+        finally:
+            proxy.close()
+        wire = bytes(proxy.captured)
+        assert payload in wire and b"alice" in wire  # the capture saw the session in the clear
+        assert SECRET.encode() not in wire
+
+
+# --- remote to remote ----------------------------------------------------------------------------
+
+
+async def test_remote_to_remote_with_protected_modules(nursery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from blit.errors import RemoteError, UsageError
+    from blit.transport.remote import remote_transfer
+
+    a = await auth_daemon_inproc(nursery, tmp_path / "A")
+    b_secrets = daemon_secrets(tmp_path / "B")
+    b = await start_daemon(
+        nursery, tmp_path / "B", tls=False, stall=10.0, peer_pull=True,
+        extra=f'secrets_file = "{b_secrets}"', module_extra=MODULE_RULES,
+    )
+    (a.modules["ro"] / "f").write_text("from A")
+    (a.modules["data"] / "g").write_text("protected on A")
+    creds = client_secrets(tmp_path, f"alice@127.0.0.1:data {SECRET}\n")
+
+    async def run(src: str, dst: str) -> object:
+        return await remote_transfer("copy", src, dst, tls_enabled=False, secrets_file=creds)
+
+    # Into B's protected module: the client authenticates to B; A's open module is the source.
+    s = await run(f"127.0.0.1:{a.info.port}:/ro/f", f"alice@127.0.0.1:{b.info.port}:/data/f")
+    assert s.exit_code == 0  # type: ignore[attr-defined]
+    assert (b.modules["data"] / "f").read_text() == "from A"
+    # Without credentials for B: refused by B, nothing written.
+    with pytest.raises(RemoteError, match=r"^module 'data' requires a user and secret \(see --secrets-file\)$"):
+        await run(f"127.0.0.1:{a.info.port}:/ro/f", f"127.0.0.1:{b.info.port}:/data/f2")
+    # From A's protected module: B holds no secret, so it is refused, and a user@ on the source
+    # is a usage error before anything is sent.
+    with pytest.raises(RemoteError, match="requires authentication for module 'data': remote to remote cannot pull"):
+        await run(f"127.0.0.1:{a.info.port}:/data/g", f"alice@127.0.0.1:{b.info.port}:/data/g")
+    with pytest.raises(UsageError, match="cannot authenticate to the source daemon"):
+        await run(f"alice@127.0.0.1:{a.info.port}:/data/g", f"alice@127.0.0.1:{b.info.port}:/data/g")
+    assert sorted(os.listdir(b.modules["data"])) == ["f"]
