@@ -61,6 +61,9 @@ SAMPLES: list[p.Message] = [
     p.DirPlanned(subdirs=[], need=[], hash=[b"same-size"], settled=4),
     p.TreeHashes(transfer=1, rel=b"a", hashes=[p.FileHash(name=b"f", digest=b"\x01" * 16), p.FileHash(name=b"g", digest=None)]),
     p.TreeHash(transfer=1, rel=b"", names=[b"f"]),
+    p.TreeDigests(transfer=1, dirs=[p.DirDigest(rel=b"a", dst_rel=b"b", digest=b"\x03" * 16, subdirs=[
+        p.SrcEntry(name=b"s", mode=0o40755, size=0, mtime_ns=1, atime_ns=2, uid=0, gid=0, dev=5, ino=6, nlink=2, rdev=0, blocks=0)])]),
+    p.DigestsChecked(equal=[True, False], settled=500),
     p.HashList(hashes=[p.FileHash(name=b"f", digest=b"\x02" * 16)], failures=[p.PathFailure(path=b"g", op="checksum", message="Permission denied")]),
     p.TreeLanded(transfer=1),
     p.LandedPage(groups=[p.RemoveGroup(rel=b"a", files=[p.Landed(name=b"\xff", size=3, mtime_ns=-1)], dirs=[]), p.RemoveGroup(rel=b"", files=[], dirs=[b"a"])], more=False),
@@ -83,7 +86,7 @@ def test_messages_round_trip(msg: p.Message) -> None:
     wire = p.encode(msg)
     back = p.decode(type(msg), wire)
     assert p.encode(back) == wire
-    if "entries=[SrcEntry" not in repr(msg):  # RAW entries come back as their arrays
+    if "=[SrcEntry" not in repr(msg):  # RAW entries come back as their arrays
         assert back == msg
 
 

@@ -425,8 +425,19 @@ async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
         name=s.state.config.instance_name[:255],
         data_port=None if s.state.config.force_h2_data else s.state.data_port,
         max_message=protocol.MAX_MESSAGE,
-        features=[],
+        features=_features(msg.features),
     )
+
+
+def _features(asked: list[str]) -> list[str]:
+    """The hello features this daemon answers with: those it shares with the client, and
+    whether it preserves owners (the digests of a push must cover them)."""
+    from .. import fsops
+    from ..ffi import scan
+
+    if protocol.FEATURE_DIR_DIGEST not in asked or not scan.HAVE_CMPDIR:
+        return []
+    return [protocol.FEATURE_DIR_DIGEST] + ([protocol.FEATURE_OWNERS] if fsops.IS_ROOT else [])
 
 
 async def handle_modules(s: Session, msg: protocol.ListModules) -> protocol.ModuleList:
@@ -652,6 +663,19 @@ async def handle_tree_dir(s: Session, msg: protocol.TreeDir) -> protocol.DirPlan
     return reply
 
 
+async def handle_tree_digests(s: Session, msg: protocol.TreeDigests) -> protocol.DigestsChecked:
+    """Push: compare directory digests with the destination's; equal ones are done."""
+    t = s.transfer(msg.transfer)
+    if t.tree_dest is None or t.finished:
+        raise Refused(ErrorCode.BAD_REQUEST, "tree/digests is for push tree transfers")
+    for d in msg.dirs:
+        for e in d.subdirs:
+            protocol.check_name(e[0])
+    dirs = [(_rel(d.rel), _rel(d.dst_rel), d.digest, d.subdirs) for d in msg.dirs]
+    reply: protocol.DigestsChecked = await s.fs(t.tree_dest.check_digests, dirs)
+    return reply
+
+
 async def handle_tree_scan(s: Session, msg: protocol.TreeScan) -> protocol.DirManifest:
     t = s.transfer(msg.transfer)
     if t.tree_src is None or t.finished:
@@ -792,6 +816,7 @@ _HANDLERS: dict[type[protocol.Message], Any] = {
     protocol.FinishTransfer: handle_finish,
     protocol.OpenTree: handle_open_tree,
     protocol.TreeDir: handle_tree_dir,
+    protocol.TreeDigests: handle_tree_digests,
     protocol.TreeScan: handle_tree_scan,
     protocol.TreeFinish: handle_tree_finish,
     protocol.TreeHashes: handle_tree_hashes,

@@ -1,4 +1,4 @@
-"""Compile ``blit.ffi._scan``, the C directory comparer (``_scan.c``), with cffi's API mode.
+"""Compile ``blit.ffi._scan``, the C directory comparer and digester (``_scan.c``), with cffi's API mode.
 
 Called at build time by ``hatch_build.py`` (wheel and editable installs) and by hand with
 ``python src/blit/ffi/_build_scan.py``; it writes the extension next to this file. It must not be
@@ -19,6 +19,8 @@ CDEF = """
 int blit_version(void);
 int blit_cmpdir(int sfd, int dfd, int flags, int64_t *rec, int rec_cap, char *names,
                 int64_t names_cap, int64_t *counts);
+int blit_digest_dir(int dfd, int flags, char *out, int64_t out_cap, int64_t *sub, int sub_cap,
+                    char *names, int64_t names_cap, int64_t *counts);
 void blit_set_xattr_mode(int mode);
 """
 

@@ -1,4 +1,5 @@
-/* blit_cmpdir: compare one source directory with its destination in a single call.
+/* blit_cmpdir: compare one source directory with its destination in a single call
+ * (and blit_digest_dir, at the end: one directory's canonical listing for remote transfers).
  *
  * The hot path of a mirror or copy where most files are already up to date: for each source
  * entry, lstat both sides and, when it is a plain regular file whose size, mtime, mode (and
@@ -19,13 +20,14 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
-#define BLIT_SCAN_VERSION 1
+#define BLIT_SCAN_VERSION 2
 #define BLIT_CHECK_OWNER 1
 #define BLIT_CHECK_XATTRS 2
 #define BLIT_REC_FIELDS 25
@@ -247,3 +249,220 @@ static int blit_cmpdir(int sfd, int dfd, int flags, int64_t *rec, int rec_cap, c
 
 /* Tests: 1 = use listxattrat, -1 = use the private-cwd fallback, 0 = probe again. */
 static void blit_set_xattr_mode(int mode) { have_listxattrat = mode; }
+
+/* blit_digest_dir: one directory's canonical record stream, for the remote digest shortcut
+ * (docs/decisions.md R18). Both sides of a transfer run it on their directory and compare a hash
+ * of the bytes: equal means every entry matches in everything the destination's planner and
+ * finaliser compare, and neither side holds a name the other lacks.
+ *
+ * Records, sorted by name bytes, little-endian: u16 name_len, name, u8 kind ('f' 'd' 'l' 'p'),
+ * u32 mode & 07777, u64 size (regular files, else 0), i64 mtime_ns, u32 uid, u32 gid (0 unless
+ * BLIT_DIGEST_OWNER), u16 target_len, target (symlinks). Subdirectories also go to `sub`
+ * ([name_off, name_len, stat x11] each, names in `names`, in name order).
+ *
+ * counts[0] = bytes used in `out`, counts[1] = entries, counts[2] = why the directory cannot
+ * take the shortcut (0: it can; BLIT_DD_* bits; the scan stops at the first), counts[3] =
+ * entries that are not directories. Returns the number of subdirectories, or -errno (-ENOBUFS
+ * for a full buffer, -EAGAIN when an entry vanished). It must not change anything on disk or
+ * follow a symlink.
+ */
+#define BLIT_DIGEST_OWNER 1
+#define BLIT_DD_XATTRS 1
+#define BLIT_DD_HARDLINK 2
+#define BLIT_DD_TMP 4
+#define BLIT_DD_KIND 8
+#define BLIT_SUB_FIELDS 13
+
+static int cmp_names(const void *a, const void *b) {
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+static int is_tmp_name(const char *n, size_t len) {
+    /* fsops.is_tmp_name: ".blit-" + 16 hex + ".tmp" */
+    return len == 26 && memcmp(n, ".blit-", 6) == 0 && memcmp(n + 22, ".tmp", 4) == 0;
+}
+
+static char *put_le(char *p, uint64_t v, int n) {
+    for (int i = 0; i < n; i++)
+        p[i] = (char)((v >> (8 * i)) & 0xff);
+    return p + n;
+}
+
+static int blit_digest_dir(int dfd, int flags, char *out, int64_t out_cap, int64_t *sub, int sub_cap,
+                           char *names, int64_t names_cap, int64_t *counts) {
+    if (have_listxattrat == 0)
+        probe_listxattrat();
+    int oerr = 0;
+    DIR *d = open_stream(dfd, &oerr);
+    if (!d)
+        return -oerr;
+    /* Collect the names (one malloc'd block, pointers fixed up after) and sort them. */
+    size_t buf_cap = 1 << 16, buf_used = 0, n = 0, ptr_cap = 256;
+    char *buf = malloc(buf_cap);
+    size_t *offs = malloc(ptr_cap * sizeof(size_t));
+    char **sorted = NULL;
+    int ret = 0;
+    if (!buf || !offs) {
+        ret = -ENOMEM;
+        goto out;
+    }
+    struct dirent *e;
+    for (;;) {
+        errno = 0;
+        e = readdir(d);
+        if (!e) {
+            if (errno)
+                ret = -errno;
+            break;
+        }
+        if (is_dot(e->d_name))
+            continue;
+        size_t len = strlen(e->d_name) + 1;
+        if (buf_used + len > buf_cap) {
+            while (buf_used + len > buf_cap)
+                buf_cap *= 2;
+            char *nb = realloc(buf, buf_cap);
+            if (!nb) {
+                ret = -ENOMEM;
+                goto out;
+            }
+            buf = nb;
+        }
+        if (n == ptr_cap) {
+            ptr_cap *= 2;
+            size_t *no = realloc(offs, ptr_cap * sizeof(size_t));
+            if (!no) {
+                ret = -ENOMEM;
+                goto out;
+            }
+            offs = no;
+        }
+        memcpy(buf + buf_used, e->d_name, len);
+        offs[n++] = buf_used;
+        buf_used += len;
+    }
+    if (ret < 0)
+        goto out;
+    sorted = malloc((n ? n : 1) * sizeof(char *));
+    if (!sorted) {
+        ret = -ENOMEM;
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++)
+        sorted[i] = buf + offs[i];
+    qsort(sorted, n, sizeof(char *), cmp_names);
+
+    int cwd_fd = -1, saved_cwd = -1, nsub = 0;
+    int64_t used = 0, name_used = 0, others = 0, why = 0;
+    struct stat s;
+    char target[4097];
+    for (size_t i = 0; i < n && !why; i++) {
+        const char *name = sorted[i];
+        size_t len = strlen(name);
+        if (is_tmp_name(name, len)) {
+            why = BLIT_DD_TMP;
+            break;
+        }
+        if (fstatat(dfd, name, &s, AT_SYMLINK_NOFOLLOW) != 0) {
+            ret = errno == ENOENT ? -EAGAIN : -errno;
+            break;
+        }
+        char kind;
+        ssize_t tlen = 0;
+        if (S_ISREG(s.st_mode)) {
+            kind = 'f';
+            if (s.st_nlink > 1) {
+                why = BLIT_DD_HARDLINK;
+                break;
+            }
+        } else if (S_ISDIR(s.st_mode)) {
+            kind = 'd';
+        } else if (S_ISLNK(s.st_mode)) {
+            kind = 'l';
+            tlen = readlinkat(dfd, name, target, sizeof(target));
+            if (tlen < 0) {
+                ret = errno == ENOENT ? -EAGAIN : -errno;
+                break;
+            }
+            if (tlen >= (ssize_t)sizeof(target) - 1) {
+                why = BLIT_DD_KIND;
+                break;
+            }
+        } else if (S_ISFIFO(s.st_mode)) {
+            kind = 'p';
+        } else {
+            why = BLIT_DD_KIND;
+            break;
+        }
+        if (saved_cwd < 0 && have_listxattrat < 0) {
+            saved_cwd = open(".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+            if (saved_cwd < 0) {
+                ret = -errno;
+                break;
+            }
+        }
+        int x = has_xattrs(dfd, name, &cwd_fd);
+        if (x < 0) {
+            ret = x;
+            break;
+        }
+        if (x) {
+            why = BLIT_DD_XATTRS;
+            break;
+        }
+        int64_t need = 2 + (int64_t)len + 1 + 4 + 8 + 8 + 4 + 4 + 2 + tlen;
+        if (used + need > out_cap) {
+            ret = -ENOBUFS;
+            break;
+        }
+        char *p = out + used;
+        p = put_le(p, len, 2);
+        memcpy(p, name, len);
+        p += len;
+        *p++ = kind;
+        p = put_le(p, s.st_mode & 07777, 4);
+        p = put_le(p, kind == 'f' ? (uint64_t)s.st_size : 0, 8);
+        p = put_le(p, (uint64_t)((int64_t)s.st_mtim.tv_sec * 1000000000 + s.st_mtim.tv_nsec), 8);
+        p = put_le(p, (flags & BLIT_DIGEST_OWNER) ? s.st_uid : 0, 4);
+        p = put_le(p, (flags & BLIT_DIGEST_OWNER) ? s.st_gid : 0, 4);
+        p = put_le(p, (uint64_t)tlen, 2);
+        if (tlen) {
+            memcpy(p, target, (size_t)tlen);
+            p += tlen;
+        }
+        used = p - out;
+        if (kind == 'd') {
+            if (nsub >= sub_cap || name_used + (int64_t)len > names_cap) {
+                ret = -ENOBUFS;
+                break;
+            }
+            int64_t *r = sub + (int64_t)nsub * BLIT_SUB_FIELDS;
+            memcpy(names + name_used, name, len);
+            r[0] = name_used;
+            r[1] = (int64_t)len;
+            name_used += (int64_t)len;
+            put_stat(r + 2, &s);
+            nsub++;
+        } else {
+            others++;
+        }
+    }
+    if (saved_cwd >= 0) {
+        if (fchdir(saved_cwd) != 0 && ret >= 0)
+            ret = -errno;
+        close(saved_cwd);
+    }
+    if (ret >= 0) {
+        counts[0] = used;
+        counts[1] = (int64_t)n;
+        counts[2] = why;
+        counts[3] = others;
+        ret = why ? 0 : nsub;
+    }
+out:
+    closedir(d);
+    free(buf);
+    free(offs);
+    free(sorted);
+    return ret;
+}

@@ -9,13 +9,19 @@ It must not decide more than "this regular file is up to date with nothing to fi
 else goes back to the planner. ``cmpdir`` returns None whenever the fast path cannot answer
 (no compiled module, a full buffer, an entry that vanished, any unexpected errno), and the
 caller then uses the ordinary scan.
+
+``digest_dir`` is the remote transfers' counterpart (docs/decisions.md R18): one directory's
+canonical listing, hashed, so two sides can tell "identical" with 16 bytes; it returns None
+whenever the directory cannot take that shortcut, and the caller sends the full manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import threading
+from typing import Any
 
 from blit.fsops import Meta
 
@@ -23,7 +29,7 @@ try:
     from blit.ffi._scan import ffi as _ffi
     from blit.ffi._scan import lib as _lib
 
-    HAVE_CMPDIR = _lib.blit_version() == 1  # a stale build of an older _scan.c is not used
+    HAVE_CMPDIR = _lib.blit_version() == 2  # a stale build of an older _scan.c is not used
 except ImportError:  # built without a C compiler: the pure-Python path does everything
     HAVE_CMPDIR = False
 
@@ -34,6 +40,13 @@ _SIDE = "QqqqQQQQQQq"  # mode size mtime atime uid gid ino dev nlink rdev blocks
 _REC = struct.Struct("<QQ" + _SIDE + "q" + _SIDE)
 _REC_CAP = 4096
 _NAMES_CAP = 256 << 10
+DIGEST_OWNER = 1
+"""digest_dir: owners count (the destination preserves them: its daemon runs as root)."""
+DIGEST_VERSION = 1
+"""The record layout of blit_digest_dir; both sides must use the same (hello feature)."""
+_OUT_CAP = 4 << 20
+_SUB_FIELDS = 13
+_SUB = struct.Struct("<QQ" + _SIDE)
 
 
 class _Buffers(threading.local):
@@ -41,6 +54,7 @@ class _Buffers(threading.local):
         self.rec = _ffi.new("int64_t[]", _REC_CAP * _FIELDS)
         self.names = _ffi.new("char[]", _NAMES_CAP)
         self.counts = _ffi.new("int64_t[4]")
+        self.out: Any = None  # digest_dir's record buffer, allocated on first use
 
 
 _bufs: _Buffers | None = None
@@ -72,6 +86,35 @@ def cmpdir(sfd: int, dfd: int, flags: int) -> tuple[int, int, int, int, list[tup
             others.append((fsdecode(names[off : off + ln]), Meta(*r[2:13]), Meta(*r[14:25]) if r[13] else None))
     c = b.counts
     return c[0], c[1], c[2], c[3], others
+
+
+def digest_dir(dfd: int, flags: int) -> tuple[bytes, int, int, list[tuple[bytes, Meta]]] | None:
+    """The digest of directory `dfd` for the remote shortcut.
+
+    Returns (16-byte digest, entries, entries that are not directories, subdirectories as
+    (name, Meta) in name order), or None when the directory cannot take the shortcut (an entry
+    with xattrs, a hard link, a temporary, a device or socket), on any error, or without the C
+    module: the caller then lists it in full.
+    """
+    global _bufs
+    if not HAVE_CMPDIR:
+        return None
+    b = _bufs
+    if b is None:
+        b = _bufs = _Buffers()
+    if b.out is None:
+        b.out = _ffi.new("char[]", _OUT_CAP)
+    c = b.counts
+    n = _lib.blit_digest_dir(dfd, flags, b.out, _OUT_CAP, b.rec, _REC_CAP * _FIELDS // _SUB_FIELDS, b.names, _NAMES_CAP, c)
+    if n < 0 or c[2]:
+        return None
+    h = hashlib.blake2b(_ffi.buffer(b.out, c[0]), digest_size=16, person=b"blit-dir-%d-%d" % (DIGEST_VERSION, flags))
+    subdirs: list[tuple[bytes, Meta]] = []
+    if n:
+        names = _ffi.buffer(b.names)
+        for r in _SUB.iter_unpack(_ffi.buffer(b.rec, n * _SUB_FIELDS * 8)):
+            subdirs.append((names[r[0] : r[0] + r[1]], Meta(*r[2:13])))
+    return h.digest(), c[1], c[3], subdirs
 
 
 def set_xattr_mode(mode: int) -> None:

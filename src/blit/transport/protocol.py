@@ -479,6 +479,45 @@ class DirPlanned(Message):
     """Entries done in place without data (up to date, links, specials): for progress."""
 
 
+# --- directory digests (docs/protocol.md §4, decisions R18): hello feature FEATURE_DIR_DIGEST ------
+FEATURE_DIR_DIGEST = "dir-digest-1"
+"""Hello feature: both sides compute `blit.ffi.scan.digest_dir` (record layout version 1) and
+speak tree/digests. A client sends it; a daemon that knows it answers with it."""
+FEATURE_OWNERS = "owners"
+"""HelloReply feature: this daemon, as a destination, preserves owners (runs as root): a push's
+digests must cover uid/gid."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DirDigest(Message):
+    """One source directory summarised: the digest of its listing and its subdirectories'
+    lstat (what the destination records for their metadata at the end)."""
+
+    ARRAY: ClassVar[bool] = True
+    rel: bytes = field(metadata=_lim(MAX_PATH))
+    dst_rel: bytes = field(metadata=_lim(MAX_PATH))
+    digest: bytes = field(metadata=_lim(16))
+    subdirs: list[SrcEntry] = field(metadata=_lim(MAX_LIST))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TreeDigests(Message):
+    """Push: directories the destination may find identical to its own (no entries sent)."""
+
+    transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+    dirs: list[DirDigest] = field(metadata=_lim(1000))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DigestsChecked(Message):
+    """Per directory, in order: True when the destination's digest is equal (nothing to do in
+    it: the walk descends into its subdirectories), False to send its manifest (tree/dir)."""
+
+    equal: list[bool] = field(metadata=_lim(1000))
+    settled: int = field(default=0, metadata=_lim(min=0, max=1 << 63))
+    """Entries found up to date in the equal directories (for progress)."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TreeScan(Message):
     """Pull: the manifest of one source directory."""
@@ -695,6 +734,7 @@ OPERATIONS: dict[str, Operation] = {
         Operation("tree/scan", TreeScan, DirManifest),
         Operation("tree/finish", TreeFinish, TreeDone),
         Operation("tree/hashes", TreeHashes, DirPlanned),
+        Operation("tree/digests", TreeDigests, DigestsChecked),
         Operation("tree/hash", TreeHash, HashList),
         Operation("tree/landed", TreeLanded, LandedPage),
         Operation("tree/remove", TreeRemove, TreeRemoved),
@@ -1171,7 +1211,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""

@@ -30,11 +30,13 @@ from typing import Any, cast
 import trio
 
 from .. import ffi, fsops
+from ..ffi import scan as cscan
 from ..filters import Filters
 from ..fsops import Meta
 from ..plan import Compare, Op, plan_dir, up_to_date
 from . import data, protocol
 from .protocol import (
+    DigestsChecked,
     DirManifest,
     DirPlanned,
     FileHash,
@@ -450,6 +452,39 @@ class TreeSpec:
         return self.operation == "mirror"
 
 
+def digests_apply(spec: TreeSpec) -> bool:
+    """Whether directory digests may stand in for manifests (decisions R18): copy or mirror by
+    size and mtime (or size), without filters or dry run, with the C module on this side."""
+    return (
+        cscan.HAVE_CMPDIR
+        and spec.operation in ("copy", "mirror")
+        and not spec.dry_run
+        and spec.compare in (Compare.SIZE_MTIME, Compare.SIZE_ONLY)
+        and not spec.filters.active
+    )
+
+
+Digest = tuple[bytes, int, int, list[tuple[bytes, Meta]]]
+"""scan.digest_dir's answer: (digest, entries, entries that are not directories, subdirs)."""
+
+
+def dir_digests(root_fd: int, open_dir: Callable[[int, str], int], rels: list[str], flags: int) -> list[Digest | None]:
+    """Worker thread: the digests of these directories (None: no shortcut for that one; a
+    directory that cannot be opened too, its full visit reports why)."""
+    out: list[Digest | None] = []
+    for rel in rels:
+        try:
+            dfd = open_dir(root_fd, rel)
+        except OSError:
+            out.append(None)
+            continue
+        try:
+            out.append(cscan.digest_dir(dfd, flags))
+        finally:
+            os.close(dfd)
+    return out
+
+
 @dataclass
 class _Pending:
     dst_rel: str
@@ -661,6 +696,9 @@ class DestTree:
                     return DirPlanned(subdirs=[], need=[], failures=failures)
                 dst = fsops.without_tmp(dfd, dents, dry)
                 keep.update(n for n, _ in derrs)
+                if len(dst) < len(dents):  # stale temporaries went: the directory's mtime moved
+                    with self._lock:
+                        self.nodes[dst_rel].changed = True
             p = plan_dir(rel, src, dst, compare=spec.compare, filters=spec.filters, mirror=spec.mirror, only=only, keep=frozenset(keep))
             if p.extras:
                 with self._lock:
@@ -669,6 +707,45 @@ class DestTree:
         finally:
             if dfd >= 0:
                 self.dirs.release(dst_rel)
+
+    def check_digests(self, dirs: list[tuple[str, str, bytes, list[Entry]]]) -> DigestsChecked:
+        """Worker thread, push: compare source directory digests with this side's. An equal one
+        is done (every entry up to date, no extras, nothing to fix): its subdirectories are
+        recorded for the end as a tree/dir would. Anything else answers False: send it in full."""
+        if not digests_apply(self.spec):
+            return DigestsChecked(equal=[False] * len(dirs))
+        flags = cscan.DIGEST_OWNER if fsops.IS_ROOT else 0
+        equal: list[bool] = []
+        settled = 0
+        for rel, dst_rel, digest, subdirs in dirs:
+            with self._lock:
+                node = self.nodes.get(dst_rel)
+            if node is None or node.new:
+                equal.append(False)  # only directories a parent's plan recorded, never the top
+                continue
+            try:
+                dfd = self.dirs.acquire(dst_rel)
+            except OSError:
+                equal.append(False)  # its tree/dir reports why
+                continue
+            try:
+                got = cscan.digest_dir(dfd, flags)
+            finally:
+                self.dirs.release(dst_rel)
+            if got is None or got[0] != digest or [n for n, _ in got[3]] != [e[0] for e in subdirs]:
+                equal.append(False)
+                continue
+            with self._lock:
+                self.entries_seen += got[1]
+                self.files_skipped += got[2]
+                for e, (name, d) in zip(subdirs, got[3]):
+                    sname = _s(name)
+                    self.nodes[_join(dst_rel, sname)] = _DirNode(
+                        meta_of_entry(e), d, False, None, inherit_gid=bool(d.st_mode & stat.S_ISGID), src_rel=_join(rel, sname)
+                    )
+            settled += got[2]
+            equal.append(True)
+        return DigestsChecked(equal=equal, settled=settled)
 
     def _execute(self, rel: str, dst_rel: str, prefix: str, dprefix: str, p: Any, dfd: int, by_name: dict[str, Entry], failures: list[PathFailure]) -> DirPlanned:
         spec = self.spec
@@ -1226,22 +1303,42 @@ def _only_wire(only: dict[str, str] | None) -> list[protocol.Rename] | None:
     return [protocol.Rename(name=_b(k), dname=_b(v)) for k, v in only.items()]
 
 
-async def _walk(top: TopJob, visit: Callable[[str, str, bool, dict[str, str] | None], Any]) -> None:
-    """Depth-first over directories, WALK_CONCURRENCY at a time; `visit` returns the subdirs
-    [(name, dname, new)] to descend into (decided by the destination side). The first error
-    cancels the rest of the walk and is raised alone."""
-    stack: list[tuple[str, str, bool, dict[str, str] | None]] = [(top.rel, top.dst_rel, top.dst_new, top.only)]
+Job = tuple[str, str, bool, "dict[str, str] | None"]
+"""A directory job of a walk: (rel, dst_rel, dst_new, only)."""
+DIGEST_GROUP = 16
+"""Push with digests: existing directories summarised per walk job (one thread hop each side)."""
+DIGEST_ENTRIES = 50_000
+"""... and at most this many entries per tree/digests request (the daemon answers in time)."""
+
+
+async def _walk(
+    top: TopJob,
+    visit: Callable[[str, str, bool, dict[str, str] | None], Any],
+    group: Callable[[list[Job]], Any] | None = None,
+) -> None:
+    """Depth-first over directories, WALK_CONCURRENCY jobs at a time; `visit` returns the subdirs
+    [(name, dname, new)] to descend into (decided by the destination side). `group`, when given,
+    takes up to DIGEST_GROUP existing directories below the top at once (push digests) and
+    returns (jobs to descend into, jobs to visit in full). The first error cancels the rest of
+    the walk and is raised alone."""
+    stack: list[tuple[Job, bool]] = [((top.rel, top.dst_rel, top.dst_new, top.only), True)]  # (job, full)
     active = 0
     changed = trio.Event()
     errors: list[BaseException] = []
 
-    async def run(job: tuple[str, str, bool, dict[str, str] | None]) -> None:
+    async def run(jobs: list[Job], full: bool) -> None:
         nonlocal active, changed
         try:
-            subdirs = await visit(*job)
-            rel, dst_rel = job[0], job[1]
-            for name, dname, new in reversed(subdirs):
-                stack.append((_join(rel, name), _join(dst_rel, dname), new, None))
+            if full:
+                subdirs = await visit(*jobs[0])
+                rel, dst_rel = jobs[0][0], jobs[0][1]
+                for name, dname, new in reversed(subdirs):
+                    stack.append(((_join(rel, name), _join(dst_rel, dname), new, None), False))
+            else:
+                assert group is not None
+                children, again = await group(jobs)
+                stack.extend((j, False) for j in reversed(children))
+                stack.extend((j, True) for j in reversed(again))
         except Exception as exc:
             errors.append(exc)
             nursery.cancel_scope.cancel()
@@ -1254,7 +1351,14 @@ async def _walk(top: TopJob, visit: Callable[[str, str, bool, dict[str, str] | N
         while (stack or active) and not errors:
             while stack and active < WALK_CONCURRENCY and not errors:
                 active += 1
-                nursery.start_soon(run, stack.pop())
+                job, full = stack.pop()
+                if full or group is None or job[2]:
+                    nursery.start_soon(run, [job], True)
+                    continue
+                batch = [job]
+                while len(batch) < DIGEST_GROUP and stack and not stack[-1][1] and not stack[-1][0][2]:
+                    batch.append(stack.pop()[0])
+                nursery.start_soon(run, batch, False)
             await changed.wait()
     if errors:
         raise errors[0]
@@ -1418,12 +1522,51 @@ async def push_tree(
                 await collect(False)
         return [(_s(sd.name), _s(sd.dname), sd.new) for sd in planned.subdirs]
 
+    peer_features = session.peer.features
+    use_digests = protocol.FEATURE_DIR_DIGEST in peer_features and digests_apply(spec)
+    digest_flags = cscan.DIGEST_OWNER if protocol.FEATURE_OWNERS in peer_features else 0
+
+    async def group(batch: list[Job]) -> tuple[list[Job], list[Job]]:
+        """Existing directories: send digests; descend into the equal ones, list the others."""
+        got = await trio.to_thread.run_sync(dir_digests, source.root_fd, source.open_dir, [j[0] for j in batch], digest_flags)
+        children: list[Job] = []
+        again = [j for j, g in zip(batch, got) if g is None]
+        todo = [(j, g) for j, g in zip(batch, got) if g is not None]
+        while todo:
+            part, n = [], 0
+            while todo and (not part or n + todo[0][1][1] <= DIGEST_ENTRIES):
+                part.append(todo.pop(0))
+                n += part[-1][1][1]
+            checked: DigestsChecked = await session.call(
+                protocol.TreeDigests(
+                    transfer=t.id,
+                    dirs=[
+                        protocol.DirDigest(
+                            rel=_b(j[0]), dst_rel=_b(j[1]), digest=g[0],
+                            subdirs=cast("list[SrcEntry]", [[name, *m, None, None] for name, m in g[3]]),
+                        )
+                        for j, g in part
+                    ],
+                )
+            )
+            if len(checked.equal) != len(part):
+                from ..errors import RemoteProtocolError
+
+                raise RemoteProtocolError(f"tree/digests: {len(checked.equal)} answers for {len(part)} directories")
+            counters.settled += checked.settled
+            for (j, g), ok in zip(part, checked.equal):
+                if ok:
+                    children.extend((_join(j[0], _s(name)), _join(j[1], _s(name)), False, None) for name, _m in g[3])
+                else:
+                    again.append(j)
+        return children, again
+
     try:
         with collapse_groups():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(t.run_senders, source, jobs)
                 try:
-                    await _walk(top, visit)
+                    await _walk(top, visit, group if use_digests else None)
                 finally:
                     jobs.close()
         done: TreeDone = await session.call(protocol.TreeFinish(transfer=t.id, source_complete=complete))
