@@ -670,7 +670,7 @@ async def handle_tree_digests(s: Session, msg: protocol.TreeDigests) -> protocol
         raise Refused(ErrorCode.BAD_REQUEST, "tree/digests is for push tree transfers")
     for d in msg.dirs:
         for e in d.subdirs:
-            protocol.check_name(e[0])
+            protocol.check_name(e[0])  # type: ignore[index]  # RAW: decoded as its CBOR array
     dirs = [(_rel(d.rel), _rel(d.dst_rel), d.digest, d.subdirs) for d in msg.dirs]
     reply: protocol.DigestsChecked = await s.fs(t.tree_dest.check_digests, dirs)
     return reply

@@ -1533,7 +1533,8 @@ async def push_tree(
         again = [j for j, g in zip(batch, got) if g is None]
         todo = [(j, g) for j, g in zip(batch, got) if g is not None]
         while todo:
-            part, n = [], 0
+            part: list[Any] = []
+            n = 0
             while todo and (not part or n + todo[0][1][1] <= DIGEST_ENTRIES):
                 part.append(todo.pop(0))
                 n += part[-1][1][1]
