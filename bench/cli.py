@@ -88,7 +88,7 @@ def _list(scale: str) -> None:
     for key in DEFAULT_ORDER:
         w = WORKLOADS[key]
         cases = ", ".join(c.key for c in w.cases)
-        print(f"{key:12} {w.title}: {w.spec(scale).describe()} [{cases}]")
+        print(f"{key:16} {w.title}: {w.spec(scale).describe()} [{cases}]")
 
 
 def _results_path(started: datetime.datetime, wheres: list[str], scale: str,
