@@ -4,7 +4,8 @@ Why it exists: a process forked from the bench and then exec'd keeps, in its ``r
 the resident size the bench (a big Python process) had at fork time, so ``wait4`` on a direct
 child overstates small commands by tens of MiB. This launcher is a bare interpreter (no site,
 imports os, sys and time only): it forks, execs the command in the child, reaps it with
-``wait4``, and writes ``maxrss_kib t_start t_end exit_code`` to FD. The command's own
+``wait4``, and writes ``maxrss_kib t_start t_end exit_code cpu_s`` to FD (``cpu_s``: user +
+system time of the command and the descendants it reaped). The command's own
 ``ru_maxrss`` then carries only this launcher's few MiB (the "RSS floor", measured with
 ``true`` and printed in the report), and the times are taken right around fork and reap, on
 CLOCK_MONOTONIC (``time.perf_counter``), the clock the bench's TTFB watcher uses too.
@@ -30,7 +31,8 @@ def main() -> None:
     _pid, status, usage = os.wait4(pid, 0)
     t1 = time.perf_counter()
     code = os.waitstatus_to_exitcode(status)
-    os.write(fd, f"{usage.ru_maxrss} {t0!r} {t1!r} {code}\n".encode())
+    cpu = usage.ru_utime + usage.ru_stime
+    os.write(fd, f"{usage.ru_maxrss} {t0!r} {t1!r} {code} {cpu!r}\n".encode())
     os._exit(code if 0 <= code < 256 else 128 - code)
 
 

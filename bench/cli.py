@@ -58,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--where", type=_csv, metavar="LIST", default=None,
                    help="tmpfs, disk or both, comma-separated (default tmpfs,disk; smoke: tmpfs)")
     p.add_argument("--tools", type=_csv, metavar="LIST", default=None,
-                   help=f"only these tools, from {','.join(tools.ALL)} (default: all)")
+                   help=f"only these tools, from {','.join(tools.EVERY)} (default: all)")
     p.add_argument("--huge-peers", action="store_true",
                    help="also run the peers on the huge tree (slow; blit only by default)")
     p.add_argument("--out", type=Path, metavar="FILE",
@@ -88,11 +88,14 @@ def _list(scale: str) -> None:
     for key in DEFAULT_ORDER:
         w = WORKLOADS[key]
         cases = ", ".join(c.key for c in w.cases)
-        print(f"{key:12} {w.title}: {w.spec(scale).describe()} [{cases}]")
+        print(f"{key:16} {w.title}: {w.spec(scale).describe()} [{cases}]")
 
 
-def _results_path(started: datetime.datetime, wheres: list[str], scale: str) -> Path:
+def _results_path(started: datetime.datetime, wheres: list[str], scale: str,
+                  workloads: list[str]) -> Path:
     suffix = "" if scale == "full" else f"-{scale}"
+    if all(WORKLOADS[w].kind == "remote" for w in workloads):
+        suffix = "-remote" + suffix
     return RESULTS / f"{started:%Y-%m-%d-%H%M}-{'-'.join(wheres)}{suffix}.md"
 
 
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     wheres = args.where or (["tmpfs"] if args.smoke else list(WHERES))
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     unknown += [w for w in wheres if w not in WHERES]
-    unknown += [t for t in (args.tools or []) if t not in tools.ALL]
+    unknown += [t for t in (args.tools or []) if t not in tools.EVERY]
     if unknown:
         log(f"bench: error: unknown name(s): {', '.join(unknown)} (see --help)")
         return 2
@@ -194,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         pass
     info["loadavg_end"] = machine.loadavg()
+    if runner.link is not None:
+        info["loopback"] = runner.link.to_json()
     run = report.Run(
         command=command,
         scale=scale,
@@ -208,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     out: Path | None = args.out
     if out is None and scale != "smoke" and not interrupted and error is None:
-        out = _results_path(started, wheres, scale)
+        out = _results_path(started, wheres, scale, args.workloads)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)

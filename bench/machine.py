@@ -112,6 +112,7 @@ def describe(blit: str, repo: Path, roots: dict[str, str]) -> dict[str, object]:
             "cp": _first_line(["cp", "--version"]),
             "tar": _first_line(["tar", "--version"]),
             "bash": _first_line(["bash", "--version"]),
+            "iperf3": _first_line(["iperf3", "--version"]),
         },
         "loadavg_start": loadavg(),
     }

@@ -18,6 +18,14 @@ forks, execs and reaps it) in a new session. What is measured, exactly:
 - ``peak_rss_kib`` = max(maxrss_kib, tree_rss_kib): the figure the report shows.
 - ``ttfb_s``: from the launcher's fork to the first complete regular file in the destination
   (watch.py), both on CLOCK_MONOTONIC.
+- ``cpu_s``: user + system time of the command and the descendants it reaped (``wait4``).
+- With a ``server`` (a daemon's pid, the leader of its own session; remote workloads):
+  ``server_rss_kib``, the peak of the summed RSS of the server's session sampled like the
+  command's (for the blit daemon, one process that lives across runs, this includes its
+  resident size before the run), and ``server_cpu_s``, the growth of the server's
+  utime + stime + cutime + cstime (/proc/PID/stat) over the run. The server's forked children
+  (rsync's per-connection processes) count once they are reaped, so after the command exits
+  the bench waits (up to 5 s) for the server's session to be back to the server alone.
 
 The command's stdin is /dev/null and its stdout/stderr go to anonymous temporary files (the
 tail of stderr is kept for the report when the command fails).
@@ -55,6 +63,9 @@ class Sample:
     ttfb_s: float | None = None
     stderr_tail: str = ""
     notes: list[str] = field(default_factory=list)
+    cpu_s: float | None = None
+    server_rss_kib: int | None = None
+    server_cpu_s: float | None = None
 
     @property
     def peak_rss_kib(self) -> int:
@@ -68,22 +79,31 @@ class Sample:
             "tree_rss_kib": self.tree_rss_kib,
             "peak_rss_kib": self.peak_rss_kib,
             "ttfb_s": None if self.ttfb_s is None else round(self.ttfb_s, 6),
+            "cpu_s": None if self.cpu_s is None else round(self.cpu_s, 6),
+            "server_rss_kib": self.server_rss_kib,
+            "server_cpu_s": None if self.server_cpu_s is None else round(self.server_cpu_s, 6),
             "notes": self.notes,
         }
 
 
 class _RssSampler(threading.Thread):
-    """Samples the summed RSS of every process in one session until stopped."""
+    """Samples the summed RSS of every process in one session (and optionally a server's
+    session, separately) until stopped."""
 
-    def __init__(self, sid: int) -> None:
+    def __init__(self, sid: int, server_sid: int | None = None) -> None:
         super().__init__(name="bench-rss", daemon=True)
         self.sid = sid  # the launcher: its pid is the session id, and it is not counted
+        self.server_sid = server_sid
         self.peak_kib = 0
+        self.server_peak_kib = 0
         self._stop_evt = threading.Event()
 
     def run(self) -> None:
         while True:
-            self.peak_kib = max(self.peak_kib, session_rss_kib(self.sid, exclude=self.sid))
+            sums = sessions_rss_kib({self.sid, self.server_sid} - {None}, exclude=self.sid)
+            self.peak_kib = max(self.peak_kib, sums.get(self.sid, 0))
+            if self.server_sid is not None:
+                self.server_peak_kib = max(self.server_peak_kib, sums.get(self.server_sid, 0))
             if self._stop_evt.wait(SAMPLE_INTERVAL_S):
                 return
 
@@ -94,7 +114,12 @@ class _RssSampler(threading.Thread):
 
 def session_rss_kib(sid: int, exclude: int = -1) -> int:
     """Sum of RSS (KiB) over the live processes whose session id is ``sid``, but ``exclude``."""
-    total = 0
+    return sessions_rss_kib({sid}, exclude).get(sid, 0)
+
+
+def sessions_rss_kib(sids: set[int], exclude: int = -1) -> dict[int, int]:
+    """Sum of RSS (KiB) per session id in ``sids`` over the live processes, but ``exclude``."""
+    totals: dict[int, int] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == exclude:
             continue
@@ -105,9 +130,51 @@ def session_rss_kib(sid: int, exclude: int = -1) -> int:
             continue
         fields = raw[raw.rfind(b")") + 2 :].split()
         # fields[0] is field 3 (state) of proc(5): session is field 6, rss field 24.
-        if len(fields) > 21 and int(fields[3]) == sid:
-            total += int(fields[21]) * _PAGE_KIB
-    return total
+        if len(fields) > 21 and int(fields[3]) in sids:
+            sid = int(fields[3])
+            totals[sid] = totals.get(sid, 0) + int(fields[21]) * _PAGE_KIB
+    return totals
+
+
+def session_pids(sid: int) -> list[int]:
+    """The live processes (not threads) whose session id is ``sid``."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(b")") + 2 :].split()
+        if len(fields) > 3 and int(fields[3]) == sid:
+            pids.append(int(name))
+    return pids
+
+
+_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """utime + stime + cutime + cstime of ``pid`` in seconds, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    # fields[0] is field 3 of proc(5): utime..cstime are fields 14-17.
+    return sum(int(x) for x in fields[11:15]) * _TICK_S
+
+
+def _server_settled(pid: int, timeout_s: float = 5.0) -> None:
+    """Wait until the server's session holds the server alone (its children reaped)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if [p for p in session_pids(pid) if p != pid] == []:
+            return
+        time.sleep(0.01)
 
 
 # The process being measured, so that an interrupt can end it (see kill_current()).
@@ -142,6 +209,8 @@ def run(
     ttfb_src: str | None = None,
     ttfb_dst: str | None = None,
     cwd: str | None = None,
+    env: dict[str, str] | None = None,
+    server: int | None = None,
 ) -> Sample:
     """Run ``argv`` through the launcher in a new session, wait for it, and measure it.
 
@@ -150,6 +219,9 @@ def run(
         ttfb_src, ttfb_dst: when both are given, time to first byte is measured on ``ttfb_dst``
             (whose parent must exist), comparing candidates with ``ttfb_src``.
         cwd: working directory of the command.
+        env: its environment (default: the bench's).
+        server: pid of a daemon (a session leader) the command talks to; its RSS and CPU time
+            over the run are measured too.
     """
     global _current
     watcher = None
@@ -159,6 +231,7 @@ def run(
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     try:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            server_cpu0 = process_cpu_s(server) if server is not None else None
             h0 = time.perf_counter()
             try:
                 proc = subprocess.Popen(
@@ -167,6 +240,7 @@ def run(
                     stdout=out,
                     stderr=err,
                     cwd=cwd,
+                    env=env,
                     start_new_session=True,
                     pass_fds=(wfd,),
                 )
@@ -177,7 +251,7 @@ def run(
             os.close(wfd)
             wfd = -1
             _current = proc
-            sampler = _RssSampler(proc.pid)
+            sampler = _RssSampler(proc.pid, server)
             sampler.start()
             try:
                 _pid, status, _usage = os.wait4(proc.pid, 0)
@@ -190,6 +264,11 @@ def run(
                 if proc.returncode is None:
                     kill_current()
                 _current = None
+            server_cpu = None
+            if server is not None and server_cpu0 is not None:
+                _server_settled(server)
+                cpu1 = process_cpu_s(server)
+                server_cpu = None if cpu1 is None else cpu1 - server_cpu0
             report = os.read(rfd, 4096).decode().split()
             err.seek(0)
             tail = err.read()[-2000:].decode("utf-8", "replace").strip()
@@ -197,8 +276,10 @@ def run(
         os.close(rfd)
         if wfd >= 0:
             os.close(wfd)
-    if len(report) == 4:
+    cpu: float | None = None
+    if len(report) == 5:
         maxrss, t0, t1, code = int(report[0]), float(report[1]), float(report[2]), int(report[3])
+        cpu = float(report[4])
     else:  # the launcher died: fall back on what the bench saw
         maxrss, t0, t1, code = 0, h0, h1, proc.returncode or 1
         tail += "\n(bench launcher reported nothing)"
@@ -208,6 +289,9 @@ def run(
         maxrss_kib=maxrss,
         tree_rss_kib=sampler.peak_kib,
         stderr_tail=tail,
+        cpu_s=cpu,
+        server_rss_kib=sampler.server_peak_kib if server is not None else None,
+        server_cpu_s=server_cpu,
     )
     if watcher is not None:
         if watcher.landed_at is not None:

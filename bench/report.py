@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 
 from bench.runner import CaseResult, LocationResult, ToolResult
-from bench.tools import ALL, COPY, MIRROR, Tools
+from bench.tools import ALL, COPY, MIRROR, REMOTE, Tools
 
 
 @dataclass
@@ -56,8 +56,12 @@ def _rss(t: ToolResult, floor: int) -> str:
     return _mib(kib)
 
 
+def _cpu(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f} s"
+
+
 def _tool_row(case: CaseResult, t: ToolResult, floor: int) -> str:
-    if t.is_blit:
+    if t is case.blit:
         ratio = "1.00 (blit)"
     else:
         r = case.ratio(t.key)
@@ -66,8 +70,12 @@ def _tool_row(case: CaseResult, t: ToolResult, floor: int) -> str:
     status = t.check if t.status in ("ok", "INVALID") else f"{t.status}: {t.check}"
     if t.notes:
         status += " (" + "; ".join(t.notes) + ")"
+    remote = ""
+    if case.case.direction is not None:
+        remote = (f" {_cpu(t.cpu_median)} | {_cpu(t.server_cpu_median)} | "
+                  f"{_mib(t.server_rss_kib)} |")
     return (f"| {t.label} | {_secs(t.median)} | {_spread(t)} | {ratio} | {_rss(t, floor)} "
-            f"| {ttfb} | {status.replace('|', '/')} |")
+            f"| {ttfb} |{remote} {status.replace('|', '/')} |")
 
 
 def _start_text(case: CaseResult) -> str:
@@ -117,6 +125,13 @@ def markdown(run: Run) -> str:
     out.append(f"| blit | {tools.get('blit')}; repository at {tools.get('repo')} |")
     out.append(f"| peers | {tools.get('rsync')}; {tools.get('cp')}; {tools.get('tar')}; "
                f"Python {m.get('python')}; {tools.get('bash')} |")
+    loop = m.get("loopback")
+    if isinstance(loop, dict):
+        bps = loop.get("bits_per_second")
+        text = (f"{bps / 1e9:.1f} Gbit/s ({bps / 8e9:.2f} GB/s), `{loop.get('command')}`, "
+                f"once before the first location" if isinstance(bps, float)
+                else f"not measured: {loop.get('note')}")
+        out.append(f"| loopback TCP (iperf3) | {text} |")
     out.append("")
 
     out.append("## Targets (issue 3)")
@@ -154,9 +169,15 @@ def markdown(run: Run) -> str:
                 for note in c.notes:
                     out.append(f"{note[0].upper()}{note[1:]}.")
                 out.append("")
-                out.append("| tool | median | min–max | peer/blit | peak RSS | TTFB (median) "
-                           "| check |")
-                out.append("|---|---|---|---|---|---|---|")
+                if c.case.direction is not None:
+                    out.append("| tool | median | min–max | peer/blit | peak RSS (client) "
+                               "| TTFB (median) | client CPU | daemon CPU | daemon peak RSS "
+                               "| check |")
+                    out.append("|---|---|---|---|---|---|---|---|---|---|")
+                else:
+                    out.append("| tool | median | min–max | peer/blit | peak RSS "
+                               "| TTFB (median) | check |")
+                    out.append("|---|---|---|---|---|---|---|")
                 for t in c.tools:
                     out.append(_tool_row(c, t, floor))
                 out.append("")
@@ -175,6 +196,33 @@ def markdown(run: Run) -> str:
         copy = shown.shown(key, COPY).replace("|", "\\|")  # a pipe inside a table cell
         out.append(f"| {key} | `{copy}` | {f'`{mirror}`' if mirror else '—'} |")
     out.append("")
+    if any(w.workload.kind == "remote" for loc in run.locations for w in loc.workloads):
+        out.append("Remote workloads (through daemons on 127.0.0.1, started once per location; "
+                   "the module `mod` is the work root, on the location's filesystem):")
+        out.append("")
+        out.append("| tool | push | pull | mirror push |")
+        out.append("|---|---|---|---|")
+        for key in REMOTE:
+            push, pull = shown.shown(key, COPY, "push"), shown.shown(key, COPY, "pull")
+            mpush = shown.shown(key, MIRROR, "push")
+            out.append(f"| {key} | `{push}` | `{pull}` | `{mpush}` |")
+        out.append("")
+        out.append(
+            "- **daemons**: `blit daemon --config FILE --no-mdns` (TLS on; the client pins its "
+            "certificate in a temporary HOME), `blit daemon --config FILE --no-mdns --no-tls`, "
+            "and `rsync --daemon --no-detach --config=FILE` (use chroot = no, numeric ids, no "
+            "reverse lookup, the bench's uid), each exporting the work root as one writable "
+            "module.\n"
+            "- **client CPU**: user + system time of the command (`wait4`); **daemon CPU**: "
+            "growth of the daemon's utime + stime + cutime + cstime over the run (rsync's "
+            "per-connection children counted once reaped); **daemon peak RSS**: peak of the "
+            "summed RSS of the daemon's session sampled every 50 ms (a blit daemon lives across "
+            "runs, so this includes its resident size between runs); medians and maxima over "
+            "the runs.\n"
+            "- **loopback TCP**: `iperf3 -s -B 127.0.0.1 -1` and `iperf3 -c 127.0.0.1 -t 3` "
+            "once per bench run; the large-file target compares blit's rate (file size / "
+            "median wall time, start-up included) with the receiver's rate iperf3 reports.")
+        out.append("")
     out.append(
         "- **median, min–max**: wall time from spawning the command to reaping it, over the runs "
         "that exited 0. Runs are interleaved (run 1 of every tool, then run 2, ...); the "
@@ -182,7 +230,9 @@ def markdown(run: Run) -> str:
         "runs before each timed run. A fresh-copy case first makes and removes one untimed "
         "`cp -a` copy, so that the first tool does not pay alone for cold caches and the "
         "kernel's first allocation of the destination's pages.\n"
-        "- **peer/blit**: the peer's median divided by blit's; above 1 means blit is faster.\n"
+        "- **peer/blit**: the row's median divided by blit's; above 1 means blit is faster. "
+        "In remote cases the base is blit with TLS (the default); the `--no-tls` row's figure "
+        "below 1 is what TLS costs, and the case notes give rsync against it too.\n"
         "- **peak RSS**: the larger of `ru_maxrss` from `wait4` (the largest single process "
         "among the command and the descendants it reaped) and the peak of the summed RSS of "
         "every process in the command's session, sampled from /proc every 50 ms; the largest "

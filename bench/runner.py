@@ -14,6 +14,13 @@ the source (trees.compare): blit's byte for byte with every piece of metadata, t
 by metadata; a tree that differs in structure, size or content (or for blit in any way) marks
 the row INVALID. A non-zero exit marks it FAILED and stops that tool for the case.
 
+Remote workloads (kind "remote") run the same way against daemons on 127.0.0.1: the runner
+enters the workload's session (daemons.py) once per location, before the first remote workload,
+and keeps it until the location ends; each command gets an endpoint for its remote side, runs
+with the session's environment (HOME in the work root, for blit's known-hosts pin), and the
+daemon it talks to is measured too (RSS, CPU). The loopback TCP limit (link.py, iperf3) is
+measured once per bench run, before the first location, when a remote workload is selected.
+
 This module must not format reports (report.py does).
 """
 
@@ -26,13 +33,13 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import measure, trees
+from bench import daemons, link, measure, trees
 from bench.measure import Sample
-from bench.tools import Tools, default_blit
+from bench.tools import BLITS, Tools, default_blit
 from bench.workloads import DISK_TARGET, WORKLOADS, Case, Target, Workload
 
 MARKER = ".blit-bench-root"
@@ -96,6 +103,24 @@ class ToolResult:
     def peak_rss_kib(self) -> int | None:
         return max((s.peak_rss_kib for s in self.samples), default=None)
 
+    def _median_of(self, attr: str) -> float | None:
+        xs = [getattr(s, attr) for s in self.samples
+              if s.exit_code == 0 and getattr(s, attr) is not None]
+        return statistics.median(xs) if xs else None
+
+    @property
+    def cpu_median(self) -> float | None:
+        return self._median_of("cpu_s")
+
+    @property
+    def server_cpu_median(self) -> float | None:
+        return self._median_of("server_cpu_s")
+
+    @property
+    def server_rss_kib(self) -> int | None:
+        return max((s.server_rss_kib for s in self.samples if s.server_rss_kib is not None),
+                   default=None)
+
     def to_json(self) -> dict[str, object]:
         spread = self.spread
         return {
@@ -109,6 +134,9 @@ class ToolResult:
             "max_s": spread[1] if spread else None,
             "ttfb_median_s": self.ttfb_median,
             "peak_rss_kib": self.peak_rss_kib,
+            "cpu_median_s": self.cpu_median,
+            "server_cpu_median_s": self.server_cpu_median,
+            "server_peak_rss_kib": self.server_rss_kib,
             "notes": self.notes,
             "runs": [s.to_json() for s in self.samples],
         }
@@ -131,18 +159,25 @@ class CaseResult:
     tools: list[ToolResult] = field(default_factory=list)
     targets: list[TargetResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    total_bytes: int = 0
+    link: link.Link | None = None  # remote cases: the loopback TCP limit of this bench run
 
     @property
     def blit(self) -> ToolResult | None:
+        """The blit row the ratios are taken against (the first: TLS on, for remote)."""
         return next((t for t in self.tools if t.is_blit), None)
 
-    def ratio(self, peer: str) -> float | None:
-        """peer median / blit median: above 1 means blit is faster."""
-        b = self.blit
+    def ratio(self, peer: str, base: str | None = None) -> float | None:
+        """peer median / blit median (or / ``base``'s): above 1 means blit is faster."""
+        b = self.blit if base is None else next((t for t in self.tools if t.key == base), None)
         p = next((t for t in self.tools if t.key == peer), None)
         if b is None or p is None or b.median is None or p.median is None or b.median <= 0:
             return None
         return p.median / b.median
+
+    def rate(self, t: ToolResult) -> float | None:
+        """Bytes per second of ``t``'s median run (tree bytes / median wall time)."""
+        return self.total_bytes / t.median if t.median else None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -151,8 +186,10 @@ class CaseResult:
             "mode": self.case.mode,
             "start": self.case.start,
             "runs": self.runs,
+            "direction": self.case.direction,
+            "total_bytes": self.total_bytes,
             "tools": [t.to_json() for t in self.tools],
-            "ratios": {t.key: self.ratio(t.key) for t in self.tools if not t.is_blit},
+            "ratios": {t.key: self.ratio(t.key) for t in self.tools if t is not self.blit},
             "targets": [t.to_json() for t in self.targets],
             "notes": self.notes,
         }
@@ -260,8 +297,16 @@ class Runner:
         self.tools = Tools(settings.blit)
         self.blit_ok = self.tools.blit_available()
         self.results: list[LocationResult] = []  # filled as the run goes, so partial on Ctrl-C
+        self.link: link.Link | None = None
 
     def run(self) -> list[LocationResult]:
+        from bench.workloads import WORKLOADS
+
+        if any(WORKLOADS[k].kind == "remote" for k in self.s.workloads):
+            log("measuring the loopback TCP limit (iperf3)")
+            self.link = (link.measure(nbytes="256M") if self.s.scale == "smoke"
+                         else link.measure(duration_s=3))
+            log(f"  loopback: {self.link.describe()}")
         for where in self.s.wheres:
             self.results.append(LocationResult(where, self.s.roots[where]))
             self._run_location(where, self.results[-1])
@@ -270,6 +315,8 @@ class Runner:
     def _run_location(self, where: str, result: LocationResult) -> None:
         root = WorkRoot(self.s.roots[where])
         root.acquire()
+        sessions = ExitStack()
+        entered: dict[object, object] = {}
         try:
             os.mkdir(os.path.join(root.path, "src"))
             os.mkdir(os.path.join(root.path, "run"))
@@ -290,15 +337,29 @@ class Runner:
                         trees.sync()
                     wres.generate_s = time.perf_counter() - t0
                     sources[spec] = src
-                with wl.session(root.path):
-                    for case in wl.cases:
-                        wres.cases.append(self._run_case(where, root.path, wl, case, spec, src))
+                remote = self._session(sessions, entered, wl, root.path)
+                for case in wl.cases:
+                    wres.cases.append(self._run_case(where, root.path, wl, case, spec, src,
+                                                     remote))
                 later = {WORKLOADS[k].spec(self.s.scale) for k in keys[i + 1:]}
                 if wl.mutates_source or spec not in later:
                     trees.remove(src)
                     del sources[spec]
         finally:
-            root.release()
+            try:
+                sessions.close()  # stops the daemons (signals held meanwhile)
+            finally:
+                root.release()
+
+    def _session(self, stack: ExitStack, entered: dict[object, object], wl: Workload,
+                 root: str) -> object:
+        """Enter ``wl``'s session once per location (kept until it ends); its value."""
+        if wl.session not in entered:
+            try:
+                entered[wl.session] = stack.enter_context(wl.session(root, self.s.blit))
+            except daemons.DaemonError as exc:
+                raise BenchError(str(exc)) from None
+        return entered[wl.session]
 
     def _case_tools(self, case: Case) -> list[str]:
         keys = list(case.tools)
@@ -309,14 +370,17 @@ class Runner:
         return keys
 
     def _run_case(self, where: str, root: str, wl: Workload, case: Case,
-                  spec: trees.TreeSpec, src: str) -> CaseResult:
+                  spec: trees.TreeSpec, src: str, remote: object = None) -> CaseResult:
         runs = self.s.runs_for(where, wl)
-        res = CaseResult(case, runs)
+        res = CaseResult(case, runs, total_bytes=spec.total_bytes)
+        if case.direction is not None:
+            res.link = self.link
         dst = os.path.join(root, "run", "dst")
         base = os.path.join(root, "base")
         for key in self._case_tools(case):
-            tr = ToolResult(key, Tools.label(key, case.mode), self.tools.shown(key, case.mode),
-                            is_blit=key == "blit")
+            tr = ToolResult(key, Tools.label(key, case.mode),
+                            self.tools.shown(key, case.mode, case.direction),
+                            is_blit=key in BLITS)
             if tr.is_blit and not self.blit_ok:
                 tr.status = "missing"
                 tr.check = f"{self.s.blit} not found"
@@ -346,11 +410,21 @@ class Runner:
                     if tr.status == "FAILED":
                         continue
                     self._prepare(case, tr.key, dst, base, where)
-                    argv = self.tools.argv(tr.key, case.mode, src, dst)
+                    env, server = None, None
+                    a, b = src, dst
+                    if isinstance(remote, daemons.Daemons):
+                        if case.direction == "push":
+                            b = remote.url(tr.key, dst + "/")
+                        else:
+                            a = remote.url(tr.key, src + "/")
+                        env, server = remote.env, remote.pid(tr.key)
+                    argv = self.tools.argv(tr.key, case.mode, a, b)
                     sample = measure.run(
                         argv,
                         ttfb_src=src if case.ttfb else None,
                         ttfb_dst=dst if case.ttfb else None,
+                        env=env,
+                        server=server,
                     )
                     tr.samples.append(sample)
                     self._log_sample(where, wl, case, r, runs, tr, sample)
@@ -358,6 +432,12 @@ class Runner:
                         tr.status = "FAILED"
                         tr.check = (f"exit {sample.exit_code}: "
                                     + (sample.stderr_tail.splitlines() or [""])[-1][:300])
+                        if isinstance(remote, daemons.Daemons):
+                            try:
+                                remote.check_alive()
+                            except daemons.DaemonError as exc:
+                                tr.check += f" ({str(exc).splitlines()[0]})"
+                                log(str(exc))
                         log(f"    {tr.label} failed (exit {sample.exit_code}):\n"
                             f"{sample.stderr_tail}")
                         continue
@@ -366,6 +446,12 @@ class Runner:
                             tr.notes.append(note)
                     if r == 0 and self.s.verify:
                         self._verify(tr, src, dst)
+            notls = next((t for t in res.tools if t.key == "blit-notls"), None)
+            if notls is not None and notls is not res.blit:
+                r = res.ratio("rsync", base="blit-notls")
+                if r is not None:
+                    res.notes.append(f"against the --no-tls row: rsync / blit --no-tls = "
+                                     f"{r:.2f}x")
             res.targets = self._targets(where, case, res)
         finally:
             trees.remove(dst)
@@ -442,6 +528,17 @@ def evaluate(t: Target, res: CaseResult) -> TargetResult:
             ok = ratio >= 1 / (1 + t.value)
             detail += f" (blit {(1 / ratio - 1) * 100:+.1f}% vs {peer.label})"
         return TargetResult(t.text, "PASS" if ok else "FAIL", detail)
+    if t.kind == "link_min":
+        bps = res.link.bytes_per_second if res.link is not None else None
+        if bps is None:
+            return TargetResult(t.text, "n/a", res.link.note if res.link else "no iperf3 figure")
+        rate = res.rate(b)
+        if rate is None:
+            return TargetResult(t.text, "n/a", "no median for blit")
+        frac = rate / bps
+        return TargetResult(t.text, "PASS" if frac >= t.value else "FAIL",
+                            f"blit {rate / 1e9:.2f} GB/s = {frac * 100:.0f}% of "
+                            f"{bps / 1e9:.2f} GB/s (iperf3)")
     if t.kind == "ttfb_max":
         ttfb = b.ttfb_median
         if ttfb is None:

@@ -12,6 +12,11 @@ modes. The command lines are the ones ANCHORS.md measured:
 | shutil | ``python -c 'shutil.copytree(SRC, DST, symlinks=True)'`` (DST absent) | |
 
 ``shutil`` runs under the same interpreter as the bench (the venv's), like blit itself.
+
+Remote workloads use the same command lines with an endpoint in place of SRC (pull) or DST
+(push), built by daemons.py: ``127.0.0.1:PORT:/mod/PATH/`` for blit, ``rsync://127.0.0.1:PORT/
+mod/PATH/`` for rsync. They add one tool, ``blit-notls``: blit with ``--no-tls``, against a
+daemon run with ``--no-tls``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ COPY = "copy"
 MIRROR = "mirror"
 PEERS = ("rsync", "cp", "tar", "shutil")
 ALL = ("blit", *PEERS)
+REMOTE = ("blit", "blit-notls", "rsync")
+EVERY = (*ALL, "blit-notls")  # what --tools accepts
+BLITS = ("blit", "blit-notls")
 
 _TAR_PIPE = 'set -o pipefail; tar -C "$1" -cf - . | tar -C "$2" -xf -'
 _SHUTIL = "import shutil,sys; shutil.copytree(sys.argv[1], sys.argv[2], symlinks=True)"
@@ -49,9 +57,11 @@ class Tools:
     @staticmethod
     def label(key: str, mode: str) -> str:
         if mode == MIRROR:
-            return {"blit": "blit mirror", "rsync": "rsync -a --delete"}[key]
+            return {"blit": "blit mirror", "blit-notls": "blit mirror --no-tls",
+                    "rsync": "rsync -a --delete"}[key]
         return {
             "blit": "blit copy",
+            "blit-notls": "blit copy --no-tls",
             "rsync": "rsync -a",
             "cp": "cp -a",
             "tar": "tar pipe",
@@ -65,6 +75,8 @@ class Tools:
 
     def argv(self, key: str, mode: str, src: str, dst: str) -> list[str]:
         s, d = src.rstrip("/"), dst.rstrip("/")
+        if key == "blit-notls":
+            return [*self.argv("blit", mode, src, dst), "--no-tls"]
         if mode == MIRROR:
             if key == "blit":
                 return [self.blit, "mirror", s + "/", d + "/"]
@@ -83,13 +95,22 @@ class Tools:
             return [self.python, "-c", _SHUTIL, s, d]
         raise ValueError(f"unknown tool {key!r}")
 
-    def shown(self, key: str, mode: str) -> str:
-        """The command line as the report prints it, with SRC and DST placeholders."""
-        argv = self.argv(key, mode, "SRC", "DST")
+    def shown(self, key: str, mode: str, direction: str | None = None) -> str:
+        """The command line as the report prints it, with SRC and DST placeholders (and the
+        endpoint's shape for a remote ``direction``, push or pull)."""
+        src, dst = "SRC", "DST"
+        if direction is not None:
+            url = ("rsync://127.0.0.1:PORT/mod/{}" if key == "rsync"
+                   else "127.0.0.1:PORT:/mod/{}")
+            if direction == "push":
+                dst = url.format("DST")
+            else:
+                src = url.format("SRC")
+        argv = self.argv(key, mode, src, dst)
         if key == "tar":
             return "tar -C SRC -cf - . | tar -C DST -xf -"
         if key == "shutil":
             return f"python -c '{_SHUTIL}' SRC DST"
-        if key == "blit":
+        if key in BLITS:
             argv[0] = "blit"
         return " ".join(argv)

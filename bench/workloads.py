@@ -14,10 +14,15 @@ timed run:
 Targets are those of issue 3, judged on medians of the same run, on tmpfs. On the disk the only
 target is "not slower than rsync -a" (added by the runner to every case that has rsync).
 
-Remote workloads (push and pull through an rsync daemon and the blit daemon on 127.0.0.1) will
-register here with ``kind="remote"``: the runner will enter ``Workload.session`` (a context
-manager starting the daemons for the run's root) around their cases, and their tools will
-take endpoints instead of local paths. None are defined yet.
+Remote workloads (``remote-*``: the same small, large and mixed trees pushed and pulled through
+a daemon on 127.0.0.1, and the nothing-changed mirror pushed) have ``kind="remote"``: the
+runner enters ``Workload.session`` (daemons.session: a blit daemon with TLS, one with
+``--no-tls`` and an rsync daemon, exporting the work root as module ``mod``) once per location,
+before the first of them, and keeps it until the location ends. A remote case has a
+``direction``: ``push`` (local source, destination an endpoint) or ``pull`` (source an
+endpoint, local destination). Their targets (issue 3's remote acceptance) are judged against
+the rsync daemon in the same run, and the large file against the loopback TCP limit iperf3
+measures once per bench run (``link_min``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ContextManager
 
-from bench import tools
+from bench import daemons, tools
 from bench.trees import TreeSpec
 
 KiB = 1024
@@ -43,7 +48,8 @@ class Target:
 
     kind: ``ratio_min`` (peer median / blit median >= value), ``ratio_gt`` (> value),
     ``within`` (blit median <= peer median * (1 + value)), ``ttfb_max`` (blit's median TTFB
-    <= value seconds), ``rss_max`` (blit's largest peak RSS < value bytes).
+    <= value seconds), ``rss_max`` (blit's largest peak RSS < value bytes), ``link_min``
+    (blit's rate, tree bytes / median, >= value x the loopback TCP rate iperf3 measured).
     """
 
     text: str
@@ -62,9 +68,10 @@ class Case:
     targets: tuple[Target, ...] = ()
     ttfb: bool = True
     optional_peers: bool = False  # peers run only with --huge-peers (or --smoke)
+    direction: str | None = None  # remote cases: "push" or "pull"
 
 
-def _no_session(root: str) -> ContextManager[None]:
+def _no_session(root: str, blit: str) -> ContextManager[object]:
     return contextlib.nullcontext()
 
 
@@ -77,7 +84,9 @@ class Workload:
     max_runs: int | None = None
     mutates_source: bool = False
     kind: str = "local"
-    session: Callable[[str], ContextManager[None]] = field(default=_no_session)
+    session: Callable[[str, str], ContextManager[object]] = field(default=_no_session)
+    """(work root, blit executable) -> a context manager around the workload's cases; the
+    runner enters each distinct session once per location and keeps it to the end."""
 
     def spec(self, scale: str) -> TreeSpec:
         return self.specs[scale]
@@ -199,7 +208,69 @@ _register(Workload(
     max_runs=3,
 ))
 
-DEFAULT_ORDER = ("small", "nochange", "large", "mixed", "incremental", "huge")
+# -- remote: through a daemon on 127.0.0.1 ------------------------------------------------
+
+
+def _remote_session(root: str, blit: str) -> ContextManager[object]:
+    return daemons.session(root, blit)
+
+
+def _push_pull(targets: tuple[Target, ...] = ()) -> tuple[Case, ...]:
+    return (
+        Case("push", "push (fresh copy to the daemon)", tools.COPY, "empty", tools.REMOTE,
+             targets, direction="push"),
+        Case("pull", "pull (fresh copy from the daemon)", tools.COPY, "empty", tools.REMOTE,
+             targets, direction="pull"),
+    )
+
+
+_register(Workload(
+    key="remote-small",
+    title="small files through a daemon on loopback",
+    specs=_specs(_small),
+    cases=_push_pull((
+        Target("at least 2x faster than rsync (daemon)", "ratio_min", 2.0, "rsync"),
+    )),
+    kind="remote",
+    session=_remote_session,
+))
+
+_register(Workload(
+    key="remote-nochange",
+    title="nothing-changed mirror of the small tree, pushed to a daemon on loopback",
+    specs=_specs(_small),
+    cases=(Case("push", "nothing changed (mirror push)", tools.MIRROR, "unchanged",
+                tools.REMOTE, (
+                    Target("faster than rsync -a --delete (daemon)", "ratio_gt", 1.0, "rsync"),
+                ), ttfb=False, direction="push"),),
+    kind="remote",
+    session=_remote_session,
+))
+
+_register(Workload(
+    key="remote-large",
+    title="one large file through a daemon on loopback",
+    specs=_specs(_large),
+    cases=_push_pull((
+        Target("at least 1.5x faster than rsync (daemon)", "ratio_min", 1.5, "rsync"),
+        Target("at least 40% of the loopback TCP limit (iperf3)", "link_min", 0.40),
+    )),
+    kind="remote",
+    session=_remote_session,
+))
+
+_register(Workload(
+    key="remote-mixed",
+    title="mixed sizes through a daemon on loopback",
+    specs=_specs(_mixed),
+    cases=_push_pull(),
+    kind="remote",
+    session=_remote_session,
+))
+
+LOCAL_ORDER = ("small", "nochange", "large", "mixed", "incremental", "huge")
+REMOTE_ORDER = ("remote-small", "remote-nochange", "remote-large", "remote-mixed")
+DEFAULT_ORDER = LOCAL_ORDER + REMOTE_ORDER
 
 DISK_TARGET = Target("not slower than rsync -a (disk, median of interleaved runs)",
                      "ratio_min", 1.0, "rsync")

@@ -34,9 +34,15 @@ WORKLOADS = {
     "mixed": ["fresh copy"],
     "incremental": ["first copy", "1% of files changed", "nothing changed"],
     "huge": ["fresh copy"],
+    "remote-small": ["push", "pull"],
+    "remote-nochange": ["nothing changed (mirror push)"],
+    "remote-large": ["push", "pull"],
+    "remote-mixed": ["push", "pull"],
 }
 COPY_TOOLS = ["blit copy", "rsync -a", "cp -a", "tar pipe", "shutil.copytree"]
 MIRROR_TOOLS = ["blit mirror", "rsync -a --delete"]
+REMOTE_COPY_TOOLS = ["blit copy", "blit copy --no-tls", "rsync -a"]
+REMOTE_MIRROR_TOOLS = ["blit mirror", "blit mirror --no-tls", "rsync -a --delete"]
 
 
 def _root(name: str) -> Path:
@@ -84,7 +90,14 @@ def test_smoke_run_reports_every_workload_and_peer_and_leaves_nothing(tmp_path: 
     for workload in ("nochange", "incremental"):
         for tool in MIRROR_TOOLS:
             assert f"\n| {tool} |" in sections[workload], f"{tool} missing from {workload}"
+    for workload in ("remote-small", "remote-large", "remote-mixed"):
+        for tool in REMOTE_COPY_TOOLS:
+            assert sections[workload].count(f"\n| {tool} |") == 2, f"{tool} in {workload}"
+    for tool in REMOTE_MIRROR_TOOLS:
+        assert f"\n| {tool} |" in sections["remote-nochange"], tool
     assert "## Machine" in md and "## Targets (issue 3)" in md
+    # The daemons were stopped: nothing listens or runs from the work root any more.
+    assert not _processes_mentioning(str(root)), _processes_mentioning(str(root))
 
     doc = json.loads(out.with_suffix(".json").read_text())
     assert doc["scale"] == "smoke"
@@ -94,10 +107,27 @@ def test_smoke_run_reports_every_workload_and_peer_and_leaves_nothing(tmp_path: 
     for w in loc["workloads"]:
         for c in w["cases"]:
             for t in c["tools"]:
-                if t["tool"] != "blit":  # blit's own failures are its tests' business
+                if not t["tool"].startswith("blit"):  # blit's failures are its tests' business
                     assert t["status"] == "ok" and t["median_s"] is not None, (w["workload"], t)
                 elif t["status"] != "missing":
                     assert t["runs"], (w["workload"], t)
+                if w["workload"].startswith("remote-") and t["status"] == "ok":
+                    # the rsync daemon (or blit's) was measured beside the client
+                    assert t["server_peak_rss_kib"] and t["server_cpu_median_s"] is not None, t
+    if doc["machine"]["loopback"]["bits_per_second"] is None:  # iperf3 is optional
+        assert "not installed" in doc["machine"]["loopback"]["note"]
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmd and pid != str(os.getpid()):
+            found.append(cmd)
+    return found
 
 
 def test_ttfb_is_measured_from_command_start_to_first_complete_file(tmp_path: Path) -> None:
@@ -152,3 +182,26 @@ def test_refuses_to_wipe_a_directory_it_did_not_make(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "refusing to wipe" in proc.stderr
     assert (tmp_path / "precious").read_text() == "keep me"
+
+
+def test_interrupt_stops_the_daemons_and_removes_their_modules() -> None:
+    root = _root("sigint-remote")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--quick", "--workloads", "remote-small", "--tools",
+         "rsync", "--where", "tmpfs", "--tmpfs-root", str(root)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _processes_mentioning(str(root / "daemons")) and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (130, 0), err
+    assert not root.exists(), err
+    assert not _processes_mentioning(str(root)), err

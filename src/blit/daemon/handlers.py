@@ -89,15 +89,27 @@ class DaemonState:
 
 
 class ModuleSource:
-    """Pull: files of a transfer, opened below the transfer root without following links."""
+    """Pull: files of a transfer, opened below the transfer root without following links.
+
+    For a tree pull (`tree` set), files are opened by the tree's SourceTree, which keeps the
+    transfer's directories open (containment-walked once per directory, not once per file)."""
 
     def __init__(self, root: Path, base: list[bytes]) -> None:
         self.root = root
         self.base = base
         self.paths: dict[int, list[bytes]] = {}
+        self.tree: Any = None  # transport.tree.SourceTree of a tree pull
+
+    def add(self, file_id: int, parts: list[bytes]) -> None:
+        self.paths[file_id] = parts
+        if self.tree is not None and parts:
+            rel = b"/".join(parts[:-1])
+            self.tree.register(os.fsdecode(rel), [protocol.Need(id=file_id, name=parts[-1])])
 
     def open(self, file_id: int) -> SrcFile:
         parts = self.paths[file_id]
+        if self.tree is not None and parts:
+            return self.tree.open(file_id)  # type: ignore[no-any-return]
         try:
             root_fd = contain.open_root(self.root)
             try:
@@ -511,7 +523,7 @@ async def handle_send_files(s: Session, msg: protocol.SendFiles) -> protocol.Ack
     for f in msg.files:
         if f.id in t.source.paths:
             raise Refused(ErrorCode.BAD_REQUEST, f"file id {f.id} used twice")
-        t.source.paths[f.id] = protocol.split_path(f.path)
+        t.source.add(f.id, protocol.split_path(f.path))
         ids.append(f.id)
     try:
         t.jobs.put_many(ids)
@@ -631,6 +643,7 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
         t.sink = t.tree_dest
     else:
         t.tree_src = tree.SourceTree(base_fd, open_dir=contained_open_dir)
+        t.source.tree = t.tree_src
     s.transfers[tid] = t
     h2_only = msg.h2_data or s.state.config.force_h2_data or s.state.data_port is None
     tokens = [s.state.grants.issue(t) for _ in range(msg.streams)]
