@@ -25,7 +25,7 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
-#define BLIT_SCAN_VERSION 1
+#define BLIT_SCAN_VERSION 2
 #define BLIT_CHECK_OWNER 1
 #define BLIT_CHECK_XATTRS 2
 #define BLIT_REC_FIELDS 25

@@ -1,5 +1,6 @@
 """One C call per directory pair: which source entries are plain up-to-date files, and the
-stat results of everything else (``blit.ffi._scan``, built from ``_scan.c`` at install).
+stat results of everything else; and one C call per batch of small new files to copy them
+(``blit.ffi._scan``, built from ``_scan.c`` and ``_copy.c`` at install).
 
 The no-change mirror spends its time on four syscalls per file (an lstat and a listxattr on each
 side) and on the Python around them; the C loop does the same syscalls with the GIL released, so
@@ -9,6 +10,10 @@ It must not decide more than "this regular file is up to date with nothing to fi
 else goes back to the planner. ``cmpdir`` returns None whenever the fast path cannot answer
 (no compiled module, a full buffer, an entry that vanished, any unexpected errno), and the
 caller then uses the ordinary scan.
+
+``copy_new`` lands plain new files exactly as ``fsops.copy_small`` does and must not take more:
+files with xattrs, and a name that appears at the destination meanwhile, come back to the caller
+as ``PYTHON``; sparse files, hard links and replacements are never sent.
 """
 
 from __future__ import annotations
@@ -17,13 +22,13 @@ import os
 import struct
 import threading
 
-from blit.fsops import Meta
+from blit.fsops import IS_ROOT, UMASK, Meta
 
 try:
     from blit.ffi._scan import ffi as _ffi  # type: ignore[import-not-found]
     from blit.ffi._scan import lib as _lib  # type: ignore[import-not-found]
 
-    HAVE_CMPDIR = _lib.blit_version() == 1  # a stale build of an older _scan.c is not used
+    HAVE_CMPDIR = _lib.blit_version() == 2  # a stale build of an older _scan.c is not used
 except ImportError:  # built without a C compiler: the pure-Python path does everything
     HAVE_CMPDIR = False
 
@@ -44,6 +49,22 @@ class _Buffers(threading.local):
 
 
 _bufs: _Buffers | None = None
+
+# copy_new: per-file results other than bytes copied and -errno.
+PYTHON = -100000  # copy this one in Python (it has xattrs, or its name appeared meanwhile)
+NOT_DONE = -100001  # not attempted: an earlier file of the batch hit a full/read-only destination
+_CC_FIELDS = 7
+_CC_ROOT = 1
+_CC_INHERIT_GID = 2
+_CC_BUF = 1 << 20
+
+
+class _CopyBuffer(threading.local):
+    def __init__(self) -> None:
+        self.buf = _ffi.new("char[]", _CC_BUF)
+
+
+_copy_buf: _CopyBuffer | None = None
 
 
 def cmpdir(sfd: int, dfd: int, flags: int) -> tuple[int, int, int, int, list[tuple[str, Meta, Meta | None]]] | None:
@@ -72,6 +93,34 @@ def cmpdir(sfd: int, dfd: int, flags: int) -> tuple[int, int, int, int, list[tup
             others.append((fsdecode(names[off : off + ln]), Meta(*r[2:13]), Meta(*r[14:25]) if r[13] else None))
     c = b.counts
     return c[0], c[1], c[2], c[3], others
+
+
+def copy_new(sfd: int, dfd: int, batch: list[tuple[bytes, Meta]], inherit_gid: bool) -> list[int]:
+    """Copy new regular files (no destination entry, nlink 1, not sparse) of directory `sfd` to
+    the same names in `dfd`, in one C call; `batch` holds (name, source Meta). Returns one result
+    per file: bytes copied, -errno (nothing was left at the destination), PYTHON or NOT_DONE."""
+    global _copy_buf
+    b = _copy_buf
+    if b is None:
+        b = _copy_buf = _CopyBuffer()
+    ints: list[int] = []
+    off = 0
+    for name, m in batch:
+        ints += (off, m.st_mode, m.st_size, m.st_atime_ns, m.st_mtime_ns, m.st_uid, m.st_gid)
+        off += len(name) + 1
+    names = b"\0".join([n for n, _ in batch]) + b"\0"
+    n = len(batch)
+    out = _ffi.new("int64_t[]", n)
+    flags = (_CC_ROOT if IS_ROOT else 0) | (_CC_INHERIT_GID if inherit_gid else 0)
+    _lib.blit_copy_new(sfd, dfd, n, _ffi.new("int64_t[]", ints), names, out, flags, UMASK, b.buf, _CC_BUF)
+    return _ffi.unpack(out, n)  # type: ignore[no-any-return]
+
+
+def set_copy_modes(tmpfile: int, link: int) -> None:
+    """Tests: tmpfile -1 forces named temporaries (1 = O_TMPFILE); link 2 forces the
+    /proc/self/fd link, 1 linkat AT_EMPTY_PATH, 0 = decide on the first link."""
+    if HAVE_CMPDIR:
+        _lib.blit_set_copy_modes(tmpfile, link)
 
 
 def set_xattr_mode(mode: int) -> None:
