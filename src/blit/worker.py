@@ -18,6 +18,7 @@ import signal
 import stat
 import struct
 import sys
+import time
 from dataclasses import dataclass, field
 
 from . import ffi, fsops, prefetch
@@ -77,6 +78,8 @@ class DirResult:
     entries_seen: int = 0
     files_removed: int = 0  # move: source entries removed
     changed: bool = False  # something in the destination directory was created/replaced/removed
+    c_seconds: float = 0.0  # thread CPU spent in C calls that release the GIL (blit.ffi.scan)
+    cpu_seconds: float = 0.0  # thread CPU of the whole job (set by the thread executor)
 
 
 class StopFlag:
@@ -198,7 +201,9 @@ class Worker:
             return -1  # the ordinary path reports it
         got = prefetch.take(_join(self.src_base, job.rel), _join(self.dst_base, job.dst_rel)) if prefetch.ACTIVE else None
         if got is None:
+            t = time.thread_time()
             got = scan.cmpdir(sfd, dfd, self.cmp_flags)
+            res.c_seconds += time.thread_time() - t
         if got is None or got[2] != got[3]:  # no answer, or extras/temporaries to look at
             return dfd
         clean, total, _, _, others = got
@@ -371,7 +376,9 @@ class Worker:
             raise Stopped
         prefix = job.rel + "/" if job.rel else ""
         dprefix = job.dst_rel + "/" if job.dst_rel else ""
+        t = time.thread_time()
         results = scan.copy_new(sfd, dfd, [(os.fsencode(n), m) for n, m in batch], job.inherit_gid)
+        res.c_seconds += time.thread_time() - t
         for (name, m), r in zip(batch, results):
             try:
                 if r == scan.PYTHON:

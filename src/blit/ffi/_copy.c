@@ -115,7 +115,7 @@ static int64_t cc_copy_data(int in, int out, int64_t size, char *buf, int64_t ca
 
 /* One file. Returns bytes copied, BLIT_CC_PYTHON, or -errno (nothing left at the destination). */
 static int64_t cc_one(int sfd, int dfd, const char *name, const int64_t *f, int flags, int umask_bits,
-                      char *buf, int64_t cap) {
+                      uid_t euid, gid_t egid, char *buf, int64_t cap) {
     int64_t mode = f[1], size = f[2];
     int in = openat(sfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY);
     if (in < 0)
@@ -173,7 +173,7 @@ static int64_t cc_one(int sfd, int dfd, const char *name, const int64_t *f, int 
     /* Landing.finish_meta with no xattrs. */
     int chowned = 0;
     if ((flags & BLIT_CC_ROOT) &&
-        ((flags & BLIT_CC_INHERIT_GID) || (uid_t)f[5] != geteuid() || (gid_t)f[6] != getegid())) {
+        ((flags & BLIT_CC_INHERIT_GID) || (uid_t)f[5] != euid || (gid_t)f[6] != egid)) {
         if (fchown(out, (uid_t)f[5], (gid_t)f[6]) != 0) {
             ret = -errno;
             goto fail;
@@ -233,10 +233,12 @@ fail:
  * the batch. Returns the number of files attempted. */
 static int blit_copy_new(int sfd, int dfd, int n, const int64_t *in, const char *names, int64_t *out,
                          int flags, int umask_bits, char *buf, int64_t cap) {
+    uid_t euid = geteuid();
+    gid_t egid = getegid();
     int i;
     for (i = 0; i < n; i++) {
         const int64_t *f = in + (int64_t)i * BLIT_CC_FIELDS;
-        int64_t r = cc_one(sfd, dfd, names + f[0], f, flags, umask_bits, buf, cap);
+        int64_t r = cc_one(sfd, dfd, names + f[0], f, flags, umask_bits, euid, egid, buf, cap);
         out[i] = r;
         if (r == -ENOSPC || r == -EDQUOT || r == -EROFS) {
             i++;
