@@ -1,4 +1,5 @@
-"""Build hook: compile blit's C directory comparer (src/blit/ffi/_scan.c) with cffi.
+"""Build hook: compile blit's C directory comparer and small-file copier (src/blit/ffi/_scan.c,
+_copy.c) with cffi.
 
 Hatchling runs this for wheels and editable installs. The extension is optional: without a C
 compiler the build still succeeds (with a warning) and blit uses its pure-Python scan. It must
@@ -23,7 +24,7 @@ class CustomBuildHook(BuildHookInterface):  # type: ignore[misc]
 
             so = _build_scan.build(ffi_dir)
         except Exception as exc:  # no compiler, no headers: the pure-Python path still works
-            self.app.display_warning(f"blit: C directory comparer not built ({exc}); using the pure-Python scan")
+            self.app.display_warning(f"blit: C directory comparer and copier not built ({exc}); using the pure-Python path")
             return
         finally:
             sys.path.pop(0)

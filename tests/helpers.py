@@ -389,9 +389,14 @@ def make_full_tree(
 
 
 def make_bulk_tree(root: str | os.PathLike[str], files: int = 20_000, dirs: int = 200,
-                   max_size: int = 4096, seed: int = 1) -> Path:  # fmt: skip
-    """Many small files spread over many directories (enough to make blit use worker processes),
-    with a hard-link group spanning directories far apart and explicit mtimes."""
+                   max_size: int = 4096, seed: int = 1, xattrs: bool = False) -> Path:  # fmt: skip
+    """Many small files spread over many directories, with a hard-link group spanning
+    directories far apart and explicit mtimes.
+
+    xattrs: every file but each tenth carries a user xattr. Plain new files are copied in C
+    without the GIL, so blit copies them in threads; files with xattrs take the per-file Python
+    path, and a tree of them makes blit use worker processes.
+    """
     rng = random.Random(seed)
     r = os.fsencode(root)
     for d in range(dirs):
@@ -400,6 +405,8 @@ def make_bulk_tree(root: str | os.PathLike[str], files: int = 20_000, dirs: int 
         p = os.path.join(r, b"bulk", b"d%03d" % (i % dirs), b"f%05d" % i)
         with open(p, "wb") as f:
             f.write(rng.randbytes(rng.randint(0, max_size)))
+        if xattrs and i % 10:
+            os.setxattr(p, "user.bulk", b"%d" % i)
         t = 1_550_000_000_000_000_000 + i * 1_000_003_001
         os.utime(p, ns=(t, t))
     first = os.path.join(r, b"bulk", b"d000", b"linked")

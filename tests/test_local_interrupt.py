@@ -206,7 +206,7 @@ def test_sigint_and_sigterm_stop_within_a_second_and_clean_up(
 @pytest.fixture(scope="module")
 def bulk_src(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Snapshot, int]]:
     root = tmp_path_factory.mktemp("interrupt_bulk")
-    src = make_bulk_tree(root / "src", files=30_000, dirs=300)
+    src = make_bulk_tree(root / "src", files=30_000, dirs=300, xattrs=True)
     for i in range(2):
         write_file(src / f"big/f{i}.bin", os.urandom(8 * MiB))
     yield src, snapshot(src), _landed(src)

@@ -54,16 +54,23 @@ class Planner:
         self.procs = max(2, self.cpus)
         self.jobs_per_proc = 2  # one in hand, one queued: a worker never waits on the coordinator
         self.big_jobs = max(2, self.cpus)
-        # Worker processes cost ~50 ms of CPU each to start and then run the per-file path on
-        # every core: worth it when the directories already queued would keep the threads busy
-        # for longer than this (measured from the jobs done so far).
-        self.proc_payoff_s = 0.25
+        # Worker processes cost ~50 ms of CPU each to start; they pay off only where the GIL
+        # holds threads back: when the directories already queued would take this much longer
+        # in threads than in processes (projected from the CPU of the jobs done so far). For work
+        # all in Python this is the earlier rule (queued CPU > 0.25 s); the C copier and
+        # comparer release the GIL, so plain small files and up-to-date trees stay in threads.
+        self.proc_payoff_s = 0.125
 
-    def want_processes(self, jobs_done: int, job_seconds: float, queued: int) -> bool:
+    def want_processes(self, jobs_done: int, gil_seconds: float, free_seconds: float, queued: int) -> bool:
+        """gil_seconds: thread CPU the jobs done so far spent in Python (holding the GIL);
+        free_seconds: their CPU in the C calls that release it (blit.ffi.scan)."""
         if jobs_done < 2 or queued < 2 or self.cpus < 2:
             return False
-        projected = job_seconds / jobs_done * queued / self.thread_jobs
-        return projected > self.proc_payoff_s
+        scale = queued / jobs_done
+        gil, free = gil_seconds * scale, free_seconds * scale
+        in_procs = (gil + free) / min(self.cpus, self.procs)
+        in_threads = max(gil, (gil + free) / min(self.cpus, self.thread_jobs))
+        return in_threads - in_procs > self.proc_payoff_s
 
 
 def _join(a: str, b: str) -> str:
@@ -111,7 +118,10 @@ class ThreadExecutor:
         with self._lock:
             self.running += 1
         try:
-            return self.worker.run(job)
+            t = time.thread_time()
+            res = self.worker.run(job)
+            res.cpu_seconds = time.thread_time() - t
+            return res
         finally:
             with self._lock:
                 self.running -= 1
@@ -266,7 +276,8 @@ class LocalTransfer:
         self.queue: list[tuple[DirJob, Node]] = []
         self.in_flight = 0
         self.thread_jobs_done = 0
-        self.thread_job_seconds = 0.0
+        self.thread_gil_seconds = 0.0  # thread jobs' CPU in Python
+        self.thread_free_seconds = 0.0  # and in C calls without the GIL
         self.finished = False
         self._wake = trio.Event()
         self.scan_incomplete: list[str] = []
@@ -366,12 +377,12 @@ class LocalTransfer:
             try:
                 ex = self.procs if (self.procs is not None and self.procs.ready) else self.threads
                 try:
-                    t = time.perf_counter()
                     with StallGuard(f"directory {job.rel or '.'}", self.timeouts.stall):
                         res = await ex.run(job)
                     if ex is self.threads:
                         self.thread_jobs_done += 1
-                        self.thread_job_seconds += time.perf_counter() - t
+                        self.thread_gil_seconds += max(0.0, res.cpu_seconds - res.c_seconds)
+                        self.thread_free_seconds += res.c_seconds
                 except StallError as exc:
                     # Reported, never waited on forever; nothing below it is trusted for deletion.
                     self._fail(job.rel or ".", "stall", str(exc))
@@ -387,7 +398,9 @@ class LocalTransfer:
             if (
                 self.procs is None
                 and not self.spec.dry_run
-                and self.planner.want_processes(self.thread_jobs_done, self.thread_job_seconds, len(self.queue))
+                and self.planner.want_processes(
+                    self.thread_jobs_done, self.thread_gil_seconds, self.thread_free_seconds, len(self.queue)
+                )
             ):
                 self.procs = ProcessExecutor(self.spec, self.planner.procs, self.planner.jobs_per_proc)
                 assert self._nursery is not None

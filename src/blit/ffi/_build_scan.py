@@ -1,4 +1,5 @@
-"""Compile ``blit.ffi._scan``, the C directory comparer and digester (``_scan.c``), with cffi's API mode.
+"""Compile ``blit.ffi._scan``, the C directory comparer and digester (``_scan.c``) and small-file
+copier (``_copy.c``, one translation unit with it), with cffi's API mode.
 
 Called at build time by ``hatch_build.py`` (wheel and editable installs) and by hand with
 ``python src/blit/ffi/_build_scan.py``; it writes the extension next to this file. It must not be
@@ -22,7 +23,11 @@ int blit_cmpdir(int sfd, int dfd, int flags, int64_t *rec, int rec_cap, char *na
 int blit_digest_dir(int dfd, int flags, char *out, int64_t out_cap, int64_t *sub, int sub_cap,
                     char *names, int64_t names_cap, int64_t *counts);
 void blit_set_xattr_mode(int mode);
+int blit_copy_new(int sfd, int dfd, int n, const int64_t *in, const char *names, int64_t *out,
+                  int flags, int umask_bits, char *buf, int64_t cap);
+void blit_set_copy_modes(int tmpfile, int link);
 """
+SOURCES = ("_scan.c", "_copy.c")
 
 
 def build(out_dir: pathlib.Path = HERE) -> pathlib.Path:
@@ -31,7 +36,8 @@ def build(out_dir: pathlib.Path = HERE) -> pathlib.Path:
 
     ffibuilder = cffi.FFI()
     ffibuilder.cdef(CDEF)
-    ffibuilder.set_source(MODULE, (HERE / "_scan.c").read_text(), extra_compile_args=["-O2"])
+    source = "\n".join((HERE / name).read_text() for name in SOURCES)
+    ffibuilder.set_source(MODULE, source, extra_compile_args=["-O2"])
     with tempfile.TemporaryDirectory(prefix="blit-cffi-") as tmp:
         built = pathlib.Path(ffibuilder.compile(tmpdir=tmp, verbose=False))
         for old in out_dir.glob("_scan.*.so"):

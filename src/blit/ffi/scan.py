@@ -1,5 +1,6 @@
 """One C call per directory pair: which source entries are plain up-to-date files, and the
-stat results of everything else (``blit.ffi._scan``, built from ``_scan.c`` at install).
+stat results of everything else; and one C call per batch of small new files to copy them
+(``blit.ffi._scan``, built from ``_scan.c`` and ``_copy.c`` at install).
 
 The no-change mirror spends its time on four syscalls per file (an lstat and a listxattr on each
 side) and on the Python around them; the C loop does the same syscalls with the GIL released, so
@@ -13,6 +14,10 @@ caller then uses the ordinary scan.
 ``digest_dir`` is the remote transfers' counterpart (docs/decisions.md R18): one directory's
 canonical listing, hashed, so two sides can tell "identical" with 16 bytes; it returns None
 whenever the directory cannot take that shortcut, and the caller sends the full manifest.
+
+``copy_new`` lands plain new files exactly as ``fsops.copy_small`` does and must not take more:
+files with xattrs, and a name that appears at the destination meanwhile, come back to the caller
+as ``PYTHON``; sparse files, hard links and replacements are never sent.
 """
 
 from __future__ import annotations
@@ -23,13 +28,13 @@ import struct
 import threading
 from typing import Any
 
-from blit.fsops import Meta
+from blit.fsops import IS_ROOT, UMASK, Meta
 
 try:
     from blit.ffi._scan import ffi as _ffi
     from blit.ffi._scan import lib as _lib
 
-    HAVE_CMPDIR = _lib.blit_version() == 2  # a stale build of an older _scan.c is not used
+    HAVE_CMPDIR = _lib.blit_version() == 3  # a stale build of an older _scan.c is not used
 except ImportError:  # built without a C compiler: the pure-Python path does everything
     HAVE_CMPDIR = False
 
@@ -58,6 +63,22 @@ class _Buffers(threading.local):
 
 
 _bufs: _Buffers | None = None
+
+# copy_new: per-file results other than bytes copied and -errno.
+PYTHON = -100000  # copy this one in Python (it has xattrs, or its name appeared meanwhile)
+NOT_DONE = -100001  # not attempted: an earlier file of the batch hit a full/read-only destination
+_CC_FIELDS = 7
+_CC_ROOT = 1
+_CC_INHERIT_GID = 2
+_CC_BUF = 1 << 20
+
+
+class _CopyBuffer(threading.local):
+    def __init__(self) -> None:
+        self.buf = _ffi.new("char[]", _CC_BUF)
+
+
+_copy_buf: _CopyBuffer | None = None
 
 
 def cmpdir(sfd: int, dfd: int, flags: int) -> tuple[int, int, int, int, list[tuple[str, Meta, Meta | None]]] | None:
@@ -115,6 +136,34 @@ def digest_dir(dfd: int, flags: int) -> tuple[bytes, int, int, list[tuple[bytes,
         for r in _SUB.iter_unpack(_ffi.buffer(b.rec, n * _SUB_FIELDS * 8)):
             subdirs.append((names[r[0] : r[0] + r[1]], Meta(*r[2:13])))
     return h.digest(), c[1], c[3], subdirs
+
+
+def copy_new(sfd: int, dfd: int, batch: list[tuple[bytes, Meta]], inherit_gid: bool) -> list[int]:
+    """Copy new regular files (no destination entry, nlink 1, not sparse) of directory `sfd` to
+    the same names in `dfd`, in one C call; `batch` holds (name, source Meta). Returns one result
+    per file: bytes copied, -errno (nothing was left at the destination), PYTHON or NOT_DONE."""
+    global _copy_buf
+    b = _copy_buf
+    if b is None:
+        b = _copy_buf = _CopyBuffer()
+    ints: list[int] = []
+    off = 0
+    for name, m in batch:
+        ints += (off, m.st_mode, m.st_size, m.st_atime_ns, m.st_mtime_ns, m.st_uid, m.st_gid)
+        off += len(name) + 1
+    names = b"\0".join([n for n, _ in batch]) + b"\0"
+    n = len(batch)
+    out = _ffi.new("int64_t[]", n)
+    flags = (_CC_ROOT if IS_ROOT else 0) | (_CC_INHERIT_GID if inherit_gid else 0)
+    _lib.blit_copy_new(sfd, dfd, n, _ffi.new("int64_t[]", ints), names, out, flags, UMASK, b.buf, _CC_BUF)
+    return _ffi.unpack(out, n)  # type: ignore[no-any-return]
+
+
+def set_copy_modes(tmpfile: int, link: int) -> None:
+    """Tests: tmpfile -1 forces named temporaries (1 = O_TMPFILE); link 2 forces the
+    /proc/self/fd link, 1 linkat AT_EMPTY_PATH, 0 = decide on the first link."""
+    if HAVE_CMPDIR:
+        _lib.blit_set_copy_modes(tmpfile, link)
 
 
 def set_xattr_mode(mode: int) -> None:
