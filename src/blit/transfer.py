@@ -379,7 +379,7 @@ class LocalTransfer:
                 try:
                     with StallGuard(f"directory {job.rel or '.'}", self.timeouts.stall):
                         res = await ex.run(job)
-                    if ex is self.threads:
+                    if ex is self.threads and not res.prefetched:  # prefetched: its cost was paid earlier
                         self.thread_jobs_done += 1
                         self.thread_gil_seconds += max(0.0, res.cpu_seconds - res.c_seconds)
                         self.thread_free_seconds += res.c_seconds

@@ -82,6 +82,7 @@ class DirResult:
     files_removed: int = 0  # move: source entries removed
     changed: bool = False  # something in the destination directory was created/replaced/removed
     c_seconds: float = 0.0  # thread CPU spent in C calls that release the GIL (blit.ffi.scan)
+    prefetched: bool = False  # compared before the run started (blit.prefetch): not a cost sample
     cpu_seconds: float = 0.0  # thread CPU of the whole job (set by the thread executor)
 
 
@@ -203,6 +204,7 @@ class Worker:
         except OSError:
             return -1  # the ordinary path reports it
         got = prefetch.take(_join(self.src_base, job.rel), _join(self.dst_base, job.dst_rel)) if prefetch.ACTIVE else None
+        res.prefetched = got is not None
         if got is None:
             t = time.thread_time()
             got = scan.cmpdir(sfd, dfd, self.cmp_flags)
