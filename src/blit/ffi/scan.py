@@ -81,6 +81,16 @@ class _CopyBuffer(threading.local):
 _copy_buf: _CopyBuffer | None = None
 
 
+def _buffers() -> _Buffers | None:
+    """This module's per-thread buffers, or None without the compiled module."""
+    global _bufs
+    if not HAVE_CMPDIR:
+        return None
+    if _bufs is None:
+        _bufs = _Buffers()
+    return _bufs
+
+
 def cmpdir(sfd: int, dfd: int, flags: int) -> tuple[int, int, int, int, list[tuple[str, Meta, Meta | None]]] | None:
     """Compare directory `sfd` with `dfd`.
 
@@ -89,12 +99,9 @@ def cmpdir(sfd: int, dfd: int, flags: int) -> tuple[int, int, int, int, list[tup
     every entry that is not a clean up-to-date regular file, in directory order; or None when
     the caller must scan in Python.
     """
-    global _bufs
-    if not HAVE_CMPDIR:
-        return None
-    b = _bufs
+    b = _buffers()
     if b is None:
-        b = _bufs = _Buffers()
+        return None
     n = _lib.blit_cmpdir(sfd, dfd, flags, b.rec, _REC_CAP, b.names, _NAMES_CAP, b.counts)
     if n < 0:
         return None
@@ -117,12 +124,9 @@ def digest_dir(dfd: int, flags: int) -> tuple[bytes, int, int, list[tuple[bytes,
     with xattrs, a hard link, a temporary, a device or socket), on any error, or without the C
     module: the caller then lists it in full.
     """
-    global _bufs
-    if not HAVE_CMPDIR:
-        return None
-    b = _bufs
+    b = _buffers()
     if b is None:
-        b = _bufs = _Buffers()
+        return None
     if b.out is None:
         b.out = _ffi.new("char[]", _OUT_CAP)
     c = b.counts
