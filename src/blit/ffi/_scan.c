@@ -55,10 +55,30 @@ static void probe_listxattrat(void) {
     have_listxattrat = -1;
 }
 
+/* Where a scan has moved the thread's cwd (fallback path only), and where it was before. */
+struct cwd_state {
+    int at;    /* the directory fd the cwd points at now, or -1 */
+    int saved; /* an O_PATH fd of the cwd before the first move, or -1 */
+};
+
+#define CWD_STATE_INIT {-1, -1}
+
+/* Put the cwd back where it was and drop the saved fd; returns `ret`, or -errno when the cwd
+ * could not be restored and `ret` was not already an error. */
+static int cwd_restore(struct cwd_state *c, int ret) {
+    if (c->saved >= 0) {
+        if (fchdir(c->saved) != 0 && ret >= 0)
+            ret = -errno;
+        close(c->saved);
+        c->saved = -1;
+    }
+    return ret;
+}
+
 /* Does the entry carry any xattr? 0 no, 1 yes, -errno on failure. Without listxattrat, the
- * thread's cwd (made private by unshare CLONE_FS) is moved to `dfd`; `cwd_fd` tracks where it
- * points and the caller restores it before returning to Python. */
-static int has_xattrs(int dfd, const char *name, int *cwd_fd) {
+ * thread's cwd (made private by unshare CLONE_FS) is moved to `dfd`, saved first in `c`; the
+ * caller calls cwd_restore before returning to Python. */
+static int has_xattrs(int dfd, const char *name, struct cwd_state *c) {
     ssize_t n;
 #ifdef SYS_listxattrat
     if (have_listxattrat > 0) {
@@ -73,15 +93,36 @@ static int has_xattrs(int dfd, const char *name, int *cwd_fd) {
             return -errno;
         thread_fs_private = 1;
     }
-    if (*cwd_fd != dfd) {
+    if (c->saved < 0) {
+        c->saved = open(".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (c->saved < 0)
+            return -errno;
+    }
+    if (c->at != dfd) {
         if (fchdir(dfd) != 0)
             return -errno;
-        *cwd_fd = dfd;
+        c->at = dfd;
     }
     n = llistxattr(name, NULL, 0);
     if (n >= 0)
         return n > 0;
     return (errno == ENOTSUP || errno == EOPNOTSUPP) ? 0 : -errno;
+}
+
+static void put_stat(int64_t *r, const struct stat *st);
+
+/* Append `name` to `names` and write [name_off, name_len, stat x11] at `r`; -ENOBUFS when the
+ * names buffer is full. */
+static int put_named(int64_t *r, char *names, int64_t names_cap, int64_t *name_used, const char *name,
+                     size_t len, const struct stat *st) {
+    if (*name_used + (int64_t)len > names_cap)
+        return -ENOBUFS;
+    memcpy(names + *name_used, name, len);
+    r[0] = *name_used;
+    r[1] = (int64_t)len;
+    *name_used += (int64_t)len;
+    put_stat(r + 2, st);
+    return 0;
 }
 
 static void put_stat(int64_t *r, const struct stat *st) {
@@ -154,7 +195,8 @@ static int blit_cmpdir(int sfd, int dfd, int flags, int64_t *rec, int rec_cap, c
     DIR *d = open_stream(sfd, &oerr);
     if (!d)
         return -oerr;
-    int nrec = 0, ret = 0, cwd_fd = -1, saved_cwd = -1;
+    int nrec = 0, ret = 0;
+    struct cwd_state cwd = CWD_STATE_INIT;
     int64_t clean = 0, total = 0, found = 0, name_used = 0;
     struct dirent *e;
     struct stat s, t;
@@ -191,15 +233,8 @@ static int blit_cmpdir(int sfd, int dfd, int flags, int64_t *rec, int rec_cap, c
             (!(flags & BLIT_CHECK_OWNER) || (s.st_uid == t.st_uid && s.st_gid == t.st_gid))) {
             int dirty = 0;
             if (flags & BLIT_CHECK_XATTRS) {
-                if (saved_cwd < 0 && have_listxattrat < 0) {
-                    saved_cwd = open(".", O_PATH | O_DIRECTORY | O_CLOEXEC);
-                    if (saved_cwd < 0) {
-                        ret = -errno;
-                        break;
-                    }
-                }
-                int a = has_xattrs(sfd, name, &cwd_fd);
-                int b = a == 0 ? has_xattrs(dfd, name, &cwd_fd) : 0;
+                int a = has_xattrs(sfd, name, &cwd);
+                int b = a == 0 ? has_xattrs(dfd, name, &cwd) : 0;
                 if (a < 0 || b < 0) {
                     ret = a < 0 ? a : b;
                     break;
@@ -211,17 +246,11 @@ static int blit_cmpdir(int sfd, int dfd, int flags, int64_t *rec, int rec_cap, c
                 continue;
             }
         }
-        size_t len = strlen(name);
-        if (nrec >= rec_cap || name_used + (int64_t)len > names_cap) {
+        int64_t *r = rec + (int64_t)nrec * BLIT_REC_FIELDS;
+        if (nrec >= rec_cap || put_named(r, names, names_cap, &name_used, name, strlen(name), &s) < 0) {
             ret = -ENOBUFS;
             break;
         }
-        int64_t *r = rec + (int64_t)nrec * BLIT_REC_FIELDS;
-        memcpy(names + name_used, name, len);
-        r[0] = name_used;
-        r[1] = (int64_t)len;
-        name_used += (int64_t)len;
-        put_stat(r + 2, &s);
         r[13] = present;
         if (present)
             put_stat(r + 14, &t);
@@ -230,11 +259,7 @@ static int blit_cmpdir(int sfd, int dfd, int flags, int64_t *rec, int rec_cap, c
         nrec++;
     }
     closedir(d);
-    if (saved_cwd >= 0) {
-        if (fchdir(saved_cwd) != 0 && ret >= 0)
-            ret = -errno;
-        close(saved_cwd);
-    }
+    ret = cwd_restore(&cwd, ret);
     if (ret < 0)
         return ret;
     int64_t dn = count_entries(dfd);
@@ -352,7 +377,8 @@ static int blit_digest_dir(int dfd, int flags, char *out, int64_t out_cap, int64
         sorted[i] = buf + offs[i];
     qsort(sorted, n, sizeof(char *), cmp_names);
 
-    int cwd_fd = -1, saved_cwd = -1, nsub = 0;
+    int nsub = 0;
+    struct cwd_state cwd = CWD_STATE_INIT;
     int64_t used = 0, name_used = 0, others = 0, why = 0;
     struct stat s;
     char target[4097];
@@ -394,14 +420,7 @@ static int blit_digest_dir(int dfd, int flags, char *out, int64_t out_cap, int64
             why = BLIT_DD_KIND;
             break;
         }
-        if (saved_cwd < 0 && have_listxattrat < 0) {
-            saved_cwd = open(".", O_PATH | O_DIRECTORY | O_CLOEXEC);
-            if (saved_cwd < 0) {
-                ret = -errno;
-                break;
-            }
-        }
-        int x = has_xattrs(dfd, name, &cwd_fd);
+        int x = has_xattrs(dfd, name, &cwd);
         if (x < 0) {
             ret = x;
             break;
@@ -432,26 +451,17 @@ static int blit_digest_dir(int dfd, int flags, char *out, int64_t out_cap, int64
         }
         used = p - out;
         if (kind == 'd') {
-            if (nsub >= sub_cap || name_used + (int64_t)len > names_cap) {
+            int64_t *r = sub + (int64_t)nsub * BLIT_SUB_FIELDS;
+            if (nsub >= sub_cap || put_named(r, names, names_cap, &name_used, name, len, &s) < 0) {
                 ret = -ENOBUFS;
                 break;
             }
-            int64_t *r = sub + (int64_t)nsub * BLIT_SUB_FIELDS;
-            memcpy(names + name_used, name, len);
-            r[0] = name_used;
-            r[1] = (int64_t)len;
-            name_used += (int64_t)len;
-            put_stat(r + 2, &s);
             nsub++;
         } else {
             others++;
         }
     }
-    if (saved_cwd >= 0) {
-        if (fchdir(saved_cwd) != 0 && ret >= 0)
-            ret = -errno;
-        close(saved_cwd);
-    }
+    ret = cwd_restore(&cwd, ret);
     if (ret >= 0) {
         counts[0] = used;
         counts[1] = (int64_t)n;
