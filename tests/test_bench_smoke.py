@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -154,16 +155,11 @@ def test_ttfb_is_measured_from_command_start_to_first_complete_file(tmp_path: Pa
         trees.remove(str(root))
 
 
-def test_interrupt_removes_generated_trees() -> None:
-    root = _root("sigint")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench", "--quick", "--workloads", "huge", "--huge-peers",
-         "--tools", "rsync", "--where", "tmpfs", "--tmpfs-root", str(root)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+def _sigterm_when(proc: subprocess.Popen[str], ready: Callable[[], bool]) -> str:
+    """SIGTERM the bench once `ready()` holds (within 60 s); its stderr once it has exited."""
     try:
         deadline = time.monotonic() + 60
-        while not (root / "src").exists() and proc.poll() is None:
+        while not ready() and proc.poll() is None:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
@@ -172,6 +168,17 @@ def test_interrupt_removes_generated_trees() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    return err
+
+
+def test_interrupt_removes_generated_trees() -> None:
+    root = _root("sigint")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--quick", "--workloads", "huge", "--huge-peers",
+         "--tools", "rsync", "--where", "tmpfs", "--tmpfs-root", str(root)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    err = _sigterm_when(proc, lambda: (root / "src").exists())
     assert proc.returncode in (130, 0), err
     assert not root.exists(), err
 
@@ -191,17 +198,7 @@ def test_interrupt_stops_the_daemons_and_removes_their_modules() -> None:
          "rsync", "--where", "tmpfs", "--tmpfs-root", str(root)],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
-    try:
-        deadline = time.monotonic() + 60
-        while not _processes_mentioning(str(root / "daemons")) and proc.poll() is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    err = _sigterm_when(proc, lambda: bool(_processes_mentioning(str(root / "daemons"))))
     assert proc.returncode in (130, 0), err
     assert not root.exists(), err
     assert not _processes_mentioning(str(root)), err

@@ -284,6 +284,19 @@ class Transfer:
         self.finished_streams += 1
         self._notify()
 
+    async def drain(self) -> None:
+        """The client says no more streams or files: revoke unused grants, end the send queue,
+        and wait (at most FINISH_TIMEOUT) for the attached streams to end with DONE."""
+        self.state.grants.revoke(self)
+        if self.daemon_sends:
+            try:
+                self.jobs.close()
+            except RuntimeError:
+                pass
+        with trio.move_on_after(FINISH_TIMEOUT):
+            while self.finished_streams < self.attached:
+                await self.changed.wait()
+
     def cancel(self) -> None:
         self.end_streams()
         for tree in (self.tree_dest, self.tree_src):
@@ -556,15 +569,7 @@ FINISH_TIMEOUT = 30.0
 async def handle_finish(s: Session, msg: protocol.FinishTransfer) -> protocol.TransferDone:
     t = s.transfer(msg.transfer)
     # Streams never connected will not come now; the ones attached end with DONE.
-    s.state.grants.revoke(t)
-    if t.daemon_sends:
-        try:
-            t.jobs.close()
-        except RuntimeError:
-            pass
-    with trio.move_on_after(FINISH_TIMEOUT):
-        while t.finished_streams < t.attached:
-            await t.changed.wait()
+    await t.drain()
     t.cancel()
     del s.transfers[t.id]
     result = t.result()
@@ -766,15 +771,7 @@ async def handle_tree_finish(s: Session, msg: protocol.TreeFinish) -> protocol.T
     t = s.transfer(msg.transfer)
     if t.finished:
         raise Refused(ErrorCode.BAD_REQUEST, "the transfer is already finished")
-    s.state.grants.revoke(t)
-    if t.daemon_sends:
-        try:
-            t.jobs.close()
-        except RuntimeError:
-            pass
-    with trio.move_on_after(FINISH_TIMEOUT):
-        while t.finished_streams < t.attached:
-            await t.changed.wait()
+    await t.drain()
     try:
         if t.tree_dest is not None:
             dest = t.tree_dest
