@@ -174,16 +174,7 @@ class Worker:
                     except OSError as exc:
                         res.failures.append((job.dst_rel or ".", "scan destination", _msg(exc)))
                         return res
-                    dst = {}
-                    for dname, dm in dents:
-                        if fsops.is_tmp_name(dname) and not spec.dry_run:
-                            # A temporary of an interrupted run: ours to remove.
-                            try:
-                                os.unlink(dname, dir_fd=dfd)
-                            except OSError:
-                                pass
-                            continue
-                        dst[dname] = dm
+                    dst = fsops.without_tmp(dfd, dents, spec.dry_run)
                     for dname, _ in derrs:
                         keep.add(dname)
             self._plan_and_execute(job, entries, dst, frozenset(keep), sfd, dfd, res)
