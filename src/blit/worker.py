@@ -206,8 +206,7 @@ class Worker:
         res.entries_seen = total
         res.files_skipped += clean
         try:
-            if others:
-                others.sort()
+            if others:  # _plan_and_execute sorts the entries
                 dst = {n: d for n, _, d in others if d is not None}
                 self._plan_and_execute(job, [(n, m) for n, m, _ in others], dst, frozenset(), sfd, dfd, res)
         finally:
