@@ -90,9 +90,7 @@ def _walk(src: str, dst: str) -> None:
 
         if not scan.HAVE_CMPDIR:
             return
-        from .fsops import IS_ROOT
-
-        flags = scan.CHECK_XATTRS | (scan.CHECK_OWNER if IS_ROOT else 0)
+        flags = scan.CMP_FLAGS
         sfd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             dfd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -116,7 +116,6 @@ class Worker:
         # The C comparer answers for plain size+mtime runs; filters, --checksum and move need
         # every entry in Python.
         self.fast = scan.HAVE_CMPDIR and not spec.move and spec.compare is Compare.SIZE_MTIME and not spec.filters.active
-        self.cmp_flags = scan.CHECK_XATTRS | (scan.CHECK_OWNER if fsops.IS_ROOT else 0)
         self.src_root_fd = fsops.open_root(spec.src_root)
         try:
             self.dst_root_fd = fsops.open_root(spec.dst_root)
@@ -198,7 +197,7 @@ class Worker:
         res.prefetched = got is not None
         if got is None:
             t = time.thread_time()
-            got = scan.cmpdir(sfd, dfd, self.cmp_flags)
+            got = scan.cmpdir(sfd, dfd, scan.CMP_FLAGS)
             res.c_seconds += time.thread_time() - t
         if got is None or got[2] != got[3]:  # no answer, or extras/temporaries to look at
             return dfd

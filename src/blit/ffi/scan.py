@@ -40,6 +40,8 @@ except ImportError:  # built without a C compiler: the pure-Python path does eve
 
 CHECK_OWNER = 1
 CHECK_XATTRS = 2
+# What a transfer compares on up-to-date files: xattrs always, owners when we can set them.
+CMP_FLAGS = CHECK_XATTRS | (CHECK_OWNER if IS_ROOT else 0)
 _FIELDS = 25
 _SIDE = "QqqqQQQQQQq"  # mode size mtime atime uid gid ino dev nlink rdev blocks
 _REC = struct.Struct("<QQ" + _SIDE + "q" + _SIDE)
