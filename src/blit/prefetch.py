@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import threading
 TYPE_CHECKING = False  # not `import typing`: it costs start-up time in every process
 if TYPE_CHECKING:
     from typing import Any
@@ -72,6 +71,8 @@ def start(argv: list[str]) -> None:
     pair = sniff(argv)
     if pair is None:
         return
+    import threading  # only now: every other command starts without it
+
     ACTIVE = True
     threading.Thread(target=_walk, args=pair, name="blit-prefetch", daemon=True).start()
 
