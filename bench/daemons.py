@@ -40,7 +40,13 @@ START_TIMEOUT_S = 30.0
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+# Held (blocked) while a daemon is spawned and registered, and while it is stopped: a Ctrl-C or
+# SIGTERM landing between fork and registration would otherwise leave a daemon nobody stops.
+_HELD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def _child_setup() -> None:  # runs in the child between fork and exec
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)  # the mask survives exec
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
@@ -78,8 +84,7 @@ class Daemon:
     def stop(self) -> None:
         """SIGTERM to the daemon's process group, SIGKILL after 5 s; reaps it. Ctrl-C and
         SIGTERM to the bench are held meanwhile (delivered afterwards)."""
-        held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
         try:
             self._stop()
         finally:
@@ -148,12 +153,21 @@ def _wait_listening(d: Daemon) -> None:
                       f"{START_TIMEOUT_S:.0f} s:\n{d.log_tail()}")
 
 
-def _spawn(key: str, argv: list[str], log_path: str, env: dict[str, str], port: int) -> Daemon:
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                preexec_fn=_die_with_parent)
-    return Daemon(key, proc, port, log_path)
+def _spawn(stack: ExitStack, key: str, argv: list[str], log_path: str, env: dict[str, str],
+           port: int) -> Daemon:
+    """Start one daemon and register its stop on ``stack``, with Ctrl-C and SIGTERM held from
+    before the fork until the stop is registered (delivered afterwards, so the stop runs)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    preexec_fn=_child_setup)
+        d = Daemon(key, proc, port, log_path)
+        stack.callback(d.stop)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return d
 
 
 def _blit_config(root: str, state: str, tls: bool, port: int, data_port: int) -> str:
@@ -209,8 +223,7 @@ def session(root: str, blit: str, keys: tuple[str, ...] = ("blit", "blit-notls",
                 argv = [blit, "daemon", "--config", cfg, "--no-mdns"]
                 if not tls:
                     argv.append("--no-tls")
-            d = _spawn(key, argv, os.path.join(work, f"{key}.out"), env, port)
-            stack.callback(d.stop)
+            d = _spawn(stack, key, argv, os.path.join(work, f"{key}.out"), env, port)
             ds.daemons[key] = d
         for d in ds.daemons.values():
             _wait_listening(d)

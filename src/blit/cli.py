@@ -6,10 +6,9 @@ imported inside the commands so that `blit --help` stays fast.
 
 This module must not contain transfer logic or read environment variables for configuration.
 """
+# No `from __future__ import annotations` here: typer evaluates string annotations with eval()
+# on every start (about 10 ms for the option lists); real annotations cost almost nothing.
 
-from __future__ import annotations
-
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -44,7 +43,7 @@ def _human_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def summary_line(s: Summary) -> str:
+def summary_line(s: "Summary") -> str:
     verb = {"copy": "copied", "mirror": "copied", "move": "moved"}[s.operation]
     head = "dry run: would have " + verb if s.dry_run else verb
     parts = [f"{head} {s.files_copied:,} files ({_human_bytes(s.bytes_copied)})"]
@@ -87,7 +86,7 @@ class TextProgress:
                 console=__import__("rich.console", fromlist=["Console"]).Console(stderr=True),
             )
 
-    def start(self, summary: Summary) -> None:
+    def start(self, summary: "Summary") -> None:
         if self.bar is not None:
             self.bar.start()
             self.task = self.bar.add_task("copy", total=None, files=0)
@@ -100,10 +99,10 @@ class TextProgress:
         if self.verbose:
             sys.stdout.write(f"{action} {path}\n")
 
-    def error(self, failure: Failure) -> None:
+    def error(self, failure: "Failure") -> None:
         sys.stderr.write(f"blit: {failure.path}: {failure.op}: {failure.message}\n")
 
-    def finish(self, summary: Summary) -> None:
+    def finish(self, summary: "Summary") -> None:
         if self.bar is not None:
             self.bar.stop()
         if summary.deletions_skipped:
@@ -119,13 +118,16 @@ class JsonProgress:
     """--json: newline-delimited events on stdout (schemas/events.schema.json)."""
 
     def __init__(self, operation: str) -> None:
+        import json  # only --json runs pay for it
+
+        self._dumps = json.dumps
         self.operation = operation
         self.last = 0.0
 
     def _emit(self, obj: dict[str, object]) -> None:
-        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.write(self._dumps(obj) + "\n")
 
-    def start(self, summary: Summary) -> None:
+    def start(self, summary: "Summary") -> None:
         self._emit(
             {
                 "event": "start",
@@ -153,10 +155,10 @@ class JsonProgress:
     def action(self, action: str, path: str) -> None:
         self._emit({"event": "action", "action": action, "path": path})
 
-    def error(self, failure: Failure) -> None:
+    def error(self, failure: "Failure") -> None:
         self._emit({"event": "error", **failure.as_dict()})
 
-    def finish(self, summary: Summary) -> None:
+    def finish(self, summary: "Summary") -> None:
         self._emit(summary.as_dict())
         sys.stdout.flush()
 
@@ -232,6 +234,8 @@ def _run(
     except BlitError as exc:
         _err(str(exc))
         if as_json:
+            import json
+
             sys.stdout.write(json.dumps({"event": "summary", "fatal": str(exc), "exit_code": exc.exit_code}) + "\n")
         return exc.exit_code
     except BaseExceptionGroup as eg:

@@ -6,10 +6,9 @@ inside those, so `blit --help` stays light. `python -m blit.cli_remote ...` runs
 
 This module must not hold protocol or daemon logic.
 """
+# No `from __future__ import annotations` here: typer evaluates string annotations with eval()
+# on every start (about 10 ms for the option lists); real annotations cost almost nothing.
 
-from __future__ import annotations
-
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -37,6 +36,8 @@ def _blit_error(exc: BaseException) -> BlitError | None:
 
 
 def _setup_logging(verbose: int, *, daemon: bool) -> None:
+    import logging
+
     level = logging.DEBUG if verbose > 1 else logging.INFO if (verbose or daemon) else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
@@ -112,6 +113,7 @@ def _run_daemon(config: Path | None, *, verbose: int, **overrides: Any) -> None:
     except BlitError as exc:
         raise _fail(exc) from None
     import os
+    import logging
     import signal
     import threading
 
