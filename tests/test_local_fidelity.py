@@ -20,6 +20,7 @@ import pytest
 
 from helpers import (
     ACL_DEFAULT,
+    AS_NOBODY,
     NOBODY,
     LONG_COMPONENT,
     LONG_DEPTH,
@@ -480,3 +481,71 @@ def test_mirror_of_a_real_source_tree_onto_stale_destination(tmp_path: Path) -> 
     again = summary_of(run_blit("mirror", "--json", f"{src}/", dst, check=0))
     assert again["files_copied"] == 0 and again["files_deleted"] == 0, again
     assert proc.stderr == b""
+
+
+def _linked_abc(root: Path) -> Path:
+    """a/x, b/y and c/z: one inode; plus a plain file beside each."""
+    src = make_tree(root, {"a/": {"x": "one inode, three names\n", "pa": "a"}, "b/": {"pb": "b"},
+                           "c/": {"pc": "c"}})  # fmt: skip
+    os.link(src / "a/x", src / "b/y")
+    os.link(src / "a/x", src / "c/z")
+    chown_tree(src, NOBODY, NOBODY)
+    return src
+
+
+def _dst_with_one_closed_dir(root: Path, closed: str) -> Path:
+    """a/, b/, c/ writable by nobody except `closed` (root's, 0755)."""
+    for d in "abc":
+        (root / d).mkdir(parents=True)
+    chown_tree(root, NOBODY, NOBODY)
+    os.chown(root / closed, 0, 0)
+    return root
+
+
+def _landed_members(dst: Path) -> dict[str, int]:
+    return {p: os.stat(dst / p).st_ino for p in ("a/x", "b/y", "c/z") if os.path.lexists(dst / p)}
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("closed", ["a", "b", "c"])
+def test_a_hard_link_member_that_cannot_land_is_reported_and_the_rest_stay_linked(nobody_tmp: Path, closed: str) -> None:
+    """Whichever member is landed first (and copied, not linked) fails to land, the members
+    that can land still land, linked to each other, as with rsync -aH; the one that cannot is
+    reported by name and the run exits 3."""
+    src = _linked_abc(nobody_tmp / "src")
+    want = {"a": "a/x", "b": "b/y", "c": "c/z"}[closed]
+    want_all = ("a/x", "b/y", "c/z")
+    for trial in range(3):  # which member is landed first varies with the order of the jobs
+        dst = _dst_with_one_closed_dir(nobody_tmp / f"dst{trial}", closed)
+        proc = run_blit("copy", f"{src}/", dst, as_nobody=True)
+        assert proc.returncode == 3, describe_output(proc)
+        # dst/{closed} is root's: its plain file and its metadata fail too.
+        lines = [ln for ln in stderr_lines(proc) if ln.startswith("blit: ") and ln.split(":")[1].strip() in want_all]
+        assert lines in ([f"blit: {want}: copy: Permission denied"], [f"blit: {want}: link: Permission denied"]), \
+            describe_output(proc)
+        landed = _landed_members(dst)
+        assert sorted(landed) == sorted({"a/x", "b/y", "c/z"} - {want}), landed
+        assert len(set(landed.values())) == 1, f"landed as separate files: {landed}"
+        assert os.stat(dst / next(iter(landed))).st_nlink == 2
+        for p in landed:
+            assert (dst / p).read_bytes() == b"one inode, three names\n"
+    # rsync -aH in the same situation lands the same members, linked.
+    dst = _dst_with_one_closed_dir(nobody_tmp / "rsync", closed)
+    proc = subprocess.run([*AS_NOBODY, "rsync", "-aH", f"{src}/", f"{dst}/"], capture_output=True, timeout=60)
+    assert proc.returncode == 23, proc.stderr
+    rs = _landed_members(dst)
+    assert sorted(rs) == sorted(landed) and len(set(rs.values())) == 1, rs
+
+
+@pytest.mark.root
+def test_a_hard_link_group_that_cannot_be_read_is_reported_member_by_member(nobody_tmp: Path) -> None:
+    src = _linked_abc(nobody_tmp / "src")
+    os.chmod(src / "a/x", 0)
+    dst = nobody_tmp / "dst"
+    dst.mkdir()
+    os.chown(dst, NOBODY, NOBODY)
+    proc = run_blit("copy", f"{src}/", dst, as_nobody=True)
+    assert proc.returncode == 3, describe_output(proc)
+    assert sorted(stderr_lines(proc)) == [f"blit: {p}: copy: Permission denied" for p in ("a/x", "b/y", "c/z")]
+    assert _landed_members(dst) == {}
+    assert sorted(os.listdir(dst / "a")) == ["pa"]

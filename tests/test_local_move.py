@@ -13,13 +13,14 @@ from helpers import (
     assert_same_tree,
     chown_tree,
     describe_output,
+    make_bulk_tree,
     make_full_tree,
     make_tree,
     rmtree,
     run_blit,
     snapshot,
     stderr_lines,
-
+    summary_of,
 )
 
 pytestmark = pytest.mark.usefixtures("blit_exe")
@@ -152,3 +153,106 @@ def test_move_dry_run_moves_nothing(tmp_path: Path) -> None:
     assert_same_tree(before, snapshot(src))
     assert not os.path.lexists(tmp_path / "dst")
     assert b"a.txt" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Hard links: a move lands the source's link structure, whatever the order directories are
+# read in (a member removed early would change the link count its peers are judged by).
+
+
+def _make_linked_tree(root: Path, busy_dirs: int = 30, files_per_dir: int = 40) -> Path:
+    """Hard-link groups within one directory, across two, and spread over many directories
+    (with enough plain files around them that the directories are read by different workers
+    at different times)."""
+    src = make_tree(root, {"one/": {"x": "same directory\n"}, "a/": {"x": "two directories\n"},
+                           "b/": {}})  # fmt: skip
+    os.link(src / "one/x", src / "one/y")
+    os.link(src / "a/x", src / "b/y")
+    for i in range(busy_dirs):
+        d = src / f"d{i:02d}" / "e" / "f"
+        d.mkdir(parents=True)
+        for j in range(files_per_dir):
+            (src / f"d{i:02d}" / f"f{j}").write_text(f"{i} {j}\n")
+        (d / "z").write_text(f"pair {i}\n")
+    half = busy_dirs // 2
+    for i in range(half):  # pairs: d00/e/f/z = d15/z2, d01/e/f/z = d16/z2, ...
+        os.link(src / f"d{i:02d}/e/f/z", src / f"d{i + half:02d}/z2")
+    (src / "d00/wide").write_text("one inode in six directories\n")
+    for i in range(5, busy_dirs, 5):
+        os.link(src / "d00/wide", src / f"d{i:02d}/e/wide")
+    return src
+
+
+def _assert_moved(expected: dict, dst: Path, src: Path) -> None:  # type: ignore[type-arg]
+    assert_same_tree(expected, snapshot(dst, include_root=False))  # "links" compares the groups
+    groups = {e.links for e in expected.values() if e.links}
+    assert len(groups) == 18, groups
+    for group in groups:
+        st = [os.stat(dst / os.fsdecode(p)) for p in group]
+        assert len({s.st_ino for s in st}) == 1 and st[0].st_nlink == len(group), group
+    assert not os.path.lexists(src) or os.listdir(src) == [], sorted(os.listdir(src))
+
+
+@pytest.mark.parametrize("where", ["same filesystem", "onto an existing directory", "across filesystems"])
+def test_move_keeps_hard_link_groups(tmp_path: Path, where: str) -> None:
+    """Same filesystem onto a free name is one rename(2); onto an existing directory and to
+    another filesystem (a tmpfs) it is copy, link, then remove the sources."""
+    for trial in range(3):  # the order directories are read in varies from run to run
+        src = _make_linked_tree(tmp_path / f"src{trial}")
+        expected = snapshot(src, include_root=False)
+        if where == "across filesystems":
+            if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+                pytest.skip("no second filesystem at /dev/shm")
+            dst = Path(f"/dev/shm/blit-test-move-links-{os.getpid()}")
+        else:
+            dst = tmp_path / f"dst{trial}"
+        if where != "same filesystem":
+            dst.mkdir()
+        try:
+            summary = summary_of(run_blit("move", "--json", src if where == "same filesystem" else f"{src}/", dst,
+                                          check=0))  # fmt: skip
+            assert summary["failures"] == [], summary
+            if "strategy" in summary:  # undocumented; says whether this case took the path it names
+                assert (summary["strategy"] == "rename") == (where == "same filesystem"), summary
+            _assert_moved(expected, dst, src)
+        finally:
+            if where == "across filesystems":
+                rmtree(dst)
+
+
+def test_move_keeps_hard_link_groups_read_by_worker_processes(tmp_path: Path) -> None:
+    """A tree large enough for worker processes: the groups' directories are read by different
+    processes while the coordinator links and removes."""
+    src = _make_linked_tree(tmp_path / "src")
+    make_bulk_tree(src, files=6000, dirs=120, xattrs=True)  # one more group: bulk/*/linked
+    expected = snapshot(src, include_root=False)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    summary = summary_of(run_blit("move", "--json", f"{src}/", dst, check=0))
+    assert summary["failures"] == [], summary
+    if "strategy" in summary:  # undocumented; says whether this test reached its target
+        assert "process" in summary["strategy"], summary["strategy"]
+    assert_same_tree(expected, snapshot(dst, include_root=False))
+    linked = [os.stat(dst / f"bulk/d{d:03d}/linked") for d in (0, 60, 119)]
+    assert len({s.st_ino for s in linked}) == 1 and linked[0].st_nlink == 3
+    assert not os.path.lexists(src) or os.listdir(src) == []
+
+
+@pytest.mark.root
+def test_move_keeps_the_hard_link_member_that_could_not_land(nobody_tmp: Path) -> None:
+    src = make_tree(nobody_tmp / "src", {"a/": {"x": "one inode\n"}, "b/": {}, "c/": {}})
+    os.link(src / "a/x", src / "b/y")
+    os.link(src / "a/x", src / "c/z")
+    chown_tree(src, NOBODY, NOBODY)
+    dst = make_tree(nobody_tmp / "dst", {"a/": {}, "b/": {}, "c/": {}})
+    chown_tree(dst, NOBODY, NOBODY)
+    os.chown(dst / "c", 0, 0)  # root's: nobody cannot land c/z
+    proc = run_blit("move", f"{src}/", dst, as_nobody=True)
+    assert proc.returncode == 3, describe_output(proc)
+    assert [ln for ln in stderr_lines(proc) if "c/z" in ln] in (
+        ["blit: c/z: copy: Permission denied"], ["blit: c/z: link: Permission denied"]), describe_output(proc)  # fmt: skip
+    assert os.stat(dst / "a/x").st_ino == os.stat(dst / "b/y").st_ino and os.stat(dst / "a/x").st_nlink == 2
+    assert not os.path.lexists(dst / "c/z")
+    # The member that did not land stays, with its data; the others left the source.
+    assert sorted(str(p.relative_to(src)) for p in src.rglob("*")) == ["c", "c/z"]
+    assert (src / "c/z").read_text() == "one inode\n"

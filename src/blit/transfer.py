@@ -283,6 +283,8 @@ class LocalTransfer:
         self.scan_incomplete: list[str] = []
         self.deletions: list[tuple[str, list[tuple[str, bool]], Meta | None]] = []
         self.inodes: dict[tuple[int, int], Any] = {}
+        # Move: landed hard-link members, by source directory: (destination directory, names).
+        self.link_sources: dict[str, tuple[str, list[str]]] = {}
         self.big_limiter = trio.CapacityLimiter(self.planner.big_jobs)
         self.bytes_done = 0
         self.files_done = 0
@@ -322,6 +324,7 @@ class LocalTransfer:
         self.queue.append((top_job, top_node))
         try:
             await self._transfer()
+            await self._remove_link_sources()  # only now: after every source directory was read
             await self._delete_extras()  # only now: after every source directory was read
         finally:
             self.worker.close()
@@ -466,6 +469,8 @@ class LocalTransfer:
             async with self.big_limiter:
                 await self._copy_big(job, name, dname, m, replace, path)
             node.changed = True
+            if self.spec.move:
+                await self._remove_source(job.rel, job.dst_rel, name)
         except StallError as exc:
             self._fail(path, "copy", str(exc))
         except OSError as exc:
@@ -555,8 +560,6 @@ class LocalTransfer:
         self.files_done += 1
         if self.spec.record_actions:
             self.progress.action("copy", path)
-        if self.spec.move:
-            await self._remove_source(job.rel, job.dst_rel, name)
 
     async def _remove_source(self, rel: str, dst_rel: str, name: str) -> None:
         """Move: flush the landed copy to disk, then remove the source entry."""
@@ -577,12 +580,16 @@ class LocalTransfer:
         """Land one member of a hard-link group: the first is copied, the rest are linked to it."""
         key = (m.st_dev, m.st_ino)
         path = _join(job.rel, name)
+        what = "link"
         try:
             entry = self.inodes.get(key)
-            if isinstance(entry, trio.Event):
+            while isinstance(entry, trio.Event):  # a first member is landing
                 await entry.wait()
+                # Landed: link to it. Failed: the entry is gone and the next member to get here
+                # is copied as the new first (rsync -aH does the same); others wait on it.
                 entry = self.inodes.get(key)
             if entry is None:
+                what = "copy"
                 ev = trio.Event()
                 self.inodes[key] = ev
                 try:
@@ -606,12 +613,14 @@ class LocalTransfer:
                         )
                         node.changed = True
                     self.summary.links_created += 1
-                if self.spec.move and not self.spec.dry_run:
-                    await self._remove_source(job.rel, job.dst_rel, name)
+            if self.spec.move and not self.spec.dry_run:
+                self._defer_removal(job, name)
+        except StallError as exc:
+            self._fail(path, "copy", str(exc))
         except OSError as exc:
             if exc.errno in FATAL_ERRNOS:
                 self._fatal(f"{exc.strerror} (writing {_join(job.dst_rel, dname)})")
-            self._fail(path, "link", exc.strerror or str(exc))
+            self._fail(path, what, exc.strerror or str(exc))
         finally:
             self.files_done += 1
             self._release(node)
@@ -638,8 +647,6 @@ class LocalTransfer:
                         fsops.fix_meta(ddir, dname, m, d, acl)
 
                 await trio.to_thread.run_sync(_settle)
-            if self.spec.move and not self.spec.dry_run:
-                await self._remove_source(job.rel, job.dst_rel, name)
             return d.st_ino
         if self.spec.dry_run:
             if self.spec.record_actions:
@@ -654,6 +661,64 @@ class LocalTransfer:
                 return os.stat(dname, dir_fd=ddir, follow_symlinks=False).st_ino
 
         return await trio.to_thread.run_sync(_ino)
+
+    def _defer_removal(self, job: DirJob, name: str) -> None:
+        """Move: a hard-link member is at the destination; its source goes at the end of the run."""
+        entry = self.link_sources.get(job.rel)
+        if entry is None:
+            entry = self.link_sources[job.rel] = (job.dst_rel, [])
+        entry[1].append(name)
+
+    async def _remove_link_sources(self) -> None:
+        """Move: remove the landed hard-link members once every source directory was read.
+        Removing one earlier would lower the link count its peers show to the scans still to
+        come, and a peer judged by that count would be copied as a file of its own."""
+        if not self.link_sources:
+            return
+        removed, failures = await trio.to_thread.run_sync(self._unlink_links, self.link_sources)
+        self.summary.files_removed += removed
+        for f in failures:
+            self._fail(*f)
+
+    def _unlink_links(self, todo: dict[str, tuple[str, list[str]]]) -> tuple[int, list[tuple[str, str, str]]]:
+        """Runs in a thread: flush the destination, unlink the sources, then remove the source
+        directories they kept (the finalizer found them not empty), deepest first."""
+        w = self.worker
+        failures: list[tuple[str, str, str]] = []
+        synced: set[int] = set()
+        for dst_rel, _ in todo.values():
+            try:
+                with fsops.dir_at(w.dst_root_fd, dst_rel) as ddir:
+                    dev = os.fstat(ddir).st_dev
+                    if dev not in synced:
+                        ffi.syncfs(ddir)
+                        synced.add(dev)
+            except OSError as exc:
+                return 0, [(dst_rel or ".", "sync", exc.strerror or str(exc))]
+        removed = 0
+        dirs: set[str] = set()
+        for rel, (_, names) in todo.items():
+            try:
+                with fsops.dir_at(w.src_root_fd, rel) as sdir:
+                    for name in names:
+                        try:
+                            os.unlink(name, dir_fd=sdir)
+                            removed += 1
+                        except OSError as exc:
+                            failures.append((_join(rel, name), "remove source", exc.strerror or str(exc)))
+            except OSError as exc:
+                failures.append((rel or ".", "remove source", exc.strerror or str(exc)))
+            while rel and rel not in dirs:  # the top ("") is not ours to remove
+                dirs.add(rel)
+                rel = rel.rpartition("/")[0]
+        for rel in sorted(dirs, key=lambda r: -r.count("/")):
+            parent, _, base = rel.rpartition("/")
+            try:
+                with fsops.dir_at(w.src_root_fd, parent) as pfd:
+                    os.rmdir(base, dir_fd=pfd)
+            except OSError:
+                pass  # leftovers (failures, excluded entries) keep it, as in the finalizer
+        return removed, failures
 
     def _link_to_first(self, dst_rel: str, dname: str, first_dir: str, first_name: str, replace: bool) -> None:
         w = self.worker
