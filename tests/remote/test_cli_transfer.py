@@ -115,3 +115,62 @@ def test_json_progress_of_a_remote_run(daemon_process: DaemonProcess, tmp_path: 
     assert all(e["files_done"] <= 8 for e in progress)
     times = [e["elapsed_s"] for e in progress]
     assert all(b - a >= 0.099 for a, b in zip(times, times[1:])), times  # at most 10 per second
+
+
+def _linked_abc(root: Path) -> Path:
+    """a/x, b/y and c/z: one inode; a plain file beside each; all nobody's."""
+    for d, f in (("a", "pa"), ("b", "pb"), ("c", "pc")):
+        (root / d).mkdir(parents=True)
+        (root / d / f).write_text(d)
+    (root / "a" / "x").write_text("one inode, three names\n")
+    os.link(root / "a" / "x", root / "b" / "y")
+    os.link(root / "a" / "x", root / "c" / "z")
+    chown_tree(root, NOBODY, NOBODY)
+    return root
+
+
+MEMBERS = ("a/x", "b/y", "c/z")
+
+
+def _member_lines(r: subprocess.CompletedProcess[str]) -> list[str]:
+    return sorted(ln for ln in errors(r) if ln.split(":")[1].strip() in MEMBERS)
+
+
+@pytest.mark.root
+def test_push_reports_every_member_of_a_hard_link_group_it_cannot_read(nobody_tmp: Path, tmp_path: Path) -> None:
+    src = _linked_abc(nobody_tmp / "src")
+    os.chmod(src / "a" / "x", 0)
+    with run_daemon_process(tmp_path, tls=False) as d:
+        env = {**d.env, "HOME": str(nobody_tmp / "home")}
+        r = blit(d, "copy", "--no-tls", f"{src}/", url(d, "data/out"), as_nobody=True, env=env)
+        assert r.returncode == 3, (r.stdout, r.stderr)
+        lines = _member_lines(r)
+        assert [ln.split(":")[1].strip() for ln in lines] == list(MEMBERS), r.stderr
+        out = d.modules["data"] / "out"
+        assert sorted(p for p in MEMBERS if os.path.lexists(out / p)) == []
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("p*")) == ["a/pa", "b/pb", "c/pc"]
+
+
+@pytest.mark.root
+def test_pull_lands_or_reports_each_member_of_a_hard_link_group(nobody_tmp: Path, tmp_path: Path) -> None:
+    """The destination cannot take c/z. Every member either lands, linked to the other members
+    that landed, or is reported by name (exit 3): none is left out silently."""
+    with run_daemon_process(tmp_path, tls=False) as d:
+        _linked_abc(d.modules["data"] / "tree")
+        env = {**d.env, "HOME": str(nobody_tmp / "home")}
+        for trial in range(3):  # which member lands first varies with the order of the walk
+            dst = nobody_tmp / f"dst{trial}"
+            for sub in "abc":
+                (dst / sub).mkdir(parents=True)
+            chown_tree(dst, NOBODY, NOBODY)
+            os.chown(dst / "c", 0, 0)
+            r = blit(d, "copy", "--no-tls", url(d, "data/tree/"), str(dst), as_nobody=True, env=env)
+            assert r.returncode == 3, (r.stdout, r.stderr)
+            reported = {ln.split(":")[1].strip() for ln in _member_lines(r)}
+            landed = {p: os.stat(dst / p).st_ino for p in MEMBERS if os.path.lexists(dst / p)}
+            assert "c/z" in reported and "c/z" not in landed, r.stderr
+            assert reported | set(landed) == set(MEMBERS), (landed, r.stderr)
+            assert not reported & set(landed), (landed, r.stderr)
+            if landed:
+                assert len(set(landed.values())) == 1, f"landed as separate files: {landed}"
+                assert os.stat(dst / next(iter(landed))).st_nlink == len(landed)

@@ -952,6 +952,7 @@ class DestTree:
         except OSError as exc:
             for it, _ in batch:
                 self._fail(prefix + it.name, "checksum", _msg(exc))
+                self._group_failed(it.link_key, prefix + it.name)
             return DirPlanned(subdirs=[], need=[], failures=[PathFailure(path=_b(prefix + it.name), op="checksum", message=_msg(exc)) for it, _ in batch])
         try:
             for it, digest in batch:
@@ -976,6 +977,7 @@ class DestTree:
                     if exc.errno in FATAL_ERRNOS:
                         self.fatal = f"{_msg(exc)} (writing {_join(dst_rel, it.dname)})"
                     failures.append(PathFailure(path=_b(prefix + it.name), op="checksum", message=_msg(exc)))
+                    self._group_failed(it.link_key, prefix + it.name)
         finally:
             self.dirs.release(dst_rel)
         with self._lock:
@@ -1097,6 +1099,21 @@ class DestTree:
         for wrel, wname, wino, wpath, wsrc in waiters:
             self._link_to(dst_rel, dname, ino, wrel, wname, wino, wpath, wsrc)
 
+    def _group_failed(self, key: tuple[int, int] | None, first: str) -> None:
+        """The first member of a hard-link group did not land. The members waiting to be linked
+        to it cannot land either (the source sends a group's data once, for its first member):
+        each is reported. A member planned after this starts the group again (its data is asked
+        for), as rsync -aH makes the next member the group's first."""
+        if key is None:
+            return
+        with self._lock:
+            group = self.links.get(key)
+            if group is None or group[0] != "waiting":
+                return
+            del self.links[key]
+        for _wrel, _wname, _wino, wpath, _wsrc in group[1]:
+            self._fail(wpath, "link", f"the first of its hard links, {first}, did not land")
+
     # --- landing files (data-stream threads) ------------------------------------------------------
     def failed(self, file_id: int, message: str) -> None:
         """A file did not land (data-stream thread); report it under its path."""
@@ -1104,6 +1121,7 @@ class DestTree:
             p = self.pending.pop(file_id, None) or self._open.pop(file_id, None)
         if p is not None:
             self._fail(_join(p.dst_rel, p.dname), "copy", message)
+            self._group_failed(p.link_key, _join(p.rel, p.name))
 
     def open(self, file_id: int) -> data.SinkFile:
         with self._lock:
@@ -1132,8 +1150,10 @@ class DestTree:
             self.hashing.clear()
         for _fid, p in missing:
             self._fail(_join(p.dst_rel, p.dname), "copy", "the data never arrived")
+            self._group_failed(p.link_key, _join(p.rel, p.name))
         for rel, it in unhashed:
             self._fail(_join(rel, it.name), "checksum", "the source's checksum never arrived")
+            self._group_failed(it.link_key, _join(rel, it.name))
         kept: set[str] = set()  # move: directories whose metadata failed keep their source
         if not self.spec.dry_run:
             for rel in sorted(self.nodes, key=lambda r: (-r.count("/") if r else 1, r)):
