@@ -98,8 +98,8 @@ class GrantTable:
     """The daemon's outstanding data-stream tokens.
 
     A token is `id (8 bytes) || secret (24 bytes)`: the id finds the grant, the secret is compared
-    with `hmac.compare_digest`. A grant is removed on its first presentation, right or wrong, so a
-    token is never accepted twice. Thread-safe; uses the monotonic clock.
+    with `hmac.compare_digest`. A grant is removed when its right secret is presented, so a token
+    is never accepted twice; a wrong secret leaves it alone. Thread-safe; uses the monotonic clock.
     """
 
     def __init__(self, ttl: float = TOKEN_TTL, clock: Callable[[], float] = time.monotonic) -> None:
@@ -126,11 +126,13 @@ class GrantTable:
             raise Refused(ErrorCode.BAD_TOKEN, "malformed data token")
         tid, secret = token[: protocol.TOKEN_ID_BYTES], token[protocol.TOKEN_ID_BYTES :]
         with self._lock:
-            grant = self._grants.pop(tid, None)
-        expected = grant.secret if grant is not None else bytes(protocol.TOKEN_SECRET_BYTES)
-        ok = hmac.compare_digest(expected, secret)
-        if grant is None or not ok:
-            raise Refused(ErrorCode.BAD_TOKEN, "unknown or already used data token")
+            grant = self._grants.get(tid)
+            expected = grant.secret if grant is not None else bytes(protocol.TOKEN_SECRET_BYTES)
+            # The secret first (constant time), then spend: knowing a token's id is not enough
+            # to burn someone else's token.
+            if not hmac.compare_digest(expected, secret) or grant is None:
+                raise Refused(ErrorCode.BAD_TOKEN, "unknown or already used data token")
+            del self._grants[tid]
         if self._clock() > grant.expires:
             raise Refused(ErrorCode.BAD_TOKEN, "data token expired")
         return grant.owner
