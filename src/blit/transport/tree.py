@@ -1266,7 +1266,7 @@ def _dir_differs(m: Meta, d: Meta) -> bool:
 
 
 class _DestFile:
-    __slots__ = ("tree", "p", "landing", "fd", "fid")
+    __slots__ = ("tree", "p", "landing", "fd", "fid", "held")
 
     def __init__(self, tree: DestTree, fid: int, p: _Pending, landing: Any) -> None:
         self.tree = tree
@@ -1274,6 +1274,14 @@ class _DestFile:
         self.p = p
         self.landing = landing
         self.fd = landing.fd
+        self.held = True  # this file holds a reference to its directory's fd
+
+    def _release(self) -> None:
+        """Drop the directory reference, once: a second release would let the fd be closed (and
+        its number reused) while another file of that directory still lands through it."""
+        if self.held:
+            self.held = False
+            self.tree.dirs.release(self.p.dst_rel)
 
     def commit(self, size: int) -> None:
         p = self.p
@@ -1284,7 +1292,7 @@ class _DestFile:
             self.landing.abort()
             raise
         finally:
-            self.tree.dirs.release(p.dst_rel)
+            self._release()
         t = self.tree
         with t._lock:
             t._open.pop(self.fid, None)
@@ -1297,10 +1305,12 @@ class _DestFile:
         t._landed(p)
 
     def abort(self) -> None:
+        """Drop the file (after a failed commit too: the caller aborts whatever did not land)."""
         try:
-            self.landing.abort()
+            if self.held:
+                self.landing.abort()
         finally:
-            self.tree.dirs.release(self.p.dst_rel)
+            self._release()
 
 
 # =================================================================================================
