@@ -232,3 +232,24 @@ async def test_pull_dry_run_into_a_missing_directory_changes_nothing(daemon: Dae
         s = await _run(daemon, "copy", src, str(dst), dry_run=True)
         assert s.exit_code == 0 and s.files_copied >= 1, s.failures
     assert not (tmp_path / "new").exists() and not (tmp_path / "x").exists()
+
+
+async def test_push_dry_run_into_a_missing_directory_changes_nothing(daemon: Daemon, tmp_path: Path) -> None:
+    """`blit copy -n SRC/ host:/m/new/deeper/` reports what it would copy (rsync -n does) and
+    creates nothing; a link on the way is still refused as the real run would refuse it."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "f").write_text("f")
+    (src / "sub" / "g").write_text("gg")
+    mod = daemon.modules["data"]
+    base = f"127.0.0.1:{daemon.info.port}:/data"
+    for op, s_arg, dst in (("copy", f"{src}/", "new/deeper/"), ("mirror", str(src), "new/"), ("copy", f"{src}/f", "x/y")):
+        before = sorted(p.name for p in mod.iterdir())
+        s = await _run(daemon, op, s_arg, f"{base}/{dst}", dry_run=True)
+        assert s.exit_code == 0, s.failures
+        assert s.files_copied == (1 if dst == "x/y" else 2)
+        assert sorted(p.name for p in mod.iterdir()) == before
+    (mod / "esc").symlink_to(tmp_path)
+    with pytest.raises(RemoteError, match="esc is a symbolic link"):
+        await _run(daemon, "copy", f"{src}/", f"{base}/esc/new/", dry_run=True)
+    assert not (tmp_path / "new").exists()

@@ -607,6 +607,17 @@ def _make_base(root: Path, base: list[bytes]) -> None:
         os.close(fd)
 
 
+def _walk_existing(root_fd: int, base: list[bytes]) -> int:
+    """Dry run of `_make_base`: open `base` if it exists, -1 if some part of it is missing (the
+    rest would be created); links and files on the way are refused as the real run refuses them."""
+    try:
+        return contain.walk_dir(root_fd, base)
+    except Refused as exc:
+        if exc.code is ErrorCode.NOT_FOUND:
+            return -1
+        raise
+
+
 async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.TransferOpened:
     from ..plan import Compare
     from ..transport import tree
@@ -631,10 +642,15 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
         raise Refused(ErrorCode.BAD_REQUEST, f"bad filter: {exc}") from None
 
     def open_base() -> int:
-        if msg.create_base and msg.direction == "push" and not msg.dry_run:
+        """The base directory's fd; -1 for a dry-run push into a base that does not exist yet
+        (it would be created: nothing to open, every directory below it is new)."""
+        create = msg.create_base and msg.direction == "push"
+        if create and not msg.dry_run:
             _make_base(root, base)
         root_fd = contain.open_root(root)
         try:
+            if create and msg.dry_run:
+                return _walk_existing(root_fd, base)
             return contain.walk_dir(root_fd, base)
         finally:
             os.close(root_fd)
