@@ -50,6 +50,9 @@ from .protocol import (
 
 log = logging.getLogger("blit.tree")
 
+_C_LAND = cscan.HAVE_CMPDIR
+"""DestTree.land lands plain small files in one C call (scan.land) when the C module is built."""
+
 FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 WALK_CONCURRENCY = 8
 """Directories in flight at once in a client's walk (requests pipelined on the session)."""
@@ -577,6 +580,11 @@ class _DirFds:
             self._idle.clear()
 
 
+class _Held(threading.local):
+    rel: str | None = None
+    fd: int = -1
+
+
 class DestTree:
     """Plans source manifests against a destination tree below `root_fd` and lands files.
 
@@ -613,6 +621,9 @@ class DestTree:
         # move: what landed, for the source side to remove (None unless a real move)
         self.landed: LandedLog | None = LandedLog() if spec.operation == "move" and not spec.dry_run else None
         self.stopped = False
+        self._held = _Held()
+        """`land`: the destination directory each data-stream thread holds (acquired from
+        `dirs`, so never closed under it; all closed with the tree)."""
 
     def _stop(self) -> bool:
         return self.stopped
@@ -1076,8 +1087,7 @@ class DestTree:
             self._record(*src)
 
     def _landed(self, p: _Pending) -> None:
-        if p.link_key is None:
-            return
+        assert p.link_key is not None
         try:
             dfd = self.dirs.acquire(p.dst_rel)
             try:
@@ -1104,6 +1114,53 @@ class DestTree:
             p = self.pending.pop(file_id, None) or self._open.pop(file_id, None)
         if p is not None:
             self._fail(_join(p.dst_rel, p.dname), "copy", message)
+
+    def land(self, file_id: int, content: bytes | memoryview) -> None:
+        """Data-stream thread: land a whole small file whose data is all in memory, in one step
+        (what `open` + write + commit do, without their objects): one C call for a plain file
+        (scan.land), fsops.Landing for one with xattrs or without the C module. Hard-link
+        groups and LandedLog are kept as `commit` keeps them.
+
+        Raises:
+            KeyError: `file_id` was never announced. OSError: the file did not land (nothing is
+                left behind; `failed` then reports it under its path).
+        """
+        with self._lock:
+            p = self.pending.pop(file_id)
+        try:
+            held = self._held
+            if held.rel != p.dst_rel:
+                # This thread keeps its directory while the files of one directory come.
+                if held.rel is not None:
+                    self.dirs.release(held.rel)
+                    held.rel = None
+                held.fd = self.dirs.acquire(p.dst_rel)
+                held.rel = p.dst_rel
+            if p.xattrs is None and _C_LAND:
+                r = cscan.land(held.fd, _b(p.dname), content, p.meta, p.replace, p.inherit_gid)
+                if r:
+                    raise OSError(-r, os.strerror(-r))
+            else:
+                fsops.land_data(held.fd, p.dname, content, p.meta, p.xattrs, p.replace, p.inherit_gid)
+        except OSError:
+            with self._lock:
+                self._open[file_id] = p  # for `failed`
+            raise
+        self._done(p, len(content))
+
+    def _done(self, p: _Pending, size: int) -> None:
+        """A file landed: count it, mark its directory changed, log it for a move, link the rest
+        of its hard-link group."""
+        with self._lock:
+            self.files_copied += 1
+            self.bytes_copied += size
+            node = self.nodes.get(p.dst_rel)
+            if node is not None:
+                node.changed = True
+        if self.landed is not None:
+            self.landed.add(p.rel, p.name, p.meta)
+        if p.link_key is not None:
+            self._landed(p)
 
     def open(self, file_id: int) -> data.SinkFile:
         with self._lock:
@@ -1265,16 +1322,9 @@ class _DestFile:
             raise
         finally:
             self.tree.dirs.release(p.dst_rel)
-        t = self.tree
-        with t._lock:
-            t._open.pop(self.fid, None)
-            t.files_copied += 1
-            t.bytes_copied += size
-            node = t.nodes.get(p.dst_rel)
-            if node is not None:
-                node.changed = True
-        t._record(p.rel, p.name, p.meta)
-        t._landed(p)
+        with self.tree._lock:
+            self.tree._open.pop(self.fid, None)
+        self.tree._done(p, size)
 
     def abort(self) -> None:
         try:
