@@ -352,6 +352,8 @@ class Session:
         self.nursery: trio.Nursery | None = None
         """The connection's nursery (server.py): remote to remote jobs run in it and end with it."""
         self.jobs: dict[int, Any] = {}  # relay.PeerJob by id
+        self.packed = False
+        """The client speaks protocol.FEATURE_PACKED: manifests we send are packed."""
 
     async def dispatch(self, msg: protocol.Message) -> protocol.Message:
         handler = _HANDLERS.get(type(msg))
@@ -443,6 +445,7 @@ async def handle_auth(s: Session, msg: protocol.Auth) -> protocol.Ack:
 
 async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
     s.ready.set()
+    s.packed = protocol.FEATURE_PACKED in msg.features
     log.info("session from %s (%s)", s.peer, msg.software)
     return protocol.HelloReply(
         protocol=protocol.PROTOCOL_VERSION,
@@ -460,9 +463,10 @@ def _features(asked: list[str]) -> list[str]:
     from .. import fsops
     from ..ffi import scan
 
+    out = [protocol.FEATURE_PACKED] if protocol.FEATURE_PACKED in asked else []
     if protocol.FEATURE_DIR_DIGEST not in asked or not scan.HAVE_CMPDIR:
-        return []
-    return [protocol.FEATURE_DIR_DIGEST] + ([protocol.FEATURE_OWNERS] if fsops.IS_ROOT else [])
+        return out
+    return out + [protocol.FEATURE_DIR_DIGEST] + ([protocol.FEATURE_OWNERS] if fsops.IS_ROOT else [])
 
 
 async def handle_modules(s: Session, msg: protocol.ListModules) -> protocol.ModuleList:
@@ -698,7 +702,7 @@ async def handle_tree_scan(s: Session, msg: protocol.TreeScan) -> protocol.DirMa
     t = s.transfer(msg.transfer)
     if t.tree_src is None or t.finished:
         raise Refused(ErrorCode.BAD_REQUEST, "tree/scan is for pull tree transfers")
-    reply: protocol.DirManifest = await s.fs(t.tree_src.scan, _rel(msg.rel))
+    reply: protocol.DirManifest = await s.fs(t.tree_src.scan, _rel(msg.rel), s.packed)
     return reply
 
 

@@ -297,8 +297,9 @@ class SourceTree:
         except OSError:
             pass
 
-    def scan(self, rel: str) -> DirManifest:
-        """Worker thread: the manifest of directory `rel` (names, lstat, link targets, xattrs)."""
+    def scan(self, rel: str, pack: bool = False) -> DirManifest:
+        """Worker thread: the manifest of directory `rel` (names, lstat, link targets, xattrs);
+        `pack`: entries without a link target or xattrs go packed (protocol.FEATURE_PACKED)."""
         try:
             dfd = self.open_dir(self.root_fd, rel)
         except OSError as exc:
@@ -312,15 +313,22 @@ class SourceTree:
             base = None if self.base is None else (f"{self.base}/{rel}" if rel else self.base)
             xattrs = _read_xattrs(dfd, [n for n, _ in entries], base)
             out = []
+            plain_names: list[bytes] = []
+            plain: list[os.stat_result] = []
             for name, st in entries:
                 target = None
+                x = xattrs.get(name)
                 if stat.S_ISLNK(st.st_mode):
                     try:
                         target = os.readlink(_b(name), dir_fd=dfd)
                     except OSError as exc:
                         failures.append(PathFailure(path=_b(_join(rel, name)), op="readlink", message=_msg(exc)))
                         continue
-                out.append(entry_of(name, st, target, xattrs.get(name)))
+                elif pack and not x:
+                    plain_names.append(_b(name))
+                    plain.append(st)
+                    continue
+                out.append(entry_of(name, st, target, x))
             try:
                 own = os.fstat(dfd)
                 dir_entry = entry_of(".", own, None, dict(fsops.get_xattrs(dfd)) or None)
@@ -328,9 +336,10 @@ class SourceTree:
                 dir_entry = None
             return DirManifest(
                 entries=cast("list[SrcEntry]", out),
-                incomplete=bool(errs) or len(out) != len(entries),
+                incomplete=bool(errs) or len(out) + len(plain) != len(entries),
                 failures=failures,
                 dir_entry=cast("SrcEntry | None", dir_entry),
+                packed=protocol.pack_entries(plain_names, plain) if pack else None,
             )
         finally:
             os.close(dfd)
@@ -1542,7 +1551,7 @@ async def push_tree(
 
     async def visit(rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None) -> list[tuple[str, str, bool]]:
         nonlocal complete, walked
-        manifest = await trio.to_thread.run_sync(source.scan, rel)
+        manifest = await trio.to_thread.run_sync(source.scan, rel, packed and only is None)
         if manifest.incomplete:
             complete = False
         entries = cast("list[Entry]", manifest.entries)
@@ -1558,21 +1567,26 @@ async def push_tree(
                 entries=cast("list[SrcEntry]", entries),
                 incomplete=manifest.incomplete,
                 dir_entry=manifest.dir_entry,
+                packed=manifest.packed,
             )
         )
         queue(rel, planned)
         if planned.hash:
-            await checksums(rel, planned.hash, {e[0]: e[2] for e in entries})
+            sizes = {e[0]: e[2] for e in entries}
+            if manifest.packed is not None:
+                sizes.update((e[0], e[2]) for e in protocol.unpack_entries(manifest.packed))
+            await checksums(rel, planned.hash, sizes)
         while len(jobs) > MAX_QUEUED_FILES:
             await trio.sleep(0.05)
         if move:
-            walked += len(entries)
+            walked += len(entries) + (protocol.packed_count(manifest.packed) if manifest.packed is not None else 0)
             if walked >= LANDED_DRAIN and not drain_lock.locked():
                 walked = 0
                 await collect(False)
         return [(_s(sd.name), _s(sd.dname), sd.new) for sd in planned.subdirs]
 
     peer_features = session.peer.features
+    packed = protocol.FEATURE_PACKED in peer_features
     use_digests = protocol.FEATURE_DIR_DIGEST in peer_features and digests_apply(spec)
     digest_flags = cscan.DIGEST_OWNER if protocol.FEATURE_OWNERS in peer_features else 0
 
