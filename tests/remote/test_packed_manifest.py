@@ -1,5 +1,6 @@
-"""Packed manifests (hello feature packed-manifest-1, decisions R21): a hostile packed manifest
-is a protocol error on either side, never a crash and never a write; both forms land the same."""
+"""Packed manifests (hello feature packed-manifest-1, decisions R21) and files named by
+directory (send-dirs-1, R22): hostile input is a protocol error on either side, never a crash
+and never a write or a read outside the module; both forms land the same."""
 
 from __future__ import annotations
 
@@ -159,3 +160,41 @@ async def test_a_peer_without_the_feature_gets_and_sends_cbor_manifests(
     assert not done.failures, done.failures
     assert sent and not any(sent)
     await trio.to_thread.run_sync(assert_same_tree, src, dst)
+
+
+def _group(rel: bytes, ids: list[int], names: bytes) -> p.FileGroup:
+    return p.FileGroup(rel=rel, ids=b"".join(i.to_bytes(4, "little") for i in ids), names=names)
+
+
+async def test_the_daemon_refuses_hostile_file_groups(daemon: Daemon) -> None:
+    src = daemon.modules["data"] / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a")
+    (src / "b").write_bytes(b"b")
+    hostile = {
+        "dotdot dir": (_group(b"../x", [1], b"a\0"), "path-refused"),
+        "absolute dir": (_group(b"/etc", [1], b"passwd\0"), "path-refused"),
+        "slash in a name": (_group(b"", [1], b"../etc/passwd\0"), "bad-request"),
+        "dotdot name": (_group(b"", [1], b"..\0"), "bad-request"),
+        "empty name": (_group(b"", [1, 2], b"a\0\0"), "bad-request"),
+        "more names than ids": (_group(b"", [1], b"a\0b\0"), "bad-request"),
+        "fewer names than ids": (_group(b"", [1, 2], b"a\0"), "bad-request"),
+        "no final nul": (_group(b"", [1], b"a"), "bad-request"),
+        "ragged ids": (p.FileGroup(rel=b"", ids=b"\1\0\0", names=b"a\0"), "bad-request"),
+        "an id twice": (_group(b"", [7, 7], b"a\0b\0"), "bad-request"),
+    }
+    async with daemon.session() as s:
+        assert p.FEATURE_SEND_DIRS in s.peer.features
+        opened = await s.call(p.OpenTree(module="data", path=b"src", direction="pull", operation="copy", compare=0))
+        for name, (group, code) in hostile.items():
+            with pytest.raises(RemoteError) as info:
+                await s.call(p.SendFiles(transfer=opened.transfer, files=[], dirs=[group]))
+            assert info.value.code == code, (name, info.value)
+        await s.call(p.SendFiles(transfer=opened.transfer, files=[], dirs=[_group(b"", [1], b"a\0")]))
+        with pytest.raises(RemoteError) as info:  # an id already queued
+            await s.call(p.SendFiles(transfer=opened.transfer, files=[], dirs=[_group(b"", [1], b"b\0")]))
+        assert info.value.code == "bad-request"
+        plain = await s.call(p.OpenTransfer(module="data", path=b"src", direction="pull", streams=1))
+        with pytest.raises(RemoteError) as info:  # not a tree pull: no SourceTree to name files in
+            await s.call(p.SendFiles(transfer=plain.transfer, files=[], dirs=[_group(b"", [1], b"a\0")]))
+        assert info.value.code == "bad-request"

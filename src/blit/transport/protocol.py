@@ -321,12 +321,26 @@ class FileOffer(Message):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class FileGroup(Message):
+    """Hello feature FEATURE_SEND_DIRS: files of one directory to send (a tree pull): the
+    directory below the transfer root, the ids (u32 little-endian each) and the names (each
+    followed by a NUL), in the same order (`pack_names`, `unpack_file_group`)."""
+
+    ARRAY: ClassVar[bool] = True
+    rel: bytes = field(metadata=_lim(MAX_PATH))
+    ids: bytes = field(metadata=_lim(4 * MAX_LIST))
+    names: bytes = field(metadata=_lim(MAX_MESSAGE))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SendFiles(Message):
     """Pull: queue these files on the transfer's streams; `last` ends the streams afterwards."""
 
     transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
     files: list[FileRef] = field(metadata=_lim(MAX_LIST))
     last: bool = False
+    dirs: list[FileGroup] | None = field(default=None, metadata=_lim(MAX_LIST))
+    """FEATURE_SEND_DIRS: files named by directory (after those of `files`)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -492,6 +506,9 @@ FEATURE_PACKED = "packed-manifest-1"
 """Hello feature: manifests (TreeDir, DirManifest) carry their plain entries packed (`packed`,
 `pack_entries`) instead of one CBOR array each. A client sends it; a daemon that knows it
 answers with it; either side then sends packed manifests and accepts both forms."""
+FEATURE_SEND_DIRS = "send-dirs-1"
+"""Hello feature: a tree pull's transfer/send names its files by directory (SendFiles.dirs)
+instead of one path each. Negotiated as FEATURE_PACKED."""
 FEATURE_OWNERS = "owners"
 """HelloReply feature: this daemon, as a destination, preserves owners (runs as root): a push's
 digests must cover uid/gid."""
@@ -1194,10 +1211,45 @@ def pack_entries(names: list[bytes], stats: list[Any]) -> bytes:
         if _SWAP:
             col.byteswap()
         parts.append(col.tobytes())
-    if names:
-        parts.append(b"\0".join(names))
-        parts.append(b"\0")
+    parts.append(pack_names(names))
     return b"".join(parts)
+
+
+def pack_names(names: list[bytes]) -> bytes:
+    """Names, each followed by a NUL (the names part of packed manifests and FileGroups)."""
+    return b"\0".join(names) + b"\0" if names else b""
+
+
+def _unpack_names(tail: bytes, n: int, what: str) -> list[bytes]:
+    """Exactly `n` NUL-terminated names, each a valid entry name (check_name's rules, checked
+    for the whole list at once). Raises _Invalid."""
+    names = tail.split(b"\0")
+    if len(names) != n + 1 or names.pop():
+        raise _Invalid(f"{what}: names do not match the count")
+    if n and (b"/" in tail or min(map(len, names)) == 0 or max(map(len, names)) > MAX_NAME or names.count(b".") or names.count(b"..")):
+        bad = next(x for x in names if not x or x in (b".", b"..") or b"/" in x or len(x) > MAX_NAME)
+        raise _Invalid(f"{what}: invalid entry name {bad!r}")
+    return names
+
+
+def unpack_file_group(g: FileGroup) -> tuple[list[bytes], array, list[bytes]]:
+    """A FileGroup's directory (split_path), ids and names, checked.
+
+    Raises:
+        Refused: PATH_REFUSED for the directory, BAD_REQUEST for ids or names.
+    """
+    parts = split_path(g.rel)
+    if len(g.ids) % 4:
+        raise Refused(ErrorCode.BAD_REQUEST, "transfer/send: ids not a multiple of 4 bytes")
+    ids = array("I")
+    ids.frombytes(g.ids)
+    if _SWAP:
+        ids.byteswap()
+    try:
+        names = _unpack_names(g.names, len(ids), "transfer/send")
+    except _Invalid as exc:
+        raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
+    return parts, ids, names
 
 
 def packed_count(blob: bytes) -> int:
@@ -1237,13 +1289,7 @@ def unpack_entries(blob: bytes, limit: int = MAX_LIST) -> list[tuple[Any, ...]]:
         if len(blob) != end:
             raise _Invalid("packed: names without entries")
         return []
-    tail = blob[end:]
-    names = tail.split(b"\0")
-    if len(names) != n + 1 or names.pop():
-        raise _Invalid("packed: names do not match the count")
-    if b"/" in tail or min(map(len, names)) == 0 or max(map(len, names)) > MAX_NAME or names.count(b".") or names.count(b".."):
-        bad = next(x for x in names if not x or x in (b".", b"..") or b"/" in x or len(x) > MAX_NAME)
-        raise _Invalid(f"packed: invalid entry name {bad!r}")
+    names = _unpack_names(blob[end:], n, "packed")
     if min(cols[1]) < 0 or min(cols[10]) < 0:
         raise _Invalid("packed: negative size or blocks")
     return list(zip(names, *cols))
@@ -1326,7 +1372,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""
@@ -1573,6 +1619,7 @@ __all__ = [
     "OpenTransfer",
     "TransferOpened",
     "FileRef",
+    "FileGroup",
     "FileOffer",
     "SendFiles",
     "ExpectFiles",

@@ -16,12 +16,15 @@ This module must not parse bytes (protocol.py) or own sockets (data.py, control.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import stat
 import struct
+import sys
 import dataclasses
 import threading
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -284,7 +287,7 @@ class SourceTree:
         self.root_fd = root_fd
         self.open_dir = open_dir
         self.base = os.fsdecode(base_path) if base_path is not None else None
-        self.files: dict[int, tuple[str, str]] = {}  # id -> (rel, name)
+        self.files: dict[int, tuple[str, bytes]] = {}  # id -> (rel, name)
         self._lock = threading.Lock()
         self.dirs = _DirFds(root_fd, open_dir)
         self.stopped = False
@@ -410,8 +413,13 @@ class SourceTree:
     def register(self, rel: str, needs: list[Need]) -> list[int]:
         with self._lock:
             for n in needs:
-                self.files[n.id] = (rel, _s(n.name))
+                self.files[n.id] = (rel, n.name)
         return [n.id for n in needs]
+
+    def register_names(self, rel: str, ids: Any, names: list[bytes]) -> None:
+        """Files `names` of directory `rel` under `ids` (the same order), to be opened by id."""
+        with self._lock:
+            self.files.update(zip(ids, zip(itertools.repeat(rel), names)))
 
     def open(self, file_id: int) -> data.SourceFile:
         """Data-stream thread: open a file to send (never following a link)."""
@@ -1699,6 +1707,7 @@ async def pull_tree(
             dest.close()
         raise
     t = RemoteTransfer(session, opened, "pull")
+    by_dir = protocol.FEATURE_SEND_DIRS in session.peer.features
     sink: DestTree = dest
     if counters is not None:
         counters.streams = t.stats
@@ -1760,7 +1769,13 @@ async def pull_tree(
         need = list(planned.need)
         if planned.hash:
             need += await checksums(rel, planned.hash, {e[0]: e[2] for e in entries})
-        if need:
+        if need and by_dir:
+            ids = array("I", [n.id for n in need])
+            if sys.byteorder != "little":
+                ids.byteswap()
+            group = protocol.FileGroup(rel=_b(rel), ids=ids.tobytes(), names=protocol.pack_names([n.name for n in need]))
+            await session.call(protocol.SendFiles(transfer=t.id, files=[], dirs=[group]))
+        elif need:
             await session.call(
                 protocol.SendFiles(transfer=t.id, files=[protocol.FileRef(id=n.id, path=_b(_join(rel, _s(n.name)))) for n in need])
             )
