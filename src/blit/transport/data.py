@@ -635,9 +635,10 @@ class _Batch:
         self.parts: list[bytes] = []
         self.size = 0
 
-    def add(self, parts: list[bytes], nbytes: int) -> None:
+    def add(self, parts: list[bytes], nbytes: int, wire: int = -1) -> None:
+        """`wire`: the parts' total length when the caller knows it."""
         self.parts.extend(parts)
-        self.size += sum(len(p) for p in parts)
+        self.size += wire if wire >= 0 else sum(len(p) for p in parts)
         self.stats.frames += len(parts)
         self.stats.bytes += nbytes
         if self.size >= BATCH_BYTES or len(self.parts) >= IOV_BATCH:
@@ -665,9 +666,10 @@ def _send_one(io: StreamIO, source: FileSource, file_id: int, stats: StreamStats
                 batch.flush()
                 _send_abort(io, file_id, _SHRANK, stats)
                 return
-            parts = [pack_frame(FrameType.DATA, file_id, 0, size), data] if size else []
-            parts.append(pack_frame(FrameType.END, file_id, size))
-            batch.add(parts, size)
+            if size:
+                batch.add([pack_frame(FrameType.DATA, file_id, 0, size), data, pack_frame(FrameType.END, file_id, size)], size, size + 2 * FRAME_SIZE)
+            else:
+                batch.add([pack_frame(FrameType.END, file_id, 0)], 0, FRAME_SIZE)
             stats.files += 1
             return
         batch.flush()

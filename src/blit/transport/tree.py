@@ -425,17 +425,15 @@ class SourceTree:
         """Data-stream thread: open a file to send (never following a link)."""
         with self._lock:
             rel, name = self.files.pop(file_id)
-        dfd = self.dirs.acquire(rel)
-        try:
-            fd = os.open(name, fsops.O_SRC | os.O_NONBLOCK, dir_fd=dfd)
-        finally:
-            self.dirs.release(rel)
+        # O_NONBLOCK: a FIFO put in its place must not block the open; it changes nothing for
+        # the regular file this must be (reads of regular files ignore it).
+        fd = os.open(name, fsops.O_SRC | os.O_NONBLOCK, dir_fd=self.dirs.held(rel))
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "no longer a regular file")
-            os.set_blocking(fd, True)
-            extents = fsops.data_extents(fd, st.st_size) if fsops.is_sparse(fsops.meta_of(st)) else None
+            size = st.st_size
+            extents = fsops.data_extents(fd, size) if size > 65536 and st.st_blocks * 512 < size - 65536 else None  # fsops.is_sparse
         except BaseException:
             os.close(fd)
             raise
@@ -543,6 +541,11 @@ class _DirNode:
     """The source directory (move removes it at the end when empty); "" for the top."""
 
 
+class _Held(threading.local):
+    rel: str | None = None
+    fd: int = -1
+
+
 class _DirFds:
     """Open destination directories, shared by the planner and the stream threads: a small LRU
     of idle fds, and a count of users so an fd in use is never closed."""
@@ -554,6 +557,20 @@ class _DirFds:
         self._lock = threading.Lock()
         self._fds: dict[str, list[int]] = {}  # rel -> [fd, users]
         self._idle: OrderedDict[str, None] = OrderedDict()
+        self._held = _Held()
+
+    def held(self, rel: str) -> int:
+        """The fd of `rel`, kept acquired by the calling thread until it asks for another
+        directory: a data-stream thread's files come directory by directory, so this is one
+        acquire per directory, not per file (closed with the others by `close`)."""
+        h = self._held
+        if h.rel != rel:
+            if h.rel is not None:
+                self.release(h.rel)
+                h.rel = None
+            h.fd = self.acquire(rel)
+            h.rel = rel
+        return h.fd
 
     def acquire(self, rel: str) -> int:
         with self._lock:
@@ -597,11 +614,6 @@ class _DirFds:
             self._idle.clear()
 
 
-class _Held(threading.local):
-    rel: str | None = None
-    fd: int = -1
-
-
 class DestTree:
     """Plans source manifests against a destination tree below `root_fd` and lands files.
 
@@ -638,9 +650,6 @@ class DestTree:
         # move: what landed, for the source side to remove (None unless a real move)
         self.landed: LandedLog | None = LandedLog() if spec.operation == "move" and not spec.dry_run else None
         self.stopped = False
-        self._held = _Held()
-        """`land`: the destination directory each data-stream thread holds (acquired from
-        `dirs`, so never closed under it; all closed with the tree)."""
 
     def _stop(self) -> bool:
         return self.stopped
@@ -1145,20 +1154,13 @@ class DestTree:
         with self._lock:
             p = self.pending.pop(file_id)
         try:
-            held = self._held
-            if held.rel != p.dst_rel:
-                # This thread keeps its directory while the files of one directory come.
-                if held.rel is not None:
-                    self.dirs.release(held.rel)
-                    held.rel = None
-                held.fd = self.dirs.acquire(p.dst_rel)
-                held.rel = p.dst_rel
+            dfd = self.dirs.held(p.dst_rel)
             if p.xattrs is None and _C_LAND:
-                r = cscan.land(held.fd, _b(p.dname), content, p.meta, p.replace, p.inherit_gid)
+                r = cscan.land(dfd, _b(p.dname), content, p.meta, p.replace, p.inherit_gid)
                 if r:
                     raise OSError(-r, os.strerror(-r))
             else:
-                fsops.land_data(held.fd, p.dname, content, p.meta, p.xattrs, p.replace, p.inherit_gid)
+                fsops.land_data(dfd, p.dname, content, p.meta, p.xattrs, p.replace, p.inherit_gid)
         except OSError:
             with self._lock:
                 self._open[file_id] = p  # for `failed`
