@@ -505,6 +505,20 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[n:]
 
 
+def land_data(
+    dir_fd: int, name: str, data: bytes | memoryview, m: Meta, xattrs: list[tuple[str, bytes]] | None, replace: bool, inherit_gid: bool = True
+) -> None:
+    """Land a small file whose whole content is in memory, with its metadata, atomically."""
+    landing = Landing(dir_fd, stat.S_IMODE(m.st_mode))
+    try:
+        write_all(landing.fd, data)
+        landing.finish_meta(m, xattrs, name, inherit_gid)
+        landing.commit(name, replace)
+    except BaseException:
+        landing.abort()
+        raise
+
+
 def copy_small(
     src_dir: int, name: str, dst_dir: int, dst_name: str, m: Meta, replace: bool, inherit_gid: bool = True
 ) -> int:

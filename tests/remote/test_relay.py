@@ -220,10 +220,10 @@ async def test_polls_keep_the_client_within_its_request_timeout(pair: tuple[Daem
     (src / "g").write_text("early")
     real_scan = tree.SourceTree.scan
 
-    def slow_scan(self: tree.SourceTree, rel: str):  # type: ignore[no-untyped-def]
+    def slow_scan(self: tree.SourceTree, rel: str, *args):  # type: ignore[no-untyped-def]
         if rel == "slow":
             threading.Event().wait(2.5)  # a slow disk on A
-        return real_scan(self, rel)
+        return real_scan(self, rel, *args)
 
     monkeypatch.setattr(tree.SourceTree, "scan", slow_scan)
     updates: list[tuple[int, int]] = []
@@ -257,11 +257,11 @@ async def test_a_client_that_goes_away_cancels_bs_pull(pair: tuple[Daemon, Daemo
     entered = threading.Event()
     real_scan = tree.SourceTree.scan
 
-    def held_scan(self: tree.SourceTree, rel: str):  # type: ignore[no-untyped-def]
+    def held_scan(self: tree.SourceTree, rel: str, *args):  # type: ignore[no-untyped-def]
         if rel == "slow":
             entered.set()
             release.wait(10)
-        return real_scan(self, rel)
+        return real_scan(self, rel, *args)
 
     monkeypatch.setattr(tree.SourceTree, "scan", held_scan)
     try:

@@ -21,10 +21,10 @@ async def test_an_error_in_the_walk_ends_the_push_promptly(daemon: Daemon, tmp_p
     dst = daemon.modules["data"]
     real_scan = tree.SourceTree.scan
 
-    def failing_scan(self: tree.SourceTree, rel: str):  # type: ignore[no-untyped-def]
+    def failing_scan(self: tree.SourceTree, rel: str, *args):  # type: ignore[no-untyped-def]
         if rel:
             raise RuntimeError("boom")
-        return real_scan(self, rel)
+        return real_scan(self, rel, *args)
 
     monkeypatch.setattr(tree.SourceTree, "scan", failing_scan)
     t0 = trio.current_time()

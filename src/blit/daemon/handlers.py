@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,10 @@ class DaemonState:
 # Files of a transfer
 
 
+_IN_TREE = [b"(tree)"]
+"""ModuleSource.paths of a file registered by directory: opened by the tree's SourceTree."""
+
+
 class ModuleSource:
     """Pull: files of a transfer, opened below the transfer root without following links.
 
@@ -105,6 +110,11 @@ class ModuleSource:
         if self.tree is not None and parts:
             rel = b"/".join(parts[:-1])
             self.tree.register(os.fsdecode(rel), [protocol.Need(id=file_id, name=parts[-1])])
+
+    def add_dir(self, parts: list[bytes], ids: Sequence[int], names: list[bytes]) -> None:
+        """A tree pull: files `names` of directory `parts`, by id (checked by the caller)."""
+        self.paths.update(dict.fromkeys(ids, _IN_TREE))
+        self.tree.register_names(os.fsdecode(b"/".join(parts)), ids, names)
 
     def open(self, file_id: int) -> SrcFile:
         parts = self.paths[file_id]
@@ -352,6 +362,8 @@ class Session:
         self.nursery: trio.Nursery | None = None
         """The connection's nursery (server.py): remote to remote jobs run in it and end with it."""
         self.jobs: dict[int, Any] = {}  # relay.PeerJob by id
+        self.packed = False
+        """The client speaks protocol.FEATURE_PACKED: manifests we send are packed."""
 
     async def dispatch(self, msg: protocol.Message) -> protocol.Message:
         handler = _HANDLERS.get(type(msg))
@@ -443,6 +455,7 @@ async def handle_auth(s: Session, msg: protocol.Auth) -> protocol.Ack:
 
 async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
     s.ready.set()
+    s.packed = protocol.FEATURE_PACKED in msg.features
     log.info("session from %s (%s)", s.peer, msg.software)
     return protocol.HelloReply(
         protocol=protocol.PROTOCOL_VERSION,
@@ -460,9 +473,10 @@ def _features(asked: list[str]) -> list[str]:
     from .. import fsops
     from ..ffi import scan
 
+    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS) if f in asked]
     if protocol.FEATURE_DIR_DIGEST not in asked or not scan.HAVE_CMPDIR:
-        return []
-    return [protocol.FEATURE_DIR_DIGEST] + ([protocol.FEATURE_OWNERS] if fsops.IS_ROOT else [])
+        return out
+    return out + [protocol.FEATURE_DIR_DIGEST] + ([protocol.FEATURE_OWNERS] if fsops.IS_ROOT else [])
 
 
 async def handle_modules(s: Session, msg: protocol.ListModules) -> protocol.ModuleList:
@@ -532,12 +546,22 @@ async def handle_send_files(s: Session, msg: protocol.SendFiles) -> protocol.Ack
         raise Refused(ErrorCode.BAD_REQUEST, "send is for pull transfers")
     if len(t.source.paths) + len(msg.files) > MAX_FILES_PER_TRANSFER:
         raise Refused(ErrorCode.BUSY, "too many files in one transfer")
-    ids = []
+    ids: list[int] = []
     for f in msg.files:
         if f.id in t.source.paths:
             raise Refused(ErrorCode.BAD_REQUEST, f"file id {f.id} used twice")
         t.source.add(f.id, protocol.split_path(f.path))
         ids.append(f.id)
+    for g in msg.dirs or ():
+        if t.tree_src is None:
+            raise Refused(ErrorCode.BAD_REQUEST, "transfer/send by directory is for tree pulls")
+        parts, gids, names = protocol.unpack_file_group(g)
+        if len(t.source.paths) + len(gids) > MAX_FILES_PER_TRANSFER:
+            raise Refused(ErrorCode.BUSY, "too many files in one transfer")
+        if len(set(gids)) != len(gids) or not t.source.paths.keys().isdisjoint(gids):
+            raise Refused(ErrorCode.BAD_REQUEST, "a file id used twice")
+        t.source.add_dir(parts, gids, names)
+        ids.extend(gids)
     try:
         t.jobs.put_many(ids)
         if msg.last:
@@ -714,7 +738,7 @@ async def handle_tree_scan(s: Session, msg: protocol.TreeScan) -> protocol.DirMa
     t = s.transfer(msg.transfer)
     if t.tree_src is None or t.finished:
         raise Refused(ErrorCode.BAD_REQUEST, "tree/scan is for pull tree transfers")
-    reply: protocol.DirManifest = await s.fs(t.tree_src.scan, _rel(msg.rel))
+    reply: protocol.DirManifest = await s.fs(t.tree_src.scan, _rel(msg.rel), s.packed)
     return reply
 
 

@@ -30,6 +30,8 @@
 #define BLIT_CC_NOT_DONE (-100001) /* not attempted: the batch stopped at a fatal error */
 #define BLIT_CC_ROOT 1           /* we are root: set owner/group */
 #define BLIT_CC_INHERIT_GID 2    /* the directory may give new files another group: always chown */
+#define BLIT_CC_REPLACE 4        /* an entry of that name may exist: link under a temporary name, rename over it */
+#define BLIT_CC_BACK 8           /* cc_one: a name that appeared meanwhile goes back to Python */
 
 #ifndef O_TMPFILE
 #define O_TMPFILE 0
@@ -113,10 +115,109 @@ static int64_t cc_copy_data(int in, int out, int64_t size, char *buf, int64_t ca
     }
 }
 
+/* Landing.__init__: create the destination file unnamed (O_TMPFILE in `dfd`) or, where the
+ * filesystem lacks it, under a new temporary name written to `tmp` (*named = 1). Returns the fd
+ * or -errno. `lmode` is the mode it is created with. */
+static int cc_create(int dfd, int lmode, char tmp[32], int *named) {
+    *named = 0;
+    if (O_TMPFILE && cc_tmpfile > 0) {
+        int out = openat(dfd, ".", O_WRONLY | O_TMPFILE | O_CLOEXEC, lmode);
+        if (out >= 0)
+            return out;
+        int e = errno;
+        if (e != EOPNOTSUPP && e != EISDIR && e != EINVAL && e != ENOENT)
+            return -e;
+        cc_tmpfile = -1;
+    }
+    int r = cc_tmp_name(tmp);
+    if (r < 0)
+        return r;
+    int out = openat(dfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, lmode);
+    if (out < 0)
+        return -errno;
+    *named = 1;
+    return out;
+}
+
+/* Landing.__init__'s creation mode: the final permission bits when the umask lets them
+ * through, else 0600. */
+static int cc_lmode(int64_t mode, int umask_bits) {
+    int create = (int)(mode & 0777) | 0600;
+    return (create & umask_bits) ? 0600 : create;
+}
+
+/* Landing.finish_meta with no xattrs, then Landing.commit: `f` holds mode, atime_ns, mtime_ns,
+ * uid, gid at f[1], f[3], f[4], f[5], f[6] (BLIT_CC_FIELDS order). An entry `name` is
+ * replaced (as Landing.commit does), or with BLIT_CC_BACK the answer is BLIT_CC_PYTHON. Returns
+ * 0, -errno or BLIT_CC_PYTHON; *named is cleared once no temporary name is left. */
+static int cc_meta_link(int out, int dfd, const char *name, const int64_t *f, int lmode, int flags,
+                        uid_t euid, gid_t egid, char tmp[32], int *named) {
+    int chowned = 0;
+    if ((flags & BLIT_CC_ROOT) &&
+        ((flags & BLIT_CC_INHERIT_GID) || (uid_t)f[5] != euid || (gid_t)f[6] != egid)) {
+        if (fchown(out, (uid_t)f[5], (gid_t)f[6]) != 0)
+            return -errno;
+        chowned = 1;
+    }
+    int fmode = (int)(f[1] & 07777);
+    if ((fmode != lmode || chowned) && fchmod(out, (mode_t)fmode) != 0)
+        return -errno;
+    struct timespec ts[2];
+    ts[0].tv_sec = (time_t)(f[3] / 1000000000);
+    ts[0].tv_nsec = (long)(f[3] % 1000000000);
+    ts[1].tv_sec = (time_t)(f[4] / 1000000000);
+    ts[1].tv_nsec = (long)(f[4] % 1000000000);
+    for (int i = 0; i < 2; i++)
+        if (ts[i].tv_nsec < 0) { /* before 1970: floor division, as Python's divmod */
+            ts[i].tv_sec -= 1;
+            ts[i].tv_nsec += 1000000000;
+        }
+    if (futimens(out, ts) != 0)
+        return -errno;
+    if (!*named) {
+        int r;
+        if (!(flags & BLIT_CC_REPLACE)) {
+            r = cc_link_fd(out, dfd, name);
+            if (r == 0)
+                return 0;
+            if (r != -EEXIST)
+                return r;
+            if (flags & BLIT_CC_BACK)
+                return BLIT_CC_PYTHON; /* a name that appeared meanwhile: Python's commit replaces it */
+        }
+        /* Landing.commit over an entry: a temporary name first, then rename over it. */
+        r = cc_tmp_name(tmp);
+        if (r < 0)
+            return r;
+        r = cc_link_fd(out, dfd, tmp);
+        if (r < 0)
+            return r;
+        *named = 1;
+    }
+    if (renameat(dfd, tmp, dfd, name) != 0)
+        return -errno;
+    *named = 0;
+    return 0;
+}
+
+/* cc_meta_link, taking `out`: it is closed either way, and on failure the temporary name (if
+ * any) is removed, so nothing is left behind. Returns 0, -errno or BLIT_CC_PYTHON. */
+static int cc_finish(int out, int dfd, const char *name, const int64_t *f, int lmode, int flags,
+                     uid_t euid, gid_t egid, char tmp[32], int named) {
+    int r = cc_meta_link(out, dfd, name, f, lmode, flags, euid, egid, tmp, &named);
+    if (r < 0) {
+        close(out);
+        if (named)
+            unlinkat(dfd, tmp, 0);
+        return r;
+    }
+    return close(out) != 0 ? -errno : 0;
+}
+
 /* One file. Returns bytes copied, BLIT_CC_PYTHON, or -errno (nothing left at the destination). */
 static int64_t cc_one(int sfd, int dfd, const char *name, const int64_t *f, int flags, int umask_bits,
                       uid_t euid, gid_t egid, char *buf, int64_t cap) {
-    int64_t mode = f[1], size = f[2];
+    int64_t size = f[2];
     int in = openat(sfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY);
     if (in < 0)
         return -errno;
@@ -131,36 +232,13 @@ static int64_t cc_one(int sfd, int dfd, const char *name, const int64_t *f, int 
         close(in);
         return ret;
     }
-    /* Landing.__init__: the final permission bits when the umask lets them through, else 0600. */
-    int create = (int)(mode & 0777) | 0600;
-    int lmode = (create & umask_bits) ? 0600 : create;
+    int lmode = cc_lmode(f[1], umask_bits);
     char tmp[32];
-    int named = 0;
-    int out = -1;
-    if (O_TMPFILE && cc_tmpfile > 0) {
-        out = openat(dfd, ".", O_WRONLY | O_TMPFILE | O_CLOEXEC, lmode);
-        if (out < 0) {
-            int e = errno;
-            if (e != EOPNOTSUPP && e != EISDIR && e != EINVAL && e != ENOENT) {
-                close(in);
-                return -e;
-            }
-            cc_tmpfile = -1;
-        }
-    }
+    int named;
+    int out = cc_create(dfd, lmode, tmp, &named);
     if (out < 0) {
-        int r = cc_tmp_name(tmp);
-        if (r < 0) {
-            close(in);
-            return r;
-        }
-        out = openat(dfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, lmode);
-        if (out < 0) {
-            ret = -errno;
-            close(in);
-            return ret;
-        }
-        named = 1;
+        close(in);
+        return out;
     }
     int64_t copied = 0;
     if (size) {
@@ -170,60 +248,40 @@ static int64_t cc_one(int sfd, int dfd, const char *name, const int64_t *f, int 
             goto fail;
         }
     }
-    /* Landing.finish_meta with no xattrs. */
-    int chowned = 0;
-    if ((flags & BLIT_CC_ROOT) &&
-        ((flags & BLIT_CC_INHERIT_GID) || (uid_t)f[5] != euid || (gid_t)f[6] != egid)) {
-        if (fchown(out, (uid_t)f[5], (gid_t)f[6]) != 0) {
-            ret = -errno;
-            goto fail;
-        }
-        chowned = 1;
-    }
-    int fmode = (int)(mode & 07777);
-    if ((fmode != lmode || chowned) && fchmod(out, (mode_t)fmode) != 0) {
-        ret = -errno;
-        goto fail;
-    }
-    struct timespec ts[2];
-    ts[0].tv_sec = (time_t)(f[3] / 1000000000);
-    ts[0].tv_nsec = (long)(f[3] % 1000000000);
-    ts[1].tv_sec = (time_t)(f[4] / 1000000000);
-    ts[1].tv_nsec = (long)(f[4] % 1000000000);
-    for (int i = 0; i < 2; i++)
-        if (ts[i].tv_nsec < 0) { /* before 1970: floor division, as Python's divmod */
-            ts[i].tv_sec -= 1;
-            ts[i].tv_nsec += 1000000000;
-        }
-    if (futimens(out, ts) != 0) {
-        ret = -errno;
-        goto fail;
-    }
-    /* Landing.commit(name, replace=False). */
-    if (named) {
-        if (renameat(dfd, tmp, dfd, name) != 0) {
-            ret = -errno;
-            goto fail;
-        }
-        named = 0;
-    } else {
-        int r = cc_link_fd(out, dfd, name);
-        if (r < 0) {
-            /* A name that appeared meanwhile: Python's commit replaces it through a temporary. */
-            ret = r == -EEXIST ? BLIT_CC_PYTHON : r;
-            goto fail;
-        }
-    }
+    /* A name that appeared meanwhile comes back as BLIT_CC_PYTHON. */
+    ret = cc_finish(out, dfd, name, f, lmode, (flags & ~BLIT_CC_REPLACE) | BLIT_CC_BACK, euid, egid, tmp, named);
     close(in);
-    if (close(out) != 0)
-        return -errno;
-    return copied;
+    return ret < 0 ? ret : copied;
 fail:
     close(out);
     if (named)
         unlinkat(dfd, tmp, 0);
     close(in);
     return ret;
+}
+
+/* Land one small file whose whole content is in memory (a remote transfer's destination,
+ * blit.transport.tree.DestTree.land), exactly as fsops.Landing does for a file without xattrs:
+ * create, write `data`, owner, mode, times, link (BLIT_CC_REPLACE: an entry of that name
+ * exists; it is replaced through a temporary name and a rename either way). Returns 0 or
+ * -errno (nothing left behind). */
+static int blit_land(int dfd, const char *name, const char *data, int64_t size, int64_t mode,
+                     int64_t atime_ns, int64_t mtime_ns, int64_t uid, int64_t gid, int flags,
+                     int umask_bits) {
+    int64_t f[BLIT_CC_FIELDS] = {0, mode, size, atime_ns, mtime_ns, uid, gid};
+    int lmode = cc_lmode(mode, umask_bits);
+    char tmp[32];
+    int named;
+    int out = cc_create(dfd, lmode, tmp, &named);
+    if (out < 0)
+        return out;
+    int r = size ? cc_write_all(out, data, (size_t)size) : 0;
+    if (r == 0)
+        return cc_finish(out, dfd, name, f, lmode, flags, geteuid(), getegid(), tmp, named);
+    close(out);
+    if (named)
+        unlinkat(dfd, tmp, 0);
+    return r;
 }
 
 /* Copy `n` new files from directory `sfd` to `dfd` (same names). `in` holds BLIT_CC_FIELDS

@@ -18,6 +18,9 @@ whenever the directory cannot take that shortcut, and the caller sends the full 
 ``copy_new`` lands plain new files exactly as ``fsops.copy_small`` does and must not take more:
 files with xattrs, and a name that appears at the destination meanwhile, come back to the caller
 as ``PYTHON``; sparse files, hard links and replacements are never sent.
+
+``land`` is the remote destination's counterpart (docs/decisions.md R20): one small file whose
+data is in memory, landed as ``fsops.Landing`` would (xattrs excepted: never sent here).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ try:
     from blit.ffi._scan import ffi as _ffi
     from blit.ffi._scan import lib as _lib
 
-    HAVE_CMPDIR = _lib.blit_version() == 3  # a stale build of an older _scan.c is not used
+    HAVE_CMPDIR = _lib.blit_version() == 4  # a stale build of an older _scan.c is not used
+    _from_buffer = _ffi.from_buffer
 except ImportError:  # built without a C compiler: the pure-Python path does everything
     HAVE_CMPDIR = False
 
@@ -72,6 +76,7 @@ NOT_DONE = -100001  # not attempted: an earlier file of the batch hit a full/rea
 _CC_FIELDS = 7
 _CC_ROOT = 1
 _CC_INHERIT_GID = 2
+_CC_REPLACE = 4
 _CC_BUF = 1 << 20
 
 
@@ -163,6 +168,18 @@ def copy_new(sfd: int, dfd: int, batch: list[tuple[bytes, Meta]], inherit_gid: b
     flags = (_CC_ROOT if IS_ROOT else 0) | (_CC_INHERIT_GID if inherit_gid else 0)
     _lib.blit_copy_new(sfd, dfd, n, _ffi.new("int64_t[]", ints), names, out, flags, UMASK, b.buf, _CC_BUF)
     return _ffi.unpack(out, n)  # type: ignore[no-any-return]
+
+
+def land(dfd: int, name: bytes, data: Any, m: Meta, replace: bool, inherit_gid: bool) -> int:
+    """Land one small regular file without xattrs, its content `data` (bytes or a buffer), as
+    `name` in directory `dfd`: created unnamed, written, owner (root), mode, times, linked (an
+    existing entry replaced through a temporary name). One C call (the GIL released once).
+    Returns 0 or -errno (nothing is left behind). Only with HAVE_CMPDIR."""
+    flags = (_CC_ROOT if IS_ROOT else 0) | (_CC_INHERIT_GID if inherit_gid else 0) | (_CC_REPLACE if replace else 0)
+    return _lib.blit_land(  # type: ignore[no-any-return]
+        dfd, name, _from_buffer(data) if type(data) is not bytes else data, len(data),
+        m.st_mode, m.st_atime_ns, m.st_mtime_ns, m.st_uid, m.st_gid, flags, UMASK,
+    )
 
 
 def set_copy_modes(tmpfile: int, link: int) -> None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import struct
+import sys
 import typing
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar, Union
 
@@ -319,12 +321,26 @@ class FileOffer(Message):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class FileGroup(Message):
+    """Hello feature FEATURE_SEND_DIRS: files of one directory to send (a tree pull): the
+    directory below the transfer root, the ids (u32 little-endian each) and the names (each
+    followed by a NUL), in the same order (`pack_names`, `unpack_file_group`)."""
+
+    ARRAY: ClassVar[bool] = True
+    rel: bytes = field(metadata=_lim(MAX_PATH))
+    ids: bytes = field(metadata=_lim(4 * MAX_LIST))
+    names: bytes = field(metadata=_lim(MAX_MESSAGE))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class SendFiles(Message):
     """Pull: queue these files on the transfer's streams; `last` ends the streams afterwards."""
 
     transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
     files: list[FileRef] = field(metadata=_lim(MAX_LIST))
     last: bool = False
+    dirs: list[FileGroup] | None = field(default=None, metadata=_lim(MAX_LIST))
+    """FEATURE_SEND_DIRS: files named by directory (after those of `files`)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -443,6 +459,9 @@ class TreeDir(Message):
     incomplete: bool = False
     dir_entry: SrcEntry | None = None
     """The directory's own lstat (its metadata lands on the destination directory at the end)."""
+    packed: bytes | None = field(default=None, metadata=_lim(MAX_MESSAGE))
+    """Hello feature FEATURE_PACKED: the entries without a link target or xattrs, packed
+    (`pack_entries`); `decode` moves them into `entries`."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -483,6 +502,13 @@ class DirPlanned(Message):
 FEATURE_DIR_DIGEST = "dir-digest-1"
 """Hello feature: both sides compute `blit.ffi.scan.digest_dir` (record layout version 1) and
 speak tree/digests. A client sends it; a daemon that knows it answers with it."""
+FEATURE_PACKED = "packed-manifest-1"
+"""Hello feature: manifests (TreeDir, DirManifest) carry their plain entries packed (`packed`,
+`pack_entries`) instead of one CBOR array each. A client sends it; a daemon that knows it
+answers with it; either side then sends packed manifests and accepts both forms."""
+FEATURE_SEND_DIRS = "send-dirs-1"
+"""Hello feature: a tree pull's transfer/send names its files by directory (SendFiles.dirs)
+instead of one path each. Negotiated as FEATURE_PACKED."""
 FEATURE_OWNERS = "owners"
 """HelloReply feature: this daemon, as a destination, preserves owners (runs as root): a push's
 digests must cover uid/gid."""
@@ -532,6 +558,8 @@ class DirManifest(Message):
     incomplete: bool
     failures: list[PathFailure] = field(default_factory=list, metadata=_lim(MAX_LIST))
     dir_entry: SrcEntry | None = None
+    packed: bytes | None = field(default=None, metadata=_lim(MAX_MESSAGE))
+    """As TreeDir.packed."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -1027,7 +1055,10 @@ def _encoder(cls: type[Message]) -> Any:
         body.append(f"    while len(out) > {required} and out[-1] is None: out.pop()")
         body.append("    return out")
     else:
-        body = ["def _encode(m):", "    return {" + ", ".join(f"{sp.name!r}: {e}" for sp, e in parts) + "}"]
+        # Optional fields left at None are left out (an older peer may not know a newer one).
+        body = ["def _encode(m):", "    out = {" + ", ".join(f"{sp.name!r}: {e}" for sp, e in parts if sp.required or not _none_default(sp)) + "}"]
+        body += [f"    if m.{sp.name} is not None: out[{sp.name!r}] = {e}" for sp, e in parts if not sp.required and _none_default(sp)]
+        body.append("    return out")
     exec(compile("\n".join(body), f"<encoder {cls.__name__}>", "exec"), env)
     enc = env["_encode"]
     _ENCODERS[cls] = enc
@@ -1037,6 +1068,12 @@ def _encoder(cls: type[Message]) -> Any:
 VALIDATE_OUTGOING = False
 """Check every message we send with the receiving side's rules (tests turn this on: our own bugs
 then surface as LocalProtocolError). Off in production: it doubles the cost of big manifests."""
+
+
+def _none_default(sp: _FieldSpec) -> bool:
+    """An optional field whose default is None (left out of the wire when None)."""
+    origin = typing.get_origin(sp.tp)
+    return (origin is Union or origin is getattr(__import__("types"), "UnionType", None)) and type(None) in typing.get_args(sp.tp)
 
 
 def encode(msg: Message) -> bytes:
@@ -1073,11 +1110,14 @@ def decode(cls: type[M], body: bytes, *, max_size: int = MAX_MESSAGE) -> M:
         raise RemoteProtocolError(f"malformed CBOR: {exc}", 400) from None
     try:
         try:
-            return _decoder(cls)(obj)  # type: ignore[no-any-return]
+            msg = _decoder(cls)(obj)
         except (_Invalid, TypeError, ValueError):
-            pass
-        # The fast path said no: the generic one says why (or, if it accepts, wins).
-        return _from_wire(cls, obj, cls.__name__)
+            # The fast path said no: the generic one says why (or, if it accepts, wins).
+            msg = _from_wire(cls, obj, cls.__name__)
+        if cls in _UNPACK and msg.packed is not None:  # type: ignore[attr-defined]
+            entries = msg.entries + unpack_entries(msg.packed, MAX_LIST - len(msg.entries))  # type: ignore[attr-defined]
+            msg = dataclasses.replace(msg, entries=entries, packed=None)  # type: ignore[type-var]
+        return msg  # type: ignore[no-any-return]
     except _Invalid as exc:
         raise RemoteProtocolError(f"invalid {cls.__name__}: {exc}", 400) from None
     except RecursionError:
@@ -1135,6 +1175,127 @@ def check_name(name: bytes) -> None:
     """A single directory-entry name as it travels in manifests: no '/', NUL, '.', '..' or ''."""
     if not name or name in (b".", b"..") or b"/" in name or b"\0" in name or len(name) > MAX_NAME:
         raise Refused(ErrorCode.PATH_REFUSED, f"invalid entry name {name!r}")
+
+
+# =================================================================================================
+# Packed manifests (hello feature FEATURE_PACKED; docs/protocol.md §4, decisions R21)
+#
+# count (u32), then one little-endian column per lstat field in fsops.Meta order (count values
+# each), then the names, each followed by a NUL. 72 bytes per entry plus its name.
+
+_PACK_COLUMNS = (
+    ("I", 4),  # mode
+    ("q", 8),  # size (>= 0)
+    ("q", 8),  # mtime_ns
+    ("q", 8),  # atime_ns
+    ("I", 4),  # uid
+    ("I", 4),  # gid
+    ("Q", 8),  # ino
+    ("Q", 8),  # dev
+    ("I", 4),  # nlink
+    ("Q", 8),  # rdev
+    ("q", 8),  # blocks (>= 0)
+)
+_PACK_FIXED = sum(w for _, w in _PACK_COLUMNS)
+_PACK_ATTRS = ("st_mode", "st_size", "st_mtime_ns", "st_atime_ns", "st_uid", "st_gid", "st_ino", "st_dev", "st_nlink", "st_rdev", "st_blocks")
+_SWAP = sys.byteorder != "little"
+assert all(array(c).itemsize == w for c, w in _PACK_COLUMNS)
+
+
+def pack_entries(names: list[bytes], stats: list[Any]) -> bytes:
+    """Entries (names and stat results or fsops.Meta, in the same order) as a packed manifest.
+    Raises OverflowError for a value out of its column's range (never from a real lstat)."""
+    parts = [len(names).to_bytes(4, "little")]
+    for (code, _w), attr in zip(_PACK_COLUMNS, _PACK_ATTRS):
+        col = array(code, [getattr(st, attr) for st in stats])
+        if _SWAP:
+            col.byteswap()
+        parts.append(col.tobytes())
+    parts.append(pack_names(names))
+    return b"".join(parts)
+
+
+def pack_names(names: list[bytes]) -> bytes:
+    """Names, each followed by a NUL (the names part of packed manifests and FileGroups)."""
+    return b"\0".join(names) + b"\0" if names else b""
+
+
+def _unpack_names(tail: bytes, n: int, what: str) -> list[bytes]:
+    """Exactly `n` NUL-terminated names, each a valid entry name (check_name's rules, checked
+    for the whole list at once). Raises _Invalid."""
+    names = tail.split(b"\0")
+    if len(names) != n + 1 or names.pop():
+        raise _Invalid(f"{what}: names do not match the count")
+    if n and (b"/" in tail or min(map(len, names)) == 0 or max(map(len, names)) > MAX_NAME or names.count(b".") or names.count(b"..")):
+        bad = next(x for x in names if not x or x in (b".", b"..") or b"/" in x or len(x) > MAX_NAME)
+        raise _Invalid(f"{what}: invalid entry name {bad!r}")
+    return names
+
+
+def unpack_file_group(g: FileGroup) -> tuple[list[bytes], array, list[bytes]]:
+    """A FileGroup's directory (split_path), ids and names, checked.
+
+    Raises:
+        Refused: PATH_REFUSED for the directory, BAD_REQUEST for ids or names.
+    """
+    parts = split_path(g.rel)
+    if len(g.ids) % 4:
+        raise Refused(ErrorCode.BAD_REQUEST, "transfer/send: ids not a multiple of 4 bytes")
+    ids = array("I")
+    ids.frombytes(g.ids)
+    if _SWAP:
+        ids.byteswap()
+    try:
+        names = _unpack_names(g.names, len(ids), "transfer/send")
+    except _Invalid as exc:
+        raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
+    return parts, ids, names
+
+
+def packed_count(blob: bytes) -> int:
+    """The number of entries of a packed manifest we made."""
+    return int.from_bytes(blob[:4], "little")
+
+
+def unpack_entries(blob: bytes, limit: int = MAX_LIST) -> list[tuple[Any, ...]]:
+    """A packed manifest as raw entries: (name, mode, size, mtime_ns, atime_ns, uid, gid, ino,
+    dev, nlink, rdev, blocks) tuples, read as SrcEntry arrays are (`Meta._make(e[1:12])`).
+
+    Every field is checked as a SrcEntry's is: the count (at most `limit`), the layout, sizes
+    and blocks >= 0, and each name (1-255 bytes, no '/' or NUL, not '.' or '..').
+
+    Raises:
+        _Invalid: anything else (decode answers it as a malformed message).
+    """
+    if len(blob) < 4:
+        raise _Invalid("packed: shorter than its count")
+    n = int.from_bytes(blob[:4], "little")
+    if n > limit:
+        raise _Invalid(f"packed: more than {limit} entries")
+    end = 4 + n * _PACK_FIXED
+    if len(blob) < end:
+        raise _Invalid("packed: shorter than its columns")
+    view = memoryview(blob)
+    cols = []
+    pos = 4
+    for code, w in _PACK_COLUMNS:
+        col = array(code)
+        col.frombytes(view[pos : pos + n * w])
+        if _SWAP:
+            col.byteswap()
+        cols.append(col)
+        pos += n * w
+    if not n:
+        if len(blob) != end:
+            raise _Invalid("packed: names without entries")
+        return []
+    names = _unpack_names(blob[end:], n, "packed")
+    if min(cols[1]) < 0 or min(cols[10]) < 0:
+        raise _Invalid("packed: negative size or blocks")
+    return list(zip(names, *cols))
+
+
+_UNPACK = frozenset({TreeDir, DirManifest})
 
 
 # =================================================================================================
@@ -1211,7 +1372,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""
@@ -1458,6 +1619,7 @@ __all__ = [
     "OpenTransfer",
     "TransferOpened",
     "FileRef",
+    "FileGroup",
     "FileOffer",
     "SendFiles",
     "ExpectFiles",

@@ -16,12 +16,15 @@ This module must not parse bytes (protocol.py) or own sockets (data.py, control.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import stat
 import struct
+import sys
 import dataclasses
 import threading
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +52,9 @@ from .protocol import (
 )
 
 log = logging.getLogger("blit.tree")
+
+_C_LAND = cscan.HAVE_CMPDIR
+"""DestTree.land lands plain small files in one C call (scan.land) when the C module is built."""
 
 FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 WALK_CONCURRENCY = 8
@@ -281,7 +287,7 @@ class SourceTree:
         self.root_fd = root_fd
         self.open_dir = open_dir
         self.base = os.fsdecode(base_path) if base_path is not None else None
-        self.files: dict[int, tuple[str, str]] = {}  # id -> (rel, name)
+        self.files: dict[int, tuple[str, bytes]] = {}  # id -> (rel, name)
         self._lock = threading.Lock()
         self.dirs = _DirFds(root_fd, open_dir)
         self.stopped = False
@@ -294,8 +300,9 @@ class SourceTree:
         except OSError:
             pass
 
-    def scan(self, rel: str) -> DirManifest:
-        """Worker thread: the manifest of directory `rel` (names, lstat, link targets, xattrs)."""
+    def scan(self, rel: str, pack: bool = False) -> DirManifest:
+        """Worker thread: the manifest of directory `rel` (names, lstat, link targets, xattrs);
+        `pack`: entries without a link target or xattrs go packed (protocol.FEATURE_PACKED)."""
         try:
             dfd = self.open_dir(self.root_fd, rel)
         except OSError as exc:
@@ -309,15 +316,22 @@ class SourceTree:
             base = None if self.base is None else (f"{self.base}/{rel}" if rel else self.base)
             xattrs = _read_xattrs(dfd, [n for n, _ in entries], base)
             out = []
+            plain_names: list[bytes] = []
+            plain: list[os.stat_result] = []
             for name, st in entries:
                 target = None
+                x = xattrs.get(name)
                 if stat.S_ISLNK(st.st_mode):
                     try:
                         target = os.readlink(_b(name), dir_fd=dfd)
                     except OSError as exc:
                         failures.append(PathFailure(path=_b(_join(rel, name)), op="readlink", message=_msg(exc)))
                         continue
-                out.append(entry_of(name, st, target, xattrs.get(name)))
+                elif pack and not x:
+                    plain_names.append(_b(name))
+                    plain.append(st)
+                    continue
+                out.append(entry_of(name, st, target, x))
             try:
                 own = os.fstat(dfd)
                 dir_entry = entry_of(".", own, None, dict(fsops.get_xattrs(dfd)) or None)
@@ -325,9 +339,10 @@ class SourceTree:
                 dir_entry = None
             return DirManifest(
                 entries=cast("list[SrcEntry]", out),
-                incomplete=bool(errs) or len(out) != len(entries),
+                incomplete=bool(errs) or len(out) + len(plain) != len(entries),
                 failures=failures,
                 dir_entry=cast("SrcEntry | None", dir_entry),
+                packed=protocol.pack_entries(plain_names, plain) if pack else None,
             )
         finally:
             os.close(dfd)
@@ -398,24 +413,27 @@ class SourceTree:
     def register(self, rel: str, needs: list[Need]) -> list[int]:
         with self._lock:
             for n in needs:
-                self.files[n.id] = (rel, _s(n.name))
+                self.files[n.id] = (rel, n.name)
         return [n.id for n in needs]
+
+    def register_names(self, rel: str, ids: Any, names: list[bytes]) -> None:
+        """Files `names` of directory `rel` under `ids` (the same order), to be opened by id."""
+        with self._lock:
+            self.files.update(zip(ids, zip(itertools.repeat(rel), names)))
 
     def open(self, file_id: int) -> data.SourceFile:
         """Data-stream thread: open a file to send (never following a link)."""
         with self._lock:
             rel, name = self.files.pop(file_id)
-        dfd = self.dirs.acquire(rel)
-        try:
-            fd = os.open(name, fsops.O_SRC | os.O_NONBLOCK, dir_fd=dfd)
-        finally:
-            self.dirs.release(rel)
+        # O_NONBLOCK: a FIFO put in its place must not block the open; it changes nothing for
+        # the regular file this must be (reads of regular files ignore it).
+        fd = os.open(name, fsops.O_SRC | os.O_NONBLOCK, dir_fd=self.dirs.held(rel))
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "no longer a regular file")
-            os.set_blocking(fd, True)
-            extents = fsops.data_extents(fd, st.st_size) if fsops.is_sparse(fsops.meta_of(st)) else None
+            size = st.st_size
+            extents = fsops.data_extents(fd, size) if size > 65536 and st.st_blocks * 512 < size - 65536 else None  # fsops.is_sparse
         except BaseException:
             os.close(fd)
             raise
@@ -523,6 +541,11 @@ class _DirNode:
     """The source directory (move removes it at the end when empty); "" for the top."""
 
 
+class _Held(threading.local):
+    rel: str | None = None
+    fd: int = -1
+
+
 class _DirFds:
     """Open destination directories, shared by the planner and the stream threads: a small LRU
     of idle fds, and a count of users so an fd in use is never closed."""
@@ -534,6 +557,20 @@ class _DirFds:
         self._lock = threading.Lock()
         self._fds: dict[str, list[int]] = {}  # rel -> [fd, users]
         self._idle: OrderedDict[str, None] = OrderedDict()
+        self._held = _Held()
+
+    def held(self, rel: str) -> int:
+        """The fd of `rel`, kept acquired by the calling thread until it asks for another
+        directory: a data-stream thread's files come directory by directory, so this is one
+        acquire per directory, not per file (closed with the others by `close`)."""
+        h = self._held
+        if h.rel != rel:
+            if h.rel is not None:
+                self.release(h.rel)
+                h.rel = None
+            h.fd = self.acquire(rel)
+            h.rel = rel
+        return h.fd
 
     def acquire(self, rel: str) -> int:
         with self._lock:
@@ -1078,8 +1115,7 @@ class DestTree:
             self._record(*src)
 
     def _landed(self, p: _Pending) -> None:
-        if p.link_key is None:
-            return
+        assert p.link_key is not None
         try:
             dfd = self.dirs.acquire(p.dst_rel)
             try:
@@ -1122,6 +1158,46 @@ class DestTree:
         if p is not None:
             self._fail(_join(p.dst_rel, p.dname), "copy", message)
             self._group_failed(p.link_key, _join(p.rel, p.name))
+
+    def land(self, file_id: int, content: bytes | memoryview) -> None:
+        """Data-stream thread: land a whole small file whose data is all in memory, in one step
+        (what `open` + write + commit do, without their objects): one C call for a plain file
+        (scan.land), fsops.Landing for one with xattrs or without the C module. Hard-link
+        groups and LandedLog are kept as `commit` keeps them.
+
+        Raises:
+            KeyError: `file_id` was never announced. OSError: the file did not land (nothing is
+                left behind; `failed` then reports it under its path).
+        """
+        with self._lock:
+            p = self.pending.pop(file_id)
+        try:
+            dfd = self.dirs.held(p.dst_rel)
+            if p.xattrs is None and _C_LAND:
+                r = cscan.land(dfd, _b(p.dname), content, p.meta, p.replace, p.inherit_gid)
+                if r:
+                    raise OSError(-r, os.strerror(-r))
+            else:
+                fsops.land_data(dfd, p.dname, content, p.meta, p.xattrs, p.replace, p.inherit_gid)
+        except OSError:
+            with self._lock:
+                self._open[file_id] = p  # for `failed`
+            raise
+        self._done(p, len(content))
+
+    def _done(self, p: _Pending, size: int) -> None:
+        """A file landed: count it, mark its directory changed, log it for a move, link the rest
+        of its hard-link group."""
+        with self._lock:
+            self.files_copied += 1
+            self.bytes_copied += size
+            node = self.nodes.get(p.dst_rel)
+            if node is not None:
+                node.changed = True
+        if self.landed is not None:
+            self.landed.add(p.rel, p.name, p.meta)
+        if p.link_key is not None:
+            self._landed(p)
 
     def open(self, file_id: int) -> data.SinkFile:
         with self._lock:
@@ -1293,16 +1369,9 @@ class _DestFile:
             raise
         finally:
             self._release()
-        t = self.tree
-        with t._lock:
-            t._open.pop(self.fid, None)
-            t.files_copied += 1
-            t.bytes_copied += size
-            node = t.nodes.get(p.dst_rel)
-            if node is not None:
-                node.changed = True
-        t._record(p.rel, p.name, p.meta)
-        t._landed(p)
+        with self.tree._lock:
+            self.tree._open.pop(self.fid, None)
+        self.tree._done(p, size)
 
     def abort(self) -> None:
         """Drop the file (after a failed commit too: the caller aborts whatever did not land)."""
@@ -1522,7 +1591,7 @@ async def push_tree(
 
     async def visit(rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None) -> list[tuple[str, str, bool]]:
         nonlocal complete, walked
-        manifest = await trio.to_thread.run_sync(source.scan, rel)
+        manifest = await trio.to_thread.run_sync(source.scan, rel, packed and only is None)
         if manifest.incomplete:
             complete = False
         entries = cast("list[Entry]", manifest.entries)
@@ -1538,21 +1607,26 @@ async def push_tree(
                 entries=cast("list[SrcEntry]", entries),
                 incomplete=manifest.incomplete,
                 dir_entry=manifest.dir_entry,
+                packed=manifest.packed,
             )
         )
         queue(rel, planned)
         if planned.hash:
-            await checksums(rel, planned.hash, {e[0]: e[2] for e in entries})
+            sizes = {e[0]: e[2] for e in entries}
+            if manifest.packed is not None:
+                sizes.update((e[0], e[2]) for e in protocol.unpack_entries(manifest.packed))
+            await checksums(rel, planned.hash, sizes)
         while len(jobs) > MAX_QUEUED_FILES:
             await trio.sleep(0.05)
         if move:
-            walked += len(entries)
+            walked += len(entries) + (protocol.packed_count(manifest.packed) if manifest.packed is not None else 0)
             if walked >= LANDED_DRAIN and not drain_lock.locked():
                 walked = 0
                 await collect(False)
         return [(_s(sd.name), _s(sd.dname), sd.new) for sd in planned.subdirs]
 
     peer_features = session.peer.features
+    packed = protocol.FEATURE_PACKED in peer_features
     use_digests = protocol.FEATURE_DIR_DIGEST in peer_features and digests_apply(spec)
     digest_flags = cscan.DIGEST_OWNER if protocol.FEATURE_OWNERS in peer_features else 0
 
@@ -1665,6 +1739,7 @@ async def pull_tree(
             dest.close()
         raise
     t = RemoteTransfer(session, opened, "pull")
+    by_dir = protocol.FEATURE_SEND_DIRS in session.peer.features
     sink: DestTree = dest
     if counters is not None:
         counters.streams = t.stats
@@ -1726,7 +1801,13 @@ async def pull_tree(
         need = list(planned.need)
         if planned.hash:
             need += await checksums(rel, planned.hash, {e[0]: e[2] for e in entries})
-        if need:
+        if need and by_dir:
+            ids = array("I", [n.id for n in need])
+            if sys.byteorder != "little":
+                ids.byteswap()
+            group = protocol.FileGroup(rel=_b(rel), ids=ids.tobytes(), names=protocol.pack_names([n.name for n in need]))
+            await session.call(protocol.SendFiles(transfer=t.id, files=[], dirs=[group]))
+        elif need:
             await session.call(
                 protocol.SendFiles(transfer=t.id, files=[protocol.FileRef(id=n.id, path=_b(_join(rel, _s(n.name)))) for n in need])
             )
