@@ -1114,9 +1114,9 @@ def decode(cls: type[M], body: bytes, *, max_size: int = MAX_MESSAGE) -> M:
         except (_Invalid, TypeError, ValueError):
             # The fast path said no: the generic one says why (or, if it accepts, wins).
             msg = _from_wire(cls, obj, cls.__name__)
-        if cls in _UNPACK and msg.packed is not None:  # type: ignore[attr-defined]
-            entries = msg.entries + unpack_entries(msg.packed, MAX_LIST - len(msg.entries))  # type: ignore[attr-defined]
-            msg = dataclasses.replace(msg, entries=entries, packed=None)  # type: ignore[type-var]
+        if cls in _UNPACK and msg.packed is not None:
+            entries = msg.entries + unpack_entries(msg.packed, MAX_LIST - len(msg.entries))
+            msg = dataclasses.replace(msg, entries=entries, packed=None)
         return msg  # type: ignore[no-any-return]
     except _Invalid as exc:
         raise RemoteProtocolError(f"invalid {cls.__name__}: {exc}", 400) from None
@@ -1232,7 +1232,7 @@ def _unpack_names(tail: bytes, n: int, what: str) -> list[bytes]:
     return names
 
 
-def unpack_file_group(g: FileGroup) -> tuple[list[bytes], array, list[bytes]]:
+def unpack_file_group(g: FileGroup) -> tuple[list[bytes], "array[int]", list[bytes]]:
     """A FileGroup's directory (split_path), ids and names, checked.
 
     Raises:
