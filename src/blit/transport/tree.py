@@ -8,7 +8,9 @@ plain blocking code around the engine's `fsops` and `plan.plan_dir`, called from
 `push_tree` and `pull_tree` are the client's drivers. --checksum: the destination side lists
 equal-size files, both sides hash them in worker threads (batches), the destination settles
 them. Move: the destination side logs what landed (`LandedLog`), the source side removes it
-(`SourceTree.remove`) in pages after a syncfs, directories last.
+(`SourceTree.remove`) in pages after a syncfs, directories last. -v / --dry-run: the
+destination side logs what it changes (`ActionLog`, the local engine's names and paths); the
+drivers hand it to the caller's `actions` (pull: the local log; push: tree/actions pages).
 
 This module must not parse bytes (protocol.py) or own sockets (data.py, control.py).
 """
