@@ -240,6 +240,7 @@ async def transfer(
             known_hosts=None,
             timeouts=NetTimeouts(stall=opts.timeouts.stall),
             secrets_file=opts.secrets_file,
+            record_actions=opts.record_actions or opts.dry_run,
         )
         return remote
     summary = Summary(operation=operation, source=src, destination=dst, dry_run=opts.dry_run)

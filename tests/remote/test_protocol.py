@@ -78,6 +78,14 @@ SAMPLES: list[p.Message] = [
                  result=p.TreeDone(files_copied=1, bytes_copied=2, files_skipped=0, dirs_created=0, links_created=0, files_deleted=0, entries_seen=3,
                                    failures=[p.PathFailure(path=b"a", op="copy", message="gone")])),
     p.PeerStatus(done=True, files_copied=0, bytes_copied=0, entries_seen=0, error=p.Error(error="peer-failed", message="Connection refused")),
+    p.OpenTree(module="m", path=b"x", direction="push", operation="copy", compare=0, dry_run=True, report_actions=True),
+    p.TreeActions(transfer=1),
+    p.ActionPage(actions=[p.Action(action="copy", path=b"a/\xff"), p.Action(action="delete", path=b"b")], more=True),
+    p.ActionPage(actions=[], more=False, dropped=3),
+    p.PeerPull(module="n", path=b"y", peer=p.Peer(host="h", port=1, module="m", path=b"x"), operation="copy", compare=0, report_actions=True),
+    p.PeerStatus(done=False, files_copied=1, bytes_copied=2, entries_seen=3, actions=[p.Action(action="mkdir", path=b"d")]),
+    p.PeerStatus(done=True, files_copied=1, bytes_copied=2, entries_seen=3, actions_dropped=2,
+                 result=p.TreeDone(files_copied=1, bytes_copied=2, files_skipped=0, dirs_created=0, links_created=0, files_deleted=0, entries_seen=3, failures=[])),
 ]
 
 
@@ -330,3 +338,18 @@ def test_auth_mac_binds_the_nonce_user_and_module() -> None:
         p.auth_mac(b"secreT", nonce, "alice", "m"),
     }
     assert mac not in others and len(others) == 4
+
+
+def test_fields_added_for_actions_stay_off_the_wire_unless_used() -> None:
+    """report_actions (OpenTree, PeerPull) and the actions of PeerStatus are sent only when set:
+    a daemon or client that predates them (and refuses unknown fields) sees exactly the maps it
+    knows from a plain run."""
+    tree = cbor2.loads(p.encode(p.OpenTree(module="m", path=b"", direction="push", operation="copy", compare=0)))
+    assert set(tree) == {"module", "path", "direction", "operation", "compare", "filters", "dry_run", "streams", "h2_data", "create_base"}
+    peer = cbor2.loads(p.encode(p.PeerPull(module="n", path=b"", peer=p.Peer(host="h", port=1, module="m", path=b""), operation="copy", compare=0)))
+    assert "report_actions" not in peer
+    status = cbor2.loads(p.encode(p.PeerStatus(done=True, files_copied=0, bytes_copied=0, entries_seen=0)))
+    assert set(status) == {"done", "files_copied", "bytes_copied", "entries_seen"}  # fields left at None never travel
+    asked = cbor2.loads(p.encode(p.OpenTree(module="m", path=b"", direction="push", operation="copy", compare=0, report_actions=True)))
+    assert asked["report_actions"] is True
+    assert p.FEATURE_ACTIONS in p.ClientSession(software="t").hello().features

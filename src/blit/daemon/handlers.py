@@ -244,6 +244,7 @@ class Transfer:
         self.closed = False
         self.tree_dest: Any = None  # transport.tree.DestTree (push of a tree)
         self.tree_src: Any = None  # transport.tree.SourceTree (pull of a tree)
+        self.actions: Any = None  # transport.tree.ActionLog (push with report_actions)
         self.move = getattr(msg, "operation", "copy") == "move" and not getattr(msg, "dry_run", False)
         self.finished = False  # a move's tree/finish came: only removal requests are left
 
@@ -473,10 +474,10 @@ def _features(asked: list[str]) -> list[str]:
     from .. import fsops
     from ..ffi import scan
 
-    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS) if f in asked]
-    if protocol.FEATURE_DIR_DIGEST not in asked or not scan.HAVE_CMPDIR:
-        return out
-    return out + [protocol.FEATURE_DIR_DIGEST] + ([protocol.FEATURE_OWNERS] if fsops.IS_ROOT else [])
+    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS) if f in asked]
+    if protocol.FEATURE_DIR_DIGEST in asked and scan.HAVE_CMPDIR:
+        out += [protocol.FEATURE_DIR_DIGEST] + ([protocol.FEATURE_OWNERS] if fsops.IS_ROOT else [])
+    return out
 
 
 async def handle_modules(s: Session, msg: protocol.ListModules) -> protocol.ModuleList:
@@ -657,6 +658,8 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
         raise Refused(ErrorCode.READ_ONLY, f"{name} is read-only{why}")
     if len(s.transfers) >= MAX_TRANSFERS_PER_SESSION:
         raise Refused(ErrorCode.BUSY, f"at most {MAX_TRANSFERS_PER_SESSION} transfers per session")
+    if msg.report_actions and msg.direction != "push":
+        raise Refused(ErrorCode.BAD_REQUEST, "report_actions is for push (a pulling client lists its own actions)")
     base = protocol.split_path(msg.path)
     try:
         from ..filters import Filters
@@ -683,9 +686,12 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
     tid = s.state.next_id()
     t = Transfer(s.state, s, tid, msg, root)  # type: ignore[arg-type]
     if msg.direction == "push":
-        spec = tree.TreeSpec(operation=msg.operation, compare=Compare(msg.compare), filters=filters, dry_run=msg.dry_run)
+        spec = tree.TreeSpec(
+            operation=msg.operation, compare=Compare(msg.compare), filters=filters, dry_run=msg.dry_run, report_actions=msg.report_actions
+        )
         t.tree_dest = tree.DestTree(base_fd, spec, open_dir=contained_open_dir)
         t.sink = t.tree_dest
+        t.actions = t.tree_dest.actions
     else:
         t.tree_src = tree.SourceTree(base_fd, open_dir=contained_open_dir)
         t.source.tree = t.tree_src
@@ -807,6 +813,19 @@ async def handle_tree_remove(s: Session, msg: protocol.TreeRemove) -> protocol.T
     return protocol.TreeRemoved(removed=removed, failures=failures[: protocol.MAX_LIST])
 
 
+async def handle_tree_actions(s: Session, msg: protocol.TreeActions) -> protocol.ActionPage:
+    """Push with report_actions: the next page of what this side changed. After tree/finish,
+    the page that empties the log ends the transfer (a move's ends with tree/landed)."""
+    t = s.transfer(msg.transfer)
+    if t.actions is None:
+        raise Refused(ErrorCode.BAD_REQUEST, "tree/actions needs a push opened with report_actions")
+    page = t.actions.take()
+    more = not t.finished or len(t.actions) > 0
+    if not more and not t.move:
+        s.transfers.pop(t.id, None)
+    return protocol.ActionPage(actions=page, more=more, dropped=0 if more else t.actions.dropped)
+
+
 async def handle_tree_finish(s: Session, msg: protocol.TreeFinish) -> protocol.TreeDone:
     t = s.transfer(msg.transfer)
     if t.finished:
@@ -836,6 +855,10 @@ async def handle_tree_finish(s: Session, msg: protocol.TreeFinish) -> protocol.T
             # Removal follows: tree/landed pages (push) or tree/remove (pull) end the transfer.
             t.finished = True
             t.end_streams()
+        elif t.actions is not None:
+            # The last tree/actions pages end it (the log outlives the closed tree).
+            t.finished = True
+            t.cancel()
         else:
             t.cancel()
             s.transfers.pop(t.id, None)
@@ -873,6 +896,7 @@ _HANDLERS: dict[type[protocol.Message], Any] = {
     protocol.TreeHash: handle_tree_hash,
     protocol.TreeLanded: handle_tree_landed,
     protocol.TreeRemove: handle_tree_remove,
+    protocol.TreeActions: handle_tree_actions,
     protocol.PeerPull: handle_peer_pull,
     protocol.PeerWait: handle_peer_wait,
 }

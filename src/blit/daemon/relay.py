@@ -36,6 +36,8 @@ from . import contain
 log = logging.getLogger("blit.daemon")
 
 MAX_JOBS_PER_SESSION = 2
+ACTION_POLL = 0.1
+"""report_actions: how often a waiting peer/wait looks for new actions (seconds)."""
 
 
 def known_hosts_of(state: Any) -> Path:
@@ -85,16 +87,28 @@ class PeerJob:
         p = self.msg.peer
         return str(RemoteEndpoint(HostSpec(p.host, p.port), p.module, p.path.decode("utf-8", "surrogateescape")))
 
+    @property
+    def actions(self) -> Any:
+        """report_actions: the DestTree's ActionLog once the pull runs (else None)."""
+        return self.dest.actions if self.dest is not None else None
+
     def status(self) -> protocol.PeerStatus:
+        """Progress; with report_actions the next page of actions, and not `done` until the last
+        page went (the job is forgotten once done)."""
         d = self.dest
+        log = self.actions
+        page = log.take() if log is not None else []
+        done = self.finished.is_set() and (log is None or len(log) == 0)
         return protocol.PeerStatus(
-            done=self.finished.is_set(),
+            done=done,
             files_copied=d.files_copied if d is not None else 0,
             bytes_copied=d.bytes_copied if d is not None else 0,
             entries_seen=d.entries_seen if d is not None else 0,
-            result=self.result if self.finished.is_set() else None,
-            error=self.error,
+            result=self.result if done else None,
+            error=self.error if done else None,
             carrier=self.carrier,
+            actions=page,
+            actions_dropped=log.dropped if done and log is not None else 0,
         )
 
     def _fail(self, code: ErrorCode | str, message: str) -> None:
@@ -147,6 +161,7 @@ class PeerJob:
             compare=Compare(msg.compare),
             filters=Filters.from_args([(r.include, r.pattern) for r in msg.filters]),
             dry_run=msg.dry_run,
+            report_actions=msg.report_actions,
         )
         async with open_session(
             HostSpec(peer.host, peer.port),
@@ -252,7 +267,13 @@ async def wait(s: Any, msg: protocol.PeerWait) -> protocol.PeerStatus:
     if job is None:
         raise Refused(ErrorCode.UNKNOWN_TRANSFER, f"no remote to remote job {msg.job} in this session")
     with trio.move_on_after(msg.wait_ms / 1000):
-        await job.finished.wait()
+        if job.msg.report_actions:
+            # Answer as soon as there is something to list (the client takes it page by page).
+            while not job.finished.is_set() and not (job.actions is not None and len(job.actions)):
+                with trio.move_on_after(ACTION_POLL):
+                    await job.finished.wait()
+        else:
+            await job.finished.wait()
     status = job.status()
     if status.done:
         s.jobs.pop(job.id, None)

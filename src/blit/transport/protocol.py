@@ -140,8 +140,13 @@ class Refused(Exception):
 # or list field; {"min": a, "max": b} on an int bounds its value.
 
 
-def _lim(max: int | None = None, min: int | None = None) -> dict[str, int]:
+def _lim(max: int | None = None, min: int | None = None, omit: bool = False) -> dict[str, int]:
+    """Field metadata: length or value bounds; `omit`: a map field left out of the encoded map
+    while it holds its default (a field added later, which an older peer would refuse as
+    unknown: it is only ever set towards a peer that announced the hello feature for it)."""
     out: dict[str, int] = {}
+    if omit:
+        out["omit"] = 1
     if max is not None:
         out["max"] = max
     if min is not None:
@@ -444,6 +449,8 @@ class OpenTree(Message):
     h2_data: bool = False
     create_base: bool = False
     """Push: create the base directory (and missing parents) first, like `mkdir -p`."""
+    report_actions: bool = field(default=False, metadata=_lim(omit=True))
+    """Push (feature FEATURE_ACTIONS): keep what the daemon changes for tree/actions."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -673,6 +680,45 @@ class TreeRemoved(Message):
     failures: list[PathFailure] = field(default_factory=list, metadata=_lim(MAX_LIST))
 
 
+# --- what the destination changed, for -v / --dry-run (docs/protocol.md §4, decisions R23) -------
+FEATURE_ACTIONS = "actions-1"
+"""Hello feature: the daemon keeps, when asked (OpenTree / PeerPull `report_actions`), one record
+per entry it changes as a destination, and hands them out in pages (tree/actions, PeerStatus)."""
+ACTION_NAMES = ("copy", "mkdir", "symlink", "link", "delete", "special")
+"""The actions, as the local engine reports them (schemas/events.schema.json)."""
+ACTION_PAGE = 20_000
+"""Most actions in one page."""
+ACTION_PAGE_BYTES = 2 << 20
+"""... and about this many bytes of paths (one more path may cross it: a page stays < 8 MiB)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Action(Message):
+    """[action, path]: one entry changed (a dry run: that would be), path as the local engine
+    prints it (relative to the source base; a deletion's relative to the destination base)."""
+
+    ARRAY: ClassVar[bool] = True
+    action: str = field(metadata=_lim(16))
+    path: bytes = field(metadata=_lim(MAX_PATH))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TreeActions(Message):
+    """Push with report_actions: the next page of what the daemon changed."""
+
+    transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ActionPage(Message):
+    actions: list[Action] = field(metadata=_lim(ACTION_PAGE))
+    more: bool
+    """True: ask again (the transfer goes on, or more wait). False after tree/finish once all
+    were sent: the transfer is over (a move's goes on with tree/landed)."""
+    dropped: int = field(default=0, metadata=_lim(min=0, max=1 << 63))
+    """With more=false: actions the daemon could not keep (its list was full)."""
+
+
 # --- remote to remote (docs/protocol.md §4 "Remote to remote") ----------------------------------
 
 
@@ -703,6 +749,8 @@ class PeerPull(Message):
     dry_run: bool = False
     streams: int = field(default=1, metadata=_lim(min=1, max=MAX_STREAMS))
     h2_data: bool = False
+    report_actions: bool = field(default=False, metadata=_lim(omit=True))
+    """Feature FEATURE_ACTIONS: PeerStatus carries what the job changes (`actions`)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -730,6 +778,9 @@ class PeerStatus(Message):
     error: Error | None = None
     carrier: str | None = field(default=None, metadata=_lim(8))
     """How B's data came from A: "tcp" or "h2"."""
+    actions: list[Action] = field(default_factory=list, metadata=_lim(ACTION_PAGE, omit=True))
+    """report_actions: the next page of what the job changed (`done` waits until all were sent)."""
+    actions_dropped: int = field(default=0, metadata=_lim(min=0, max=1 << 63, omit=True))
 
 
 M = TypeVar("M", bound=Message)
@@ -766,6 +817,7 @@ OPERATIONS: dict[str, Operation] = {
         Operation("tree/hash", TreeHash, HashList),
         Operation("tree/landed", TreeLanded, LandedPage),
         Operation("tree/remove", TreeRemove, TreeRemoved),
+        Operation("tree/actions", TreeActions, ActionPage),
         Operation("peer/pull", PeerPull, PeerStarted),
         Operation("peer/wait", PeerWait, PeerStatus),
     )
@@ -1058,11 +1110,24 @@ def _encoder(cls: type[Message]) -> Any:
         # Optional fields left at None are left out (an older peer may not know a newer one).
         body = ["def _encode(m):", "    out = {" + ", ".join(f"{sp.name!r}: {e}" for sp, e in parts if sp.required or not _none_default(sp)) + "}"]
         body += [f"    if m.{sp.name} is not None: out[{sp.name!r}] = {e}" for sp, e in parts if not sp.required and _none_default(sp)]
+        body += _omit_lines(cls, env)
         body.append("    return out")
     exec(compile("\n".join(body), f"<encoder {cls.__name__}>", "exec"), env)
     enc = env["_encode"]
     _ENCODERS[cls] = enc
     return enc
+
+
+def _omit_lines(cls: type[Message], env: dict[str, Any]) -> list[str]:
+    """Encoder lines dropping the `omit` fields of a map that hold their default."""
+    lines = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.metadata.get("omit"):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            env[f"_default_{f.name}"] = default
+            # (a None default may already be out: optional fields left at None are never written)
+            lines.append(f"    if out.get({f.name!r}, _default_{f.name}) == _default_{f.name}: out.pop({f.name!r}, None)")
+    return lines
 
 
 VALIDATE_OUTGOING = False
@@ -1372,7 +1437,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""
@@ -1650,6 +1715,11 @@ __all__ = [
     "LandedPage",
     "TreeRemove",
     "TreeRemoved",
+    "FEATURE_ACTIONS",
+    "ACTION_NAMES",
+    "Action",
+    "TreeActions",
+    "ActionPage",
     "Operation",
     "OPERATIONS",
     "encode",

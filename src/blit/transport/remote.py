@@ -28,6 +28,7 @@ This module must not print; it returns a Summary or raises from blit.errors.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import time
@@ -224,13 +225,17 @@ async def relay(
 
     Each poll is answered within min(RELAY_POLL, request timeout / 4), so no request waits
     longer than the request timeout for as long as B is alive; closing the session cancels
-    B's pull.
+    B's pull. With spec.report_actions (and a B that speaks FEATURE_ACTIONS), B's actions come
+    with the polls and go to `progress.action`.
 
     Raises:
         RemoteError: B refused (unknown module, read-only, no consent) or A refused.
         UsageError: the trailing-slash rules refused the pair (missing source, ...).
         TransportError: B could not reach or use A.
     """
+    from .tree import emit_actions
+
+    report = spec.report_actions and progress is not None and protocol.FEATURE_ACTIONS in session.peer.features
     started: protocol.PeerStarted = await session.call(
         protocol.PeerPull(
             module=dst.module,
@@ -242,6 +247,7 @@ async def relay(
             dry_run=spec.dry_run,
             streams=streams,
             h2_data=session.force_h2_data,
+            report_actions=report,
         )
     )
     wait_ms = int(min(RELAY_POLL, session.timeouts.request / 4) * 1000)
@@ -249,6 +255,8 @@ async def relay(
     while True:
         status: protocol.PeerStatus = await session.call(protocol.PeerWait(job=started.job, wait_ms=wait_ms))
         if progress is not None:
+            if report:
+                emit_actions(status.actions, progress.action)
             progress.update(status.files_copied, status.bytes_copied, time.perf_counter() - t0)
         if status.done:
             break
@@ -262,7 +270,12 @@ async def relay(
             raise TransportError(f"{dst.host} could not reach {src.host}: {message}")
         raise RemoteError(code, message)
     assert status.result is not None
-    return status.result, status.carrier or "tcp"
+    result = status.result
+    if status.actions_dropped:
+        from .tree import _actions_dropped
+
+        result = dataclasses.replace(result, failures=[*result.failures, _actions_dropped(status.actions_dropped)])
+    return result, status.carrier or "tcp"
 
 
 async def remote_transfer(
@@ -280,9 +293,12 @@ async def remote_transfer(
     timeouts: Any = None,
     streams: int = 2,
     secrets_file: Path | None = None,
+    record_actions: bool = False,
 ) -> Summary:
     """Copy, mirror or move between a local path and a daemon (either direction); copy or mirror
     between two daemons (the destination daemon pulls from the source daemon; the client relays).
+    `record_actions` (-v, --dry-run): every entry the destination side changes goes to
+    `progress.action`, as in a local run (from a daemon only if it speaks FEATURE_ACTIONS).
 
     Raises:
         UsageError: bad endpoints, missing source, move between two daemons (not yet).
@@ -316,7 +332,11 @@ async def remote_transfer(
     summary = Summary(operation=operation, source=src, destination=dst, dry_run=dry_run)
     if progress is not None:
         progress.start(summary)
-    spec = TreeSpec(operation=operation, compare=compare, filters=Filters.from_args(filters or []), dry_run=dry_run)
+    report = record_actions and progress is not None
+    spec = TreeSpec(
+        operation=operation, compare=compare, filters=Filters.from_args(filters or []), dry_run=dry_run, report_actions=report
+    )
+    actions = progress.action if report else None
     t0 = time.perf_counter()
     counters = TreeCounters()
     async with open_session(
@@ -335,7 +355,8 @@ async def remote_transfer(
                 direction = "push"
                 r = await resolve(LocalSide(s_ep), remote_side(session, d_ep))
                 done = await push_tree(
-                    session, r.src_base, d_ep.module, r.dst_base, r.top, spec, streams, create_base=r.create_dst, counters=counters
+                    session, r.src_base, d_ep.module, r.dst_base, r.top, spec, streams, create_base=r.create_dst, counters=counters,
+                    actions=actions,
                 )
             else:
                 assert isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, LocalEndpoint)
@@ -347,7 +368,7 @@ async def remote_transfer(
                 dest = DestTree(-1, spec) if r.create_dst and dry_run else None
                 done = await pull_tree(
                     session, s_ep.module, r.src_base, r.dst_base, r.top, spec, streams,
-                    create_root=r.create_dst and not dry_run, counters=counters, dest=dest,
+                    create_root=r.create_dst and not dry_run, counters=counters, dest=dest, actions=actions,
                 )
             nursery.cancel_scope.cancel()  # the ticker
             carriers = "h2" if session.force_h2_data or session.peer.data_port is None else "tcp"

@@ -8,7 +8,9 @@ plain blocking code around the engine's `fsops` and `plan.plan_dir`, called from
 `push_tree` and `pull_tree` are the client's drivers. --checksum: the destination side lists
 equal-size files, both sides hash them in worker threads (batches), the destination settles
 them. Move: the destination side logs what landed (`LandedLog`), the source side removes it
-(`SourceTree.remove`) in pages after a syncfs, directories last.
+(`SourceTree.remove`) in pages after a syncfs, directories last. -v / --dry-run: the
+destination side logs what it changes (`ActionLog`, the local engine's names and paths); the
+drivers hand it to the caller's `actions` (pull: the local log; push: tree/actions pages).
 
 This module must not parse bytes (protocol.py) or own sockets (data.py, control.py).
 """
@@ -271,6 +273,81 @@ def page_size(groups: list[RemoveGroup]) -> int:
 
 
 # =================================================================================================
+# -v / --dry-run: what the destination side changed (decisions R23)
+
+_ACTION_CODE = {a: i for i, a in enumerate(protocol.ACTION_NAMES)}
+
+
+class ActionLog:
+    """The entries a destination side changed (a dry run: would change), as (action, path)
+    records packed in order until taken in pages (`take`). Above `cap` bytes nothing more is
+    kept and `dropped` counts what was not (a peer that never collects cannot grow the daemon;
+    a client that does collects while the walk goes on, so the log holds about one directory
+    and the files in flight). Thread-safe."""
+
+    REC = struct.Struct("<BI")  # action code, path length; then the path
+
+    def __init__(self, cap: int = 64 << 20) -> None:
+        self.cap = cap
+        self._lock = threading.Lock()
+        self._buf = bytearray()
+        self._pos = 0
+        self.count = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def add(self, action: str, path: str) -> None:
+        nb = _b(path)
+        rec = self.REC.pack(_ACTION_CODE[action], len(nb)) + nb
+        with self._lock:
+            if len(self._buf) - self._pos + len(rec) > self.cap:
+                self.dropped += 1
+                return
+            self._buf += rec
+            self.count += 1
+
+    def take(self) -> list[protocol.Action]:
+        """The next page, oldest first: at most ACTION_PAGE actions, about ACTION_PAGE_BYTES."""
+        out: list[protocol.Action] = []
+        names = protocol.ACTION_NAMES
+        rec = self.REC
+        with self._lock:
+            buf, pos, size = self._buf, self._pos, 0
+            while pos < len(buf) and len(out) < protocol.ACTION_PAGE and size < protocol.ACTION_PAGE_BYTES:
+                code, ln = rec.unpack_from(buf, pos)
+                pos += rec.size
+                out.append(protocol.Action(action=names[code], path=bytes(buf[pos : pos + ln])))
+                pos += ln
+                size += ln + 8
+            if pos >= len(buf):
+                buf.clear()
+                pos = 0
+            elif pos >= 1 << 20:
+                del buf[:pos]
+                pos = 0
+            self._pos = pos
+            self.count -= len(out)
+        return out
+
+
+def emit_actions(page: list[protocol.Action], emit: Callable[[str, str], None]) -> None:
+    """Hand a page of actions to `emit(action, path)` (a Progress's `action`), paths as the
+    local engine gives them (fsdecode).
+
+    Raises:
+        RemoteProtocolError: an action name no blit sends.
+    """
+    for a in page:
+        if a.action not in _ACTION_CODE:
+            from ..errors import RemoteProtocolError
+
+            raise RemoteProtocolError(f"unknown action {a.action[:32]!r} from the daemon")
+        emit(a.action, _s(a.path))
+
+
+# =================================================================================================
 # Source side
 
 
@@ -464,6 +541,8 @@ class TreeSpec:
     compare: Compare = Compare.SIZE_MTIME
     filters: Filters = field(default_factory=lambda: Filters([]))
     dry_run: bool = False
+    report_actions: bool = False
+    """-v / --dry-run: the destination side logs what it changes (DestTree.actions)."""
 
     @property
     def mirror(self) -> bool:
@@ -649,7 +728,13 @@ class DestTree:
         self.hashing: dict[str, tuple[str, dict[str, _HashItem]]] = {}
         # move: what landed, for the source side to remove (None unless a real move)
         self.landed: LandedLog | None = LandedLog() if spec.operation == "move" and not spec.dry_run else None
+        # -v / --dry-run: what changed here (None unless asked for)
+        self.actions: ActionLog | None = ActionLog() if spec.report_actions else None
         self.stopped = False
+
+    def _act(self, action: str, path: str) -> None:
+        if self.actions is not None:
+            self.actions.add(action, path)
 
     def _stop(self) -> bool:
         return self.stopped
@@ -795,6 +880,7 @@ class DestTree:
         changed = False
         for dname, d_is_dir in p.conflicts:
             if dry:
+                self._act("delete", dprefix + dname)
                 continue
             try:
                 if d_is_dir and not spec.mirror:
@@ -802,6 +888,7 @@ class DestTree:
                 else:
                     fsops.remove_tree(dfd, dname)
                 changed = True
+                self._act("delete", dprefix + dname)
             except OSError as exc:
                 blocked.add(dname)
                 why = "directory not empty (mirror replaces it)" if exc.errno == errno.ENOTEMPTY else _msg(exc)
@@ -827,6 +914,7 @@ class DestTree:
                     if not dry:
                         fsops.make_dir(dfd, dname)
                         changed = True
+                    self._act("mkdir", prefix + name)
                     with self._lock:
                         self.dirs_created += 1
                         # Ours, 0o700 until finalised: it hands out no group of its own.
@@ -852,6 +940,7 @@ class DestTree:
                         with self._lock:
                             self.files_copied += 1
                             self.bytes_copied += m.st_size
+                        self._act("copy", prefix + name)
                         settled += 1
                         continue
                     need.append(Need(id=self._register(dst_rel, dname, m, xattrs, d is not None, rel=rel, name=name), name=_b(name)))
@@ -866,6 +955,7 @@ class DestTree:
                         if not dry:
                             fsops.make_symlink(_s(target), dfd, dname, m, d is not None)
                             changed = True
+                        self._act("symlink", prefix + name)
                         with self._lock:
                             self.links_created += 1
                     self._record(rel, name, m)
@@ -884,6 +974,7 @@ class DestTree:
                         if not dry:
                             fsops.make_special(dfd, dname, m, d is not None)
                             changed = True
+                        self._act("special", prefix + name)
                         with self._lock:
                             self.links_created += 1
                     self._record(rel, name, m)
@@ -1004,6 +1095,7 @@ class DestTree:
                         with self._lock:
                             self.files_copied += 1
                             self.bytes_copied += it.meta.st_size
+                        self._act("copy", prefix + it.name)
                         settled += 1
                         if it.link_key is not None:
                             self._group_landed(it.link_key, dst_rel, it.dname, -1)
@@ -1077,6 +1169,7 @@ class DestTree:
                     self.files_copied += 1
                     self.bytes_copied += m.st_size
                     self.links[key] = ("landed", dst_rel, dname, -1)
+                self._act("copy", path)
                 return None
             return self._register(dst_rel, dname, m, xattrs, d is not None, key, rel=rel, name=name)
         _, frel, fname, fino = group_landed
@@ -1095,6 +1188,7 @@ class DestTree:
         if self.spec.dry_run:
             with self._lock:
                 self.links_created += 1
+            self._act("link", path)
             return
         try:
             ffd = self.dirs.acquire(frel)
@@ -1111,6 +1205,7 @@ class DestTree:
             return
         with self._lock:
             self.links_created += 1
+        self._act("link", path)
         if src is not None:
             self._record(*src)
 
@@ -1194,6 +1289,7 @@ class DestTree:
             node = self.nodes.get(p.dst_rel)
             if node is not None:
                 node.changed = True
+        self._act("copy", _join(p.rel, p.name))
         if self.landed is not None:
             self.landed.add(p.rel, p.name, p.meta)
         if p.link_key is not None:
@@ -1261,6 +1357,9 @@ class DestTree:
             return
         if self.spec.dry_run:
             self.files_deleted += sum(len(x) for _, x in self.deletions)
+            for dst_rel, extras in self.deletions:
+                for name, _is_dir in extras:
+                    self._act("delete", _join(dst_rel, name))
             return
         for dst_rel, extras in self.deletions:
             try:
@@ -1273,6 +1372,7 @@ class DestTree:
                     try:
                         n, _kept = fsops.remove_extra(fd, name, _join(dst_rel, name), self.spec.filters)
                         self.files_deleted += n
+                        self._act("delete", _join(dst_rel, name))
                     except OSError as exc:
                         self._fail(_join(dst_rel, name), "delete", _msg(exc))
             finally:
@@ -1481,6 +1581,14 @@ class TreeCounters:
         return self.settled + sum(s.files for s in self.streams), nbytes
 
 
+ACTION_POLL = 0.1
+"""-v / --dry-run: seconds between looks for new actions while none are waiting."""
+
+
+def _actions_dropped(n: int) -> PathFailure:
+    return PathFailure(path=b".", op="list actions", message=f"{n} changes were not listed: the destination's list of them was full")
+
+
 def _hash_batches(names: list[bytes], sizes: dict[bytes, int]) -> list[tuple[list[bytes], int]]:
     """--checksum names in batches of at most HASH_BATCH_BYTES / HASH_BATCH_FILES (a larger
     file alone), each with its byte count."""
@@ -1516,16 +1624,20 @@ async def push_tree(
     *,
     create_base: bool = False,
     counters: TreeCounters | None = None,
+    actions: Callable[[str, str], None] | None = None,
 ) -> TreeDone:
     """Push a local tree (source) to a daemon module directory (destination); `create_base`
     asks the daemon to `mkdir -p` the base first. Move: the sources the daemon confirms
     (tree/landed, synced) are removed as the confirmations come, emptied directories last.
+    `actions(action, path)` gets what the daemon changes (tree/actions pages, collected while
+    the transfer runs), if the daemon speaks FEATURE_ACTIONS; an older one gives none.
 
     Returns the daemon's tally (with the local removal count and failures for a move).
     Raises TransportError / RemoteError when the session fails.
     """
     from .control import collapse_groups
 
+    report = actions is not None and protocol.FEATURE_ACTIONS in session.peer.features
     opened: protocol.TransferOpened = await session.call(
         protocol.OpenTree(
             module=module,
@@ -1538,6 +1650,7 @@ async def push_tree(
             streams=streams,
             h2_data=session.force_h2_data,
             create_base=create_base,
+            report_actions=report,
         )
     )
     from .client import RemoteTransfer
@@ -1555,6 +1668,21 @@ async def push_tree(
     walked = 0  # move: entries sent since confirmations were last collected
     removed = 0
     move_failures: list[PathFailure] = []
+    finished = trio.Event()
+
+    async def poll_actions() -> None:
+        """Report the daemon's actions page by page until it says the transfer is over."""
+        assert actions is not None
+        while True:
+            page: protocol.ActionPage = await session.call(protocol.TreeActions(transfer=t.id))
+            emit_actions(page.actions, actions)
+            if not page.more:
+                if page.dropped:
+                    move_failures.append(_actions_dropped(page.dropped))
+                return
+            if not page.actions:
+                with trio.move_on_after(ACTION_POLL):
+                    await finished.wait()
 
     def queue(rel: str, planned: DirPlanned) -> None:
         counters.settled += planned.settled
@@ -1668,16 +1796,22 @@ async def push_tree(
 
     try:
         with collapse_groups():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(t.run_senders, source, jobs)
-                try:
-                    await _walk(top, visit, group if use_digests else None)
-                finally:
-                    jobs.close()
-        done: TreeDone = await session.call(protocol.TreeFinish(transfer=t.id, source_complete=complete))
+            async with trio.open_nursery() as reporter:
+                if report:
+                    reporter.start_soon(poll_actions)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(t.run_senders, source, jobs)
+                    try:
+                        await _walk(top, visit, group if use_digests else None)
+                    finally:
+                        jobs.close()
+                done: TreeDone = await session.call(protocol.TreeFinish(transfer=t.id, source_complete=complete))
+                finished.set()  # the reporter collects the last pages, then ends
         if move:
             await collect(True)
-            done = dataclasses.replace(done, files_removed=removed, failures=[*done.failures, *move_failures])
+            done = dataclasses.replace(done, files_removed=removed)
+        if move_failures:
+            done = dataclasses.replace(done, failures=[*done.failures, *move_failures])
         return done
     finally:
         source.close()
@@ -1695,13 +1829,15 @@ async def pull_tree(
     create_root: bool = False,
     counters: TreeCounters | None = None,
     dest: DestTree | None = None,
+    actions: Callable[[str, str], None] | None = None,
 ) -> TreeDone:
     """Pull a daemon module directory (source) into a local tree (destination): `local_root`, or
     `dest` when the caller made the DestTree (a daemon pulling from a peer into its module,
     with its containment walk; a dry run into a missing directory). The DestTree is closed on
     return either way. `create_root` makes the local root (and its parents) once the daemon has
     accepted the transfer. Move: what landed here is synced, then removed on the daemon
-    (tree/remove), emptied directories last.
+    (tree/remove), emptied directories last. `actions(action, path)` gets what the local
+    DestTree changes (spec.report_actions makes it keep them) while the transfer runs.
 
     Raises:
         FatalError: the local root cannot be created. TransportError / RemoteError.
@@ -1748,6 +1884,22 @@ async def pull_tree(
     hash_slots = trio.Semaphore(HASH_CALLS)
     drain_lock = trio.Lock()
     removed = 0
+    finished = trio.Event()
+
+    async def pass_actions() -> None:
+        """Hand what the DestTree logged to `actions`, until it is finished and all went."""
+        log = sink.actions
+        assert log is not None and actions is not None
+        while True:
+            page = log.take()
+            emit_actions(page, actions)
+            if page:
+                await trio.sleep(0)
+            elif finished.is_set():
+                return
+            else:
+                with trio.move_on_after(ACTION_POLL):
+                    await finished.wait()
 
     async def checksums(rel: str, names: list[bytes], sizes: dict[bytes, int]) -> list[Need]:
         need: list[Need] = []
@@ -1817,16 +1969,23 @@ async def pull_tree(
 
     try:
         with collapse_groups():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(t.run_receivers, sink)
-                await _walk(top, visit)
-                # No more files: the daemon's senders end with DONE. (Not on a failed walk: the
-                # receivers are cancelled then, and a frozen daemon would not answer anyway.)
-                await session.call(protocol.SendFiles(transfer=t.id, files=[], last=True))
-        remote = await session.call(protocol.TreeFinish(transfer=t.id, source_complete=complete))
-        for f in remote.failures:
+            async with trio.open_nursery() as reporter:
+                if actions is not None and sink.actions is not None:
+                    reporter.start_soon(pass_actions)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(t.run_receivers, sink)
+                    await _walk(top, visit)
+                    # No more files: the daemon's senders end with DONE. (Not on a failed walk: the
+                    # receivers are cancelled then, and a frozen daemon would not answer anyway.)
+                    await session.call(protocol.SendFiles(transfer=t.id, files=[], last=True))
+                remote = await session.call(protocol.TreeFinish(transfer=t.id, source_complete=complete))
+                for f in remote.failures:
+                    sink._fail(_s(f.path), f.op, f.message)
+                await trio.to_thread.run_sync(sink.finish, complete)
+                finished.set()
+        if actions is not None and sink.actions is not None and sink.actions.dropped:
+            f = _actions_dropped(sink.actions.dropped)
             sink._fail(_s(f.path), f.op, f.message)
-        await trio.to_thread.run_sync(sink.finish, complete)
         if sink.landed is not None:
             await give_back(True)
         return dataclasses.replace(sink.result(), files_removed=removed)
