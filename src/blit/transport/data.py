@@ -73,6 +73,8 @@ BATCH_BYTES = 256 << 10
 IOV_BATCH = 512
 SEND_PIECE = 256 << 10
 """Largest send() call (cleartext or TLS ciphertext): a sender counts its progress this often."""
+SEND_WAIT = 1.0
+"""A blocked send wakes this often to check for the stall timeout (see StreamIO)."""
 READ_CHUNK = 1 << 20
 """Bytes of a file read, sealed and sent at a time when sendfile cannot be used (TLS)."""
 H2_CHUNK = 4 << 20
@@ -271,8 +273,11 @@ class JobQueue:
 class StreamIO:
     """A connected data socket, driven by one worker thread at a time.
 
-    The socket is blocking with the stall timeout in the kernel (SO_RCVTIMEO, SO_SNDTIMEO),
-    which also bounds splice and sendfile; a TLS stream is the same socket with its records
+    The socket is blocking with its timeouts in the kernel (SO_RCVTIMEO, SO_SNDTIMEO), which
+    also bound splice and sendfile: a receive fails after `stall` seconds without a byte; a send
+    wakes every SEND_WAIT to check that some bytes went out in the last `stall` seconds (the
+    kernel's send timeout is a budget for the whole call, so a call that straddles the moment
+    the peer stopped would return its few bytes only after the timeout). A TLS stream is the same socket with its records
     sealed and opened in memory (`tlsbio.TLSBio`), so its ciphertext goes through the same
     calls, in large pieces. `kick()` (any thread) shuts the socket down to unblock the worker.
     """
@@ -287,14 +292,12 @@ class StreamIO:
         self.moved = 0
         """Bytes through the socket so far (worker thread writes, the watchdog reads): progress
         inside a frame, so a slow link moving a 16 MiB frame for minutes is not a stall."""
-        # Blocking, with the stall timeout in the kernel (SO_RCVTIMEO/SO_SNDTIMEO): recv, send,
-        # splice and sendfile then block without a poll() per chunk and fail with EAGAIN after
-        # `stall` seconds without progress.
+        # Blocking, with the timeouts in the kernel: recv, send, splice and sendfile then block
+        # without a poll() per chunk and fail with EAGAIN after the timeout.
         sock.setblocking(True)
         if math.isfinite(stall):
-            tv = struct.pack("ll", int(stall), int((stall % 1) * 1e6))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(stall))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(min(stall, SEND_WAIT)))
         self._pipe: tuple[int, int] | None = None
         self._splice_ok = hasattr(os, "splice") and tls is None
         self._sendfile_ok = hasattr(os, "sendfile") and tls is None
@@ -352,8 +355,14 @@ class StreamIO:
             return self._closed()
         return TransportError(f"{self.what}: {exc.strerror or exc}")
 
+    def _blocked(self, since: float) -> None:
+        """A send-side call moved nothing for SEND_WAIT: a stall once nothing went out for
+        `stall` seconds (`since`: when the last bytes went)."""
+        if time.monotonic() - since >= self.stall:
+            self._wait()
+
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        """One socket call, its failures turned into the stream's errors."""
+        """One receive-side socket call, its failures turned into the stream's errors."""
         try:
             return fn(*args)
         except BlockingIOError:
@@ -541,8 +550,16 @@ class StreamIO:
 
     def _send_view(self, view: memoryview, flags: int = 0) -> None:
         """send() by hand, at most SEND_PIECE per call: progress is counted as it goes."""
+        since = time.monotonic()
         while view:
-            n = self._call(self.sock.send, view[:SEND_PIECE], flags)
+            try:
+                n = self.sock.send(view[:SEND_PIECE], flags)
+            except BlockingIOError:
+                self._blocked(since)
+                continue
+            except OSError as exc:
+                raise self._failed(exc) from None
+            since = time.monotonic()
             self.moved += n
             view = view[n:]
 
@@ -557,33 +574,30 @@ class StreamIO:
         if self.tls is not None:
             self.send_all(b"".join(parts))  # one seal: whole records, not one per part
             return
-        total = sum(len(p) for p in parts)
-        sent = 0
-        while sent < total:
+        since = time.monotonic()
+        while True:
             try:
-                if sent == 0:
-                    n = self.sock.sendmsg(parts)
-                else:
-                    self.send_all(b"".join(parts)[sent:])
-                    return
+                n = self.sock.sendmsg(parts)
+                break
             except BlockingIOError:
-                self._wait()
-                continue
+                self._blocked(since)
             except OSError as exc:
                 raise self._failed(exc) from None
-            self.moved += n
-            sent += n
+        self.moved += n
+        if n < sum(len(p) for p in parts):
+            self.send_all(b"".join(parts)[n:])
 
     def send_file_range(self, fd: int, offset: int, length: int) -> int:
         """Send `length` bytes of `fd` from `offset`; returns how many the file had (fewer if it
         shrank: the caller pads and aborts the file)."""
         done = 0
         if self._sendfile_ok:
+            since = time.monotonic()
             while done < length:
                 try:
                     n = os.sendfile(self.fd, fd, offset + done, length - done)
                 except BlockingIOError:
-                    self._wait()
+                    self._blocked(since)
                     continue
                 except OSError as exc:
                     if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) and done == 0:
@@ -596,6 +610,7 @@ class StreamIO:
                     raise
                 if n == 0:
                     return done
+                since = time.monotonic()
                 self.moved += n
                 done += n
             if done == length:
@@ -611,6 +626,10 @@ class StreamIO:
             self.send_all(buf[:n])
             done += n
         return done
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
 
 
 class _SpliceUnsupported(Exception):
