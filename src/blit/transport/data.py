@@ -4,9 +4,12 @@ A transfer's files travel as data frames (`protocol.FrameType`) on one or more s
 streams are connected by the client to the daemon's data port and admitted by a one-time token
 (`GrantTable`: 192-bit secret, constant-time compare, single use, short expiry). The frames on a
 raw stream are moved by ONE worker thread per stream, entered once per stream (STACK-NOTES §2):
-the sender uses `os.sendfile` (plain TCP) or `pread` + `sendall` (TLS); the receiver `splice`s
-socket -> pipe -> file, or `recv_into` a reused buffer + `pwrite` (TLS, or where splice is not
-supported). Small files go header + data + END in one `sendmsg`. No thread hop per chunk.
+the sender uses `os.sendfile` (plain TCP); the receiver `splice`s socket -> pipe -> file. Small
+files go header + data + END in one `sendmsg`. No thread hop per chunk. A TLS stream is the same
+blocking socket with its records sealed and opened in memory (`tlsbio`): the sender reads 1 MiB
+of the file, seals it and sends the ciphertext in 256 KiB calls; the receiver takes what the
+socket holds per `recv_into`, decrypts it into its reused buffer and writes a buffer-full per
+`pwrite` (the same path serves where splice is not supported).
 
 When the data port cannot be reached (or `--force-h2-data`), the same frames travel in the body
 of an HTTP/2 stream (`POST /blit/data`, token in a header); those loops run in trio and hop to a
@@ -15,12 +18,13 @@ thread once per file open and per multi-MiB batch of writes.
 Files are named by the small integer ids the control plane agreed on; what a file id means, and
 how a file is opened or landed, is the caller's business (`FileSource`, `FileSink`).
 
-Stall detection: every blocking socket wait in a worker thread has the stall timeout (a network
-stall raises `StallError` in the thread); a trio-side watchdog also checks each stream's progress
-(frames, file bytes, and bytes through the socket, so a slow link inside a 16 MiB frame is not a
-stall; a stuck disk is), and kicks the thread (socket shutdown) on cancellation or stall; a
-thread still stuck after that is stuck on this machine (`StallError.local`). Senders send NOOP
-heartbeats while they wait for work, so an idle stream is not a stalled one.
+Stall detection: every blocking socket wait in a worker thread is bounded by the stall timeout,
+through the kernel's socket timeouts, TLS or not (a network stall raises `StallError` in the
+thread); a trio-side watchdog also checks each stream's progress (frames, file bytes, and bytes
+through the socket, so a slow link inside a 16 MiB frame is not a stall; a stuck disk is), and
+kicks the thread (socket shutdown) on cancellation or stall; a thread still stuck after that is
+stuck on this machine (`StallError.local`). Senders send NOOP heartbeats while they wait for
+work, so an idle stream is not a stalled one.
 
 This module must not decide what to transfer or where files land.
 """
