@@ -299,8 +299,7 @@ async def _handle_data(state: handlers.DaemonState, ssl_ctx: ssl.SSLContext | No
     """A raw data stream: handshake and token check, then the transfer's worker owns it."""
     peer = _peer(tcp)
     addr = _peer_ip(tcp)
-    sock = socket.socket(fileno=tcp.socket.detach())
-    raw = sock
+    raw = socket.socket(fileno=tcp.socket.detach())
     try:
         got = await data.run_sync_owned(
             lambda: data.accept_handshake(raw, ssl_ctx), lambda r: r[0].close(), limiter=state.stream_limiter
@@ -309,11 +308,12 @@ async def _handle_data(state: handlers.DaemonState, ssl_ctx: ssl.SSLContext | No
         log.info("data connection from %s failed before admission: %s", peer, exc)
         return
     assert got is not None
-    sock, token = got
+    link: data.Link | None
+    link, token = got
     try:
         if isinstance(token, Refused):
             status = AdmitStatus.VERSION if token.code is ErrorCode.VERSION else AdmitStatus.BAD_HELLO
-            await trio.to_thread.run_sync(_answer_quietly, sock, status, token.message)
+            await trio.to_thread.run_sync(_answer_quietly, link, status, token.message)
             return
         try:
             transfer = state.grants.redeem(token)
@@ -324,31 +324,31 @@ async def _handle_data(state: handlers.DaemonState, ssl_ctx: ssl.SSLContext | No
             transfer.session.check_address(transfer.module, state.export(transfer.module)[2], addr)
         except Refused as exc:
             log.info("data stream from %s refused: %s", peer, exc.message)
-            await trio.to_thread.run_sync(_answer_quietly, sock, AdmitStatus.BAD_TOKEN, exc.message)
+            await trio.to_thread.run_sync(_answer_quietly, link, AdmitStatus.BAD_TOKEN, exc.message)
             return
         # Counted before the client hears "admitted", so a finish request that follows at once
         # waits for this stream.
         transfer.attached += 1
         try:
-            await trio.to_thread.run_sync(data.answer_admission, sock, AdmitStatus.OK, "")
+            await trio.to_thread.run_sync(data.answer_admission, link, AdmitStatus.OK, "")
         except (OSError, ssl.SSLError):
             transfer.stream_done()
             return
-        io = data.StreamIO(sock, what="data stream", stall=state.stall)
-        sock = None  # type: ignore[assignment]  # owned by io now
+        io = link.stream(what="data stream", stall=state.stall)
+        link = None  # owned by io now
         try:
             await transfer.run_stream("raw", io=io)
         finally:
             io.close()
     finally:
-        if sock is not None:
-            sock.close()
+        if link is not None:
+            link.close()
 
 
-def _answer_quietly(sock: socket.socket, status: AdmitStatus, message: str) -> None:
+def _answer_quietly(link: data.Link, status: AdmitStatus, message: str) -> None:
     try:
-        sock.settimeout(2)
-        data.answer_admission(sock, status, message)
+        link.sock.settimeout(2)
+        data.answer_admission(link, status, message)
     except (OSError, ssl.SSLError):
         pass
 

@@ -4,9 +4,12 @@ A transfer's files travel as data frames (`protocol.FrameType`) on one or more s
 streams are connected by the client to the daemon's data port and admitted by a one-time token
 (`GrantTable`: 192-bit secret, constant-time compare, single use, short expiry). The frames on a
 raw stream are moved by ONE worker thread per stream, entered once per stream (STACK-NOTES §2):
-the sender uses `os.sendfile` (plain TCP) or `pread` + `sendall` (TLS); the receiver `splice`s
-socket -> pipe -> file, or `recv_into` a reused buffer + `pwrite` (TLS, or where splice is not
-supported). Small files go header + data + END in one `sendmsg`. No thread hop per chunk.
+the sender uses `os.sendfile` (plain TCP); the receiver `splice`s socket -> pipe -> file. Small
+files go header + data + END in one `sendmsg`. No thread hop per chunk. A TLS stream is the same
+blocking socket with its records sealed and opened in memory (`tlsbio`): the sender reads 1 MiB
+of the file, seals it and sends the ciphertext in 256 KiB calls; the receiver takes what the
+socket holds per `recv_into`, decrypts it into its reused buffer and writes a buffer-full per
+`pwrite` (the same path serves where splice is not supported).
 
 When the data port cannot be reached (or `--force-h2-data`), the same frames travel in the body
 of an HTTP/2 stream (`POST /blit/data`, token in a header); those loops run in trio and hop to a
@@ -15,12 +18,13 @@ thread once per file open and per multi-MiB batch of writes.
 Files are named by the small integer ids the control plane agreed on; what a file id means, and
 how a file is opened or landed, is the caller's business (`FileSource`, `FileSink`).
 
-Stall detection: every blocking socket wait in a worker thread has the stall timeout (a network
-stall raises `StallError` in the thread); a trio-side watchdog also checks each stream's progress
-(frames, file bytes, and bytes through the socket, so a slow link inside a 16 MiB frame is not a
-stall; a stuck disk is), and kicks the thread (socket shutdown) on cancellation or stall; a
-thread still stuck after that is stuck on this machine (`StallError.local`). Senders send NOOP
-heartbeats while they wait for work, so an idle stream is not a stalled one.
+Stall detection: every blocking socket wait in a worker thread is bounded by the stall timeout,
+through the kernel's socket timeouts, TLS or not (a network stall raises `StallError` in the
+thread); a trio-side watchdog also checks each stream's progress (frames, file bytes, and bytes
+through the socket, so a slow link inside a 16 MiB frame is not a stall; a stuck disk is), and
+kicks the thread (socket shutdown) on cancellation or stall; a thread still stuck after that is
+stuck on this machine (`StallError.local`). Senders send NOOP heartbeats while they wait for
+work, so an idle stream is not a stalled one.
 
 This module must not decide what to transfer or where files land.
 """
@@ -48,6 +52,7 @@ import trio
 from ..errors import ConnectError, RemoteProtocolError, StallError, TransportError
 from . import protocol
 from .protocol import FRAME_SIZE, AdmitStatus, ErrorCode, FrameType, Refused, pack_frame
+from .tlsbio import TLSBio
 
 log = logging.getLogger("blit.data")
 
@@ -70,8 +75,12 @@ SPLICE_MIN = 256 << 10
 BATCH_BYTES = 256 << 10
 """Small files are gathered into one sendmsg() up to this many bytes (or IOV_BATCH buffers)."""
 IOV_BATCH = 512
-TLS_SEND_PIECE = 256 << 10
-"""A TLS sender counts its progress at least this often."""
+SEND_PIECE = 256 << 10
+"""Largest send() call (cleartext or TLS ciphertext): a sender counts its progress this often."""
+SEND_WAIT = 1.0
+"""A blocked send wakes this often to check for the stall timeout (see StreamIO)."""
+READ_CHUNK = 1 << 20
+"""Bytes of a file read, sealed and sent at a time when sendfile cannot be used (TLS)."""
 H2_CHUNK = 4 << 20
 """Bytes read per thread hop by the HTTP/2 fallback sender."""
 H2_WRITE_BATCH = 8 << 20
@@ -273,38 +282,41 @@ class JobQueue:
 class StreamIO:
     """A connected data socket, driven by one worker thread at a time.
 
-    Plain TCP sockets stay blocking with the stall timeout set in the kernel (SO_RCVTIMEO,
-    SO_SNDTIMEO), which also bounds splice and sendfile; TLS sockets use the ssl module's own
-    timeout. `kick()` (any thread) shuts the socket down to unblock the worker.
+    The socket is blocking with its timeouts in the kernel (SO_RCVTIMEO, SO_SNDTIMEO), which
+    also bound splice and sendfile: a receive fails after `stall` seconds without a byte; a send
+    wakes every SEND_WAIT to check that some bytes went out in the last `stall` seconds (the
+    kernel's send timeout is a budget for the whole call, so a call that straddles the moment
+    the peer stopped would return its few bytes only after the timeout). A TLS stream is the same socket with its records
+    sealed and opened in memory (`tlsbio.TLSBio`), so its ciphertext goes through the same
+    calls, in large pieces. `kick()` (any thread) shuts the socket down to unblock the worker.
     """
 
-    def __init__(self, sock: socket.socket, *, what: str, stall: float = DEFAULT_STALL) -> None:
+    def __init__(self, sock: socket.socket, *, tls: TLSBio | None = None, what: str, stall: float = DEFAULT_STALL) -> None:
         self.sock = sock
         self.what = what
         self.stall = stall
-        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.tls = tls
         self.fd = sock.fileno()
         self._kicked = False
         self.moved = 0
         """Bytes through the socket so far (worker thread writes, the watchdog reads): progress
         inside a frame, so a slow link moving a 16 MiB frame for minutes is not a stall."""
-        if self.tls:
-            sock.settimeout(stall if math.isfinite(stall) else None)
-        else:
-            # Blocking, with the stall timeout in the kernel (SO_RCVTIMEO/SO_SNDTIMEO): recv,
-            # splice and sendfile then block without a poll() per chunk and fail with EAGAIN
-            # after `stall` seconds without progress.
-            sock.setblocking(True)
-            if math.isfinite(stall):
-                tv = struct.pack("ll", int(stall), int((stall % 1) * 1e6))
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        # Blocking, with the timeouts in the kernel: recv, send, splice and sendfile then block
+        # without a poll() per chunk and fail with EAGAIN after the timeout.
+        sock.setblocking(True)
+        if math.isfinite(stall):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(stall))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(min(stall, SEND_WAIT)))
         self._pipe: tuple[int, int] | None = None
-        self._splice_ok = hasattr(os, "splice") and not self.tls
+        self._splice_ok = hasattr(os, "splice") and tls is None
+        self._sendfile_ok = hasattr(os, "sendfile") and tls is None
         self._rbuf = bytearray(RECV_BUFFER)
         self._rview = memoryview(self._rbuf)
         self._rpos = self._rend = 0
-        self._sendfile_ok = hasattr(os, "sendfile") and not self.tls
+        self._cview = memoryview(bytearray(RECV_BUFFER)) if tls is not None else None
+        """TLS: where ciphertext lands from the socket before it is fed to `tls`."""
+        self._fview: memoryview | None = None
+        """The reused buffer a file is read into when it cannot be sent with sendfile (TLS)."""
 
     # --- lifecycle ----------------------------------------------------------------------------
     def kick(self) -> None:
@@ -345,13 +357,21 @@ class StreamIO:
         return TransportError(f"{self.what}: the peer closed the stream")
 
     def _failed(self, exc: OSError) -> TransportError:
-        """What a failed socket call on a plain TCP stream raises."""
+        """What a failed socket call raises."""
         if self._kicked:
+            return self._closed()
+        if self.tls is not None and exc.errno in (errno.EPIPE, errno.ECONNRESET):
             return self._closed()
         return TransportError(f"{self.what}: {exc.strerror or exc}")
 
-    def _plain_call(self, fn: Callable[..., T], *args: Any) -> T:
-        """One call on a plain TCP socket, its failures turned into the stream's errors."""
+    def _blocked(self, since: float) -> None:
+        """A send-side call moved nothing for SEND_WAIT: a stall once nothing went out for
+        `stall` seconds (`since`: when the last bytes went)."""
+        if time.monotonic() - since >= self.stall:
+            self._wait()
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """One receive-side socket call, its failures turned into the stream's errors."""
         try:
             return fn(*args)
         except BlockingIOError:
@@ -359,22 +379,23 @@ class StreamIO:
         except OSError as exc:
             raise self._failed(exc) from None
 
-    def _tls_call(self, fn: Callable[..., T], *args: Any) -> T:
+    def _open_records(self, view: memoryview) -> int:
+        """TLS: decrypt what was received into `view`; 0 when the socket must be read."""
+        assert self.tls is not None
         try:
-            return fn(*args)
-        except TimeoutError:
-            raise StallError(self.what, self.stall) from None
-        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError):
+            return self.tls.open_into(view)
+        except ssl.SSLZeroReturnError:  # close_notify: the peer ended the session
             raise self._closed() from None
-        except (ssl.SSLError, OSError) as exc:
+        except ssl.SSLError as exc:
             if self._kicked:
                 raise self._closed() from None
             raise TransportError(f"{self.what}: {exc}") from None
 
     # --- receiving -------------------------------------------------------------------------------
     def recv_into(self, view: memoryview) -> int:
-        """Receive some bytes into `view`; raises at end of stream."""
-        n = (self._tls_call if self.tls else self._plain_call)(self.sock.recv_into, view)
+        """Receive some bytes from the socket into `view` (ciphertext, on a TLS stream); raises
+        at end of stream."""
+        n = self._call(self.sock.recv_into, view)
         if n == 0:
             raise self._closed()
         self.moved += n
@@ -384,20 +405,31 @@ class StreamIO:
     # socket holds (a 4 KiB file is a header, its data and an END: three reads unbuffered).
     # Large payloads bypass it: what is buffered is written out, the rest is spliced directly.
 
-    def _fill(self) -> None:
-        """Read what the socket has (at least one byte) into the buffer after the data kept."""
+    def _fill(self, want: int = 1) -> None:
+        """Read until at least `want` (at most the buffer's size) unread bytes are buffered,
+        taking what the socket has each time: a TLS stream decrypts all it received that fits."""
         if self._rpos:
             left = self._rend - self._rpos
             self._rbuf[:left] = self._rbuf[self._rpos : self._rend]
             self._rpos, self._rend = 0, left
-        n = self.recv_into(self._rview[self._rend :])
-        self._rend += n
+        want = min(want, len(self._rbuf))
+        if self.tls is None:
+            while self._rend < want:
+                self._rend += self.recv_into(self._rview[self._rend :])
+            return
+        cview = self._cview
+        assert cview is not None
+        while True:
+            self._rend += self._open_records(self._rview[self._rend :])
+            if self._rend >= want:
+                return
+            self.tls.feed(cview[: self.recv_into(cview)])
 
     def recv_exact(self, n: int) -> bytes:
-        while self._rend - self._rpos < n:
+        if self._rend - self._rpos < n:
             if n > len(self._rbuf):
                 raise TransportError(f"{self.what}: frame larger than the buffer")
-            self._fill()
+            self._fill(n)
         out = bytes(self._rview[self._rpos : self._rpos + n])
         self._rpos += n
         return out
@@ -432,9 +464,10 @@ class StreamIO:
                 error, fd = exc.error, -1
                 offset += exc.done
                 length -= exc.done
-        # Small rests (and no splice): through the buffer, which may also catch the next frames.
+        # Small rests (and no splice, TLS): through the buffer, one write per buffer-full; the
+        # last read may also catch the next frames.
         while length:
-            self._fill()
+            self._fill(length)
             take = min(self._rend - self._rpos, length)
             failed = self._take_to_fd(fd, offset, take)
             if failed is not None:
@@ -515,51 +548,65 @@ class StreamIO:
 
     # --- sending -------------------------------------------------------------------------------
     def send_all(self, data: bytes | memoryview, *, more: bool = False) -> None:
-        view = memoryview(data)
-        if self.tls:
-            while view:  # sendall by hand: progress is counted as it goes
-                n = self._tls_call(self.sock.send, view[:TLS_SEND_PIECE])
-                self.moved += n
-                view = view[n:]
+        """Send `data`; `more`: more follows at once (a frame header before its payload), so it
+        may wait to go out with it."""
+        if self.tls is not None:
+            self.tls.seal(data)
+            if not more or self.tls.sealed_bytes >= SEND_PIECE:
+                self._send_sealed()
             return
-        flags = socket.MSG_MORE if more and hasattr(socket, "MSG_MORE") else 0
-        while view:
-            n = self._plain_call(self.sock.send, view, flags)
-            self.moved += n
-            view = view[n:]
+        self._send_view(memoryview(data), socket.MSG_MORE if more and hasattr(socket, "MSG_MORE") else 0)
 
-    def send_parts(self, parts: list[bytes]) -> None:
-        """Several buffers in one sendmsg where possible (small files)."""
-        if self.tls:
-            self.send_all(b"".join(parts))
-            return
-        total = sum(len(p) for p in parts)
-        sent = 0
-        while sent < total:
+    def _send_view(self, view: memoryview, flags: int = 0) -> None:
+        """send() by hand, at most SEND_PIECE per call: progress is counted as it goes."""
+        since = time.monotonic()
+        while view:
             try:
-                if sent == 0:
-                    n = self.sock.sendmsg(parts)
-                else:
-                    self.send_all(b"".join(parts)[sent:])
-                    return
+                n = self.sock.send(view[:SEND_PIECE], flags)
             except BlockingIOError:
-                self._wait()
+                self._blocked(since)
                 continue
             except OSError as exc:
                 raise self._failed(exc) from None
+            since = time.monotonic()
             self.moved += n
-            sent += n
+            view = view[n:]
+
+    def _send_sealed(self) -> None:
+        """TLS: send the ciphertext waiting in memory."""
+        assert self.tls is not None
+        if self.tls.sealed_bytes:
+            self._send_view(memoryview(self.tls.sealed()))
+
+    def send_parts(self, parts: list[bytes]) -> None:
+        """Several buffers in one sendmsg where possible (small files)."""
+        if self.tls is not None:
+            self.send_all(b"".join(parts))  # one seal: whole records, not one per part
+            return
+        since = time.monotonic()
+        while True:
+            try:
+                n = self.sock.sendmsg(parts)
+                break
+            except BlockingIOError:
+                self._blocked(since)
+            except OSError as exc:
+                raise self._failed(exc) from None
+        self.moved += n
+        if n < sum(len(p) for p in parts):
+            self.send_all(b"".join(parts)[n:])
 
     def send_file_range(self, fd: int, offset: int, length: int) -> int:
         """Send `length` bytes of `fd` from `offset`; returns how many the file had (fewer if it
         shrank: the caller pads and aborts the file)."""
         done = 0
         if self._sendfile_ok:
+            since = time.monotonic()
             while done < length:
                 try:
                     n = os.sendfile(self.fd, fd, offset + done, length - done)
                 except BlockingIOError:
-                    self._wait()
+                    self._blocked(since)
                     continue
                 except OSError as exc:
                     if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) and done == 0:
@@ -572,17 +619,26 @@ class StreamIO:
                     raise
                 if n == 0:
                     return done
+                since = time.monotonic()
                 self.moved += n
                 done += n
             if done == length:
                 return done
+        # TLS (or no sendfile): a buffer-full per read, sealed and sent whole.
+        if self._fview is None:
+            self._fview = memoryview(bytearray(READ_CHUNK))
+        buf = self._fview
         while done < length:
-            data = os.pread(fd, min(length - done, 1 << 20), offset + done)
-            if not data:
+            n = os.preadv(fd, [buf[: min(length - done, len(buf))]], offset + done)
+            if not n:
                 return done
-            self.send_all(data)
-            done += len(data)
+            self.send_all(buf[:n])
+            done += n
         return done
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
 
 
 class _SpliceUnsupported(Exception):
@@ -830,8 +886,7 @@ def receive_loop(io: StreamIO, sink: FileSink, stats: StreamStats) -> None:
     try:
         while True:
             if io._rend - io._rpos < FRAME_SIZE:
-                while io._rend - io._rpos < FRAME_SIZE:
-                    io._fill()
+                io._fill(FRAME_SIZE)
             kind, _f, _r, fid, offset, length = unpack_from(io._rbuf, io._rpos)
             io._rpos += FRAME_SIZE
             stats.frames += 1
@@ -1007,6 +1062,45 @@ async def run_sync_owned(fn: Callable[[], T | None], close: Callable[[T], None],
 # Opening and admitting raw streams
 
 
+@dataclass(slots=True)
+class Link:
+    """A data connection during admission: the socket (Python-level timeout) and its TLS
+    session (None: cleartext). Its methods raise OSError / ssl.SSLError."""
+
+    sock: socket.socket
+    tls: TLSBio | None = None
+
+    def sendall(self, data: bytes) -> None:
+        if self.tls is not None:
+            self.tls.sendall(self.sock, data)
+        else:
+            self.sock.sendall(data)
+
+    def recv_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.tls.recv(self.sock, n - len(buf)) if self.tls is not None else self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("the peer closed the data stream")
+            buf += chunk
+        return bytes(buf)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def stream(self, *, what: str, stall: float) -> StreamIO:
+        """The admitted stream (it owns the socket from now on)."""
+        return StreamIO(self.sock, tls=self.tls, what=what, stall=stall)
+
+
+def _start_tls(sock: socket.socket, tls_ctx: ssl.SSLContext | None, *, server_side: bool) -> Link:
+    if tls_ctx is None:
+        return Link(sock)
+    session = TLSBio(tls_ctx, server_side=server_side)
+    session.handshake(sock)
+    return Link(sock, session)
+
+
 def admit_client(
     sock: socket.socket,
     token: bytes,
@@ -1028,15 +1122,15 @@ def admit_client(
     try:
         sock.settimeout(timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if tls_ctx is not None:
-            sock = tls_ctx.wrap_socket(sock, server_side=False)
-            der = sock.getpeercert(binary_form=True)
+        link = _start_tls(sock, tls_ctx, server_side=False)
+        if link.tls is not None:
+            der = link.tls.peer_certificate()
             if not der or tls_mod.fingerprint(der) != fingerprint:
                 raise ConnectError(f"{what}: the data port presented another certificate than the daemon")
-        sock.sendall(protocol.pack_data_hello(token))
-        head = _recv_exact_blocking(sock, protocol.ADMIT.size)
+        link.sendall(protocol.pack_data_hello(token))
+        head = link.recv_exact(protocol.ADMIT.size)
         status, n = protocol.ADMIT.unpack(head)
-        message = _recv_exact_blocking(sock, n).decode("utf-8", "replace") if n else ""
+        message = link.recv_exact(n).decode("utf-8", "replace") if n else ""
         if status != AdmitStatus.OK:
             try:
                 name = AdmitStatus(status).name
@@ -1049,45 +1143,32 @@ def admit_client(
     except BaseException:
         sock.close()
         raise
-    return StreamIO(sock, what=what, stall=stall)
+    return link.stream(what=what, stall=stall)
 
 
-def _recv_exact_blocking(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("the daemon closed the data stream")
-        buf += chunk
-    return bytes(buf)
-
-
-def accept_handshake(
-    sock: socket.socket, tls_ctx: ssl.SSLContext | None, timeout: float = ADMIT_TIMEOUT
-) -> tuple[socket.socket, bytes | Refused]:
+def accept_handshake(sock: socket.socket, tls_ctx: ssl.SSLContext | None, timeout: float = ADMIT_TIMEOUT) -> tuple[Link, bytes | Refused]:
     """Daemon side, worker thread: TLS handshake and the client's hello.
 
-    Returns the (possibly TLS-wrapped) socket and the token, or the refusal to answer with
-    (not a blit data hello, another version). On a connection failure the socket is closed and
-    OSError / ssl.SSLError raised.
+    Returns the connection and the token, or the refusal to answer with (not a blit data
+    hello, another version). On a connection failure the socket is closed and OSError /
+    ssl.SSLError raised.
     """
     try:
         sock.settimeout(timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if tls_ctx is not None:
-            sock = tls_ctx.wrap_socket(sock, server_side=True)
-        hello = _recv_exact_blocking(sock, protocol.DATA_HELLO.size)
+        link = _start_tls(sock, tls_ctx, server_side=True)
+        hello = link.recv_exact(protocol.DATA_HELLO.size)
     except BaseException:
         sock.close()
         raise
     try:
-        return sock, protocol.unpack_data_hello(hello)
+        return link, protocol.unpack_data_hello(hello)
     except Refused as exc:
-        return sock, exc
+        return link, exc
 
 
-def answer_admission(sock: socket.socket, status: AdmitStatus, message: str = "") -> None:
-    sock.sendall(protocol.pack_admit(status, message))
+def answer_admission(link: Link, status: AdmitStatus, message: str = "") -> None:
+    link.sendall(protocol.pack_admit(status, message))
 
 
 # =================================================================================================

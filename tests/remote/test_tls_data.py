@@ -1,0 +1,169 @@
+"""TLS data streams (the default): large random and sparse files land byte-identical both ways, a
+stream whose peer vanishes mid-file fails that file and leaves nothing behind, and a data port
+that presents another certificate than the daemon's is refused before the token is sent."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from blit.errors import ConnectError
+from blit.transport import data, protocol as p, tls
+from blit.transport.client import LocalSink
+from blit.transport.remote import remote_transfer
+
+from .conftest import start_daemon
+from .treeutil import sparse_ok
+
+MiB = 1 << 20
+
+
+def _random_file(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        while size:
+            n = min(size, 4 * MiB)
+            f.write(os.urandom(n))
+            size -= n
+
+
+def _sparse_file(path: Path) -> None:
+    """40 MiB with two random islands at odd offsets (not on a TLS record or MiB boundary) and a
+    trailing hole."""
+    with open(path, "wb") as f:
+        f.truncate(40 * MiB)
+        f.seek(MiB + 3)
+        f.write(os.urandom(100_000))
+        f.seek(17 * MiB + 12_345)
+        f.write(os.urandom(3 * MiB + 7))
+
+
+def _tree(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    _random_file(root / "big.bin", 64 * MiB + 12_345)
+    _sparse_file(root / "sparse.img")
+    for i in range(20):  # small files: the batched path on the same streams
+        (root / f"small{i:02d}").write_bytes(os.urandom(i * 997))
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(8 * MiB), fb.read(8 * MiB)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+async def test_large_and_sparse_files_land_identical_over_tls(nursery: trio.Nursery, tmp_path: Path, direction: str) -> None:
+    d = await start_daemon(nursery, tmp_path, tls=True)
+    src = tmp_path / "src" if direction == "push" else d.modules["data"] / "t"
+    dst = d.modules["data"] / "t" if direction == "push" else tmp_path / "out"
+    await trio.to_thread.run_sync(_tree, src)
+    url = f"127.0.0.1:{d.info.port}:/data/t/"
+    a, b = (f"{src}/", url) if direction == "push" else (url, f"{dst}/")
+    summary = await remote_transfer("copy", a, b, known_hosts=d.known_hosts)
+    assert summary.failures == [] and summary.files_copied == 22
+    assert summary.strategy.startswith(f"{direction}:tcp:")  # raw streams, not the HTTP/2 fallback
+    assert sorted(os.listdir(dst)) == sorted(os.listdir(src))
+    for name in os.listdir(src):
+        assert await trio.to_thread.run_sync(_same_bytes, src / name, dst / name), name
+    assert sparse_ok(dst / "sparse.img")
+
+
+@pytest.mark.parametrize("ending", ["tcp-close", "close-notify"])
+async def test_a_tls_stream_cut_mid_file_fails_the_file_and_leaves_nothing(nursery: trio.Nursery, tmp_path: Path, ending: str) -> None:
+    """The client sends 2 MiB of an 8 MiB file, then its stream ends (a plain TCP close, or a
+    TLS close_notify first): the daemon reports the file as failed because the peer closed the
+    stream, and lands nothing."""
+    d = await start_daemon(nursery, tmp_path, tls=True, stall=10)
+    (d.modules["data"] / "dst").mkdir()
+    async with d.session() as s:
+        opened = await s.call(p.OpenTransfer(module="data", path=b"dst", direction="push", streams=1))
+        await s.call(p.ExpectFiles(transfer=opened.transfer, files=[p.FileOffer(id=1, path=b"f", size=8 * MiB, mtime_ns=0, mode=0o644)]))
+
+        def send_part_then_end() -> None:
+            sock = socket.create_connection(("127.0.0.1", opened.data_port), timeout=5)
+            io = data.admit_client(sock, opened.tokens[0], tls_ctx=tls.client_context(), fingerprint=d.info.fingerprint)
+            try:
+                io.send_all(p.pack_frame(p.FrameType.DATA, 1, 0, 8 * MiB), more=True)
+                io.send_all(os.urandom(2 * MiB))
+                if ending == "close-notify":
+                    assert io.tls is not None
+                    try:
+                        io.tls.obj.unwrap()  # queues close_notify; the daemon's answer is not awaited
+                    except ssl.SSLWantReadError:
+                        pass
+                    io.sock.sendall(io.tls.sealed())
+            finally:
+                io.close()
+
+        await trio.to_thread.run_sync(send_part_then_end)
+        with trio.fail_after(10):
+            done = await s.call(p.FinishTransfer(transfer=opened.transfer))
+        assert done.files == 0
+        ((fid, message),) = [(f.id, f.message) for f in done.failures]
+        assert fid == 1 and "the peer closed the stream" in message
+        assert (await s.modules()).modules  # the session goes on
+    assert os.listdir(d.modules["data"] / "dst") == []
+
+
+class _ImpostorTLS:
+    """A TLS server on 127.0.0.1 with its own certificate; records what it is sent."""
+
+    def __init__(self, tmp: Path) -> None:
+        cert_pem, key_pem = tls.make_self_signed("impostor")
+        (tmp / "imp.crt").write_bytes(cert_pem)
+        (tmp / "imp.key").write_bytes(key_pem)
+        self.ctx = tls.server_context(tmp / "imp.crt", tmp / "imp.key")
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(10)
+        self.port = self.listener.getsockname()[1]
+        self.received = b""
+        self.handshakes = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        try:
+            conn.settimeout(5)
+            with self.ctx.wrap_socket(conn, server_side=True) as tconn:
+                self.handshakes += 1
+                while chunk := tconn.recv(65536):
+                    self.received += chunk
+        except (OSError, ssl.SSLError):
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(10)
+
+
+async def test_a_data_port_with_another_certificate_is_refused(nursery: trio.Nursery, tmp_path: Path) -> None:
+    d = await start_daemon(nursery, tmp_path, tls=True)
+    (d.modules["data"] / "x").write_bytes(b"payload" * 1000)
+    out = tmp_path / "x.out"
+    impostor = _ImpostorTLS(tmp_path)
+    try:
+        async with d.session() as s:
+            async with s.transfer("data", b"", "pull") as t:
+                t.data_port = impostor.port  # the control plane is the daemon's; this port is not
+                await t.send_files([p.FileRef(id=1, path=b"x")], last=True)
+                with pytest.raises(ConnectError, match="presented another certificate than the daemon"):
+                    await t.run_receivers(LocalSink({1: (out, None, None)}))
+    finally:
+        await trio.to_thread.run_sync(impostor.close)
+    assert impostor.handshakes == 1  # it was reached, and refused after the handshake
+    assert impostor.received == b""  # the token never went to it
+    assert not out.exists()
