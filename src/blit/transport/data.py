@@ -895,8 +895,8 @@ def receive_loop(io: StreamIO, sink: FileSink, stats: StreamStats) -> None:
             if kind == DATA:
                 if whole and offset == 0 and length <= SMALL_FILE and not is_open(fid):
                     # A small file comes whole (DATA, payload, END in one sendmsg): buffer it all.
-                    while io._rend - io._rpos < length + FRAME_SIZE:
-                        io._fill()
+                    if io._rend - io._rpos < length + FRAME_SIZE:
+                        io._fill(length + FRAME_SIZE)
                     pos = io._rpos
                     k2, _f, _r, fid2, size, len2 = unpack_from(io._rbuf, pos + length)
                     if k2 == END and fid2 == fid and size == length and not len2:

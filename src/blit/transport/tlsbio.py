@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from typing import cast
 
 HANDSHAKE_READ = 64 << 10
 """Bytes asked of the socket per read while handshaking or admitting (the rest stays fed)."""
@@ -111,7 +112,7 @@ class TLSBio:
         got = 0
         while got < size:
             try:
-                n = read(size - got, view[got:])
+                n = cast(int, read(size - got, view[got:]))  # with a buffer, read() returns a count
             except ssl.SSLWantReadError:
                 break
             if not n:  # a clean close_notify reads as 0 bytes
