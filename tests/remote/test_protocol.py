@@ -59,6 +59,7 @@ SAMPLES: list[p.Message] = [
     p.TreeFinish(transfer=1, source_complete=False),
     p.TreeDone(files_copied=1, bytes_copied=2, files_skipped=3, dirs_created=4, links_created=5, files_deleted=6, entries_seen=7, failures=[], deletions_skipped="why"),
     p.DirPlanned(subdirs=[], need=[], hash=[b"same-size"], settled=4),
+    p.DirPlanned(subdirs=[], need=[], packed_need=p.NeedGroup(ids=(7).to_bytes(4, "little"), names=b"f\0")),
     p.TreeHashes(transfer=1, rel=b"a", hashes=[p.FileHash(name=b"f", digest=b"\x01" * 16), p.FileHash(name=b"g", digest=None)]),
     p.TreeHash(transfer=1, rel=b"", names=[b"f"]),
     p.TreeDigests(transfer=1, dirs=[p.DirDigest(rel=b"a", dst_rel=b"b", digest=b"\x03" * 16, subdirs=[

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from blit import fsops
+from blit.transport import protocol
 from blit.transport.tree import DestTree, SourceTree, TreeSpec
 
 
@@ -29,7 +30,9 @@ def test_a_failed_commit_releases_its_directory_once(tmp_path: Path, monkeypatch
     try:
         manifest = source.scan("d")
         planned = dest.plan("d", "d", False, None, manifest.entries, False)
-        ids = {n.name: n.id for n in planned.need}
+        assert planned.packed_need is not None
+        fids, names = protocol.unpack_needs(planned.packed_need)
+        ids = dict(zip(names, fids))
         assert set(ids) == {b"a", b"b"}
         fa, fb = dest.open(ids[b"a"]), dest.open(ids[b"b"])
         held = dest.dirs._fds["d"][1]

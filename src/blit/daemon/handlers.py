@@ -365,6 +365,8 @@ class Session:
         self.jobs: dict[int, Any] = {}  # relay.PeerJob by id
         self.packed = False
         """The client speaks protocol.FEATURE_PACKED: manifests we send are packed."""
+        self.need_packed = False
+        """The client speaks protocol.FEATURE_NEED_PACKED: DirPlanned names its files packed."""
 
     async def dispatch(self, msg: protocol.Message) -> protocol.Message:
         handler = _HANDLERS.get(type(msg))
@@ -457,6 +459,7 @@ async def handle_auth(s: Session, msg: protocol.Auth) -> protocol.Ack:
 async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
     s.ready.set()
     s.packed = protocol.FEATURE_PACKED in msg.features
+    s.need_packed = protocol.FEATURE_NEED_PACKED in msg.features
     log.info("session from %s (%s)", s.peer, msg.software)
     return protocol.HelloReply(
         protocol=protocol.PROTOCOL_VERSION,
@@ -474,7 +477,7 @@ def _features(asked: list[str]) -> list[str]:
     from .. import fsops
     from ..ffi import scan
 
-    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS) if f in asked]
+    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED) if f in asked]
     if protocol.FEATURE_DIR_DIGEST in asked and scan.HAVE_CMPDIR:
         out += [protocol.FEATURE_DIR_DIGEST] + ([protocol.FEATURE_OWNERS] if fsops.IS_ROOT else [])
     return out
@@ -724,7 +727,7 @@ async def handle_tree_dir(s: Session, msg: protocol.TreeDir) -> protocol.DirPlan
     reply: protocol.DirPlanned = await s.fs(
         t.tree_dest.plan, _rel(msg.rel), _rel(msg.dst_rel), msg.dst_new, only, msg.entries, msg.incomplete, msg.dir_entry
     )
-    return reply
+    return reply if s.need_packed else protocol.with_need_list(reply)
 
 
 async def handle_tree_digests(s: Session, msg: protocol.TreeDigests) -> protocol.DigestsChecked:
@@ -756,7 +759,7 @@ async def handle_tree_hashes(s: Session, msg: protocol.TreeHashes) -> protocol.D
     for h in msg.hashes:
         protocol.check_name(h.name)
     reply: protocol.DirPlanned = await s.fs(t.tree_dest.settle_hashes, _rel(msg.rel), msg.hashes)
-    return reply
+    return reply if s.need_packed else protocol.with_need_list(reply)
 
 
 async def handle_tree_hash(s: Session, msg: protocol.TreeHash) -> protocol.HashList:

@@ -495,9 +495,25 @@ class PathFailure(Message):
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class NeedGroup(Message):
+    """Hello feature FEATURE_NEED_PACKED: the files of one DirPlanned to send, packed as a
+    FileGroup is: the ids (u32 little-endian each) and the names (each followed by a NUL), in
+    the same order (`pack_needs`, `unpack_needs`)."""
+
+    ARRAY: ClassVar[bool] = True
+    ids: bytes = field(metadata=_lim(4 * MAX_LIST))
+    names: bytes = field(metadata=_lim(MAX_MESSAGE))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class DirPlanned(Message):
     subdirs: list[SubDir] = field(metadata=_lim(MAX_LIST))
     need: list[Need] = field(metadata=_lim(MAX_LIST))
+    """The files to send, one Need each (the form of a peer without FEATURE_NEED_PACKED)."""
+    packed_need: NeedGroup | None = None
+    """FEATURE_NEED_PACKED: the files to send (after those of `need`), packed. `DestTree` always
+    answers in this form; the daemon turns it into `need` for a client without the feature
+    (`with_need_list`)."""
     failures: list[PathFailure] = field(default_factory=list, metadata=_lim(MAX_LIST))
     hash: list[bytes] = field(default_factory=list, metadata=_lim(MAX_LIST))
     """--checksum: source names of equal size whose content hash decides (answer with tree/hashes)."""
@@ -516,6 +532,9 @@ answers with it; either side then sends packed manifests and accepts both forms.
 FEATURE_SEND_DIRS = "send-dirs-1"
 """Hello feature: a tree pull's transfer/send names its files by directory (SendFiles.dirs)
 instead of one path each. Negotiated as FEATURE_PACKED."""
+FEATURE_NEED_PACKED = "need-packed-1"
+"""Hello feature: a push's DirPlanned names the files to send packed (`packed_need`, one
+NeedGroup) instead of one Need array each. Negotiated as FEATURE_PACKED."""
 FEATURE_OWNERS = "owners"
 """HelloReply feature: this daemon, as a destination, preserves owners (runs as root): a push's
 digests must cover uid/gid."""
@@ -1297,6 +1316,18 @@ def _unpack_names(tail: bytes, n: int, what: str) -> list[bytes]:
     return names
 
 
+def _unpack_ids_names(ids_blob: bytes, names_blob: bytes, what: str) -> tuple["array[int]", list[bytes]]:
+    """u32 little-endian ids and as many NUL-terminated names (`_unpack_names`'s rules).
+    Raises _Invalid."""
+    if len(ids_blob) % 4:
+        raise _Invalid(f"{what}: ids not a multiple of 4 bytes")
+    ids = array("I")
+    ids.frombytes(ids_blob)
+    if _SWAP:
+        ids.byteswap()
+    return ids, _unpack_names(names_blob, len(ids), what)
+
+
 def unpack_file_group(g: FileGroup) -> tuple[list[bytes], "array[int]", list[bytes]]:
     """A FileGroup's directory (split_path), ids and names, checked.
 
@@ -1304,17 +1335,48 @@ def unpack_file_group(g: FileGroup) -> tuple[list[bytes], "array[int]", list[byt
         Refused: PATH_REFUSED for the directory, BAD_REQUEST for ids or names.
     """
     parts = split_path(g.rel)
-    if len(g.ids) % 4:
-        raise Refused(ErrorCode.BAD_REQUEST, "transfer/send: ids not a multiple of 4 bytes")
-    ids = array("I")
-    ids.frombytes(g.ids)
-    if _SWAP:
-        ids.byteswap()
     try:
-        names = _unpack_names(g.names, len(ids), "transfer/send")
+        ids, names = _unpack_ids_names(g.ids, g.names, "transfer/send")
     except _Invalid as exc:
         raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
     return parts, ids, names
+
+
+def pack_needs(ids: "array[int]", names: list[bytes]) -> NeedGroup | None:
+    """Files to send (ids and names in the same order) as a NeedGroup; None when there are none."""
+    if not ids:
+        return None
+    if _SWAP:
+        ids = array("I", ids)
+        ids.byteswap()
+    return NeedGroup(ids=ids.tobytes(), names=pack_names(names))
+
+
+def unpack_needs(g: NeedGroup) -> tuple["array[int]", list[bytes]]:
+    """A NeedGroup's ids and names, checked as a whole: as many names as ids, each a valid
+    entry name (`check_name`'s rules), no id twice. (Ids are u32 by their layout; whether one
+    is already waiting is for the caller, who holds the list.)
+
+    Raises:
+        RemoteProtocolError: anything else (the peer that sent it broke the protocol).
+    """
+    try:
+        ids, names = _unpack_ids_names(g.ids, g.names, "DirPlanned.packed_need")
+    except _Invalid as exc:
+        raise RemoteProtocolError(f"invalid {exc}", 400) from None
+    if len(set(ids)) != len(ids):
+        raise RemoteProtocolError("invalid DirPlanned.packed_need: a file id twice", 400)
+    return ids, names
+
+
+def with_need_list(planned: DirPlanned) -> DirPlanned:
+    """`planned` with its packed needs as Need arrays (for a peer without FEATURE_NEED_PACKED)."""
+    g = planned.packed_need
+    if g is None:
+        return planned
+    ids, names = _unpack_ids_names(g.ids, g.names, "DirPlanned.packed_need")
+    need = [*planned.need, *(Need(id=i, name=n) for i, n in zip(ids, names))]
+    return dataclasses.replace(planned, need=need, packed_need=None)
 
 
 def packed_count(blob: bytes) -> int:
@@ -1437,7 +1499,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""
@@ -1699,6 +1761,8 @@ __all__ = [
     "TreeDir",
     "SubDir",
     "Need",
+    "NeedGroup",
+    "FEATURE_NEED_PACKED",
     "PathFailure",
     "DirPlanned",
     "TreeScan",

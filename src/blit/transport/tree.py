@@ -23,7 +23,6 @@ import logging
 import os
 import stat
 import struct
-import sys
 import dataclasses
 import threading
 from array import array
@@ -493,10 +492,14 @@ class SourceTree:
                 self.files[n.id] = (rel, n.name)
         return [n.id for n in needs]
 
-    def register_names(self, rel: str, ids: Any, names: list[bytes]) -> None:
-        """Files `names` of directory `rel` under `ids` (the same order), to be opened by id."""
+    def register_names(self, rel: str, ids: Any, names: list[bytes]) -> bool:
+        """Files `names` of directory `rel` under `ids` (the same order, no id twice), to be
+        opened by id. False, and nothing registered, if one of the ids is already waiting."""
         with self._lock:
+            if not self.files.keys().isdisjoint(ids):
+                return False
             self.files.update(zip(ids, zip(itertools.repeat(rel), names)))
+        return True
 
     def open(self, file_id: int) -> data.SourceFile:
         """Data-stream thread: open a file to send (never following a link)."""
@@ -873,7 +876,8 @@ class DestTree:
         spec = self.spec
         dry = spec.dry_run
         subdirs: list[SubDir] = []
-        need: list[Need] = []
+        need_ids: array[int] = array("I")
+        need_names: list[bytes] = []
         hash_names: list[bytes] = []
         settled = 0
         blocked: set[str] = set()
@@ -925,7 +929,8 @@ class DestTree:
                     if fid == _HASH:
                         hash_names.append(_b(name))
                     elif isinstance(fid, int):
-                        need.append(Need(id=fid, name=_b(name)))
+                        need_ids.append(fid)
+                        need_names.append(_b(name))
                     else:
                         settled += 1
                 elif op is Op.HASH:
@@ -943,7 +948,8 @@ class DestTree:
                         self._act("copy", prefix + name)
                         settled += 1
                         continue
-                    need.append(Need(id=self._register(dst_rel, dname, m, xattrs, d is not None, rel=rel, name=name), name=_b(name)))
+                    need_ids.append(self._register(dst_rel, dname, m, xattrs, d is not None, rel=rel, name=name))
+                    need_names.append(_b(name))
                 elif op is Op.SYMLINK:
                     target = _target(e) or b""
                     if d is not None and stat.S_ISLNK(d.st_mode) and os.readlink(_b(dname), dir_fd=dfd) == target:
@@ -991,7 +997,9 @@ class DestTree:
         with self._lock:
             for f in failures:
                 self.failures.append((_s(f.path), f.op, f.message))
-        return DirPlanned(subdirs=subdirs, need=need, failures=failures, hash=hash_names, settled=settled)
+        return DirPlanned(
+            subdirs=subdirs, need=[], packed_need=protocol.pack_needs(need_ids, need_names), failures=failures, hash=hash_names, settled=settled
+        )
 
     def _same(self, rel: str, dfd: int, name: str, dname: str, m: Meta, d: Any, xattrs: list[tuple[str, bytes]] | None) -> None:
         """An up-to-date file: its metadata and xattrs are made the source's."""
@@ -1070,7 +1078,8 @@ class DestTree:
             batch = [(items.pop(_s(h.name)), h.digest) for h in hashes if _s(h.name) in items]
             if not items:
                 del self.hashing[rel]
-        need: list[Need] = []
+        need_ids: array[int] = array("I")
+        need_names: list[bytes] = []
         failures: list[PathFailure] = []
         settled = 0
         dry = self.spec.dry_run
@@ -1101,7 +1110,8 @@ class DestTree:
                             self._group_landed(it.link_key, dst_rel, it.dname, -1)
                     else:
                         fid = self._register(dst_rel, it.dname, it.meta, it.xattrs, True, it.link_key, rel=rel, name=it.name)
-                        need.append(Need(id=fid, name=_b(it.name)))
+                        need_ids.append(fid)
+                        need_names.append(_b(it.name))
                 except OSError as exc:
                     if exc.errno in FATAL_ERRNOS:
                         self.fatal = f"{_msg(exc)} (writing {_join(dst_rel, it.dname)})"
@@ -1112,7 +1122,7 @@ class DestTree:
         with self._lock:
             for f in failures:
                 self.failures.append((_s(f.path), f.op, f.message))
-        return DirPlanned(subdirs=[], need=need, failures=failures, settled=settled)
+        return DirPlanned(subdirs=[], need=[], packed_need=protocol.pack_needs(need_ids, need_names), failures=failures, settled=settled)
 
     def _sync_xattrs(self, dfd: int, dname: str, want: list[tuple[str, bytes]] | None) -> bool:
         """Make an existing entry's xattrs those of the source manifest; True if any changed."""
@@ -1688,6 +1698,13 @@ async def push_tree(
         counters.settled += planned.settled
         if planned.need:
             jobs.put_many(source.register(rel, planned.need))
+        if planned.packed_need is not None:
+            ids, names = protocol.unpack_needs(planned.packed_need)
+            if not source.register_names(rel, ids, names):
+                from ..errors import RemoteProtocolError
+
+                raise RemoteProtocolError("DirPlanned.packed_need: a file id the daemon had already asked for")
+            jobs.put_many(ids)
 
     async def checksums(rel: str, names: list[bytes], sizes: dict[bytes, int]) -> None:
         for batch, nbytes in _hash_batches(names, sizes):
@@ -1901,8 +1918,8 @@ async def pull_tree(
                 with trio.move_on_after(ACTION_POLL):
                     await finished.wait()
 
-    async def checksums(rel: str, names: list[bytes], sizes: dict[bytes, int]) -> list[Need]:
-        need: list[Need] = []
+    async def checksums(rel: str, names: list[bytes], sizes: dict[bytes, int]) -> list[protocol.NeedGroup]:
+        need: list[protocol.NeedGroup] = []
         for batch, nbytes in _hash_batches(names, sizes):
             got: dict[str, Any] = {}
 
@@ -1916,7 +1933,8 @@ async def pull_tree(
             # Unreadable sources come back without a digest: they are asked for, and their send
             # fails with the reason (reported once, then).
             extra = await trio.to_thread.run_sync(sink.settle_hashes, rel, got["src"].hashes, mine)
-            need.extend(extra.need)
+            if extra.packed_need is not None:
+                need.append(extra.packed_need)
         return need
 
     async def give_back(final: bool) -> None:
@@ -1950,19 +1968,19 @@ async def pull_tree(
         planned = await trio.to_thread.run_sync(
             sink.plan, rel, dst_rel, dst_new, only, entries, manifest.incomplete, cast("Entry | None", manifest.dir_entry)
         )
-        need = list(planned.need)
+        # Our DestTree names the files it needs packed (packed_need): they go on as they are.
+        need = [planned.packed_need] if planned.packed_need is not None else []
         if planned.hash:
             need += await checksums(rel, planned.hash, {e[0]: e[2] for e in entries})
         if need and by_dir:
-            ids = array("I", [n.id for n in need])
-            if sys.byteorder != "little":
-                ids.byteswap()
-            group = protocol.FileGroup(rel=_b(rel), ids=ids.tobytes(), names=protocol.pack_names([n.name for n in need]))
+            group = protocol.FileGroup(rel=_b(rel), ids=b"".join(g.ids for g in need), names=b"".join(g.names for g in need))
             await session.call(protocol.SendFiles(transfer=t.id, files=[], dirs=[group]))
         elif need:
-            await session.call(
-                protocol.SendFiles(transfer=t.id, files=[protocol.FileRef(id=n.id, path=_b(_join(rel, _s(n.name)))) for n in need])
-            )
+            refs = []
+            for g in need:
+                ids, names = protocol.unpack_needs(g)
+                refs += [protocol.FileRef(id=i, path=_b(_join(rel, _s(n)))) for i, n in zip(ids, names)]
+            await session.call(protocol.SendFiles(transfer=t.id, files=refs))
         if sink.landed is not None and len(sink.landed) >= LANDED_DRAIN and not drain_lock.locked():
             await give_back(False)
         return [(_s(sd.name), _s(sd.dname), sd.new) for sd in planned.subdirs]
