@@ -96,7 +96,11 @@ def _results_path(started: datetime.datetime, wheres: list[str], scale: str,
     suffix = "" if scale == "full" else f"-{scale}"
     if all(WORKLOADS[w].kind == "remote" for w in workloads):
         suffix = "-remote" + suffix
-    return RESULTS / f"{started:%Y-%m-%d-%H%M}-{'-'.join(wheres)}{suffix}.md"
+    stem = f"{started:%Y-%m-%d-%H%M}-{'-'.join(wheres)}{suffix}"
+    path, n = RESULTS / f"{stem}.md", 2
+    while path.exists() or path.with_suffix(".json").exists():  # two runs in one minute
+        path, n = RESULTS / f"{stem}-{n}.md", n + 1
+    return path
 
 
 def _failed(locations: list[LocationResult]) -> list[str]:

@@ -202,3 +202,19 @@ def test_interrupt_stops_the_daemons_and_removes_their_modules() -> None:
     assert proc.returncode in (130, 0), err
     assert not root.exists(), err
     assert not _processes_mentioning(str(root)), err
+
+
+def test_a_second_report_in_the_same_minute_keeps_the_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime
+
+    from bench import cli as bench_cli
+
+    monkeypatch.setattr(bench_cli, "RESULTS", tmp_path)
+    started = datetime.datetime(2026, 11, 21, 9, 54)
+    first = bench_cli._results_path(started, ["tmpfs"], "full", ["small"])
+    first.write_text("first run")
+    second = bench_cli._results_path(started, ["tmpfs"], "full", ["small"])
+    assert (first.name, second.name) == ("2026-11-21-0954-tmpfs.md", "2026-11-21-0954-tmpfs-2.md")
+    second.write_text("second run")
+    assert bench_cli._results_path(started, ["tmpfs"], "full", ["small"]).name == "2026-11-21-0954-tmpfs-3.md"
+    assert first.read_text() == "first run"

@@ -27,7 +27,7 @@ import trio
 from ..stall import StallGuard
 from ..transport import data, protocol
 from ..transport.protocol import ErrorCode, Refused
-from ..transport.tree import SrcFile
+from ..transport.tree import DestTree, SourceTree, SrcFile
 from . import contain
 from .config import Access, DaemonConfig, ModuleConfig
 
@@ -411,6 +411,22 @@ class Session:
             raise Refused(ErrorCode.UNKNOWN_TRANSFER, f"no transfer {tid} in this session")
         return t
 
+    def dest_tree(self, tid: int, what: str) -> DestTree:
+        """Push tree transfer `tid` and its destination side, while it runs (else Refused)."""
+        t = self.transfer(tid)
+        if t.tree_dest is None or t.finished:
+            raise Refused(ErrorCode.BAD_REQUEST, f"{what} is for push tree transfers")
+        dest: DestTree = t.tree_dest
+        return dest
+
+    def src_tree(self, tid: int, what: str) -> SourceTree:
+        """Pull tree transfer `tid` and its source side, while it runs (else Refused)."""
+        t = self.transfer(tid)
+        if t.tree_src is None or t.finished:
+            raise Refused(ErrorCode.BAD_REQUEST, f"{what} is for pull tree transfers")
+        src: SourceTree = t.tree_src
+        return src
+
     async def fs(self, fn: Any, *args: Any) -> Any:
         try:
             return await trio.to_thread.run_sync(fn, *args, limiter=self.state.fs_limiter)
@@ -714,9 +730,7 @@ def _rel(b: bytes) -> str:
 
 
 async def handle_tree_dir(s: Session, msg: protocol.TreeDir) -> protocol.DirPlanned:
-    t = s.transfer(msg.transfer)
-    if t.tree_dest is None or t.finished:
-        raise Refused(ErrorCode.BAD_REQUEST, "tree/dir is for push tree transfers")
+    dest = s.dest_tree(msg.transfer, "tree/dir")
     only = None
     if msg.only is not None:
         only = {}
@@ -725,52 +739,44 @@ async def handle_tree_dir(s: Session, msg: protocol.TreeDir) -> protocol.DirPlan
             protocol.check_name(r.dname)
             only[os.fsdecode(r.name)] = os.fsdecode(r.dname)
     reply: protocol.DirPlanned = await s.fs(
-        t.tree_dest.plan, _rel(msg.rel), _rel(msg.dst_rel), msg.dst_new, only, msg.entries, msg.incomplete, msg.dir_entry
+        dest.plan, _rel(msg.rel), _rel(msg.dst_rel), msg.dst_new, only, msg.entries, msg.incomplete, msg.dir_entry
     )
     return reply if s.need_packed else protocol.with_need_list(reply)
 
 
 async def handle_tree_digests(s: Session, msg: protocol.TreeDigests) -> protocol.DigestsChecked:
     """Push: compare directory digests with the destination's; equal ones are done."""
-    t = s.transfer(msg.transfer)
-    if t.tree_dest is None or t.finished:
-        raise Refused(ErrorCode.BAD_REQUEST, "tree/digests is for push tree transfers")
+    dest = s.dest_tree(msg.transfer, "tree/digests")
     for d in msg.dirs:
         for e in d.subdirs:
             protocol.check_name(e[0])  # type: ignore[index]  # RAW: decoded as its CBOR array
     dirs = [(_rel(d.rel), _rel(d.dst_rel), d.digest, d.subdirs) for d in msg.dirs]
-    reply: protocol.DigestsChecked = await s.fs(t.tree_dest.check_digests, dirs)
+    reply: protocol.DigestsChecked = await s.fs(dest.check_digests, dirs)
     return reply
 
 
 async def handle_tree_scan(s: Session, msg: protocol.TreeScan) -> protocol.DirManifest:
-    t = s.transfer(msg.transfer)
-    if t.tree_src is None or t.finished:
-        raise Refused(ErrorCode.BAD_REQUEST, "tree/scan is for pull tree transfers")
-    reply: protocol.DirManifest = await s.fs(t.tree_src.scan, _rel(msg.rel), s.packed)
+    src = s.src_tree(msg.transfer, "tree/scan")
+    reply: protocol.DirManifest = await s.fs(src.scan, _rel(msg.rel), s.packed)
     return reply
 
 
 async def handle_tree_hashes(s: Session, msg: protocol.TreeHashes) -> protocol.DirPlanned:
     """Push, --checksum: compare the source's hashes with the destination copies."""
-    t = s.transfer(msg.transfer)
-    if t.tree_dest is None or t.finished:
-        raise Refused(ErrorCode.BAD_REQUEST, "tree/hashes is for push tree transfers")
+    dest = s.dest_tree(msg.transfer, "tree/hashes")
     for h in msg.hashes:
         protocol.check_name(h.name)
-    reply: protocol.DirPlanned = await s.fs(t.tree_dest.settle_hashes, _rel(msg.rel), msg.hashes)
+    reply: protocol.DirPlanned = await s.fs(dest.settle_hashes, _rel(msg.rel), msg.hashes)
     return reply if s.need_packed else protocol.with_need_list(reply)
 
 
 async def handle_tree_hash(s: Session, msg: protocol.TreeHash) -> protocol.HashList:
     """Pull, --checksum: hash source files (a file that is not regular or not readable gets a
     null digest and a failure)."""
-    t = s.transfer(msg.transfer)
-    if t.tree_src is None or t.finished:
-        raise Refused(ErrorCode.BAD_REQUEST, "tree/hash is for pull tree transfers")
+    src = s.src_tree(msg.transfer, "tree/hash")
     for n in msg.names:
         protocol.check_name(n)
-    hashes, failures = await s.fs(t.tree_src.hashes, _rel(msg.rel), msg.names)
+    hashes, failures = await s.fs(src.hashes, _rel(msg.rel), msg.names)
     return protocol.HashList(hashes=hashes, failures=failures)
 
 
