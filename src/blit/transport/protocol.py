@@ -1115,21 +1115,28 @@ def _encoder(cls: type[Message]) -> Any:
             expr = v
         if optional and expr != v:
             expr = f"(None if {v} is None else {expr})"
-        parts.append((sp, expr))
+        # When a map leaves the field out: an optional field at None (an older peer may not know
+        # a newer one), an `omit` field at its default (see _lim).
+        cond = None
+        if sp.meta.get("omit"):
+            f = next(f for f in dataclasses.fields(cls) if f.name == sp.name)  # type: ignore[arg-type]
+            env[f"_default_{sp.name}"] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            cond = f"{v} != _default_{sp.name}"
+        elif optional and not sp.required:
+            cond = f"{v} is not None"
+        parts.append((sp, expr, cond))
     if cls.ARRAY:
         required = sum(1 for sp in specs if sp.required)
         body = ["def _encode(m):"]
         if cls.RAW:
             body.append("    if type(m) is list: return m")
-        body.append(f"    out = [{', '.join(e for _, e in parts)}]")
+        body.append(f"    out = [{', '.join(e for _, e, _c in parts)}]")
         # Trailing optional fields left at None are dropped (the decoder fills the defaults).
         body.append(f"    while len(out) > {required} and out[-1] is None: out.pop()")
         body.append("    return out")
     else:
-        # Optional fields left at None are left out (an older peer may not know a newer one).
-        body = ["def _encode(m):", "    out = {" + ", ".join(f"{sp.name!r}: {e}" for sp, e in parts if sp.required or not _none_default(sp)) + "}"]
-        body += [f"    if m.{sp.name} is not None: out[{sp.name!r}] = {e}" for sp, e in parts if not sp.required and _none_default(sp)]
-        body += _omit_lines(cls, env)
+        body = ["def _encode(m):", "    out = {" + ", ".join(f"{sp.name!r}: {e}" for sp, e, c in parts if c is None) + "}"]
+        body += [f"    if {c}: out[{sp.name!r}] = {e}" for sp, e, c in parts if c is not None]
         body.append("    return out")
     exec(compile("\n".join(body), f"<encoder {cls.__name__}>", "exec"), env)
     enc = env["_encode"]
@@ -1137,27 +1144,9 @@ def _encoder(cls: type[Message]) -> Any:
     return enc
 
 
-def _omit_lines(cls: type[Message], env: dict[str, Any]) -> list[str]:
-    """Encoder lines dropping the `omit` fields of a map that hold their default."""
-    lines = []
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.metadata.get("omit"):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            env[f"_default_{f.name}"] = default
-            # (a None default may already be out: optional fields left at None are never written)
-            lines.append(f"    if out.get({f.name!r}, _default_{f.name}) == _default_{f.name}: out.pop({f.name!r}, None)")
-    return lines
-
-
 VALIDATE_OUTGOING = False
 """Check every message we send with the receiving side's rules (tests turn this on: our own bugs
 then surface as LocalProtocolError). Off in production: it doubles the cost of big manifests."""
-
-
-def _none_default(sp: _FieldSpec) -> bool:
-    """An optional field whose default is None (left out of the wire when None)."""
-    origin = typing.get_origin(sp.tp)
-    return (origin is Union or origin is getattr(__import__("types"), "UnionType", None)) and type(None) in typing.get_args(sp.tp)
 
 
 def encode(msg: Message) -> bytes:
