@@ -93,7 +93,7 @@ def meta_of(st: os.stat_result | Meta) -> Meta:
     )
 
 
-def is_sparse(m: Meta) -> bool:
+def is_sparse(m: Meta | os.stat_result) -> bool:
     """A regular file whose allocated size is well below its length (holes worth keeping)."""
     return m.st_size > 65536 and m.st_blocks * 512 < m.st_size - 65536
 

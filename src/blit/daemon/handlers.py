@@ -131,9 +131,9 @@ class ModuleSource:
         try:
             st = os.fstat(fd)
             extents = None
-            if st.st_size > 65536 and st.st_blocks * 512 < st.st_size - 65536:
-                from ..fsops import data_extents
+            from ..fsops import data_extents, is_sparse
 
+            if is_sparse(st):
                 extents = data_extents(fd, st.st_size)
         except BaseException:
             os.close(fd)

@@ -272,9 +272,9 @@ class LocalSource:
             os.close(fd)
             raise OSError(21, "not a regular file")
         src = _LocalSrc(fd, st.st_size)
-        if st.st_size > 65536 and st.st_blocks * 512 < st.st_size - 65536:
-            from ..fsops import data_extents
+        from ..fsops import data_extents, is_sparse
 
+        if is_sparse(st):
             src.extents = data_extents(fd, st.st_size)
         return src
 

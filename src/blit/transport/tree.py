@@ -512,8 +512,7 @@ class SourceTree:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "no longer a regular file")
-            size = st.st_size
-            extents = fsops.data_extents(fd, size) if size > 65536 and st.st_blocks * 512 < size - 65536 else None  # fsops.is_sparse
+            extents = fsops.data_extents(fd, st.st_size) if fsops.is_sparse(st) else None
         except BaseException:
             os.close(fd)
             raise
