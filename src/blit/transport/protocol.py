@@ -1306,19 +1306,21 @@ def _unpack_names(tail: bytes, n: int, what: str) -> list[bytes]:
 
 
 def _unpack_ids_names(ids_blob: bytes, names_blob: bytes, what: str) -> tuple["array[int]", list[bytes]]:
-    """u32 little-endian ids and as many NUL-terminated names (`_unpack_names`'s rules).
-    Raises _Invalid."""
+    """u32 little-endian ids, no id twice, and as many NUL-terminated names (`_unpack_names`'s
+    rules). Raises _Invalid."""
     if len(ids_blob) % 4:
         raise _Invalid(f"{what}: ids not a multiple of 4 bytes")
     ids = array("I")
     ids.frombytes(ids_blob)
     if _SWAP:
         ids.byteswap()
+    if len(set(ids)) != len(ids):
+        raise _Invalid(f"{what}: a file id twice")
     return ids, _unpack_names(names_blob, len(ids), what)
 
 
 def unpack_file_group(g: FileGroup) -> tuple[list[bytes], "array[int]", list[bytes]]:
-    """A FileGroup's directory (split_path), ids and names, checked.
+    """A FileGroup's directory (split_path), ids (no id twice) and names, checked.
 
     Raises:
         Refused: PATH_REFUSED for the directory, BAD_REQUEST for ids or names.
@@ -1350,12 +1352,9 @@ def unpack_needs(g: NeedGroup) -> tuple["array[int]", list[bytes]]:
         RemoteProtocolError: anything else (the peer that sent it broke the protocol).
     """
     try:
-        ids, names = _unpack_ids_names(g.ids, g.names, "DirPlanned.packed_need")
+        return _unpack_ids_names(g.ids, g.names, "DirPlanned.packed_need")
     except _Invalid as exc:
         raise RemoteProtocolError(f"invalid {exc}", 400) from None
-    if len(set(ids)) != len(ids):
-        raise RemoteProtocolError("invalid DirPlanned.packed_need: a file id twice", 400)
-    return ids, names
 
 
 def with_need_list(planned: DirPlanned) -> DirPlanned:
