@@ -664,10 +664,7 @@ class LocalTransfer:
 
     def _defer_removal(self, job: DirJob, name: str) -> None:
         """Move: a hard-link member is at the destination; its source goes at the end of the run."""
-        entry = self.link_sources.get(job.rel)
-        if entry is None:
-            entry = self.link_sources[job.rel] = (job.dst_rel, [])
-        entry[1].append(name)
+        self.link_sources.setdefault(job.rel, (job.dst_rel, []))[1].append(name)
 
     async def _remove_link_sources(self) -> None:
         """Move: remove the landed hard-link members once every source directory was read.
