@@ -36,8 +36,6 @@ from . import contain
 log = logging.getLogger("blit.daemon")
 
 MAX_JOBS_PER_SESSION = 2
-ACTION_POLL = 0.1
-"""report_actions: how often a waiting peer/wait looks for new actions (seconds)."""
 
 
 def known_hosts_of(state: Any) -> Path:
@@ -270,7 +268,7 @@ async def wait(s: Any, msg: protocol.PeerWait) -> protocol.PeerStatus:
         if job.msg.report_actions:
             # Answer as soon as there is something to list (the client takes it page by page).
             while not job.finished.is_set() and not (job.actions is not None and len(job.actions)):
-                with trio.move_on_after(ACTION_POLL):
+                with trio.move_on_after(protocol.ACTION_POLL):
                     await job.finished.wait()
         else:
             await job.finished.wait()

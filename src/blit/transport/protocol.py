@@ -709,6 +709,9 @@ ACTION_PAGE = 20_000
 """Most actions in one page."""
 ACTION_PAGE_BYTES = 2 << 20
 """... and about this many bytes of paths (one more path may cross it: a page stays < 8 MiB)."""
+ACTION_POLL = 0.1
+"""Seconds between looks for new actions while none wait: the client between empty
+tree/actions pages, the daemon inside a peer/wait."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -272,9 +272,9 @@ async def relay(
     assert status.result is not None
     result = status.result
     if status.actions_dropped:
-        from .tree import _actions_dropped
+        from .tree import actions_dropped_failure
 
-        result = dataclasses.replace(result, failures=[*result.failures, _actions_dropped(status.actions_dropped)])
+        result = dataclasses.replace(result, failures=[*result.failures, actions_dropped_failure(status.actions_dropped)])
     return result, status.carrier or "tcp"
 
 

@@ -1590,11 +1590,8 @@ class TreeCounters:
         return self.settled + sum(s.files for s in self.streams), nbytes
 
 
-ACTION_POLL = 0.1
-"""-v / --dry-run: seconds between looks for new actions while none are waiting."""
-
-
-def _actions_dropped(n: int) -> PathFailure:
+def actions_dropped_failure(n: int) -> PathFailure:
+    """The failure a run reports when the destination could not keep `n` of its actions."""
     return PathFailure(path=b".", op="list actions", message=f"{n} changes were not listed: the destination's list of them was full")
 
 
@@ -1687,10 +1684,10 @@ async def push_tree(
             emit_actions(page.actions, actions)
             if not page.more:
                 if page.dropped:
-                    move_failures.append(_actions_dropped(page.dropped))
+                    move_failures.append(actions_dropped_failure(page.dropped))
                 return
             if not page.actions:
-                with trio.move_on_after(ACTION_POLL):
+                with trio.move_on_after(protocol.ACTION_POLL):
                     await finished.wait()
 
     def queue(rel: str, planned: DirPlanned) -> None:
@@ -1914,7 +1911,7 @@ async def pull_tree(
             elif finished.is_set():
                 return
             else:
-                with trio.move_on_after(ACTION_POLL):
+                with trio.move_on_after(protocol.ACTION_POLL):
                     await finished.wait()
 
     async def checksums(rel: str, names: list[bytes], sizes: dict[bytes, int]) -> list[protocol.NeedGroup]:
@@ -2001,7 +1998,7 @@ async def pull_tree(
                 await trio.to_thread.run_sync(sink.finish, complete)
                 finished.set()
         if actions is not None and sink.actions is not None and sink.actions.dropped:
-            f = _actions_dropped(sink.actions.dropped)
+            f = actions_dropped_failure(sink.actions.dropped)
             sink._fail(_s(f.path), f.op, f.message)
         if sink.landed is not None:
             await give_back(True)
