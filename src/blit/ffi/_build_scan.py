@@ -1,5 +1,6 @@
-"""Compile ``blit.ffi._scan``, the C directory comparer and digester (``_scan.c``) and small-file
-copier (``_copy.c``, one translation unit with it), with cffi's API mode.
+"""Compile ``blit.ffi._scan``, the C directory comparer and digester (``_scan.c``), small-file
+copier (``_copy.c``) and small-file framer (``_frame.c``), one translation unit, with cffi's API
+mode.
 
 Called at build time by ``hatch_build.py`` (wheel and editable installs) and by hand with
 ``python src/blit/ffi/_build_scan.py``; it writes the extension next to this file. It must not be
@@ -28,8 +29,11 @@ int blit_copy_new(int sfd, int dfd, int n, const int64_t *in, const char *names,
 int blit_land(int dfd, const char *name, const char *data, int64_t size, int64_t mode,
               int64_t atime_ns, int64_t mtime_ns, int64_t uid, int64_t gid, int flags, int umask_bits);
 void blit_set_copy_modes(int tmpfile, int link);
+int blit_frame_small(int dfd, int n, const char *names, const int64_t *name_off, const int64_t *ids,
+                     int oflags, int64_t max, char *out, int64_t cap, int64_t *status,
+                     int64_t *counts);
 """
-SOURCES = ("_scan.c", "_copy.c")
+SOURCES = ("_scan.c", "_copy.c", "_frame.c")
 
 
 def build(out_dir: pathlib.Path = HERE) -> pathlib.Path:

@@ -21,6 +21,9 @@ as ``PYTHON``; sparse files, hard links and replacements are never sent.
 
 ``land`` is the remote destination's counterpart (docs/decisions.md R20): one small file whose
 data is in memory, landed as ``fsops.Landing`` would (xattrs excepted: never sent here).
+
+``frame_small`` is the remote sender's (R28): a directory's small files read into data-stream
+frames in one call; whatever is not a small plain file goes back to the caller.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ try:
     from blit.ffi._scan import ffi as _ffi
     from blit.ffi._scan import lib as _lib
 
-    HAVE_CMPDIR = _lib.blit_version() == 4  # a stale build of an older _scan.c is not used
+    HAVE_CMPDIR = _lib.blit_version() == 5  # a stale build of an older _scan.c is not used
     _from_buffer = _ffi.from_buffer
 except ImportError:  # built without a C compiler: the pure-Python path does everything
     HAVE_CMPDIR = False
@@ -180,6 +183,54 @@ def land(dfd: int, name: bytes, data: Any, m: Meta, replace: bool, inherit_gid: 
         dfd, name, _from_buffer(data) if type(data) is not bytes else data, len(data),
         m.st_mode, m.st_atime_ns, m.st_mtime_ns, m.st_uid, m.st_gid, flags, UMASK,
     )
+
+
+# frame_small: per-file results besides -errno.
+FRAMED = 0  # its frames are in the output
+CALLER = 1  # not a small plain file (larger than the limit, or sparse): the caller sends it
+CHANGED = 2  # it held another number of bytes than its fstat said
+NOT_REGULAR = 3  # not a regular file (something else took its name)
+_FR_BUF = 2 << 20
+
+
+class _FrameBuffer(threading.local):
+    def __init__(self) -> None:
+        self.out = _ffi.new("char[]", _FR_BUF)
+        self.counts = _ffi.new("int64_t[3]")
+
+
+_frame_buf: _FrameBuffer | None = None
+
+
+def frame_small(dfd: int, names: list[bytes], ids: list[int], oflags: int, limit: int) -> tuple[list[bytes], int, int, list[int]]:
+    """Read files `names` of directory `dfd` (opened with `oflags`) into data-stream frames under
+    `ids` (protocol.FRAME: DATA, payload, END; END alone for an empty file), in as few C calls as
+    the buffer allows. Returns the frames (one bytes per call), their payload bytes, their
+    number, and one result per file: FRAMED, CALLER, CHANGED, NOT_REGULAR or -errno. `limit`
+    (at most 1 MiB): the largest file framed here. Only with HAVE_CMPDIR."""
+    global _frame_buf
+    b = _frame_buf
+    if b is None:
+        b = _frame_buf = _FrameBuffer()
+    n = len(names)
+    offs, off = [], 0
+    for name in names:
+        offs.append(off)
+        off += len(name) + 1
+    blob = b"\0".join(names) + b"\0"
+    c_offs = _ffi.new("int64_t[]", offs)
+    c_ids = _ffi.new("int64_t[]", ids)
+    status = _ffi.new("int64_t[]", n)
+    parts: list[bytes] = []
+    nbytes = frames = done = 0
+    counts = b.counts
+    while done < n:
+        done += _lib.blit_frame_small(dfd, n - done, blob, c_offs + done, c_ids + done, oflags, limit, b.out, _FR_BUF, status + done, counts)
+        if counts[0]:
+            parts.append(_ffi.buffer(b.out, counts[0])[:])
+            nbytes += counts[1]
+            frames += counts[2]
+    return parts, nbytes, frames, _ffi.unpack(status, n)
 
 
 def set_copy_modes(tmpfile: int, link: int) -> None:

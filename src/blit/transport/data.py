@@ -60,6 +60,8 @@ DEFAULT_STALL = 60.0
 """Seconds without progress after which a data stream is declared stalled."""
 HEARTBEAT = 5.0
 """A sender with nothing to send emits a NOOP this often."""
+TAKE = 64
+"""File ids a sender takes from the queue at a time (one `frame_small` call for the small ones)."""
 TOKEN_TTL = 30.0
 """Seconds a granted token stays valid."""
 ADMIT_TIMEOUT = 10.0
@@ -86,7 +88,7 @@ H2_CHUNK = 4 << 20
 H2_WRITE_BATCH = 8 << 20
 """Bytes the HTTP/2 fallback receiver gathers before it hops to a thread to write them."""
 
-_SHRANK = "file changed size while being read"
+SHRANK = "file changed size while being read"
 """The reason a file is aborted when it holds fewer bytes than announced."""
 
 T = TypeVar("T")
@@ -183,6 +185,25 @@ class FileSource(Protocol):
         """Open file `file_id` for sending (worker thread). Raises OSError (reported per file)."""
         ...
 
+    # Optional: `frame_small(ids) -> Framed | None` reads the small plain files among `ids` into
+    # ready frames in one step (worker thread); the rest are then sent through `open`.
+
+
+@dataclass(slots=True)
+class Framed:
+    """What a source's `frame_small` made of a batch of file ids."""
+
+    parts: list[bytes] = field(default_factory=list)
+    """The frames of the files read (DATA, payload, END each), ready to send."""
+    files: int = 0
+    nbytes: int = 0
+    """Payload bytes in `parts`."""
+    frames: int = 0
+    rest: list[int] = field(default_factory=list)
+    """Ids to send through `open` (large or sparse files)."""
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    """(id, reason) of files that could not be read: each gets an ABORT frame."""
+
 
 class SinkFile(Protocol):
     fd: int
@@ -250,6 +271,12 @@ class JobQueue:
             self._q.extend(ids)
             self._cv.notify_all()
 
+    def put_front(self, ids: list[int]) -> None:
+        """Give back ids taken but not sent, ahead of the rest (closed or not)."""
+        with self._cv:
+            self._q.extendleft(reversed(ids))
+            self._cv.notify_all()
+
     def close(self) -> None:
         """No more jobs: senders finish once the queue is drained."""
         with self._cv:
@@ -258,18 +285,26 @@ class JobQueue:
 
     def get(self, timeout: float) -> int | None:
         """The next file id; None when closed and drained; EMPTY after `timeout` s of nothing."""
+        ids = self.get_many(timeout, 1)
+        return None if ids is None else ids[0] if ids else self.EMPTY
+
+    def get_many(self, timeout: float, most: int) -> list[int] | None:
+        """Up to `most` file ids in queue order; None when closed and drained; [] after
+        `timeout` s of nothing."""
         with self._cv:
-            if not self._q and timeout <= 0:
-                return None if self._closed else self.EMPTY
-            end = time.monotonic() + timeout
-            while not self._q:
-                if self._closed:
-                    return None
-                left = end - time.monotonic()
-                if left <= 0:
-                    return self.EMPTY
-                self._cv.wait(left)
-            return self._q.popleft()
+            q = self._q
+            if not q:
+                end = time.monotonic() + timeout
+                while not q:
+                    if self._closed:
+                        return None
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        return []
+                    self._cv.wait(left)
+            if most == 1 or len(q) == 1:
+                return [q.popleft()]
+            return [q.popleft() for _ in range(min(most, len(q)))]
 
     def __len__(self) -> int:
         return len(self._q)
@@ -665,23 +700,39 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 
 def send_loop(io: StreamIO, source: FileSource, jobs: JobQueue, stats: StreamStats) -> None:
     """Send queued files as frames until the queue is closed and drained, then DONE. Small
-    files are gathered and sent several per sendmsg()."""
+    files are gathered and sent several per sendmsg(); a source with `frame_small` reads them
+    TAKE at a time in one call."""
     batch = _Batch(io, stats)
+    frame_small = getattr(source, "frame_small", None)
     while True:
-        file_id = jobs.get(0)
-        if file_id == JobQueue.EMPTY:
+        ids = jobs.get_many(0, TAKE)
+        if ids == []:
             batch.flush()  # nothing more right now: what we hold goes out
-            file_id = jobs.get(HEARTBEAT)
-        if file_id is None:
+            ids = jobs.get_many(HEARTBEAT, TAKE)
+        if ids is None:
             batch.add([pack_frame(FrameType.DONE)], 0)
             batch.flush()
             stats.done = True
             return
-        if file_id == JobQueue.EMPTY:
+        if not ids:
             io.send_all(pack_frame(FrameType.NOOP))
             stats.frames += 1
             continue
-        _send_one(io, source, file_id, stats, batch)
+        framed = frame_small(ids) if frame_small is not None else None
+        if framed is not None:
+            if framed.parts:
+                batch.add(framed.parts, framed.nbytes, frames=framed.frames)
+                stats.files += framed.files
+            if framed.failed:
+                batch.flush()
+                for file_id, why in framed.failed:
+                    _send_abort(io, file_id, why, stats)
+            ids = framed.rest
+            if len(ids) > 1:  # large files: one now, the others to whichever stream comes first
+                jobs.put_front(ids[1:])
+                ids = ids[:1]
+        for file_id in ids:
+            _send_one(io, source, file_id, stats, batch)
 
 
 class _Batch:
@@ -693,11 +744,12 @@ class _Batch:
         self.parts: list[bytes] = []
         self.size = 0
 
-    def add(self, parts: list[bytes], nbytes: int, wire: int = -1) -> None:
-        """`wire`: the parts' total length when the caller knows it."""
+    def add(self, parts: list[bytes], nbytes: int, wire: int = -1, frames: int = -1) -> None:
+        """`wire`: the parts' total length when the caller knows it; `frames`: how many frames
+        they hold (by default one per part)."""
         self.parts.extend(parts)
         self.size += wire if wire >= 0 else sum(len(p) for p in parts)
-        self.stats.frames += len(parts)
+        self.stats.frames += frames if frames >= 0 else len(parts)
         self.stats.bytes += nbytes
         if self.size >= BATCH_BYTES or len(self.parts) >= IOV_BATCH:
             self.flush()
@@ -722,7 +774,7 @@ def _send_one(io: StreamIO, source: FileSource, file_id: int, stats: StreamStats
             data = os.pread(f.fd, size + 1, 0) if size else b""
             if len(data) != size:
                 batch.flush()
-                _send_abort(io, file_id, _SHRANK, stats)
+                _send_abort(io, file_id, SHRANK, stats)
                 return
             if size:
                 batch.add([pack_frame(FrameType.DATA, file_id, 0, size), data, pack_frame(FrameType.END, file_id, size)], size, size + 2 * FRAME_SIZE)
@@ -739,7 +791,7 @@ def _send_one(io: StreamIO, source: FileSource, file_id: int, stats: StreamStats
             if got < n:
                 # The file shrank under us: keep the framing whole, then abort the file.
                 _send_zeros(io, n - got)
-                _send_abort(io, file_id, _SHRANK, stats)
+                _send_abort(io, file_id, SHRANK, stats)
                 return
         io.send_all(pack_frame(FrameType.END, file_id, size))
         stats.frames += 1
@@ -1231,8 +1283,8 @@ async def h2_send_loop(
                 stats.tick()
                 stats.files += 1
             else:
-                await st.send_data(_abort_frame(file_id, _SHRANK))
-                stats.failures.append((file_id, _SHRANK))
+                await st.send_data(_abort_frame(file_id, SHRANK))
+                stats.failures.append((file_id, SHRANK))
         finally:
             await trio.to_thread.run_sync(f.close, limiter=limiter)
 

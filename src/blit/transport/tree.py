@@ -84,6 +84,17 @@ def _msg(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+_NOT_REGULAR = "no longer a regular file"
+"""Why a file planned as regular is not sent (something else took its name)."""
+_SRC_FLAGS = fsops.O_SRC | os.O_NONBLOCK
+"""How a file to send is opened: never through a link; O_NONBLOCK so that a FIFO put in its
+place cannot block the open (reads of a regular file ignore it)."""
+
+
+def _rel_of(entry: tuple[int, str, bytes]) -> str:
+    return entry[1]
+
+
 def _join(a: str, b: str) -> str:
     return f"{a}/{b}" if a else b
 
@@ -505,18 +516,47 @@ class SourceTree:
         """Data-stream thread: open a file to send (never following a link)."""
         with self._lock:
             rel, name = self.files.pop(file_id)
-        # O_NONBLOCK: a FIFO put in its place must not block the open; it changes nothing for
-        # the regular file this must be (reads of regular files ignore it).
-        fd = os.open(name, fsops.O_SRC | os.O_NONBLOCK, dir_fd=self.dirs.held(rel))
+        fd = os.open(name, _SRC_FLAGS, dir_fd=self.dirs.held(rel))
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, "no longer a regular file")
+                raise OSError(errno.EINVAL, _NOT_REGULAR)
             extents = fsops.data_extents(fd, st.st_size) if fsops.is_sparse(st) else None
         except BaseException:
             os.close(fd)
             raise
         return SrcFile(fd, st.st_size, extents)
+
+    def frame_small(self, ids: list[int]) -> data.Framed | None:
+        """Data-stream thread: the small plain files among `ids` read and framed in C, one call
+        per directory (scan.frame_small); the others stay registered for `open`. None without
+        the C module."""
+        if not _C_LAND:
+            return None
+        with self._lock:
+            entries = [(i, *self.files.pop(i)) for i in ids]
+        out = data.Framed()
+        for rel, run in itertools.groupby(entries, key=_rel_of):
+            group = list(run)
+            try:
+                dfd = self.dirs.held(rel)
+            except OSError as exc:
+                out.failed += [(fid, _msg(exc)) for fid, _, _ in group]
+                continue
+            parts, nbytes, frames, status = cscan.frame_small(dfd, [n for _, _, n in group], [fid for fid, _, _ in group], _SRC_FLAGS, data.SMALL_FILE)
+            out.parts += parts
+            out.nbytes += nbytes
+            out.frames += frames
+            for (fid, _, name), st in zip(group, status):
+                if st == cscan.FRAMED:
+                    out.files += 1
+                elif st == cscan.CALLER:
+                    out.rest.append(fid)
+                    with self._lock:
+                        self.files[fid] = (rel, name)
+                else:
+                    out.failed.append((fid, data.SHRANK if st == cscan.CHANGED else _NOT_REGULAR if st == cscan.NOT_REGULAR else os.strerror(-st)))
+        return out
 
 
 class SrcFile:
