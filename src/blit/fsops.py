@@ -15,7 +15,7 @@ import errno
 import os
 import stat
 from contextlib import contextmanager
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Collection, Iterator, NamedTuple
 
 from . import ffi
 from .filters import Filters
@@ -34,6 +34,8 @@ _PATH_CHUNK = 3000
 # Xattr namespaces an unprivileged process may not be able to read or write: failures there are
 # expected ("where permitted"), failures on user.* are reported.
 _PRIVILEGED_XATTR = ("security.", "trusted.", "system.")
+_ACL_ACCESS = "system.posix_acl_access"
+_ACL_DEFAULT = "system.posix_acl_default"
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 EUID = os.geteuid() if hasattr(os, "geteuid") else -1
@@ -168,9 +170,15 @@ def scan(dir_fd: int) -> tuple[list[tuple[str, os.stat_result]], list[tuple[str,
     return out, errs
 
 
-def make_dir(parent_fd: int, name: str) -> None:
-    """Create a directory writable by us; its real mode is applied when it is finalised."""
+def make_dir(parent_fd: int, name: str, acl_inherited: bool = False) -> None:
+    """Create a directory writable by us; its real mode is applied when it is finalised.
+    `acl_inherited`: the parent has a default ACL (has_default_acl), which the new directory
+    would take as its own ACLs, and pass on to what lands in it: dropped at once."""
     os.mkdir(name, 0o700, dir_fd=parent_fd)
+    if acl_inherited:
+        path = _xattr_path(parent_fd, name)
+        drop_inherited_acls(path, (), directory=True)
+        os.chmod(path, 0o700)  # the default ACL, not the umask, gave it its mode
 
 
 def remove_extra(parent_fd: int, name: str, rel: str, filters: Filters) -> tuple[int, bool]:
@@ -356,6 +364,33 @@ def replace_xattrs(dir_fd: int, name: str, current: dict[str, bytes], wanted: di
     return True
 
 
+def has_default_acl(dir_fd: int) -> bool:
+    """Whether entries created in this directory inherit its default ACL (instead of the umask
+    shaping their mode). Rare; one getxattr per destination directory that receives entries."""
+    try:
+        os.getxattr(dir_fd, _ACL_DEFAULT)
+    except OSError:
+        return False  # ENODATA, or no ACLs here at all
+    return True
+
+
+def drop_inherited_acls(target: int | str, keep: Collection[str], directory: bool = False) -> None:
+    """Remove from a new entry (an fd, or a /proc/self/fd path that is not followed) the ACLs it
+    inherited from its directory's default ACL, except those named in `keep` (the source's,
+    set right after). The entry's mode must be set again afterwards."""
+    for n in (_ACL_ACCESS, _ACL_DEFAULT) if directory else (_ACL_ACCESS,):
+        if n in keep:
+            continue
+        try:
+            if isinstance(target, int):
+                os.removexattr(target, n)
+            else:
+                os.removexattr(target, n, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise OSError(exc.errno, f"removing inherited ACL {n}: {exc.strerror}") from exc
+
+
 def put_xattrs(fd: int, xattrs: list[tuple[str, bytes]], what: str) -> None:
     for n, v in xattrs:
         try:
@@ -410,10 +445,18 @@ class Landing:
             dir_fd=dir_fd,
         )
 
-    def finish_meta(self, m: Meta, xattrs: list[tuple[str, bytes]] | None, what: str, inherit_gid: bool = True) -> None:
+    def finish_meta(
+        self, m: Meta, xattrs: list[tuple[str, bytes]] | None, what: str, inherit_gid: bool = True,
+        acl_inherited: bool = False,
+    ) -> None:  # fmt: skip
         """Owner (as root), xattrs/ACLs, mode, times. `inherit_gid`: the directory may hand the
-        new file another group (setgid directory), so the owner is always set."""
+        new file another group (setgid directory), so the owner is always set. `acl_inherited`:
+        the directory has a default ACL (has_default_acl): the file took an ACL of its own from
+        it, and its mode from that ACL rather than the umask; the ACL goes unless the source's
+        replaces it."""
         fd = self.fd
+        if acl_inherited:
+            drop_inherited_acls(fd, [n for n, _ in xattrs or ()])
         if xattrs:
             put_xattrs(fd, xattrs, what)
         chowned = False
@@ -422,7 +465,7 @@ class Landing:
             chowned = True
         mode = stat.S_IMODE(m.st_mode)
         # An ACL sets the group bits; chown clears set-id bits: re-apply the mode then.
-        if mode != self.mode or chowned or xattrs:
+        if mode != self.mode or chowned or xattrs or acl_inherited:
             os.fchmod(fd, mode)
         os.utime(fd, ns=(m.st_atime_ns, m.st_mtime_ns))
 
@@ -520,8 +563,9 @@ def land_data(
 
 
 def copy_small(
-    src_dir: int, name: str, dst_dir: int, dst_name: str, m: Meta, replace: bool, inherit_gid: bool = True
-) -> int:
+    src_dir: int, name: str, dst_dir: int, dst_name: str, m: Meta, replace: bool, inherit_gid: bool = True,
+    acl_inherited: bool = False,
+) -> int:  # fmt: skip
     """Copy one small regular file with its metadata and land it atomically; returns bytes."""
     sfd = os.open(name, O_SRC, dir_fd=src_dir)
     try:
@@ -536,7 +580,7 @@ def copy_small(
                 n = len(data)
             else:
                 n = 0
-            landing.finish_meta(m, xattrs, name, inherit_gid)
+            landing.finish_meta(m, xattrs, name, inherit_gid, acl_inherited)
             landing.commit(dst_name, replace)
         except BaseException:
             landing.abort()
@@ -641,10 +685,21 @@ def _symlink_meta(dst_dir: int, name: str, m: Meta) -> None:
     os.utime(name, ns=(m.st_atime_ns, m.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
 
 
-def make_special(dst_dir: int, name: str, m: Meta, replace: bool) -> None:
-    """Recreate a FIFO, socket or (as root) device node, atomically, with its metadata."""
+def make_special(
+    dst_dir: int, name: str, m: Meta, replace: bool, acl_inherited: bool = False,
+    xattrs: dict[str, bytes] | None = None,
+) -> None:  # fmt: skip
+    """Recreate a FIFO, socket or (as root) device node, atomically, with its metadata and
+    `xattrs` (the source's, from xattrs_at: ACLs mostly). `acl_inherited`: as for
+    Landing.finish_meta."""
 
     def finish(tmp: str) -> None:
+        if acl_inherited or xattrs:
+            path = _xattr_path(dst_dir, tmp)
+            if acl_inherited:
+                drop_inherited_acls(path, xattrs or ())
+            if xattrs:
+                replace_xattrs(dst_dir, tmp, xattrs_at(dst_dir, tmp), xattrs)
         if IS_ROOT:
             os.chown(tmp, m.st_uid, m.st_gid, dir_fd=dst_dir, follow_symlinks=False)
         os.chmod(tmp, stat.S_IMODE(m.st_mode), dir_fd=dst_dir, follow_symlinks=False)

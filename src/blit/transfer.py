@@ -80,7 +80,7 @@ def _join(a: str, b: str) -> str:
 class Node:
     """A destination directory whose metadata is applied once everything below it is done."""
 
-    __slots__ = ("parent", "src_rel", "dst_rel", "meta", "dst_meta", "new", "pending", "changed", "own")
+    __slots__ = ("parent", "src_rel", "dst_rel", "meta", "dst_meta", "new", "pending", "changed", "own", "acl")
 
     def __init__(
         self,
@@ -101,6 +101,7 @@ class Node:
         self.pending = 1
         self.changed = False
         self.own = own  # False: the parent of the top entry, not part of the transfer
+        self.acl = False  # it has a default ACL: files landed in it drop what they inherit
 
 
 # ------------------------------------------------------------------------------------------------
@@ -445,6 +446,7 @@ class LocalTransfer:
             self.scan_incomplete.append(job.rel or ".")
         if res.changed:
             node.changed = True
+        node.acl = res.acl_inherited
         if res.extras:
             self.deletions.append((job.dst_rel, res.extras, node.meta if node.own else None))
         for name, dname, m, new, dm in res.subdirs:
@@ -467,7 +469,7 @@ class LocalTransfer:
         path = _join(job.rel, name)
         try:
             async with self.big_limiter:
-                await self._copy_big(job, name, dname, m, replace, path)
+                await self._copy_big(job, name, dname, m, replace, path, node.acl)
             node.changed = True
             if self.spec.move:
                 await self._remove_source(job.rel, job.dst_rel, name)
@@ -481,7 +483,9 @@ class LocalTransfer:
         finally:
             self._release(node)
 
-    async def _copy_big(self, job: DirJob, name: str, dname: str, m: Meta, replace: bool, path: str) -> None:
+    async def _copy_big(
+        self, job: DirJob, name: str, dname: str, m: Meta, replace: bool, path: str, acl: bool
+    ) -> None:
         w = self.worker
 
         def _open() -> tuple[int, int, fsops.Landing, list[tuple[str, bytes]], bool]:
@@ -542,7 +546,7 @@ class LocalTransfer:
                     self.bytes_done += m.st_size
 
                 def _finish() -> None:
-                    landing.finish_meta(m, xattrs, name)
+                    landing.finish_meta(m, xattrs, name, acl_inherited=acl)
                     landing.commit(dname, replace)
 
                 await trio.to_thread.run_sync(_finish)
@@ -593,7 +597,9 @@ class LocalTransfer:
                 ev = trio.Event()
                 self.inodes[key] = ev
                 try:
-                    first_ino = await self._hardlink_first(job, name, dname, m, d, path)
+                    first_ino, copied = await self._hardlink_first(job, name, dname, m, d, path, node.acl)
+                    if copied:
+                        node.changed = True  # a new name in an existing directory: its mtime moved
                     self.inodes[key] = (job.dst_rel, dname, first_ino)
                 except BaseException:
                     self.inodes.pop(key, None)
@@ -625,7 +631,10 @@ class LocalTransfer:
             self.files_done += 1
             self._release(node)
 
-    async def _hardlink_first(self, job: DirJob, name: str, dname: str, m: Meta, d: Meta | None, path: str) -> int:
+    async def _hardlink_first(
+        self, job: DirJob, name: str, dname: str, m: Meta, d: Meta | None, path: str, acl: bool
+    ) -> tuple[int, bool]:
+        """Land the first member of a group: its destination inode and whether it was written."""
         from .plan import Op, up_to_date
 
         op = Op.COPY if d is None else up_to_date(m, d, self.spec.compare)
@@ -647,20 +656,20 @@ class LocalTransfer:
                         fsops.fix_meta(ddir, dname, m, d, acl)
 
                 await trio.to_thread.run_sync(_settle)
-            return d.st_ino
+            return d.st_ino, False
         if self.spec.dry_run:
             if self.spec.record_actions:
                 self.progress.action("copy", path)
             self.summary.files_copied += 1
             self.summary.bytes_copied += m.st_size
-            return -1
-        await self._copy_big(job, name, dname, m, d is not None, path)
+            return -1, False
+        await self._copy_big(job, name, dname, m, d is not None, path, acl)
 
         def _ino() -> int:
             with fsops.dir_at(w.dst_root_fd, job.dst_rel) as ddir:
                 return os.stat(dname, dir_fd=ddir, follow_symlinks=False).st_ino
 
-        return await trio.to_thread.run_sync(_ino)
+        return await trio.to_thread.run_sync(_ino), True
 
     def _defer_removal(self, job: DirJob, name: str) -> None:
         """Move: a hard-link member is at the destination; its source goes at the end of the run."""

@@ -81,6 +81,7 @@ class DirResult:
     entries_seen: int = 0
     files_removed: int = 0  # move: source entries removed
     changed: bool = False  # something in the destination directory was created/replaced/removed
+    acl_inherited: bool = False  # the destination directory has a default ACL (fsops.has_default_acl)
     c_seconds: float = 0.0  # thread CPU spent in C calls that release the GIL (blit.ffi.scan)
     prefetched: bool = False  # compared before the run started (blit.prefetch): not a cost sample
     cpu_seconds: float = 0.0  # thread CPU of the whole job (set by the thread executor)
@@ -252,7 +253,15 @@ class Worker:
         # Plain new small files, copied in C one batch at a time (blit.ffi.scan.copy_new).
         batch: list[tuple[str, Meta]] = []
         batch_bytes = 0
-        ccopy = scan.HAVE_CMPDIR and not dry
+        # Entries created under a default ACL take an ACL (and their mode) from it: each is fixed
+        # by the Python path. Directories we create never have one (make_dir drops it).
+        acl = not dry and dfd >= 0 and any(it.op in _CREATES for it in plan.items) and fsops.has_default_acl(dfd)
+        if acl and job.dst_new:
+            # The top directory, just made by mkdir -p under a parent with a default ACL.
+            fsops.drop_inherited_acls(dfd, (), directory=True)
+            acl = False
+        res.acl_inherited = acl
+        ccopy = scan.HAVE_CMPDIR and not dry and not acl
 
         for dname, d_is_dir in plan.conflicts:
             if rec:
@@ -287,7 +296,7 @@ class Worker:
                     if rec:
                         res.actions.append(("mkdir", path))
                     if not dry:
-                        fsops.make_dir(dfd, dname)
+                        fsops.make_dir(dfd, dname, acl)
                         res.changed = True
                     res.dirs_created += 1
                     res.subdirs.append((name, dname, meta_of(m), True, None))
@@ -315,7 +324,9 @@ class Worker:
                             batch, batch_bytes = [], 0
                         continue
                     if not dry:
-                        res.bytes_copied += fsops.copy_small(sfd, name, dfd, dname, m, d is not None, job.inherit_gid)
+                        res.bytes_copied += fsops.copy_small(
+                            sfd, name, dfd, dname, m, d is not None, job.inherit_gid, acl
+                        )
                         res.changed = True
                     else:
                         res.bytes_copied += m.st_size
@@ -343,12 +354,14 @@ class Worker:
                     if d is not None and stat.S_IFMT(d.st_mode) == kind and d.st_rdev == m.st_rdev:
                         res.files_skipped += 1
                         if not dry:
-                            fsops.fix_meta(dfd, dname, m, d)
+                            # ACLs first: setting one rewrites the group bits.
+                            fsops.fix_meta(dfd, dname, m, d, fsops.sync_xattrs(sfd, name, dfd, dname))
                     else:
                         if rec:
                             res.actions.append(("special", path))
                         if not dry:
-                            fsops.make_special(dfd, dname, m, d is not None)
+                            xattrs = fsops.xattrs_at(sfd, name)
+                            fsops.make_special(dfd, dname, m, d is not None, acl, xattrs)
                             res.changed = True
                         res.links_created += 1
                     landed.append(name)
@@ -423,6 +436,9 @@ class Worker:
             except OSError as exc:
                 res.failures.append((prefix + name, "remove source", _msg(exc)))
 
+
+# Plan operations that create an inode in the destination directory.
+_CREATES = frozenset({Op.MKDIR, Op.COPY, Op.HASH, Op.SPECIAL, Op.HARDLINK})
 
 # copy_new batches: few enough files that Ctrl-C stays prompt, few enough bytes per call.
 _BATCH_FILES = 64
