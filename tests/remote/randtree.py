@@ -1,12 +1,12 @@
-"""Seeded random trees for differential tests (blit against rsync -aHAXS as the oracle).
+"""Seeded random trees for differential tests (blit against rsync -aHXS as the oracle).
 
 make_random_tree(root, seed) builds a small tree (tens to a few hundred entries) with every kind
 of entry blit carries: files of edge sizes (0, 1, 4095, 4096, 65537, a few MiB), sparse files
 (holes at the start, middle, end), names that are not UTF-8 or hold spaces, newlines and
 backslashes, symlinks (relative, absolute, dangling, to directories), hard-link groups (one
 directory, across directories), empty and deep directories, user.* xattrs, odd modes (0o000,
-setgid directories, 0o4755), owners other than root (as root), FIFOs, and mtimes with
-nanoseconds, before 1970 too. The same seed builds the same tree.
+setgid directories, 0o4755), owners other than root, FIFOs, sockets, devices (as root), and
+mtimes with nanoseconds, before 1970 too. The same seed builds the same tree.
 
 diverge_dest(dst, seed) changes a copy of such a tree the way a stale mirror destination
 differs: extra entries, another kind at the same name, same size and mtime but other bytes,
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import stat
 import time
 
@@ -131,7 +132,21 @@ def make_random_tree(root: str | os.PathLike[str] | bytes, seed: int, *, max_ent
                 p = os.path.join(os.path.dirname(other), names.new(os.path.dirname(other)))
             os.link(other, p)
         elif roll < 0.78:
-            os.mkfifo(p, rng.choice([0o644, 0o600]))
+            special = rng.choice(["fifo", "fifo", "socket", "device"])
+            if special == "socket":
+                # bind() takes at most 107 bytes: a short name through the directory's fd.
+                dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    with socket.socket(socket.AF_UNIX) as sk:
+                        sk.bind(b"/proc/self/fd/%d/.sock" % dfd)
+                    os.rename(b".sock", os.path.basename(p), src_dir_fd=dfd, dst_dir_fd=dfd)
+                finally:
+                    os.close(dfd)
+            elif special == "device" and owners:
+                kind = rng.choice([stat.S_IFCHR, stat.S_IFBLK])
+                os.mknod(p, kind | 0o640, os.makedev(rng.choice([1, 7]), rng.randrange(0, 300)))
+            else:
+                os.mkfifo(p, rng.choice([0o644, 0o600]))
         elif roll < 0.85:
             os.mkdir(p)  # stays empty unless a later entry lands in it
             dirs.append(p)
