@@ -336,7 +336,7 @@ class Worker:
                     target = os.readlink(name, dir_fd=sfd)
                     if d is not None and stat.S_ISLNK(d.st_mode) and os.readlink(dname, dir_fd=dfd) == target:
                         res.files_skipped += 1
-                        if not dry and (d.st_mtime_ns != m.st_mtime_ns or (fsops.IS_ROOT and d.st_uid != m.st_uid)):
+                        if not dry:
                             fsops.fix_meta(dfd, dname, m, d)
                     else:
                         if rec:

@@ -781,6 +781,13 @@ class DestTree:
     def _stop(self) -> bool:
         return self.stopped
 
+    def _changed(self, dst_rel: str) -> None:
+        """Under the lock: an entry of dst_rel was created or replaced, so `finish` puts the
+        directory's mtime back (whatever else the plan found in it)."""
+        node = self.nodes.get(dst_rel)
+        if node is not None:
+            node.changed = True
+
     def _record(self, rel: str, name: str, m: Meta) -> None:
         """Move: source entry rel/name is now at the destination."""
         if self.landed is not None:
@@ -994,7 +1001,7 @@ class DestTree:
                     if d is not None and stat.S_ISLNK(d.st_mode) and os.readlink(_b(dname), dir_fd=dfd) == target:
                         with self._lock:
                             self.files_skipped += 1
-                        if not dry and d.st_mtime_ns != m.st_mtime_ns:
+                        if not dry:
                             fsops.fix_meta(dfd, dname, m, fsops.meta_of(d))
                     else:
                         if not dry:
@@ -1028,12 +1035,9 @@ class DestTree:
                 if exc.errno in FATAL_ERRNOS:
                     self.fatal = f"{_msg(exc)} (writing {dprefix + dname})"
                 failures.append(PathFailure(path=_b(prefix + name), op=op.name.lower(), message=_msg(exc)))
-        if changed:
-            with self._lock:
-                node = self.nodes.get(dst_rel)
-                if node is not None:
-                    node.changed = True
         with self._lock:
+            if changed:
+                self._changed(dst_rel)
             for f in failures:
                 self.failures.append((_s(f.path), f.op, f.message))
         return DirPlanned(
@@ -1191,7 +1195,6 @@ class DestTree:
                 op = Op.COPY if d is None else up_to_date(m, fsops.meta_of(d), self.spec.compare)
                 if op is Op.SAME and d is not None:
                     self.links[key] = ("landed", dst_rel, dname, d.st_ino)
-                    self.files_skipped += 1
                     first = None
                 else:
                     self.links[key] = ("waiting", [])
@@ -1205,9 +1208,7 @@ class DestTree:
                 first = False
                 group_landed = group
         if first is None:
-            if not self.spec.dry_run:
-                fsops.fix_meta(dfd, dname, m, fsops.meta_of(d))
-            self._record(rel, name, m)
+            self._same(rel, dfd, name, dname, m, d, xattrs)
             return None
         if first is False and group is None:
             self._await_hash(rel, dst_rel, _HashItem(name, dname, m, dst_meta, xattrs, key))
@@ -1254,6 +1255,7 @@ class DestTree:
             return
         with self._lock:
             self.links_created += 1
+            self._changed(dst_rel)
         self._act("link", path)
         if src is not None:
             self._record(*src)
@@ -1335,9 +1337,7 @@ class DestTree:
         with self._lock:
             self.files_copied += 1
             self.bytes_copied += size
-            node = self.nodes.get(p.dst_rel)
-            if node is not None:
-                node.changed = True
+            self._changed(p.dst_rel)
         self._act("copy", _join(p.rel, p.name))
         if self.landed is not None:
             self.landed.add(p.rel, p.name, p.meta)
