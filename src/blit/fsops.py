@@ -549,13 +549,14 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
 
 
 def land_data(
-    dir_fd: int, name: str, data: bytes | memoryview, m: Meta, xattrs: list[tuple[str, bytes]] | None, replace: bool, inherit_gid: bool = True
-) -> None:
+    dir_fd: int, name: str, data: bytes | memoryview, m: Meta, xattrs: list[tuple[str, bytes]] | None, replace: bool, inherit_gid: bool = True,
+    acl_inherited: bool = False,
+) -> None:  # fmt: skip
     """Land a small file whose whole content is in memory, with its metadata, atomically."""
     landing = Landing(dir_fd, stat.S_IMODE(m.st_mode))
     try:
         write_all(landing.fd, data)
-        landing.finish_meta(m, xattrs, name, inherit_gid)
+        landing.finish_meta(m, xattrs, name, inherit_gid, acl_inherited)
         landing.commit(name, replace)
     except BaseException:
         landing.abort()

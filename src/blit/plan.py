@@ -37,6 +37,11 @@ class Op(IntEnum):
     HARDLINK = 7  # regular file with nlink > 1: settled globally by the coordinator
 
 
+CREATES = frozenset({Op.MKDIR, Op.COPY, Op.HASH, Op.SPECIAL, Op.HARDLINK})
+"""Ops that may create an entry in the destination directory (which then inherits its default
+ACL, if it has one: fsops.has_default_acl)."""
+
+
 @dataclass(slots=True)
 class Item:
     op: Op

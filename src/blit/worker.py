@@ -28,7 +28,7 @@ from . import ffi, fsops, prefetch
 from .ffi import scan
 from .filters import Filters
 from .fsops import Meta, meta_of
-from .plan import Compare, Op, plan_dir
+from .plan import CREATES, Compare, Op, plan_dir
 
 # Errors that mean the destination cannot take anything more: the run stops (exit 1).
 FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
@@ -255,7 +255,7 @@ class Worker:
         batch_bytes = 0
         # Entries created under a default ACL take an ACL (and their mode) from it: each is fixed
         # by the Python path. Directories we create never have one (make_dir drops it).
-        acl = not dry and dfd >= 0 and any(it.op in _CREATES for it in plan.items) and fsops.has_default_acl(dfd)
+        acl = not dry and dfd >= 0 and any(it.op in CREATES for it in plan.items) and fsops.has_default_acl(dfd)
         if acl and job.dst_new:
             # The top directory, just made by mkdir -p under a parent with a default ACL.
             fsops.drop_inherited_acls(dfd, (), directory=True)
@@ -438,8 +438,6 @@ class Worker:
 
 
 # Plan operations that create an inode in the destination directory.
-_CREATES = frozenset({Op.MKDIR, Op.COPY, Op.HASH, Op.SPECIAL, Op.HARDLINK})
-
 # copy_new batches: few enough files that Ctrl-C stays prompt, few enough bytes per call.
 _BATCH_FILES = 64
 _BATCH_BYTES = 4 << 20

@@ -37,7 +37,7 @@ from .. import ffi, fsops
 from ..ffi import scan as cscan
 from ..filters import Filters
 from ..fsops import Meta
-from ..plan import Compare, Op, plan_dir, up_to_date
+from ..plan import CREATES, Compare, Op, plan_dir, up_to_date
 from . import data, protocol
 from .protocol import (
     DigestsChecked,
@@ -635,6 +635,7 @@ class _Pending:
     inherit_gid: bool = True
     rel: str = ""  # the source directory and name (move: what to remove once landed)
     name: str = ""
+    acl: bool = False  # its directory has a default ACL: drop what the new file inherits
 
 
 @dataclass
@@ -857,6 +858,10 @@ class DestTree:
                     self.incomplete.append(rel or ".")
                 return DirPlanned(subdirs=[], need=[], failures=failures)
         try:
+            if dfd >= 0 and dst_new and not dry and fsops.has_default_acl(dfd):
+                # Made for the run (mkdir -p) under a parent with a default ACL; the directories
+                # we make below drop theirs (make_dir), so only a top one can get here.
+                fsops.drop_inherited_acls(dfd, (), directory=True)
             if dfd >= 0 and not dst_new:
                 try:
                     dents, derrs = fsops.scan(dfd)
@@ -928,6 +933,8 @@ class DestTree:
         settled = 0
         blocked: set[str] = set()
         changed = False
+        # Entries created under a default ACL inherit it (and a mode shaped by it): drop it.
+        acl = not dry and any(it.op in CREATES for it in p.items) and fsops.has_default_acl(dfd)
         for dname, d_is_dir in p.conflicts:
             if dry:
                 self._act("delete", dprefix + dname)
@@ -962,7 +969,7 @@ class DestTree:
                     subdirs.append(SubDir(name=_b(name), dname=_b(dname), new=False))
                 elif op is Op.MKDIR:
                     if not dry:
-                        fsops.make_dir(dfd, dname)
+                        fsops.make_dir(dfd, dname, acl)
                         changed = True
                     self._act("mkdir", prefix + name)
                     with self._lock:
@@ -971,7 +978,7 @@ class DestTree:
                         self.nodes[_join(dst_rel, dname)] = _DirNode(m, None, True, xattrs, inherit_gid=False, src_rel=_join(rel, name))
                     subdirs.append(SubDir(name=_b(name), dname=_b(dname), new=True))
                 elif op is Op.HARDLINK:
-                    fid = self._hardlink(rel, name, dst_rel, dname, m, d, xattrs, dfd, prefix + name)
+                    fid = self._hardlink(rel, name, dst_rel, dname, m, d, xattrs, dfd, prefix + name, acl)
                     if fid == _HASH:
                         hash_names.append(_b(name))
                     elif isinstance(fid, int):
@@ -994,7 +1001,7 @@ class DestTree:
                         self._act("copy", prefix + name)
                         settled += 1
                         continue
-                    need_ids.append(self._register(dst_rel, dname, m, xattrs, d is not None, rel=rel, name=name))
+                    need_ids.append(self._register(dst_rel, dname, m, xattrs, d is not None, rel=rel, name=name, acl=acl))
                     need_names.append(_b(name))
                 elif op is Op.SYMLINK:
                     target = _target(e) or b""
@@ -1021,10 +1028,11 @@ class DestTree:
                         with self._lock:
                             self.files_skipped += 1
                         if not dry:
-                            fsops.fix_meta(dfd, dname, m, fsops.meta_of(d))
+                            # ACLs first: setting one rewrites the group bits.
+                            fsops.fix_meta(dfd, dname, m, fsops.meta_of(d), self._sync_xattrs(dfd, dname, xattrs))
                     else:
                         if not dry:
-                            fsops.make_special(dfd, dname, m, d is not None)
+                            fsops.make_special(dfd, dname, m, d is not None, acl, dict(xattrs) if xattrs else None)
                             changed = True
                         self._act("special", prefix + name)
                         with self._lock:
@@ -1064,13 +1072,14 @@ class DestTree:
         *,
         rel: str = "",
         name: str = "",
+        acl: bool = False,
     ) -> int:
         with self._lock:
             fid = self._next_id
             self._next_id += 1
             node = self.nodes.get(dst_rel)
             inherit = node.inherit_gid if node is not None else True
-            self.pending[fid] = _Pending(dst_rel, dname, m, xattrs, replace, link_key, inherit, rel, name)
+            self.pending[fid] = _Pending(dst_rel, dname, m, xattrs, replace, link_key, inherit, rel, name, acl)
         return fid
 
     # --- --checksum ---------------------------------------------------------------------------------
@@ -1135,6 +1144,7 @@ class DestTree:
                 self._group_failed(it.link_key, prefix + it.name)
             return DirPlanned(subdirs=[], need=[], failures=[PathFailure(path=_b(prefix + it.name), op="checksum", message=_msg(exc)) for it, _ in batch])
         try:
+            acl: bool | None = None  # whether dst_rel has a default ACL, looked up once if needed
             for it, digest in batch:
                 try:
                     mine = dst.get(_b(it.name))
@@ -1152,7 +1162,9 @@ class DestTree:
                         if it.link_key is not None:
                             self._group_landed(it.link_key, dst_rel, it.dname, -1)
                     else:
-                        fid = self._register(dst_rel, it.dname, it.meta, it.xattrs, True, it.link_key, rel=rel, name=it.name)
+                        if acl is None:
+                            acl = fsops.has_default_acl(dfd)
+                        fid = self._register(dst_rel, it.dname, it.meta, it.xattrs, True, it.link_key, rel=rel, name=it.name, acl=acl)
                         need_ids.append(fid)
                         need_names.append(_b(it.name))
                 except OSError as exc:
@@ -1182,8 +1194,9 @@ class DestTree:
 
     # --- hard links -------------------------------------------------------------------------------
     def _hardlink(
-        self, rel: str, name: str, dst_rel: str, dname: str, m: Meta, d: Any, xattrs: list[tuple[str, bytes]] | None, dfd: int, path: str
-    ) -> int | str | None:
+        self, rel: str, name: str, dst_rel: str, dname: str, m: Meta, d: Any, xattrs: list[tuple[str, bytes]] | None, dfd: int, path: str,
+        acl: bool = False,
+    ) -> int | str | None:  # fmt: skip
         """One member of a source hard-link group: the first needs its data (or is up to date,
         or waits for its hash under --checksum: returns _HASH), the others are linked to it once
         it has landed. Returns a file id when data is needed."""
@@ -1221,7 +1234,7 @@ class DestTree:
                     self.links[key] = ("landed", dst_rel, dname, -1)
                 self._act("copy", path)
                 return None
-            return self._register(dst_rel, dname, m, xattrs, d is not None, key, rel=rel, name=name)
+            return self._register(dst_rel, dname, m, xattrs, d is not None, key, rel=rel, name=name, acl=acl)
         _, frel, fname, fino = group_landed
         self._link_to(frel, fname, fino, dst_rel, dname, d.st_ino if d is not None else None, path, src)
         return None
@@ -1319,12 +1332,12 @@ class DestTree:
             p = self.pending.pop(file_id)
         try:
             dfd = self.dirs.held(p.dst_rel)
-            if p.xattrs is None and _C_LAND:
+            if p.xattrs is None and not p.acl and _C_LAND:
                 r = cscan.land(dfd, _b(p.dname), content, p.meta, p.replace, p.inherit_gid)
                 if r:
                     raise OSError(-r, os.strerror(-r))
             else:
-                fsops.land_data(dfd, p.dname, content, p.meta, p.xattrs, p.replace, p.inherit_gid)
+                fsops.land_data(dfd, p.dname, content, p.meta, p.xattrs, p.replace, p.inherit_gid, p.acl)
         except OSError:
             with self._lock:
                 self._open[file_id] = p  # for `failed`
@@ -1511,7 +1524,7 @@ class _DestFile:
     def commit(self, size: int) -> None:
         p = self.p
         try:
-            self.landing.finish_meta(p.meta, p.xattrs, p.dname, p.inherit_gid)
+            self.landing.finish_meta(p.meta, p.xattrs, p.dname, p.inherit_gid, p.acl)
             self.landing.commit(p.dname, p.replace)
         except BaseException:
             self.landing.abort()
