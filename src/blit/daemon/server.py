@@ -19,6 +19,7 @@ This module must not interpret messages (handlers.py) or frames (transport/data.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 import h2.errors
 import trio
 
-from ..errors import RemoteProtocolError
+from ..errors import LocalProtocolError, RemoteProtocolError
 from ..transport import control, data, protocol
 from ..transport import tls as tls_mod
 from ..transport.protocol import AdmitStatus, ErrorCode, Refused
@@ -256,6 +257,12 @@ async def _handle_stream(session: handlers.Session, st: control.H2Stream) -> Non
                 raise Refused(ErrorCode.TOO_LARGE, str(exc)) from None
             msg = session.proto.receive_request(path, body)
             reply = await session.dispatch(msg)
+            try:
+                out = protocol.encode(reply)
+            except LocalProtocolError as exc:  # an answer above the message limit (a huge listing)
+                where = getattr(msg, "rel", None)
+                what = f"{path} of {os.fsdecode(where)!r}" if where else path
+                raise Refused(ErrorCode.TOO_LARGE, f"the answer to {what} is too large: {exc} (a directory this large is not supported yet)") from None
         except Refused as exc:
             log.info("%s %s refused: %s: %s", session.peer, path, exc.code.value, exc.message)
             await _reply_error(st, exc.code, exc.message)
@@ -267,7 +274,7 @@ async def _handle_stream(session: handlers.Session, st: control.H2Stream) -> Non
             await _reply_error(st, ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
             return
     await st.send_headers(_OK_HEADERS)
-    await st.send_data(protocol.encode(reply), end=True)
+    await st.send_data(out, end=True)
 
 
 async def _handle_h2_data(session: handlers.Session, st: control.H2Stream) -> None:

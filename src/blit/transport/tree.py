@@ -34,6 +34,7 @@ from typing import Any, cast
 import trio
 
 from .. import ffi, fsops
+from ..errors import LocalProtocolError
 from ..ffi import scan as cscan
 from ..filters import Filters
 from ..fsops import Meta
@@ -1791,19 +1792,22 @@ async def push_tree(
         entries = cast("list[Entry]", manifest.entries)
         if only is not None:
             entries = [e for e in entries if _s(e[0]) in only]
-        planned: DirPlanned = await session.call(
-            protocol.TreeDir(
-                transfer=t.id,
-                rel=_b(rel),
-                dst_rel=_b(dst_rel),
-                dst_new=dst_new,
-                only=_only_wire(only),
-                entries=cast("list[SrcEntry]", entries),
-                incomplete=manifest.incomplete,
-                dir_entry=manifest.dir_entry,
-                packed=manifest.packed,
+        try:
+            planned: DirPlanned = await session.call(
+                protocol.TreeDir(
+                    transfer=t.id,
+                    rel=_b(rel),
+                    dst_rel=_b(dst_rel),
+                    dst_new=dst_new,
+                    only=_only_wire(only),
+                    entries=cast("list[SrcEntry]", entries),
+                    incomplete=manifest.incomplete,
+                    dir_entry=manifest.dir_entry,
+                    packed=manifest.packed,
+                )
             )
-        )
+        except LocalProtocolError as exc:  # above the message limit: a huge listing
+            raise LocalProtocolError(f"directory {rel or '.'!r} is too large to send: {exc} (a directory this large is not supported yet)") from None
         queue(rel, planned)
         if planned.hash:
             sizes = {e[0]: e[2] for e in entries}
