@@ -203,6 +203,46 @@ def _acl_xattr(entries: Sequence[tuple[int, int, int]]) -> bytes:
 ACL_FILE = _acl_xattr([(1, 6, 0), (2, 6, 1234), (4, 4, 0), (8, 4, 5678), (0x10, 6, 0), (0x20, 4, 0)])
 ACL_DEFAULT = _acl_xattr([(1, 7, 0), (2, 7, 1234), (4, 5, 0), (0x10, 7, 0), (0x20, 5, 0)])
 
+def acl_dir(path: Path | str) -> None:
+    """Make directory `path` (and parents) and give it the default ACL ACL_DEFAULT."""
+    os.makedirs(path, exist_ok=True)
+    os.setxattr(path, "system.posix_acl_default", ACL_DEFAULT)
+
+
+ACL_TREE_T = 1_400_000_000_000_000_000
+
+
+def make_acl_inheritance_tree(src: Path) -> None:
+    """src/shared with a default ACL, and in it what an ACL-inheriting destination must not
+    change: files of their own modes and no ACL (small, 5 MiB, two hard-linked names), one with
+    an ACL of its own, a FIFO and a directory without ACLs (holding a file). The entries made in
+    `shared` inherit its ACL first; each is then stripped to what it should be."""
+    acl_dir(src / "shared")
+    acl_free = {
+        "plain": (b"no ACL of its own\n", 0o644),
+        "private": (b"private\n", 0o600),
+        "big.bin": (os.urandom(5 * MiB), 0o644),  # above the size copied by the workers
+        "linked": (b"two names\n", 0o640),
+    }
+    for name, (data, mode) in acl_free.items():
+        write_file(src / "shared" / name, data)
+        os.removexattr(src / "shared" / name, "system.posix_acl_access")
+        os.chmod(src / "shared" / name, mode)
+    os.link(src / "shared/linked", src / "shared/linked2")
+    write_file(src / "shared/with_acl", b"an ACL of its own\n")
+    os.setxattr(src / "shared/with_acl", "system.posix_acl_access", ACL_FILE)
+    os.mkfifo(src / "shared/fifo")
+    os.removexattr(src / "shared/fifo", "system.posix_acl_access")
+    os.chmod(src / "shared/fifo", 0o644)
+    os.mkdir(src / "shared/newdir")
+    for n in ("system.posix_acl_access", "system.posix_acl_default"):
+        os.removexattr(src / "shared/newdir", n)
+    os.chmod(src / "shared/newdir", 0o755)
+    write_file(src / "shared/newdir/inner", b"inner\n", mode=0o644)
+    for p in (src / "shared/newdir", src / "shared"):
+        os.utime(p, ns=(ACL_TREE_T, ACL_TREE_T))
+
+
 # Component names for the path over PATH_MAX: 20 x 250 bytes > 5000 bytes.
 LONG_COMPONENT = b"L" * 249
 LONG_DEPTH = 20

@@ -19,8 +19,9 @@ from difftree import CASES, run_case, run_sequence
 from helpers import (
     ACL_DEFAULT,
     ACL_FILE,
-    MiB,
+    acl_dir,
     assert_same_tree,
+    make_acl_inheritance_tree,
     make_tree,
     rmtree,
     run_blit,
@@ -72,41 +73,13 @@ def test_a_hard_link_group_copied_again_keeps_its_directories_times(tmp_path: Pa
     assert_same_tree(src, dst)
 
 
-def _acl_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    os.setxattr(path, "system.posix_acl_default", ACL_DEFAULT)
-
-
 def test_entries_landing_under_a_default_acl_keep_the_sources_acls_and_modes(tmp_path: Path) -> None:
     """A destination directory with a default ACL hands every entry created in it an ACL (and a
     mode shaped by that ACL, not the umask). What lands must carry the source's ACLs and modes
     only, whichever way it is written: small files, a large file, a hard-link group, a FIFO, a
     new directory and what lands in it."""
     src = tmp_path / "src"
-    _acl_dir(src / "shared")
-    acl_free = {
-        "plain": (b"no ACL of its own\n", 0o644),
-        "private": (b"private\n", 0o600),
-        "big.bin": (os.urandom(5 * MiB), 0o644),  # above the size copied by the workers
-        "linked": (b"two names\n", 0o640),
-    }
-    for name, (data, mode) in acl_free.items():
-        write_file(src / "shared" / name, data)
-        os.removexattr(src / "shared" / name, "system.posix_acl_access")
-        os.chmod(src / "shared" / name, mode)
-    os.link(src / "shared/linked", src / "shared/linked2")
-    write_file(src / "shared/with_acl", b"an ACL of its own\n")
-    os.setxattr(src / "shared/with_acl", "system.posix_acl_access", ACL_FILE)
-    os.mkfifo(src / "shared/fifo")
-    os.removexattr(src / "shared/fifo", "system.posix_acl_access")
-    os.chmod(src / "shared/fifo", 0o644)
-    os.mkdir(src / "shared/newdir")
-    for n in ("system.posix_acl_access", "system.posix_acl_default"):
-        os.removexattr(src / "shared/newdir", n)
-    os.chmod(src / "shared/newdir", 0o755)
-    write_file(src / "shared/newdir/inner", b"inner\n", mode=0o644)
-    os.utime(src / "shared/newdir", ns=(1_400_000_000_000_000_000, 1_400_000_000_000_000_000))
-    os.utime(src / "shared", ns=(1_400_000_000_000_000_000, 1_400_000_000_000_000_000))
+    make_acl_inheritance_tree(src)
 
     # The destination's copy of "shared" exists already, with the same default ACL.
     dst = tmp_path / "dst"
@@ -116,7 +89,7 @@ def test_entries_landing_under_a_default_acl_keep_the_sources_acls_and_modes(tmp
     assert_same_tree(src, dst)
 
     # A destination created (mkdir -p) inside a directory with a default ACL.
-    _acl_dir(tmp_path / "acl_parent")
+    acl_dir(tmp_path / "acl_parent")
     run_blit("copy", f"{src}/shared/newdir/", tmp_path / "acl_parent/made", check=0)
     assert_same_tree(src / "shared/newdir", tmp_path / "acl_parent/made")
 
