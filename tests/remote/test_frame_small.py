@@ -110,8 +110,8 @@ def test_a_batch_larger_than_the_buffer_is_read_in_several_calls(dir_fd: tuple[P
 
 async def test_large_files_taken_in_one_batch_are_offered_to_every_stream(daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Six large files among small ones in one directory, taken in one batch: the stream sends
-    one and gives the others back to the queue (whichever stream asks first takes the next),
-    and every file lands."""
+    one and gives the others back to the queue (whichever stream asks first takes the next,
+    without opening them in C again), and every file lands."""
     src = tmp_path / "src"
     src.mkdir()
     want = {}
@@ -129,6 +129,14 @@ async def test_large_files_taken_in_one_batch_are_offered_to_every_stream(daemon
         put_front(self, ids)
 
     monkeypatch.setattr(data.JobQueue, "put_front", spy)
+    read: list[bytes] = []
+    frame_small = cscan.frame_small
+
+    def spy_frame(dfd: int, names: list[bytes], *args: int | list[int]) -> tuple[list[bytes], int, int, list[int]]:
+        read.extend(names)
+        return frame_small(dfd, names, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cscan, "frame_small", spy_frame)
     dst = daemon.modules["data"] / "dst"
     dst.mkdir()
     async with daemon.session() as s:
@@ -136,3 +144,4 @@ async def test_large_files_taken_in_one_batch_are_offered_to_every_stream(daemon
     assert not done.failures and done.files_copied == len(want)
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == want
     assert [len(ids) for ids in given_back] == [5, 4, 3, 2, 1], given_back
+    assert sorted(read) == sorted(n.encode() for n in want), "a file handed back was read again"

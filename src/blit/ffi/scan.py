@@ -191,6 +191,7 @@ CALLER = 1  # not a small plain file (larger than the limit, or sparse): the cal
 CHANGED = 2  # it held another number of bytes than its fstat said
 NOT_REGULAR = 3  # not a regular file (something else took its name)
 _FR_BUF = 2 << 20
+_FR_LIMIT = 1 << 20
 
 
 class _FrameBuffer(threading.local):
@@ -206,8 +207,11 @@ def frame_small(dfd: int, names: list[bytes], ids: list[int], oflags: int, limit
     """Read files `names` of directory `dfd` (opened with `oflags`) into data-stream frames under
     `ids` (protocol.FRAME: DATA, payload, END; END alone for an empty file), in as few C calls as
     the buffer allows. Returns the frames (one bytes per call), their payload bytes, their
-    number, and one result per file: FRAMED, CALLER, CHANGED, NOT_REGULAR or -errno. `limit`
-    (at most 1 MiB): the largest file framed here. Only with HAVE_CMPDIR."""
+    number, and one result per file: FRAMED, CALLER, CHANGED, NOT_REGULAR or -errno. `limit`:
+    the largest file framed here (at most 1 MiB: one such file and its frames must fit the
+    buffer, or no call could make progress). Only with HAVE_CMPDIR."""
+    if limit > _FR_LIMIT:
+        raise ValueError(f"frame_small: limit {limit} above {_FR_LIMIT}")
     global _frame_buf
     b = _frame_buf
     if b is None:

@@ -376,6 +376,8 @@ class SourceTree:
         self.open_dir = open_dir
         self.base = os.fsdecode(base_path) if base_path is not None else None
         self.files: dict[int, tuple[str, bytes]] = {}  # id -> (rel, name)
+        self._large: set[int] = set()
+        """Ids `frame_small` handed back (not small and plain): `open` sends them."""
         self._lock = threading.Lock()
         self.dirs = _DirFds(root_fd, open_dir)
         self.stopped = False
@@ -517,6 +519,7 @@ class SourceTree:
         """Data-stream thread: open a file to send (never following a link)."""
         with self._lock:
             rel, name = self.files.pop(file_id)
+            self._large.discard(file_id)
         fd = os.open(name, _SRC_FLAGS, dir_fd=self.dirs.held(rel))
         try:
             st = os.fstat(fd)
@@ -534,9 +537,13 @@ class SourceTree:
         the C module."""
         if not _C_LAND:
             return None
-        with self._lock:
-            entries = [(i, *self.files.pop(i)) for i in ids]
         out = data.Framed()
+        with self._lock:
+            large = self._large
+            if large:  # handed back by an earlier batch: not opened again here
+                out.rest = [i for i in ids if i in large]
+                ids = [i for i in ids if i not in large]
+            entries = [(i, *self.files.pop(i)) for i in ids]
         for rel, run in itertools.groupby(entries, key=_rel_of):
             group = list(run)
             try:
@@ -555,6 +562,7 @@ class SourceTree:
                     out.rest.append(fid)
                     with self._lock:
                         self.files[fid] = (rel, name)
+                        self._large.add(fid)
                 else:
                     out.failed.append((fid, data.SHRANK if st == cscan.CHANGED else _NOT_REGULAR if st == cscan.NOT_REGULAR else os.strerror(-st)))
         return out
