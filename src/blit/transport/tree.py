@@ -867,10 +867,6 @@ class DestTree:
                     self.incomplete.append(rel or ".")
                 return DirPlanned(subdirs=[], need=[], failures=failures)
         try:
-            if dfd >= 0 and dst_new and not dry and fsops.has_default_acl(dfd):
-                # Made for the run (mkdir -p) under a parent with a default ACL; the directories
-                # we make below drop theirs (make_dir), so only a top one can get here.
-                fsops.drop_inherited_acls(dfd, (), directory=True)
             if dfd >= 0 and not dst_new:
                 try:
                     dents, derrs = fsops.scan(dfd)
@@ -888,7 +884,14 @@ class DestTree:
             if p.extras:
                 with self._lock:
                     self.deletions.append((dst_rel, p.extras))
-            return self._execute(rel, dst_rel, prefix, dprefix, p, dfd, by_name, failures)
+            # Entries created under a default ACL inherit it (and a mode shaped by it): dropped.
+            acl = not dry and dfd >= 0 and (dst_new or any(it.op in CREATES for it in p.items)) and fsops.has_default_acl(dfd)
+            if acl and dst_new:
+                # Made for the run (mkdir -p) under a parent with a default ACL; the directories
+                # we make below drop theirs (make_dir), so only a top one can get here.
+                fsops.drop_inherited_acls(dfd, (), directory=True)
+                acl = False
+            return self._execute(rel, dst_rel, prefix, dprefix, p, dfd, by_name, failures, acl)
         finally:
             if dfd >= 0:
                 self.dirs.release(dst_rel)
@@ -932,7 +935,9 @@ class DestTree:
             equal.append(True)
         return DigestsChecked(equal=equal, settled=settled)
 
-    def _execute(self, rel: str, dst_rel: str, prefix: str, dprefix: str, p: Any, dfd: int, by_name: dict[str, Entry], failures: list[PathFailure]) -> DirPlanned:
+    def _execute(self, rel: str, dst_rel: str, prefix: str, dprefix: str, p: Any, dfd: int, by_name: dict[str, Entry], failures: list[PathFailure], acl: bool) -> DirPlanned:
+        """Do what the plan `p` of one directory needs no data for; `acl`: the directory has a
+        default ACL, which what is created in it must drop."""
         spec = self.spec
         dry = spec.dry_run
         subdirs: list[SubDir] = []
@@ -942,8 +947,6 @@ class DestTree:
         settled = 0
         blocked: set[str] = set()
         changed = False
-        # Entries created under a default ACL inherit it (and a mode shaped by it): drop it.
-        acl = not dry and any(it.op in CREATES for it in p.items) and fsops.has_default_acl(dfd)
         for dname, d_is_dir in p.conflicts:
             if dry:
                 self._act("delete", dprefix + dname)
