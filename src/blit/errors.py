@@ -14,6 +14,7 @@ Each class says whose fault it is. Nothing here does I/O.
     │   ├── StallError             no progress for the stall timeout: .what, .seconds (also a TimeoutError)
     │   └── ProtocolError          .code = wire error code
     │       ├── LocalProtocolError   we broke the protocol: a blit bug
+    │       │   └── MessageTooLarge  a message we would send is above the size limit (a huge listing)
     │       └── RemoteProtocolError  the peer broke it
     └── RemoteError                the daemon refused: .code, .message (unknown module, read-only, denied)
 
@@ -126,6 +127,11 @@ class ProtocolError(TransportError):
 
 class LocalProtocolError(ProtocolError):
     """We broke the protocol: a blit bug."""
+
+
+class MessageTooLarge(LocalProtocolError):
+    """A message we would send is above the protocol's size limit (a directory too large to
+    list in one message): refused before it is sent."""
 
 
 class RemoteProtocolError(ProtocolError):

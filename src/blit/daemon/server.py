@@ -28,7 +28,7 @@ from typing import Any
 import h2.errors
 import trio
 
-from ..errors import LocalProtocolError, RemoteProtocolError
+from ..errors import MessageTooLarge, RemoteProtocolError
 from ..transport import control, data, protocol
 from ..transport import tls as tls_mod
 from ..transport.protocol import AdmitStatus, ErrorCode, Refused
@@ -259,7 +259,7 @@ async def _handle_stream(session: handlers.Session, st: control.H2Stream) -> Non
             reply = await session.dispatch(msg)
             try:
                 out = protocol.encode(reply)
-            except LocalProtocolError as exc:  # an answer above the message limit (a huge listing)
+            except MessageTooLarge as exc:  # a huge listing
                 where = getattr(msg, "rel", None)
                 what = f"{path} of {os.fsdecode(where)!r}" if where else path
                 raise Refused(ErrorCode.TOO_LARGE, f"the answer to {what} is too large: {exc} (a directory this large is not supported yet)") from None

@@ -29,6 +29,7 @@ import cbor2
 from ..errors import (
     IncompatiblePeerError,
     LocalProtocolError,
+    MessageTooLarge,
     RemoteError,
     RemoteProtocolError,
 )
@@ -1153,7 +1154,8 @@ then surface as LocalProtocolError). Off in production: it doubles the cost of b
 
 
 def encode(msg: Message) -> bytes:
-    """A message as its CBOR body. Raises LocalProtocolError if it breaks its own limits."""
+    """A message as its CBOR body. Raises MessageTooLarge above MAX_MESSAGE, LocalProtocolError
+    if it breaks its own limits otherwise."""
     wire = _to_wire(msg)
     if VALIDATE_OUTGOING:
         try:
@@ -1162,7 +1164,7 @@ def encode(msg: Message) -> bytes:
             raise LocalProtocolError(f"refusing to send an invalid message: {exc}") from None
     body = cbor2.dumps(wire)
     if len(body) > MAX_MESSAGE:
-        raise LocalProtocolError(f"{type(msg).__name__} is {len(body)} bytes, above {MAX_MESSAGE}")
+        raise MessageTooLarge(f"{type(msg).__name__} is {len(body)} bytes, above {MAX_MESSAGE}")
     return body
 
 

@@ -34,7 +34,7 @@ from typing import Any, cast
 import trio
 
 from .. import ffi, fsops
-from ..errors import LocalProtocolError
+from ..errors import MessageTooLarge
 from ..ffi import scan as cscan
 from ..filters import Filters
 from ..fsops import Meta
@@ -1817,8 +1817,8 @@ async def push_tree(
                     packed=manifest.packed,
                 )
             )
-        except LocalProtocolError as exc:  # above the message limit: a huge listing
-            raise LocalProtocolError(f"directory {rel or '.'!r} is too large to send: {exc} (a directory this large is not supported yet)") from None
+        except MessageTooLarge as exc:
+            raise MessageTooLarge(f"directory {rel or '.'!r} is too large to send: {exc} (a directory this large is not supported yet)") from None
         queue(rel, planned)
         if planned.hash:
             sizes = {e[0]: e[2] for e in entries}
