@@ -437,7 +437,6 @@ class Worker:
                 res.failures.append((prefix + name, "remove source", _msg(exc)))
 
 
-# Plan operations that create an inode in the destination directory.
 # copy_new batches: few enough files that Ctrl-C stays prompt, few enough bytes per call.
 _BATCH_FILES = 64
 _BATCH_BYTES = 4 << 20

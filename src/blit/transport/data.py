@@ -302,8 +302,6 @@ class JobQueue:
                     if left <= 0:
                         return []
                     self._cv.wait(left)
-            if most == 1 or len(q) == 1:
-                return [q.popleft()]
             return [q.popleft() for _ in range(min(most, len(q)))]
 
     def __len__(self) -> int:
