@@ -1356,18 +1356,87 @@ class DestTree:
             raise
         self._done(p, len(content))
 
-    def _done(self, p: _Pending, size: int) -> None:
-        """A file landed: count it, mark its directory changed, log it for a move, link the rest
-        of its hard-link group."""
+    def land_many(self, batch: list[tuple[int, int, int]], buf: bytearray) -> list[tuple[int, OSError]]:
+        """Data-stream thread: `land` for several whole small files whose contents lie in `buf`
+        (file id, offset, length each), one C call per run of files of one directory. Returns
+        the files that did not land with their error (`failed` then reports each).
+
+        Raises:
+            KeyError: a file id never announced (or twice in `batch`): nothing was landed.
+        """
         with self._lock:
-            self.files_copied += 1
-            self.bytes_copied += size
-            self._changed(p.dst_rel)
-        self._act("copy", _join(p.rel, p.name))
-        if self.landed is not None:
-            self.landed.add(p.rel, p.name, p.meta)
-        if p.link_key is not None:
-            self._landed(p)
+            pend = self.pending
+            ps: list[_Pending] = []
+            try:
+                for fid, _, _ in batch:
+                    ps.append(pend.pop(fid))
+            except KeyError:
+                for (fid, _, _), p in zip(batch, ps):
+                    pend[fid] = p
+                raise
+        failed: list[tuple[int, OSError]] = []  # (index in batch, error)
+        landed: list[tuple[_Pending, int]] = []
+        i, n = 0, len(batch)
+        while i < n:
+            rel = ps[i].dst_rel
+            j = i + 1
+            while j < n and ps[j].dst_rel == rel:
+                j += 1
+            try:
+                dfd = self.dirs.held(rel)
+            except OSError as exc:
+                failed += ((k, exc) for k in range(i, j))
+                i = j
+                continue
+            c_files, c_idx = [], []
+            for k in range(i, j):
+                p = ps[k]
+                _, at, size = batch[k]
+                if p.xattrs is None and not p.acl and _C_LAND:
+                    c_files.append((_b(p.dname), at, size, p.meta, p.replace, p.inherit_gid))
+                    c_idx.append(k)
+                    continue
+                try:
+                    fsops.land_data(dfd, p.dname, memoryview(buf)[at : at + size], p.meta, p.xattrs, p.replace, p.inherit_gid, p.acl)
+                except OSError as exc:
+                    failed.append((k, exc))
+                    continue
+                landed.append((p, size))
+            if c_files:
+                for k, r in zip(c_idx, cscan.land_many(dfd, buf, c_files)):
+                    if r:
+                        failed.append((k, OSError(-r, os.strerror(-r))))
+                    else:
+                        landed.append((ps[k], batch[k][2]))
+            i = j
+        if failed:
+            with self._lock:
+                for k, _ in failed:
+                    self._open[batch[k][0]] = ps[k]  # for `failed`
+        if landed:
+            self._done_many(landed)
+        return [(batch[k][0], exc) for k, exc in failed]
+
+    def _done(self, p: _Pending, size: int) -> None:
+        self._done_many([(p, size)])
+
+    def _done_many(self, files: list[tuple[_Pending, int]]) -> None:
+        """Files landed: count them, mark their directories changed, log them for a move, link
+        the rest of their hard-link groups."""
+        with self._lock:
+            self.files_copied += len(files)
+            last = None
+            for p, size in files:
+                self.bytes_copied += size
+                if p.dst_rel != last:
+                    self._changed(p.dst_rel)
+                    last = p.dst_rel
+        for p, _ in files:
+            self._act("copy", _join(p.rel, p.name))
+            if self.landed is not None:
+                self.landed.add(p.rel, p.name, p.meta)
+            if p.link_key is not None:
+                self._landed(p)
 
     def open(self, file_id: int) -> data.SinkFile:
         with self._lock:
