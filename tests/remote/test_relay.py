@@ -218,14 +218,14 @@ async def test_polls_keep_the_client_within_its_request_timeout(pair: tuple[Daem
     (src / "slow").mkdir(parents=True)
     (src / "slow" / "f").write_text("late")
     (src / "g").write_text("early")
-    real_scan = tree.SourceTree.scan
+    real_scan = tree.SourceTree.scan_parts
 
     def slow_scan(self: tree.SourceTree, rel: str, *args):  # type: ignore[no-untyped-def]
         if rel == "slow":
             threading.Event().wait(2.5)  # a slow disk on A
         return real_scan(self, rel, *args)
 
-    monkeypatch.setattr(tree.SourceTree, "scan", slow_scan)
+    monkeypatch.setattr(tree.SourceTree, "scan_parts", slow_scan)
     updates: list[tuple[int, int]] = []
 
     class Watch:
@@ -255,7 +255,7 @@ async def test_a_client_that_goes_away_cancels_bs_pull(pair: tuple[Daemon, Daemo
     (src / "g").write_text("early")
     release = threading.Event()
     entered = threading.Event()
-    real_scan = tree.SourceTree.scan
+    real_scan = tree.SourceTree.scan_parts
 
     def held_scan(self: tree.SourceTree, rel: str, *args):  # type: ignore[no-untyped-def]
         if rel == "slow":
@@ -263,7 +263,7 @@ async def test_a_client_that_goes_away_cancels_bs_pull(pair: tuple[Daemon, Daemo
             release.wait(10)
         return real_scan(self, rel, *args)
 
-    monkeypatch.setattr(tree.SourceTree, "scan", held_scan)
+    monkeypatch.setattr(tree.SourceTree, "scan_parts", held_scan)
     try:
         with trio.move_on_after(10) as cs:
             async with trio.open_nursery() as n:
