@@ -188,8 +188,8 @@ class PeerJob:
             async def open_dest() -> DestTree:
                 """Once A accepted the transfer (a refused move leaves nothing on B)."""
                 base_fd = await trio.to_thread.run_sync(open_base, limiter=state.fs_limiter)
-                self.dest = DestTree(base_fd, spec, open_dir=contained_open_dir)
-                return self.dest
+                dest = self.dest = DestTree(base_fd, spec, open_dir=contained_open_dir)
+                return dest
 
             self.carrier = "h2" if a.force_h2_data or a.peer.data_port is None else "tcp"
             self.result = await pull_tree(a, peer.module, r.src_base, None, r.top, spec, msg.streams, open_dest=open_dest)
