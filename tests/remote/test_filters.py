@@ -1,8 +1,8 @@
 """--exclude / --include against rsync as the oracle (`rsync -aHXS --numeric-ids`, `--delete` for
 mirror, the same rules in the same order), locally and through a real `blit daemon` on
-127.0.0.1 (push: the client filters what it sends, the daemon keeps what is excluded; pull: the
-other way round). Trees are compared entry by entry: names, kinds, bytes, modes, owners, mtimes,
-xattrs (differential.run_case).
+127.0.0.1 (the destination side plans with the rules, docs/protocol.md §4: the daemon for a
+push, the client for a pull). Trees are compared entry by entry: names, kinds, bytes, modes,
+owners, mtimes, xattrs (differential.run_case).
 
 A hand-made tree holds a name for every rule feature (docs/cli.md, Filters): patterns with and
 without `/`, anchored `/x` (relative to the transfer root: `src/` and `src` differ), trailing
