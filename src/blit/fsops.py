@@ -209,6 +209,23 @@ def remove_extra(parent_fd: int, name: str, rel: str, filters: Filters) -> tuple
     return count + 1, False
 
 
+def make_way(parent_fd: int, name: str, rel: str, is_dir: bool, mirror: bool, filters: Filters) -> None:
+    """Remove the destination entry `name` (path `rel` from the transfer root) that an entry of
+    another kind replaces. Copy replaces only an empty directory; mirror removes a directory with
+    what is in it, except what the filters exclude: those are kept (as rsync keeps them), and
+    then the directory stays and this fails. Raises OSError; its strerror says why."""
+    if is_dir and not mirror:
+        try:
+            os.rmdir(name, dir_fd=parent_fd)
+        except OSError as exc:
+            if exc.errno == errno.ENOTEMPTY:
+                raise OSError(errno.ENOTEMPTY, "directory not empty (mirror replaces it)") from None
+            raise
+        return
+    if remove_extra(parent_fd, name, rel, filters)[1]:
+        raise OSError(errno.ENOTEMPTY, "directory holds excluded entries, which mirror keeps")
+
+
 def remove_tree(parent_fd: int, name: str) -> int:
     """Remove `name` (any kind) below parent_fd, recursively; returns entries removed."""
     fd = _unlink_or_open(parent_fd, name)

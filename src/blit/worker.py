@@ -270,15 +270,11 @@ class Worker:
             if dry:
                 continue
             try:
-                if d_is_dir and not spec.mirror:
-                    os.rmdir(dname, dir_fd=dfd)  # copy replaces only an empty directory
-                else:
-                    fsops.remove_tree(dfd, dname)
+                fsops.make_way(dfd, dname, prefix + dname, d_is_dir, spec.mirror, spec.filters)
                 res.changed = True
             except OSError as exc:
                 blocked.add(dname)
-                why = "directory not empty (mirror replaces it)" if exc.errno == errno.ENOTEMPTY else _msg(exc)
-                res.failures.append((dprefix + dname, "replace", why))
+                res.failures.append((dprefix + dname, "replace", _msg(exc)))
 
         for it in plan.items:
             if stop.is_set:

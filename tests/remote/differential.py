@@ -12,11 +12,12 @@ import os
 import random
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers import rmtree, snapshot, tree_diff
+from helpers import recent_mtimes, rmtree, snapshot, tree_diff
 
 from .conftest import DaemonProcess, blit_cmd
 from .randtree import diverge_dest, make_random_tree
@@ -64,15 +65,22 @@ def _ep(d: DaemonProcess, path: str) -> str:
     return f"127.0.0.1:{d.port}:/data/{path}"
 
 
-def _diff(label: str, want: Path, got: Path, *, root: bool, src: Path | None = None) -> list[str]:
+def _diff(label: str, want: Path, got: Path, *, root: bool, src: Path | None = None, src_at: bytes = b"",
+          since: int | None = None) -> list[str]:  # fmt: skip
     """Differences of `got` from the oracle's `want`. `src`: a file whose bytes are the source's
     where rsync's are not is no difference (a stale file of the same size and mtime is up to
     date for both tools; which member of a hard-link group the others are linked to, the stale
-    one or the one copied, depends on the order they are met in)."""
+    one or the one copied, depends on the order they are met in); `src_at`: where the source's
+    copy lies in the trees (b"src/" for `src dst/`). `since`: mtimes from then on are "recent"
+    in both (a destination-only directory whose contents mirror deleted has the time of the
+    run; the two tools agree only on "recent")."""
     a = snapshot(want, include_root=root)
     b = snapshot(got, include_root=root)
+    if since is not None:
+        recent_mtimes(a, since)
+        recent_mtimes(b, since)
     if src is not None:
-        s = snapshot(src, include_root=False)
+        s = {src_at + rel: e for rel, e in snapshot(src, include_root=False).items()}
         for rel, e in a.items():
             if rel in b and rel in s and e.kind == "file" and e.sha256 != b[rel].sha256 == s[rel].sha256:
                 e.sha256 = b[rel].sha256
@@ -284,17 +292,35 @@ def _single_picks(src: Path, seed: int) -> list[bytes]:
     return [rng.choice(v) for k, v in sorted(by_kind.items()) if k != "dir"]
 
 
-def run_case(s: Sides, direction: str, build: Callable[[Path, bool], None], op: str = "mirror") -> list[str]:
+_T_DST = 1_500_000_000_000_000_007
+
+
+def run_case(s: Sides, direction: str, build: Callable[[Path, bool], None], op: str = "mirror", *,
+             flags: tuple[str, ...] = (), form: str = "/", label: str = "") -> list[str]:  # fmt: skip
     """One hand-made case: build(root, is_destination) makes the source and (twice) the
-    destination before the run; blit's result is compared with rsync's (--delete for mirror)."""
+    destination's copy of it before the run; blit's result is compared with rsync's (--delete
+    for mirror). `flags` go to both tools (--exclude/--include). `form`: "/" runs `src/ dst/`,
+    "" runs `src dst/` (the source lands in dst/src, where its destination copy is built)."""
     sdir, dbase, sname, dname, client = _places(s, direction, "dst")
     oracle = s.work / "oracle"
     _fresh(sdir, dbase, oracle)
     build(sdir, False)
-    build(dbase, True)
-    build(oracle, True)
-    _rsync(*(["--delete"] if op == "mirror" else []), f"{sdir}/", oracle)
-    r = _blit(client, op, sname + "/", dname + "/")
-    out = _ran(f"{direction} {op}", r) + _diff(f"{direction} {op}", oracle, dbase, root=True)
+    inner = "" if form == "/" else sdir.name
+    for d in (dbase, oracle):
+        if inner:
+            d.mkdir(parents=True)
+        build(d / inner, True)
+        if inner:
+            os.utime(d, ns=(_T_DST, _T_DST))  # made here: the same time in both trees
+    since = time.time_ns()
+    # An entry that cannot replace a directory holding excluded (kept) entries fails in both
+    # tools: rsync exit 23, blit 3.
+    code = _rsync(*(["--delete"] if op == "mirror" else []), *flags, f"{sdir}{form}", f"{oracle}/", ok=(0, 23))
+    r = _blit(client, op, *flags, sname + form, dname + "/")
+    if code == 23 and r.returncode == 3:
+        r.returncode = 0
+    label = label or f"{direction} {op} {' '.join(flags)} src{form}"
+    out = _ran(label, r) + _diff(label, oracle, dbase, root=True, src=sdir,
+                                 src_at=os.fsencode(inner + "/" if inner else ""), since=since)  # fmt: skip
     _fresh(sdir, dbase, oracle)
     return out

@@ -683,12 +683,13 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
     if msg.report_actions and msg.direction != "push":
         raise Refused(ErrorCode.BAD_REQUEST, "report_actions is for push (a pulling client lists its own actions)")
     base = protocol.split_path(msg.path)
-    try:
-        from ..filters import Filters
+    from ..errors import UsageError
+    from ..filters import Filters
 
+    try:
         filters = Filters.from_args([(r.include, r.pattern) for r in msg.filters])
-    except Exception as exc:
-        raise Refused(ErrorCode.BAD_REQUEST, f"bad filter: {exc}") from None
+    except UsageError as exc:  # names the pattern and what is wrong with it
+        raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
 
     def open_base() -> int:
         """The base directory's fd; -1 for a dry-run push into a base that does not exist yet

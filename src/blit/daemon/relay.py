@@ -247,12 +247,12 @@ async def start(s: Any, msg: protocol.PeerPull) -> protocol.PeerStarted:
         parse_host(f"[{msg.peer.host}]:{msg.peer.port}" if ":" in msg.peer.host else f"{msg.peer.host}:{msg.peer.port}")
     except ConfigError as exc:
         raise Refused(ErrorCode.BAD_REQUEST, f"source daemon: {exc}") from None
-    try:
-        from ..filters import Filters
+    from ..filters import Filters
 
+    try:
         Filters.from_args([(r.include, r.pattern) for r in msg.filters])
-    except Exception as exc:
-        raise Refused(ErrorCode.BAD_REQUEST, f"bad filter: {exc}") from None
+    except UsageError as exc:  # names the pattern and what is wrong with it
+        raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
     if len(s.jobs) >= MAX_JOBS_PER_SESSION:
         raise Refused(ErrorCode.BUSY, f"at most {MAX_JOBS_PER_SESSION} remote to remote transfers per session")
     job = PeerJob(state.next_id(), msg, root, state)

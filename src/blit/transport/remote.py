@@ -313,6 +313,7 @@ async def remote_transfer(
     from .client import Timeouts, open_session
     from .tree import DestTree, TreeCounters, pull_tree, push_tree
 
+    compiled = Filters.from_args(filters or [])  # a bad pattern stops the run before anything else
     s_ep, d_ep = parse_endpoint(src), parse_endpoint(dst)
     if not isinstance(s_ep, RemoteEndpoint) and not isinstance(d_ep, RemoteEndpoint):
         raise UsageError("remote_transfer needs a remote endpoint")
@@ -332,7 +333,7 @@ async def remote_transfer(
         progress.start(summary)
     report = record_actions and progress is not None
     spec = TreeSpec(
-        operation=operation, compare=compare, filters=Filters.from_args(filters or []), dry_run=dry_run, report_actions=report
+        operation=operation, compare=compare, filters=compiled, dry_run=dry_run, report_actions=report
     )
     actions = progress.action if report else None
     t0 = time.perf_counter()

@@ -1063,16 +1063,12 @@ class DestTree:
                 self._act("delete", dprefix + dname)
                 continue
             try:
-                if d_is_dir and not spec.mirror:
-                    os.rmdir(dname, dir_fd=dfd)
-                else:
-                    fsops.remove_tree(dfd, dname)
+                fsops.make_way(dfd, dname, prefix + dname, d_is_dir, spec.mirror, spec.filters)
                 changed = True
                 self._act("delete", dprefix + dname)
             except OSError as exc:
                 blocked.add(dname)
-                why = "directory not empty (mirror replaces it)" if exc.errno == errno.ENOTEMPTY else _msg(exc)
-                failures.append(PathFailure(path=_b(dprefix + dname), op="replace", message=why))
+                failures.append(PathFailure(path=_b(dprefix + dname), op="replace", message=_msg(exc)))
         for it in p.items:
             name, dname, m, d = it.name, it.dst_name, it.src, it.dst
             if dname in blocked:
