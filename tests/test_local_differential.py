@@ -92,6 +92,10 @@ def test_entries_landing_under_a_default_acl_keep_the_sources_acls_and_modes(tmp
     acl_dir(tmp_path / "acl_parent")
     run_blit("copy", f"{src}/shared/newdir/", tmp_path / "acl_parent/made", check=0)
     assert_same_tree(src / "shared/newdir", tmp_path / "acl_parent/made")
+    # The same with an empty source directory: nothing lands in it, its ACL must still go.
+    (tmp_path / "empty").mkdir()
+    run_blit("copy", f"{tmp_path / 'empty'}/", tmp_path / "acl_parent/made_empty", check=0)
+    assert_same_tree(tmp_path / "empty", tmp_path / "acl_parent/made_empty")
 
 
 def test_special_files_carry_their_acls(tmp_path: Path) -> None:

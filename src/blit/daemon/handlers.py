@@ -366,6 +366,8 @@ class Session:
         self.packed = False
         """The client speaks protocol.FEATURE_PACKED: manifests we send are packed."""
         self.need_packed = False
+        self.parts = False
+        """The client speaks protocol.FEATURE_PARTS: a large directory's manifest goes in parts."""
         """The client speaks protocol.FEATURE_NEED_PACKED: DirPlanned names its files packed."""
 
     async def dispatch(self, msg: protocol.Message) -> protocol.Message:
@@ -478,6 +480,7 @@ async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
     s.ready.set()
     s.packed = protocol.FEATURE_PACKED in msg.features
     s.need_packed = protocol.FEATURE_NEED_PACKED in msg.features
+    s.parts = protocol.FEATURE_PARTS in msg.features
     log.info("session from %s (%s)", s.peer, msg.software)
     return protocol.HelloReply(
         protocol=protocol.PROTOCOL_VERSION,
@@ -495,7 +498,7 @@ def _features(asked: list[str]) -> list[str]:
     from .. import fsops
     from ..ffi import scan
 
-    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED) if f in asked]
+    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS) if f in asked]
     if protocol.FEATURE_DIR_DIGEST in asked and scan.HAVE_CMPDIR:
         out += [protocol.FEATURE_DIR_DIGEST] + ([protocol.FEATURE_OWNERS] if fsops.IS_ROOT else [])
     return out
@@ -753,7 +756,7 @@ async def handle_tree_dir(s: Session, msg: protocol.TreeDir) -> protocol.DirPlan
             protocol.check_name(r.dname)
             only[os.fsdecode(r.name)] = os.fsdecode(r.dname)
     reply: protocol.DirPlanned = await s.fs(
-        dest.plan, _rel(msg.rel), _rel(msg.dst_rel), msg.dst_new, only, msg.entries, msg.incomplete, msg.dir_entry
+        dest.plan, _rel(msg.rel), _rel(msg.dst_rel), msg.dst_new, only, msg.entries, msg.incomplete, msg.dir_entry, msg.part, msg.more
     )
     return reply if s.need_packed else protocol.with_need_list(reply)
 
@@ -771,7 +774,12 @@ async def handle_tree_digests(s: Session, msg: protocol.TreeDigests) -> protocol
 
 async def handle_tree_scan(s: Session, msg: protocol.TreeScan) -> protocol.DirManifest:
     src = s.src_tree(msg.transfer, "tree/scan")
-    reply: protocol.DirManifest = await s.fs(src.scan, _rel(msg.rel), s.packed)
+    if s.parts:
+        reply: protocol.DirManifest = await s.fs(src.scan_part, _rel(msg.rel), msg.part, s.packed)
+    elif msg.part:
+        raise Refused(ErrorCode.BAD_REQUEST, "tree/scan: parts need the hello feature " + protocol.FEATURE_PARTS)
+    else:
+        reply = await s.fs(src.scan, _rel(msg.rel), s.packed)
     return reply
 
 

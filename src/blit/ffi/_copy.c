@@ -262,14 +262,13 @@ fail:
 
 /* Land one small file whose whole content is in memory (a remote transfer's destination,
  * blit.transport.tree.DestTree.land), exactly as fsops.Landing does for a file without xattrs:
- * create, write `data`, owner, mode, times, link (BLIT_CC_REPLACE: an entry of that name
- * exists; it is replaced through a temporary name and a rename either way). Returns 0 or
- * -errno (nothing left behind). */
-static int blit_land(int dfd, const char *name, const char *data, int64_t size, int64_t mode,
-                     int64_t atime_ns, int64_t mtime_ns, int64_t uid, int64_t gid, int flags,
-                     int umask_bits) {
-    int64_t f[BLIT_CC_FIELDS] = {0, mode, size, atime_ns, mtime_ns, uid, gid};
-    int lmode = cc_lmode(mode, umask_bits);
+ * create, write `size` bytes of `data`, owner, mode, times, link (BLIT_CC_REPLACE: an entry of
+ * that name exists; it is replaced through a temporary name and a rename either way). `f`
+ * holds BLIT_CC_FIELDS values (name_off unused). Returns 0 or -errno (nothing left behind). */
+static int cc_land(int dfd, const char *name, const char *data, const int64_t *f, int flags,
+                   int umask_bits, uid_t euid, gid_t egid) {
+    int64_t size = f[2];
+    int lmode = cc_lmode(f[1], umask_bits);
     char tmp[32];
     int named;
     int out = cc_create(dfd, lmode, tmp, &named);
@@ -277,11 +276,31 @@ static int blit_land(int dfd, const char *name, const char *data, int64_t size, 
         return out;
     int r = size ? cc_write_all(out, data, (size_t)size) : 0;
     if (r == 0)
-        return cc_finish(out, dfd, name, f, lmode, flags, geteuid(), getegid(), tmp, named);
+        return cc_finish(out, dfd, name, f, lmode, flags, euid, egid, tmp, named);
     close(out);
     if (named)
         unlinkat(dfd, tmp, 0);
     return r;
+}
+
+static int blit_land(int dfd, const char *name, const char *data, int64_t size, int64_t mode,
+                     int64_t atime_ns, int64_t mtime_ns, int64_t uid, int64_t gid, int flags,
+                     int umask_bits) {
+    int64_t f[BLIT_CC_FIELDS] = {0, mode, size, atime_ns, mtime_ns, uid, gid};
+    return cc_land(dfd, name, data, f, flags, umask_bits, geteuid(), getegid());
+}
+
+/* `n` small files of directory `dfd` in one call, each as blit_land: file i's fields are at
+ * in + i * BLIT_CC_FIELDS (its name at names + name_off), its content at data + data_off[i],
+ * its flags in flags[i]. out[i] receives 0 or -errno; every file is attempted. */
+static void blit_land_many(int dfd, int n, const int64_t *in, const char *names, const char *data,
+                           const int64_t *data_off, const int64_t *flags, int64_t *out, int umask_bits) {
+    uid_t euid = geteuid();
+    gid_t egid = getegid();
+    for (int i = 0; i < n; i++) {
+        const int64_t *f = in + (int64_t)i * BLIT_CC_FIELDS;
+        out[i] = cc_land(dfd, names + f[0], data + data_off[i], f, (int)flags[i], umask_bits, euid, egid);
+    }
 }
 
 /* Copy `n` new files from directory `sfd` to `dfd` (same names). `in` holds BLIT_CC_FIELDS

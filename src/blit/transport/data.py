@@ -70,6 +70,8 @@ FRAME_CHUNK = 16 << 20
 """Largest DATA frame a raw sender emits (one sendfile call range)."""
 SMALL_FILE = 256 << 10
 """Files up to this size go header + data + END in one sendmsg."""
+LAND_BATCH = 256
+"""Most whole small files a receiver lands in one call (those already in its buffer)."""
 PIPE_SIZE = 1 << 20
 RECV_BUFFER = 1 << 20
 """The receiver's read buffer: many small frames per recv()."""
@@ -850,6 +852,7 @@ class _Landing:
         self.ends: dict[int, int] = {}  # highest byte written per open file
         self._failed_hook = getattr(sink, "failed", None)
         self.land_hook = getattr(sink, "land", None)
+        self.many_hook = getattr(sink, "land_many", None)
 
     def wrote_to(self, file_id: int, end: int) -> None:
         if end > self.ends.get(file_id, 0):
@@ -907,6 +910,17 @@ class _Landing:
             return
         self.stats.files += 1
 
+    def land_many(self, batch: list[tuple[int, int, int]], buf: bytearray) -> None:
+        """Several whole small files (file id, offset and length of the content in `buf`)
+        through the sink's `land_many`."""
+        try:
+            failed = self.many_hook(batch, buf)  # type: ignore[misc]
+        except KeyError:
+            raise RemoteProtocolError("data for a file which was never announced") from None
+        for fid, exc in failed:
+            self._failure(fid, _reason(exc), exc.errno or 0)
+        self.stats.files += len(batch) - len(failed)
+
     def abort(self, file_id: int, reason: str) -> None:
         f = self.open.pop(file_id, None)
         if f is not None:
@@ -931,6 +945,7 @@ def receive_loop(io: StreamIO, sink: FileSink, stats: StreamStats) -> None:
     """
     landing = _Landing(sink, stats)
     whole = landing.land_hook is not None
+    many = whole and landing.many_hook is not None
     is_open = landing.open.__contains__
     unpack_from = protocol.FRAME.unpack_from
     DATA, END, ABORT, DONE, NOOP = (int(t) for t in (FrameType.DATA, FrameType.END, FrameType.ABORT, FrameType.DONE, FrameType.NOOP))
@@ -952,10 +967,34 @@ def receive_loop(io: StreamIO, sink: FileSink, stats: StreamStats) -> None:
                     pos = io._rpos
                     k2, _f, _r, fid2, size, len2 = unpack_from(io._rbuf, pos + length)
                     if k2 == END and fid2 == fid and size == length and not len2:
-                        io._rpos = pos + length + FRAME_SIZE
+                        end = pos + length + FRAME_SIZE
                         stats.frames += 1
                         stats.bytes += length
-                        landing.land(fid, io._rview[pos : pos + length])
+                        if not many:
+                            io._rpos = end
+                            landing.land(fid, io._rview[pos : pos + length])
+                            continue
+                        # More whole small files already in the buffer land in the same call.
+                        batch = [(fid, pos, length)]
+                        rbuf, rend = io._rbuf, io._rend
+                        while len(batch) < LAND_BATCH and rend - end >= FRAME_SIZE:
+                            kind, _f, _r, fid, offset, length = unpack_from(rbuf, end)
+                            if kind == DATA and not offset and length <= SMALL_FILE and rend - end >= length + 2 * FRAME_SIZE:
+                                pos = end + FRAME_SIZE
+                                k2, _f, _r, fid2, size, len2 = unpack_from(rbuf, pos + length)
+                                if k2 != END or fid2 != fid or size != length or len2 or is_open(fid):
+                                    break
+                                end = pos + length + FRAME_SIZE
+                                stats.frames += 2
+                                stats.bytes += length
+                            elif kind == END and not offset and not length and not is_open(fid):
+                                pos = end = end + FRAME_SIZE  # an empty file
+                                stats.frames += 1
+                            else:
+                                break
+                            batch.append((fid, pos, length))
+                        io._rpos = end
+                        landing.land_many(batch, rbuf)
                         continue
                 fd = landing.target(fid)
                 write_error = io.recv_to_fd(fd, offset, length)

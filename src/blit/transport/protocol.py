@@ -49,6 +49,12 @@ MAX_TARGET = 4096
 MAX_NAME = 255
 MAX_TEXT = 4096
 MAX_LIST = 100_000
+MAX_PARTS = 1 << 20
+"""Most parts of one directory's manifest (FEATURE_PARTS)."""
+PART_ENTRIES = 50_000
+PART_BYTES = 4 << 20
+"""A manifest part holds at most PART_ENTRIES entries and about PART_BYTES of names, link
+targets and xattrs (half the message limit: the encoding adds its overhead)."""
 MAX_STREAMS = 16
 """Most data streams one transfer may ask for."""
 TOKEN_ID_BYTES = 8
@@ -470,6 +476,11 @@ class TreeDir(Message):
     packed: bytes | None = field(default=None, metadata=_lim(MAX_MESSAGE))
     """Hello feature FEATURE_PACKED: the entries without a link target or xattrs, packed
     (`pack_entries`); `decode` moves them into `entries`."""
+    part: int = field(default=0, metadata=_lim(min=0, max=MAX_PARTS - 1, omit=True))
+    """Hello feature FEATURE_PARTS: a directory too large for one message goes in parts, in
+    order, each answered before the next is sent; this is part number `part` (from 0)."""
+    more: bool = field(default=False, metadata=_lim(omit=True))
+    """FEATURE_PARTS: more parts of this directory follow."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -534,6 +545,10 @@ FEATURE_SEND_DIRS = "send-dirs-1"
 """Hello feature: a tree pull's transfer/send names its files by directory (SendFiles.dirs)
 instead of one path each. Negotiated as FEATURE_PACKED."""
 FEATURE_NEED_PACKED = "need-packed-1"
+FEATURE_PARTS = "manifest-parts-1"
+"""Hello feature: a directory's manifest too large for one message goes in parts (TreeDir
+`part`/`more` for push, TreeScan `part` / DirManifest `more` for pull), each at most
+PART_ENTRIES entries and about PART_BYTES."""
 """Hello feature: a push's DirPlanned names the files to send packed (`packed_need`, one
 NeedGroup) instead of one Need array each. Negotiated as FEATURE_PACKED."""
 FEATURE_OWNERS = "owners"
@@ -577,6 +592,9 @@ class TreeScan(Message):
 
     transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
     rel: bytes = field(metadata=_lim(MAX_PATH))
+    part: int = field(default=0, metadata=_lim(min=0, max=MAX_PARTS - 1, omit=True))
+    """FEATURE_PARTS: the part of the manifest wanted (from 0; the next only once the previous
+    said `more`)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -587,6 +605,8 @@ class DirManifest(Message):
     dir_entry: SrcEntry | None = None
     packed: bytes | None = field(default=None, metadata=_lim(MAX_MESSAGE))
     """As TreeDir.packed."""
+    more: bool = field(default=False, metadata=_lim(omit=True))
+    """FEATURE_PARTS: the directory has more parts (ask with TreeScan.part)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -1492,7 +1512,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""
@@ -1756,6 +1776,7 @@ __all__ = [
     "Need",
     "NeedGroup",
     "FEATURE_NEED_PACKED",
+    "FEATURE_PARTS",
     "PathFailure",
     "DirPlanned",
     "TreeScan",

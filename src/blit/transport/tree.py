@@ -44,9 +44,11 @@ from .protocol import (
     DigestsChecked,
     DirManifest,
     DirPlanned,
+    ErrorCode,
     FileHash,
     Need,
     PathFailure,
+    Refused,
     RemoveGroup,
     SrcEntry,
     SubDir,
@@ -63,7 +65,10 @@ WALK_CONCURRENCY = 8
 """Directories in flight at once in a client's walk (requests pipelined on the session)."""
 MAX_QUEUED_FILES = 20_000
 """A pushing client stops walking ahead while this many files wait for a data stream."""
-MANIFEST_CHUNK = 50_000
+MAX_PARTED = 16
+"""Directories whose manifest parts a pull's source keeps waiting at once (SourceTree.scan_part)."""
+_ENTRY_BYTES = 96
+"""An entry's size in a manifest, besides its name, link target and xattrs (for the parts)."""
 _HASH = "hash"  # _hardlink's answer: the group's first member waits for its hash
 LANDED_PAGE = 20_000
 """Move: most source entries in one tree/landed or tree/remove page."""
@@ -378,6 +383,8 @@ class SourceTree:
         self.files: dict[int, tuple[str, bytes]] = {}  # id -> (rel, name)
         self._large: set[int] = set()
         """Ids `frame_small` handed back (not small and plain): `open` sends them."""
+        self._parted: dict[str, tuple[list[DirManifest], int]] = {}
+        """Pull, FEATURE_PARTS: directories whose later manifest parts wait (scan_part)."""
         self._lock = threading.Lock()
         self.dirs = _DirFds(root_fd, open_dir)
         self.stopped = False
@@ -391,23 +398,32 @@ class SourceTree:
             pass
 
     def scan(self, rel: str, pack: bool = False) -> DirManifest:
-        """Worker thread: the manifest of directory `rel` (names, lstat, link targets, xattrs);
-        `pack`: entries without a link target or xattrs go packed (protocol.FEATURE_PACKED)."""
+        """Worker thread: the manifest of directory `rel` (names, lstat, link targets, xattrs)
+        in one message, whatever its size (a peer without protocol.FEATURE_PARTS); `pack`:
+        entries without a link target or xattrs go packed (protocol.FEATURE_PACKED)."""
+        return self.scan_parts(rel, pack, split=False)[0]
+
+    def scan_parts(self, rel: str, pack: bool = False, split: bool = True) -> list[DirManifest]:
+        """Worker thread: `scan`, in parts of at most protocol.PART_ENTRIES entries and about
+        protocol.PART_BYTES each (FEATURE_PARTS), in scan order; every part but the last says
+        `more`. Failures travel with the first part; `incomplete` is the directory's."""
         try:
             dfd = self.open_dir(self.root_fd, rel)
         except OSError as exc:
-            return DirManifest(entries=[], incomplete=True, failures=[PathFailure(path=_b(rel or "."), op="open", message=_msg(exc))])
+            return [DirManifest(entries=[], incomplete=True, failures=[PathFailure(path=_b(rel or "."), op="open", message=_msg(exc))])]
         try:
             try:
                 entries, errs = fsops.scan(dfd)
             except OSError as exc:
-                return DirManifest(entries=[], incomplete=True, failures=[PathFailure(path=_b(rel or "."), op="scan", message=_msg(exc))])
+                return [DirManifest(entries=[], incomplete=True, failures=[PathFailure(path=_b(rel or "."), op="scan", message=_msg(exc))])]
             failures = [PathFailure(path=_b(_join(rel, n)), op="stat", message=_msg(e)) for n, e in errs]
             base = None if self.base is None else (f"{self.base}/{rel}" if rel else self.base)
             xattrs = _read_xattrs(dfd, [n for n, _ in entries], base)
-            out = []
-            plain_names: list[bytes] = []
-            plain: list[os.stat_result] = []
+            # Each part: (entries, packed names, packed stats); a new one starts when the
+            # current one is full (split only).
+            parts: list[tuple[list[Any], list[bytes], list[os.stat_result]]] = [([], [], [])]
+            count = nbytes = total = 0
+            limit_n = protocol.PART_ENTRIES if split else -1
             for name, st in entries:
                 target = None
                 x = xattrs.get(name)
@@ -417,25 +433,62 @@ class SourceTree:
                     except OSError as exc:
                         failures.append(PathFailure(path=_b(_join(rel, name)), op="readlink", message=_msg(exc)))
                         continue
-                elif pack and not x:
-                    plain_names.append(_b(name))
+                bname = _b(name)
+                size = _ENTRY_BYTES + len(bname) + (len(target) if target else 0) + (sum(len(k) + len(v) + 8 for k, v in x.items()) if x else 0)
+                if count == limit_n or (split and count and nbytes + size > protocol.PART_BYTES):
+                    parts.append(([], [], []))
+                    count = nbytes = 0
+                out, plain_names, plain = parts[-1]
+                count += 1
+                nbytes += size
+                total += 1
+                if target is None and pack and not x:
+                    plain_names.append(bname)
                     plain.append(st)
-                    continue
-                out.append(entry_of(name, st, target, x))
+                else:
+                    out.append(entry_of(name, st, target, x))
             try:
                 own = os.fstat(dfd)
                 dir_entry = entry_of(".", own, None, dict(fsops.get_xattrs(dfd)) or None)
             except OSError:
                 dir_entry = None
-            return DirManifest(
-                entries=cast("list[SrcEntry]", out),
-                incomplete=bool(errs) or len(out) + len(plain) != len(entries),
-                failures=failures,
-                dir_entry=cast("SrcEntry | None", dir_entry),
-                packed=protocol.pack_entries(plain_names, plain) if pack else None,
-            )
+            incomplete = bool(errs) or total != len(entries)
+            return [
+                DirManifest(
+                    entries=cast("list[SrcEntry]", out),
+                    incomplete=incomplete,
+                    failures=failures if i == 0 else [],
+                    dir_entry=cast("SrcEntry | None", dir_entry),
+                    packed=protocol.pack_entries(plain_names, plain) if pack else None,
+                    more=i < len(parts) - 1,
+                )
+                for i, (out, plain_names, plain) in enumerate(parts)
+            ]
         finally:
             os.close(dfd)
+
+    def scan_part(self, rel: str, part: int, pack: bool) -> DirManifest:
+        """Worker thread (the daemon, pull): part `part` of directory `rel`'s manifest. Part 0
+        scans; the parts after it wait here until asked for, in order (a directory at a time
+        per request in flight, at most MAX_PARTED directories)."""
+        if part == 0:
+            parts = self.scan_parts(rel, pack)
+            if len(parts) > 1:
+                with self._lock:
+                    if len(self._parted) >= MAX_PARTED and rel not in self._parted:
+                        raise Refused(ErrorCode.BUSY, f"more than {MAX_PARTED} directories sent in parts at once")
+                    self._parted[rel] = (parts, 1)
+            return parts[0]
+        with self._lock:
+            got = self._parted.get(rel)
+            if got is None or got[1] != part:
+                raise Refused(ErrorCode.BAD_REQUEST, f"tree/scan: part {part} of {rel or '.'!r} was not offered next")
+            parts, _ = got
+            if part == len(parts) - 1:
+                del self._parted[rel]
+            else:
+                self._parted[rel] = (parts, part + 1)
+        return parts[part]
 
     def hashes(self, rel: str, names: list[bytes]) -> tuple[list[FileHash], list[PathFailure]]:
         """Worker thread, --checksum: xxh3-128 of these files of directory `rel` (a null digest
@@ -648,6 +701,19 @@ class _Pending:
 
 
 @dataclass
+class _Parted:
+    """A destination directory being planned in parts (DestTree.plan, FEATURE_PARTS)."""
+
+    rel: str  # its source directory
+    next: int = 0  # the part expected next
+    dst: dict[str, Any] | None = None  # its listing, scanned for part 0
+    keep: set[str] = field(default_factory=set)
+    acl: bool = False
+    seen: set[str] = field(default_factory=set)  # source names of the parts so far
+    failed: bool = False  # part 0 could not open or scan it: the rest are answered with nothing
+
+
+@dataclass
 class _HashItem:
     """--checksum: an existing destination file of the same size, waiting for the source's hash."""
 
@@ -762,6 +828,7 @@ class DestTree:
         self._next_id = 1
         self.pending: dict[int, _Pending] = {}
         self._open: dict[int, _Pending] = {}  # being landed, for failure reports
+        self._parted: dict[str, _Parted] = {}  # directories planned in parts, by destination rel
         self.nodes: dict[str, _DirNode] = {}
         self.deletions: list[tuple[str, list[tuple[str, bool]]]] = []
         self.incomplete: list[str] = []
@@ -837,15 +904,17 @@ class DestTree:
         manifest: list[Entry],
         incomplete: bool,
         dir_entry: Entry | None = None,
+        part: int = 0,
+        more: bool = False,
     ) -> DirPlanned:
-        """Worker thread: plan one directory and do what needs no data."""
+        """Worker thread: plan one directory and do what needs no data. A directory too large
+        for one message comes in parts (protocol.FEATURE_PARTS), in order: `part` from 0,
+        `more` on all but the last. The destination is scanned once, for part 0; mirror's
+        extras and the source's `incomplete` are settled with the last part."""
         spec = self.spec
         prefix = rel + "/" if rel else ""
         dprefix = dst_rel + "/" if dst_rel else ""
         failures: list[PathFailure] = []
-        if incomplete:
-            with self._lock:
-                self.incomplete.append(rel or ".")
         src: list[tuple[str, Meta]] = []
         by_name: dict[str, Entry] = {}
         check = protocol.check_name
@@ -855,6 +924,10 @@ class DestTree:
             by_name[name] = e
             src.append((name, Meta._make(e[1:12])))
         src.sort()
+        parted = self._part(rel, dst_rel, part, more)
+        if incomplete and not more and not (parted is not None and parted.failed):
+            with self._lock:
+                self.incomplete.append(rel or ".")
         with self._lock:
             self.entries_seen += len(src)
             if dst_rel not in self.nodes:
@@ -864,6 +937,8 @@ class DestTree:
                     self.nodes[dst_rel] = _DirNode(meta_of_entry(dir_entry), None, dst_new, _xattrs(dir_entry), src_rel=rel)
                 else:
                     self.nodes[dst_rel] = _DirNode(None, None, dst_new, None, src_rel=rel)
+        if parted is not None and parted.failed:
+            return DirPlanned(subdirs=[], need=[])  # part 0 could not use the destination
         dry = spec.dry_run
         dfd = -1
         dst: dict[str, Any] | None = None
@@ -874,38 +949,74 @@ class DestTree:
             except OSError as exc:
                 failures.append(PathFailure(path=_b(dst_rel or "."), op="open destination", message=_msg(exc)))
                 self._note_fatal(exc.errno, _msg(exc), dst_rel)
-                with self._lock:
-                    self.incomplete.append(rel or ".")
-                return DirPlanned(subdirs=[], need=[], failures=failures)
+                return self._unplanned(rel, parted, failures)
         try:
-            if dfd >= 0 and not dst_new:
+            acl: bool | None = None
+            if parted is not None and part:
+                dst, keep, acl = parted.dst, parted.keep, parted.acl
+            elif dfd >= 0 and not dst_new:
                 try:
                     dents, derrs = fsops.scan(dfd)
                 except OSError as exc:
                     failures.append(PathFailure(path=_b(dst_rel or "."), op="scan destination", message=_msg(exc)))
-                    with self._lock:
-                        self.incomplete.append(rel or ".")
-                    return DirPlanned(subdirs=[], need=[], failures=failures)
+                    return self._unplanned(rel, parted, failures)
                 dst = fsops.without_tmp(dfd, dents, dry)
                 keep.update(n for n, _ in derrs)
                 if len(dst) < len(dents):  # stale temporaries went: the directory's mtime moved
                     with self._lock:
                         self.nodes[dst_rel].changed = True
-            p = plan_dir(rel, src, dst, compare=spec.compare, filters=spec.filters, mirror=spec.mirror, only=only, keep=frozenset(keep))
+            p = plan_dir(
+                rel, src, dst, compare=spec.compare, filters=spec.filters, mirror=spec.mirror and not more, only=only,
+                keep=frozenset(keep | parted.seen if parted is not None and not more else keep),  # earlier parts' names are no extras
+            )
+            if parted is not None and more:
+                parted.seen.update(by_name)
+            if acl is None:
+                # Entries created under a default ACL inherit it (and a mode shaped by it):
+                # dropped. (A directory in parts: looked up once, for all of them.)
+                acl = not dry and dfd >= 0 and (dst_new or parted is not None or any(it.op in CREATES for it in p.items)) and fsops.has_default_acl(dfd)
+                if acl and dst_new:
+                    # Made for the run (mkdir -p) under a parent with a default ACL; the
+                    # directories we make below drop theirs (make_dir), so only a top one can
+                    # get here.
+                    fsops.drop_inherited_acls(dfd, (), directory=True)
+                    acl = False
+                if parted is not None:
+                    parted.dst, parted.keep, parted.acl = dst, keep, acl
             if p.extras:
                 with self._lock:
                     self.deletions.append((dst_rel, p.extras))
-            # Entries created under a default ACL inherit it (and a mode shaped by it): dropped.
-            acl = not dry and dfd >= 0 and (dst_new or any(it.op in CREATES for it in p.items)) and fsops.has_default_acl(dfd)
-            if acl and dst_new:
-                # Made for the run (mkdir -p) under a parent with a default ACL; the directories
-                # we make below drop theirs (make_dir), so only a top one can get here.
-                fsops.drop_inherited_acls(dfd, (), directory=True)
-                acl = False
             return self._execute(rel, dst_rel, prefix, dprefix, p, dfd, by_name, failures, acl)
         finally:
             if dfd >= 0:
                 self.dirs.release(dst_rel)
+
+    def _part(self, rel: str, dst_rel: str, part: int, more: bool) -> _Parted | None:
+        """The state of a directory planned in parts (None for one in a single message):
+        started by part 0, checked to come in order, dropped with the last part."""
+        if not part and not more:
+            return None
+        with self._lock:
+            st = self._parted.get(dst_rel)
+            if part == 0:
+                if st is not None:
+                    raise Refused(ErrorCode.BAD_REQUEST, f"directory {dst_rel or '.'!r} is already being planned in parts")
+                st = self._parted[dst_rel] = _Parted(rel)
+            elif st is None or st.next != part or st.rel != rel:
+                raise Refused(ErrorCode.BAD_REQUEST, f"part {part} of directory {rel or '.'!r} out of order")
+            st.next = part + 1
+            if not more:
+                del self._parted[dst_rel]
+        return st
+
+    def _unplanned(self, rel: str, parted: _Parted | None, failures: list[PathFailure]) -> DirPlanned:
+        """The destination directory could not be opened or scanned: its source is incomplete
+        (nothing will be deleted), and the later parts of it are answered with nothing."""
+        if parted is not None:
+            parted.failed = True
+        with self._lock:
+            self.incomplete.append(rel or ".")
+        return DirPlanned(subdirs=[], need=[], failures=failures)
 
     def check_digests(self, dirs: list[tuple[str, str, bytes, list[Entry]]]) -> DigestsChecked:
         """Worker thread, push: compare source directory digests with this side's. An equal one
@@ -1368,18 +1479,87 @@ class DestTree:
             raise
         self._done(p, len(content))
 
-    def _done(self, p: _Pending, size: int) -> None:
-        """A file landed: count it, mark its directory changed, log it for a move, link the rest
-        of its hard-link group."""
+    def land_many(self, batch: list[tuple[int, int, int]], buf: bytearray) -> list[tuple[int, OSError]]:
+        """Data-stream thread: `land` for several whole small files whose contents lie in `buf`
+        (file id, offset, length each), one C call per run of files of one directory. Returns
+        the files that did not land with their error (`failed` then reports each).
+
+        Raises:
+            KeyError: a file id never announced (or twice in `batch`): nothing was landed.
+        """
         with self._lock:
-            self.files_copied += 1
-            self.bytes_copied += size
-            self._changed(p.dst_rel)
-        self._act("copy", _join(p.rel, p.name))
-        if self.landed is not None:
-            self.landed.add(p.rel, p.name, p.meta)
-        if p.link_key is not None:
-            self._landed(p)
+            pend = self.pending
+            ps: list[_Pending] = []
+            try:
+                for fid, _, _ in batch:
+                    ps.append(pend.pop(fid))
+            except KeyError:
+                for (fid, _, _), p in zip(batch, ps):
+                    pend[fid] = p
+                raise
+        failed: list[tuple[int, OSError]] = []  # (index in batch, error)
+        landed: list[tuple[_Pending, int]] = []
+        i, n = 0, len(batch)
+        while i < n:
+            rel = ps[i].dst_rel
+            j = i + 1
+            while j < n and ps[j].dst_rel == rel:
+                j += 1
+            try:
+                dfd = self.dirs.held(rel)
+            except OSError as exc:
+                failed += ((k, exc) for k in range(i, j))
+                i = j
+                continue
+            c_files, c_idx = [], []
+            for k in range(i, j):
+                p = ps[k]
+                _, at, size = batch[k]
+                if p.xattrs is None and not p.acl and _C_LAND:
+                    c_files.append((_b(p.dname), at, size, p.meta, p.replace, p.inherit_gid))
+                    c_idx.append(k)
+                    continue
+                try:
+                    fsops.land_data(dfd, p.dname, memoryview(buf)[at : at + size], p.meta, p.xattrs, p.replace, p.inherit_gid, p.acl)
+                except OSError as exc:
+                    failed.append((k, exc))
+                    continue
+                landed.append((p, size))
+            if c_files:
+                for k, r in zip(c_idx, cscan.land_many(dfd, buf, c_files)):
+                    if r:
+                        failed.append((k, OSError(-r, os.strerror(-r))))
+                    else:
+                        landed.append((ps[k], batch[k][2]))
+            i = j
+        if failed:
+            with self._lock:
+                for k, _ in failed:
+                    self._open[batch[k][0]] = ps[k]  # for `failed`
+        if landed:
+            self._done_many(landed)
+        return [(batch[k][0], exc) for k, exc in failed]
+
+    def _done(self, p: _Pending, size: int) -> None:
+        self._done_many([(p, size)])
+
+    def _done_many(self, files: list[tuple[_Pending, int]]) -> None:
+        """Files landed: count them, mark their directories changed, log them for a move, link
+        the rest of their hard-link groups."""
+        with self._lock:
+            self.files_copied += len(files)
+            last = None
+            for p, size in files:
+                self.bytes_copied += size
+                if p.dst_rel != last:
+                    self._changed(p.dst_rel)
+                    last = p.dst_rel
+        for p, _ in files:
+            self._act("copy", _join(p.rel, p.name))
+            if self.landed is not None:
+                self.landed.add(p.rel, p.name, p.meta)
+            if p.link_key is not None:
+                self._landed(p)
 
     def open(self, file_id: int) -> data.SinkFile:
         with self._lock:
@@ -1815,8 +1995,17 @@ async def push_tree(
                     return
 
     async def visit(rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None) -> list[tuple[str, str, bool]]:
+        if only is None and parts_ok:
+            parts = await trio.to_thread.run_sync(source.scan_parts, rel, packed)
+        else:  # `SRC` (its parent, filtered to one name), or a daemon without FEATURE_PARTS
+            parts = [await trio.to_thread.run_sync(source.scan, rel, packed and only is None)]
+        subdirs: list[tuple[str, str, bool]] = []
+        for i, manifest in enumerate(parts):
+            subdirs += await visit_part(rel, dst_rel, dst_new, only, manifest, i)
+        return subdirs
+
+    async def visit_part(rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None, manifest: DirManifest, part: int) -> list[tuple[str, str, bool]]:
         nonlocal complete, walked
-        manifest = await trio.to_thread.run_sync(source.scan, rel, packed and only is None)
         if manifest.incomplete:
             complete = False
         local_failures.extend(manifest.failures)  # what this side could not read
@@ -1835,10 +2024,12 @@ async def push_tree(
                     incomplete=manifest.incomplete,
                     dir_entry=manifest.dir_entry,
                     packed=manifest.packed,
+                    part=part,
+                    more=manifest.more,
                 )
             )
         except MessageTooLarge as exc:
-            raise MessageTooLarge(f"directory {rel or '.'!r} is too large to send: {exc} (a directory this large is not supported yet)") from None
+            raise MessageTooLarge(f"directory {rel or '.'!r} is too large to send: {exc}") from None
         queue(rel, planned)
         if planned.hash:
             sizes = {e[0]: e[2] for e in entries}
@@ -1856,6 +2047,7 @@ async def push_tree(
 
     peer_features = session.peer.features
     packed = protocol.FEATURE_PACKED in peer_features
+    parts_ok = protocol.FEATURE_PARTS in peer_features
     use_digests = protocol.FEATURE_DIR_DIGEST in peer_features and digests_apply(spec)
     digest_flags = cscan.DIGEST_OWNER if protocol.FEATURE_OWNERS in peer_features else 0
 
@@ -2062,8 +2254,19 @@ async def pull_tree(
                     return
 
     async def visit(rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None) -> list[tuple[str, str, bool]]:
+        """One source directory: its manifest part by part (FEATURE_PARTS), each planned here
+        and its files asked for before the next part is fetched."""
+        subdirs: list[tuple[str, str, bool]] = []
+        part = 0
+        while True:
+            manifest: DirManifest = await session.call(protocol.TreeScan(transfer=t.id, rel=_b(rel), part=part))
+            subdirs += await visit_part(rel, dst_rel, dst_new, only, manifest, part)
+            if not manifest.more:
+                return subdirs
+            part += 1
+
+    async def visit_part(rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None, manifest: DirManifest, part: int) -> list[tuple[str, str, bool]]:
         nonlocal complete
-        manifest: DirManifest = await session.call(protocol.TreeScan(transfer=t.id, rel=_b(rel)))
         if manifest.incomplete:
             complete = False
         for f in manifest.failures:
@@ -2072,7 +2275,7 @@ async def pull_tree(
         if only is not None:
             entries = [e for e in entries if _s(e[0]) in only]
         planned = await trio.to_thread.run_sync(
-            sink.plan, rel, dst_rel, dst_new, only, entries, manifest.incomplete, cast("Entry | None", manifest.dir_entry)
+            sink.plan, rel, dst_rel, dst_new, only, entries, manifest.incomplete, cast("Entry | None", manifest.dir_entry), part, manifest.more
         )
         stop_if_fatal()
         # Our DestTree names the files it needs packed (packed_need): they go on as they are.
