@@ -937,8 +937,13 @@ def locked_source(root: Path) -> Path:
     return src
 
 
-def full_disk_source(src: Path) -> Path:
-    """About 10 MiB: ten 512 KiB files, a tiny one and a 5 MiB one in sub/."""
+def full_disk_source(src: Path, small: bool = False) -> Path:
+    """About 10 MiB: ten 512 KiB files, a tiny one and a 5 MiB one in sub/; `small`: 400 files
+    of 16 KiB in two directories instead (a receiver lands those in batches)."""
+    if small:
+        for i in range(400):
+            write_file(src / f"d{i % 2}" / f"s{i:03d}", os.urandom(16 * 1024))
+        return src
     for i in range(10):
         write_file(src / f"f{i:02d}.bin", os.urandom(512 * 1024))
     write_file(src / "sub/tiny.txt", b"tiny\n")

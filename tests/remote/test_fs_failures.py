@@ -147,9 +147,9 @@ def _check_full_then_rerun(src: Path, dst: Path, mnt: Path, run, op: str = "copy
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("op", ["copy", "mirror"])
-def test_push_into_a_full_module(daemon: DaemonProcess, tmp_path: Path, op: str) -> None:
-    src = full_disk_source(tmp_path / "src")
+@pytest.mark.parametrize(("op", "small"), [("copy", False), ("mirror", False), ("copy", True)], ids=["copy", "mirror", "small files"])
+def test_push_into_a_full_module(daemon: DaemonProcess, tmp_path: Path, op: str, small: bool) -> None:
+    src = full_disk_source(tmp_path / "src", small)
     with mounted_tmpfs(daemon.modules["data"] / "full", "3m") as mnt:
         _check_full_then_rerun(
             src, mnt / "dst", mnt, lambda *o: run_blit(*o[:1], "--no-tls", *o[1:], f"{src}/", url(daemon, "data/full/dst")), op
@@ -157,8 +157,9 @@ def test_push_into_a_full_module(daemon: DaemonProcess, tmp_path: Path, op: str)
 
 
 @pytest.mark.root
-def test_pull_into_a_full_disk(daemon: DaemonProcess, tmp_path: Path) -> None:
-    src = full_disk_source(daemon.modules["data"] / "src")
+@pytest.mark.parametrize("small", [False, True], ids=["mixed", "small files"])
+def test_pull_into_a_full_disk(daemon: DaemonProcess, tmp_path: Path, small: bool) -> None:
+    src = full_disk_source(daemon.modules["data"] / "src", small)
     with mounted_tmpfs(tmp_path / "mnt", "3m") as mnt:
         _check_full_then_rerun(src, mnt / "dst", mnt, lambda *o: run_blit(*o[:1], "--no-tls", *o[1:], url(daemon, "data/src/"), mnt / "dst"))
 
