@@ -11,6 +11,8 @@ them. Move: the destination side logs what landed (`LandedLog`), the source side
 (`SourceTree.remove`) in pages after a syncfs, directories last. -v / --dry-run: the
 destination side logs what it changes (`ActionLog`, the local engine's names and paths); the
 drivers hand it to the caller's `actions` (pull: the local log; push: tree/actions pages).
+A full or read-only destination (`DestTree.fatal`) ends the run as it ends a local one
+(decisions R30): the daemon refuses the push's next request, `pull_tree` raises FatalError.
 
 This module must not parse bytes (protocol.py) or own sockets (data.py, control.py).
 """
