@@ -116,8 +116,6 @@ def run_seed(s: Sides, seed: int, directions: tuple[str, ...] = ("push", "pull",
     for direction in directions:
         run = _Run(s, seed, direction, src)
         for check in checks:
-            if check in ("move", "movestale") and direction == "relay":
-                continue  # not supported between two daemons (docs/cli.md)
             out += getattr(run, "check_" + check.replace("-", "_"))()
         _fresh(run.dbase)
     _fresh(s.work / "oracle", s.work / "stale")

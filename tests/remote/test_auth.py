@@ -399,8 +399,8 @@ async def test_remote_to_remote_with_protected_modules(nursery, tmp_path: Path) 
     (a.modules["data"] / "g").write_text("protected on A")
     creds = client_secrets(tmp_path, f"alice@127.0.0.1:data {SECRET}\n")
 
-    async def run(src: str, dst: str) -> object:
-        return await remote_transfer("copy", src, dst, tls_enabled=False, secrets_file=creds)
+    async def run(src: str, dst: str, op: str = "copy") -> object:
+        return await remote_transfer(op, src, dst, tls_enabled=False, secrets_file=creds)
 
     # Into B's protected module: the client authenticates to B; A's open module is the source.
     s = await run(f"127.0.0.1:{a.info.port}:/ro/f", f"alice@127.0.0.1:{b.info.port}:/data/f")
@@ -411,8 +411,10 @@ async def test_remote_to_remote_with_protected_modules(nursery, tmp_path: Path) 
         await run(f"127.0.0.1:{a.info.port}:/ro/f", f"127.0.0.1:{b.info.port}:/data/f2")
     # From A's protected module: B holds no secret, so it is refused, and a user@ on the source
     # is a usage error before anything is sent.
-    with pytest.raises(RemoteError, match="requires authentication for module 'data': remote to remote cannot pull"):
-        await run(f"127.0.0.1:{a.info.port}:/data/g", f"alice@127.0.0.1:{b.info.port}:/data/g")
+    for op in ("copy", "move"):
+        with pytest.raises(RemoteError, match="requires authentication for module 'data': remote to remote cannot pull"):
+            await run(f"127.0.0.1:{a.info.port}:/data/g", f"alice@127.0.0.1:{b.info.port}:/data/g", op)
+    assert (a.modules["data"] / "g").read_text() == "protected on A"
     with pytest.raises(UsageError, match="cannot authenticate to the source daemon"):
         await run(f"alice@127.0.0.1:{a.info.port}:/data/g", f"alice@127.0.0.1:{b.info.port}:/data/g")
     assert sorted(os.listdir(b.modules["data"])) == ["f"]

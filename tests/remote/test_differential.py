@@ -34,7 +34,7 @@ def sides(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sides]:
 SEEDS = [
     (3, "push", ("copy", "mirror", "single", "movestale")),
     (5, "pull", ("copy", "checksum", "size-only", "move")),
-    (0, "relay", ("copy", "mirror", "ignore-times")),
+    (0, "relay", ("copy", "mirror", "ignore-times", "move")),
 ]
 """A few seeds, each direction, the checks shared out among them (run_seed's CHECKS, except a
 copy onto a stale destination: rsync 3.5.0 -H, the oracle, may hang or break down there)."""

@@ -139,3 +139,19 @@ def test_a_repeated_or_unknown_file_id_lands_nothing_of_its_batch(tmp_path: Path
     assert os.listdir(dst) == []
     assert sorted(t.pending) == [1, 2, 3, 4]  # still owed: reported as not landed
 
+
+
+def test_empty_files_land_in_batches_too(tmp_path: Path) -> None:
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    files = {i: ("", f"e{i:04d}", _meta(0, i)) for i in range(1, 501)}
+    t = _tree(dst, files)
+    try:
+        stats, calls = _receive(t, b"".join(_small(i, b"") for i in range(1, 501)))
+    finally:
+        t.close()
+    assert stats.files == 500 and not stats.failures
+    assert [fid for c in calls for fid in c] == list(range(1, 501))
+    assert len(calls) <= 500 // data.LAND_BATCH + 3  # not one call per file
+    assert sorted(os.listdir(dst)) == [f"e{i:04d}" for i in range(1, 501)]
+    assert all(os.stat(dst / f"e{i:04d}").st_size == 0 for i in range(1, 501))

@@ -178,12 +178,25 @@ async def test_source_daemon_unreachable_from_b(pair: tuple[Daemon, Daemon]) -> 
     assert files_below(b.modules["data"]) == set()
 
 
-async def test_move_between_daemons_is_refused_for_now(pair: tuple[Daemon, Daemon]) -> None:
+async def test_move_between_daemons_removes_sources_in_pages_during_the_walk(
+    pair: tuple[Daemon, Daemon], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B's pull is a pull move: with tiny pages, A removes what B synced while the walk goes on
+    (hard-link members only at the end); the tree lands exactly and A's source is gone."""
+    monkeypatch.setattr(tree, "LANDED_DRAIN", 3)
+    monkeypatch.setattr(tree, "LANDED_PAGE", 2)
+    monkeypatch.setattr(tree, "WALK_CONCURRENCY", 1)
     a, b = pair
-    (a.modules["data"] / "f").write_text("x")
-    with pytest.raises(UsageError, match="move between two daemons is not supported yet"):
-        await run(b, "move", ep(a, "data/f"), ep(b, "data/f"))
-    assert (a.modules["data"] / "f").exists() and files_below(b.modules["data"]) == set()
+    src = a.modules["data"] / "src"
+    await trio.to_thread.run_sync(make_full_tree, src)
+    for i in range(12):
+        (src / "a" / f"more{i}").write_text(str(i))
+    want = await trio.to_thread.run_sync(snapshot, src)
+    s = await run(b, "move", ep(a, "data/src"), ep(b, "data/out"))
+    assert s.exit_code == 0, s.failures
+    assert s.files_removed == sum(1 for v in want.values() if v[0] != 0o040000)
+    assert await trio.to_thread.run_sync(snapshot, b.modules["data"] / "out") == want
+    assert files_below(a.modules["data"]) == set()
 
 
 async def test_checksum_between_two_daemons_sends_only_what_differs(pair: tuple[Daemon, Daemon]) -> None:
@@ -218,14 +231,14 @@ async def test_polls_keep_the_client_within_its_request_timeout(pair: tuple[Daem
     (src / "slow").mkdir(parents=True)
     (src / "slow" / "f").write_text("late")
     (src / "g").write_text("early")
-    real_scan = tree.SourceTree.scan
+    real_scan = tree.SourceTree.scan_parts
 
     def slow_scan(self: tree.SourceTree, rel: str, *args):  # type: ignore[no-untyped-def]
         if rel == "slow":
             threading.Event().wait(2.5)  # a slow disk on A
         return real_scan(self, rel, *args)
 
-    monkeypatch.setattr(tree.SourceTree, "scan", slow_scan)
+    monkeypatch.setattr(tree.SourceTree, "scan_parts", slow_scan)
     updates: list[tuple[int, int]] = []
 
     class Watch:
@@ -255,7 +268,7 @@ async def test_a_client_that_goes_away_cancels_bs_pull(pair: tuple[Daemon, Daemo
     (src / "g").write_text("early")
     release = threading.Event()
     entered = threading.Event()
-    real_scan = tree.SourceTree.scan
+    real_scan = tree.SourceTree.scan_parts
 
     def held_scan(self: tree.SourceTree, rel: str, *args):  # type: ignore[no-untyped-def]
         if rel == "slow":
@@ -263,7 +276,7 @@ async def test_a_client_that_goes_away_cancels_bs_pull(pair: tuple[Daemon, Daemo
             release.wait(10)
         return real_scan(self, rel, *args)
 
-    monkeypatch.setattr(tree.SourceTree, "scan", held_scan)
+    monkeypatch.setattr(tree.SourceTree, "scan_parts", held_scan)
     try:
         with trio.move_on_after(10) as cs:
             async with trio.open_nursery() as n:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import DaemonProcess, blit_cmd, run_daemon_process
-from .treeutil import assert_same_tree, make_full_tree
+from .treeutil import assert_same_tree, make_full_tree, snapshot
 
 AS_NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 
@@ -75,10 +76,10 @@ def test_cli_refusals_are_one_line_with_exit_codes(daemons: tuple[DaemonProcess,
         r = blit(b, "copy", src, dst)
         assert (r.returncode, stderr_lines(r)) == (code, [line]), r.stderr
         assert r.stdout == ""
-    r = blit(b, "move", ep(a, "data/f"), ep(b, "data/f"))
-    assert r.returncode == 2 and stderr_lines(r) == [
-        "blit: error: move between two daemons is not supported yet (copy, then delete the source)"
-    ], r.stderr
+    # A move is refused the same ways, and removes nothing from A.
+    for (src, dst), code, line in cases[:2]:
+        r = blit(b, "move", src, dst)
+        assert (r.returncode, stderr_lines(r)) == (code, [line]), r.stderr
     for m in ("data", "other", "ro"):
         assert below(b.modules[m]) == set(), m
     assert (a.modules["data"] / "f").read_text() == "x"
@@ -109,3 +110,118 @@ def test_mirror_deletes_nothing_on_b_when_a_cannot_read_everything(tmp_path: Pat
         assert (dst / "new.txt").read_text() == "new"
         assert (dst / "extra.txt").read_text() == "kept" and (dst / "locked" / "stale").read_text() == "kept"
         os.chmod(src / "locked", 0o755)
+
+
+# --- move: B's pull is a pull move, A removes what landed on B ------------------------------------
+
+COUNTS = ("files_copied", "bytes_copied", "files_skipped", "dirs_created", "links_created", "files_removed", "failures", "exit_code")
+
+
+def summary(r: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    """The --json summary event (the last line)."""
+    event = json.loads(r.stdout.splitlines()[-1])
+    assert event["event"] == "summary", r.stdout
+    return {k: event[k] for k in COUNTS}
+
+
+@pytest.mark.parametrize("form", ["/", ""], ids=["SRC-slash", "SRC"])
+def test_move_between_two_daemons_removes_what_a_pull_move_removes(
+    daemons: tuple[DaemonProcess, DaemonProcess], tmp_path: Path, form: str
+) -> None:
+    """A tree with every kind of entry lands on B exactly as it was on A; A is left as a pull
+    move of an identical tree into a local directory leaves it (the oracle), with the same
+    counts and exit code."""
+    a, b = daemons
+    src, twin = a.modules["data"] / "src", a.modules["data"] / "twin"
+    make_full_tree(src)
+    make_full_tree(twin)
+    want, top = snapshot(src), os.stat(src)
+    r = blit(b, "move", "--json", ep(a, "data/src" + form), ep(b, "data/dst"))
+    assert r.returncode == 0, (r.stdout, r.stderr, b.log())
+    oracle = blit(b, "move", "--json", ep(a, "data/twin" + form), str(tmp_path / "local" / "dst"))
+    assert oracle.returncode == 0, (oracle.stdout, oracle.stderr)
+    got = summary(r)
+    assert got == summary(oracle)
+    assert got["files_removed"] == sum(1 for v in want.values() if v[0] != 0o040000)  # all but directories
+    dst = b.modules["data"] / "dst"
+    assert snapshot(dst) == want
+    assert (os.stat(dst).st_mode, os.stat(dst).st_mtime_ns) == (top.st_mode, top.st_mtime_ns)
+    assert [p for p in dst.rglob(".blit-*")] == []
+    # `SRC/`: SRC stays, emptied; `SRC`: it goes too.
+    assert (src.exists(), twin.exists()) == (form == "/", form == "/")
+    if form == "/":
+        assert below(src) == below(twin) == set()
+
+
+def test_move_between_two_daemons_keeps_on_a_what_failed_to_land_on_b(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
+    """`x` cannot replace a non-empty directory on B: it stays on A (and so does its
+    directory), everything else moves; exit 3 with the failure's line."""
+    a, b = daemons
+    src = a.modules["data"] / "tree"
+    (src / "sub").mkdir(parents=True)
+    (src / "x").write_text("cannot land")
+    (src / "ok").write_text("ok")
+    (src / "sub" / "y").write_text("y")
+    os.symlink("ok", src / "link")
+    out = b.modules["data"] / "out"
+    (out / "x").mkdir(parents=True)
+    (out / "x" / "keep").write_text("in the way")
+    r = blit(b, "move", ep(a, "data/tree/"), ep(b, "data/out"))
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert stderr_lines(r) == ["blit: x: replace: directory not empty (mirror replaces it)"], r.stderr
+    assert r.stdout.startswith("moved 2 files (3 B), 1 links, skipped 0, 1 failed"), r.stdout
+    assert below(src) == {"x"} and (src / "x").read_text() == "cannot land"
+    assert (out / "ok").read_text() == "ok" and (out / "sub" / "y").read_text() == "y"
+    assert os.readlink(out / "link") == "ok"
+    assert (out / "x" / "keep").read_text() == "in the way"
+
+
+def test_move_from_a_read_only_module_of_a_changes_nothing(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
+    a, b = daemons
+    (a.modules["ro"] / "tree").mkdir()
+    (a.modules["ro"] / "tree" / "f").write_text("stays")
+    for dst in ("data/out", "data/new/deeper/"):  # B would have to create its base: it does not
+        r = blit(b, "move", ep(a, "ro/tree"), ep(b, dst))
+        assert (r.returncode, stderr_lines(r)) == (1, [
+            f"blit: error: the source daemon 127.0.0.1:{a.port} refused: module 'ro' is read-only:"
+            " a move from it would remove its files (copy instead)"
+        ]), r.stderr
+        assert r.stdout == ""
+    assert (a.modules["ro"] / "tree" / "f").read_text() == "stays" and below(a.modules["ro"]) == {"tree", "tree/f"}
+    assert below(b.modules["data"]) == set()
+
+
+def test_move_between_two_daemons_dry_run_changes_nothing(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
+    a, b = daemons
+    src = a.modules["data"] / "src"
+    make_full_tree(src)
+    (b.modules["data"] / "have").mkdir()
+    (b.modules["data"] / "have" / "small.txt").write_text("stale")
+    before_a, before_b = snapshot(a.modules["data"]), snapshot(b.modules["data"])
+    for s, d in ((ep(a, "data/src/"), ep(b, "data/new")), (ep(a, "data/src"), ep(b, "data/have/"))):
+        r = blit(b, "move", "--dry-run", "--json", s, d)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        event = json.loads(r.stdout.splitlines()[-1])
+        assert event["dry_run"] and event["files_copied"] == 10 and event["files_removed"] == 0, event
+    assert snapshot(a.modules["data"]) == before_a
+    assert snapshot(b.modules["data"]) == before_b
+
+
+def test_move_within_one_daemon_refuses_the_same_or_a_nested_destination(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
+    """A and B the same daemon: moving a tree onto itself or into itself is refused (exit 2),
+    nothing changes; beside itself it moves."""
+    _a, b = daemons
+    mod = b.modules["data"]
+    (mod / "x" / "sub").mkdir(parents=True)
+    (mod / "x" / "sub" / "f").write_text("f")
+    for s, d, why in (
+        (ep(b, "data/x/"), ep(b, "data/x/sub/in"), f"blit: error: destination /data/x/sub/in is inside the source {ep(b, 'data/x/')}"),
+        (ep(b, "data/x"), ep(b, "data/x"), f"blit: error: destination /data/x is inside the source {ep(b, 'data/x')}"),
+        (ep(b, "data/x/"), ep(b, "data/x/"), f"blit: error: source and destination are the same: {ep(b, 'data/x/')}"),
+    ):
+        r = blit(b, "move", s, d)
+        assert (r.returncode, stderr_lines(r)) == (2, [why]), r.stderr
+    assert below(mod) == {"x", "x/sub", "x/sub/f"}
+    r = blit(b, "move", ep(b, "data/x"), ep(b, "data/y"))
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert below(mod) == {"y", "y/sub", "y/sub/f"} and (mod / "y" / "sub" / "f").read_text() == "f"

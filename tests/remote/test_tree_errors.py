@@ -19,14 +19,14 @@ async def test_an_error_in_the_walk_ends_the_push_promptly(daemon: Daemon, tmp_p
     src = tmp_path / "src"
     await trio.to_thread.run_sync(make_full_tree, src)
     dst = daemon.modules["data"]
-    real_scan = tree.SourceTree.scan
+    real_scan = tree.SourceTree.scan_parts
 
     def failing_scan(self: tree.SourceTree, rel: str, *args):  # type: ignore[no-untyped-def]
         if rel:
             raise RuntimeError("boom")
         return real_scan(self, rel, *args)
 
-    monkeypatch.setattr(tree.SourceTree, "scan", failing_scan)
+    monkeypatch.setattr(tree.SourceTree, "scan_parts", failing_scan)
     t0 = trio.current_time()
     with pytest.raises(RuntimeError, match="boom"):
         async with daemon.session() as s:

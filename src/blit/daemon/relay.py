@@ -5,12 +5,13 @@ another daemon (A) into one of B's modules (docs/protocol.md §4 "Remote to remo
                 the job runs in the session's nursery
     the job     open_session(A), A's certificate pinned in B's own known_hosts (state dir)
                 -> transport.remote.resolve(): stat on A, contained stat on B
-                -> mkdir -p the base inside the module (no link followed)
-                -> transport.tree.pull_tree into a DestTree rooted at the base's fd, every
-                   directory opened by the containment walk
+                -> transport.tree.pull_tree: once A accepted the transfer, mkdir -p the base
+                   inside the module (no link followed) and a DestTree rooted at the base's fd,
+                   every directory opened by the containment walk
     peer/wait   long poll: progress so far; once over, the tally or the error (job forgotten)
 
-B is an ordinary pull client of A: the same client code as `blit copy A:/m/x here`. A client
+B is an ordinary pull client of A: the same client code as `blit copy A:/m/x here`; a move is a
+pull move (B syncs what landed, then A removes those sources: tree/remove). A client
 that goes away closes its session, whose nursery cancels the job, which closes B's session with
 A (A cancels its side). This module must not own listeners or parse bytes.
 """
@@ -179,10 +180,14 @@ class PeerJob:
                 finally:
                     os.close(root_fd)
 
-            base_fd = await trio.to_thread.run_sync(open_base, limiter=state.fs_limiter)
-            self.dest = DestTree(base_fd, spec, open_dir=contained_open_dir)
+            async def open_dest() -> DestTree:
+                """Once A accepted the transfer (a refused move leaves nothing on B)."""
+                base_fd = await trio.to_thread.run_sync(open_base, limiter=state.fs_limiter)
+                dest = self.dest = DestTree(base_fd, spec, open_dir=contained_open_dir)
+                return dest
+
             self.carrier = "h2" if a.force_h2_data or a.peer.data_port is None else "tcp"
-            self.result = await pull_tree(a, peer.module, r.src_base, None, r.top, spec, msg.streams, dest=self.dest)
+            self.result = await pull_tree(a, peer.module, r.src_base, None, r.top, spec, msg.streams, open_dest=open_dest)
 
     async def _refuse_overlap(self, a: Any, r: Resolved) -> None:
         """When A is this very daemon, the destination must not be the source or inside it
@@ -219,10 +224,8 @@ async def start(s: Any, msg: protocol.PeerPull) -> protocol.PeerStarted:
     state = s.state
     if state.shutting_down:
         raise Refused(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
-    if msg.operation == "move":
-        raise Refused(ErrorCode.BAD_REQUEST, "move between two daemons is not supported yet")
-    if msg.operation not in ("copy", "mirror"):
-        raise Refused(ErrorCode.BAD_REQUEST, "operation must be copy or mirror")
+    if msg.operation not in ("copy", "mirror", "move"):
+        raise Refused(ErrorCode.BAD_REQUEST, "operation must be copy, mirror or move")
     root, read_only = s.module(msg.module)
     name = f"module {msg.module!r}" if msg.module else "the root export"
     if read_only:

@@ -936,6 +936,37 @@ class _Landing:
         self.open.clear()
 
 
+def _land_batch(io: StreamIO, landing: _Landing, stats: StreamStats, batch: list[tuple[int, int, int]], end: int) -> int:
+    """`batch` holds one whole small file (id, offset in the buffer, length) ending at `end`:
+    add the whole small files (DATA at 0, payload, END; or a lone END: an empty file) that
+    follow it in the buffer, up to LAND_BATCH, land them in one call and return where the
+    buffer's unread frames start."""
+    rbuf, rend = io._rbuf, io._rend
+    unpack_from = protocol.FRAME.unpack_from
+    is_open = landing.open.__contains__
+    while len(batch) < LAND_BATCH and rend - end >= FRAME_SIZE:
+        kind, _f, _r, fid, offset, length = unpack_from(rbuf, end)
+        if kind == _DATA and not offset and length <= SMALL_FILE and rend - end >= length + 2 * FRAME_SIZE:
+            pos = end + FRAME_SIZE
+            k2, _f, _r, fid2, size, len2 = unpack_from(rbuf, pos + length)
+            if k2 != _END or fid2 != fid or size != length or len2 or is_open(fid):
+                break
+            end = pos + length + FRAME_SIZE
+            stats.frames += 2
+            stats.bytes += length
+        elif kind == _END and not offset and not length and not is_open(fid):
+            pos = end = end + FRAME_SIZE
+            stats.frames += 1
+        else:
+            break
+        batch.append((fid, pos, length))
+    landing.land_many(batch, rbuf)
+    return end
+
+
+_DATA, _END = int(FrameType.DATA), int(FrameType.END)
+
+
 def receive_loop(io: StreamIO, sink: FileSink, stats: StreamStats) -> None:
     """Receive frames and land files until DONE. On any error, files still open are aborted.
 
@@ -974,27 +1005,7 @@ def receive_loop(io: StreamIO, sink: FileSink, stats: StreamStats) -> None:
                             io._rpos = end
                             landing.land(fid, io._rview[pos : pos + length])
                             continue
-                        # More whole small files already in the buffer land in the same call.
-                        batch = [(fid, pos, length)]
-                        rbuf, rend = io._rbuf, io._rend
-                        while len(batch) < LAND_BATCH and rend - end >= FRAME_SIZE:
-                            kind, _f, _r, fid, offset, length = unpack_from(rbuf, end)
-                            if kind == DATA and not offset and length <= SMALL_FILE and rend - end >= length + 2 * FRAME_SIZE:
-                                pos = end + FRAME_SIZE
-                                k2, _f, _r, fid2, size, len2 = unpack_from(rbuf, pos + length)
-                                if k2 != END or fid2 != fid or size != length or len2 or is_open(fid):
-                                    break
-                                end = pos + length + FRAME_SIZE
-                                stats.frames += 2
-                                stats.bytes += length
-                            elif kind == END and not offset and not length and not is_open(fid):
-                                pos = end = end + FRAME_SIZE  # an empty file
-                                stats.frames += 1
-                            else:
-                                break
-                            batch.append((fid, pos, length))
-                        io._rpos = end
-                        landing.land_many(batch, rbuf)
+                        io._rpos = _land_batch(io, landing, stats, [(fid, pos, length)], end)
                         continue
                 fd = landing.target(fid)
                 write_error = io.recv_to_fd(fd, offset, length)
@@ -1007,8 +1018,11 @@ def receive_loop(io: StreamIO, sink: FileSink, stats: StreamStats) -> None:
                     raise RemoteProtocolError("END frame with an unexpected payload")
                 if length:
                     io.recv_exact(length)  # digest: reserved, not checked yet
-                if whole and offset == 0 and not is_open(fid):
-                    landing.land(fid, io._rview[:0])  # an empty file
+                if whole and offset == 0 and not is_open(fid):  # an empty file
+                    if many:
+                        io._rpos = _land_batch(io, landing, stats, [(fid, io._rpos, 0)], io._rpos)
+                    else:
+                        landing.land(fid, io._rview[:0])
                     continue
                 landing.end(fid, offset)
             elif kind == ABORT:

@@ -787,6 +787,7 @@ class PeerPull(Message):
     """The destination as typed (trailing "/" kept): B applies the trailing-slash rules."""
     peer: Peer
     operation: str = field(metadata=_lim(8))
+    """"copy", "mirror" or "move" (B's pull is a pull move: A removes what landed on B)."""
     compare: int = field(metadata=_lim(min=0, max=3))
     filters: list[FilterRule] = field(default_factory=list, metadata=_lim(1000))
     dry_run: bool = False

@@ -16,8 +16,8 @@ any two `Side`s: local and remote here, and on a daemon asked to pull from anoth
 | `file` | anything else | DST |
 
 Move removes a source entry only once the destination side confirmed it landed and synced it
-(docs/protocol.md §4); between two daemons it is refused. Progress goes to the caller's Progress
-at most 10 times a second.
+(docs/protocol.md §4); between two daemons that side is B, whose pull from A is a pull move.
+Progress goes to the caller's Progress at most 10 times a second.
 
 Remote to remote (`relay()`): the client opens a session with the destination daemon B only and
 sends `peer/pull`; B checks its config's consent, connects to the source daemon A as an ordinary
@@ -295,13 +295,13 @@ async def remote_transfer(
     secrets_file: Path | None = None,
     record_actions: bool = False,
 ) -> Summary:
-    """Copy, mirror or move between a local path and a daemon (either direction); copy or mirror
-    between two daemons (the destination daemon pulls from the source daemon; the client relays).
+    """Copy, mirror or move between a local path and a daemon (either direction) or between two
+    daemons (the destination daemon pulls from the source daemon; the client relays).
     `record_actions` (-v, --dry-run): every entry the destination side changes goes to
     `progress.action`, as in a local run (from a daemon only if it speaks FEATURE_ACTIONS).
 
     Raises:
-        UsageError: bad endpoints, missing source, move between two daemons (not yet).
+        UsageError: bad endpoints, missing source.
         ConnectError, RemoteError, TransportError: a daemon could not be used (remote to
             remote: B refused, or B could not reach or use A).
     """
@@ -316,8 +316,6 @@ async def remote_transfer(
     s_ep, d_ep = parse_endpoint(src), parse_endpoint(dst)
     if not isinstance(s_ep, RemoteEndpoint) and not isinstance(d_ep, RemoteEndpoint):
         raise UsageError("remote_transfer needs a remote endpoint")
-    if operation == "move" and isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, RemoteEndpoint):
-        raise UsageError("move between two daemons is not supported yet (copy, then delete the source)")
     # The session is with the destination daemon when both ends are remote (it does the work).
     remote = d_ep if isinstance(d_ep, RemoteEndpoint) else s_ep
     assert isinstance(remote, RemoteEndpoint)

@@ -29,7 +29,7 @@ import dataclasses
 import threading
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -2124,14 +2124,16 @@ async def pull_tree(
     create_root: bool = False,
     counters: TreeCounters | None = None,
     dest: DestTree | None = None,
+    open_dest: Callable[[], Awaitable[DestTree]] | None = None,
     actions: Callable[[str, str], None] | None = None,
 ) -> TreeDone:
     """Pull a daemon module directory (source) into a local tree (destination): `local_root`, or
-    `dest` when the caller made the DestTree (a daemon pulling from a peer into its module,
-    with its containment walk; a dry run into a missing directory). The DestTree is closed on
-    return either way. `create_root` makes the local root (and its parents) once the daemon has
-    accepted the transfer. Move: what landed here is synced, then removed on the daemon
-    (tree/remove), emptied directories last. `actions(action, path)` gets what the local
+    `dest` when the caller made the DestTree (a dry run into a missing directory), or the one
+    `await open_dest()` makes once the daemon has accepted the transfer (a daemon pulling from
+    a peer into its module, with its containment walk: a refused move creates nothing). The
+    DestTree is closed on return either way. `create_root` makes the local root (and its
+    parents) once the daemon has accepted the transfer. Move: what landed here is synced, then
+    removed on the daemon (tree/remove), emptied directories last. `actions(action, path)` gets what the local
     DestTree changes (spec.report_actions makes it keep them) while the transfer runs.
 
     Raises:
@@ -2154,6 +2156,8 @@ async def pull_tree(
                 h2_data=session.force_h2_data,
             )
         )
+        if dest is None and open_dest is not None:
+            dest = await open_dest()
         if dest is None:
             assert local_root is not None
             root = local_root
