@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import stat
 import struct
 import subprocess
@@ -988,9 +989,10 @@ def change_mid_transfer(
     argv: Sequence[str | os.PathLike[str]], path: Path, change: str, *, reader: int | None = None, as_nobody: bool = False
 ) -> subprocess.CompletedProcess[bytes]:
     """Run blit with argv; once the process that reads `path` (`reader`, else blit itself) has
-    read 32 MiB more than when it started, shrink `path` to 3 MiB ("shrink") or append 1 MiB to
-    it ("grow"). Checked: the change comes while the run still goes. Bounded: 30 s to get there,
-    60 s to end."""
+    read 32 MiB more than when it started, stop it (SIGSTOP), shrink `path` to 3 MiB ("shrink")
+    or append 1 MiB to it ("grow"), and let it go on: the change lands mid-file however the
+    machine schedules the test (checked: not all of the file had been read). Bounded: 30 s to
+    get there, 60 s to end."""
     cmd: list[str] = [BLIT, *map(os.fspath, argv)]
     if as_nobody:
         cmd = [*AS_NOBODY, *cmd]
@@ -1003,12 +1005,16 @@ def change_mid_transfer(
             assert proc.poll() is None, "the run ended before the file could be changed"
             assert time.monotonic() < deadline, "nothing was read for 30 s"
             time.sleep(0.001)
-        if change == "shrink":
-            os.truncate(path, 3 * MiB)
-        else:
-            with open(path, "ab") as f:
-                f.write(b"x" * MiB)
-        assert proc.poll() is None, "the run ended before the file was changed"
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert bytes_read(pid) < base + RACE_SIZE - MiB, "the file was read whole before it could be changed"
+            if change == "shrink":
+                os.truncate(path, 3 * MiB)
+            else:
+                with open(path, "ab") as f:
+                    f.write(b"x" * MiB)
+        finally:
+            os.kill(pid, signal.SIGCONT)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
