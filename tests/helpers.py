@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import stat
 import struct
 import subprocess
@@ -908,3 +909,144 @@ def mounted_tmpfs(where: str | os.PathLike[str], size: str) -> Iterator[Path]:
 def tree_size(root: str | os.PathLike[str]) -> int:
     """Bytes in the regular files under root, without following symlinks."""
     return sum(st.st_size for _, st in walk(root) if stat.S_ISREG(st.st_mode))
+
+
+# --------------------------------------------------------------------------------------------
+# The file system failing under a run (test_local_fsfail.py, remote/test_fs_failures.py)
+
+LOCKED_TREE = {
+    "ok.txt": "ok\n",
+    "secret.txt": "hidden\n",
+    "locked/": {"inner.txt": "inner\n", "deeper/": {"d.txt": "d\n"}},
+    "sub/": {"b.txt": "b\n"},
+}
+LOCKED_LINES = ["blit: locked: open: Permission denied", "blit: secret.txt: copy: Permission denied"]
+"""What a run reading LOCKED_TREE as nobody prints on stderr, sorted: one line per failure."""
+
+
+def lock_tree(src: Path, locked: bool = True) -> None:
+    """LOCKED_TREE's secret.txt and locked/ unreadable (mode 0), or readable again."""
+    os.chmod(src / "secret.txt", 0 if locked else 0o644)
+    os.chmod(src / "locked", 0 if locked else 0o755)
+
+
+def locked_source(root: Path) -> Path:
+    """LOCKED_TREE, nobody's, with secret.txt and the directory locked/ unreadable."""
+    src = make_tree(root, LOCKED_TREE)
+    chown_tree(src, NOBODY, NOBODY)
+    lock_tree(src)
+    return src
+
+
+def full_disk_source(src: Path, small: bool = False) -> Path:
+    """About 10 MiB: ten 512 KiB files, a tiny one and a 5 MiB one in sub/; `small`: 400 files
+    of 16 KiB in two directories instead (a receiver lands those in batches)."""
+    if small:
+        for i in range(400):
+            write_file(src / f"d{i % 2}" / f"s{i:03d}", os.urandom(16 * 1024))
+        return src
+    for i in range(10):
+        write_file(src / f"f{i:02d}.bin", os.urandom(512 * 1024))
+    write_file(src / "sub/tiny.txt", b"tiny\n")
+    write_file(src / "sub/big.bin", os.urandom(5 * MiB + 5))
+    return src
+
+
+def assert_nothing_partial(src_snap: Snapshot, dst: Path) -> None:
+    """Whatever landed in dst is a complete source file; no temporary (nor anything else) left."""
+    dst_snap = snapshot(dst, include_root=False) if dst.exists() else {}
+    assert not files_equal_to_source(src_snap, dst_snap), files_equal_to_source(src_snap, dst_snap)
+    assert not extra_entries(src_snap, dst_snap), extra_entries(src_snap, dst_snap)
+
+
+def grow_tmpfs(mnt: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", os.fspath(mnt)], check=True, timeout=30)
+
+
+RACE_SIZE = 256 * MiB
+"""A file large enough that its copy is still going when the test changes it."""
+
+
+def make_big(path: Path, size: int = RACE_SIZE) -> None:
+    block = os.urandom(MiB)
+    with open(path, "wb") as f:
+        for i in range(size // MiB):
+            f.write(block[i % 13 :] + block[: i % 13])
+
+
+def bytes_read(pid: int) -> int:
+    """What process `pid` has read so far (read, pread, sendfile, copy_file_range alike)."""
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def change_mid_transfer(
+    argv: Sequence[str | os.PathLike[str]], path: Path, change: str, *, reader: int | None = None, as_nobody: bool = False
+) -> subprocess.CompletedProcess[bytes]:
+    """Run blit with argv; once the process that reads `path` (`reader`, else blit itself) has
+    read 32 MiB more than when it started, stop it (SIGSTOP), shrink `path` to 3 MiB ("shrink")
+    or append 1 MiB to it ("grow"), and let it go on: the change lands mid-file however the
+    machine schedules the test (checked: not all of the file had been read). Bounded: 30 s to
+    get there, 60 s to end."""
+    cmd: list[str] = [BLIT, *map(os.fspath, argv)]
+    if as_nobody:
+        cmd = [*AS_NOBODY, *cmd]
+    base = bytes_read(reader) if reader is not None else 0
+    proc = subprocess.Popen(cmd, env=BLIT_ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        pid = reader if reader is not None else proc.pid
+        deadline = time.monotonic() + 30
+        while bytes_read(pid) < base + 32 * MiB:
+            assert proc.poll() is None, "the run ended before the file could be changed"
+            assert time.monotonic() < deadline, "nothing was read for 30 s"
+            time.sleep(0.001)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert bytes_read(pid) < base + RACE_SIZE - MiB, "the file was read whole before it could be changed"
+            if change == "shrink":
+                os.truncate(path, 3 * MiB)
+            else:
+                with open(path, "ab") as f:
+                    f.write(b"x" * MiB)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+CHANGED_SIZE_LINE = "blit: big.bin: copy: file changed size while being read"
+
+
+def assert_changed_file_outcome(proc: subprocess.CompletedProcess[bytes], src: Path, dst: Path, change: str) -> None:
+    """src/big.bin changed size while `proc` copied it into dst. Shrank: not landed, listed
+    (exit 3). Grew: what was read landed, with the mtime the file had when it was listed, which
+    is not the source's any more, so a rerun copies it again. No temporary either way."""
+    s = os.stat(src / "big.bin")
+    if change == "shrink":
+        assert proc.returncode == 3, describe_output(proc)
+        assert stderr_lines(proc) == [CHANGED_SIZE_LINE], describe_output(proc)
+        assert not dst.exists() or os.listdir(dst) == [], os.listdir(dst)
+    else:
+        assert proc.returncode == 0, describe_output(proc)
+        d = os.stat(dst / "big.bin")
+        assert d.st_size == RACE_SIZE and d.st_mtime_ns != s.st_mtime_ns, (d, s)
+        assert os.listdir(dst) == ["big.bin"]
+
+
+def assert_json_fatal(proc: subprocess.CompletedProcess[bytes], needle: str) -> None:
+    """A --json run that stopped on a fatal error: exit 1, and its last line, the only summary,
+    says why (`fatal` holds `needle`)."""
+    assert proc.returncode == 1, describe_output(proc)
+    events = json_events(proc)
+    summaries = [e for e in events if e["event"] == "summary"]
+    assert summaries == [events[-1]], f"one summary, last\n{describe_output(proc)}"
+    assert needle in summaries[0]["fatal"] and summaries[0]["exit_code"] == 1, summaries[0]

@@ -123,6 +123,7 @@ class JsonProgress:
         self._dumps = json.dumps
         self.operation = operation
         self.last = 0.0
+        self.finished = False  # the summary went out (a fatal error after it adds none)
 
     def _emit(self, obj: dict[str, object]) -> None:
         sys.stdout.write(self._dumps(obj) + "\n")
@@ -161,6 +162,7 @@ class JsonProgress:
     def finish(self, summary: "Summary") -> None:
         self._emit(summary.as_dict())
         sys.stdout.flush()
+        self.finished = True
 
 
 def _run(
@@ -229,20 +231,23 @@ def _run(
                 finally:
                     nursery.cancel_scope.cancel()
 
-    try:
-        trio.run(main)
-    except BlitError as exc:
+    def failed(exc: BlitError) -> int:
+        """One error line; with --json the summary still comes last."""
         _err(str(exc))
-        if as_json:
+        if as_json and not getattr(rep, "finished", False):
             import json
 
             sys.stdout.write(json.dumps({"event": "summary", "fatal": str(exc), "exit_code": exc.exit_code}) + "\n")
         return exc.exit_code
+
+    try:
+        trio.run(main)
+    except BlitError as exc:
+        return failed(exc)
     except BaseExceptionGroup as eg:
         blit_errors = [e for e in _leaves(eg) if isinstance(e, BlitError)]
         if blit_errors:
-            _err(str(blit_errors[0]))
-            return blit_errors[0].exit_code
+            return failed(blit_errors[0])
         raise
     except KeyboardInterrupt:
         outcome["interrupted"] = True

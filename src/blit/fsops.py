@@ -28,6 +28,9 @@ O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 TMP_PREFIX = ".blit-"
 TMP_SUFFIX = ".tmp"
 
+CHANGED_SIZE = "file changed size while being read"
+"""Why a file whose size changed while it was read is not landed (every topology says so)."""
+
 # Longest path handed to one syscall; longer relative paths are opened one chunk at a time.
 _PATH_CHUNK = 3000
 

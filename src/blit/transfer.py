@@ -444,6 +444,11 @@ class LocalTransfer:
             self.scan_incomplete.append(job.rel or ".")
         if res.incomplete:
             self.scan_incomplete.append(job.rel or ".")
+        if res.scan_error is not None or res.incomplete:
+            # Its contents did not all come: the destination directory keeps its metadata (one
+            # we made stays 0o700), so a mode that locks the source (0, r--) does not lock the
+            # rerun out of the copy; the run that reads it whole applies it.
+            node.meta = None
         if res.changed:
             node.changed = True
         node.acl = res.acl_inherited
@@ -539,7 +544,7 @@ class LocalTransfer:
                     finally:
                         abandoned = state["abandoned"]
                     if state["short"]:
-                        raise OSError(errno.EAGAIN, "the source file shrank while it was being copied")
+                        raise OSError(errno.EAGAIN, fsops.CHANGED_SIZE)
                     if sparse:
                         await trio.to_thread.run_sync(os.ftruncate, landing.fd, m.st_size)
                 else:

@@ -29,6 +29,12 @@ def _show(parts: list[bytes], upto: int | None = None) -> str:
     return "/".join(p.decode("utf-8", "backslashreplace") for p in parts[:upto]) or "/"
 
 
+def label(module: str, path: bytes) -> str:
+    """A module path as the user wrote it after the host: `/module/path`, `//path` (root export)."""
+    text = path.decode("utf-8", "surrogateescape")
+    return f"//{text}" if module == "" else f"/{module}" + (f"/{text}" if text else "")
+
+
 def open_root(root: Path) -> int:
     """Open a module's root directory (the admin's configured path may go through links)."""
     try:
@@ -49,7 +55,7 @@ def walk_dir(root_fd: int, parts: list[bytes]) -> int:
             try:
                 nfd = os.open(part, O_DIR, dir_fd=fd)
             except OSError as exc:
-                raise _refusal(exc, fd, part, parts, i) from None
+                raise _refusal(exc, fd, part, parts, i) from exc  # the kernel's reason, for OSError callers
             os.close(fd)
             fd = nfd
         return fd

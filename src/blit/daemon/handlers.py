@@ -419,6 +419,8 @@ class Session:
         if t.tree_dest is None or t.finished:
             raise Refused(ErrorCode.BAD_REQUEST, f"{what} is for push tree transfers")
         dest: DestTree = t.tree_dest
+        if dest.fatal is not None:  # the destination is full or read-only: the run ends (R30)
+            raise Refused(ErrorCode.IO_ERROR, dest.fatal)
         return dest
 
     def src_tree(self, tid: int, what: str) -> SourceTree:
@@ -630,16 +632,26 @@ async def handle_finish(s: Session, msg: protocol.FinishTransfer) -> protocol.Tr
 
 
 def contained_open_dir(root_fd: int, rel: str) -> int:
-    """`open_dir` for the tree code on the daemon: the containment walk, as OSErrors."""
+    """`open_dir` for the tree code on the daemon: the containment walk, as OSErrors. The tree
+    code names the directory in its failure lines, so the reason is the kernel's alone
+    (`locked: open: Permission denied`, as a local run says), or the walk's for a link."""
     try:
         return contain.walk_dir(root_fd, protocol.split_path(os.fsencode(rel)))
     except Refused as exc:
+        cause = exc.__cause__
+        if exc.code in (ErrorCode.IO_ERROR, ErrorCode.NOT_FOUND) and isinstance(cause, OSError) and cause.strerror:
+            raise OSError(cause.errno, cause.strerror) from None
         code = errno.ENOENT if exc.code is ErrorCode.NOT_FOUND else errno.ENOTDIR if exc.code is ErrorCode.NOT_A_DIRECTORY else errno.EACCES
         raise OSError(code, exc.message) from None
 
 
-def _make_base(root: Path, base: list[bytes]) -> None:
-    """mkdir -p below the module root, refusing links on the way (containment)."""
+def _make_base(root: Path, base: list[bytes], label: str) -> None:
+    """mkdir -p below the module root, refusing links on the way (containment).
+
+    Raises:
+        Refused: IO_ERROR `cannot create destination LABEL: REASON` (the label as the user
+            wrote the path: contain.label); the walk's refusals.
+    """
     fd = contain.open_root(root)
     try:
         for part in base:
@@ -647,6 +659,8 @@ def _make_base(root: Path, base: list[bytes]) -> None:
                 os.mkdir(part, 0o777, dir_fd=fd)
             except FileExistsError:
                 pass
+            except OSError as exc:
+                raise Refused(ErrorCode.IO_ERROR, f"cannot create destination {label}: {exc.strerror}") from None
             nfd = contain.walk_dir(fd, [part])
             os.close(fd)
             fd = nfd
@@ -696,7 +710,7 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
         (it would be created: nothing to open, every directory below it is new)."""
         create = msg.create_base and msg.direction == "push"
         if create and not msg.dry_run:
-            _make_base(root, base)
+            _make_base(root, base, contain.label(msg.module, msg.path))
         root_fd = contain.open_root(root)
         try:
             if create and msg.dry_run:
@@ -855,6 +869,8 @@ async def handle_tree_finish(s: Session, msg: protocol.TreeFinish) -> protocol.T
             for e in t.errors:
                 dest._fail(".", "data stream", e)
             await s.fs(dest.finish, msg.source_complete)
+            if dest.fatal is not None:  # full or read-only: finish changed nothing more (R30)
+                raise Refused(ErrorCode.IO_ERROR, dest.fatal)
             return dest.result()  # type: ignore[no-any-return]
         if t.errors:
             raise Refused(ErrorCode.IO_ERROR, "; ".join(t.errors)[: protocol.MAX_TEXT])

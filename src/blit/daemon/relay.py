@@ -27,7 +27,7 @@ from typing import Any
 import trio
 
 from ..endpoint import HostSpec, RemoteEndpoint, parse_host
-from ..errors import ConfigError, RemoteError, TransportError, UsageError
+from ..errors import ConfigError, FatalError, RemoteError, TransportError, UsageError
 from ..transport import protocol
 from ..transport import tls as tls_mod
 from ..transport.protocol import ErrorCode, Refused
@@ -44,16 +44,11 @@ def known_hosts_of(state: Any) -> Path:
     return (state.config.state_dir or tls_mod.default_state_dir()) / tls_mod.KNOWN_HOSTS
 
 
-def _label(module: str, path: bytes) -> str:
-    text = path.decode("utf-8", "surrogateescape")
-    return f"//{text}" if module == "" else f"/{module}" + (f"/{text}" if text else "")
-
-
 class ModuleSide(RemoteSide):
     """The destination as B sees it: its own module, looked at with the containment walk."""
 
     def __init__(self, root: Path, module: str, path: bytes, limiter: trio.CapacityLimiter) -> None:
-        super().__init__(None, module, path, _label(module, path))
+        super().__init__(None, module, path, contain.label(module, path))
         self.root = root
         self.limiter = limiter
 
@@ -139,7 +134,7 @@ class PeerJob:
             why = str(exc)  # the client says "B could not reach A: ..." around it
             redundant = f"cannot reach the daemon at {HostSpec(self.msg.peer.host, self.msg.peer.port).netloc}: "
             self._fail(ErrorCode.PEER_FAILED, why.removeprefix(redundant))
-        except (ConfigError, OSError) as exc:  # B's own known_hosts, B's disk
+        except (ConfigError, FatalError, OSError) as exc:  # B's own known_hosts, B's disk (full: R30)
             self._fail(ErrorCode.IO_ERROR, str(exc))
         except Exception as exc:
             log.exception("peer pull %d failed", self.id)
@@ -178,7 +173,7 @@ class PeerJob:
                 if r.create_dst:
                     if msg.dry_run:
                         return -1  # nothing to open: the top job is new (remote.resolve)
-                    _make_base(self.root, parts)
+                    _make_base(self.root, parts, contain.label(msg.module, msg.path))
                 root_fd = contain.open_root(self.root)
                 try:
                     return contain.walk_dir(root_fd, parts)
@@ -221,7 +216,7 @@ class PeerJob:
         if s_abs == d_abs:
             raise UsageError(f"source and destination are the same: {self.source}")
         if _inside(d_abs, s_abs):
-            raise UsageError(f"destination {_label(self.msg.module, self.msg.path)} is inside the source {self.source}")
+            raise UsageError(f"destination {contain.label(self.msg.module, self.msg.path)} is inside the source {self.source}")
 
 
 async def start(s: Any, msg: protocol.PeerPull) -> protocol.PeerStarted:
@@ -257,7 +252,7 @@ async def start(s: Any, msg: protocol.PeerPull) -> protocol.PeerStarted:
         raise Refused(ErrorCode.BUSY, f"at most {MAX_JOBS_PER_SESSION} remote to remote transfers per session")
     job = PeerJob(state.next_id(), msg, root, state)
     s.jobs[job.id] = job
-    log.info("peer pull %d: %s -> %s", job.id, job.source, _label(msg.module, msg.path))
+    log.info("peer pull %d: %s -> %s", job.id, job.source, contain.label(msg.module, msg.path))
     s.nursery.start_soon(job.run)
     return protocol.PeerStarted(job=job.id)
 

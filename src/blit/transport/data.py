@@ -50,6 +50,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 import trio
 
 from ..errors import ConnectError, RemoteProtocolError, StallError, TransportError
+from ..fsops import CHANGED_SIZE
 from . import protocol
 from .protocol import FRAME_SIZE, AdmitStatus, ErrorCode, FrameType, Refused, pack_frame
 from .tlsbio import TLSBio
@@ -90,7 +91,7 @@ H2_CHUNK = 4 << 20
 H2_WRITE_BATCH = 8 << 20
 """Bytes the HTTP/2 fallback receiver gathers before it hops to a thread to write them."""
 
-SHRANK = "file changed size while being read"
+SHRANK = CHANGED_SIZE
 """The reason a file is aborted when it holds fewer bytes than announced."""
 
 T = TypeVar("T")
@@ -225,8 +226,9 @@ class FileSink(Protocol):
         KeyError when `file_id` was never announced (a protocol error: the stream is dropped)."""
         ...
 
-    # Optional: `failed(file_id, message)` is called (worker thread) for every file that did
-    # not land, with the reason, when the sink defines it.
+    # Optional: `failed(file_id, message, err)` is called (worker thread) for every file that
+    # did not land, with the reason and the errno of a local failure (0 for the sender's), when
+    # the sink defines it.
     # Optional: `land(file_id, content)` lands a whole file whose data is all in memory in one
     # step (a small file: its one DATA frame and its END are in the receive buffer); it raises
     # as `open` and `commit` would.
@@ -856,10 +858,10 @@ class _Landing:
         if end > self.ends.get(file_id, 0):
             self.ends[file_id] = end
 
-    def _failure(self, file_id: int, message: str) -> None:
+    def _failure(self, file_id: int, message: str, err: int = 0) -> None:
         self.stats.failures.append((file_id, message))
         if self._failed_hook is not None:
-            self._failed_hook(file_id, message)
+            self._failed_hook(file_id, message, err)
 
     def target(self, file_id: int) -> int:
         """The fd to write `file_id`'s data to, or -1 to discard it."""
@@ -870,7 +872,7 @@ class _Landing:
                 raise RemoteProtocolError(f"data for file {file_id}, which was never announced") from None
             except OSError as exc:
                 self.open[file_id] = None
-                self._failure(file_id, _reason(exc))
+                self._failure(file_id, _reason(exc), exc.errno or 0)
         f = self.open[file_id]
         return f.fd if f is not None else -1
 
@@ -880,7 +882,7 @@ class _Landing:
         if f is not None:
             f.abort()
         self.open[file_id] = None
-        self._failure(file_id, _reason(exc))
+        self._failure(file_id, _reason(exc), exc.errno or 0)
 
     def end(self, file_id: int, size: int) -> None:
         self.target(file_id)
@@ -893,7 +895,7 @@ class _Landing:
             f.commit(size)
         except OSError as exc:
             f.abort()
-            self._failure(file_id, _reason(exc))
+            self._failure(file_id, _reason(exc), exc.errno or 0)
             return
         self.stats.files += 1
 
@@ -904,7 +906,7 @@ class _Landing:
         except KeyError:
             raise RemoteProtocolError(f"data for file {file_id}, which was never announced") from None
         except OSError as exc:
-            self._failure(file_id, _reason(exc))
+            self._failure(file_id, _reason(exc), exc.errno or 0)
             return
         self.stats.files += 1
 
@@ -916,7 +918,7 @@ class _Landing:
         except KeyError:
             raise RemoteProtocolError("data for a file which was never announced") from None
         for fid, exc in failed:
-            self._failure(fid, _reason(exc))
+            self._failure(fid, _reason(exc), exc.errno or 0)
         self.stats.files += len(batch) - len(failed)
 
     def abort(self, file_id: int, reason: str) -> None:

@@ -11,6 +11,8 @@ them. Move: the destination side logs what landed (`LandedLog`), the source side
 (`SourceTree.remove`) in pages after a syncfs, directories last. -v / --dry-run: the
 destination side logs what it changes (`ActionLog`, the local engine's names and paths); the
 drivers hand it to the caller's `actions` (pull: the local log; push: tree/actions pages).
+A full or read-only destination (`DestTree.fatal`) ends the run as it ends a local one
+(decisions R30): the daemon refuses the push's next request, `pull_tree` raises FatalError.
 
 This module must not parse bytes (protocol.py) or own sockets (data.py, control.py).
 """
@@ -882,6 +884,18 @@ class DestTree:
         with self._lock:
             self.failures.append((path, op, message))
 
+    def _note_fatal(self, err: int | None, message: str, path: str) -> bool:
+        """A write here failed with `err`: a full or read-only destination (FATAL_ERRNOS) ends
+        the run, as it ends a local one; the first such failure is the run's reason. True if
+        it was one. Callers: the daemon refuses the transfer's next request with `fatal`
+        (Session.dest_tree, tree/finish); pull_tree raises FatalError."""
+        if err not in FATAL_ERRNOS:
+            return False
+        with self._lock:
+            if self.fatal is None:
+                self.fatal = f"{message} (writing {path or '.'})"
+        return True
+
     # --- planning one directory -----------------------------------------------------------------
     def plan(
         self,
@@ -936,8 +950,7 @@ class DestTree:
                 dfd = self.dirs.acquire(dst_rel)
             except OSError as exc:
                 failures.append(PathFailure(path=_b(dst_rel or "."), op="open destination", message=_msg(exc)))
-                if exc.errno in FATAL_ERRNOS:
-                    self.fatal = _msg(exc)
+                self._note_fatal(exc.errno, _msg(exc), dst_rel)
                 return self._unplanned(rel, parted, failures)
         try:
             acl: bool | None = None
@@ -1159,8 +1172,7 @@ class DestTree:
                     self._record(rel, name, m)
                     settled += 1
             except OSError as exc:
-                if exc.errno in FATAL_ERRNOS:
-                    self.fatal = f"{_msg(exc)} (writing {dprefix + dname})"
+                self._note_fatal(exc.errno, _msg(exc), dprefix + dname)
                 failures.append(PathFailure(path=_b(prefix + name), op=op.name.lower(), message=_msg(exc)))
         with self._lock:
             if changed:
@@ -1287,8 +1299,7 @@ class DestTree:
                         need_ids.append(fid)
                         need_names.append(_b(it.name))
                 except OSError as exc:
-                    if exc.errno in FATAL_ERRNOS:
-                        self.fatal = f"{_msg(exc)} (writing {_join(dst_rel, it.dname)})"
+                    self._note_fatal(exc.errno, _msg(exc), _join(dst_rel, it.dname))
                     failures.append(PathFailure(path=_b(prefix + it.name), op="checksum", message=_msg(exc)))
                     self._group_failed(it.link_key, prefix + it.name)
         finally:
@@ -1383,6 +1394,7 @@ class DestTree:
             finally:
                 self.dirs.release(frel)
         except OSError as exc:
+            self._note_fatal(exc.errno, _msg(exc), _join(dst_rel, dname))
             self._fail(path, "link", _msg(exc))
             return
         with self._lock:
@@ -1429,11 +1441,13 @@ class DestTree:
             self._fail(wpath, "link", f"the first of its hard links, {first}, did not land")
 
     # --- landing files (data-stream threads) ------------------------------------------------------
-    def failed(self, file_id: int, message: str) -> None:
-        """A file did not land (data-stream thread); report it under its path."""
+    def failed(self, file_id: int, message: str, err: int = 0) -> None:
+        """A file did not land (data-stream thread); report it under its path. `err`: the
+        errno of a failure here (a full destination ends the run)."""
         with self._lock:
             p = self.pending.pop(file_id, None) or self._open.pop(file_id, None)
         if p is not None:
+            self._note_fatal(err, message, _join(p.dst_rel, p.dname))
             self._fail(_join(p.dst_rel, p.dname), "copy", message)
             self._group_failed(p.link_key, _join(p.rel, p.name))
 
@@ -1564,7 +1578,10 @@ class DestTree:
 
     # --- the end ----------------------------------------------------------------------------------
     def finish(self, source_complete: bool) -> None:
-        """Worker thread: directory metadata bottom-up, then mirror deletions."""
+        """Worker thread: directory metadata bottom-up, then mirror deletions. After a fatal
+        failure (`fatal`) nothing more is changed: the run stops there, as a local one does."""
+        if self.fatal is not None:
+            return
         with self._lock:
             missing = list(self.pending.items())
             self.pending.clear()
@@ -1577,10 +1594,14 @@ class DestTree:
             self._fail(_join(rel, it.name), "checksum", "the source's checksum never arrived")
             self._group_failed(it.link_key, _join(rel, it.name))
         kept: set[str] = set()  # move: directories whose metadata failed keep their source
+        # A directory whose contents did not all come (its source could not be read whole, or
+        # it could not be opened here) keeps its metadata: one made here stays 0o700, so a mode
+        # that locks the source does not lock the rerun out (as locally, transfer.py).
+        unread = set(self.incomplete)
         if not self.spec.dry_run:
             for rel in sorted(self.nodes, key=lambda r: (-r.count("/") if r else 1, r)):
                 node = self.nodes[rel]
-                if node.meta is None:
+                if node.meta is None or (node.src_rel or ".") in unread:
                     continue
                 if not (node.new or node.changed or node.dst_meta is None or _dir_differs(node.meta, node.dst_meta)):
                     continue
@@ -1914,7 +1935,7 @@ async def push_tree(
     drain_lock = trio.Lock()
     walked = 0  # move: entries sent since confirmations were last collected
     removed = 0
-    move_failures: list[PathFailure] = []
+    local_failures: list[PathFailure] = []  # source entries not read; move: sources kept
     finished = trio.Event()
 
     async def poll_actions() -> None:
@@ -1925,7 +1946,7 @@ async def push_tree(
             emit_actions(page.actions, actions)
             if not page.more:
                 if page.dropped:
-                    move_failures.append(actions_dropped_failure(page.dropped))
+                    local_failures.append(actions_dropped_failure(page.dropped))
                 return
             if not page.actions:
                 with trio.move_on_after(protocol.ACTION_POLL):
@@ -1957,7 +1978,7 @@ async def push_tree(
         async with drain_lock:
             while True:
                 page: protocol.LandedPage = await session.call(protocol.TreeLanded(transfer=t.id))
-                move_failures.extend(page.failures)
+                local_failures.extend(page.failures)
                 if page.groups:
                     try:
                         check_groups(page.groups)
@@ -1967,7 +1988,7 @@ async def push_tree(
                         raise RemoteProtocolError(f"the daemon confirmed an impossible path: {exc.message}") from None
                     n, failures = await trio.to_thread.run_sync(source.remove, page.groups)
                     removed += n
-                    move_failures.extend(failures)
+                    local_failures.extend(failures)
                 if not page.more or (not final and page_size(page.groups) < LANDED_PAGE):
                     return
 
@@ -1985,6 +2006,7 @@ async def push_tree(
         nonlocal complete, walked
         if manifest.incomplete:
             complete = False
+        local_failures.extend(manifest.failures)  # what this side could not read
         entries = cast("list[Entry]", manifest.entries)
         if only is not None:
             entries = [e for e in entries if _s(e[0]) in only]
@@ -2079,8 +2101,8 @@ async def push_tree(
         if move:
             await collect(True)
             done = dataclasses.replace(done, files_removed=removed)
-        if move_failures:
-            done = dataclasses.replace(done, failures=[*done.failures, *move_failures])
+        if local_failures:
+            done = dataclasses.replace(done, failures=[*done.failures, *local_failures])
         return done
     finally:
         source.close()
@@ -2159,6 +2181,28 @@ async def pull_tree(
     removed = 0
     finished = trio.Event()
 
+    def stop_if_fatal() -> None:
+        """The destination is full or read-only (DestTree.fatal): the run ends, exit 1, as a
+        local run's does (R30)."""
+        if sink.fatal is not None:
+            from ..errors import FatalError
+
+            raise FatalError(sink.fatal)
+
+    async def receive() -> None:
+        """The data streams until DONE; a fatal failure on them ends the run within 0.1 s
+        (the rest of the data is not waited for)."""
+        async with trio.open_nursery() as n:
+
+            async def watch() -> None:
+                while True:
+                    await trio.sleep(0.1)
+                    stop_if_fatal()
+
+            n.start_soon(watch)
+            await t.run_receivers(sink)
+            n.cancel_scope.cancel()
+
     async def pass_actions() -> None:
         """Hand what the DestTree logged to `actions`, until it is finished and all went."""
         log = sink.actions
@@ -2235,6 +2279,7 @@ async def pull_tree(
         planned = await trio.to_thread.run_sync(
             sink.plan, rel, dst_rel, dst_new, only, entries, manifest.incomplete, cast("Entry | None", manifest.dir_entry), part, manifest.more
         )
+        stop_if_fatal()
         # Our DestTree names the files it needs packed (packed_need): they go on as they are.
         need = [planned.packed_need] if planned.packed_need is not None else []
         if planned.hash:
@@ -2258,11 +2303,12 @@ async def pull_tree(
                 if actions is not None and sink.actions is not None:
                     reporter.start_soon(pass_actions)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(t.run_receivers, sink)
+                    nursery.start_soon(receive)
                     await _walk(top, visit)
                     # No more files: the daemon's senders end with DONE. (Not on a failed walk: the
                     # receivers are cancelled then, and a frozen daemon would not answer anyway.)
                     await session.call(protocol.SendFiles(transfer=t.id, files=[], last=True))
+                stop_if_fatal()
                 remote = await session.call(protocol.TreeFinish(transfer=t.id, source_complete=complete))
                 for f in remote.failures:
                     sink._fail(_s(f.path), f.op, f.message)

@@ -1,0 +1,245 @@
+"""The file system fails under a push, a pull or a remote to remote run through real `blit
+daemon` processes on 127.0.0.1 (the cases of test_local_fsfail.py, which a run through a daemon
+must answer the same way): a source file or directory that cannot be read (the side that reads
+it runs as nobody), a destination that fills up (a small tmpfs under the module, or under the
+client's destination), a destination directory nobody may write, a source file that changes
+size while it is sent. Checked: the exit code, the lines on stderr, the tree that lands, no
+temporary left, and a rerun that finishes the job. Cleartext daemons: TLS is not the point."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers import (
+    AS_NOBODY,
+    LOCKED_LINES,
+    NOBODY,
+    assert_changed_file_outcome,
+    assert_json_fatal,
+    assert_nothing_partial,
+    assert_same_tree,
+    change_mid_transfer,
+    chown_tree,
+    describe_output,
+    full_disk_source,
+    grow_tmpfs,
+    lock_tree,
+    locked_source,
+    make_big,
+    make_tree,
+    mounted_tmpfs,
+    run_blit,
+    snapshot,
+    stderr_lines,
+    write_file,
+)
+
+from .conftest import DaemonProcess, run_daemon_process
+
+MiB = 1 << 20
+
+
+def url(d: DaemonProcess, path: str) -> str:
+    return f"127.0.0.1:{d.port}:/{path}"
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
+    """A cleartext daemon running as root."""
+    with run_daemon_process(tmp_path / "daemon", tls=False) as d:
+        yield d
+
+
+@pytest.fixture
+def nobody_daemon(nobody_tmp: Path) -> Iterator[DaemonProcess]:
+    """A cleartext daemon running as nobody, its modules nobody's."""
+    where = nobody_tmp / "daemon"
+    where.mkdir()
+    os.chown(where, NOBODY, NOBODY)
+    with run_daemon_process(where, tls=False, prefix=tuple(AS_NOBODY)) as d:
+        for m in d.modules.values():
+            os.chown(m, NOBODY, NOBODY)
+        yield d
+
+
+def blit_lines(proc) -> list[str]:  # type: ignore[no-untyped-def]
+    return sorted(ln for ln in stderr_lines(proc) if ln.startswith("blit:"))
+
+
+# --- a source that cannot be read -------------------------------------------------------------
+
+
+def _check_unreadable_runs(src: Path, dst: Path, run) -> None:  # type: ignore[no-untyped-def]
+    """copy twice (the second meets what the first made), mirror over extras, then a copy once
+    the source is readable again: the tree lands whole."""
+    for attempt in range(2):
+        proc = run("copy")
+        assert proc.returncode == 3, describe_output(proc)
+        assert blit_lines(proc) == LOCKED_LINES, describe_output(proc)
+        out = proc.stdout.decode()
+        assert out.startswith(f"copied {2 if attempt == 0 else 0} files") and ", 2 failed in " in out, out
+        assert (dst / "ok.txt").read_bytes() == b"ok\n" and (dst / "sub/b.txt").read_bytes() == b"b\n"
+        assert not os.path.lexists(dst / "secret.txt") and os.listdir(dst / "locked") == []
+    write_file(dst / "extra.txt", b"only here\n")
+    write_file(dst / "locked/stale.txt", b"only here\n")
+    chown_tree(dst, NOBODY, NOBODY)
+    proc = run("mirror")
+    assert proc.returncode == 3, describe_output(proc)
+    lines = blit_lines(proc)
+    assert [ln for ln in lines if "mirror" not in ln] == LOCKED_LINES, describe_output(proc)
+    assert any(ln.startswith("blit: mirror deleted nothing: 1 source directory could not be read") for ln in lines), lines
+    assert (dst / "extra.txt").exists() and (dst / "locked/stale.txt").exists()
+    os.unlink(dst / "extra.txt")
+    os.unlink(dst / "locked/stale.txt")
+    lock_tree(src, False)
+    proc = run("copy")
+    assert proc.returncode == 0, describe_output(proc)
+    assert_same_tree(src, dst)
+
+
+@pytest.mark.root
+def test_push_by_nobody_reports_what_it_cannot_read(daemon: DaemonProcess, nobody_tmp: Path) -> None:
+    src = locked_source(nobody_tmp / "src")
+    dst = daemon.modules["data"] / "dst"
+    _check_unreadable_runs(
+        src, dst, lambda op: run_blit(op, "--no-tls", f"{src}/", url(daemon, "data/dst"), as_nobody=True)
+    )
+
+
+@pytest.mark.root
+def test_pull_from_a_daemon_that_cannot_read_everything(nobody_daemon: DaemonProcess, nobody_tmp: Path) -> None:
+    """The client runs as nobody too: what it made for locked/ must stay open to it."""
+    src = locked_source(nobody_daemon.modules["data"] / "src")
+    dst = nobody_tmp / "dst"
+    _check_unreadable_runs(
+        src, dst, lambda op: run_blit(op, "--no-tls", url(nobody_daemon, "data/src/"), dst, as_nobody=True)
+    )
+
+
+# --- a destination that fills up ----------------------------------------------------------------
+
+
+def _check_full_then_rerun(src: Path, dst: Path, mnt: Path, run, op: str = "copy") -> None:  # type: ignore[no-untyped-def]
+    """run(op, *options): the same transfer each time. Mirror deletes the destination's extra
+    file only on the run that completes."""
+    src_snap = snapshot(src)
+    if op == "mirror":
+        write_file(dst / "extra.txt", b"only here\n")
+    proc = run(op)
+    assert proc.returncode == 1, describe_output(proc)
+    lines = blit_lines(proc)
+    assert len(lines) == 1 and lines[0].startswith("blit: error: No space left on device (writing "), describe_output(proc)
+    assert_json_fatal(run(op, "--json"), "No space left on device")
+    if op == "mirror":
+        assert (dst / "extra.txt").read_bytes() == b"only here\n"
+        os.unlink(dst / "extra.txt")
+    assert_nothing_partial(src_snap, dst)
+    if op == "mirror":
+        write_file(dst / "extra.txt", b"only here\n")
+    grow_tmpfs(mnt, "20m")
+    proc = run(op)
+    assert proc.returncode == 0, describe_output(proc)
+    assert_same_tree(src_snap, snapshot(dst))
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(("op", "small"), [("copy", False), ("mirror", False), ("copy", True)], ids=["copy", "mirror", "small files"])
+def test_push_into_a_full_module(daemon: DaemonProcess, tmp_path: Path, op: str, small: bool) -> None:
+    src = full_disk_source(tmp_path / "src", small)
+    with mounted_tmpfs(daemon.modules["data"] / "full", "3m") as mnt:
+        _check_full_then_rerun(
+            src, mnt / "dst", mnt, lambda *o: run_blit(*o[:1], "--no-tls", *o[1:], f"{src}/", url(daemon, "data/full/dst")), op
+        )
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("small", [False, True], ids=["mixed", "small files"])
+def test_pull_into_a_full_disk(daemon: DaemonProcess, tmp_path: Path, small: bool) -> None:
+    src = full_disk_source(daemon.modules["data"] / "src", small)
+    with mounted_tmpfs(tmp_path / "mnt", "3m") as mnt:
+        _check_full_then_rerun(src, mnt / "dst", mnt, lambda *o: run_blit(*o[:1], "--no-tls", *o[1:], url(daemon, "data/src/"), mnt / "dst"))
+
+
+@pytest.mark.root
+def test_remote_to_remote_into_a_full_module(tmp_path: Path) -> None:
+    with run_daemon_process(tmp_path / "A", tls=False) as a, run_daemon_process(tmp_path / "B", tls=False, peer_pull=True) as b:
+        src = full_disk_source(a.modules["data"] / "src")
+        with mounted_tmpfs(b.modules["data"] / "full", "3m") as mnt:
+            _check_full_then_rerun(
+                src, mnt / "dst", mnt, lambda *o: run_blit(*o[:1], "--no-tls", *o[1:], url(a, "data/src/"), url(b, "data/full/dst"))
+            )
+
+
+# --- a destination directory nobody may write ------------------------------------------------
+
+CLOSED_LINES = [
+    "blit: .: directory metadata: Operation not permitted",
+    "blit: a.txt: copy: Permission denied",
+    "blit: sub: mkdir: Permission denied",
+]
+
+
+def _closed_source(root: Path) -> Path:
+    src = make_tree(root, {"a.txt": "a\n", "sub/": {"b.bin": os.urandom(5 * MiB)}})
+    chown_tree(src, NOBODY, NOBODY)
+    return src
+
+
+@pytest.mark.root
+def test_push_into_a_directory_the_daemon_may_not_write(nobody_daemon: DaemonProcess, nobody_tmp: Path) -> None:
+    src = _closed_source(nobody_tmp / "src")
+    closed = nobody_daemon.modules["data"] / "closed"
+    closed.mkdir(mode=0o555)  # root's
+    proc = run_blit("copy", "--no-tls", f"{src}/", url(nobody_daemon, "data/closed"))
+    assert proc.returncode == 3, describe_output(proc)
+    assert blit_lines(proc) == CLOSED_LINES, describe_output(proc)
+    proc = run_blit("copy", "--no-tls", f"{src}/", url(nobody_daemon, "data/closed/new"))
+    assert proc.returncode == 1, describe_output(proc)
+    assert blit_lines(proc) == ["blit: error: cannot create destination /data/closed/new: Permission denied"], describe_output(proc)
+    assert os.listdir(closed) == []
+
+
+@pytest.mark.root
+def test_pull_into_a_directory_the_client_may_not_write(daemon: DaemonProcess, nobody_tmp: Path) -> None:
+    _closed_source(daemon.modules["data"] / "src")
+    closed = nobody_tmp / "closed"
+    closed.mkdir(mode=0o555)  # root's
+    proc = run_blit("copy", "--no-tls", url(daemon, "data/src/"), closed, as_nobody=True)
+    assert proc.returncode == 3, describe_output(proc)
+    assert blit_lines(proc) == CLOSED_LINES, describe_output(proc)
+    proc = run_blit("copy", "--no-tls", url(daemon, "data/src/"), closed / "new", as_nobody=True)
+    assert proc.returncode == 1, describe_output(proc)
+    assert blit_lines(proc) == [f"blit: error: cannot create destination {closed}/new: Permission denied"], describe_output(proc)
+    assert os.listdir(closed) == []
+
+
+# --- a source file that changes size while it is sent --------------------------------------------
+
+
+@pytest.mark.parametrize("change", ["shrink", "grow"])
+def test_push_of_a_file_that_changes_size(daemon: DaemonProcess, tmp_path: Path, change: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_big(src / "big.bin")
+    dst = daemon.modules["data"] / "dst"
+    proc = change_mid_transfer(["copy", "--no-tls", f"{src}/", url(daemon, "data/dst")], src / "big.bin", change)
+    assert_changed_file_outcome(proc, src, dst, change)
+    run_blit("copy", "--no-tls", f"{src}/", url(daemon, "data/dst"), check=0)
+    assert_same_tree(src, dst)
+
+
+@pytest.mark.parametrize("change", ["shrink", "grow"])
+def test_pull_of_a_file_that_changes_size(daemon: DaemonProcess, tmp_path: Path, change: str) -> None:
+    src = daemon.modules["data"] / "src"
+    src.mkdir()
+    make_big(src / "big.bin")
+    dst = tmp_path / "dst"
+    argv = ["copy", "--no-tls", url(daemon, "data/src/"), dst]
+    proc = change_mid_transfer(argv, src / "big.bin", change, reader=daemon.proc.pid)
+    assert_changed_file_outcome(proc, src, dst, change)
+    run_blit(*argv, check=0)
+    assert_same_tree(src, dst)
