@@ -14,7 +14,7 @@ import trio
 
 from blit.plan import Compare
 from blit.transport import protocol
-from blit.transport.protocol import ErrorCode, Refused
+from blit.transport.protocol import ErrorCode, Refused, TreeDone
 from blit.transport.tree import DestTree, SourceTree, TopJob, TreeSpec, pull_tree, push_tree
 
 from .conftest import Daemon
@@ -56,6 +56,14 @@ def _parts_of(d: Path) -> int:
         os.close(fd)
 
 
+async def _transfer(daemon: Daemon, direction: str, src: Path, dst: Path, spec: TreeSpec) -> TreeDone:
+    """Push local `src` to the module's "wide", or pull it into local `dst`."""
+    async with daemon.session() as s:
+        if direction == "push":
+            return await push_tree(s, os.fsencode(src), "data", b"wide", TopJob(), spec)
+        return await pull_tree(s, "data", b"wide", os.fsencode(dst), TopJob(), spec)
+
+
 @pytest.mark.parametrize("direction", ["push", "pull"])
 async def test_a_directory_in_parts_lands_exactly(daemon: Daemon, tmp_path: Path, direction: str) -> None:
     local = tmp_path / "wide"
@@ -64,11 +72,7 @@ async def test_a_directory_in_parts_lands_exactly(daemon: Daemon, tmp_path: Path
     await trio.to_thread.run_sync(_wide, src)
     assert _parts_of(src) >= 4  # by count and by bytes
     dst.mkdir()
-    async with daemon.session() as s:
-        if direction == "push":
-            done = await push_tree(s, os.fsencode(src), "data", b"wide", TopJob(), TreeSpec())
-        else:
-            done = await pull_tree(s, "data", b"wide", os.fsencode(dst), TopJob(), TreeSpec())
+    done = await _transfer(daemon, direction, src, dst, TreeSpec())
     assert not done.failures, done.failures
     await trio.to_thread.run_sync(assert_same_tree, src, dst)
     assert os.stat(dst / "e00001").st_ino == os.stat(dst / "hardlink-far").st_ino
@@ -88,11 +92,7 @@ async def test_mirror_in_parts_deletes_the_extras_only(daemon: Daemon, tmp_path:
     (dst / "e01234y").mkdir()
     (dst / "e01234y" / "f").write_bytes(b"extra too")
     spec = TreeSpec(operation="mirror")
-    async with daemon.session() as s:
-        if direction == "push":
-            done = await push_tree(s, os.fsencode(src), "data", b"wide", TopJob(), spec)
-        else:
-            done = await pull_tree(s, "data", b"wide", os.fsencode(dst), TopJob(), spec)
+    done = await _transfer(daemon, direction, src, dst, spec)
     assert not done.failures, done.failures
     assert done.files_deleted >= N // 50 + 1
     await trio.to_thread.run_sync(assert_same_tree, src, dst)
