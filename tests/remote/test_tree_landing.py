@@ -1,5 +1,5 @@
-"""Small files landed in one step at a tree transfer's destination (DestTree.land, decisions
-R20): the same owner, mode, times, replacement, hard links and per-file failures as the general
+"""Small files landed in one step at a tree transfer's destination (DestTree.land_many,
+decisions R20, R33): the same owner, mode, times, replacement, hard links and per-file failures as the general
 landing, in C and in Python, pushed and pulled."""
 
 from __future__ import annotations

@@ -26,8 +26,6 @@ int blit_digest_dir(int dfd, int flags, char *out, int64_t out_cap, int64_t *sub
 void blit_set_xattr_mode(int mode);
 int blit_copy_new(int sfd, int dfd, int n, const int64_t *in, const char *names, int64_t *out,
                   int flags, int umask_bits, char *buf, int64_t cap);
-int blit_land(int dfd, const char *name, const char *data, int64_t size, int64_t mode,
-              int64_t atime_ns, int64_t mtime_ns, int64_t uid, int64_t gid, int flags, int umask_bits);
 void blit_land_many(int dfd, int n, const int64_t *in, const char *names, const char *data,
                     const int64_t *data_off, const int64_t *flags, int64_t *out, int umask_bits);
 void blit_set_copy_modes(int tmpfile, int link);

@@ -261,7 +261,7 @@ fail:
 }
 
 /* Land one small file whose whole content is in memory (a remote transfer's destination,
- * blit.transport.tree.DestTree.land), exactly as fsops.Landing does for a file without xattrs:
+ * blit.transport.tree.DestTree.land_many), exactly as fsops.Landing does for a file without xattrs:
  * create, write `size` bytes of `data`, owner, mode, times, link (BLIT_CC_REPLACE: an entry of
  * that name exists; it is replaced through a temporary name and a rename either way). `f`
  * holds BLIT_CC_FIELDS values (name_off unused). Returns 0 or -errno (nothing left behind). */
@@ -283,14 +283,7 @@ static int cc_land(int dfd, const char *name, const char *data, const int64_t *f
     return r;
 }
 
-static int blit_land(int dfd, const char *name, const char *data, int64_t size, int64_t mode,
-                     int64_t atime_ns, int64_t mtime_ns, int64_t uid, int64_t gid, int flags,
-                     int umask_bits) {
-    int64_t f[BLIT_CC_FIELDS] = {0, mode, size, atime_ns, mtime_ns, uid, gid};
-    return cc_land(dfd, name, data, f, flags, umask_bits, geteuid(), getegid());
-}
-
-/* `n` small files of directory `dfd` in one call, each as blit_land: file i's fields are at
+/* `n` small files of directory `dfd` in one call, each as cc_land: file i's fields are at
  * in + i * BLIT_CC_FIELDS (its name at names + name_off), its content at data + data_off[i],
  * its flags in flags[i]. out[i] receives 0 or -errno; every file is attempted. */
 static void blit_land_many(int dfd, int n, const int64_t *in, const char *names, const char *data,

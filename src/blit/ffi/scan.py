@@ -19,8 +19,9 @@ whenever the directory cannot take that shortcut, and the caller sends the full 
 files with xattrs, and a name that appears at the destination meanwhile, come back to the caller
 as ``PYTHON``; sparse files, hard links and replacements are never sent.
 
-``land`` is the remote destination's counterpart (docs/decisions.md R20): one small file whose
-data is in memory, landed as ``fsops.Landing`` would (xattrs excepted: never sent here).
+``land_many`` is the remote destination's counterpart (docs/decisions.md R20, R33): small
+files whose data is in memory, landed as ``fsops.Landing`` would (xattrs excepted: never sent
+here).
 
 ``frame_small`` is the remote sender's (R28): a directory's small files read into data-stream
 frames in one call; whatever is not a small plain file goes back to the caller.
@@ -173,22 +174,12 @@ def copy_new(sfd: int, dfd: int, batch: list[tuple[bytes, Meta]], inherit_gid: b
     return _ffi.unpack(out, n)  # type: ignore[no-any-return]
 
 
-def land(dfd: int, name: bytes, data: Any, m: Meta, replace: bool, inherit_gid: bool) -> int:
-    """Land one small regular file without xattrs, its content `data` (bytes or a buffer), as
-    `name` in directory `dfd`: created unnamed, written, owner (root), mode, times, linked (an
-    existing entry replaced through a temporary name). One C call (the GIL released once).
-    Returns 0 or -errno (nothing is left behind). Only with HAVE_CMPDIR."""
-    flags = (_CC_ROOT if IS_ROOT else 0) | (_CC_INHERIT_GID if inherit_gid else 0) | (_CC_REPLACE if replace else 0)
-    return _lib.blit_land(  # type: ignore[no-any-return]
-        dfd, name, _from_buffer(data) if type(data) is not bytes else data, len(data),
-        m.st_mode, m.st_atime_ns, m.st_mtime_ns, m.st_uid, m.st_gid, flags, UMASK,
-    )
-
-
 def land_many(dfd: int, buf: Any, files: list[tuple[bytes, int, int, Meta, bool, bool]]) -> list[int]:
-    """`land` for several files of directory `dfd` in one C call (the GIL released once): each
-    of `files` is (name, offset and length of its content in `buf`, source Meta, replace,
-    inherit_gid). Returns 0 or -errno per file; every file is attempted. Only with
+    """Land small regular files without xattrs into directory `dfd` in one C call (the GIL
+    released once): each created unnamed, written, owner (root), mode, times, linked (an
+    existing entry replaced through a temporary name). Each of `files` is (name, offset and
+    length of its content in `buf`, source Meta, replace, inherit_gid). Returns 0 or -errno
+    per file (nothing is left behind for a failed one); every file is attempted. Only with
     HAVE_CMPDIR."""
     ints: list[int] = []
     offs: list[int] = []

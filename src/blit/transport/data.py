@@ -229,9 +229,10 @@ class FileSink(Protocol):
     # Optional: `failed(file_id, message, err)` is called (worker thread) for every file that
     # did not land, with the reason and the errno of a local failure (0 for the sender's), when
     # the sink defines it.
-    # Optional: `land(file_id, content)` lands a whole file whose data is all in memory in one
-    # step (a small file: its one DATA frame and its END are in the receive buffer); it raises
-    # as `open` and `commit` would.
+    # Optional: `land_many(batch, buf)` lands whole files whose data is all in memory, each in
+    # one step (small files: their DATA frame and END are in the receive buffer; `batch` holds
+    # file id, offset in `buf` and length each); it returns the (file id, OSError) of those
+    # that did not land, and raises KeyError (nothing landed) for an id never announced.
 
 
 @dataclass
@@ -851,7 +852,6 @@ class _Landing:
         self.open: dict[int, SinkFile | None] = {}  # None: failed, discard its payload
         self.ends: dict[int, int] = {}  # highest byte written per open file
         self._failed_hook = getattr(sink, "failed", None)
-        self.land_hook = getattr(sink, "land", None)
         self.many_hook = getattr(sink, "land_many", None)
 
     def wrote_to(self, file_id: int, end: int) -> None:
@@ -895,17 +895,6 @@ class _Landing:
             f.commit(size)
         except OSError as exc:
             f.abort()
-            self._failure(file_id, _reason(exc), exc.errno or 0)
-            return
-        self.stats.files += 1
-
-    def land(self, file_id: int, content: memoryview) -> None:
-        """A whole small file at once (the sink's `land`): DATA at 0 then END at its length."""
-        try:
-            self.land_hook(file_id, content)  # type: ignore[misc]
-        except KeyError:
-            raise RemoteProtocolError(f"data for file {file_id}, which was never announced") from None
-        except OSError as exc:
             self._failure(file_id, _reason(exc), exc.errno or 0)
             return
         self.stats.files += 1
@@ -972,11 +961,11 @@ def receive_loop(io: StreamIO, sink: FileSink, stats: StreamStats) -> None:
 
     The hot loop of small-file transfers: headers are parsed in place from the read buffer,
     with the checks of `protocol.unpack_frame` inlined. A small file (one DATA frame at offset
-    0, then its END) is read whole into the buffer and goes to the sink's `land` in one call.
+    0, then its END) is read whole into the buffer and goes to the sink's `land_many`, with the
+    whole small files that follow it in the buffer.
     """
     landing = _Landing(sink, stats)
-    whole = landing.land_hook is not None
-    many = whole and landing.many_hook is not None
+    whole = landing.many_hook is not None
     is_open = landing.open.__contains__
     unpack_from = protocol.FRAME.unpack_from
     DATA, END, ABORT, DONE, NOOP = (int(t) for t in (FrameType.DATA, FrameType.END, FrameType.ABORT, FrameType.DONE, FrameType.NOOP))
@@ -1001,10 +990,6 @@ def receive_loop(io: StreamIO, sink: FileSink, stats: StreamStats) -> None:
                         end = pos + length + FRAME_SIZE
                         stats.frames += 1
                         stats.bytes += length
-                        if not many:
-                            io._rpos = end
-                            landing.land(fid, io._rview[pos : pos + length])
-                            continue
                         io._rpos = _land_batch(io, landing, stats, [(fid, pos, length)], end)
                         continue
                 fd = landing.target(fid)
@@ -1019,10 +1004,7 @@ def receive_loop(io: StreamIO, sink: FileSink, stats: StreamStats) -> None:
                 if length:
                     io.recv_exact(length)  # digest: reserved, not checked yet
                 if whole and offset == 0 and not is_open(fid):  # an empty file
-                    if many:
-                        io._rpos = _land_batch(io, landing, stats, [(fid, io._rpos, 0)], io._rpos)
-                    else:
-                        landing.land(fid, io._rview[:0])
+                    io._rpos = _land_batch(io, landing, stats, [(fid, io._rpos, 0)], io._rpos)
                     continue
                 landing.end(fid, offset)
             elif kind == ABORT:

@@ -60,7 +60,7 @@ from .protocol import (
 log = logging.getLogger("blit.tree")
 
 _C_LAND = cscan.HAVE_CMPDIR
-"""DestTree.land lands plain small files in one C call (scan.land) when the C module is built."""
+"""DestTree.land_many lands plain small files in C (scan.land_many) when the C module is built."""
 
 FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 WALK_CONCURRENCY = 8
@@ -1451,36 +1451,13 @@ class DestTree:
             self._fail(_join(p.dst_rel, p.dname), "copy", message)
             self._group_failed(p.link_key, _join(p.rel, p.name))
 
-    def land(self, file_id: int, content: bytes | memoryview) -> None:
-        """Data-stream thread: land a whole small file whose data is all in memory, in one step
-        (what `open` + write + commit do, without their objects): one C call for a plain file
-        (scan.land), fsops.Landing for one with xattrs or without the C module. Hard-link
-        groups and LandedLog are kept as `commit` keeps them.
-
-        Raises:
-            KeyError: `file_id` was never announced. OSError: the file did not land (nothing is
-                left behind; `failed` then reports it under its path).
-        """
-        with self._lock:
-            p = self.pending.pop(file_id)
-        try:
-            dfd = self.dirs.held(p.dst_rel)
-            if p.xattrs is None and not p.acl and _C_LAND:
-                r = cscan.land(dfd, _b(p.dname), content, p.meta, p.replace, p.inherit_gid)
-                if r:
-                    raise OSError(-r, os.strerror(-r))
-            else:
-                fsops.land_data(dfd, p.dname, content, p.meta, p.xattrs, p.replace, p.inherit_gid, p.acl)
-        except OSError:
-            with self._lock:
-                self._open[file_id] = p  # for `failed`
-            raise
-        self._done(p, len(content))
-
     def land_many(self, batch: list[tuple[int, int, int]], buf: bytearray) -> list[tuple[int, OSError]]:
-        """Data-stream thread: `land` for several whole small files whose contents lie in `buf`
-        (file id, offset, length each), one C call per run of files of one directory. Returns
-        the files that did not land with their error (`failed` then reports each).
+        """Data-stream thread: land whole small files whose contents lie in `buf` (file id,
+        offset, length each) in one step each (what `open` + write + commit do, without their
+        objects): one C call per run of plain files of one directory (scan.land_many),
+        fsops.land_data for one with xattrs or under a default ACL, or without the C module.
+        Hard-link groups and LandedLog are kept as `commit` keeps them. Returns the files that
+        did not land with their error (nothing is left behind; `failed` then reports each).
 
         Raises:
             KeyError: a file id never announced (or twice in `batch`): nothing was landed.
