@@ -394,6 +394,20 @@ def has_default_acl(dir_fd: int) -> bool:
     return True
 
 
+def creates_under_acl(dir_fd: int, made_for_run: bool, creates: bool) -> bool:
+    """Whether the entries about to be created in destination directory `dir_fd` inherit its
+    default ACL, which each must then drop (`creates`: some will be created). A directory made
+    for the run by mkdir -p under a parent with a default ACL drops what it inherited here,
+    whether or not anything lands in it, and answers False; the directories a transfer makes
+    below it never have one (make_dir drops it)."""
+    if not (made_for_run or creates) or not has_default_acl(dir_fd):
+        return False
+    if made_for_run:
+        drop_inherited_acls(dir_fd, (), directory=True)
+        return False
+    return True
+
+
 def drop_inherited_acls(target: int | str, keep: Collection[str], directory: bool = False) -> None:
     """Remove from a new entry (an fd, or a /proc/self/fd path that is not followed) the ACLs it
     inherited from its directory's default ACL, except those named in `keep` (the source's,

@@ -254,13 +254,8 @@ class Worker:
         batch: list[tuple[str, Meta]] = []
         batch_bytes = 0
         # Entries created under a default ACL take an ACL (and their mode) from it: each is fixed
-        # by the Python path. Directories we create never have one (make_dir drops it), except
-        # the top one, made by mkdir -p under a parent with a default ACL: it drops it here,
-        # whether or not anything lands in it (as the remote destination does).
-        acl = not dry and dfd >= 0 and (job.dst_new or any(it.op in CREATES for it in plan.items)) and fsops.has_default_acl(dfd)
-        if acl and job.dst_new:
-            fsops.drop_inherited_acls(dfd, (), directory=True)
-            acl = False
+        # by the Python path.
+        acl = not dry and dfd >= 0 and fsops.creates_under_acl(dfd, job.dst_new, any(it.op in CREATES for it in plan.items))
         res.acl_inherited = acl
         ccopy = scan.HAVE_CMPDIR and not dry and not acl
 

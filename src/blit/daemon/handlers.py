@@ -366,9 +366,9 @@ class Session:
         self.packed = False
         """The client speaks protocol.FEATURE_PACKED: manifests we send are packed."""
         self.need_packed = False
+        """The client speaks protocol.FEATURE_NEED_PACKED: DirPlanned names its files packed."""
         self.parts = False
         """The client speaks protocol.FEATURE_PARTS: a large directory's manifest goes in parts."""
-        """The client speaks protocol.FEATURE_NEED_PACKED: DirPlanned names its files packed."""
 
     async def dispatch(self, msg: protocol.Message) -> protocol.Message:
         handler = _HANDLERS.get(type(msg))

@@ -976,13 +976,8 @@ class DestTree:
             if acl is None:
                 # Entries created under a default ACL inherit it (and a mode shaped by it):
                 # dropped. (A directory in parts: looked up once, for all of them.)
-                acl = not dry and dfd >= 0 and (dst_new or parted is not None or any(it.op in CREATES for it in p.items)) and fsops.has_default_acl(dfd)
-                if acl and dst_new:
-                    # Made for the run (mkdir -p) under a parent with a default ACL; the
-                    # directories we make below drop theirs (make_dir), so only a top one can
-                    # get here.
-                    fsops.drop_inherited_acls(dfd, (), directory=True)
-                    acl = False
+                creates = parted is not None or any(it.op in CREATES for it in p.items)
+                acl = not dry and dfd >= 0 and fsops.creates_under_acl(dfd, dst_new, creates)
                 if parted is not None:
                     parted.dst, parted.keep, parted.acl = dst, keep, acl
             if p.extras:
