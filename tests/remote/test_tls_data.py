@@ -8,6 +8,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,40 @@ async def test_a_tls_stream_cut_mid_file_fails_the_file_and_leaves_nothing(nurse
         assert fid == 1 and "the peer closed the stream" in message
         assert (await s.modules()).modules  # the session goes on
     assert os.listdir(d.modules["data"] / "dst") == []
+
+
+async def test_a_tls_file_trickling_slower_than_the_low_mark_lands(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A receiver inside a large TLS payload waits for data.LOWAT bytes at a time (fewer
+    wake-ups); a link too slow to bring them within the stall timeout must not be taken for a
+    stall: 160 KiB sent 16 KiB every 0.3 s (3 s in all, the daemon's stall timeout 2 s) land
+    whole."""
+    d = await start_daemon(nursery, tmp_path, tls=True, stall=2)
+    (d.modules["data"] / "dst").mkdir()
+    size, piece = 160 << 10, 16 << 10
+    assert data.LOWAT_MIN <= size and 2 < (size // piece) * 0.3
+    payload = os.urandom(size)
+    async with d.session() as s:
+        opened = await s.call(p.OpenTransfer(module="data", path=b"dst", direction="push", streams=1))
+        await s.call(p.ExpectFiles(transfer=opened.transfer, files=[p.FileOffer(id=1, path=b"f", size=size, mtime_ns=0, mode=0o644)]))
+
+        def trickle() -> None:
+            sock = socket.create_connection(("127.0.0.1", opened.data_port), timeout=5)
+            io = data.admit_client(sock, opened.tokens[0], tls_ctx=tls.client_context(), fingerprint=d.info.fingerprint)
+            try:
+                io.send_all(p.pack_frame(p.FrameType.DATA, 1, 0, size), more=True)
+                for at in range(0, size, piece):
+                    io.send_all(payload[at : at + piece])
+                    time.sleep(0.3)
+                io.send_all(p.pack_frame(p.FrameType.END, 1, size, 0))
+                io.send_all(p.pack_frame(p.FrameType.DONE))
+            finally:
+                io.close()
+
+        await trio.to_thread.run_sync(trickle)
+        with trio.fail_after(10):
+            done = await s.call(p.FinishTransfer(transfer=opened.transfer))
+        assert done.failures == [] and done.files == 1
+    assert (d.modules["data"] / "dst" / "f").read_bytes() == payload
 
 
 class _ImpostorTLS:

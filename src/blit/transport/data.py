@@ -86,6 +86,15 @@ SEND_WAIT = 1.0
 """A blocked send wakes this often to check for the stall timeout (see StreamIO)."""
 READ_CHUNK = 1 << 20
 """Bytes of a file read, sealed and sent at a time when sendfile cannot be used (TLS)."""
+LOWAT = 256 << 10
+"""TLS receiver inside a large payload: the socket wakes it once this much ciphertext is
+queued (SO_RCVLOWAT), not at every arrival: on loopback each wake-up pulled the receiver onto
+the sender's CPU (2 GiB pull 3.24 s -> 2.28 s, decisions.md R34)."""
+LOWAT_MIN = 64 << 10
+"""Needs smaller than this (small files, frame headers) wait for the first byte, as before."""
+LOWAT_SLOW = 1.0
+"""A receive that waited this long for its low mark turns the mark off for the stream (a slow
+link: the receiver wakes at every arrival again)."""
 H2_CHUNK = 4 << 20
 """Bytes read per thread hop by the HTTP/2 fallback sender."""
 H2_WRITE_BATCH = 8 << 20
@@ -354,6 +363,8 @@ class StreamIO:
         self._cview = memoryview(bytearray(RECV_BUFFER)) if tls is not None else None
         """TLS: where ciphertext lands from the socket before it is fed to `tls`."""
         self._fview: memoryview | None = None
+        self._lowat = 1 if tls is not None and hasattr(socket, "SO_RCVLOWAT") else 0
+        """The socket's SO_RCVLOWAT (TLS, see LOWAT); 0: not used."""
         """The reused buffer a file is read into when it cannot be sent with sendfile (TLS)."""
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -461,7 +472,48 @@ class StreamIO:
             self._rend += self._open_records(self._rview[self._rend :])
             if self._rend >= want:
                 return
-            self.tls.feed(cview[: self.recv_into(cview)])
+            if self._lowat:
+                self._recv_lowat(want - self._rend - self.tls.fed_bytes)
+            else:
+                self.tls.feed(cview[: self.recv_into(cview)])
+
+    def _recv_lowat(self, need: int) -> None:
+        """TLS: receive ciphertext, `need`: bytes the peer must still send (what the payload
+        holds past what is already fed). A large need waits until LOWAT of it is queued, so the
+        mark never waits for bytes that will not come. A link too slow for that (a wait of
+        LOWAT_SLOW, the socket's timeout meanwhile) turns the mark off for good; the stall
+        timeout then runs as usual, from the last bytes received."""
+        assert self.tls is not None and self._cview is not None
+        lowat = min(need, LOWAT) if need >= LOWAT_MIN else 1  # small files, headers: as before
+        if lowat != self._lowat:
+            self._set_lowat(lowat)
+        if lowat == 1:
+            self.tls.feed(self._cview[: self.recv_into(self._cview)])
+            return
+        t0 = time.monotonic()
+        try:
+            n = self.sock.recv_into(self._cview)
+        except BlockingIOError:
+            n = -1  # nothing within LOWAT_SLOW
+        except OSError as exc:
+            raise self._failed(exc) from None
+        if n == 0:
+            raise self._closed()
+        if n < 0 or time.monotonic() - t0 >= LOWAT_SLOW:
+            self._set_lowat(1)
+            self._lowat = 0  # off for good
+        if n > 0:
+            self.moved += n
+            self.tls.feed(self._cview[:n])
+
+    def _set_lowat(self, lowat: int) -> None:
+        """SO_RCVLOWAT, and while it is above 1 a receive timeout of LOWAT_SLOW."""
+        sock = self.sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+        if (lowat > 1) != (self._lowat > 1):
+            timeo = min(self.stall, LOWAT_SLOW) if lowat > 1 else (self.stall if math.isfinite(self.stall) else 0.0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeo))
+        self._lowat = lowat
 
     def recv_exact(self, n: int) -> bytes:
         if self._rend - self._rpos < n:

@@ -99,6 +99,11 @@ class TLSBio:
         """Take up to `n` bytes (all by default) of the ciphertext waiting to be sent."""
         return self._out.read(n)
 
+    @property
+    def fed_bytes(self) -> int:
+        """Ciphertext fed and not yet decrypted (part of a record)."""
+        return self._in.pending
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Ciphertext received from the peer."""
         self._in.write(data)
