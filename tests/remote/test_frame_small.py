@@ -145,3 +145,30 @@ async def test_large_files_taken_in_one_batch_are_offered_to_every_stream(daemon
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == want
     assert [len(ids) for ids in given_back] == [5, 4, 3, 2, 1], given_back
     assert sorted(read) == sorted(n.encode() for n in want), "a file handed back was read again"
+
+
+async def test_a_pull_reads_small_files_in_batches_on_the_daemon(daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon sending a pull reads its small plain files through the batched framer (as a
+    pushing client does), large ones one by one, and the tree lands identical."""
+    src = daemon.modules["data"] / "src"
+    (src / "sub").mkdir(parents=True)
+    want = {f"small{i:02d}": os.urandom(i * 97) for i in range(40)}
+    want |= {f"sub/s{i}": os.urandom(3000 + i) for i in range(10)}
+    want |= {"big": os.urandom(LIMIT * 3 + 1)}
+    for name, content in want.items():
+        (src / name).write_bytes(content)
+    read: list[bytes] = []
+    frame_small = cscan.frame_small
+
+    def spy_frame(dfd: int, names: list[bytes], *args: int | list[int]) -> tuple[list[bytes], int, int, list[int]]:
+        read.extend(names)
+        return frame_small(dfd, names, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cscan, "frame_small", spy_frame)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    async with daemon.session() as s:
+        done = await tree.pull_tree(s, "data", b"src", os.fsencode(dst), TopJob(), TreeSpec())
+    assert not done.failures and done.files_copied == len(want)
+    assert {str(p.relative_to(dst)): p.read_bytes() for p in dst.rglob("*") if p.is_file()} == want
+    assert sorted(read) == sorted(os.path.basename(n).encode() for n in want)  # "big" is handed back, then sent alone

@@ -116,6 +116,14 @@ class ModuleSource:
         self.paths.update(dict.fromkeys(ids, _IN_TREE))
         self.tree.register_names(os.fsdecode(b"/".join(parts)), ids, names)
 
+    def frame_small(self, ids: list[int]) -> Any:
+        """A tree pull: the small plain files among `ids` read and framed in C, one call per
+        directory (SourceTree.frame_small, data.send_loop). None otherwise (each file opened)."""
+        tree = self.tree
+        if tree is None or not all(map(self.paths.__getitem__, ids)):
+            return None
+        return tree.frame_small(ids)
+
     def open(self, file_id: int) -> SrcFile:
         parts = self.paths[file_id]
         if self.tree is not None and parts:
