@@ -688,7 +688,7 @@ def dir_digests(root_fd: int, open_dir: Callable[[int, str], int], rels: list[st
     return out
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     dst_rel: str
     dname: str
@@ -1066,6 +1066,8 @@ class DestTree:
         settled = 0
         blocked: set[str] = set()
         changed = False
+        copies: list[tuple[str, Meta, list[tuple[str, bytes]] | None, bool, str]] = []
+        copy_names: list[bytes] = []  # the need list's names of `copies`, after the others'
         for dname, d_is_dir in p.conflicts:
             if dry:
                 self._act("delete", dprefix + dname)
@@ -1128,8 +1130,8 @@ class DestTree:
                         self._act("copy", prefix + name)
                         settled += 1
                         continue
-                    need_ids.append(self._register(dst_rel, dname, m, xattrs, d is not None, rel=rel, name=name, acl=acl))
-                    need_names.append(_b(name))
+                    copies.append((dname, m, xattrs, d is not None, name))
+                    copy_names.append(e[0])
                 elif op is Op.SYMLINK:
                     target = _target(e) or b""
                     if d is not None and stat.S_ISLNK(d.st_mode) and os.readlink(_b(dname), dir_fd=dfd) == target:
@@ -1170,6 +1172,9 @@ class DestTree:
                 self._note_fatal(exc.errno, _msg(exc), dprefix + dname)
                 failures.append(PathFailure(path=_b(prefix + name), op=op.name.lower(), message=_msg(exc)))
         with self._lock:
+            if copies:  # registered together: one lock, one id range
+                need_ids.extend(self._register_many(dst_rel, copies, rel, acl))
+                need_names += copy_names
             if changed:
                 self._changed(dst_rel)
             for f in failures:
@@ -1201,12 +1206,22 @@ class DestTree:
         acl: bool = False,
     ) -> int:
         with self._lock:
-            fid = self._next_id
-            self._next_id += 1
-            node = self.nodes.get(dst_rel)
-            inherit = node.inherit_gid if node is not None else True
-            self.pending[fid] = _Pending(dst_rel, dname, m, xattrs, replace, link_key, inherit, rel, name, acl)
-        return fid
+            return self._register_many(dst_rel, [(dname, m, xattrs, replace, name)], rel, acl, link_key).start
+
+    def _register_many(
+        self, dst_rel: str, files: list[tuple[str, Meta, list[tuple[str, bytes]] | None, bool, str]], rel: str, acl: bool, link_key: tuple[int, int] | None = None
+    ) -> range:
+        """Under the lock: files (dname, meta, xattrs, replace, source name) of one directory
+        await their data; returns their ids."""
+        first = fid = self._next_id
+        self._next_id += len(files)
+        node = self.nodes.get(dst_rel)
+        inherit = node.inherit_gid if node is not None else True
+        pend = self.pending
+        for dname, m, xattrs, replace, name in files:
+            pend[fid] = _Pending(dst_rel, dname, m, xattrs, replace, link_key, inherit, rel, name, acl)
+            fid += 1
+        return range(first, fid)
 
     # --- --checksum ---------------------------------------------------------------------------------
     def _await_hash(self, rel: str, dst_rel: str, item: _HashItem) -> None:
