@@ -198,3 +198,55 @@ async def test_the_daemon_refuses_hostile_file_groups(daemon: Daemon) -> None:
         with pytest.raises(RemoteError) as info:  # not a tree pull: no SourceTree to name files in
             await s.call(p.SendFiles(transfer=plain.transfer, files=[], dirs=[_group(b"", [1], b"a\0")]))
         assert info.value.code == "bad-request"
+
+
+def _manifest_entries(m: p.DirManifest) -> dict[bytes, tuple[object, ...]]:
+    """A manifest's entries by name: (the lstat fields but atime, target, xattrs), packed or
+    not. (Reading a symlink's target sets its atime: the second scan sees the first's.)"""
+    out = {bytes(e[0]): (tuple(e[1:4] + e[5:12]), e[12], e[13]) for e in m.entries}
+    for e in p.unpack_entries(m.packed or b"\0\0\0\0"):
+        out[e[0]] = (e[1:4] + e[5:12], None, None)
+    return out
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_the_c_scan_makes_the_manifest_the_python_scan_makes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, many: bool) -> None:
+    """The sender's scan in C (scan.scan_packed, R37) against the Python scan as the oracle:
+    plain files and directories packed, symlinks, xattr carriers, a fifo and a non-UTF-8 name
+    as they were; a directory too large for the C buffers (`many`) is scanned in Python."""
+    from blit.ffi import scan as cscan
+    from blit.transport.tree import SourceTree
+
+    if not cscan.HAVE_CMPDIR:
+        pytest.fail("blit.ffi._scan is not built")
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    for i in range(9000 if many else 30):
+        (d / f"f{i:05d}").write_bytes(b"x" * (i % 7))
+    os.symlink("f00001", d / "link")
+    os.symlink("/nowhere", d / "dangling")
+    os.mkfifo(d / "fifo")
+    (d / os.fsdecode(b"caf\xe9")).write_bytes(b"latin-1 name")
+    os.setxattr(d / "f00002", "user.tag", b"v1")
+    os.setxattr(d / "sub", "user.tag", b"dir")
+    calls: list[bool] = []
+    real = cscan.scan_packed
+
+    def spy(dfd: int) -> object:
+        got = real(dfd)
+        calls.append(got is not None)
+        return got
+
+    monkeypatch.setattr(cscan, "scan_packed", spy)
+    st = SourceTree(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY))
+    try:
+        (fast,) = st.scan_parts("d", pack=True)
+        monkeypatch.setattr(cscan, "scan_packed", lambda dfd: None)
+        (slow,) = st.scan_parts("d", pack=True)
+    finally:
+        st.close()
+    assert calls == [not many]
+    assert _manifest_entries(fast) == _manifest_entries(slow)
+    assert (fast.incomplete, fast.failures, fast.dir_entry) == (slow.incomplete, slow.failures, slow.dir_entry)
+    names = {bytes(e[0]) for e in fast.entries}
+    assert names == {b"link", b"dangling", b"f00002", b"sub"}  # the rest travels packed

@@ -32,6 +32,9 @@ void blit_set_copy_modes(int tmpfile, int link);
 int blit_frame_small(int dfd, int n, const char *names, const int64_t *name_off, const int64_t *ids,
                      int oflags, int64_t max, char *out, int64_t cap, int64_t *status,
                      int64_t *counts);
+int blit_scan_packed(int dfd, int flags, char *out, int64_t out_cap, int64_t *rec, int64_t rec_cap,
+                     char *names, int64_t names_cap, char *others, int64_t others_cap,
+                     int64_t *counts);
 """
 SOURCES = ("_scan.c", "_copy.c", "_frame.c")
 

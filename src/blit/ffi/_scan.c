@@ -27,7 +27,7 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
-#define BLIT_SCAN_VERSION 6
+#define BLIT_SCAN_VERSION 7
 #define BLIT_CHECK_OWNER 1
 #define BLIT_CHECK_XATTRS 2
 #define BLIT_REC_FIELDS 25
@@ -475,4 +475,96 @@ out:
     free(offs);
     free(sorted);
     return ret;
+}
+
+/* blit_scan_packed: one directory's plain entries as a packed manifest (the remote sender's
+ * scan, docs/decisions.md R37), in protocol.pack_entries' layout: u32 count, then one
+ * little-endian column per lstat field (mode u32, size i64, mtime_ns i64, atime_ns i64, uid u32,
+ * gid u32, ino u64, dev u64, nlink u32, rdev u64, blocks i64), then the names, each followed by a
+ * NUL. An entry is plain unless it is a symlink, carries an xattr (or its xattrs cannot be
+ * listed), or vanished before its lstat: those names go to `others` (each followed by a NUL) for
+ * the caller's per-entry path, in directory order. `rec` (rec_cap x 11 int64) and `names`
+ * (names_cap bytes) are scratch.
+ *
+ * counts[0] = bytes used in `out`, counts[1] = plain entries, counts[2] = bytes used in
+ * `others`, counts[3] = other entries. Returns 0, or -errno: -ENOBUFS when a buffer is too
+ * small (the caller scans in Python), anything else from the system. It must not change anything
+ * on disk or follow a symlink.
+ */
+static int blit_scan_packed(int dfd, int flags, char *out, int64_t out_cap, int64_t *rec, int64_t rec_cap,
+                            char *names, int64_t names_cap, char *others, int64_t others_cap,
+                            int64_t *counts) {
+    static const int widths[11] = {4, 8, 8, 8, 4, 4, 8, 8, 4, 8, 8};
+    if (have_listxattrat == 0 && (flags & BLIT_CHECK_XATTRS))
+        probe_listxattrat();
+    int oerr = 0;
+    DIR *d = open_stream(dfd, &oerr);
+    if (!d)
+        return -oerr;
+    int64_t n = 0, name_used = 0, other_used = 0, nother = 0;
+    int ret = 0;
+    struct cwd_state cwd = CWD_STATE_INIT;
+    struct dirent *e;
+    struct stat s;
+    for (;;) {
+        errno = 0;
+        e = readdir(d);
+        if (!e) {
+            if (errno)
+                ret = -errno;
+            break;
+        }
+        const char *name = e->d_name;
+        if (is_dot(name))
+            continue;
+        size_t len = strlen(name);
+        int plain = 1;
+        if (fstatat(dfd, name, &s, AT_SYMLINK_NOFOLLOW) != 0) {
+            if (errno != ENOENT) {
+                ret = -errno;
+                break;
+            }
+            plain = 0; /* vanished: the caller's lstat reports it */
+        } else if (S_ISLNK(s.st_mode)) {
+            plain = 0;
+        } else if (flags & BLIT_CHECK_XATTRS) {
+            plain = has_xattrs(dfd, name, &cwd) == 0;
+        }
+        if (!plain) {
+            if (other_used + (int64_t)len + 1 > others_cap) {
+                ret = -ENOBUFS;
+                break;
+            }
+            memcpy(others + other_used, name, len + 1);
+            other_used += (int64_t)len + 1;
+            nother++;
+            continue;
+        }
+        if (n >= rec_cap || name_used + (int64_t)len + 1 > names_cap) {
+            ret = -ENOBUFS;
+            break;
+        }
+        memcpy(names + name_used, name, len + 1);
+        name_used += (int64_t)len + 1;
+        put_stat(rec + n * 11, &s);
+        n++;
+    }
+    closedir(d);
+    ret = cwd_restore(&cwd, ret);
+    if (ret < 0)
+        return ret;
+    int64_t need = 4 + n * 72 + name_used;
+    if (need > out_cap)
+        return -ENOBUFS;
+    char *p = out;
+    p = put_le(p, (uint64_t)n, 4);
+    for (int c = 0; c < 11; c++)
+        for (int64_t i = 0; i < n; i++)
+            p = put_le(p, (uint64_t)rec[i * 11 + c], widths[c]);
+    memcpy(p, names, (size_t)name_used);
+    counts[0] = need;
+    counts[1] = n;
+    counts[2] = other_used;
+    counts[3] = nother;
+    return 0;
 }

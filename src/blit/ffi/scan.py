@@ -25,6 +25,9 @@ here).
 
 ``frame_small`` is the remote sender's (R28): a directory's small files read into data-stream
 frames in one call; whatever is not a small plain file goes back to the caller.
+
+``scan_packed`` is the remote sender's scan (R37): a directory's plain entries (no symlink, no
+xattr) as a packed manifest in one call; the others go back to the caller by name.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ try:
     from blit.ffi._scan import ffi as _ffi
     from blit.ffi._scan import lib as _lib
 
-    HAVE_CMPDIR = _lib.blit_version() == 6  # a stale build of an older _scan.c is not used
+    HAVE_CMPDIR = _lib.blit_version() == 7  # a stale build of an older _scan.c is not used
     _from_buffer = _ffi.from_buffer
 except ImportError:  # built without a C compiler: the pure-Python path does everything
     HAVE_CMPDIR = False
@@ -261,3 +264,39 @@ def set_xattr_mode(mode: int) -> None:
     """Tests: 1 = listxattrat, -1 = the private-cwd fallback of older kernels, 0 = probe."""
     if HAVE_CMPDIR:
         _lib.blit_set_xattr_mode(mode)
+
+
+_SP_MAX = 8192
+"""scan_packed: most plain entries per call (a larger directory is scanned in Python)."""
+_SP_NAMES = 1 << 20
+
+
+class _ScanBuffers(threading.local):
+    def __init__(self) -> None:
+        self.out = _ffi.new("char[]", 4 + _SP_MAX * 72 + _SP_NAMES)
+        self.rec = _ffi.new("int64_t[]", _SP_MAX * 11)
+        self.names = _ffi.new("char[]", _SP_NAMES)
+        self.others = _ffi.new("char[]", _SP_NAMES)
+        self.counts = _ffi.new("int64_t[4]")
+
+
+_scan_bufs: _ScanBuffers | None = None
+
+
+def scan_packed(dfd: int) -> tuple[bytes, int, list[bytes]] | None:
+    """Directory `dfd`'s plain entries (neither symlinks nor carrying xattrs) as a packed
+    manifest (protocol.pack_entries' bytes) and their count, and the names of the others, for
+    the caller's per-entry path (which also meets the ones that vanished). None when the caller
+    must scan in Python: no compiled module, more than 8,192 plain entries or 1 MiB of names,
+    or a failure (the Python scan then reports it)."""
+    global _scan_bufs
+    if not HAVE_CMPDIR:
+        return None
+    if _scan_bufs is None:
+        _scan_bufs = _ScanBuffers()
+    b = _scan_bufs
+    if _lib.blit_scan_packed(dfd, CHECK_XATTRS, b.out, 4 + _SP_MAX * 72 + _SP_NAMES, b.rec, _SP_MAX, b.names, _SP_NAMES, b.others, _SP_NAMES, b.counts) < 0:
+        return None
+    c = b.counts
+    others = _ffi.buffer(b.others, c[2])[:].split(b"\0")[:-1] if c[3] else []
+    return _ffi.buffer(b.out, c[0])[:], c[1], others

@@ -31,7 +31,7 @@ from array import array
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import trio
 
@@ -147,6 +147,26 @@ def entry_of(name: str, st: os.stat_result | Meta, target: bytes | None, xattrs:
 
 def _xattr_path(dir_fd: int, name: str) -> str:
     return f"/proc/self/fd/{dir_fd}/{name}"
+
+
+def _link_target(dfd: int, rel: str, name: str, st: os.stat_result, failures: list[PathFailure]) -> bytes | None | Literal[False]:
+    """A scanned entry's symlink target (None: not a symlink); False, with the failure noted,
+    when the link could not be read (the entry is left out)."""
+    if not stat.S_ISLNK(st.st_mode):
+        return None
+    try:
+        return os.readlink(_b(name), dir_fd=dfd)
+    except OSError as exc:
+        failures.append(PathFailure(path=_b(_join(rel, name)), op="readlink", message=_msg(exc)))
+        return False
+
+
+def _dir_entry(dfd: int) -> Entry | None:
+    """A scanned directory's own entry (its manifest's dir_entry); None if it cannot be read."""
+    try:
+        return entry_of(".", os.fstat(dfd), None, dict(fsops.get_xattrs(dfd)) or None)
+    except OSError:
+        return None
 
 
 def _read_xattrs(dir_fd: int, names: list[str], base: str | None) -> dict[str, dict[str, bytes]]:
@@ -414,12 +434,17 @@ class SourceTree:
         except OSError as exc:
             return [DirManifest(entries=[], incomplete=True, failures=[PathFailure(path=_b(rel or "."), op="open", message=_msg(exc))])]
         try:
+            base = None if self.base is None else (f"{self.base}/{rel}" if rel else self.base)
+            fast = cscan.scan_packed(dfd) if pack else None
+            if fast is not None:
+                one = self._scan_packed(rel, dfd, base, *fast)
+                if one is not None:
+                    return [one]
             try:
                 entries, errs = fsops.scan(dfd)
             except OSError as exc:
                 return [DirManifest(entries=[], incomplete=True, failures=[PathFailure(path=_b(rel or "."), op="scan", message=_msg(exc))])]
             failures = [PathFailure(path=_b(_join(rel, n)), op="stat", message=_msg(e)) for n, e in errs]
-            base = None if self.base is None else (f"{self.base}/{rel}" if rel else self.base)
             xattrs = _read_xattrs(dfd, [n for n, _ in entries], base)
             # Each part: (entries, packed names, packed stats); a new one starts when the
             # current one is full (split only).
@@ -427,14 +452,10 @@ class SourceTree:
             count = nbytes = total = 0
             limit_n = protocol.PART_ENTRIES if split else -1
             for name, st in entries:
-                target = None
                 x = xattrs.get(name)
-                if stat.S_ISLNK(st.st_mode):
-                    try:
-                        target = os.readlink(_b(name), dir_fd=dfd)
-                    except OSError as exc:
-                        failures.append(PathFailure(path=_b(_join(rel, name)), op="readlink", message=_msg(exc)))
-                        continue
+                target = _link_target(dfd, rel, name, st, failures)
+                if target is False:
+                    continue
                 bname = _b(name)
                 size = _ENTRY_BYTES + len(bname) + (len(target) if target else 0) + (sum(len(k) + len(v) + 8 for k, v in x.items()) if x else 0)
                 if count == limit_n or (split and count and nbytes + size > protocol.PART_BYTES):
@@ -449,11 +470,7 @@ class SourceTree:
                     plain.append(st)
                 else:
                     out.append(entry_of(name, st, target, x))
-            try:
-                own = os.fstat(dfd)
-                dir_entry = entry_of(".", own, None, dict(fsops.get_xattrs(dfd)) or None)
-            except OSError:
-                dir_entry = None
+            dir_entry = _dir_entry(dfd)
             incomplete = bool(errs) or total != len(entries)
             return [
                 DirManifest(
@@ -468,6 +485,36 @@ class SourceTree:
             ]
         finally:
             os.close(dfd)
+
+    def _scan_packed(self, rel: str, dfd: int, base: str | None, packed: bytes, n: int, others: list[bytes]) -> DirManifest | None:
+        """`scan_parts` for a directory scan.scan_packed answered: its plain entries packed in
+        C, the others (symlinks, xattr carriers, entries that vanished) as the Python scan makes
+        them. None when the whole would not fit one part (the caller scans in Python)."""
+        failures: list[PathFailure] = []
+        out: list[Any] = []
+        if others:
+            found: list[tuple[str, os.stat_result]] = []
+            for bname in others:
+                name = _s(bname)
+                try:
+                    found.append((name, os.stat(bname, dir_fd=dfd, follow_symlinks=False)))
+                except OSError as exc:
+                    failures.append(PathFailure(path=_b(_join(rel, name)), op="stat", message=_msg(exc)))
+            xattrs = _read_xattrs(dfd, [name for name, _ in found], base)
+            for name, st in found:
+                target = _link_target(dfd, rel, name, st, failures)
+                if target is not False:
+                    out.append(entry_of(name, st, target, xattrs.get(name)))
+        size = len(packed) + sum(_ENTRY_BYTES + len(e[0]) + len(e[12] or b"") + sum(len(k) + len(v) + 8 for k, v in e[13] or ()) for e in out)
+        if n + len(out) > protocol.PART_ENTRIES or size > protocol.PART_BYTES:
+            return None
+        return DirManifest(
+            entries=cast("list[SrcEntry]", out),
+            incomplete=bool(failures),
+            failures=failures,
+            dir_entry=cast("SrcEntry | None", _dir_entry(dfd)),
+            packed=packed,
+        )
 
     def scan_part(self, rel: str, part: int, pack: bool) -> DirManifest:
         """Worker thread (the daemon, pull): part `part` of directory `rel`'s manifest. Part 0
