@@ -30,7 +30,8 @@ _USER = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}"
 USER_NAME = re.compile(rf"^{_USER}$")
 """A user name (`user@host:...` here, `auth_users` in the daemon's config)."""
 _USER_RE = re.compile(rf"^({_USER})@")
-_HOST_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,252}[A-Za-z0-9])?$")
+HOST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,252}[A-Za-z0-9])?$")
+"""A host name as typed in an endpoint (`peer_pull_from` in the daemon's config too)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +238,7 @@ def _port(text: str, port: str) -> int:
 def _check_hostname(text: str, name: str) -> None:
     if not name:
         raise ConfigError(f"malformed endpoint {text!r}: no host name")
-    if not _HOST_RE.match(name):
+    if not HOST_NAME.match(name):
         raise ConfigError(f"malformed endpoint {text!r}: {name!r} is not a valid host name")
 
 

@@ -63,10 +63,11 @@ def write_config(
     extra: str = "",
     peer_pull: bool = False,
     module_extra: dict[str, str] | None = None,
+    bind: str = "127.0.0.1",
 ) -> tuple[Path, dict[str, Path]]:
     """Modules data (read-write; `peer_pull`: may pull from other daemons), ro (read-only) and
     other (read-write, never allowed to pull from other daemons). `extra`: more [daemon] lines;
-    `module_extra`: more lines per module name (access rules)."""
+    `module_extra`: more lines per module name (access rules); `bind`: a loopback address."""
     more = module_extra or {}
     mods = {"data": tmp / "mod_data", "ro": tmp / "mod_ro", "other": tmp / "mod_other"}
     for p in mods.values():
@@ -75,7 +76,7 @@ def write_config(
     cfg.write_text(
         f"""
 [daemon]
-bind = "127.0.0.1"
+bind = "{bind}"
 port = 0
 mdns = false
 tls = {str(tls).lower()}
@@ -197,14 +198,15 @@ def run_daemon_process(
     prefix: tuple[str, ...] = (),
     extra: str = "",
     module_extra: dict[str, str] | None = None,
+    bind: str = "127.0.0.1",
 ) -> Iterator[DaemonProcess]:
     """`prefix`: a command the daemon runs under (e.g. setpriv to drop privileges); `extra`,
-    `module_extra`: more config lines (write_config)."""
+    `module_extra`: more config lines (write_config); `bind`: the loopback address it listens on."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     data_port = _free_port()
     cfg, mods = write_config(
-        tmp, tls=tls, extra=f"data_port = {data_port}\n{extra}", peer_pull=peer_pull, module_extra=module_extra
+        tmp, tls=tls, extra=f"data_port = {data_port}\n{extra}", peer_pull=peer_pull, module_extra=module_extra, bind=bind
     )
     env = subprocess_env(tmp)
     log_path = tmp / "daemon.log"
@@ -221,7 +223,7 @@ def run_daemon_process(
             if proc.poll() is not None:
                 raise RuntimeError(f"daemon exited early:\n{log_path.read_text()}")
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                with socket.create_connection((bind, port), timeout=0.2):
                     break
             except OSError:
                 time.sleep(0.05)

@@ -66,6 +66,38 @@ allow_peer_pull = true
     assert not cfg.root_allow_peer_pull
 
 
+def test_peer_pull_from_is_addresses_networks_and_names(tmp_path: Path) -> None:
+    """Absent: any host (None); given: networks (host bits dropped) and names (lower case,
+    without a trailing dot), for a module and for the root export."""
+    cfg = load_config(
+        write(
+            tmp_path,
+            """
+[daemon]
+root = "."
+root_allow_peer_pull = true
+root_peer_pull_from = ["::1"]
+
+[[module]]
+name = "a"
+path = "."
+allow_peer_pull = true
+peer_pull_from = ["192.0.2.9/24", "NAS.example.", "127.0.0.1"]
+
+[[module]]
+name = "b"
+path = "."
+allow_peer_pull = true
+""",
+        )
+    )
+    a, b = cfg.modules
+    assert a.peer_pull_from is not None and b.peer_pull_from is None
+    assert [str(n) for n in a.peer_pull_from.networks] == ["192.0.2.0/24", "127.0.0.1/32"]
+    assert a.peer_pull_from.names == ("nas.example",)
+    assert cfg.root_peer_pull_from is not None and [str(n) for n in cfg.root_peer_pull_from.networks] == ["::1/128"]
+
+
 def test_flags_override_the_file(tmp_path: Path) -> None:
     p = write(tmp_path, '[daemon]\nport = 7000\nmdns = true\nbind = "0.0.0.0"\n')
     cfg = load_config(p, port=8000, mdns=False, bind=None, root=str(tmp_path))
@@ -97,6 +129,9 @@ def test_port_zero_means_free_ports() -> None:
         ("[[module]]\nname = 'a'\npath = '.'\nallow_peer_pull = 1\n", ["line 4", "allow_peer_pull", "true or false"]),
         ("[[module]]\nname = 'a'\npath = '.'\n[[module]]\nname = 'b'\npath = '.'\nread_only = true\nallow_peer_pull = true\n",
          ["line 8", "[[module]] #2 allow_peer_pull", "read-only", "drop read_only"]),
+        ("[[module]]\nname = 'a'\npath = '.'\nallow_peer_pull = true\npeer_pull_from = ['a', 'b/c']\n",
+         ["line 5", "[[module]] #1 peer_pull_from", "'b/c' is not an IP address, CIDR network or host name"]),
+        ("[daemon]\nroot = '.'\nroot_peer_pull_from = '10.0.0.1'\n", ["line 3", "[daemon] root_peer_pull_from", "must be an array"]),
         ("[daemon]\nroot = '.'\nroot_read_only = true\nroot_allow_peer_pull = true\n",
          ["line 4", "[daemon] root_allow_peer_pull", "read-only", "drop root_read_only"]),
     ],

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
 
-from ..endpoint import DEFAULT_PORT, USER_NAME
+from ..endpoint import DEFAULT_PORT, HOST_NAME, USER_NAME
 from ..errors import ConfigError
 
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
@@ -56,13 +56,36 @@ class Access:
             return True
         if addr is None:
             return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
+        addr = _unmapped(addr)
         if any(addr in n for n in self.hosts_allow):
             return True
         if any(addr in n for n in self.hosts_deny):
             return False
         return not (self.hosts_allow and not self.hosts_deny)
+
+
+def _unmapped(addr: Address) -> Address:
+    """IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are matched as IPv4."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+@dataclass(frozen=True, slots=True)
+class PeerHosts:
+    """`peer_pull_from`: the hosts an export may pull from in remote to remote transfers
+    (decisions R35). An address must be in one of `networks` or be an address of one of
+    `names` (resolved by the caller when a pull starts, not at daemon start)."""
+
+    networks: tuple[Network, ...] = ()
+    names: tuple[str, ...] = ()
+    """Lower case, without a trailing dot."""
+
+    def outside(self, addrs: list[Address], named: set[Address]) -> list[Address]:
+        """The addresses of `addrs` this list does not admit; `named`: the addresses the
+        `names` resolve to now."""
+        known = {_unmapped(x) for x in named}
+        return [a for a in addrs if _unmapped(a) not in known and not any(_unmapped(a) in n for n in self.networks)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +96,8 @@ class ModuleConfig:
     comment: str = ""
     allow_peer_pull: bool = False
     """Remote to remote: clients may ask this daemon to pull from another daemon into here."""
+    peer_pull_from: PeerHosts | None = None
+    """The hosts it may pull from; None: any host (a warning at start, decisions R35)."""
     access: Access = Access()
 
 
@@ -89,6 +114,8 @@ class DaemonConfig:
     root_read_only: bool = False
     root_allow_peer_pull: bool = False
     """The root export's `allow_peer_pull` (remote to remote transfers into it)."""
+    root_peer_pull_from: PeerHosts | None = None
+    """The root export's `peer_pull_from`."""
     root_access: Access = Access()
     """The root export's root_auth_users, root_hosts_allow, root_hosts_deny."""
     mdns: bool = True
@@ -130,6 +157,7 @@ _DAEMON_KEYS: dict[str, type | tuple[type, ...]] = {
     "root": str,
     "root_read_only": bool,
     "root_allow_peer_pull": bool,
+    "root_peer_pull_from": list,
     "mdns": bool,
     "mdns_name": str,
     "mdns_interfaces": list,
@@ -148,6 +176,7 @@ _MODULE_KEYS: dict[str, type] = {
     "read_only": bool,
     "comment": str,
     "allow_peer_pull": bool,
+    "peer_pull_from": list,
     "auth_users": list,
     "secrets_file": str,
     "hosts_allow": list,
@@ -224,6 +253,8 @@ def _parse_file(path: Path) -> DaemonConfig:
             value = tuple(value)
         elif key in ("root", "state_dir"):
             value = _resolve(path, value)
+        elif key == "root_peer_pull_from":
+            value = _peer_hosts(value, lambda problem: fail("daemon", key, None, problem))
         elif key.removeprefix("root_") in _ACCESS_KEYS or key == "secrets_file":
             continue  # read below, together (the secrets file serves the root and the modules)
         elif key in ("port", "data_port") and not 0 <= value <= 65535:
@@ -276,6 +307,11 @@ def _parse_file(path: Path) -> DaemonConfig:
                 read_only=table.get("read_only", False),
                 comment=table.get("comment", ""),
                 allow_peer_pull=table.get("allow_peer_pull", False),
+                peer_pull_from=(
+                    _peer_hosts(table["peer_pull_from"], lambda problem, i=i: fail("module", "peer_pull_from", i, problem))
+                    if "peer_pull_from" in table
+                    else None
+                ),
                 access=_access(
                     table,
                     table.get("secrets_file"),
@@ -302,15 +338,7 @@ def _access(
     makes the ConfigError naming the line and key."""
     nets: dict[str, tuple[Network, ...]] = {}
     for key in ("hosts_allow", "hosts_deny"):
-        out = []
-        for item in table.get(key, []):
-            if not isinstance(item, str):
-                raise fail(key, "must be an array of addresses or CIDR networks (strings)")
-            try:
-                out.append(ipaddress.ip_network(item.strip(), strict=False))
-            except ValueError:
-                raise fail(key, f"{item!r} is not an IP address or CIDR network (host names are not supported)") from None
-        nets[key] = tuple(out)
+        nets[key] = _hosts(table.get(key, []), lambda problem, key=key: fail(key, problem), names=False)[0]
     users = table.get("auth_users", [])
     for u in users:
         if not isinstance(u, str) or not USER_NAME.match(u):
@@ -337,6 +365,41 @@ def _access(
         hosts_allow=nets["hosts_allow"],
         hosts_deny=nets["hosts_deny"],
     )
+
+
+def _hosts(items: list[Any], fail: Any, *, names: bool) -> tuple[tuple[Network, ...], tuple[str, ...]]:
+    """(networks, host names) of a hosts_allow / hosts_deny / peer_pull_from array: addresses
+    or CIDR networks (host bits ignored), and with `names` host names; `fail(problem)` makes
+    the ConfigError naming the line and key."""
+    what = "addresses, CIDR networks or host names" if names else "addresses or CIDR networks"
+    nets: list[Network] = []
+    hostnames: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise fail(f"must be an array of {what} (strings)")
+        text = item.strip()
+        try:
+            nets.append(ipaddress.ip_network(text, strict=False))
+            continue
+        except ValueError:
+            pass
+        name = text.lower().removesuffix(".")
+        # All-digit labels would be a mistyped address (300.1.2.3), not a name.
+        if names and HOST_NAME.match(name) and not all(label.isdigit() for label in name.split(".")):
+            hostnames.append(name)
+        elif names:
+            raise fail(f"{item!r} is not an IP address, CIDR network or host name")
+        else:
+            raise fail(f"{item!r} is not an IP address or CIDR network (host names are not supported)")
+    return tuple(nets), tuple(dict.fromkeys(hostnames))
+
+
+def _peer_hosts(items: list[Any], fail: Any) -> PeerHosts:
+    """`peer_pull_from` / `root_peer_pull_from`: a non-empty array (drop the key for any host)."""
+    if not items:
+        raise fail("is empty: list the hosts this export may pull from (without the key: any host)")
+    nets, names = _hosts(items, fail, names=True)
+    return PeerHosts(networks=nets, names=names)
 
 
 def _read_secrets(file: Path, cache: dict[Path, dict[str, bytes]], fail: Any) -> dict[str, bytes]:

@@ -29,7 +29,7 @@ from ..transport import data, protocol
 from ..transport.protocol import ErrorCode, Refused
 from ..transport.tree import DestTree, SourceTree, SrcFile
 from . import contain
-from .config import Access, DaemonConfig, ModuleConfig
+from .config import Access, DaemonConfig, ModuleConfig, PeerHosts
 
 log = logging.getLogger("blit.daemon")
 
@@ -83,6 +83,13 @@ class DaemonState:
             return self.config.root_allow_peer_pull
         m = self.config.module(name)
         return m is not None and m.allow_peer_pull
+
+    def peer_hosts(self, name: str) -> PeerHosts | None:
+        """The hosts a module may pull from (`peer_pull_from`); None: any host."""
+        if name == "":
+            return self.config.root_peer_pull_from
+        m = self.config.module(name)
+        return m.peer_pull_from if m is not None else None
 
 
 # =================================================================================================

@@ -3,7 +3,9 @@ another daemon (A) into one of B's modules (docs/protocol.md §4 "Remote to remo
 
     peer/pull   module, read-only, consent (allow_peer_pull), paths, filters -> PeerStarted{job};
                 the job runs in the session's nursery
-    the job     open_session(A), A's certificate pinned in B's own known_hosts (state dir)
+    the job     resolve A's name once; with peer_pull_from, every address must be in it
+                (decisions R35); open_session(A) on those very addresses (no second lookup),
+                A's certificate pinned in B's own known_hosts (state dir) under A's name
                 -> transport.remote.resolve(): stat on A, contained stat on B
                 -> transport.tree.pull_tree: once A accepted the transfer, mkdir -p the base
                    inside the module (no link followed) and a DestTree rooted at the base's fd,
@@ -18,8 +20,10 @@ A (A cancels its side). This module must not own listeners or parse bytes.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,7 @@ from typing import Any
 import trio
 
 from ..endpoint import HostSpec, RemoteEndpoint, parse_host
-from ..errors import ConfigError, FatalError, RemoteError, TransportError, UsageError
+from ..errors import ConfigError, ConnectError, FatalError, RemoteError, TransportError, UsageError
 from ..transport import protocol
 from ..transport import tls as tls_mod
 from ..transport.protocol import ErrorCode, Refused
@@ -60,6 +64,19 @@ class ModuleSide(RemoteSide):
                 return None
             raise
         return None if entry is None else "dir" if entry.kind == "dir" else "other"
+
+
+async def peer_addresses(host: HostSpec) -> list[str]:
+    """The addresses a connection to `host` would try (getaddrinfo for TCP, in its order).
+
+    Raises:
+        ConnectError: the name does not resolve (the line an unreachable daemon gets).
+    """
+    try:
+        infos = await trio.socket.getaddrinfo(host.host, host.port, type=socket.SOCK_STREAM)
+    except OSError as exc:  # socket.gaierror
+        raise ConnectError(f"cannot reach the daemon at {host.netloc}: {exc.strerror or exc}") from None
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 @dataclass
@@ -157,8 +174,12 @@ class PeerJob:
             dry_run=msg.dry_run,
             report_actions=msg.report_actions,
         )
+        host = HostSpec(peer.host, peer.port)
+        addresses = await peer_addresses(host)
+        await self._refuse_peer(host, addresses)
         async with open_session(
-            HostSpec(peer.host, peer.port),
+            host,
+            addresses=addresses,
             tls_enabled=peer.tls,
             known_hosts=known_hosts_of(state),
             force_h2_data=msg.h2_data,
@@ -188,6 +209,36 @@ class PeerJob:
 
             self.carrier = "h2" if a.force_h2_data or a.peer.data_port is None else "tcp"
             self.result = await pull_tree(a, peer.module, r.src_base, None, r.top, spec, msg.streams, open_dest=open_dest)
+
+    async def _refuse_peer(self, host: HostSpec, addresses: list[str]) -> None:
+        """With `peer_pull_from`, refuse A unless every address B would connect to is in it
+        (a name resolving to an allowed and a forbidden address cannot reach the latter).
+        Names in the list are resolved now; one that does not resolve admits nothing."""
+        rule = self.state.peer_hosts(self.msg.module)
+        if rule is None:
+            return
+        addrs = [ipaddress.ip_address(a) for a in addresses]
+        bad = rule.outside(addrs, set())
+        if bad and rule.names:
+            named: set[Any] = set()
+            given = host.host.lower().removesuffix(".")
+            for name in rule.names:
+                if name == given:
+                    named.update(addrs)  # the very lookup B connects with
+                    continue
+                try:
+                    named.update(ipaddress.ip_address(a) for a in await peer_addresses(HostSpec(name, host.port)))
+                except ConnectError as exc:
+                    log.info("peer_pull_from: %s", exc)
+            bad = rule.outside(addrs, named)
+        if bad:
+            m = self.msg.module
+            name, key = (f"module {m!r}", "its peer_pull_from") if m else ("the root export", "root_peer_pull_from")
+            raise Refused(
+                ErrorCode.NOT_ALLOWED,
+                f"{name} may not pull from {host}: {', '.join(map(str, bad))} {'is' if len(bad) == 1 else 'are'}"
+                f" not in {key} (the daemon's config)",
+            )
 
     async def _refuse_overlap(self, a: Any, r: Resolved) -> None:
         """When A is this very daemon, the destination must not be the source or inside it
@@ -276,4 +327,4 @@ async def wait(s: Any, msg: protocol.PeerWait) -> protocol.PeerStatus:
     return status
 
 
-__all__ = ["PeerJob", "ModuleSide", "start", "wait", "known_hosts_of", "MAX_JOBS_PER_SESSION"]
+__all__ = ["PeerJob", "ModuleSide", "start", "wait", "known_hosts_of", "peer_addresses", "MAX_JOBS_PER_SESSION"]

@@ -135,6 +135,14 @@ async def serve(config: DaemonConfig, *, task_status: Any = trio.TASK_STATUS_IGN
             state.data_port if state.data_port is not None else "over HTTP/2 only",
             "on, certificate " + state.fingerprint if state.fingerprint else "off",
         )
+        for export, setting in _peer_pull_anywhere(config):
+            log.warning(
+                "%s accepts remote to remote transfers from any host: any client that reaches this"
+                " daemon can make it connect to any host and port it can reach (set %s to the hosts"
+                " it may pull from)",
+                export,
+                setting,
+            )
         task_status.started(
             ServeInfo(
                 host=config.bind or "*",
@@ -300,6 +308,18 @@ async def _handle_h2_data(session: handlers.Session, st: control.H2Stream) -> No
     await transfer.run_stream("h2", st=st)
     if not transfer.daemon_sends:
         await st.end()
+
+
+def _peer_pull_anywhere(config: DaemonConfig) -> list[tuple[str, str]]:
+    """(export, key) of every export that consents to remote to remote pulls without a
+    `peer_pull_from` list (decisions R35: allowed, as before, with a warning at start)."""
+    out = []
+    if config.root is not None and config.root_allow_peer_pull and config.root_peer_pull_from is None:
+        out.append(("the root export", "root_peer_pull_from in [daemon]"))
+    for m in config.modules:
+        if m.allow_peer_pull and m.peer_pull_from is None:
+            out.append((f"module {m.name!r}", "peer_pull_from in its [[module]] table"))
+    return out
 
 
 async def _handle_data(state: handlers.DaemonState, ssl_ctx: ssl.SSLContext | None, tcp: trio.SocketStream) -> None:

@@ -202,7 +202,8 @@ class RemoteTransfer:
         host, port = s.host.host, self.data_port
         assert port is not None
         try:
-            sock = socket.create_connection((host, port), timeout=DATA_CONNECT_TIMEOUT)
+            # The address the control connection reached: no second lookup of the name.
+            sock = socket.create_connection((s.client.address or host, port), timeout=DATA_CONNECT_TIMEOUT)
         except OSError as exc:
             log.warning("data port %s:%d unreachable (%s): falling back to HTTP/2", host, port, exc.strerror or exc)
             return None
@@ -224,8 +225,10 @@ async def open_session(
     known_hosts: Path | None = None,
     force_h2_data: bool = False,
     timeouts: Timeouts | None = None,
+    addresses: Sequence[str] | None = None,
 ) -> AsyncIterator[RemoteSession]:
-    """Connect, pin/check the certificate, say hello.
+    """Connect, pin/check the certificate, say hello. `addresses`: connect to these IP
+    addresses of `host` rather than looking it up (control.connect_control).
 
     Raises:
         ConnectError, CertificateMismatchError, IncompatiblePeerError, RemoteError.
@@ -238,6 +241,7 @@ async def open_session(
         known_hosts=known_hosts,
         connect_timeout=timeouts.connect,
         request_timeout=timeouts.request,
+        addresses=addresses,
     ) as client:
         yield RemoteSession(client, host, tls_enabled=tls_enabled, force_h2_data=force_h2_data, timeouts=timeouts)
 

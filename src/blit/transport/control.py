@@ -26,7 +26,7 @@ import logging
 import math
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -597,6 +597,8 @@ class ControlClient:
         self.authority = authority
         self.request_timeout = request_timeout
         self.fingerprint = fingerprint
+        self.address: str | None = None
+        """The IP address the connection reached (data streams go there, not to a new lookup)."""
         self.session = protocol.ClientSession(software=_software())
         self.peer: protocol.HelloReply | None = None
 
@@ -649,6 +651,40 @@ def _software() -> str:
         return "blit"
 
 
+async def _connect_first(addresses: Sequence[str], port: int, stagger: float = 0.25) -> trio.SocketStream:
+    """TCP to the first of `addresses` (IP literals: no lookup) that answers; the next attempt
+    starts when the previous one failed or after `stagger` seconds (trio's happy eyeballs).
+
+    Raises:
+        OSError: every attempt failed (the first one's error).
+    """
+    won: list[trio.SocketStream] = []
+    errors: list[OSError] = []
+
+    async def attempt(addr: str, failed: trio.Event) -> None:
+        try:
+            stream = await trio.open_tcp_stream(addr, port)
+        except OSError as exc:
+            errors.append(exc)
+            failed.set()
+            return
+        if won:
+            stream.socket.close()
+            return
+        won.append(stream)
+        nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for addr in addresses:
+            failed = trio.Event()
+            nursery.start_soon(attempt, addr, failed)
+            with trio.move_on_after(stagger):
+                await failed.wait()
+    if won:
+        return won[0]
+    raise errors[0]
+
+
 @asynccontextmanager
 async def connect_control(
     host: str,
@@ -659,8 +695,11 @@ async def connect_control(
     connect_timeout: float = 10.0,
     request_timeout: float = 60.0,
     keepalive: float = 10.0,
+    addresses: Sequence[str] | None = None,
 ) -> AsyncIterator[ControlClient]:
     """Connect to a daemon, check its certificate pin, say hello, and yield the session.
+    `addresses`: the IP addresses of `host` to try, in order, instead of looking the name up
+    (a caller that checked them, decisions R35); pins and messages still name `host`.
 
     Raises:
         ConnectError: unreachable, TLS failure, or refused at hello.
@@ -670,7 +709,7 @@ async def connect_control(
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         with trio.fail_after(connect_timeout):
-            tcp = await trio.open_tcp_stream(host, port)
+            tcp = await (_connect_first(addresses, port) if addresses else trio.open_tcp_stream(host, port))
     except trio.TooSlowError:
         raise ConnectError(f"cannot reach the daemon at {netloc}: no answer in {connect_timeout:g} s") from None
     except OSError as exc:
@@ -713,6 +752,7 @@ async def connect_control(
                 if keepalive:
                     nursery.start_soon(conn.keepalive, keepalive, max(request_timeout, keepalive * 2))
                 client = ControlClient(conn, netloc, request_timeout, fp)
+                client.address = str(tcp.socket.getpeername()[0])
                 try:
                     try:
                         hello_reply = await client.call(client.session.hello(), timeout=connect_timeout)
