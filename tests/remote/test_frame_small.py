@@ -172,3 +172,15 @@ async def test_a_pull_reads_small_files_in_batches_on_the_daemon(daemon: Daemon,
     assert not done.failures and done.files_copied == len(want)
     assert {str(p.relative_to(dst)): p.read_bytes() for p in dst.rglob("*") if p.is_file()} == want
     assert sorted(read) == sorted(os.path.basename(n).encode() for n in want)  # "big" is handed back, then sent alone
+
+
+def test_a_file_holding_more_than_its_fstat_said_is_changed() -> None:
+    """A regular file whose reads bring more bytes than its fstat size (a file that grew; a
+    procfs file is one, always): CHANGED, no frames."""
+    fd = os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert os.stat("status", dir_fd=fd).st_size == 0
+        parts, nbytes, frames, status = cscan.frame_small(fd, [b"status"], [1], FLAGS, LIMIT)
+    finally:
+        os.close(fd)
+    assert (status, parts, nbytes, frames) == ([cscan.CHANGED], [], 0, 0)

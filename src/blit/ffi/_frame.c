@@ -81,7 +81,8 @@ static int blit_frame_small(int dfd, int n, const char *names, const int64_t *na
         int64_t got = 0;
         int err = 0;
         while (got <= size) {  /* one byte more than announced: a file that grew is noticed */
-            ssize_t r = pread(fd, data + got, (size_t)(size + 1 - got), got);
+            size_t want = (size_t)(size + 1 - got);
+            ssize_t r = pread(fd, data + got, want, got);
             if (r < 0) {
                 if (errno == EINTR)
                     continue;
@@ -91,6 +92,8 @@ static int blit_frame_small(int dfd, int n, const char *names, const int64_t *na
             if (r == 0)
                 break;
             got += r;
+            if (got == size && (size_t)r < want)
+                break;  /* short of the extra byte: the end of a regular file, no second read */
         }
         close(fd);
         if (err) {
