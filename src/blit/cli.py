@@ -29,6 +29,10 @@ app = typer.Typer(
 
 EXIT_INTERRUPTED = 130
 
+RUN_ENDED = False
+"""A transfer command has its exit code and nothing left to clean up: the console script may end
+the process at once (blit.entry)."""
+
 
 def _err(msg: str) -> None:
     sys.stderr.write(f"blit: error: {msg}\n")
@@ -324,6 +328,8 @@ def _transfer_command(operation: str, doc: str):  # type: ignore[no-untyped-def]
             force_h2_data=force_h2_data,
             secrets_file=secrets_file,
         )
+        global RUN_ENDED
+        RUN_ENDED = True
         raise typer.Exit(code)
 
     command.__doc__ = doc
