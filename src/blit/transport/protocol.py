@@ -954,16 +954,29 @@ class _FieldSpec:
 
 
 _SPECS: dict[type[Message], tuple[_FieldSpec, ...]] = {}
+_HINTS: dict[str, Any] = {}
+
+
+def _hint(annotation: Any) -> Any:
+    """A field's type from its annotation, a string here (`from __future__ import annotations`):
+    what typing.get_type_hints gives, each distinct text evaluated once per process (the same few
+    texts recur across the messages; get_type_hints evaluated them all, class by class)."""
+    if not isinstance(annotation, str):
+        return annotation
+    tp = _HINTS.get(annotation)
+    if tp is None:
+        tp = eval(annotation, globals())  # our own module's annotations only
+        _HINTS[annotation] = tp = type(None) if tp is None else tp
+    return tp
 
 
 def _specs(cls: type[Message]) -> tuple[_FieldSpec, ...]:
     specs = _SPECS.get(cls)
     if specs is None:
-        hints = typing.get_type_hints(cls)
         specs = tuple(
             _FieldSpec(
                 f.name,
-                hints[f.name],
+                _hint(f.type),
                 dict(f.metadata),
                 f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
             )
