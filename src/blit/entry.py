@@ -2,6 +2,11 @@
 over to the typer CLI, and end the process as soon as a transfer command has its exit code. It must
 stay this small: everything it imports delays every command.
 
+The garbage collector is off while the CLI imports (tens of thousands of long-lived objects,
+no garbage cycles), then what exists is frozen (gc.freeze: never scanned again) and the
+collector is back on: the collections that the later imports (trio, the engine) and the run
+trigger scan only what came after. About 7 ms of CPU of a remote run.
+
 Ending a transfer command with os._exit (after flushing stdout, stderr and the log handlers)
 skips the interpreter's teardown, which frees every object of the ~330 modules a remote run
 imports one by one: 20-40 ms of a 0.25 s run, with nothing left to do (the run's files are
@@ -15,11 +20,16 @@ import sys
 
 
 def main() -> None:
+    import gc
+
+    gc.disable()
     from . import prefetch
 
     prefetch.start(sys.argv[1:])
     from . import cli
 
+    gc.freeze()
+    gc.enable()
     try:
         cli.main()
     except SystemExit as exc:

@@ -141,7 +141,7 @@ class Refused(Exception):
 # =================================================================================================
 # Messages
 #
-# Frozen keyword-only dataclasses. A field's Python type is its wire type: int (a CBOR integer in
+# Frozen keyword-only dataclasses (`message_class`). A field's Python type is its wire type: int (a CBOR integer in
 # the signed/unsigned 64-bit range, never a bool), bool, str, bytes, None, list[T], a nested
 # message (a CBOR map, or an array of its fields in order when the class sets ARRAY = True), or a
 # union of those. `field(metadata={"max": n})` overrides the default length limit of a str, bytes
