@@ -80,6 +80,16 @@ def run_blit(
     return proc
 
 
+def imported_modules(argv: list[str], env: dict[str, str]) -> set[str]:
+    """Every module a run of `argv` (a Python command line) imports, by its full name, from
+    `python -X importtime`; the run must succeed."""
+    proc = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], capture_output=True, env=env, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = {ln.rsplit("|", 1)[1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:") and "|" in ln}
+    assert "typer" in names, "importtime output not understood"
+    return names
+
+
 def describe_output(proc: subprocess.CompletedProcess[bytes]) -> str:
     out = proc.stdout.decode(errors="backslashreplace")
     err = proc.stderr.decode(errors="backslashreplace")

@@ -1,5 +1,6 @@
 """Start-up stays light: `blit --help` in under 100 ms without the heavy modules (best of 10), and a
-copy of an empty tree in under 300 ms (best of 5); each after a warm-up, wall clock, real processes."""
+copy of an empty tree in under 300 ms (best of 5); each after a warm-up, wall clock, real processes.
+A local copy loads none of the remote stack (tests/remote/test_cli_imports.py: the converse)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BLIT, BLIT_ENV, make_tree
+from helpers import BLIT, BLIT_ENV, imported_modules, make_tree
 
 pytestmark = pytest.mark.usefixtures("blit_exe")
 
 # The issue's list, plus what httpx brings along.
 HEAVY = ("trio", "h2", "httpx", "httpx2", "httpcore", "httpcore2", "anyio", "zeroconf", "pydantic")
+
+
+REMOTE_STACK = ("h2", "hpack", "hyperframe", "cbor2", "platformdirs", "blit.transport", "blit.credentials")
 
 
 def _best_of(argv: list[str], n: int = 10) -> float:
@@ -86,3 +90,11 @@ def test_version_and_help_exit_0() -> None:
     proc = subprocess.run([BLIT, "--help"], capture_output=True, text=True, env=BLIT_ENV)
     for verb in ("copy", "mirror", "move"):
         assert verb in proc.stdout
+
+
+def test_a_local_copy_imports_nothing_of_the_remote_stack(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", {"a": "x", "d": {"b": "y"}})
+    names = imported_modules([sys.executable, BLIT, "copy", f"{src}/", str(tmp_path / "dst")], BLIT_ENV)
+    assert (tmp_path / "dst" / "d" / "b").read_text() == "y"
+    remote = sorted(n for n in names if n.startswith(REMOTE_STACK))
+    assert not remote, f"a local copy imports {remote}"

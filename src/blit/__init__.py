@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .api import Options as Options, copy as copy, mirror as mirror, move as move
     from .plan import Compare as Compare
     from .report import Summary as Summary
-    from .transfer import Timeouts as Timeouts
+    from .stall import Timeouts as Timeouts
 
 _LAZY = {
     "copy": "api",
@@ -38,7 +38,7 @@ _LAZY = {
     "Options": "api",
     "Compare": "plan",
     "Summary": "report",
-    "Timeouts": "transfer",
+    "Timeouts": "stall",
 }
 
 

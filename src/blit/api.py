@@ -2,7 +2,9 @@
 
 Resolves the two endpoints with rsync's trailing-slash rules, refuses bad input before anything
 is changed (missing source, source equals destination, destination inside the source), then
-hands the run to transfer.LocalTransfer (or, for remote endpoints, the remote client).
+hands the run to transfer.LocalTransfer (or, for remote endpoints, the remote client). Each
+engine is imported when a run needs it: a remote run never loads the local one, nor a local run
+the remote one.
 
 This module never prints and never exits; it returns a Summary or raises from blit.errors.
 """
@@ -13,15 +15,16 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from . import fsops
 from .errors import FatalError, UsageError
-from .filters import Filters
 from .plan import Compare
 from .report import NullProgress, Progress, Summary
-from .transfer import LocalTransfer, Node, Planner, Timeouts
-from .worker import DirJob, RunSpec
+from .stall import Timeouts
+
+if TYPE_CHECKING:
+    from .transfer import Node
+    from .worker import DirJob
 
 Operation = Literal["copy", "mirror", "move"]
 
@@ -98,6 +101,10 @@ def _inside(child: bytes, parent: bytes) -> bool:
 
 def resolve(src: str, dst: str, operation: Operation) -> _Resolved:
     """Apply rsync's trailing-slash rules; raise UsageError for bad input (nothing is changed)."""
+    from . import fsops
+    from .transfer import Node
+    from .worker import DirJob
+
     if not src:
         raise UsageError("empty source path")
     if not dst:
@@ -243,6 +250,10 @@ async def transfer(
             record_actions=opts.record_actions or opts.dry_run,
         )
         return remote
+    from .filters import Filters
+    from .transfer import LocalTransfer, Planner
+    from .worker import RunSpec
+
     summary = Summary(operation=operation, source=src, destination=dst, dry_run=opts.dry_run)
     filters = Filters.from_args(opts.filters)
     r = await trio.to_thread.run_sync(resolve, src, dst, operation)

@@ -29,6 +29,10 @@ app = typer.Typer(
 
 EXIT_INTERRUPTED = 130
 
+RUN_ENDED = False
+"""A transfer command has its exit code and nothing left to clean up: the console script may end
+the process at once (blit.entry)."""
+
 
 def _err(msg: str) -> None:
     sys.stderr.write(f"blit: error: {msg}\n")
@@ -324,6 +328,8 @@ def _transfer_command(operation: str, doc: str):  # type: ignore[no-untyped-def]
             force_h2_data=force_h2_data,
             secrets_file=secrets_file,
         )
+        global RUN_ENDED
+        RUN_ENDED = True
         raise typer.Exit(code)
 
     command.__doc__ = doc
@@ -365,13 +371,27 @@ else:
     _register_remote(app)
 
 
+def _app_for(argv: list[str]) -> typer.Typer:
+    """The app to run for `argv`: for `blit NAME ...` a copy of `app` holding only command NAME
+    (typer makes a click command of every registered command at each start, reading its
+    signature and options: about 2 ms a command), else `app` itself."""
+    for info in app.registered_commands:
+        if argv and info.name == argv[0]:
+            import copy
+
+            one = copy.copy(app)
+            one.registered_commands = [info]
+            return one
+    return app
+
+
 def main() -> None:
     """Entry point: click's usage errors become one line and exit 2, like every other error."""
     from typer import exceptions as typer_exc
     from typer._click import exceptions as click_exc  # typer vendors click (pinned <0.29)
 
     try:
-        code = app(standalone_mode=False)
+        code = _app_for(sys.argv[1:])(standalone_mode=False)
     except click_exc.UsageError as exc:
         if exc.format_message().startswith("Usage:"):  # `blit` alone: the help, as usage
             sys.stderr.write(exc.format_message() + "\n")

@@ -1,5 +1,18 @@
-"""The `blit` console script: start the prefetch (blit.prefetch) before the heavy imports, then
-hand over to the typer CLI. It must stay this small: everything it imports delays every command."""
+"""The `blit` console script: start the prefetch (blit.prefetch) before the heavy imports, hand
+over to the typer CLI, and end the process as soon as a transfer command has its exit code. It must
+stay this small: everything it imports delays every command.
+
+The garbage collector is off while the CLI imports (tens of thousands of long-lived objects,
+no garbage cycles), then what exists is frozen (gc.freeze: never scanned again) and the
+collector is back on: the collections that the later imports (trio, the engine) and the run
+trigger scan only what came after. About 7 ms of CPU of a remote run.
+
+Ending a transfer command with os._exit (after flushing stdout, stderr and the log handlers)
+skips the interpreter's teardown, which frees every object of the ~330 modules a remote run
+imports one by one: 20-40 ms of a 0.25 s run, with nothing left to do (the run's files are
+closed and its temporary names removed before the command returns). Any other command, an
+unexpected exception or a failed flush (a closed pipe) takes Python's normal exit.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +20,33 @@ import sys
 
 
 def main() -> None:
+    import gc
+
+    gc.disable()
     from . import prefetch
 
     prefetch.start(sys.argv[1:])
-    from .cli import main as cli_main
+    from . import cli
 
-    cli_main()
+    gc.freeze()
+    gc.enable()
+    try:
+        cli.main()
+    except SystemExit as exc:
+        if cli.RUN_ENDED and isinstance(exc.code, int):
+            _exit_now(exc.code)
+        raise
+
+
+def _exit_now(code: int) -> None:
+    """os._exit(code) once everything written is out; returns if it cannot be flushed."""
+    import os
+
+    try:
+        if "logging" in sys.modules:
+            sys.modules["logging"].shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        return
+    os._exit(code)

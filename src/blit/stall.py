@@ -16,11 +16,19 @@ This module must not do I/O.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from types import TracebackType
 
 import trio
 
 from .errors import StallError
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """stall: seconds without progress before a file operation is reported as stalled."""
+
+    stall: float = 60.0
 
 
 class StallGuard:

@@ -32,17 +32,10 @@ from . import ffi, fsops
 from .errors import FatalError, StallError
 from .fsops import Meta
 from .report import Failure, NullProgress, Progress, Summary, tick
-from .stall import StallGuard
+from .stall import StallGuard, Timeouts
 from .worker import FATAL_ERRNOS, DirJob, DirResult, RunSpec, StopFlag, Worker, frame
 
 CHUNK = 32 << 20  # bytes per thread hop when copying a large file
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """stall: seconds without progress before a file operation is reported as stalled."""
-
-    stall: float = 60.0
 
 
 class Planner:

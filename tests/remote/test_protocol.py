@@ -354,3 +354,27 @@ def test_fields_added_for_actions_stay_off_the_wire_unless_used() -> None:
     asked = cbor2.loads(p.encode(p.OpenTree(module="m", path=b"", direction="push", operation="copy", compare=0, report_actions=True)))
     assert asked["report_actions"] is True
     assert p.FEATURE_ACTIONS in p.ClientSession(software="t").hello().features
+
+
+def test_messages_are_frozen_keyword_only_values() -> None:
+    """What @dataclass(frozen=True, kw_only=True, slots=True) gave, from message_class: equality
+    and hashing by value and type, a readable repr, no assignment, a fresh default list per
+    message, dataclasses.replace."""
+    import dataclasses
+
+    a = p.Hello(protocol=1, software="x")
+    b = p.Hello(protocol=1, software="x")
+    assert a == b and hash(p.Ack()) == hash(p.Ack()) and a != p.Hello(protocol=2, software="x")
+    assert p.Stat(module="m", path=b"") != p.Stat(module="m", path=b"x") and p.AuthChallenge() != p.ListModules()
+    assert repr(a) == "Hello(protocol=1, software='x', features=[])"
+    assert a.features is not b.features
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.protocol = 2  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        a.extra = 1  # type: ignore[attr-defined]
+    with pytest.raises(TypeError):
+        p.Hello(1, "x")  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        p.Hello(protocol=1)  # type: ignore[call-arg]
+    assert dataclasses.replace(a, protocol=3) == p.Hello(protocol=3, software="x")
+    assert [f.name for f in dataclasses.fields(p.Hello)] == ["protocol", "software", "features"]

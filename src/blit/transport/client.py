@@ -107,7 +107,13 @@ class RemoteSession:
 
 
 class RemoteTransfer:
-    def __init__(self, session: RemoteSession, opened: protocol.TransferOpened, direction: str) -> None:
+    """One transfer's data streams. With `lazy`, the first stream connects at once and stream k
+    (k >= 2) only once the caller has queued k files (`files_queued`): a stream beyond the number
+    of files would carry nothing and cost a connection and a TLS handshake on both sides (a
+    one-file run had its second handshake on its critical path). A token never used is revoked
+    by the daemon at finish, as the protocol always allowed."""
+
+    def __init__(self, session: RemoteSession, opened: protocol.TransferOpened, direction: str, *, lazy: bool = False) -> None:
         self.session = session
         self.id = opened.transfer
         self.tokens = list(opened.tokens)
@@ -115,6 +121,28 @@ class RemoteTransfer:
         self.direction = direction
         self.stats: list[data.StreamStats] = []
         self.carriers: list[str] = []
+        self._wanted = 1 if lazy else len(self.tokens)  # streams that may connect
+        self._no_more = False
+        self._wanted_changed = trio.Event()
+
+    def files_queued(self, total: int) -> None:
+        """The transfer has `total` files to carry so far (lazy streams: as many may connect)."""
+        if total > self._wanted:
+            self._wanted = total
+            self._wanted_changed.set()
+            self._wanted_changed = trio.Event()
+
+    def no_more_files(self) -> None:
+        """Every file is queued: lazy streams not yet wanted will not connect."""
+        self._no_more = True
+        self._wanted_changed.set()
+
+    async def _stream_wanted(self, i: int) -> bool:
+        while i >= self._wanted:
+            if self._no_more:
+                return False
+            await self._wanted_changed.wait()
+        return True
 
     async def send_files(self, files: Sequence[protocol.FileRef], *, last: bool = False) -> None:
         await self.session.call(protocol.SendFiles(transfer=self.id, files=list(files), last=last))
@@ -138,6 +166,8 @@ class RemoteTransfer:
         errors: list[BaseException] = []
 
         async def one(i: int, token: bytes) -> None:
+            if not await self._stream_wanted(i):
+                return
             stats = data.StreamStats(what=f"data stream {i + 1} of transfer {self.id}")
             self.stats.append(stats)
             try:

@@ -68,6 +68,9 @@ class Side:
     trailing_slash: bool
     at_top: bool = False
     """The path is a module's top: transferred as its contents even without a trailing slash."""
+    overlap_lookups: bool = False
+    """`kind` waits on a peer: `resolve` asks for a destination and its parent at once when it
+    may need both (one round trip instead of two)."""
 
     async def kind(self, path: bytes, follow: bool) -> str | None:
         """"dir", "other", or None when missing; OSError for anything else."""
@@ -96,6 +99,8 @@ class LocalSide(Side):
 
 class RemoteSide(Side):
     """A module path on a daemon, looked at with `stat` (which never follows a symlink)."""
+
+    overlap_lookups = True
 
     def __init__(self, session: Any, module: str, path: bytes, label: str) -> None:
         self.session = session
@@ -163,8 +168,30 @@ async def resolve(src: Side, dst: Side) -> Resolved:
         except OSError as exc:
             raise UsageError(f"cannot read destination {dst.label}: {exc.strerror}") from None
 
-    dkind = await dst_kind(dst.path)
-    if src_is_dir and (src.trailing_slash or src.at_top):
+    contents = src_is_dir and (src.trailing_slash or src.at_top)
+    # DST's parent is needed when DST is not a directory: a remote DST's parent is looked up
+    # at the same time (one round trip, not two). Each lookup keeps its result or exception;
+    # the parent's counts only if it is needed.
+    early: dict[str, Any] = {}
+
+    async def lookup(key: str, path: bytes) -> None:
+        try:
+            early[key] = await dst_kind(path)
+        except Exception as exc:
+            early[key + " failed"] = exc
+
+    if dst.overlap_lookups and not contents and not dst.trailing_slash and dst.split(dst.path)[1]:
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lookup, "parent", dst.split(dst.path)[0])
+            await lookup("dst", dst.path)
+        if "dst failed" in early:
+            raise early["dst failed"]
+        dkind: str | None = early["dst"]
+    else:
+        dkind = await dst_kind(dst.path)
+    if contents:
         if dkind is not None and dkind != "dir":
             raise UsageError(f"destination exists and is not a directory: {dst.label}")
         return Resolved(src.path, dst.path, TopJob(dst_new=dkind is None), create_dst=dkind is None)
@@ -179,7 +206,9 @@ async def resolve(src: Side, dst: Side) -> Resolved:
         base, dname = dst.split(dst.path)
         if not dname:
             raise UsageError(f"destination {dst.label} names no file")
-        parent = await dst_kind(base)
+        if "parent failed" in early:
+            raise early["parent failed"]
+        parent = early["parent"] if "parent" in early else await dst_kind(base)
         if parent is not None and parent != "dir":
             raise UsageError(f"destination path goes through a file: {dst.label}")
         create = parent is None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import mmap
 import logging
 import os
 import stat
@@ -1508,7 +1509,7 @@ class DestTree:
             self._fail(_join(p.dst_rel, p.dname), "copy", message)
             self._group_failed(p.link_key, _join(p.rel, p.name))
 
-    def land_many(self, batch: list[tuple[int, int, int]], buf: bytearray) -> list[tuple[int, OSError]]:
+    def land_many(self, batch: list[tuple[int, int, int]], buf: bytearray | mmap.mmap) -> list[tuple[int, OSError]]:
         """Data-stream thread: land whole small files whose contents lie in `buf` (file id,
         offset, length each) in one step each (what `open` + write + commit do, without their
         objects): one C call per run of plain files of one directory (scan.land_many),
@@ -1957,7 +1958,7 @@ async def push_tree(
     )
     from .client import RemoteTransfer
 
-    t = RemoteTransfer(session, opened, "push")
+    t = RemoteTransfer(session, opened, "push", lazy=True)
     counters = counters if counters is not None else TreeCounters()
     counters.streams = t.stats
     root_fd = await trio.to_thread.run_sync(fsops.open_root, local_root)
@@ -1971,6 +1972,7 @@ async def push_tree(
     removed = 0
     local_failures: list[PathFailure] = []  # source entries not read; move: sources kept
     finished = trio.Event()
+    queued = 0  # files put in `jobs` so far (RemoteTransfer.files_queued)
 
     async def poll_actions() -> None:
         """Report the daemon's actions page by page until it says the transfer is over."""
@@ -1987,9 +1989,11 @@ async def push_tree(
                     await finished.wait()
 
     def queue(rel: str, planned: DirPlanned) -> None:
+        nonlocal queued
         counters.settled += planned.settled
         if planned.need:
             jobs.put_many(source.register(rel, planned.need))
+            queued += len(planned.need)
         if planned.packed_need is not None:
             ids, names = protocol.unpack_needs(planned.packed_need)
             if not source.register_names(rel, ids, names):
@@ -1997,6 +2001,8 @@ async def push_tree(
 
                 raise RemoteProtocolError("DirPlanned.packed_need: a file id the daemon had already asked for")
             jobs.put_many(ids)
+            queued += len(ids)
+        t.files_queued(queued)
 
     async def checksums(rel: str, names: list[bytes], sizes: dict[bytes, int]) -> None:
         for batch, nbytes in _hash_batches(names, sizes):
@@ -2130,6 +2136,7 @@ async def push_tree(
                         await _walk(top, visit, group if use_digests else None)
                     finally:
                         jobs.close()
+                        t.no_more_files()
                 done: TreeDone = await session.call(protocol.TreeFinish(transfer=t.id, source_complete=complete))
                 finished.set()  # the reporter collects the last pages, then ends
         if move:
@@ -2203,7 +2210,7 @@ async def pull_tree(
         if dest is not None:
             dest.close()
         raise
-    t = RemoteTransfer(session, opened, "pull")
+    t = RemoteTransfer(session, opened, "pull", lazy=True)
     by_dir = protocol.FEATURE_SEND_DIRS in session.peer.features
     sink: DestTree = dest
     if counters is not None:
@@ -2214,6 +2221,7 @@ async def pull_tree(
     drain_lock = trio.Lock()
     removed = 0
     finished = trio.Event()
+    asked = 0  # files asked of the daemon so far (RemoteTransfer.files_queued)
 
     def stop_if_fatal() -> None:
         """The destination is full or read-only (DestTree.fatal): the run ends, exit 1, as a
@@ -2302,7 +2310,7 @@ async def pull_tree(
             part += 1
 
     async def visit_part(rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None, manifest: DirManifest, part: int) -> list[tuple[str, str, bool]]:
-        nonlocal complete
+        nonlocal complete, asked
         if manifest.incomplete:
             complete = False
         for f in manifest.failures:
@@ -2321,12 +2329,15 @@ async def pull_tree(
         if need and by_dir:
             group = protocol.FileGroup(rel=_b(rel), ids=b"".join(g.ids for g in need), names=b"".join(g.names for g in need))
             await session.call(protocol.SendFiles(transfer=t.id, files=[], dirs=[group]))
+            asked += len(group.ids) // 4  # u32 ids (protocol.pack_needs)
         elif need:
             refs = []
             for g in need:
                 ids, names = protocol.unpack_needs(g)
                 refs += [protocol.FileRef(id=i, path=_b(_join(rel, _s(n)))) for i, n in zip(ids, names)]
             await session.call(protocol.SendFiles(transfer=t.id, files=refs))
+            asked += len(refs)
+        t.files_queued(asked)
         if sink.landed is not None and len(sink.landed) >= LANDED_DRAIN and not drain_lock.locked():
             await give_back(False)
         return [(_s(sd.name), _s(sd.dname), sd.new) for sd in planned.subdirs]
@@ -2342,6 +2353,7 @@ async def pull_tree(
                     # No more files: the daemon's senders end with DONE. (Not on a failed walk: the
                     # receivers are cancelled then, and a frozen daemon would not answer anyway.)
                     await session.call(protocol.SendFiles(transfer=t.id, files=[], last=True))
+                    t.no_more_files()
                 stop_if_fatal()
                 remote = await session.call(protocol.TreeFinish(transfer=t.id, source_complete=complete))
                 for f in remote.failures:
