@@ -56,6 +56,19 @@ def _expected(fid: int, content: bytes) -> list[tuple[int, int, int, int, bytes]
     return [(FrameType.DATA, fid, 0, len(content), content), end] if content else [end]
 
 
+def _names_framed(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The names scan.frame_small is asked to read from now on, in order."""
+    read: list[bytes] = []
+    frame_small = cscan.frame_small
+
+    def spy_frame(dfd: int, names: list[bytes], *args: int | list[int]) -> tuple[list[bytes], int, int, list[int]]:
+        read.extend(names)
+        return frame_small(dfd, names, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cscan, "frame_small", spy_frame)
+    return read
+
+
 def test_small_files_become_the_frames_the_per_file_path_sends(dir_fd: tuple[Path, int]) -> None:
     d, fd = dir_fd
     sizes = {b"empty": 0, b"one": 1, b"page": 4096, b"odd": 65537, b"limit": LIMIT, "caf\u00e9 \n".encode(): 300, b"\xff\xfe": 7}
@@ -129,14 +142,7 @@ async def test_large_files_taken_in_one_batch_are_offered_to_every_stream(daemon
         put_front(self, ids)
 
     monkeypatch.setattr(data.JobQueue, "put_front", spy)
-    read: list[bytes] = []
-    frame_small = cscan.frame_small
-
-    def spy_frame(dfd: int, names: list[bytes], *args: int | list[int]) -> tuple[list[bytes], int, int, list[int]]:
-        read.extend(names)
-        return frame_small(dfd, names, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(cscan, "frame_small", spy_frame)
+    read = _names_framed(monkeypatch)
     dst = daemon.modules["data"] / "dst"
     dst.mkdir()
     async with daemon.session() as s:
@@ -157,14 +163,7 @@ async def test_a_pull_reads_small_files_in_batches_on_the_daemon(daemon: Daemon,
     want |= {"big": os.urandom(LIMIT * 3 + 1)}
     for name, content in want.items():
         (src / name).write_bytes(content)
-    read: list[bytes] = []
-    frame_small = cscan.frame_small
-
-    def spy_frame(dfd: int, names: list[bytes], *args: int | list[int]) -> tuple[list[bytes], int, int, list[int]]:
-        read.extend(names)
-        return frame_small(dfd, names, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(cscan, "frame_small", spy_frame)
+    read = _names_framed(monkeypatch)
     dst = tmp_path / "dst"
     dst.mkdir()
     async with daemon.session() as s:

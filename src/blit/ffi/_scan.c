@@ -143,6 +143,22 @@ static int is_dot(const char *n) {
     return n[0] == '.' && (n[1] == 0 || (n[1] == '.' && n[2] == 0));
 }
 
+/* The next entry's name of `d`, skipping . and ..; NULL at the end, with *ret = -errno when
+ * reading failed (else *ret untouched). */
+static const char *next_name(DIR *d, int *ret) {
+    for (;;) {
+        errno = 0;
+        struct dirent *e = readdir(d);
+        if (!e) {
+            if (errno)
+                *ret = -errno;
+            return NULL;
+        }
+        if (!is_dot(e->d_name))
+            return e->d_name;
+    }
+}
+
 /* A directory stream of its own over `dfd` (the caller's fd and its offset stay untouched);
  * NULL with *err = errno on failure. */
 static DIR *open_stream(int dfd, int *err) {
@@ -198,19 +214,9 @@ static int blit_cmpdir(int sfd, int dfd, int flags, int64_t *rec, int rec_cap, c
     int nrec = 0, ret = 0;
     struct cwd_state cwd = CWD_STATE_INIT;
     int64_t clean = 0, total = 0, found = 0, name_used = 0;
-    struct dirent *e;
     struct stat s, t;
-    for (;;) {
-        errno = 0;
-        e = readdir(d);
-        if (!e) {
-            if (errno)
-                ret = -errno;
-            break;
-        }
-        const char *name = e->d_name;
-        if (is_dot(name))
-            continue;
+    const char *name;
+    while ((name = next_name(d, &ret)) != NULL) {
         total++;
         if (fstatat(sfd, name, &s, AT_SYMLINK_NOFOLLOW) != 0) {
             ret = errno == ENOENT ? -EAGAIN : -errno;
@@ -331,18 +337,9 @@ static int blit_digest_dir(int dfd, int flags, char *out, int64_t out_cap, int64
         ret = -ENOMEM;
         goto out;
     }
-    struct dirent *e;
-    for (;;) {
-        errno = 0;
-        e = readdir(d);
-        if (!e) {
-            if (errno)
-                ret = -errno;
-            break;
-        }
-        if (is_dot(e->d_name))
-            continue;
-        size_t len = strlen(e->d_name) + 1;
+    const char *dname;
+    while ((dname = next_name(d, &ret)) != NULL) {
+        size_t len = strlen(dname) + 1;
         if (buf_used + len > buf_cap) {
             while (buf_used + len > buf_cap)
                 buf_cap *= 2;
@@ -362,7 +359,7 @@ static int blit_digest_dir(int dfd, int flags, char *out, int64_t out_cap, int64
             }
             offs = no;
         }
-        memcpy(buf + buf_used, e->d_name, len);
+        memcpy(buf + buf_used, dname, len);
         offs[n++] = buf_used;
         buf_used += len;
     }
@@ -504,19 +501,9 @@ static int blit_scan_packed(int dfd, int flags, char *out, int64_t out_cap, int6
     int64_t n = 0, name_used = 0, other_used = 0, nother = 0;
     int ret = 0;
     struct cwd_state cwd = CWD_STATE_INIT;
-    struct dirent *e;
     struct stat s;
-    for (;;) {
-        errno = 0;
-        e = readdir(d);
-        if (!e) {
-            if (errno)
-                ret = -errno;
-            break;
-        }
-        const char *name = e->d_name;
-        if (is_dot(name))
-            continue;
+    const char *name;
+    while ((name = next_name(d, &ret)) != NULL) {
         size_t len = strlen(name);
         int plain = 1;
         if (fstatat(dfd, name, &s, AT_SYMLINK_NOFOLLOW) != 0) {
