@@ -269,11 +269,12 @@ def set_xattr_mode(mode: int) -> None:
 _SP_MAX = 8192
 """scan_packed: most plain entries per call (a larger directory is scanned in Python)."""
 _SP_NAMES = 1 << 20
+_SP_OUT = 4 + _SP_MAX * 72 + _SP_NAMES
 
 
 class _ScanBuffers(threading.local):
     def __init__(self) -> None:
-        self.out = _ffi.new("char[]", 4 + _SP_MAX * 72 + _SP_NAMES)
+        self.out = _ffi.new("char[]", _SP_OUT)
         self.rec = _ffi.new("int64_t[]", _SP_MAX * 11)
         self.names = _ffi.new("char[]", _SP_NAMES)
         self.others = _ffi.new("char[]", _SP_NAMES)
@@ -295,7 +296,7 @@ def scan_packed(dfd: int) -> tuple[bytes, int, list[bytes]] | None:
     if _scan_bufs is None:
         _scan_bufs = _ScanBuffers()
     b = _scan_bufs
-    if _lib.blit_scan_packed(dfd, CHECK_XATTRS, b.out, 4 + _SP_MAX * 72 + _SP_NAMES, b.rec, _SP_MAX, b.names, _SP_NAMES, b.others, _SP_NAMES, b.counts) < 0:
+    if _lib.blit_scan_packed(dfd, CHECK_XATTRS, b.out, _SP_OUT, b.rec, _SP_MAX, b.names, _SP_NAMES, b.others, _SP_NAMES, b.counts) < 0:
         return None
     c = b.counts
     others = _ffi.buffer(b.others, c[2])[:].split(b"\0")[:-1] if c[3] else []

@@ -481,38 +481,35 @@ class StreamIO:
             self._rend += self._open_records(self._rview[self._rend :])
             if self._rend >= want:
                 return
-            if self._lowat:
-                self._recv_lowat(want - self._rend - self.tls.fed_bytes)
+            if self._lowat and self._mark(want - self._rend - self.tls.fed_bytes) > 1:
+                self._recv_marked()
             else:
                 self.tls.feed(cview[: self.recv_into(cview)])
 
-    def _recv_lowat(self, need: int) -> None:
-        """TLS: receive ciphertext, `need`: bytes the peer must still send (what the payload
-        holds past what is already fed). A large need waits until LOWAT of it is queued, so the
-        mark never waits for bytes that will not come. A link too slow for that (a wait of
+    def _mark(self, need: int) -> int:
+        """TLS: the socket's low mark for the next receive, `need`: bytes the peer must still
+        send (what the payload holds past the ciphertext already fed). A large need waits until
+        LOWAT of it is queued; as the mark never exceeds the need, it never waits for bytes that
+        will not come. Small files and headers wait for the first byte, as before."""
+        lowat = min(need, LOWAT) if need >= LOWAT_MIN else 1
+        if lowat != self._lowat:
+            self._set_lowat(lowat)
+        return lowat
+
+    def _recv_marked(self) -> None:
+        """TLS: receive ciphertext under a low mark above 1. A link too slow for it (a wait of
         LOWAT_SLOW, the socket's timeout meanwhile) turns the mark off for good; the stall
         timeout then runs as usual, from the last bytes received."""
         assert self.tls is not None and self._cview is not None
-        lowat = min(need, LOWAT) if need >= LOWAT_MIN else 1  # small files, headers: as before
-        if lowat != self._lowat:
-            self._set_lowat(lowat)
-        if lowat == 1:
-            self.tls.feed(self._cview[: self.recv_into(self._cview)])
-            return
         t0 = time.monotonic()
         try:
-            n = self.sock.recv_into(self._cview)
-        except BlockingIOError:
-            n = -1  # nothing within LOWAT_SLOW
-        except OSError as exc:
-            raise self._failed(exc) from None
-        if n == 0:
-            raise self._closed()
-        if n < 0 or time.monotonic() - t0 >= LOWAT_SLOW:
+            n = self.recv_into(self._cview)
+        except StallError:  # nothing within LOWAT_SLOW: the mark's timeout, not a stall
+            n = 0
+        if not n or time.monotonic() - t0 >= LOWAT_SLOW:
             self._set_lowat(1)
             self._lowat = 0  # off for good
-        if n > 0:
-            self.moved += n
+        if n:
             self.tls.feed(self._cview[:n])
 
     def _set_lowat(self, lowat: int) -> None:

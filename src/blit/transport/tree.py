@@ -150,6 +150,11 @@ def _xattr_path(dir_fd: int, name: str) -> str:
     return f"/proc/self/fd/{dir_fd}/{name}"
 
 
+def _entry_bytes(name: bytes, target: bytes | None, xattrs: dict[str, bytes] | None) -> int:
+    """About what one manifest entry weighs on the wire (a part is cut at PART_BYTES)."""
+    return _ENTRY_BYTES + len(name) + (len(target) if target else 0) + (sum(len(k) + len(v) + 8 for k, v in xattrs.items()) if xattrs else 0)
+
+
 def _link_target(dfd: int, rel: str, name: str, st: os.stat_result, failures: list[PathFailure]) -> bytes | None | Literal[False]:
     """A scanned entry's symlink target (None: not a symlink); False, with the failure noted,
     when the link could not be read (the entry is left out)."""
@@ -458,7 +463,7 @@ class SourceTree:
                 if target is False:
                     continue
                 bname = _b(name)
-                size = _ENTRY_BYTES + len(bname) + (len(target) if target else 0) + (sum(len(k) + len(v) + 8 for k, v in x.items()) if x else 0)
+                size = _entry_bytes(bname, target, x)
                 if count == limit_n or (split and count and nbytes + size > protocol.PART_BYTES):
                     parts.append(([], [], []))
                     count = nbytes = 0
@@ -493,6 +498,7 @@ class SourceTree:
         them. None when the whole would not fit one part (the caller scans in Python)."""
         failures: list[PathFailure] = []
         out: list[Any] = []
+        size = len(packed)
         if others:
             found: list[tuple[str, os.stat_result]] = []
             for bname in others:
@@ -505,8 +511,9 @@ class SourceTree:
             for name, st in found:
                 target = _link_target(dfd, rel, name, st, failures)
                 if target is not False:
-                    out.append(entry_of(name, st, target, xattrs.get(name)))
-        size = len(packed) + sum(_ENTRY_BYTES + len(e[0]) + len(e[12] or b"") + sum(len(k) + len(v) + 8 for k, v in e[13] or ()) for e in out)
+                    x = xattrs.get(name)
+                    out.append(entry_of(name, st, target, x))
+                    size += _entry_bytes(_b(name), target, x)
         if n + len(out) > protocol.PART_ENTRIES or size > protocol.PART_BYTES:
             return None
         return DirManifest(
