@@ -383,3 +383,35 @@ def test_interrupted_mirror_leaves_old_or_new_files_and_a_rerun_converges(
     assert proc2.returncode == 0, describe_output(proc2)
     assert_same_tree(src_snap, snapshot(dst))
     rmtree(dst)
+
+
+# --- A closed stdout (`blit copy -v ... | head`) -----------------------------------------------
+
+
+@pytest.mark.parametrize("tree", ["big", "bulk"])
+@pytest.mark.parametrize("output", ["-v", "--json"])
+def test_closed_stdout_stops_the_run_with_one_line_and_a_rerun_completes(
+    big_src: tuple[Path, Snapshot, int], bulk_src: tuple[Path, Snapshot, int], tmp_path: Path,
+    tree: str, output: str,
+) -> None:
+    """stdout is a pipe whose reader is already gone, as under `| head` once head has its lines:
+    the first flush fails. The run stops like an interrupt, says so in one line (no traceback),
+    exits 1, leaves no partial or temporary file, and a rerun completes the copy."""
+    src, src_snap, _ = big_src if tree == "big" else bulk_src
+    dst = tmp_path / "dst"
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run([BLIT, "copy", output, f"{src}/", str(dst)], stdout=w, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, env=BLIT_ENV, timeout=120)  # fmt: skip
+    finally:
+        os.close(w)
+    err = proc.stderr.decode(errors="backslashreplace")
+    assert proc.returncode == 1, err
+    assert err.splitlines() == ["blit: error: standard output was closed (broken pipe); stopped, "
+                                "run the same command again to finish"], err  # fmt: skip
+    dst_snap = _assert_no_partial_file(src_snap, dst)
+    assert not extra_entries(src_snap, dst_snap), extra_entries(src_snap, dst_snap)[:10]
+    assert len(dst_snap) < len(src_snap), "the run finished before its output failed: no stop was tested"
+    _rerun_converges(src, src_snap, dst)
+    rmtree(dst)

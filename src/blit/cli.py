@@ -39,6 +39,42 @@ def _err(msg: str) -> None:
     sys.stderr.flush()
 
 
+def _out(text: str) -> None:
+    """Write to stdout. A closed stdout (`blit copy -v ... | head`) ends the run with one line on
+    stderr, like an interrupt, instead of a traceback; what is still buffered goes to /dev/null."""
+    try:
+        sys.stdout.write(text)
+    except BrokenPipeError:
+        _silence_stdout()
+        from .errors import OutputClosed
+
+        raise OutputClosed("standard output was closed (broken pipe); stopped, run the same command again to finish") from None
+
+
+def _out_done(text: str) -> None:
+    """The run's last line: the work is done, so a closed stdout only loses the line."""
+    try:
+        sys.stdout.write(text)
+    except BrokenPipeError:
+        _silence_stdout()
+
+
+def _flush() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null so no later flush (ours or the interpreter's at exit) fails again."""
+    import os
+
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -101,7 +137,7 @@ class TextProgress:
 
     def action(self, action: str, path: str) -> None:
         if self.verbose:
-            sys.stdout.write(f"{action} {path}\n")
+            _out(f"{action} {path}\n")
 
     def error(self, failure: "Failure") -> None:
         sys.stderr.write(f"blit: {failure.path}: {failure.op}: {failure.message}\n")
@@ -114,8 +150,8 @@ class TextProgress:
         if summary.fatal:
             return
         if not self.quiet:
-            sys.stdout.write(summary_line(summary) + "\n")
-        sys.stdout.flush()
+            _out_done(summary_line(summary) + "\n")
+        _flush()
 
 
 class JsonProgress:
@@ -130,7 +166,7 @@ class JsonProgress:
         self.finished = False  # the summary went out (a fatal error after it adds none)
 
     def _emit(self, obj: dict[str, object]) -> None:
-        sys.stdout.write(self._dumps(obj) + "\n")
+        _out(self._dumps(obj) + "\n")
 
     def start(self, summary: "Summary") -> None:
         self._emit(
@@ -164,8 +200,8 @@ class JsonProgress:
         self._emit({"event": "error", **failure.as_dict()})
 
     def finish(self, summary: "Summary") -> None:
-        self._emit(summary.as_dict())
-        sys.stdout.flush()
+        _out_done(self._dumps(summary.as_dict()) + "\n")
+        _flush()
         self.finished = True
 
 
@@ -241,7 +277,7 @@ def _run(
         if as_json and not getattr(rep, "finished", False):
             import json
 
-            sys.stdout.write(json.dumps({"event": "summary", "fatal": str(exc), "exit_code": exc.exit_code}) + "\n")
+            _out_done(json.dumps({"event": "summary", "fatal": str(exc), "exit_code": exc.exit_code}) + "\n")
         return exc.exit_code
 
     try:
@@ -404,4 +440,7 @@ def main() -> None:
     except click_exc.ClickException as exc:
         _err(exc.format_message())
         raise SystemExit(exc.exit_code) from None
+    except BrokenPipeError:  # a listing piped into `head`: its reader has what it wanted
+        _silence_stdout()
+        raise SystemExit(1) from None
     raise SystemExit(code if isinstance(code, int) else 0)

@@ -6,6 +6,7 @@ Each class says whose fault it is. Nothing here does I/O.
     ├── ConfigError                bad arguments, endpoint or config file (the user's fault) -> exit 2
     │   └── UsageError             the command line is wrong (same exit code, kept for clarity)
     ├── FatalError                 the run cannot go on (unreadable source root, full disk) -> exit 1
+    │   └── OutputClosed           standard output was closed under a run (`blit copy -v ... | head`)
     ├── FileError                  one path failed: .path, .op, __cause__ = OSError; kept in Summary.failures
     ├── TransportError             the network or the peer -> exit 1
     │   ├── ConnectError           the daemon could not be reached
@@ -44,6 +45,11 @@ class FatalError(BlitError):
     """The run cannot go on: nothing, or not everything, was done."""
 
     exit_code = 1
+
+
+class OutputClosed(FatalError):
+    """Standard output was closed (a broken pipe) while the run still had lines to write: the run
+    stops as an interrupt does, its temporary files removed; a rerun finishes it."""
 
 
 class FileError(BlitError):

@@ -345,7 +345,9 @@ class LocalTransfer:
         except BaseException as exc:
             self.stop.is_set = True
             if _only(exc, FatalError):
-                raise FatalError(self.summary.fatal or "fatal error") from None
+                if self.summary.fatal:
+                    raise FatalError(self.summary.fatal) from None
+                raise _first_leaf(exc) from None  # raised by another part (a closed stdout)
             raise
         finally:
             if self.procs is not None:
@@ -851,6 +853,12 @@ class LocalTransfer:
             finally:
                 os.close(dfd)
         return deleted, failures
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _only(exc: BaseException, kind: type[BaseException]) -> bool:

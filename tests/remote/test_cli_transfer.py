@@ -174,3 +174,36 @@ def test_pull_lands_or_reports_each_member_of_a_hard_link_group(nobody_tmp: Path
             if landed:
                 assert len(set(landed.values())) == 1, f"landed as separate files: {landed}"
                 assert os.stat(dst / next(iter(landed))).st_nlink == len(landed)
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_closed_stdout_stops_a_remote_run_with_one_line(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
+    """`blit copy -v ... | head`: once the reader is gone the run stops with one line and exit 1,
+    the daemon's side lands nothing partial or temporary, and a rerun completes."""
+    d = daemon_process
+    local = tmp_path / "local"
+    remote = d.modules["data"]
+    src_root, dst_root = (local, remote) if direction == "push" else (remote, local)
+    src = src_root / "bp_src"
+    for i in range(3000):
+        (src / f"d{i // 300}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i // 300}" / f"file{i:05d}").write_bytes(b"%d" % i * 50)
+    dst = dst_root / "bp_dst"
+    a, b = (f"{src}/", url(d, "data/bp_dst/")) if direction == "push" else (url(d, "data/bp_src/"), f"{dst}/")
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run([*blit_cmd(), "copy", "-v", a, b], stdout=w, stderr=subprocess.PIPE, text=True,
+                              env=d.env, timeout=120)  # fmt: skip
+    finally:
+        os.close(w)
+    assert proc.returncode == 1, proc.stderr
+    assert errors(proc) == ["blit: error: standard output was closed (broken pipe); stopped, run the same "
+                            "command again to finish"], proc.stderr  # fmt: skip
+    landed = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()} if dst.exists() else {}
+    assert len(landed) < 3000, "the run finished before its output failed: no stop was tested"
+    for rel, data in landed.items():
+        assert data == (src / rel).read_bytes(), rel
+    again = blit(d, "copy", a, b)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.relative_to(dst) for p in dst.rglob("*") if p.is_file()) == sorted(p.relative_to(src) for p in src.rglob("*") if p.is_file())
