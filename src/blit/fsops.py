@@ -212,21 +212,58 @@ def remove_extra(parent_fd: int, name: str, rel: str, filters: Filters) -> tuple
     return count + 1, False
 
 
-def make_way(parent_fd: int, name: str, rel: str, is_dir: bool, mirror: bool, filters: Filters) -> None:
+def make_way(parent_fd: int, name: str, rel: str, is_dir: bool, mirror: bool, filters: Filters, dry: bool = False) -> None:
     """Remove the destination entry `name` (path `rel` from the transfer root) that an entry of
     another kind replaces. Copy replaces only an empty directory; mirror removes a directory with
     what is in it, except what the filters exclude: those are kept (as rsync keeps them), and
-    then the directory stays and this fails. Raises OSError; its strerror says why."""
+    then the directory stays and this fails. Raises OSError; its strerror says why. `dry`:
+    change nothing, and fail as the real run would where that can be known without trying."""
+    if dry:
+        why = _way_blocked(parent_fd, name, rel, is_dir, mirror, filters)
+        if why is not None:
+            raise OSError(errno.ENOTEMPTY, why)
+        return
     if is_dir and not mirror:
         try:
             os.rmdir(name, dir_fd=parent_fd)
         except OSError as exc:
             if exc.errno == errno.ENOTEMPTY:
-                raise OSError(errno.ENOTEMPTY, "directory not empty (mirror replaces it)") from None
+                raise OSError(errno.ENOTEMPTY, _NOT_EMPTY) from None
             raise
         return
     if remove_extra(parent_fd, name, rel, filters)[1]:
-        raise OSError(errno.ENOTEMPTY, "directory holds excluded entries, which mirror keeps")
+        raise OSError(errno.ENOTEMPTY, _HOLDS_EXCLUDED)
+
+
+_NOT_EMPTY = "directory not empty (mirror replaces it)"
+_HOLDS_EXCLUDED = "directory holds excluded entries, which mirror keeps"
+
+
+def _way_blocked(parent_fd: int, name: str, rel: str, is_dir: bool, mirror: bool, filters: Filters) -> str | None:
+    """Why make_way would fail to remove `name`; None when it would succeed as far as can be
+    known without trying (permissions are not predicted)."""
+    if not is_dir:
+        return None
+    if not mirror:
+        fd = os.open(name, O_DIR, dir_fd=parent_fd)
+        try:
+            return _NOT_EMPTY if os.listdir(fd) else None
+        finally:
+            os.close(fd)
+    return _HOLDS_EXCLUDED if filters.active and _holds_excluded(parent_fd, name, rel, filters) else None
+
+
+def _holds_excluded(parent_fd: int, name: str, rel: str, filters: Filters) -> bool:
+    fd = os.open(name, O_DIR, dir_fd=parent_fd)
+    try:
+        for child in os.listdir(fd):
+            crel = f"{rel}/{child}"
+            is_dir = stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode)
+            if filters.excluded(crel, child, is_dir) or (is_dir and _holds_excluded(fd, child, crel, filters)):
+                return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def remove_tree(parent_fd: int, name: str) -> int:

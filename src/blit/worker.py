@@ -260,13 +260,11 @@ class Worker:
         ccopy = scan.HAVE_CMPDIR and not dry and not acl
 
         for dname, d_is_dir in plan.conflicts:
-            if rec:
-                res.actions.append(("delete", dprefix + dname))
-            if dry:
-                continue
             try:
-                fsops.make_way(dfd, dname, prefix + dname, d_is_dir, spec.mirror, spec.filters)
-                res.changed = True
+                fsops.make_way(dfd, dname, prefix + dname, d_is_dir, spec.mirror, spec.filters, dry)
+                res.changed |= not dry
+                if rec:
+                    res.actions.append(("delete", dprefix + dname))
             except OSError as exc:
                 blocked.add(dname)
                 res.failures.append((dprefix + dname, "replace", _msg(exc)))

@@ -312,3 +312,40 @@ def test_action_pages_are_bounded_and_a_full_log_counts_what_it_drops() -> None:
     kept = len(small)
     assert small.dropped == 100 - kept and kept > 0
     assert [a.path for a in small.take()] == [f"dir{i:03d}".encode() for i in range(kept)]
+
+
+@pytest.mark.parametrize("direction", ["local", "push", "pull"])
+@pytest.mark.parametrize("case", [["copy"], ["mirror", "--exclude", "keep"], ["mirror"]], ids=["copy", "mirror-excluded", "mirror"])
+def test_a_dry_run_fails_where_the_real_run_fails_to_replace_a_directory(
+    daemon_p: DaemonProcess, tmp_path: Path, direction: str, case: list[str]
+) -> None:
+    """A source file where the destination has a directory holding a file: copy does not replace
+    a non-empty directory, mirror does unless the filters protect something in it. The dry run
+    prints the same lines, the same failure and exit code as the real run, and changes nothing."""
+    d = daemon_p
+    local_src, local_dst = tmp_path / "src", tmp_path / "dst"
+    src, dst = (d.modules["data"] / "src", local_dst) if direction == "pull" else (local_src, local_dst)
+    if direction == "push":
+        dst = d.modules["data"] / "dst"
+    src.mkdir(parents=True)
+    (src / "x").write_text("file in the source")
+    (src / "y").write_text("y")
+    (dst / "x").mkdir(parents=True)
+    (dst / "x" / "keep").write_text("in the way")
+    a = ep(d, "data/src/") if direction == "pull" else f"{src}/"
+    b = ep(d, "data/dst/") if direction == "push" else f"{dst}/"
+
+    def outcome(r: subprocess.CompletedProcess[str]) -> tuple[int, list[str], list[str]]:
+        errs = [ln for ln in r.stderr.splitlines() if ln.startswith("blit:")]
+        return r.returncode, sorted(r.stdout.splitlines()[:-1]), errs
+
+    dry = outcome(blit(d, *case, "-n", "-v", a, b))
+    assert (dst / "x" / "keep").read_text() == "in the way" and not (dst / "y").exists()
+    real = outcome(blit(d, *case, "-v", a, b))
+    assert dry == real
+    if case == ["mirror"]:
+        assert real == (0, ["copy x", "copy y", "delete x"], []) and (dst / "x").read_text() == "file in the source"
+    else:
+        why = "directory not empty (mirror replaces it)" if case == ["copy"] else "directory holds excluded entries, which mirror keeps"
+        assert real == (3, ["copy y"], [f"blit: x: replace: {why}"])
+        assert (dst / "x" / "keep").read_text() == "in the way"

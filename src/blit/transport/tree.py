@@ -1124,12 +1124,9 @@ class DestTree:
         copies: list[tuple[str, Meta, list[tuple[str, bytes]] | None, bool, str]] = []
         copy_names: list[bytes] = []  # the need list's names of `copies`, after the others'
         for dname, d_is_dir in p.conflicts:
-            if dry:
-                self._act("delete", dprefix + dname)
-                continue
             try:
-                fsops.make_way(dfd, dname, prefix + dname, d_is_dir, spec.mirror, spec.filters)
-                changed = True
+                fsops.make_way(dfd, dname, prefix + dname, d_is_dir, spec.mirror, spec.filters, dry)
+                changed |= not dry
                 self._act("delete", dprefix + dname)
             except OSError as exc:
                 blocked.add(dname)
