@@ -5,7 +5,8 @@ stay this small: everything it imports delays every command.
 The garbage collector is off while the CLI imports (tens of thousands of long-lived objects,
 no garbage cycles), then what exists is frozen (gc.freeze: never scanned again) and the
 collector is back on: the collections that the later imports (trio, the engine) and the run
-trigger scan only what came after. About 7 ms of CPU of a remote run.
+trigger scan only what came after. About 7 ms of CPU of a remote run. The youngest generation
+then holds 20,000 objects instead of 700 (GC_THRESHOLD).
 
 Ending a transfer command with os._exit (after flushing stdout, stderr and the log handlers)
 skips the interpreter's teardown, which frees every object of the ~330 modules a remote run
@@ -19,6 +20,12 @@ from __future__ import annotations
 import sys
 
 
+GC_THRESHOLD = (20_000, 10, 10)
+"""The collector's generation thresholds for every command. A transfer allocates a few
+short-lived tuples per file; with Python's default (700 allocations) a 100,000-file push made
+the daemon run 676 young, 61 middle and 5 full collections, 0.13 s of its 2.7 s of CPU."""
+
+
 def main() -> None:
     import gc
 
@@ -29,6 +36,7 @@ def main() -> None:
     from . import cli
 
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
     gc.enable()
     try:
         cli.main()
