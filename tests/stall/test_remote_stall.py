@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from blit.daemon import handlers
-from blit.errors import ConnectError, StallError
+from blit.errors import ConnectError, RemoteError, StallError
 from blit.transport import protocol, tree
 from blit.transport.client import Timeouts
 from blit.transport.remote import remote_transfer
@@ -457,6 +457,41 @@ async def test_a_hung_receiving_disk_is_reported_as_a_local_stall(nursery: trio.
     assert caught.value.local
     assert "a file operation on this machine hung (no progress for 1 s)" in str(caught.value)
     assert took < 8
+    await _wait_until(lambda: not _open_unlinked_under(dst), 5, "the hung landing was dropped")
+    assert not (dst / "big.bin").exists()
+    _assert_nothing_half_written(dst, src)
+
+
+async def test_a_hung_disk_on_the_destination_daemon_of_a_relay_is_named(nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remote to remote: B pulls from A and landing one file hangs on B's disk. B gives up on
+    the stream after its stall timeout; the client's one error says B's disk hung (not that B
+    could not reach A) within a bounded time; what landed on B is complete."""
+    a = await start_daemon(nursery, tmp_path / "A", tls=True, stall=1)
+    b = await start_daemon(nursery, tmp_path / "B", tls=True, stall=1, peer_pull=True)
+    src = a.modules["data"]
+    _big_file(src / "big.bin", 8 * MiB)
+    _small_tree(src, dirs=1, files=5)
+    dst = b.modules["data"] / "out"
+    release = threading.Event()
+    real_open = tree.DestTree.open
+
+    def hanging_open(self: tree.DestTree, file_id: int):  # type: ignore[no-untyped-def]
+        f = real_open(self, file_id)
+        if f.p.dname == "big.bin":
+            release.wait(30)  # B's disk: the first write never returns
+        return f
+
+    monkeypatch.setattr(tree.DestTree, "open", hanging_open)
+    try:
+        t0 = trio.current_time()
+        with trio.fail_after(20), pytest.raises(RemoteError) as caught:
+            await remote_transfer("copy", f"127.0.0.1:{a.info.port}:/data/", f"127.0.0.1:{b.info.port}:/data/out/",
+                                  known_hosts=tmp_path / "client_known_hosts")  # fmt: skip
+        took = trio.current_time() - t0
+    finally:
+        release.set()
+    assert str(caught.value) == "a file operation on the destination daemon hung (no progress for 1 s)", str(caught.value)
+    assert took < 10
     await _wait_until(lambda: not _open_unlinked_under(dst), 5, "the hung landing was dropped")
     assert not (dst / "big.bin").exists()
     _assert_nothing_half_written(dst, src)

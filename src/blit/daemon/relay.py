@@ -31,7 +31,7 @@ from typing import Any
 import trio
 
 from ..endpoint import HostSpec, RemoteEndpoint, parse_host
-from ..errors import ConfigError, ConnectError, FatalError, RemoteError, TransportError, UsageError
+from ..errors import ConfigError, ConnectError, FatalError, RemoteError, StallError, TransportError, UsageError
 from ..transport import protocol
 from ..transport import tls as tls_mod
 from ..transport.protocol import ErrorCode, Refused
@@ -148,6 +148,9 @@ class PeerJob:
             else:
                 self._fail(exc.code, f"the source daemon {a} refused: {exc.message}")
         except TransportError as exc:
+            if isinstance(exc, StallError) and exc.local:  # B's own disk hung, not the link to A
+                self._fail(ErrorCode.IO_ERROR, f"a file operation on the destination daemon hung (no progress for {exc.seconds:g} s)")
+                return
             why = str(exc)  # the client says "B could not reach A: ..." around it
             redundant = f"cannot reach the daemon at {HostSpec(self.msg.peer.host, self.msg.peer.port).netloc}: "
             self._fail(ErrorCode.PEER_FAILED, why.removeprefix(redundant))
