@@ -39,24 +39,25 @@ def _err(msg: str) -> None:
     sys.stderr.flush()
 
 
-def _out(text: str) -> None:
-    """Write to stdout. A closed stdout (`blit copy -v ... | head`) ends the run with one line on
-    stderr, like an interrupt, instead of a traceback; what is still buffered goes to /dev/null."""
+def _write(text: str) -> bool:
+    """Write to stdout; False once it is closed (a broken pipe: `blit copy -v ... | head`), and
+    from then on what is still buffered goes to /dev/null."""
     try:
         sys.stdout.write(text)
+        return True
     except BrokenPipeError:
         _silence_stdout()
+        return False
+
+
+def _out(text: str) -> None:
+    """A line of a run that goes on: a closed stdout ends the run with one line on stderr, like
+    an interrupt, instead of a traceback. (The run's last line uses `_write`: the work is done,
+    so a closed stdout only loses the line.)"""
+    if not _write(text):
         from .errors import OutputClosed
 
-        raise OutputClosed("standard output was closed (broken pipe); stopped, run the same command again to finish") from None
-
-
-def _out_done(text: str) -> None:
-    """The run's last line: the work is done, so a closed stdout only loses the line."""
-    try:
-        sys.stdout.write(text)
-    except BrokenPipeError:
-        _silence_stdout()
+        raise OutputClosed("standard output was closed (broken pipe); stopped, run the same command again to finish")
 
 
 def _flush() -> None:
@@ -150,7 +151,7 @@ class TextProgress:
         if summary.fatal:
             return
         if not self.quiet:
-            _out_done(summary_line(summary) + "\n")
+            _write(summary_line(summary) + "\n")
         _flush()
 
 
@@ -200,7 +201,7 @@ class JsonProgress:
         self._emit({"event": "error", **failure.as_dict()})
 
     def finish(self, summary: "Summary") -> None:
-        _out_done(self._dumps(summary.as_dict()) + "\n")
+        _write(self._dumps(summary.as_dict()) + "\n")
         _flush()
         self.finished = True
 
@@ -228,7 +229,7 @@ def _run(
     import trio
 
     from . import api
-    from .errors import BlitError
+    from .errors import BlitError, leaves
     from .plan import Compare
 
     if sum((checksum, size_only, ignore_times)) > 1:
@@ -277,7 +278,7 @@ def _run(
         if as_json and not getattr(rep, "finished", False):
             import json
 
-            _out_done(json.dumps({"event": "summary", "fatal": str(exc), "exit_code": exc.exit_code}) + "\n")
+            _write(json.dumps({"event": "summary", "fatal": str(exc), "exit_code": exc.exit_code}) + "\n")
         return exc.exit_code
 
     try:
@@ -285,7 +286,7 @@ def _run(
     except BlitError as exc:
         return failed(exc)
     except BaseExceptionGroup as eg:
-        blit_errors = [e for e in _leaves(eg) if isinstance(e, BlitError)]
+        blit_errors = [e for e in leaves(eg) if isinstance(e, BlitError)]
         if blit_errors:
             return failed(blit_errors[0])
         raise
@@ -296,16 +297,6 @@ def _run(
         return EXIT_INTERRUPTED
     summary = outcome["summary"]
     return summary.exit_code  # type: ignore[attr-defined,no-any-return]
-
-
-def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in eg.exceptions:
-        if isinstance(e, BaseExceptionGroup):
-            out.extend(_leaves(e))
-        else:
-            out.append(e)
-    return out
 
 
 def _filters_in_order(ctx: typer.Context) -> list[tuple[bool, str]]:

@@ -19,7 +19,8 @@ Each class says whose fault it is. Nothing here does I/O.
     │       └── RemoteProtocolError  the peer broke it
     └── RemoteError                the daemon refused: .code, .message (unknown module, read-only, denied)
 
-`trio.Cancelled` and `KeyboardInterrupt` are never caught by handlers of these.
+`trio.Cancelled` and `KeyboardInterrupt` are never caught by handlers of these. `leaves`
+lists what a nursery's ExceptionGroup holds.
 """
 
 from __future__ import annotations
@@ -153,11 +154,20 @@ class RemoteError(BlitError):
         self.message = message
 
 
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside `exc`, a (nested) ExceptionGroup from trio's nurseries, in order;
+    [exc] for a plain exception."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return [exc]
+    return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
+
+
 __all__ = [
     "BlitError",
     "ConfigError",
     "UsageError",
     "FatalError",
+    "OutputClosed",
     "FileError",
     "TransportError",
     "ConnectError",
@@ -168,4 +178,5 @@ __all__ = [
     "LocalProtocolError",
     "RemoteProtocolError",
     "RemoteError",
+    "leaves",
 ]

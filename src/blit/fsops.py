@@ -195,9 +195,7 @@ def remove_extra(parent_fd: int, name: str, rel: str, filters: Filters) -> tuple
         return 1, False
     count, kept = 0, False
     try:
-        for child in os.listdir(fd):
-            crel = f"{rel}/{child}"
-            is_dir = stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode)
+        for child, crel, is_dir in _children(fd, rel):
             if filters.excluded(crel, child, is_dir):
                 kept = True
                 continue
@@ -254,16 +252,22 @@ def _way_blocked(parent_fd: int, name: str, rel: str, is_dir: bool, mirror: bool
 
 
 def _holds_excluded(parent_fd: int, name: str, rel: str, filters: Filters) -> bool:
+    """Whether the directory `name` holds, at any depth, an entry the filters exclude."""
     fd = os.open(name, O_DIR, dir_fd=parent_fd)
     try:
-        for child in os.listdir(fd):
-            crel = f"{rel}/{child}"
-            is_dir = stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode)
-            if filters.excluded(crel, child, is_dir) or (is_dir and _holds_excluded(fd, child, crel, filters)):
-                return True
+        return any(
+            filters.excluded(crel, child, is_dir) or (is_dir and _holds_excluded(fd, child, crel, filters))
+            for child, crel, is_dir in _children(fd, rel)
+        )
     finally:
         os.close(fd)
-    return False
+
+
+def _children(fd: int, rel: str) -> Iterator[tuple[str, str, bool]]:
+    """The entries of the open directory `fd` (path `rel` from the transfer root): name, path,
+    whether it is a directory (not following links), as mirror's filters need them."""
+    for child in os.listdir(fd):
+        yield child, f"{rel}/{child}", stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode)
 
 
 def remove_tree(parent_fd: int, name: str) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from . import ffi, fsops
-from .errors import FatalError, StallError
+from .errors import FatalError, StallError, leaves
 from .fsops import Meta
 from .report import Failure, NullProgress, Progress, Summary, tick
 from .stall import StallGuard, Timeouts
@@ -344,10 +344,11 @@ class LocalTransfer:
                 outer.cancel_scope.cancel()  # the ticker and the worker-process readers
         except BaseException as exc:
             self.stop.is_set = True
-            if _only(exc, FatalError):
+            errs = leaves(exc)
+            if all(isinstance(e, FatalError) for e in errs):
                 if self.summary.fatal:
                     raise FatalError(self.summary.fatal) from None
-                raise _first_leaf(exc) from None  # raised by another part (a closed stdout)
+                raise errs[0] from None  # raised by another part (a closed stdout)
             raise
         finally:
             if self.procs is not None:
@@ -853,18 +854,3 @@ class LocalTransfer:
             finally:
                 os.close(dfd)
         return deleted, failures
-
-
-def _first_leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
-def _only(exc: BaseException, kind: type[BaseException]) -> bool:
-    """True when exc is `kind` or a group made only of `kind` (and groups of it)."""
-    if isinstance(exc, kind):
-        return True
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_only(e, kind) for e in exc.exceptions)
-    return False

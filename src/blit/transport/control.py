@@ -39,7 +39,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
-from ..errors import ConnectError, RemoteProtocolError, StallError, TransportError
+from ..errors import ConnectError, RemoteProtocolError, StallError, TransportError, leaves
 from . import protocol, tls
 
 log = logging.getLogger("blit.control")
@@ -563,19 +563,10 @@ def collapse_groups() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
-        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+        real = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
         if len(real) == 1:
             raise real[0] from None
         raise
-
-
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            yield from _leaves(sub)
-    else:
-        yield exc
 
 
 def _request_headers(authority: str, path: str, extra: Headers = ()) -> Headers:  # type: ignore[assignment]
