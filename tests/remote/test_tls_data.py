@@ -202,3 +202,23 @@ async def test_a_data_port_with_another_certificate_is_refused(nursery: trio.Nur
     assert impostor.handshakes == 1  # it was reached, and refused after the handshake
     assert impostor.received == b""  # the token never went to it
     assert not out.exists()
+
+
+async def test_the_data_port_speaks_tls12_with_ecdhe_and_aes128_gcm(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Data streams use the cheaper AEAD (decisions.md R39) with forward secrecy, and the
+    certificate is the control plane's."""
+    d = await start_daemon(nursery, tmp_path, tls=True)
+    port = d.info.data_port
+    assert port is not None
+
+    def handshake() -> tuple[str | None, str, bytes | None]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with tls.client_context().wrap_socket(raw) as s:
+                cipher = s.cipher()
+                assert cipher is not None
+                return s.version(), cipher[0], s.getpeercert(binary_form=True)
+
+    version, cipher, der = await trio.to_thread.run_sync(handshake)
+    assert version == "TLSv1.2"
+    assert cipher == "ECDHE-ECDSA-AES128-GCM-SHA256"
+    assert der is not None and tls.fingerprint(der) == d.info.fingerprint

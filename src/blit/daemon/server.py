@@ -77,10 +77,12 @@ async def serve(config: DaemonConfig, *, task_status: Any = trio.TASK_STATUS_IGN
     if token_ttl is not None:
         state.grants = data.GrantTable(ttl=token_ttl)
     ssl_ctx: ssl.SSLContext | None = None
+    data_ctx: ssl.SSLContext | None = None
     if config.tls:
         state_dir = config.state_dir or tls_mod.default_state_dir()
         cert, key = await trio.to_thread.run_sync(tls_mod.ensure_certificate, state_dir)
         ssl_ctx = tls_mod.server_context(cert, key)
+        data_ctx = tls_mod.data_server_context(cert, key)
         state.fingerprint = tls_mod.fingerprint_of_file(cert)
     host = None if config.bind in ("", "*") else config.bind
     try:
@@ -112,7 +114,7 @@ async def serve(config: DaemonConfig, *, task_status: Any = trio.TASK_STATUS_IGN
         if data_listeners:
             nursery.start_soon(
                 trio.serve_listeners,
-                lambda stream: _guarded(_handle_data, state, ssl_ctx, stream),
+                lambda stream: _guarded(_handle_data, state, data_ctx, stream),
                 data_listeners,
             )
         if config.mdns:
