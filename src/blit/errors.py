@@ -20,10 +20,16 @@ Each class says whose fault it is. Nothing here does I/O.
     └── RemoteError                the daemon refused: .code, .message (unknown module, read-only, denied)
 
 `trio.Cancelled` and `KeyboardInterrupt` are never caught by handlers of these. `leaves`
-lists what a nursery's ExceptionGroup holds.
+lists what a nursery's ExceptionGroup holds. `FATAL_ERRNOS` are the errnos that end a run.
 """
 
 from __future__ import annotations
+
+import errno
+
+FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+"""A write that fails with one of these means the destination can take nothing more (full, over
+quota, read-only): the run stops there with exit 1, in every topology (decisions.md R30)."""
 
 
 class BlitError(Exception):
@@ -179,4 +185,5 @@ __all__ = [
     "RemoteProtocolError",
     "RemoteError",
     "leaves",
+    "FATAL_ERRNOS",
 ]

@@ -29,11 +29,11 @@ from typing import Any
 import trio
 
 from . import ffi, fsops
-from .errors import FatalError, StallError, leaves
+from .errors import FATAL_ERRNOS, FatalError, StallError, leaves
 from .fsops import Meta
 from .report import Failure, NullProgress, Progress, Summary, tick
 from .stall import StallGuard, Timeouts
-from .worker import FATAL_ERRNOS, DirJob, DirResult, RunSpec, StopFlag, Worker, frame
+from .worker import DirJob, DirResult, RunSpec, StopFlag, Worker, frame
 
 CHUNK = 32 << 20  # bytes per thread hop when copying a large file
 

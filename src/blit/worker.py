@@ -11,7 +11,6 @@ directory finalisation); it reports, the coordinator decides.
 
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import signal
@@ -25,13 +24,12 @@ if TYPE_CHECKING:
     from typing import Any
 
 from . import ffi, fsops, prefetch
+from .errors import FATAL_ERRNOS
 from .ffi import scan
 from .filters import Filters
 from .fsops import Meta, meta_of
 from .plan import CREATES, Compare, Op, plan_dir
 
-# Errors that mean the destination cannot take anything more: the run stops (exit 1).
-FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 @dataclass(slots=True)

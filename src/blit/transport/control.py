@@ -39,7 +39,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
-from ..errors import ConnectError, RemoteProtocolError, StallError, TransportError, leaves
+from ..errors import ConnectError, FatalError, RemoteProtocolError, StallError, TransportError, leaves
 from . import protocol, tls
 
 log = logging.getLogger("blit.control")
@@ -380,7 +380,10 @@ class H2Connection:
                 continue
             chunk = bytes(view[:size])
             view = view[size:]
-            self._h2.send_data(st.id, chunk, end_stream=end and not view)
+            try:
+                self._h2.send_data(st.id, chunk, end_stream=end and not view)
+            except h2.exceptions.StreamClosedError:  # the peer answered early and closed it
+                raise StreamClosed("stream closed") from None
             self._queued += size
             self._wake()
             if end and not view:
@@ -558,13 +561,15 @@ class H2Connection:
 @contextmanager
 def collapse_groups() -> Iterator[None]:
     """Re-raise the single real exception of a nursery's ExceptionGroup unwrapped, so callers of
-    our context managers see `RemoteError`, not a group. Groups of several errors, or of
-    cancellations only, pass through unchanged."""
+    our context managers see `RemoteError`, not a group. Several FatalErrors are one: tasks
+    that each noticed the destination fill up (a pull's receive loops and its watcher, R40);
+    the first is raised. Other groups of several errors, or of cancellations only, pass through
+    unchanged."""
     try:
         yield
     except BaseExceptionGroup as group:
         real = [e for e in leaves(group) if not isinstance(e, trio.Cancelled)]
-        if len(real) == 1:
+        if len(real) == 1 or (real and all(isinstance(e, FatalError) for e in real)):
             raise real[0] from None
         raise
 

@@ -50,7 +50,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 import trio
 
-from ..errors import ConnectError, RemoteProtocolError, StallError, TransportError
+from ..errors import FATAL_ERRNOS, ConnectError, FatalError, RemoteProtocolError, StallError, TransportError
 from ..fsops import CHANGED_SIZE
 from . import protocol
 from .protocol import FRAME_SIZE, AdmitStatus, ErrorCode, FrameType, Refused, pack_frame
@@ -911,6 +911,10 @@ class _Landing:
         self.ends: dict[int, int] = {}  # highest byte written per open file
         self._failed_hook = getattr(sink, "failed", None)
         self.many_hook = getattr(sink, "land_many", None)
+        self.stop: str | None = None
+        """Set when a write failed with FATAL_ERRNOS: the destination takes nothing more, so the
+        receive loops end the stream (FatalError) instead of reading the rest of what the sender
+        has (a pushed 100 GiB file into a full disk stops within a frame, not at its end)."""
 
     def wrote_to(self, file_id: int, end: int) -> None:
         if end > self.ends.get(file_id, 0):
@@ -920,6 +924,14 @@ class _Landing:
         self.stats.failures.append((file_id, message))
         if self._failed_hook is not None:
             self._failed_hook(file_id, message, err)
+        if err in FATAL_ERRNOS and self.stop is None:
+            # The sink's own wording (DestTree.fatal names the path), else the bare reason.
+            self.stop = getattr(self.sink, "fatal", None) or message
+
+    def check(self) -> None:
+        """Raise FatalError once the destination took a fatal failure (`stop`)."""
+        if self.stop is not None:
+            raise FatalError(self.stop)
 
     def target(self, file_id: int) -> int:
         """The fd to write `file_id`'s data to, or -1 to discard it."""
@@ -1030,6 +1042,8 @@ def receive_loop(io: StreamIO, sink: FileSink, stats: StreamStats) -> None:
     limit = protocol.MAX_OFFSET
     try:
         while True:
+            if landing.stop is not None:
+                landing.check()
             if io._rend - io._rpos < FRAME_SIZE:
                 io._fill(FRAME_SIZE)
             kind, _f, _r, fid, offset, length = unpack_from(io._rbuf, io._rpos)
@@ -1436,6 +1450,7 @@ async def h2_receive_loop(
                 batch, pending, pending_bytes = pending, [], 0
                 if await trio.to_thread.run_sync(_apply_events, landing, batch, limiter=limiter):
                     done = True
+                landing.check()
         stats.done = True
     except Exception as exc:
         with trio.CancelScope(shield=True):

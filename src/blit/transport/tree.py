@@ -37,7 +37,7 @@ from typing import Any, Literal, cast
 import trio
 
 from .. import ffi, fsops
-from ..errors import MessageTooLarge
+from ..errors import FATAL_ERRNOS, MessageTooLarge, RemoteError, StallError, TransportError
 from ..ffi import scan as cscan
 from ..filters import Filters
 from ..fsops import Meta
@@ -63,7 +63,6 @@ log = logging.getLogger("blit.tree")
 _C_LAND = cscan.HAVE_CMPDIR
 """DestTree.land_many lands plain small files in C (scan.land_many) when the C module is built."""
 
-FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 WALK_CONCURRENCY = 8
 """Directories in flight at once in a client's walk (requests pipelined on the session)."""
 MAX_QUEUED_FILES = 20_000
@@ -2129,20 +2128,32 @@ async def push_tree(
                     again.append(j)
         return children, again
 
+    async def run() -> TreeDone:
+        async with trio.open_nursery() as reporter:
+            if report:
+                reporter.start_soon(poll_actions)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(t.run_senders, source, jobs)
+                try:
+                    await _walk(top, visit, group if use_digests else None)
+                finally:
+                    jobs.close()
+                    t.no_more_files()
+            done: TreeDone = await session.call(protocol.TreeFinish(transfer=t.id, source_complete=complete))
+            finished.set()  # the reporter collects the last pages, then ends
+        return done
+
     try:
-        with collapse_groups():
-            async with trio.open_nursery() as reporter:
-                if report:
-                    reporter.start_soon(poll_actions)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(t.run_senders, source, jobs)
-                    try:
-                        await _walk(top, visit, group if use_digests else None)
-                    finally:
-                        jobs.close()
-                        t.no_more_files()
-                done: TreeDone = await session.call(protocol.TreeFinish(transfer=t.id, source_complete=complete))
-                finished.set()  # the reporter collects the last pages, then ends
+        try:
+            with collapse_groups():
+                done = await run()
+        except TransportError as exc:
+            if isinstance(exc, StallError):
+                raise
+            why = await _why_stopped(session, t.id)
+            if why is not None:
+                raise why from None
+            raise
         if move:
             await collect(True)
             done = dataclasses.replace(done, files_removed=removed)
@@ -2151,6 +2162,26 @@ async def push_tree(
         return done
     finally:
         source.close()
+
+
+async def _why_stopped(session: Any, transfer: int) -> RemoteError | None:
+    """A push whose data stream broke: the daemon ends the streams of a transfer whose
+    destination filled up (or turned read-only) at once, and its answer to tree/finish says so
+    (io-error, R30). That answer, or None when it gives no such reason."""
+    with trio.move_on_after(WHY_STOPPED_TIMEOUT):
+        try:
+            await session.call(protocol.TreeFinish(transfer=transfer, source_complete=False))
+        except RemoteError as exc:
+            if exc.code == protocol.ErrorCode.IO_ERROR.value:
+                return exc
+        except TransportError:
+            pass
+    return None
+
+
+WHY_STOPPED_TIMEOUT = 35.0
+"""How long a push whose stream broke waits for the daemon's reason: its tree/finish waits up
+to 30 s (handlers.FINISH_TIMEOUT) for the transfer's other streams to end."""
 
 
 async def pull_tree(
