@@ -126,12 +126,19 @@ def _fd_open(fd: int) -> bool:
         return False
 
 
-def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+def _server_base(cert: Path, key: Path) -> ssl.SSLContext:
+    """What both of the daemon's ports share: TLS 1.2 or later, its certificate, no compression."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
-    ctx.set_alpn_protocols([ALPN])
     ctx.options |= ssl.OP_NO_COMPRESSION
+    return ctx
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The daemon's control port: OpenSSL's default suites (TLS 1.3), ALPN h2."""
+    ctx = _server_base(cert, key)
+    ctx.set_alpn_protocols([ALPN])
     return ctx
 
 
@@ -145,12 +152,9 @@ DATA_CIPHERS = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
 def data_server_context(cert: Path, key: Path) -> ssl.SSLContext:
     """The daemon's data port: TLS 1.2, ECDHE-ECDSA with AES-128-GCM, no ALPN (the stream's
     own hello follows the handshake)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx = _server_base(cert, key)
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(DATA_CIPHERS)
-    ctx.load_cert_chain(cert, key)
-    ctx.options |= ssl.OP_NO_COMPRESSION
     return ctx
 
 

@@ -2267,8 +2267,10 @@ async def pull_tree(
             raise FatalError(sink.fatal)
 
     async def receive() -> None:
-        """The data streams until DONE; a fatal failure on them ends the run within 0.1 s
-        (the rest of the data is not waited for)."""
+        """The data streams until DONE. A landing that fails with FATAL_ERRNOS ends its stream
+        at once (data.receive_loop, R40); the watcher ends the run within 0.1 s of any other
+        fatal failure the DestTree records meanwhile (a hard-link member that cannot be linked).
+        The rest of the data is not waited for."""
         async with trio.open_nursery() as n:
 
             async def watch() -> None:
