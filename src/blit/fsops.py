@@ -590,17 +590,58 @@ def is_tmp_name(name: str) -> bool:
 
 def without_tmp(dir_fd: int, entries: list[tuple[str, os.stat_result]], dry_run: bool) -> dict[str, os.stat_result]:
     """A scanned destination directory's entries by name, without the temporaries of an
-    interrupted run: those are ours to remove (left in place by a dry run, and then listed)."""
+    interrupted run: those are ours to remove (left in place by a dry run, and then listed).
+    A temporary directory (make_hidden_dir) still held by a live run is left to it, unlisted."""
     out = {}
     for name, m in entries:
         if is_tmp_name(name) and not dry_run:
             try:
-                os.unlink(name, dir_fd=dir_fd)
+                if stat.S_ISDIR(m.st_mode):
+                    _remove_stale_dir(dir_fd, name)
+                else:
+                    os.unlink(name, dir_fd=dir_fd)
             except OSError:
                 pass
             continue
         out[name] = m
     return out
+
+
+def make_hidden_dir(parent_fd: int, acl_inherited: bool = False) -> tuple[str, int]:
+    """A new directory under a temporary name (new_tmp_name), for a transfer to fill before it
+    moves it into place (DestTree, R41). Returns (its name, an fd holding a shared flock on it
+    until closed): another run's scan of the parent (without_tmp) leaves a held one alone and
+    removes one whose run died. POSIX only (flock)."""
+    import fcntl
+
+    name = new_tmp_name()
+    make_dir(parent_fd, name, acl_inherited)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+    except BaseException:
+        os.rmdir(name, dir_fd=parent_fd)
+        raise
+    return name, fd
+
+
+def _remove_stale_dir(parent_fd: int, name: str) -> None:
+    """Remove a temporary directory left by a run that died, unless a live run holds it."""
+    import fcntl
+
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        remove_tree(parent_fd, name)
+    finally:
+        os.close(fd)
 
 
 def read_all(fd: int, size: int) -> bytes:

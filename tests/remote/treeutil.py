@@ -144,3 +144,22 @@ def checksum_case(src: Path, dst: Path) -> int:
         os.utime(src / rel, ns=(t, t))
         os.utime(dst / rel, ns=(t, t))
     return 3000 + 700
+
+
+def temporaries_after_settling(root: Path, timeout: float = 10.0) -> list[str]:
+    """blit's temporary names (files, or new directories not yet moved into place) still below
+    `root` once a daemon whose client has gone finished tearing its session down: the client
+    exits first, and the daemon's own cleanup follows it by a moment. Polls up to `timeout`."""
+    import time
+
+    from blit import fsops
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            left = [str(p.relative_to(root)) for p in root.rglob(f"{fsops.TMP_PREFIX}*")] if root.exists() else []
+        except FileNotFoundError:  # one moved into place under the walk
+            left = ["(moving)"]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)

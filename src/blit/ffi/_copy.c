@@ -32,6 +32,7 @@
 #define BLIT_CC_INHERIT_GID 2    /* the directory may give new files another group: always chown */
 #define BLIT_CC_REPLACE 4        /* an entry of that name may exist: link under a temporary name, rename over it */
 #define BLIT_CC_BACK 8           /* cc_one: a name that appeared meanwhile goes back to Python */
+#define BLIT_CC_DIRECT 16        /* cc_land: the directory is hidden (DestTree, R41): create under the real name */
 
 #ifndef O_TMPFILE
 #define O_TMPFILE 0
@@ -150,8 +151,7 @@ static int cc_lmode(int64_t mode, int umask_bits) {
  * uid, gid at f[1], f[3], f[4], f[5], f[6] (BLIT_CC_FIELDS order). An entry `name` is
  * replaced (as Landing.commit does), or with BLIT_CC_BACK the answer is BLIT_CC_PYTHON. Returns
  * 0, -errno or BLIT_CC_PYTHON; *named is cleared once no temporary name is left. */
-static int cc_meta_link(int out, int dfd, const char *name, const int64_t *f, int lmode, int flags,
-                        uid_t euid, gid_t egid, char tmp[32], int *named) {
+static int cc_meta(int out, const int64_t *f, int lmode, int flags, uid_t euid, gid_t egid) {
     int chowned = 0;
     if ((flags & BLIT_CC_ROOT) &&
         ((flags & BLIT_CC_INHERIT_GID) || (uid_t)f[5] != euid || (gid_t)f[6] != egid)) {
@@ -174,6 +174,14 @@ static int cc_meta_link(int out, int dfd, const char *name, const int64_t *f, in
         }
     if (futimens(out, ts) != 0)
         return -errno;
+    return 0;
+}
+
+static int cc_meta_link(int out, int dfd, const char *name, const int64_t *f, int lmode, int flags,
+                        uid_t euid, gid_t egid, char tmp[32], int *named) {
+    int r0 = cc_meta(out, f, lmode, flags, euid, egid);
+    if (r0 < 0)
+        return r0;
     if (!*named) {
         int r;
         if (!(flags & BLIT_CC_REPLACE)) {
@@ -260,6 +268,43 @@ fail:
     return ret;
 }
 
+/* cc_land into a hidden directory (BLIT_CC_DIRECT): nobody sees it until the whole directory is
+ * renamed into place (blit.transport.tree.DestTree), so the file is created under its real name
+ * (O_EXCL: nothing of that name can be there) and needs no temporary and no link. On failure
+ * the name is removed again. Returns 0 or -errno. */
+static int cc_land_direct(int dfd, const char *name, const char *data, const int64_t *f, int flags,
+                          int lmode, uid_t euid, gid_t egid) {
+    int out = openat(dfd, name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY, lmode);
+    if (out < 0)
+        return -errno;
+    int r = f[2] ? cc_write_all(out, data, (size_t)f[2]) : 0;
+    if (r == 0)
+        r = cc_meta(out, f, lmode, flags, euid, egid);
+    if (close(out) != 0 && r == 0)
+        r = -errno;
+    if (r < 0)
+        unlinkat(dfd, name, 0);
+    return r;
+}
+
+/* Move a hidden directory into place: renameat2 RENAME_NOREPLACE (an entry that took the name
+ * meanwhile is never replaced: -EEXIST). Where the filesystem lacks it (-EINVAL), a check
+ * for the name, then rename. Returns 0 or -errno. */
+static int blit_rename_noreplace(int odfd, const char *old, int ndfd, const char *new_) {
+#ifdef SYS_renameat2
+    if (syscall(SYS_renameat2, odfd, old, ndfd, new_, 1 /* RENAME_NOREPLACE */) == 0)
+        return 0;
+    if (errno != EINVAL && errno != ENOSYS)
+        return -errno;
+#endif
+    struct stat st;
+    if (fstatat(ndfd, new_, &st, AT_SYMLINK_NOFOLLOW) == 0)
+        return -EEXIST;
+    if (errno != ENOENT)
+        return -errno;
+    return renameat(odfd, old, ndfd, new_) == 0 ? 0 : -errno;
+}
+
 /* Land one small file whose whole content is in memory (a remote transfer's destination,
  * blit.transport.tree.DestTree.land_many), exactly as fsops.Landing does for a file without xattrs:
  * create, write `size` bytes of `data`, owner, mode, times, link (BLIT_CC_REPLACE: an entry of
@@ -271,6 +316,8 @@ static int cc_land(int dfd, const char *name, const char *data, const int64_t *f
     int lmode = cc_lmode(f[1], umask_bits);
     char tmp[32];
     int named;
+    if (flags & BLIT_CC_DIRECT)
+        return cc_land_direct(dfd, name, data, f, flags, lmode, euid, egid);
     int out = cc_create(dfd, lmode, tmp, &named);
     if (out < 0)
         return out;

@@ -44,7 +44,7 @@ try:
     from blit.ffi._scan import ffi as _ffi
     from blit.ffi._scan import lib as _lib
 
-    HAVE_CMPDIR = _lib.blit_version() == 7  # a stale build of an older _scan.c is not used
+    HAVE_CMPDIR = _lib.blit_version() == 8  # a stale build of an older _scan.c is not used
     _from_buffer = _ffi.from_buffer
 except ImportError:  # built without a C compiler: the pure-Python path does everything
     HAVE_CMPDIR = False
@@ -84,6 +84,7 @@ _CC_FIELDS = 7
 _CC_ROOT = 1
 _CC_INHERIT_GID = 2
 _CC_REPLACE = 4
+_CC_DIRECT = 16  # blit_land_many: create under the real name in a hidden directory (R41)
 _CC_BUF = 1 << 20
 
 
@@ -177,18 +178,19 @@ def copy_new(sfd: int, dfd: int, batch: list[tuple[bytes, Meta]], inherit_gid: b
     return _ffi.unpack(out, n)  # type: ignore[no-any-return]
 
 
-def land_many(dfd: int, buf: Any, files: list[tuple[bytes, int, int, Meta, bool, bool]]) -> list[int]:
+def land_many(dfd: int, buf: Any, files: list[tuple[bytes, int, int, Meta, bool, bool]], direct: bool = False) -> list[int]:
     """Land small regular files without xattrs into directory `dfd` in one C call (the GIL
     released once): each created unnamed, written, owner (root), mode, times, linked (an
     existing entry replaced through a temporary name). Each of `files` is (name, offset and
-    length of its content in `buf`, source Meta, replace, inherit_gid). Returns 0 or -errno
-    per file (nothing is left behind for a failed one); every file is attempted. Only with
-    HAVE_CMPDIR."""
+    length of its content in `buf`, source Meta, replace, inherit_gid). `direct`: `dfd` is a
+    hidden new directory nobody else writes to (DestTree, R41): each file is created under its
+    real name, with no temporary and no link. Returns 0 or -errno per file (nothing is left
+    behind for a failed one); every file is attempted. Only with HAVE_CMPDIR."""
     ints: list[int] = []
     offs: list[int] = []
     fl: list[int] = []
     off = 0
-    root = _CC_ROOT if IS_ROOT else 0
+    root = (_CC_ROOT if IS_ROOT else 0) | (_CC_DIRECT if direct else 0)
     for name, at, size, m, replace, inherit_gid in files:
         ints += (off, m.st_mode, size, m.st_atime_ns, m.st_mtime_ns, m.st_uid, m.st_gid)
         off += len(name) + 1
@@ -251,6 +253,15 @@ def frame_small(dfd: int, names: list[bytes], ids: list[int], oflags: int, limit
             nbytes += counts[1]
             frames += counts[2]
     return parts, nbytes, frames, _ffi.unpack(status, n)
+
+
+def rename_noreplace(old_dir_fd: int, old: bytes, new_dir_fd: int, new: bytes) -> None:
+    """Rename `old` to `new` unless `new` exists (renameat2 RENAME_NOREPLACE; a check first
+    where the filesystem lacks it). Raises OSError (FileExistsError when `new` exists). Only
+    with HAVE_CMPDIR."""
+    r = _lib.blit_rename_noreplace(old_dir_fd, old, new_dir_fd, new)
+    if r:
+        raise OSError(-r, os.strerror(-r), os.fsdecode(new))
 
 
 def set_copy_modes(tmpfile: int, link: int) -> None:

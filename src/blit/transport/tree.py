@@ -28,6 +28,7 @@ import stat
 import struct
 import dataclasses
 import threading
+import time
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -62,6 +63,15 @@ log = logging.getLogger("blit.tree")
 
 _C_LAND = cscan.HAVE_CMPDIR
 """DestTree.land_many lands plain small files in C (scan.land_many) when the C module is built."""
+_HIDE = _C_LAND and os.name == "posix"
+"""DestTree makes new directories under a temporary name and fills them with direct creates
+(decisions R41): only with the C module (its direct landing and rename) and flock."""
+HIDE_FILE_MAX = 1 << 20
+"""A new directory holding a file larger than this is moved into place at once: a large file
+takes long to land, and the small ones beside it should not wait for it to be seen."""
+_BUSY_WAIT = 2.0
+"""DestTree.close: how long it waits for direct landings in flight before it moves the hidden
+directories into place (a landing stuck longer leaves them to the next run's cleanup)."""
 
 WALK_CONCURRENCY = 8
 """Directories in flight at once in a client's walk (requests pipelined on the session)."""
@@ -792,6 +802,14 @@ class _DirNode:
     """The directory may hand new files another group (setgid, or not known): chown always."""
     src_rel: str = ""
     """The source directory (move removes it at the end when empty); "" for the top."""
+    hidden: str | None = None
+    """Made here under this temporary name and not yet moved into place (R41)."""
+    waiting: int = 0
+    """While hidden: files registered in it that have neither landed nor failed."""
+    planned: bool = False
+    """While hidden: its own manifest was planned (it moves into place once `waiting` is 0)."""
+    big: bool = False
+    """While hidden: a file larger than HIDE_FILE_MAX lands in it (it moves at once)."""
 
 
 class _Held(threading.local):
@@ -879,7 +897,17 @@ class DestTree:
     def __init__(self, root_fd: int, spec: TreeSpec, open_dir: Callable[[int, str], int] = fsops.open_rel) -> None:
         self.root_fd = root_fd
         self.spec = spec
-        self.dirs = _DirFds(root_fd, open_dir)
+        self._open_base = open_dir
+        self.dirs = _DirFds(root_fd, self._open_dir)
+        # New directories stay under a temporary name until their files have landed (R41):
+        # destination rel -> that name; the lock orders opens by path against the renames.
+        self._hidden: dict[str, tuple[str, int]] = {}  # ... and the fd holding its flock
+        self._hide_lock = threading.RLock()
+        self._hiding = _HIDE and not spec.dry_run and spec.operation != "move"
+        # ... but the run's first new directory is made in place: its files are the first to
+        # come and are seen as each lands (perceived latency, SPEC).
+        self._made_one = False
+        self._direct_busy = 0  # land_many calls landing into hidden directories right now
         self._lock = threading.Lock()
         self._next_id = 1
         self.pending: dict[int, _Pending] = {}
@@ -927,12 +955,125 @@ class DestTree:
             self.landed.add(rel, name, m)
 
     def close(self) -> None:
-        self.stopped = True
+        with self._lock:
+            self.stopped = True
+        self._reveal_all()
         self.dirs.close()
         try:
             os.close(self.root_fd)
         except OSError:
             pass
+
+    # --- hidden new directories (R41) -----------------------------------------------------------
+    def _open_dir(self, root_fd: int, rel: str) -> int:
+        """open_dir through the temporary names of hidden directories on the path."""
+        if not self._hidden:
+            return self._open_base(root_fd, rel)
+        with self._hide_lock:
+            hidden = self._hidden
+            parts = rel.split("/")
+            at = ""
+            for i, part in enumerate(parts):
+                at = _join(at, part)
+                h = hidden.get(at)
+                if h is not None:
+                    parts[i] = h[0]
+            return self._open_base(root_fd, "/".join(parts))
+
+    def _new_dir(self, dfd: int, dst_rel: str, dname: str, acl: bool, node: _DirNode) -> None:
+        """Create new directory dname in dfd (unless a dry run), hidden under a temporary name
+        while the run may hide (R41), and record its node."""
+        rel = _join(dst_rel, dname)
+        with self._hide_lock:  # against _reveal_all: a directory hidden now is one it moves
+            if not self.spec.dry_run:
+                hidden = None
+                if self._hiding and self._made_one:
+                    try:
+                        hidden = fsops.make_hidden_dir(dfd, acl)
+                    except OSError:  # (no flock here, say): made as before, and any error is its own
+                        pass
+                if hidden is not None:
+                    self._hidden[rel] = hidden
+                    node.hidden = hidden[0]
+                else:
+                    fsops.make_dir(dfd, dname, acl)
+                    self._made_one = True
+            with self._lock:
+                self.dirs_created += 1
+                self.nodes[rel] = node
+
+    def _after_plan(self, dst_rel: str, whole: bool) -> None:
+        """Its manifest planned (`whole`: in one part, as planned; else at part 0 or failed):
+        a hidden directory with nothing more to wait for, one in parts, or one with a large
+        file moves into place now."""
+        with self._lock:
+            node = self.nodes.get(dst_rel)
+            if node is None or node.hidden is None or node.planned:
+                return
+            node.planned = True
+            if whole and not node.big and node.waiting:
+                return
+        self._reveal(dst_rel)
+
+    def _settled(self, ps: list[_Pending]) -> list[str]:
+        """Under the lock: files of `ps` landed or failed; the hidden directories now complete."""
+        done: list[str] = []
+        nodes = self.nodes
+        for p in ps:
+            node = nodes.get(p.dst_rel)
+            if node is not None and node.hidden is not None:
+                node.waiting -= 1
+                if node.waiting == 0 and node.planned:
+                    done.append(p.dst_rel)
+        return done
+
+    def _reveal(self, rel: str) -> None:
+        """Move hidden directory `rel` into place (never over an entry that took its name; if
+        one did, what landed in the hidden one is removed and the directory reported)."""
+        with self._hide_lock:
+            hidden = self._hidden.pop(rel, None)
+            if hidden is None:
+                return
+            tmp, hold = hidden
+            with self._lock:
+                node = self.nodes.get(rel)
+                if node is not None:
+                    node.hidden = None
+            parent, _, name = rel.rpartition("/")
+            try:
+                pfd = self.dirs.acquire(parent)
+                try:
+                    cscan.rename_noreplace(pfd, _b(tmp), pfd, _b(name))
+                except OSError as exc:
+                    self._fail(rel, "mkdir", f"{_msg(exc)}: the new directory could not be moved into place (what landed in it was removed)")
+                    try:
+                        fsops.remove_tree(pfd, tmp)
+                    except OSError:
+                        pass
+                finally:
+                    self.dirs.release(parent)
+            except OSError as exc:
+                self._fail(rel, "mkdir", f"{_msg(exc)}: the new directory could not be moved into place")
+            finally:
+                os.close(hold)
+
+    def _reveal_all(self) -> None:
+        """The end (finish or close): nothing more is hidden; once the direct landings in flight
+        are over (at most _BUSY_WAIT), every hidden directory moves into place, outermost first."""
+        with self._hide_lock, self._lock:
+            self._hiding = False
+        if not self._hidden:
+            return
+        deadline = time.monotonic() + _BUSY_WAIT
+        while self._direct_busy and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if self._direct_busy:
+            log.warning("%d landings still running: new directories left under temporary names", self._direct_busy)
+            return
+        with self._hide_lock:
+            rels = sorted(self._hidden, key=lambda r: r.count("/"))
+        for rel in rels:
+            self._reveal(rel)
 
     def _fail(self, path: str, op: str, message: str) -> None:
         with self._lock:
@@ -966,7 +1107,29 @@ class DestTree:
         """Worker thread: plan one directory and do what needs no data. A directory too large
         for one message comes in parts (protocol.FEATURE_PARTS), in order: `part` from 0,
         `more` on all but the last. The destination is scanned once, for part 0; mirror's
-        extras and the source's `incomplete` are settled with the last part."""
+        extras and the source's `incomplete` are settled with the last part. A hidden new
+        directory (R41) stays hidden only when it came whole and its files are small."""
+        whole = False
+        try:
+            planned = self._plan(rel, dst_rel, dst_new, only, manifest, incomplete, dir_entry, part, more)
+            whole = part == 0 and not more
+            return planned
+        finally:
+            if self._hidden:
+                self._after_plan(dst_rel, whole)
+
+    def _plan(
+        self,
+        rel: str,
+        dst_rel: str,
+        dst_new: bool,
+        only: dict[str, str] | None,
+        manifest: list[Entry],
+        incomplete: bool,
+        dir_entry: Entry | None,
+        part: int,
+        more: bool,
+    ) -> DirPlanned:
         spec = self.spec
         prefix = rel + "/" if rel else ""
         dprefix = dst_rel + "/" if dst_rel else ""
@@ -1148,14 +1311,10 @@ class DestTree:
                         )
                     subdirs.append(SubDir(name=_b(name), dname=_b(dname), new=False))
                 elif op is Op.MKDIR:
-                    if not dry:
-                        fsops.make_dir(dfd, dname, acl)
-                        changed = True
+                    # Ours, 0o700 until finalised: it hands out no group of its own.
+                    self._new_dir(dfd, dst_rel, dname, acl, _DirNode(m, None, True, xattrs, inherit_gid=False, src_rel=_join(rel, name)))
+                    changed = not dry
                     self._act("mkdir", prefix + name)
-                    with self._lock:
-                        self.dirs_created += 1
-                        # Ours, 0o700 until finalised: it hands out no group of its own.
-                        self.nodes[_join(dst_rel, dname)] = _DirNode(m, None, True, xattrs, inherit_gid=False, src_rel=_join(rel, name))
                     subdirs.append(SubDir(name=_b(name), dname=_b(dname), new=True))
                 elif op is Op.HARDLINK:
                     fid = self._hardlink(rel, name, dst_rel, dname, m, d, xattrs, dfd, prefix + name, acl)
@@ -1272,6 +1431,9 @@ class DestTree:
         for dname, m, xattrs, replace, name in files:
             pend[fid] = _Pending(dst_rel, dname, m, xattrs, replace, link_key, inherit, rel, name, acl)
             fid += 1
+        if node is not None and node.hidden is not None:
+            node.waiting += len(files)
+            node.big = node.big or any(f[1].st_size > HIDE_FILE_MAX for f in files)
         return range(first, fid)
 
     # --- --checksum ---------------------------------------------------------------------------------
@@ -1507,6 +1669,9 @@ class DestTree:
         errno of a failure here (a full destination ends the run)."""
         with self._lock:
             p = self.pending.pop(file_id, None) or self._open.pop(file_id, None)
+            done = self._settled([p]) if p is not None and self._hidden else []
+        for rel in done:
+            self._reveal(rel)
         if p is not None:
             self._note_fatal(err, message, _join(p.dst_rel, p.dname))
             self._fail(_join(p.dst_rel, p.dname), "copy", message)
@@ -1533,6 +1698,17 @@ class DestTree:
                 for (fid, _, _), p in zip(batch, ps):
                     pend[fid] = p
                 raise
+            hiding = self._hiding and bool(self._hidden)
+            if hiding:
+                self._direct_busy += 1
+        try:
+            return self._land_many(batch, buf, ps, hiding)
+        finally:
+            if hiding:
+                with self._lock:
+                    self._direct_busy -= 1
+
+    def _land_many(self, batch: list[tuple[int, int, int]], buf: bytearray | mmap.mmap, ps: list[_Pending], hiding: bool) -> list[tuple[int, OSError]]:
         failed: list[tuple[int, OSError]] = []  # (index in batch, error)
         landed: list[tuple[_Pending, int]] = []
         i, n = 0, len(batch)
@@ -1562,7 +1738,11 @@ class DestTree:
                     continue
                 landed.append((p, size))
             if c_files:
-                for k, r in zip(c_idx, cscan.land_many(dfd, buf, c_files)):
+                # In a hidden directory (R41) a file is created under its own name: nobody sees
+                # it before the directory moves into place, which waits for these files.
+                node = self.nodes.get(rel) if hiding else None
+                direct = node is not None and node.hidden is not None
+                for k, r in zip(c_idx, cscan.land_many(dfd, buf, c_files, direct)):
                     if r:
                         failed.append((k, OSError(-r, os.strerror(-r))))
                     else:
@@ -1590,6 +1770,9 @@ class DestTree:
                 if p.dst_rel != last:
                     self._changed(p.dst_rel)
                     last = p.dst_rel
+            done = self._settled([p for p, _ in files]) if self._hidden else []
+        for rel in done:
+            self._reveal(rel)
         for p, _ in files:
             self._act("copy", _join(p.rel, p.name))
             if self.landed is not None:
@@ -1617,7 +1800,9 @@ class DestTree:
     # --- the end ----------------------------------------------------------------------------------
     def finish(self, source_complete: bool) -> None:
         """Worker thread: directory metadata bottom-up, then mirror deletions. After a fatal
-        failure (`fatal`) nothing more is changed: the run stops there, as a local one does."""
+        failure (`fatal`) nothing more is changed: the run stops there, as a local one does.
+        Hidden new directories (R41) move into place first, whatever happened."""
+        self._reveal_all()
         if self.fatal is not None:
             return
         with self._lock:

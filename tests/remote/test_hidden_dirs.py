@@ -1,0 +1,298 @@
+"""New directories at a tree transfer's destination stay under a temporary name until their files
+have landed, and their small files are created under their own names inside (DestTree, decisions
+R41): nobody sees a directory before its files are whole, a large file does not keep its
+neighbours hidden, the end of a run (finished or cut short) moves every such directory into place,
+a name taken meanwhile is never replaced, and a run that died leaves nothing the next run keeps.
+
+Driven in-process (SourceTree + DestTree, no daemon), and through a real daemon killed mid-push."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from blit import fsops
+from blit.transport import protocol
+from blit.transport.tree import HIDE_FILE_MAX, DestTree, SourceTree, TreeSpec
+
+from .conftest import blit_cmd, run_daemon_process
+from .treeutil import temporaries_after_settling
+
+
+
+def _open(p: Path) -> int:
+    return os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _tmp_names(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob(f"{fsops.TMP_PREFIX}*"))
+
+
+class _Run:
+    """One copy of src/ into dst/, a directory at a time, files landed when the test says."""
+
+    def __init__(self, src: Path, dst: Path, spec: TreeSpec | None = None) -> None:
+        self.src, self.dst = src, dst
+        self.source = SourceTree(_open(src))
+        self.dest = DestTree(_open(dst), spec or TreeSpec())
+        self.need: dict[str, dict[bytes, int]] = {}  # directory -> name -> file id
+
+    def start(self) -> None:
+        """Plan the top (which makes p, the run's first new directory, in place: its files
+        are seen as they land) and land its file; the test's tree is below p/."""
+        self.plan("", False)
+        self.land("", "first")
+        self.plan("p", True)
+
+    def plan(self, rel: str, new: bool) -> None:
+        manifest = self.source.scan(rel)
+        planned = self.dest.plan(rel, rel, new, None, manifest.entries, False)
+        ids, names = protocol.unpack_needs(planned.packed_need) if planned.packed_need else ([], [])
+        self.need[rel] = dict(zip(names, ids))
+
+    def land(self, rel: str, *names: str) -> None:
+        buf = bytearray()
+        batch = []
+        for name in names:
+            content = (self.src / rel / name).read_bytes()
+            batch.append((self.need[rel][name.encode()], len(buf), len(content)))
+            buf += content
+        assert self.dest.land_many(batch, buf) == []
+
+    def close(self) -> None:
+        self.source.close()
+        self.dest.close()
+
+
+def _tree(src: Path, files: dict[str, bytes]) -> None:
+    """`files` below src/p, and src/first."""
+    files = {"first": b"1", **{f"p/{rel}": content for rel, content in files.items()}}
+    for rel, content in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(content)
+    os.chmod(src / "p" / "d", 0o751)
+    os.utime(src / "p" / "d", ns=(1_600_000_000_000_000_000, 1_600_000_000_123_456_789))
+
+
+def test_a_new_directory_is_seen_only_once_its_files_have_landed(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dst.mkdir()
+    _tree(src, {"d/a": b"a" * 100, "d/b": b"b" * 5000, "d/c": b""})
+    run = _Run(src, dst)
+    p = dst / "p"
+    try:
+        run.start()
+        assert not (p / "d").exists()
+        [hidden] = _tmp_names(p)
+        assert (p / hidden).is_dir()
+        run.plan("p/d", True)
+        run.land("p/d", "a", "b")
+        assert not (p / "d").exists(), "seen before all its files landed"
+        assert sorted(os.listdir(p / hidden)) == ["a", "b"]  # under their own names inside
+        run.land("p/d", "c")
+        assert sorted(os.listdir(p / "d")) == ["a", "b", "c"]
+        assert _tmp_names(dst) == []
+        run.dest.finish(True)
+        assert run.dest.failures == []
+    finally:
+        run.close()
+    for name in ("a", "b", "c"):
+        assert (p / "d" / name).read_bytes() == (src / "p" / "d" / name).read_bytes()
+        assert (p / "d" / name).stat().st_mtime_ns == (src / "p" / "d" / name).stat().st_mtime_ns
+    d = (p / "d").stat()
+    assert stat.S_IMODE(d.st_mode) == 0o751
+    assert d.st_mtime_ns == 1_600_000_000_123_456_789
+
+
+def test_the_runs_first_new_directory_is_made_in_place(tmp_path: Path) -> None:
+    """Its files are the first to come: each is seen as it lands (time to first byte)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dst.mkdir()
+    _tree(src, {"d/a": b"a"})
+    (src / "q").mkdir()
+    (src / "q" / "b").write_bytes(b"b")
+    run = _Run(src, dst)
+    try:
+        run.plan("", False)
+        assert (dst / "p").is_dir()
+        assert not (dst / "q").exists() and len(_tmp_names(dst)) == 1
+        run.plan("p", True)  # p/d: hidden
+        run.plan("q", True)
+        run.land("q", "b")
+        assert (dst / "q" / "b").read_bytes() == b"b"
+        assert len(_tmp_names(dst)) == 1
+    finally:
+        run.close()
+
+
+def test_subdirectories_land_inside_a_hidden_parent_and_appear_with_it(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dst.mkdir()
+    _tree(src, {"d/a": b"a", "d/e/x": b"x", "d/e/y": b"y"})
+    run = _Run(src, dst)
+    p = dst / "p"
+    try:
+        run.start()
+        run.plan("p/d", True)
+        run.plan("p/d/e", True)
+        run.land("p/d/e", "x", "y")  # complete inside the still hidden d
+        assert not (p / "d").exists()
+        run.land("p/d", "a")
+        assert sorted(os.listdir(p / "d")) == ["a", "e"]
+        assert sorted(os.listdir(p / "d" / "e")) == ["x", "y"]
+        assert _tmp_names(dst) == []
+    finally:
+        run.close()
+
+
+def test_a_directory_with_a_large_file_is_in_place_at_once(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dst.mkdir()
+    _tree(src, {"d/big": b"\0" * (HIDE_FILE_MAX + 1), "d/small": b"s"})
+    run = _Run(src, dst)
+    p = dst / "p"
+    try:
+        run.start()
+        assert _tmp_names(dst) != []
+        run.plan("p/d", True)
+        assert (p / "d").is_dir() and _tmp_names(dst) == []  # nothing landed in it yet, and not hidden
+        run.land("p/d", "small")
+        assert os.listdir(p / "d") == ["small"]
+    finally:
+        run.close()
+
+
+def test_a_run_cut_short_moves_what_it_hid_into_place(tmp_path: Path) -> None:
+    """The daemon's session ends (client gone, SIGTERM): close() moves each hidden directory
+    into place with the files that landed, all whole; the rerun brings the rest."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dst.mkdir()
+    _tree(src, {"d/a": b"a" * 10, "d/b": b"b" * 10, "d/e/x": b"x"})
+    run = _Run(src, dst)
+    p = dst / "p"
+    try:
+        run.start()
+        run.plan("p/d", True)
+        run.plan("p/d/e", True)
+        run.land("p/d", "a")
+        assert _tmp_names(dst) != []
+    finally:
+        run.close()
+    assert _tmp_names(dst) == []
+    assert os.listdir(p / "d" / "e") == []
+    assert sorted(os.listdir(p / "d")) == ["a", "e"]
+    assert (p / "d" / "a").read_bytes() == b"a" * 10
+
+
+def test_a_name_taken_meanwhile_is_never_replaced(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dst.mkdir()
+    _tree(src, {"d/a": b"a", "d/b": b"b"})
+    run = _Run(src, dst)
+    p = dst / "p"
+    try:
+        run.start()
+        run.plan("p/d", True)
+        run.land("p/d", "a")
+        (p / "d").mkdir()  # someone else made it while the run filled the hidden one
+        (p / "d" / "theirs").write_bytes(b"not ours to replace")
+        run.land("p/d", "b")
+        assert [(f[0], f[1]) for f in run.dest.failures] == [("p/d", "mkdir")]
+        assert "could not be moved into place" in run.dest.failures[0][2]
+    finally:
+        run.close()
+    assert os.listdir(p / "d") == ["theirs"]
+    assert _tmp_names(dst) == []
+
+
+def test_a_dead_runs_directory_goes_and_a_live_ones_stays(tmp_path: Path) -> None:
+    """A destination scan removes temporary directories whose run died, and leaves alone (and
+    out of a mirror's extras) one that a live run still holds."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "keep").mkdir(parents=True)
+    dst.mkdir()
+    stale = dst / ".blit-0123456789abcdef.tmp"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "sub" / "partial").write_bytes(b"half")
+    dfd = _open(dst)
+    live, held = fsops.make_hidden_dir(dfd)
+    (dst / live / "landing").write_bytes(b"another run's file")
+    try:
+        run = _Run(src, dst, TreeSpec(operation="mirror"))
+        try:
+            run.plan("", False)
+            run.dest.finish(True)
+        finally:
+            run.close()
+        assert not stale.exists()
+        assert (dst / live / "landing").read_bytes() == b"another run's file"
+        assert run.dest.files_deleted == 0
+    finally:
+        os.close(held)
+        os.close(dfd)
+    assert sorted(os.listdir(dst)) == sorted([live, "keep"])
+
+
+def test_move_and_dry_run_hide_nothing(tmp_path: Path) -> None:
+    """A move removes source files as their copies land: those copies must be in place, not
+    in a directory the next run could remove. A dry run makes nothing."""
+    src = tmp_path / "src"
+    _tree(src, {"d/a": b"a"})
+    for spec in (TreeSpec(operation="move"), TreeSpec(dry_run=True)):
+        dst = tmp_path / f"dst-{spec.operation}-{spec.dry_run}"
+        dst.mkdir()
+        run = _Run(src, dst, spec)
+        try:
+            run.plan("", False)
+            if not spec.dry_run:
+                run.land("", "first")
+            run.plan("p", not spec.dry_run)
+            assert _tmp_names(dst) == []
+            assert (dst / "p" / "d").is_dir() != spec.dry_run
+        finally:
+            run.close()
+
+
+def test_a_daemon_killed_mid_push_leaves_nothing_a_rerun_keeps(tmp_path: Path) -> None:
+    """SIGKILL of the daemon while it fills hidden directories: whatever is under a real name
+    is whole; the rerun (a new daemon on the same module) removes what the dead one hid and
+    lands an identical tree, with no temporary left."""
+    src = tmp_path / "src"
+    for i in range(6000):
+        d = src / f"d{i // 200:02d}"
+        if i % 200 == 0:
+            d.mkdir(parents=True)
+        (d / f"f{i:05d}").write_bytes(b"%05d" % i * 400)
+    with run_daemon_process(tmp_path) as d:
+        module = d.modules["data"]
+        dst = module / "t"
+        proc = subprocess.Popen([*blit_cmd(), "copy", f"{src}/", f"127.0.0.1:{d.port}:/data/t/"], env=d.env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not (dst.exists() and any(n.startswith(fsops.TMP_PREFIX) for n in os.listdir(dst))):
+                assert proc.poll() is None and time.monotonic() < deadline, "the push never hid a directory"
+                time.sleep(0.002)
+            d.proc.send_signal(signal.SIGKILL)
+            d.proc.wait(10)
+        finally:
+            proc.wait(120)
+        assert proc.returncode != 0
+        for p in dst.rglob("f*"):  # under a real name, or inside a hidden directory: whole
+            if not any(part.startswith(fsops.TMP_PREFIX) for part in p.relative_to(dst).parts):
+                assert p.read_bytes() == (src / p.relative_to(dst)).read_bytes(), p
+    with run_daemon_process(tmp_path) as d2:  # the same module, state and certificate
+        r = subprocess.run([*blit_cmd(), "copy", f"{src}/", f"127.0.0.1:{d2.port}:/data/t/"], env=d2.env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    assert temporaries_after_settling(dst) == []
+    got = sorted(str(p.relative_to(dst)) for p in dst.rglob("*"))
+    assert got == sorted(str(p.relative_to(src)) for p in src.rglob("*"))
+    for p in src.rglob("f*"):
+        assert (dst / p.relative_to(src)).read_bytes() == p.read_bytes()
