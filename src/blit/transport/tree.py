@@ -861,6 +861,13 @@ class _DirFds:
             self._fds[rel] = [fd, 1]
             return fd
 
+    def pin(self, rel: str, fd: int) -> None:
+        """Take `fd` as the open directory `rel`, with one user until `release(rel)` (a hidden
+        new directory: DestTree never opens it by path while it is hidden)."""
+        with self._lock:
+            assert rel not in self._fds
+            self._fds[rel] = [fd, 1]
+
     def release(self, rel: str) -> None:
         close: list[int] = []
         with self._lock:
@@ -901,7 +908,7 @@ class DestTree:
         self.dirs = _DirFds(root_fd, self._open_dir)
         # New directories stay under a temporary name until their files have landed (R41):
         # destination rel -> that name; the lock orders opens by path against the renames.
-        self._hidden: dict[str, tuple[str, int]] = {}  # ... and the fd holding its flock
+        self._hidden: dict[str, str] = {}
         self._hide_lock = threading.RLock()
         self._hiding = _HIDE and not spec.dry_run and spec.operation != "move"
         # ... but the run's first new directory is made in place: its files are the first to
@@ -977,30 +984,34 @@ class DestTree:
                 at = _join(at, part)
                 h = hidden.get(at)
                 if h is not None:
-                    parts[i] = h[0]
+                    parts[i] = h
             return self._open_base(root_fd, "/".join(parts))
 
     def _new_dir(self, dfd: int, dst_rel: str, dname: str, acl: bool, node: _DirNode) -> None:
         """Create new directory dname in dfd (unless a dry run), hidden under a temporary name
         while the run may hide (R41), and record its node."""
         rel = _join(dst_rel, dname)
-        with self._hide_lock:  # against _reveal_all: a directory hidden now is one it moves
-            if not self.spec.dry_run:
-                hidden = None
-                if self._hiding and self._made_one:
-                    try:
-                        hidden = fsops.make_hidden_dir(dfd, acl)
-                    except OSError:  # (no flock here, say): made as before, and any error is its own
-                        pass
-                if hidden is not None:
-                    self._hidden[rel] = hidden
-                    node.hidden = hidden[0]
-                else:
-                    fsops.make_dir(dfd, dname, acl)
-                    self._made_one = True
+        hidden = None
+        if not self.spec.dry_run:
+            if self._hiding and self._made_one:
+                try:
+                    hidden = fsops.make_hidden_dir(dfd, acl)
+                except OSError:  # (no flock here, say): made as before, and any error is its own
+                    pass
+            if hidden is None:
+                fsops.make_dir(dfd, dname, acl)
+                self._made_one = True
+        with self._hide_lock:
+            if hidden is not None:
+                # The fd holding its flock serves as its open directory until it is in place.
+                self.dirs.pin(rel, hidden[1])
+                self._hidden[rel] = hidden[0]
+                node.hidden = hidden[0]
             with self._lock:
                 self.dirs_created += 1
                 self.nodes[rel] = node
+        if hidden is not None and not self._hiding:  # the end (_reveal_all) began meanwhile
+            self._reveal(rel)
 
     def _after_plan(self, dst_rel: str, whole: bool) -> None:
         """Its manifest planned (`whole`: in one part, as planned; else at part 0 or failed):
@@ -1031,10 +1042,9 @@ class DestTree:
         """Move hidden directory `rel` into place (never over an entry that took its name; if
         one did, what landed in the hidden one is removed and the directory reported)."""
         with self._hide_lock:
-            hidden = self._hidden.pop(rel, None)
-            if hidden is None:
+            tmp = self._hidden.pop(rel, None)
+            if tmp is None:
                 return
-            tmp, hold = hidden
             with self._lock:
                 node = self.nodes.get(rel)
                 if node is not None:
@@ -1055,7 +1065,7 @@ class DestTree:
             except OSError as exc:
                 self._fail(rel, "mkdir", f"{_msg(exc)}: the new directory could not be moved into place")
             finally:
-                os.close(hold)
+                self.dirs.release(rel)  # its pin (_new_dir)
 
     def _reveal_all(self) -> None:
         """The end (finish or close): nothing more is hidden; once the direct landings in flight
