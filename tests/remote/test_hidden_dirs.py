@@ -80,11 +80,16 @@ def _tree(src: Path, files: dict[str, bytes]) -> None:
     os.utime(src / "p" / "d", ns=(1_600_000_000_000_000_000, 1_600_000_000_123_456_789))
 
 
+def _setup(tmp_path: Path, files: dict[str, bytes]) -> _Run:
+    """src/ with `files` below p/ (_tree), an empty dst/, and the run between them."""
+    (tmp_path / "dst").mkdir()
+    _tree(tmp_path / "src", files)
+    return _Run(tmp_path / "src", tmp_path / "dst")
+
+
 def test_a_new_directory_is_seen_only_once_its_files_have_landed(tmp_path: Path) -> None:
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    dst.mkdir()
-    _tree(src, {"d/a": b"a" * 100, "d/b": b"b" * 5000, "d/c": b""})
-    run = _Run(src, dst)
+    run = _setup(tmp_path, {"d/a": b"a" * 100, "d/b": b"b" * 5000, "d/c": b""})
+    src, dst = run.src, run.dst
     p = dst / "p"
     try:
         run.start()
@@ -132,10 +137,8 @@ def test_the_runs_first_new_directory_is_made_in_place(tmp_path: Path) -> None:
 
 
 def test_subdirectories_land_inside_a_hidden_parent_and_appear_with_it(tmp_path: Path) -> None:
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    dst.mkdir()
-    _tree(src, {"d/a": b"a", "d/e/x": b"x", "d/e/y": b"y"})
-    run = _Run(src, dst)
+    run = _setup(tmp_path, {"d/a": b"a", "d/e/x": b"x", "d/e/y": b"y"})
+    dst = run.dst
     p = dst / "p"
     try:
         run.start()
@@ -152,10 +155,8 @@ def test_subdirectories_land_inside_a_hidden_parent_and_appear_with_it(tmp_path:
 
 
 def test_a_directory_with_a_large_file_is_in_place_at_once(tmp_path: Path) -> None:
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    dst.mkdir()
-    _tree(src, {"d/big": b"\0" * (HIDE_FILE_MAX + 1), "d/small": b"s"})
-    run = _Run(src, dst)
+    run = _setup(tmp_path, {"d/big": b"\0" * (HIDE_FILE_MAX + 1), "d/small": b"s"})
+    dst = run.dst
     p = dst / "p"
     try:
         run.start()
@@ -171,10 +172,8 @@ def test_a_directory_with_a_large_file_is_in_place_at_once(tmp_path: Path) -> No
 def test_a_run_cut_short_moves_what_it_hid_into_place(tmp_path: Path) -> None:
     """The daemon's session ends (client gone, SIGTERM): close() moves each hidden directory
     into place with the files that landed, all whole; the rerun brings the rest."""
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    dst.mkdir()
-    _tree(src, {"d/a": b"a" * 10, "d/b": b"b" * 10, "d/e/x": b"x"})
-    run = _Run(src, dst)
+    run = _setup(tmp_path, {"d/a": b"a" * 10, "d/b": b"b" * 10, "d/e/x": b"x"})
+    dst = run.dst
     p = dst / "p"
     try:
         run.start()
@@ -191,10 +190,8 @@ def test_a_run_cut_short_moves_what_it_hid_into_place(tmp_path: Path) -> None:
 
 
 def test_a_name_taken_meanwhile_is_never_replaced(tmp_path: Path) -> None:
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    dst.mkdir()
-    _tree(src, {"d/a": b"a", "d/b": b"b"})
-    run = _Run(src, dst)
+    run = _setup(tmp_path, {"d/a": b"a", "d/b": b"b"})
+    dst = run.dst
     p = dst / "p"
     try:
         run.start()
