@@ -802,10 +802,8 @@ class _DirNode:
     """The directory may hand new files another group (setgid, or not known): chown always."""
     src_rel: str = ""
     """The source directory (move removes it at the end when empty); "" for the top."""
-    hidden: str | None = None
-    """Made here under this temporary name and not yet moved into place (R41)."""
     waiting: int = 0
-    """While hidden: files registered in it that have neither landed nor failed."""
+    """While hidden (DestTree._hidden, R41): files registered in it that have neither landed nor failed."""
     planned: bool = False
     """While hidden: its own manifest was planned (it moves into place once `waiting` is 0)."""
     big: bool = False
@@ -1006,7 +1004,6 @@ class DestTree:
                 # The fd holding its flock serves as its open directory until it is in place.
                 self.dirs.pin(rel, hidden[1])
                 self._hidden[rel] = hidden[0]
-                node.hidden = hidden[0]
             with self._lock:
                 self.dirs_created += 1
                 self.nodes[rel] = node
@@ -1019,7 +1016,7 @@ class DestTree:
         file moves into place now."""
         with self._lock:
             node = self.nodes.get(dst_rel)
-            if node is None or node.hidden is None or node.planned:
+            if node is None or dst_rel not in self._hidden or node.planned:
                 return
             node.planned = True
             if whole and not node.big and node.waiting:
@@ -1029,10 +1026,10 @@ class DestTree:
     def _settled(self, ps: list[_Pending]) -> list[str]:
         """Under the lock: files of `ps` landed or failed; the hidden directories now complete."""
         done: list[str] = []
-        nodes = self.nodes
+        nodes, hidden = self.nodes, self._hidden
         for p in ps:
             node = nodes.get(p.dst_rel)
-            if node is not None and node.hidden is not None:
+            if node is not None and p.dst_rel in hidden:
                 node.waiting -= 1
                 if node.waiting == 0 and node.planned:
                     done.append(p.dst_rel)
@@ -1042,13 +1039,10 @@ class DestTree:
         """Move hidden directory `rel` into place (never over an entry that took its name; if
         one did, what landed in the hidden one is removed and the directory reported)."""
         with self._hide_lock:
-            tmp = self._hidden.pop(rel, None)
+            with self._lock:  # (what _settled and _after_plan look at)
+                tmp = self._hidden.pop(rel, None)
             if tmp is None:
                 return
-            with self._lock:
-                node = self.nodes.get(rel)
-                if node is not None:
-                    node.hidden = None
             parent, _, name = rel.rpartition("/")
             try:
                 pfd = self.dirs.acquire(parent)
@@ -1441,7 +1435,7 @@ class DestTree:
         for dname, m, xattrs, replace, name in files:
             pend[fid] = _Pending(dst_rel, dname, m, xattrs, replace, link_key, inherit, rel, name, acl)
             fid += 1
-        if node is not None and node.hidden is not None:
+        if node is not None and dst_rel in self._hidden:
             node.waiting += len(files)
             node.big = node.big or any(f[1].st_size > HIDE_FILE_MAX for f in files)
         return range(first, fid)
@@ -1750,8 +1744,7 @@ class DestTree:
             if c_files:
                 # In a hidden directory (R41) a file is created under its own name: nobody sees
                 # it before the directory moves into place, which waits for these files.
-                node = self.nodes.get(rel) if hiding else None
-                direct = node is not None and node.hidden is not None
+                direct = hiding and rel in self._hidden
                 for k, r in zip(c_idx, cscan.land_many(dfd, buf, c_files, direct)):
                     if r:
                         failed.append((k, OSError(-r, os.strerror(-r))))
