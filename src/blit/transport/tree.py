@@ -1141,18 +1141,30 @@ class DestTree:
         src: list[tuple[str, Meta]] = []
         by_name: dict[str, Entry] = {}
         check = protocol.check_name
+        # A new directory (whole, no filters): its plain files (regular, one link, no xattrs)
+        # can only be copies, registered straight from the manifest; plan_dir sorts the rest.
+        plain: list[tuple[str, Meta, None, bool, str]] | None = (
+            [] if dst_new and not spec.dry_run and only is None and not spec.filters.active and not part and not more else None
+        )
+        plain_names: list[bytes] = []
+        make = Meta._make
         for e in manifest:
             check(e[0])
             name = _s(e[0])
+            m = make(e[1:12])
+            if plain is not None and m.st_mode & 0o170000 == 0o100000 and m.st_nlink == 1 and not (len(e) > 13 and e[13]):
+                plain.append((name, m, None, False, name))
+                plain_names.append(e[0])
+                continue
             by_name[name] = e
-            src.append((name, Meta._make(e[1:12])))
+            src.append((name, m))
         src.sort()
         parted = self._part(rel, dst_rel, part, more)
         if incomplete and not more and not (parted is not None and parted.failed):
             with self._lock:
                 self.incomplete.append(rel or ".")
         with self._lock:
-            self.entries_seen += len(src)
+            self.entries_seen += len(src) + len(plain_names)
             if dst_rel not in self.nodes:
                 # The top directory: its metadata is the source directory's when its contents
                 # are transferred (`SRC/`), nobody's when SRC itself lands inside it.
@@ -1197,14 +1209,14 @@ class DestTree:
             if acl is None:
                 # Entries created under a default ACL inherit it (and a mode shaped by it):
                 # dropped. (A directory in parts: looked up once, for all of them.)
-                creates = parted is not None or any(it.op in CREATES for it in p.items)
+                creates = parted is not None or bool(plain) or any(it.op in CREATES for it in p.items)
                 acl = not dry and dfd >= 0 and fsops.creates_under_acl(dfd, dst_new, creates)
                 if parted is not None:
                     parted.dst, parted.keep, parted.acl = dst, keep, acl
             if p.extras:
                 with self._lock:
                     self.deletions.append((dst_rel, p.extras))
-            return self._execute(rel, dst_rel, prefix, dprefix, p, dfd, by_name, failures, acl)
+            return self._execute(rel, dst_rel, prefix, dprefix, p, dfd, by_name, failures, acl, plain, plain_names)
         finally:
             if dfd >= 0:
                 self.dirs.release(dst_rel)
@@ -1275,9 +1287,23 @@ class DestTree:
             equal.append(True)
         return DigestsChecked(equal=equal, settled=settled)
 
-    def _execute(self, rel: str, dst_rel: str, prefix: str, dprefix: str, p: Any, dfd: int, by_name: dict[str, Entry], failures: list[PathFailure], acl: bool) -> DirPlanned:
+    def _execute(
+        self,
+        rel: str,
+        dst_rel: str,
+        prefix: str,
+        dprefix: str,
+        p: Any,
+        dfd: int,
+        by_name: dict[str, Entry],
+        failures: list[PathFailure],
+        acl: bool,
+        plain: list[tuple[str, Meta, None, bool, str]] | None = None,
+        plain_names: list[bytes] | None = None,
+    ) -> DirPlanned:
         """Do what the plan `p` of one directory needs no data for; `acl`: the directory has a
-        default ACL, which what is created in it must drop."""
+        default ACL, which what is created in it must drop. `plain`: copies into a new
+        directory that bypassed plan_dir (their manifest names in `plain_names`)."""
         spec = self.spec
         dry = spec.dry_run
         subdirs: list[SubDir] = []
@@ -1288,7 +1314,9 @@ class DestTree:
         blocked: set[str] = set()
         changed = False
         copies: list[tuple[str, Meta, list[tuple[str, bytes]] | None, bool, str]] = []
-        copy_names: list[bytes] = []  # the need list's names of `copies`, after the others'
+        copy_names: list[bytes] = plain_names or []  # the need list's names of `copies`, after the others'
+        if plain:
+            copies += plain
         for dname, d_is_dir in p.conflicts:
             try:
                 fsops.make_way(dfd, dname, prefix + dname, d_is_dir, spec.mirror, spec.filters, dry)
