@@ -384,6 +384,8 @@ class Session:
         """The client speaks protocol.FEATURE_NEED_PACKED: DirPlanned names its files packed."""
         self.parts = False
         """The client speaks protocol.FEATURE_PARTS: a large directory's manifest goes in parts."""
+        self.dir_batch = False
+        """The client speaks protocol.FEATURE_DIR_BATCH (with FEATURE_PARTS): tree/scans, tree/dirs."""
 
     async def dispatch(self, msg: protocol.Message) -> protocol.Message:
         handler = _HANDLERS.get(type(msg))
@@ -496,6 +498,7 @@ async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
     s.packed = protocol.FEATURE_PACKED in msg.features
     s.need_packed = protocol.FEATURE_NEED_PACKED in msg.features
     s.parts = protocol.FEATURE_PARTS in msg.features
+    s.dir_batch = s.parts and protocol.FEATURE_DIR_BATCH in msg.features
     log.info("session from %s (%s)", s.peer, msg.software)
     return protocol.HelloReply(
         protocol=protocol.PROTOCOL_VERSION,
@@ -514,6 +517,8 @@ def _features(asked: list[str]) -> list[str]:
     from ..ffi import scan
 
     out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS) if f in asked]
+    if protocol.FEATURE_DIR_BATCH in asked and protocol.FEATURE_PARTS in asked:
+        out.append(protocol.FEATURE_DIR_BATCH)
     if protocol.FEATURE_DIR_DIGEST in asked and scan.HAVE_CMPDIR:
         out += [protocol.FEATURE_DIR_DIGEST] + ([protocol.FEATURE_OWNERS] if fsops.IS_ROOT else [])
     return out
@@ -777,6 +782,21 @@ async def handle_tree_dir(s: Session, msg: protocol.TreeDir) -> protocol.DirPlan
     return reply if s.need_packed else protocol.with_need_list(reply)
 
 
+async def handle_tree_dirs(s: Session, msg: protocol.TreeDirs) -> protocol.DirsPlanned:
+    """Push, FEATURE_DIR_BATCH: several whole directories planned in one thread hop."""
+    dest = s.dest_tree(msg.transfer, "tree/dirs")
+    if not s.dir_batch:
+        raise Refused(ErrorCode.BAD_REQUEST, "tree/dirs needs the hello feature " + protocol.FEATURE_DIR_BATCH)
+    if not msg.dirs:
+        raise Refused(ErrorCode.BAD_REQUEST, "tree/dirs: no directory sent")
+    for d in msg.dirs:
+        if d.only is not None or d.part or d.more:
+            raise Refused(ErrorCode.BAD_REQUEST, "tree/dirs: a directory with `only` or in parts goes alone (tree/dir)")
+    jobs = [(_rel(d.rel), _rel(d.dst_rel), d.dst_new, d.entries, d.incomplete, d.dir_entry) for d in msg.dirs]
+    planned: list[protocol.DirPlanned] = await s.fs(dest.plan_many, jobs)
+    return protocol.DirsPlanned(planned=planned if s.need_packed else [protocol.with_need_list(p) for p in planned])
+
+
 async def handle_tree_digests(s: Session, msg: protocol.TreeDigests) -> protocol.DigestsChecked:
     """Push: compare directory digests with the destination's; equal ones are done."""
     dest = s.dest_tree(msg.transfer, "tree/digests")
@@ -797,6 +817,17 @@ async def handle_tree_scan(s: Session, msg: protocol.TreeScan) -> protocol.DirMa
     else:
         reply = await s.fs(src.scan, _rel(msg.rel), s.packed)
     return reply
+
+
+async def handle_tree_scans(s: Session, msg: protocol.TreeScans) -> protocol.DirManifests:
+    """Pull, FEATURE_DIR_BATCH: part 0 of several directories' manifests in one thread hop."""
+    src = s.src_tree(msg.transfer, "tree/scans")
+    if not s.dir_batch:
+        raise Refused(ErrorCode.BAD_REQUEST, "tree/scans needs the hello feature " + protocol.FEATURE_DIR_BATCH)
+    if not msg.rels:
+        raise Refused(ErrorCode.BAD_REQUEST, "tree/scans: no directory asked for")
+    manifests: list[protocol.DirManifest] = await s.fs(src.scan_many, [_rel(r) for r in msg.rels], s.packed)
+    return protocol.DirManifests(manifests=manifests)
 
 
 async def handle_tree_hashes(s: Session, msg: protocol.TreeHashes) -> protocol.DirPlanned:
@@ -940,6 +971,8 @@ _HANDLERS: dict[type[protocol.Message], Any] = {
     protocol.TreeDir: handle_tree_dir,
     protocol.TreeDigests: handle_tree_digests,
     protocol.TreeScan: handle_tree_scan,
+    protocol.TreeScans: handle_tree_scans,
+    protocol.TreeDirs: handle_tree_dirs,
     protocol.TreeFinish: handle_tree_finish,
     protocol.TreeHashes: handle_tree_hashes,
     protocol.TreeHash: handle_tree_hash,

@@ -54,6 +54,11 @@ MAX_PARTS = 1 << 20
 """Most parts of one directory's manifest (FEATURE_PARTS)."""
 PART_ENTRIES = 50_000
 PART_BYTES = 4 << 20
+BATCH_DIRS = 64
+"""Most directories in one tree/scans or tree/dirs (FEATURE_DIR_BATCH)."""
+BATCH_ENTRIES = 8192
+"""A tree/scans answer or a tree/dirs request stops adding directories once it holds this many
+entries (or half of MAX_MESSAGE)."""
 """A manifest part holds at most PART_ENTRIES entries and about PART_BYTES of names, link
 targets and xattrs (half the message limit: the encoding adds its overhead)."""
 MAX_STREAMS = 16
@@ -617,12 +622,16 @@ FEATURE_SEND_DIRS = "send-dirs-1"
 """Hello feature: a tree pull's transfer/send names its files by directory (SendFiles.dirs)
 instead of one path each. Negotiated as FEATURE_PACKED."""
 FEATURE_NEED_PACKED = "need-packed-1"
+"""Hello feature: a push's DirPlanned names the files to send packed (`packed_need`, one
+NeedGroup) instead of one Need array each. Negotiated as FEATURE_PACKED."""
 FEATURE_PARTS = "manifest-parts-1"
 """Hello feature: a directory's manifest too large for one message goes in parts (TreeDir
 `part`/`more` for push, TreeScan `part` / DirManifest `more` for pull), each at most
 PART_ENTRIES entries and about PART_BYTES."""
-"""Hello feature: a push's DirPlanned names the files to send packed (`packed_need`, one
-NeedGroup) instead of one Need array each. Negotiated as FEATURE_PACKED."""
+FEATURE_DIR_BATCH = "dir-batch-1"
+"""Hello feature: a tree pull asks for several directories' manifests in one tree/scans, and a
+tree push sends several new directories' manifests in one tree/dirs (decisions R42). Needs
+FEATURE_PARTS; negotiated as FEATURE_PACKED."""
 FEATURE_OWNERS = "owners"
 """HelloReply feature: this daemon, as a destination, preserves owners (runs as root): a push's
 digests must cover uid/gid."""
@@ -679,6 +688,38 @@ class DirManifest(Message):
     """As TreeDir.packed."""
     more: bool = field(default=False, metadata=_lim(omit=True))
     """FEATURE_PARTS: the directory has more parts (ask with TreeScan.part)."""
+
+
+@message_class
+class TreeScans(Message):
+    """Pull, FEATURE_DIR_BATCH: part 0 of several source directories' manifests, in order. The
+    daemon answers a prefix of `rels` (at least one; it stops once BATCH_ENTRIES entries or
+    about PART_BYTES are in): the client asks again for the rest."""
+
+    transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+    rels: list[bytes] = field(metadata=_lim(BATCH_DIRS))
+
+
+@message_class
+class DirManifests(Message):
+    manifests: list[DirManifest] = field(metadata=_lim(BATCH_DIRS))
+    """Part 0 of the first len(manifests) directories asked for; one that says `more`
+    continues with TreeScan part 1."""
+
+
+@message_class
+class TreeDirs(Message):
+    """Push, FEATURE_DIR_BATCH: several whole directories' manifests (each a TreeDir of one
+    part, without `only`), planned in order as tree/dir plans each."""
+
+    transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+    dirs: list[TreeDir] = field(metadata=_lim(BATCH_DIRS))
+
+
+@message_class
+class DirsPlanned(Message):
+    planned: list[DirPlanned] = field(metadata=_lim(BATCH_DIRS))
+    """One per directory of the TreeDirs, in its order."""
 
 
 @message_class
@@ -927,6 +968,8 @@ OPERATIONS: dict[str, Operation] = {
         Operation("tree/open", OpenTree, TransferOpened),
         Operation("tree/dir", TreeDir, DirPlanned),
         Operation("tree/scan", TreeScan, DirManifest),
+        Operation("tree/scans", TreeScans, DirManifests),
+        Operation("tree/dirs", TreeDirs, DirsPlanned),
         Operation("tree/finish", TreeFinish, TreeDone),
         Operation("tree/hashes", TreeHashes, DirPlanned),
         Operation("tree/digests", TreeDigests, DigestsChecked),
@@ -1299,8 +1342,11 @@ def decode(cls: type[M], body: bytes, *, max_size: int = MAX_MESSAGE) -> M:
             # The fast path said no: the generic one says why (or, if it accepts, wins).
             msg = _from_wire(cls, obj, cls.__name__)
         if cls in _UNPACK and msg.packed is not None:
-            entries = msg.entries + unpack_entries(msg.packed, MAX_LIST - len(msg.entries))
-            msg = dataclasses.replace(msg, entries=entries, packed=None)
+            msg = _unpacked(msg)
+        elif cls is DirManifests:
+            msg = dataclasses.replace(msg, manifests=[_unpacked(m) if m.packed is not None else m for m in msg.manifests])
+        elif cls is TreeDirs:
+            msg = dataclasses.replace(msg, dirs=[_unpacked(d) if d.packed is not None else d for d in msg.dirs])
         return msg  # type: ignore[no-any-return]
     except _Invalid as exc:
         raise RemoteProtocolError(f"invalid {cls.__name__}: {exc}", 400) from None
@@ -1524,6 +1570,12 @@ def unpack_entries(blob: bytes, limit: int = MAX_LIST) -> list[tuple[Any, ...]]:
 _UNPACK = frozenset({TreeDir, DirManifest})
 
 
+def _unpacked(msg: Any) -> Any:
+    """A TreeDir or DirManifest with its packed entries moved into `entries`."""
+    entries = msg.entries + unpack_entries(msg.packed, MAX_LIST - len(msg.entries))
+    return dataclasses.replace(msg, entries=entries, packed=None)
+
+
 # =================================================================================================
 # Session state (daemon side), as data: which requests each state accepts and where they lead.
 
@@ -1598,7 +1650,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""
@@ -1867,6 +1919,13 @@ __all__ = [
     "DirPlanned",
     "TreeScan",
     "DirManifest",
+    "TreeScans",
+    "DirManifests",
+    "TreeDirs",
+    "DirsPlanned",
+    "FEATURE_DIR_BATCH",
+    "BATCH_DIRS",
+    "BATCH_ENTRIES",
     "TreeFinish",
     "TreeDone",
     "FileHash",

@@ -404,6 +404,24 @@ def emit_actions(page: list[protocol.Action], emit: Callable[[str, str], None]) 
 # Source side
 
 
+class _BatchBudget:
+    """What a batch of directories' manifests (FEATURE_DIR_BATCH) holds so far: full at
+    protocol.BATCH_ENTRIES entries or half of MAX_MESSAGE (one more part still fits)."""
+
+    def __init__(self) -> None:
+        self.count = self.nbytes = 0
+
+    def full(self, m: DirManifest) -> bool:
+        """Add manifest `m`; True once the batch is full."""
+        self.count += len(m.entries)
+        for e in cast("list[Entry]", m.entries):
+            self.nbytes += _ENTRY_BYTES + len(e[0]) + len(e[12] or b"") + sum(len(k) + len(v) + 8 for k, v in e[13] or ())
+        if m.packed is not None:
+            self.count += protocol.packed_count(m.packed)
+            self.nbytes += len(m.packed)
+        return self.count >= protocol.BATCH_ENTRIES or self.nbytes >= protocol.MAX_MESSAGE // 2
+
+
 class SourceTree:
     """Reads a source tree below `root_fd`: per-directory manifests, and files by id.
 
@@ -555,6 +573,32 @@ class SourceTree:
             else:
                 self._parted[rel] = (parts, part + 1)
         return parts[part]
+
+    def scan_many(self, rels: list[str], pack: bool) -> list[DirManifest]:
+        """Worker thread (the daemon, pull, tree/scans): part 0 of these directories' manifests
+        (as `scan_part`), in order, up to the one that brings the answer to
+        protocol.BATCH_ENTRIES entries or half of MAX_MESSAGE (so one more part of at most
+        PART_BYTES still fits); always at least one."""
+        out: list[DirManifest] = []
+        budget = _BatchBudget()
+        for rel in rels:
+            m = self.scan_part(rel, 0, pack)
+            out.append(m)
+            if budget.full(m):
+                break
+        return out
+
+    def scan_batch(self, rels: list[str], pack: bool) -> list[list[DirManifest]]:
+        """Worker thread (push, tree/dirs): `scan_parts` of these directories, in order, up to
+        the one that fills a batch (as `scan_many`); always at least one."""
+        out: list[list[DirManifest]] = []
+        budget = _BatchBudget()
+        for rel in rels:
+            parts = self.scan_parts(rel, pack)
+            out.append(parts)
+            if len(parts) > 1 or budget.full(parts[0]):
+                break
+        return out
 
     def hashes(self, rel: str, names: list[bytes]) -> tuple[list[FileHash], list[PathFailure]]:
         """Worker thread, --checksum: xxh3-128 of these files of directory `rel` (a null digest
@@ -1121,6 +1165,11 @@ class DestTree:
         finally:
             if self._hidden:
                 self._after_plan(dst_rel, whole)
+
+    def plan_many(self, jobs: list[tuple[str, str, bool, list[Entry], bool, Entry | None]]) -> list[DirPlanned]:
+        """Worker thread (push, tree/dirs): `plan` each whole directory (rel, dst_rel, dst_new,
+        manifest, incomplete, dir_entry), in order."""
+        return [self.plan(rel, dst_rel, new, None, entries, incomplete, dir_entry) for rel, dst_rel, new, entries, incomplete, dir_entry in jobs]
 
     def _plan(
         self,
@@ -2039,21 +2088,32 @@ async def _walk(
     top: TopJob,
     visit: Callable[[str, str, bool, dict[str, str] | None], Any],
     group: Callable[[list[Job]], Any] | None = None,
+    many: Callable[[list[Job]], Awaitable[list[list[tuple[str, str, bool]] | None]]] | None = None,
 ) -> None:
     """Depth-first over directories, WALK_CONCURRENCY jobs at a time; `visit` returns the subdirs
     [(name, dname, new)] to descend into (decided by the destination side). `group`, when given,
     takes up to DIGEST_GROUP existing directories below the top at once (push digests) and
-    returns (jobs to descend into, jobs to visit in full). The first error cancels the rest of
-    the walk and is raised alone."""
+    returns (jobs to descend into, jobs to visit in full). `many` visits up to
+    protocol.BATCH_DIRS directories below the top at once (pull: tree/scans; push: new
+    directories, tree/dirs) and returns each one's subdirs, or None for one it did not get to
+    (visited again later). The first error cancels the rest of the walk and is raised alone."""
     stack: list[tuple[Job, bool]] = [((top.rel, top.dst_rel, top.dst_new, top.only), True)]  # (job, full)
     active = 0
     changed = trio.Event()
     errors: list[BaseException] = []
 
-    async def run(jobs: list[Job], full: bool) -> None:
+    async def run(jobs: list[Job], full: bool | None) -> None:
+        """`full`: True, visit jobs[0]; False, digests for `group`; None, `many`."""
         nonlocal active, changed
         try:
-            if full:
+            if full is None:
+                assert many is not None
+                results = await many(jobs)
+                stack.extend((j, False) for j, r in zip(reversed(jobs), reversed(results)) if r is None)
+                for j, r in zip(reversed(jobs), reversed(results)):
+                    for name, dname, new in reversed(r or ()):
+                        stack.append(((_join(j[0], name), _join(j[1], dname), new, None), False))
+            elif full:
                 subdirs = await visit(*jobs[0])
                 rel, dst_rel = jobs[0][0], jobs[0][1]
                 for name, dname, new in reversed(subdirs):
@@ -2076,6 +2136,12 @@ async def _walk(
             while stack and active < WALK_CONCURRENCY and not errors:
                 active += 1
                 job, full = stack.pop()
+                if many is not None and not full and (group is None or job[2]):
+                    batch = [job]
+                    while len(batch) < protocol.BATCH_DIRS and stack and not stack[-1][1] and (group is None or stack[-1][0][2]):
+                        batch.append(stack.pop()[0])
+                    nursery.start_soon(run, batch, True if len(batch) == 1 else None)
+                    continue
                 if full or group is None or job[2]:
                     nursery.start_soon(run, [job], True)
                     continue
@@ -2261,42 +2327,78 @@ async def push_tree(
             subdirs += await visit_part(rel, dst_rel, dst_new, only, manifest, i)
         return subdirs
 
-    async def visit_part(rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None, manifest: DirManifest, part: int) -> list[tuple[str, str, bool]]:
-        nonlocal complete, walked
+    def tree_dir(rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None, manifest: DirManifest, part: int) -> protocol.TreeDir:
+        """One part of a directory's manifest as its TreeDir (noting what this side could not read)."""
+        nonlocal complete
         if manifest.incomplete:
             complete = False
         local_failures.extend(manifest.failures)  # what this side could not read
         entries = cast("list[Entry]", manifest.entries)
         if only is not None:
             entries = [e for e in entries if _s(e[0]) in only]
+        return protocol.TreeDir(
+            transfer=t.id,
+            rel=_b(rel),
+            dst_rel=_b(dst_rel),
+            dst_new=dst_new,
+            only=_only_wire(only),
+            entries=cast("list[SrcEntry]", entries),
+            incomplete=manifest.incomplete,
+            dir_entry=manifest.dir_entry,
+            packed=manifest.packed,
+            part=part,
+            more=manifest.more,
+        )
+
+    async def visit_many(jobs: list[Job]) -> list[list[tuple[str, str, bool]] | None]:
+        """FEATURE_DIR_BATCH: new directories scanned in one thread hop and planned in one
+        tree/dirs; one in parts goes alone, part by part; None for those left for later."""
+        scanned = await trio.to_thread.run_sync(source.scan_batch, [j[0] for j in jobs], packed)
+        whole = [(j, parts[0]) for j, parts in zip(jobs, scanned) if len(parts) == 1]
+        got: dict[str, list[tuple[str, str, bool]]] = {}
+        if whole:
+            msgs = [tree_dir(j[0], j[1], j[2], None, m, 0) for j, m in whole]
+            try:
+                reply: protocol.DirsPlanned = await session.call(protocol.TreeDirs(transfer=t.id, dirs=msgs))
+            except MessageTooLarge as exc:
+                raise MessageTooLarge(f"directories from {whole[0][0][0] or '.'!r} are too large to send: {exc}") from None
+            if len(reply.planned) != len(msgs):
+                from ..errors import RemoteProtocolError
+
+                raise RemoteProtocolError(f"tree/dirs: {len(reply.planned)} plans for {len(msgs)} directories")
+            for (j, _), msg, planned in zip(whole, msgs, reply.planned):
+                got[j[0]] = await settle(j[0], msg, planned)
+        for j, parts in zip(jobs, scanned):
+            if len(parts) > 1:
+                subdirs: list[tuple[str, str, bool]] = []
+                for i, m in enumerate(parts):
+                    subdirs += await visit_part(j[0], j[1], j[2], None, m, i)
+                got[j[0]] = subdirs
+        return [got.get(j[0]) for j in jobs]
+
+    async def visit_part(rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None, manifest: DirManifest, part: int) -> list[tuple[str, str, bool]]:
+        msg = tree_dir(rel, dst_rel, dst_new, only, manifest, part)
         try:
-            planned: DirPlanned = await session.call(
-                protocol.TreeDir(
-                    transfer=t.id,
-                    rel=_b(rel),
-                    dst_rel=_b(dst_rel),
-                    dst_new=dst_new,
-                    only=_only_wire(only),
-                    entries=cast("list[SrcEntry]", entries),
-                    incomplete=manifest.incomplete,
-                    dir_entry=manifest.dir_entry,
-                    packed=manifest.packed,
-                    part=part,
-                    more=manifest.more,
-                )
-            )
+            planned: DirPlanned = await session.call(msg)
         except MessageTooLarge as exc:
             raise MessageTooLarge(f"directory {rel or '.'!r} is too large to send: {exc}") from None
+        return await settle(rel, msg, planned)
+
+    async def settle(rel: str, msg: protocol.TreeDir, planned: DirPlanned) -> list[tuple[str, str, bool]]:
+        """The daemon planned the directory part `msg`: queue its files, settle --checksum,
+        keep the queue bounded, collect a move's confirmations; returns its subdirs."""
+        nonlocal walked
+        entries = cast("list[Entry]", msg.entries)
         queue(rel, planned)
         if planned.hash:
             sizes = {e[0]: e[2] for e in entries}
-            if manifest.packed is not None:
-                sizes.update((e[0], e[2]) for e in protocol.unpack_entries(manifest.packed))
+            if msg.packed is not None:
+                sizes.update((e[0], e[2]) for e in protocol.unpack_entries(msg.packed))
             await checksums(rel, planned.hash, sizes)
         while len(jobs) > MAX_QUEUED_FILES:
             await trio.sleep(0.05)
         if move:
-            walked += len(entries) + (protocol.packed_count(manifest.packed) if manifest.packed is not None else 0)
+            walked += len(entries) + (protocol.packed_count(msg.packed) if msg.packed is not None else 0)
             if walked >= LANDED_DRAIN and not drain_lock.locked():
                 walked = 0
                 await collect(False)
@@ -2351,7 +2453,8 @@ async def push_tree(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(t.run_senders, source, jobs)
                 try:
-                    await _walk(top, visit, group if use_digests else None)
+                    batch = parts_ok and protocol.FEATURE_DIR_BATCH in peer_features
+                    await _walk(top, visit, group if use_digests else None, visit_many if batch else None)
                 finally:
                     jobs.close()
                     t.no_more_files()
@@ -2562,7 +2665,39 @@ async def pull_tree(
                 return subdirs
             part += 1
 
-    async def visit_part(rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None, manifest: DirManifest, part: int) -> list[tuple[str, str, bool]]:
+    async def visit_many(jobs: list[Job]) -> list[list[tuple[str, str, bool]] | None]:
+        """FEATURE_DIR_BATCH: several directories' manifests in one tree/scans, their files asked
+        for in one transfer/send; None for those the daemon left for another request."""
+        got: protocol.DirManifests = await session.call(protocol.TreeScans(transfer=t.id, rels=[_b(j[0]) for j in jobs]))
+        if not 0 < len(got.manifests) <= len(jobs):
+            from ..errors import RemoteProtocolError
+
+            raise RemoteProtocolError(f"tree/scans: {len(got.manifests)} manifests for {len(jobs)} directories")
+        out: list[list[tuple[str, str, bool]] | None] = []
+        groups: list[protocol.FileGroup] = []
+        for (rel, dst_rel, dst_new, only), manifest in zip(jobs, got.manifests):
+            subdirs = await visit_part(rel, dst_rel, dst_new, only, manifest, 0, groups)
+            part = 0
+            while manifest.more:  # the rest of a large directory, part by part, as `visit` does
+                await ask(groups)
+                part += 1
+                manifest = await session.call(protocol.TreeScan(transfer=t.id, rel=_b(rel), part=part))
+                subdirs += await visit_part(rel, dst_rel, dst_new, only, manifest, part, groups)
+            out.append(subdirs)
+        await ask(groups)
+        return out + [None] * (len(jobs) - len(out))
+
+    async def ask(groups: list[protocol.FileGroup]) -> None:
+        """Ask the daemon for the files of `groups` (and empty it)."""
+        if groups:
+            await session.call(protocol.SendFiles(transfer=t.id, files=[], dirs=list(groups)))
+            groups.clear()
+
+    async def visit_part(
+        rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None, manifest: DirManifest, part: int, groups: list[protocol.FileGroup] | None = None
+    ) -> list[tuple[str, str, bool]]:
+        """One part of one directory's manifest: planned here, its files asked for (by_dir:
+        added to `groups` when given, for the caller to ask for)."""
         nonlocal complete, asked
         if manifest.incomplete:
             complete = False
@@ -2581,7 +2716,10 @@ async def pull_tree(
             need += await checksums(rel, planned.hash, {e[0]: e[2] for e in entries})
         if need and by_dir:
             group = protocol.FileGroup(rel=_b(rel), ids=b"".join(g.ids for g in need), names=b"".join(g.names for g in need))
-            await session.call(protocol.SendFiles(transfer=t.id, files=[], dirs=[group]))
+            if groups is not None:
+                groups.append(group)
+            else:
+                await session.call(protocol.SendFiles(transfer=t.id, files=[], dirs=[group]))
             asked += len(group.ids) // 4  # u32 ids (protocol.pack_needs)
         elif need:
             refs = []
@@ -2602,7 +2740,8 @@ async def pull_tree(
                     reporter.start_soon(pass_actions)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(receive)
-                    await _walk(top, visit)
+                    scans = by_dir and protocol.FEATURE_DIR_BATCH in session.peer.features
+                    await _walk(top, visit, many=visit_many if scans else None)
                     # No more files: the daemon's senders end with DONE. (Not on a failed walk: the
                     # receivers are cancelled then, and a frozen daemon would not answer anyway.)
                     await session.call(protocol.SendFiles(transfer=t.id, files=[], last=True))
