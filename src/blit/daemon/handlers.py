@@ -782,13 +782,19 @@ async def handle_tree_dir(s: Session, msg: protocol.TreeDir) -> protocol.DirPlan
     return reply if s.need_packed else protocol.with_need_list(reply)
 
 
+def _check_batch(s: Session, op: str, n: int) -> None:
+    """tree/dirs and tree/scans: the session negotiated FEATURE_DIR_BATCH, and the batch holds
+    at least one directory."""
+    if not s.dir_batch:
+        raise Refused(ErrorCode.BAD_REQUEST, f"{op} needs the hello feature {protocol.FEATURE_DIR_BATCH}")
+    if not n:
+        raise Refused(ErrorCode.BAD_REQUEST, f"{op}: no directory in the batch")
+
+
 async def handle_tree_dirs(s: Session, msg: protocol.TreeDirs) -> protocol.DirsPlanned:
     """Push, FEATURE_DIR_BATCH: several whole directories planned in one thread hop."""
     dest = s.dest_tree(msg.transfer, "tree/dirs")
-    if not s.dir_batch:
-        raise Refused(ErrorCode.BAD_REQUEST, "tree/dirs needs the hello feature " + protocol.FEATURE_DIR_BATCH)
-    if not msg.dirs:
-        raise Refused(ErrorCode.BAD_REQUEST, "tree/dirs: no directory sent")
+    _check_batch(s, "tree/dirs", len(msg.dirs))
     for d in msg.dirs:
         if d.only is not None or d.part or d.more:
             raise Refused(ErrorCode.BAD_REQUEST, "tree/dirs: a directory with `only` or in parts goes alone (tree/dir)")
@@ -822,10 +828,7 @@ async def handle_tree_scan(s: Session, msg: protocol.TreeScan) -> protocol.DirMa
 async def handle_tree_scans(s: Session, msg: protocol.TreeScans) -> protocol.DirManifests:
     """Pull, FEATURE_DIR_BATCH: part 0 of several directories' manifests in one thread hop."""
     src = s.src_tree(msg.transfer, "tree/scans")
-    if not s.dir_batch:
-        raise Refused(ErrorCode.BAD_REQUEST, "tree/scans needs the hello feature " + protocol.FEATURE_DIR_BATCH)
-    if not msg.rels:
-        raise Refused(ErrorCode.BAD_REQUEST, "tree/scans: no directory asked for")
+    _check_batch(s, "tree/scans", len(msg.rels))
     manifests: list[protocol.DirManifest] = await s.fs(src.scan_many, [_rel(r) for r in msg.rels], s.packed)
     return protocol.DirManifests(manifests=manifests)
 
