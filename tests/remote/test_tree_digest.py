@@ -37,8 +37,8 @@ def make_tree(root: Path) -> None:
 
 
 class Spy:
-    """Counts what the client sends: tree/dir requests by source directory and the
-    directories offered as digests."""
+    """Counts what the client sends: manifests by source directory (tree/dir, and each of a
+    tree/dirs batch) and the directories offered as digests."""
 
     def __init__(self) -> None:
         self.manifests: Counter[bytes] = Counter()
@@ -51,10 +51,10 @@ class Spy:
 
         async def call(msg):  # type: ignore[no-untyped-def]
             reply = await real(msg)
-            if isinstance(msg, protocol.TreeDir):
-                self.manifests[msg.rel] += 1
-                self.entries += len(msg.entries)
-            elif isinstance(msg, protocol.TreeDigests):
+            for d in [msg] if isinstance(msg, protocol.TreeDir) else msg.dirs if isinstance(msg, protocol.TreeDirs) else []:
+                self.manifests[d.rel] += 1
+                self.entries += len(d.entries)
+            if isinstance(msg, protocol.TreeDigests):
                 self.digests += [d.rel for d in msg.dirs]
                 self.equal += sum(reply.equal)
             return reply
