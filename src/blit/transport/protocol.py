@@ -54,13 +54,13 @@ MAX_PARTS = 1 << 20
 """Most parts of one directory's manifest (FEATURE_PARTS)."""
 PART_ENTRIES = 50_000
 PART_BYTES = 4 << 20
+"""A manifest part holds at most PART_ENTRIES entries and about PART_BYTES of names, link
+targets and xattrs (half the message limit: the encoding adds its overhead)."""
 BATCH_DIRS = 64
 """Most directories in one tree/scans or tree/dirs (FEATURE_DIR_BATCH)."""
 BATCH_ENTRIES = 8192
 """A tree/scans answer or a tree/dirs request stops adding directories once it holds this many
 entries (or half of MAX_MESSAGE)."""
-"""A manifest part holds at most PART_ENTRIES entries and about PART_BYTES of names, link
-targets and xattrs (half the message limit: the encoding adds its overhead)."""
 MAX_STREAMS = 16
 """Most data streams one transfer may ask for."""
 TOKEN_ID_BYTES = 8

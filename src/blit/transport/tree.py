@@ -2106,18 +2106,16 @@ async def _walk(
         """`full`: True, visit jobs[0]; False, digests for `group`; None, `many`."""
         nonlocal active, changed
         try:
-            if full is None:
-                assert many is not None
-                results = await many(jobs)
+            if full is not False:
+                if full is None:
+                    assert many is not None
+                    results = await many(jobs)
+                else:
+                    results = [await visit(*jobs[0])]
                 stack.extend((j, False) for j, r in zip(reversed(jobs), reversed(results)) if r is None)
                 for j, r in zip(reversed(jobs), reversed(results)):
                     for name, dname, new in reversed(r or ()):
                         stack.append(((_join(j[0], name), _join(j[1], dname), new, None), False))
-            elif full:
-                subdirs = await visit(*jobs[0])
-                rel, dst_rel = jobs[0][0], jobs[0][1]
-                for name, dname, new in reversed(subdirs):
-                    stack.append(((_join(rel, name), _join(dst_rel, dname), new, None), False))
             else:
                 assert group is not None
                 children, again = await group(jobs)
@@ -2317,11 +2315,15 @@ async def push_tree(
                 if not page.more or (not final and page_size(page.groups) < LANDED_PAGE):
                     return
 
-    async def visit(rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None) -> list[tuple[str, str, bool]]:
-        if only is None and parts_ok:
-            parts = await trio.to_thread.run_sync(source.scan_parts, rel, packed)
-        else:  # `SRC` (its parent, filtered to one name), or a daemon without FEATURE_PARTS
-            parts = [await trio.to_thread.run_sync(source.scan, rel, packed and only is None)]
+    async def visit(
+        rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None, parts: list[DirManifest] | None = None
+    ) -> list[tuple[str, str, bool]]:
+        """One source directory (its `parts` when already scanned), part by part."""
+        if parts is None:
+            if only is None and parts_ok:
+                parts = await trio.to_thread.run_sync(source.scan_parts, rel, packed)
+            else:  # `SRC` (its parent, filtered to one name), or a daemon without FEATURE_PARTS
+                parts = [await trio.to_thread.run_sync(source.scan, rel, packed and only is None)]
         subdirs: list[tuple[str, str, bool]] = []
         for i, manifest in enumerate(parts):
             subdirs += await visit_part(rel, dst_rel, dst_new, only, manifest, i)
@@ -2370,10 +2372,7 @@ async def push_tree(
                 got[j[0]] = await settle(j[0], msg, planned)
         for j, parts in zip(jobs, scanned):
             if len(parts) > 1:
-                subdirs: list[tuple[str, str, bool]] = []
-                for i, m in enumerate(parts):
-                    subdirs += await visit_part(j[0], j[1], j[2], None, m, i)
-                got[j[0]] = subdirs
+                got[j[0]] = await visit(*j, parts)
         return [got.get(j[0]) for j in jobs]
 
     async def visit_part(rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None, manifest: DirManifest, part: int) -> list[tuple[str, str, bool]]:
@@ -2653,17 +2652,29 @@ async def pull_tree(
                 if last or (not final and page_size(page) < LANDED_PAGE):
                     return
 
-    async def visit(rel: str, dst_rel: str, dst_new: bool, only: dict[str, str] | None) -> list[tuple[str, str, bool]]:
-        """One source directory: its manifest part by part (FEATURE_PARTS), each planned here
-        and its files asked for before the next part is fetched."""
+    async def visit(
+        rel: str,
+        dst_rel: str,
+        dst_new: bool,
+        only: dict[str, str] | None,
+        manifest: DirManifest | None = None,
+        groups: list[protocol.FileGroup] | None = None,
+    ) -> list[tuple[str, str, bool]]:
+        """One source directory: its manifest part by part (FEATURE_PARTS; part 0 is `manifest`
+        when tree/scans brought it), each planned here and its files asked for before the next
+        part is fetched (into `groups` when given: the caller asks for the last part's)."""
         subdirs: list[tuple[str, str, bool]] = []
         part = 0
         while True:
-            manifest: DirManifest = await session.call(protocol.TreeScan(transfer=t.id, rel=_b(rel), part=part))
-            subdirs += await visit_part(rel, dst_rel, dst_new, only, manifest, part)
+            if manifest is None:
+                manifest = await session.call(protocol.TreeScan(transfer=t.id, rel=_b(rel), part=part))
+            subdirs += await visit_part(rel, dst_rel, dst_new, only, manifest, part, groups)
             if not manifest.more:
                 return subdirs
+            if groups is not None:
+                await ask(groups)
             part += 1
+            manifest = None
 
     async def visit_many(jobs: list[Job]) -> list[list[tuple[str, str, bool]] | None]:
         """FEATURE_DIR_BATCH: several directories' manifests in one tree/scans, their files asked
@@ -2675,15 +2686,8 @@ async def pull_tree(
             raise RemoteProtocolError(f"tree/scans: {len(got.manifests)} manifests for {len(jobs)} directories")
         out: list[list[tuple[str, str, bool]] | None] = []
         groups: list[protocol.FileGroup] = []
-        for (rel, dst_rel, dst_new, only), manifest in zip(jobs, got.manifests):
-            subdirs = await visit_part(rel, dst_rel, dst_new, only, manifest, 0, groups)
-            part = 0
-            while manifest.more:  # the rest of a large directory, part by part, as `visit` does
-                await ask(groups)
-                part += 1
-                manifest = await session.call(protocol.TreeScan(transfer=t.id, rel=_b(rel), part=part))
-                subdirs += await visit_part(rel, dst_rel, dst_new, only, manifest, part, groups)
-            out.append(subdirs)
+        for job, manifest in zip(jobs, got.manifests):
+            out.append(await visit(*job, manifest, groups))
         await ask(groups)
         return out + [None] * (len(jobs) - len(out))
 
