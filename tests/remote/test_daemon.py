@@ -248,3 +248,14 @@ async def test_concurrent_requests_on_one_session(daemon: Daemon) -> None:
             for _ in range(100):
                 n.start_soon(one)
     assert len(out) == 100 and all(e is not None and e.kind == "dir" for e in out)
+
+
+def test_a_received_data_frames_repr_does_not_hex_encode_its_payload() -> None:
+    """h2 formats every received frame for its trace log; control.py keeps a DATA frame's repr
+    to its length (R43). If hyperframe renames what we replace, this fails."""
+    from hyperframe.frame import DataFrame
+
+    import blit.transport.control  # noqa: F401  (applies the repr)
+
+    frame = DataFrame(1, data=b"\xab" * (1 << 20))
+    assert repr(frame) == "DataFrame(stream_id=1, flags=[]): <1048576 bytes>"
