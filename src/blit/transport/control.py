@@ -17,6 +17,9 @@ connection window (64 MiB) exceeds the sum of the stream windows (so one stream 
 another of connection credit), at most 32 concurrent streams, 16 KiB of headers, writes buffered
 up to 4 MiB before a sender waits. Every wait has a timeout.
 
+Importing it changes one thing outside it, process-wide: a hyperframe DATA frame's repr shows
+its length instead of its payload (R43: h2 formats every received frame for a no-op log).
+
 This module must not know the blit messages beyond `protocol.py`'s constants: it moves bytes.
 """
 
