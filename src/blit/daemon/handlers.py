@@ -495,10 +495,11 @@ async def handle_auth(s: Session, msg: protocol.Auth) -> protocol.Ack:
 
 async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
     s.ready.set()
-    s.packed = protocol.FEATURE_PACKED in msg.features
-    s.need_packed = protocol.FEATURE_NEED_PACKED in msg.features
-    s.parts = protocol.FEATURE_PARTS in msg.features
-    s.dir_batch = s.parts and protocol.FEATURE_DIR_BATCH in msg.features
+    granted = _features(msg.features)
+    s.packed = protocol.FEATURE_PACKED in granted
+    s.need_packed = protocol.FEATURE_NEED_PACKED in granted
+    s.parts = protocol.FEATURE_PARTS in granted
+    s.dir_batch = protocol.FEATURE_DIR_BATCH in granted
     log.info("session from %s (%s)", s.peer, msg.software)
     return protocol.HelloReply(
         protocol=protocol.PROTOCOL_VERSION,
@@ -506,7 +507,7 @@ async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
         name=s.state.config.instance_name[:255],
         data_port=None if s.state.config.force_h2_data else s.state.data_port,
         max_message=protocol.MAX_MESSAGE,
-        features=_features(msg.features),
+        features=granted,
     )
 
 
