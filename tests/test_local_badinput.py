@@ -90,6 +90,14 @@ def test_source_equal_to_destination(tmp_path: Path, op: str, src: str, dst: str
     _assert_refused_untouched(tmp_path, op, src, dst, pattern="same|equal|itself")
 
 
+@pytest.mark.parametrize("op", ["copy", "mirror", "move"])
+def test_a_file_onto_a_file_named_with_a_trailing_slash(tmp_path: Path, op: str) -> None:
+    """cp and rsync refuse `file DST/` when DST is a file ("Not a directory"); it is not replaced."""
+    make_tree(tmp_path / "src", TREE)
+    write_file(tmp_path / "dst", b"old")
+    _assert_refused_untouched(tmp_path, op, "src/a.txt", "dst/", pattern="^blit: error: destination is not a directory: dst/$")
+
+
 @pytest.mark.parametrize(
     "endpoint",
     [":/module/path", "host:", "host:relative/path", "host:99999:/module/path",

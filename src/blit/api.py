@@ -164,6 +164,8 @@ def resolve(src: str, dst: str, operation: Operation) -> _Resolved:
         else:
             if dst_st is not None and src_is_dir:
                 raise UsageError(f"cannot overwrite non-directory {dst} with directory {src}")
+            if dst_st is not None and dst_slash:  # cp and rsync: "Not a directory"
+                raise UsageError(f"destination is not a directory: {dst}")
             dst_base, dname = os.path.dirname(dst_abs), os.path.basename(dst_abs)
             if not os.path.isdir(dst_base):
                 make_dst = dst_base
@@ -184,6 +186,18 @@ def resolve(src: str, dst: str, operation: Operation) -> _Resolved:
     if make_dst is not None and _inside(_real(make_dst), real_src) and src_is_dir:
         raise UsageError(f"destination {dst} is inside the source {src}")
     return _Resolved(src_base, dst_base, job, node, make_dst, rename_ok, target)
+
+
+def check_source_readable(path: bytes, trailing_slash: bool, shown: str) -> None:
+    """A push's local source (remote.py) must be readable as a local run's is (`_check_readable`).
+    A source that vanished meanwhile is left to the transfer to report."""
+    try:
+        st = os.stat(path) if trailing_slash else os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise FatalError(f"cannot read source {shown}: {exc.strerror}") from None
+    _check_readable(path, st, shown)
 
 
 def _check_readable(path: bytes, st: os.stat_result, shown: str) -> None:

@@ -145,7 +145,7 @@ def parse_endpoint(text: str) -> LocalEndpoint | RemoteEndpoint:
     if not _MODULE_RE.match(module):
         raise ConfigError(f"malformed endpoint {text!r}: {module!r} is not a valid module name")
     _check_path(text, path)
-    return RemoteEndpoint(host, module, path, user)
+    return RemoteEndpoint(host, module, path.lstrip("/"), user)  # rsync: mod//x is mod/x
 
 
 def parse_host(text: str) -> HostSpec:

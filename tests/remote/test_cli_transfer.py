@@ -90,6 +90,28 @@ def test_push_move_keeps_a_file_the_client_cannot_read(nobody_tmp: Path, tmp_pat
         assert sorted(p.name for p in src.rglob("*")) == ["secret", "sub"]
 
 
+@pytest.mark.parametrize("what", ["dir", "dir contents", "file"])
+def test_a_push_whose_source_root_cannot_be_read_is_one_line(nobody_tmp: Path, tmp_path: Path, what: str) -> None:
+    """As locally (test_unreadable_source_root_is_fatal): exit 1, one line, nothing sent."""
+    src = nobody_tmp / "src"
+    src.mkdir()
+    (src / "a").write_text("a")
+    chown_tree(src, NOBODY, NOBODY)
+    if what == "file":
+        os.chmod(src / "a", 0o000)
+        arg = str(src / "a")
+    else:
+        os.chmod(src, 0o000)
+        arg = str(src) + ("/" if what == "dir contents" else "")
+    with run_daemon_process(tmp_path, tls=False) as d:
+        env = {**d.env, "HOME": str(nobody_tmp / "home")}
+        r = blit(d, "copy", "--no-tls", arg, url(d, "data/out"), as_nobody=True, env=env)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert errors(r) == [f"blit: error: cannot read source {arg}: Permission denied"], r.stderr
+        assert "Traceback" not in r.stderr
+        assert os.listdir(d.modules["data"]) == []
+
+
 @pytest.mark.parametrize("direction", ["push", "pull"])
 def test_json_progress_of_a_remote_run(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
     d = daemon_process

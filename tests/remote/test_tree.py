@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from blit.errors import RemoteError
+from blit.errors import RemoteError, UsageError
 from blit.transport.tree import TopJob, TreeSpec, pull_tree, push_tree
 
 from .conftest import Daemon
@@ -193,8 +193,6 @@ async def test_pull_follows_rsync_slash_rules(daemon: Daemon, tmp_path: Path, sr
 
 
 async def test_remote_transfer_bad_input(daemon: Daemon, tmp_path: Path) -> None:
-    from blit.errors import UsageError
-
     host = f"127.0.0.1:{daemon.info.port}"
     (tmp_path / "f").write_text("x")
     with pytest.raises(UsageError, match="source does not exist"):
@@ -208,6 +206,46 @@ async def test_remote_transfer_bad_input(daemon: Daemon, tmp_path: Path) -> None
     with pytest.raises(RemoteError, match="does not accept remote to remote transfers"):  # no allow_peer_pull
         await _run(daemon, "copy", f"{host}:/data/a", f"{host}:/data/b")
     assert os.listdir(daemon.modules["data"]) == []
+
+
+async def test_a_file_onto_a_non_directory_with_a_trailing_slash_is_refused(daemon: Daemon, tmp_path: Path) -> None:
+    """cp and rsync say "Not a directory" for `file DST/` when DST is a file; a symlink on the
+    daemon (never followed) is named as one. Neither is replaced."""
+    host = f"127.0.0.1:{daemon.info.port}"
+    mod = daemon.modules["data"]
+    (tmp_path / "f").write_text("new")
+    (mod / "file").write_text("old")
+    (mod / "sub").mkdir()
+    (mod / "link").symlink_to("sub")
+    with pytest.raises(UsageError, match=r"^destination is not a directory: .*/data/file/$"):
+        await _run(daemon, "copy", str(tmp_path / "f"), f"{host}:/data/file/")
+    with pytest.raises(UsageError, match=r"^destination is a symbolic link, which a daemon never follows, not a directory: .*/data/link/$"):
+        await _run(daemon, "copy", str(tmp_path / "f"), f"{host}:/data/link/")
+    assert (mod / "file").read_text() == "old"
+    assert os.readlink(mod / "link") == "sub" and os.listdir(mod / "sub") == []
+    (tmp_path / "local").write_text("old")
+    with pytest.raises(UsageError, match="^destination is not a directory: "):
+        await _run(daemon, "copy", f"{host}:/data/file", str(tmp_path / "local") + "/")
+    assert (tmp_path / "local").read_text() == "old"
+
+
+async def test_a_symlink_named_as_a_pulled_directory_is_called_one(daemon: Daemon, tmp_path: Path) -> None:
+    mod = daemon.modules["data"]
+    (mod / "x").mkdir()
+    (mod / "ld").symlink_to("x")
+    with pytest.raises(UsageError, match="^source is a symbolic link, which a daemon never follows, not a directory: "):
+        await _run(daemon, "copy", f"127.0.0.1:{daemon.info.port}:/data/ld/", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+async def test_a_doubled_slash_after_the_module_is_one_as_in_rsync(daemon: Daemon, tmp_path: Path) -> None:
+    host = f"127.0.0.1:{daemon.info.port}"
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "a").write_text("a")
+    s = await _run(daemon, "copy", str(tmp_path / "s") + "/", f"{host}:/data//x")
+    assert s.exit_code == 0 and (daemon.modules["data"] / "x" / "a").read_text() == "a"
+    s = await _run(daemon, "copy", f"{host}:/data//x/a", str(tmp_path / "back"))
+    assert s.exit_code == 0 and (tmp_path / "back").read_text() == "a"
 
 
 async def test_remote_mirror_summary(daemon: Daemon, tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from ..errors import ConfigError, ConnectError, FatalError, RemoteError, StallEr
 from ..transport import protocol
 from ..transport import tls as tls_mod
 from ..transport.protocol import ErrorCode, Refused
-from ..transport.remote import RemoteSide, Resolved, resolve
+from ..transport.remote import RemoteSide, Resolved, resolve, side_kind
 from . import contain
 
 log = logging.getLogger("blit.daemon")
@@ -63,7 +63,7 @@ class ModuleSide(RemoteSide):
             if exc.code in (ErrorCode.NOT_FOUND, ErrorCode.NOT_A_DIRECTORY):
                 return None
             raise
-        return None if entry is None else "dir" if entry.kind == "dir" else "other"
+        return side_kind(entry)
 
 
 async def peer_addresses(host: HostSpec) -> list[str]:

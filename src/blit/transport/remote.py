@@ -73,7 +73,8 @@ class Side:
     may need both (one round trip instead of two)."""
 
     async def kind(self, path: bytes, follow: bool) -> str | None:
-        """"dir", "other", or None when missing; OSError for anything else."""
+        """"dir", "link" (a symlink a daemon does not follow), "other", or None when missing;
+        OSError for anything else."""
         raise NotImplementedError
 
     def split(self, path: bytes) -> tuple[bytes, bytes]:
@@ -112,7 +113,7 @@ class RemoteSide(Side):
 
     async def kind(self, path: bytes, follow: bool) -> str | None:
         entry = await _rstat(self.session, self.module, path)
-        return None if entry is None else "dir" if entry.kind == "dir" else "other"
+        return side_kind(entry)
 
     def split(self, path: bytes) -> tuple[bytes, bytes]:
         return split_remote(path)
@@ -158,7 +159,7 @@ async def resolve(src: Side, dst: Side) -> Resolved:
         raise UsageError(f"source does not exist: {src.label}")
     src_is_dir = skind == "dir"
     if src.trailing_slash and not src_is_dir:
-        raise UsageError(f"source is not a directory: {src.label}")
+        raise UsageError(f"source is {_not_dir(skind)}: {src.label}")
 
     async def dst_kind(path: bytes) -> str | None:
         try:
@@ -193,7 +194,7 @@ async def resolve(src: Side, dst: Side) -> Resolved:
         dkind = await dst_kind(dst.path)
     if contents:
         if dkind is not None and dkind != "dir":
-            raise UsageError(f"destination exists and is not a directory: {dst.label}")
+            raise UsageError(f"destination exists and is {_not_dir(dkind)}: {dst.label}")
         return Resolved(src.path, dst.path, TopJob(dst_new=dkind is None), create_dst=dkind is None)
     src_base, name = src.split(src.path)
     if dkind == "dir":
@@ -203,6 +204,8 @@ async def resolve(src: Side, dst: Side) -> Resolved:
     else:
         if dkind is not None and src_is_dir:
             raise UsageError(f"cannot overwrite non-directory {dst.label} with directory {src.label}")
+        if dkind is not None and dst.trailing_slash:  # cp and rsync: "Not a directory"
+            raise UsageError(f"destination is {_not_dir(dkind)}: {dst.label}")
         base, dname = dst.split(dst.path)
         if not dname:
             raise UsageError(f"destination {dst.label} names no file")
@@ -216,6 +219,20 @@ async def resolve(src: Side, dst: Side) -> Resolved:
     # creates nothing, need not open it).
     top = TopJob(dst_new=create, only={os.fsdecode(name): os.fsdecode(dname)})
     return Resolved(src_base, base, top, create_dst=create)
+
+
+def side_kind(entry: protocol.Entry | None) -> str | None:
+    """A daemon's entry as `Side.kind` says it."""
+    if entry is None:
+        return None
+    return "dir" if entry.kind == "dir" else "link" if entry.kind == "symlink" else "other"
+
+
+def _not_dir(kind: str) -> str:
+    """What a `kind` other than "dir" is, for a message where a directory was needed."""
+    if kind == "link":
+        return "a symbolic link, which a daemon never follows, not a directory"
+    return "not a directory"
 
 
 def _summarize(summary: Summary, done: protocol.TreeDone, progress: Any) -> None:
@@ -340,6 +357,7 @@ async def remote_transfer(
     from ..filters import Filters
     from ..report import NullProgress, tick
     from .client import Timeouts, open_session
+    from ..api import check_source_readable
     from .tree import DestTree, TreeCounters, pull_tree, push_tree
 
     compiled = Filters.from_args(filters or [])  # a bad pattern stops the run before anything else
@@ -381,7 +399,9 @@ async def remote_transfer(
             if isinstance(d_ep, RemoteEndpoint):
                 assert isinstance(s_ep, LocalEndpoint)
                 direction = "push"
-                r = await resolve(LocalSide(s_ep), remote_side(session, d_ep))
+                local = LocalSide(s_ep)
+                r = await resolve(local, remote_side(session, d_ep))
+                await trio.to_thread.run_sync(check_source_readable, local.path, local.trailing_slash, local.label)
                 done = await push_tree(
                     session, r.src_base, d_ep.module, r.dst_base, r.top, spec, streams, create_base=r.create_dst, counters=counters,
                     actions=actions,
