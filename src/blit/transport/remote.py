@@ -13,7 +13,7 @@ any two `Side`s: local and remote here, and on a daemon asked to pull from anoth
 | `dir` | existing directory | dir lands as `DST/dir` |
 | `dir` | missing | dir lands as DST |
 | `file` | existing directory | `DST/file` |
-| `file` | anything else | DST |
+| `file` | anything else | DST (`DST/` naming a non-directory: refused) |
 
 Move removes a source entry only once the destination side confirmed it landed and synced it
 (docs/protocol.md §4); between two daemons that side is B, whose pull from A is a pull move.
