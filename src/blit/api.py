@@ -315,6 +315,9 @@ async def transfer(
     return summary
 
 
+_AT_FDCWD = -100  # Linux: the *at() calls' "relative to the working directory" (the paths are absolute)
+
+
 def _try_rename(r: _Resolved) -> bool:
     """Move within one filesystem onto a free name: one rename(2), as mv does."""
     assert r.job.only is not None
@@ -325,10 +328,14 @@ def _try_rename(r: _Resolved) -> bool:
             _makedirs(r.make_dst)
         if os.lstat(src).st_dev != os.stat(r.dst_base).st_dev:
             return False
-        # renameat2(RENAME_NOREPLACE) semantics via link-free check: the target must stay free.
         if _lstat(r.target) is not None:
             return False
-        os.rename(src, r.target)
+        from .ffi import scan as cscan
+
+        if cscan.HAVE_CMPDIR:  # renameat2(RENAME_NOREPLACE): a name taken meanwhile stays
+            cscan.rename_noreplace(_AT_FDCWD, src, _AT_FDCWD, r.target)
+        else:
+            os.rename(src, r.target)
         return True
     except OSError:
         return False

@@ -85,6 +85,8 @@ def _human_bytes(n: float) -> str:
 
 
 def summary_line(s: "Summary") -> str:
+    if s.strategy == "rename":  # a local move within one filesystem: mv's one rename(2)
+        return f"moved {s.source} to {s.destination} with one rename in {s.duration_s:.2f} s"
     verb = {"copy": "copied", "mirror": "copied", "move": "moved"}[s.operation]
     head = "dry run: would have " + verb if s.dry_run else verb
     parts = [f"{head} {s.files_copied:,} files ({_human_bytes(s.bytes_copied)})"]
@@ -92,6 +94,8 @@ def summary_line(s: "Summary") -> str:
         parts.append(f"{s.links_created:,} links")
     if s.operation == "mirror":
         parts.append(f"deleted {s.files_deleted:,}")
+    if s.operation == "move" and not s.dry_run:  # up-to-date sources go too; failed ones stay
+        parts.append(f"removed {s.files_removed:,} from the source")
     parts.append(f"skipped {s.files_skipped:,}")
     if s.failures:
         parts.append(f"{len(s.failures):,} failed")

@@ -169,7 +169,7 @@ def test_move_between_two_daemons_keeps_on_a_what_failed_to_land_on_b(daemons: t
     r = blit(b, "move", ep(a, "data/tree/"), ep(b, "data/out"))
     assert r.returncode == 3, (r.stdout, r.stderr)
     assert stderr_lines(r) == ["blit: x: replace: directory not empty (mirror replaces it)"], r.stderr
-    assert r.stdout.startswith("moved 2 files (3 B), 1 links, skipped 0, 1 failed"), r.stdout
+    assert r.stdout.startswith("moved 2 files (3 B), 1 links, removed 3 from the source, skipped 0, 1 failed"), r.stdout
     assert below(src) == {"x"} and (src / "x").read_text() == "cannot land"
     assert (out / "ok").read_text() == "ok" and (out / "sub" / "y").read_text() == "y"
     assert os.readlink(out / "link") == "ok"
