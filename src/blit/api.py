@@ -305,6 +305,8 @@ async def transfer(
         run = LocalTransfer(spec, summary, progress, opts.timeouts, Planner())
     except OSError as exc:
         raise FatalError(f"cannot open {os.fsdecode(exc.filename or r.src_base)}: {exc.strerror}") from None
+    if not opts.dry_run:  # whether the top directory hands new files its group (setgid)
+        r.job.inherit_gid = bool(os.fstat(run.worker.dst_root_fd).st_mode & stat.S_ISGID)
     try:
         await run.run(r.job, r.node)
     except FatalError as exc:

@@ -453,8 +453,9 @@ class LocalTransfer:
         for name, dname, m, new, dm in res.subdirs:
             child = Node(node, _join(job.rel, name), _join(job.dst_rel, dname), m, dm, new)
             node.pending += 1
-            # A directory we created is 0o700 until finalised: it hands out no group of its own.
-            inherit = not new and (dm is None or bool(dm.st_mode & stat.S_ISGID))
+            # mkdir in a setgid directory makes a setgid directory of its group: one we created
+            # hands out what its parent hands out until it is finalised (bottom-up, after its files).
+            inherit = job.inherit_gid if new else (dm is None or bool(dm.st_mode & stat.S_ISGID))
             self.queue.append((DirJob(child.src_rel, child.dst_rel, new, inherit_gid=inherit), child))
         for name, dname, m, replace in res.big:
             node.pending += 1

@@ -2,7 +2,8 @@
 ACLs and modes only, not what it would inherit (as rsync -aA and the local engine), pushed and
 pulled: small files (the C landing is bypassed there), a large file, a hard-link group, a
 FIFO, a new directory and what lands in it, a file replaced under --checksum, and a
-destination created for the run under such a directory."""
+destination created for the run under such a directory. And a setgid destination directory: what
+lands below it has the source's group, new subdirectories' files included (locally too)."""
 
 from __future__ import annotations
 
@@ -95,3 +96,28 @@ def test_special_files_carry_their_acls(daemon_process: DaemonProcess, tmp_path:
     finally:
         for p in (local, module / "src", module / "dst"):
             rmtree(p)
+
+
+@pytest.mark.parametrize("direction", ["local", "push", "pull"])
+def test_files_in_new_directories_under_a_setgid_destination_keep_the_sources_group(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
+    """mkdir in a setgid directory makes a setgid directory of that group, so a file created in
+    a new subdirectory gets it too: the owner must be set even when it is the writer's own."""
+    d = daemon_process
+    local, module, src, dst, src_url, dst_url = _sides(d, tmp_path, "pull" if direction == "pull" else "push")
+    if direction == "local":
+        dst, dst_url = local / "dst", f"{local}/dst/"
+    for rel in ("top", "sub/f", "sub/deeper/g"):
+        write_file(src / rel, rel.encode())
+    os.chown(src, 0, 0)
+    dst.mkdir(parents=True)
+    os.chown(dst, 0, 5678)
+    os.chmod(dst, 0o2775)
+    try:
+        r = blit(d, "copy", src_url, dst_url)
+        assert r.returncode == 0, r.stderr
+        got = {str(p.relative_to(dst)): (p.stat().st_uid, p.stat().st_gid, p.stat().st_mode & 0o7777) for p in dst.rglob("*")}
+        want = {str(p.relative_to(src)): (0, 0, p.stat().st_mode & 0o7777) for p in src.rglob("*")}
+        assert got == want
+    finally:
+        rmtree(src)
+        rmtree(dst)

@@ -1212,9 +1212,11 @@ class DestTree:
         if incomplete and not more and not (parted is not None and parted.failed):
             with self._lock:
                 self.incomplete.append(rel or ".")
+        top = False
         with self._lock:
             self.entries_seen += len(src) + len(plain_names)
             if dst_rel not in self.nodes:
+                top = True
                 # The top directory: its metadata is the source directory's when its contents
                 # are transferred (`SRC/`), nobody's when SRC itself lands inside it.
                 if dir_entry is not None and only is None:
@@ -1234,6 +1236,10 @@ class DestTree:
                 failures.append(PathFailure(path=_b(dst_rel or "."), op="open destination", message=_msg(exc)))
                 self._note_fatal(exc.errno, _msg(exc), dst_rel)
                 return self._unplanned(rel, parted, failures)
+            if top and not dry:  # whether it hands new entries its group (setgid)
+                gid_bit = bool(os.fstat(dfd).st_mode & stat.S_ISGID)
+                with self._lock:
+                    self.nodes[dst_rel].inherit_gid = gid_bit
         try:
             acl: bool | None = None
             if parted is not None and part:
@@ -1364,6 +1370,9 @@ class DestTree:
         changed = False
         copies: list[tuple[str, Meta, list[tuple[str, bytes]] | None, bool, str]] = []
         copy_names: list[bytes] = plain_names or []  # the need list's names of `copies`, after the others'
+        with self._lock:
+            pnode = self.nodes.get(dst_rel)
+        parent_inherit = pnode.inherit_gid if pnode is not None else True
         if plain:
             copies += plain
         for dname, d_is_dir in p.conflicts:
@@ -1392,8 +1401,10 @@ class DestTree:
                         )
                     subdirs.append(SubDir(name=_b(name), dname=_b(dname), new=False))
                 elif op is Op.MKDIR:
-                    # Ours, 0o700 until finalised: it hands out no group of its own.
-                    self._new_dir(dfd, dst_rel, dname, acl, _DirNode(m, None, True, xattrs, inherit_gid=False, src_rel=_join(rel, name)))
+                    # mkdir in a setgid directory makes a setgid directory of its group: ours hands
+                    # out what its parent hands out until it is finalised (after its files).
+                    node = _DirNode(m, None, True, xattrs, inherit_gid=parent_inherit, src_rel=_join(rel, name))
+                    self._new_dir(dfd, dst_rel, dname, acl, node)
                     changed = not dry
                     self._act("mkdir", prefix + name)
                     subdirs.append(SubDir(name=_b(name), dname=_b(dname), new=True))
