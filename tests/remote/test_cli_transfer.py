@@ -90,6 +90,28 @@ def test_push_move_keeps_a_file_the_client_cannot_read(nobody_tmp: Path, tmp_pat
         assert sorted(p.name for p in src.rglob("*")) == ["secret", "sub"]
 
 
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_an_xattr_name_that_is_not_utf8_lands_as_it_is(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
+    """Linux allows any bytes in an xattr name; the manifest carries such a name as bytes."""
+    d = daemon_process
+    if direction == "push":
+        src, dst = tmp_path / "src", d.modules["data"] / "dst"
+        args = (f"{src}/", url(d, "data/dst/"))
+    else:
+        src, dst = d.modules["data"] / "src", tmp_path / "dst"
+        args = (url(d, "data/src/"), f"{dst}/")
+    src.mkdir()
+    (src / "odd").write_text("odd")
+    (src / "plain").write_text("plain")
+    os.setxattr(src / "odd", b"user.\xff\xfe", b"value")
+    os.setxattr(src / "odd", "user.ok", b"v2")
+    r = blit(d, "copy", *args)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert {os.fsencode(n) for n in os.listxattr(dst / "odd")} == {b"user.\xff\xfe", b"user.ok"}
+    assert os.getxattr(dst / "odd", b"user.\xff\xfe") == b"value"
+    assert (dst / "plain").read_text() == "plain"
+
+
 @pytest.mark.parametrize("what", ["dir", "dir contents", "file"])
 def test_a_push_whose_source_root_cannot_be_read_is_one_line(nobody_tmp: Path, tmp_path: Path, what: str) -> None:
     """As locally (test_unreadable_source_root_is_fatal): exit 1, one line, nothing sent."""

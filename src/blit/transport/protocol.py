@@ -466,11 +466,12 @@ class TransferDone(Message):
 
 @message_class
 class XAttr(Message):
-    """[name, value]; RAW like SrcEntry (travels inside it)."""
+    """[name, value]; RAW like SrcEntry (travels inside it). The name is a text string, or a
+    byte string when it is not UTF-8 (Linux allows any bytes but NUL)."""
 
     ARRAY: ClassVar[bool] = True
     RAW: ClassVar[bool] = True
-    name: str = field(metadata=_lim(255))
+    name: str | bytes = field(metadata=_lim(255))
     value: bytes = field(metadata=_lim(65536))
 
 
@@ -1138,10 +1139,13 @@ def _check_expr(tp: Any, meta: dict[str, int], v: str, env: dict[str, Any]) -> s
     origin = typing.get_origin(tp)
     if origin is Union or origin is getattr(__import__("types"), "UnionType", None):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) != 1:
-            raise TypeError(f"unsupported union {tp!r}")
+        none = f"{v} is None or " if len(args) < len(typing.get_args(tp)) else ""
+        if len(args) != 1:  # plain types only (str | bytes): any of them
+            if not all(a in (bool, int, str, bytes) for a in args):
+                raise TypeError(f"unsupported union {tp!r}")
+            return "(" + none + " or ".join(str(_check_expr(a, meta, v, env)) for a in args) + ")"
         inner = _check_expr(args[0], meta, v, env)
-        return None if inner is None else f"({v} is None or {inner})"
+        return None if inner is None else f"({none}{inner})"
     if origin is list:
         (item,) = typing.get_args(tp)
         limit = meta.get("max", MAX_LIST)
@@ -1253,8 +1257,9 @@ def _encoder(cls: type[Message]) -> Any:
         origin = typing.get_origin(tp)
         optional = False
         if origin is Union or origin is getattr(__import__("types"), "UnionType", None):
-            optional = True
-            (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            optional = len(args) < len(typing.get_args(tp))
+            tp = args[0] if len(args) == 1 else object  # a union of plain types goes as it is
             origin = typing.get_origin(tp)
         v = f"m.{sp.name}"
         if origin is list and isinstance(typing.get_args(tp)[0], type) and issubclass(typing.get_args(tp)[0], Message):

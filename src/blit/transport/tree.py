@@ -141,7 +141,17 @@ def _target(e: Entry) -> bytes | None:
 
 def _xattrs(e: Entry) -> list[tuple[str, bytes]] | None:
     x = e[13] if len(e) > 13 else None
-    return [(n, v) for n, v in x] if x else None
+    return [(n if type(n) is str else os.fsdecode(n), v) for n, v in x] if x else None
+
+
+def _xattr_name(name: str) -> str | bytes:
+    """An xattr name as the manifest carries it: text, or its bytes when they are not UTF-8
+    (a CBOR text string must be; protocol.XAttr)."""
+    try:
+        name.encode()
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name)
 
 
 def entry_of(name: str, st: os.stat_result | Meta, target: bytes | None, xattrs: dict[str, bytes] | None) -> Entry:
@@ -151,7 +161,7 @@ def entry_of(name: str, st: os.stat_result | Meta, target: bytes | None, xattrs:
         _b(name),
         *fsops.meta_of(st),
         target,
-        [[k, v] for k, v in sorted(xattrs.items())] if xattrs else None,
+        [[_xattr_name(k), v] for k, v in sorted(xattrs.items())] if xattrs else None,
     ]
 
 
