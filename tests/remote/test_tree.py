@@ -221,6 +221,9 @@ async def test_a_file_onto_a_non_directory_with_a_trailing_slash_is_refused(daem
         await _run(daemon, "copy", str(tmp_path / "f"), f"{host}:/data/file/")
     with pytest.raises(UsageError, match=r"^destination is a symbolic link, which a daemon never follows, not a directory: .*/data/link/$"):
         await _run(daemon, "copy", str(tmp_path / "f"), f"{host}:/data/link/")
+    for dst in ("file/x/", "file/x"):  # the same words as without the slash (exit 2)
+        with pytest.raises(UsageError, match=r"^destination path goes through a file: "):
+            await _run(daemon, "copy", str(tmp_path / "f"), f"{host}:/data/{dst}")
     assert (mod / "file").read_text() == "old"
     assert os.readlink(mod / "link") == "sub" and os.listdir(mod / "sub") == []
     (tmp_path / "local").write_text("old")

@@ -20,6 +20,7 @@ A (A cancels its side). This module must not own listeners or parse bytes.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -60,8 +61,10 @@ class ModuleSide(RemoteSide):
         try:
             entry = await trio.to_thread.run_sync(contain.stat_path, self.root, path, limiter=self.limiter)
         except Refused as exc:
-            if exc.code in (ErrorCode.NOT_FOUND, ErrorCode.NOT_A_DIRECTORY):
+            if exc.code == ErrorCode.NOT_FOUND:
                 return None
+            if exc.code == ErrorCode.NOT_A_DIRECTORY:  # as RemoteSide says it (_rstat)
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
             raise
         return side_kind(entry)
 

@@ -29,6 +29,7 @@ This module must not print; it returns a Summary or raises from blit.errors.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import stat
 import time
@@ -124,15 +125,18 @@ def remote_side(session: Any, ep: RemoteEndpoint) -> RemoteSide:
 
 
 async def _rstat(session: Any, module: str, path: bytes) -> protocol.Entry | None:
-    """stat on the daemon; None also when a parent is missing."""
+    """stat on the daemon; None also when a parent is missing. NotADirectoryError when a
+    parent is not a directory (as os.stat says it)."""
     from ..errors import RemoteError
 
     try:
         entry: protocol.Entry | None = await session.stat(module, path)
         return entry
     except RemoteError as exc:
-        if exc.code in ("not-found", "not-a-directory"):
+        if exc.code == "not-found":
             return None
+        if exc.code == "not-a-directory":
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
         raise
 
 
