@@ -174,6 +174,17 @@ def test_default_output_is_one_summary_line(tmp_path: Path) -> None:
     assert proc.stderr == b""
 
 
+def test_a_name_with_a_control_character_is_shown_on_one_line(tmp_path: Path) -> None:
+    """As rsync prints it: a newline in a name is \\#012, so each entry stays one line."""
+    src = tmp_path / "src"
+    write_file(src / "a\nb", b"x")
+    write_file(src / "tab\there", b"y")
+    proc = run_blit("copy", "-v", f"{src}/", tmp_path / "dst", check=0)
+    lines = proc.stdout.decode().splitlines()
+    assert sorted(lines[:-1]) == ["copy a\\#012b", "copy tab\\#011here"], describe_output(proc)
+    assert (tmp_path / "dst" / "a\nb").read_bytes() == b"x"
+
+
 def test_quiet_prints_nothing_on_success(tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src", TREE)
     for flag in ("-q", "--quiet"):
