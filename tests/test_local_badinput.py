@@ -160,6 +160,25 @@ def test_unreadable_source_root_is_fatal(nobody_tmp: Path, what: str) -> None:
     assert_same_tree(before, snapshot(nobody_tmp, include_root=False))
 
 
+FAR = (2300 - 1970) * 365 * 86400 * 10**9  # beyond int64 nanoseconds (2262)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["plain tree", "with a filter"])
+def test_a_time_beyond_2262_is_reported_and_never_wrapped(tmp_path: Path, fast: bool) -> None:
+    """blit keeps times as int64 nanoseconds: a source entry outside 1677-2262 is one failure
+    line and exit 3 (the rest lands), never a crash or a wrapped date; a rerun says the same."""
+    src = tmp_path / "src"
+    write_file(src / "far", b"far")
+    write_file(src / "ok", b"ok")
+    os.utime(src / "far", ns=(FAR, FAR))
+    args = ["copy", f"{src}/", str(tmp_path / "dst")] + ([] if fast else ["--exclude", "nothing"])
+    for _ in range(2):
+        proc = run_blit(*args)
+        assert proc.returncode == 3, describe_output(proc)
+        assert stderr_lines(proc) == ["blit: far: stat: its time is outside the years 1677-2262, which blit cannot keep"]
+        assert sorted(os.listdir(tmp_path / "dst")) == ["ok"]
+
+
 @pytest.mark.root
 def test_full_destination_disk(tmp_path: Path) -> None:
     """5 MiB of files onto a 2 MiB tmpfs: exit 1, "No space left", nothing partial left behind."""

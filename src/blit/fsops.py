@@ -154,11 +154,24 @@ def open_root(path: bytes) -> int:
         os.close(base)
 
 
-def scan(dir_fd: int) -> tuple[list[tuple[str, os.stat_result]], list[tuple[str, OSError]]]:
+NS_MIN, NS_MAX = -(1 << 63), (1 << 63) - 1
+"""The times blit keeps: int64 nanoseconds (the years 1677-2262), in memory, in the C module
+and on the wire."""
+
+
+def check_times(st: os.stat_result) -> None:
+    """Raise OSError(EOVERFLOW) for a source entry whose times blit cannot keep: it is reported
+    and left out, never landed with a wrapped or clamped time."""
+    if not (NS_MIN <= st.st_mtime_ns <= NS_MAX and NS_MIN <= st.st_atime_ns <= NS_MAX):
+        raise OSError(errno.EOVERFLOW, "its time is outside the years 1677-2262, which blit cannot keep")
+
+
+def scan(dir_fd: int, *, source: bool = False) -> tuple[list[tuple[str, os.stat_result]], list[tuple[str, OSError]]]:
     """List a directory with one lstat per entry.
 
     Returns (entries, errors): entries as (name, Meta); errors for entries that vanished or could
-    not be stat'ed. Raises OSError when the directory itself cannot be read.
+    not be stat'ed, and (`source`) those whose times blit cannot keep (check_times). Raises
+    OSError when the directory itself cannot be read.
     """
     out: list[tuple[str, os.stat_result]] = []
     errs: list[tuple[str, OSError]] = []
@@ -167,7 +180,10 @@ def scan(dir_fd: int) -> tuple[list[tuple[str, os.stat_result]], list[tuple[str,
     with os.scandir(dir_fd) as it:
         for e in it:
             try:
-                append((e.name, e.stat(follow_symlinks=False)))
+                st = e.stat(follow_symlinks=False)
+                if source and not (NS_MIN <= st.st_mtime_ns <= NS_MAX and NS_MIN <= st.st_atime_ns <= NS_MAX):
+                    check_times(st)
+                append((e.name, st))
             except OSError as exc:
                 errs.append((e.name, exc))
     return out, errs

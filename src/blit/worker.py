@@ -146,7 +146,7 @@ class Worker:
                 if dfd < -1:  # answered
                     return res
             try:
-                entries, errs = fsops.scan(sfd)
+                entries, errs = fsops.scan(sfd, source=True)
             except OSError as exc:
                 res.scan_error = ("scan", _msg(exc))
                 return res

@@ -112,6 +112,27 @@ def test_an_xattr_name_that_is_not_utf8_lands_as_it_is(daemon_process: DaemonPro
     assert (dst / "plain").read_text() == "plain"
 
 
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_a_time_beyond_2262_is_reported_and_never_wrapped(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
+    d = daemon_process
+    if direction == "push":
+        src, dst = tmp_path / "src", d.modules["data"] / "dst"
+        args = (f"{src}/", url(d, "data/dst/"))
+    else:
+        src, dst = d.modules["data"] / "src", tmp_path / "dst"
+        args = (url(d, "data/src/"), f"{dst}/")
+    src.mkdir()
+    (src / "far").write_text("far")
+    (src / "ok").write_text("ok")
+    far = (2300 - 1970) * 365 * 86400 * 10**9
+    os.utime(src / "far", ns=(far, far))
+    for _ in range(2):
+        r = blit(d, "copy", *args)
+        assert r.returncode == 3, (r.stdout, r.stderr)
+        assert errors(r) == ["blit: far: stat: its time is outside the years 1677-2262, which blit cannot keep"], r.stderr
+        assert sorted(os.listdir(dst)) == ["ok"]
+
+
 @pytest.mark.parametrize("what", ["dir", "dir contents", "file"])
 def test_a_push_whose_source_root_cannot_be_read_is_one_line(nobody_tmp: Path, tmp_path: Path, what: str) -> None:
     """As locally (test_unreadable_source_root_is_fatal): exit 1, one line, nothing sent."""

@@ -27,7 +27,7 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
-#define BLIT_SCAN_VERSION 8
+#define BLIT_SCAN_VERSION 9
 #define BLIT_CHECK_OWNER 1
 #define BLIT_CHECK_XATTRS 2
 #define BLIT_REC_FIELDS 25
@@ -123,6 +123,14 @@ static int put_named(int64_t *r, char *names, int64_t names_cap, int64_t *name_u
     *name_used += (int64_t)len;
     put_stat(r + 2, st);
     return 0;
+}
+
+/* Whether an entry's times fit blit's int64 nanoseconds (the years 1677-2262): one that does
+ * not is left to the Python scan, which reports it (fsops.scan), rather than wrapped here. */
+static int times_fit(const struct stat *st) {
+    const time_t lim = 9223372035; /* INT64_MAX / 1e9, less a second for the nanoseconds */
+    return st->st_mtim.tv_sec <= lim && st->st_mtim.tv_sec >= -lim && st->st_atim.tv_sec <= lim &&
+           st->st_atim.tv_sec >= -lim;
 }
 
 static void put_stat(int64_t *r, const struct stat *st) {
@@ -231,6 +239,10 @@ static int blit_cmpdir(int sfd, int dfd, int flags, int64_t *rec, int rec_cap, c
             present = 0;
         } else {
             found++;
+        }
+        if (!times_fit(&s) || (present && !times_fit(&t))) {
+            ret = -EOVERFLOW;
+            break;
         }
         if (present && S_ISREG(s.st_mode) && S_ISREG(t.st_mode) && s.st_nlink == 1 &&
             s.st_size == t.st_size && s.st_mtim.tv_sec == t.st_mtim.tv_sec &&
@@ -390,6 +402,10 @@ static int blit_digest_dir(int dfd, int flags, char *out, int64_t out_cap, int64
             ret = errno == ENOENT ? -EAGAIN : -errno;
             break;
         }
+        if (!times_fit(&s)) {
+            ret = -EOVERFLOW;
+            break;
+        }
         char kind;
         ssize_t tlen = 0;
         if (S_ISREG(s.st_mode)) {
@@ -512,7 +528,7 @@ static int blit_scan_packed(int dfd, int flags, char *out, int64_t out_cap, int6
                 break;
             }
             plain = 0; /* vanished: the caller's lstat reports it */
-        } else if (S_ISLNK(s.st_mode)) {
+        } else if (S_ISLNK(s.st_mode) || !times_fit(&s)) {
             plain = 0;
         } else if (flags & BLIT_CHECK_XATTRS) {
             plain = has_xattrs(dfd, name, &cwd) == 0;

@@ -187,9 +187,13 @@ def _link_target(dfd: int, rel: str, name: str, st: os.stat_result, failures: li
 
 
 def _dir_entry(dfd: int) -> Entry | None:
-    """A scanned directory's own entry (its manifest's dir_entry); None if it cannot be read."""
+    """A scanned directory's own entry (its manifest's dir_entry); None if it cannot be read
+    or its times cannot be kept (check_times: the destination keeps its own, as for a local run
+    whose top directory is not all read)."""
     try:
-        return entry_of(".", os.fstat(dfd), None, dict(fsops.get_xattrs(dfd)) or None)
+        st = os.fstat(dfd)
+        fsops.check_times(st)
+        return entry_of(".", st, None, dict(fsops.get_xattrs(dfd)) or None)
     except OSError:
         return None
 
@@ -484,7 +488,7 @@ class SourceTree:
                 if one is not None:
                     return [one]
             try:
-                entries, errs = fsops.scan(dfd)
+                entries, errs = fsops.scan(dfd, source=True)
             except OSError as exc:
                 return [DirManifest(entries=[], incomplete=True, failures=[PathFailure(path=_b(rel or "."), op="scan", message=_msg(exc))])]
             failures = [PathFailure(path=_b(_join(rel, n)), op="stat", message=_msg(e)) for n, e in errs]
@@ -541,7 +545,9 @@ class SourceTree:
             for bname in others:
                 name = _s(bname)
                 try:
-                    found.append((name, os.stat(bname, dir_fd=dfd, follow_symlinks=False)))
+                    st = os.stat(bname, dir_fd=dfd, follow_symlinks=False)
+                    fsops.check_times(st)
+                    found.append((name, st))
                 except OSError as exc:
                     failures.append(PathFailure(path=_b(_join(rel, name)), op="stat", message=_msg(exc)))
             xattrs = _read_xattrs(dfd, [name for name, _ in found], base)
