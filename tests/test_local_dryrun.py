@@ -4,6 +4,7 @@ entry (docs/cli.md, "Output" and "JSON events")."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -183,6 +184,22 @@ def test_a_name_with_a_control_character_is_shown_on_one_line(tmp_path: Path) ->
     lines = proc.stdout.decode().splitlines()
     assert sorted(lines[:-1]) == ["copy a\\#012b", "copy tab\\#011here"], describe_output(proc)
     assert (tmp_path / "dst" / "a\nb").read_bytes() == b"x"
+
+
+def test_a_mirror_dry_run_counts_the_deletions_the_real_run_makes(tmp_path: Path) -> None:
+    """Every entry below an extra directory counts, in the dry run as in the real run (rsync's
+    "Number of deleted files"); an excluded one, and so its directory, stays in both."""
+    src = tmp_path / "src"
+    src.mkdir()
+    dst = tmp_path / "dst"
+    for rel in ("x/y/z", "x/keep.tmp", "e"):
+        write_file(dst / rel, b"extra")
+    counts = []
+    for dry in (["--dry-run"], []):
+        proc = run_blit("mirror", "--json", *dry, "--exclude", "*.tmp", f"{src}/", dst, check=0)
+        counts.append(json.loads(proc.stdout.decode().splitlines()[-1])["files_deleted"])
+    assert counts == [3, 3]  # x/y/z, x/y and e
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == ["x", "x/keep.tmp"]
 
 
 def test_quiet_prints_nothing_on_success(tmp_path: Path) -> None:

@@ -226,6 +226,29 @@ def remove_extra(parent_fd: int, name: str, rel: str, filters: Filters) -> tuple
     return count + 1, False
 
 
+def count_extra(parent_fd: int, name: str, rel: str, filters: Filters) -> int:
+    """A dry run's `remove_extra`: how many entries it would remove (nothing is changed). An
+    entry that cannot be looked at counts as one."""
+    try:
+        if not stat.S_ISDIR(os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode):
+            return 1
+        fd = os.open(name, O_DIR, dir_fd=parent_fd)
+    except OSError:
+        return 1
+    count, kept = 0, False
+    try:
+        for child, crel, is_dir in _children(fd, rel):
+            if filters.active and filters.excluded(crel, child, is_dir):
+                kept = True
+                continue
+            count += count_extra(fd, child, crel, filters)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return count if kept else count + 1
+
+
 def make_way(parent_fd: int, name: str, rel: str, is_dir: bool, mirror: bool, filters: Filters, dry: bool = False) -> None:
     """Remove the destination entry `name` (path `rel` from the transfer root) that an entry of
     another kind replaces. Copy replaces only an empty directory; mirror removes a directory with

@@ -812,12 +812,28 @@ class LocalTransfer:
                 if self.spec.record_actions:
                     self.progress.action("delete", _join(dst_rel, name))
         if self.spec.dry_run:
-            self.summary.files_deleted += sum(len(x) for _, x, _ in self.deletions)
+            self.summary.files_deleted += await trio.to_thread.run_sync(self._count_deletions, self.deletions)
             return
         deleted, failures = await trio.to_thread.run_sync(self._delete_batch, self.deletions)
         self.summary.files_deleted += deleted
         for f in failures:
             self._fail(*f)
+
+    def _count_deletions(self, deletions: list[tuple[str, list[tuple[str, bool]], Meta | None]]) -> int:
+        """Runs in a thread, a dry run's: what `_delete_batch` would count (every entry below
+        an extra directory), changing nothing."""
+        n = 0
+        for dst_rel, extras, _ in deletions:
+            try:
+                dfd = fsops.open_rel(self.worker.dst_root_fd, dst_rel)
+            except OSError:
+                n += len(extras)
+                continue
+            try:
+                n += sum(fsops.count_extra(dfd, name, _join(dst_rel, name), self.spec.filters) for name, _ in extras)
+            finally:
+                os.close(dfd)
+        return n
 
     def _delete_batch(
         self, deletions: list[tuple[str, list[tuple[str, bool]], Meta | None]]

@@ -264,6 +264,26 @@ async def test_remote_mirror_summary(daemon: Daemon, tmp_path: Path) -> None:
     assert os.listdir(mod / "m") == ["a"]
 
 
+@pytest.mark.parametrize("direction", ["push", "pull"])
+async def test_a_remote_mirror_dry_run_counts_the_deletions_the_real_run_makes(daemon: Daemon, tmp_path: Path, direction: str) -> None:
+    host = f"127.0.0.1:{daemon.info.port}"
+    mod = daemon.modules["data"]
+    (mod / "src").mkdir()
+    (tmp_path / "src").mkdir()
+    dst = mod / "dst" if direction == "push" else tmp_path / "dst"
+    for rel in ("x/y/z", "x/keep.tmp", "e"):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dst / rel).write_text("extra")
+    src_url, dst_url = (f"{tmp_path}/src/", f"{host}:/data/dst/") if direction == "push" else (f"{host}:/data/src/", f"{dst}/")
+    counts = []
+    for dry in (True, False):
+        s = await _run(daemon, "mirror", src_url, dst_url, dry_run=dry, filters=[(False, "*.tmp")])
+        assert s.exit_code == 0, s.failures
+        counts.append(s.files_deleted)
+    assert counts == [3, 3]
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == ["x", "x/keep.tmp"]
+
+
 async def test_pull_dry_run_into_a_missing_directory_changes_nothing(daemon: Daemon, tmp_path: Path) -> None:
     mod = daemon.modules["data"]
     (mod / "tree" / "sub").mkdir(parents=True)

@@ -1866,6 +1866,18 @@ class DestTree:
     def _done(self, p: _Pending, size: int) -> None:
         self._done_many([(p, size)])
 
+    def _count_extras(self, dst_rel: str, extras: list[tuple[str, bool]]) -> int:
+        """A dry run's count of what deleting `extras` of `dst_rel` would remove (as the real
+        run counts: every entry below an extra directory)."""
+        try:
+            fd = self.dirs.open_dir(self.root_fd, dst_rel)
+        except OSError:
+            return len(extras)
+        try:
+            return sum(fsops.count_extra(fd, name, _join(dst_rel, name), self.spec.filters) for name, _ in extras)
+        finally:
+            os.close(fd)
+
     def _done_many(self, files: list[tuple[_Pending, int]]) -> None:
         """Files landed: count them, mark their directories changed, log them for a move, link
         the rest of their hard-link groups."""
@@ -1957,8 +1969,8 @@ class DestTree:
             )
             return
         if self.spec.dry_run:
-            self.files_deleted += sum(len(x) for _, x in self.deletions)
             for dst_rel, extras in self.deletions:
+                self.files_deleted += self._count_extras(dst_rel, extras)
                 for name, _is_dir in extras:
                     self._act("delete", _join(dst_rel, name))
             return
