@@ -170,8 +170,10 @@ def scan(dir_fd: int, *, source: bool = False) -> tuple[list[tuple[str, os.stat_
     """List a directory with one lstat per entry.
 
     Returns (entries, errors): entries as (name, Meta); errors for entries that vanished or could
-    not be stat'ed, and (`source`) those whose times blit cannot keep (check_times). Raises
-    OSError when the directory itself cannot be read.
+    not be stat'ed, and (`source`) those whose times blit cannot keep (check_times). A source
+    leaves out temporaries (is_tmp_name): another run's hidden directory or file in flight, or
+    one an interrupted run left, is never sent. Raises OSError when the directory itself cannot
+    be read.
     """
     out: list[tuple[str, os.stat_result]] = []
     errs: list[tuple[str, OSError]] = []
@@ -179,6 +181,8 @@ def scan(dir_fd: int, *, source: bool = False) -> tuple[list[tuple[str, os.stat_
     # scandir(fd) dups the fd and closes its copy; the caller keeps dir_fd.
     with os.scandir(dir_fd) as it:
         for e in it:
+            if source and is_tmp_name(e.name):
+                continue
             try:
                 st = e.stat(follow_symlinks=False)
                 if source and not (NS_MIN <= st.st_mtime_ns <= NS_MAX and NS_MIN <= st.st_atime_ns <= NS_MAX):

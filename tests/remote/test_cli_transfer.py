@@ -133,6 +133,33 @@ def test_a_time_beyond_2262_is_reported_and_never_wrapped(daemon_process: Daemon
         assert sorted(os.listdir(dst)) == ["ok"]
 
 
+@pytest.mark.parametrize("filtered", [False, True], ids=["plain", "filtered"])
+@pytest.mark.parametrize("direction", ["local", "push", "pull"])
+def test_a_runs_temporaries_in_the_source_are_never_sent(daemon_process: DaemonProcess, tmp_path: Path, direction: str, filtered: bool) -> None:
+    """A `.blit-*.tmp` entry in a source is another run's hidden directory (or file) in flight,
+    or one an interrupted run left: it is not part of the tree, so it is not copied (a pull
+    during a push into the same tree got half-filled ones, and left them behind)."""
+    d = daemon_process
+    if direction == "pull":
+        src, dst = d.modules["data"] / "src", tmp_path / "dst"
+        args = [url(d, "data/src/"), f"{dst}/"]
+    else:
+        src = tmp_path / "src"
+        dst = d.modules["data"] / "dst" if direction == "push" else tmp_path / "dst"
+        args = [f"{src}/", url(d, "data/dst/") if direction == "push" else f"{dst}/"]
+    (src / ".blit-0123456789abcdef.tmp").mkdir(parents=True)
+    (src / ".blit-0123456789abcdef.tmp" / "f").write_text("in flight")
+    (src / ".blit-fedcba9876543210.tmp").write_text("a file in flight")
+    (src / "a").write_text("a")
+    if filtered:
+        args += ["--exclude", "*.nothing"]
+    for expect in ("copied 1 files", "copied 0 files"):
+        r = blit(d, "copy", *args)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert r.stdout.startswith(expect), r.stdout
+        assert sorted(os.listdir(dst)) == ["a"]
+
+
 @pytest.mark.parametrize("what", ["dir", "dir contents", "file"])
 def test_a_push_whose_source_root_cannot_be_read_is_one_line(nobody_tmp: Path, tmp_path: Path, what: str) -> None:
     """As locally (test_unreadable_source_root_is_fatal): exit 1, one line, nothing sent."""

@@ -27,7 +27,7 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
-#define BLIT_SCAN_VERSION 9
+#define BLIT_SCAN_VERSION 10
 #define BLIT_CHECK_OWNER 1
 #define BLIT_CHECK_XATTRS 2
 #define BLIT_REC_FIELDS 25
@@ -110,6 +110,7 @@ static int has_xattrs(int dfd, const char *name, struct cwd_state *c) {
 }
 
 static void put_stat(int64_t *r, const struct stat *st);
+static int is_tmp_name(const char *n, size_t len);
 
 /* Append `name` to `names` and write [name_off, name_len, stat x11] at `r`; -ENOBUFS when the
  * names buffer is full. */
@@ -225,6 +226,8 @@ static int blit_cmpdir(int sfd, int dfd, int flags, int64_t *rec, int rec_cap, c
     struct stat s, t;
     const char *name;
     while ((name = next_name(d, &ret)) != NULL) {
+        if (is_tmp_name(name, strlen(name)))
+            continue; /* a run's temporary is never a source entry (fsops.scan) */
         total++;
         if (fstatat(sfd, name, &s, AT_SYMLINK_NOFOLLOW) != 0) {
             ret = errno == ENOENT ? -EAGAIN : -errno;
@@ -521,6 +524,8 @@ static int blit_scan_packed(int dfd, int flags, char *out, int64_t out_cap, int6
     const char *name;
     while ((name = next_name(d, &ret)) != NULL) {
         size_t len = strlen(name);
+        if (is_tmp_name(name, len))
+            continue; /* a run's temporary is never a source entry (fsops.scan) */
         int plain = 1;
         if (fstatat(dfd, name, &s, AT_SYMLINK_NOFOLLOW) != 0) {
             if (errno != ENOENT) {
