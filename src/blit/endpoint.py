@@ -255,3 +255,10 @@ def _check_path(text: str, path: str) -> None:
     parts = path.split("/")
     if ".." in parts:
         raise ConfigError(f"malformed endpoint {text!r}: '..' is not allowed in a remote path")
+    for part in parts:  # protocol.MAX_NAME: what a daemon accepts (and Linux names hold)
+        if len(part.encode("utf-8", "surrogateescape")) > 255:
+            raise ConfigError(f"malformed endpoint {_cut(text)!r}: a name in the path is longer than 255 bytes")
+
+
+def _cut(text: str, most: int = 80) -> str:
+    return text if len(text) <= most else text[:most] + "..."

@@ -81,10 +81,12 @@ BAD = [
     ("host://../etc", "'..'"),
     ("host:/bad$mod/x", "not a valid module name"),
     ("a\0b", "NUL"),
+    ("host:/m/" + "a" * 256 + "/x", "a name in the path is longer than 255 bytes"),
+    ("host://" + "\u00e9" * 128, "a name in the path is longer than 255 bytes"),  # 256 bytes of UTF-8
 ]
 
 
-@pytest.mark.parametrize(("text", "problem"), BAD, ids=[repr(b[0]) for b in BAD])
+@pytest.mark.parametrize(("text", "problem"), BAD, ids=[repr(b[0])[:40] for b in BAD])
 def test_malformed_endpoints_name_the_problem(text: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=None) as info:
         parse_endpoint(text)

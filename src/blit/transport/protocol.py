@@ -1380,6 +1380,13 @@ def auth_mac(secret: bytes, nonce: bytes, user: str, module: str) -> bytes:
     return hmac.new(secret, bytes(msg), hashlib.sha256).digest()
 
 
+def _quoted(path: bytes, most: int = 200) -> str:
+    """A path for a message: its text (bytes that are not UTF-8 as \\x escapes), quoted, cut
+    to `most` characters."""
+    text = path.decode("utf-8", "backslashreplace")
+    return repr(text if len(text) <= most else text[:most] + "...")
+
+
 def split_path(path: bytes) -> list[bytes]:
     """The components of a module-relative path, refusing anything that could leave the module.
 
@@ -1389,9 +1396,9 @@ def split_path(path: bytes) -> list[bytes]:
         Refused(PATH_REFUSED): NUL, an absolute path, a ".." component, an over-long path or name.
     """
     if b"\0" in path:
-        raise Refused(ErrorCode.PATH_REFUSED, f"path {path!r} contains a NUL byte")
+        raise Refused(ErrorCode.PATH_REFUSED, f"path {_quoted(path)} contains a NUL byte")
     if path.startswith(b"/"):
-        raise Refused(ErrorCode.PATH_REFUSED, f"path {path!r} is absolute; paths are relative to the module")
+        raise Refused(ErrorCode.PATH_REFUSED, f"path {_quoted(path)} is absolute; paths are relative to the module")
     if len(path) > MAX_PATH:
         raise Refused(ErrorCode.PATH_REFUSED, f"path is longer than {MAX_PATH} bytes")
     parts = []
@@ -1399,9 +1406,9 @@ def split_path(path: bytes) -> list[bytes]:
         if part in (b"", b"."):
             continue
         if part == b"..":
-            raise Refused(ErrorCode.PATH_REFUSED, f"path {path!r} contains '..'")
+            raise Refused(ErrorCode.PATH_REFUSED, f"path {_quoted(path)} contains '..'")
         if len(part) > MAX_NAME:
-            raise Refused(ErrorCode.PATH_REFUSED, f"a name in {path!r} is longer than {MAX_NAME} bytes")
+            raise Refused(ErrorCode.PATH_REFUSED, f"a name in {_quoted(path, 60)} is longer than {MAX_NAME} bytes")
         parts.append(part)
     return parts
 

@@ -110,7 +110,10 @@ class RemoteSide(Side):
         self.label = label
         self.path = path
         self.trailing_slash = path.endswith(b"/")
-        self.at_top = not protocol.split_path(path)
+        try:
+            self.at_top = not protocol.split_path(path)
+        except protocol.Refused as exc:  # what the daemon would refuse: one line, nothing sent
+            raise UsageError(f"{label}: {exc.message}") from None
 
     async def kind(self, path: bytes, follow: bool) -> str | None:
         entry = await _rstat(self.session, self.module, path)
