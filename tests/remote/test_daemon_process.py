@@ -68,6 +68,24 @@ def test_cli_unreachable_daemon(tmp_path: Path) -> None:
     assert r.returncode == 1 and "cannot reach the daemon" in r.stderr
 
 
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "cleartext"])
+def test_a_daemon_at_its_connection_limit_is_said_to_be_busy(tmp_path: Path, tls: bool) -> None:
+    """It closes a connection beyond `max_connections` at once: the client says the daemon may
+    be busy, in one line (a cleartext client sometimes died on getpeername before)."""
+    import socket
+
+    with run_daemon_process(tmp_path, tls=tls, extra="max_connections = 1") as d:
+        time.sleep(0.5)  # the start-up probe's connection has gone
+        with socket.create_connection(("127.0.0.1", d.port)):  # holds the one slot (for 10 s)
+            time.sleep(0.2)
+            for _ in range(3):
+                r = run_cli(d, "list", *([] if tls else ["--no-tls"]), f"127.0.0.1:{d.port}")
+                assert r.returncode == 1, r.stderr
+                lines = [ln for ln in r.stderr.splitlines() if ln.startswith("blit:")]
+                assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+                assert "busy" in lines[0], lines[0]
+
+
 def test_malformed_config_is_refused_at_start(tmp_path: Path) -> None:
     from .conftest import subprocess_env
 

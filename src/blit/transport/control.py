@@ -734,6 +734,10 @@ async def connect_control(
     stream: trio.abc.Stream = tcp
     fp: str | None = None
     try:
+        try:
+            address = str(tcp.socket.getpeername()[0])
+        except OSError:  # the peer accepted and closed at once (a daemon at its connection limit)
+            raise ConnectError(f"the daemon at {netloc} closed the connection at once (it may be busy: too many connections)") from None
         if tls_enabled:
             ssl_stream = trio.SSLStream(tcp, tls.client_context(), server_hostname=None)
             try:
@@ -743,6 +747,11 @@ async def connect_control(
                 raise ConnectError(f"TLS handshake with {netloc} timed out") from None
             except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
                 cause = exc.__cause__ or exc
+                if "EOF" in str(cause):  # closed before a word: at its connection limit, or cleartext
+                    raise ConnectError(
+                        f"the daemon at {netloc} closed the connection during the TLS handshake: it may "
+                        f"be busy (too many connections), or running without TLS (then pass --no-tls)"
+                    ) from None
                 raise ConnectError(
                     f"TLS handshake with {netloc} failed ({cause}); is the daemon running without "
                     f"TLS (then pass --no-tls)?"
@@ -764,14 +773,14 @@ async def connect_control(
                 if keepalive:
                     nursery.start_soon(conn.keepalive, keepalive, max(request_timeout, keepalive * 2))
                 client = ControlClient(conn, netloc, request_timeout, fp)
-                client.address = str(tcp.socket.getpeername()[0])
+                client.address = address
                 try:
                     try:
                         hello_reply = await client.call(client.session.hello(), timeout=connect_timeout)
                     except TransportError as exc:
                         if isinstance(exc, (StallError,)) or "closed" in str(exc) or "lost" in str(exc):
                             hint = (
-                                " (the daemon may expect TLS: drop --no-tls)"
+                                " (the daemon may expect TLS: drop --no-tls; or it may be busy: too many connections)"
                                 if not tls_enabled
                                 else ""
                             )
