@@ -22,7 +22,7 @@ import re
 import stat
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigFileError, UsageError
 
 MAX_SECRETS_FILE = 1 << 20
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*@(\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._-]+):(//|[A-Za-z0-9][A-Za-z0-9._-]*)$")
@@ -36,25 +36,25 @@ def read_private_file(path: Path, what: str, *, owners: tuple[int, ...] | None =
         owners: uids allowed to own it (None: any).
 
     Raises:
-        ConfigError: unreadable, not a regular file, too permissive, wrong owner, too large.
+        ConfigFileError: unreadable, not a regular file, too permissive, wrong owner, too large.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+        raise ConfigFileError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{what} {path} is not a regular file")
+            raise ConfigFileError(f"{what} {path} is not a regular file")
         if st.st_mode & 0o077:
-            raise ConfigError(
+            raise ConfigFileError(
                 f"{what} {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}):"
                 f" run chmod 600 on it"
             )
         if owners is not None and st.st_uid not in owners:
-            raise ConfigError(f"{what} {path} belongs to uid {st.st_uid}, not to uid {' or '.join(map(str, owners))}")
+            raise ConfigFileError(f"{what} {path} belongs to uid {st.st_uid}, not to uid {' or '.join(map(str, owners))}")
         if st.st_size > MAX_SECRETS_FILE:
-            raise ConfigError(f"{what} {path} is larger than {MAX_SECRETS_FILE} bytes")
+            raise ConfigFileError(f"{what} {path} is larger than {MAX_SECRETS_FILE} bytes")
         chunks = []
         while True:
             b = os.read(fd, 65536)
@@ -63,7 +63,7 @@ def read_private_file(path: Path, what: str, *, owners: tuple[int, ...] | None =
             chunks.append(b)
         return b"".join(chunks)
     except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+        raise ConfigFileError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
 
@@ -79,7 +79,7 @@ def parse_client_secrets(raw: bytes, path: Path) -> tuple[dict[str, bytes], byte
     """(secret by entry key, default secret) of a client secrets file.
 
     Raises:
-        ConfigError: a malformed line (its number named), two default lines, a key twice.
+        ConfigFileError: a malformed line (its number named), two default lines, a key twice.
     """
     keyed: dict[str, bytes] = {}
     default: bytes | None = None
@@ -91,7 +91,7 @@ def parse_client_secrets(raw: bytes, path: Path) -> tuple[dict[str, bytes], byte
         key = words[0].decode("utf-8", "surrogateescape")
         if _KEY.match(key):
             if len(words) < 2:
-                raise ConfigError(f"the secrets file {path}, line {n}: {key} has no secret after it")
+                raise ConfigFileError(f"the secrets file {path}, line {n}: {key} has no secret after it")
             k_user, _, k_where = key.partition("@")
             if k_where.endswith("://"):
                 k_host, k_module = k_where[:-3], "//"
@@ -99,11 +99,11 @@ def parse_client_secrets(raw: bytes, path: Path) -> tuple[dict[str, bytes], byte
                 k_host, _, k_module = k_where.rpartition(":")
             norm = f"{k_user}@{k_host.lower()}:{k_module}"
             if norm in keyed:
-                raise ConfigError(f"the secrets file {path}, line {n}: {key} appears twice")
+                raise ConfigFileError(f"the secrets file {path}, line {n}: {key} appears twice")
             keyed[norm] = words[1].strip()
         else:
             if default is not None:
-                raise ConfigError(f"the secrets file {path}, line {n}: a second line with a secret alone")
+                raise ConfigFileError(f"the secrets file {path}, line {n}: a second line with a secret alone")
             default = text
     return keyed, default
 
@@ -113,17 +113,17 @@ def client_credentials(user: str | None, host: str, module: str, secrets_file: P
     a protected module refuses with "requires a user and secret").
 
     Raises:
-        ConfigError: a user but no --secrets-file, no entry for the endpoint, or a bad file.
+        UsageError: a user but no --secrets-file. ConfigFileError: no entry for the endpoint, or a bad file.
     """
     if user is None:
         return None
     where = f"{user}@" + (f"[{host}]" if ":" in host else host) + (f":/{module}" if module else "://")
     if secrets_file is None:
-        raise ConfigError(f"{where} names user {user!r}: give the secret with --secrets-file FILE")
+        raise UsageError(f"{where} names user {user!r}: give the secret with --secrets-file FILE")
     keyed, default = parse_client_secrets(read_private_file(secrets_file, "the secrets file"), secrets_file)
     secret = keyed.get(entry_key(user, host, module), default)
     if secret is None:
-        raise ConfigError(
+        raise ConfigFileError(
             f"the secrets file {secrets_file} has no line for {entry_key(user, host, module)} (and no line with a secret alone)"
         )
     return user, secret

@@ -3,8 +3,9 @@
 Each class says whose fault it is. Nothing here does I/O.
 
     BlitError                      every error blit raises on purpose
-    ├── ConfigError                bad arguments, endpoint or config file (the user's fault) -> exit 2
-    │   └── UsageError             the command line is wrong (same exit code, kept for clarity)
+    ├── ConfigError                bad arguments or endpoint (the user's fault) -> exit 2
+    │   ├── UsageError             the command line is wrong (same exit code, kept for clarity)
+    │   └── ConfigFileError        a bad config, secrets or state file -> exit 1 (SPEC: "bad config")
     ├── FatalError                 the run cannot go on (unreadable source root, full disk) -> exit 1
     │   └── OutputClosed           standard output was closed under a run (`blit copy -v ... | head`)
     ├── FileError                  one path failed: .path, .op, __cause__ = OSError; kept in Summary.failures
@@ -42,6 +43,12 @@ class ConfigError(BlitError):
     """Bad arguments, endpoint or configuration: the user's to fix."""
 
     exit_code = 2
+
+
+class ConfigFileError(ConfigError):
+    """A config, secrets or state file is wrong or unreadable (SPEC's exit codes: a fatal error)."""
+
+    exit_code = 1
 
 
 class UsageError(ConfigError):

@@ -1,7 +1,7 @@
 """The daemon's configuration: TOML file + command-line flags -> one frozen `DaemonConfig`.
 
 Precedence: a command-line flag beats the file, which beats the built-in default. No environment
-variable is read. Every problem is a `ConfigError` naming the file, the line and the key at fault.
+variable is read. Every problem is a `ConfigFileError` (exit 1) naming the file, the line and the key at fault.
 The accepted keys are written down in `schemas/daemon-config.md`.
 
 This module must not open sockets or start anything; it only reads the file and checks paths.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from ..endpoint import DEFAULT_PORT, HOST_NAME, USER_NAME
-from ..errors import ConfigError
+from ..errors import ConfigError, ConfigFileError
 
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 
@@ -196,7 +196,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
             (the flag was not given).
 
     Raises:
-        ConfigError: unreadable or malformed file, unknown or mistyped key, bad value, missing
+        ConfigFileError: unreadable or malformed file, unknown or mistyped key, bad value, missing
             module or root directory.
     """
     cfg = DaemonConfig()
@@ -217,22 +217,22 @@ def _parse_file(path: Path) -> DaemonConfig:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        raise ConfigFileError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8") from None
+        raise ConfigFileError(f"config file {path} is not UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # tomllib's message ends with "(at line L, column C)".
-        raise ConfigError(f"config file {path}: {exc}") from None
+        raise ConfigFileError(f"config file {path}: {exc}") from None
 
-    def fail(section: str, key: str | None, index: int | None, problem: str) -> ConfigError:
+    def fail(section: str, key: str | None, index: int | None, problem: str) -> ConfigFileError:
         line = _line_of(text, section, key, index)
         where = f"{path}" + (f", line {line}" if line else "")
         what = f"[{section}]" if index is None else f"[[{section}]] #{index + 1}"
         if key:
             what += f" {key}"
-        return ConfigError(f"config file {where}: {what}: {problem}")
+        return ConfigFileError(f"config file {where}: {what}: {problem}")
 
     for top in data:
         if top not in ("daemon", "module"):
@@ -446,16 +446,16 @@ def _resolve(config_path: Path, value: str) -> Path:
 def _check(cfg: DaemonConfig, path: Path | None) -> None:
     src = f"config file {path}: " if path else ""
     if not 0 <= cfg.port <= 65535:
-        raise ConfigError(f"port {cfg.port} is out of range (0-65535)")
+        raise ConfigFileError(f"port {cfg.port} is out of range (0-65535)")
     if cfg.data_port is not None and not 0 <= cfg.data_port <= 65535:
-        raise ConfigError(f"data port {cfg.data_port} is out of range (0-65535)")
+        raise ConfigFileError(f"data port {cfg.data_port} is out of range (0-65535)")
     if cfg.data_port and cfg.data_port == cfg.port:
-        raise ConfigError(f"{src}data_port must differ from port ({cfg.port})")
+        raise ConfigFileError(f"{src}data_port must differ from port ({cfg.port})")
     if cfg.root is not None and not cfg.root.is_dir():
-        raise ConfigError(f"{src}root {str(cfg.root)!r} is not a directory")
+        raise ConfigFileError(f"{src}root {str(cfg.root)!r} is not a directory")
     for m in cfg.modules:
         if not m.path.is_dir():
-            raise ConfigError(f"{src}module {m.name!r}: path {str(m.path)!r} is not a directory")
+            raise ConfigFileError(f"{src}module {m.name!r}: path {str(m.path)!r} is not a directory")
 
 
 def _line_of(text: str, section: str, key: str | None, index: int | None) -> int | None:

@@ -22,7 +22,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from ..errors import CertificateMismatchError, ConfigError
+from ..errors import CertificateMismatchError, ConfigFileError
 
 ALPN = "h2"
 CERT_NAME = "cert.pem"
@@ -48,7 +48,7 @@ def ensure_certificate(state_dir: Path) -> tuple[Path, Path]:
     """The daemon's (cert, key) paths, made on first use.
 
     Raises:
-        ConfigError: the state directory cannot be created or written.
+        ConfigFileError: the state directory cannot be created or written.
     """
     cert, key = state_dir / CERT_NAME, state_dir / KEY_NAME
     if cert.exists() and key.exists():
@@ -59,7 +59,7 @@ def ensure_certificate(state_dir: Path) -> tuple[Path, Path]:
         _write_private(key, key_pem, 0o600)
         _write_private(cert, cert_pem, 0o644)
     except OSError as exc:
-        raise ConfigError(f"cannot write the TLS certificate into {state_dir}: {exc.strerror or exc}") from None
+        raise ConfigFileError(f"cannot write the TLS certificate into {state_dir}: {exc.strerror or exc}") from None
     return cert, key
 
 
@@ -193,7 +193,7 @@ class KnownHosts:
         except FileNotFoundError:
             return []
         except OSError as exc:
-            raise ConfigError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+            raise ConfigFileError(f"cannot read {self.path}: {exc.strerror or exc}") from None
         out = []
         for n, line in enumerate(text.splitlines(), 1):
             parts = line.split()
@@ -237,4 +237,4 @@ class KnownHosts:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(f"{host} {fp}\n")
         except OSError as exc:
-            raise ConfigError(f"cannot record the daemon's certificate in {self.path}: {exc.strerror or exc}") from None
+            raise ConfigFileError(f"cannot record the daemon's certificate in {self.path}: {exc.strerror or exc}") from None
