@@ -313,6 +313,37 @@ def _children(fd: int, rel: str) -> Iterator[tuple[str, str, bool]]:
         yield child, f"{rel}/{child}", stat.S_ISDIR(os.stat(child, dir_fd=fd, follow_symlinks=False).st_mode)
 
 
+def tally_tree(parent_fd: int, name: str) -> tuple[int, int, int, int]:
+    """What a tree a run made holds, as its counters counted it: (regular files, their bytes,
+    directories, links: symlinks, special files and hard links to a file counted before).
+    Nothing is followed or changed; what cannot be read is not counted."""
+    files = nbytes = dirs = links = 0
+    seen: set[tuple[int, int]] = set()
+    stack: list[tuple[int, str | None]] = [(parent_fd, name)]  # (dir fd, name); None: close the fd
+    while stack:
+        pfd, n = stack.pop()
+        if n is None:  # every entry of that directory is done
+            os.close(pfd)
+            continue
+        try:
+            st = os.stat(n, dir_fd=pfd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                fd = os.open(n, O_DIR, dir_fd=pfd)
+                dirs += 1
+                stack.append((fd, None))
+                stack.extend((fd, c) for c in os.listdir(fd))
+            elif stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                if st.st_nlink > 1:
+                    seen.add((st.st_dev, st.st_ino))
+                files += 1
+                nbytes += st.st_size
+            else:
+                links += 1
+        except OSError:
+            pass
+    return files, nbytes, dirs, links
+
+
 def remove_tree(parent_fd: int, name: str) -> int:
     """Remove `name` (any kind) below parent_fd, recursively; returns entries removed."""
     fd = _unlink_or_open(parent_fd, name)

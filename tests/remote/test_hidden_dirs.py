@@ -202,6 +202,9 @@ def test_a_name_taken_meanwhile_is_never_replaced(tmp_path: Path) -> None:
         run.land("p/d", "b")
         assert [(f[0], f[1]) for f in run.dest.failures] == [("p/d", "mkdir")]
         assert "could not be moved into place" in run.dest.failures[0][2]
+        # The summary counts what is there (`first`): the two files and their directory went.
+        assert (run.dest.files_copied, run.dest.bytes_copied) == (1, 1)
+        assert run.dest.dirs_created == sum(1 for q in dst.rglob("*") if q.is_dir()) - 1  # all but theirs
     finally:
         run.close()
     assert os.listdir(p / "d") == ["theirs"]

@@ -1110,6 +1110,12 @@ class DestTree:
                     cscan.rename_noreplace(pfd, _b(tmp), pfd, _b(name))
                 except OSError as exc:
                     self._fail(rel, "mkdir", f"{_msg(exc)}: the new directory could not be moved into place (what landed in it was removed)")
+                    files, nbytes, dirs, links = fsops.tally_tree(pfd, tmp)
+                    with self._lock:  # the summary counts what is there, not what was removed
+                        self.files_copied -= files
+                        self.bytes_copied -= nbytes
+                        self.dirs_created -= dirs
+                        self.links_created -= links
                     try:
                         fsops.remove_tree(pfd, tmp)
                     except OSError:
