@@ -90,16 +90,23 @@ def test_push_move_keeps_a_file_the_client_cannot_read(nobody_tmp: Path, tmp_pat
         assert sorted(p.name for p in src.rglob("*")) == ["secret", "sub"]
 
 
+def _ends(d: DaemonProcess, tmp_path: Path, direction: str) -> tuple[Path, Path, list[str]]:
+    """Source and destination trees of a copy in `direction` (local, push or pull), and the
+    endpoints that name them; the source is not made."""
+    if direction == "pull":
+        dst = tmp_path / "dst"
+        return d.modules["data"] / "src", dst, [url(d, "data/src/"), f"{dst}/"]
+    src = tmp_path / "src"
+    if direction == "push":
+        return src, d.modules["data"] / "dst", [f"{src}/", url(d, "data/dst/")]
+    return src, tmp_path / "dst", [f"{src}/", f"{tmp_path / 'dst'}/"]
+
+
 @pytest.mark.parametrize("direction", ["push", "pull"])
 def test_an_xattr_name_that_is_not_utf8_lands_as_it_is(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
     """Linux allows any bytes in an xattr name; the manifest carries such a name as bytes."""
     d = daemon_process
-    if direction == "push":
-        src, dst = tmp_path / "src", d.modules["data"] / "dst"
-        args = (f"{src}/", url(d, "data/dst/"))
-    else:
-        src, dst = d.modules["data"] / "src", tmp_path / "dst"
-        args = (url(d, "data/src/"), f"{dst}/")
+    src, dst, args = _ends(d, tmp_path, direction)
     src.mkdir()
     (src / "odd").write_text("odd")
     (src / "plain").write_text("plain")
@@ -115,12 +122,7 @@ def test_an_xattr_name_that_is_not_utf8_lands_as_it_is(daemon_process: DaemonPro
 @pytest.mark.parametrize("direction", ["push", "pull"])
 def test_a_time_beyond_2262_is_reported_and_never_wrapped(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
     d = daemon_process
-    if direction == "push":
-        src, dst = tmp_path / "src", d.modules["data"] / "dst"
-        args = (f"{src}/", url(d, "data/dst/"))
-    else:
-        src, dst = d.modules["data"] / "src", tmp_path / "dst"
-        args = (url(d, "data/src/"), f"{dst}/")
+    src, dst, args = _ends(d, tmp_path, direction)
     src.mkdir()
     (src / "far").write_text("far")
     (src / "ok").write_text("ok")
@@ -140,13 +142,7 @@ def test_a_runs_temporaries_in_the_source_are_never_sent(daemon_process: DaemonP
     or one an interrupted run left: it is not part of the tree, so it is not copied (a pull
     during a push into the same tree got half-filled ones, and left them behind)."""
     d = daemon_process
-    if direction == "pull":
-        src, dst = d.modules["data"] / "src", tmp_path / "dst"
-        args = [url(d, "data/src/"), f"{dst}/"]
-    else:
-        src = tmp_path / "src"
-        dst = d.modules["data"] / "dst" if direction == "push" else tmp_path / "dst"
-        args = [f"{src}/", url(d, "data/dst/") if direction == "push" else f"{dst}/"]
+    src, dst, args = _ends(d, tmp_path, direction)
     (src / ".blit-0123456789abcdef.tmp").mkdir(parents=True)
     (src / ".blit-0123456789abcdef.tmp" / "f").write_text("in flight")
     (src / ".blit-fedcba9876543210.tmp").write_text("a file in flight")
