@@ -205,6 +205,8 @@ def run_daemon_process(
     tmp.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     data_port = _free_port()
+    while data_port == port:  # two asks of the kernel may get the same free port
+        data_port = _free_port()
     cfg, mods = write_config(
         tmp, tls=tls, extra=f"data_port = {data_port}\n{extra}", peer_pull=peer_pull, module_extra=module_extra, bind=bind
     )

@@ -747,7 +747,7 @@ async def connect_control(
                 raise ConnectError(f"TLS handshake with {netloc} timed out") from None
             except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
                 cause = exc.__cause__ or exc
-                if "EOF" in str(cause):  # closed before a word: at its connection limit, or cleartext
+                if "EOF" in str(cause) or isinstance(cause, ConnectionResetError):  # closed before a word: at its limit, or cleartext
                     raise ConnectError(
                         f"the daemon at {netloc} closed the connection during the TLS handshake: it may "
                         f"be busy (too many connections), or running without TLS (then pass --no-tls)"
