@@ -687,3 +687,40 @@ def test_link_fd_falls_back_to_proc_once_and_remembers(
         assert (tmp_path / name).read_bytes() == name.encode()
     assert linux._link_method == "proc"
     assert fake.linkat_calls == 1  # decided once, then /proc/self/fd directly
+
+
+@pytest.mark.parametrize("walk", ["openat2", "components"])
+def test_open_rel_follows_no_symlink_on_the_way(tmp_path: Path, walk: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory of the tree swapped for a symlink while a run walks it: opening a path
+    through it fails (ELOOP), it never reaches what the link points to (issue: a run read
+    and wrote outside its trees)."""
+    from blit import fsops
+    from blit.ffi import scan as cscan
+
+    if walk == "components":
+        monkeypatch.setattr(cscan, "HAVE_CMPDIR", False)
+    elif not cscan.HAVE_CMPDIR:
+        pytest.skip("the C module is not built")  # the other case covers the walk
+    (tmp_path / "root" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "outside" / "b").mkdir(parents=True)
+    (tmp_path / "root" / "link").symlink_to(tmp_path / "outside")
+    (tmp_path / "root" / "rel").symlink_to("a")
+    root = os.open(tmp_path / "root", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = fsops.open_rel(root, "a/b")
+        assert os.path.samestat(os.fstat(fd), os.stat(tmp_path / "root" / "a" / "b"))
+        os.close(fd)
+        for rel in ("link/b", "rel/b", "link", "a/../link/b"):
+            with pytest.raises(OSError) as info:
+                os.close(fsops.open_rel(root, rel))
+            assert info.value.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR), rel
+        fd = os.open(tmp_path / "root" / "a", os.O_RDONLY | os.O_DIRECTORY)
+        for _ in range(30):  # 6,000 bytes: longer than one open takes, so opened in chunks
+            os.mkdir("d" * 200, dir_fd=fd)
+            nfd = os.open("d" * 200, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        os.close(fd)
+        os.close(fsops.open_rel(root, "a/" + "/".join(["d" * 200] * 30)))
+    finally:
+        os.close(root)

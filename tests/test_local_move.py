@@ -257,3 +257,65 @@ def test_move_keeps_the_hard_link_member_that_could_not_land(nobody_tmp: Path) -
     # The member that did not land stays, with its data; the others left the source.
     assert sorted(str(p.relative_to(src)) for p in src.rglob("*")) == ["c", "c/z"]
     assert (src / "c/z").read_text() == "one inode\n"
+
+
+def test_a_source_that_changed_since_it_was_listed_stays(tmp_path: Path) -> None:
+    """Move removes a source only if it is still what was listed: written to (size, mtime) or
+    replaced (another inode) since, it stays, a failure (exit 3), as a remote move keeps it."""
+    from blit import fsops
+
+    d = tmp_path / "d"
+    d.mkdir()
+    for name in ("same", "grown", "touched", "replaced"):
+        (d / name).write_text("x")
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        listed = {n: fsops.meta_of(os.stat(n, dir_fd=fd, follow_symlinks=False)) for n in os.listdir(fd)}
+        (d / "grown").write_text("xy")
+        os.utime(d / "touched", ns=(1, 1))
+        os.rename(d / "same", d / "tmp")
+        (d / "replaced").unlink()
+        os.rename(d / "tmp", d / "replaced")  # another inode, same size and mtime as listed
+        (d / "same").write_text("x")
+        os.utime(d / "same", ns=(listed["same"].st_atime_ns, listed["same"].st_mtime_ns))
+        with pytest.raises(OSError, match="changed since it was copied; kept"):
+            fsops.unlink_unchanged(fd, "same", listed["same"])  # a new inode under the name
+        for name in ("grown", "touched", "replaced"):
+            with pytest.raises(OSError, match="changed since it was copied; kept"):
+                fsops.unlink_unchanged(fd, name, listed[name])
+        os.utime(d / "replaced", ns=(listed["replaced"].st_atime_ns, listed["replaced"].st_mtime_ns))
+        fsops.unlink_unchanged(fd, "replaced", fsops.meta_of(os.stat(d / "replaced")))
+        assert sorted(os.listdir(d)) == ["grown", "same", "touched"]
+    finally:
+        os.close(fd)
+
+
+def test_move_keeps_a_file_appended_to_after_it_landed(tmp_path: Path) -> None:
+    """The data appended between the copy and the removal is never lost (it was, locally)."""
+    import subprocess
+    import time
+
+    from helpers import BLIT
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "d").mkdir(parents=True)
+    for i in range(30_000):
+        (src / "d" / f"f{i:05d}").write_bytes(b"original %d\n" % i)
+    proc = subprocess.Popen([BLIT, "move", f"{src}/", f"{dst}/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (dst / "d" / "f00000").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the first file never landed"
+            time.sleep(0.001)
+        fd = os.open(src / "d" / "f00000", os.O_WRONLY | os.O_APPEND)  # no O_CREAT: still the source
+        os.write(fd, b"APPENDED\n")
+        os.close(fd)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 3, (out, err)
+    assert err.decode().splitlines() == ["blit: d/f00000: remove source: changed since it was copied; kept"]
+    assert (src / "d" / "f00000").read_bytes() == b"original 0\nAPPENDED\n"
+    assert os.listdir(src / "d") == ["f00000"]

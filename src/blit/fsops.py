@@ -108,29 +108,56 @@ def is_sparse(m: Meta | os.stat_result) -> bool:
 
 
 def open_rel(root_fd: int, rel: str) -> int:
-    """Open directory `rel` (relative to `root_fd`, "" for the root) without following symlinks
-    in its last component; paths of any length."""
+    """Open directory `rel` (relative to `root_fd`, "" for the root), following a symlink in none
+    of its components: a directory swapped for a symlink while a run walks the tree is refused
+    (ELOOP), never followed out of it. Paths of any length."""
     if not rel:
         return os.open(".", O_DIR, dir_fd=root_fd)
-    if len(rel) <= _PATH_CHUNK:
-        return os.open(rel, O_DIR, dir_fd=root_fd)
     parts = rel.split("/")
-    fd = os.dup(root_fd)
+    chunks: list[str] = []  # at most _PATH_CHUNK bytes each, whole components
+    chunk: list[str] = []
+    size = 0
+    for part in parts:
+        if chunk and size + len(part) + 1 > _PATH_CHUNK:
+            chunks.append("/".join(chunk))
+            chunk, size = [], 0
+        chunk.append(part)
+        size += len(part) + 1
+    chunks.append("/".join(chunk))
+    fd = root_fd
     try:
-        chunk: list[str] = []
-        size = 0
-        for i, part in enumerate(parts):
-            chunk.append(part)
-            size += len(part) + 1
-            if size > _PATH_CHUNK or i == len(parts) - 1:
-                nfd = os.open("/".join(chunk), O_DIR, dir_fd=fd)
+        for c in chunks:
+            nfd = _open_beneath(fd, c)
+            if fd != root_fd:
                 os.close(fd)
-                fd = nfd
-                chunk, size = [], 0
-        return fd
+            fd = nfd
     except BaseException:
-        os.close(fd)
+        if fd != root_fd:
+            os.close(fd)
         raise
+    return fd
+
+
+def _open_beneath(dir_fd: int, path: str) -> int:
+    """open_rel's step: one openat2 where the kernel has it, else a component at a time."""
+    from .ffi import scan as cscan
+
+    if cscan.HAVE_CMPDIR:
+        fd = cscan.open_dir_beneath(dir_fd, os.fsencode(path))
+        if fd >= 0:
+            return fd
+    fd = dir_fd
+    try:
+        for part in path.split("/"):
+            nfd = os.open(part, O_DIR, dir_fd=fd)  # O_NOFOLLOW: ELOOP for a symlink
+            if fd != dir_fd:
+                os.close(fd)
+            fd = nfd
+    except BaseException:
+        if fd != dir_fd:
+            os.close(fd)
+        raise
+    return fd
 
 
 @contextmanager
@@ -342,6 +369,25 @@ def tally_tree(parent_fd: int, name: str) -> tuple[int, int, int, int]:
         except OSError:
             pass
     return files, nbytes, dirs, links
+
+
+CHANGED_SINCE_COPIED = "changed since it was copied; kept"
+"""Move: why a source entry stays (the remote sender says the same, transport/tree.py)."""
+
+
+def unlink_unchanged(dir_fd: int, name: str, m: Meta) -> None:
+    """Move's removal of a source entry whose copy landed: unlink `name` unless it is no longer
+    what was listed as `m` (another inode or kind, size or mtime: written to, or replaced,
+    since). Raises OSError; CHANGED_SINCE_COPIED as its strerror when it changed."""
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if (
+        st.st_ino != m.st_ino
+        or stat.S_IFMT(st.st_mode) != stat.S_IFMT(m.st_mode)
+        or st.st_size != m.st_size
+        or st.st_mtime_ns != m.st_mtime_ns
+    ):
+        raise OSError(errno.EAGAIN, CHANGED_SINCE_COPIED)
+    os.unlink(name, dir_fd=dir_fd)
 
 
 def remove_tree(parent_fd: int, name: str) -> int:

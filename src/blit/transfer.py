@@ -278,7 +278,7 @@ class LocalTransfer:
         self.deletions: list[tuple[str, list[tuple[str, bool]], Meta | None]] = []
         self.inodes: dict[tuple[int, int], Any] = {}
         # Move: landed hard-link members, by source directory: (destination directory, names).
-        self.link_sources: dict[str, tuple[str, list[str]]] = {}
+        self.link_sources: dict[str, tuple[str, list[tuple[str, Meta]]]] = {}
         self.big_limiter = trio.CapacityLimiter(self.planner.big_jobs)
         self.bytes_done = 0
         self.files_done = 0
@@ -474,7 +474,7 @@ class LocalTransfer:
                 await self._copy_big(job, name, dname, m, replace, path, node.acl)
             node.changed = True
             if self.spec.move:
-                await self._remove_source(job.rel, job.dst_rel, name)
+                await self._remove_source(job.rel, job.dst_rel, name, m)
         except StallError as exc:
             self._fail(path, "copy", str(exc))
         except OSError as exc:
@@ -567,17 +567,22 @@ class LocalTransfer:
         if self.spec.record_actions:
             self.progress.action("copy", path)
 
-    async def _remove_source(self, rel: str, dst_rel: str, name: str) -> None:
-        """Move: flush the landed copy to disk, then remove the source entry."""
+    async def _remove_source(self, rel: str, dst_rel: str, name: str, m: Meta) -> None:
+        """Move: flush the landed copy to disk, then remove the source entry if it is still what
+        was listed as `m` (else it stays, a failure)."""
         w = self.worker
 
         def _remove() -> None:
             with fsops.dir_at(w.dst_root_fd, dst_rel) as ddir:
                 ffi.syncfs(ddir)
             with fsops.dir_at(w.src_root_fd, rel) as sdir:
-                os.unlink(name, dir_fd=sdir)
+                fsops.unlink_unchanged(sdir, name, m)
 
-        await trio.to_thread.run_sync(_remove)
+        try:
+            await trio.to_thread.run_sync(_remove)
+        except OSError as exc:
+            self._fail(_join(rel, name), "remove source", exc.strerror or str(exc))
+            return
         self.summary.files_removed += 1
 
     # -- hard links ---------------------------------------------------------------------------
@@ -622,7 +627,7 @@ class LocalTransfer:
                         node.changed = True
                     self.summary.links_created += 1
             if self.spec.move and not self.spec.dry_run:
-                self._defer_removal(job, name)
+                self._defer_removal(job, name, m)
         except StallError as exc:
             self._fail(path, "copy", str(exc))
         except OSError as exc:
@@ -673,9 +678,10 @@ class LocalTransfer:
 
         return await trio.to_thread.run_sync(_ino), True
 
-    def _defer_removal(self, job: DirJob, name: str) -> None:
-        """Move: a hard-link member is at the destination; its source goes at the end of the run."""
-        self.link_sources.setdefault(job.rel, (job.dst_rel, []))[1].append(name)
+    def _defer_removal(self, job: DirJob, name: str, m: Meta) -> None:
+        """Move: a hard-link member is at the destination; its source goes at the end of the run
+        (if it is still what was listed as `m`)."""
+        self.link_sources.setdefault(job.rel, (job.dst_rel, []))[1].append((name, m))
 
     async def _remove_link_sources(self) -> None:
         """Move: remove the landed hard-link members once every source directory was read.
@@ -688,7 +694,7 @@ class LocalTransfer:
         for f in failures:
             self._fail(*f)
 
-    def _unlink_links(self, todo: dict[str, tuple[str, list[str]]]) -> tuple[int, list[tuple[str, str, str]]]:
+    def _unlink_links(self, todo: dict[str, tuple[str, list[tuple[str, Meta]]]]) -> tuple[int, list[tuple[str, str, str]]]:
         """Runs in a thread: flush the destination, unlink the sources, then remove the source
         directories they kept (the finalizer found them not empty), deepest first."""
         w = self.worker
@@ -708,9 +714,9 @@ class LocalTransfer:
         for rel, (_, names) in todo.items():
             try:
                 with fsops.dir_at(w.src_root_fd, rel) as sdir:
-                    for name in names:
+                    for name, m in names:
                         try:
-                            os.unlink(name, dir_fd=sdir)
+                            fsops.unlink_unchanged(sdir, name, m)
                             removed += 1
                         except OSError as exc:
                             failures.append((_join(rel, name), "remove source", exc.strerror or str(exc)))

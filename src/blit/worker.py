@@ -361,7 +361,8 @@ class Worker:
         if same:
             self._settle_same(job, sfd, dfd, same, res)
         if spec.move and landed and not dry:
-            self._remove_sources(sfd, dfd, prefix, landed, res)
+            listed = {it.name: it.src for it in plan.items}
+            self._remove_sources(sfd, dfd, prefix, [(n, listed[n]) for n in landed], res)
 
     def _copy_batch(
         self, job: DirJob, sfd: int, dfd: int, batch: list[tuple[str, Meta]], res: DirResult, landed: list[str]
@@ -410,16 +411,17 @@ class Worker:
             except OSError as exc:
                 res.failures.append((prefix + name, "metadata", _msg(exc)))
 
-    def _remove_sources(self, sfd: int, dfd: int, prefix: str, names: list[str], res: DirResult) -> None:
-        """Move: the data is at the destination; flush it to disk, then drop the sources."""
+    def _remove_sources(self, sfd: int, dfd: int, prefix: str, entries: list[tuple[str, Meta]], res: DirResult) -> None:
+        """Move: the data is at the destination; flush it to disk, then drop the sources that
+        are still what was listed (one written to or replaced since stays, a failure)."""
         try:
             ffi.syncfs(dfd)
         except OSError as exc:
             res.failures.append((prefix or ".", "sync", _msg(exc)))
             return
-        for name in names:
+        for name, m in entries:
             try:
-                os.unlink(name, dir_fd=sfd)
+                fsops.unlink_unchanged(sfd, name, m)
                 res.files_removed += 1
             except OSError as exc:
                 res.failures.append((prefix + name, "remove source", _msg(exc)))

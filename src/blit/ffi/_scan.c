@@ -27,7 +27,7 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
-#define BLIT_SCAN_VERSION 10
+#define BLIT_SCAN_VERSION 11
 #define BLIT_CHECK_OWNER 1
 #define BLIT_CHECK_XATTRS 2
 #define BLIT_REC_FIELDS 25
@@ -39,6 +39,33 @@
 #endif
 
 static int blit_version(void) { return BLIT_SCAN_VERSION; }
+
+/* Open directory `path` below `dfd` without following a symlink in any of its components and
+ * without leaving `dfd` (openat2 RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH): a directory of a tree
+ * swapped for a symlink while a run walks it is refused (-ELOOP), never followed. Returns the
+ * fd, -errno, or -ENOSYS where the kernel lacks openat2 (the caller walks component by
+ * component instead). */
+struct blit_open_how {
+    uint64_t flags, mode, resolve;
+};
+
+static int blit_open_dir_beneath(int dfd, const char *path) {
+#ifdef SYS_openat2
+    struct blit_open_how how = {O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW, 0, 0x04 | 0x08};
+    long fd = syscall(SYS_openat2, dfd, path, &how, sizeof how);
+    if (fd >= 0)
+        return (int)fd;
+    if (errno == EAGAIN || errno == EINTR) /* a rename elsewhere raced the lookup: once more */
+        fd = syscall(SYS_openat2, dfd, path, &how, sizeof how);
+    if (fd >= 0)
+        return (int)fd;
+    return -errno;
+#else
+    (void)dfd;
+    (void)path;
+    return -ENOSYS;
+#endif
+}
 
 
 /* 1: listxattrat works, 0: not tried yet, -1: not available (use the thread's own cwd). */

@@ -32,6 +32,7 @@ xattr) as a packed manifest in one call; the others go back to the caller by nam
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import struct
@@ -44,7 +45,7 @@ try:
     from blit.ffi._scan import ffi as _ffi
     from blit.ffi._scan import lib as _lib
 
-    HAVE_CMPDIR = _lib.blit_version() == 10  # a stale build of an older _scan.c is not used
+    HAVE_CMPDIR = _lib.blit_version() == 11  # a stale build of an older _scan.c is not used
     _from_buffer = _ffi.from_buffer
 except ImportError:  # built without a C compiler: the pure-Python path does everything
     HAVE_CMPDIR = False
@@ -262,6 +263,19 @@ def rename_noreplace(old_dir_fd: int, old: bytes, new_dir_fd: int, new: bytes) -
     r = _lib.blit_rename_noreplace(old_dir_fd, old, new_dir_fd, new)
     if r:
         raise OSError(-r, os.strerror(-r), os.fsdecode(new))
+
+
+def open_dir_beneath(dfd: int, path: bytes) -> int:
+    """Open directory `path` below `dfd`, following no symlink in any component (openat2
+    RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH). Returns the fd, or -1 where openat2 is missing (the
+    caller walks the components). Raises OSError (ELOOP for a symlink on the way). Only with
+    HAVE_CMPDIR."""
+    r = _lib.blit_open_dir_beneath(dfd, path)
+    if r >= 0:
+        return int(r)
+    if r == -errno.ENOSYS:
+        return -1
+    raise OSError(-r, os.strerror(-r), os.fsdecode(path))
 
 
 def set_copy_modes(tmpfile: int, link: int) -> None:
