@@ -724,3 +724,65 @@ def test_open_rel_follows_no_symlink_on_the_way(tmp_path: Path, walk: str, monke
         os.close(fsops.open_rel(root, "a/" + "/".join(["d" * 200] * 30)))
     finally:
         os.close(root)
+
+
+def test_a_fifo_in_a_listed_files_place_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """A file replaced by a FIFO between the scan and the copy: the open must not block (it hung
+    a local run), the file is refused as "not a regular file" (the C batch hands it to Python)."""
+    import threading
+
+    from blit import fsops
+    from blit.ffi import scan as cscan
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"data")
+    m = fsops.meta_of(os.stat(tmp_path / "src" / "f"))
+    (tmp_path / "src" / "f").unlink()
+    os.mkfifo(tmp_path / "src" / "f")
+    sfd = os.open(tmp_path / "src", os.O_RDONLY | os.O_DIRECTORY)
+    dfd = os.open(tmp_path / "dst", os.O_RDONLY | os.O_DIRECTORY)
+    results: list[object] = []
+
+    def attempt() -> None:
+        if cscan.HAVE_CMPDIR:
+            results.append(cscan.copy_new(sfd, dfd, [(b"f", m)], True))
+        try:
+            fsops.copy_small(sfd, "f", dfd, "f", m, False)
+        except OSError as exc:
+            results.append(exc.strerror)
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(10)
+    try:
+        assert not t.is_alive(), "the copy waited on the FIFO"
+        assert results == ([[cscan.PYTHON]] if cscan.HAVE_CMPDIR else []) + ["not a regular file"]
+        assert os.listdir(tmp_path / "dst") == []
+    finally:
+        if t.is_alive():  # unblock it: a writer opens the FIFO
+            os.close(os.open(tmp_path / "src" / "f", os.O_WRONLY | os.O_NONBLOCK))
+        os.close(sfd)
+        os.close(dfd)
+
+
+def test_a_sparse_file_that_shrank_since_it_was_listed_is_refused(tmp_path: Path) -> None:
+    """Its extents stop at the new end: padding it back to the listed size would land zeros
+    the file never held (it did, locally)."""
+    from blit import fsops
+
+    p = tmp_path / "sparse"
+    with open(p, "wb") as f:
+        f.write(b"HEAD" * 2048)
+        f.seek(2 << 20)
+        f.write(b"TAIL" * 2048)
+    size = p.stat().st_size
+    os.truncate(p, 4096)
+    sfd = os.open(p, os.O_RDONLY)
+    dfd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(OSError, match="file changed size while being read"):
+            fsops.copy_sparse(sfd, dfd, size)
+    finally:
+        os.close(sfd)
+        os.close(dfd)

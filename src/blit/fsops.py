@@ -22,7 +22,22 @@ from .filters import Filters
 
 # Open flags used everywhere.
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
-O_SRC = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | getattr(os, "O_NOCTTY", 0)
+O_SRC = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+"""How a source file is opened: never through a link, and never waiting (a FIFO put in a
+file's place since the scan would block the open; open_source then refuses it)."""
+
+
+def open_source(dir_fd: int, name: str) -> int:
+    """Open source file `name` for reading (O_SRC); OSError(EINVAL, "not a regular file") when
+    something else took its name since it was listed."""
+    fd = os.open(name, O_SRC, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 
 TMP_PREFIX = ".blit-"
@@ -804,7 +819,7 @@ def copy_small(
     acl_inherited: bool = False,
 ) -> int:  # fmt: skip
     """Copy one small regular file with its metadata and land it atomically; returns bytes."""
-    sfd = os.open(name, O_SRC, dir_fd=src_dir)
+    sfd = open_source(src_dir, name)
     try:
         xattrs = get_xattrs(sfd)
         landing = Landing(dst_dir, stat.S_IMODE(m.st_mode))
@@ -879,11 +894,22 @@ def data_extents(sfd: int, size: int) -> list[tuple[int, int]]:
 
 
 def copy_sparse(sfd: int, dfd: int, size: int) -> int:
+    """Copy the data regions of a sparse file of `size` bytes, holes as holes. Raises
+    OSError(EAGAIN, CHANGED_SIZE) when the file shrank meanwhile (its extents then stop short,
+    and the rest would land as zeros it never held)."""
     n = 0
     for off, length in data_extents(sfd, size):
         n += _copy_range_rw(sfd, dfd, off, length)
+    check_not_shrunk(sfd, size)
     os.ftruncate(dfd, size)
     return n
+
+
+def check_not_shrunk(sfd: int, size: int) -> None:
+    """After a sparse copy (where reads do not come up short at a new end of file): raise
+    OSError(EAGAIN, CHANGED_SIZE) if the source is now smaller than the `size` listed."""
+    if os.fstat(sfd).st_size < size:
+        raise OSError(errno.EAGAIN, CHANGED_SIZE)
 
 
 def _via_tmp(dst_dir: int, name: str, create: Callable[[str], None], finish: Callable[[str], None] | None = None) -> None:
@@ -983,11 +1009,8 @@ def file_hash(dir_fd: int, name: str, stop: Callable[[], bool] | None = None) ->
     import xxhash
 
     h = xxhash.xxh3_128()
-    fd = os.open(name, O_SRC | os.O_NONBLOCK, dir_fd=dir_fd)
+    fd = open_source(dir_fd, name)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        os.set_blocking(fd, True)
         while True:
             buf = os.read(fd, 4 << 20)
             if not buf:

@@ -492,7 +492,7 @@ class LocalTransfer:
 
         def _open() -> tuple[int, int, fsops.Landing, list[tuple[str, bytes]], bool]:
             with fsops.dir_at(w.src_root_fd, job.rel) as sdir:
-                sfd = os.open(name, fsops.O_SRC, dir_fd=sdir)
+                sfd = fsops.open_source(sdir, name)
             try:
                 ddir = fsops.open_rel(w.dst_root_fd, job.dst_rel)
                 try:
@@ -543,6 +543,7 @@ class LocalTransfer:
                     if state["short"]:
                         raise OSError(errno.EAGAIN, fsops.CHANGED_SIZE)
                     if sparse:
+                        await trio.to_thread.run_sync(fsops.check_not_shrunk, sfd, m.st_size)
                         await trio.to_thread.run_sync(os.ftruncate, landing.fd, m.st_size)
                 else:
                     self.bytes_done += m.st_size

@@ -226,9 +226,20 @@ static int cc_finish(int out, int dfd, const char *name, const int64_t *f, int l
 static int64_t cc_one(int sfd, int dfd, const char *name, const int64_t *f, int flags, int umask_bits,
                       uid_t euid, gid_t egid, char *buf, int64_t cap) {
     int64_t size = f[2];
-    int in = openat(sfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY);
+    /* O_NONBLOCK: a FIFO put in the file's place since the scan must not block the open. */
+    int in = openat(sfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NOCTTY | O_NONBLOCK);
     if (in < 0)
         return -errno;
+    struct stat ist;
+    if (fstat(in, &ist) != 0) {
+        int e = errno;
+        close(in);
+        return -e;
+    }
+    if (!S_ISREG(ist.st_mode)) { /* something else took the name: Python's path reports it */
+        close(in);
+        return S_ISDIR(ist.st_mode) ? -EISDIR : BLIT_CC_PYTHON;
+    }
     int64_t ret;
     ssize_t nx = flistxattr(in, NULL, 0);
     if (nx > 0) {
