@@ -142,6 +142,16 @@ def test_bad_usage(tmp_path: Path, args: list[str]) -> None:
     assert_same_tree(before, snapshot(tmp_path, include_root=False))
 
 
+def test_json_bad_usage_still_ends_with_a_summary(tmp_path: Path) -> None:
+    import json
+
+    make_tree(tmp_path / "src", TREE)
+    proc = run_blit("copy", "--json", "--checksum", "--size-only", "src/", "dst", cwd=tmp_path)
+    assert proc.returncode == 2
+    last = json.loads(proc.stdout.decode().splitlines()[-1])
+    assert last["event"] == "summary" and last["exit_code"] == 2 and "--size-only" in last["fatal"]
+
+
 @pytest.mark.root
 @pytest.mark.parametrize("what", ["dir", "dir contents", "file"])
 def test_unreadable_source_root_is_fatal(nobody_tmp: Path, what: str) -> None:

@@ -66,9 +66,9 @@ def _landed(dst: Path) -> int:
         return 0
 
 
-def _start(src: Path, dst: Path) -> subprocess.Popen[bytes]:
+def _start(src: Path, dst: Path, *flags: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [BLIT, "copy", f"{src}/", str(dst)],
+        [BLIT, "copy", *flags, f"{src}/", str(dst)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -224,6 +224,23 @@ def test_sigint_and_sigterm_stop_within_a_second_and_clean_up(
         out, err = _finish(proc)
     _assert_stopped(proc, out, err, sig, stopped_in)
     _assert_clean_and_rerun(src, src_snap, dst, sig)
+
+
+def test_an_interrupted_json_run_still_ends_with_its_summary(big_src: tuple[Path, Snapshot, int], tmp_path: Path) -> None:
+    """--json: the last line is always the summary, with the process's exit code (130)."""
+    import json
+
+    src, _snap, total = big_src
+    dst = tmp_path / "dst"
+    proc = _start(src, dst, "--json")
+    try:
+        _run_until(proc, dst, int(total * 0.25))
+        _signal(proc, signal.SIGINT)
+    finally:
+        out, _err = _finish(proc)
+    assert proc.returncode == 130
+    last = json.loads(out.decode().splitlines()[-1])
+    assert last == {"event": "summary", "fatal": "interrupted", "exit_code": 130}
 
 
 # --- The same with worker processes (many small files in many directories) -----------------

@@ -245,8 +245,16 @@ def _run(
     from .errors import BlitError, leaves
     from .plan import Compare
 
+    def json_summary(message: str, code: int) -> None:
+        """--json: the last line is always a summary, also of a run that never began or ended."""
+        import json
+
+        _write(json.dumps({"event": "summary", "fatal": message, "exit_code": code}) + "\n")
+
     if sum((checksum, size_only, ignore_times)) > 1:
         _err("--checksum, --size-only and --ignore-times exclude each other")
+        if as_json:
+            json_summary("--checksum, --size-only and --ignore-times exclude each other", 2)
         return 2
     compare = (
         Compare.CHECKSUM
@@ -289,9 +297,7 @@ def _run(
         """One error line; with --json the summary still comes last."""
         _err(str(exc))
         if as_json and not getattr(rep, "finished", False):
-            import json
-
-            _write(json.dumps({"event": "summary", "fatal": str(exc), "exit_code": exc.exit_code}) + "\n")
+            json_summary(str(exc), exc.exit_code)
         return exc.exit_code
 
     try:
@@ -307,6 +313,8 @@ def _run(
         outcome["interrupted"] = True
     if outcome.get("interrupted") and "summary" not in outcome:
         _err("interrupted; temporary files removed, run the same command again to finish")
+        if as_json and not getattr(rep, "finished", False):
+            json_summary("interrupted", EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     summary = outcome["summary"]
     return summary.exit_code  # type: ignore[attr-defined,no-any-return]
