@@ -79,7 +79,7 @@ def _silence_stdout() -> None:
 _CONTROL = {c: f"\\#{c:03o}" for c in [*range(32), 127]}
 
 
-def _shown(path: str) -> str:
+def shown(path: str) -> str:
     """A path on one line: control characters (a newline in a name) as rsync prints them,
     backslash, #, then three octal digits (`a\\#012b`)."""
     return path.translate(_CONTROL) if not path.isprintable() else path
@@ -151,10 +151,10 @@ class TextProgress:
 
     def action(self, action: str, path: str) -> None:
         if self.verbose:
-            _out(f"{action} {_shown(path)}\n")
+            _out(f"{action} {shown(path)}\n")
 
     def error(self, failure: "Failure") -> None:
-        sys.stderr.write(f"blit: {_shown(failure.path)}: {failure.op}: {failure.message}\n")
+        sys.stderr.write(f"blit: {shown(failure.path)}: {failure.op}: {failure.message}\n")
 
     def finish(self, summary: "Summary") -> None:
         if self.bar is not None:

@@ -254,12 +254,16 @@ def _run_list(target: str, *, json_out: bool, tls_enabled: bool, verbose: int, s
     import stat as stat_mod
     import time
 
+    from .cli import shown
+
+    def text(name: str) -> str:  # not UTF-8: \xNN; control characters: \#NNN (as -v shows them)
+        return shown(name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+
     for r in rows:
         mode = stat_mod.filemode(r["mode"])
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["mtime_ns"] / 1e9))
-        name = r["name"].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        suffix = f" -> {r['target']}" if "target" in r else ""
-        typer.echo(f"{mode} {r['size']:>14,} {when} {name}{suffix}")
+        suffix = f" -> {text(r['target'])}" if "target" in r else ""
+        typer.echo(f"{mode} {r['size']:>14,} {when} {text(r['name'])}{suffix}")
 
 
 def main() -> None:

@@ -44,6 +44,24 @@ def test_cli_lists_modules_and_entries(daemon_process: DaemonProcess) -> None:
     assert r.returncode == 0 and '"size": 2' in r.stdout and "pinned" not in r.stderr
 
 
+def test_cli_list_shows_control_characters_escaped(daemon_process: DaemonProcess) -> None:
+    """A name can hold an escape sequence or a newline: `blit list` shows them as -v does
+    (\\#033, \\#012), one line per entry, never raw to a terminal; bytes that are not UTF-8 as \\xNN."""
+    d = daemon_process
+    lst = d.modules["data"] / "lst"
+    lst.mkdir()
+    (lst / "esc\x1b[31mred").write_text("x")
+    os.symlink("a\nb", lst / "nl")
+    os.symlink(b"tgt\xff", os.fsencode(lst / "bad"))
+    r = run_cli(d, "list", f"127.0.0.1:{d.port}:/data/lst")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3, lines
+    text = r.stdout
+    assert "esc\\#033[31mred" in text and "nl -> a\\#012b" in text and "bad -> tgt\\xff" in text
+    assert "\x1b" not in text
+
+
 @pytest.mark.parametrize(
     ("target", "message"),
     [
