@@ -139,18 +139,7 @@ def open_rel(root_fd: int, rel: str) -> int:
         chunk.append(part)
         size += len(part) + 1
     chunks.append("/".join(chunk))
-    fd = root_fd
-    try:
-        for c in chunks:
-            nfd = _open_beneath(fd, c)
-            if fd != root_fd:
-                os.close(fd)
-            fd = nfd
-    except BaseException:
-        if fd != root_fd:
-            os.close(fd)
-        raise
-    return fd
+    return _descend(root_fd, chunks, _open_beneath)
 
 
 def _open_beneath(dir_fd: int, path: str) -> int:
@@ -161,15 +150,22 @@ def _open_beneath(dir_fd: int, path: str) -> int:
         fd = cscan.open_dir_beneath(dir_fd, os.fsencode(path))
         if fd >= 0:
             return fd
-    fd = dir_fd
+    # O_DIR has O_NOFOLLOW: ELOOP for a symlink
+    return _descend(dir_fd, path.split("/"), lambda fd, part: os.open(part, O_DIR, dir_fd=fd))
+
+
+def _descend(start_fd: int, steps: list[str], step: Callable[[int, str], int]) -> int:
+    """Open `steps` each below the last, from `start_fd` (left open): the fds on the way are
+    closed, and on failure nothing opened here stays open."""
+    fd = start_fd
     try:
-        for part in path.split("/"):
-            nfd = os.open(part, O_DIR, dir_fd=fd)  # O_NOFOLLOW: ELOOP for a symlink
-            if fd != dir_fd:
+        for s in steps:
+            nfd = step(fd, s)
+            if fd != start_fd:
                 os.close(fd)
             fd = nfd
     except BaseException:
-        if fd != dir_fd:
+        if fd != start_fd:
             os.close(fd)
         raise
     return fd
