@@ -81,6 +81,19 @@ async def test_garbage_instead_of_http2_does_not_hurt_the_daemon(daemon: Daemon)
         assert (await s.modules()).modules
 
 
+async def test_a_listing_of_long_link_targets_comes_in_pages_that_fit(daemon: Daemon) -> None:
+    """2,500 symlinks with 4,000-byte targets (10 MB of listing): a page stops by bytes too,
+    so none is over the message limit (it was refused: "DirListing is 10692518 bytes")."""
+    d = daemon.modules["data"] / "longl"
+    d.mkdir()
+    for i in range(2500):
+        os.symlink("x" * 4000, d / ("%05d" % i + "n" * 245))
+    async with daemon.session() as s:
+        entries = await s.list_dir("data", b"longl")
+    assert len(entries) == 2500 and all(e.target == b"x" * 4000 for e in entries)
+    assert [e.name for e in entries] == sorted(os.fsencode(n) for n in os.listdir(d))
+
+
 async def test_listing_keeps_names_as_bytes(daemon: Daemon) -> None:
     d = daemon.modules["data"]
     names = [b"plain", b"caf\xe9", b"new\nline", b" spaced ", b"x:y"]

@@ -19,7 +19,7 @@ import os
 import stat
 from pathlib import Path
 
-from ..transport.protocol import Entry, ErrorCode, Refused, split_path
+from ..transport.protocol import MAX_MESSAGE, Entry, ErrorCode, Refused, split_path
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
 O_FILE = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | getattr(os, "O_NOCTTY", 0)
@@ -137,8 +137,14 @@ def stat_path(root: Path, path: bytes) -> Entry | None:
         os.close(dfd)
 
 
+PAGE_BYTES = MAX_MESSAGE // 2
+"""A listing page stops at about this many bytes of names and link targets (the encoding's
+overhead must fit the message limit too): a page of long link targets is shorter, never refused."""
+
+
 def list_dir(root: Path, path: bytes, after: bytes | None, limit: int) -> tuple[list[Entry], bool]:
-    """The entries of a directory (lstat each), sorted by name bytes, after `after`, at most `limit`."""
+    """The entries of a directory (lstat each), sorted by name bytes, after `after`, at most
+    `limit` and about PAGE_BYTES; `more` when entries are left."""
     root_fd = open_root(root)
     try:
         dfd = walk_dir(root_fd, split_path(path))
@@ -150,15 +156,19 @@ def list_dir(root: Path, path: bytes, after: bytes | None, limit: int) -> tuple[
             import bisect
 
             names = names[bisect.bisect_right(names, after) :]
-        more = len(names) > limit
-        out = []
-        for name in names[:limit]:
+        out: list[Entry] = []
+        size = 0
+        for name in names:
+            if len(out) == limit or size > PAGE_BYTES:
+                return out, True
             try:
                 st = os.lstat(name, dir_fd=dfd)
             except FileNotFoundError:
                 continue
-            out.append(entry_of(name, st, dfd))
-        return out, more
+            e = entry_of(name, st, dfd)
+            out.append(e)
+            size += 64 + len(name) + len(e.target or b"")
+        return out, False
     finally:
         os.close(dfd)
 
