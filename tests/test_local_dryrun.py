@@ -202,6 +202,22 @@ def test_a_mirror_dry_run_counts_the_deletions_the_real_run_makes(tmp_path: Path
     assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == ["x", "x/keep.tmp"]
 
 
+def test_entries_a_mirror_removes_to_make_way_are_counted_in_the_dry_run_too(tmp_path: Path) -> None:
+    """A directory replaced by a file goes with what is in it (counted); one holding excluded
+    entries keeps them and fails, but what it held besides went (counted too)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_file(src / "e", b"e")
+    write_file(src / "d", b"d")
+    for rel in ("e/x", "e/y", "d/keep.log", "d/other"):
+        write_file(dst / rel, b"old")
+    counts = []
+    for dry in (["--dry-run"], []):
+        proc = run_blit("mirror", "--json", *dry, "--exclude", "*.log", f"{src}/", dst, check=3)
+        counts.append(json.loads(proc.stdout.decode().splitlines()[-1])["files_deleted"])
+    assert counts == [4, 4]  # e/x, e/y, e; d/other
+    assert (dst / "e").read_bytes() == b"e" and sorted(os.listdir(dst / "d")) == ["keep.log"]
+
+
 def test_quiet_prints_nothing_on_success(tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src", TREE)
     for flag in ("-q", "--quiet"):

@@ -291,27 +291,41 @@ def count_extra(parent_fd: int, name: str, rel: str, filters: Filters) -> int:
     return count if kept else count + 1
 
 
-def make_way(parent_fd: int, name: str, rel: str, is_dir: bool, mirror: bool, filters: Filters, dry: bool = False) -> None:
+class WayBlocked(OSError):
+    """make_way could not remove a directory: `removed` entries inside it went all the same
+    (mirror: those the filters do not keep)."""
+
+    def __init__(self, message: str, removed: int = 0) -> None:
+        super().__init__(errno.ENOTEMPTY, message)
+        self.removed = removed
+
+
+def make_way(parent_fd: int, name: str, rel: str, is_dir: bool, mirror: bool, filters: Filters, dry: bool = False) -> int:
     """Remove the destination entry `name` (path `rel` from the transfer root) that an entry of
-    another kind replaces. Copy replaces only an empty directory; mirror removes a directory with
-    what is in it, except what the filters exclude: those are kept (as rsync keeps them), and
-    then the directory stays and this fails. Raises OSError; its strerror says why. `dry`:
-    change nothing, and fail as the real run would where that can be known without trying."""
+    another kind replaces; returns the entries removed (all below a directory counted, as a
+    mirror's deletions are). Copy replaces only an empty directory; mirror removes a directory
+    with what is in it, except what the filters exclude: those are kept (as rsync keeps them),
+    and then the directory stays and this fails (WayBlocked, with what went). Raises OSError;
+    its strerror says why. `dry`: change nothing, count and fail as the real run would where
+    that can be known without trying."""
     if dry:
         why = _way_blocked(parent_fd, name, rel, is_dir, mirror, filters)
+        n = count_extra(parent_fd, name, rel, filters) if is_dir and mirror else 1
         if why is not None:
-            raise OSError(errno.ENOTEMPTY, why)
-        return
+            raise WayBlocked(why, n if mirror else 0)
+        return n
     if is_dir and not mirror:
         try:
             os.rmdir(name, dir_fd=parent_fd)
         except OSError as exc:
             if exc.errno == errno.ENOTEMPTY:
-                raise OSError(errno.ENOTEMPTY, _NOT_EMPTY) from None
+                raise WayBlocked(_NOT_EMPTY) from None
             raise
-        return
-    if remove_extra(parent_fd, name, rel, filters)[1]:
-        raise OSError(errno.ENOTEMPTY, _HOLDS_EXCLUDED)
+        return 1
+    n, kept = remove_extra(parent_fd, name, rel, filters)
+    if kept:
+        raise WayBlocked(_HOLDS_EXCLUDED, n)
+    return n
 
 
 _NOT_EMPTY = "directory not empty (mirror replaces it)"

@@ -424,6 +424,7 @@ class LocalTransfer:
         s.links_created += res.links_created
         s.entries_seen += res.entries_seen
         s.files_removed += res.files_removed
+        s.files_deleted += res.files_deleted
         self.files_done += res.files_copied + res.files_skipped + res.links_created
         self.bytes_done += res.bytes_copied
         for action, path in res.actions:

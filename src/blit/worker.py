@@ -78,6 +78,7 @@ class DirResult:
     links_created: int = 0
     entries_seen: int = 0
     files_removed: int = 0  # move: source entries removed
+    files_deleted: int = 0  # destination entries removed to make way for one of another kind
     changed: bool = False  # something in the destination directory was created/replaced/removed
     acl_inherited: bool = False  # the destination directory has a default ACL (fsops.has_default_acl)
     c_seconds: float = 0.0  # thread CPU spent in C calls that release the GIL (blit.ffi.scan)
@@ -259,11 +260,12 @@ class Worker:
 
         for dname, d_is_dir in plan.conflicts:
             try:
-                fsops.make_way(dfd, dname, prefix + dname, d_is_dir, spec.mirror, spec.filters, dry)
+                res.files_deleted += fsops.make_way(dfd, dname, prefix + dname, d_is_dir, spec.mirror, spec.filters, dry)
                 res.changed |= not dry
                 if rec:
                     res.actions.append(("delete", dprefix + dname))
             except OSError as exc:
+                res.files_deleted += getattr(exc, "removed", 0)
                 blocked.add(dname)
                 res.failures.append((dprefix + dname, "replace", _msg(exc)))
 

@@ -284,6 +284,28 @@ async def test_a_remote_mirror_dry_run_counts_the_deletions_the_real_run_makes(d
     assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == ["x", "x/keep.tmp"]
 
 
+@pytest.mark.parametrize("direction", ["push", "pull"])
+async def test_entries_a_remote_mirror_removes_to_make_way_are_counted(daemon: Daemon, tmp_path: Path, direction: str) -> None:
+    host = f"127.0.0.1:{daemon.info.port}"
+    mod = daemon.modules["data"]
+    src = tmp_path / "src" if direction == "push" else mod / "src"
+    dst = mod / "dst" if direction == "push" else tmp_path / "dst"
+    src.mkdir()
+    (src / "e").write_text("e")
+    (src / "d").write_text("d")
+    for rel in ("e/x", "e/y", "d/keep.log", "d/other"):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dst / rel).write_text("old")
+    src_url, dst_url = (f"{src}/", f"{host}:/data/dst/") if direction == "push" else (f"{host}:/data/src/", f"{dst}/")
+    counts = []
+    for dry in (True, False):
+        s = await _run(daemon, "mirror", src_url, dst_url, dry_run=dry, filters=[(False, "*.log")])
+        assert s.exit_code == 3, s.failures
+        counts.append(s.files_deleted)
+    assert counts == [4, 4]
+    assert (dst / "e").read_text() == "e" and sorted(os.listdir(dst / "d")) == ["keep.log"]
+
+
 async def test_pull_dry_run_into_a_missing_directory_changes_nothing(daemon: Daemon, tmp_path: Path) -> None:
     mod = daemon.modules["data"]
     (mod / "tree" / "sub").mkdir(parents=True)

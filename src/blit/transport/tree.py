@@ -1399,12 +1399,16 @@ class DestTree:
             copies += plain
         for dname, d_is_dir in p.conflicts:
             try:
-                fsops.make_way(dfd, dname, prefix + dname, d_is_dir, spec.mirror, spec.filters, dry)
+                n = fsops.make_way(dfd, dname, prefix + dname, d_is_dir, spec.mirror, spec.filters, dry)
                 changed |= not dry
                 self._act("delete", dprefix + dname)
             except OSError as exc:
+                n = getattr(exc, "removed", 0)
                 blocked.add(dname)
                 failures.append(PathFailure(path=_b(dprefix + dname), op="replace", message=_msg(exc)))
+            if n:
+                with self._lock:
+                    self.files_deleted += n
         for it in p.items:
             name, dname, m, d = it.name, it.dst_name, it.src, it.dst
             if dname in blocked:
