@@ -102,6 +102,26 @@ def _ends(d: DaemonProcess, tmp_path: Path, direction: str) -> tuple[Path, Path,
     return src, tmp_path / "dst", [f"{src}/", f"{tmp_path / 'dst'}/"]
 
 
+def test_a_mirror_that_cannot_read_a_destination_directory_says_so(nobody_tmp: Path, tmp_path: Path) -> None:
+    """Deleting nothing is right; blaming the source was not (it was read whole)."""
+    with run_daemon_process(tmp_path, tls=False) as d:
+        src = d.modules["data"] / "src"
+        (src / "sub").mkdir(parents=True)
+        (src / "sub" / "f").write_text("f")
+        (src / "a").write_text("a")
+        dst = nobody_tmp / "dst"
+        (dst / "sub").mkdir(parents=True)
+        (dst / "extra").write_text("only here")
+        chown_tree(dst, NOBODY, NOBODY)
+        os.chown(dst / "sub", 0, 0)
+        os.chmod(dst / "sub", 0o000)  # the client (nobody) cannot read it
+        env = {**d.env, "HOME": str(nobody_tmp / "home")}
+        r = blit(d, "mirror", "--no-tls", url(d, "data/src/"), f"{dst}/", as_nobody=True, env=env)
+        assert r.returncode == 3, (r.stdout, r.stderr)
+        assert "blit: mirror deleted nothing: 1 destination directory could not be read (1 destination entry kept)" in errors(r), r.stderr
+        assert (dst / "extra").exists()
+
+
 @pytest.mark.parametrize("direction", ["push", "pull"])
 def test_an_xattr_name_that_is_not_utf8_lands_as_it_is(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
     """Linux allows any bytes in an xattr name; the manifest carries such a name as bytes."""

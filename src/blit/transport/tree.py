@@ -981,6 +981,7 @@ class DestTree:
         self.nodes: dict[str, _DirNode] = {}
         self.deletions: list[tuple[str, list[tuple[str, bool]]]] = []
         self.incomplete: list[str] = []
+        self.unplanned = 0  # of `incomplete`: directories this side could not open or scan
         self.links: dict[tuple[int, int], Any] = {}  # source (dev, ino) -> landed (rel, name, ino) | waiters list
         self.failures: list[tuple[str, str, str]] = []
         self.files_copied = 0
@@ -1323,6 +1324,7 @@ class DestTree:
             parted.failed = True
         with self._lock:
             self.incomplete.append(rel or ".")
+            self.unplanned += 1
         return DirPlanned(subdirs=[], need=[], failures=failures)
 
     def check_digests(self, dirs: list[tuple[str, str, bytes, list[Entry]]]) -> DigestsChecked:
@@ -1972,11 +1974,12 @@ class DestTree:
             return
         if self.incomplete or not source_complete:
             n = sum(len(x) for _, x in self.deletions)
-            k = len(self.incomplete) or 1
-            self.deletions_skipped = (
-                f"deleted nothing: {k} source director{'y' if k == 1 else 'ies'} could not be read "
-                f"completely ({n} destination entr{'y' if n == 1 else 'ies'} kept)"
-            )
+            k = (len(self.incomplete) - self.unplanned) or (0 if self.unplanned else 1)
+            why = [f"{k} source director{'y' if k == 1 else 'ies'} could not be read completely"] if k else []
+            if self.unplanned:  # (one that vanished meanwhile, say): not the source's fault
+                u = self.unplanned
+                why.append(f"{u} destination director{'y' if u == 1 else 'ies'} could not be read")
+            self.deletions_skipped = f"deleted nothing: {' and '.join(why)} ({n} destination entr{'y' if n == 1 else 'ies'} kept)"
             return
         if self.spec.dry_run:
             for dst_rel, extras in self.deletions:
