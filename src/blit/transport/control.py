@@ -350,7 +350,7 @@ class H2Connection:
                     self._nursery.cancel_scope.cancel()
                     return
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
-                    self._mark_closed(f"connection lost while sending: {exc}")
+                    self._mark_closed(f"connection lost while sending: {_why(exc)}")
                     self._nursery.cancel_scope.cancel()
                     return
                 self._queued = max(0, self._queued - len(data))
@@ -420,7 +420,7 @@ class H2Connection:
             try:
                 data = await self._stream.receive_some(READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
-                self._mark_closed(f"connection lost: {exc}")
+                self._mark_closed(f"connection lost: {_why(exc)}")
                 return
             if not data:
                 self._mark_closed("the peer closed the connection")
@@ -799,3 +799,10 @@ async def connect_control(
             except Exception:
                 pass
         raise
+
+
+def _why(exc: BaseException) -> str:
+    """What broke a connection, in words: trio's errors often carry none of their own (a peer
+    that died resets the connection), their cause does."""
+    text = str(exc) or str(exc.__cause__ or exc.__context__ or "")
+    return text or "the peer reset the connection"
