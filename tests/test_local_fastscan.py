@@ -83,7 +83,7 @@ async def test_mirror_repairs_every_drift_of_an_up_to_date_tree(tmp_path: Path, 
     assert os.getcwd() == cwd
     assert fixed.exit_code == 0, fixed.failures
     assert fixed.files_copied == 4  # samesize, grow, gone, kind
-    assert fixed.files_deleted == 2  # extra.txt, extra2.txt (the directory at "kind" is replaced)
+    assert fixed.files_deleted == 3  # extra.txt, extra2.txt, and the directory at "kind" it replaces
     assert_same_tree(src, dst)
     assert os.getxattr(dst / "xsrc.txt", "user.tag") == b"source"
     assert "user.stale" not in os.listxattr(dst / "xdst.txt")
