@@ -223,7 +223,7 @@ def scan(dir_fd: int, *, source: bool = False) -> tuple[list[tuple[str, os.stat_
                 continue
             try:
                 st = e.stat(follow_symlinks=False)
-                if source and not (NS_MIN <= st.st_mtime_ns <= NS_MAX and NS_MIN <= st.st_atime_ns <= NS_MAX):
+                if source:
                     check_times(st)
                 append((e.name, st))
             except OSError as exc:
@@ -289,6 +289,20 @@ def count_extra(parent_fd: int, name: str, rel: str, filters: Filters) -> int:
     finally:
         os.close(fd)
     return count if kept else count + 1
+
+
+def count_extras(root_fd: int, dst_rel: str, names: list[str], filters: Filters, open_dir: Callable[[int, str], int] = open_rel) -> int:
+    """A dry run's count of what deleting the extras `names` of directory `dst_rel` would remove
+    (count_extra each); each counts as one when the directory cannot be opened."""
+    try:
+        fd = open_dir(root_fd, dst_rel)
+    except OSError:
+        return len(names)
+    try:
+        prefix = dst_rel + "/" if dst_rel else ""
+        return sum(count_extra(fd, name, prefix + name, filters) for name in names)
+    finally:
+        os.close(fd)
 
 
 class WayBlocked(OSError):

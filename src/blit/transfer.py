@@ -830,18 +830,8 @@ class LocalTransfer:
     def _count_deletions(self, deletions: list[tuple[str, list[tuple[str, bool]], Meta | None]]) -> int:
         """Runs in a thread, a dry run's: what `_delete_batch` would count (every entry below
         an extra directory), changing nothing."""
-        n = 0
-        for dst_rel, extras, _ in deletions:
-            try:
-                dfd = fsops.open_rel(self.worker.dst_root_fd, dst_rel)
-            except OSError:
-                n += len(extras)
-                continue
-            try:
-                n += sum(fsops.count_extra(dfd, name, _join(dst_rel, name), self.spec.filters) for name, _ in extras)
-            finally:
-                os.close(dfd)
-        return n
+        root, filters = self.worker.dst_root_fd, self.spec.filters
+        return sum(fsops.count_extras(root, dst_rel, [n for n, _ in extras], filters) for dst_rel, extras, _ in deletions)
 
     def _delete_batch(
         self, deletions: list[tuple[str, list[tuple[str, bool]], Meta | None]]

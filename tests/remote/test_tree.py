@@ -264,44 +264,42 @@ async def test_remote_mirror_summary(daemon: Daemon, tmp_path: Path) -> None:
     assert os.listdir(mod / "m") == ["a"]
 
 
-@pytest.mark.parametrize("direction", ["push", "pull"])
-async def test_a_remote_mirror_dry_run_counts_the_deletions_the_real_run_makes(daemon: Daemon, tmp_path: Path, direction: str) -> None:
+async def _mirror_dry_then_real(
+    daemon: Daemon, tmp_path: Path, direction: str, src_files: dict[str, str], dst_files: list[str], exclude: str, exit_code: int
+) -> tuple[Path, list[int]]:
+    """Mirror a source of `src_files` over a destination holding `dst_files`, pushed or pulled,
+    excluding `exclude`: a dry run, then the real one, each ending with `exit_code`. Returns the
+    destination and the two runs' files_deleted."""
     host = f"127.0.0.1:{daemon.info.port}"
     mod = daemon.modules["data"]
-    (mod / "src").mkdir()
-    (tmp_path / "src").mkdir()
+    src = tmp_path / "src" if direction == "push" else mod / "src"
     dst = mod / "dst" if direction == "push" else tmp_path / "dst"
-    for rel in ("x/y/z", "x/keep.tmp", "e"):
+    src.mkdir()
+    for rel, text in src_files.items():
+        (src / rel).write_text(text)
+    for rel in dst_files:
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        (dst / rel).write_text("extra")
-    src_url, dst_url = (f"{tmp_path}/src/", f"{host}:/data/dst/") if direction == "push" else (f"{host}:/data/src/", f"{dst}/")
+        (dst / rel).write_text("old")
+    src_url, dst_url = (f"{src}/", f"{host}:/data/dst/") if direction == "push" else (f"{host}:/data/src/", f"{dst}/")
     counts = []
     for dry in (True, False):
-        s = await _run(daemon, "mirror", src_url, dst_url, dry_run=dry, filters=[(False, "*.tmp")])
-        assert s.exit_code == 0, s.failures
+        s = await _run(daemon, "mirror", src_url, dst_url, dry_run=dry, filters=[(False, exclude)])
+        assert s.exit_code == exit_code, s.failures
         counts.append(s.files_deleted)
+    return dst, counts
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+async def test_a_remote_mirror_dry_run_counts_the_deletions_the_real_run_makes(daemon: Daemon, tmp_path: Path, direction: str) -> None:
+    dst, counts = await _mirror_dry_then_real(daemon, tmp_path, direction, {}, ["x/y/z", "x/keep.tmp", "e"], "*.tmp", 0)
     assert counts == [3, 3]
     assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == ["x", "x/keep.tmp"]
 
 
 @pytest.mark.parametrize("direction", ["push", "pull"])
 async def test_entries_a_remote_mirror_removes_to_make_way_are_counted(daemon: Daemon, tmp_path: Path, direction: str) -> None:
-    host = f"127.0.0.1:{daemon.info.port}"
-    mod = daemon.modules["data"]
-    src = tmp_path / "src" if direction == "push" else mod / "src"
-    dst = mod / "dst" if direction == "push" else tmp_path / "dst"
-    src.mkdir()
-    (src / "e").write_text("e")
-    (src / "d").write_text("d")
-    for rel in ("e/x", "e/y", "d/keep.log", "d/other"):
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        (dst / rel).write_text("old")
-    src_url, dst_url = (f"{src}/", f"{host}:/data/dst/") if direction == "push" else (f"{host}:/data/src/", f"{dst}/")
-    counts = []
-    for dry in (True, False):
-        s = await _run(daemon, "mirror", src_url, dst_url, dry_run=dry, filters=[(False, "*.log")])
-        assert s.exit_code == 3, s.failures
-        counts.append(s.files_deleted)
+    files = {"e": "e", "d": "d"}
+    dst, counts = await _mirror_dry_then_real(daemon, tmp_path, direction, files, ["e/x", "e/y", "d/keep.log", "d/other"], "*.log", 3)
     assert counts == [4, 4]
     assert (dst / "e").read_text() == "e" and sorted(os.listdir(dst / "d")) == ["keep.log"]
 

@@ -253,7 +253,8 @@ static int blit_cmpdir(int sfd, int dfd, int flags, int64_t *rec, int rec_cap, c
     struct stat s, t;
     const char *name;
     while ((name = next_name(d, &ret)) != NULL) {
-        if (is_tmp_name(name, strlen(name)))
+        size_t len = strlen(name);
+        if (is_tmp_name(name, len))
             continue; /* a run's temporary is never a source entry (fsops.scan) */
         total++;
         if (fstatat(sfd, name, &s, AT_SYMLINK_NOFOLLOW) != 0) {
@@ -295,7 +296,7 @@ static int blit_cmpdir(int sfd, int dfd, int flags, int64_t *rec, int rec_cap, c
             }
         }
         int64_t *r = rec + (int64_t)nrec * BLIT_REC_FIELDS;
-        if (nrec >= rec_cap || put_named(r, names, names_cap, &name_used, name, strlen(name), &s) < 0) {
+        if (nrec >= rec_cap || put_named(r, names, names_cap, &name_used, name, len, &s) < 0) {
             ret = -ENOBUFS;
             break;
         }

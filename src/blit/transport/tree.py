@@ -1878,18 +1878,6 @@ class DestTree:
     def _done(self, p: _Pending, size: int) -> None:
         self._done_many([(p, size)])
 
-    def _count_extras(self, dst_rel: str, extras: list[tuple[str, bool]]) -> int:
-        """A dry run's count of what deleting `extras` of `dst_rel` would remove (as the real
-        run counts: every entry below an extra directory)."""
-        try:
-            fd = self.dirs.open_dir(self.root_fd, dst_rel)
-        except OSError:
-            return len(extras)
-        try:
-            return sum(fsops.count_extra(fd, name, _join(dst_rel, name), self.spec.filters) for name, _ in extras)
-        finally:
-            os.close(fd)
-
     def _done_many(self, files: list[tuple[_Pending, int]]) -> None:
         """Files landed: count them, mark their directories changed, log them for a move, link
         the rest of their hard-link groups."""
@@ -1974,7 +1962,9 @@ class DestTree:
             return
         if self.incomplete or not source_complete:
             n = sum(len(x) for _, x in self.deletions)
-            k = (len(self.incomplete) - self.unplanned) or (0 if self.unplanned else 1)
+            k = len(self.incomplete) - self.unplanned  # source directories not read whole
+            if not k and not self.unplanned:
+                k = 1  # the source's walk itself stopped short (source_complete)
             why = [f"{k} source director{'y' if k == 1 else 'ies'} could not be read completely"] if k else []
             if self.unplanned:  # (one that vanished meanwhile, say): not the source's fault
                 u = self.unplanned
@@ -1983,7 +1973,8 @@ class DestTree:
             return
         if self.spec.dry_run:
             for dst_rel, extras in self.deletions:
-                self.files_deleted += self._count_extras(dst_rel, extras)
+                names = [name for name, _ in extras]
+                self.files_deleted += fsops.count_extras(self.root_fd, dst_rel, names, self.spec.filters, self.dirs.open_dir)
                 for name, _is_dir in extras:
                     self._act("delete", _join(dst_rel, name))
             return
