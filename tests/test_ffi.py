@@ -766,6 +766,39 @@ def test_a_fifo_in_a_listed_files_place_is_refused_not_waited_on(tmp_path: Path)
         os.close(dfd)
 
 
+def test_a_small_file_that_shrank_since_it_was_listed_is_refused_and_one_that_grew_lands(tmp_path: Path) -> None:
+    """A plain file listed at 4,000 bytes that holds 1,000 when it is copied: the C batch hands
+    it back, the Python path refuses it (it landed the short file with the listed mtime, exit
+    0); nothing is left at the destination. One that grew lands what was read."""
+    from blit import fsops
+    from blit.ffi import scan as cscan
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "src" / "short").write_bytes(b"s" * 4000)
+    (tmp_path / "src" / "long").write_bytes(b"l" * 4000)
+    listed = {n: fsops.meta_of(os.stat(tmp_path / "src" / n)) for n in ("short", "long")}
+    (tmp_path / "src" / "short").write_bytes(b"s" * 1000)
+    (tmp_path / "src" / "long").write_bytes(b"l" * 9000)
+    sfd = os.open(tmp_path / "src", os.O_RDONLY | os.O_DIRECTORY)
+    dfd = os.open(tmp_path / "dst", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if cscan.HAVE_CMPDIR:
+            assert cscan.copy_new(sfd, dfd, [(b"short", listed["short"])], True) == [cscan.PYTHON]
+            assert os.listdir(tmp_path / "dst") == []
+        with pytest.raises(OSError, match="file changed size while being read"):
+            fsops.copy_small(sfd, "short", dfd, "short", listed["short"], False)
+        assert os.listdir(tmp_path / "dst") == []
+        if cscan.HAVE_CMPDIR:
+            assert cscan.copy_new(sfd, dfd, [(b"long", listed["long"])], True) == [9000]
+            os.unlink(tmp_path / "dst" / "long")
+        assert fsops.copy_small(sfd, "long", dfd, "long", listed["long"], False) == 9000
+        assert (tmp_path / "dst" / "long").read_bytes() == b"l" * 9000
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+
+
 def test_a_sparse_file_that_shrank_since_it_was_listed_is_refused(tmp_path: Path) -> None:
     """Its extents stop at the new end: padding it back to the listed size would land zeros
     the file never held (it did, locally)."""

@@ -804,7 +804,9 @@ def _remove_stale_dir(parent_fd: int, name: str) -> None:
 
 
 def read_all(fd: int, size: int) -> bytes:
-    """Read a whole small file; one syscall when the size is right."""
+    """Read a whole small file listed at `size` bytes; one syscall when the size is right. A
+    file that grew is read to its end; one that shrank raises OSError(EAGAIN, CHANGED_SIZE)
+    (landing it would give the listed mtime to content the file never had at that size)."""
     data = os.read(fd, size + 1)
     if len(data) == size:
         return data
@@ -812,8 +814,12 @@ def read_all(fd: int, size: int) -> bytes:
     while True:
         more = os.read(fd, max(size, 65536))
         if not more:
-            return b"".join(parts)
+            break
         parts.append(more)
+    out = b"".join(parts)
+    if len(out) < size:
+        raise OSError(errno.EAGAIN, CHANGED_SIZE)
+    return out
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:

@@ -92,7 +92,8 @@ static int cc_write_all(int fd, const char *p, size_t n) {
 }
 
 /* fsops.read_all + write_all: read size+1 bytes; exactly `size` means done, anything else
- * (the file shrank or grew) is read to EOF. Returns bytes copied or -errno. */
+ * (the file shrank or grew) is read to EOF. Returns bytes copied or -errno; cc_one sends a
+ * file that came up short back to Python, which refuses it (fsops.CHANGED_SIZE). */
 static int64_t cc_copy_data(int in, int out, int64_t size, char *buf, int64_t cap) {
     int64_t done = 0;
     int first = 1;
@@ -262,8 +263,8 @@ static int64_t cc_one(int sfd, int dfd, const char *name, const int64_t *f, int 
     int64_t copied = 0;
     if (size) {
         copied = cc_copy_data(in, out, size, buf, cap);
-        if (copied < 0) {
-            ret = copied;
+        if (copied < 0 || copied < size) { /* shorter than listed: Python says so */
+            ret = copied < 0 ? copied : BLIT_CC_PYTHON;
             goto fail;
         }
     }
