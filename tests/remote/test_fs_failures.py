@@ -243,3 +243,28 @@ def test_pull_of_a_file_that_changes_size(daemon: DaemonProcess, tmp_path: Path,
     assert_changed_file_outcome(proc, src, dst, change)
     run_blit(*argv, check=0)
     assert_same_tree(src, dst)
+
+
+# --- a listing with an entry that cannot be examined ----------------------------------------------
+
+
+@pytest.mark.root
+def test_list_names_the_entry_it_cannot_examine(nobody_daemon: DaemonProcess) -> None:
+    """A directory the daemon (nobody) may read but not search: its names are known, their
+    types and sizes are not. `blit list` ends with one line naming the first such entry and
+    exit 1 (it said only 'Permission denied'); a readable listing of the same module works."""
+    mod = nobody_daemon.modules["data"]
+    d = mod / "noexec"
+    d.mkdir()
+    write_file(d / "a.txt", b"a\n")
+    chown_tree(d, NOBODY, NOBODY)
+    os.chmod(d, 0o644)  # read (names), no search (no lstat of them)
+    try:
+        proc = run_blit("list", "--no-tls", url(nobody_daemon, "data/noexec"))
+        assert proc.returncode == 1, describe_output(proc)
+        assert stderr_lines(proc) == ["blit: error: cannot examine noexec/a.txt: Permission denied"], describe_output(proc)
+        proc = run_blit("list", "--no-tls", url(nobody_daemon, "data"))
+        assert proc.returncode == 0, describe_output(proc)
+        assert "noexec" in proc.stdout.decode(), describe_output(proc)
+    finally:
+        os.chmod(d, 0o755)

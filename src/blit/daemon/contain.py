@@ -165,6 +165,8 @@ def list_dir(root: Path, path: bytes, after: bytes | None, limit: int) -> tuple[
                 st = os.lstat(name, dir_fd=dfd)
             except FileNotFoundError:
                 continue
+            except OSError as exc:  # a directory readable but not searchable: name the entry
+                raise Refused(ErrorCode.IO_ERROR, f"cannot examine {_show(split_path(path) + [name])}: {exc.strerror}") from None
             e = entry_of(name, st, dfd)
             out.append(e)
             size += 64 + len(name) + len(e.target or b"")
