@@ -120,7 +120,7 @@ class TextProgress:
         self.quiet = quiet
         self.bar = None
         self.task: Any = None
-        if bar:
+        if bar and sys.stderr.isatty():  # a bar redrawn in a log file is noise (rich left a newline)
             from rich.progress import (
                 BarColumn,
                 DownloadColumn,
