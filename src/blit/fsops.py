@@ -959,20 +959,27 @@ def _via_tmp(dst_dir: int, name: str, create: Callable[[str], None], finish: Cal
         raise
 
 
-def make_symlink(target: str, dst_dir: int, name: str, m: Meta, replace: bool) -> None:
-    """Create a symlink (never followed) with its times and owner, atomically."""
+def make_symlink(target: str, dst_dir: int, name: str, m: Meta, replace: bool, xattrs: dict[str, bytes] | None = None) -> None:
+    """Create a symlink (never followed) with its times, owner and `xattrs` (the source's: on
+    Linux only trusted.* and security.* ones, as root), atomically."""
     if not replace:
         try:
             os.symlink(target, name, dir_fd=dst_dir)
         except FileExistsError:
             pass
         else:
-            _symlink_meta(dst_dir, name, m)
+            try:
+                _symlink_meta(dst_dir, name, m, xattrs)
+            except BaseException:
+                os.unlink(name, dir_fd=dst_dir)
+                raise
             return
-    _via_tmp(dst_dir, name, lambda t: os.symlink(target, t, dir_fd=dst_dir), lambda t: _symlink_meta(dst_dir, t, m))
+    _via_tmp(dst_dir, name, lambda t: os.symlink(target, t, dir_fd=dst_dir), lambda t: _symlink_meta(dst_dir, t, m, xattrs))
 
 
-def _symlink_meta(dst_dir: int, name: str, m: Meta) -> None:
+def _symlink_meta(dst_dir: int, name: str, m: Meta, xattrs: dict[str, bytes] | None = None) -> None:
+    if xattrs:
+        replace_xattrs(dst_dir, name, {}, xattrs)
     if IS_ROOT:
         os.chown(name, m.st_uid, m.st_gid, dir_fd=dst_dir, follow_symlinks=False)
     os.utime(name, ns=(m.st_atime_ns, m.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)

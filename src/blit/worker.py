@@ -327,12 +327,13 @@ class Worker:
                     if d is not None and stat.S_ISLNK(d.st_mode) and os.readlink(dname, dir_fd=dfd) == target:
                         res.files_skipped += 1
                         if not dry:
+                            fsops.sync_xattrs(sfd, name, dfd, dname)
                             fsops.fix_meta(dfd, dname, m, d)
                     else:
                         if rec:
                             res.actions.append(("symlink", path))
                         if not dry:
-                            fsops.make_symlink(target, dfd, dname, m, d is not None)
+                            fsops.make_symlink(target, dfd, dname, m, d is not None, fsops.xattrs_at(sfd, name) or None)
                             res.changed = True
                         res.links_created += 1
                     landed.append(name)

@@ -139,6 +139,39 @@ def test_an_xattr_name_that_is_not_utf8_lands_as_it_is(daemon_process: DaemonPro
     assert (dst / "plain").read_text() == "plain"
 
 
+@pytest.mark.root
+@pytest.mark.parametrize("direction", ["local", "push", "pull"])
+def test_a_symlinks_xattrs_land_with_it_and_are_kept_in_line(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
+    """A symlink's trusted.* and security.* xattrs (Linux allows no user.* on a symlink) land
+    as rsync -aX and cp -a land them, and a later mirror of the up-to-date link makes the
+    destination's equal the source's (one changed, one removed). blit dropped them."""
+    d = daemon_process
+    src, dst, args = _ends(d, tmp_path, direction)
+    src.mkdir()
+    (src / "f").write_text("f")
+    os.symlink("f", src / "l")
+    os.symlink("nowhere", src / "dangling")
+    for name, value in ((b"trusted.one", b"1"), (b"security.two", b"2")):
+        os.setxattr(src / "l", name, value, follow_symlinks=False)
+    os.setxattr(src / "dangling", b"trusted.d", b"d", follow_symlinks=False)
+
+    def xattrs(p: Path) -> dict[bytes, bytes]:
+        return {os.fsencode(n): os.getxattr(p, n, follow_symlinks=False) for n in os.listxattr(p, follow_symlinks=False)}
+
+    r = blit(d, "copy", *args)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert xattrs(dst / "l") == {b"trusted.one": b"1", b"security.two": b"2"}
+    assert xattrs(dst / "dangling") == {b"trusted.d": b"d"}
+    assert os.readlink(dst / "l") == "f" and os.readlink(dst / "dangling") == "nowhere"
+    os.setxattr(src / "l", b"trusted.one", b"changed", follow_symlinks=False)
+    os.removexattr(src / "l", b"security.two", follow_symlinks=False)
+    os.setxattr(dst / "dangling", b"trusted.extra", b"x", follow_symlinks=False)
+    r = blit(d, "mirror", *args)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert xattrs(dst / "l") == {b"trusted.one": b"changed"}
+    assert xattrs(dst / "dangling") == {b"trusted.d": b"d"}
+
+
 @pytest.mark.parametrize("direction", ["push", "pull"])
 def test_a_time_beyond_2262_is_reported_and_never_wrapped(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
     d = daemon_process

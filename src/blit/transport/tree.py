@@ -1468,10 +1468,11 @@ class DestTree:
                         with self._lock:
                             self.files_skipped += 1
                         if not dry:
+                            self._sync_xattrs(dfd, dname, xattrs)
                             fsops.fix_meta(dfd, dname, m, fsops.meta_of(d))
                     else:
                         if not dry:
-                            fsops.make_symlink(_s(target), dfd, dname, m, d is not None)
+                            fsops.make_symlink(_s(target), dfd, dname, m, d is not None, dict(xattrs) if xattrs else None)
                             changed = True
                         self._act("symlink", prefix + name)
                         with self._lock:
