@@ -14,6 +14,19 @@ TICK = 0.1
 """Seconds between progress updates: at most 10 a second."""
 
 
+def nothing_deleted(source_dirs: int, dest_dirs: int, kept: int) -> str:
+    """Why a mirror deleted nothing (Summary.deletions_skipped), local and remote alike:
+    `source_dirs` source directories not read whole, `dest_dirs` destination directories that
+    could not be opened or scanned (either may hide entries that are no extras), `kept`
+    destination entries that would have gone."""
+    why = []
+    if source_dirs:
+        why.append(f"{source_dirs} source director{'y' if source_dirs == 1 else 'ies'} could not be read completely")
+    if dest_dirs:
+        why.append(f"{dest_dirs} destination director{'y' if dest_dirs == 1 else 'ies'} could not be read")
+    return f"deleted nothing: {' and '.join(why)} ({kept} destination entr{'y' if kept == 1 else 'ies'} kept)"
+
+
 @dataclass(slots=True)
 class Failure:
     path: str

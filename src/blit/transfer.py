@@ -31,7 +31,7 @@ import trio
 from . import ffi, fsops
 from .errors import FATAL_ERRNOS, FatalError, StallError, leaves
 from .fsops import Meta
-from .report import Failure, NullProgress, Progress, Summary, tick
+from .report import Failure, NullProgress, Progress, Summary, nothing_deleted, tick
 from .stall import StallGuard, Timeouts
 from .worker import DirJob, DirResult, RunSpec, StopFlag, Worker, frame
 
@@ -275,6 +275,8 @@ class LocalTransfer:
         self.finished = False
         self._wake = trio.Event()
         self.scan_incomplete: list[str] = []
+        self.dst_unread = 0
+        """Destination directories that could not be opened or scanned (a mirror deletes nothing)."""
         self.deletions: list[tuple[str, list[tuple[str, bool]], Meta | None]] = []
         self.inodes: dict[tuple[int, int], Any] = {}
         # Move: landed hard-link members, by source directory: (destination directory, names).
@@ -441,7 +443,9 @@ class LocalTransfer:
             self.scan_incomplete.append(job.rel or ".")
         if res.incomplete:
             self.scan_incomplete.append(job.rel or ".")
-        if res.scan_error is not None or res.incomplete:
+        if res.dst_unread:  # what it holds is unknown: a mirror deletes nothing (as remotely)
+            self.dst_unread += 1
+        if res.scan_error is not None or res.incomplete or res.dst_unread:
             # Its contents did not all come: the destination directory keeps its metadata (one
             # we made stays 0o700), so a mode that locks the source (0, r--) does not lock the
             # rerun out of the copy; the run that reads it whole applies it.
@@ -807,13 +811,9 @@ class LocalTransfer:
     async def _delete_extras(self) -> None:
         if not self.deletions:
             return
-        if self.scan_incomplete:
+        if self.scan_incomplete or self.dst_unread:
             n = sum(len(x) for _, x, _ in self.deletions)
-            self.summary.deletions_skipped = (
-                f"deleted nothing: {len(self.scan_incomplete)} source director"
-                f"{'y' if len(self.scan_incomplete) == 1 else 'ies'} could not be read completely "
-                f"({n} destination entr{'y' if n == 1 else 'ies'} kept)"
-            )
+            self.summary.deletions_skipped = nothing_deleted(len(self.scan_incomplete), self.dst_unread, n)
             return
         for dst_rel, extras, _ in self.deletions:
             for name, _ in extras:

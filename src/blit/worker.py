@@ -64,6 +64,7 @@ class DirResult:
     scan_error: tuple[str, str] | None = None  # (op, message): the source dir could not be read
     fatal: str | None = None  # the destination is full or read-only: stop the run
     incomplete: bool = False  # some source entries could not be stat'ed
+    dst_unread: bool = False  # the destination directory could not be opened or scanned
     # name, dname, source meta, destination is new, destination meta (None when new)
     subdirs: list[tuple[str, str, Meta, bool, Meta | None]] = field(default_factory=list)
     big: list[tuple[str, str, Meta, bool]] = field(default_factory=list)  # name, dname, meta, replace
@@ -166,12 +167,14 @@ class Worker:
                     except OSError as exc:
                         res.failures.append((job.dst_rel or ".", "open destination", _msg(exc)))
                         res.fatal = _msg(exc) if exc.errno in FATAL_ERRNOS else None
+                        res.dst_unread = True
                         return res
                 if not job.dst_new:
                     try:
                         dents, derrs = fsops.scan(dfd)
                     except OSError as exc:
                         res.failures.append((job.dst_rel or ".", "scan destination", _msg(exc)))
+                        res.dst_unread = True
                         return res
                     dst = fsops.without_tmp(dfd, dents, spec.dry_run)
                     for dname, _ in derrs:

@@ -217,6 +217,55 @@ def test_pull_into_a_directory_the_client_may_not_write(daemon: DaemonProcess, n
     assert os.listdir(closed) == []
 
 
+def _unopenable_destination(src_root: Path, dst: Path) -> Path:
+    """A source with sub/f and an extra at the top of `dst`, whose sub/ (root's, 0700) nobody
+    can open: the run must report it (exit 3), and a mirror must delete nothing."""
+    src = make_tree(src_root, {"a.txt": "a\n", "sub/": {"f": "f\n"}})
+    chown_tree(src, NOBODY, NOBODY)
+    dst.mkdir()
+    write_file(dst / "extra.txt", b"only here\n")
+    chown_tree(dst, NOBODY, NOBODY)
+    (dst / "sub").mkdir(mode=0o700)  # root's
+    return src
+
+
+UNOPENABLE_LINES = ["blit: sub: open destination: Permission denied"]
+
+
+def _check_unopenable(run, dst: Path) -> None:  # type: ignore[no-untyped-def]
+    for op in ("copy", "mirror"):
+        proc = run(op)
+        assert proc.returncode == 3, describe_output(proc)
+        lines = blit_lines(proc)
+        assert [ln for ln in lines if "mirror" not in ln] == UNOPENABLE_LINES, describe_output(proc)
+        if op == "mirror":
+            assert any(ln.startswith("blit: mirror deleted nothing: 1 destination directory could not be read") for ln in lines), lines
+        assert (dst / "a.txt").read_text() == "a\n" and (dst / "extra.txt").exists()
+
+
+@pytest.mark.root
+def test_push_into_a_subdirectory_the_daemon_cannot_open(nobody_daemon: DaemonProcess, nobody_tmp: Path) -> None:
+    """It said 'copied 0 files', exit 0: sub/f never landed and nothing said so."""
+    dst = nobody_daemon.modules["data"] / "dst"
+    src = _unopenable_destination(nobody_tmp / "src", dst)
+    _check_unopenable(lambda op: run_blit(op, "--no-tls", f"{src}/", url(nobody_daemon, "data/dst")), dst)
+
+
+@pytest.mark.root
+def test_pull_into_a_subdirectory_the_client_cannot_open(daemon: DaemonProcess, nobody_tmp: Path) -> None:
+    dst = nobody_tmp / "dst"
+    _unopenable_destination(daemon.modules["data"] / "src", dst)
+    _check_unopenable(lambda op: run_blit(op, "--no-tls", url(daemon, "data/src/"), dst, as_nobody=True), dst)
+
+
+@pytest.mark.root
+def test_local_mirror_into_a_subdirectory_it_cannot_open_deletes_nothing(nobody_tmp: Path) -> None:
+    """The local engine deleted the extras (cli.md's failure table: it deletes nothing)."""
+    dst = nobody_tmp / "dst"
+    src = _unopenable_destination(nobody_tmp / "src", dst)
+    _check_unopenable(lambda op: run_blit(op, f"{src}/", dst, as_nobody=True), dst)
+
+
 # --- a source file that changes size while it is sent --------------------------------------------
 
 

@@ -43,6 +43,7 @@ from ..ffi import scan as cscan
 from ..filters import Filters
 from ..fsops import Meta
 from ..plan import CREATES, Compare, Op, plan_dir, up_to_date
+from ..report import nothing_deleted
 from . import data, protocol
 from .protocol import (
     DigestsChecked,
@@ -1318,13 +1319,15 @@ class DestTree:
         return st
 
     def _unplanned(self, rel: str, parted: _Parted | None, failures: list[PathFailure]) -> DirPlanned:
-        """The destination directory could not be opened or scanned: its source is incomplete
-        (nothing will be deleted), and the later parts of it are answered with nothing."""
+        """The destination directory could not be opened or scanned (`failures` say so, one
+        line each in the run's failures): its source is incomplete (nothing will be deleted),
+        and the later parts of it are answered with nothing."""
         if parted is not None:
             parted.failed = True
         with self._lock:
             self.incomplete.append(rel or ".")
             self.unplanned += 1
+            self.failures += ((_s(f.path), f.op, f.message) for f in failures)
         return DirPlanned(subdirs=[], need=[], failures=failures)
 
     def check_digests(self, dirs: list[tuple[str, str, bytes, list[Entry]]]) -> DigestsChecked:
@@ -1966,11 +1969,8 @@ class DestTree:
             k = len(self.incomplete) - self.unplanned  # source directories not read whole
             if not k and not self.unplanned:
                 k = 1  # the source's walk itself stopped short (source_complete)
-            why = [f"{k} source director{'y' if k == 1 else 'ies'} could not be read completely"] if k else []
-            if self.unplanned:  # (one that vanished meanwhile, say): not the source's fault
-                u = self.unplanned
-                why.append(f"{u} destination director{'y' if u == 1 else 'ies'} could not be read")
-            self.deletions_skipped = f"deleted nothing: {' and '.join(why)} ({n} destination entr{'y' if n == 1 else 'ies'} kept)"
+            # self.unplanned (one that vanished meanwhile, say): not the source's fault
+            self.deletions_skipped = nothing_deleted(k, self.unplanned, n)
             return
         if self.spec.dry_run:
             for dst_rel, extras in self.deletions:
