@@ -102,3 +102,21 @@ def test_up_to_date_symlinks_take_the_source_owner(sides: Sides, direction: str)
     """Remotely an up-to-date symlink kept a stale owner; locally a stale group."""
     for op in ("copy", "mirror"):
         assert run_case(sides, direction, _symlink_owners, op) == []
+
+
+def _non_utf8_names(root: Path, is_dst: bool) -> None:
+    """Names that are not UTF-8 (latin-1 caf\\xe9, a lone \\xff) beside UTF-8 ones; the
+    destination has extras of both kinds."""
+    root.mkdir(parents=True)
+    for name in (b"caf\xe9", b"caf\xc3\xa9", b"\xffx", b"plain") + ((b"\xffold", b"old") if is_dst else ()):
+        (root / os.fsdecode(name)).write_bytes(name)
+        os.utime(root / os.fsdecode(name), ns=(T, T))
+    os.utime(root, ns=(T, T))
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_a_pattern_that_is_not_utf8_filters_as_rsync_filters(sides: Sides, direction: str) -> None:
+    """Patterns are bytes as names are: a push and a remote to remote run crashed with a
+    traceback (a CBOR text string must be UTF-8); the filter rule now travels as bytes (R46)."""
+    flags = ("--exclude", os.fsdecode(b"caf\xe9"), "--exclude", os.fsdecode(b"\xffo*"))
+    assert run_case(sides, direction, _non_utf8_names, "mirror", flags=flags) == []

@@ -722,7 +722,7 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
     from ..filters import Filters
 
     try:
-        filters = Filters.from_args([(r.include, r.pattern) for r in msg.filters])
+        filters = Filters.from_args([(r.include, protocol.as_text(r.pattern)) for r in msg.filters])
     except UsageError as exc:  # names the pattern and what is wrong with it
         raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
 

@@ -176,7 +176,7 @@ class PeerJob:
         spec = TreeSpec(
             operation=msg.operation,
             compare=Compare(msg.compare),
-            filters=Filters.from_args([(r.include, r.pattern) for r in msg.filters]),
+            filters=Filters.from_args([(r.include, protocol.as_text(r.pattern)) for r in msg.filters]),
             dry_run=msg.dry_run,
             report_actions=msg.report_actions,
         )
@@ -302,7 +302,7 @@ async def start(s: Any, msg: protocol.PeerPull) -> protocol.PeerStarted:
     from ..filters import Filters
 
     try:
-        Filters.from_args([(r.include, r.pattern) for r in msg.filters])
+        Filters.from_args([(r.include, protocol.as_text(r.pattern)) for r in msg.filters])
     except UsageError as exc:  # names the pattern and what is wrong with it
         raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
     if len(s.jobs) >= MAX_JOBS_PER_SESSION:

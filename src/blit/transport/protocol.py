@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import struct
 import sys
 import typing
@@ -504,9 +505,28 @@ class SrcEntry(Message):
 
 @message_class
 class FilterRule(Message):
+    """A pattern is a text string, or a byte string when it is not UTF-8 (names are bytes, and
+    so may a pattern be: `--exclude $'\\xff*'`; decisions R46)."""
+
     ARRAY: ClassVar[bool] = True
     include: bool
-    pattern: str = field(metadata=_lim(MAX_TEXT))
+    pattern: str | bytes = field(metadata=_lim(MAX_TEXT))
+
+
+def text_or_bytes(text: str) -> str | bytes:
+    """A str from the file system or the command line (undecodable bytes as surrogates, PEP
+    383) as a field typed `str | bytes` carries it: text, or its bytes when they are not UTF-8
+    (a CBOR text string must be). `as_text` reverses it."""
+    try:
+        text.encode()
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text)
+
+
+def as_text(value: str | bytes) -> str:
+    """What `text_or_bytes` made, as the str it came from."""
+    return value if type(value) is str else os.fsdecode(value)
 
 
 @message_class

@@ -142,17 +142,7 @@ def _target(e: Entry) -> bytes | None:
 
 def _xattrs(e: Entry) -> list[tuple[str, bytes]] | None:
     x = e[13] if len(e) > 13 else None
-    return [(n if type(n) is str else os.fsdecode(n), v) for n, v in x] if x else None
-
-
-def _xattr_name(name: str) -> str | bytes:
-    """An xattr name as the manifest carries it: text, or its bytes when they are not UTF-8
-    (a CBOR text string must be; protocol.XAttr)."""
-    try:
-        name.encode()
-        return name
-    except UnicodeEncodeError:
-        return os.fsencode(name)
+    return [(protocol.as_text(n), v) for n, v in x] if x else None
 
 
 def entry_of(name: str, st: os.stat_result | Meta, target: bytes | None, xattrs: dict[str, bytes] | None) -> Entry:
@@ -162,7 +152,7 @@ def entry_of(name: str, st: os.stat_result | Meta, target: bytes | None, xattrs:
         _b(name),
         *fsops.meta_of(st),
         target,
-        [[_xattr_name(k), v] for k, v in sorted(xattrs.items())] if xattrs else None,
+        [[protocol.text_or_bytes(k), v] for k, v in sorted(xattrs.items())] if xattrs else None,
     ]
 
 
@@ -2275,7 +2265,7 @@ async def push_tree(
             direction="push",
             operation=spec.operation,
             compare=int(spec.compare),
-            filters=[protocol.FilterRule(include=r.include, pattern=r.pattern) for r in spec.filters.rules],
+            filters=[protocol.FilterRule(include=r.include, pattern=protocol.text_or_bytes(r.pattern)) for r in spec.filters.rules],
             dry_run=spec.dry_run,
             streams=streams,
             h2_data=session.force_h2_data,
