@@ -242,65 +242,118 @@ def make_dir(parent_fd: int, name: str, acl_inherited: bool = False) -> None:
         os.chmod(path, 0o700)  # the default ACL, not the umask, gave it its mode
 
 
-def remove_extra(parent_fd: int, name: str, rel: str, filters: Filters) -> tuple[int, bool]:
+def remove_extra(parent_fd: int, name: str, rel: str, filters: Filters, gone: list[str] | None = None) -> tuple[int, bool]:
     """Mirror's delete: remove `name` and everything below it except what the filters exclude
     (excluded destination entries are protected, and so are the directories holding them).
-    Returns (entries removed, something was kept)."""
+    Returns (entries removed, something was kept). `gone` gets what a `delete` line names:
+    "" for `name` itself when it went, else the paths below it (relative to it) of the
+    outermost entries that went."""
+    return _remove_extra(parent_fd, name, rel, filters, gone, len(rel) + 1)
+
+
+def _remove_extra(parent_fd: int, name: str, rel: str, filters: Filters, gone: list[str] | None, base: int) -> tuple[int, bool]:
     if not filters.active:
-        return remove_tree(parent_fd, name), False
+        n = remove_tree(parent_fd, name)
+        _went(gone, rel, base)
+        return n, False
     fd = _unlink_or_open(parent_fd, name)
     if fd < 0:
+        _went(gone, rel, base)
         return 1, False
     count, kept = 0, False
+    inner: list[str] = []  # what went below it: named if it stays (kept, or a failure)
     try:
-        for child, crel, is_dir in _children(fd, rel):
-            if filters.excluded(crel, child, is_dir):
-                kept = True
-                continue
-            c, k = remove_extra(fd, child, crel, filters)
-            count += c
-            kept |= k
-    finally:
-        os.close(fd)
+        try:
+            for child, crel, is_dir in _children(fd, rel):
+                if filters.excluded(crel, child, is_dir):
+                    kept = True
+                    continue
+                c, k = _remove_extra(fd, child, crel, filters, inner, base)
+                count += c
+                kept |= k
+        finally:
+            os.close(fd)
+        if not kept:
+            os.rmdir(name, dir_fd=parent_fd)
+    except BaseException:
+        if gone is not None:
+            gone += inner
+        raise
     if kept:
+        if gone is not None:
+            gone += inner
         return count, True
-    os.rmdir(name, dir_fd=parent_fd)
+    _went(gone, rel, base)
     return count + 1, False
 
 
-def count_extra(parent_fd: int, name: str, rel: str, filters: Filters) -> int:
-    """A dry run's `remove_extra`: how many entries it would remove (nothing is changed). An
-    entry that cannot be looked at counts as one."""
+def _went(gone: list[str] | None, rel: str, base: int) -> None:
+    if gone is not None:
+        gone.append(rel[base:])
+
+
+def below(path: str, sub: str) -> str:
+    """`path` joined with a `gone` entry of remove_extra, count_extra or make_way."""
+    return f"{path}/{sub}" if sub else path
+
+
+def count_extra(parent_fd: int, name: str, rel: str, filters: Filters, gone: list[str] | None = None) -> int:
+    """A dry run's `remove_extra`: how many entries it would remove (nothing is changed), and
+    in `gone` what it would name. An entry that cannot be looked at counts as one."""
+    return _count_extra(parent_fd, name, rel, filters, gone, len(rel) + 1)
+
+
+def _count_extra(parent_fd: int, name: str, rel: str, filters: Filters, gone: list[str] | None, base: int) -> int:
     try:
         if not stat.S_ISDIR(os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode):
+            _went(gone, rel, base)
             return 1
         fd = os.open(name, O_DIR, dir_fd=parent_fd)
     except OSError:
+        _went(gone, rel, base)
         return 1
     count, kept = 0, False
+    inner: list[str] = []
     try:
         for child, crel, is_dir in _children(fd, rel):
             if filters.active and filters.excluded(crel, child, is_dir):
                 kept = True
                 continue
-            count += count_extra(fd, child, crel, filters)
+            count += _count_extra(fd, child, crel, filters, inner, base)
     except OSError:
         pass
     finally:
         os.close(fd)
-    return count if kept else count + 1
+    if kept:
+        if gone is not None:
+            gone += inner
+        return count
+    _went(gone, rel, base)
+    return count + 1
 
 
-def count_extras(root_fd: int, dst_rel: str, names: list[str], filters: Filters, open_dir: Callable[[int, str], int] = open_rel) -> int:
+def count_extras(
+    root_fd: int, dst_rel: str, names: list[str], filters: Filters, open_dir: Callable[[int, str], int] = open_rel,
+    gone: list[str] | None = None,
+) -> int:  # fmt: skip
     """A dry run's count of what deleting the extras `names` of directory `dst_rel` would remove
-    (count_extra each); each counts as one when the directory cannot be opened."""
+    (count_extra each); each counts as one when the directory cannot be opened. `gone` gets the
+    paths (from the transfer root) that the real run's `delete` lines would name."""
+    prefix = dst_rel + "/" if dst_rel else ""
     try:
         fd = open_dir(root_fd, dst_rel)
     except OSError:
+        if gone is not None:
+            gone += (prefix + name for name in names)
         return len(names)
     try:
-        prefix = dst_rel + "/" if dst_rel else ""
-        return sum(count_extra(fd, name, prefix + name, filters) for name in names)
+        n = 0
+        for name in names:
+            subs: list[str] = []
+            n += count_extra(fd, name, prefix + name, filters, subs)
+            if gone is not None:
+                gone += (below(prefix + name, sub) for sub in subs)
+        return n
     finally:
         os.close(fd)
 
@@ -314,17 +367,26 @@ class WayBlocked(OSError):
         self.removed = removed
 
 
-def make_way(parent_fd: int, name: str, rel: str, is_dir: bool, mirror: bool, filters: Filters, dry: bool = False) -> int:
+def make_way(
+    parent_fd: int, name: str, rel: str, is_dir: bool, mirror: bool, filters: Filters, dry: bool = False,
+    gone: list[str] | None = None,
+) -> int:  # fmt: skip
     """Remove the destination entry `name` (path `rel` from the transfer root) that an entry of
     another kind replaces; returns the entries removed (all below a directory counted, as a
     mirror's deletions are). Copy replaces only an empty directory; mirror removes a directory
     with what is in it, except what the filters exclude: those are kept (as rsync keeps them),
     and then the directory stays and this fails (WayBlocked, with what went). Raises OSError;
     its strerror says why. `dry`: change nothing, count and fail as the real run would where
-    that can be known without trying."""
+    that can be known without trying. `gone`: as for remove_extra (what went, also when this
+    fails)."""
     if dry:
         why = _way_blocked(parent_fd, name, rel, is_dir, mirror, filters)
-        n = count_extra(parent_fd, name, rel, filters) if is_dir and mirror else 1
+        if is_dir and mirror:
+            n = count_extra(parent_fd, name, rel, filters, gone)
+        else:
+            n = 1
+            if why is None and gone is not None:
+                gone.append("")
         if why is not None:
             raise WayBlocked(why, n if mirror else 0)
         return n
@@ -335,8 +397,10 @@ def make_way(parent_fd: int, name: str, rel: str, is_dir: bool, mirror: bool, fi
             if exc.errno == errno.ENOTEMPTY:
                 raise WayBlocked(_NOT_EMPTY) from None
             raise
+        if gone is not None:
+            gone.append("")
         return 1
-    n, kept = remove_extra(parent_fd, name, rel, filters)
+    n, kept = remove_extra(parent_fd, name, rel, filters, gone)
     if kept:
         raise WayBlocked(_HOLDS_EXCLUDED, n)
     return n

@@ -624,13 +624,13 @@ class LocalTransfer:
                 if d is not None and d.st_ino == first_ino:
                     self.summary.files_skipped += 1
                 else:
-                    if self.spec.record_actions:
-                        self.progress.action("link", path)
                     if not self.spec.dry_run:
                         await trio.to_thread.run_sync(
                             self._link_to_first, job.dst_rel, dname, first_dir, first_name, d is not None
                         )
                         node.changed = True
+                    if self.spec.record_actions:
+                        self.progress.action("link", path)
                     self.summary.links_created += 1
             if self.spec.move and not self.spec.dry_run:
                 self._defer_removal(job, name, m)
@@ -815,28 +815,30 @@ class LocalTransfer:
             n = sum(len(x) for _, x, _ in self.deletions)
             self.summary.deletions_skipped = nothing_deleted(len(self.scan_incomplete), self.dst_unread, n)
             return
-        for dst_rel, extras, _ in self.deletions:
-            for name, _ in extras:
-                if self.spec.record_actions:
-                    self.progress.action("delete", _join(dst_rel, name))
+        gone: list[str] = []  # what the `delete` lines name, once done (a dry run: would be)
         if self.spec.dry_run:
-            self.summary.files_deleted += await trio.to_thread.run_sync(self._count_deletions, self.deletions)
-            return
-        deleted, failures = await trio.to_thread.run_sync(self._delete_batch, self.deletions)
-        self.summary.files_deleted += deleted
+            self.summary.files_deleted += await trio.to_thread.run_sync(self._count_deletions, self.deletions, gone)
+            failures: list[tuple[str, str, str]] = []
+        else:
+            deleted, failures = await trio.to_thread.run_sync(self._delete_batch, self.deletions, gone)
+            self.summary.files_deleted += deleted
+        if self.spec.record_actions:
+            for path in gone:
+                self.progress.action("delete", path)
         for f in failures:
             self._fail(*f)
 
-    def _count_deletions(self, deletions: list[tuple[str, list[tuple[str, bool]], Meta | None]]) -> int:
+    def _count_deletions(self, deletions: list[tuple[str, list[tuple[str, bool]], Meta | None]], gone: list[str]) -> int:
         """Runs in a thread, a dry run's: what `_delete_batch` would count (every entry below
         an extra directory), changing nothing."""
         root, filters = self.worker.dst_root_fd, self.spec.filters
-        return sum(fsops.count_extras(root, dst_rel, [n for n, _ in extras], filters) for dst_rel, extras, _ in deletions)
+        return sum(fsops.count_extras(root, dst_rel, [n for n, _ in extras], filters, gone=gone) for dst_rel, extras, _ in deletions)
 
     def _delete_batch(
-        self, deletions: list[tuple[str, list[tuple[str, bool]], Meta | None]]
+        self, deletions: list[tuple[str, list[tuple[str, bool]], Meta | None]], gone: list[str]
     ) -> tuple[int, list[tuple[str, str, str]]]:
-        """Runs in a thread: touches no shared state, returns (entries deleted, failures)."""
+        """Runs in a thread: touches no shared state but `gone` (the paths the `delete` lines
+        name), returns (entries deleted, failures)."""
         w = self.worker
         filters = self.spec.filters
         deleted = 0
@@ -850,17 +852,21 @@ class LocalTransfer:
                 continue
             try:
                 for name, _ in extras:
+                    path = _join(dst_rel, name)
+                    subs: list[str] = []
                     try:
-                        deleted += fsops.remove_extra(dfd, name, _join(dst_rel, name), filters)[0]
+                        deleted += fsops.remove_extra(dfd, name, path, filters, subs)[0]
                     except PermissionError:
                         # A read-only directory of ours: open it up, delete, then restore below.
                         try:
                             os.chmod(dfd, stat.S_IMODE(os.fstat(dfd).st_mode) | stat.S_IRWXU)
-                            deleted += fsops.remove_extra(dfd, name, _join(dst_rel, name), filters)[0]
+                            deleted += fsops.remove_extra(dfd, name, path, filters, subs)[0]
                         except OSError as exc:
-                            failures.append((_join(dst_rel, name), "delete", exc.strerror or str(exc)))
+                            failures.append((path, "delete", exc.strerror or str(exc)))
                     except OSError as exc:
-                        failures.append((_join(dst_rel, name), "delete", exc.strerror or str(exc)))
+                        failures.append((path, "delete", exc.strerror or str(exc)))
+                    # (after a retry the directory itself went too: one line names it all)
+                    gone += [path] if "" in subs else (fsops.below(path, sub) for sub in subs)
                 if meta is not None:
                     try:
                         fsops.set_dir_meta(dfd, meta, None)

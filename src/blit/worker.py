@@ -262,15 +262,17 @@ class Worker:
         ccopy = scan.HAVE_CMPDIR and not dry and not acl
 
         for dname, d_is_dir in plan.conflicts:
+            gone: list[str] = []
             try:
-                res.files_deleted += fsops.make_way(dfd, dname, prefix + dname, d_is_dir, spec.mirror, spec.filters, dry)
+                res.files_deleted += fsops.make_way(dfd, dname, prefix + dname, d_is_dir, spec.mirror, spec.filters, dry, gone)
                 res.changed |= not dry
-                if rec:
-                    res.actions.append(("delete", dprefix + dname))
             except OSError as exc:
                 res.files_deleted += getattr(exc, "removed", 0)
+                res.changed |= not dry and bool(gone)
                 blocked.add(dname)
                 res.failures.append((dprefix + dname, "replace", _msg(exc)))
+            if rec:
+                res.actions += (("delete", fsops.below(dprefix + dname, sub)) for sub in gone)
 
         for it in plan.items:
             if stop.is_set:
@@ -286,11 +288,11 @@ class Worker:
                         fsops.sync_xattrs(sfd, name, dfd, dname)
                     res.subdirs.append((name, dname, meta_of(m), False, meta_of(d) if d is not None else None))
                 elif op is Op.MKDIR:
-                    if rec:
-                        res.actions.append(("mkdir", path))
                     if not dry:
                         fsops.make_dir(dfd, dname, acl)
                         res.changed = True
+                    if rec:  # a real run lists what it did, once done
+                        res.actions.append(("mkdir", path))
                     res.dirs_created += 1
                     res.subdirs.append((name, dname, meta_of(m), True, None))
                 elif op is Op.HARDLINK:
@@ -307,8 +309,6 @@ class Worker:
                     if m.st_size > spec.big and not dry:
                         res.big.append((name, dname, meta_of(m), d is not None))
                         continue
-                    if rec:
-                        res.actions.append(("copy", path))
                     if ccopy and d is None and name == dname and m.st_nlink == 1 and not fsops.is_sparse(m):
                         batch.append((name, m))
                         batch_bytes += m.st_size
@@ -323,6 +323,8 @@ class Worker:
                         res.changed = True
                     else:
                         res.bytes_copied += m.st_size
+                    if rec:
+                        res.actions.append(("copy", path))
                     res.files_copied += 1
                     landed.append(name)
                 elif op is Op.SYMLINK:
@@ -333,11 +335,11 @@ class Worker:
                             fsops.sync_xattrs(sfd, name, dfd, dname)
                             fsops.fix_meta(dfd, dname, m, d)
                     else:
-                        if rec:
-                            res.actions.append(("symlink", path))
                         if not dry:
                             fsops.make_symlink(target, dfd, dname, m, d is not None, fsops.xattrs_at(sfd, name) or None)
                             res.changed = True
+                        if rec:
+                            res.actions.append(("symlink", path))
                         res.links_created += 1
                     landed.append(name)
                 elif op is Op.SPECIAL:
@@ -351,12 +353,12 @@ class Worker:
                             # ACLs first: setting one rewrites the group bits.
                             fsops.fix_meta(dfd, dname, m, d, fsops.sync_xattrs(sfd, name, dfd, dname))
                     else:
-                        if rec:
-                            res.actions.append(("special", path))
                         if not dry:
                             xattrs = fsops.xattrs_at(sfd, name)
                             fsops.make_special(dfd, dname, m, d is not None, acl, xattrs)
                             res.changed = True
+                        if rec:
+                            res.actions.append(("special", path))
                         res.links_created += 1
                     landed.append(name)
             except OSError as exc:
@@ -396,6 +398,8 @@ class Worker:
             res.files_copied += 1
             res.changed = True
             landed.append(name)
+            if self.spec.record_actions:
+                res.actions.append(("copy", prefix + name))
 
     def _settle_same(
         self, job: DirJob, sfd: int, dfd: int, same: list[tuple[str, str, Meta, Meta]], res: DirResult

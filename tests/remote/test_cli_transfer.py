@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -353,3 +354,63 @@ def test_closed_stdout_stops_a_remote_run_with_one_line(daemon_process: DaemonPr
     again = blit(d, "copy", a, b)
     assert again.returncode == 0, again.stderr
     assert sorted(p.relative_to(dst) for p in dst.rglob("*") if p.is_file()) == sorted(p.relative_to(src) for p in src.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("direction", ["local", "push", "pull"])
+def test_verbose_deletions_name_what_went_when_a_directory_is_kept(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
+    """A directory that holds excluded entries stays (mirror keeps them, as rsync does): the
+    entries that went inside it get their own `delete` lines, the directory none (it was
+    listed as deleted, and what went was never named). The same in the dry run; a directory
+    replaced by a file likewise. rsync: `deleting z/w/o2`, `deleting z/w/`, `deleting z/other`."""
+    d = daemon_process
+    src, dst, args = _ends(d, tmp_path, direction)
+    src.mkdir()
+    (src / "f").write_text("f")
+    (src / "x").write_text("a file where the destination has a directory")
+    for p in ("z/keep.o", "z/other", "z/w/o2", "gone/a", "x/keep.o", "x/other"):
+        (dst / p).parent.mkdir(parents=True, exist_ok=True)
+        (dst / p).write_text(p)
+    out = {}
+    for run in ("-n", "real"):
+        r = blit(d, "mirror", "-v", "--exclude", "*.o", *([run] if run == "-n" else []), *args)
+        assert r.returncode == 3, (r.stdout, r.stderr)
+        assert errors(r) == ["blit: x: replace: directory holds excluded entries, which mirror keeps"], r.stderr
+        out[run] = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("delete "))
+    assert out["-n"] == out["real"] == ["delete gone", "delete x/other", "delete z/other", "delete z/w"], out
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == ["f", "x", "x/keep.o", "z", "z/keep.o"]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("direction", ["local", "push", "pull"])
+def test_verbose_lines_name_only_what_was_done(daemon_process: DaemonProcess, nobody_tmp: Path, direction: str) -> None:
+    """A file that could not be read is no `copy` line, an extra that could not be deleted no
+    `delete` line (the local engine printed both next to their failures)."""
+    d = daemon_process
+    src, dst = nobody_tmp / "src", nobody_tmp / "dst"
+    for p in ("ok", "locked", "sub/ok2"):
+        (src / p).parent.mkdir(parents=True, exist_ok=True)
+        (src / p).write_text(p)
+    (dst / "stuck" / "inner").mkdir(parents=True)
+    (dst / "stuck" / "inner" / "f").write_text("f")
+    chown_tree(src, NOBODY, NOBODY)
+    chown_tree(dst, NOBODY, NOBODY)
+    os.chmod(src / "locked", 0)
+    os.chown(dst / "stuck" / "inner", 0, 0)  # root's: nobody cannot remove its file
+    env = {**d.env, "HOME": str(nobody_tmp / "home")}
+    if direction == "local":
+        r = blit(d, "mirror", "-v", f"{src}/", f"{dst}/", as_nobody=True, env=env)
+    else:  # the nobody side reads (push) or writes (pull); the daemon (root) the other
+        far = d.modules["data"] / "far"
+        shutil.copytree(src if direction == "pull" else dst, far, symlinks=True)
+        if direction == "push":
+            r = blit(d, "mirror", "-v", f"{src}/", url(d, "data/far/"), as_nobody=True, env=env)
+        else:
+            os.chmod(far / "locked", 0o644)
+            r = blit(d, "mirror", "-v", url(d, "data/far/"), f"{dst}/", as_nobody=True, env=env)
+    if direction != "pull":
+        assert "copy locked" not in r.stdout.splitlines(), r.stdout
+        assert "blit: locked: copy: Permission denied" in errors(r), r.stderr
+    if direction != "push":
+        assert not [ln for ln in r.stdout.splitlines() if ln.startswith("delete stuck")], r.stdout
+        assert [e for e in errors(r) if e.startswith("blit: stuck")], r.stderr
+    assert "copy ok" in r.stdout.splitlines() and "copy sub/ok2" in r.stdout.splitlines(), r.stdout

@@ -1393,14 +1393,17 @@ class DestTree:
         if plain:
             copies += plain
         for dname, d_is_dir in p.conflicts:
+            gone: list[str] = []
             try:
-                n = fsops.make_way(dfd, dname, prefix + dname, d_is_dir, spec.mirror, spec.filters, dry)
+                n = fsops.make_way(dfd, dname, prefix + dname, d_is_dir, spec.mirror, spec.filters, dry, gone)
                 changed |= not dry
-                self._act("delete", dprefix + dname)
             except OSError as exc:
                 n = getattr(exc, "removed", 0)
+                changed |= not dry and bool(gone)
                 blocked.add(dname)
                 failures.append(PathFailure(path=_b(dprefix + dname), op="replace", message=_msg(exc)))
+            for sub in gone:
+                self._act("delete", fsops.below(dprefix + dname, sub))
             if n:
                 with self._lock:
                     self.files_deleted += n
@@ -1965,9 +1968,10 @@ class DestTree:
         if self.spec.dry_run:
             for dst_rel, extras in self.deletions:
                 names = [name for name, _ in extras]
-                self.files_deleted += fsops.count_extras(self.root_fd, dst_rel, names, self.spec.filters, self.dirs.open_dir)
-                for name, _is_dir in extras:
-                    self._act("delete", _join(dst_rel, name))
+                gone: list[str] = []
+                self.files_deleted += fsops.count_extras(self.root_fd, dst_rel, names, self.spec.filters, self.dirs.open_dir, gone)
+                for path in gone:
+                    self._act("delete", path)
             return
         for dst_rel, extras in self.deletions:
             try:
@@ -1977,12 +1981,15 @@ class DestTree:
                 continue
             try:
                 for name, _is_dir in extras:
+                    path = _join(dst_rel, name)
+                    subs: list[str] = []
                     try:
-                        n, _kept = fsops.remove_extra(fd, name, _join(dst_rel, name), self.spec.filters)
+                        n, _kept = fsops.remove_extra(fd, name, path, self.spec.filters, subs)
                         self.files_deleted += n
-                        self._act("delete", _join(dst_rel, name))
                     except OSError as exc:
-                        self._fail(_join(dst_rel, name), "delete", _msg(exc))
+                        self._fail(path, "delete", _msg(exc))
+                    for sub in subs:
+                        self._act("delete", fsops.below(path, sub))
             finally:
                 os.close(fd)
         # Deletions changed directory mtimes: put back those of directories that had extras.
