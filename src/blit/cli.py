@@ -300,6 +300,9 @@ def _run(
             json_summary(str(exc), exc.exit_code)
         return exc.exit_code
 
+    from .entry import early_signals
+
+    early_signals(False)  # from here on a signal stops the run as `main` says
     try:
         trio.run(main)
     except BlitError as exc:

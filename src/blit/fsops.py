@@ -242,18 +242,23 @@ def make_dir(parent_fd: int, name: str, acl_inherited: bool = False) -> None:
         os.chmod(path, 0o700)  # the default ACL, not the umask, gave it its mode
 
 
-def remove_extra(parent_fd: int, name: str, rel: str, filters: Filters, gone: list[str] | None = None) -> tuple[int, bool]:
+def remove_extra(
+    parent_fd: int, name: str, rel: str, filters: Filters, gone: list[str] | None = None, stop: Callable[[], bool] | None = None,
+) -> tuple[int, bool]:  # fmt: skip
     """Mirror's delete: remove `name` and everything below it except what the filters exclude
     (excluded destination entries are protected, and so are the directories holding them).
     Returns (entries removed, something was kept). `gone` gets what a `delete` line names:
     "" for `name` itself when it went, else the paths below it (relative to it) of the
-    outermost entries that went."""
-    return _remove_extra(parent_fd, name, rel, filters, gone, len(rel) + 1)
+    outermost entries that went. `stop`, asked before each entry, abandons the rest
+    (InterruptedError; `gone` holds what went)."""
+    return _remove_extra(parent_fd, name, rel, filters, gone, len(rel) + 1, stop)
 
 
-def _remove_extra(parent_fd: int, name: str, rel: str, filters: Filters, gone: list[str] | None, base: int) -> tuple[int, bool]:
+def _remove_extra(
+    parent_fd: int, name: str, rel: str, filters: Filters, gone: list[str] | None, base: int, stop: Callable[[], bool] | None,
+) -> tuple[int, bool]:  # fmt: skip
     if not filters.active:
-        n = remove_tree(parent_fd, name)
+        n = remove_tree(parent_fd, name, stop)
         _went(gone, rel, base)
         return n, False
     fd = _unlink_or_open(parent_fd, name)
@@ -265,10 +270,12 @@ def _remove_extra(parent_fd: int, name: str, rel: str, filters: Filters, gone: l
     try:
         try:
             for child, crel, is_dir in _children(fd, rel):
+                if stop is not None and stop():
+                    raise InterruptedError(errno.EINTR, "stopped")
                 if filters.excluded(crel, child, is_dir):
                     kept = True
                     continue
-                c, k = _remove_extra(fd, child, crel, filters, inner, base)
+                c, k = _remove_extra(fd, child, crel, filters, inner, base, stop)
                 count += c
                 kept |= k
         finally:
@@ -493,15 +500,18 @@ def unlink_unchanged(dir_fd: int, name: str, m: Meta) -> None:
     os.unlink(name, dir_fd=dir_fd)
 
 
-def remove_tree(parent_fd: int, name: str) -> int:
-    """Remove `name` (any kind) below parent_fd, recursively; returns entries removed."""
+def remove_tree(parent_fd: int, name: str, stop: Callable[[], bool] | None = None) -> int:
+    """Remove `name` (any kind) below parent_fd, recursively; returns entries removed. `stop`,
+    asked before each entry, abandons the rest (InterruptedError)."""
+    if stop is not None and stop():
+        raise InterruptedError(errno.EINTR, "stopped")
     fd = _unlink_or_open(parent_fd, name)
     if fd < 0:
         return 1
     count = 0
     try:
         for child in os.listdir(fd):
-            count += remove_tree(fd, child)
+            count += remove_tree(fd, child, stop)
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=parent_fd)

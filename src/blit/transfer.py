@@ -32,7 +32,7 @@ from . import ffi, fsops
 from .errors import FATAL_ERRNOS, FatalError, StallError, leaves
 from .fsops import Meta
 from .report import Failure, NullProgress, Progress, Summary, nothing_deleted, tick
-from .stall import StallGuard, Timeouts
+from .stall import StallGuard, Timeouts, run_stoppable
 from .worker import DirJob, DirResult, RunSpec, StopFlag, Worker, frame
 
 CHUNK = 32 << 20  # bytes per thread hop when copying a large file
@@ -820,13 +820,17 @@ class LocalTransfer:
             self.summary.files_deleted += await trio.to_thread.run_sync(self._count_deletions, self.deletions, gone)
             failures: list[tuple[str, str, str]] = []
         else:
-            deleted, failures = await trio.to_thread.run_sync(self._delete_batch, self.deletions, gone)
+            # Ctrl-C stops it between two entries (it went on to the end, then exited 0).
+            deleted, failures = await run_stoppable(self._delete_batch, self.deletions, gone, stop=self._stop_deleting)
             self.summary.files_deleted += deleted
         if self.spec.record_actions:
             for path in gone:
                 self.progress.action("delete", path)
         for f in failures:
             self._fail(*f)
+
+    def _stop_deleting(self) -> None:
+        self.stop.is_set = True
 
     def _count_deletions(self, deletions: list[tuple[str, list[tuple[str, bool]], Meta | None]], gone: list[str]) -> int:
         """Runs in a thread, a dry run's: what `_delete_batch` would count (every entry below
@@ -843,8 +847,16 @@ class LocalTransfer:
         filters = self.spec.filters
         deleted = 0
         failures: list[tuple[str, str, str]] = []
+        flag = self.stop
+
+        def stop() -> bool:
+            return flag.is_set
+
+        stopped = False
         # Deepest directories first, so a parent's times are restored after its children's.
         for dst_rel, extras, meta in sorted(deletions, key=lambda d: -d[0].count("/") - bool(d[0])):
+            if stopped or stop():
+                break
             try:
                 dfd = fsops.open_rel(w.dst_root_fd, dst_rel)
             except OSError as exc:
@@ -855,19 +867,25 @@ class LocalTransfer:
                     path = _join(dst_rel, name)
                     subs: list[str] = []
                     try:
-                        deleted += fsops.remove_extra(dfd, name, path, filters, subs)[0]
+                        deleted += fsops.remove_extra(dfd, name, path, filters, subs, stop)[0]
                     except PermissionError:
                         # A read-only directory of ours: open it up, delete, then restore below.
                         try:
                             os.chmod(dfd, stat.S_IMODE(os.fstat(dfd).st_mode) | stat.S_IRWXU)
-                            deleted += fsops.remove_extra(dfd, name, path, filters, subs)[0]
+                            deleted += fsops.remove_extra(dfd, name, path, filters, subs, stop)[0]
+                        except InterruptedError:
+                            stopped = True
                         except OSError as exc:
                             failures.append((path, "delete", exc.strerror or str(exc)))
+                    except InterruptedError:  # interrupted: what went is named, the rest stays
+                        stopped = True
                     except OSError as exc:
                         failures.append((path, "delete", exc.strerror or str(exc)))
                     # (after a retry the directory itself went too: one line names it all)
                     gone += [path] if "" in subs else (fsops.below(path, sub) for sub in subs)
-                if meta is not None:
+                    if stopped:
+                        break
+                if meta is not None and not stopped:
                     try:
                         fsops.set_dir_meta(dfd, meta, None)
                     except OSError as exc:

@@ -414,3 +414,43 @@ def test_verbose_lines_name_only_what_was_done(daemon_process: DaemonProcess, no
         assert not [ln for ln in r.stdout.splitlines() if ln.startswith("delete stuck")], r.stdout
         assert [e for e in errors(r) if e.startswith("blit: stuck")], r.stderr
     assert "copy ok" in r.stdout.splitlines() and "copy sub/ok2" in r.stdout.splitlines(), r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("direction", ["local", "push", "pull"])
+def test_ctrl_c_stops_a_mirrors_deletions(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
+    """SIGINT once the deletions have begun: the run stops within about a second (exit 130)
+    and what it had not deleted yet stays, also on the daemon after its client went. Before,
+    a local run deleted everything and exited 0, a pull deleted everything before stopping,
+    and a push's daemon went on deleting after its client had said it stopped."""
+    import signal
+    import time
+
+    d = daemon_process
+    src, dst, args = _ends(d, tmp_path, direction)
+    src.mkdir()
+    (src / "keep").write_text("keep")
+    dst.mkdir()
+    n_dirs, per_dir = 80, 300
+    for i in range(n_dirs):
+        (dst / f"x{i:03d}").mkdir()
+        for j in range(per_dir):
+            (dst / f"x{i:03d}" / f"f{j}").write_bytes(b"")
+    proc = subprocess.Popen([*blit_cmd(), "mirror", *args], env=d.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while sum(x.startswith("x") for x in os.listdir(dst)) == n_dirs and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (proc.returncode, out, err)
+    assert took < 2.0, took
+    time.sleep(1.0)  # a daemon that went on deleting would be seen now
+    left = sum(len(os.listdir(dst / x)) for x in os.listdir(dst) if x.startswith("x"))
+    assert left > n_dirs * per_dir // 4, f"only {left} of {n_dirs * per_dir} extras left"

@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from ..stall import StallGuard
+from ..stall import StallGuard, run_stoppable
 from ..transport import data, protocol
 from ..transport.protocol import ErrorCode, Refused
 from ..transport.tree import DestTree, SourceTree, SrcFile
@@ -918,7 +918,10 @@ async def handle_tree_finish(s: Session, msg: protocol.TreeFinish) -> protocol.T
             dest = t.tree_dest
             for e in t.errors:
                 dest._fail(".", "data stream", e)
-            await s.fs(dest.finish, msg.source_complete)
+            try:  # a client that goes away stops the deletions (they went on to the end)
+                await run_stoppable(dest.finish, msg.source_complete, stop=dest.stop, limiter=s.state.fs_limiter)
+            except OSError as exc:
+                raise Refused(ErrorCode.IO_ERROR, exc.strerror or str(exc)) from None
             if dest.fatal is not None:  # full or read-only: finish changed nothing more (R30)
                 raise Refused(ErrorCode.IO_ERROR, dest.fatal)
             return dest.result()  # type: ignore[no-any-return]

@@ -44,6 +44,7 @@ from ..filters import Filters
 from ..fsops import Meta
 from ..plan import CREATES, Compare, Op, plan_dir, up_to_date
 from ..report import nothing_deleted
+from ..stall import run_stoppable
 from . import data, protocol
 from .protocol import (
     DigestsChecked,
@@ -998,6 +999,11 @@ class DestTree:
 
     def _stop(self) -> bool:
         return self.stopped
+
+    def stop(self) -> None:
+        """Any thread: `finish` leaves the deletions it has not made yet (the run was
+        interrupted, or its client went away)."""
+        self.stopped = True
 
     def _changed(self, dst_rel: str) -> None:
         """Under the lock: an entry of dst_rel was created or replaced, so `finish` puts the
@@ -1973,7 +1979,10 @@ class DestTree:
                 for path in gone:
                     self._act("delete", path)
             return
+        stopped = False  # `stop` (the client went, Ctrl-C): what is left stays
         for dst_rel, extras in self.deletions:
+            if stopped or self.stopped:
+                return
             try:
                 fd = self.dirs.open_dir(self.root_fd, dst_rel)
             except OSError as exc:
@@ -1984,12 +1993,16 @@ class DestTree:
                     path = _join(dst_rel, name)
                     subs: list[str] = []
                     try:
-                        n, _kept = fsops.remove_extra(fd, name, path, self.spec.filters, subs)
+                        n, _kept = fsops.remove_extra(fd, name, path, self.spec.filters, subs, self._stop)
                         self.files_deleted += n
+                    except InterruptedError:
+                        stopped = True
                     except OSError as exc:
                         self._fail(path, "delete", _msg(exc))
                     for sub in subs:
                         self._act("delete", fsops.below(path, sub))
+                    if stopped:
+                        break
             finally:
                 os.close(fd)
         # Deletions changed directory mtimes: put back those of directories that had extras.
@@ -2795,7 +2808,7 @@ async def pull_tree(
                 remote = await session.call(protocol.TreeFinish(transfer=t.id, source_complete=complete))
                 for f in remote.failures:
                     sink._fail(_s(f.path), f.op, f.message)
-                await trio.to_thread.run_sync(sink.finish, complete)
+                await run_stoppable(sink.finish, complete, stop=sink.stop)  # Ctrl-C stops its deletions
                 finished.set()
         if actions is not None and sink.actions is not None and sink.actions.dropped:
             f = actions_dropped_failure(sink.actions.dropped)
