@@ -272,3 +272,37 @@ def test_a_received_data_frames_repr_does_not_hex_encode_its_payload() -> None:
 
     frame = DataFrame(1, data=b"\xab" * (1 << 20))
     assert repr(frame) == "DataFrame(stream_id=1, flags=[]): <1048576 bytes>"
+
+
+async def test_a_cancelled_transfer_closes_its_trees_only_once_its_streams_are_over(tmp_path: Path) -> None:
+    """A session that ends (its client killed) cancels its transfers. Their trees' directory
+    fds were closed at once, under data-stream threads still landing files: the renames failed
+    (EBADF) and left temporaries in the module, and a number reused by another session could
+    have taken a file into the wrong directory. The trees now close when the last stream ends."""
+    from blit.daemon.config import DaemonConfig
+    from blit.daemon.handlers import DaemonState, Session, Transfer
+
+    class Tree:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    state = DaemonState(config=DaemonConfig(), software="test")
+    session = Session(state, "127.0.0.1:1", "127.0.0.1")
+    msg = p.OpenTransfer(module="m", path=b"", direction="push", streams=2)
+    t = Transfer(state, session, 1, msg, tmp_path)
+    tree = Tree()
+    t.tree_dest = tree
+    t.attached = 2  # two streams admitted, their threads still running
+    t.cancel()
+    assert t.closed and not tree.closed
+    t.stream_done()
+    assert not tree.closed
+    t.stream_done()
+    assert tree.closed and t.tree_dest is None
+
+    idle = Transfer(state, session, 2, msg, tmp_path)
+    idle.tree_dest = tree2 = Tree()
+    idle.cancel()  # no stream: closed at once, as before
+    assert tree2.closed

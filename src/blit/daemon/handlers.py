@@ -309,6 +309,8 @@ class Transfer:
         """One attached stream is over (counted in `attached` when it was admitted)."""
         self.finished_streams += 1
         self._notify()
+        if self.closed and self.finished_streams >= self.attached:
+            self._close_trees()
 
     async def drain(self) -> None:
         """The client says no more streams or files: revoke unused grants, end the send queue,
@@ -324,7 +326,15 @@ class Transfer:
                 await self.changed.wait()
 
     def cancel(self) -> None:
+        """End the transfer: its streams are cancelled, and its trees closed once no stream's
+        worker thread can use them any more (now, or when the last stream ends: closing their
+        directory fds under a thread still landing a file made its rename fail, leaving a
+        temporary behind, or could land it through a number another session reopened)."""
         self.end_streams()
+        if self.finished_streams >= self.attached:
+            self._close_trees()
+
+    def _close_trees(self) -> None:
         for tree in (self.tree_dest, self.tree_src):
             if tree is not None:
                 tree.close()
