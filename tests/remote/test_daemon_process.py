@@ -194,3 +194,53 @@ def test_pull_100_mib_from_a_real_daemon(daemon_process: DaemonProcess, tmp_path
         assert digest(out) == want
         print(f"pull 100 MiB from a daemon process, TLS, {'h2' if force_h2 else 'raw'}: {100 / elapsed:.0f} MiB/s")
         out.unlink()
+
+
+@pytest.mark.slow
+def test_data_connections_that_trickle_their_handshake_are_cut_and_transfers_go_on(tmp_path: Path) -> None:
+    """40 connections to the data port that send a byte of their hello every 2 s: each read
+    finished within its timeout, so the daemon kept them (and a worker each) for ever; ~530
+    stopped every transfer. The whole admission now has ADMIT_TIMEOUT: they are cut at ~10 s,
+    and a push made meanwhile lands."""
+    import socket
+
+    with run_daemon_process(tmp_path / "d", tls=False) as d:
+        hello = b"BLITDATA" + bytes(36)
+        socks = [socket.create_connection(("127.0.0.1", d.data_port)) for _ in range(40)]
+        t0 = time.monotonic()
+        try:
+            src = tmp_path / "src"
+            src.mkdir()
+            (src / "f").write_bytes(b"pushed while the data port is trickled\n")
+            cut: dict[int, float] = {}
+            sent = 0
+            push = None
+            while len(cut) < len(socks) and time.monotonic() - t0 < 25:
+                for i, s in enumerate(socks):
+                    if i in cut or sent >= len(hello):
+                        continue
+                    try:
+                        s.send(hello[sent : sent + 1])
+                    except OSError:
+                        cut[i] = time.monotonic() - t0
+                sent += 1
+                if push is None and time.monotonic() - t0 > 1:
+                    push = subprocess.run([*blit_cmd(), "copy", "--no-tls", f"{src}/", f"127.0.0.1:{d.port}:/data/out/"],
+                                          env=d.env, capture_output=True, timeout=60)  # fmt: skip
+                for i, s in enumerate(socks):  # closed by the daemon: reads EOF (or a reset)
+                    if i not in cut:
+                        s.settimeout(0.0)
+                        try:
+                            if s.recv(64) == b"":
+                                cut[i] = time.monotonic() - t0
+                        except BlockingIOError:
+                            pass
+                        except OSError:
+                            cut[i] = time.monotonic() - t0
+                time.sleep(2.0)
+        finally:
+            for s in socks:
+                s.close()
+        assert push is not None and push.returncode == 0, push
+        assert (d.modules["data"] / "out" / "f").read_bytes() == b"pushed while the data port is trickled\n"
+        assert len(cut) == len(socks) and max(cut.values()) < 16, sorted(cut.values())

@@ -41,6 +41,11 @@ AUTH_FAILURE_DELAY = 0.3
 """Seconds a failed `auth` waits before its answer (with the limit above: against guessing)."""
 
 
+ADMISSIONS = 64
+"""Data connections admitted (TLS handshake and hello) at a time; each has data.ADMIT_TIMEOUT
+for the whole of it."""
+
+
 @dataclass
 class DaemonState:
     """Everything the handlers of all sessions share."""
@@ -51,6 +56,9 @@ class DaemonState:
     fingerprint: str | None = None
     grants: data.GrantTable = field(default_factory=data.GrantTable)
     stream_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(512))
+    admit_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(ADMISSIONS))
+    """Data connections in their handshake (TLS and hello) at once: their own threads, so that
+    connections that never finish one cannot take the admitted streams' workers."""
     fs_limiter: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(16))
     stall: float = data.DEFAULT_STALL
     sessions: int = 0

@@ -329,12 +329,23 @@ async def _handle_data(state: handlers.DaemonState, ssl_ctx: ssl.SSLContext | No
     peer = _peer(tcp)
     addr = _peer_ip(tcp)
     raw = socket.socket(fileno=tcp.socket.detach())
-    try:
-        got = await data.run_sync_owned(
-            lambda: data.accept_handshake(raw, ssl_ctx), lambda r: r[0].close(), limiter=state.stream_limiter
-        )
-    except (OSError, ssl.SSLError, ConnectionError) as exc:
-        log.info("data connection from %s failed before admission: %s", peer, exc)
+    # One deadline for the whole admission (waiting for a turn, TLS, hello): a client that
+    # sends a byte now and then passed every per-read timeout and kept a worker for ever
+    # (530 of them stopped every transfer). Its socket is shut down, which ends the thread.
+    with trio.move_on_after(data.ADMIT_TIMEOUT) as deadline:
+        try:
+            got = await data.run_sync_owned(
+                lambda: data.accept_handshake(raw, ssl_ctx), lambda r: r[0].close(), limiter=state.admit_limiter
+            )
+        except (OSError, ssl.SSLError, ConnectionError) as exc:
+            log.info("data connection from %s failed before admission: %s", peer, exc)
+            return
+    if deadline.cancelled_caught:
+        log.info("data connection from %s: no admission within %g s", peer, data.ADMIT_TIMEOUT)
+        try:
+            raw.shutdown(socket.SHUT_RDWR)  # the abandoned thread's read fails; it closes the socket
+        except OSError:
+            pass
         return
     assert got is not None
     link: data.Link | None
