@@ -306,3 +306,41 @@ async def test_a_cancelled_transfer_closes_its_trees_only_once_its_streams_are_o
     idle.tree_dest = tree2 = Tree()
     idle.cancel()  # no stream: closed at once, as before
     assert tree2.closed
+
+
+async def test_a_header_block_that_never_ends_is_refused_past_its_limit(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """HEADERS without END_HEADERS, then CONTINUATION frames: h2 kept up to 64 of them (of up
+    to 1 MiB each) for as long as the client liked (12 connections: +800 MB). The daemon ends
+    the connection once the block passes MAX_HEADER_BLOCK; others are served meanwhile."""
+    import h2.config
+    import h2.connection
+    import hyperframe.frame
+
+    from .conftest import start_daemon
+
+    d = await start_daemon(nursery, tmp_path / "d", tls=False)
+    tcp = await trio.open_tcp_stream("127.0.0.1", d.info.port)
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    c.initiate_connection()
+    await tcp.send_all(c.data_to_send())
+    first = hyperframe.frame.HeadersFrame(1)
+    first.data = c.encoder.encode([(":method", "POST"), (":scheme", "http"), (":authority", "x"), (":path", "/blit/hello")])
+    await tcp.send_all(first.serialize())
+    closed = False
+    with trio.move_on_after(10):
+        for _ in range((64 << 10) // 8192 + 8):  # past MAX_HEADER_BLOCK (64 KiB)
+            more = hyperframe.frame.ContinuationFrame(1)
+            more.data = b"\x00" * 8192  # (never decoded: the block is refused first)
+            try:
+                await tcp.send_all(more.serialize())
+            except trio.BrokenResourceError:
+                closed = True
+                break
+        while not closed:
+            if not await tcp.receive_some(65536):
+                closed = True
+    await tcp.aclose()
+    assert closed, "the daemon kept the endless header block"
+    async with raw_h2(d) as conn:  # and it serves the next client
+        status, _ = await h2_post(conn, "/blit/hello", cbor2.dumps({"version": p.PROTOCOL_VERSION}))
+        assert status in (200, 400), status

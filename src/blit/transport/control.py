@@ -39,6 +39,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 import hyperframe.frame
 import trio
@@ -66,6 +67,10 @@ CONNECTION_WINDOW = 64 << 20
 MAX_FRAME = 1 << 20
 MAX_CONCURRENT_STREAMS = 32
 MAX_HEADER_LIST = 16 << 10
+MAX_HEADER_BLOCK = 4 * MAX_HEADER_LIST
+"""Bytes of an encoded header block (HEADERS and its CONTINUATIONs) kept before it is decoded
+(and held to MAX_HEADER_LIST): h2 itself keeps up to 64 CONTINUATION frames of MAX_FRAME, 64 MiB a
+connection for as long as the peer likes. Room for Huffman codes longer than their text."""
 READ_SIZE = 256 << 10
 HIGH_WATER = 4 << 20
 WRITE_TIMEOUT = 60.0
@@ -202,6 +207,19 @@ class H2Stream:
 Handler = Callable[[H2Stream], Awaitable[None]]
 
 
+class _BoundedFrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer, refusing a header block that grows past MAX_HEADER_BLOCK before its
+    END_HEADERS (ProtocolError: the connection ends with PROTOCOL_ERROR)."""
+
+    def _update_header_buffer(self, f: Any) -> Any:
+        if isinstance(f, (hyperframe.frame.HeadersFrame, hyperframe.frame.ContinuationFrame)) and (
+            self._headers_buffer or "END_HEADERS" not in f.flags
+        ):
+            if sum(len(x.data) for x in self._headers_buffer) + len(f.data) > MAX_HEADER_BLOCK:
+                raise h2.exceptions.ProtocolError("header block larger than the daemon takes")
+        return super()._update_header_buffer(f)
+
+
 class H2Connection:
     """HTTP/2 over a trio stream, for either role. Use `run()` in a nursery for its lifetime."""
 
@@ -222,6 +240,7 @@ class H2Connection:
             validate_outbound_headers=True,
         )
         self._h2 = h2.connection.H2Connection(config)
+        self._h2.incoming_buffer.__class__ = _BoundedFrameBuffer
         self._max_streams = max_concurrent_streams
         self._idle_timeout = idle_timeout
         self._streams: dict[int, H2Stream] = {}
