@@ -344,3 +344,30 @@ async def test_a_header_block_that_never_ends_is_refused_past_its_limit(nursery:
     async with raw_h2(d) as conn:  # and it serves the next client
         status, _ = await h2_post(conn, "/blit/hello", cbor2.dumps({"version": p.PROTOCOL_VERSION}))
         assert status in (200, 400), status
+
+
+async def test_a_request_body_left_unfinished_is_answered_after_the_stall_time(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Part of a body, then nothing (no END_STREAM): the daemon held the part for as long as
+    the connection lived (8 sessions: +500 MB). Now it answers 400 once nothing of the body
+    came for the stall time, and the buffer goes."""
+    import time
+
+    from blit.transport import control
+
+    from .conftest import start_daemon
+
+    d = await start_daemon(nursery, tmp_path / "d", tls=False, stall=1.0)
+    async with raw_h2(d) as conn:
+        hdrs = control._request_headers("127.0.0.1", "/blit/hello", [])
+        async with conn.open_stream(hdrs) as st:
+            await st.send_data(b"\xa1" + b"x" * 100_000)  # never ended
+            t0 = time.monotonic()
+            await conn.wait_response(st, 10)
+            took = time.monotonic() - t0
+            assert int(st.header(b":status") or 0) == 400
+            assert 0.9 < took < 5, took
+            try:  # the daemon may reset the request's half after its answer (RFC 9113 8.1)
+                body = cbor2.loads(await st.read_body(1 << 20))
+                assert "stopped coming" in str(body), body
+            except control.StreamClosed:
+                pass

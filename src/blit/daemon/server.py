@@ -262,9 +262,9 @@ async def _handle_stream(session: handlers.Session, st: control.H2Stream) -> Non
     async with session.request_slots:
         try:
             try:
-                body = await st.read_body(session.proto.max_message)
+                body = await st.read_body(session.proto.max_message, stall=session.state.stall)
             except RemoteProtocolError as exc:
-                raise Refused(ErrorCode.TOO_LARGE, str(exc)) from None
+                raise Refused(ErrorCode.TOO_LARGE if exc.code == 413 else ErrorCode.BAD_REQUEST, str(exc)) from None
             msg = session.proto.receive_request(path, body)
             reply = await session.dispatch(msg)
             try:

@@ -153,16 +153,22 @@ class H2Stream:
                 raise StreamClosed(self._conn.close_reason or "connection closed")
             await self._changed.wait()
 
-    async def read_body(self, limit: int) -> bytes:
-        """The whole body, refusing more than `limit` bytes.
+    async def read_body(self, limit: int, stall: float = math.inf) -> bytes:
+        """The whole body, refusing more than `limit` bytes; `stall`: seconds without a byte of
+        it after which the peer is taken to have stopped sending (a body left unfinished held
+        its buffer for as long as the connection lived).
 
         Raises:
             RemoteProtocolError(413): the body is larger than `limit`.
+            RemoteProtocolError(408): nothing of it came for `stall` seconds.
         """
         parts: list[bytes] = []
         size = 0
         while True:
-            chunk = await self.receive_chunk()
+            with trio.move_on_after(stall) as waited:
+                chunk = await self.receive_chunk()
+            if waited.cancelled_caught:
+                raise RemoteProtocolError(f"the request body stopped coming for {stall:g} s", 408)
             if chunk is None:
                 return b"".join(parts)
             size += len(chunk)
