@@ -819,3 +819,33 @@ def test_a_sparse_file_that_shrank_since_it_was_listed_is_refused(tmp_path: Path
     finally:
         os.close(sfd)
         os.close(dfd)
+
+
+def test_a_live_runs_temporary_file_is_left_alone_by_another_runs_scan(tmp_path: Path) -> None:
+    """Concurrent pushes into one directory: one run's scan removed another's temporary file
+    between its link and its rename (`copy: No such file or directory`). A writer holds a
+    shared flock on its temporary (hold_tmp; the C landing too); a scan removes only one that
+    nobody holds (a run that died)."""
+    from blit import fsops
+
+    d = tmp_path / "d"
+    d.mkdir()
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    live, dead = fsops.new_tmp_name(), fsops.new_tmp_name()
+    held = os.open(d / live, os.O_WRONLY | os.O_CREAT, 0o600)
+    fsops.hold_tmp(held)
+    (d / dead).write_bytes(b"left by a run that was killed")
+    (d / "real").write_bytes(b"x")
+    try:
+        entries, _ = fsops.scan(dfd)
+        assert sorted(fsops.without_tmp(dfd, entries, False)) == ["real"]
+        assert sorted(os.listdir(d)) == sorted([live, "real"])
+        os.close(held)
+        held = -1
+        entries, _ = fsops.scan(dfd)
+        assert sorted(fsops.without_tmp(dfd, entries, False)) == ["real"]
+        assert os.listdir(d) == ["real"]
+    finally:
+        if held >= 0:
+            os.close(held)
+        os.close(dfd)

@@ -752,6 +752,7 @@ class Landing:
             self.mode,
             dir_fd=dir_fd,
         )
+        hold_tmp(self.fd)
 
     def finish_meta(
         self, m: Meta, xattrs: list[tuple[str, bytes]] | None, what: str, inherit_gid: bool = True,
@@ -788,6 +789,7 @@ class Landing:
                     except FileExistsError:
                         pass
                 self.tmp_name = new_tmp_name()
+                hold_tmp(self.fd)
                 ffi.link_fd(self.fd, self.dir_fd, self.tmp_name)
             os.rename(self.tmp_name, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
             self.tmp_name = None
@@ -824,13 +826,16 @@ def is_tmp_name(name: str) -> bool:
 def without_tmp(dir_fd: int, entries: list[tuple[str, os.stat_result]], dry_run: bool) -> dict[str, os.stat_result]:
     """A scanned destination directory's entries by name, without the temporaries of an
     interrupted run: those are ours to remove (left in place by a dry run, and then listed).
-    A temporary directory (make_hidden_dir) still held by a live run is left to it, unlisted."""
+    A temporary directory (make_hidden_dir) or file (hold_tmp) still held by a live run is
+    left to it, unlisted."""
     out = {}
     for name, m in entries:
         if is_tmp_name(name) and not dry_run:
             try:
                 if stat.S_ISDIR(m.st_mode):
                     _remove_stale_dir(dir_fd, name)
+                elif stat.S_ISREG(m.st_mode):
+                    _remove_stale_file(dir_fd, name)
                 else:
                     os.unlink(name, dir_fd=dir_fd)
             except OSError:
@@ -838,6 +843,30 @@ def without_tmp(dir_fd: int, entries: list[tuple[str, os.stat_result]], dry_run:
             continue
         out[name] = m
     return out
+
+
+def hold_tmp(fd: int) -> None:
+    """Mark a file that has (or is about to get) a temporary name as a live run's: a shared
+    flock, held until the fd closes. Another run's scan of the directory (without_tmp) leaves
+    it alone; it removed it, failing the writer's rename (concurrent pushes into one tree)."""
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_SH)
+
+
+def _remove_stale_file(dir_fd: int, name: str) -> None:
+    """Remove a temporary file unless a live run holds it (hold_tmp)."""
+    import fcntl
+
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # being written or renamed by a live run
+        os.unlink(name, dir_fd=dir_fd)
+    finally:
+        os.close(fd)
 
 
 def make_hidden_dir(parent_fd: int, acl_inherited: bool = False) -> tuple[str, int]:

@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/xattr.h>
 #include <unistd.h>
@@ -137,6 +138,7 @@ static int cc_create(int dfd, int lmode, char tmp[32], int *named) {
     int out = openat(dfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, lmode);
     if (out < 0)
         return -errno;
+    flock(out, LOCK_SH); /* fsops.hold_tmp: another run's scan leaves a live temporary alone */
     *named = 1;
     return out;
 }
@@ -198,6 +200,7 @@ static int cc_meta_link(int out, int dfd, const char *name, const int64_t *f, in
         r = cc_tmp_name(tmp);
         if (r < 0)
             return r;
+        flock(out, LOCK_SH); /* fsops.hold_tmp */
         r = cc_link_fd(out, dfd, tmp);
         if (r < 0)
             return r;
