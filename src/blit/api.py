@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 from .errors import FatalError, UsageError
 from .plan import Compare
-from .report import NullProgress, Progress, Summary
+from .report import NullProgress, Progress, Summary, finish_command
 from .stall import Timeouts
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ class _Resolved:
     make_dst: bytes | None  # a destination directory to create (mkdir -p) before the run
     rename_ok: bool  # move may be a single rename(2)
     target: bytes  # what lands, for messages
+    as_new: bool = False  # a directory lands as a DST that does not exist yet (Summary.finish_with)
 
 
 def _lstat(p: bytes) -> os.stat_result | None:
@@ -185,7 +186,8 @@ def resolve(src: str, dst: str, operation: Operation) -> _Resolved:
             raise UsageError(f"source and destination are the same file: {src} and {dst}")
     if make_dst is not None and _inside(_real(make_dst), real_src) and src_is_dir:
         raise UsageError(f"destination {dst} is inside the source {src}")
-    return _Resolved(src_base, dst_base, job, node, make_dst, rename_ok, target)
+    as_new = src_is_dir and not src_slash and dst_st is None and not dst_slash
+    return _Resolved(src_base, dst_base, job, node, make_dst, rename_ok, target, as_new)
 
 
 def check_source_readable(path: bytes, trailing_slash: bool, shown: str) -> None:
@@ -271,6 +273,8 @@ async def transfer(
     summary = Summary(operation=operation, source=src, destination=dst, dry_run=opts.dry_run)
     filters = Filters.from_args(opts.filters)
     r = await trio.to_thread.run_sync(resolve, src, dst, operation)
+    if r.as_new and not opts.dry_run:
+        summary.finish_with = finish_command(operation, src, dst)
     progress.start(summary)
     if (
         operation == "move"

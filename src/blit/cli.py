@@ -119,6 +119,7 @@ class TextProgress:
         self.verbose = verbose or dry_run
         self.quiet = quiet
         self.bar = None
+        self.summary: Any = None  # the run's, from start()
         self.task: Any = None
         if bar and sys.stderr.isatty():  # a bar redrawn in a log file is noise (rich left a newline)
             from rich.progress import (
@@ -141,6 +142,7 @@ class TextProgress:
             )
 
     def start(self, summary: "Summary") -> None:
+        self.summary = summary
         if self.bar is not None:
             self.bar.start()
             self.task = self.bar.add_task("copy", total=None, files=0)
@@ -178,11 +180,13 @@ class JsonProgress:
         self.operation = operation
         self.last = 0.0
         self.finished = False  # the summary went out (a fatal error after it adds none)
+        self.summary: Any = None  # the run's, from start()
 
     def _emit(self, obj: dict[str, object]) -> None:
         _out(self._dumps(obj) + "\n")
 
     def start(self, summary: "Summary") -> None:
+        self.summary = summary
         self._emit(
             {
                 "event": "start",
@@ -314,12 +318,19 @@ def _run(
         raise
     except KeyboardInterrupt:
         outcome["interrupted"] = True
+    started = getattr(rep, "summary", None)
+    finish_with = started.finish_with if started is not None else None
     if outcome.get("interrupted") and "summary" not in outcome:
-        _err("interrupted; temporary files removed, run the same command again to finish")
+        if finish_with:  # `blit copy dir new`: run again, it would land in new/dir
+            _err(f"interrupted; temporary files removed, finish with: {finish_with}")
+        else:
+            _err("interrupted; temporary files removed, run the same command again to finish")
         if as_json and not getattr(rep, "finished", False):
             json_summary("interrupted", EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     summary = outcome["summary"]
+    if finish_with and summary.exit_code == 3:  # type: ignore[attr-defined]
+        sys.stderr.write(f"blit: {dst} was made by this run: finish with {finish_with} (run as it was, the command would copy into a new directory inside it)\n")
     return summary.exit_code  # type: ignore[attr-defined,no-any-return]
 
 

@@ -59,6 +59,10 @@ class Summary:
     strategy: str = ""
     duration_s: float = 0.0
     predicted_s: float | None = None
+    finish_with: str | None = None
+    """Set when a directory SRC lands as a DST this run creates (`blit copy dir new`): once DST
+    exists the same command would copy into DST/SRC, so a run that stops early names the
+    command that finishes it (`blit copy dir/ new/`). Not part of the JSON summary."""
 
     @property
     def exit_code(self) -> int:
@@ -134,3 +138,11 @@ async def tick(progress: Progress, counts: Callable[[], tuple[int, int]], t0: fl
         if cur != last:
             last = cur
             progress.update(cur[0], cur[1], time.perf_counter() - t0)
+
+
+def finish_command(operation: str, src: str, dst: str) -> str:
+    """The command that lands a directory SRC's contents in DST, quoted for a shell."""
+    import shlex
+
+    return f"blit {operation} {shlex.quote(src.rstrip('/') + '/')} {shlex.quote(dst.rstrip('/') + '/')}"
+

@@ -454,3 +454,32 @@ def test_ctrl_c_stops_a_mirrors_deletions(daemon_process: DaemonProcess, tmp_pat
     time.sleep(1.0)  # a daemon that went on deleting would be seen now
     left = sum(len(os.listdir(dst / x)) for x in os.listdir(dst) if x.startswith("x"))
     assert left > n_dirs * per_dir // 4, f"only {left} of {n_dirs * per_dir} extras left"
+
+
+@pytest.mark.parametrize("direction", ["local", "push", "pull"])
+def test_a_directory_landed_as_a_new_destination_names_the_command_that_finishes_it(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
+    """`blit copy dir new` lands dir as new; once new exists, the same command copies into
+    new/dir (cp's rule, SPEC), so 'run the same command again' after a partial run nested a
+    second copy. A run that ends with failures (or is interrupted) names the command that
+    finishes it, and that command converges."""
+    d = daemon_process
+    if direction == "pull":
+        src, dst = d.modules["data"] / "tree", tmp_path / "new"
+        s_arg, d_arg = url(d, "data/tree"), str(dst)
+    else:
+        src = tmp_path / "tree"
+        dst = d.modules["data"] / "new" if direction == "push" else tmp_path / "new"
+        s_arg, d_arg = str(src), url(d, "data/new") if direction == "push" else str(dst)
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "ok").write_text("ok")
+    (src / "late").write_text("late")
+    far = (2300 - 1970) * 365 * 86400 * 10**9
+    os.utime(src / "late", ns=(far, far))  # a per-entry failure: exit 3
+    r = blit(d, "copy", s_arg, d_arg)
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    hint = [e for e in errors(r) if "was made by this run" in e]
+    assert hint == [f"blit: {d_arg} was made by this run: finish with blit copy {s_arg}/ {d_arg}/ (run as it was, the command would copy into a new directory inside it)"], r.stderr
+    os.utime(src / "late", ns=(10**18, 10**18))
+    r = blit(d, "copy", f"{s_arg}/", f"{d_arg}/")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == ["late", "sub", "sub/ok"]

@@ -40,7 +40,7 @@ from typing import Any
 from ..endpoint import LocalEndpoint, RemoteEndpoint, parse_endpoint
 from ..errors import UsageError
 from ..plan import Compare
-from ..report import Failure, Summary
+from ..report import Failure, Summary, finish_command
 from . import protocol
 from .tree import TopJob, TreeSpec
 
@@ -56,6 +56,8 @@ class Resolved:
     top: TopJob
     create_dst: bool = False
     """`dst_base` does not exist yet: create it (`mkdir -p`) before the transfer."""
+    as_new: bool = False
+    """A directory lands as a DST that does not exist yet (report.Summary.finish_with)."""
 
 
 class Side:
@@ -225,7 +227,7 @@ async def resolve(src: Side, dst: Side) -> Resolved:
     # A base created for this run is empty: the top job need not scan it (and a dry run, which
     # creates nothing, need not open it).
     top = TopJob(dst_new=create, only={os.fsdecode(name): os.fsdecode(dname)})
-    return Resolved(src_base, base, top, create_dst=create)
+    return Resolved(src_base, base, top, create_dst=create, as_new=src_is_dir and dkind is None and not dst.trailing_slash)
 
 
 def side_kind(entry: protocol.Entry | None) -> str | None:
@@ -408,6 +410,8 @@ async def remote_transfer(
                 direction = "push"
                 local = LocalSide(s_ep)
                 r = await resolve(local, remote_side(session, d_ep))
+                if r.as_new and not dry_run:
+                    summary.finish_with = finish_command(operation, src, dst)
                 await trio.to_thread.run_sync(check_source_readable, local.path, local.trailing_slash, local.label)
                 done = await push_tree(
                     session, r.src_base, d_ep.module, r.dst_base, r.top, spec, streams, create_base=r.create_dst, counters=counters,
@@ -417,6 +421,8 @@ async def remote_transfer(
                 assert isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, LocalEndpoint)
                 direction = "pull"
                 r = await resolve(remote_side(session, s_ep), LocalSide(d_ep))
+                if r.as_new and not dry_run:
+                    summary.finish_with = finish_command(operation, src, dst)
                 # A missing local destination is made once the daemon accepted the transfer (a
                 # refused move leaves nothing behind); a dry run makes nothing and opens nothing
                 # (the top job is new, see resolve).
