@@ -832,10 +832,8 @@ def without_tmp(dir_fd: int, entries: list[tuple[str, os.stat_result]], dry_run:
     for name, m in entries:
         if is_tmp_name(name) and not dry_run:
             try:
-                if stat.S_ISDIR(m.st_mode):
-                    _remove_stale_dir(dir_fd, name)
-                elif stat.S_ISREG(m.st_mode):
-                    _remove_stale_file(dir_fd, name)
+                if stat.S_ISDIR(m.st_mode) or stat.S_ISREG(m.st_mode):
+                    _remove_stale(dir_fd, name, stat.S_ISDIR(m.st_mode))
                 else:
                     os.unlink(name, dir_fd=dir_fd)
             except OSError:
@@ -852,21 +850,6 @@ def hold_tmp(fd: int) -> None:
     import fcntl
 
     fcntl.flock(fd, fcntl.LOCK_SH)
-
-
-def _remove_stale_file(dir_fd: int, name: str) -> None:
-    """Remove a temporary file unless a live run holds it (hold_tmp)."""
-    import fcntl
-
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return  # being written or renamed by a live run
-        os.unlink(name, dir_fd=dir_fd)
-    finally:
-        os.close(fd)
 
 
 def make_hidden_dir(parent_fd: int, acl_inherited: bool = False) -> tuple[str, int]:
@@ -891,17 +874,22 @@ def make_hidden_dir(parent_fd: int, acl_inherited: bool = False) -> tuple[str, i
     return name, fd
 
 
-def _remove_stale_dir(parent_fd: int, name: str) -> None:
-    """Remove a temporary directory left by a run that died, unless a live run holds it."""
+def _remove_stale(parent_fd: int, name: str, is_dir: bool) -> None:
+    """Remove a temporary file or directory left by a run that died, unless a live run holds
+    it (a shared flock: make_hidden_dir, hold_tmp)."""
     import fcntl
 
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECTORY if is_dir else os.O_NONBLOCK)
+    fd = os.open(name, flags, dir_fd=parent_fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return
-        remove_tree(parent_fd, name)
+            return  # being written, filled or renamed by a live run
+        if is_dir:
+            remove_tree(parent_fd, name)
+        else:
+            os.unlink(name, dir_fd=parent_fd)
     finally:
         os.close(fd)
 
