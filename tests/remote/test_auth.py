@@ -171,6 +171,10 @@ def test_address_rules(auth_daemon: DaemonProcess, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     names = [ln.split()[0] for ln in r.stdout.splitlines()]
     assert names == ["data", "ro"]
+    # So does the list an unknown module's message gives (it named `other` too).
+    r = blit(d, "list", f"127.0.0.1:{d.port}:/nosuch")
+    assert r.returncode == 1
+    assert errors(r) == ["blit: error: unknown module 'nosuch' (modules: data, ro)"], r.stderr
 
 
 def test_daemon_refuses_to_start_on_bad_access_config(tmp_path: Path) -> None:

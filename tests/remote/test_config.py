@@ -134,6 +134,10 @@ def test_port_zero_means_free_ports() -> None:
         ("[daemon]\nroot = '.'\nroot_peer_pull_from = '10.0.0.1'\n", ["line 3", "[daemon] root_peer_pull_from", "must be an array"]),
         ("[daemon]\nroot = '.'\nroot_read_only = true\nroot_allow_peer_pull = true\n",
          ["line 4", "[daemon] root_allow_peer_pull", "read-only", "drop root_read_only"]),
+        # "" exported the config file's directory (its secrets file with it)
+        ("[[module]]\nname = 'e'\npath = ''\n", ["line 3", "[[module]] #1 path", "must not be empty"]),
+        ("[daemon]\nroot = ' '\n", ["line 2", "[daemon] root", "must not be empty"]),
+        ("module = [1, 2]\n", ["[[module]] #1", "must be a table"]),  # a traceback before
     ],
 )
 def test_malformed_files_name_line_and_key(tmp_path: Path, text: str, fragments: list[str]) -> None:
@@ -152,3 +156,22 @@ def test_no_environment_variable_is_read(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("BLIT_PORT", "1234")
     monkeypatch.setenv("BLIT_DAEMON_PORT", "1234")
     assert load_config(None).port == 9031
+
+
+def test_ipv4_mapped_rules_match_ipv4_clients(tmp_path: Path) -> None:
+    """Addresses are matched unmapped, so a rule written as IPv4-mapped IPv6 never matched: a
+    deny rule so written admitted everyone, an allow rule refused its own address."""
+    import ipaddress
+
+    (tmp_path / "m").mkdir()
+    cfg = load_config(write(tmp_path, (
+        "[[module]]\nname = 'deny'\npath = 'm'\nhosts_deny = ['::ffff:127.0.0.0/104']\n"
+        "[[module]]\nname = 'allow'\npath = 'm'\nhosts_allow = ['::ffff:127.0.0.2']\n"
+    )))  # fmt: skip
+    deny, allow = (cfg.module(n).access for n in ("deny", "allow"))  # type: ignore[union-attr]
+    for text in ("127.0.0.1", "::ffff:127.0.0.1"):
+        assert not deny.allows(ipaddress.ip_address(text)), text
+    assert deny.allows(ipaddress.ip_address("10.0.0.1"))
+    assert allow.allows(ipaddress.ip_address("127.0.0.2"))
+    assert not allow.allows(ipaddress.ip_address("127.0.0.3"))
+

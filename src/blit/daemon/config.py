@@ -71,6 +71,17 @@ def _unmapped(addr: Address) -> Address:
     return addr
 
 
+def _unmapped_net(net: Network) -> Network:
+    """A rule written as IPv4-mapped IPv6 (`::ffff:127.0.0.0/104`) as the IPv4 network it
+    names: addresses are matched unmapped (`_unmapped`), so such a rule never matched, and a
+    deny rule written so admitted everyone."""
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
+        mapped = net.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
+    return net
+
+
 @dataclass(frozen=True, slots=True)
 class PeerHosts:
     """`peer_pull_from`: the hosts an export may pull from in remote to remote transfers
@@ -252,6 +263,8 @@ def _parse_file(path: Path) -> DaemonConfig:
                 raise fail("daemon", key, None, "must be an array of address strings")
             value = tuple(value)
         elif key in ("root", "state_dir"):
+            if not value.strip():  # "" resolved to the config file's own directory
+                raise fail("daemon", key, None, "must not be empty")
             value = _resolve(path, value)
         elif key == "root_peer_pull_from":
             value = _peer_hosts(value, lambda problem: fail("daemon", key, None, problem))
@@ -283,6 +296,8 @@ def _parse_file(path: Path) -> DaemonConfig:
     mods: list[ModuleConfig] = []
     seen: set[str] = set()
     for i, table in enumerate(modules):
+        if not isinstance(table, dict):
+            raise fail("module", None, i, "must be a table: write [[module]] with its keys")
         for key, value in table.items():
             want = _MODULE_KEYS.get(key)
             if want is None:
@@ -292,6 +307,8 @@ def _parse_file(path: Path) -> DaemonConfig:
         for key in ("name", "path"):
             if key not in table:
                 raise fail("module", None, i, f"missing key {key!r}")
+        if not table["path"].strip():  # "" resolved to the config file's own directory
+            raise fail("module", "path", i, "must not be empty")
         name = table["name"]
         if not _MODULE_NAME.match(name):
             raise fail("module", "name", i, f"{name!r} is not a valid module name (letters, digits, '.', '_', '-')")
@@ -379,7 +396,7 @@ def _hosts(items: list[Any], fail: Any, *, names: bool) -> tuple[tuple[Network, 
             raise fail(f"must be an array of {what} (strings)")
         text = item.strip()
         try:
-            nets.append(ipaddress.ip_network(text, strict=False))
+            nets.append(_unmapped_net(ipaddress.ip_network(text, strict=False)))
             continue
         except ValueError:
             pass

@@ -29,7 +29,7 @@ from ..transport import data, protocol
 from ..transport.protocol import ErrorCode, Refused
 from ..transport.tree import DestTree, SourceTree, SrcFile
 from . import contain
-from .config import Access, DaemonConfig, ModuleConfig, PeerHosts
+from .config import Access, Address, DaemonConfig, ModuleConfig, PeerHosts
 
 log = logging.getLogger("blit.daemon")
 
@@ -65,12 +65,13 @@ class DaemonState:
     shutting_down: bool = False
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
-    def export(self, name: str) -> tuple[Path, bool, Access]:
+    def export(self, name: str, addr: Address | None = None) -> tuple[Path, bool, Access]:
         """(root path, read_only, access rules) of a module, "" being the root export. Only
         `Session.module` may hand a module to a request: it applies the access rules.
 
         Raises:
-            Refused(UNKNOWN_MODULE): no such module (its name is in the message).
+            Refused(UNKNOWN_MODULE): no such module (its name is in the message, with the
+                modules a client at `addr` may use: those `modules` lists it).
         """
         if name == "":
             if self.config.root is None:
@@ -78,7 +79,7 @@ class DaemonState:
             return self.config.root, self.config.root_read_only, self.config.root_access
         m: ModuleConfig | None = self.config.module(name)
         if m is None:
-            known = ", ".join(x.name for x in self.config.modules) or "none"
+            known = ", ".join(x.name for x in self.config.modules if x.access.allows(addr)) or "none"
             raise Refused(ErrorCode.UNKNOWN_MODULE, f"unknown module {name!r} (modules: {known})")
         return m.path, m.read_only, m.access
 
@@ -426,7 +427,7 @@ class Session:
             Refused: UNKNOWN_MODULE; ACCESS_DENIED when the module's address rules refuse this
                 client; AUTH_REQUIRED when the module needs `auth` and this session has not.
         """
-        root, read_only, access = self.state.export(name)
+        root, read_only, access = self.state.export(name, self.addr)
         self.check_address(name, access)
         if access.needs_auth and name not in self.authenticated:
             raise Refused(ErrorCode.AUTH_REQUIRED, f"{_export_name(name)} requires a user and secret (see --secrets-file)")
@@ -489,7 +490,7 @@ async def handle_auth(s: Session, msg: protocol.Auth) -> protocol.Ack:
     """Check an answer to this session's challenge. Every failure gets the same message after
     the same delay (an unknown user costs the same HMAC as a wrong secret); the nonce is spent
     either way, so an answer cannot be replayed, in this session or another."""
-    _root, _ro, access = s.state.export(msg.module)
+    _root, _ro, access = s.state.export(msg.module, s.addr)
     s.check_address(msg.module, access)
     nonce, s.nonce = s.nonce, None
     if not access.needs_auth:
