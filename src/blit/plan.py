@@ -119,7 +119,10 @@ def plan_dir(
         if kind == IFREG:
             if m.st_nlink > 1:
                 op = Op.HARDLINK
-            elif d is None:
+            elif d is None or d.st_nlink > 1:
+                # A destination file with other names is replaced, never changed in place: its
+                # mode and owner set in place reached every name of it (through a daemon, one
+                # outside the module), and the source's file has no other names.
                 op = Op.COPY
             elif fast and S_IFMT(d.st_mode) == IFREG:  # the common case, inline
                 op = Op.SAME if m.st_size == d.st_size and m.st_mtime_ns == d.st_mtime_ns else Op.COPY

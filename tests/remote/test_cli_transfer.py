@@ -483,3 +483,30 @@ def test_a_directory_landed_as_a_new_destination_names_the_command_that_finishes
     r = blit(d, "copy", f"{s_arg}/", f"{d_arg}/")
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == ["late", "sub", "sub/ok"]
+
+
+@pytest.mark.parametrize("direction", ["local", "push", "pull"])
+def test_an_up_to_date_file_with_other_names_is_replaced_not_changed_in_place(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
+    """The destination's f is a hard link to a file elsewhere (for a daemon: outside its
+    module); the source's f has the same size and mtime but another mode. Fixing the mode in
+    place made the other name 4777 too (an anonymous push could chmod and chown a file outside
+    the module). f is now landed anew: the other name keeps its mode and content."""
+    d = daemon_process
+    src, dst, args = _ends(d, tmp_path, direction)
+    src.mkdir()
+    dst.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("same size")
+    os.chmod(outside / "secret", 0o600)
+    os.link(outside / "secret", dst / "f")
+    (src / "f").write_text("SAME SIZE")
+    os.chmod(src / "f", 0o4777)
+    t = os.stat(outside / "secret").st_mtime_ns
+    os.utime(src / "f", ns=(t, t))
+    r = blit(d, "copy", *args)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    st = os.stat(outside / "secret")
+    assert (oct(st.st_mode & 0o7777), (outside / "secret").read_text()) == ("0o600", "same size")
+    got = os.stat(dst / "f")
+    assert (oct(got.st_mode & 0o7777), got.st_nlink, (dst / "f").read_text()) == ("0o4777", 1, "SAME SIZE")
