@@ -648,7 +648,7 @@ def replace_xattrs(dir_fd: int, name: str, current: dict[str, bytes], wanted: di
                 os.setxattr(path, n, v, follow_symlinks=False)
             except OSError as exc:
                 if not (n.startswith(_PRIVILEGED_XATTR) and exc.errno in (errno.EPERM, errno.EACCES, errno.ENOTSUP)):
-                    raise OSError(exc.errno, f"setting xattr {n}: {exc.strerror}") from exc
+                    raise _xattr_failed(exc, n) from exc
     for n in current.keys() - wanted.keys():
         try:
             os.removexattr(path, n, follow_symlinks=False)
@@ -699,6 +699,14 @@ def drop_inherited_acls(target: int | str, keep: Collection[str], directory: boo
                 raise OSError(exc.errno, f"removing inherited ACL {n}: {exc.strerror}") from exc
 
 
+def _xattr_failed(exc: OSError, name: str) -> OSError:
+    """The error of an xattr that could not be set. ENOSPC there means no room for it in the
+    inode's xattr space (a 60 KiB value on ext4), not a full disk: it fails this entry and the
+    run goes on (as E2BIG, not among FATAL_ERRNOS; it stopped every run at that file)."""
+    err = errno.E2BIG if exc.errno == errno.ENOSPC else exc.errno
+    return OSError(err, f"setting xattr {name}: {exc.strerror}")
+
+
 def put_xattrs(fd: int, xattrs: list[tuple[str, bytes]], what: str) -> None:
     for n, v in xattrs:
         try:
@@ -712,7 +720,7 @@ def put_xattrs(fd: int, xattrs: list[tuple[str, bytes]], what: str) -> None:
                 errno.EINVAL,
             ):
                 continue
-            raise OSError(exc.errno, f"setting xattr {n}: {exc.strerror}") from exc
+            raise _xattr_failed(exc, n) from exc
 
 
 

@@ -510,3 +510,37 @@ def test_an_up_to_date_file_with_other_names_is_replaced_not_changed_in_place(da
     assert (oct(st.st_mode & 0o7777), (outside / "secret").read_text()) == ("0o600", "same size")
     got = os.stat(dst / "f")
     assert (oct(got.st_mode & 0o7777), got.st_nlink, (dst / "f").read_text()) == ("0o4777", 1, "SAME SIZE")
+
+
+@pytest.mark.parametrize("direction", ["local", "push"])
+def test_an_xattr_too_large_for_the_destination_fails_its_file_only(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
+    """tmpfs keeps a 60 KiB xattr value, ext4 (one 4 KiB block) cannot: setxattr says ENOSPC.
+    That was taken for a full disk: the run stopped there (exit 1) every time, the rest never
+    landed. Now it fails that file (exit 3) and the rest lands."""
+    import shutil as _shutil
+    import tempfile
+
+    if os.statvfs("/dev/shm").f_fsid == os.statvfs(tmp_path).f_fsid:
+        pytest.skip("needs /dev/shm (tmpfs) and the test directory on different filesystems")
+    d = daemon_process
+    shm = Path(tempfile.mkdtemp(prefix="blit-test-xattr-", dir="/dev/shm"))
+    try:
+        src = shm / "src"
+        (src / "sub").mkdir(parents=True)
+        (src / "big").write_text("big")
+        (src / "sub" / "s").write_text("s")
+        (src / "ok").write_text("ok")
+        try:
+            os.setxattr(src / "big", "user.big", os.urandom(60_000))
+        except OSError:
+            pytest.skip("this tmpfs keeps no 60 KiB user xattr")
+        dst = tmp_path / "dst" if direction == "local" else d.modules["data"] / "dst"
+        r = blit(d, "copy", f"{src}/", str(dst) if direction == "local" else url(d, "data/dst"))
+        if r.returncode == 0:
+            pytest.skip("the destination filesystem kept a 60 KiB xattr")
+        assert r.returncode == 3, (r.stdout, r.stderr)
+        assert errors(r) == ["blit: big: copy: setting xattr user.big: No space left on device"], r.stderr
+        assert (dst / "ok").read_text() == "ok" and (dst / "sub" / "s").read_text() == "s"
+        assert not (dst / "big").exists()
+    finally:
+        _shutil.rmtree(shm)
