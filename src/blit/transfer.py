@@ -771,8 +771,8 @@ class LocalTransfer:
     def _needs_finalize(self, node: Node) -> bool:
         if self.spec.dry_run or not node.own or node.meta is None:
             return self.spec.move and not self.spec.dry_run and node.own
-        if node.new or node.changed or self.spec.move:
-            return True
+        if node.new or node.changed or self.spec.move or node.parent is None:
+            return True  # (the top: its xattrs are compared here, no parent's plan does it)
         d, m = node.dst_meta, node.meta
         if d is None:
             return True
@@ -789,10 +789,16 @@ class LocalTransfer:
             if node.meta is not None:
                 try:
                     xattrs: list[tuple[str, bytes]] | None = None
-                    if node.new or node.changed:
+                    if node.new or node.changed or node.parent is None:
                         with fsops.dir_at(w.src_root_fd, node.src_rel) as sfd:
                             xattrs = fsops.get_xattrs(sfd)
                     with fsops.dir_at(w.dst_root_fd, node.dst_rel) as dfd:
+                        if node.parent is None and not node.new:
+                            # An existing top directory (`SRC/ DST/`): its xattrs and ACLs made
+                            # the source's, extra ones dropped (a subdirectory's are, in its
+                            # parent's plan; the top's never were).
+                            fsops.replace_xattrs(dfd, ".", dict(fsops.get_xattrs(dfd)), dict(xattrs or ()))
+                            xattrs = None
                         fsops.set_dir_meta(dfd, node.meta, xattrs)
                 except OSError as exc:
                     failures.append((node.dst_rel or ".", "directory metadata", exc.strerror or str(exc)))

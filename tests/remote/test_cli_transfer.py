@@ -544,3 +544,21 @@ def test_an_xattr_too_large_for_the_destination_fails_its_file_only(daemon_proce
         assert not (dst / "big").exists()
     finally:
         _shutil.rmtree(shm)
+
+
+@pytest.mark.parametrize("direction", ["local", "push", "pull"])
+def test_the_top_directorys_xattrs_are_kept_in_line_on_reruns(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
+    """`SRC/ DST/` with DST there already and nothing else changed: the top directory's mode,
+    owner and times were repaired, its xattrs (and ACLs) never: one added at the source or
+    left over at the destination stayed as it was (rsync -aX applies them)."""
+    d = daemon_process
+    src, dst, args = _ends(d, tmp_path, direction)
+    src.mkdir()
+    (src / "f").write_text("f")
+    r = blit(d, "copy", *args)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    os.setxattr(src, "user.k", b"v")
+    os.setxattr(dst, "user.stale", b"only here")
+    r = blit(d, "mirror", *args)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert {n: os.getxattr(dst, n) for n in os.listxattr(dst)} == {"user.k": b"v"}

@@ -1948,11 +1948,14 @@ class DestTree:
                 node = self.nodes[rel]
                 if node.meta is None or (node.src_rel or ".") in unread:
                     continue
-                if not (node.new or node.changed or node.dst_meta is None or _dir_differs(node.meta, node.dst_meta)):
+                top = not rel  # an existing top directory (`SRC/ DST/`): no parent's plan syncs its xattrs
+                if not (top or node.new or node.changed or node.dst_meta is None or _dir_differs(node.meta, node.dst_meta)):
                     continue
                 try:
                     fd = self.dirs.open_dir(self.root_fd, rel)
                     try:
+                        if top and not node.new:
+                            self._sync_xattrs(fd, ".", node.xattrs)
                         fsops.set_dir_meta(fd, node.meta, node.xattrs if node.new else None)
                     finally:
                         os.close(fd)
