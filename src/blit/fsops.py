@@ -725,6 +725,35 @@ def put_xattrs(fd: int, xattrs: list[tuple[str, bytes]], what: str) -> None:
 
 
 
+_GRANULARITY: dict[int, int] = {}  # st_dev -> time step in ns (time_granularity)
+_PROBE_NS = 1_600_000_000_123_456_789  # a time with a digit in every place
+
+
+def time_granularity(dir_fd: int) -> int:
+    """The step, in ns, of the file times that the filesystem of directory `dir_fd` keeps: 1,
+    or 10**k when it cuts them (whole seconds on ext4 with small inodes, 10 ms on exFAT).
+    Found once per filesystem by setting a time on an unnamed file there and reading it back;
+    1 when that cannot be done (then times compare exactly, as before)."""
+    dev = os.fstat(dir_fd).st_dev
+    g = _GRANULARITY.get(dev)
+    if g is not None:
+        return g
+    g = 1
+    try:
+        land = Landing(dir_fd)
+        try:
+            os.utime(land.fd, ns=(_PROBE_NS, _PROBE_NS))
+            got = os.fstat(land.fd).st_mtime_ns
+        finally:
+            land.abort()
+        if got != _PROBE_NS:
+            g = next((10**k for k in range(1, 10) if _PROBE_NS - _PROBE_NS % 10**k == got), 1)
+    except OSError:
+        pass
+    _GRANULARITY[dev] = g
+    return g
+
+
 # --------------------------------------------------------------------------------------------
 # Landing files atomically
 

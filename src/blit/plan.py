@@ -10,6 +10,7 @@ This module must not touch the filesystem, import trio, or hold state between ca
 from __future__ import annotations
 
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -60,7 +61,7 @@ class DirPlan:
     conflicts: list[tuple[str, bool]] = field(default_factory=list)
 
 
-def up_to_date(src: Meta, dst: Meta, compare: Compare) -> Op:
+def up_to_date(src: Meta, dst: Meta, compare: Compare, granularity: Callable[[], int] | None = None) -> Op:
     if not stat.S_ISREG(dst.st_mode) or compare is Compare.ALWAYS:
         return Op.COPY
     if src.st_size != dst.st_size:
@@ -69,7 +70,20 @@ def up_to_date(src: Meta, dst: Meta, compare: Compare) -> Op:
         return Op.SAME
     if compare is Compare.CHECKSUM:
         return Op.HASH
-    return Op.SAME if src.st_mtime_ns == dst.st_mtime_ns else Op.COPY
+    return Op.SAME if same_mtime(src.st_mtime_ns, dst.st_mtime_ns, granularity) else Op.COPY
+
+
+def same_mtime(src_ns: int, dst_ns: int, granularity: Callable[[], int] | None) -> bool:
+    """Equal to the precision the destination keeps (SPEC: "mtime to the precision both
+    filesystems keep"): exactly, or, where the destination's time could be the source's cut
+    to a coarser step, that step of its filesystem (`granularity()`, in ns, asked only then:
+    a file system that keeps whole seconds re-copied every file on every run)."""
+    if src_ns == dst_ns:
+        return True
+    if granularity is None or dst_ns % 1000 or dst_ns > src_ns:
+        return False
+    g = granularity()
+    return g > 1 and dst_ns % g == 0 and src_ns - src_ns % g == dst_ns
 
 
 def plan_dir(
@@ -82,6 +96,7 @@ def plan_dir(
     mirror: bool,
     only: dict[str, str] | None = None,
     keep: frozenset[str] = frozenset(),
+    granularity: Callable[[], int] | None = None,
 ) -> DirPlan:
     """Sort one directory's entries into actions.
 
@@ -92,6 +107,8 @@ def plan_dir(
         only: when set, transfer just these source names, each to the destination name given
             (the top entry of `blit copy SRC DST`); no extras are considered.
         keep: destination names never to delete (sources that vanished or failed to stat).
+        granularity: the destination filesystem's time step in ns (asked only when a file's
+            time could be its source's cut to a coarser step: same_mtime).
     """
     plan = DirPlan()
     items = plan.items
@@ -125,9 +142,12 @@ def plan_dir(
                 # outside the module), and the source's file has no other names.
                 op = Op.COPY
             elif fast and S_IFMT(d.st_mode) == IFREG:  # the common case, inline
-                op = Op.SAME if m.st_size == d.st_size and m.st_mtime_ns == d.st_mtime_ns else Op.COPY
+                if m.st_size == d.st_size and (m.st_mtime_ns == d.st_mtime_ns or same_mtime(m.st_mtime_ns, d.st_mtime_ns, granularity)):
+                    op = Op.SAME
+                else:
+                    op = Op.COPY
             else:
-                op = up_to_date(m, d, compare)
+                op = up_to_date(m, d, compare, granularity)
         elif kind == IFDIR:
             op = Op.SUBDIR if d is not None else Op.MKDIR
         elif kind == IFLNK:

@@ -236,6 +236,7 @@ class Worker:
             mirror=spec.mirror,
             only=job.only,
             keep=keep,
+            granularity=(lambda: fsops.time_granularity(dfd)) if dfd >= 0 else None,
         )
         res.extras = plan.extras
         if dfd >= 0 and not job.dst_new and not spec.dry_run and not fsops.IS_ROOT and _writes(plan):

@@ -5,6 +5,7 @@ progress of remote runs."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 import os
 import shutil
 import subprocess
@@ -562,3 +563,49 @@ def test_the_top_directorys_xattrs_are_kept_in_line_on_reruns(daemon_process: Da
     r = blit(d, "mirror", *args)
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert {n: os.getxattr(dst, n) for n in os.listxattr(dst)} == {"user.k": b"v"}
+
+
+@pytest.fixture
+def whole_seconds_fs(tmp_path: Path) -> Iterator[Path]:
+    """A small ext4 with 128-byte inodes, which keeps file times in whole seconds, loop-mounted
+    (root only), unmounted and removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    img, mnt = tmp_path / "img", tmp_path / "mnt"
+    subprocess.run(["truncate", "-s", "16M", str(img)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-I", "128", str(img)], check=True, capture_output=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("direction", ["local", "pull"])
+def test_a_destination_that_keeps_whole_seconds_does_not_copy_again(daemon_process: DaemonProcess, tmp_path: Path, whole_seconds_fs: Path, direction: str) -> None:
+    """SPEC: skipped when size and mtime match 'to the precision both filesystems keep'. On a
+    filesystem that cuts times to seconds every file was copied again on every run (rsync
+    skips them); a file changed in content and time still is copied."""
+    d = daemon_process
+    src = tmp_path / "src" if direction == "local" else d.modules["data"] / "src"
+    src.mkdir()
+    for name in ("a", "b"):
+        (src / name).write_text(name)
+        os.utime(src / name, ns=(981_173_106_999_999_999, 981_173_106_999_999_999))
+    dst = whole_seconds_fs / "dst"
+    s_arg = f"{src}/" if direction == "local" else url(d, "data/src/")
+    r = blit(d, "copy", "--json", s_arg, f"{dst}/")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert os.stat(dst / "a").st_mtime_ns == 981_173_106_000_000_000  # cut to the second
+    r = blit(d, "copy", "--json", s_arg, f"{dst}/")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    summary = json.loads(r.stdout.splitlines()[-1])
+    assert (summary["files_copied"], summary["files_skipped"]) == (0, 2), summary
+    (src / "b").write_text("B")
+    os.utime(src / "b", ns=(981_173_107_500_000_000, 981_173_107_500_000_000))
+    r = blit(d, "copy", "--json", s_arg, f"{dst}/")
+    summary = json.loads(r.stdout.splitlines()[-1])
+    assert (summary["files_copied"], summary["files_skipped"]) == (1, 1), summary
+    assert (dst / "b").read_text() == "B"

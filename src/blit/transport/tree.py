@@ -1278,6 +1278,7 @@ class DestTree:
             p = plan_dir(
                 rel, src, dst, compare=spec.compare, filters=spec.filters, mirror=spec.mirror and not more, only=only,
                 keep=frozenset(keep | parted.seen if parted is not None and not more else keep),  # earlier parts' names are no extras
+                granularity=(lambda: fsops.time_granularity(dfd)) if dfd >= 0 else None,
             )
             if parted is not None and more:
                 parted.seen.update(by_name)
