@@ -175,3 +175,24 @@ def test_ipv4_mapped_rules_match_ipv4_clients(tmp_path: Path) -> None:
     assert allow.allows(ipaddress.ip_address("127.0.0.2"))
     assert not allow.allows(ipaddress.ip_address("127.0.0.3"))
 
+
+
+def test_an_export_inside_a_looser_one_is_named_at_start(tmp_path: Path) -> None:
+    """A read-only module, or one with address rules, inside the (writable, open) root export
+    is reachable through the root with the root's rules: the daemon says so at start (it was
+    silent). Modules side by side, or an inner one that is no stricter, are not named."""
+    from blit.daemon.server import _overlaps
+
+    for d in ("srv/ro", "srv/lan", "srv/plain", "side"):
+        (tmp_path / d).mkdir(parents=True)
+    cfg = load_config(write(tmp_path, (
+        "[daemon]\nroot = 'srv'\n"
+        "[[module]]\nname = 'ro'\npath = 'srv/ro'\nread_only = true\n"
+        "[[module]]\nname = 'lan'\npath = 'srv/lan'\nhosts_allow = ['10.0.0.0/8']\n"
+        "[[module]]\nname = 'plain'\npath = 'srv/plain'\n"
+        "[[module]]\nname = 'side'\npath = 'side'\nread_only = true\n"
+    )))  # fmt: skip
+    assert sorted(_overlaps(cfg)) == [
+        ("module 'lan'", "the root export", "open to any address"),
+        ("module 'ro'", "the root export", "writable"),
+    ]

@@ -137,6 +137,11 @@ async def serve(config: DaemonConfig, *, task_status: Any = trio.TASK_STATUS_IGN
             state.data_port if state.data_port is not None else "over HTTP/2 only",
             "on, certificate " + state.fingerprint if state.fingerprint else "off",
         )
+        for inner, outer, looser in _overlaps(config):
+            log.warning(
+                "%s lies inside %s, which is %s: what %s guards is reachable through %s without it",
+                inner, outer, looser, inner, outer,
+            )  # fmt: skip
         for export, setting in _peer_pull_anywhere(config):
             log.warning(
                 "%s accepts remote to remote transfers from any host: any client that reaches this"
@@ -310,6 +315,34 @@ async def _handle_h2_data(session: handlers.Session, st: control.H2Stream) -> No
     await transfer.run_stream("h2", st=st)
     if not transfer.daemon_sends:
         await st.end()
+
+
+def _overlaps(config: DaemonConfig) -> list[tuple[str, str, str]]:
+    """(inner export, outer export, how the outer is looser) of every export whose directory
+    lies inside another's that guards it less: writable around a read-only one, without the
+    credentials or address rules it has. Each export's rules hold for its own name only (as
+    rsyncd's modules), so the inner one's files are reachable through the outer with the
+    outer's rules: the daemon says so at start (a QA pass found it silent)."""
+    exports = [("the root export", config.root, config.root_read_only, config.root_access)] if config.root is not None else []
+    exports += [(f"module {m.name!r}", m.path, m.read_only, m.access) for m in config.modules]
+    real = [(name, os.path.realpath(path), ro, acc) for name, path, ro, acc in exports]
+    out = []
+    for iname, ipath, iro, iacc in real:
+        for oname, opath, oro, oacc in real:
+            if oname == iname or not (ipath + "/").startswith(opath.rstrip("/") + "/"):
+                continue
+            looser = [
+                what
+                for what, yes in (
+                    ("writable", iro and not oro),
+                    ("open without credentials", iacc.needs_auth and not oacc.needs_auth),
+                    ("open to any address", bool(iacc.hosts_allow or iacc.hosts_deny) and not (oacc.hosts_allow or oacc.hosts_deny)),
+                )
+                if yes
+            ]
+            if looser:
+                out.append((iname, oname, " and ".join(looser)))
+    return out
 
 
 def _peer_pull_anywhere(config: DaemonConfig) -> list[tuple[str, str]]:
