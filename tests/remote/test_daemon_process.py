@@ -114,6 +114,25 @@ def test_malformed_config_is_refused_at_start(tmp_path: Path) -> None:
     assert "line 3" in r.stderr and "mdsn" in r.stderr and "unknown key" in r.stderr
 
 
+def test_a_mangled_certificate_is_one_line_at_start(tmp_path: Path) -> None:
+    """Garbage in the state directory's cert.pem / key.pem gave an ssl.SSLError traceback."""
+    from .conftest import subprocess_env
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "cert.pem").write_text("garbage\n")
+    (state / "key.pem").write_text("garbage\n")
+    os.chmod(state / "key.pem", 0o600)
+    (tmp_path / "m").mkdir()
+    cfg = tmp_path / "d.toml"
+    cfg.write_text(f"[daemon]\nbind = '127.0.0.1'\nport = 0\nstate_dir = '{state}'\n[[module]]\nname = 'm'\npath = '{tmp_path / 'm'}'\n")
+    r = subprocess.run([*blit_cmd(), "daemon", "--config", str(cfg), "--no-mdns"], env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("blit:")]
+    assert len(lines) == 1 and f"certificate {state}/cert.pem or key {state}/key.pem cannot be used" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_the_daemon_quickly(tmp_path: Path, sig: signal.Signals) -> None:
     with run_daemon_process(tmp_path) as d:

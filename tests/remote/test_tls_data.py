@@ -222,3 +222,25 @@ async def test_the_data_port_speaks_tls12_with_ecdhe_and_aes128_gcm(nursery: tri
     assert version == "TLSv1.2"
     assert cipher == "ECDHE-ECDSA-AES128-GCM-SHA256"
     assert der is not None and tls.fingerprint(der) == d.info.fingerprint
+
+
+def test_a_known_hosts_file_that_is_mangled_is_one_line_never_a_new_pin(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 gave a traceback; a truncated line (no fingerprint) made the
+    host unknown, so whatever certificate it showed next was pinned; a pin in capitals was
+    reported as changed."""
+    from blit.errors import ConfigFileError
+    from blit.transport.tls import KnownHosts
+
+    fp = "sha256:" + "ab" * 32
+    kh = tmp_path / "known_hosts"
+    for text, problem in (
+        (b"127.0.0.1:1 " + fp.encode() + b"\n\xff\xfe junk\n", "line 2: bytes that are not UTF-8"),
+        (b"127.0.0.1:1\n", "line 1: not a 'host:port sha256:<64 hex digits>' line"),
+        (b"# pins\n127.0.0.1:1 sha256:abc\n", "line 2: not a 'host:port"),
+    ):
+        kh.write_bytes(text)
+        with pytest.raises(ConfigFileError, match=problem):
+            KnownHosts(kh).check("127.0.0.1:1", fp)
+        assert kh.read_bytes() == text  # nothing pinned
+    kh.write_text("127.0.0.1:1 " + fp.upper().replace("SHA256", "SHA256") + "\n")
+    assert KnownHosts(kh).check("127.0.0.1:1", fp) is True

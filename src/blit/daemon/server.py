@@ -28,7 +28,7 @@ from typing import Any
 import h2.errors
 import trio
 
-from ..errors import MessageTooLarge, RemoteProtocolError
+from ..errors import ConfigFileError, MessageTooLarge, RemoteProtocolError
 from ..transport import control, data, protocol
 from ..transport import tls as tls_mod
 from ..transport.protocol import AdmitStatus, ErrorCode, Refused
@@ -81,9 +81,15 @@ async def serve(config: DaemonConfig, *, task_status: Any = trio.TASK_STATUS_IGN
     if config.tls:
         state_dir = config.state_dir or tls_mod.default_state_dir()
         cert, key = await trio.to_thread.run_sync(tls_mod.ensure_certificate, state_dir)
-        ssl_ctx = tls_mod.server_context(cert, key)
-        data_ctx = tls_mod.data_server_context(cert, key)
-        state.fingerprint = tls_mod.fingerprint_of_file(cert)
+        try:
+            ssl_ctx = tls_mod.server_context(cert, key)
+            data_ctx = tls_mod.data_server_context(cert, key)
+            state.fingerprint = tls_mod.fingerprint_of_file(cert)
+        except (ssl.SSLError, ValueError, UnicodeDecodeError) as exc:  # a mangled or mismatched pair
+            raise ConfigFileError(
+                f"the daemon's certificate {cert} or key {key} cannot be used ({getattr(exc, 'reason', None) or exc}); "
+                "remove both to have new ones made (clients will then refuse the new certificate until they drop their pin)"
+            ) from None
     host = None if config.bind in ("", "*") else config.bind
     try:
         control_listeners = await trio.open_tcp_listeners(config.port, host=host)

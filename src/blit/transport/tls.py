@@ -16,6 +16,7 @@ import functools
 import hashlib
 import ipaddress
 import os
+import re
 import socket
 import ssl
 import tempfile
@@ -179,6 +180,14 @@ def fingerprint_of_file(cert: Path) -> str:
     return fingerprint(ssl.PEM_cert_to_DER_cert(cert.read_text()))
 
 
+_PIN = re.compile(r"(?i)sha256:[0-9a-f]{64}")
+
+
+def text_line(exc: UnicodeDecodeError) -> int:
+    """The 1-based line of the byte a UTF-8 decode failed on."""
+    return bytes(exc.object[: exc.start]).count(b"\n") + 1
+
+
 class KnownHosts:
     """The client's pins: one `host:port sha256:<hex>` line per daemon. Thread-safe appends."""
 
@@ -194,11 +203,18 @@ class KnownHosts:
             return []
         except OSError as exc:
             raise ConfigFileError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigFileError(f"{self.path}, line {text_line(exc)}: bytes that are not UTF-8; remove or fix that line") from None
         out = []
         for n, line in enumerate(text.splitlines(), 1):
             parts = line.split()
-            if len(parts) >= 2 and not line.startswith("#"):
-                out.append((n, parts[0], parts[1]))
+            if not parts or line.lstrip().startswith("#"):
+                continue
+            if len(parts) != 2 or not _PIN.match(parts[1]):
+                # A truncated or mangled pin: taking the host as unknown would pin whatever
+                # certificate it presents next (trust on first use, again).
+                raise ConfigFileError(f"{self.path}, line {n}: not a 'host:port sha256:<64 hex digits>' line; remove or fix it")
+            out.append((n, parts[0], parts[1].lower()))
         return out
 
     def lookup(self, host: str) -> tuple[int, str] | None:
