@@ -102,6 +102,11 @@ def parse_client_secrets(raw: bytes, path: Path) -> tuple[dict[str, bytes], byte
                 raise ConfigFileError(f"the secrets file {path}, line {n}: {key} appears twice")
             keyed[norm] = words[1].strip()
         else:
+            if len(words) == 2 and "@" in key:  # a key mistyped (a port, a '/'): never a secret for every daemon
+                raise ConfigFileError(
+                    f"the secrets file {path}, line {n}: {key} is not a user@host:module key "
+                    "(no port, no '/': alice@nas:photos, alice@nas:// for the root export)"
+                )
             if default is not None:
                 raise ConfigFileError(f"the secrets file {path}, line {n}: a second line with a secret alone")
             default = text

@@ -241,6 +241,18 @@ def test_secrets_file_lines_are_checked(tmp_path: Path) -> None:
         load_config(cfg)
 
 
+@pytest.mark.parametrize("line", ["alice@127.0.0.1:/priv wonderland", "alice@127.0.0.1:9031:priv wonderland"])
+def test_a_mistyped_client_secrets_key_is_named_not_taken_for_the_default_secret(tmp_path: Path, line: str) -> None:
+    """A key written as the endpoint is (a '/', a port) became the secret for every daemon,
+    and the run failed with a bare 'authentication failed'."""
+    from blit.credentials import parse_client_secrets
+    from blit.errors import ConfigFileError
+
+    with pytest.raises(ConfigFileError, match=r"line 2: alice@127\.0\.0\.1:\S+ is not a user@host:module key"):
+        parse_client_secrets(f"# mine\n{line}\n".encode(), tmp_path / "s")
+    assert parse_client_secrets(b"just-a-secret\n", tmp_path / "s") == ({}, b"just-a-secret")
+
+
 # --- the protocol itself, on raw HTTP/2 (an in-process daemon) ---------------------------------
 
 
