@@ -465,9 +465,16 @@ class LocalTransfer:
         for name, dname, m, replace in res.big:
             node.pending += 1
             self._work.start_soon(self._big_file, node, job, name, dname, m, replace)
-        for name, dname, m, d in res.links:
+        # Which member of a group is copied (the others are linked to it) is decided here, in
+        # name order with an up-to-date member first, not by which task trio runs first: a dry
+        # run and the real run (and two runs) then name the same members.
+        for name, dname, m, d in sorted(res.links, key=_link_order):
             node.pending += 1
-            self._work.start_soon(self._hardlink, node, job, name, dname, m, d)
+            key = (m.st_dev, m.st_ino)
+            first = key not in self.inodes
+            if first:
+                self.inodes[key] = trio.Event()
+            self._work.start_soon(self._hardlink, node, job, name, dname, m, d, first)
         self._release(node)
 
     # -- large files --------------------------------------------------------------------------
@@ -593,13 +600,14 @@ class LocalTransfer:
 
     # -- hard links ---------------------------------------------------------------------------
 
-    async def _hardlink(self, node: Node, job: DirJob, name: str, dname: str, m: Meta, d: Meta | None) -> None:
-        """Land one member of a hard-link group: the first is copied, the rest are linked to it."""
+    async def _hardlink(self, node: Node, job: DirJob, name: str, dname: str, m: Meta, d: Meta | None, first: bool = False) -> None:
+        """Land one member of a hard-link group: the `first` (its Event already in `inodes`)
+        is copied, the rest are linked to it."""
         key = (m.st_dev, m.st_ino)
         path = _join(job.rel, name)
         what = "link"
         try:
-            entry = self.inodes.get(key)
+            entry = None if first else self.inodes.get(key)
             while isinstance(entry, trio.Event):  # a first member is landing
                 await entry.wait()
                 # Landed: link to it. Failed: the entry is gone and the next member to get here
@@ -607,7 +615,8 @@ class LocalTransfer:
                 entry = self.inodes.get(key)
             if entry is None:
                 what = "copy"
-                ev = trio.Event()
+                ev = self.inodes[key] if first else trio.Event()
+                assert isinstance(ev, trio.Event)
                 self.inodes[key] = ev
                 try:
                     first_ino, copied = await self._hardlink_first(job, name, dname, m, d, path, node.acl)
@@ -899,3 +908,11 @@ class LocalTransfer:
             finally:
                 os.close(dfd)
         return deleted, failures
+
+
+def _link_order(link: tuple[str, str, Meta, Meta | None]) -> tuple[bool, str]:
+    """Hard-link members of one directory: an up-to-date one (size and mtime) first, then by name."""
+    name, _dname, m, d = link
+    fresh = d is not None and stat.S_ISREG(d.st_mode) and d.st_size == m.st_size and d.st_mtime_ns == m.st_mtime_ns
+    return (not fresh, name)
+
