@@ -123,8 +123,8 @@ def test_port_zero_means_free_ports() -> None:
          ["line 7", "#2", "read_only"]),
         ("[[module]]\nname = 'a b'\npath = '.'\n", ["line 2", "not a valid module name"]),
         ("[[module]]\nname = 'a'\npath = '.'\n[[module]]\nname = 'a'\npath = '.'\n", ["line 5", "defined twice"]),
-        ("[[module]]\nname = 'a'\npath = 'missing'\n", ["module 'a'", "not a directory"]),
-        ("[daemon]\nroot = 'missing'\n", ["root", "not a directory"]),
+        ("[[module]]\nname = 'a'\npath = 'missing'\n", ["line 3", "[[module]] #1 path", "module 'a'", "not a directory"]),
+        ("[daemon]\nroot = 'missing'\n", ["line 2", "[daemon] root", "not a directory"]),
         ("[module]\nname = 'a'\n", ["[[module]]"]),
         ("[[module]]\nname = 'a'\npath = '.'\nallow_peer_pull = 1\n", ["line 4", "allow_peer_pull", "true or false"]),
         ("[[module]]\nname = 'a'\npath = '.'\n[[module]]\nname = 'b'\npath = '.'\nread_only = true\nallow_peer_pull = true\n",
@@ -196,3 +196,11 @@ def test_an_export_inside_a_looser_one_is_named_at_start(tmp_path: Path) -> None
         ("module 'lan'", "the root export", "open to any address"),
         ("module 'ro'", "the root export", "writable"),
     ]
+
+
+def test_a_flag_is_named_as_the_flag_not_as_the_file(tmp_path: Path) -> None:
+    """`--root /nonexistent` was reported as the config file's root."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "[daemon]\nport = 1\n"), root=tmp_path / "nonexistent")
+    assert str(info.value).startswith("--root: root ") and "blitd.toml" not in str(info.value), str(info.value)
+

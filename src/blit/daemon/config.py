@@ -220,7 +220,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
     if "root" in given:
         given["root"] = Path(given["root"])
     cfg = replace(cfg, **given)
-    _check(cfg, path)
+    _check(cfg, path, set(given))
     return cfg
 
 
@@ -460,19 +460,36 @@ def _resolve(config_path: Path, value: str) -> Path:
     return p if p.is_absolute() else (config_path.parent / p)
 
 
-def _check(cfg: DaemonConfig, path: Path | None) -> None:
-    src = f"config file {path}: " if path else ""
+def _check(cfg: DaemonConfig, path: Path | None, flags: set[str]) -> None:
+    """What needs the whole configuration (file and `flags`, the keys given on the command
+    line): a value from a flag is named as the flag, one from the file with its line."""
+    text = ""
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            pass
+
+    def where(key: str, section: str = "daemon", index: int | None = None) -> str:
+        if key in flags and section == "daemon":
+            return f"--{key.replace('_', '-')}: "
+        if path is None:
+            return ""
+        line = _line_of(text, section, key, index)
+        what = f"[{section}]" if index is None else f"[[{section}]] #{index + 1}"
+        return f"config file {path}" + (f", line {line}" if line else "") + f": {what} {key}: "
+
     if not 0 <= cfg.port <= 65535:
         raise ConfigFileError(f"port {cfg.port} is out of range (0-65535)")
     if cfg.data_port is not None and not 0 <= cfg.data_port <= 65535:
         raise ConfigFileError(f"data port {cfg.data_port} is out of range (0-65535)")
     if cfg.data_port and cfg.data_port == cfg.port:
-        raise ConfigFileError(f"{src}data_port must differ from port ({cfg.port})")
+        raise ConfigFileError(f"{where('data_port')}data_port must differ from port ({cfg.port})")
     if cfg.root is not None and not cfg.root.is_dir():
-        raise ConfigFileError(f"{src}root {str(cfg.root)!r} is not a directory")
-    for m in cfg.modules:
+        raise ConfigFileError(f"{where('root')}root {str(cfg.root)!r} is not a directory")
+    for i, m in enumerate(cfg.modules):
         if not m.path.is_dir():
-            raise ConfigFileError(f"{src}module {m.name!r}: path {str(m.path)!r} is not a directory")
+            raise ConfigFileError(f"{where('path', 'module', i)}module {m.name!r}: path {str(m.path)!r} is not a directory")
 
 
 def _line_of(text: str, section: str, key: str | None, index: int | None) -> int | None:
