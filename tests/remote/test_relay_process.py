@@ -225,3 +225,22 @@ def test_move_within_one_daemon_refuses_the_same_or_a_nested_destination(daemons
     r = blit(b, "move", ep(b, "data/x"), ep(b, "data/y"))
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert below(mod) == {"y", "y/sub", "y/sub/f"} and (mod / "y" / "sub" / "f").read_text() == "f"
+
+
+def test_the_source_daemon_checks_the_address_of_the_client_a_pull_is_for(tmp_path: Path) -> None:
+    """A's module `other` admits 127.0.0.1 only. The client talks to B over ::1; B pulls from
+    A over 127.0.0.1. A saw B's address only, so the client read through B what A refuses it;
+    now B names its client's address (tree/open `client`) and A's rules must admit it too."""
+    with run_daemon_process(tmp_path / "A", module_extra={"other": 'hosts_allow = ["127.0.0.1"]'}) as a, run_daemon_process(
+        tmp_path / "B", peer_pull=True, bind="::1"
+    ) as b:
+        (a.modules["other"] / "secret.txt").write_text("for 127.0.0.1 only")
+        (a.modules["data"] / "open.txt").write_text("for anyone")
+        to_b = f"[::1]:{b.port}:/data/"
+        r = blit(b, "copy", f"127.0.0.1:{a.port}:/other/secret.txt", to_b)
+        assert r.returncode == 1, (r.stdout, r.stderr, a.log())
+        assert stderr_lines(r)[-1].endswith("access to module 'other' denied for ::1"), stderr_lines(r)
+        assert not (b.modules["data"] / "secret.txt").exists()
+        r = blit(b, "copy", f"127.0.0.1:{a.port}:/data/open.txt", to_b)  # a module without rules: as before
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert (b.modules["data"] / "open.txt").read_text() == "for anyone"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import hmac
+import ipaddress
 import itertools
 import logging
 import os
@@ -536,7 +537,7 @@ def _features(asked: list[str]) -> list[str]:
     from .. import fsops
     from ..ffi import scan
 
-    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS) if f in asked]
+    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT) if f in asked]
     if protocol.FEATURE_DIR_BATCH in asked and protocol.FEATURE_PARTS in asked:
         out.append(protocol.FEATURE_DIR_BATCH)
     if protocol.FEATURE_DIR_DIGEST in asked and scan.HAVE_CMPDIR:
@@ -728,6 +729,12 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
     if msg.direction not in ("push", "pull") or msg.operation not in ("copy", "mirror", "move"):
         raise Refused(ErrorCode.BAD_REQUEST, "direction must be push or pull; operation copy, mirror or move")
     root, read_only = s.module(msg.module)
+    if msg.client:  # a daemon pulling for its client: the client's address must pass too
+        try:
+            client = ipaddress.ip_address(msg.client)
+        except ValueError:
+            raise Refused(ErrorCode.BAD_REQUEST, f"client: {msg.client!r} is not an IP address") from None
+        s.check_address(msg.module, s.state.export(msg.module, s.addr)[2], client)
     if read_only and (msg.direction == "push" or msg.operation == "move"):
         name = f"module {msg.module!r}" if msg.module else "the root export"
         why = ": a move from it would remove its files (copy instead)" if msg.direction == "pull" else ""

@@ -95,6 +95,7 @@ class PeerJob:
     result: protocol.TreeDone | None = None
     error: protocol.Error | None = None
     carrier: str | None = None
+    client: str = ""  # the address of the client that asked (A checks it too: OpenTree.client)
 
     @property
     def source(self) -> str:
@@ -214,7 +215,9 @@ class PeerJob:
                 return dest
 
             self.carrier = "h2" if a.force_h2_data or a.peer.data_port is None else "tcp"
-            self.result = await pull_tree(a, peer.module, r.src_base, None, r.top, spec, msg.streams, open_dest=open_dest)
+            self.result = await pull_tree(
+                a, peer.module, r.src_base, None, r.top, spec, msg.streams, open_dest=open_dest, for_client=self.client
+            )
 
     async def _refuse_peer(self, host: HostSpec, addresses: list[str]) -> None:
         """With `peer_pull_from`, refuse A unless every address B would connect to is in it
@@ -307,7 +310,8 @@ async def start(s: Any, msg: protocol.PeerPull) -> protocol.PeerStarted:
         raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
     if len(s.jobs) >= MAX_JOBS_PER_SESSION:
         raise Refused(ErrorCode.BUSY, f"at most {MAX_JOBS_PER_SESSION} remote to remote transfers per session")
-    job = PeerJob(state.next_id(), msg, root, state)
+    addr = getattr(s.addr, "ipv4_mapped", None) or s.addr
+    job = PeerJob(state.next_id(), msg, root, state, client=str(addr) if addr is not None else "")
     s.jobs[job.id] = job
     log.info("peer pull %d: %s -> %s", job.id, job.source, contain.label(msg.module, msg.path))
     s.nursery.start_soon(job.run)

@@ -556,6 +556,14 @@ class OpenTree(Message):
     """Push: create the base directory (and missing parents) first, like `mkdir -p`."""
     report_actions: bool = field(default=False, metadata=_lim(omit=True))
     """Push (feature FEATURE_ACTIONS): keep what the daemon changes for tree/actions."""
+    client: str = field(default="", metadata=_lim(64, omit=True))
+    """Feature FEATURE_CLIENT: a daemon pulling for a remote to remote transfer names the
+    address of the client that asked it; the source daemon applies its module's address rules
+    to that address too (it saw only the pulling daemon's)."""
+
+
+FEATURE_CLIENT = "client-addr-1"
+"""Hello feature: tree/open may carry `client` (OpenTree.client)."""
 
 
 @message_class
@@ -1682,7 +1690,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""
@@ -1971,6 +1979,7 @@ __all__ = [
     "TreeRemove",
     "TreeRemoved",
     "FEATURE_ACTIONS",
+    "FEATURE_CLIENT",
     "ACTION_NAMES",
     "Action",
     "TreeActions",

@@ -2574,6 +2574,7 @@ async def pull_tree(
     dest: DestTree | None = None,
     open_dest: Callable[[], Awaitable[DestTree]] | None = None,
     actions: Callable[[str, str], None] | None = None,
+    for_client: str = "",
 ) -> TreeDone:
     """Pull a daemon module directory (source) into a local tree (destination): `local_root`, or
     `dest` when the caller made the DestTree (a dry run into a missing directory), or the one
@@ -2583,6 +2584,8 @@ async def pull_tree(
     parents) once the daemon has accepted the transfer. Move: what landed here is synced, then
     removed on the daemon (tree/remove), emptied directories last. `actions(action, path)` gets what the local
     DestTree changes (spec.report_actions makes it keep them) while the transfer runs.
+    `for_client`: a daemon pulling for a remote to remote transfer names its client's address,
+    which the source daemon checks too (FEATURE_CLIENT).
 
     Raises:
         FatalError: the local root cannot be created. TransportError / RemoteError.
@@ -2602,6 +2605,7 @@ async def pull_tree(
                 dry_run=spec.dry_run,
                 streams=streams,
                 h2_data=session.force_h2_data,
+                client=for_client if protocol.FEATURE_CLIENT in session.peer.features else "",
             )
         )
         if dest is None and open_dest is not None:
