@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+from .entry import EXIT_INTERRUPTED
+
 if TYPE_CHECKING:
     from .report import Failure, Summary
 
@@ -27,7 +29,6 @@ app = typer.Typer(
     help="Fast, exact file transfer: copy, mirror and move, locally or through a blit daemon.",
 )
 
-EXIT_INTERRUPTED = 130
 
 RUN_ENDED = False
 """A transfer command has its exit code and nothing left to clean up: the console script may end

@@ -265,7 +265,7 @@ def _remove_extra(
     if fd < 0:
         _went(gone, rel, base)
         return 1, False
-    count, kept = 0, False
+    count, kept, whole = 0, False, False
     inner: list[str] = []  # what went below it: named if it stays (kept, or a failure)
     try:
         try:
@@ -282,21 +282,19 @@ def _remove_extra(
             os.close(fd)
         if not kept:
             os.rmdir(name, dir_fd=parent_fd)
-    except BaseException:
-        if gone is not None:
-            gone += inner
-        raise
-    if kept:
-        if gone is not None:
-            gone += inner
-        return count, True
-    _went(gone, rel, base)
-    return count + 1, False
+            whole = True
+    finally:
+        _went(gone, rel, base, inner, whole)
+    return (count + 1, False) if whole else (count, True)
 
 
-def _went(gone: list[str] | None, rel: str, base: int) -> None:
+def _went(gone: list[str] | None, rel: str, base: int, inner: list[str] | None = None, whole: bool = True) -> None:
+    """What a `delete` line names: `rel` once it went whole, else what went inside it."""
     if gone is not None:
-        gone.append(rel[base:])
+        if whole:
+            gone.append(rel[base:])
+        elif inner:
+            gone += inner
 
 
 def below(path: str, sub: str) -> str:
@@ -331,12 +329,8 @@ def _count_extra(parent_fd: int, name: str, rel: str, filters: Filters, gone: li
         pass
     finally:
         os.close(fd)
-    if kept:
-        if gone is not None:
-            gone += inner
-        return count
-    _went(gone, rel, base)
-    return count + 1
+    _went(gone, rel, base, inner, not kept)
+    return count if kept else count + 1
 
 
 def count_extras(

@@ -864,13 +864,12 @@ class LocalTransfer:
         failures: list[tuple[str, str, str]] = []
         flag = self.stop
 
-        def stop() -> bool:
+        def stop() -> bool:  # Ctrl-C: removal ends at the next entry (InterruptedError)
             return flag.is_set
 
-        stopped = False
         # Deepest directories first, so a parent's times are restored after its children's.
         for dst_rel, extras, meta in sorted(deletions, key=lambda d: -d[0].count("/") - bool(d[0])):
-            if stopped or stop():
+            if stop():
                 break
             try:
                 dfd = fsops.open_rel(w.dst_root_fd, dst_rel)
@@ -889,18 +888,18 @@ class LocalTransfer:
                             os.chmod(dfd, stat.S_IMODE(os.fstat(dfd).st_mode) | stat.S_IRWXU)
                             deleted += fsops.remove_extra(dfd, name, path, filters, subs, stop)[0]
                         except InterruptedError:
-                            stopped = True
+                            pass
                         except OSError as exc:
                             failures.append((path, "delete", exc.strerror or str(exc)))
                     except InterruptedError:  # interrupted: what went is named, the rest stays
-                        stopped = True
+                        pass
                     except OSError as exc:
                         failures.append((path, "delete", exc.strerror or str(exc)))
                     # (after a retry the directory itself went too: one line names it all)
                     gone += [path] if "" in subs else (fsops.below(path, sub) for sub in subs)
-                    if stopped:
+                    if stop():
                         break
-                if meta is not None and not stopped:
+                if meta is not None and not stop():
                     try:
                         fsops.set_dir_meta(dfd, meta, None)
                     except OSError as exc:

@@ -56,7 +56,7 @@ class Access:
             return True
         if addr is None:
             return False
-        addr = _unmapped(addr)
+        addr = unmapped(addr)
         if any(addr in n for n in self.hosts_allow):
             return True
         if any(addr in n for n in self.hosts_deny):
@@ -64,8 +64,8 @@ class Access:
         return not (self.hosts_allow and not self.hosts_deny)
 
 
-def _unmapped(addr: Address) -> Address:
-    """IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are matched as IPv4."""
+def unmapped(addr: Address) -> Address:
+    """IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are matched, and shown, as IPv4."""
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
     return addr
@@ -73,7 +73,7 @@ def _unmapped(addr: Address) -> Address:
 
 def _unmapped_net(net: Network) -> Network:
     """A rule written as IPv4-mapped IPv6 (`::ffff:127.0.0.0/104`) as the IPv4 network it
-    names: addresses are matched unmapped (`_unmapped`), so such a rule never matched, and a
+    names: addresses are matched unmapped (`unmapped`), so such a rule never matched, and a
     deny rule written so admitted everyone."""
     if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
         mapped = net.network_address.ipv4_mapped
@@ -95,8 +95,8 @@ class PeerHosts:
     def outside(self, addrs: list[Address], named: set[Address]) -> list[Address]:
         """The addresses of `addrs` this list does not admit; `named`: the addresses the
         `names` resolve to now."""
-        known = {_unmapped(x) for x in named}
-        return [a for a in addrs if _unmapped(a) not in known and not any(_unmapped(a) in n for n in self.networks)]
+        known = {unmapped(x) for x in named}
+        return [a for a in addrs if unmapped(a) not in known and not any(unmapped(a) in n for n in self.networks)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,19 +463,16 @@ def _resolve(config_path: Path, value: str) -> Path:
 def _check(cfg: DaemonConfig, path: Path | None, flags: set[str]) -> None:
     """What needs the whole configuration (file and `flags`, the keys given on the command
     line): a value from a flag is named as the flag, one from the file with its line."""
-    text = ""
-    if path is not None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            pass
-
     def where(key: str, section: str = "daemon", index: int | None = None) -> str:
+        """Who gave the value at fault (asked only on a failure: the file is read again then)."""
         if key in flags and section == "daemon":
             return f"--{key.replace('_', '-')}: "
         if path is None:
             return ""
-        line = _line_of(text, section, key, index)
+        try:
+            line = _line_of(path.read_text(encoding="utf-8"), section, key, index)
+        except (OSError, UnicodeDecodeError):
+            line = None
         what = f"[{section}]" if index is None else f"[[{section}]] #{index + 1}"
         return f"config file {path}" + (f", line {line}" if line else "") + f": {what} {key}: "
 

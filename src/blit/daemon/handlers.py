@@ -30,7 +30,7 @@ from ..transport import data, protocol
 from ..transport.protocol import ErrorCode, Refused
 from ..transport.tree import DestTree, SourceTree, SrcFile
 from . import contain
-from .config import Access, Address, DaemonConfig, ModuleConfig, PeerHosts
+from .config import Access, Address, DaemonConfig, ModuleConfig, PeerHosts, unmapped
 
 log = logging.getLogger("blit.daemon")
 
@@ -420,16 +420,21 @@ class Session:
             t.cancel()
         self.transfers.clear()
 
-    def module(self, name: str) -> tuple[Path, bool]:
+    def module(self, name: str, client: Address | None = None) -> tuple[Path, bool]:
         """(root path, read_only) of a module for this session: the one door every request
         goes through to a module (list, stat, transfers, tree transfers, removals, peer pulls).
+        `client`: the address of the client a pulling daemon acts for (OpenTree.client), which
+        the module's address rules must admit too.
 
         Raises:
             Refused: UNKNOWN_MODULE; ACCESS_DENIED when the module's address rules refuse this
-                client; AUTH_REQUIRED when the module needs `auth` and this session has not.
+                client (or `client`); AUTH_REQUIRED when the module needs `auth` and this
+                session has not.
         """
         root, read_only, access = self.state.export(name, self.addr)
         self.check_address(name, access)
+        if client is not None:
+            self.check_address(name, access, client)
         if access.needs_auth and name not in self.authenticated:
             raise Refused(ErrorCode.AUTH_REQUIRED, f"{_export_name(name)} requires a user and secret (see --secrets-file)")
         return root, read_only
@@ -437,7 +442,7 @@ class Session:
     def check_address(self, name: str, access: Access, addr: Any = None) -> None:
         addr = self.addr if addr is None else addr
         if not access.allows(addr):
-            shown = getattr(addr, "ipv4_mapped", None) or addr
+            shown = unmapped(addr) if addr is not None else addr
             raise Refused(ErrorCode.ACCESS_DENIED, f"access to {_export_name(name)} denied for {shown}")
 
     def may_list(self, name: str, access: Access) -> bool:
@@ -468,8 +473,13 @@ class Session:
         src: SourceTree = t.tree_src
         return src
 
-    async def fs(self, fn: Any, *args: Any) -> Any:
+    async def fs(self, fn: Any, *args: Any, stop: Any = None) -> Any:
+        """`fn(*args)` in a worker thread; an OSError is the request's IO_ERROR. `stop`: the
+        thread may not be abandoned, and if the request is cancelled (its client went away)
+        `stop()` asks `fn` to end soon (stall.run_stoppable)."""
         try:
+            if stop is not None:
+                return await run_stoppable(fn, *args, stop=stop, limiter=self.state.fs_limiter)
             return await trio.to_thread.run_sync(fn, *args, limiter=self.state.fs_limiter)
         except OSError as exc:
             raise Refused(ErrorCode.IO_ERROR, exc.strerror or str(exc)) from None
@@ -728,13 +738,13 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
         raise Refused(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
     if msg.direction not in ("push", "pull") or msg.operation not in ("copy", "mirror", "move"):
         raise Refused(ErrorCode.BAD_REQUEST, "direction must be push or pull; operation copy, mirror or move")
-    root, read_only = s.module(msg.module)
+    client = None
     if msg.client:  # a daemon pulling for its client: the client's address must pass too
         try:
             client = ipaddress.ip_address(msg.client)
         except ValueError:
             raise Refused(ErrorCode.BAD_REQUEST, f"client: {msg.client!r} is not an IP address") from None
-        s.check_address(msg.module, s.state.export(msg.module, s.addr)[2], client)
+    root, read_only = s.module(msg.module, client)
     if read_only and (msg.direction == "push" or msg.operation == "move"):
         name = f"module {msg.module!r}" if msg.module else "the root export"
         why = ": a move from it would remove its files (copy instead)" if msg.direction == "pull" else ""
@@ -748,7 +758,7 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
     from ..filters import Filters
 
     try:
-        filters = Filters.from_args([(r.include, protocol.as_text(r.pattern)) for r in msg.filters])
+        filters = Filters.from_args(protocol.rule_args(msg.filters))
     except UsageError as exc:  # names the pattern and what is wrong with it
         raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
 
@@ -944,10 +954,8 @@ async def handle_tree_finish(s: Session, msg: protocol.TreeFinish) -> protocol.T
             dest = t.tree_dest
             for e in t.errors:
                 dest._fail(".", "data stream", e)
-            try:  # a client that goes away stops the deletions (they went on to the end)
-                await run_stoppable(dest.finish, msg.source_complete, stop=dest.stop, limiter=s.state.fs_limiter)
-            except OSError as exc:
-                raise Refused(ErrorCode.IO_ERROR, exc.strerror or str(exc)) from None
+            # A client that goes away stops the deletions (they went on to the end).
+            await s.fs(dest.finish, msg.source_complete, stop=dest.stop)
             if dest.fatal is not None:  # full or read-only: finish changed nothing more (R30)
                 raise Refused(ErrorCode.IO_ERROR, dest.fatal)
             return dest.result()  # type: ignore[no-any-return]

@@ -177,7 +177,7 @@ class PeerJob:
         spec = TreeSpec(
             operation=msg.operation,
             compare=Compare(msg.compare),
-            filters=Filters.from_args([(r.include, protocol.as_text(r.pattern)) for r in msg.filters]),
+            filters=Filters.from_args(protocol.rule_args(msg.filters)),
             dry_run=msg.dry_run,
             report_actions=msg.report_actions,
         )
@@ -305,13 +305,12 @@ async def start(s: Any, msg: protocol.PeerPull) -> protocol.PeerStarted:
     from ..filters import Filters
 
     try:
-        Filters.from_args([(r.include, protocol.as_text(r.pattern)) for r in msg.filters])
+        Filters.from_args(protocol.rule_args(msg.filters))
     except UsageError as exc:  # names the pattern and what is wrong with it
         raise Refused(ErrorCode.BAD_REQUEST, str(exc)) from None
     if len(s.jobs) >= MAX_JOBS_PER_SESSION:
         raise Refused(ErrorCode.BUSY, f"at most {MAX_JOBS_PER_SESSION} remote to remote transfers per session")
-    addr = getattr(s.addr, "ipv4_mapped", None) or s.addr
-    job = PeerJob(state.next_id(), msg, root, state, client=str(addr) if addr is not None else "")
+    job = PeerJob(state.next_id(), msg, root, state, client=str(s.addr) if s.addr is not None else "")  # (unmapped: server._peer_ip)
     s.jobs[job.id] = job
     log.info("peer pull %d: %s -> %s", job.id, job.source, contain.label(msg.module, msg.path))
     s.nursery.start_soon(job.run)

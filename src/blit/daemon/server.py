@@ -33,7 +33,7 @@ from ..transport import control, data, protocol
 from ..transport import tls as tls_mod
 from ..transport.protocol import AdmitStatus, ErrorCode, Refused
 from . import handlers
-from .config import DaemonConfig
+from .config import DaemonConfig, unmapped
 
 log = logging.getLogger("blit.daemon")
 
@@ -195,12 +195,9 @@ def _peer_ip(stream: trio.SocketStream) -> Any:
     import ipaddress
 
     try:
-        ip = ipaddress.ip_address(str(stream.socket.getpeername()[0]).split("%", 1)[0])
+        return unmapped(ipaddress.ip_address(str(stream.socket.getpeername()[0]).split("%", 1)[0]))
     except (OSError, ValueError, IndexError):
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 async def _handle_control(

@@ -529,6 +529,16 @@ def as_text(value: str | bytes) -> str:
     return value if type(value) is str else os.fsdecode(value)
 
 
+def wire_rules(rules: typing.Iterable[Any]) -> list[FilterRule]:
+    """filters.Filters' rules (each with .include and .pattern) as messages carry them."""
+    return [FilterRule(include=r.include, pattern=text_or_bytes(r.pattern)) for r in rules]
+
+
+def rule_args(rules: list[FilterRule]) -> list[tuple[bool, str]]:
+    """Received rules as filters.Filters.from_args takes them."""
+    return [(r.include, as_text(r.pattern)) for r in rules]
+
+
 @message_class
 class Rename(Message):
     ARRAY: ClassVar[bool] = True

@@ -298,7 +298,7 @@ async def relay(
             peer=protocol.Peer(host=src.host.host, port=src.host.port, module=src.module, path=src.path_bytes, tls=tls_enabled),
             operation=spec.operation,
             compare=int(spec.compare),
-            filters=[protocol.FilterRule(include=r.include, pattern=protocol.text_or_bytes(r.pattern)) for r in spec.filters.rules],
+            filters=protocol.wire_rules(spec.filters.rules),
             dry_run=spec.dry_run,
             streams=streams,
             h2_data=session.force_h2_data,

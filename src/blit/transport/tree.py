@@ -1983,9 +1983,8 @@ class DestTree:
                 for path in gone:
                     self._act("delete", path)
             return
-        stopped = False  # `stop` (the client went, Ctrl-C): what is left stays
         for dst_rel, extras in self.deletions:
-            if stopped or self.stopped:
+            if self.stopped:  # `stop` (the client went, Ctrl-C): what is left stays
                 return
             try:
                 fd = self.dirs.open_dir(self.root_fd, dst_rel)
@@ -1999,13 +1998,13 @@ class DestTree:
                     try:
                         n, _kept = fsops.remove_extra(fd, name, path, self.spec.filters, subs, self._stop)
                         self.files_deleted += n
-                    except InterruptedError:
-                        stopped = True
+                    except InterruptedError:  # stopped: what went is named below
+                        pass
                     except OSError as exc:
                         self._fail(path, "delete", _msg(exc))
                     for sub in subs:
                         self._act("delete", fsops.below(path, sub))
-                    if stopped:
+                    if self.stopped:
                         break
             finally:
                 os.close(fd)
@@ -2289,7 +2288,7 @@ async def push_tree(
             direction="push",
             operation=spec.operation,
             compare=int(spec.compare),
-            filters=[protocol.FilterRule(include=r.include, pattern=protocol.text_or_bytes(r.pattern)) for r in spec.filters.rules],
+            filters=protocol.wire_rules(spec.filters.rules),
             dry_run=spec.dry_run,
             streams=streams,
             h2_data=session.force_h2_data,
