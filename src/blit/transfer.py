@@ -659,8 +659,18 @@ class LocalTransfer:
         """Land the first member of a group: its destination inode and whether it was written."""
         from .plan import Op, up_to_date
 
-        op = Op.COPY if d is None else up_to_date(m, d, self.spec.compare)
         w = self.worker
+
+        def _granularity() -> int:
+            with fsops.dir_at(w.dst_root_fd, job.dst_rel) as ddir:
+                return fsops.time_granularity(ddir)
+
+        if d is None:
+            op = Op.COPY
+        elif m.st_mtime_ns == d.st_mtime_ns or d.st_mtime_ns % 1000:
+            op = up_to_date(m, d, self.spec.compare)  # same_mtime needs no filesystem probe
+        else:  # the destination's time may be the source's cut to its filesystem's step (R49)
+            op = await trio.to_thread.run_sync(up_to_date, m, d, self.spec.compare, _granularity)
 
         def _check_hash() -> bool:
             with fsops.dir_at(w.src_root_fd, job.rel) as sdir, fsops.dir_at(w.dst_root_fd, job.dst_rel) as ddir:

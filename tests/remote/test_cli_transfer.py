@@ -587,13 +587,15 @@ def whole_seconds_fs(tmp_path: Path) -> Iterator[Path]:
 def test_a_destination_that_keeps_whole_seconds_does_not_copy_again(daemon_process: DaemonProcess, tmp_path: Path, whole_seconds_fs: Path, direction: str) -> None:
     """SPEC: skipped when size and mtime match 'to the precision both filesystems keep'. On a
     filesystem that cuts times to seconds every file was copied again on every run (rsync
-    skips them); a file changed in content and time still is copied."""
+    skips them); a file changed in content and time still is copied. Hard-link groups too
+    (their first member was compared to the nanosecond)."""
     d = daemon_process
     src = tmp_path / "src" if direction == "local" else d.modules["data"] / "src"
     src.mkdir()
-    for name in ("a", "b"):
+    for name in ("a", "b", "h"):
         (src / name).write_text(name)
         os.utime(src / name, ns=(981_173_106_999_999_999, 981_173_106_999_999_999))
+    os.link(src / "h", src / "h2")
     dst = whole_seconds_fs / "dst"
     s_arg = f"{src}/" if direction == "local" else url(d, "data/src/")
     r = blit(d, "copy", "--json", s_arg, f"{dst}/")
@@ -602,10 +604,11 @@ def test_a_destination_that_keeps_whole_seconds_does_not_copy_again(daemon_proce
     r = blit(d, "copy", "--json", s_arg, f"{dst}/")
     assert r.returncode == 0, (r.stdout, r.stderr)
     summary = json.loads(r.stdout.splitlines()[-1])
-    assert (summary["files_copied"], summary["files_skipped"]) == (0, 2), summary
+    assert (summary["files_copied"], summary["files_skipped"], summary["links_created"]) == (0, 4, 0), summary
     (src / "b").write_text("B")
     os.utime(src / "b", ns=(981_173_107_500_000_000, 981_173_107_500_000_000))
     r = blit(d, "copy", "--json", s_arg, f"{dst}/")
     summary = json.loads(r.stdout.splitlines()[-1])
-    assert (summary["files_copied"], summary["files_skipped"]) == (1, 1), summary
+    assert (summary["files_copied"], summary["files_skipped"]) == (1, 3), summary
+    assert os.stat(dst / "h").st_ino == os.stat(dst / "h2").st_ino
     assert (dst / "b").read_text() == "B"

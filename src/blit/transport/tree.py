@@ -1682,7 +1682,7 @@ class DestTree:
         with self._lock:
             group = self.links.get(key)
             if group is None:
-                op = Op.COPY if d is None else up_to_date(m, fsops.meta_of(d), self.spec.compare)
+                op = Op.COPY if d is None else up_to_date(m, fsops.meta_of(d), self.spec.compare, lambda: fsops.time_granularity(dfd))
                 if op is Op.SAME and d is not None:
                     self.links[key] = ("landed", dst_rel, dname, d.st_ino)
                     first = None
