@@ -124,9 +124,10 @@ def test_a_local_name_with_a_colon_is_reachable_as_dot_slash(tmp_path: Path) -> 
     "args",
     [["copy", "--frobnicate", "src/", "dst"], ["copy", "src/"], ["copy"],
      ["copy", "src/", "dst", "extra"], ["teleport", "src/", "dst"],
-     ["copy", "--checksum", "--size-only", "src/", "dst"]],
+     ["copy", "--checksum", "--size-only", "src/", "dst"], ["copy", "-q", "-v", "src/", "dst"],
+     ["daemon", "--port", "99999", "--no-mdns"]],
     ids=["unknown option", "missing DST", "missing SRC and DST", "extra argument",
-         "unknown verb", "conflicting compare flags"],
+         "unknown verb", "conflicting compare flags", "quiet and verbose", "daemon port out of range"],
 )  # fmt: skip
 def test_bad_usage(tmp_path: Path, args: list[str]) -> None:
     make_tree(tmp_path / "src", TREE)
@@ -150,6 +151,19 @@ def test_json_bad_usage_still_ends_with_a_summary(tmp_path: Path) -> None:
     assert proc.returncode == 2
     last = json.loads(proc.stdout.decode().splitlines()[-1])
     assert last["event"] == "summary" and last["exit_code"] == 2 and "--size-only" in last["fatal"]
+    for args in (["--bogus", "src/", "dst"], ["src/"]):  # what the command-line parser refuses too
+        proc = run_blit("copy", "--json", *args, cwd=tmp_path)
+        assert proc.returncode == 2, describe_output(proc)
+        (line,) = proc.stdout.decode().splitlines()
+        last = json.loads(line)
+        assert last["event"] == "summary" and last["exit_code"] == 2, last
+
+
+def test_quiet_prints_nothing_on_success_even_in_a_dry_run(tmp_path: Path) -> None:
+    make_tree(tmp_path / "src", TREE)
+    proc = run_blit("copy", "-q", "-n", "src/", "dst", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout == b"" and proc.stderr == b"", describe_output(proc)
+    assert not (tmp_path / "dst").exists()
 
 
 @pytest.mark.root
@@ -203,7 +217,8 @@ def test_full_destination_disk(tmp_path: Path) -> None:
         assert proc.returncode == 1, describe_output(proc)
         err = proc.stderr.decode(errors="replace")
         assert "No space left" in err, describe_output(proc)
-        assert any(ln.startswith("blit: error:") for ln in stderr_lines(proc)), describe_output(proc)
+        lines = stderr_lines(proc)
+        assert len(lines) == 1 and lines[0].startswith("blit: error: No space left on device (writing "), describe_output(proc)
         dst_snap = snapshot(mnt / "dst", include_root=False) if (mnt / "dst").exists() else {}
         for p, e in dst_snap.items():
             if e.kind == "file":

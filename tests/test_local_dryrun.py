@@ -176,13 +176,16 @@ def test_default_output_is_one_summary_line(tmp_path: Path) -> None:
 
 
 def test_a_name_with_a_control_character_is_shown_on_one_line(tmp_path: Path) -> None:
-    """As rsync prints it: a newline in a name is \\#012, so each entry stays one line."""
+    """As rsync prints it: a newline in a name is \\#012, so each entry stays one line; a name
+    that holds those very characters has its backslash escaped (rsync: \\#134), so it never
+    reads as the name with a newline."""
     src = tmp_path / "src"
     write_file(src / "a\nb", b"x")
     write_file(src / "tab\there", b"y")
+    write_file(src / "a\\#012b", b"z")
     proc = run_blit("copy", "-v", f"{src}/", tmp_path / "dst", check=0)
     lines = proc.stdout.decode().splitlines()
-    assert sorted(lines[:-1]) == ["copy a\\#012b", "copy tab\\#011here"], describe_output(proc)
+    assert sorted(lines[:-1]) == ["copy a\\#012b", "copy a\\#134#012b", "copy tab\\#011here"], describe_output(proc)
     assert (tmp_path / "dst" / "a\nb").read_bytes() == b"x"
 
 
@@ -287,6 +290,58 @@ def test_progress_bar_goes_to_a_terminal_on_stderr_and_changes_nothing_else(tmp_
     assert p.returncode == 0 and p.stdout.decode().startswith(f"copied {N_FILES} files"), p
     assert b"files" in drawn, drawn
     assert_same_tree(src, tmp_path / "dst2")
+
+
+def _on_a_terminal(*args: object) -> tuple[int, bytes, bytes]:
+    """Run blit with stderr on a pseudo-terminal (stdout a pipe): exit code, stdout, and what
+    the terminal received."""
+    import pty
+    import subprocess
+
+    from helpers import BLIT, BLIT_ENV
+
+    main, tty = pty.openpty()
+    try:
+        p = subprocess.run([BLIT, *map(str, args)], stdout=subprocess.PIPE, stderr=tty, stdin=subprocess.DEVNULL, env=BLIT_ENV, timeout=60)
+        os.close(tty)
+        tty = -1
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the terminal's last writer is gone
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(main)
+        if tty >= 0:
+            os.close(tty)
+    return p.returncode, p.stdout, drawn
+
+
+def test_the_bar_is_taken_down_however_the_run_ends_and_lines_stay_whole(tmp_path: Path) -> None:
+    """--progress on a terminal: a run ending with a fatal error left the bar drawn under its
+    error line and the cursor hidden (a real newline also cut long lines at rich's width);
+    -v lines went to the terminal instead of stdout."""
+    src = make_tree(tmp_path / "src", TREE)
+    code, out, drawn = _on_a_terminal("copy", "--progress", f"{src}/", "127.0.0.1:1:/m/x")
+    assert code == 1, drawn
+    assert b"\x1b[?25h" in drawn[drawn.rindex(b"\x1b[?25l") :], drawn  # the cursor is shown again
+    tail = drawn[drawn.rindex(b"\x1b[?25h") :]
+    assert b"blit: error: cannot reach the daemon at 127.0.0.1:1: " in tail and b"files" not in tail.split(b"blit: error:")[1], drawn
+
+    far = src / ("a" * 60)  # a failure line longer than 80 columns
+    far.write_text("x")
+    os.utime(far, ns=(10**19, 10**19))  # year 2286: outside what blit keeps
+    code, out, drawn = _on_a_terminal("copy", "-v", "--progress", f"{src}/", tmp_path / "dst")
+    assert code == 3, drawn
+    line = next(ln for ln in drawn.split(b"\r\n") if b"a" * 60 in ln)
+    assert line.endswith(b"which blit cannot keep"), drawn
+    assert out.splitlines()[-1].startswith(b"copied"), out
+    assert sum(ln.startswith(b"copy ") for ln in out.splitlines()) == N_FILES, out  # -v on stdout
+    assert b"copy " not in drawn, drawn
 
 
 def test_hard_link_members_are_named_alike_by_the_dry_run_and_the_real_run(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ This module must not contain transfer logic or read environment variables for co
 # on every start (about 10 ms for the option lists); real annotations cost almost nothing.
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -82,7 +83,13 @@ _CONTROL = {c: f"\\#{c:03o}" for c in [*range(32), 127]}
 
 def shown(path: str) -> str:
     """A path on one line: control characters (a newline in a name) as rsync prints them,
-    backslash, #, then three octal digits (`a\\#012b`)."""
+    backslash, #, then three octal digits (`a\\#012b`); a backslash that a name already has in
+    front of `#` and three digits is itself escaped (`\\#134`), as rsync does, so the two never
+    read alike."""
+    if "\\#" in path:
+        import re
+
+        path = re.sub(r"\\(?=#[0-9]{3})", r"\\#134", path)
     return path.translate(_CONTROL) if not path.isprintable() else path
 
 
@@ -94,14 +101,18 @@ def _human_bytes(n: float) -> str:
     return f"{n} B"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def summary_line(s: "Summary") -> str:
     if s.strategy == "rename":  # a local move within one filesystem: mv's one rename(2)
         return f"moved {s.source} to {s.destination} with one rename in {s.duration_s:.2f} s"
     verb = {"copy": "copied", "mirror": "copied", "move": "moved"}[s.operation]
     head = "dry run: would have " + verb if s.dry_run else verb
-    parts = [f"{head} {s.files_copied:,} files ({_human_bytes(s.bytes_copied)})"]
+    parts = [f"{head} {_count(s.files_copied, 'file')} ({_human_bytes(s.bytes_copied)})"]
     if s.links_created:
-        parts.append(f"{s.links_created:,} links")
+        parts.append(_count(s.links_created, "link"))
     if s.operation == "mirror":
         parts.append(f"deleted {s.files_deleted:,}")
     if s.operation == "move" and not s.dry_run:  # up-to-date sources go too; failed ones stay
@@ -114,10 +125,15 @@ def summary_line(s: "Summary") -> str:
 
 
 class TextProgress:
-    """Default output: per-file failures on stderr, actions with -v or --dry-run, one summary line."""
+    """Default output: per-file failures on stderr, actions with -v or --dry-run, one summary line.
+
+    With --progress on a terminal, a rich bar is drawn on stderr; lines for the same terminal
+    are then printed above it, unwrapped (rich would cut them at its width), and lines for a
+    pipe or file go there directly. The bar is taken down (and the cursor shown) however the
+    run ends: `stop`."""
 
     def __init__(self, verbose: bool, quiet: bool, dry_run: bool, bar: bool) -> None:
-        self.verbose = verbose or dry_run
+        self.verbose = (verbose or dry_run) and not quiet
         self.quiet = quiet
         self.bar = None
         self.summary: Any = None  # the run's, from start()
@@ -140,7 +156,29 @@ class TextProgress:
                 TimeRemainingColumn(),
                 transient=True,
                 console=__import__("rich.console", fromlist=["Console"]).Console(stderr=True),
+                redirect_stdout=False,  # -v lines belong on stdout (a pipe, a file), not the bar's stderr
+                redirect_stderr=False,
             )
+
+    def _above_bar(self, text: str, stream: Any) -> bool:
+        """Print `text` above a live bar when `stream` is a terminal (the bar's own); False when
+        there is no bar or `stream` goes elsewhere."""
+        bar = self.bar
+        if bar is None or not bar.live.is_started or not stream.isatty():
+            return False
+        bar.console.print(text, soft_wrap=True, markup=False, highlight=False, emoji=False)
+        return True
+
+    def stderr(self, line: str) -> None:
+        """One line on stderr (above the bar while it is drawn)."""
+        if not self._above_bar(line, sys.stderr):
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+    def stop(self) -> None:
+        """Take the bar down (idempotent): before the last lines of any ending."""
+        if self.bar is not None and self.bar.live.is_started:
+            self.bar.stop()
 
     def start(self, summary: "Summary") -> None:
         self.summary = summary
@@ -154,14 +192,15 @@ class TextProgress:
 
     def action(self, action: str, path: str) -> None:
         if self.verbose:
-            _out(f"{action} {shown(path)}\n")
+            line = f"{action} {shown(path)}"
+            if not self._above_bar(line, sys.stdout):
+                _out(line + "\n")
 
     def error(self, failure: "Failure") -> None:
-        sys.stderr.write(f"blit: {shown(failure.path)}: {failure.op}: {failure.message}\n")
+        self.stderr(f"blit: {shown(failure.path)}: {failure.op}: {failure.message}")
 
     def finish(self, summary: "Summary") -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        self.stop()
         if summary.deletions_skipped:
             sys.stderr.write(f"blit: mirror {summary.deletions_skipped}\n")
         if summary.fatal:
@@ -256,11 +295,15 @@ def _run(
 
         _write(json.dumps({"event": "summary", "fatal": message, "exit_code": code}) + "\n")
 
-    if sum((checksum, size_only, ignore_times)) > 1:
-        _err("--checksum, --size-only and --ignore-times exclude each other")
-        if as_json:
-            json_summary("--checksum, --size-only and --ignore-times exclude each other", 2)
-        return 2
+    for clash, message in (
+        (sum((checksum, size_only, ignore_times)) > 1, "--checksum, --size-only and --ignore-times exclude each other"),
+        (quiet and verbose, "--quiet and --verbose exclude each other"),
+    ):
+        if clash:
+            _err(message)
+            if as_json:
+                json_summary(message, 2)
+            return 2
     compare = (
         Compare.CHECKSUM
         if checksum
@@ -282,6 +325,12 @@ def _run(
     rep: object = JsonProgress(operation) if as_json else TextProgress(verbose, quiet, dry_run, progress)
     outcome: dict[str, object] = {}
 
+    def stop_bar() -> None:
+        if isinstance(rep, TextProgress):
+            rep.stop()
+
+    _log_to(rep.stderr if isinstance(rep, TextProgress) else None)
+
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
@@ -300,6 +349,7 @@ def _run(
 
     def failed(exc: BlitError) -> int:
         """One error line; with --json the summary still comes last."""
+        stop_bar()
         _err(str(exc))
         if as_json and not getattr(rep, "finished", False):
             json_summary(str(exc), exc.exit_code)
@@ -316,12 +366,14 @@ def _run(
         blit_errors = [e for e in leaves(eg) if isinstance(e, BlitError)]
         if blit_errors:
             return failed(blit_errors[0])
+        stop_bar()
         raise
     except KeyboardInterrupt:
         outcome["interrupted"] = True
     started = getattr(rep, "summary", None)
     finish_with = started.finish_with if started is not None else None
     if outcome.get("interrupted") and "summary" not in outcome:
+        stop_bar()
         if finish_with:  # `blit copy dir new`: run again, it would land in new/dir
             _err(f"interrupted; temporary files removed, finish with: {finish_with}")
         else:
@@ -333,6 +385,24 @@ def _run(
     if finish_with and summary.exit_code == 3:  # type: ignore[attr-defined]
         sys.stderr.write(f"blit: {dst} was made by this run: finish with {finish_with} (run as it was, the command would copy into a new directory inside it)\n")
     return summary.exit_code  # type: ignore[attr-defined,no-any-return]
+
+
+def _log_to(line: Callable[[str], None] | None) -> None:
+    """What blit's modules log during a transfer (warnings: a certificate pinned on first use)
+    becomes `blit: message` lines on stderr, through `line` (above a progress bar) if given."""
+    import logging
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = f"blit: {record.getMessage()}"
+            if line is not None:
+                line(text)
+            else:
+                sys.stderr.write(text + "\n")
+
+    root = logging.getLogger("blit")
+    root.handlers[:] = [Handler(logging.WARNING)]
+    root.propagate = False
 
 
 def _filters_in_order(ctx: typer.Context) -> list[tuple[bool, str]]:
@@ -461,6 +531,12 @@ def main() -> None:
             raise SystemExit(2) from None
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
         _err(exc.format_message() + hint)
+        argv = sys.argv[1:]
+        if argv and argv[0] in ("copy", "mirror", "move") and "--json" in argv:
+            import json  # --json: the last line is always the summary, also of a bad command line
+
+            _write(json.dumps({"event": "summary", "fatal": exc.format_message(), "exit_code": 2}) + "\n")
+            _flush()
         raise SystemExit(2) from None
     except typer_exc.Abort:
         raise SystemExit(EXIT_INTERRUPTED) from None

@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         config: Annotated[Optional[Path], typer.Option("--config", help="TOML config file ([daemon], [[module]]).")] = None,
         root: Annotated[Optional[Path], typer.Option("--root", help="Export DIR as the root (host://path).")] = None,
         bind: Annotated[Optional[str], typer.Option("--bind", help="Address to listen on (default: all).")] = None,
-        port: Annotated[Optional[int], typer.Option("--port", help="Control port (default 9031; data port +1).")] = None,
+        port: Annotated[Optional[int], typer.Option("--port", help="Control port (default 9031; data port +1).", min=0, max=65535)] = None,
         no_mdns: Annotated[bool, typer.Option("--no-mdns", help="Do not advertise on mDNS.")] = False,
         force_h2_data: Annotated[
             bool, typer.Option("--force-h2-data", help="Carry all data over HTTP/2 (testing).")

@@ -165,8 +165,10 @@ class Worker:
                     try:
                         dfd = fsops.open_rel(self.dst_root_fd, job.dst_rel)
                     except OSError as exc:
-                        res.failures.append((job.dst_rel or ".", "open destination", _msg(exc)))
-                        res.fatal = _msg(exc) if exc.errno in FATAL_ERRNOS else None
+                        if exc.errno in FATAL_ERRNOS:
+                            res.fatal = f"{_msg(exc)} (writing {job.dst_rel or '.'})"
+                        else:
+                            res.failures.append((job.dst_rel or ".", "open destination", _msg(exc)))
                         res.dst_unread = True
                         return res
                 if not job.dst_new:
@@ -445,9 +447,8 @@ _BATCH_BYTES = 4 << 20
 
 def _failed(res: DirResult, path: str, dpath: str, op: str, exc: OSError) -> None:
     """Report a failed entry; a full or read-only destination stops the run."""
-    if exc.errno in FATAL_ERRNOS:
+    if exc.errno in FATAL_ERRNOS:  # one line, naming the file, as push and pull say it
         res.fatal = f"{_msg(exc)} (writing {dpath})"
-        res.failures.append((path, "write", _msg(exc)))
         raise Stopped from None
     res.failures.append((path, op, _msg(exc)))
 

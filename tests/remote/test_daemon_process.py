@@ -114,6 +114,23 @@ def test_malformed_config_is_refused_at_start(tmp_path: Path) -> None:
     assert "line 3" in r.stderr and "mdsn" in r.stderr and "unknown key" in r.stderr
 
 
+def test_a_port_already_taken_is_a_fatal_error_not_bad_usage(tmp_path: Path) -> None:
+    """SPEC's exit codes: 1 for what the machine's state stops (the port is in use), 2 for a
+    command line at fault (`--port 99999`: tests/test_local_badinput.py)."""
+    import socket
+
+    from .conftest import subprocess_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([*blit_cmd(), "daemon", "--bind", "127.0.0.1", "--port", str(port), "--no-mdns", "--root", str(tmp_path)],
+                           env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.splitlines() == [f"blit: error: cannot listen on 127.0.0.1:{port}: Address already in use"], r.stderr
+
+
 def test_a_mangled_certificate_is_one_line_at_start(tmp_path: Path) -> None:
     """Garbage in the state directory's cert.pem / key.pem gave an ssl.SSLError traceback."""
     from .conftest import subprocess_env

@@ -93,10 +93,10 @@ async def serve(config: DaemonConfig, *, task_status: Any = trio.TASK_STATUS_IGN
     host = None if config.bind in ("", "*") else config.bind
     try:
         control_listeners = await trio.open_tcp_listeners(config.port, host=host)
-    except OSError as exc:
-        from ..errors import ConfigError
+    except OSError as exc:  # the machine's state (port taken, address not here): exit 1, not usage
+        from ..errors import FatalError
 
-        raise ConfigError(f"cannot listen on {config.bind or '*'}:{config.port}: {exc.strerror or exc}") from None
+        raise FatalError(f"cannot listen on {config.bind or '*'}:{config.port}: {exc.strerror or exc}") from None
     port = control_listeners[0].socket.getsockname()[1]
     data_listeners: list[trio.SocketListener] = []
     if not config.force_h2_data:
@@ -104,11 +104,11 @@ async def serve(config: DaemonConfig, *, task_status: Any = trio.TASK_STATUS_IGN
         try:
             data_listeners = await trio.open_tcp_listeners(want, host=host)
         except OSError as exc:
-            from ..errors import ConfigError
+            from ..errors import FatalError
 
             for lst in control_listeners:
                 await lst.aclose()
-            raise ConfigError(f"cannot listen for data on {config.bind or '*'}:{want}: {exc.strerror or exc}") from None
+            raise FatalError(f"cannot listen for data on {config.bind or '*'}:{want}: {exc.strerror or exc}") from None
         state.data_port = data_listeners[0].socket.getsockname()[1]
     connections = trio.CapacityLimiter(config.max_connections)
     async with trio.open_nursery() as nursery:
