@@ -797,12 +797,12 @@ class Landing:
         fd = self.fd
         if acl_inherited:
             drop_inherited_acls(fd, [n for n, _ in xattrs or ()])
-        if xattrs:
-            put_xattrs(fd, xattrs, what)
         chowned = False
         if IS_ROOT and (inherit_gid or m.st_uid != EUID or m.st_gid != EGID):
-            os.fchown(fd, m.st_uid, m.st_gid)
+            os.fchown(fd, m.st_uid, m.st_gid)  # before the xattrs: a chown drops security.capability
             chowned = True
+        if xattrs:
+            put_xattrs(fd, xattrs, what)
         mode = stat.S_IMODE(m.st_mode)
         # An ACL sets the group bits; chown clears set-id bits: re-apply the mode then.
         if mode != self.mode or chowned or xattrs or acl_inherited:
@@ -1145,13 +1145,29 @@ def make_hardlink(dst_dir: int, name: str, first_dir: int, first_name: str, repl
     _via_tmp(dst_dir, name, link)
 
 
+_CAPABILITY = "security.capability"
+
+
+def _capability(dir_fd: int, name: str) -> bytes | None:
+    """A regular file's file capabilities (the xattr), None when it has none."""
+    try:
+        return os.getxattr(_xattr_path(dir_fd, name), _CAPABILITY, follow_symlinks=False)
+    except OSError:
+        return None
+
+
 def fix_meta(dst_dir: int, name: str, src: Meta, dst: Meta, force_mode: bool = False) -> bool:
     """Bring mode/owner/times of an up-to-date destination entry in line; True if changed.
     `force_mode`: its ACL was just rewritten, which may have changed the group bits."""
     changed = force_mode
     is_link = stat.S_ISLNK(src.st_mode)
     if IS_ROOT and (src.st_uid != dst.st_uid or src.st_gid != dst.st_gid):
+        # The kernel drops a file's capabilities on chown; the xattrs were synced before this
+        # call, so what it holds now is the source's: put it back (rsync -aX keeps them).
+        cap = _capability(dst_dir, name) if stat.S_ISREG(src.st_mode) else None
         os.chown(name, src.st_uid, src.st_gid, dir_fd=dst_dir, follow_symlinks=False)
+        if cap is not None:
+            os.setxattr(_xattr_path(dst_dir, name), _CAPABILITY, cap, follow_symlinks=False)
         changed = True
     if not is_link and (stat.S_IMODE(src.st_mode) != stat.S_IMODE(dst.st_mode) or changed):
         os.chmod(name, stat.S_IMODE(src.st_mode), dir_fd=dst_dir)

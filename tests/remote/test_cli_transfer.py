@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -122,6 +123,35 @@ def test_a_mirror_that_cannot_read_a_destination_directory_says_so(nobody_tmp: P
         assert r.returncode == 3, (r.stdout, r.stderr)
         assert "blit: mirror deleted nothing: 1 destination directory could not be read (1 destination entry kept)" in errors(r), r.stderr
         assert (dst / "extra").exists()
+
+
+CAP_NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)  # VFS_CAP_REVISION_2, effective
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("direction", ["local", "push", "pull"])
+def test_file_capabilities_survive_the_owner_change(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
+    """The kernel drops security.capability on chown: a file owned by another user lost it on a
+    fresh copy (xattrs were set before the owner), and an up-to-date file whose owner changed
+    lost it on the rerun. rsync -aX keeps it in one run."""
+    d = daemon_process
+    src, dst, args = _ends(d, tmp_path, direction)
+    src.mkdir(parents=True, exist_ok=True)
+    for name, owner in (("mine", 0), ("theirs", 4242)):
+        (src / name).write_text(name)
+        os.chown(src / name, owner, owner)
+        os.setxattr(src / name, "security.capability", CAP_NET_RAW)
+    r = blit(d, "copy", *args)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    for name in ("mine", "theirs"):
+        assert os.getxattr(dst / name, "security.capability") == CAP_NET_RAW, name
+    assert os.stat(dst / "theirs").st_uid == 4242
+    os.chown(src / "mine", 200, 200)  # the owner alone changes: the file stays up to date
+    os.setxattr(src / "mine", "security.capability", CAP_NET_RAW)
+    r = blit(d, "copy", *args)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert os.stat(dst / "mine").st_uid == 200
+    assert os.getxattr(dst / "mine", "security.capability") == CAP_NET_RAW
 
 
 @pytest.mark.parametrize("direction", ["push", "pull"])
