@@ -319,3 +319,92 @@ def test_move_keeps_a_file_appended_to_after_it_landed(tmp_path: Path) -> None:
     assert err.decode().splitlines() == ["blit: d/f00000: remove source: changed since it was copied; kept"]
     assert (src / "d" / "f00000").read_bytes() == b"original 0\nAPPENDED\n"
     assert os.listdir(src / "d") == ["f00000"]
+
+
+@pytest.fixture
+def bind_mount(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """bind(source, where): mount --bind (root only), unmounted afterwards."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("bind mounts need root")
+    mounts: list[Path] = []
+
+    def bind(source: Path, where: Path) -> Path:
+        where.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "--bind", str(source), str(where)], check=True)
+        mounts.append(where)
+        return where
+
+    yield bind
+    for m in reversed(mounts):
+        subprocess.run(["umount", str(m)], check=False)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("op", "src_form", "dst_form"),
+    [("move", "src/", "bnd/"), ("move", "src/", "bnd"), ("move", "src", "bnd"), ("copy", "src/", "bnd/sub/x"),
+     ("move", "src/sub/", "bnd/sub/")],
+    ids=["same dir", "same dir, no slash", "into itself", "copy inside itself", "a subdirectory"],
+)  # fmt: skip
+def test_a_destination_that_is_the_source_by_another_path_is_refused(tmp_path: Path, bind_mount, op: str, src_form: str, dst_form: str) -> None:  # type: ignore[no-untyped-def]
+    """A bind mount of the source is the same directory under other real paths: a move onto it
+    judged every file up to date and removed them, the only copies (exit 0); a copy into it
+    nested itself until killed. Compared by device and inode, as cp does."""
+    src = make_tree(tmp_path / "src", TREE)
+    bind_mount(src, tmp_path / "bnd")
+    before = snapshot(src)
+    proc = run_blit(op, src_form, dst_form, cwd=tmp_path)
+    assert proc.returncode == 2, describe_output(proc)
+    (line,) = stderr_lines(proc)
+    assert "the same directory" in line or "is inside the source" in line, line
+    assert_same_tree(before, snapshot(src))
+
+
+@pytest.mark.root
+def test_a_move_whose_destination_holds_the_source_by_another_path_keeps_it(tmp_path: Path, bind_mount) -> None:  # type: ignore[no-untyped-def]
+    """dst/sub is a bind mount of src/sub: each file there is its own destination. rsync skips
+    removing it; so does blit, one failure each, and nothing is lost."""
+    src = make_tree(tmp_path / "src", TREE)
+    dst = tmp_path / "dst"
+    (dst / "sub").mkdir(parents=True)
+    bind_mount(src / "sub", dst / "sub")
+    proc = run_blit("move", f"{src}/", f"{dst}/")
+    assert proc.returncode == 3, describe_output(proc)
+    lines = stderr_lines(proc)
+    assert "blit: sub/b.txt: remove source: source and destination are the same file (another path to it: a bind mount, a hard link); kept" in lines, lines
+    assert (src / "sub/b.txt").read_text() == "b\n" and (src / "sub/deeper/c.txt").read_text() == "c\n"
+    assert not (src / "a.txt").exists() and (dst / "a.txt").read_text() == "a\n"
+
+
+@pytest.mark.root
+def test_move_keeps_an_up_to_date_source_whose_metadata_did_not_land(nobody_tmp: Path) -> None:
+    """An up-to-date file whose mode could not be fixed at the destination was removed from the
+    source anyway: a private file then lived on only as a world-readable copy."""
+    src, dst = nobody_tmp / "src", nobody_tmp / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "f").write_text("private\n")
+    (dst / "f").write_text("private\n")
+    os.utime(src / "f", ns=(10**18, 10**18))
+    os.utime(dst / "f", ns=(10**18, 10**18))
+    chown_tree(src, NOBODY, NOBODY)
+    os.chown(dst, NOBODY, NOBODY)
+    os.chmod(src / "f", 0o600)
+    os.chmod(dst / "f", 0o644)  # root's: nobody cannot chmod it
+    proc = run_blit("move", f"{src}/", f"{dst}/", as_nobody=True)
+    assert proc.returncode == 3, describe_output(proc)
+    assert any(ln.startswith("blit: f: metadata: ") for ln in stderr_lines(proc)), describe_output(proc)
+    assert (src / "f").read_text() == "private\n"
+
+
+def test_a_directory_is_not_put_in_place_of_a_dangling_symlink(tmp_path: Path) -> None:
+    """cp -a and rsync refuse; blit replaced the user's symlink by the directory."""
+    src = make_tree(tmp_path / "src", TREE)
+    os.symlink("nowhere", tmp_path / "dang")
+    for op in ("copy", "mirror", "move"):
+        proc = run_blit(op, src, tmp_path / "dang")
+        assert proc.returncode == 2, describe_output(proc)
+        assert os.readlink(tmp_path / "dang") == "nowhere"
+    assert (src / "a.txt").exists()

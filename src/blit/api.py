@@ -134,6 +134,9 @@ def resolve(src: str, dst: str, operation: Operation) -> _Resolved:
         dst_st: os.stat_result | None = os.stat(dst_abs)  # follows: a symlink to a dir is a dir
     except FileNotFoundError:
         dst_st = None
+        if src_is_dir and not dst_slash and _lstat(dst_abs) is not None:
+            # A dangling symlink: cp and rsync refuse to put a directory in its place.
+            raise UsageError(f"cannot overwrite non-directory {dst} with directory {src} (a symlink to nothing)") from None
     except NotADirectoryError:
         raise UsageError(f"destination path goes through a file: {dst}") from None
     except PermissionError as exc:
@@ -186,8 +189,33 @@ def resolve(src: str, dst: str, operation: Operation) -> _Resolved:
             raise UsageError(f"source and destination are the same file: {src} and {dst}")
     if make_dst is not None and _inside(_real(make_dst), real_src) and src_is_dir:
         raise UsageError(f"destination {dst} is inside the source {src}")
+    if src_is_dir:  # the same checks by identity: another path to the source (a bind mount)
+        found = _reaches(target, sst)
+        if found == "same":
+            raise UsageError(f"source and destination are the same directory: {src} and {dst}")
+        if found == "inside":
+            raise UsageError(f"destination {dst} is inside the source {src}")
     as_new = src_is_dir and not src_slash and dst_st is None and not dst_slash
     return _Resolved(src_base, dst_base, job, node, make_dst, rename_ok, target, as_new)
+
+
+def _reaches(target: bytes, src: os.stat_result) -> str | None:
+    """"same" when `target` is the directory `src` (by device and inode: a bind mount of it is
+    another path with other real paths), "inside" when one of its existing ancestors is, else
+    None."""
+    ident = (src.st_dev, src.st_ino)
+    path, first = target, True
+    while True:
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) == ident:
+            return "same" if first else "inside"
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path, first = parent, False
 
 
 def check_source_readable(path: bytes, trailing_slash: bool, shown: str) -> None:

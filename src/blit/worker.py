@@ -307,7 +307,7 @@ class Worker:
                         res.files_skipped += 1
                         if d is not None and not dry:
                             same.append((name, dname, m, d))
-                        landed.append(name)
+                        _landed(res, landed, name, path, m, d, spec.move)
                 if op is Op.COPY:
                     if m.st_size > spec.big and not dry:
                         res.big.append((name, dname, meta_of(m), d is not None))
@@ -337,6 +337,7 @@ class Worker:
                         if not dry:
                             fsops.sync_xattrs(sfd, name, dfd, dname)
                             fsops.fix_meta(dfd, dname, m, d)
+                        _landed(res, landed, name, path, m, d, spec.move)
                     else:
                         if not dry:
                             fsops.make_symlink(target, dfd, dname, m, d is not None, fsops.xattrs_at(sfd, name) or None)
@@ -344,7 +345,7 @@ class Worker:
                         if rec:
                             res.actions.append(("symlink", path))
                         res.links_created += 1
-                    landed.append(name)
+                        landed.append(name)
                 elif op is Op.SPECIAL:
                     kind = stat.S_IFMT(m.st_mode)
                     if kind in (stat.S_IFCHR, stat.S_IFBLK) and not fsops.IS_ROOT:
@@ -355,6 +356,7 @@ class Worker:
                         if not dry:
                             # ACLs first: setting one rewrites the group bits.
                             fsops.fix_meta(dfd, dname, m, d, fsops.sync_xattrs(sfd, name, dfd, dname))
+                        _landed(res, landed, name, path, m, d, spec.move)
                     else:
                         if not dry:
                             xattrs = fsops.xattrs_at(sfd, name)
@@ -363,14 +365,16 @@ class Worker:
                         if rec:
                             res.actions.append(("special", path))
                         res.links_created += 1
-                    landed.append(name)
+                        landed.append(name)
             except OSError as exc:
                 _failed(res, path, dprefix + dname, _op_name(op), exc)
 
         if batch:
             self._copy_batch(job, sfd, dfd, batch, res, landed)
         if same:
-            self._settle_same(job, sfd, dfd, same, res)
+            unsettled = self._settle_same(job, sfd, dfd, same, res)
+            if unsettled and spec.move:  # its metadata did not land: the source keeps it
+                landed = [n for n in landed if n not in unsettled]
         if spec.move and landed and not dry:
             listed = {it.name: it.src for it in plan.items}
             self._remove_sources(sfd, dfd, prefix, [(n, listed[n]) for n in landed], res)
@@ -406,16 +410,18 @@ class Worker:
 
     def _settle_same(
         self, job: DirJob, sfd: int, dfd: int, same: list[tuple[str, str, Meta, Meta]], res: DirResult
-    ) -> None:
+    ) -> set[str]:
         """Up-to-date files keep their content, but xattrs/ACLs, mode, owner and times must match:
-        one listxattr per side per file (batched per directory), full compare only where any."""
+        one listxattr per side per file (batched per directory), full compare only where any.
+        Returns the names whose metadata could not be brought in line (each a failure)."""
         prefix = job.rel + "/" if job.rel else ""
         try:
             src_x = fsops.have_xattrs(sfd, [s[0] for s in same], _join(self.src_base, job.rel), self.own_cwd)
             dst_x = fsops.have_xattrs(dfd, [s[1] for s in same], _join(self.dst_base, job.dst_rel), self.own_cwd)
         except OSError as exc:
             res.failures.append((prefix or ".", "xattrs", _msg(exc)))
-            return
+            return {s[0] for s in same}
+        unsettled: set[str] = set()
         for (name, dname, m, d), sx, dx in zip(same, src_x, dst_x):
             try:
                 # xattrs/ACLs first: setting an ACL rewrites the group bits.
@@ -423,6 +429,8 @@ class Worker:
                 fsops.fix_meta(dfd, dname, m, d, bool(acl))
             except OSError as exc:
                 res.failures.append((prefix + name, "metadata", _msg(exc)))
+                unsettled.add(name)
+        return unsettled
 
     def _remove_sources(self, sfd: int, dfd: int, prefix: str, entries: list[tuple[str, Meta]], res: DirResult) -> None:
         """Move: the data is at the destination; flush it to disk, then drop the sources that
@@ -443,6 +451,20 @@ class Worker:
 # copy_new batches: few enough files that Ctrl-C stays prompt, few enough bytes per call.
 _BATCH_FILES = 64
 _BATCH_BYTES = 4 << 20
+
+
+SAME_FILE = "source and destination are the same file (another path to it: a bind mount, a hard link); kept"
+"""Move: why an up-to-date source entry that is its own destination is not removed."""
+
+
+def _landed(res: DirResult, landed: list[str], name: str, path: str, m: Any, d: Any, move: bool) -> None:
+    """An up-to-date entry is at the destination: a move removes its source, unless the
+    destination entry IS the source (the same inode reached by another path: removing it would
+    remove the only copy; rsync skips it too)."""
+    if move and d is not None and (m.st_dev, m.st_ino) == (d.st_dev, d.st_ino):
+        res.failures.append((path, "remove source", SAME_FILE))
+        return
+    landed.append(name)
 
 
 def _failed(res: DirResult, path: str, dpath: str, op: str, exc: OSError) -> None:
