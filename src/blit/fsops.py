@@ -1145,6 +1145,24 @@ def make_hardlink(dst_dir: int, name: str, first_dir: int, first_name: str, repl
     _via_tmp(dst_dir, name, link)
 
 
+SAME_FILE = "source and destination are the same file (another path to it: a bind mount, a hard link); kept"
+"""Move: why an up-to-date source entry that is its own destination is not removed."""
+
+_MACHINE: list[bytes] = []
+
+
+def machine_id() -> bytes:
+    """This machine as it runs now (the kernel's boot id), b"" where there is none: two
+    (device, inode) pairs name the same file only on the same machine (decisions R51)."""
+    if not _MACHINE:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+                _MACHINE.append(f.read().strip()[:64])
+        except OSError:
+            _MACHINE.append(b"")
+    return _MACHINE[0]
+
+
 _CAPABILITY = "security.capability"
 
 

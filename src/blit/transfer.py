@@ -33,7 +33,7 @@ from .errors import FATAL_ERRNOS, FatalError, StallError, leaves
 from .fsops import Meta
 from .report import Failure, NullProgress, Progress, Summary, nothing_deleted, tick
 from .stall import StallGuard, Timeouts, run_stoppable
-from .worker import SAME_FILE, DirJob, DirResult, RunSpec, StopFlag, Worker, frame
+from .worker import DirJob, DirResult, RunSpec, StopFlag, Worker, frame
 
 CHUNK = 32 << 20  # bytes per thread hop when copying a large file
 
@@ -642,7 +642,7 @@ class LocalTransfer:
                         self.progress.action("link", path)
                     self.summary.links_created += 1
             if self.spec.move and d is not None and (m.st_dev, m.st_ino) == (d.st_dev, d.st_ino):
-                self._fail(path, "remove source", SAME_FILE)  # the destination is the source itself
+                self._fail(path, "remove source", fsops.SAME_FILE)  # the destination is the source itself
             elif self.spec.move and not self.spec.dry_run:
                 self._defer_removal(job, name, m)
         except StallError as exc:

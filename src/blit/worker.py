@@ -453,16 +453,12 @@ _BATCH_FILES = 64
 _BATCH_BYTES = 4 << 20
 
 
-SAME_FILE = "source and destination are the same file (another path to it: a bind mount, a hard link); kept"
-"""Move: why an up-to-date source entry that is its own destination is not removed."""
-
-
 def _landed(res: DirResult, landed: list[str], name: str, path: str, m: Any, d: Any, move: bool) -> None:
     """An up-to-date entry is at the destination: a move removes its source, unless the
     destination entry IS the source (the same inode reached by another path: removing it would
     remove the only copy; rsync skips it too)."""
     if move and d is not None and (m.st_dev, m.st_ino) == (d.st_dev, d.st_ino):
-        res.failures.append((path, "remove source", SAME_FILE))
+        res.failures.append((path, "remove source", fsops.SAME_FILE))
         return
     landed.append(name)
 

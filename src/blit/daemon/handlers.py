@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from .. import fsops
 from ..stall import StallGuard, run_stoppable
 from ..transport import data, protocol
 from ..transport.protocol import ErrorCode, Refused
@@ -406,6 +407,8 @@ class Session:
         """The client speaks protocol.FEATURE_PARTS: a large directory's manifest goes in parts."""
         self.dir_batch = False
         """The client speaks protocol.FEATURE_DIR_BATCH (with FEATURE_PARTS): tree/scans, tree/dirs."""
+        self.machine = False
+        """The client speaks protocol.FEATURE_MACHINE: a pull's tree/open names this machine."""
 
     async def dispatch(self, msg: protocol.Message) -> protocol.Message:
         handler = _HANDLERS.get(type(msg))
@@ -530,6 +533,7 @@ async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
     s.need_packed = protocol.FEATURE_NEED_PACKED in granted
     s.parts = protocol.FEATURE_PARTS in granted
     s.dir_batch = protocol.FEATURE_DIR_BATCH in granted
+    s.machine = protocol.FEATURE_MACHINE in granted
     log.info("session from %s (%s)", s.peer, msg.software)
     return protocol.HelloReply(
         protocol=protocol.PROTOCOL_VERSION,
@@ -547,7 +551,7 @@ def _features(asked: list[str]) -> list[str]:
     from .. import fsops
     from ..ffi import scan
 
-    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT) if f in asked]
+    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_MACHINE) if f in asked]
     if protocol.FEATURE_DIR_BATCH in asked and protocol.FEATURE_PARTS in asked:
         out.append(protocol.FEATURE_DIR_BATCH)
     if protocol.FEATURE_DIR_DIGEST in asked and scan.HAVE_CMPDIR:
@@ -784,6 +788,7 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
             operation=msg.operation, compare=Compare(msg.compare), filters=filters, dry_run=msg.dry_run, report_actions=msg.report_actions
         )
         t.tree_dest = tree.DestTree(base_fd, spec, open_dir=contained_open_dir)
+        t.tree_dest.same_machine = bool(msg.machine) and msg.machine == fsops.machine_id()
         t.sink = t.tree_dest
         t.actions = t.tree_dest.actions
     else:
@@ -797,6 +802,7 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
         data_port=None if h2_only else s.state.data_port,
         tokens=tokens,
         expires_ms=int(s.state.grants.ttl * 1000),
+        machine=fsops.machine_id() if msg.direction == "pull" and s.machine else b"",
     )
 
 

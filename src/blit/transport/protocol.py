@@ -387,6 +387,8 @@ class TransferOpened(Message):
     """Where to open the raw streams; None: use `POST /blit/data` on this connection."""
     tokens: list[bytes] = field(metadata=_lim(MAX_STREAMS))
     expires_ms: int = field(metadata=_lim(min=0, max=1 << 32))
+    machine: bytes = field(default=b"", metadata=_lim(64, omit=True))
+    """Feature FEATURE_MACHINE, tree/open of a pull: the source's (this daemon's) machine."""
 
 
 @message_class
@@ -570,10 +572,17 @@ class OpenTree(Message):
     """Feature FEATURE_CLIENT: a daemon pulling for a remote to remote transfer names the
     address of the client that asked it; the source daemon applies its module's address rules
     to that address too (it saw only the pulling daemon's)."""
+    machine: bytes = field(default=b"", metadata=_lim(64, omit=True))
+    """Feature FEATURE_MACHINE, push: the source's machine (fsops.machine_id)."""
 
 
 FEATURE_CLIENT = "client-addr-1"
 """Hello feature: tree/open may carry `client` (OpenTree.client)."""
+FEATURE_MACHINE = "machine-1"
+"""Hello feature: tree/open names the source's machine (OpenTree.machine on a push,
+TransferOpened.machine on a pull), so that a destination on the same machine can tell an
+up-to-date entry that IS its source (the same inode by another path: a module that is the
+client's own directory) from a copy, and a move keeps it (decisions R51)."""
 
 
 @message_class
@@ -1700,7 +1709,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_MACHINE])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""

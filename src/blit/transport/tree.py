@@ -992,6 +992,10 @@ class DestTree:
         # -v / --dry-run: what changed here (None unless asked for)
         self.actions: ActionLog | None = ActionLog() if spec.report_actions else None
         self.stopped = False
+        self.same_machine = False
+        self._root_dev = os.fstat(root_fd).st_dev if root_fd >= 0 else -1
+        """The source is on this machine (FEATURE_MACHINE): an up-to-date entry may be the
+        source itself, reached by another path (`_record_same`)."""
 
     def _act(self, action: str, path: str) -> None:
         if self.actions is not None:
@@ -1016,6 +1020,17 @@ class DestTree:
         """Move: source entry rel/name is now at the destination."""
         if self.landed is not None:
             self.landed.add(rel, name, m)
+
+    def _record_same(self, rel: str, name: str, m: Meta, dev: int, ino: int, path: str) -> None:
+        """Move: an up-to-date entry (at destination device `dev`, inode `ino`) is at the
+        destination, unless it is the source itself (a move would remove the only copy: a
+        module that is the client's own directory, a bind mount); that one stays, a failure."""
+        if self.landed is None:
+            return
+        if self.same_machine and (m.st_dev, m.st_ino) == (dev, ino):
+            self._fail(path, "remove source", fsops.SAME_FILE)
+            return
+        self.landed.add(rel, name, m)
 
     def close(self) -> None:
         with self._lock:
@@ -1473,6 +1488,7 @@ class DestTree:
                         if not dry:
                             self._sync_xattrs(dfd, dname, xattrs)
                             fsops.fix_meta(dfd, dname, m, fsops.meta_of(d))
+                        self._record_same(rel, name, m, d.st_dev, d.st_ino, prefix + name)
                     else:
                         if not dry:
                             fsops.make_symlink(_s(target), dfd, dname, m, d is not None, dict(xattrs) if xattrs else None)
@@ -1480,7 +1496,7 @@ class DestTree:
                         self._act("symlink", prefix + name)
                         with self._lock:
                             self.links_created += 1
-                    self._record(rel, name, m)
+                        self._record(rel, name, m)
                     settled += 1
                 elif op is Op.SPECIAL:
                     kind = stat.S_IFMT(m.st_mode)
@@ -1493,6 +1509,7 @@ class DestTree:
                         if not dry:
                             # ACLs first: setting one rewrites the group bits.
                             fsops.fix_meta(dfd, dname, m, fsops.meta_of(d), self._sync_xattrs(dfd, dname, xattrs))
+                        self._record_same(rel, name, m, d.st_dev, d.st_ino, prefix + name)
                     else:
                         if not dry:
                             fsops.make_special(dfd, dname, m, d is not None, acl, dict(xattrs) if xattrs else None)
@@ -1500,7 +1517,7 @@ class DestTree:
                         self._act("special", prefix + name)
                         with self._lock:
                             self.links_created += 1
-                    self._record(rel, name, m)
+                        self._record(rel, name, m)
                     settled += 1
             except OSError as exc:
                 self._note_fatal(exc.errno, _msg(exc), dprefix + dname)
@@ -1524,7 +1541,10 @@ class DestTree:
         if d is not None and not self.spec.dry_run:
             acl = self._sync_xattrs(dfd, dname, xattrs)
             fsops.fix_meta(dfd, dname, m, fsops.meta_of(d), acl)
-        self._record(rel, name, m)
+        if d is not None:
+            self._record_same(rel, name, m, d.st_dev, d.st_ino, _join(rel, name))
+        else:
+            self._record(rel, name, m)
 
     def _register(
         self,
@@ -1723,7 +1743,7 @@ class DestTree:
             with self._lock:
                 self.files_skipped += 1
             if src is not None:
-                self._record(*src)
+                self._record_same(*src, self._root_dev, d_ino, path)
             return
         if self.spec.dry_run:
             with self._lock:
@@ -2294,6 +2314,7 @@ async def push_tree(
             h2_data=session.force_h2_data,
             create_base=create_base,
             report_actions=report,
+            machine=fsops.machine_id() if protocol.FEATURE_MACHINE in session.peer.features else b"",
         )
     )
     from .client import RemoteTransfer
@@ -2620,6 +2641,7 @@ async def pull_tree(
 
                     raise FatalError(f"cannot create destination {_s(root)}: {_msg(exc)}") from None
             dest = DestTree(await trio.to_thread.run_sync(fsops.open_root, root), spec)
+        dest.same_machine = bool(opened.machine) and opened.machine == fsops.machine_id()
     except BaseException:
         if dest is not None:
             dest.close()
