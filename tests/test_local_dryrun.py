@@ -183,9 +183,10 @@ def test_a_name_with_a_control_character_is_shown_on_one_line(tmp_path: Path) ->
     write_file(src / "a\nb", b"x")
     write_file(src / "tab\there", b"y")
     write_file(src / "a\\#012b", b"z")
+    write_file(Path(os.fsdecode(bytes(src) + b"/caf\xe9")), b"latin-1")  # not UTF-8: no raw byte on a terminal
     proc = run_blit("copy", "-v", f"{src}/", tmp_path / "dst", check=0)
-    lines = proc.stdout.decode().splitlines()
-    assert sorted(lines[:-1]) == ["copy a\\#012b", "copy a\\#134#012b", "copy tab\\#011here"], describe_output(proc)
+    lines = proc.stdout.decode().splitlines()  # all text: decoding would fail on a raw byte
+    assert sorted(lines[:-1]) == ["copy a\\#012b", "copy a\\#134#012b", "copy caf\\#351", "copy tab\\#011here"], describe_output(proc)
     assert (tmp_path / "dst" / "a\nb").read_bytes() == b"x"
 
 

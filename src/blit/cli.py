@@ -79,11 +79,13 @@ def _silence_stdout() -> None:
 
 
 _CONTROL = {c: f"\\#{c:03o}" for c in [*range(32), 127]}
+_CONTROL.update({0xDC00 + b: f"\\#{b:03o}" for b in range(128, 256)})  # a byte that is not UTF-8
 
 
 def shown(path: str) -> str:
-    """A path on one line: control characters (a newline in a name) as rsync prints them,
-    backslash, #, then three octal digits (`a\\#012b`); a backslash that a name already has in
+    """A path on one line: control characters (a newline in a name) and bytes that are not
+    UTF-8 (held as surrogate escapes) as rsync prints them, backslash, #, then three octal
+    digits (`a\\#012b`, `caf\\#351`); a backslash that a name already has in
     front of `#` and three digits is itself escaped (`\\#134`), as rsync does, so the two never
     read alike."""
     if "\\#" in path:
