@@ -255,11 +255,6 @@ def test_verbose_mirror_lists_deletions(tmp_path: Path) -> None:
 def test_progress_bar_goes_to_a_terminal_on_stderr_and_changes_nothing_else(tmp_path: Path) -> None:
     """On a terminal the bar is drawn on stderr; when stderr is a file or a pipe nothing is
     written there (rich left a lone newline), and stdout holds the summary either way."""
-    import pty
-    import subprocess
-
-    from helpers import BLIT, BLIT_ENV
-
     src = make_tree(tmp_path / "src", TREE)
     proc = run_blit("copy", "--progress", f"{src}/", tmp_path / "dst", check=0)
     lines = proc.stdout.decode().splitlines()
@@ -267,28 +262,8 @@ def test_progress_bar_goes_to_a_terminal_on_stderr_and_changes_nothing_else(tmp_
     assert proc.stderr == b"", describe_output(proc)
     assert_same_tree(src, tmp_path / "dst")
 
-    main, tty = pty.openpty()
-    try:
-        p = subprocess.run(
-            [BLIT, "copy", "--progress", f"{src}/", str(tmp_path / "dst2")],
-            stdout=subprocess.PIPE, stderr=tty, stdin=subprocess.DEVNULL, env=BLIT_ENV, timeout=60,
-        )  # fmt: skip
-        os.close(tty)
-        tty = -1
-        drawn = b""
-        while True:
-            try:
-                chunk = os.read(main, 65536)
-            except OSError:  # EIO: the terminal's last writer is gone
-                break
-            if not chunk:
-                break
-            drawn += chunk
-    finally:
-        os.close(main)
-        if tty >= 0:
-            os.close(tty)
-    assert p.returncode == 0 and p.stdout.decode().startswith(f"copied {N_FILES} files"), p
+    code, out, drawn = _on_a_terminal("copy", "--progress", f"{src}/", tmp_path / "dst2")
+    assert code == 0 and out.decode().startswith(f"copied {N_FILES} files"), (code, out)
     assert b"files" in drawn, drawn
     assert_same_tree(src, tmp_path / "dst2")
 
