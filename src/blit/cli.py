@@ -291,12 +291,6 @@ def _run(
     from .errors import BlitError, leaves
     from .plan import Compare
 
-    def json_summary(message: str, code: int) -> None:
-        """--json: the last line is always a summary, also of a run that never began or ended."""
-        import json
-
-        _write(json.dumps({"event": "summary", "fatal": message, "exit_code": code}) + "\n")
-
     for clash, message in (
         (sum((checksum, size_only, ignore_times)) > 1, "--checksum, --size-only and --ignore-times exclude each other"),
         (quiet and verbose, "--quiet and --verbose exclude each other"),
@@ -304,7 +298,7 @@ def _run(
         if clash:
             _err(message)
             if as_json:
-                json_summary(message, 2)
+                _json_summary(message, 2)
             return 2
     compare = (
         Compare.CHECKSUM
@@ -354,7 +348,7 @@ def _run(
         stop_bar()
         _err(str(exc))
         if as_json and not getattr(rep, "finished", False):
-            json_summary(str(exc), exc.exit_code)
+            _json_summary(str(exc), exc.exit_code)
         return exc.exit_code
 
     from .entry import early_signals
@@ -381,12 +375,19 @@ def _run(
         else:
             _err("interrupted; temporary files removed, run the same command again to finish")
         if as_json and not getattr(rep, "finished", False):
-            json_summary("interrupted", EXIT_INTERRUPTED)
+            _json_summary("interrupted", EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     summary = outcome["summary"]
     if finish_with and summary.exit_code == 3:  # type: ignore[attr-defined]
         sys.stderr.write(f"blit: {dst} was made by this run: finish with {finish_with} (run as it was, the command would copy into a new directory inside it)\n")
     return summary.exit_code  # type: ignore[attr-defined,no-any-return]
+
+
+def _json_summary(message: str, code: int) -> None:
+    """--json: the last line is always a summary, also of a run that never began or ended."""
+    import json
+
+    _write(json.dumps({"event": "summary", "fatal": message, "exit_code": code}) + "\n")
 
 
 def _log_to(line: Callable[[str], None] | None) -> None:
@@ -535,9 +536,7 @@ def main() -> None:
         _err(exc.format_message() + hint)
         argv = sys.argv[1:]
         if argv and argv[0] in ("copy", "mirror", "move") and "--json" in argv:
-            import json  # --json: the last line is always the summary, also of a bad command line
-
-            _write(json.dumps({"event": "summary", "fatal": exc.format_message(), "exit_code": 2}) + "\n")
+            _json_summary(exc.format_message(), 2)  # also of a command line the parser refused
             _flush()
         raise SystemExit(2) from None
     except typer_exc.Abort:
