@@ -993,9 +993,9 @@ class DestTree:
         self.actions: ActionLog | None = ActionLog() if spec.report_actions else None
         self.stopped = False
         self.same_machine = False
-        self._root_dev = os.fstat(root_fd).st_dev if root_fd >= 0 else -1
         """The source is on this machine (FEATURE_MACHINE): an up-to-date entry may be the
         source itself, reached by another path (`_record_same`)."""
+        self._root_dev = os.fstat(root_fd).st_dev if root_fd >= 0 else -1
 
     def _act(self, action: str, path: str) -> None:
         if self.actions is not None:
