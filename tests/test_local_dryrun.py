@@ -148,6 +148,29 @@ def test_json_progress_events_come_at_most_ten_per_second(tmp_path: Path) -> Non
     assert done == sorted(done)
 
 
+def test_progress_knows_the_totals_once_every_directory_is_planned(tmp_path: Path) -> None:
+    """For an ETA (SPEC: files, bytes, rate and ETA): a local run's progress events carry the
+    run's totals once nothing is left to plan, and they are what the summary then counts (a
+    hard-link group's data once)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    chunk = os.urandom(1 << 20)
+    with open(src / "big.bin", "wb") as f:  # long enough to be seen copying (~0.5 s)
+        for _ in range(1024):
+            f.write(chunk)
+    for i in range(20):
+        write_file(src / f"d{i % 4}" / f"f{i}", b"x" * i)
+    os.link(src / "d0" / "f4", src / "d1" / "linked")
+    proc = run_blit("copy", "--json", f"{src}/", tmp_path / "dst", check=0)
+    events = json_events(proc)
+    summary = events[-1]
+    known = [e for e in events if e["event"] == "progress" and e["bytes_total"] is not None]
+    assert known, events[:5]
+    for e in known:
+        assert e["bytes_total"] == summary["bytes_copied"], (e, summary)
+        assert e["files_total"] == summary["files_copied"] + summary["files_skipped"] + summary["links_created"], (e, summary)
+
+
 @pytest.mark.root
 def test_json_reports_each_failure_and_exit_code_3(nobody_tmp: Path) -> None:
     src = make_tree(nobody_tmp / "src", {"ok.txt": "ok\n", "secret.txt": "s\n"})

@@ -192,6 +192,11 @@ class TextProgress:
         if self.bar is not None and self.task is not None:
             self.bar.update(self.task, completed=nbytes, files=files)
 
+    def totals(self, files: int, nbytes: int) -> None:
+        """The bytes the run will have copied: the bar fills and shows an ETA from here on."""
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, total=max(nbytes, 1))
+
     def action(self, action: str, path: str) -> None:
         if self.verbose:
             line = f"{action} {shown(path)}"
@@ -222,6 +227,8 @@ class JsonProgress:
         self.operation = operation
         self.last = 0.0
         self.finished = False  # the summary went out (a fatal error after it adds none)
+        self.files_total: int | None = None
+        self.bytes_total: int | None = None
         self.summary: Any = None  # the run's, from start()
 
     def _emit(self, obj: dict[str, object]) -> None:
@@ -247,11 +254,14 @@ class JsonProgress:
                     "event": "progress",
                     "files_done": files,
                     "bytes_done": nbytes,
-                    "files_total": None,
-                    "bytes_total": None,
+                    "files_total": self.files_total,
+                    "bytes_total": self.bytes_total,
                     "elapsed_s": round(elapsed, 3),
                 }
             )
+
+    def totals(self, files: int, nbytes: int) -> None:
+        self.files_total, self.bytes_total = files, nbytes
 
     def action(self, action: str, path: str) -> None:
         self._emit({"event": "action", "action": action, "path": path})

@@ -102,6 +102,9 @@ class Progress(Protocol):
 
     def start(self, summary: Summary) -> None: ...
     def update(self, files: int, nbytes: int, elapsed: float) -> None: ...
+    # Optional: `totals(files, nbytes)`, called once when the run knows how many entries it
+    # will have handled and how many bytes it will have copied in all (a local run, once every
+    # directory is planned), before the updates that follow.
     def action(self, action: str, path: str) -> None: ...
     def error(self, failure: Failure) -> None: ...
     def finish(self, summary: Summary) -> None: ...
@@ -124,16 +127,26 @@ class NullProgress:
         pass
 
 
-async def tick(progress: Progress, counts: Callable[[], tuple[int, int]], t0: float) -> None:
+async def tick(
+    progress: Progress, counts: Callable[[], tuple[int, int]], t0: float, totals: Callable[[], tuple[int, int] | None] | None = None
+) -> None:
     """Report `counts()` (files done, bytes done) to `progress` every TICK seconds while they
-    change, until cancelled (run it beside the transfer in a nursery). Trio."""
+    change, until cancelled (run it beside the transfer in a nursery), and `totals()` once it
+    is known (progress.totals, if it has it). Trio."""
     import time
 
     import trio
 
     last = (-1, -1)
+    told = getattr(progress, "totals", None) is None or totals is None
     while True:
         await trio.sleep(TICK)
+        if not told:
+            assert totals is not None
+            known = totals()
+            if known is not None:
+                told = True
+                progress.totals(*known)  # type: ignore[attr-defined]
         cur = counts()
         if cur != last:
             last = cur

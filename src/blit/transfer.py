@@ -284,6 +284,11 @@ class LocalTransfer:
         self.big_limiter = trio.CapacityLimiter(self.planner.big_jobs)
         self.bytes_done = 0
         self.files_done = 0
+        self.files_planned = 0
+        """Entries the planned directories hold (files_done's unit), and bytes_planned the
+        bytes their copies move: the run's totals once every directory is planned (`_totals`)."""
+        self.bytes_planned = 0
+        self._planned_groups: set[tuple[int, int]] = set()
         self._fin_send, self._fin_recv = trio.open_memory_channel[Node | None](math.inf)
         self._fin_done = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -358,7 +363,13 @@ class LocalTransfer:
             self.threads.wait_idle(1.0)
 
     async def _ticker(self) -> None:
-        await tick(self.progress, lambda: (self.files_done, self.bytes_done), self.t0)
+        await tick(self.progress, lambda: (self.files_done, self.bytes_done), self.t0, self._totals)
+
+    def _totals(self) -> tuple[int, int] | None:
+        """(entries, bytes) of the whole run, once no directory is left to plan (for an ETA)."""
+        if not self.finished:
+            return None
+        return max(self.files_planned, self.files_done), max(self.bytes_planned, self.bytes_done)
 
     # -- directory jobs -----------------------------------------------------------------------
 
@@ -429,6 +440,12 @@ class LocalTransfer:
         s.files_deleted += res.files_deleted
         self.files_done += res.files_copied + res.files_skipped + res.links_created
         self.bytes_done += res.bytes_copied
+        self.files_planned += res.files_copied + res.files_skipped + res.links_created + len(res.big) + len(res.links)
+        self.bytes_planned += res.bytes_copied + sum(b[2].st_size for b in res.big)
+        for _, _, m, d in res.links:  # a new group's data is copied once
+            if d is None and (m.st_dev, m.st_ino) not in self._planned_groups:
+                self._planned_groups.add((m.st_dev, m.st_ino))
+                self.bytes_planned += m.st_size
         for action, path in res.actions:
             self.progress.action(action, path)
         for path, op, msg in res.failures:
