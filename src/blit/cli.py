@@ -192,7 +192,7 @@ class TextProgress:
         if self.bar is not None and self.task is not None:
             self.bar.update(self.task, completed=nbytes, files=files)
 
-    def totals(self, files: int, nbytes: int) -> None:
+    def totals(self, files: int | None, nbytes: int) -> None:
         """The bytes the run will have copied: the bar fills and shows an ETA from here on."""
         if self.bar is not None and self.task is not None:
             self.bar.update(self.task, total=max(nbytes, 1))
@@ -260,7 +260,7 @@ class JsonProgress:
                 }
             )
 
-    def totals(self, files: int, nbytes: int) -> None:
+    def totals(self, files: int | None, nbytes: int) -> None:
         self.files_total, self.bytes_total = files, nbytes
 
     def action(self, action: str, path: str) -> None:

@@ -103,8 +103,8 @@ class Progress(Protocol):
     def start(self, summary: Summary) -> None: ...
     def update(self, files: int, nbytes: int, elapsed: float) -> None: ...
     # Optional: `totals(files, nbytes)`, called once when the run knows how many entries it
-    # will have handled and how many bytes it will have copied in all (a local run, once every
-    # directory is planned), before the updates that follow.
+    # will have handled (None when it cannot say: a remote run) and how many bytes it will have
+    # copied in all (once every directory is planned), before the updates that follow.
     def action(self, action: str, path: str) -> None: ...
     def error(self, failure: Failure) -> None: ...
     def finish(self, summary: Summary) -> None: ...
@@ -128,7 +128,7 @@ class NullProgress:
 
 
 async def tick(
-    progress: Progress, counts: Callable[[], tuple[int, int]], t0: float, totals: Callable[[], tuple[int, int] | None] | None = None
+    progress: Progress, counts: Callable[[], tuple[int, int]], t0: float, totals: Callable[[], tuple[int | None, int] | None] | None = None
 ) -> None:
     """Report `counts()` (files done, bytes done) to `progress` every TICK seconds while they
     change, until cancelled (run it beside the transfer in a nursery), and `totals()` once it

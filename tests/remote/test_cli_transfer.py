@@ -308,6 +308,10 @@ def test_json_progress_of_a_remote_run(daemon_process: DaemonProcess, tmp_path: 
     assert all(e["files_done"] <= 8 for e in progress)
     times = [e["elapsed_s"] for e in progress]
     assert all(b - a >= 0.099 for a, b in zip(times, times[1:])), times  # at most 10 per second
+    # Once every directory is planned the bytes to move are known (an ETA); entries are not.
+    known = [e for e in progress if e["bytes_total"] is not None]
+    assert known and all(e["bytes_total"] == total and e["files_total"] is None for e in known), progress
+    assert progress.index(known[0]) + len(known) == len(progress)  # once known, always given
 
 
 def _linked_abc(root: Path) -> Path:

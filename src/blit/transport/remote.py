@@ -404,7 +404,8 @@ async def remote_transfer(
             done, carriers = await relay(session, s_ep, d_ep, spec, streams, tls_enabled=tls_enabled, progress=progress)
         else:
             if progress is not None and not isinstance(progress, NullProgress):
-                nursery.start_soon(tick, progress, counters.snapshot, t0)
+                counters.want_totals = True
+                nursery.start_soon(tick, progress, counters.snapshot, t0, counters.totals)
             if isinstance(d_ep, RemoteEndpoint):
                 assert isinstance(s_ep, LocalEndpoint)
                 direction = "push"

@@ -992,6 +992,8 @@ class DestTree:
         # -v / --dry-run: what changed here (None unless asked for)
         self.actions: ActionLog | None = ActionLog() if spec.report_actions else None
         self.stopped = False
+        self.bytes_needed = 0
+        """Bytes of the files registered to receive data so far (progress totals)."""
         self.same_machine = False
         """The source is on this machine (FEATURE_MACHINE): an up-to-date entry may be the
         source itself, reached by another path (`_record_same`)."""
@@ -1569,6 +1571,7 @@ class DestTree:
         await their data; returns their ids."""
         first = fid = self._next_id
         self._next_id += len(files)
+        self.bytes_needed += sum(f[1].st_size for f in files)
         node = self.nodes.get(dst_rel)
         inherit = node.inherit_gid if node is not None else True
         pend = self.pending
@@ -2237,6 +2240,19 @@ class TreeCounters:
     streams: list[data.StreamStats] = field(default_factory=list)
     settled: int = 0  # push: entries the daemon settled without data
     dest: DestTree | None = None  # pull: the local destination side
+    want_totals: bool = False
+    """Someone shows progress: a push adds up the bytes the daemon asks for (`needed`)."""
+    needed: int = 0
+    """Push: bytes of the files the daemon asked for so far (their sizes in the manifest)."""
+    planned: bool = False
+    """Every directory is planned: the bytes to move are known (`totals`)."""
+
+    def totals(self) -> tuple[None, int] | None:
+        """(None, bytes the data streams will have moved) once every directory is planned: for
+        an ETA. Entries are not counted ahead (hard-link members still waiting, hashes...)."""
+        if not self.planned:
+            return None
+        return None, self.dest.bytes_needed if self.dest is not None else self.needed
 
     def snapshot(self) -> tuple[int, int]:
         """(files done, bytes moved so far)."""
@@ -2245,6 +2261,17 @@ class TreeCounters:
         if d is not None:
             return d.files_copied + d.files_skipped + d.links_created, nbytes
         return self.settled + sum(s.files for s in self.streams), nbytes
+
+
+def _needed_bytes(msg: protocol.TreeDir, planned: DirPlanned) -> int:
+    """Push: the bytes of the files of `msg` the daemon asked for in `planned` (their sizes)."""
+    sizes = {e[0]: e[2] for e in cast("list[Entry]", msg.entries)}
+    if msg.packed is not None:
+        sizes.update((e[0], e[2]) for e in protocol.unpack_entries(msg.packed))
+    names = [n.name for n in planned.need]
+    if planned.packed_need is not None:
+        names += protocol.unpack_needs(planned.packed_need)[1]
+    return sum(sizes.get(n, 0) for n in names)
 
 
 def actions_dropped_failure(n: int) -> PathFailure:
@@ -2467,6 +2494,8 @@ async def push_tree(
         nonlocal walked
         entries = cast("list[Entry]", msg.entries)
         queue(rel, planned)
+        if counters.want_totals and (planned.need or planned.packed_need is not None):
+            counters.needed += _needed_bytes(msg, planned)
         if planned.hash:
             sizes = {e[0]: e[2] for e in entries}
             if msg.packed is not None:
@@ -2532,6 +2561,7 @@ async def push_tree(
                 try:
                     batch = parts_ok and protocol.FEATURE_DIR_BATCH in peer_features
                     await _walk(top, visit, group if use_digests else None, visit_many if batch else None)
+                    counters.planned = True
                 finally:
                     jobs.close()
                     t.no_more_files()
@@ -2829,6 +2859,8 @@ async def pull_tree(
                     nursery.start_soon(receive)
                     scans = by_dir and protocol.FEATURE_DIR_BATCH in session.peer.features
                     await _walk(top, visit, many=visit_many if scans else None)
+                    if counters is not None:
+                        counters.planned = True
                     # No more files: the daemon's senders end with DONE. (Not on a failed walk: the
                     # receivers are cancelled then, and a frozen daemon would not answer anyway.)
                     await session.call(protocol.SendFiles(transfer=t.id, files=[], last=True))
