@@ -374,3 +374,45 @@ async def test_a_request_body_left_unfinished_is_answered_after_the_stall_time(n
                 assert "stopped coming" in str(body), body
             except control.StreamClosed:
                 pass
+
+
+
+async def test_a_large_frame_right_after_the_settings_ack_is_taken() -> None:
+    """A connection allows frames of 1 MiB once the peer acknowledges its settings. h2 set the
+    frame limit once per chunk read, before reading the ACK in it: the ACK and a large DATA
+    frame in one read ended the connection with FRAME_SIZE_ERROR (seen in CI, under load, by a
+    test that posted 100 KB at once). An in-memory stream hands the server both in one read."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import trio.testing
+
+    from blit.transport import control
+
+    client_end, server_end = trio.testing.memory_stream_pair()
+    got: list[bytes] = []
+
+    async def handler(st: control.H2Stream) -> None:
+        got.append(await st.read_body(1 << 20))
+        await st.send_headers([(b":status", b"200")], end=True)
+
+    server = control.H2Connection(server_end, client_side=False)
+    async with trio.open_nursery() as n:
+        n.start_soon(server.run, handler)
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        c.initiate_connection()
+        await client_end.send_all(c.data_to_send())
+        events: list[object] = []
+        with trio.fail_after(10):
+            while c.max_outbound_frame_size < 200_000:  # the server's settings: frames up to 1 MiB
+                c.receive_data(await client_end.receive_some(1 << 20))
+            c.send_headers(1, control._request_headers("127.0.0.1", "/x", []))
+            c.send_data(1, b"x" * 200_000, end_stream=True)  # one frame: the window allows it
+            await client_end.send_all(c.data_to_send())  # the ACK, HEADERS, DATA: one chunk
+            while not any(isinstance(e, (h2.events.ResponseReceived, h2.events.ConnectionTerminated)) for e in events):
+                data = await client_end.receive_some(1 << 20)
+                assert data, "the server closed the connection"
+                events += c.receive_data(data)
+        n.cancel_scope.cancel()
+    assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in events), events
+    assert got == [b"x" * 200_000]

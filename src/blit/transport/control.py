@@ -215,7 +215,20 @@ Handler = Callable[[H2Stream], Awaitable[None]]
 
 class _BoundedFrameBuffer(h2.frame_buffer.FrameBuffer):
     """h2's frame buffer, refusing a header block that grows past MAX_HEADER_BLOCK before its
-    END_HEADERS (ProtocolError: the connection ends with PROTOCOL_ERROR)."""
+    END_HEADERS (ProtocolError: the connection ends with PROTOCOL_ERROR), and checking each
+    frame's length against the connection's limit as it is when the frame is read: h2 copies
+    the limit into the buffer once per chunk received, before it reads the SETTINGS ACK that
+    raises it, so an ACK and a large frame in one read ended the connection (FRAME_SIZE_ERROR)."""
+
+    conn: h2.connection.H2Connection
+
+    @property
+    def max_frame_size(self) -> int:
+        return self.conn.max_inbound_frame_size
+
+    @max_frame_size.setter
+    def max_frame_size(self, value: int) -> None:
+        pass  # h2's copy: the property reads the connection instead
 
     def _update_header_buffer(self, f: Any) -> Any:
         if isinstance(f, (hyperframe.frame.HeadersFrame, hyperframe.frame.ContinuationFrame)) and (
@@ -247,6 +260,7 @@ class H2Connection:
         )
         self._h2 = h2.connection.H2Connection(config)
         self._h2.incoming_buffer.__class__ = _BoundedFrameBuffer
+        self._h2.incoming_buffer.conn = self._h2  # type: ignore[attr-defined]
         self._max_streams = max_concurrent_streams
         self._idle_timeout = idle_timeout
         self._streams: dict[int, H2Stream] = {}
