@@ -204,6 +204,20 @@ def test_a_time_beyond_2262_is_reported_and_never_wrapped(tmp_path: Path, fast: 
 
 
 @pytest.mark.root
+def test_a_full_disk_under_large_files_is_one_line(tmp_path: Path) -> None:
+    """Large files are copied in parallel: each one the disk refused printed its own line
+    before the fatal one (cli.md: one line)."""
+    src = tmp_path / "src"
+    for i in range(6):
+        write_file(src / f"f{i}", os.urandom(6 * MiB))
+    with mounted_tmpfs(tmp_path / "mnt", "14m") as mnt:
+        proc = run_blit("copy", f"{src}/", mnt / "dst")
+        assert proc.returncode == 1, describe_output(proc)
+        lines = stderr_lines(proc)
+        assert len(lines) == 1 and lines[0].startswith("blit: error: No space left on device (writing f"), describe_output(proc)
+
+
+@pytest.mark.root
 def test_full_destination_disk(tmp_path: Path) -> None:
     """5 MiB of files onto a 2 MiB tmpfs: exit 1, "No space left", nothing partial left behind."""
     src = tmp_path / "src"

@@ -161,14 +161,15 @@ def test_progress_knows_the_totals_once_every_directory_is_planned(tmp_path: Pat
     for i in range(20):
         write_file(src / f"d{i % 4}" / f"f{i}", b"x" * i)
     os.link(src / "d0" / "f4", src / "d1" / "linked")
-    proc = run_blit("copy", "--json", f"{src}/", tmp_path / "dst", check=0)
-    events = json_events(proc)
-    summary = events[-1]
-    known = [e for e in events if e["event"] == "progress" and e["bytes_total"] is not None]
-    assert known, events[:5]
-    for e in known:
-        assert e["bytes_total"] == summary["bytes_copied"], (e, summary)
-        assert e["files_total"] == summary["files_copied"] + summary["files_skipped"] + summary["links_created"], (e, summary)
+    for flags in ([], ["-I"]):  # -I: the group at the destination is copied again too
+        proc = run_blit("copy", "--json", *flags, f"{src}/", tmp_path / "dst", check=0)
+        events = json_events(proc)
+        summary = events[-1]
+        known = [e for e in events if e["event"] == "progress" and e["bytes_total"] is not None]
+        assert known, events[:5]
+        for e in known:
+            assert e["bytes_total"] == summary["bytes_copied"], (flags, e, summary)
+            assert e["files_total"] == summary["files_copied"] + summary["files_skipped"] + summary["links_created"], (e, summary)
 
 
 @pytest.mark.root

@@ -367,6 +367,7 @@ def test_a_move_whose_destination_holds_the_source_by_another_path_keeps_it(tmp_
     """dst/sub is a bind mount of src/sub: each file there is its own destination. rsync skips
     removing it; so does blit, one failure each, and nothing is lost."""
     src = make_tree(tmp_path / "src", TREE)
+    (src / "sub" / "void").mkdir()  # an empty directory: emptied sources go, not this one
     dst = tmp_path / "dst"
     (dst / "sub").mkdir(parents=True)
     bind_mount(src / "sub", dst / "sub")
@@ -375,6 +376,7 @@ def test_a_move_whose_destination_holds_the_source_by_another_path_keeps_it(tmp_
     lines = stderr_lines(proc)
     assert "blit: sub/b.txt: remove source: source and destination are the same file (another path to it: a bind mount, a hard link); kept" in lines, lines
     assert (src / "sub/b.txt").read_text() == "b\n" and (src / "sub/deeper/c.txt").read_text() == "c\n"
+    assert (src / "sub/void").is_dir()
     assert not (src / "a.txt").exists() and (dst / "a.txt").read_text() == "a\n"
 
 

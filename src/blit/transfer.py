@@ -31,6 +31,7 @@ import trio
 from . import ffi, fsops
 from .errors import FATAL_ERRNOS, FatalError, StallError, leaves
 from .fsops import Meta
+from .plan import Op, up_to_date
 from .report import Failure, NullProgress, Progress, Summary, nothing_deleted, tick
 from .stall import StallGuard, Timeouts, run_stoppable
 from .worker import DirJob, DirResult, RunSpec, StopFlag, Worker, frame
@@ -68,6 +69,10 @@ class Planner:
 
 def _join(a: str, b: str) -> str:
     return f"{a}/{b}" if a else b
+
+
+def _same_inode(a: Meta | None, b: Meta | None) -> bool:
+    return a is not None and b is not None and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 class Node:
@@ -442,8 +447,8 @@ class LocalTransfer:
         self.bytes_done += res.bytes_copied
         self.files_planned += res.files_copied + res.files_skipped + res.links_created + len(res.big) + len(res.links)
         self.bytes_planned += res.bytes_copied + sum(b[2].st_size for b in res.big)
-        for _, _, m, d in res.links:  # a new group's data is copied once
-            if d is None and (m.st_dev, m.st_ino) not in self._planned_groups:
+        for _, _, m, d in res.links:  # a group's data is copied once, unless it is up to date
+            if (m.st_dev, m.st_ino) not in self._planned_groups and (d is None or up_to_date(m, d, self.spec.compare) is Op.COPY):
                 self._planned_groups.add((m.st_dev, m.st_ino))
                 self.bytes_planned += m.st_size
         for action, path in res.actions:
@@ -507,8 +512,7 @@ class LocalTransfer:
         except StallError as exc:
             self._fail(path, "copy", str(exc))
         except OSError as exc:
-            if exc.errno in FATAL_ERRNOS:
-                self._fail(path, "write", exc.strerror or str(exc))
+            if exc.errno in FATAL_ERRNOS:  # one line, naming the file, as push and pull say it
                 self._fatal(f"{exc.strerror} (writing {_join(job.dst_rel, dname)})")
             self._fail(path, "copy", exc.strerror or str(exc))
         finally:
@@ -623,6 +627,7 @@ class LocalTransfer:
         key = (m.st_dev, m.st_ino)
         path = _join(job.rel, name)
         what = "link"
+        kept = False  # left as it was at the destination (up to date): maybe the source itself
         try:
             entry = None if first else self.inodes.get(key)
             while isinstance(entry, trio.Event):  # a first member is landing
@@ -637,6 +642,7 @@ class LocalTransfer:
                 self.inodes[key] = ev
                 try:
                     first_ino, copied = await self._hardlink_first(job, name, dname, m, d, path, node.acl)
+                    kept = not copied
                     if copied:
                         node.changed = True  # a new name in an existing directory: its mtime moved
                     self.inodes[key] = (job.dst_rel, dname, first_ino)
@@ -649,6 +655,7 @@ class LocalTransfer:
                 first_dir, first_name, first_ino = entry
                 if d is not None and d.st_ino == first_ino:
                     self.summary.files_skipped += 1
+                    kept = True
                 else:
                     if not self.spec.dry_run:
                         await trio.to_thread.run_sync(
@@ -658,7 +665,7 @@ class LocalTransfer:
                     if self.spec.record_actions:
                         self.progress.action("link", path)
                     self.summary.links_created += 1
-            if self.spec.move and d is not None and (m.st_dev, m.st_ino) == (d.st_dev, d.st_ino):
+            if self.spec.move and kept and _same_inode(m, d):
                 self._fail(path, "remove source", fsops.SAME_FILE)  # the destination is the source itself
             elif self.spec.move and not self.spec.dry_run:
                 self._defer_removal(job, name, m)
@@ -676,7 +683,6 @@ class LocalTransfer:
         self, job: DirJob, name: str, dname: str, m: Meta, d: Meta | None, path: str, acl: bool
     ) -> tuple[int, bool]:
         """Land the first member of a group: its destination inode and whether it was written."""
-        from .plan import Op, up_to_date
 
         w = self.worker
 
@@ -840,8 +846,9 @@ class LocalTransfer:
                         fsops.set_dir_meta(dfd, node.meta, xattrs)
                 except OSError as exc:
                     failures.append((node.dst_rel or ".", "directory metadata", exc.strerror or str(exc)))
-            if self.spec.move and node.src_rel:
+            if self.spec.move and node.src_rel and not _same_inode(node.meta, node.dst_meta):
                 # The source directory goes once it is empty; leftovers (failures, excluded) keep it.
+                # (Not when it is the destination directory by another path: a bind mount, R51.)
                 parent, _, base = node.src_rel.rpartition("/")
                 try:
                     with fsops.dir_at(w.src_root_fd, parent) as pfd:

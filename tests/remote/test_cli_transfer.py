@@ -125,23 +125,28 @@ def test_a_mirror_that_cannot_read_a_destination_directory_says_so(nobody_tmp: P
         assert (dst / "extra").exists()
 
 
+@pytest.mark.parametrize("flags", [[], ["-I"]], ids=["", "ignore times"])
 @pytest.mark.parametrize("direction", ["push", "pull"])
-def test_a_move_whose_two_ends_are_one_directory_keeps_everything(daemon_process: DaemonProcess, direction: str) -> None:
+def test_a_move_whose_two_ends_are_one_directory_keeps_everything(daemon_process: DaemonProcess, direction: str, flags: list[str]) -> None:
     """The module is the client's own directory: every file was judged up to date and removed
     from the source, the only copy (exit 0). The destination now knows the source is on its
-    machine (FEATURE_MACHINE) and keeps an entry that is its own source, one failure each."""
+    machine (FEATURE_MACHINE) and keeps an entry that is its own source, one failure each.
+    With -I the file was landed anew over itself, and then removed as the source; an empty
+    directory went as an emptied source directory."""
     d = daemon_process
     here = d.modules["data"] / "tree"
     (here / "sub").mkdir(parents=True)
+    (here / "void").mkdir()
     (here / "a").write_text("a")
     (here / "sub" / "b").write_text("b")
     os.symlink("a", here / "ln")
     args = [f"{here}/", url(d, "data/tree/")] if direction == "push" else [url(d, "data/tree/"), f"{here}/"]
-    r = blit(d, "move", *args)
+    r = blit(d, "move", *flags, *args)
     assert r.returncode == 3, (r.stdout, r.stderr)
     why = "remove source: source and destination are the same file (another path to it: a bind mount, a hard link); kept"
     assert sorted(errors(r)) == [f"blit: {p}: {why}" for p in ("a", "ln", "sub/b")], r.stderr
     assert (here / "a").read_text() == "a" and (here / "sub" / "b").read_text() == "b" and os.readlink(here / "ln") == "a"
+    assert (here / "void").is_dir()
 
 
 CAP_NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)  # VFS_CAP_REVISION_2, effective

@@ -247,7 +247,8 @@ def test_the_source_daemon_checks_the_address_of_the_client_a_pull_is_for(tmp_pa
 
 
 @pytest.mark.root
-def test_a_move_between_two_daemons_serving_one_directory_keeps_everything(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
+@pytest.mark.parametrize("flags", [[], ["-I"]], ids=["", "ignore times"])
+def test_a_move_between_two_daemons_serving_one_directory_keeps_everything(daemons: tuple[DaemonProcess, DaemonProcess], flags: list[str]) -> None:
     """B's module is A's by a bind mount: B found every file up to date (it is A's) and A removed
     them all, the only copies. B now sees the source is on its machine and the same inodes."""
     a, b = daemons
@@ -255,12 +256,13 @@ def test_a_move_between_two_daemons_serving_one_directory_keeps_everything(daemo
     (src / "sub").mkdir(parents=True)
     (src / "f").write_text("f")
     (src / "sub" / "g").write_text("g")
+    (src / "void").mkdir()
     subprocess.run(["mount", "--bind", str(a.modules["data"]), str(b.modules["data"])], check=True)
     try:
-        r = blit(b, "move", ep(a, "data/tree/"), ep(b, "data/tree/"))
+        r = blit(b, "move", *flags, ep(a, "data/tree/"), ep(b, "data/tree/"))
         assert r.returncode == 3, (r.stdout, r.stderr)
         assert all("source and destination are the same file" in ln for ln in stderr_lines(r)), r.stderr
         assert len(stderr_lines(r)) == 2, r.stderr
     finally:
         subprocess.run(["umount", str(b.modules["data"])], check=False)
-    assert (src / "f").read_text() == "f" and (src / "sub" / "g").read_text() == "g"
+    assert (src / "f").read_text() == "f" and (src / "sub" / "g").read_text() == "g" and (src / "void").is_dir()

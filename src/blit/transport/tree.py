@@ -1023,6 +1023,14 @@ class DestTree:
         if self.landed is not None:
             self.landed.add(rel, name, m)
 
+    def _is_source(self, n: _DirNode) -> bool:
+        """Move: destination directory `n` is its source directory by another path (R51): the
+        source must not remove it, even empty."""
+        return (
+            self.same_machine and n.meta is not None and n.dst_meta is not None
+            and (n.meta.st_dev, n.meta.st_ino) == (n.dst_meta.st_dev, n.dst_meta.st_ino)
+        )  # fmt: skip
+
     def _record_same(self, rel: str, name: str, m: Meta, dev: int, ino: int, path: str) -> None:
         """Move: an up-to-date entry (at destination device `dev`, inode `ino`) is at the
         destination, unless it is the source itself (a move would remove the only copy: a
@@ -1438,6 +1446,8 @@ class DestTree:
             e = by_name[name]
             xattrs = _xattrs(e)
             op = it.op
+            if self.same_machine and d is not None and op in _DATA_OPS and (m.st_dev, m.st_ino) == (d.st_dev, d.st_ino):
+                op = Op.SAME  # the source itself by another path (R51): nothing to copy, and a move keeps it
             try:
                 if op is Op.SUBDIR:
                     if not dry:
@@ -2048,7 +2058,7 @@ class DestTree:
         """Move: every entry has landed; the source directories follow (deepest first, once
         empty), then the destination filesystem is flushed before anything is confirmed."""
         assert self.landed is not None
-        dirs = [(n.src_rel, rel) for rel, n in self.nodes.items() if n.src_rel and rel not in kept]
+        dirs = [(n.src_rel, rel) for rel, n in self.nodes.items() if n.src_rel and rel not in kept and not self._is_source(n)]
         dirs.sort(key=lambda x: (-x[0].count("/"), x[0]))
         self.landed.end([d for d, _ in dirs])
         try:
@@ -2261,6 +2271,10 @@ class TreeCounters:
         if d is not None:
             return d.files_copied + d.files_skipped + d.links_created, nbytes
         return self.settled + sum(s.files for s in self.streams), nbytes
+
+
+_DATA_OPS = frozenset((Op.COPY, Op.HASH, Op.HARDLINK))
+"""What lands data in place of an existing destination entry (DestTree._execute, R51)."""
 
 
 def _needed_bytes(msg: protocol.TreeDir, planned: DirPlanned) -> int:
