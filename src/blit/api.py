@@ -203,14 +203,15 @@ def _reaches(target: bytes, src: os.stat_result) -> str | None:
     """"same" when `target` is the directory `src` (by device and inode: a bind mount of it is
     another path with other real paths), "inside" when one of its existing ancestors is, else
     None."""
-    ident = (src.st_dev, src.st_ino)
+    from . import fsops
+
     path, first = target, True
     while True:
         try:
-            st = os.stat(path)
+            st: os.stat_result | None = os.stat(path)
         except OSError:
             st = None
-        if st is not None and (st.st_dev, st.st_ino) == ident:
+        if fsops.same_inode(st, src):
             return "same" if first else "inside"
         parent = os.path.dirname(path)
         if parent == path:

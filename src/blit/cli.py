@@ -331,10 +331,6 @@ def _run(
     rep: object = JsonProgress(operation) if as_json else TextProgress(verbose, quiet, dry_run, progress)
     outcome: dict[str, object] = {}
 
-    def stop_bar() -> None:
-        if isinstance(rep, TextProgress):
-            rep.stop()
-
     _log_to(rep.stderr if isinstance(rep, TextProgress) else None)
 
     async def main() -> None:
@@ -355,7 +351,6 @@ def _run(
 
     def failed(exc: BlitError) -> int:
         """One error line; with --json the summary still comes last."""
-        stop_bar()
         _err(str(exc))
         if as_json and not getattr(rep, "finished", False):
             _json_summary(str(exc), exc.exit_code)
@@ -365,21 +360,23 @@ def _run(
 
     early_signals(False)  # from here on a signal stops the run as `main` says
     try:
-        trio.run(main)
+        try:
+            trio.run(main)
+        finally:  # the bar goes (the cursor shown) before any last line, however the run ended
+            if isinstance(rep, TextProgress):
+                rep.stop()
     except BlitError as exc:
         return failed(exc)
     except BaseExceptionGroup as eg:
         blit_errors = [e for e in leaves(eg) if isinstance(e, BlitError)]
         if blit_errors:
             return failed(blit_errors[0])
-        stop_bar()
         raise
     except KeyboardInterrupt:
         outcome["interrupted"] = True
     started = getattr(rep, "summary", None)
     finish_with = started.finish_with if started is not None else None
     if outcome.get("interrupted") and "summary" not in outcome:
-        stop_bar()
         if finish_with:  # `blit copy dir new`: run again, it would land in new/dir
             _err(f"interrupted; temporary files removed, finish with: {finish_with}")
         else:

@@ -12,6 +12,7 @@ caches of what the kernel supports.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 from contextlib import contextmanager
@@ -717,8 +718,6 @@ def put_xattrs(fd: int, xattrs: list[tuple[str, bytes]], what: str) -> None:
             raise _xattr_failed(exc, n) from exc
 
 
-
-
 _GRANULARITY: dict[int, int] = {}  # st_dev -> time step in ns (time_granularity)
 _PROBE_NS = 1_600_000_000_123_456_789  # a time with a digit in every place
 
@@ -1148,19 +1147,23 @@ def make_hardlink(dst_dir: int, name: str, first_dir: int, first_name: str, repl
 SAME_FILE = "source and destination are the same file (another path to it: a bind mount, a hard link); kept"
 """Move: why an up-to-date source entry that is its own destination is not removed."""
 
-_MACHINE: list[bytes] = []
 
 
+@functools.cache
 def machine_id() -> bytes:
     """This machine as it runs now (the kernel's boot id), b"" where there is none: two
     (device, inode) pairs name the same file only on the same machine (decisions R51)."""
-    if not _MACHINE:
-        try:
-            with open("/proc/sys/kernel/random/boot_id", "rb") as f:
-                _MACHINE.append(f.read().strip()[:64])
-        except OSError:
-            _MACHINE.append(b"")
-    return _MACHINE[0]
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return f.read().strip()[:64]
+    except OSError:
+        return b""
+
+
+def same_inode(a: os.stat_result | Meta | None, b: os.stat_result | Meta | None) -> bool:
+    """Whether two stat results name one file (the same device and inode): a bind mount or a
+    hard link of it reached by another path; False when either is missing."""
+    return a is not None and b is not None and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 _CAPABILITY = "security.capability"

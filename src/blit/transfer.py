@@ -71,10 +71,6 @@ def _join(a: str, b: str) -> str:
     return f"{a}/{b}" if a else b
 
 
-def _same_inode(a: Meta | None, b: Meta | None) -> bool:
-    return a is not None and b is not None and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
 class Node:
     """A destination directory whose metadata is applied once everything below it is done."""
 
@@ -665,7 +661,7 @@ class LocalTransfer:
                     if self.spec.record_actions:
                         self.progress.action("link", path)
                     self.summary.links_created += 1
-            if self.spec.move and kept and _same_inode(m, d):
+            if self.spec.move and kept and fsops.same_inode(m, d):
                 self._fail(path, "remove source", fsops.SAME_FILE)  # the destination is the source itself
             elif self.spec.move and not self.spec.dry_run:
                 self._defer_removal(job, name, m)
@@ -683,7 +679,6 @@ class LocalTransfer:
         self, job: DirJob, name: str, dname: str, m: Meta, d: Meta | None, path: str, acl: bool
     ) -> tuple[int, bool]:
         """Land the first member of a group: its destination inode and whether it was written."""
-
         w = self.worker
 
         def _granularity() -> int:
@@ -846,7 +841,7 @@ class LocalTransfer:
                         fsops.set_dir_meta(dfd, node.meta, xattrs)
                 except OSError as exc:
                     failures.append((node.dst_rel or ".", "directory metadata", exc.strerror or str(exc)))
-            if self.spec.move and node.src_rel and not _same_inode(node.meta, node.dst_meta):
+            if self.spec.move and node.src_rel and not fsops.same_inode(node.meta, node.dst_meta):
                 # The source directory goes once it is empty; leftovers (failures, excluded) keep it.
                 # (Not when it is the destination directory by another path: a bind mount, R51.)
                 parent, _, base = node.src_rel.rpartition("/")

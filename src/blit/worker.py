@@ -457,7 +457,7 @@ def _landed(res: DirResult, landed: list[str], name: str, path: str, m: Any, d: 
     """An up-to-date entry is at the destination: a move removes its source, unless the
     destination entry IS the source (the same inode reached by another path: removing it would
     remove the only copy; rsync skips it too)."""
-    if move and d is not None and (m.st_dev, m.st_ino) == (d.st_dev, d.st_ino):
+    if move and fsops.same_inode(m, d):
         res.failures.append((path, "remove source", fsops.SAME_FILE))
         return
     landed.append(name)

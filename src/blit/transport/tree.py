@@ -1026,10 +1026,7 @@ class DestTree:
     def _is_source(self, n: _DirNode) -> bool:
         """Move: destination directory `n` is its source directory by another path (R51): the
         source must not remove it, even empty."""
-        return (
-            self.same_machine and n.meta is not None and n.dst_meta is not None
-            and (n.meta.st_dev, n.meta.st_ino) == (n.dst_meta.st_dev, n.dst_meta.st_ino)
-        )  # fmt: skip
+        return self.same_machine and fsops.same_inode(n.meta, n.dst_meta)
 
     def _record_same(self, rel: str, name: str, m: Meta, dev: int, ino: int, path: str) -> None:
         """Move: an up-to-date entry (at destination device `dev`, inode `ino`) is at the
@@ -1446,7 +1443,7 @@ class DestTree:
             e = by_name[name]
             xattrs = _xattrs(e)
             op = it.op
-            if self.same_machine and d is not None and op in _DATA_OPS and (m.st_dev, m.st_ino) == (d.st_dev, d.st_ino):
+            if self.same_machine and op in _DATA_OPS and fsops.same_inode(m, d):
                 op = Op.SAME  # the source itself by another path (R51): nothing to copy, and a move keeps it
             try:
                 if op is Op.SUBDIR:
@@ -2277,11 +2274,17 @@ _DATA_OPS = frozenset((Op.COPY, Op.HASH, Op.HARDLINK))
 """What lands data in place of an existing destination entry (DestTree._execute, R51)."""
 
 
-def _needed_bytes(msg: protocol.TreeDir, planned: DirPlanned) -> int:
-    """Push: the bytes of the files of `msg` the daemon asked for in `planned` (their sizes)."""
+def _sizes(msg: protocol.TreeDir) -> dict[bytes, int]:
+    """The sizes of the entries of a directory part, by name (its packed entries too)."""
     sizes = {e[0]: e[2] for e in cast("list[Entry]", msg.entries)}
     if msg.packed is not None:
         sizes.update((e[0], e[2]) for e in protocol.unpack_entries(msg.packed))
+    return sizes
+
+
+def _needed_bytes(msg: protocol.TreeDir, planned: DirPlanned) -> int:
+    """Push: the bytes of the files of `msg` the daemon asked for in `planned` (their sizes)."""
+    sizes = _sizes(msg)
     names = [n.name for n in planned.need]
     if planned.packed_need is not None:
         names += protocol.unpack_needs(planned.packed_need)[1]
@@ -2511,10 +2514,7 @@ async def push_tree(
         if counters.want_totals and (planned.need or planned.packed_need is not None):
             counters.needed += _needed_bytes(msg, planned)
         if planned.hash:
-            sizes = {e[0]: e[2] for e in entries}
-            if msg.packed is not None:
-                sizes.update((e[0], e[2]) for e in protocol.unpack_entries(msg.packed))
-            await checksums(rel, planned.hash, sizes)
+            await checksums(rel, planned.hash, _sizes(msg))
         while len(jobs) > MAX_QUEUED_FILES:
             await trio.sleep(0.05)
         if move:
