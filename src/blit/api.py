@@ -190,33 +190,27 @@ def resolve(src: str, dst: str, operation: Operation) -> _Resolved:
     if make_dst is not None and _inside(_real(make_dst), real_src) and src_is_dir:
         raise UsageError(f"destination {dst} is inside the source {src}")
     if src_is_dir:  # the same checks by identity: another path to the source (a bind mount)
-        found = _reaches(target, sst)
-        if found == "same":
-            raise UsageError(f"source and destination are the same directory: {src} and {dst}")
-        if found == "inside":
-            raise UsageError(f"destination {dst} is inside the source {src}")
+        refuse_nesting(target, (sst.st_dev, sst.st_ino), src, dst)
     as_new = src_is_dir and not src_slash and dst_st is None and not dst_slash
     return _Resolved(src_base, dst_base, job, node, make_dst, rename_ok, target, as_new)
 
 
-def _reaches(target: bytes, src: os.stat_result) -> str | None:
-    """"same" when `target` is the directory `src` (by device and inode: a bind mount of it is
-    another path with other real paths), "inside" when one of its existing ancestors is, else
-    None."""
+def refuse_nesting(target: bytes, source_dir: tuple[int, int], src: str, dst: str) -> None:
+    """Refuse a directory copy whose destination `target` (a path on this machine) is the
+    source directory `source_dir` (device, inode) or lies inside it, whatever path leads
+    there (a bind mount): the copy would chase its own output. Also for a pull, whose source
+    is on a daemon on this machine (transport.tree.pull_tree).
+
+    Raises:
+        UsageError: the same directory, or inside it.
+    """
     from . import fsops
 
-    path, first = target, True
-    while True:
-        try:
-            st: os.stat_result | None = os.stat(path)
-        except OSError:
-            st = None
-        if fsops.same_inode(st, src):
-            return "same" if first else "inside"
-        parent = os.path.dirname(path)
-        if parent == path:
-            return None
-        path, first = parent, False
+    found = fsops.reaches(target, source_dir)
+    if found == "same":
+        raise UsageError(f"source and destination are the same directory: {src} and {dst}")
+    if found == "inside":
+        raise UsageError(f"destination {dst} is inside the source {src}")
 
 
 def check_source_readable(path: bytes, trailing_slash: bool, shown: str) -> None:

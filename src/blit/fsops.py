@@ -1166,6 +1166,25 @@ def same_inode(a: os.stat_result | Meta | None, b: os.stat_result | Meta | None)
     return a is not None and b is not None and (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def reaches(target: bytes, ident: tuple[int, int]) -> str | None:
+    """Where the directory `ident` (device, inode) stands to the path `target`: "same" when
+    `target` is that directory, "inside" when one of its existing ancestors is (the target
+    lies in it: a copy there would chase its own output), else None. By identity, not by
+    name: a bind mount is another path to the same directory (decisions R51, R52)."""
+    path, first = target, True
+    while True:
+        try:
+            st: os.stat_result | None = os.stat(path)
+        except OSError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) == ident:
+            return "same" if first else "inside"
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path, first = parent, False
+
+
 _CAPABILITY = "security.capability"
 
 

@@ -127,26 +127,71 @@ def test_a_mirror_that_cannot_read_a_destination_directory_says_so(nobody_tmp: P
 
 @pytest.mark.parametrize("flags", [[], ["-I"]], ids=["", "ignore times"])
 @pytest.mark.parametrize("direction", ["push", "pull"])
-def test_a_move_whose_two_ends_are_one_directory_keeps_everything(daemon_process: DaemonProcess, direction: str, flags: list[str]) -> None:
-    """The module is the client's own directory: every file was judged up to date and removed
-    from the source, the only copy (exit 0). The destination now knows the source is on its
-    machine (FEATURE_MACHINE) and keeps an entry that is its own source, one failure each.
-    With -I the file was landed anew over itself, and then removed as the source; an empty
-    directory went as an emptied source directory."""
+def test_a_move_onto_hard_links_of_its_own_files_keeps_everything(daemon_process: DaemonProcess, direction: str, flags: list[str]) -> None:
+    """The destination's files are the source's own (hard links: the same inodes): every file
+    was judged up to date and removed from the source, the only copy (exit 0). The destination
+    now knows the source is on its machine (FEATURE_MACHINE) and keeps an entry that is its own
+    source, one failure each. With -I the file was landed anew over itself, then removed."""
     d = daemon_process
-    here = d.modules["data"] / "tree"
+    here, there = d.modules["data"] / "tree", d.modules["data"] / "links"
     (here / "sub").mkdir(parents=True)
-    (here / "void").mkdir()
+    (there / "sub").mkdir(parents=True)
     (here / "a").write_text("a")
     (here / "sub" / "b").write_text("b")
     os.symlink("a", here / "ln")
-    args = [f"{here}/", url(d, "data/tree/")] if direction == "push" else [url(d, "data/tree/"), f"{here}/"]
+    for p in ("a", "sub/b", "ln"):
+        os.link(here / p, there / p, follow_symlinks=False)
+    args = [f"{here}/", url(d, "data/links/")] if direction == "push" else [url(d, "data/tree/"), f"{there}/"]
     r = blit(d, "move", *flags, *args)
     assert r.returncode == 3, (r.stdout, r.stderr)
     why = "remove source: source and destination are the same file (another path to it: a bind mount, a hard link); kept"
     assert sorted(errors(r)) == [f"blit: {p}: {why}" for p in ("a", "ln", "sub/b")], r.stderr
     assert (here / "a").read_text() == "a" and (here / "sub" / "b").read_text() == "b" and os.readlink(here / "ln") == "a"
-    assert (here / "void").is_dir()
+
+
+def _listing(top: Path) -> dict[str, str]:
+    return {str(p.relative_to(top)): p.read_text() if p.is_file() else "" for p in top.rglob("*")}
+
+
+@pytest.mark.parametrize("operation", ["copy", "move"])
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_a_transfer_onto_or_into_its_own_source_by_another_path_is_refused(
+    daemon_process: DaemonProcess, tmp_path: Path, direction: str, operation: str
+) -> None:
+    """The module's directory is the client's source seen by another path, or the other way
+    round. Into a directory inside the source, the copy chased its own output until killed
+    (tens of thousands of levels); onto it, a move judged every file its own copy. Refused
+    now, as a local copy is (exit 2, one line, nothing changed): the daemon, on the client's
+    machine, compares directories by device and inode (FEATURE_NEST, R52)."""
+    d = daemon_process
+    here = d.modules["data"] / "tree"
+    (here / "sub").mkdir(parents=True)
+    (here / "a").write_text("a")
+    (here / "sub" / "b").write_text("b")
+    before = _listing(here)
+    via = tmp_path / "via"  # another path to the module: a symlink, so that no name says so
+    via.symlink_to(d.modules["data"])
+    if direction == "push":
+        cases = [
+            ([f"{via}/tree/", url(d, "data/tree/")], "blit: error: source and destination are the same directory: /data/tree/ is the source by another path"),
+            ([f"{via}/tree", url(d, "data/tree/sub/")], "blit: error: destination /data/tree/sub/ is inside the source (by another path to it)"),
+            ([f"{via}/tree/", url(d, "data/tree/sub/new/deeper")], "blit: error: destination /data/tree/sub/new/deeper is inside the source (by another path to it)"),
+        ]
+    else:
+        cases = [
+            ([url(d, "data/tree/"), f"{via}/tree/"], f"blit: error: source and destination are the same directory: {url(d, 'data/tree/')} and {via}/tree/"),
+            ([url(d, "data/tree"), f"{via}/tree/sub/"], f"blit: error: destination {via}/tree/sub/ is inside the source {url(d, 'data/tree')}"),
+            ([url(d, "data/tree/"), f"{via}/tree/sub/new/deeper"], f"blit: error: destination {via}/tree/sub/new/deeper is inside the source {url(d, 'data/tree/')}"),
+        ]
+    for args, why in cases:
+        r = blit(d, operation, *args)
+        assert (r.returncode, errors(r)) == (2, [why]), (args, r.stdout, r.stderr)
+        assert _listing(here) == before, args
+    # Beside the source (not in it) the same paths work.
+    args = [f"{via}/tree/", url(d, "data/beside")] if direction == "push" else [url(d, "data/tree/"), f"{via}/beside"]
+    r = blit(d, operation, *args)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert _listing(d.modules["data"] / "beside") == before
 
 
 CAP_NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)  # VFS_CAP_REVISION_2, effective

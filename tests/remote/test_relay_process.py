@@ -249,20 +249,32 @@ def test_the_source_daemon_checks_the_address_of_the_client_a_pull_is_for(tmp_pa
 @pytest.mark.root
 @pytest.mark.parametrize("flags", [[], ["-I"]], ids=["", "ignore times"])
 def test_a_move_between_two_daemons_serving_one_directory_keeps_everything(daemons: tuple[DaemonProcess, DaemonProcess], flags: list[str]) -> None:
-    """B's module is A's by a bind mount: B found every file up to date (it is A's) and A removed
-    them all, the only copies. B now sees the source is on its machine and the same inodes."""
+    """B's module is A's by a bind mount. Onto the same directory or into it, B refuses (exit 2,
+    nothing changed): it sees the source is on its machine and compares directories by device
+    and inode (R52); before, a move onto it removed every file, and a copy into it nested until
+    killed. Onto hard links of the source's files, B found each up to date (it is A's) and A
+    removed them all, the only copies; B now keeps an entry that is its own source (R51)."""
     a, b = daemons
     src = a.modules["data"] / "tree"
     (src / "sub").mkdir(parents=True)
     (src / "f").write_text("f")
     (src / "sub" / "g").write_text("g")
     (src / "void").mkdir()
+    (a.modules["data"] / "links" / "sub").mkdir(parents=True)
+    for p in ("f", "sub/g"):
+        os.link(src / p, a.modules["data"] / "links" / p)
     subprocess.run(["mount", "--bind", str(a.modules["data"]), str(b.modules["data"])], check=True)
     try:
-        r = blit(b, "move", *flags, ep(a, "data/tree/"), ep(b, "data/tree/"))
+        for s, d, why in (
+            ("data/tree/", "data/tree/", f"source and destination are the same directory: {ep(a, 'data/tree/')} and /data/tree/"),
+            ("data/tree", "data/tree/sub/", f"destination /data/tree/sub/ is inside the source {ep(a, 'data/tree')}"),
+        ):
+            r = blit(b, "move", *flags, ep(a, s), ep(b, d))
+            assert (r.returncode, stderr_lines(r)) == (2, [f"blit: error: {why}"]), r.stderr
+        r = blit(b, "move", *flags, ep(a, "data/tree/"), ep(b, "data/links/"))
         assert r.returncode == 3, (r.stdout, r.stderr)
         assert all("source and destination are the same file" in ln for ln in stderr_lines(r)), r.stderr
         assert len(stderr_lines(r)) == 2, r.stderr
     finally:
         subprocess.run(["umount", str(b.modules["data"])], check=False)
-    assert (src / "f").read_text() == "f" and (src / "sub" / "g").read_text() == "g" and (src / "void").is_dir()
+    assert (src / "f").read_text() == "f" and (src / "sub" / "g").read_text() == "g"

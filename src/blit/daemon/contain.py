@@ -118,8 +118,9 @@ def entry_of(name: bytes, st: os.stat_result, dir_fd: int) -> Entry:
     )
 
 
-def stat_path(root: Path, path: bytes) -> Entry | None:
-    """lstat of module/path (never following a link); None if the last name does not exist."""
+def stat_path(root: Path, path: bytes) -> tuple[Entry | None, tuple[int, int]]:
+    """lstat of module/path (never following a link); None if the last name does not exist.
+    With the entry its (device, inode) ((0, 0) with None)."""
     root_fd = open_root(root)
     try:
         dfd, name, _parts = resolve_parent(root_fd, path)
@@ -127,12 +128,13 @@ def stat_path(root: Path, path: bytes) -> Entry | None:
         os.close(root_fd)
     try:
         if name is None:
-            return entry_of(b"", os.fstat(dfd), dfd)
+            st = os.fstat(dfd)
+            return entry_of(b"", st, dfd), (st.st_dev, st.st_ino)
         try:
             st = os.lstat(name, dir_fd=dfd)
         except FileNotFoundError:
-            return None
-        return entry_of(name, st, dfd)
+            return None, (0, 0)
+        return entry_of(name, st, dfd), (st.st_dev, st.st_ino)
     finally:
         os.close(dfd)
 

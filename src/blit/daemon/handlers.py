@@ -409,6 +409,8 @@ class Session:
         """The client speaks protocol.FEATURE_DIR_BATCH (with FEATURE_PARTS): tree/scans, tree/dirs."""
         self.machine = False
         """The client speaks protocol.FEATURE_MACHINE: a pull's tree/open names this machine."""
+        self.nest = False
+        """The client speaks protocol.FEATURE_NEST: a directory's stat names its identity."""
 
     async def dispatch(self, msg: protocol.Message) -> protocol.Message:
         handler = _HANDLERS.get(type(msg))
@@ -534,6 +536,7 @@ async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
     s.parts = protocol.FEATURE_PARTS in granted
     s.dir_batch = protocol.FEATURE_DIR_BATCH in granted
     s.machine = protocol.FEATURE_MACHINE in granted
+    s.nest = protocol.FEATURE_NEST in granted
     log.info("session from %s (%s)", s.peer, msg.software)
     return protocol.HelloReply(
         protocol=protocol.PROTOCOL_VERSION,
@@ -551,7 +554,7 @@ def _features(asked: list[str]) -> list[str]:
     from .. import fsops
     from ..ffi import scan
 
-    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_MACHINE) if f in asked]
+    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_MACHINE, protocol.FEATURE_NEST) if f in asked]
     if protocol.FEATURE_DIR_BATCH in asked and protocol.FEATURE_PARTS in asked:
         out.append(protocol.FEATURE_DIR_BATCH)
     if protocol.FEATURE_DIR_DIGEST in asked and scan.HAVE_CMPDIR:
@@ -582,8 +585,8 @@ async def handle_list(s: Session, msg: protocol.ListDir) -> protocol.DirListing:
 async def handle_stat(s: Session, msg: protocol.Stat) -> protocol.StatReply:
     root, _ro = s.module(msg.module)
     protocol.split_path(msg.path)
-    entry = await s.fs(contain.stat_path, root, msg.path)
-    return protocol.StatReply(entry=entry)
+    entry, ident = await s.fs(contain.stat_path, root, msg.path)
+    return protocol.StatReply(entry=entry, source_dir=list(ident) if s.nest and entry is not None and entry.kind == "dir" else [])
 
 
 async def handle_open_transfer(s: Session, msg: protocol.OpenTransfer) -> protocol.TransferOpened:
@@ -770,6 +773,8 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
         """The base directory's fd; -1 for a dry-run push into a base that does not exist yet
         (it would be created: nothing to open, every directory below it is new)."""
         create = msg.create_base and msg.direction == "push"
+        if msg.direction == "push" and len(msg.source_dir) == 3 and msg.machine and msg.machine == fsops.machine_id():
+            _refuse_nesting(root, base, msg)
         if create and not msg.dry_run:
             _make_base(root, base, contain.label(msg.module, msg.path))
         root_fd = contain.open_root(root)
@@ -804,6 +809,20 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
         expires_ms=int(s.state.grants.ttl * 1000),
         machine=fsops.machine_id() if msg.direction == "pull" and s.machine else b"",
     )
+
+
+def _refuse_nesting(root: Path, base: list[bytes], msg: protocol.OpenTree) -> None:
+    """A push from this machine (FEATURE_NEST) into its own source directory, by another path
+    (the module is a bind mount of it, or inside it): refused before anything is made, as a
+    local copy is (api.refuse_nesting); it would chase its own output."""
+    dev, ino, below = msg.source_dir
+    found = fsops.reaches(os.path.join(os.fsencode(root), *base), (dev, ino))
+    if found is None:
+        return
+    where = contain.label(msg.module, msg.path)
+    if found == "same" and below == 0:
+        raise Refused(ErrorCode.BAD_REQUEST, f"source and destination are the same directory: {where} is the source by another path")
+    raise Refused(ErrorCode.BAD_REQUEST, f"destination {where} is inside the source (by another path to it)")
 
 
 def _rel(b: bytes) -> str:

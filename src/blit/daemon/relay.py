@@ -36,7 +36,7 @@ from ..errors import ConfigError, ConnectError, FatalError, RemoteError, StallEr
 from ..transport import protocol
 from ..transport import tls as tls_mod
 from ..transport.protocol import ErrorCode, Refused
-from ..transport.remote import RemoteSide, Resolved, resolve, side_kind
+from ..transport.remote import RemoteSide, Resolved, nesting_check, resolve, side_kind
 from . import contain
 
 log = logging.getLogger("blit.daemon")
@@ -59,7 +59,7 @@ class ModuleSide(RemoteSide):
 
     async def kind(self, path: bytes, follow: bool) -> str | None:
         try:
-            entry = await trio.to_thread.run_sync(contain.stat_path, self.root, path, limiter=self.limiter)
+            entry, _ident = await trio.to_thread.run_sync(contain.stat_path, self.root, path, limiter=self.limiter)
         except Refused as exc:
             if exc.code == ErrorCode.NOT_FOUND:
                 return None
@@ -215,8 +215,10 @@ class PeerJob:
                 return dest
 
             self.carrier = "h2" if a.force_h2_data or a.peer.data_port is None else "tcp"
+            target = os.path.join(os.fsencode(self.root), *protocol.split_path(r.dst_base))
             self.result = await pull_tree(
-                a, peer.module, r.src_base, None, r.top, spec, msg.streams, open_dest=open_dest, for_client=self.client
+                a, peer.module, r.src_base, None, r.top, spec, msg.streams, open_dest=open_dest, for_client=self.client,
+                refuse_nesting=nesting_check(src, target, r.top, contain.label(msg.module, msg.path)),
             )
 
     async def _refuse_peer(self, host: HostSpec, addresses: list[str]) -> None:

@@ -94,8 +94,12 @@ class RemoteSession:
             after = reply.entries[-1].name
 
     async def stat(self, module: str, path: bytes) -> protocol.Entry | None:
+        return (await self.stat_reply(module, path)).entry
+
+    async def stat_reply(self, module: str, path: bytes) -> protocol.StatReply:
+        """The entry and, for a directory (FEATURE_NEST), its (device, inode)."""
         reply: protocol.StatReply = await self.call(protocol.Stat(module=module, path=path))
-        return reply.entry
+        return reply
 
     @asynccontextmanager
     async def transfer(self, module: str, path: bytes, direction: str, *, streams: int = 1) -> AsyncIterator[RemoteTransfer]:

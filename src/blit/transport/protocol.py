@@ -363,6 +363,9 @@ class Stat(Message):
 class StatReply(Message):
     entry: Entry | None
     """None when nothing exists at the path (its parent does)."""
+    source_dir: list[int] = field(default_factory=list, metadata=_lim(2, omit=True))
+    """Feature FEATURE_NEST: a directory's (device, inode), with which a destination on the
+    same machine refuses to land inside it."""
 
 
 @message_class
@@ -574,6 +577,10 @@ class OpenTree(Message):
     to that address too (it saw only the pulling daemon's)."""
     machine: bytes = field(default=b"", metadata=_lim(64, omit=True))
     """Feature FEATURE_MACHINE, push: the source's machine (fsops.machine_id)."""
+    source_dir: list[int] = field(default_factory=list, metadata=_lim(3, omit=True))
+    """Feature FEATURE_NEST, push of a directory: its (device, inode) on the client and how far
+    the destination lies below `path` (0: `path` is the destination, 1: a name in it). A
+    daemon on the same machine refuses a destination that is the source or inside it."""
 
 
 FEATURE_CLIENT = "client-addr-1"
@@ -583,6 +590,10 @@ FEATURE_MACHINE = "machine-1"
 TransferOpened.machine on a pull), so that a destination on the same machine can tell an
 up-to-date entry that IS its source (the same inode by another path: a module that is the
 client's own directory) from a copy, and a move keeps it (decisions R51)."""
+FEATURE_NEST = "nest-1"
+"""Hello feature: a directory's stat reply carries its (device, inode) and a push's tree/open
+its source directory's (StatReply.source_dir, OpenTree.source_dir), so that a destination on
+the source's machine refuses a copy into the source by another path, a bind mount (R52)."""
 
 
 @message_class
@@ -1709,7 +1720,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_MACHINE])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_MACHINE, FEATURE_NEST])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""
@@ -1999,6 +2010,7 @@ __all__ = [
     "TreeRemoved",
     "FEATURE_ACTIONS",
     "FEATURE_CLIENT",
+    "FEATURE_NEST",
     "ACTION_NAMES",
     "Action",
     "TreeActions",

@@ -35,6 +35,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from ..endpoint import LocalEndpoint, RemoteEndpoint, parse_endpoint
@@ -74,6 +75,9 @@ class Side:
     overlap_lookups: bool = False
     """`kind` waits on a peer: `resolve` asks for a destination and its parent at once when it
     may need both (one round trip instead of two)."""
+    ident: tuple[int, int] | None = None
+    """The directory at `path` by (device, inode), once `kind` looked at it (a daemon says it
+    with FEATURE_NEST): a destination on its machine must not lie inside it (R52)."""
 
     async def kind(self, path: bytes, follow: bool) -> str | None:
         """"dir", "link" (a symlink a daemon does not follow), "other", or None when missing;
@@ -95,7 +99,11 @@ class LocalSide(Side):
             st = os.stat(path) if follow else os.lstat(path)
         except FileNotFoundError:
             return None
-        return "dir" if stat.S_ISDIR(st.st_mode) else "other"
+        if not stat.S_ISDIR(st.st_mode):
+            return "other"
+        if path == self.path:
+            self.ident = (st.st_dev, st.st_ino)
+        return "dir"
 
     def split(self, path: bytes) -> tuple[bytes, bytes]:
         return os.path.dirname(path), os.path.basename(path)
@@ -118,8 +126,12 @@ class RemoteSide(Side):
             raise UsageError(f"{label}: {exc.message}") from None
 
     async def kind(self, path: bytes, follow: bool) -> str | None:
-        entry = await _rstat(self.session, self.module, path)
-        return side_kind(entry)
+        reply = await _rstat(self.session, self.module, path)
+        if reply is None:
+            return None
+        if path == self.path and len(reply.source_dir) == 2:
+            self.ident = (reply.source_dir[0], reply.source_dir[1])
+        return side_kind(reply.entry)
 
     def split(self, path: bytes) -> tuple[bytes, bytes]:
         return split_remote(path)
@@ -129,14 +141,14 @@ def remote_side(session: Any, ep: RemoteEndpoint) -> RemoteSide:
     return RemoteSide(session, ep.module, ep.path_bytes, str(ep))
 
 
-async def _rstat(session: Any, module: str, path: bytes) -> protocol.Entry | None:
+async def _rstat(session: Any, module: str, path: bytes) -> protocol.StatReply | None:
     """stat on the daemon; None also when a parent is missing. NotADirectoryError when a
     parent is not a directory (as os.stat says it)."""
     from ..errors import RemoteError
 
     try:
-        entry: protocol.Entry | None = await session.stat(module, path)
-        return entry
+        reply: protocol.StatReply = await session.stat_reply(module, path)
+        return reply
     except RemoteError as exc:
         if exc.code == "not-found":
             return None
@@ -228,6 +240,19 @@ async def resolve(src: Side, dst: Side) -> Resolved:
     # creates nothing, need not open it).
     top = TopJob(dst_new=create, only={os.fsdecode(name): os.fsdecode(dname)})
     return Resolved(src_base, base, top, create_dst=create, as_new=src_is_dir and dkind is None and not dst.trailing_slash)
+
+
+def nesting_check(src: Side, dst_base: bytes, top: TopJob, dst_label: str) -> Callable[[], None] | None:
+    """For pull_tree: the check that a pull's destination (`dst_base`, a path on this machine,
+    and the top job's name in it) is not the source directory by another path, nor inside it,
+    once the source's daemon proves to be on this machine (R52). None for a file's pull."""
+    ident = src.ident
+    if ident is None:
+        return None
+    from ..api import refuse_nesting
+
+    target = os.path.join(dst_base, os.fsencode(next(iter(top.only.values())))) if top.only else dst_base
+    return lambda: refuse_nesting(target, ident, src.label, dst_label)
 
 
 def side_kind(entry: protocol.Entry | None) -> str | None:
@@ -416,12 +441,13 @@ async def remote_transfer(
                 await trio.to_thread.run_sync(check_source_readable, local.path, local.trailing_slash, local.label)
                 done = await push_tree(
                     session, r.src_base, d_ep.module, r.dst_base, r.top, spec, streams, create_base=r.create_dst, counters=counters,
-                    actions=actions,
+                    actions=actions, source_dir=local.ident,
                 )
             else:
                 assert isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, LocalEndpoint)
                 direction = "pull"
-                r = await resolve(remote_side(session, s_ep), LocalSide(d_ep))
+                rside = remote_side(session, s_ep)
+                r = await resolve(rside, LocalSide(d_ep))
                 if r.as_new and not dry_run:
                     summary.finish_with = finish_command(operation, src, dst)
                 # A missing local destination is made once the daemon accepted the transfer (a
@@ -431,6 +457,7 @@ async def remote_transfer(
                 done = await pull_tree(
                     session, s_ep.module, r.src_base, r.dst_base, r.top, spec, streams,
                     create_root=r.create_dst and not dry_run, counters=counters, dest=dest, actions=actions,
+                    refuse_nesting=nesting_check(rside, r.dst_base, r.top, d_ep.path),
                 )
             nursery.cancel_scope.cancel()  # the ticker
             carriers = "h2" if session.force_h2_data or session.peer.data_port is None else "tcp"

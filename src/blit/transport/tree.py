@@ -2332,21 +2332,27 @@ async def push_tree(
     create_base: bool = False,
     counters: TreeCounters | None = None,
     actions: Callable[[str, str], None] | None = None,
+    source_dir: tuple[int, int] | None = None,
 ) -> TreeDone:
     """Push a local tree (source) to a daemon module directory (destination); `create_base`
     asks the daemon to `mkdir -p` the base first. Move: the sources the daemon confirms
     (tree/landed, synced) are removed as the confirmations come, emptied directories last.
     `actions(action, path)` gets what the daemon changes (tree/actions pages, collected while
     the transfer runs), if the daemon speaks FEATURE_ACTIONS; an older one gives none.
+    `source_dir`: the source directory's (device, inode), a directory's push: a daemon on this
+    machine refuses a destination inside it (FEATURE_NEST).
 
     Returns the daemon's tally (with the local removal count and failures for a move).
-    Raises TransportError / RemoteError when the session fails.
+    Raises UsageError when the daemon refuses the request as such (a destination inside the
+    source), TransportError / RemoteError when the session fails.
     """
+    from ..errors import RemoteError, UsageError
     from .control import collapse_groups
 
     report = actions is not None and protocol.FEATURE_ACTIONS in session.peer.features
-    opened: protocol.TransferOpened = await session.call(
-        protocol.OpenTree(
+    nest = protocol.FEATURE_NEST in session.peer.features and source_dir is not None
+    try:
+        opened: protocol.TransferOpened = await session.call(protocol.OpenTree(
             module=module,
             path=remote_base,
             direction="push",
@@ -2359,8 +2365,12 @@ async def push_tree(
             create_base=create_base,
             report_actions=report,
             machine=fsops.machine_id() if protocol.FEATURE_MACHINE in session.peer.features else b"",
-        )
-    )
+            source_dir=[*source_dir, 0 if top.only is None else 1] if nest and source_dir is not None else [],
+        ))
+    except RemoteError as exc:
+        if exc.code == protocol.ErrorCode.BAD_REQUEST.value:  # the request, not the session
+            raise UsageError(exc.message) from None
+        raise
     from .client import RemoteTransfer
 
     t = RemoteTransfer(session, opened, "push", lazy=True)
@@ -2639,6 +2649,7 @@ async def pull_tree(
     open_dest: Callable[[], Awaitable[DestTree]] | None = None,
     actions: Callable[[str, str], None] | None = None,
     for_client: str = "",
+    refuse_nesting: Callable[[], None] | None = None,
 ) -> TreeDone:
     """Pull a daemon module directory (source) into a local tree (destination): `local_root`, or
     `dest` when the caller made the DestTree (a dry run into a missing directory), or the one
@@ -2649,10 +2660,13 @@ async def pull_tree(
     removed on the daemon (tree/remove), emptied directories last. `actions(action, path)` gets what the local
     DestTree changes (spec.report_actions makes it keep them) while the transfer runs.
     `for_client`: a daemon pulling for a remote to remote transfer names its client's address,
-    which the source daemon checks too (FEATURE_CLIENT).
+    which the source daemon checks too (FEATURE_CLIENT). `refuse_nesting()` runs (in a
+    thread) when the daemon turns out to be on this machine, before anything is made here: it
+    raises UsageError when the destination lies in the source by another path (R52).
 
     Raises:
         FatalError: the local root cannot be created. TransportError / RemoteError.
+        UsageError: from `refuse_nesting`.
     """
     from .client import RemoteTransfer
     from .control import collapse_groups
@@ -2672,6 +2686,9 @@ async def pull_tree(
                 client=for_client if protocol.FEATURE_CLIENT in session.peer.features else "",
             )
         )
+        same_machine = bool(opened.machine) and opened.machine == fsops.machine_id()
+        if same_machine and refuse_nesting is not None:
+            await trio.to_thread.run_sync(refuse_nesting)
         if dest is None and open_dest is not None:
             dest = await open_dest()
         if dest is None:
@@ -2685,7 +2702,7 @@ async def pull_tree(
 
                     raise FatalError(f"cannot create destination {_s(root)}: {_msg(exc)}") from None
             dest = DestTree(await trio.to_thread.run_sync(fsops.open_root, root), spec)
-        dest.same_machine = bool(opened.machine) and opened.machine == fsops.machine_id()
+        dest.same_machine = same_machine
     except BaseException:
         if dest is not None:
             dest.close()
