@@ -239,3 +239,16 @@ def test_full_destination_disk(tmp_path: Path) -> None:
                 assert p in src_snap, f"{p!r} is not a source file: a temporary file left behind"
                 assert e.sha256 == src_snap[p].sha256, f"{p!r} is partial under its real name"
         assert not extra_entries(src_snap, dst_snap), extra_entries(src_snap, dst_snap)
+
+
+@pytest.mark.parametrize(("what", "dst"), [("file", "dl/"), ("dir contents", "dl/"), ("dir", "dl/")])
+def test_a_destination_that_is_a_symlink_to_nothing_is_named_so(tmp_path: Path, what: str, dst: str) -> None:
+    """`blit copy f dl/` with dl a dangling symlink said the path "goes through a file"; it is a
+    symlink to nothing (cp: "Not a directory"). Refused, one line, nothing made."""
+    make_tree(tmp_path, {"f": "x\n", "d/": {"g": "g\n"}, "dl": Symlink("nowhere")})
+    before = snapshot(tmp_path, include_root=False)
+    src = {"file": "f", "dir contents": "d/", "dir": "d"}[what]
+    proc = run_blit("copy", src, dst, cwd=tmp_path)
+    assert proc.returncode == 2, describe_output(proc)
+    _one_error_line(proc, "dl", pattern=r"a symbolic link to nothing, not a directory")
+    assert_same_tree(before, snapshot(tmp_path, include_root=False))

@@ -249,6 +249,8 @@ def _makedirs(path: bytes) -> None:
     try:
         os.makedirs(path, exist_ok=True)
     except FileExistsError:
+        if os.path.islink(path):  # cp: "Not a directory"; rsync: "File exists"
+            raise UsageError(f"destination is a symbolic link to nothing, not a directory: {os.fsdecode(path)}") from None
         raise UsageError(f"destination path goes through a file: {os.fsdecode(path)}") from None
     except NotADirectoryError:
         raise UsageError(f"destination path goes through a file: {os.fsdecode(path)}") from None
