@@ -410,3 +410,24 @@ def test_a_directory_is_not_put_in_place_of_a_dangling_symlink(tmp_path: Path) -
         assert proc.returncode == 2, describe_output(proc)
         assert os.readlink(tmp_path / "dang") == "nowhere"
     assert (src / "a.txt").exists()
+
+
+def test_reaches_goes_up_the_real_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsops.reaches (the nesting check of every topology, R52) walked the path as written: a
+    symlink into the source, a relative path (a daemon started with `--root .` inside the
+    source) or `..` in a module path made it miss the source (a copy nested) or meet it where
+    it is not (`src/conf/../../other` refused as inside src)."""
+    from blit import fsops
+
+    src = tmp_path / "src"
+    (src / "d" / "conf").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "link").symlink_to(src / "d")
+    st = os.stat(src)
+    ident = (st.st_dev, st.st_ino)
+    assert fsops.reaches(os.fsencode(tmp_path / "link" / "x"), ident) == "inside"
+    assert fsops.reaches(os.fsencode(src / "d" / "conf" / ".." / ".." / ".." / "other" / "x"), ident) is None
+    assert fsops.reaches(os.fsencode(src / "d" / ".."), ident) == "same"
+    monkeypatch.chdir(src / "d")
+    assert fsops.reaches(b"x/y", ident) == "inside"
+    assert fsops.reaches(b"..", ident) == "same"

@@ -1170,8 +1170,9 @@ def reaches(target: bytes, ident: tuple[int, int]) -> str | None:
     """Where the directory `ident` (device, inode) stands to the path `target`: "same" when
     `target` is that directory, "inside" when one of its existing ancestors is (the target
     lies in it: a copy there would chase its own output), else None. By identity, not by
-    name: a bind mount is another path to the same directory (decisions R51, R52)."""
-    path, first = target, True
+    name: a bind mount is another path to the same directory (decisions R51, R52). The walk
+    goes up the real path (symlinks, `..` and a relative start resolved), as the kernel would."""
+    path, first = os.path.realpath(target), True
     while True:
         try:
             st: os.stat_result | None = os.stat(path)

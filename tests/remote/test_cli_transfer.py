@@ -171,17 +171,20 @@ def test_a_transfer_onto_or_into_its_own_source_by_another_path_is_refused(
     before = _listing(here)
     via = tmp_path / "via"  # another path to the module: a symlink, so that no name says so
     via.symlink_to(d.modules["data"])
+    (tmp_path / "to_sub").symlink_to(here / "sub")  # its name's parents are not the source's
     if direction == "push":
         cases = [
             ([f"{via}/tree/", url(d, "data/tree/")], "blit: error: source and destination are the same directory: /data/tree/ is the source by another path"),
-            ([f"{via}/tree", url(d, "data/tree/sub/")], "blit: error: destination /data/tree/sub/ is inside the source (by another path to it)"),
+            ([f"{via}/tree", url(d, "data/tree/sub/")], "blit: error: destination /data/tree/sub/tree is inside the source (by another path to it)"),
             ([f"{via}/tree/", url(d, "data/tree/sub/new/deeper")], "blit: error: destination /data/tree/sub/new/deeper is inside the source (by another path to it)"),
+            ([f"{via}/tree/sub", url(d, "data/tree/")], "blit: error: source and destination are the same directory: /data/tree/sub is the source by another path"),
         ]
     else:
         cases = [
             ([url(d, "data/tree/"), f"{via}/tree/"], f"blit: error: source and destination are the same directory: {url(d, 'data/tree/')} and {via}/tree/"),
             ([url(d, "data/tree"), f"{via}/tree/sub/"], f"blit: error: destination {via}/tree/sub/ is inside the source {url(d, 'data/tree')}"),
             ([url(d, "data/tree/"), f"{via}/tree/sub/new/deeper"], f"blit: error: destination {via}/tree/sub/new/deeper is inside the source {url(d, 'data/tree/')}"),
+            ([url(d, "data/tree"), f"{tmp_path}/to_sub/x"], f"blit: error: destination {tmp_path}/to_sub/x is inside the source {url(d, 'data/tree')}"),
         ]
     for args, why in cases:
         r = blit(d, operation, *args)

@@ -773,7 +773,7 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
         """The base directory's fd; -1 for a dry-run push into a base that does not exist yet
         (it would be created: nothing to open, every directory below it is new)."""
         create = msg.create_base and msg.direction == "push"
-        if msg.direction == "push" and len(msg.source_dir) == 3 and msg.machine and msg.machine == fsops.machine_id():
+        if msg.direction == "push" and len(msg.source_dir) == 2 and msg.machine and msg.machine == fsops.machine_id():
             _refuse_nesting(root, base, msg)
         if create and not msg.dry_run:
             _make_base(root, base, contain.label(msg.module, msg.path))
@@ -815,12 +815,15 @@ def _refuse_nesting(root: Path, base: list[bytes], msg: protocol.OpenTree) -> No
     """A push from this machine (FEATURE_NEST) into its own source directory, by another path
     (the module is a bind mount of it, or inside it): refused before anything is made, as a
     local copy is (api.refuse_nesting); it would chase its own output."""
-    dev, ino, below = msg.source_dir
-    found = fsops.reaches(os.path.join(os.fsencode(root), *base), (dev, ino))
+    dev, ino = msg.source_dir
+    if msg.source_name:
+        protocol.check_name(msg.source_name)
+    target = os.path.join(os.fsencode(root), *base, *([msg.source_name] if msg.source_name else []))
+    found = fsops.reaches(target, (dev, ino))
     if found is None:
         return
-    where = contain.label(msg.module, msg.path)
-    if found == "same" and below == 0:
+    where = contain.label(msg.module, os.path.join(msg.path, msg.source_name) if msg.source_name else msg.path)
+    if found == "same":
         raise Refused(ErrorCode.BAD_REQUEST, f"source and destination are the same directory: {where} is the source by another path")
     raise Refused(ErrorCode.BAD_REQUEST, f"destination {where} is inside the source (by another path to it)")
 

@@ -577,10 +577,13 @@ class OpenTree(Message):
     to that address too (it saw only the pulling daemon's)."""
     machine: bytes = field(default=b"", metadata=_lim(64, omit=True))
     """Feature FEATURE_MACHINE, push: the source's machine (fsops.machine_id)."""
-    source_dir: list[int] = field(default_factory=list, metadata=_lim(3, omit=True))
-    """Feature FEATURE_NEST, push of a directory: its (device, inode) on the client and how far
-    the destination lies below `path` (0: `path` is the destination, 1: a name in it). A
-    daemon on the same machine refuses a destination that is the source or inside it."""
+    source_dir: list[int] = field(default_factory=list, metadata=_lim(2, omit=True))
+    """Feature FEATURE_NEST, push of a directory: its (device, inode) on the client. A daemon on
+    the same machine refuses a destination (`path`, or `source_name` in it) that is the source
+    directory or inside it, by any path."""
+    source_name: bytes = field(default=b"", metadata=_lim(MAX_NAME, omit=True))
+    """Feature FEATURE_NEST: the name the source directory lands as in `path`; empty when its
+    contents land in `path` itself."""
 
 
 FEATURE_CLIENT = "client-addr-1"

@@ -2365,7 +2365,8 @@ async def push_tree(
             create_base=create_base,
             report_actions=report,
             machine=fsops.machine_id() if protocol.FEATURE_MACHINE in session.peer.features else b"",
-            source_dir=[*source_dir, 0 if top.only is None else 1] if nest and source_dir is not None else [],
+            source_dir=list(source_dir) if nest and source_dir is not None else [],
+            source_name=_b(next(iter(top.only.values()))) if nest and top.only else b"",
         ))
     except RemoteError as exc:
         if exc.code == protocol.ErrorCode.BAD_REQUEST.value:  # the request, not the session
