@@ -431,3 +431,26 @@ def test_reaches_goes_up_the_real_path(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.chdir(src / "d")
     assert fsops.reaches(b"x/y", ident) == "inside"
     assert fsops.reaches(b"..", ident) == "same"
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("op", "src_form", "dst_form", "skipped"),
+    [("copy", "src", "bnd/", "src/sub/src"), ("copy", "src/", "bnd/new", "sub/new"), ("mirror", "src/", "bnd/new/", "sub/new"),
+     ("move", "src/", "bnd/new", "sub/new")],
+)  # fmt: skip
+def test_a_destination_inside_a_bind_mount_of_a_source_subdirectory_is_not_copied_into_itself(  # type: ignore[no-untyped-def]
+    tmp_path: Path, bind_mount, op: str, src_form: str, dst_form: str, skipped: str
+) -> None:
+    """bnd is a bind mount of src/sub: the destination bnd/x is src/sub/x, which no path check
+    and no walk up from it can see. The copy nested until killed (8,000+ levels). The source
+    walk now leaves out the directory that is the destination (one failure, exit 3), as cp's
+    "cannot copy a directory into itself"; everything else lands once."""
+    src = make_tree(tmp_path / "src", TREE)
+    bind_mount(src / "sub", tmp_path / "bnd")
+    proc = run_blit(op, src_form, dst_form, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 3, describe_output(proc)
+    assert stderr_lines(proc) == [f"blit: {skipped}: copy: it is the destination, by another path (a bind mount): not copied into itself"]
+    top = src / "sub" / Path(dst_form).name.rstrip("/") if dst_form != "bnd/" else src / "sub" / "src"
+    assert (top / "a.txt").read_text() == "a\n" and (top / "sub" / "b.txt").read_text() == "b\n"
+    assert not (top / "sub" / top.name / "sub").exists()  # one level, not a nest

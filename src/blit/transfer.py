@@ -479,7 +479,7 @@ class LocalTransfer:
             # mkdir in a setgid directory makes a setgid directory of its group: one we created
             # hands out what its parent hands out until it is finalised (bottom-up, after its files).
             inherit = job.inherit_gid if new else (dm is None or bool(dm.st_mode & stat.S_ISGID))
-            self.queue.append((DirJob(child.src_rel, child.dst_rel, new, inherit_gid=inherit), child))
+            self.queue.append((DirJob(child.src_rel, child.dst_rel, new, inherit_gid=inherit, dst_top=res.dst_top or job.dst_top), child))
         for name, dname, m, replace in res.big:
             node.pending += 1
             self._work.start_soon(self._big_file, node, job, name, dname, m, replace)

@@ -55,6 +55,10 @@ class DirJob:
     only: dict[str, str] | None = None  # transfer just these names (top entry), renamed
     # New files may get a group other than ours (setgid destination directory, or unknown).
     inherit_gid: bool = True
+    # The directory the run lands in, by (device, inode), once the top job has it: a source
+    # directory that is it (the destination is a bind mount of one inside the source) is not
+    # copied into itself (R52).
+    dst_top: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -64,6 +68,7 @@ class DirResult:
     scan_error: tuple[str, str] | None = None  # (op, message): the source dir could not be read
     fatal: str | None = None  # the destination is full or read-only: stop the run
     incomplete: bool = False  # some source entries could not be stat'ed
+    dst_top: tuple[int, int] | None = None  # the top job found the directory the run lands in
     dst_unread: bool = False  # the destination directory could not be opened or scanned
     # name, dname, source meta, destination is new, destination meta (None when new)
     subdirs: list[tuple[str, str, Meta, bool, Meta | None]] = field(default_factory=list)
@@ -142,6 +147,9 @@ class Worker:
             res.scan_error = ("open", _msg(exc))
             return res
         dfd = -1
+        if not job.rel and job.only is None and not self.spec.dry_run and job.dst_top is None:
+            st = os.fstat(self.dst_root_fd)  # the contents land in the destination root itself
+            res.dst_top = (st.st_dev, st.st_ino)
         try:
             if self.fast and not job.dst_new and job.only is None:
                 dfd = self._try_fast(job, sfd, res)
@@ -228,6 +236,9 @@ class Worker:
         res: DirResult,
     ) -> None:
         spec = self.spec
+        top = res.dst_top or job.dst_top
+        if top is not None:
+            entries, keep = self._not_into_itself(job, top, entries, keep, res)
         entries.sort()
         plan = plan_dir(
             job.rel,
@@ -244,6 +255,21 @@ class Worker:
         if dfd >= 0 and not job.dst_new and not spec.dry_run and not fsops.IS_ROOT and _writes(plan):
             _open_up(dfd, res)
         self._execute(job, plan, sfd, dfd, res)
+
+    def _not_into_itself(
+        self, job: DirJob, top: tuple[int, int], entries: list[tuple[str, Any]], keep: frozenset[str], res: DirResult
+    ) -> tuple[list[tuple[str, Any]], frozenset[str]]:
+        """Leave out a source directory that is the destination the run lands in (reached by
+        another path: the destination is a bind mount of a directory inside the source); one
+        failure, as cp's "cannot copy a directory into itself". Without it the copy nests
+        until the disk is full. Its destination counterpart is kept from a mirror's deletion."""
+        hit = [name for name, m in entries if (m.st_dev, m.st_ino) == top and stat.S_ISDIR(m.st_mode)]
+        if not hit:
+            return entries, keep
+        prefix = job.rel + "/" if job.rel else ""
+        for name in hit:
+            res.failures.append((prefix + name, "copy", "it is the destination, by another path (a bind mount): not copied into itself"))
+        return [e for e in entries if e[0] not in hit], keep | frozenset(hit)
 
     def _execute(self, job: DirJob, plan, sfd: int, dfd: int, res: DirResult) -> None:  # type: ignore[no-untyped-def]
         spec = self.spec
@@ -289,11 +315,16 @@ class Worker:
                 if op is Op.SUBDIR:
                     if not dry:
                         fsops.sync_xattrs(sfd, name, dfd, dname)
+                    if job.only is not None and d is not None:
+                        res.dst_top = (d.st_dev, d.st_ino)
                     res.subdirs.append((name, dname, meta_of(m), False, meta_of(d) if d is not None else None))
                 elif op is Op.MKDIR:
                     if not dry:
                         fsops.make_dir(dfd, dname, acl)
                         res.changed = True
+                        if job.only is not None:
+                            st = os.stat(dname, dir_fd=dfd, follow_symlinks=False)
+                            res.dst_top = (st.st_dev, st.st_ino)
                     if rec:  # a real run lists what it did, once done
                         res.actions.append(("mkdir", path))
                     res.dirs_created += 1
