@@ -245,48 +245,110 @@ def make_dir(parent_fd: int, name: str, acl_inherited: bool = False) -> None:
 
 def remove_extra(
     parent_fd: int, name: str, rel: str, filters: Filters, gone: list[str] | None = None, stop: Callable[[], bool] | None = None,
+    failed: list[tuple[str, str]] | None = None,
 ) -> tuple[int, bool]:  # fmt: skip
     """Mirror's delete: remove `name` and everything below it except what the filters exclude
     (excluded destination entries are protected, and so are the directories holding them).
     Returns (entries removed, something was kept). `gone` gets what a `delete` line names:
     "" for `name` itself when it went, else the paths below it (relative to it) of the
     outermost entries that went. `stop`, asked before each entry, abandons the rest
-    (InterruptedError; `gone` holds what went)."""
-    return _remove_extra(parent_fd, name, rel, filters, gone, len(rel) + 1, stop)
+    (InterruptedError; `gone` holds what went). `failed`: an entry below `name` that cannot be
+    removed (immutable, not ours) goes there as (path, message) and the rest is removed, the
+    directories above it kept, as rsync does; without it the first such error is raised.
+    `name` itself failing raises either way."""
+    return _remove_extra(parent_fd, name, rel, filters, gone, len(rel) + 1, stop, failed)
+
+
+class _Level:
+    """One directory of a tree being deleted (or counted) by mirror, on an explicit stack."""
+
+    __slots__ = ("parent_fd", "name", "rel", "fd", "left", "count", "kept", "inner", "gone")
+
+    def __init__(self, parent_fd: int, name: str, rel: str, fd: int, left: Iterator[tuple[str, str, bool]], gone: list[str] | None) -> None:
+        self.parent_fd, self.name, self.rel, self.fd, self.left = parent_fd, name, rel, fd, left
+        self.count, self.kept = 0, False
+        self.inner: list[str] = []  # what went below it: named if it stays (kept, or a failure)
+        self.gone = gone
 
 
 def _remove_extra(
     parent_fd: int, name: str, rel: str, filters: Filters, gone: list[str] | None, base: int, stop: Callable[[], bool] | None,
+    failed: list[tuple[str, str]] | None,
 ) -> tuple[int, bool]:  # fmt: skip
-    if not filters.active:
-        n = remove_tree(parent_fd, name, stop)
-        _went(gone, rel, base)
-        return n, False
     fd = _unlink_or_open(parent_fd, name)
     if fd < 0:
         _went(gone, rel, base)
         return 1, False
-    count, kept, whole = 0, False, False
-    inner: list[str] = []  # what went below it: named if it stays (kept, or a failure)
+    # A loop over an explicit stack, not a recursion: thousands of levels go like any other.
+    # Without filters no entry is looked at before it goes (unlink first, as remove_tree).
+    listing = _children if filters.active else _plain_children
+    stack = [_Level(parent_fd, name, rel, fd, listing(fd, rel), gone)]
+    result = (0, True)
+
+    def fail(lv: _Level, path: str, exc: OSError) -> None:
+        if failed is None:
+            raise exc
+        failed.append((path, exc.strerror or str(exc)))
+        lv.kept = True
+
     try:
-        try:
-            for child, crel, is_dir in _children(fd, rel):
+        while stack:
+            lv = stack[-1]
+            try:
+                nxt = next(lv.left, None)
+            except OSError as exc:  # its listing (or an entry's stat) failed: it stays
+                fail(lv, lv.rel, exc)
+                nxt = None
+            if nxt is not None:
+                child, crel, is_dir = nxt
                 if stop is not None and stop():
                     raise InterruptedError(errno.EINTR, "stopped")
-                if filters.excluded(crel, child, is_dir):
-                    kept = True
+                if filters.active and filters.excluded(crel, child, is_dir):
+                    lv.kept = True
                     continue
-                c, k = _remove_extra(fd, child, crel, filters, inner, base, stop)
-                count += c
-                kept |= k
-        finally:
-            os.close(fd)
-        if not kept:
-            os.rmdir(name, dir_fd=parent_fd)
-            whole = True
-    finally:
-        _went(gone, rel, base, inner, whole)
-    return (count + 1, False) if whole else (count, True)
+                try:
+                    cfd = _unlink_or_open(lv.fd, child)
+                except OSError as exc:
+                    fail(lv, crel, exc)
+                    continue
+                if cfd < 0:
+                    _went(lv.inner, crel, base)
+                    lv.count += 1
+                else:
+                    stack.append(_Level(lv.fd, child, crel, cfd, listing(cfd, crel), lv.inner))
+                continue
+            stack.pop()
+            os.close(lv.fd)
+            lv.fd = -1
+            whole = False
+            try:
+                if not lv.kept:
+                    try:
+                        os.rmdir(lv.name, dir_fd=lv.parent_fd)
+                        whole = True
+                    except OSError as exc:
+                        if not stack:  # `name` itself: the caller reports it
+                            raise
+                        fail(stack[-1], lv.rel, exc)
+            finally:
+                _went(lv.gone, lv.rel, base, lv.inner, whole)
+            result = (lv.count + 1, False) if whole else (lv.count, True)
+            if stack:
+                stack[-1].count += result[0]
+                stack[-1].kept |= result[1]
+    except BaseException:
+        for lv in reversed(stack):  # the innermost first, as a recursion would unwind
+            if lv.fd >= 0:
+                os.close(lv.fd)
+            _went(lv.gone, lv.rel, base, lv.inner, False)
+        raise
+    return result
+
+
+def _plain_children(fd: int, rel: str) -> Iterator[tuple[str, str, bool]]:
+    """_children without a stat of each entry (no filter asks whether it is a directory)."""
+    for child in os.listdir(fd):
+        yield child, f"{rel}/{child}", False
 
 
 def _went(gone: list[str] | None, rel: str, base: int, inner: list[str] | None = None, whole: bool = True) -> None:
@@ -310,28 +372,56 @@ def count_extra(parent_fd: int, name: str, rel: str, filters: Filters, gone: lis
 
 
 def _count_extra(parent_fd: int, name: str, rel: str, filters: Filters, gone: list[str] | None, base: int) -> int:
-    try:
-        if not stat.S_ISDIR(os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode):
-            _went(gone, rel, base)
-            return 1
-        fd = os.open(name, O_DIR, dir_fd=parent_fd)
-    except OSError:
+    fd = _open_to_count(parent_fd, name)
+    if fd < 0:
         _went(gone, rel, base)
         return 1
-    count, kept = 0, False
-    inner: list[str] = []
+    # As _remove_extra: an explicit stack, and a directory holding an excluded entry at any
+    # depth stays (with every directory above it), as the real run keeps it.
+    stack = [_Level(parent_fd, name, rel, fd, _children(fd, rel), gone)]
+    total = 0
     try:
-        for child, crel, is_dir in _children(fd, rel):
-            if filters.active and filters.excluded(crel, child, is_dir):
-                kept = True
+        while stack:
+            lv = stack[-1]
+            try:
+                nxt = next(lv.left, None)
+            except OSError:
+                nxt = None  # what could not be looked at counts as gone, as before
+            if nxt is not None:
+                child, crel, is_dir = nxt
+                if filters.active and filters.excluded(crel, child, is_dir):
+                    lv.kept = True
+                    continue
+                cfd = _open_to_count(lv.fd, child)
+                if cfd < 0:
+                    _went(lv.inner, crel, base)
+                    lv.count += 1
+                else:
+                    stack.append(_Level(lv.fd, child, crel, cfd, _children(cfd, crel), lv.inner))
                 continue
-            count += _count_extra(fd, child, crel, filters, inner, base)
-    except OSError:
-        pass
+            stack.pop()
+            os.close(lv.fd)
+            lv.fd = -1
+            _went(lv.gone, lv.rel, base, lv.inner, not lv.kept)
+            total = lv.count if lv.kept else lv.count + 1
+            if stack:
+                stack[-1].count += total
+                stack[-1].kept |= lv.kept
     finally:
-        os.close(fd)
-    _went(gone, rel, base, inner, not kept)
-    return count if kept else count + 1
+        for lv in stack:
+            if lv.fd >= 0:
+                os.close(lv.fd)
+    return total
+
+
+def _open_to_count(parent_fd: int, name: str) -> int:
+    """A directory's fd for _count_extra; -1 for anything else or what cannot be opened."""
+    try:
+        if not stat.S_ISDIR(os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode):
+            return -1
+        return os.open(name, O_DIR, dir_fd=parent_fd)
+    except OSError:
+        return -1
 
 
 def count_extras(
@@ -496,35 +586,68 @@ def unlink_unchanged(dir_fd: int, name: str, m: Meta) -> None:
 
 
 def remove_tree(parent_fd: int, name: str, stop: Callable[[], bool] | None = None) -> int:
-    """Remove `name` (any kind) below parent_fd, recursively; returns entries removed. `stop`,
-    asked before each entry, abandons the rest (InterruptedError)."""
+    """Remove `name` (any kind) below parent_fd, with everything below it; returns entries
+    removed. `stop`, asked before each entry, abandons the rest (InterruptedError). A loop, not
+    a recursion: a tree thousands of levels deep (a fd per level) goes like any other."""
     if stop is not None and stop():
         raise InterruptedError(errno.EINTR, "stopped")
     fd = _unlink_or_open(parent_fd, name)
     if fd < 0:
         return 1
     count = 0
+    stack = [(parent_fd, name, fd, _names_of(fd))]  # (parent fd, name, its fd, names left)
     try:
-        for child in os.listdir(fd):
-            count += remove_tree(fd, child, stop)
-    finally:
+        while stack:
+            pfd, dname, dfd, left = stack[-1]
+            child = next(left, None)
+            if child is None:
+                stack.pop()
+                os.close(dfd)
+                os.rmdir(dname, dir_fd=pfd)
+                count += 1
+                continue
+            if stop is not None and stop():
+                raise InterruptedError(errno.EINTR, "stopped")
+            cfd = _unlink_or_open(dfd, child)
+            if cfd < 0:
+                count += 1
+            else:
+                stack.append((dfd, child, cfd, _names_of(cfd)))
+    except BaseException:
+        for _, _, dfd, _ in stack:
+            os.close(dfd)
+        raise
+    return count
+
+
+def _names_of(fd: int) -> Iterator[str]:
+    """The names in the open directory `fd`, read at once; the fd is closed if that fails."""
+    try:
+        return iter(os.listdir(fd))
+    except BaseException:
         os.close(fd)
-    os.rmdir(name, dir_fd=parent_fd)
-    return count + 1
+        raise
 
 
 def _unlink_or_open(parent_fd: int, name: str) -> int:
     """Unlink `name` and return -1; or, a directory, open it to empty it and return its fd (a
     read-only directory we own is made writable, so that we can delete inside it)."""
+    refused: OSError | None = None
     try:
         os.unlink(name, dir_fd=parent_fd)
         return -1
     except IsADirectoryError:
         pass
     except OSError as exc:
-        if exc.errno not in (errno.EISDIR, errno.EPERM):
+        if exc.errno != errno.EPERM:  # POSIX's answer for a directory; Linux's for an immutable file
             raise
-    fd = os.open(name, O_DIR, dir_fd=parent_fd)
+        refused = exc
+    try:
+        fd = os.open(name, O_DIR, dir_fd=parent_fd)
+    except OSError as exc:
+        if refused is not None and exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise refused from None
+        raise
     try:
         st = os.fstat(fd)
         if not st.st_mode & stat.S_IWUSR:

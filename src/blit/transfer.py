@@ -911,13 +911,14 @@ class LocalTransfer:
                 for name, _ in extras:
                     path = _join(dst_rel, name)
                     subs: list[str] = []
+                    stuck: list[tuple[str, str]] = []  # entries below it that would not go
                     try:
-                        deleted += fsops.remove_extra(dfd, name, path, filters, subs, stop)[0]
+                        deleted += fsops.remove_extra(dfd, name, path, filters, subs, stop, stuck)[0]
                     except PermissionError:
                         # A read-only directory of ours: open it up, delete, then restore below.
                         try:
                             os.chmod(dfd, stat.S_IMODE(os.fstat(dfd).st_mode) | stat.S_IRWXU)
-                            deleted += fsops.remove_extra(dfd, name, path, filters, subs, stop)[0]
+                            deleted += fsops.remove_extra(dfd, name, path, filters, subs, stop, stuck)[0]
                         except InterruptedError:
                             pass
                         except OSError as exc:
@@ -926,6 +927,7 @@ class LocalTransfer:
                         pass
                     except OSError as exc:
                         failures.append((path, "delete", exc.strerror or str(exc)))
+                    failures += ((p, "delete", why) for p, why in stuck)
                     # (after a retry the directory itself went too: one line names it all)
                     gone += [path] if "" in subs else (fsops.below(path, sub) for sub in subs)
                     if stop():

@@ -718,3 +718,36 @@ def test_a_destination_that_keeps_whole_seconds_does_not_copy_again(daemon_proce
     assert (summary["files_copied"], summary["files_skipped"]) == (1, 3), summary
     assert os.stat(dst / "h").st_ino == os.stat(dst / "h2").st_ino
     assert (dst / "b").read_text() == "B"
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_a_remote_mirror_deletes_what_it_can_around_an_immutable_entry(daemon_process: DaemonProcess, tmp_path: Path, direction: str) -> None:
+    """As locally: an immutable file in a tree to delete is one failure naming it (not `xd:
+    Not a directory`), the rest goes and is counted; a tree 1,200 levels deep goes too (it
+    ended in RecursionError)."""
+    d = daemon_process
+    src = (tmp_path / "src") if direction == "push" else d.modules["data"] / "src"
+    dst = (d.modules["data"] / "dst") if direction == "push" else tmp_path / "dst"
+    src.mkdir()
+    (dst / "xd" / "deeper").mkdir(parents=True)
+    for name in ("a", "imm", "z", "deeper/e"):
+        (dst / "xd" / name).write_text(name)
+    deep = dst / "deep"
+    deep.mkdir()
+    fd = os.open(deep, os.O_RDONLY)
+    for _ in range(1200):
+        os.mkdir("x", dir_fd=fd)
+        nfd = os.open("x", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    os.close(fd)
+    subprocess.run(["chattr", "+i", dst / "xd" / "imm"], check=True)
+    try:
+        args = [f"{src}/", url(d, "data/dst/")] if direction == "push" else [url(d, "data/src/"), f"{dst}/"]
+        r = blit(d, "mirror", *args)
+    finally:
+        subprocess.run(["chattr", "-i", dst / "xd" / "imm"], check=True)
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert errors(r) == ["blit: xd/imm: delete: Operation not permitted"], r.stderr
+    assert "deleted 1,205," in r.stdout, r.stdout
+    assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == ["xd", "xd/imm"]

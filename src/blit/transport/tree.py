@@ -2025,13 +2025,16 @@ class DestTree:
                 for name, _is_dir in extras:
                     path = _join(dst_rel, name)
                     subs: list[str] = []
+                    stuck: list[tuple[str, str]] = []  # entries below it that would not go
                     try:
-                        n, _kept = fsops.remove_extra(fd, name, path, self.spec.filters, subs, self._stop)
+                        n, _kept = fsops.remove_extra(fd, name, path, self.spec.filters, subs, self._stop, stuck)
                         self.files_deleted += n
                     except InterruptedError:  # stopped: what went is named below
                         pass
                     except OSError as exc:
                         self._fail(path, "delete", _msg(exc))
+                    for where, why in stuck:
+                        self._fail(where, "delete", why)
                     for sub in subs:
                         self._act("delete", fsops.below(path, sub))
                     if self.stopped:
