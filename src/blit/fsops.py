@@ -232,6 +232,20 @@ def scan(dir_fd: int, *, source: bool = False) -> tuple[list[tuple[str, os.stat_
     return out, errs
 
 
+def open_up(dfd: int) -> bool:
+    """A read-only destination directory of ours (kept from an earlier run, 0555): made writable
+    for the entries about to land in it, as rsync does; its mode is put back when the directory
+    is finalised. True when it changed; not ours, nothing changes (the writes fail one by one)."""
+    st = os.fstat(dfd)
+    if st.st_mode & stat.S_IWUSR and st.st_mode & stat.S_IXUSR:
+        return False
+    try:
+        os.fchmod(dfd, stat.S_IMODE(st.st_mode) | stat.S_IWUSR | stat.S_IXUSR)
+    except OSError:
+        return False
+    return True
+
+
 def make_dir(parent_fd: int, name: str, acl_inherited: bool = False) -> None:
     """Create a directory writable by us; its real mode is applied when it is finalised.
     `acl_inherited`: the parent has a default ACL (has_default_acl), which the new directory

@@ -60,6 +60,10 @@ class DirPlan:
     # Destination entries in the way of a source entry of another kind: removed before landing.
     conflicts: list[tuple[str, bool]] = field(default_factory=list)
 
+    def writes(self) -> bool:
+        """Will this directory's job create, replace or remove entries in the destination directory?"""
+        return bool(self.conflicts or self.extras) or any(it.op not in (Op.SUBDIR, Op.SAME, Op.HASH) for it in self.items)
+
 
 def up_to_date(src: Meta, dst: Meta, compare: Compare, granularity: Callable[[], int] | None = None) -> Op:
     if not stat.S_ISREG(dst.st_mode) or compare is Compare.ALWAYS:

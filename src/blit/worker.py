@@ -252,7 +252,7 @@ class Worker:
             granularity=(lambda: fsops.time_granularity(dfd)) if dfd >= 0 else None,
         )
         res.extras = plan.extras
-        if dfd >= 0 and not job.dst_new and not spec.dry_run and not fsops.IS_ROOT and _writes(plan):
+        if dfd >= 0 and not job.dst_new and not spec.dry_run and not fsops.IS_ROOT and plan.writes():
             _open_up(dfd, res)
         self._execute(job, plan, sfd, dfd, res)
 
@@ -502,22 +502,11 @@ def _failed(res: DirResult, path: str, dpath: str, op: str, exc: OSError) -> Non
     res.failures.append((path, op, _msg(exc)))
 
 
-def _writes(plan) -> bool:  # type: ignore[no-untyped-def]
-    """Will this directory's job create, replace or remove entries in the destination directory?"""
-    return bool(plan.conflicts) or any(it.op not in (Op.SUBDIR, Op.SAME, Op.HASH) for it in plan.items)
-
-
 def _open_up(dfd: int, res: DirResult) -> None:
-    """A read-only destination directory of ours (kept from an earlier run): make it writable for
-    this job, as rsync does; the coordinator restores its mode when the directory is finalised."""
-    st = os.fstat(dfd)
-    if st.st_mode & stat.S_IWUSR and st.st_mode & stat.S_IXUSR:
-        return
-    try:
-        os.fchmod(dfd, stat.S_IMODE(st.st_mode) | stat.S_IWUSR | stat.S_IXUSR)
+    """A read-only destination directory of ours (kept from an earlier run): writable for this
+    job (fsops.open_up); the coordinator restores its mode when the directory is finalised."""
+    if fsops.open_up(dfd):
         res.changed = True
-    except OSError:
-        pass  # not ours: the writes will fail one by one and be reported
 
 
 def _join(base: str, rel: str) -> str:

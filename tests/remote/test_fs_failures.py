@@ -317,3 +317,31 @@ def test_list_names_the_entry_it_cannot_examine(nobody_daemon: DaemonProcess) ->
         assert "noexec" in proc.stdout.decode(), describe_output(proc)
     finally:
         os.chmod(d, 0o755)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_a_read_only_destination_directory_of_ours_takes_new_entries(nobody_daemon: DaemonProcess, nobody_tmp: Path, direction: str) -> None:
+    """A 0555 destination directory the writer owns (kept from an earlier run): a local run and
+    rsync open it up, land, and put its mode back; through a daemon every new entry in it failed
+    with `Permission denied` (exit 3), and a replaced entry too."""
+    src_root = nobody_tmp / "src" if direction == "push" else nobody_daemon.modules["data"] / "src"
+    dst = nobody_daemon.modules["data"] / "dst" if direction == "push" else nobody_tmp / "dst"
+    write_file(src_root / "keep/sub/g", b"g\n")
+    write_file(src_root / "keep/newf", b"n\n")
+    write_file(src_root / "keep/was_file/x", b"x\n")
+    write_file(dst / "keep/was_file", b"a file where a directory comes\n")
+    os.chmod(src_root / "keep", 0o555)
+    os.chmod(dst / "keep", 0o555)
+    chown_tree(src_root, NOBODY, NOBODY)
+    chown_tree(dst, NOBODY, NOBODY)
+    args = [f"{src_root}/", url(nobody_daemon, "data/dst/")] if direction == "push" else [url(nobody_daemon, "data/src/"), f"{dst}/"]
+    try:
+        proc = run_blit("copy", "--no-tls", *args, as_nobody=True)
+        assert proc.returncode == 0, describe_output(proc)
+        assert (dst / "keep/sub/g").read_bytes() == b"g\n" and (dst / "keep/newf").read_bytes() == b"n\n"
+        assert (dst / "keep/was_file/x").read_bytes() == b"x\n"
+        assert os.stat(dst / "keep").st_mode & 0o777 == 0o555
+    finally:
+        os.chmod(src_root / "keep", 0o755)
+        os.chmod(dst / "keep", 0o755)

@@ -1314,6 +1314,9 @@ class DestTree:
             if p.extras:
                 with self._lock:
                     self.deletions.append((dst_rel, p.extras))
+            if dfd >= 0 and not dst_new and not dry and not fsops.IS_ROOT and p.writes() and fsops.open_up(dfd):
+                with self._lock:  # a read-only directory of ours: its mode comes back when finalised
+                    self.nodes[dst_rel].changed = True
             return self._execute(rel, dst_rel, prefix, dprefix, p, dfd, by_name, failures, acl, plain, plain_names)
         finally:
             if dfd >= 0:
