@@ -751,3 +751,31 @@ def test_a_remote_mirror_deletes_what_it_can_around_an_immutable_entry(daemon_pr
     assert errors(r) == ["blit: xd/imm: delete: Operation not permitted"], r.stderr
     assert "deleted 1,205," in r.stdout, r.stdout
     assert sorted(str(p.relative_to(dst)) for p in dst.rglob("*")) == ["xd", "xd/imm"]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_a_destination_in_a_bind_mount_of_a_source_subdirectory_is_not_copied_into_itself(
+    daemon_process: DaemonProcess, tmp_path: Path, direction: str
+) -> None:
+    """The destination is inside a bind mount of a subdirectory of the source: no walk up from
+    it meets the source, and the copy nested until killed. The destination side, on the
+    source's machine, leaves out the source directory that is the one it lands in (R52)."""
+    d = daemon_process
+    src = tmp_path / "src" if direction == "push" else d.modules["data"] / "src"
+    (src / "d" / "e").mkdir(parents=True)
+    (src / "f").write_text("f")
+    (src / "d" / "g").write_text("g")
+    where = d.modules["data"] if direction == "push" else tmp_path / "bnd"
+    where.mkdir(exist_ok=True)
+    subprocess.run(["mount", "--bind", str(src / "d"), str(where)], check=True)
+    try:
+        args = [f"{src}", url(d, "data/")] if direction == "push" else [url(d, "data/src"), f"{where}/"]
+        r = blit(d, "copy", *args)
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert errors(r) == ["blit: src/d/src: copy: it is the destination, by another path (a bind mount): not copied into itself"], r.stderr
+    landed = src / "d" / "src"
+    assert (landed / "f").read_text() == "f" and (landed / "d" / "g").read_text() == "g"
+    assert not (landed / "d" / "src").exists()

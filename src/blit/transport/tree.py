@@ -998,6 +998,9 @@ class DestTree:
         """The source is on this machine (FEATURE_MACHINE): an up-to-date entry may be the
         source itself, reached by another path (`_record_same`)."""
         self._root_dev = os.fstat(root_fd).st_dev if root_fd >= 0 else -1
+        self._top: tuple[int, int] | None = None
+        """The directory the transfer lands in, by (device, inode), once the top job has it: a
+        source directory from this machine that is it is not copied into itself (R52)."""
 
     def _act(self, action: str, path: str) -> None:
         if self.actions is not None:
@@ -1282,6 +1285,16 @@ class DestTree:
                 gid_bit = bool(os.fstat(dfd).st_mode & stat.S_ISGID)
                 with self._lock:
                     self.nodes[dst_rel].inherit_gid = gid_bit
+            if not dst_rel and only is None and self._top is None and not dry:  # `SRC/ DST`: lands in the root
+                st = os.fstat(dfd)
+                self._top = (st.st_dev, st.st_ino)
+        hit: list[str] = []
+        if self.same_machine and self._top is not None:  # the destination, by another path (R52)
+            hit = [n for n, m in src if (m.st_dev, m.st_ino) == self._top and stat.S_ISDIR(m.st_mode)]
+            for n in hit:
+                failures.append(PathFailure(path=_b(prefix + n), op="copy", message=_INTO_ITSELF))
+            if hit:
+                src = [(n, m) for n, m in src if n not in hit]
         try:
             acl: bool | None = None
             if parted is not None and part:
@@ -1299,7 +1312,7 @@ class DestTree:
                         self.nodes[dst_rel].changed = True
             p = plan_dir(
                 rel, src, dst, compare=spec.compare, filters=spec.filters, mirror=spec.mirror and not more, only=only,
-                keep=frozenset(keep | parted.seen if parted is not None and not more else keep),  # earlier parts' names are no extras
+                keep=frozenset((keep | parted.seen if parted is not None and not more else keep) | set(hit)),  # earlier parts' names are no extras
                 granularity=(lambda: fsops.time_granularity(dfd)) if dfd >= 0 else None,
             )
             if parted is not None and more:
@@ -1452,6 +1465,8 @@ class DestTree:
                 if op is Op.SUBDIR:
                     if not dry:
                         self._sync_xattrs(dfd, dname, xattrs)
+                        if not dst_rel and self._top is None and d is not None:  # the top entry of `SRC DST`
+                            self._top = (d.st_dev, d.st_ino)
                     with self._lock:
                         self.nodes[_join(dst_rel, dname)] = _DirNode(
                             m, fsops.meta_of(d) if d is not None else None, False, xattrs,
@@ -1464,6 +1479,9 @@ class DestTree:
                     node = _DirNode(m, None, True, xattrs, inherit_gid=parent_inherit, src_rel=_join(rel, name))
                     self._new_dir(dfd, dst_rel, dname, acl, node)
                     changed = not dry
+                    if not dst_rel and self._top is None and not dry:  # the top entry of `SRC DST`
+                        st = os.stat(dname, dir_fd=dfd, follow_symlinks=False)
+                        self._top = (st.st_dev, st.st_ino)
                     self._act("mkdir", prefix + name)
                     subdirs.append(SubDir(name=_b(name), dname=_b(dname), new=True))
                 elif op is Op.HARDLINK:
@@ -2275,6 +2293,9 @@ class TreeCounters:
             return d.files_copied + d.files_skipped + d.links_created, nbytes
         return self.settled + sum(s.files for s in self.streams), nbytes
 
+
+_INTO_ITSELF = "it is the destination, by another path (a bind mount): not copied into itself"
+"""A source directory that is the directory the transfer lands in (R52), as worker.py says it."""
 
 _DATA_OPS = frozenset((Op.COPY, Op.HASH, Op.HARDLINK))
 """What lands data in place of an existing destination entry (DestTree._execute, R51)."""
