@@ -246,6 +246,32 @@ def open_up(dfd: int) -> bool:
     return True
 
 
+def open_dst_dir(open_dir: Callable[[int, str], int], root_fd: int, rel: str) -> tuple[int, bool]:
+    """A destination directory's fd, as `open_dir(root_fd, rel)` opens it; a directory of ours
+    that refuses us (mode 000, kept from an earlier run or made so) is given u+rwx first, as
+    rsync does, and (fd, True) says so: its mode comes back when it is finalised. Anything
+    else (not ours, running as root, the top) raises as before."""
+    try:
+        return open_dir(root_fd, rel), False
+    except PermissionError:
+        if IS_ROOT or not rel:
+            raise
+        parent, _, name = rel.rpartition("/")
+        pfd = open_dir(root_fd, parent)
+        try:
+            path_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+        finally:
+            os.close(pfd)
+        try:
+            st = os.fstat(path_fd)
+            if st.st_uid != os.geteuid():
+                raise
+            os.chmod(f"/proc/self/fd/{path_fd}", stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
+        finally:
+            os.close(path_fd)
+    return open_dir(root_fd, rel), True
+
+
 def make_dir(parent_fd: int, name: str, acl_inherited: bool = False) -> None:
     """Create a directory writable by us; its real mode is applied when it is finalised.
     `acl_inherited`: the parent has a default ACL (has_default_acl), which the new directory

@@ -171,7 +171,8 @@ class Worker:
             if not (spec.dry_run and job.dst_new):
                 if dfd < 0:
                     try:
-                        dfd = fsops.open_rel(self.dst_root_fd, job.dst_rel)
+                        dfd, opened_up = fsops.open_dst_dir(fsops.open_rel, self.dst_root_fd, job.dst_rel)
+                        res.changed |= opened_up
                     except OSError as exc:
                         if exc.errno in FATAL_ERRNOS:
                             res.fatal = f"{_msg(exc)} (writing {job.dst_rel or '.'})"

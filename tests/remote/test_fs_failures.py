@@ -345,3 +345,29 @@ def test_a_read_only_destination_directory_of_ours_takes_new_entries(nobody_daem
     finally:
         os.chmod(src_root / "keep", 0o755)
         os.chmod(dst / "keep", 0o755)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("direction", ["local", "push", "pull"])
+def test_a_destination_directory_of_ours_with_mode_000_is_repaired(nobody_daemon: DaemonProcess, nobody_tmp: Path, direction: str) -> None:
+    """dst/d (0000, the writer's own): `open destination: Permission denied` and 'mirror deleted
+    nothing' on every run, in every topology; rsync gives it u+rwx, mirrors, and sets the
+    source's mode. So does blit now."""
+    src = nobody_daemon.modules["data"] / "src" if direction == "pull" else nobody_tmp / "src"
+    dst = nobody_daemon.modules["data"] / "dst" if direction == "push" else nobody_tmp / "dst"
+    write_file(src / "d/f", b"f\n")
+    write_file(dst / "d/x", b"extra\n")
+    chown_tree(src, NOBODY, NOBODY)
+    chown_tree(dst, NOBODY, NOBODY)
+    os.chmod(dst / "d", 0)
+    args = {
+        "local": [f"{src}/", f"{dst}/"],
+        "push": ["--no-tls", f"{src}/", url(nobody_daemon, "data/dst/")],
+        "pull": ["--no-tls", url(nobody_daemon, "data/src/"), f"{dst}/"],
+    }[direction]
+    try:
+        proc = run_blit("mirror", *args, as_nobody=True)
+        assert proc.returncode == 0, describe_output(proc)
+        assert os.listdir(dst / "d") == ["f"] and os.stat(dst / "d").st_mode & 0o777 == os.stat(src / "d").st_mode & 0o777
+    finally:
+        os.chmod(dst / "d", 0o755)

@@ -879,6 +879,9 @@ class _DirFds:
         self._fds: dict[str, list[int]] = {}  # rel -> [fd, users]
         self._idle: OrderedDict[str, None] = OrderedDict()
         self._held = _Held()
+        self.opened_up: set[str] = set()
+        """Directories of ours that refused us (mode 000) and were given u+rwx to be opened
+        (fsops.open_dst_dir): their mode comes back when they are finalised."""
 
     def held(self, rel: str) -> int:
         """The fd of `rel`, kept acquired by the calling thread until it asks for another
@@ -900,8 +903,10 @@ class _DirFds:
                 slot[1] += 1
                 self._idle.pop(rel, None)
                 return slot[0]
-        fd = self.open_dir(self.root_fd, rel)
+        fd, opened_up = fsops.open_dst_dir(self.open_dir, self.root_fd, rel)
         with self._lock:
+            if opened_up:
+                self.opened_up.add(rel)
             slot = self._fds.get(rel)
             if slot is not None:  # raced: keep the first
                 os.close(fd)
@@ -1281,6 +1286,9 @@ class DestTree:
                 failures.append(PathFailure(path=_b(dst_rel or "."), op="open destination", message=_msg(exc)))
                 self._note_fatal(exc.errno, _msg(exc), dst_rel)
                 return self._unplanned(rel, parted, failures)
+            if dst_rel in self.dirs.opened_up:
+                with self._lock:
+                    self.nodes[dst_rel].changed = True
             if top and not dry:  # whether it hands new entries its group (setgid)
                 gid_bit = bool(os.fstat(dfd).st_mode & stat.S_ISGID)
                 with self._lock:
