@@ -313,9 +313,11 @@ class _Level:
 
 def _remove_extra(
     parent_fd: int, name: str, rel: str, filters: Filters, gone: list[str] | None, base: int, stop: Callable[[], bool] | None,
-    failed: list[tuple[str, str]] | None,
+    failed: list[tuple[str, str]] | None, dry: bool = False,
 ) -> tuple[int, bool]:  # fmt: skip
-    fd = _unlink_or_open(parent_fd, name)
+    """remove_extra's walk, and count_extra's (`dry`: nothing is changed; what cannot be looked
+    at counts as one that goes). Returns (entries removed, something was kept)."""
+    fd = _open_to_count(parent_fd, name) if dry else _unlink_or_open(parent_fd, name)
     if fd < 0:
         _went(gone, rel, base)
         return 1, False
@@ -337,7 +339,8 @@ def _remove_extra(
             try:
                 nxt = next(lv.left, None)
             except OSError as exc:  # its listing (or an entry's stat) failed: it stays
-                fail(lv, lv.rel, exc)
+                if not dry:
+                    fail(lv, lv.rel, exc)
                 nxt = None
             if nxt is not None:
                 child, crel, is_dir = nxt
@@ -347,7 +350,7 @@ def _remove_extra(
                     lv.kept = True
                     continue
                 try:
-                    cfd = _unlink_or_open(lv.fd, child)
+                    cfd = _open_to_count(lv.fd, child) if dry else _unlink_or_open(lv.fd, child)
                 except OSError as exc:
                     fail(lv, crel, exc)
                     continue
@@ -360,9 +363,9 @@ def _remove_extra(
             stack.pop()
             os.close(lv.fd)
             lv.fd = -1
-            whole = False
+            whole = dry and not lv.kept
             try:
-                if not lv.kept:
+                if not lv.kept and not dry:
                     try:
                         os.rmdir(lv.name, dir_fd=lv.parent_fd)
                         whole = True
@@ -412,46 +415,8 @@ def count_extra(parent_fd: int, name: str, rel: str, filters: Filters, gone: lis
 
 
 def _count_extra(parent_fd: int, name: str, rel: str, filters: Filters, gone: list[str] | None, base: int) -> int:
-    fd = _open_to_count(parent_fd, name)
-    if fd < 0:
-        _went(gone, rel, base)
-        return 1
-    # As _remove_extra: an explicit stack, and a directory holding an excluded entry at any
-    # depth stays (with every directory above it), as the real run keeps it.
-    stack = [_Level(parent_fd, name, rel, fd, _children(fd, rel), gone)]
-    total = 0
-    try:
-        while stack:
-            lv = stack[-1]
-            try:
-                nxt = next(lv.left, None)
-            except OSError:
-                nxt = None  # what could not be looked at counts as gone, as before
-            if nxt is not None:
-                child, crel, is_dir = nxt
-                if filters.active and filters.excluded(crel, child, is_dir):
-                    lv.kept = True
-                    continue
-                cfd = _open_to_count(lv.fd, child)
-                if cfd < 0:
-                    _went(lv.inner, crel, base)
-                    lv.count += 1
-                else:
-                    stack.append(_Level(lv.fd, child, crel, cfd, _children(cfd, crel), lv.inner))
-                continue
-            stack.pop()
-            os.close(lv.fd)
-            lv.fd = -1
-            _went(lv.gone, lv.rel, base, lv.inner, not lv.kept)
-            total = lv.count if lv.kept else lv.count + 1
-            if stack:
-                stack[-1].count += total
-                stack[-1].kept |= lv.kept
-    finally:
-        for lv in stack:
-            if lv.fd >= 0:
-                os.close(lv.fd)
-    return total
+    # A directory holding an excluded entry at any depth stays, with every directory above it.
+    return _remove_extra(parent_fd, name, rel, filters, gone, base, None, None, dry=True)[0]
 
 
 def _open_to_count(parent_fd: int, name: str) -> int:
