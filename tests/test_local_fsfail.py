@@ -135,3 +135,24 @@ def test_a_source_file_that_changes_size_while_copied(tmp_path: Path, change: st
     assert_changed_file_outcome(proc, src, dst, change)
     run_blit("copy", f"{src}/", dst, check=0)
     assert_same_tree(src, dst)
+
+
+@pytest.mark.root
+def test_a_directory_not_ours_says_each_refusal_once(nobody_tmp: Path) -> None:
+    """dst/keep is root's: a new file, an extra and the directory's metadata fail. The metadata
+    line came twice (once when finalised, once after the deletions) and the delete said
+    `Operation not permitted` (the chmod meant to open the directory up) where the refusal was
+    `Permission denied`, as a push says it."""
+    src, dst = nobody_tmp / "src", nobody_tmp / "dst"
+    make_tree(src, {"keep/": {"newf": "n\n"}})
+    make_tree(dst, {"keep/": {"extra": "x\n"}})
+    chown_tree(src, NOBODY, NOBODY)
+    chown_tree(dst, NOBODY, NOBODY)
+    os.chown(dst / "keep", 0, 0)
+    proc = run_blit("mirror", f"{src}/", f"{dst}/", as_nobody=True)
+    assert proc.returncode == 3, describe_output(proc)
+    assert stderr_lines(proc) == [
+        "blit: keep/newf: copy: Permission denied",
+        "blit: keep/extra: delete: Permission denied",
+        "blit: keep: directory metadata: Operation not permitted",
+    ]

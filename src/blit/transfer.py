@@ -872,8 +872,12 @@ class LocalTransfer:
         if self.spec.record_actions:
             for path in gone:
                 self.progress.action("delete", path)
+        # A directory whose metadata could not be put back when it was finalised fails the
+        # same way once its deletions are done: one line, not two.
+        told = {(f.path, f.op, f.message) for f in self.summary.failures}
         for f in failures:
-            self._fail(*f)
+            if f not in told:
+                self._fail(*f)
 
     def _stop_deleting(self) -> None:
         self.stop.is_set = True
@@ -914,15 +918,18 @@ class LocalTransfer:
                     stuck: list[tuple[str, str]] = []  # entries below it that would not go
                     try:
                         deleted += fsops.remove_extra(dfd, name, path, filters, subs, stop, stuck)[0]
-                    except PermissionError:
-                        # A read-only directory of ours: open it up, delete, then restore below.
-                        try:
-                            os.chmod(dfd, stat.S_IMODE(os.fstat(dfd).st_mode) | stat.S_IRWXU)
-                            deleted += fsops.remove_extra(dfd, name, path, filters, subs, stop, stuck)[0]
-                        except InterruptedError:
-                            pass
-                        except OSError as exc:
-                            failures.append((path, "delete", exc.strerror or str(exc)))
+                    except PermissionError as refused:
+                        # A read-only directory of ours: open it up, delete, then restore below
+                        # (not ours: the refusal itself is what to say, as through a daemon).
+                        if not fsops.open_up(dfd):
+                            failures.append((path, "delete", refused.strerror or str(refused)))
+                        else:
+                            try:
+                                deleted += fsops.remove_extra(dfd, name, path, filters, subs, stop, stuck)[0]
+                            except InterruptedError:
+                                pass
+                            except OSError as exc:
+                                failures.append((path, "delete", exc.strerror or str(exc)))
                     except InterruptedError:  # interrupted: what went is named, the rest stays
                         pass
                     except OSError as exc:
