@@ -16,7 +16,7 @@ import functools
 import os
 import stat
 from contextlib import contextmanager
-from typing import Callable, Collection, Iterator, NamedTuple
+from typing import Callable, Collection, Iterable, Iterator, NamedTuple
 
 from . import ffi
 from .filters import Filters
@@ -1275,6 +1275,15 @@ def make_hardlink(dst_dir: int, name: str, first_dir: int, first_name: str, repl
 SAME_FILE = "source and destination are the same file (another path to it: a bind mount, a hard link); kept"
 """Move: why an up-to-date source entry that is its own destination is not removed."""
 
+INTO_ITSELF = "it is the destination, by another path (a bind mount): not copied into itself"
+"""Why a source directory that is the directory the run lands in is left out (R52)."""
+
+
+def into_itself(entries: Iterable[tuple[str, Meta | os.stat_result]], top: tuple[int, int]) -> list[str]:
+    """The names among a source directory's `entries` that are the directory the run lands in
+    (`top`, by device and inode): the destination is a bind mount of a directory inside the
+    source. A walk that went in would copy its own output until the disk is full (R52)."""
+    return [name for name, m in entries if (m.st_dev, m.st_ino) == top and stat.S_ISDIR(m.st_mode)]
 
 
 @functools.cache
@@ -1286,6 +1295,11 @@ def machine_id() -> bytes:
             return f.read().strip()[:64]
     except OSError:
         return b""
+
+
+def this_machine(machine: bytes) -> bool:
+    """Whether a peer's `machine_id` is this machine's (never for an unknown one, b"")."""
+    return bool(machine) and machine == machine_id()
 
 
 def same_inode(a: os.stat_result | Meta | None, b: os.stat_result | Meta | None) -> bool:

@@ -264,12 +264,12 @@ class Worker:
         another path: the destination is a bind mount of a directory inside the source); one
         failure, as cp's "cannot copy a directory into itself". Without it the copy nests
         until the disk is full. Its destination counterpart is kept from a mirror's deletion."""
-        hit = [name for name, m in entries if (m.st_dev, m.st_ino) == top and stat.S_ISDIR(m.st_mode)]
+        hit = fsops.into_itself(entries, top)
         if not hit:
             return entries, keep
         prefix = job.rel + "/" if job.rel else ""
         for name in hit:
-            res.failures.append((prefix + name, "copy", "it is the destination, by another path (a bind mount): not copied into itself"))
+            res.failures.append((prefix + name, "copy", fsops.INTO_ITSELF))
         return [e for e in entries if e[0] not in hit], keep | frozenset(hit)
 
     def _execute(self, job: DirJob, plan, sfd: int, dfd: int, res: DirResult) -> None:  # type: ignore[no-untyped-def]

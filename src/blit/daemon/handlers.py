@@ -773,7 +773,7 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
         """The base directory's fd; -1 for a dry-run push into a base that does not exist yet
         (it would be created: nothing to open, every directory below it is new)."""
         create = msg.create_base and msg.direction == "push"
-        if msg.direction == "push" and len(msg.source_dir) == 2 and msg.machine and msg.machine == fsops.machine_id():
+        if msg.direction == "push" and len(msg.source_dir) == 2 and fsops.this_machine(msg.machine):
             _refuse_nesting(root, base, msg)
         if create and not msg.dry_run:
             _make_base(root, base, contain.label(msg.module, msg.path))
@@ -793,7 +793,7 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
             operation=msg.operation, compare=Compare(msg.compare), filters=filters, dry_run=msg.dry_run, report_actions=msg.report_actions
         )
         t.tree_dest = tree.DestTree(base_fd, spec, open_dir=contained_open_dir)
-        t.tree_dest.same_machine = bool(msg.machine) and msg.machine == fsops.machine_id()
+        t.tree_dest.same_machine = fsops.this_machine(msg.machine)
         t.sink = t.tree_dest
         t.actions = t.tree_dest.actions
     else:

@@ -1298,9 +1298,9 @@ class DestTree:
                 self._top = (st.st_dev, st.st_ino)
         hit: list[str] = []
         if self.same_machine and self._top is not None:  # the destination, by another path (R52)
-            hit = [n for n, m in src if (m.st_dev, m.st_ino) == self._top and stat.S_ISDIR(m.st_mode)]
+            hit = fsops.into_itself(src, self._top)
             for n in hit:
-                failures.append(PathFailure(path=_b(prefix + n), op="copy", message=_INTO_ITSELF))
+                failures.append(PathFailure(path=_b(prefix + n), op="copy", message=fsops.INTO_ITSELF))
             if hit:
                 src = [(n, m) for n, m in src if n not in hit]
         try:
@@ -2302,9 +2302,6 @@ class TreeCounters:
         return self.settled + sum(s.files for s in self.streams), nbytes
 
 
-_INTO_ITSELF = "it is the destination, by another path (a bind mount): not copied into itself"
-"""A source directory that is the directory the transfer lands in (R52), as worker.py says it."""
-
 _DATA_OPS = frozenset((Op.COPY, Op.HASH, Op.HARDLINK))
 """What lands data in place of an existing destination entry (DestTree._execute, R51)."""
 
@@ -2722,7 +2719,7 @@ async def pull_tree(
                 client=for_client if protocol.FEATURE_CLIENT in session.peer.features else "",
             )
         )
-        same_machine = bool(opened.machine) and opened.machine == fsops.machine_id()
+        same_machine = fsops.this_machine(opened.machine)
         if same_machine and refuse_nesting is not None:
             await trio.to_thread.run_sync(refuse_nesting)
         if dest is None and open_dest is not None:
