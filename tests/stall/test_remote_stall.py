@@ -543,3 +543,72 @@ async def test_a_frozen_sending_client_is_dropped_and_others_are_served(nursery:
     finally:
         (src / "big.bin").unlink()
 
+
+
+def _fds_under(root: Path) -> list[str]:
+    """Open files and directories of this process (the daemon's) below or at root."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target == str(root) or target.startswith(str(root) + "/"):
+            out.append(target)
+    return out
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+async def test_a_frozen_client_of_many_small_files_loses_its_session_after_the_stall_time(
+    nursery: trio.Nursery, tmp_path: Path, direction: str
+) -> None:
+    """SIGSTOP of a `blit` process mid-way through many small files: nothing more comes from it
+    (no PING either), so once the daemon's stall time has passed the daemon ends its session:
+    its transfer is cancelled, the directories it held open are closed and (push) its hidden new
+    directories move into place with the files that landed, all complete; before, they stayed
+    until the 600 s idle timeout. Resumed, the client fails with one line saying why."""
+    stall = 3.0
+    d = await _daemon(nursery, tmp_path, stall=stall)
+    (tmp_path / "home").mkdir()
+    from remote.conftest import subprocess_env
+
+    env = subprocess_env(tmp_path)
+    module = d.modules["data"]
+    src = tmp_path / "src" if direction == "push" else module / "tree"
+    for i in range(40):
+        p = src / f"d{i:02}"
+        p.mkdir(parents=True)
+        for j in range(400):
+            (p / f"f{j}").write_bytes(os.urandom(4096))
+    if direction == "push":
+        args, dst, held = (f"{src}/", f"127.0.0.1:{d.info.port}:/data/first/"), module / "first", module
+    else:
+        args, dst, held = (f"127.0.0.1:{d.info.port}:/data/tree/", f"{tmp_path / 'got'}/"), tmp_path / "got", module
+    with cli(env, tmp_path, direction, "copy", *args) as c:
+        reader = c.proc.pid if direction == "push" else os.getpid()
+        base = _rchar(reader)
+        with trio.fail_after(30):
+            while _rchar(reader) - base < 8 * MiB:
+                if c.proc.poll() is not None:
+                    pytest.fail(f"the {direction} ended (exit {c.proc.returncode}) before it could be frozen:\n{c.stderr()}")
+                await trio.sleep(0.002)
+        c.proc.send_signal(signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+            assert _fds_under(held), "the daemon holds the transfer's directories while the client runs"
+            await _wait_until(lambda: not _fds_under(held) and not _temporaries(module), stall + 5, "the daemon ended the frozen session")
+            assert time.monotonic() - stopped >= stall - 0.5, "the session ended before the stall time"
+            if direction == "push":
+                _assert_nothing_half_written(dst, src)
+        finally:
+            c.proc.send_signal(signal.SIGCONT)
+        await _wait_until(lambda: c.proc.poll() is not None, 30, "the resumed client exited")
+        assert c.proc.returncode == 1, c.stderr()
+        lines = _error_lines(c.stderr())
+        assert len(lines) == 1, c.stderr()
+        assert f"nothing came from this client for {stall:g} s" in lines[0], lines[0]
+    # A rerun converges.
+    summary = await remote_transfer("copy", *args, known_hosts=d.known_hosts)
+    assert summary.failures == []
+    assert_same_tree(src, dst)
+    assert _temporaries(dst) == [] and _temporaries(module) == []

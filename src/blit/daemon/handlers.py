@@ -15,6 +15,7 @@ import hmac
 import ipaddress
 import itertools
 import logging
+import math
 import os
 import secrets
 import stat
@@ -411,6 +412,9 @@ class Session:
         """The client speaks protocol.FEATURE_MACHINE: a pull's tree/open names this machine."""
         self.nest = False
         """The client speaks protocol.FEATURE_NEST: a directory's stat names its identity."""
+        self.silence: float | None = None
+        """The client speaks protocol.FEATURE_SILENCE: it pings, and the connection ends when
+        nothing came from it for this many seconds (the stall timeout; server.py applies it)."""
 
     async def dispatch(self, msg: protocol.Message) -> protocol.Message:
         handler = _HANDLERS.get(type(msg))
@@ -537,6 +541,8 @@ async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
     s.dir_batch = protocol.FEATURE_DIR_BATCH in granted
     s.machine = protocol.FEATURE_MACHINE in granted
     s.nest = protocol.FEATURE_NEST in granted
+    if protocol.FEATURE_SILENCE in granted and math.isfinite(s.state.stall):
+        s.silence = s.state.stall
     log.info("session from %s (%s)", s.peer, msg.software)
     return protocol.HelloReply(
         protocol=protocol.PROTOCOL_VERSION,
@@ -545,6 +551,7 @@ async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
         data_port=None if s.state.config.force_h2_data else s.state.data_port,
         max_message=protocol.MAX_MESSAGE,
         features=granted,
+        silence_ms=round(s.silence * 1000) if s.silence is not None else 0,
     )
 
 
@@ -554,7 +561,7 @@ def _features(asked: list[str]) -> list[str]:
     from .. import fsops
     from ..ffi import scan
 
-    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_MACHINE, protocol.FEATURE_NEST) if f in asked]
+    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_MACHINE, protocol.FEATURE_NEST, protocol.FEATURE_SILENCE) if f in asked]
     if protocol.FEATURE_DIR_BATCH in asked and protocol.FEATURE_PARTS in asked:
         out.append(protocol.FEATURE_DIR_BATCH)
     if protocol.FEATURE_DIR_DIGEST in asked and scan.HAVE_CMPDIR:

@@ -237,6 +237,8 @@ async def _handle_control(
                     if cs.cancelled_caught:
                         log.info("closing %s: no hello in %g s", peer, HELLO_TIMEOUT)
                         await conn.close(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                    elif session.silence is not None:  # a client that pings (R53)
+                        conn.end_when_silent(session.silence, f"nothing came from this client for {session.silence:g} s (was it stopped?)")
 
                 nursery.start_soon(hello_deadline)
                 session.nursery = nursery  # remote to remote jobs: cancelled when the connection ends

@@ -76,6 +76,11 @@ HIGH_WATER = 4 << 20
 WRITE_TIMEOUT = 60.0
 """A peer that reads nothing of what we send for this long is declared stalled."""
 WRITE_PIECE = 256 << 10
+OVERSLEPT = 5.0
+"""A timer task that wakes this many seconds after it asked to: this process was stopped (or
+the machine slept), so a peer's silence over that time is not the peer's."""
+GOAWAY_TEXT = 200
+"""Bytes of a GOAWAY's debug data sent or shown (why the peer ended the connection)."""
 """The writer's unit of progress (each piece has WRITE_TIMEOUT to go out)."""
 
 Headers = list[tuple[bytes, bytes]]
@@ -270,10 +275,17 @@ class H2Connection:
         self._queued = 0
         self.closed = False
         self.close_reason: str | None = None
+        self.peer_reason: str | None = None
+        """Why the peer ended the connection, in its words (a GOAWAY's debug data), if it said."""
         self._closed_event = trio.Event()
         self._flushed = trio.Event()
         self._last_activity = trio.current_time()
         self._ping_acked = trio.Event()
+        self._silence_limit = math.inf
+        self._silence_reason = ""
+        self._watch_changed = trio.Event()
+        self.ping_interval = math.inf
+        """keepalive(): seconds between PINGs (end_when_silent's peer asks for more of them)."""
         self._stream_slots = trio.Semaphore(max_concurrent_streams)
         self.bytes_received = 0
 
@@ -320,11 +332,12 @@ class H2Connection:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError):
                     pass
 
-    async def close(self, code: int = h2.errors.ErrorCodes.NO_ERROR, *, grace: float = 1.0) -> None:
-        """Send GOAWAY, give the writer `grace` seconds to flush it, and stop."""
+    async def close(self, code: int = h2.errors.ErrorCodes.NO_ERROR, *, grace: float = 1.0, why: str = "") -> None:
+        """Send GOAWAY (its debug data: `why`, for the peer to show), give the writer `grace`
+        seconds to flush it, and stop."""
         if not self.closed:
             try:
-                self._h2.close_connection(error_code=code)
+                self._h2.close_connection(error_code=code, additional_data=why.encode()[:GOAWAY_TEXT] or None)
             except h2.exceptions.H2Error:
                 pass
             self._wake()
@@ -334,15 +347,40 @@ class H2Connection:
         if hasattr(self, "_nursery"):
             self._nursery.cancel_scope.cancel()
 
+    def end_when_silent(self, limit: float, why: str) -> None:
+        """Server: end the connection, open streams or not, once nothing at all (not even a
+        PING) came from the peer for `limit` seconds; the GOAWAY says `why`. For a peer that
+        promised to ping within it (protocol.FEATURE_SILENCE)."""
+        self._silence_limit = limit
+        self._silence_reason = why
+        self._watch_changed.set()
+
     async def _idle_watchdog(self) -> None:
         # Not a timeout around receive_some: cancelling a read can break an SSLStream.
+        planned = trio.current_time()
         while not self.closed:
-            idle_for = trio.current_time() - self._last_activity
+            now = trio.current_time()
+            if now - planned > OVERSLEPT:
+                # This process was stopped (SIGSTOP, a suspend): the peer's silence is ours, and
+                # what it sent meanwhile waits to be read. Judge again once the reader had a turn.
+                planned = now + 0.5
+                await trio.sleep(0.5)
+                continue
+            idle_for = now - self._last_activity
+            if idle_for >= self._silence_limit:
+                log.info("closing a connection: %s", self._silence_reason)
+                await self.close(why=self._silence_reason)
+                return
             if idle_for >= self._idle_timeout and not self._streams:
                 log.info("closing a connection idle for %.0f s", idle_for)
                 await self.close()
                 return
-            await trio.sleep(max(1.0, self._idle_timeout - idle_for))
+            wait = min(max(1.0, self._idle_timeout - idle_for), max(0.05, self._silence_limit - idle_for))
+            planned = now + wait
+            with trio.move_on_after(wait):
+                await self._watch_changed.wait()
+                self._watch_changed = trio.Event()
+                planned = trio.current_time()
 
     def _mark_closed(self, reason: str) -> None:
         if self.closed:
@@ -524,7 +562,11 @@ class H2Connection:
         elif isinstance(ev, h2.events.PingAckReceived):
             self._ping_acked.set()
         elif isinstance(ev, h2.events.ConnectionTerminated):
-            self._mark_closed(f"the peer ended the connection (GOAWAY, code {ev.error_code})")
+            why = (ev.additional_data or b"")[:GOAWAY_TEXT].decode("utf-8", "replace")
+            why = "".join(c if c.isprintable() else "?" for c in why)
+            if why:
+                self.peer_reason = why
+            self._mark_closed(f"the peer ended the connection: {why}" if why else f"the peer ended the connection (GOAWAY, code {ev.error_code})")
         # TrailersReceived, SettingsAcknowledged, PingReceived (h2 answers it), PriorityUpdated,
         # UnknownFrameReceived: nothing to do.
 
@@ -588,22 +630,40 @@ class H2Connection:
         StallError. Measured from the last byte received, so a peer that froze is noticed
         `timeout` s after its last word, whatever the ping phase."""
         last_ping = -math.inf
+        self.ping_interval = interval
+        planned = trio.current_time()
         while not self.closed:
             now = trio.current_time()
+            if now - planned > OVERSLEPT:
+                # This process was stopped (SIGSTOP, a suspend): the silence is ours, not the
+                # daemon's. What it sent meanwhile (a GOAWAY saying why it ended the session)
+                # waits to be read: the daemon gets a fresh `timeout` from now.
+                self._last_activity = max(self._last_activity, now)
             silent = now - self._last_activity
             if silent >= timeout:
                 self.stalled = True
                 self.stalled_for = timeout
                 self._mark_closed(f"the daemon answered nothing for {timeout:g} s")
                 return
-            if now - last_ping >= interval:
+            if now - last_ping >= self.ping_interval:
                 try:
                     self._h2.ping(b"blitping")
                 except h2.exceptions.H2Error:
                     return
                 self._wake()
                 last_ping = now
-            await trio.sleep(min(interval - (now - last_ping), timeout - silent))
+            wait = min(self.ping_interval - (now - last_ping), timeout - silent)
+            planned = now + wait
+            with trio.move_on_after(wait):
+                await self._watch_changed.wait()
+                self._watch_changed = trio.Event()
+                planned = trio.current_time()
+
+    def ping_within(self, seconds: float) -> None:
+        """Client: ping at least every `seconds` from now on (the daemon's silence limit)."""
+        if seconds < self.ping_interval:
+            self.ping_interval = seconds
+            self._watch_changed.set()
 
     stalled = False
     stalled_for = 0.0
@@ -677,6 +737,16 @@ class ControlClient:
                 raise daemon_stalled(self.authority, "nothing received", self.conn.stalled_for) from None
             raise TransportError(f"{op} to {self.authority}: {exc}") from None
         return self.session.reply(type(msg), status, reply)
+
+    async def ended_by_daemon(self, wait: float) -> TransportError | None:
+        """The daemon ended this session and said why (at most `wait` s for its GOAWAY to be
+        read): "daemon HOST:PORT ended the session: WHY". None if it did not say."""
+        if self.conn.peer_reason is None and wait > 0:
+            with trio.move_on_after(wait):
+                await self.conn._closed_event.wait()
+        if self.conn.peer_reason is None:
+            return None
+        return TransportError(f"daemon {self.authority} ended the session: {self.conn.peer_reason}")
 
     @asynccontextmanager
     async def data_stream(self, token: bytes) -> AsyncIterator[H2Stream]:
@@ -826,7 +896,19 @@ async def connect_control(
                             raise ConnectError(f"the daemon at {netloc} did not complete the hello: {exc}{hint}") from None
                         raise
                     client.peer = hello_reply
-                    yield client
+                    if hello_reply.silence_ms and keepalive:  # R53: the daemon ends a silent session
+                        conn.ping_within(hello_reply.silence_ms / 1000 / protocol.SILENCE_PINGS)
+                    try:
+                        yield client
+                    except BaseException as exc:
+                        # A stream or request broke: if the daemon ended the session and said
+                        # why (a GOAWAY read just after), that is the run's error.
+                        real = [e for e in leaves(exc) if not isinstance(e, trio.Cancelled)]
+                        if real and all(isinstance(e, TransportError) for e in real):
+                            ended = await client.ended_by_daemon(wait=0.5)
+                            if ended is not None:
+                                raise ended from None
+                        raise
                 finally:
                     with trio.CancelScope(shield=True):
                         await conn.close(grace=0.5)

@@ -277,6 +277,9 @@ class HelloReply(Message):
     """The raw data port, or None when the daemon only carries data over HTTP/2."""
     max_message: int = field(metadata=_lim(min=0, max=1 << 40))
     features: list[str] = field(default_factory=list, metadata=_lim(64))
+    silence_ms: int = field(default=0, metadata=_lim(min=0, max=1 << 32, omit=True))
+    """Feature FEATURE_SILENCE: the daemon ends a session from which nothing at all (not even a
+    PING) came for this many milliseconds; the client pings well within it. 0: no such limit."""
 
 
 @message_class
@@ -597,6 +600,12 @@ FEATURE_NEST = "nest-1"
 """Hello feature: a directory's stat reply carries its (device, inode) and a push's tree/open
 its source directory's (StatReply.source_dir, OpenTree.source_dir), so that a destination on
 the source's machine refuses a copy into the source by another path, a bind mount (R52)."""
+FEATURE_SILENCE = "silence-1"
+"""Hello feature: the client pings at least every HelloReply.silence_ms / SILENCE_PINGS, and the
+daemon ends a session silent for silence_ms (a frozen or vanished client: its transfers are
+cancelled, their trees closed, rather than kept until the idle timeout; decisions R53)."""
+SILENCE_PINGS = 4
+"""Pings a client of FEATURE_SILENCE sends within the daemon's silence limit."""
 
 
 @message_class
@@ -1723,7 +1732,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_MACHINE, FEATURE_NEST])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_MACHINE, FEATURE_NEST, FEATURE_SILENCE])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""
@@ -2014,6 +2023,8 @@ __all__ = [
     "FEATURE_ACTIONS",
     "FEATURE_CLIENT",
     "FEATURE_NEST",
+    "FEATURE_SILENCE",
+    "SILENCE_PINGS",
     "ACTION_NAMES",
     "Action",
     "TreeActions",
