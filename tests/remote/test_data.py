@@ -343,3 +343,44 @@ async def test_run_worker_is_cancelled_promptly() -> None:
     with trio.move_on_after(0.3):
         await data.run_worker(work, kick=release.set, stats=stats, stall=60)
     assert trio.current_time() - t0 < 2
+
+
+def test_a_stopped_stream_lands_nothing_more_of_what_its_socket_holds() -> None:
+    """Ctrl-C (or the session's end) kicks a receiving stream: what the socket still holds is
+    not landed. It used to go on landing what it could still read, small files landing after the
+    user asked to stop (in a real pull 2,000-5,000 of them, 0.4-0.6 s)."""
+    landed: list[int] = []
+
+    class Sink:
+        def open(self, file_id: int) -> data.SinkFile:
+            raise KeyError(file_id)
+
+        def land_many(self, batch: list[tuple[int, int, int]], buf: object) -> list[object]:
+            landed.extend(fid for fid, _pos, _len in batch)
+            return []
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        b = socket.create_connection(server.getsockname())
+        a, _ = server.accept()
+    try:
+        b.setblocking(False)
+        content = b"x" * 4096
+        queued = 0
+        for fid in range(1, 100_000):
+            frames = p.FRAME.pack(p.FrameType.DATA, 0, 0, fid, 0, len(content)) + content + p.FRAME.pack(p.FrameType.END, 0, 0, fid, len(content), 0)
+            try:
+                sent = b.send(frames)
+            except BlockingIOError:
+                break
+            if sent < len(frames):  # the buffers are full
+                break
+            queued += 1
+        assert queued > 100, "the socket holds many files"
+        io = data.StreamIO(a, what="data stream", stall=5)
+        io.kick()
+        with pytest.raises(data.TransportError, match="stopped"):
+            data.receive_loop(io, Sink(), data.StreamStats())
+        assert landed == []
+    finally:
+        a.close()
+        b.close()

@@ -453,6 +453,8 @@ class StreamIO:
     def recv_into(self, view: memoryview) -> int:
         """Receive some bytes from the socket into `view` (ciphertext, on a TLS stream); raises
         at end of stream."""
+        if self._kicked:  # stopped: what the socket still holds is not landed (a prompt Ctrl-C)
+            raise self._closed()
         n = self._call(self.sock.recv_into, view)
         if n == 0:
             raise self._closed()
@@ -598,6 +600,8 @@ class StreamIO:
         done = 0
         flags = os.SPLICE_F_MOVE
         while done < length:
+            if self._kicked:
+                raise self._closed()
             try:
                 n = os.splice(self.fd, w, min(length - done, PIPE_SIZE), flags=flags)
             except BlockingIOError:
