@@ -8,6 +8,7 @@ hits the middle of the run rather than a moment picked by the clock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -225,6 +226,55 @@ def test_sigint_and_sigterm_stop_within_a_second_and_clean_up(
         out, err = _finish(proc)
     _assert_stopped(proc, out, err, sig, stopped_in)
     _assert_clean_and_rerun(src, src_snap, dst, sig)
+
+
+@pytest.mark.parametrize("flags", [(), ("--progress",), ("-v",)], ids=["plain", "progress", "verbose"])
+def test_a_terminal_that_hangs_up_stops_the_run_cleanly(big_src: tuple[Path, Snapshot, int], tmp_path: Path, flags: tuple[str, ...]) -> None:
+    """The run's terminal goes away (an ssh session drops: SIGHUP, then EIO on every write to
+    it): the run stops as on Ctrl-C, exit 130, no temporary, and a rerun converges. It used to
+    die where it stood (SIGHUP's default action), and with SIGHUP handled the failed write of
+    its last line made it exit 1."""
+    import fcntl
+    import termios
+
+    src, src_snap, total = big_src
+    dst = tmp_path / "dst"
+    master, slave = os.openpty()
+
+    def own_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [BLIT, "copy", *flags, f"{src}/", str(dst)], stdin=slave, stdout=slave, stderr=slave, env=BLIT_ENV, preexec_fn=own_terminal
+    )
+    os.close(slave)
+    os.set_blocking(master, False)
+
+    def landed_enough() -> bool:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(master, 1 << 16):  # the terminal's reader: -v lines must not fill it
+                pass
+        return _landed(dst) >= int(total * 0.3)
+
+    try:
+        _step_until(proc, landed_enough, "30% landed")
+        t0 = time.monotonic()
+        os.close(master)  # the hangup: the kernel sends SIGHUP to the terminal's session
+        master = -1
+        proc.send_signal(signal.SIGCONT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("blit still running 10 s after its terminal hung up")
+        stopped_in = time.monotonic() - t0
+    finally:
+        if master >= 0:
+            os.close(master)
+        _finish(proc)
+    assert proc.returncode == 130, f"exit code {proc.returncode} after the hangup"
+    assert stopped_in < 1.5, f"took {stopped_in:.2f} s to stop after the hangup"
+    _assert_clean_and_rerun(src, src_snap, dst, signal.SIGHUP)
 
 
 def test_an_interrupted_json_run_still_ends_with_its_summary(big_src: tuple[Path, Snapshot, int], tmp_path: Path) -> None:

@@ -43,13 +43,42 @@ def _err(msg: str) -> None:
 
 def _write(text: str) -> bool:
     """Write to stdout; False once it is closed (a broken pipe: `blit copy -v ... | head`), and
-    from then on what is still buffered goes to /dev/null."""
+    from then on what is still buffered goes to /dev/null (also after a terminal hung up)."""
     try:
         sys.stdout.write(text)
         return True
     except BrokenPipeError:
         _silence_stdout()
         return False
+    except OSError:  # EIO: the terminal hung up; its SIGHUP ends the run as an interrupt
+        _silence_stdout()
+        return True
+
+
+class _Stderr:
+    """sys.stderr during a run: a terminal that hung up (EIO, with SIGHUP: an ssh session that
+    dropped) or a closed pipe loses the lines, not the run's ending: fd 2 goes to /dev/null and
+    the run stops and cleans up as it would have, with its own exit code (an ExceptionGroup
+    from the failed write made it exit 1)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except OSError:
+            _silence(self._stream)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            _silence(self._stream)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _out(text: str) -> None:
@@ -65,16 +94,21 @@ def _out(text: str) -> None:
 def _flush() -> None:
     try:
         sys.stdout.flush()
-    except BrokenPipeError:
+    except OSError:
         _silence_stdout()
 
 
 def _silence_stdout() -> None:
-    """Point fd 1 at /dev/null so no later flush (ours or the interpreter's at exit) fails again."""
+    _silence(sys.stdout)
+
+
+def _silence(stream: Any) -> None:
+    """Point the stream's fd at /dev/null so no later flush (ours or the interpreter's at exit)
+    fails again."""
     import os
 
     null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, sys.stdout.fileno())
+    os.dup2(null, stream.fileno())
     os.close(null)
 
 
@@ -334,7 +368,9 @@ def _run(
     _log_to(rep.stderr if isinstance(rep, TextProgress) else None)
 
     async def main() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # SIGHUP (the terminal closed, an ssh session dropped) stops the run as Ctrl-C does, as
+        # rsync's: cleaned up, exit 130; it used to kill the process where it stood.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
 
                 async def watch() -> None:
@@ -358,6 +394,8 @@ def _run(
 
     from .entry import early_signals
 
+    if not isinstance(sys.stderr, _Stderr):
+        sys.stderr = _Stderr(sys.stderr)
     early_signals(False)  # from here on a signal stops the run as `main` says
     try:
         try:

@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         ] = False,
         verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 0,
     ) -> None:
-        """Run the blit daemon in the foreground until SIGINT or SIGTERM."""
+        """Run the blit daemon in the foreground until SIGINT, SIGTERM or SIGHUP."""
         _run_daemon(
             config,
             root=root,
@@ -126,7 +126,8 @@ def _run_daemon(config: Path | None, *, verbose: int, **overrides: Any) -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            # SIGHUP (its terminal closed) stops it cleanly too, rather than killing it mid-write.
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
                 await nursery.start(serve, cfg)
                 gc.freeze()  # what start-up built lives as long as the daemon: never scanned again
                 async for signum in signals:

@@ -27,11 +27,11 @@ the daemon run 676 young, 61 middle and 5 full collections, 0.13 s of its 2.7 s 
 
 
 EXIT_INTERRUPTED = 130
-"""Exit code of an interrupted run (SIGINT or SIGTERM), here and in the CLI (docs/cli.md)."""
+"""Exit code of an interrupted run (SIGINT, SIGTERM or SIGHUP), here and in the CLI (docs/cli.md)."""
 
 
 def _interrupted_early(signum: int, frame: object) -> None:
-    """SIGINT or SIGTERM before a command's own handling starts (imports, argument parsing):
+    """SIGINT, SIGTERM or SIGHUP before a command's own handling starts (imports, argument parsing):
     nothing has been written yet, so the process ends at once. A KeyboardInterrupt raised in
     the middle of an import left tracebacks, a wrong exit code, and now and then a process
     stuck for good on the import lock (QA pass: 3 of 80 Ctrl-C in the first 0.15 s)."""
@@ -52,6 +52,7 @@ def early_signals(on: bool) -> None:
 
     signal.signal(signal.SIGINT, _interrupted_early if on else signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupted_early if on else signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, _interrupted_early if on else signal.SIG_DFL)
 
 
 def main() -> None:

@@ -150,8 +150,9 @@ def test_a_mangled_certificate_is_one_line_at_start(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_stops_the_daemon_quickly(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGHUP too (its terminal closed): a clean stop, not SIGHUP's default death mid-write."""
     with run_daemon_process(tmp_path) as d:
         t0 = time.monotonic()
         d.proc.send_signal(sig)
