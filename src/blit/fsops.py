@@ -636,7 +636,8 @@ def _names_of(fd: int) -> Iterator[str]:
 
 def _unlink_or_open(parent_fd: int, name: str) -> int:
     """Unlink `name` and return -1; or, a directory, open it to empty it and return its fd (a
-    read-only directory we own is made writable, so that we can delete inside it)."""
+    read-only directory we own is made writable, so that we can delete inside it). A directory
+    in a parent we may not write is emptied too (its own rmdir then fails), as rsync does."""
     refused: OSError | None = None
     try:
         os.unlink(name, dir_fd=parent_fd)
@@ -644,13 +645,15 @@ def _unlink_or_open(parent_fd: int, name: str) -> int:
     except IsADirectoryError:
         pass
     except OSError as exc:
-        if exc.errno != errno.EPERM:  # POSIX's answer for a directory; Linux's for an immutable file
+        # EPERM: POSIX's answer for a directory, Linux's for an immutable file; EACCES: the
+        # parent is not ours to change, checked before the entry's kind.
+        if exc.errno not in (errno.EPERM, errno.EACCES):
             raise
         refused = exc
     try:
         fd = os.open(name, O_DIR, dir_fd=parent_fd)
     except OSError as exc:
-        if refused is not None and exc.errno in (errno.ENOTDIR, errno.ELOOP):
+        if refused is not None and (exc.errno in (errno.ENOTDIR, errno.ELOOP) or refused.errno == errno.EACCES):
             raise refused from None
         raise
     try:

@@ -1319,7 +1319,9 @@ class DestTree:
                     with self._lock:
                         self.nodes[dst_rel].changed = True
             p = plan_dir(
-                rel, src, dst, compare=spec.compare, filters=spec.filters, mirror=spec.mirror and not more, only=only,
+                # A source directory not read at all (incomplete, nothing listed) has no extras
+                # to count in "N destination entries kept": a local run does not plan it.
+                rel, src, dst, compare=spec.compare, filters=spec.filters, mirror=spec.mirror and not more and not (incomplete and not manifest), only=only,
                 keep=frozenset((keep | parted.seen if parted is not None and not more else keep) | set(hit)),  # earlier parts' names are no extras
                 granularity=(lambda: fsops.time_granularity(dfd)) if dfd >= 0 else None,
             )
