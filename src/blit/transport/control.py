@@ -76,12 +76,12 @@ HIGH_WATER = 4 << 20
 WRITE_TIMEOUT = 60.0
 """A peer that reads nothing of what we send for this long is declared stalled."""
 WRITE_PIECE = 256 << 10
+"""The writer's unit of progress (each piece has WRITE_TIMEOUT to go out)."""
 OVERSLEPT = 5.0
 """A timer task that wakes this many seconds after it asked to: this process was stopped (or
 the machine slept), so a peer's silence over that time is not the peer's."""
 GOAWAY_TEXT = 200
 """Bytes of a GOAWAY's debug data sent or shown (why the peer ended the connection)."""
-"""The writer's unit of progress (each piece has WRITE_TIMEOUT to go out)."""
 
 Headers = list[tuple[bytes, bytes]]
 
