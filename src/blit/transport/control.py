@@ -3,8 +3,11 @@
 One `H2Connection` class serves both roles (HTTP/2 is symmetric). Each connection runs three
 tasks: a reader (bytes -> h2 events -> per-stream queues), a writer (the only task that writes to
 the socket, so a cancelled handler can never cut a frame in half), and, on the client, a PING
-keepalive that notices a frozen daemon (nothing received for the request timeout). A stalled
-daemon is reported as `daemon HOST:PORT stopped responding: ...` (`daemon_stalled`). Handlers and callers see `H2Stream`s: read the peer's
+keepalive that notices a frozen daemon (nothing received for the request timeout) or, on the
+daemon, a watchdog that closes idle connections and those of clients silent past the limit
+they were told (R53). A stalled daemon is reported as `daemon HOST:PORT stopped responding:
+...` (`daemon_stalled`); a daemon's stated reason for ending the session as `daemon HOST:PORT
+ended the session: ...` (`ended_by_daemon`). Handlers and callers see `H2Stream`s: read the peer's
 headers and body chunks (with flow-control backpressure), send headers and data (waiting for the
 peer's window).
 
