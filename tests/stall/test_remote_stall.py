@@ -558,9 +558,9 @@ def _fds_under(root: Path) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("direction", ["push", "pull"])
+@pytest.mark.parametrize("direction,h2", [("push", False), ("pull", False), ("push", True)], ids=["push", "pull", "push-h2"])
 async def test_a_frozen_client_of_many_small_files_loses_its_session_after_the_stall_time(
-    nursery: trio.Nursery, tmp_path: Path, direction: str
+    nursery: trio.Nursery, tmp_path: Path, direction: str, h2: bool
 ) -> None:
     """SIGSTOP of a `blit` process mid-way through many small files: nothing more comes from it
     (no PING either), so once the daemon's stall time has passed the daemon ends its session:
@@ -584,7 +584,7 @@ async def test_a_frozen_client_of_many_small_files_loses_its_session_after_the_s
         args, dst, held = (f"{src}/", f"127.0.0.1:{d.info.port}:/data/first/"), module / "first", module
     else:
         args, dst, held = (f"127.0.0.1:{d.info.port}:/data/tree/", f"{tmp_path / 'got'}/"), tmp_path / "got", module
-    with cli(env, tmp_path, direction, "copy", *args) as c:
+    with cli(env, tmp_path, direction, "copy", *(["--force-h2-data"] if h2 else []), *args) as c:
         reader = c.proc.pid if direction == "push" else os.getpid()
         base = _rchar(reader)
         with trio.fail_after(30):
