@@ -612,3 +612,55 @@ async def test_a_frozen_client_of_many_small_files_loses_its_session_after_the_s
     assert summary.failures == []
     assert_same_tree(src, dst)
     assert _temporaries(dst) == [] and _temporaries(module) == []
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+async def test_a_client_gone_mid_checksum_stops_the_daemons_hashing(
+    nursery: trio.Nursery, tmp_path: Path, direction: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--checksum on a slow disk: the daemon hashes a batch of large files for minutes. A client
+    that goes away meanwhile (killed; or dropped for silence, R53) left that thread running to
+    its end: the session, its directory fds held (93 s in a QA run), a daemon SIGTERM ending in
+    a forced exit, and the file settled by name afterwards, over what another run had put
+    there. The hash now stops at its next read, and the session with it."""
+    import threading
+
+    from blit import fsops
+
+    real = fsops.file_hash
+    hashing = threading.Event()
+
+    def slow_hash(dir_fd: int, name: str, stop=None):  # type: ignore[no-untyped-def]
+        hashing.set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # a disk at a few MB/s
+            if stop is not None and stop():
+                raise InterruptedError(4, "stopped")
+            time.sleep(0.02)
+        return real(dir_fd, name, stop)
+
+    d = await _daemon(nursery, tmp_path, stall=10)
+    (tmp_path / "home").mkdir()
+    from remote.conftest import subprocess_env
+
+    env = subprocess_env(tmp_path)
+    module = d.modules["data"]
+    here = tmp_path / "local"
+    src, dst = (here, module / "ck") if direction == "push" else (module / "ck", here)
+    for root, mtime in ((src, 1_600_000_000), (dst, 1_500_000_000)):
+        root.mkdir()
+        (root / "f.bin").write_bytes(b"x" * (1 << 20))
+        os.utime(root / "f.bin", (mtime, mtime))
+    remote = f"127.0.0.1:{d.info.port}:/data/ck/"
+    args = (f"{src}/", remote) if direction == "push" else (remote, f"{dst}/")
+    monkeypatch.setattr(fsops, "file_hash", slow_hash)  # the daemon's hashing (this process)
+    with cli(env, tmp_path, direction, "mirror", "--checksum", *args) as c:
+        await _wait_until(hashing.is_set, 20, "the daemon hashes")
+        c.proc.kill()
+        c.proc.wait(5)
+    gone = time.monotonic()
+    await _wait_until(lambda: not _fds_under(module), 5, "the daemon let go of the module")
+    assert time.monotonic() - gone < 5
+    # Nothing is settled later: the destination keeps its own metadata.
+    await trio.sleep(0.5)
+    assert os.stat(dst / "f.bin").st_mtime == 1_500_000_000

@@ -910,7 +910,10 @@ async def handle_tree_hashes(s: Session, msg: protocol.TreeHashes) -> protocol.D
     dest = s.dest_tree(msg.transfer, "tree/hashes")
     for h in msg.hashes:
         protocol.check_name(h.name)
-    reply: protocol.DirPlanned = await s.fs(dest.settle_hashes, _rel(msg.rel), msg.hashes)
+    # Stoppable: a batch of large files hashes for minutes, and a thread that could not be
+    # stopped held the session open after its client went (its fds, a forced daemon exit),
+    # then settled the files by name long after another run had replaced them.
+    reply: protocol.DirPlanned = await s.fs(dest.settle_hashes, _rel(msg.rel), msg.hashes, stop=dest.stop)
     return reply if s.need_packed else protocol.with_need_list(reply)
 
 
@@ -920,7 +923,7 @@ async def handle_tree_hash(s: Session, msg: protocol.TreeHash) -> protocol.HashL
     src = s.src_tree(msg.transfer, "tree/hash")
     for n in msg.names:
         protocol.check_name(n)
-    hashes, failures = await s.fs(src.hashes, _rel(msg.rel), msg.names)
+    hashes, failures = await s.fs(src.hashes, _rel(msg.rel), msg.names, stop=src.stop)  # as tree/hashes
     return protocol.HashList(hashes=hashes, failures=failures)
 
 

@@ -450,6 +450,10 @@ class SourceTree:
         self.dirs = _DirFds(root_fd, open_dir)
         self.stopped = False
 
+    def stop(self) -> None:
+        """Any thread: a hashing thread stops at its next read (InterruptedError)."""
+        self.stopped = True
+
     def close(self) -> None:
         self.stopped = True  # a hashing thread left behind stops at its next read
         self.dirs.close()
