@@ -637,6 +637,7 @@ class H2Connection:
         planned = trio.current_time()
         while not self.closed:
             now = trio.current_time()
+            self.stopped_for = max(self.stopped_for, now - planned)
             if now - planned > OVERSLEPT:
                 # This process was stopped (SIGSTOP, a suspend): the silence is ours, not the
                 # daemon's. What it sent meanwhile (a GOAWAY saying why it ended the session)
@@ -656,20 +657,28 @@ class H2Connection:
                 self._wake()
                 last_ping = now
             wait = min(self.ping_interval - (now - last_ping), timeout - silent)
-            planned = now + wait
+            planned = self.keepalive_due = now + wait
             with trio.move_on_after(wait):
                 await self._watch_changed.wait()
                 self._watch_changed = trio.Event()
                 planned = trio.current_time()
 
-    def ping_within(self, seconds: float) -> None:
-        """Client: ping at least every `seconds` from now on (the daemon's silence limit)."""
+    def ping_within(self, seconds: float, limit: float) -> None:
+        """Client: ping at least every `seconds` from now on, the daemon's silence limit being
+        `limit`."""
+        self.silence_limit = limit
         if seconds < self.ping_interval:
             self.ping_interval = seconds
             self._watch_changed.set()
 
     stalled = False
     stalled_for = 0.0
+    stopped_for = 0.0
+    """keepalive(): the longest its timer woke late (this process stopped, or very busy)."""
+    keepalive_due = math.inf
+    """keepalive(): when its timer is due (a timer long overdue: this process was stopped)."""
+    silence_limit = math.inf
+    """Client: the daemon's silence limit (HelloReply.silence_ms), once known."""
 
 
 # =================================================================================================
@@ -743,13 +752,23 @@ class ControlClient:
 
     async def ended_by_daemon(self, wait: float) -> TransportError | None:
         """The daemon ended this session and said why (at most `wait` s for its GOAWAY to be
-        read): "daemon HOST:PORT ended the session: WHY". None if it did not say."""
+        read), or this process was stopped for longer than the daemon's silence limit: "daemon
+        HOST:PORT ended the session: WHY". None otherwise."""
         if self.conn.peer_reason is None and wait > 0:
             with trio.move_on_after(wait):
                 await self.conn._closed_event.wait()
-        if self.conn.peer_reason is None:
-            return None
-        return TransportError(f"daemon {self.authority} ended the session: {self.conn.peer_reason}")
+        if self.conn.peer_reason is not None:
+            return TransportError(f"daemon {self.authority} ended the session: {self.conn.peer_reason}")
+        stopped = max(self.conn.stopped_for, trio.current_time() - self.conn.keepalive_due)
+        if stopped >= self.conn.silence_limit:
+            # Its GOAWAY did not get through (a full pipe of data over HTTP/2), but this process
+            # was stopped for longer than the daemon waits for a silent client.
+            return TransportError(
+                f"daemon {self.authority} ended the session: this process was stopped for "
+                f"{stopped:.0f} s, longer than the daemon waits for a silent client "
+                f"({self.conn.silence_limit:g} s)"
+            )
+        return None
 
     @asynccontextmanager
     async def data_stream(self, token: bytes) -> AsyncIterator[H2Stream]:
@@ -900,7 +919,8 @@ async def connect_control(
                         raise
                     client.peer = hello_reply
                     if hello_reply.silence_ms and keepalive:  # R53: the daemon ends a silent session
-                        conn.ping_within(hello_reply.silence_ms / 1000 / protocol.SILENCE_PINGS)
+                        limit = hello_reply.silence_ms / 1000
+                        conn.ping_within(limit / protocol.SILENCE_PINGS, limit)
                     try:
                         yield client
                     except BaseException as exc:
