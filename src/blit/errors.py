@@ -11,7 +11,8 @@ Each class says whose fault it is. Nothing here does I/O.
     ├── FileError                  one path failed: .path, .op, __cause__ = OSError; kept in Summary.failures
     ├── TransportError             the network or the peer -> exit 1
     │   ├── ConnectError           the daemon could not be reached
-    │   │   └── CertificateMismatchError  the daemon's TLS certificate is not the one pinned
+    │   │   ├── CertificateMismatchError  the daemon's TLS certificate is not the one pinned
+    │   │   └── TokenRefused       the daemon refused a data stream's token (expired, used)
     │   ├── IncompatiblePeerError  the peer speaks another protocol version: .local_version, .peer_version
     │   ├── StallError             no progress for the stall timeout: .what, .seconds (also a TimeoutError)
     │   └── ProtocolError          .code = wire error code
@@ -88,6 +89,12 @@ class TransportError(BlitError):
 
 class ConnectError(TransportError):
     """The daemon could not be reached."""
+
+
+class TokenRefused(ConnectError):
+    """The daemon refused a data stream's one-time token (expired, already used, revoked). A
+    stream opened late (the planner opens them as files queue up) does without; the first
+    stream's refusal fails the run."""
 
 
 class CertificateMismatchError(ConnectError):
@@ -184,6 +191,7 @@ __all__ = [
     "FileError",
     "TransportError",
     "ConnectError",
+    "TokenRefused",
     "CertificateMismatchError",
     "IncompatiblePeerError",
     "StallError",

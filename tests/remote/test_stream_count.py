@@ -35,3 +35,44 @@ async def test_streams_follow_the_files_to_carry(daemon: Daemon, tmp_path: Path,
     assert done.files_copied == files and not done.failures, done
     await trio.to_thread.run_sync(assert_same_tree, src, dst)
     assert len(counters.streams) == streams
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+async def test_a_stream_opened_after_its_token_expired_is_done_without(
+    nursery: trio.Nursery, tmp_path: Path, direction: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second stream connects once a second file is queued; a --checksum phase on a slow
+    disk (or a client stopped a while) can put that past the token's lifetime. The run failed
+    then, exit 1, with every file landed (QA); the open stream now carries it alone."""
+    import time
+
+    from blit import fsops
+    from blit.plan import Compare
+
+    from .conftest import start_daemon
+
+    real = fsops.file_hash
+
+    def slow_hash(dir_fd: int, name: str, stop=None):  # type: ignore[no-untyped-def]
+        time.sleep(1.5)  # past the 1 s token lifetime below
+        return real(dir_fd, name, stop)
+
+    monkeypatch.setattr(fsops, "file_hash", slow_hash)
+    d = await start_daemon(nursery, tmp_path / "d", tls=True, token_ttl=1.0)
+    local = tmp_path / "local"
+    remote = d.modules["data"] / "t"
+    src, dst = (local, remote) if direction == "push" else (remote, local)
+    for root, content, mtime in ((src, b"new content", 1_600_000_000), (dst, b"old content", 1_500_000_000)):
+        root.mkdir()
+        (root / "b").write_bytes(content)
+        os.utime(root / "b", (mtime, mtime))
+    (src / "a").write_bytes(b"a file the destination lacks")
+    counters = TreeCounters()
+    spec = TreeSpec(compare=Compare.CHECKSUM)
+    async with d.session() as s:
+        if direction == "push":
+            done = await push_tree(s, os.fsencode(local), "data", b"t", TopJob(), spec, 2, counters=counters)
+        else:
+            done = await pull_tree(s, "data", b"t", os.fsencode(local), TopJob(), spec, 2, counters=counters)
+    assert done.files_copied == 2 and not done.failures, done
+    await trio.to_thread.run_sync(assert_same_tree, src, dst)

@@ -50,7 +50,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 import trio
 
-from ..errors import FATAL_ERRNOS, ConnectError, FatalError, RemoteProtocolError, StallError, TransportError
+from ..errors import FATAL_ERRNOS, ConnectError, FatalError, RemoteProtocolError, StallError, TokenRefused, TransportError
 from ..fsops import CHANGED_SIZE
 from . import protocol
 from .protocol import FRAME_SIZE, AdmitStatus, ErrorCode, FrameType, Refused, pack_frame
@@ -1299,7 +1299,8 @@ def admit_client(
                 name = AdmitStatus(status).name
             except ValueError:
                 name = str(status)
-            raise ConnectError(f"{what}: refused by the daemon: {message or name}")
+            err = TokenRefused if status == AdmitStatus.BAD_TOKEN else ConnectError
+            raise err(f"{what}: refused by the daemon: {message or name}")
     except (OSError, ssl.SSLError) as exc:
         sock.close()
         raise ConnectError(f"{what}: {exc}") from None
