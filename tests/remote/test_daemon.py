@@ -416,3 +416,19 @@ async def test_a_large_frame_right_after_the_settings_ack_is_taken() -> None:
         n.cancel_scope.cancel()
     assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in events), events
     assert got == [b"x" * 200_000]
+
+
+async def test_a_connection_without_hello_is_told_why_it_is_closed(nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon closes a connection that says no hello in time; its GOAWAY carries the reason
+    (a client stopped between connect and hello showed a bare 'GOAWAY, code 1', QA)."""
+    from blit.daemon import server
+
+    from .conftest import start_daemon
+
+    monkeypatch.setattr(server, "HELLO_TIMEOUT", 0.5)
+    d = await start_daemon(nursery, tmp_path, tls=True)
+    async with raw_h2(d) as conn:
+        with trio.fail_after(5):
+            while not conn.closed:
+                await trio.sleep(0.05)
+        assert conn.peer_reason == "no hello within 0.5 s", conn.close_reason

@@ -236,7 +236,7 @@ async def _handle_control(
                         await session.ready.wait()
                     if cs.cancelled_caught:
                         log.info("closing %s: no hello in %g s", peer, HELLO_TIMEOUT)
-                        await conn.close(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                        await conn.close(h2.errors.ErrorCodes.PROTOCOL_ERROR, why=f"no hello within {HELLO_TIMEOUT:g} s")
                     elif session.silence is not None:  # a client that pings (R53)
                         conn.end_when_silent(session.silence, f"nothing came from this client for {session.silence:g} s (was it stopped?)")
 

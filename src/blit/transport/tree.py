@@ -93,8 +93,12 @@ so neither side holds more than about this many unconfirmed entries."""
 HASH_BATCH_BYTES = 256 << 20
 """--checksum: most file bytes hashed per request (a request must answer within its timeout)."""
 HASH_BATCH_FILES = 5_000
-HASH_RATE = 50 << 20
-"""Bytes per second a peer is assumed to hash at least: a hash request's timeout grows with it."""
+HASH_RATE = 4 << 20
+"""Bytes per second a peer is assumed to hash at least: a hash request's timeout grows with it.
+Low: a USB disk or a busy NAS reads at 10-30 MB/s, and at 50 MiB/s assumed every --checksum of
+a large file on such a disk failed with "stopped responding" (QA). A frozen daemon is still
+noticed within a minute by the keepalive (nothing received at all); a daemon whose disk hangs
+mid-hash is noticed only after this (a 1 GiB batch: about 5 minutes)."""
 HASH_CALLS = 2
 """--checksum requests in flight per transfer (the daemon serves 4 requests per session at once:
 hashing never takes them all)."""
