@@ -176,13 +176,10 @@ class RemoteTransfer:
             self.stats.append(stats)
             try:
                 await self._run_stream(token, *make(stats))
-            except (TokenRefused, RemoteError) as exc:
-                refused = isinstance(exc, TokenRefused) or exc.code == protocol.ErrorCode.BAD_TOKEN.value
-                if not (refused and i > 0):
-                    if isinstance(exc, TransportError):
-                        errors.append(exc)
-                        return
-                    raise
+            except TokenRefused as exc:
+                if i == 0:
+                    errors.append(exc)
+                    return
                 # A stream opened late (once files queued up for it) whose token expired
                 # meanwhile (a long --checksum phase, a client stopped for a while): the
                 # streams already open carry the transfer (QA: such runs failed, exit 1,
@@ -230,16 +227,25 @@ class RemoteTransfer:
                         status = st.header(b":status")
                         body = await st.read_body(protocol.MAX_MESSAGE)
                         if status != b"200":
-                            s.client.session.reply(protocol.FinishTransfer, int(status or 0), body)
+                            self._refused(stats, status, body)
                     else:
                         await s.client.conn.wait_response(st, s.timeouts.stall)
                         status = st.header(b":status")
                         if status != b"200":
-                            body = await st.read_body(protocol.MAX_MESSAGE)
-                            s.client.session.reply(protocol.FinishTransfer, int(status or 0), body)
+                            self._refused(stats, status, await st.read_body(protocol.MAX_MESSAGE))
                         await data.h2_receive_loop(st, arg, stats, limiter=s.fs_limiter)
         except control.StreamClosed as exc:
             raise TransportError(f"{stats.what}: {exc}") from None
+
+    def _refused(self, stats: data.StreamStats, status: bytes | None, body: bytes) -> None:
+        """An HTTP/2 data stream's answer other than 200: the daemon's refusal, raised. A refused
+        token is TokenRefused, as on the raw data port (data.admit_client)."""
+        try:
+            self.session.client.session.reply(protocol.FinishTransfer, int(status or 0), body)
+        except RemoteError as exc:
+            if exc.code == protocol.ErrorCode.BAD_TOKEN.value:
+                raise TokenRefused(f"{stats.what}: refused by the daemon: {exc.message}") from None
+            raise
 
     def _connect_raw(self, token: bytes) -> data.StreamIO | None:
         """Worker thread: a raw stream, or None if the data port cannot be reached (the token

@@ -360,15 +360,14 @@ class H2Connection:
 
     async def _idle_watchdog(self) -> None:
         # Not a timeout around receive_some: cancelling a read can break an SSLStream.
-        planned = trio.current_time()
+        late = 0.0
         while not self.closed:
-            now = trio.current_time()
-            if now - planned > OVERSLEPT:
+            if late > OVERSLEPT:
                 # This process was stopped (SIGSTOP, a suspend): the peer's silence is ours, and
                 # what it sent meanwhile waits to be read. Judge again once the reader had a turn.
-                planned = now + 0.5
-                await trio.sleep(0.5)
+                late = await self._nap(0.5)
                 continue
+            now = trio.current_time()
             idle_for = now - self._last_activity
             if idle_for >= self._silence_limit:
                 log.info("closing a connection: %s", self._silence_reason)
@@ -378,12 +377,20 @@ class H2Connection:
                 log.info("closing a connection idle for %.0f s", idle_for)
                 await self.close()
                 return
-            wait = min(max(1.0, self._idle_timeout - idle_for), max(0.05, self._silence_limit - idle_for))
-            planned = now + wait
-            with trio.move_on_after(wait):
-                await self._watch_changed.wait()
-                self._watch_changed = trio.Event()
-                planned = trio.current_time()
+            late = await self._nap(min(max(1.0, self._idle_timeout - idle_for), max(0.05, self._silence_limit - idle_for)))
+
+    async def _nap(self, wait: float) -> float:
+        """The timer of the watchdog (daemon) or the keepalive (client): sleep `wait` s, or
+        less if the limits changed (end_when_silent, ping_within). Returns how late it woke (0
+        when woken early): long late means this process was stopped (OVERSLEPT)."""
+        due = self.timer_due = trio.current_time() + wait
+        with trio.move_on_after(wait):
+            await self._watch_changed.wait()
+            self._watch_changed = trio.Event()
+            return 0.0
+        late = trio.current_time() - due
+        self.stopped_for = max(self.stopped_for, late)
+        return late
 
     def _mark_closed(self, reason: str) -> None:
         if self.closed:
@@ -634,11 +641,10 @@ class H2Connection:
         `timeout` s after its last word, whatever the ping phase."""
         last_ping = -math.inf
         self.ping_interval = interval
-        planned = trio.current_time()
+        late = 0.0
         while not self.closed:
             now = trio.current_time()
-            self.stopped_for = max(self.stopped_for, now - planned)
-            if now - planned > OVERSLEPT:
+            if late > OVERSLEPT:
                 # This process was stopped (SIGSTOP, a suspend): the silence is ours, not the
                 # daemon's. What it sent meanwhile (a GOAWAY saying why it ended the session)
                 # waits to be read: the daemon gets a fresh `timeout` from now.
@@ -656,12 +662,7 @@ class H2Connection:
                     return
                 self._wake()
                 last_ping = now
-            wait = min(self.ping_interval - (now - last_ping), timeout - silent)
-            planned = self.keepalive_due = now + wait
-            with trio.move_on_after(wait):
-                await self._watch_changed.wait()
-                self._watch_changed = trio.Event()
-                planned = trio.current_time()
+            late = await self._nap(min(self.ping_interval - (now - last_ping), timeout - silent))
 
     def ping_within(self, seconds: float, limit: float) -> None:
         """Client: ping at least every `seconds` from now on, the daemon's silence limit being
@@ -674,9 +675,9 @@ class H2Connection:
     stalled = False
     stalled_for = 0.0
     stopped_for = 0.0
-    """keepalive(): the longest its timer woke late (this process stopped, or very busy)."""
-    keepalive_due = math.inf
-    """keepalive(): when its timer is due (a timer long overdue: this process was stopped)."""
+    """_nap: the longest its timer woke late (this process stopped, or very busy)."""
+    timer_due = math.inf
+    """_nap: when the timer is due (a timer long overdue: this process was stopped)."""
     silence_limit = math.inf
     """Client: the daemon's silence limit (HelloReply.silence_ms), once known."""
 
@@ -756,10 +757,10 @@ class ControlClient:
         HOST:PORT ended the session: WHY". None otherwise."""
         if self.conn.peer_reason is None and wait > 0:
             with trio.move_on_after(wait):
-                await self.conn._closed_event.wait()
+                await self.conn.wait_closed()
         if self.conn.peer_reason is not None:
             return TransportError(f"daemon {self.authority} ended the session: {self.conn.peer_reason}")
-        stopped = max(self.conn.stopped_for, trio.current_time() - self.conn.keepalive_due)
+        stopped = max(self.conn.stopped_for, trio.current_time() - self.conn.timer_due)
         if stopped >= self.conn.silence_limit:
             # Its GOAWAY did not get through (a full pipe of data over HTTP/2), but this process
             # was stopped for longer than the daemon waits for a silent client.
