@@ -37,9 +37,10 @@ async def test_streams_follow_the_files_to_carry(daemon: Daemon, tmp_path: Path,
     assert len(counters.streams) == streams
 
 
+@pytest.mark.parametrize("h2", [False, True], ids=["raw", "h2"])
 @pytest.mark.parametrize("direction", ["push", "pull"])
 async def test_a_stream_opened_after_its_token_expired_is_done_without(
-    nursery: trio.Nursery, tmp_path: Path, direction: str, monkeypatch: pytest.MonkeyPatch
+    nursery: trio.Nursery, tmp_path: Path, direction: str, h2: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The second stream connects once a second file is queued; a --checksum phase on a slow
     disk (or a client stopped a while) can put that past the token's lifetime. The run failed
@@ -69,7 +70,7 @@ async def test_a_stream_opened_after_its_token_expired_is_done_without(
     (src / "a").write_bytes(b"a file the destination lacks")
     counters = TreeCounters()
     spec = TreeSpec(compare=Compare.CHECKSUM)
-    async with d.session() as s:
+    async with d.session(force_h2_data=h2) as s:
         if direction == "push":
             done = await push_tree(s, os.fsencode(local), "data", b"t", TopJob(), spec, 2, counters=counters)
         else:

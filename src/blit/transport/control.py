@@ -153,10 +153,10 @@ class H2Stream:
                 data, flow_len = self._chunks.popleft()
                 self._conn._acknowledge(self.id, flow_len)
                 return data
+            if self._ended:  # whole: a reset after it (a refusal's NO_ERROR, RFC 9113 §8.1) takes nothing away
+                return None
             if self._reset is not None:
                 raise StreamClosed(f"stream reset by the peer (code {self._reset})")
-            if self._ended:
-                return None
             if self._conn.closed:
                 raise StreamClosed(self._conn.close_reason or "connection closed")
             await self._changed.wait()
