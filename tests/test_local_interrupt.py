@@ -485,6 +485,78 @@ def test_closed_stdout_stops_the_run_with_one_line_and_a_rerun_completes(
     rmtree(dst)
 
 
+# --- A stdout nobody reads (`blit copy -v ... | pager` whose pager stopped reading) ------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stdout_nobody_reads_neither_holds_the_run_nor_its_interrupt(
+    bulk_src: tuple[Path, Snapshot, int], tmp_path: Path, sig: signal.Signals
+) -> None:
+    """-v lines into a pipe whose reader has stopped reading. They were written on the run's
+    own thread: once the pipe was full (64 KiB, about 3,000 lines) the run stood there, and
+    Ctrl-C or SIGTERM did nothing until the reader went on (QA F5). Now the run goes on past
+    what the pipe holds, and a signal stops it within a second: exit 130, no temporary, and
+    a rerun converges."""
+    src, src_snap, total = bulk_src
+    dst = tmp_path / "dst"
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen([BLIT, "copy", "-v", f"{src}/", str(dst)], stdout=w, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, env=BLIT_ENV)  # fmt: skip
+        os.close(w)
+        w = -1
+        try:
+            _run_until(proc, dst, total // 2)  # 15,000 lines and more: far beyond the pipe's 64 KiB
+            stopped_in = _signal(proc, sig)
+        finally:
+            _out, err = _finish(proc)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    _assert_stopped(proc, b"", err, sig, stopped_in)
+    _assert_clean_and_rerun(src, src_snap, dst, sig)
+
+
+def test_a_reader_that_pauses_still_gets_every_line_in_order(bulk_src: tuple[Path, Snapshot, int], tmp_path: Path) -> None:
+    """The reader of -v reads nothing until the whole tree has landed (the run does not wait for
+    it), then reads: every entry's line is there, once, and the summary is the last line; the
+    exit code is 0."""
+    src, src_snap, _total = bulk_src
+    dst = tmp_path / "dst"
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen([BLIT, "copy", "-v", f"{src}/", str(dst)], stdout=w, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, env=BLIT_ENV)  # fmt: skip
+        os.close(w)
+        w = -1
+        try:
+            deadline = time.monotonic() + 120
+            while not dst.exists() or len(_listing(dst)) < len(src_snap) - 1:
+                assert proc.poll() is None, "blit exited with its output unread"
+                assert time.monotonic() < deadline, "the tree did not land while the reader paused"
+                time.sleep(0.05)
+            with os.fdopen(r, "rb") as reader:
+                r = -1
+                out = reader.read()
+            proc.wait(timeout=30)
+        finally:
+            _o, err = _finish(proc)
+    finally:
+        if r >= 0:
+            os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert proc.returncode == 0, err
+    lines = out.decode().splitlines()
+    assert lines[-1].startswith("copied "), lines[-3:]
+    paths = [line.split(" ", 1)[1] for line in lines[:-1]]
+    assert len(paths) == len(set(paths)) == len(src_snap) - 1, (len(paths), len(set(paths)), len(src_snap))
+    assert set(paths) == {p.decode() for p in src_snap if p not in (b"", b".")}
+    assert_same_tree(src_snap, snapshot(dst))
+    rmtree(dst)
+
+
 def _catches_sigterm(pid: int) -> bool:
     """Whether the process has a handler for SIGTERM yet (blit's entry installs one first)."""
     try:

@@ -55,32 +55,6 @@ def _write(text: str) -> bool:
         return True
 
 
-class _Stderr:
-    """sys.stderr during a run: a terminal that hung up (EIO, with SIGHUP: an ssh session that
-    dropped) or a closed pipe loses the lines, not the run's ending: fd 2 goes to /dev/null and
-    the run stops and cleans up as it would have, with its own exit code (an ExceptionGroup
-    from the failed write made it exit 1)."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        try:
-            return int(self._stream.write(text))
-        except OSError:
-            _silence(self._stream)
-            return len(text)
-
-    def flush(self) -> None:
-        try:
-            self._stream.flush()
-        except OSError:
-            _silence(self._stream)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-
 def _out(text: str) -> None:
     """A line of a run that goes on: a closed stdout ends the run with one line on stderr, like
     an interrupt, instead of a traceback. (The run's last line uses `_write`: the work is done,
@@ -367,10 +341,14 @@ def _run(
 
     _log_to(rep.stderr if isinstance(rep, TextProgress) else None)
 
+    from . import console
+
     async def main() -> None:
         # SIGHUP (the terminal closed, an ssh session dropped) stops the run as Ctrl-C does, as
         # rsync's: cleaned up, exit 130; it used to kill the process where it stood.
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        with trio.open_signal_receiver(*stops) as signals:
+            console.on_signals(stops)
             async with trio.open_nursery() as nursery:
 
                 async def watch() -> None:
@@ -394,8 +372,7 @@ def _run(
 
     from .entry import early_signals
 
-    if not isinstance(sys.stderr, _Stderr):
-        sys.stderr = _Stderr(sys.stderr)
+    console.install()  # no write waits for a reader on the Trio thread
     early_signals(False)  # from here on a signal stops the run as `main` says
     try:
         try:

@@ -105,6 +105,9 @@ def register(app: typer.Typer) -> None:
 
 
 def _run_daemon(config: Path | None, *, verbose: int, **overrides: Any) -> None:
+    from . import console
+
+    console.install()  # a log nobody reads does not stop the daemon
     _setup_logging(verbose, daemon=True)
     from .daemon.config import load_config
 
@@ -127,7 +130,9 @@ def _run_daemon(config: Path | None, *, verbose: int, **overrides: Any) -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             # SIGHUP (its terminal closed) stops it cleanly too, rather than killing it mid-write.
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            with trio.open_signal_receiver(*stops) as signals:
+                console.on_signals(stops)
                 await nursery.start(serve, cfg)
                 gc.freeze()  # what start-up built lives as long as the daemon: never scanned again
                 async for signum in signals:
@@ -135,6 +140,7 @@ def _run_daemon(config: Path | None, *, verbose: int, **overrides: Any) -> None:
                     # Belt and braces: a clean stop takes well under a second; never hang.
                     def force_exit() -> None:
                         log.error("forced exit after 4.5 s")
+                        console.drain()
                         os._exit(1)
 
                     timer = threading.Timer(4.5, force_exit)

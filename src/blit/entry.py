@@ -85,6 +85,8 @@ def _exit_now(code: int) -> None:
             sys.modules["logging"].shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
+        if "blit.console" in sys.modules:  # what a run's output queued (cli._run)
+            sys.modules["blit.console"].drain()
     except BaseException:
         return
     os._exit(code)

@@ -163,6 +163,52 @@ def test_signal_stops_the_daemon_quickly(tmp_path: Path, sig: signal.Signals) ->
     assert "stopped" in d.log()
 
 
+def test_a_log_nobody_reads_does_not_stop_the_daemon(tmp_path: Path) -> None:
+    """The daemon's log goes into a pipe whose reader has stopped reading (`blit daemon 2>&1 |
+    logger`, logger hung). Each failed TLS handshake logs a line; the log was written on the
+    daemon's Trio thread, so after about 500 of them (64 KiB) the daemon stood still for every
+    client, and a SIGTERM with it (decisions R54). Now it serves on, and stops on SIGTERM."""
+    import fcntl
+    import socket
+    import termios
+
+    from .conftest import _free_port, subprocess_env, write_config
+
+    cfg, _mods = write_config(tmp_path)
+    port = _free_port()
+    env = subprocess_env(tmp_path)
+    r, w = os.pipe()
+    proc = subprocess.Popen([*blit_cmd(), "daemon", "--config", str(cfg), "--port", str(port)], stdout=w, stderr=w,
+                            stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+    os.close(w)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the daemon did not start"
+                time.sleep(0.05)
+        for _ in range(1500):  # about 150 KiB of log lines
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                s.recv(100)
+        unread = fcntl.ioctl(r, termios.FIONREAD, b"\0\0\0\0")
+        assert int.from_bytes(unread, "little") >= 60_000, "the log did not fill its pipe: nothing was tested"
+        c = subprocess.run([*blit_cmd(), "list", f"127.0.0.1:{port}"], env=env, capture_output=True, text=True, timeout=30)
+        assert c.returncode == 0 and c.stdout.split()[0] == "data", c.stderr
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - t0 < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(r)
+
+
 def test_sigterm_mid_push_leaves_no_partial_or_temporary_file(tmp_path: Path) -> None:
     src = tmp_path / "big.bin"
     make_file(src, 400 * MiB)

@@ -670,3 +670,64 @@ async def test_a_client_gone_mid_checksum_stops_the_daemons_hashing(
     # Nothing is settled later: the destination keeps its own metadata.
     await trio.sleep(0.5)
     assert os.stat(dst / "f.bin").st_mtime == 1_500_000_000
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+async def test_a_stdout_nobody_reads_does_not_stop_a_remote_run(nursery: trio.Nursery, tmp_path: Path, direction: str) -> None:
+    """`blit copy -v` into a pipe whose reader has stopped reading (QA F5): the client wrote its
+    lines on the Trio thread, so once the pipe was full the run stood still, sent nothing, and
+    the daemon ended its session at its stall time. Now the tree lands while nobody reads, and
+    the reader that comes back gets every line, the summary last; exit 0."""
+    stall = 3.0
+    d = await _daemon(nursery, tmp_path, stall=stall)
+    (tmp_path / "home").mkdir()
+    from remote.conftest import subprocess_env
+
+    env = subprocess_env(tmp_path)
+    module = d.modules["data"]
+    src = tmp_path / "src" if direction == "push" else module / "tree"
+    names = set()
+    for i in range(20):
+        p = src / f"d{i:02}"
+        p.mkdir(parents=True)
+        names.add(f"d{i:02}")
+        for j in range(400):
+            (p / f"f{j}").write_bytes(b"%d" % j)
+            names.add(f"d{i:02}/f{j}")
+    if direction == "push":
+        args, dst = (f"{src}/", f"127.0.0.1:{d.info.port}:/data/first/"), module / "first"
+    else:
+        args, dst = (f"127.0.0.1:{d.info.port}:/data/tree/", f"{tmp_path / 'got'}/"), tmp_path / "got"
+    r, w = os.pipe()  # 64 KiB: 8,400 lines are about 100 KiB
+    err = tmp_path / "err"
+    try:
+        with open(err, "wb") as e:
+            proc = subprocess.Popen([*blit_cmd(), "copy", "-v", *args], env=env, stdout=w, stderr=e, stdin=subprocess.DEVNULL)
+        os.close(w)
+        w = -1
+        try:
+            # The whole tree lands, and the run outlives the daemon's stall time, unread.
+            with trio.fail_after(60):
+                while not dst.exists() or sum(len(fs) + len(ds) for _, ds, fs in os.walk(dst)) < len(names):
+                    assert proc.poll() is None, f"exit {proc.returncode} with the output unread:\n{err.read_text()}"
+                    await trio.sleep(0.05)
+            await trio.sleep(stall + 1)
+            assert proc.poll() is None, f"exit {proc.returncode} with the output unread:\n{err.read_text()}"
+            with os.fdopen(r, "rb") as reader:
+                r = -1
+                out = await trio.to_thread.run_sync(reader.read)
+            await _wait_until(lambda: proc.poll() is not None, 30, "the client exited once read")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+    assert proc.returncode == 0, err.read_text()
+    lines = out.decode().splitlines()
+    assert lines[-1].startswith("copied 8,000 files"), lines[-3:]
+    paths = [line.split(" ", 1)[1] for line in lines[:-1]]
+    assert sorted(paths) == sorted(names)
+    assert_same_tree(src, dst)
