@@ -370,7 +370,8 @@ def _remove_extra(
                         os.rmdir(lv.name, dir_fd=lv.parent_fd)
                         whole = True
                     except OSError as exc:
-                        if not stack:  # `name` itself: the caller reports it
+                        if not stack:  # `name` itself: the caller reports it, and counts what went
+                            exc.removed_below = lv.count  # type: ignore[attr-defined]
                             raise
                         fail(stack[-1], lv.rel, exc)
             finally:
@@ -386,6 +387,12 @@ def _remove_extra(
             _went(lv.gone, lv.rel, base, lv.inner, False)
         raise
     return result
+
+
+def removed_below(exc: OSError) -> int:
+    """The entries remove_extra removed inside a directory whose own removal then raised `exc`
+    (they count as deleted, as rsync counts them)."""
+    return int(getattr(exc, "removed_below", 0))
 
 
 def _plain_children(fd: int, rel: str) -> Iterator[tuple[str, str, bool]]:
@@ -667,13 +674,24 @@ def _unlink_or_open(parent_fd: int, name: str) -> int:
 
 
 def set_dir_meta(fd: int, m: Meta, xattrs: list[tuple[str, bytes]] | None) -> None:
-    """Apply owner, xattrs, mode and times to an open directory."""
+    """Apply owner, xattrs, mode and times to an open directory. A directory that is not ours
+    (EPERM) but already has the owner, mode and mtime asked for is no failure: a mirror that
+    only emptied an extra directory inside it changed nothing in it (rsync says nothing)."""
     if xattrs:
         put_xattrs(fd, xattrs, "directory")
-    if IS_ROOT:
-        os.fchown(fd, m.st_uid, m.st_gid)
-    os.fchmod(fd, stat.S_IMODE(m.st_mode))
-    os.utime(fd, ns=(m.st_atime_ns, m.st_mtime_ns))
+    try:
+        if IS_ROOT:
+            os.fchown(fd, m.st_uid, m.st_gid)
+        os.fchmod(fd, stat.S_IMODE(m.st_mode))
+        os.utime(fd, ns=(m.st_atime_ns, m.st_mtime_ns))
+    except PermissionError:
+        d = os.fstat(fd)
+        if (
+            stat.S_IMODE(d.st_mode) != stat.S_IMODE(m.st_mode)
+            or d.st_mtime_ns != m.st_mtime_ns
+            or (IS_ROOT and (d.st_uid, d.st_gid) != (m.st_uid, m.st_gid))
+        ):
+            raise
 
 
 # --------------------------------------------------------------------------------------------

@@ -919,6 +919,7 @@ class LocalTransfer:
                     try:
                         deleted += fsops.remove_extra(dfd, name, path, filters, subs, stop, stuck)[0]
                     except PermissionError as refused:
+                        deleted += fsops.removed_below(refused)
                         # A read-only directory of ours: open it up, delete, then restore below
                         # (not ours: the refusal itself is what to say, as through a daemon).
                         if not fsops.open_up(dfd):
@@ -929,10 +930,12 @@ class LocalTransfer:
                             except InterruptedError:
                                 pass
                             except OSError as exc:
+                                deleted += fsops.removed_below(exc)
                                 failures.append((path, "delete", exc.strerror or str(exc)))
                     except InterruptedError:  # interrupted: what went is named, the rest stays
                         pass
                     except OSError as exc:
+                        deleted += fsops.removed_below(exc)
                         failures.append((path, "delete", exc.strerror or str(exc)))
                     failures += ((p, "delete", why) for p, why in stuck)
                     # (after a retry the directory itself went too: one line names it all)

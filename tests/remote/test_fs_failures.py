@@ -381,7 +381,10 @@ def test_an_extra_directory_in_a_directory_not_ours_is_emptied_as_rsync_does(nob
     """dst/keep is root's, its extra xd/ (with files and a subdirectory) is the writer's: rsync
     --delete empties xd and reports only its rmdir; blit kept all of xd (the unlink of xd in a
     parent not ours fails with EACCES before the kernel looks at its kind). rsync, run the same
-    way on a twin tree, is the oracle: the same entries remain, one failure line for xd."""
+    way on a twin tree, is the oracle: the same entries remain, one failure line for xd, and
+    the same count of deleted entries (blit said `deleted 0` where 3 went). keep/ has the
+    source's mode and mtime already: it is no failure that it is not ours (a local run said
+    `keep: directory metadata: Operation not permitted`: the fchmod to the mode it has)."""
     import shutil
     import subprocess
 
@@ -396,9 +399,12 @@ def test_an_extra_directory_in_a_directory_not_ours_is_emptied_as_rsync_does(nob
     for root in (dst, twin):
         chown_tree(root, NOBODY, NOBODY)
         os.chown(root / "keep", 0, 0)
+        os.utime(root / "keep", ns=(os.stat(src / "keep").st_atime_ns, os.stat(src / "keep").st_mtime_ns))
     try:
-        oracle = subprocess.run([*AS_NOBODY, "rsync", "-a", "--delete", f"{src}/", f"{twin}/"], capture_output=True)
+        oracle = subprocess.run([*AS_NOBODY, "rsync", "-a", "--delete", "--stats", f"{src}/", f"{twin}/"], capture_output=True, text=True)
         assert oracle.returncode == 23, oracle.stderr
+        deleted = next(ln for ln in oracle.stdout.splitlines() if ln.startswith("Number of deleted files:"))
+        assert deleted.startswith("Number of deleted files: 3 "), deleted
         args = {
             "local": [f"{src}/", f"{dst}/"],
             "push": ["--no-tls", f"{src}/", url(nobody_daemon, "data/dst/")],
@@ -408,6 +414,41 @@ def test_an_extra_directory_in_a_directory_not_ours_is_emptied_as_rsync_does(nob
         assert proc.returncode == 3, describe_output(proc)
         left = sorted(str(p.relative_to(dst)) for p in dst.rglob("*"))
         assert left == sorted(str(p.relative_to(twin)) for p in twin.rglob("*")) == ["keep", "keep/xd"]
-        assert "blit: keep/xd: delete: Permission denied" in blit_lines(proc), describe_output(proc)
+        assert blit_lines(proc) == ["blit: keep/xd: delete: Permission denied"], describe_output(proc)
+        assert ", deleted 3, " in proc.stdout.decode(), describe_output(proc)
     finally:
         shutil.rmtree(twin, ignore_errors=True)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("direction", ["local", "push", "pull"])
+def test_a_directory_not_ours_whose_mtime_a_deletion_changed_is_named_in_every_topology(
+    nobody_daemon: DaemonProcess, nobody_tmp: Path, direction: str
+) -> None:
+    """dst/open is root's (mode 777, the source's mode and mtime): mirror deletes the extra file
+    in it, which changes its mtime, and only its owner may set that back. A local run said
+    so (`open: directory metadata: Operation not permitted`, exit 3); push and pull left the
+    mtime changed and said nothing. Now all three say it."""
+    src = nobody_daemon.modules["data"] / "src" if direction == "pull" else nobody_tmp / "src"
+    dst = nobody_daemon.modules["data"] / "dst" if direction == "push" else nobody_tmp / "dst"
+    (src / "open").mkdir(parents=True)
+    write_file(src / "open/a", b"a\n")
+    write_file(dst / "open/a", b"a\n")
+    write_file(dst / "open/extra", b"x\n")
+    chown_tree(src, NOBODY, NOBODY)
+    chown_tree(dst, NOBODY, NOBODY)
+    os.utime(dst / "open/a", ns=(os.stat(src / "open/a").st_atime_ns, os.stat(src / "open/a").st_mtime_ns))
+    os.chown(dst / "open", 0, 0)
+    for d in (src, dst):
+        os.chmod(d / "open", 0o777)
+    os.utime(dst / "open", ns=(os.stat(src / "open").st_atime_ns, os.stat(src / "open").st_mtime_ns))
+    args = {
+        "local": [f"{src}/", f"{dst}/"],
+        "push": ["--no-tls", f"{src}/", url(nobody_daemon, "data/dst/")],
+        "pull": ["--no-tls", url(nobody_daemon, "data/src/"), f"{dst}/"],
+    }[direction]
+    proc = run_blit("mirror", *args, as_nobody=True)
+    assert proc.returncode == 3, describe_output(proc)
+    assert blit_lines(proc) == ["blit: open: directory metadata: Operation not permitted"], describe_output(proc)
+    assert ", deleted 1, " in proc.stdout.decode(), describe_output(proc)
+    assert sorted(os.listdir(dst / "open")) == ["a"]

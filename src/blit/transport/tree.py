@@ -2071,6 +2071,7 @@ class DestTree:
                     except InterruptedError:  # stopped: what went is named below
                         pass
                     except OSError as exc:
+                        self.files_deleted += fsops.removed_below(exc)
                         self._fail(path, "delete", _msg(exc))
                     for where, why in stuck:
                         self._fail(where, "delete", why)
@@ -2080,18 +2081,19 @@ class DestTree:
                         break
             finally:
                 os.close(fd)
-        # Deletions changed directory mtimes: put back those of directories that had extras.
+        # Deletions changed directory mtimes: put back those of directories that had extras
+        # (as a local run does; one whose metadata failed above is not named twice).
         for dst_rel, _extras in self.deletions:
             dnode = self.nodes.get(dst_rel)
-            if dnode is not None and dnode.meta is not None:
+            if dnode is not None and dnode.meta is not None and dst_rel not in kept:
                 try:
                     fd = self.dirs.open_dir(self.root_fd, dst_rel)
                     try:
-                        os.utime(fd, ns=(dnode.meta.st_atime_ns, dnode.meta.st_mtime_ns))
+                        fsops.set_dir_meta(fd, dnode.meta, None)
                     finally:
                         os.close(fd)
-                except OSError:
-                    pass
+                except OSError as exc:
+                    self._fail(dst_rel or ".", "directory metadata", _msg(exc))
 
     def _end_move(self, kept: set[str]) -> None:
         """Move: every entry has landed; the source directories follow (deepest first, once
