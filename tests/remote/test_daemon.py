@@ -10,7 +10,7 @@ import cbor2
 import pytest
 import trio
 
-from blit.errors import CertificateMismatchError, ConnectError, RemoteError
+from blit.errors import CertificateMismatchError, ConnectError, RemoteError, TransportError
 from blit.transport import protocol as p
 
 from .conftest import Daemon, h2_post, raw_h2
@@ -432,3 +432,41 @@ async def test_a_connection_without_hello_is_told_why_it_is_closed(nursery: trio
             while not conn.closed:
                 await trio.sleep(0.05)
         assert conn.peer_reason == "no hello within 0.5 s", conn.close_reason
+
+
+async def test_a_client_stopped_before_its_hello_went_out_says_the_daemon_ended_the_session(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client stopped (SIGSTOP) between its connect and its hello, for longer than the daemon
+    waits for a hello: on resume its own hello timer had run out too, and it said `daemon
+    stopped responding: no answer to hello for 10 s` (QA F7), while the daemon had said why it
+    closed. Now that reason is the error. (The stop is a blocking sleep of the Trio thread,
+    after the request's timer started: the daemon here shares the thread and is held too.)"""
+    import time
+
+    from blit.daemon import server
+    from blit.endpoint import HostSpec
+    from blit.transport import control
+    from blit.transport.client import Timeouts, open_session
+
+    from .conftest import start_daemon
+
+    monkeypatch.setattr(server, "HELLO_TIMEOUT", 0.5)
+    monkeypatch.setattr(control, "OVERSLEPT", 0.5)
+    d = await start_daemon(nursery, tmp_path, tls=True)
+    headers = control._request_headers
+
+    def stopped_at_hello(authority: str, path: str, extra: control.Headers = ()) -> control.Headers:
+        if path.endswith("/hello"):
+            time.sleep(2.5)
+        return headers(authority, path, extra)
+
+    monkeypatch.setattr(control, "_request_headers", stopped_at_hello)
+    with pytest.raises(TransportError) as err:
+        async with open_session(HostSpec("127.0.0.1", d.info.port), known_hosts=d.known_hosts, timeouts=Timeouts(connect=1.0)):
+            pass
+    import re
+
+    assert re.fullmatch(
+        rf"daemon 127\.0\.0\.1:{d.info.port} ended the session: no hello within 0\.5 s \(this process was stopped for [23] s\)", str(err.value)
+    ), str(err.value)

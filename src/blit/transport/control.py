@@ -744,12 +744,28 @@ class ControlClient:
                     status = int((st.header(b":status") or b"0").decode() or 0)
                     reply = await st.read_body(protocol.MAX_MESSAGE)
             if cs.cancelled_caught:
+                late = trio.current_time() - cs.deadline
+                if late > OVERSLEPT:
+                    raise await self._stopped_during(op, timeout, timeout + late) from None
                 raise daemon_stalled(self.authority, f"no answer to {op}", timeout)
         except StreamClosed as exc:
             if self.conn.stalled:
                 raise daemon_stalled(self.authority, "nothing received", self.conn.stalled_for) from None
             raise TransportError(f"{op} to {self.authority}: {exc}") from None
         return self.session.reply(type(msg), status, reply)
+
+    async def _stopped_during(self, op: str, timeout: float, stopped: float) -> TransportError:
+        """The error of a request whose `timeout` ran out while this process was stopped
+        (SIGSTOP, a suspend): not the daemon's silence. If the daemon ended the session
+        meanwhile (a client stopped before its hello: the daemon's hello timeout), its GOAWAY
+        says why."""
+        ended = await self.ended_by_daemon(wait=1.0)
+        if ended is not None:
+            return TransportError(f"{ended} (this process was stopped for {stopped:.0f} s)")
+        return TransportError(
+            f"{op} to {self.authority}: no answer read: this process was stopped for {stopped:.0f} s, "
+            f"longer than it waits for one ({timeout:g} s)"
+        )
 
     async def ended_by_daemon(self, wait: float) -> TransportError | None:
         """The daemon ended this session and said why (at most `wait` s for its GOAWAY to be
