@@ -169,10 +169,6 @@ class Stream:
         waited for the reader would block the Trio thread: rich and logging flush after every
         line.) `drain()` waits, at exit."""
 
-    @property
-    def raw_stream(self) -> Any:
-        return self._stream
-
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
