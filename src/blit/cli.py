@@ -134,6 +134,18 @@ def summary_line(s: "Summary") -> str:
     return line
 
 
+async def _room() -> None:
+    """Progress.room: wait while a reader of the output is far behind (blit.console), sleeping
+    on Trio, not blocking its thread (a remote run's keepalive goes on)."""
+    from . import console
+
+    if console.behind():
+        import trio
+
+        while console.behind():
+            await trio.sleep(0.05)
+
+
 class TextProgress:
     """Default output: per-file failures on stderr, actions with -v or --dry-run, one summary line.
 
@@ -205,6 +217,9 @@ class TextProgress:
         if self.bar is not None and self.task is not None:
             self.bar.update(self.task, total=max(nbytes, 1))
 
+    async def room(self) -> None:
+        await _room()
+
     def action(self, action: str, path: str) -> None:
         if self.verbose:
             line = f"{action} {shown(path)}"
@@ -270,6 +285,9 @@ class JsonProgress:
 
     def totals(self, files: int | None, nbytes: int) -> None:
         self.files_total, self.bytes_total = files, nbytes
+
+    async def room(self) -> None:
+        await _room()
 
     def action(self, action: str, path: str) -> None:
         self._emit({"event": "action", "action": action, "path": path})

@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
 def _run_daemon(config: Path | None, *, verbose: int, **overrides: Any) -> None:
     from . import console
 
-    console.install()  # a log nobody reads does not stop the daemon
+    console.install(drop=True)  # a log nobody reads never stops the daemon: lines dropped, counted
     _setup_logging(verbose, daemon=True)
     from .daemon.config import load_config
 

@@ -5,11 +5,12 @@ for whoever reads them.
 daemon's log piped into a program that hangs: a write to a full pipe blocks, and a write made
 on the Trio thread stopped the whole run there: Ctrl-C and SIGTERM were not acted on until the
 reader went on, and a push stopped sending its keepalive. `install()` replaces sys.stdout and
-sys.stderr with `Stream`s that queue their text for one writer thread; lines keep their order
-across both streams (`2>&1` into one pipe reads as before). The queue holds up to CAP bytes;
-beyond that a write waits for room (the run follows a reader that is slower than the run, as
-rsync's does), but never after `interrupted()`: a run told to stop by a signal stops, what the
-reader has not taken is dropped.
+sys.stderr with `Stream`s that queue their text for a writer thread per file (one for both
+when they are the same file, `2>&1`, so their lines keep their order; stderr never waits
+behind a stdout nobody reads). A queue holds up to CAP bytes; beyond that a write waits for
+room (the run follows a reader that is slower than the run, as rsync's does; the daemon drops
+and counts instead), but never after `interrupted()`: at a signal the backlog is dropped and
+what the run writes after it (its last lines) goes out first.
 
 Errors are the writer's: a reader that closed its end (EPIPE) makes stdout's next `write`
 raise BrokenPipeError, as the real stream's would have (cli._out ends the run on it); a
@@ -24,6 +25,7 @@ from __future__ import annotations
 import atexit
 import errno
 import os
+import select
 import sys
 import threading
 import time
@@ -32,36 +34,68 @@ from collections.abc import Callable
 from typing import Any
 
 CAP = 16 << 20
-"""Bytes queued before a write waits for the reader (about 200,000 `-v` lines)."""
+"""Bytes queued for one file before a write waits for its reader (about 200,000 `-v` lines),
+or, for the daemon's log, is dropped."""
 
 AFTER_INTERRUPT = 0.5
-"""Seconds a flush after a signal still gives the reader to take what is queued."""
+"""Seconds the exit after a signal still gives a reader to take the last lines."""
 
 _WAIT = 0.05
 """Seconds between checks for a signal while a write or flush waits for the reader."""
 
+_PIECE = select.PIPE_BUF
+"""Largest single write: a pipe takes up to PIPE_BUF bytes whole or not at all, so a reader
+that stops never leaves a line cut in two (pieces end at a line's end where they can)."""
+
 
 class _Writer:
-    """The queue and its thread (one per process, started by the first `Stream`)."""
+    """The queue of one file (stdout and stderr share one when they are the same file: `2>&1`)
+    and its thread.
 
-    def __init__(self) -> None:
+    A signal (`interrupted`) drops the backlog queued until then, once: what the run writes
+    after it (its last error lines, the --json summary, the progress bar's removal and the
+    cursor shown again) goes out next, not after megabytes of `-v` lines the terminal has not
+    shown yet. With `drop`, a write beyond CAP is dropped and counted instead of waiting (the
+    daemon's log: a log nobody reads must not stop the daemon); a line saying how many went
+    follows once the reader catches up."""
+
+    def __init__(self, fd: int, *, drop: bool) -> None:
+        self.fd = fd
+        self._drop = drop
+        self._dropped = 0
         self._cond = threading.Condition(threading.Lock())
-        self._items: deque[tuple[int, bytes]] = deque()
+        self._items: deque[bytes] = deque()
         self._queued = 0  # bytes in _items and in the write under way
         self._sleeping = False
-        self.broken: set[int] = set()  # fds whose reader closed its end
+        self._purged = False
+        self.broken = False  # the reader closed its end
         self.interrupted = False  # set from a signal handler: no lock, read by the waits
-        self._thread = threading.Thread(target=self._run, name="blit-console", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"blit-console-{fd}", daemon=True)
         self._thread.start()
 
-    def put(self, fd: int, data: bytes) -> None:
+    def put(self, data: bytes) -> None:
         with self._cond:
+            self._purge_once()
             while self._queued > CAP and not self.interrupted:
+                if self._drop:
+                    self._dropped += 1
+                    return
                 self._cond.wait(_WAIT)
-            self._items.append((fd, data))
+            self._purge_once()
+            self._items.append(data)
             self._queued += len(data)
             if self._sleeping:
                 self._cond.notify()
+
+    def behind(self) -> bool:
+        return self._queued > CAP and not self.interrupted
+
+    def _purge_once(self) -> None:
+        """After a signal, once: drop the backlog (the lock held)."""
+        if self.interrupted and not self._purged:
+            self._purged = True
+            self._queued -= sum(len(d) for d in self._items)
+            self._items.clear()
 
     def drain(self) -> None:
         """Return once everything queued is written (after a signal, Ctrl-C during the wait
@@ -70,11 +104,12 @@ class _Writer:
         with self._cond:
             while self._queued:
                 if self.interrupted:
+                    self._purge_once()
                     now = time.monotonic()
                     if deadline is None:
                         deadline = now + AFTER_INTERRUPT
                     elif now >= deadline:  # dropped; a write under way may still finish
-                        self._queued -= sum(len(d) for _, d in self._items)
+                        self._queued -= sum(len(d) for d in self._items)
                         self._items.clear()
                         return
                 try:
@@ -86,40 +121,52 @@ class _Writer:
         cond = self._cond
         while True:
             with cond:
+                self._purge_once()
                 while not self._items:
+                    if self._dropped and self._queued < CAP // 2:
+                        note = f"blit: {self._dropped} lines of output were dropped: nobody read them\n".encode()
+                        self._dropped = 0
+                        self._items.append(note)
+                        self._queued += len(note)
+                        break
                     self._sleeping = True
                     cond.notify_all()  # a drain waiting for the end
                     cond.wait()
                     self._sleeping = False
-                batch = list(self._items)  # everything queued: one write per run of one fd
+                    self._purge_once()
+                batch = b"".join(self._items)  # everything queued: one piece after another
                 self._items.clear()
-            size = 0
-            start = 0
-            for i in range(1, len(batch) + 1):
-                if i == len(batch) or batch[i][0] != batch[start][0]:
-                    data = b"".join(d for _, d in batch[start:i])
-                    self._write(batch[start][0], data)
-                    size += len(data)
-                    start = i
+                purged = self._purged
+            self._write(batch, purged)
             with cond:
-                self._queued -= size
+                self._queued -= len(batch)
                 cond.notify_all()
 
-    def _write(self, fd: int, data: bytes) -> None:
-        if fd in self.broken:
-            return
+    def _write(self, data: bytes, purged: bool) -> int:
+        """Write `data` in pieces; stop early (the rest dropped) at a signal that came after
+        the batch was taken, or at an error. Returns the bytes written."""
+        if self.broken:
+            return 0
         view = memoryview(data)
-        while view:
+        done = 0
+        while done < len(data):
+            if self.interrupted and not purged:
+                return done  # the backlog of before the signal: dropped
+            end = min(len(data), done + _PIECE)
+            if end < len(data):
+                cut = data.rfind(b"\n", done, end)
+                if cut >= done:
+                    end = cut + 1
             try:
-                n = os.write(fd, view)
+                done += os.write(self.fd, view[done:end])
             except InterruptedError:
                 continue
             except OSError as exc:
                 if exc.errno == errno.EPIPE:
-                    self.broken.add(fd)
-                _to_null(fd)
-                return
-            view = view[n:]
+                    self.broken = True
+                _to_null(self.fd)
+                return done
+        return done
 
 
 def _to_null(fd: int) -> None:
@@ -132,7 +179,7 @@ def _to_null(fd: int) -> None:
         os.close(null)
 
 
-_writer: _Writer | None = None
+_writers: list[_Writer] = []
 
 
 class Stream:
@@ -143,7 +190,6 @@ class Stream:
     def __init__(self, stream: Any, writer: _Writer, *, tell_broken: bool) -> None:
         self._stream = stream
         self._tell_broken = tell_broken
-        self._fd = stream.fileno()
         self._encoding = getattr(stream, "encoding", None) or "utf-8"
         self._errors = getattr(stream, "errors", None) or "strict"
         self._writer = writer
@@ -152,11 +198,11 @@ class Stream:
         """Queue `text` (bytes too: click's echo hands some). Raises BrokenPipeError once the
         reader has closed its end, if the stream tells (stdout; what goes to a closed stderr
         is dropped)."""
-        if self._tell_broken and self._fd in self._writer.broken:
+        if self._tell_broken and self._writer.broken:
             raise BrokenPipeError(errno.EPIPE, "Broken pipe")
         if text:
             data = text.encode(self._encoding, self._errors) if isinstance(text, str) else bytes(text)
-            self._writer.put(self._fd, data)
+            self._writer.put(data)
         return len(text)
 
     @property
@@ -173,15 +219,16 @@ class Stream:
         return getattr(self._stream, name)
 
 
-def install() -> None:
-    """sys.stdout and sys.stderr become `Stream`s (idempotent). What the real streams hold
-    already is written first. Streams without a file descriptor (a test's in-memory capture)
-    are left as they are."""
-    global _writer
+def install(*, drop: bool = False) -> None:
+    """sys.stdout and sys.stderr become `Stream`s (idempotent), each with a writer thread of
+    its own, or one shared when both are the same file (the order of their lines kept). What
+    the real streams hold already is written first. `drop`: beyond CAP, lines are dropped and
+    counted, never waited for (the daemon). Streams without a file descriptor (a test's
+    in-memory capture) are left as they are."""
     if isinstance(sys.stdout, Stream) and isinstance(sys.stderr, Stream):
         return
     try:
-        sys.stdout.fileno(), sys.stderr.fileno()
+        out_fd, err_fd = sys.stdout.fileno(), sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
         return
     for stream in (sys.stdout, sys.stderr):
@@ -189,27 +236,42 @@ def install() -> None:
             stream.flush()
         except OSError:
             _to_null(stream.fileno())
-    if _writer is None:
-        _writer = _Writer()
+    if not _writers:
         atexit.register(drain)
-    if not isinstance(sys.stdout, Stream):
-        sys.stdout = Stream(sys.stdout, _writer, tell_broken=True)
-    if not isinstance(sys.stderr, Stream):
-        sys.stderr = Stream(sys.stderr, _writer, tell_broken=False)
+    out = _Writer(out_fd, drop=drop)
+    err = out if _same_file(out_fd, err_fd) else _Writer(err_fd, drop=drop)
+    _writers[:] = [out] if err is out else [out, err]
+    sys.stdout = Stream(sys.stdout, out, tell_broken=True)
+    sys.stderr = Stream(sys.stderr, err, tell_broken=False)
+
+
+def _same_file(a: int, b: int) -> bool:
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def behind() -> bool:
+    """Whether a reader is more than CAP behind (a write would wait): for a run that can wait
+    elsewhere (cli's Progress.room)."""
+    return any(w.behind() for w in _writers)
 
 
 def drain() -> None:
-    """Wait until the reader has taken what the streams queued (bounded after a signal); at
+    """Wait until the readers have taken what the streams queued (bounded after a signal); at
     exit (registered with atexit, and called before os._exit)."""
-    if _writer is not None:
-        _writer.drain()
+    for w in list(_writers):
+        w.drain()
 
 
 def interrupted() -> None:
-    """A signal asked the run to stop: no write or flush waits for the reader any more (beyond
-    AFTER_INTERRUPT). Safe in a signal handler (one attribute store)."""
-    if _writer is not None:
-        _writer.interrupted = True
+    """A signal asked the run to stop: the backlog queued until now is dropped, and no write or
+    flush waits for a reader any more (beyond AFTER_INTERRUPT at exit). Safe in a signal
+    handler (attribute stores)."""
+    for w in _writers:
+        w.interrupted = True
 
 
 def on_signals(signals: tuple[int, ...]) -> None:

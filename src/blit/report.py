@@ -105,6 +105,9 @@ class Progress(Protocol):
     # Optional: `totals(files, nbytes)`, called once when the run knows how many entries it
     # will have handled (None when it cannot say: a remote run) and how many bytes it will have
     # copied in all (once every directory is planned), before the updates that follow.
+    # Optional: `async room()`, awaited by a remote run after each page of actions: returns
+    # once the output can take more (its reader is not far behind), so that the lines wait
+    # without the Trio thread waiting (the session's keepalive goes on).
     def action(self, action: str, path: str) -> None: ...
     def error(self, failure: Failure) -> None: ...
     def finish(self, summary: Summary) -> None: ...

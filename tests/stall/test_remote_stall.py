@@ -731,3 +731,56 @@ async def test_a_stdout_nobody_reads_does_not_stop_a_remote_run(nursery: trio.Nu
     paths = [line.split(" ", 1)[1] for line in lines[:-1]]
     assert sorted(paths) == sorted(names)
     assert_same_tree(src, dst)
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+async def test_actions_that_wait_for_their_reader_do_not_silence_the_session(nursery: trio.Nursery, tmp_path: Path, direction: str) -> None:
+    """-v lines whose reader fell far behind (blit.console past its cap) used to block the Trio
+    thread in the write: no PING went out, and once the daemon's silence limit passed it ended
+    the session ('nothing came from this client', QA). A remote run now awaits the Progress's
+    `room()` between pages of actions instead: here it holds them for twice the daemon's
+    stall time; the session lives, the run succeeds and every action arrives once released."""
+    from blit.report import NullProgress
+
+    stall = 3.0
+    d = await _daemon(nursery, tmp_path, stall=stall)
+    module = d.modules["data"]
+    src = tmp_path / "src" if direction == "push" else module / "tree"
+    names = set()
+    for i in range(10):
+        for j in range(300):
+            (src / f"d{i}").mkdir(parents=True, exist_ok=True)
+            (src / f"d{i}" / f"f{j}").write_bytes(b"x")
+            names.add(f"d{i}/f{j}")
+        names.add(f"d{i}")
+    released = trio.Event()
+    waits = 0
+
+    class Reader(NullProgress):
+        got: list[str] = []
+
+        def action(self, action: str, path: str) -> None:
+            self.got.append(path)
+
+        async def room(self) -> None:
+            nonlocal waits
+            waits += 1
+            await released.wait()
+
+    async def release_later() -> None:
+        await trio.sleep(2 * stall)
+        released.set()
+
+    nursery.start_soon(release_later)
+    if direction == "push":
+        args, dst = (f"{src}/", f"127.0.0.1:{d.info.port}:/data/first/"), module / "first"
+    else:
+        args, dst = (f"127.0.0.1:{d.info.port}:/data/tree/", f"{tmp_path / 'got'}/"), tmp_path / "got"
+    reader = Reader()
+    t0 = trio.current_time()
+    with trio.fail_after(60):
+        summary = await remote_transfer("copy", *args, known_hosts=d.known_hosts, progress=reader, record_actions=True)
+    assert summary.failures == [] and summary.exit_code == 0
+    assert waits >= 1 and trio.current_time() - t0 >= 2 * stall - 0.5, "the actions never waited for their reader"
+    assert sorted(reader.got) == sorted(names)
+    assert_same_tree(src, Path(dst))

@@ -337,6 +337,9 @@ async def relay(
         if progress is not None:
             if report:
                 emit_actions(status.actions, progress.action)
+                room = getattr(progress, "room", None)
+                if room is not None:
+                    await room()
             progress.update(status.files_copied, status.bytes_copied, time.perf_counter() - t0)
         if status.done:
             break
@@ -417,6 +420,7 @@ async def remote_transfer(
         operation=operation, compare=compare, filters=compiled, dry_run=dry_run, report_actions=report
     )
     actions = progress.action if report else None
+    room = getattr(progress, "room", None) if report else None
     t0 = time.perf_counter()
     counters = TreeCounters()
     async with open_session(
@@ -441,7 +445,7 @@ async def remote_transfer(
                 await trio.to_thread.run_sync(check_source_readable, local.path, local.trailing_slash, local.label)
                 done = await push_tree(
                     session, r.src_base, d_ep.module, r.dst_base, r.top, spec, streams, create_base=r.create_dst, counters=counters,
-                    actions=actions, source_dir=local.ident,
+                    actions=actions, actions_room=room, source_dir=local.ident,
                 )
             else:
                 assert isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, LocalEndpoint)
@@ -456,7 +460,7 @@ async def remote_transfer(
                 dest = DestTree(-1, spec) if r.create_dst and dry_run else None
                 done = await pull_tree(
                     session, s_ep.module, r.src_base, r.dst_base, r.top, spec, streams,
-                    create_root=r.create_dst and not dry_run, counters=counters, dest=dest, actions=actions,
+                    create_root=r.create_dst and not dry_run, counters=counters, dest=dest, actions=actions, actions_room=room,
                     refuse_nesting=nesting_check(rside, r.dst_base, r.top, d_ep.path),
                 )
             nursery.cancel_scope.cancel()  # the ticker

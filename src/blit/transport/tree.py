@@ -2376,6 +2376,7 @@ async def push_tree(
     create_base: bool = False,
     counters: TreeCounters | None = None,
     actions: Callable[[str, str], None] | None = None,
+    actions_room: Callable[[], Awaitable[None]] | None = None,
     source_dir: tuple[int, int] | None = None,
 ) -> TreeDone:
     """Push a local tree (source) to a daemon module directory (destination); `create_base`
@@ -2383,6 +2384,8 @@ async def push_tree(
     (tree/landed, synced) are removed as the confirmations come, emptied directories last.
     `actions(action, path)` gets what the daemon changes (tree/actions pages, collected while
     the transfer runs), if the daemon speaks FEATURE_ACTIONS; an older one gives none.
+    `await actions_room()` after each page: a Progress's `room` (the next page waits while
+    the output's reader is far behind; the run, its pings included, goes on).
     `source_dir`: the source directory's (device, inode), a directory's push: a daemon on this
     machine refuses a destination inside it (FEATURE_NEST).
 
@@ -2440,6 +2443,8 @@ async def push_tree(
         while True:
             page: protocol.ActionPage = await session.call(protocol.TreeActions(transfer=t.id))
             emit_actions(page.actions, actions)
+            if actions_room is not None:
+                await actions_room()
             if not page.more:
                 if page.dropped:
                     local_failures.append(actions_dropped_failure(page.dropped))
@@ -2693,6 +2698,7 @@ async def pull_tree(
     dest: DestTree | None = None,
     open_dest: Callable[[], Awaitable[DestTree]] | None = None,
     actions: Callable[[str, str], None] | None = None,
+    actions_room: Callable[[], Awaitable[None]] | None = None,
     for_client: str = "",
     refuse_nesting: Callable[[], None] | None = None,
 ) -> TreeDone:
@@ -2703,7 +2709,8 @@ async def pull_tree(
     DestTree is closed on return either way. `create_root` makes the local root (and its
     parents) once the daemon has accepted the transfer. Move: what landed here is synced, then
     removed on the daemon (tree/remove), emptied directories last. `actions(action, path)` gets what the local
-    DestTree changes (spec.report_actions makes it keep them) while the transfer runs.
+    DestTree changes (spec.report_actions makes it keep them) while the transfer runs, with
+    `await actions_room()` after each page (as push_tree).
     `for_client`: a daemon pulling for a remote to remote transfer names its client's address,
     which the source daemon checks too (FEATURE_CLIENT). `refuse_nesting()` runs (in a
     thread) when the daemon turns out to be on this machine, before anything is made here: it
@@ -2797,7 +2804,7 @@ async def pull_tree(
             page = log.take()
             emit_actions(page, actions)
             if page:
-                await trio.sleep(0)
+                await (actions_room() if actions_room is not None else trio.sleep(0))
             elif finished.is_set():
                 return
             else:
