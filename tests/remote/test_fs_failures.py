@@ -452,3 +452,53 @@ def test_a_directory_not_ours_whose_mtime_a_deletion_changed_is_named_in_every_t
     assert blit_lines(proc) == ["blit: open: directory metadata: Operation not permitted"], describe_output(proc)
     assert ", deleted 1, " in proc.stdout.decode(), describe_output(proc)
     assert sorted(os.listdir(dst / "open")) == ["a"]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("direction", ["local", "push", "pull"])
+def test_mirror_deletes_an_extra_in_a_read_only_directory_of_ours_in_every_topology(
+    nobody_daemon: DaemonProcess, nobody_tmp: Path, direction: str
+) -> None:
+    """dst/ro is the writer's own and 0555, like src/ro, with the same mtime; it holds an extra.
+    rsync (and a local run) open it up, delete, and put the mode back: exit 0. Push and pull
+    failed `ro/extra: delete: Permission denied` (QA). rsync on a twin tree is the oracle."""
+    import shutil
+    import subprocess
+
+    src = nobody_daemon.modules["data"] / "src" if direction == "pull" else nobody_tmp / "src"
+    dst = nobody_daemon.modules["data"] / "dst" if direction == "push" else nobody_tmp / "dst"
+    twin = nobody_tmp / "twin"
+    write_file(src / "ro/a", b"a\n")
+    for root in (dst, twin):
+        write_file(root / "ro/a", b"a\n")
+        write_file(root / "ro/extra", b"x\n")
+    for root in (src, dst, twin):
+        chown_tree(root, NOBODY, NOBODY)
+    st = os.stat(src / "ro/a")
+    for root in (dst, twin):
+        os.utime(root / "ro/a", ns=(st.st_atime_ns, st.st_mtime_ns))
+    for root in (src, dst, twin):
+        os.chmod(root / "ro", 0o555)
+    sd = os.stat(src / "ro")
+    for root in (dst, twin):
+        os.utime(root / "ro", ns=(sd.st_atime_ns, sd.st_mtime_ns))
+    try:
+        oracle = subprocess.run([*AS_NOBODY, "rsync", "-a", "--delete", f"{src}/", f"{twin}/"], capture_output=True, text=True)
+        assert oracle.returncode == 0, oracle.stderr
+        args = {
+            "local": [f"{src}/", f"{dst}/"],
+            "push": ["--no-tls", f"{src}/", url(nobody_daemon, "data/dst/")],
+            "pull": ["--no-tls", url(nobody_daemon, "data/src/"), f"{dst}/"],
+        }[direction]
+        proc = run_blit("mirror", *args, as_nobody=True)
+        assert proc.returncode == 0, describe_output(proc)
+        assert ", deleted 1, " in proc.stdout.decode(), describe_output(proc)
+        for root in (dst, twin):
+            assert sorted(os.listdir(root / "ro")) == ["a"]
+            assert oct(os.stat(root / "ro").st_mode & 0o7777) == "0o555"
+        assert os.stat(dst / "ro").st_mtime_ns == sd.st_mtime_ns
+    finally:
+        for root in (src, dst, twin):
+            if (root / "ro").exists():
+                os.chmod(root / "ro", 0o755)
+        shutil.rmtree(twin, ignore_errors=True)
