@@ -398,6 +398,10 @@ def _run(
         finally:  # the bar goes (the cursor shown) before any last line, however the run ended
             if isinstance(rep, TextProgress):
                 rep.stop()
+            # The run is over: a signal now only ends the wait for a reader of its last lines
+            # (the exit code stays the run's; SIGTERM and SIGHUP killed it mid-wait).
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, lambda sig, frame: console.interrupted())
     except BlitError as exc:
         return failed(exc)
     except BaseExceptionGroup as eg:

@@ -736,6 +736,7 @@ class ControlClient:
         path, body = self.session.request(msg)
         op = path.removeprefix(protocol.PATH_PREFIX)
         timeout = self.request_timeout if timeout is None else timeout
+        continued = CONTINUED[0]
         try:
             with trio.move_on_after(timeout) as cs:
                 async with self.conn.open_stream(_request_headers(self.authority, path)) as st:
@@ -745,7 +746,7 @@ class ControlClient:
                     reply = await st.read_body(protocol.MAX_MESSAGE)
             if cs.cancelled_caught:
                 late = trio.current_time() - cs.deadline
-                if late > OVERSLEPT:
+                if late > OVERSLEPT or CONTINUED[0] != continued:  # this process was stopped meanwhile
                     raise await self._stopped_during(op, timeout, timeout + late) from None
                 raise daemon_stalled(self.authority, f"no answer to {op}", timeout)
         except StreamClosed as exc:
@@ -759,24 +760,27 @@ class ControlClient:
         (SIGSTOP, a suspend): not the daemon's silence. If the daemon ended the session
         meanwhile (a client stopped before its hello: the daemon's hello timeout), its GOAWAY
         says why."""
-        ended = await self.ended_by_daemon(wait=1.0)
+        ended = await self.ended_by_daemon(wait=1.0, stopped=stopped)
         if ended is not None:
+            if self.conn.peer_reason is None:  # its reason did not get through; the stop says it
+                return ended
             return TransportError(f"{ended} (this process was stopped for {stopped:.0f} s)")
         return TransportError(
             f"{op} to {self.authority}: no answer read: this process was stopped for {stopped:.0f} s, "
             f"longer than it waits for one ({timeout:g} s)"
         )
 
-    async def ended_by_daemon(self, wait: float) -> TransportError | None:
+    async def ended_by_daemon(self, wait: float, stopped: float = 0.0) -> TransportError | None:
         """The daemon ended this session and said why (at most `wait` s for its GOAWAY to be
-        read), or this process was stopped for longer than the daemon's silence limit: "daemon
-        HOST:PORT ended the session: WHY". None otherwise."""
+        read), or this process was stopped (at least `stopped` s, if the caller knows) for
+        longer than the daemon's silence limit: "daemon HOST:PORT ended the session: WHY".
+        None otherwise."""
         if self.conn.peer_reason is None and wait > 0:
             with trio.move_on_after(wait):
                 await self.conn.wait_closed()
         if self.conn.peer_reason is not None:
             return TransportError(f"daemon {self.authority} ended the session: {self.conn.peer_reason}")
-        stopped = max(self.conn.stopped_for, trio.current_time() - self.conn.timer_due)
+        stopped = max(stopped, self.conn.stopped_for, trio.current_time() - self.conn.timer_due)
         if stopped >= self.conn.silence_limit:
             # Its GOAWAY did not get through (a full pipe of data over HTTP/2), but this process
             # was stopped for longer than the daemon waits for a silent client.
@@ -794,6 +798,27 @@ class ControlClient:
         async with self.conn.open_stream(headers) as st:
             st.widen_window(DATA_STREAM_WINDOW)
             yield st
+
+
+CONTINUED = [0]
+"""How many times this process was continued (SIGCONT after SIGSTOP or Ctrl-Z): a request
+whose timer ran out across a change of it was stopped, not left unanswered (watch_continue)."""
+
+
+def watch_continue() -> None:
+    """Count SIGCONTs in CONTINUED (once; the main thread; a handler someone else installed
+    is left alone). A stop longer than a request's timeout may end less than OVERSLEPT past
+    its deadline (a client stopped 12 s at its 10 s hello)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGCONT) is not signal.SIG_DFL:
+        return
+
+    def continued(signum: int, frame: Any) -> None:
+        CONTINUED[0] += 1
+
+    signal.signal(signal.SIGCONT, continued)
 
 
 def daemon_stalled(authority: str, what: str, seconds: float) -> StallError:
@@ -867,6 +892,7 @@ async def connect_control(
         IncompatiblePeerError: the daemon speaks another protocol version.
     """
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    watch_continue()
     try:
         with trio.fail_after(connect_timeout):
             tcp = await (_connect_first(addresses, port) if addresses else trio.open_tcp_stream(host, port))
