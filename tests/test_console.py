@@ -104,12 +104,19 @@ def test_the_daemons_log_drops_and_counts_what_nobody_reads(pipe: tuple[int, int
 
 
 def test_a_writer_past_the_cap_waits_until_a_signal(pipe: tuple[int, int, list[console._Writer]], monkeypatch: pytest.MonkeyPatch) -> None:
-    """drop=False (a run): past the cap a write waits for the reader, as rsync does, but a
-    signal ends the wait at once."""
+    """drop=False (a run): past CAP the writer is `behind` (a remote run's next page of actions
+    waits, Progress.room) but a write does not wait yet: a page under way must never block the
+    Trio thread (a push lost its session so, QA); past BLOCK_AT a write waits for the reader,
+    as rsync does, and a signal ends the wait at once."""
     r, w, writers = pipe
     monkeypatch.setattr(console, "CAP", 128 << 10)
+    monkeypatch.setattr(console, "BLOCK_AT", 512 << 10)
     writer = console._Writer(w, drop=False)
     writers.append(writer)
+    t0 = time.monotonic()
+    for i in range((300 << 10) // len(_line(0))):  # 300 KiB: past CAP and the pipe, below BLOCK_AT
+        writer.put(_line(i))
+    assert time.monotonic() - t0 < 1 and writer.behind(), "between CAP and BLOCK_AT"
     done = threading.Event()
 
     def flood() -> None:
@@ -118,6 +125,25 @@ def test_a_writer_past_the_cap_waits_until_a_signal(pipe: tuple[int, int, list[c
         done.set()
 
     threading.Thread(target=flood, daemon=True).start()
-    assert not done.wait(1), "writes past the cap did not wait for the reader"
+    assert not done.wait(1), "writes past BLOCK_AT did not wait for the reader"
     writer.interrupted = True
     assert done.wait(1), "a signal did not end the wait"
+
+
+def test_a_signal_never_cuts_a_line_longer_than_a_pipe_write(pipe: tuple[int, int, list[console._Writer]]) -> None:
+    """--json lines can be longer than PIPE_BUF (a path of control characters, a summary with
+    many failures): written in pieces, a line the pipe cut off mid-way is finished after a
+    signal before the backlog is dropped (it was left cut, the next line glued to it, QA)."""
+    r, w, writers = pipe
+    writer = console._Writer(w, drop=False)
+    writers.append(writer)
+    long_lines = [(b"%05d" % i) + b"x" * 9_995 + b"\n" for i in range(40)]
+    for line in long_lines:
+        writer.put(line)
+    time.sleep(0.3)  # the pipe (64 KiB) is full in the middle of the 7th line
+    writer.interrupted = True
+    writer.put(b"the end\n")
+    got = _read_all(r)
+    lines = got.split(b"\n")
+    assert lines[-2:] == [b"the end", b""], got[-100:]
+    assert all(line + b"\n" in long_lines for line in lines[:-2]), [len(line) for line in lines[:-2]]

@@ -277,6 +277,91 @@ def test_a_terminal_that_hangs_up_stops_the_run_cleanly(big_src: tuple[Path, Sna
     _assert_clean_and_rerun(src, src_snap, dst, signal.SIGHUP)
 
 
+@pytest.mark.parametrize("flags", [("-v",), ("-v", "--progress")], ids=["verbose", "verbose-progress"])
+def test_ctrl_c_on_a_terminal_slower_than_the_run_shows_its_message_last(
+    big_src: tuple[Path, Snapshot, int], bulk_src: tuple[Path, Snapshot, int], tmp_path: Path, flags: tuple[str, ...]
+) -> None:
+    """stdout and stderr are one terminal that shows lines slower than the run makes them: at
+    Ctrl-C the `-v` lines not shown yet are dropped and the interrupt message comes next, the
+    last line, whole; with --progress the cursor is shown again. The message was lost behind
+    the backlog, the last line cut, the cursor left hidden (QA)."""
+    import fcntl
+    import termios
+    import threading
+
+    src, src_snap, total = bulk_src
+    dst = tmp_path / "dst"
+    master, slave = os.openpty()
+
+    def own_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [BLIT, "copy", *flags, f"{src}/", str(dst)], stdin=slave, stdout=slave, stderr=slave, env=BLIT_ENV, preexec_fn=own_terminal
+    )
+    os.close(slave)
+    shown = bytearray()
+    gone = threading.Event()
+
+    def terminal() -> None:  # about 200 KB/s: slower than the run makes its lines
+        while not gone.is_set():
+            try:
+                chunk = os.read(master, 1024)
+            except OSError:
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+            time.sleep(0.005)
+
+    reader = threading.Thread(target=terminal, daemon=True)
+    reader.start()
+    try:
+        _step_until(proc, lambda: _landed(dst) >= total // 3, "a third landed")
+        os.write(master, b"\x03")  # Ctrl-C, through the terminal
+        proc.send_signal(signal.SIGCONT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("blit still running 10 s after Ctrl-C")
+        reader.join(timeout=10)
+    finally:
+        gone.set()
+        os.close(master)
+        _finish(proc)
+    assert proc.returncode == 130, bytes(shown[-500:])
+    text = bytes(shown).replace(b"\r", b"")
+    last = [ln for ln in text.split(b"\n") if ln.strip()][-1]
+    assert last.endswith(b"blit: error: interrupted; temporary files removed, run the same command again to finish"), text[-500:]
+    if "--progress" in flags:
+        assert text.count(b"\x1b[?25l") == text.count(b"\x1b[?25h") >= 1, "the cursor was left hidden"
+    _assert_clean_and_rerun(src, src_snap, dst, signal.SIGINT)
+
+
+def test_a_closed_stdout_is_a_closed_pipe(bulk_src: tuple[Path, Snapshot, int], tmp_path: Path) -> None:
+    """`blit copy ... >&-`: Python has no sys.stdout, and the first line written was a
+    traceback (exit 1 after a complete copy). Now the run that only loses its summary keeps its
+    exit code; one with -v stops as on a closed pipe, with one line; no file the run opened took
+    fd 1."""
+    src, src_snap, _total = bulk_src
+    dst = tmp_path / "dst"
+    closed = ["bash", "-c", 'exec "$0" "$@" >&-', BLIT]
+    proc = subprocess.run([*closed, "copy", f"{src}/", str(dst)], capture_output=False, stderr=subprocess.PIPE, env=BLIT_ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == b""
+    assert_same_tree(src_snap, snapshot(dst))
+    rmtree(dst)
+    proc = subprocess.run([*closed, "copy", "-v", f"{src}/", str(dst)], stderr=subprocess.PIPE, env=BLIT_ENV, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.decode().splitlines() == [
+        "blit: error: standard output was closed (broken pipe); stopped, run the same command again to finish"
+    ]
+    if dst.exists():
+        _assert_no_partial_file(src_snap, dst)
+        rmtree(dst)
+
+
 def test_an_interrupted_json_run_still_ends_with_its_summary(big_src: tuple[Path, Snapshot, int], tmp_path: Path) -> None:
     """--json: the last line is always the summary, with the process's exit code (130)."""
     import json
@@ -488,6 +573,20 @@ def test_closed_stdout_stops_the_run_with_one_line_and_a_rerun_completes(
 # --- A stdout nobody reads (`blit copy -v ... | pager` whose pager stopped reading) ------------
 
 
+def _verbose_into_a_pipe(src: Path, dst: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """`blit copy -v SRC/ DST` with stdout into a pipe nobody reads yet: (process, read end)."""
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen([BLIT, "copy", "-v", f"{src}/", str(dst)], stdout=w, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, env=BLIT_ENV)  # fmt: skip
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    return proc, r
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stdout_nobody_reads_neither_holds_the_run_nor_its_interrupt(
     bulk_src: tuple[Path, Snapshot, int], tmp_path: Path, sig: signal.Signals
@@ -499,12 +598,8 @@ def test_a_stdout_nobody_reads_neither_holds_the_run_nor_its_interrupt(
     a rerun converges."""
     src, src_snap, total = bulk_src
     dst = tmp_path / "dst"
-    r, w = os.pipe()
+    proc, r = _verbose_into_a_pipe(src, dst)
     try:
-        proc = subprocess.Popen([BLIT, "copy", "-v", f"{src}/", str(dst)], stdout=w, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, env=BLIT_ENV)  # fmt: skip
-        os.close(w)
-        w = -1
         try:
             _run_until(proc, dst, total // 2)  # 15,000 lines and more: far beyond the pipe's 64 KiB
             stopped_in = _signal(proc, sig)
@@ -512,8 +607,6 @@ def test_a_stdout_nobody_reads_neither_holds_the_run_nor_its_interrupt(
             _out, err = _finish(proc)
     finally:
         os.close(r)
-        if w >= 0:
-            os.close(w)
     _assert_stopped(proc, b"", err, sig, stopped_in)
     # stderr (a pipe read to the end) does not wait behind the stdout nobody reads: the line
     # saying what happened gets out (it was dropped with the stdout backlog, QA).
@@ -527,12 +620,8 @@ def test_a_reader_that_pauses_still_gets_every_line_in_order(bulk_src: tuple[Pat
     exit code is 0."""
     src, src_snap, _total = bulk_src
     dst = tmp_path / "dst"
-    r, w = os.pipe()
+    proc, r = _verbose_into_a_pipe(src, dst)
     try:
-        proc = subprocess.Popen([BLIT, "copy", "-v", f"{src}/", str(dst)], stdout=w, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, env=BLIT_ENV)  # fmt: skip
-        os.close(w)
-        w = -1
         try:
             deadline = time.monotonic() + 120
             while not dst.exists() or len(_listing(dst)) < len(src_snap) - 1:
@@ -548,8 +637,6 @@ def test_a_reader_that_pauses_still_gets_every_line_in_order(bulk_src: tuple[Pat
     finally:
         if r >= 0:
             os.close(r)
-        if w >= 0:
-            os.close(w)
     assert proc.returncode == 0, err
     lines = out.decode().splitlines()
     assert lines[-1].startswith("copied "), lines[-3:]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+from . import entry as _entry
 from .entry import EXIT_INTERRUPTED
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ def _err(msg: str) -> None:
 def _write(text: str) -> bool:
     """Write to stdout; False once it is closed (a broken pipe: `blit copy -v ... | head`), and
     from then on what is still buffered goes to /dev/null (also after a terminal hung up)."""
+    if _entry.STDOUT_CLOSED:  # `>&-`: as a pipe closed before the first line
+        return False
     try:
         sys.stdout.write(text)
         return True
@@ -134,6 +137,14 @@ def summary_line(s: "Summary") -> str:
     return line
 
 
+def _stopping() -> bool:
+    """A signal asked the run to stop: no more `-v` lines or progress events (on a terminal
+    slower than the run they would go out before its last lines, and take their place)."""
+    from . import console
+
+    return console.was_interrupted()
+
+
 async def _room() -> None:
     """Progress.room: wait while a reader of the output is far behind (blit.console), sleeping
     on Trio, not blocking its thread (a remote run's keepalive goes on)."""
@@ -221,7 +232,7 @@ class TextProgress:
         await _room()
 
     def action(self, action: str, path: str) -> None:
-        if self.verbose:
+        if self.verbose and not _stopping():
             line = f"{action} {shown(path)}"
             if not self._above_bar(line, sys.stdout):
                 _out(line + "\n")
@@ -270,7 +281,7 @@ class JsonProgress:
         )
 
     def update(self, files: int, nbytes: int, elapsed: float) -> None:
-        if elapsed - self.last >= 0.1:
+        if elapsed - self.last >= 0.1 and not _stopping():
             self.last = elapsed
             self._emit(
                 {
@@ -290,7 +301,8 @@ class JsonProgress:
         await _room()
 
     def action(self, action: str, path: str) -> None:
-        self._emit({"event": "action", "action": action, "path": path})
+        if not _stopping():
+            self._emit({"event": "action", "action": action, "path": path})
 
     def error(self, failure: "Failure") -> None:
         self._emit({"event": "error", **failure.as_dict()})

@@ -34,8 +34,14 @@ from collections.abc import Callable
 from typing import Any
 
 CAP = 16 << 20
-"""Bytes queued for one file before a write waits for its reader (about 200,000 `-v` lines),
-or, for the daemon's log, is dropped."""
+"""Bytes queued for one file beyond which a remote run's next page of actions waits for the
+reader (`behind`, Progress.room), and the daemon's log drops lines (about 200,000 `-v`
+lines)."""
+
+BLOCK_AT = 2 * CAP
+"""Bytes queued beyond which a write itself waits for the reader (a local run): above CAP by
+more than a page of actions (protocol.ACTION_PAGE_BYTES of paths, as JSON lines), so that a
+remote run that waited for room never blocks its Trio thread within a page."""
 
 AFTER_INTERRUPT = 0.5
 """Seconds the exit after a signal still gives a reader to take the last lines."""
@@ -76,7 +82,7 @@ class _Writer:
     def put(self, data: bytes) -> None:
         with self._cond:
             self._purge_once()
-            while self._queued > CAP and not self.interrupted:
+            while self._queued > (CAP if self._drop else BLOCK_AT) and not self.interrupted:
                 if self._drop:
                     self._dropped += 1
                     return
@@ -150,8 +156,8 @@ class _Writer:
         view = memoryview(data)
         done = 0
         while done < len(data):
-            if self.interrupted and not purged:
-                return done  # the backlog of before the signal: dropped
+            if self.interrupted and not purged and (done == 0 or data[done - 1] == 0x0A):
+                return done  # the backlog of before the signal: dropped (at a line's end)
             end = min(len(data), done + _PIECE)
             if end < len(data):
                 cut = data.rfind(b"\n", done, end)
@@ -264,6 +270,11 @@ def drain() -> None:
     exit (registered with atexit, and called before os._exit)."""
     for w in list(_writers):
         w.drain()
+
+
+def was_interrupted() -> bool:
+    """Whether a signal asked the run to stop (its `-v` lines and progress events end there)."""
+    return any(w.interrupted for w in _writers)
 
 
 def interrupted() -> None:

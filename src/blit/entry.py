@@ -55,9 +55,37 @@ def early_signals(on: bool) -> None:
     signal.signal(signal.SIGHUP, _interrupted_early if on else signal.SIG_DFL)
 
 
+STDOUT_CLOSED = False
+"""The caller closed stdout (`blit copy -v ... >&-`): a line for it is a closed pipe's (cli._write)."""
+
+
+def _std_fds() -> None:
+    """Standard fds the caller closed (`>&-`) get /dev/null, so that no file the run opens takes
+    their number (a line for stdout would land in it), and Python's None streams become
+    streams on them (a traceback from the first line written)."""
+    import os
+
+    global STDOUT_CLOSED
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            if fd == 1:
+                STDOUT_CLOSED = True
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+
+
 def main() -> None:
     import gc
 
+    _std_fds()
     early_signals(True)
     gc.disable()
     from . import prefetch

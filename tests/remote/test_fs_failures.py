@@ -66,6 +66,16 @@ def nobody_daemon(nobody_tmp: Path) -> Iterator[DaemonProcess]:
         yield d
 
 
+def _mirror_args(direction: str, d: DaemonProcess, src: Path, dst: Path) -> list[str]:
+    """The arguments of a run from src to dst: local, push into the daemon's data/dst, or pull
+    from its data/src (cleartext)."""
+    return {
+        "local": [f"{src}/", f"{dst}/"],
+        "push": ["--no-tls", f"{src}/", url(d, "data/dst/")],
+        "pull": ["--no-tls", url(d, "data/src/"), f"{dst}/"],
+    }[direction]
+
+
 def blit_lines(proc) -> list[str]:  # type: ignore[no-untyped-def]
     return sorted(ln for ln in stderr_lines(proc) if ln.startswith("blit:") and not ln.startswith("blit: pinned the TLS certificate of"))
 
@@ -362,11 +372,7 @@ def test_a_destination_directory_of_ours_with_mode_000_is_repaired(nobody_daemon
     chown_tree(src, NOBODY, NOBODY)
     chown_tree(dst, NOBODY, NOBODY)
     os.chmod(dst / "d", 0)
-    args = {
-        "local": [f"{src}/", f"{dst}/"],
-        "push": ["--no-tls", f"{src}/", url(nobody_daemon, "data/dst/")],
-        "pull": ["--no-tls", url(nobody_daemon, "data/src/"), f"{dst}/"],
-    }[direction]
+    args = _mirror_args(direction, nobody_daemon, src, dst)
     try:
         proc = run_blit("mirror", *args, as_nobody=True)
         assert proc.returncode == 0, describe_output(proc)
@@ -405,11 +411,7 @@ def test_an_extra_directory_in_a_directory_not_ours_is_emptied_as_rsync_does(nob
         assert oracle.returncode == 23, oracle.stderr
         deleted = next(ln for ln in oracle.stdout.splitlines() if ln.startswith("Number of deleted files:"))
         assert deleted.startswith("Number of deleted files: 3 "), deleted
-        args = {
-            "local": [f"{src}/", f"{dst}/"],
-            "push": ["--no-tls", f"{src}/", url(nobody_daemon, "data/dst/")],
-            "pull": ["--no-tls", url(nobody_daemon, "data/src/"), f"{dst}/"],
-        }[direction]
+        args = _mirror_args(direction, nobody_daemon, src, dst)
         proc = run_blit("mirror", *args, as_nobody=True)
         assert proc.returncode == 3, describe_output(proc)
         left = sorted(str(p.relative_to(dst)) for p in dst.rglob("*"))
@@ -442,11 +444,7 @@ def test_a_directory_not_ours_whose_mtime_a_deletion_changed_is_named_in_every_t
     for d in (src, dst):
         os.chmod(d / "open", 0o777)
     os.utime(dst / "open", ns=(os.stat(src / "open").st_atime_ns, os.stat(src / "open").st_mtime_ns))
-    args = {
-        "local": [f"{src}/", f"{dst}/"],
-        "push": ["--no-tls", f"{src}/", url(nobody_daemon, "data/dst/")],
-        "pull": ["--no-tls", url(nobody_daemon, "data/src/"), f"{dst}/"],
-    }[direction]
+    args = _mirror_args(direction, nobody_daemon, src, dst)
     proc = run_blit("mirror", *args, as_nobody=True)
     assert proc.returncode == 3, describe_output(proc)
     assert blit_lines(proc) == ["blit: open: directory metadata: Operation not permitted"], describe_output(proc)
@@ -485,11 +483,7 @@ def test_mirror_deletes_an_extra_in_a_read_only_directory_of_ours_in_every_topol
     try:
         oracle = subprocess.run([*AS_NOBODY, "rsync", "-a", "--delete", f"{src}/", f"{twin}/"], capture_output=True, text=True)
         assert oracle.returncode == 0, oracle.stderr
-        args = {
-            "local": [f"{src}/", f"{dst}/"],
-            "push": ["--no-tls", f"{src}/", url(nobody_daemon, "data/dst/")],
-            "pull": ["--no-tls", url(nobody_daemon, "data/src/"), f"{dst}/"],
-        }[direction]
+        args = _mirror_args(direction, nobody_daemon, src, dst)
         proc = run_blit("mirror", *args, as_nobody=True)
         assert proc.returncode == 0, describe_output(proc)
         assert ", deleted 1, " in proc.stdout.decode(), describe_output(proc)

@@ -205,6 +205,15 @@ async def _daemon(nursery: trio.Nursery, tmp: Path, stall: float) -> Daemon:
     return await start_daemon(nursery, tmp, tls=True, stall=stall)
 
 
+async def _daemon_for_cli(nursery: trio.Nursery, tmp: Path, stall: float) -> tuple[Daemon, dict[str, str]]:
+    """A daemon here, and the environment of a `blit` process that talks to it (its home)."""
+    from remote.conftest import subprocess_env
+
+    d = await _daemon(nursery, tmp, stall=stall)
+    (tmp / "home").mkdir()
+    return d, subprocess_env(tmp)
+
+
 # =================================================================================================
 # A frozen daemon process (SIGSTOP), at the real default timeouts
 
@@ -501,11 +510,7 @@ async def test_a_frozen_sending_client_is_dropped_and_others_are_served(nursery:
     """SIGSTOP of a pushing `blit` process: the daemon gives up on its stream after its stall
     timeout, drops the landing (no temporary, no partial file), and serves another client
     meanwhile."""
-    d = await _daemon(nursery, tmp_path, stall=2)
-    (tmp_path / "home").mkdir()
-    from remote.conftest import subprocess_env
-
-    env = subprocess_env(tmp_path)
+    d, env = await _daemon_for_cli(nursery, tmp_path, stall=2)
     src = tmp_path / "src"
     src.mkdir()
     _big_file(src / "big.bin", 400 * MiB)
@@ -568,11 +573,7 @@ async def test_a_frozen_client_of_many_small_files_loses_its_session_after_the_s
     directories move into place with the files that landed, all complete; before, they stayed
     until the 600 s idle timeout. Resumed, the client fails with one line saying why."""
     stall = 3.0
-    d = await _daemon(nursery, tmp_path, stall=stall)
-    (tmp_path / "home").mkdir()
-    from remote.conftest import subprocess_env
-
-    env = subprocess_env(tmp_path)
+    d, env = await _daemon_for_cli(nursery, tmp_path, stall=stall)
     module = d.modules["data"]
     src = tmp_path / "src" if direction == "push" else module / "tree"
     for i in range(40):
@@ -645,11 +646,7 @@ async def test_a_client_gone_mid_checksum_stops_the_daemons_hashing(
             time.sleep(0.02)
         return real(dir_fd, name, stop)
 
-    d = await _daemon(nursery, tmp_path, stall=10)
-    (tmp_path / "home").mkdir()
-    from remote.conftest import subprocess_env
-
-    env = subprocess_env(tmp_path)
+    d, env = await _daemon_for_cli(nursery, tmp_path, stall=10)
     module = d.modules["data"]
     here = tmp_path / "local"
     src, dst = (here, module / "ck") if direction == "push" else (module / "ck", here)
@@ -679,11 +676,7 @@ async def test_a_stdout_nobody_reads_does_not_stop_a_remote_run(nursery: trio.Nu
     the daemon ended its session at its stall time. Now the tree lands while nobody reads, and
     the reader that comes back gets every line, the summary last; exit 0."""
     stall = 3.0
-    d = await _daemon(nursery, tmp_path, stall=stall)
-    (tmp_path / "home").mkdir()
-    from remote.conftest import subprocess_env
-
-    env = subprocess_env(tmp_path)
+    d, env = await _daemon_for_cli(nursery, tmp_path, stall=stall)
     module = d.modules["data"]
     src = tmp_path / "src" if direction == "push" else module / "tree"
     names = set()

@@ -747,7 +747,7 @@ class ControlClient:
             if cs.cancelled_caught:
                 late = trio.current_time() - cs.deadline
                 if late > OVERSLEPT or CONTINUED[0] != continued:  # this process was stopped meanwhile
-                    raise await self._stopped_during(op, timeout, timeout + late) from None
+                    raise await self._stopped_during(op, timeout, late) from None
                 raise daemon_stalled(self.authority, f"no answer to {op}", timeout)
         except StreamClosed as exc:
             if self.conn.stalled:
@@ -755,19 +755,19 @@ class ControlClient:
             raise TransportError(f"{op} to {self.authority}: {exc}") from None
         return self.session.reply(type(msg), status, reply)
 
-    async def _stopped_during(self, op: str, timeout: float, stopped: float) -> TransportError:
+    async def _stopped_during(self, op: str, timeout: float, late: float) -> TransportError:
         """The error of a request whose `timeout` ran out while this process was stopped
-        (SIGSTOP, a suspend): not the daemon's silence. If the daemon ended the session
-        meanwhile (a client stopped before its hello: the daemon's hello timeout), its GOAWAY
-        says why."""
-        ended = await self.ended_by_daemon(wait=1.0, stopped=stopped)
+        (SIGSTOP, a suspend), `late` s past its deadline (the stop was at least that long):
+        not the daemon's silence. If the daemon ended the session meanwhile (a client stopped
+        before its hello: the daemon's hello timeout), its GOAWAY says why."""
+        ended = await self.ended_by_daemon(wait=1.0, stopped=late)
         if ended is not None:
             if self.conn.peer_reason is None:  # its reason did not get through; the stop says it
                 return ended
-            return TransportError(f"{ended} (this process was stopped for {stopped:.0f} s)")
+            return TransportError(f"{ended} (this process was stopped meanwhile)")
         return TransportError(
-            f"{op} to {self.authority}: no answer read: this process was stopped for {stopped:.0f} s, "
-            f"longer than it waits for one ({timeout:g} s)"
+            f"{op} to {self.authority}: no answer read: this process was stopped while it waited "
+            f"for one (it waits {timeout:g} s)"
         )
 
     async def ended_by_daemon(self, wait: float, stopped: float = 0.0) -> TransportError | None:
