@@ -228,27 +228,39 @@ def test_sigint_and_sigterm_stop_within_a_second_and_clean_up(
     _assert_clean_and_rerun(src, src_snap, dst, sig)
 
 
-@pytest.mark.parametrize("flags", [(), ("--progress",), ("-v",)], ids=["plain", "progress", "verbose"])
-def test_a_terminal_that_hangs_up_stops_the_run_cleanly(big_src: tuple[Path, Snapshot, int], tmp_path: Path, flags: tuple[str, ...]) -> None:
-    """The run's terminal goes away (an ssh session drops: SIGHUP, then EIO on every write to
-    it): the run stops as on Ctrl-C, exit 130, no temporary, and a rerun converges. It used to
-    die where it stood (SIGHUP's default action), and with SIGHUP handled the failed write of
-    its last line made it exit 1."""
+def _on_a_terminal(src: Path, dst: Path, flags: tuple[str, ...]) -> tuple[subprocess.Popen[bytes], int]:
+    """`blit copy FLAGS SRC/ DST` with a terminal of its own (a new session, the pty its
+    controlling terminal) on stdin, stdout and stderr: (process, the terminal's master end)."""
     import fcntl
     import termios
 
-    src, src_snap, total = big_src
-    dst = tmp_path / "dst"
     master, slave = os.openpty()
 
     def own_terminal() -> None:
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-    proc = subprocess.Popen(
-        [BLIT, "copy", *flags, f"{src}/", str(dst)], stdin=slave, stdout=slave, stderr=slave, env=BLIT_ENV, preexec_fn=own_terminal
-    )
-    os.close(slave)
+    try:
+        proc = subprocess.Popen(
+            [BLIT, "copy", *flags, f"{src}/", str(dst)], stdin=slave, stdout=slave, stderr=slave, env=BLIT_ENV, preexec_fn=own_terminal
+        )
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    return proc, master
+
+
+@pytest.mark.parametrize("flags", [(), ("--progress",), ("-v",)], ids=["plain", "progress", "verbose"])
+def test_a_terminal_that_hangs_up_stops_the_run_cleanly(big_src: tuple[Path, Snapshot, int], tmp_path: Path, flags: tuple[str, ...]) -> None:
+    """The run's terminal goes away (an ssh session drops: SIGHUP, then EIO on every write to
+    it): the run stops as on Ctrl-C, exit 130, no temporary, and a rerun converges. It used to
+    die where it stood (SIGHUP's default action), and with SIGHUP handled the failed write of
+    its last line made it exit 1."""
+    src, src_snap, total = big_src
+    dst = tmp_path / "dst"
+    proc, master = _on_a_terminal(src, dst, flags)
     os.set_blocking(master, False)
 
     def landed_enough() -> bool:
@@ -285,22 +297,11 @@ def test_ctrl_c_on_a_terminal_slower_than_the_run_shows_its_message_last(
     Ctrl-C the `-v` lines not shown yet are dropped and the interrupt message comes next, the
     last line, whole; with --progress the cursor is shown again. The message was lost behind
     the backlog, the last line cut, the cursor left hidden (QA)."""
-    import fcntl
-    import termios
     import threading
 
     src, src_snap, total = bulk_src
     dst = tmp_path / "dst"
-    master, slave = os.openpty()
-
-    def own_terminal() -> None:
-        os.setsid()
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-    proc = subprocess.Popen(
-        [BLIT, "copy", *flags, f"{src}/", str(dst)], stdin=slave, stdout=slave, stderr=slave, env=BLIT_ENV, preexec_fn=own_terminal
-    )
-    os.close(slave)
+    proc, master = _on_a_terminal(src, dst, flags)
     shown = bytearray()
     gone = threading.Event()
 
