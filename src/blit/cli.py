@@ -76,17 +76,11 @@ def _flush() -> None:
 
 
 def _silence_stdout() -> None:
-    _silence(sys.stdout)
-
-
-def _silence(stream: Any) -> None:
-    """Point the stream's fd at /dev/null so no later flush (ours or the interpreter's at exit)
+    """Point stdout's fd at /dev/null so no later flush (ours or the interpreter's at exit)
     fails again."""
-    import os
+    from .console import to_null
 
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, stream.fileno())
-    os.close(null)
+    to_null(sys.stdout.fileno())
 
 
 _CONTROL = {c: f"\\#{c:03o}" for c in [*range(32), 127]}

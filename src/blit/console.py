@@ -1,5 +1,5 @@
-"""Standard output and standard error written by one thread, so the Trio thread never waits
-for whoever reads them.
+"""Standard output and standard error written by threads of their own, so the Trio thread
+never waits for whoever reads them.
 
 `blit copy -v ... | pager` whose pager stops reading, a terminal stopped with Ctrl-S, a
 daemon's log piped into a program that hangs: a write to a full pipe blocks, and a write made
@@ -7,10 +7,11 @@ on the Trio thread stopped the whole run there: Ctrl-C and SIGTERM were not acte
 reader went on, and a push stopped sending its keepalive. `install()` replaces sys.stdout and
 sys.stderr with `Stream`s that queue their text for a writer thread per file (one for both
 when they are the same file, `2>&1`, so their lines keep their order; stderr never waits
-behind a stdout nobody reads). A queue holds up to CAP bytes; beyond that a write waits for
-room (the run follows a reader that is slower than the run, as rsync's does; the daemon drops
-and counts instead), but never after `interrupted()`: at a signal the backlog is dropped and
-what the run writes after it (its last lines) goes out first.
+behind a stdout nobody reads). Past CAP bytes queued a remote run waits for room between
+pages of actions (`behind`), and the daemon drops and counts; past BLOCK_AT a write itself
+waits (the run follows a reader that is slower than the run, as rsync's does), but never after
+`interrupted()`: at a signal the backlog is dropped and what the run writes after it (its last
+lines) goes out first.
 
 Errors are the writer's: a reader that closed its end (EPIPE) makes stdout's next `write`
 raise BrokenPipeError, as the real stream's would have (cli._out ends the run on it); a
@@ -100,8 +101,12 @@ class _Writer:
         """After a signal, once: drop the backlog (the lock held)."""
         if self.interrupted and not self._purged:
             self._purged = True
-            self._queued -= sum(len(d) for d in self._items)
-            self._items.clear()
+            self._drop_queued()
+
+    def _drop_queued(self) -> None:
+        """Drop what waits in the queue (the lock held)."""
+        self._queued -= sum(len(d) for d in self._items)
+        self._items.clear()
 
     def drain(self) -> None:
         """Return once everything queued is written (after a signal, Ctrl-C during the wait
@@ -115,8 +120,7 @@ class _Writer:
                     if deadline is None:
                         deadline = now + AFTER_INTERRUPT
                     elif now >= deadline:  # dropped; a write under way may still finish
-                        self._queued -= sum(len(d) for d in self._items)
-                        self._items.clear()
+                        self._drop_queued()
                         return
                 try:
                     self._cond.wait(_WAIT)
@@ -148,16 +152,16 @@ class _Writer:
                 self._queued -= len(batch)
                 cond.notify_all()
 
-    def _write(self, data: bytes, purged: bool) -> int:
+    def _write(self, data: bytes, purged: bool) -> None:
         """Write `data` in pieces; stop early (the rest dropped) at a signal that came after
-        the batch was taken, or at an error. Returns the bytes written."""
+        the batch was taken, or at an error."""
         if self.broken:
-            return 0
+            return
         view = memoryview(data)
         done = 0
         while done < len(data):
             if self.interrupted and not purged and (done == 0 or data[done - 1] == 0x0A):
-                return done  # the backlog of before the signal: dropped (at a line's end)
+                return  # the backlog of before the signal: dropped (at a line's end)
             end = min(len(data), done + _PIECE)
             if end < len(data):
                 cut = data.rfind(b"\n", done, end)
@@ -170,12 +174,11 @@ class _Writer:
             except OSError as exc:
                 if exc.errno == errno.EPIPE:
                     self.broken = True
-                _to_null(self.fd)
-                return done
-        return done
+                to_null(self.fd)
+                return
 
 
-def _to_null(fd: int) -> None:
+def to_null(fd: int) -> None:
     """Point `fd` at /dev/null, so that no later write to it (ours, the interpreter's at exit,
     a library's) fails again."""
     null = os.open(os.devnull, os.O_WRONLY)
@@ -241,7 +244,7 @@ def install(*, drop: bool = False) -> None:
         try:
             stream.flush()
         except OSError:
-            _to_null(stream.fileno())
+            to_null(stream.fileno())
     if not _writers:
         atexit.register(drain)
     out = _Writer(out_fd, drop=drop)

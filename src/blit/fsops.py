@@ -390,9 +390,31 @@ def _remove_extra(
 
 
 def removed_below(exc: OSError) -> int:
-    """The entries remove_extra removed inside a directory whose own removal then raised `exc`
-    (they count as deleted, as rsync counts them)."""
+    """The entries remove_extra (or remove_extra_opening) removed before it raised `exc`, inside
+    a directory whose own removal then failed (they count as deleted, as rsync counts them)."""
     return int(getattr(exc, "removed_below", 0))
+
+
+def remove_extra_opening(
+    parent_fd: int, name: str, rel: str, filters: Filters, gone: list[str] | None = None, stop: Callable[[], bool] | None = None,
+    failed: list[tuple[str, str]] | None = None,
+) -> int:  # fmt: skip
+    """Mirror's delete in a destination directory that may be a read-only one of ours (0555):
+    remove_extra; refused, the directory is opened up (open_up: its mode comes back when it is
+    finalised) and the removal tried again, as rsync does. Not ours, the refusal is raised.
+    Returns the entries removed; an error raised after the first try carries (removed_below)
+    what both tries removed."""
+    try:
+        return remove_extra(parent_fd, name, rel, filters, gone, stop, failed)[0]
+    except PermissionError as refused:
+        if not open_up(parent_fd):
+            raise
+        before = removed_below(refused)
+    try:
+        return before + remove_extra(parent_fd, name, rel, filters, gone, stop, failed)[0]
+    except OSError as exc:
+        exc.removed_below = before + removed_below(exc)  # type: ignore[attr-defined]
+        raise
 
 
 def _plain_children(fd: int, rel: str) -> Iterator[tuple[str, str, bool]]:

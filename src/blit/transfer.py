@@ -917,23 +917,11 @@ class LocalTransfer:
                     subs: list[str] = []
                     stuck: list[tuple[str, str]] = []  # entries below it that would not go
                     try:
-                        deleted += fsops.remove_extra(dfd, name, path, filters, subs, stop, stuck)[0]
-                    except PermissionError as refused:
-                        deleted += fsops.removed_below(refused)
-                        # A read-only directory of ours: open it up, delete, then restore below
+                        # A read-only directory of ours is opened up, its mode restored below
                         # (not ours: the refusal itself is what to say, as through a daemon).
-                        if not fsops.open_up(dfd):
-                            failures.append((path, "delete", refused.strerror or str(refused)))
-                        else:
-                            try:
-                                deleted += fsops.remove_extra(dfd, name, path, filters, subs, stop, stuck)[0]
-                            except InterruptedError:
-                                pass
-                            except OSError as exc:
-                                deleted += fsops.removed_below(exc)
-                                failures.append((path, "delete", exc.strerror or str(exc)))
-                    except InterruptedError:  # interrupted: what went is named, the rest stays
-                        pass
+                        deleted += fsops.remove_extra_opening(dfd, name, path, filters, subs, stop, stuck)
+                    except InterruptedError as exc:  # interrupted: what went is named, the rest stays
+                        deleted += fsops.removed_below(exc)
                     except OSError as exc:
                         deleted += fsops.removed_below(exc)
                         failures.append((path, "delete", exc.strerror or str(exc)))

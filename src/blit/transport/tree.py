@@ -2066,17 +2066,11 @@ class DestTree:
                     subs: list[str] = []
                     stuck: list[tuple[str, str]] = []  # entries below it that would not go
                     try:
-                        try:
-                            self.files_deleted += fsops.remove_extra(fd, name, path, self.spec.filters, subs, self._stop, stuck)[0]
-                        except PermissionError as refused:
-                            # A read-only directory of ours (0555): opened up, the delete tried
-                            # again, its mode put back below with its mtime (as locally).
-                            if not fsops.open_up(fd):
-                                raise  # not ours: said below (what went inside it counted there)
-                            self.files_deleted += fsops.removed_below(refused)
-                            self.files_deleted += fsops.remove_extra(fd, name, path, self.spec.filters, subs, self._stop, stuck)[0]
-                    except InterruptedError:  # stopped: what went is named below
-                        pass
+                        # A read-only directory of ours (0555) is opened up, its mode put back
+                        # below with its mtime (as locally).
+                        self.files_deleted += fsops.remove_extra_opening(fd, name, path, self.spec.filters, subs, self._stop, stuck)
+                    except InterruptedError as exc:  # stopped: what went is named below
+                        self.files_deleted += fsops.removed_below(exc)
                     except OSError as exc:
                         self.files_deleted += fsops.removed_below(exc)
                         self._fail(path, "delete", _msg(exc))
