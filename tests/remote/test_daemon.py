@@ -3,6 +3,7 @@ messages. Everything on 127.0.0.1."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import trio
 
 from blit.errors import CertificateMismatchError, ConnectError, RemoteError, TransportError
+from blit.transport import control
 from blit.transport import protocol as p
 
 from .conftest import Daemon, h2_post, raw_h2
@@ -474,3 +476,29 @@ async def test_a_client_stopped_before_its_hello_went_out_says_the_daemon_ended_
     assert re.fullmatch(
         rf"daemon 127\.0\.0\.1:{d.info.port} ended the session: no hello within 0\.5 s \(this process was stopped meanwhile\)", str(err.value)
     ), str(err.value)
+
+
+async def test_requests_the_client_abandons_mid_answer_leave_no_error_in_the_log(
+    daemon: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that resets its requests while the daemon works on them (a Ctrl-C, a `| head -1`)
+    is no daemon failure: no ERROR and no traceback in the log (each such reset logged
+    `handler for stream N failed` with an h2 StreamClosedError), and the daemon answers the
+    connection's next request."""
+    big = daemon.modules["data"] / "big"
+    big.mkdir()
+    for i in range(20_000):
+        (big / f"f{i:05}").touch()
+    body = p.encode(p.ListDir(module="data", path=b"big", limit=p.MAX_LIST))
+    async with raw_h2(daemon) as conn:
+        assert (await h2_post(conn, "/blit/hello", p.encode(p.Hello(protocol=1, software="t"))))[0] == 200
+        for i in range(24):
+            hdrs = control._request_headers("127.0.0.1", "/blit/list", [])
+            async with conn.open_stream(hdrs) as st:
+                await st.send_data(body, end=True)
+                await trio.sleep(0.002 * (i % 8))  # resets at moments inside the listing's thread
+                st.reset()
+        status, got = await h2_post(conn, "/blit/modules", p.encode(p.ListModules()))
+        assert status == 200 and p.decode(p.ModuleList, got).modules
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]

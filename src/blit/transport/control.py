@@ -187,7 +187,12 @@ class H2Stream:
     # --- writing --------------------------------------------------------------------------------
     async def send_headers(self, headers: Headers, *, end: bool = False) -> None:
         self._conn._check_open()
-        self._conn._h2.send_headers(self.id, headers, end_stream=end)
+        if self._reset is not None:  # the peer abandoned it while we worked on the answer
+            raise StreamClosed(f"stream reset by the peer (code {self._reset})")
+        try:
+            self._conn._h2.send_headers(self.id, headers, end_stream=end)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.StreamIDTooLowError):
+            raise StreamClosed("stream closed") from None
         self._local_ended = end
         self._conn._wake()
 
