@@ -189,7 +189,7 @@ def test_a_run_cut_short_moves_what_it_hid_into_place(tmp_path: Path) -> None:
     assert (p / "d" / "a").read_bytes() == b"a" * 10
 
 
-def test_a_name_taken_meanwhile_is_never_replaced(tmp_path: Path) -> None:
+def test_a_file_that_took_the_name_meanwhile_is_never_replaced(tmp_path: Path) -> None:
     run = _setup(tmp_path, {"d/a": b"a", "d/b": b"b"})
     dst = run.dst
     p = dst / "p"
@@ -197,18 +197,99 @@ def test_a_name_taken_meanwhile_is_never_replaced(tmp_path: Path) -> None:
         run.start()
         run.plan("p/d", True)
         run.land("p/d", "a")
-        (p / "d").mkdir()  # someone else made it while the run filled the hidden one
-        (p / "d" / "theirs").write_bytes(b"not ours to replace")
+        (p / "d").write_bytes(b"not ours to replace")  # someone else's, while the run filled the hidden one
         run.land("p/d", "b")
         assert [(f[0], f[1]) for f in run.dest.failures] == [("p/d", "mkdir")]
         assert "could not be moved into place" in run.dest.failures[0][2]
         # The summary counts what is there (`first`): the two files and their directory went.
         assert (run.dest.files_copied, run.dest.bytes_copied) == (1, 1)
-        assert run.dest.dirs_created == sum(1 for q in dst.rglob("*") if q.is_dir()) - 1  # all but theirs
+        assert run.dest.dirs_created == sum(1 for q in dst.rglob("*") if q.is_dir())
     finally:
         run.close()
-    assert os.listdir(p / "d") == ["theirs"]
+    assert (p / "d").read_bytes() == b"not ours to replace"
     assert _tmp_names(dst) == []
+
+
+def test_a_directory_made_meanwhile_under_the_name_is_merged_with_ours(tmp_path: Path) -> None:
+    """Someone else made the directory while the run filled its hidden one: what they put there
+    stays, ours goes in beside it, a file both have is ours (the run's copy of the source, as
+    it would have replaced it had the directory been there when planned), a directory both have
+    is merged the same way, and the directory gets the source's metadata; no failure."""
+    run = _setup(tmp_path, {"d/a": b"a", "d/b": b"b", "d/e/x": b"x"})
+    dst, src = run.dst, run.src
+    p = dst / "p"
+    try:
+        run.start()
+        run.plan("p/d", True)
+        run.plan("p/d/e", True)
+        run.land("p/d/e", "x")  # e complete: in place inside the hidden d
+        run.land("p/d", "a")
+        (p / "d" / "e").mkdir(parents=True)  # theirs
+        (p / "d" / "theirs").write_bytes(b"kept")
+        (p / "d" / "b").write_bytes(b"an older b")
+        (p / "d" / "e" / "y").write_bytes(b"theirs too")
+        os.symlink("/nowhere", p / "d" / "e" / "x")
+        run.land("p/d", "b")
+        assert run.dest.failures == []
+        run.dest.finish(True)
+        assert run.dest.failures == []
+    finally:
+        run.close()
+    assert sorted(os.listdir(p / "d")) == ["a", "b", "e", "theirs"]
+    assert sorted(os.listdir(p / "d" / "e")) == ["x", "y"]
+    assert (p / "d" / "b").read_bytes() == b"b" and (p / "d" / "theirs").read_bytes() == b"kept"
+    assert (p / "d" / "e" / "x").read_bytes() == b"x" and (p / "d" / "e" / "y").read_bytes() == b"theirs too"
+    d = (p / "d").stat()
+    assert (stat.S_IMODE(d.st_mode), d.st_mtime_ns) == (0o751, (src / "p" / "d").stat().st_mtime_ns)
+    assert _tmp_names(dst) == []
+
+
+@pytest.mark.parametrize("rerun_first", [False, True], ids=["cut-short-run-first", "rerun-first"])
+def test_a_run_cut_short_that_reveals_while_the_rerun_fills_the_same_directory(tmp_path: Path, rerun_first: bool) -> None:
+    """The race a rerun right after an interrupted push met (QA): the daemon was still moving
+    the first run's hidden directories into place while the rerun, which had not seen them,
+    filled its own under the same names: each of those failed `mkdir: File exists: the new
+    directory could not be moved into place`, exit 3. Now the two merge, whichever moves its
+    directory into place first: every file lands, whole, with the rerun's content (its source
+    changed meanwhile here), no failure, no temporary; and a subdirectory the rerun still
+    hides is moved into place inside the merged one later."""
+    run1 = _setup(tmp_path, {"d/a": b"a" * 10, "d/b": b"b" * 10, "d/e/x": b"x", "d/e/y": b"y"})
+    src, dst = run1.src, run1.dst
+    p = dst / "p"
+    run2 = None
+    try:
+        run1.start()
+        run1.plan("p/d", True)
+        run1.land("p/d", "a")
+        run1.plan("p/d/e", True)
+        run1.land("p/d/e", "x")
+        for name in ("d/a", "d/e/x"):  # changed since the first run read them
+            (src / "p" / name).write_bytes(b"new " + name.encode())
+        run2 = _Run(src, dst)
+        run2.plan("", False)
+        run2.plan("p", False)  # the first run's hidden d is not a name the rerun sees
+        run2.plan("p/d", True)
+        run2.plan("p/d/e", True)
+        run2.land("p/d", "a", *(["b"] if rerun_first else []))
+        run1.close()  # the first run's end: d and d/e in place, partly filled
+        run1 = None
+        assert run2.dest.failures == []
+        if not rerun_first:
+            run2.land("p/d", "b")
+        run2.land("p/d/e", "x", "y")  # into its own hidden e, inside the merged d
+        run2.dest.finish(True)
+        assert run2.dest.failures == []
+    finally:
+        if run1 is not None:
+            run1.close()
+        if run2 is not None:
+            run2.close()
+    assert _tmp_names(dst) == []
+    got = sorted(str(q.relative_to(dst)) for q in dst.rglob("*"))
+    assert got == sorted(str(q.relative_to(src)) for q in src.rglob("*"))
+    for q in src.rglob("*"):
+        if q.is_file():
+            assert (dst / q.relative_to(src)).read_bytes() == q.read_bytes()
 
 
 def test_a_dead_runs_directory_goes_and_a_live_ones_stays(tmp_path: Path) -> None:

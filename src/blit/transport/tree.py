@@ -886,6 +886,7 @@ class _DirFds:
         self._lock = threading.Lock()
         self._fds: dict[str, list[int]] = {}  # rel -> [fd, users]
         self._idle: OrderedDict[str, None] = OrderedDict()
+        self._gone: list[int] = []  # forgotten while in use
         self._held = _Held()
         self.opened_up: set[str] = set()
         """Directories of ours that refused us (mode 000) and were given u+rwx to be opened
@@ -931,10 +932,26 @@ class _DirFds:
             assert rel not in self._fds
             self._fds[rel] = [fd, 1]
 
+    def forget(self, rels: list[str]) -> None:
+        """Directories `rels` are no longer where their fds point (a run cut short merged them
+        into another run's and removed its own, R41): the next acquire opens them by path.
+        Idle fds close now, those still in use at `close`."""
+        close: list[int] = []
+        with self._lock:
+            for rel in rels:
+                slot = self._fds.pop(rel, None)
+                self._idle.pop(rel, None)
+                if slot is not None:
+                    (self._gone if slot[1] else close).append(slot[0])
+        for fd in close:
+            os.close(fd)
+
     def release(self, rel: str) -> None:
         close: list[int] = []
         with self._lock:
-            slot = self._fds[rel]
+            slot = self._fds.get(rel)
+            if slot is None:  # forgotten while in use (forget): closed by close()
+                return
             slot[1] -= 1
             if slot[1] == 0:
                 self._idle[rel] = None
@@ -946,12 +963,13 @@ class _DirFds:
 
     def close(self) -> None:
         with self._lock:
-            for fd, _users in self._fds.values():
+            for fd in [*(slot[0] for slot in self._fds.values()), *self._gone]:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
             self._fds.clear()
+            self._gone.clear()
             self._idle.clear()
 
 
@@ -1132,8 +1150,9 @@ class DestTree:
         return done
 
     def _reveal(self, rel: str) -> None:
-        """Move hidden directory `rel` into place (never over an entry that took its name; if
-        one did, what landed in the hidden one is removed and the directory reported)."""
+        """Move hidden directory `rel` into place (never over an entry that took its name: a
+        directory there is merged with ours (_merge); anything else stays, what landed in the
+        hidden one is removed and the directory reported)."""
         with self._hide_lock:
             with self._lock:  # (what _settled and _after_plan look at)
                 tmp = self._hidden.pop(rel, None)
@@ -1145,6 +1164,8 @@ class DestTree:
                 try:
                     cscan.rename_noreplace(pfd, _b(tmp), pfd, _b(name))
                 except OSError as exc:
+                    if exc.errno == errno.EEXIST and self._merge(pfd, tmp, name, rel):
+                        return
                     self._fail(rel, "mkdir", f"{_msg(exc)}: the new directory could not be moved into place (what landed in it was removed)")
                     files, nbytes, dirs, links = fsops.tally_tree(pfd, tmp)
                     with self._lock:  # the summary counts what is there, not what was removed
@@ -1162,6 +1183,49 @@ class DestTree:
                 self._fail(rel, "mkdir", f"{_msg(exc)}: the new directory could not be moved into place")
             finally:
                 self.dirs.release(rel)  # its pin (_new_dir)
+
+    def _merge(self, pfd: int, tmp: str, name: str, rel: str) -> bool:
+        """Under the hide lock: a directory took `name` while ours filled under `tmp` (the run
+        before this one, cut short, still moving its own into place; or another writer); the
+        two merge. A live run's copy wins (as it would have replaced what it found there had
+        the directory been there when it planned): ours goes into place and theirs takes the
+        temporary name in one step (RENAME_EXCHANGE: every fd of ours stays right, nothing
+        unseen), and what theirs holds and ours does not moves into ours. A run cut short
+        (`close`) yields: what ours holds and theirs does not moves into theirs. Either way
+        the rest (names both have) is removed with the temporary name. False, with nothing
+        changed, when `name` is no directory or the exchange cannot be done."""
+        try:
+            if not stat.S_ISDIR(os.stat(name, dir_fd=pfd, follow_symlinks=False).st_mode):
+                return False
+            if not self.stopped:
+                cscan.rename_exchange(pfd, _b(tmp), pfd, _b(name))
+        except OSError:
+            return False
+        problems: list[tuple[str, OSError]] = []
+        merged = [rel]
+        ours = self.dirs.acquire(rel)  # its pin: our directory
+        try:
+            other = os.open(name if self.stopped else tmp, fsops.O_DIR, dir_fd=pfd)
+            try:
+                if self.stopped:
+                    _merge_into(ours, other, rel, problems, merged)
+                else:
+                    _merge_into(other, ours, rel, problems, merged)
+            finally:
+                os.close(other)
+        except OSError as exc:
+            problems.append((rel, exc))
+        finally:
+            self.dirs.release(rel)
+        for path, err in problems:
+            self._fail(path, "merge", f"{_msg(err)}: an entry of the directory made meanwhile under this name could not be kept")
+        try:
+            fsops.remove_tree(pfd, tmp)
+        except OSError:
+            pass
+        if self.stopped:  # ours are gone: their fds must not serve the reveals still to come
+            self.dirs.forget(merged)
+        return True
 
     def _reveal_all(self) -> None:
         """The end (finish or close): nothing more is hidden; once the direct landings in flight
@@ -2137,6 +2201,40 @@ class DestTree:
             failures=[PathFailure(path=_b(p), op=o, message=m[: protocol.MAX_TEXT]) for p, o, m in self.failures[: protocol.MAX_LIST]],
             deletions_skipped=self.deletions_skipped,
         )
+
+
+def _merge_into(theirs: int, ours: int, rel: str, problems: list[tuple[str, OSError]], merged: list[str]) -> None:
+    """Move each entry of directory `theirs` into `ours` unless ours has that name (entries
+    both have: ours stays; directories both have: merged the same way, depth first, their
+    paths added to `merged`). What could not move is added to `problems` as (path, error)."""
+    for name in sorted(os.listdir(theirs)):
+        path = _join(rel, name)
+        try:
+            cscan.rename_noreplace(theirs, _b(name), ours, _b(name))
+            continue
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            problems.append((path, exc))
+            continue
+        try:
+            if not (
+                stat.S_ISDIR(os.stat(name, dir_fd=theirs, follow_symlinks=False).st_mode)
+                and stat.S_ISDIR(os.stat(name, dir_fd=ours, follow_symlinks=False).st_mode)
+            ):
+                continue
+            t = os.open(name, fsops.O_DIR, dir_fd=theirs)
+            try:
+                o = os.open(name, fsops.O_DIR, dir_fd=ours)
+                try:
+                    merged.append(path)
+                    _merge_into(t, o, path, problems, merged)
+                finally:
+                    os.close(o)
+            finally:
+                os.close(t)
+        except OSError as exc:
+            problems.append((path, exc))
 
 
 def _dir_differs(m: Meta, d: Meta) -> bool:
