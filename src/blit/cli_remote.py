@@ -23,6 +23,17 @@ def _fail(exc: BlitError) -> typer.Exit:
     return typer.Exit(code=exc.exit_code)
 
 
+def _need_stdout(what: str) -> None:
+    """A command whose output is the point (`scan`, `list`) refuses a stdout the caller closed
+    (`>&-`, reopened on /dev/null by entry._std_fds): ls says "write error" and exits 2; this
+    says so before asking anyone anything, exit 1."""
+    from . import entry
+    from .errors import OutputClosed
+
+    if entry.STDOUT_CLOSED:
+        raise _fail(OutputClosed(f"standard output is closed: nowhere to write {what}"))
+
+
 def _blit_error(exc: BaseException) -> BlitError | None:
     """The BlitError in `exc`, unwrapping trio's exception groups; None if there is none."""
     if isinstance(exc, BlitError):
@@ -85,6 +96,7 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="One JSON object per daemon.")] = False,
     ) -> None:
         """Find blit daemons on the local network (mDNS)."""
+        _need_stdout("the daemons found")
         _run_scan(wait, json_out)
 
     @app.command("list")
@@ -98,6 +110,7 @@ def register(app: typer.Typer) -> None:
         verbose: Annotated[int, typer.Option("--verbose", "-v", count=True)] = 0,
     ) -> None:
         """List a daemon's modules, or the entries of a remote directory."""
+        _need_stdout("the listing")
         _run_list(target, json_out=json_out, tls_enabled=not no_tls, verbose=verbose, secrets_file=secrets_file)
 
 

@@ -44,6 +44,17 @@ def test_cli_lists_modules_and_entries(daemon_process: DaemonProcess) -> None:
     assert r.returncode == 0 and '"size": 2' in r.stdout and "pinned" not in r.stderr
 
 
+def test_cli_list_into_a_closed_stdout_says_so_and_fails(daemon_process: DaemonProcess) -> None:
+    """`blit list HOST >&-`: the listing is the command's whole point, so a stdout the caller
+    closed is an error, as for ls ("write error", exit 2); it exited 0 with the listing lost.
+    (`blit scan` checks the same way first; not run here: it would browse the network.)"""
+    d = daemon_process
+    for args in (["list", f"127.0.0.1:{d.port}"], ["list", "--json", f"127.0.0.1:{d.port}:/data/"]):
+        r = subprocess.run(["bash", "-c", 'exec "$0" "$@" >&-', *blit_cmd(), *args], env=d.env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1, (args, r.returncode, r.stderr)
+        assert r.stderr.strip().splitlines()[-1].startswith("blit: error: standard output is closed: nowhere to write"), r.stderr
+
+
 def test_cli_list_shows_control_characters_escaped(daemon_process: DaemonProcess) -> None:
     """A name can hold an escape sequence or a newline: `blit list` shows them as -v does
     (\\#033, \\#012), one line per entry, never raw to a terminal; bytes that are not UTF-8 as \\xNN."""
