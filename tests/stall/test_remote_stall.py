@@ -143,12 +143,19 @@ class Proxy:
     connections can be frozen after `freeze_after` bytes each (the proxy stops reading and
     writing, holding both sockets open: a frozen path) or slowed to `rate` bytes/s."""
 
-    def __init__(self, control_port: int, data_port: int, *, freeze_after: int | None = None, rate: float | None = None) -> None:
+    def __init__(
+        self, control_port: int, data_port: int, *, freeze_after: int | None = None, rate: float | None = None, hold_first: bool = False
+    ) -> None:
         self.ports = (control_port, data_port)
         self.data_port = data_port
         self.freeze_after = freeze_after
         self.rate = rate
         self.frozen = 0
+        self.hold_first = hold_first
+        """The first control connection's first bytes from the client wait for `release`."""
+        self.held = False
+        self.release = trio.Event()
+        self.connections = 0
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
         listeners = []
@@ -163,6 +170,18 @@ class Proxy:
         port = down.socket.getsockname()[1]
         is_data = port == self.data_port
         moved = [0]
+        if not is_data:
+            self.connections += 1
+            if self.hold_first and self.connections == 1:
+                first = await down.receive_some(65536)
+                self.held = True
+                await self.release.wait()
+                up = await trio.open_tcp_stream("127.0.0.1", port)
+                await up.send_all(first)
+                async with down, up, trio.open_nursery() as n:
+                    n.start_soon(self._pump, down, up, is_data, moved)
+                    n.start_soon(self._pump, up, down, is_data, moved)
+                return
         try:
             up = await trio.open_tcp_stream("127.0.0.1", port)
         except OSError:
@@ -191,7 +210,7 @@ class Proxy:
 
 
 @contextlib.asynccontextmanager
-async def proxied(d: Daemon, **kw: float) -> AsyncIterator[Proxy]:
+async def proxied(d: Daemon, **kw: float | bool) -> AsyncIterator[Proxy]:
     proxy = Proxy(d.info.port, d.info.data_port or 0, **kw)  # type: ignore[arg-type]
     async with trio.open_nursery() as n:
         await n.start(proxy.serve)
@@ -212,6 +231,31 @@ async def _daemon_for_cli(nursery: trio.Nursery, tmp: Path, stall: float) -> tup
     d = await _daemon(nursery, tmp, stall=stall)
     (tmp / "home").mkdir()
     return d, subprocess_env(tmp)
+
+
+# =================================================================================================
+# A client stopped while it connects
+
+
+async def test_a_client_stopped_during_its_tls_handshake_connects_again(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """`blit list` stopped (SIGSTOP, as Ctrl-Z) in the middle of its TLS handshake for longer
+    than the 10 s handshake timeout, then continued: the timer ran out across the stop (and the
+    daemon gave up on the half-made connection meanwhile), which it reported as `TLS handshake
+    with HOST:PORT timed out`, exit 1. Now it connects again and lists, exit 0."""
+    d, env = await _daemon_for_cli(nursery, tmp_path, stall=10.0)
+    async with proxied(d, hold_first=True) as proxy:
+        with cli(env, tmp_path, "list", "list", f"{PROXY_HOST}:{d.info.port}") as c:
+            await _wait_until(lambda: proxy.held, 30, "the client's first handshake bytes")
+            os.kill(c.proc.pid, signal.SIGSTOP)
+            try:
+                proxy.release.set()  # the daemon answers while the client is stopped
+                await trio.sleep(11.5)
+            finally:
+                os.kill(c.proc.pid, signal.SIGCONT)
+            await _wait_until(lambda: c.proc.poll() is not None, 30, "the list to end")
+            assert c.proc.returncode == 0, c.stderr()
+            assert c.out.read_text().split()[0] == "data", c.out.read_text()
+            assert proxy.connections == 2
 
 
 # =================================================================================================

@@ -47,7 +47,7 @@ import h2.settings
 import hyperframe.frame
 import trio
 
-from ..errors import ConnectError, FatalError, RemoteProtocolError, StallError, TransportError, leaves
+from ..errors import CertificateMismatchError, ConnectError, FatalError, RemoteProtocolError, StallError, TransportError, leaves
 from . import protocol, tls
 
 log = logging.getLogger("blit.control")
@@ -875,6 +875,90 @@ async def _connect_first(addresses: Sequence[str], port: int, stagger: float = 0
     raise errors[0]
 
 
+class _TimedOut(ConnectError):
+    """A connect or TLS handshake that ran out of time, its timer `late` s past its deadline
+    when it woke (connect_control may try again)."""
+
+    def __init__(self, message: str, late: float) -> None:
+        super().__init__(message)
+        self.late = late
+
+
+async def _open_transport(
+    host: str,
+    port: int,
+    netloc: str,
+    *,
+    tls_enabled: bool,
+    known_hosts: Path | None,
+    connect_timeout: float,
+    addresses: Sequence[str] | None,
+) -> tuple[trio.abc.Stream, str, str | None]:
+    """TCP to the daemon and, with TLS, the handshake and the pin check: (stream, the daemon's
+    address, the certificate's fingerprint or None). Closes what it opened if it fails.
+
+    Raises:
+        ConnectError (_TimedOut when a timer ran out), CertificateMismatchError.
+    """
+    tcp: trio.SocketStream | None = None
+    try:
+        with trio.move_on_after(connect_timeout) as cs:
+            tcp = await (_connect_first(addresses, port) if addresses else trio.open_tcp_stream(host, port))
+        if tcp is None:
+            late = trio.current_time() - cs.deadline
+            raise _TimedOut(f"cannot reach the daemon at {netloc}: no answer in {connect_timeout:g} s", late)
+    except OSError as exc:
+        # trio's "all attempts to connect ... failed" carries the real reasons as its cause.
+        cause = exc.__cause__
+        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+            cause = cause.exceptions[0]
+        why = exc.strerror or getattr(cause, "strerror", None) or exc
+        raise ConnectError(f"cannot reach the daemon at {netloc}: {why}") from None
+    stream: trio.abc.Stream = tcp
+    fp: str | None = None
+    try:
+        try:
+            address = str(tcp.socket.getpeername()[0])
+        except OSError:  # the peer accepted and closed at once (a daemon at its connection limit)
+            raise ConnectError(f"the daemon at {netloc} closed the connection at once (it may be busy: too many connections)") from None
+        if tls_enabled:
+            ssl_stream = trio.SSLStream(tcp, tls.client_context(), server_hostname=None)
+            try:
+                with trio.move_on_after(connect_timeout) as cs:
+                    await ssl_stream.do_handshake()
+                if cs.cancelled_caught:
+                    raise _TimedOut(f"TLS handshake with {netloc} timed out", trio.current_time() - cs.deadline)
+            except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+                cause = exc.__cause__ or exc
+                if "EOF" in str(cause) or isinstance(cause, ConnectionResetError):  # closed before a word: at its limit, or cleartext
+                    raise ConnectError(
+                        f"the daemon at {netloc} closed the connection during the TLS handshake: it may "
+                        f"be busy (too many connections), or running without TLS (then pass --no-tls)"
+                    ) from None
+                raise ConnectError(
+                    f"TLS handshake with {netloc} failed ({cause}); is the daemon running without "
+                    f"TLS (then pass --no-tls)?"
+                ) from None
+            der = ssl_stream.getpeercert(binary_form=True)
+            if not der:
+                raise ConnectError(f"{netloc} presented no certificate")
+            fp = tls.fingerprint(der)
+            pins = tls.KnownHosts(known_hosts or tls.default_known_hosts())
+            if not pins.check(netloc, fp):
+                log.warning("pinned the TLS certificate of %s (%s) on first use", netloc, fp)
+            if ssl_stream.selected_alpn_protocol() != tls.ALPN:
+                raise ConnectError(f"{netloc} does not speak HTTP/2 over TLS (ALPN)")
+            stream = ssl_stream
+    except BaseException:
+        with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+            try:
+                await stream.aclose()
+            except Exception:
+                pass
+        raise
+    return stream, address, fp
+
+
 @asynccontextmanager
 async def connect_control(
     host: str,
@@ -898,53 +982,23 @@ async def connect_control(
     """
     netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     watch_continue()
-    try:
-        with trio.fail_after(connect_timeout):
-            tcp = await (_connect_first(addresses, port) if addresses else trio.open_tcp_stream(host, port))
-    except trio.TooSlowError:
-        raise ConnectError(f"cannot reach the daemon at {netloc}: no answer in {connect_timeout:g} s") from None
-    except OSError as exc:
-        # trio's "all attempts to connect ... failed" carries the real reasons as its cause.
-        cause = exc.__cause__
-        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-            cause = cause.exceptions[0]
-        why = exc.strerror or getattr(cause, "strerror", None) or exc
-        raise ConnectError(f"cannot reach the daemon at {netloc}: {why}") from None
-    stream: trio.abc.Stream = tcp
-    fp: str | None = None
-    try:
+    for attempt in (1, 2):
+        continued = CONTINUED[0]
         try:
-            address = str(tcp.socket.getpeername()[0])
-        except OSError:  # the peer accepted and closed at once (a daemon at its connection limit)
-            raise ConnectError(f"the daemon at {netloc} closed the connection at once (it may be busy: too many connections)") from None
-        if tls_enabled:
-            ssl_stream = trio.SSLStream(tcp, tls.client_context(), server_hostname=None)
-            try:
-                with trio.fail_after(connect_timeout):
-                    await ssl_stream.do_handshake()
-            except trio.TooSlowError:
-                raise ConnectError(f"TLS handshake with {netloc} timed out") from None
-            except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-                cause = exc.__cause__ or exc
-                if "EOF" in str(cause) or isinstance(cause, ConnectionResetError):  # closed before a word: at its limit, or cleartext
-                    raise ConnectError(
-                        f"the daemon at {netloc} closed the connection during the TLS handshake: it may "
-                        f"be busy (too many connections), or running without TLS (then pass --no-tls)"
-                    ) from None
-                raise ConnectError(
-                    f"TLS handshake with {netloc} failed ({cause}); is the daemon running without "
-                    f"TLS (then pass --no-tls)?"
-                ) from None
-            der = ssl_stream.getpeercert(binary_form=True)
-            if not der:
-                raise ConnectError(f"{netloc} presented no certificate")
-            fp = tls.fingerprint(der)
-            pins = tls.KnownHosts(known_hosts or tls.default_known_hosts())
-            if not pins.check(netloc, fp):
-                log.warning("pinned the TLS certificate of %s (%s) on first use", netloc, fp)
-            if ssl_stream.selected_alpn_protocol() != tls.ALPN:
-                raise ConnectError(f"{netloc} does not speak HTTP/2 over TLS (ALPN)")
-            stream = ssl_stream
+            stream, address, fp = await _open_transport(
+                host, port, netloc, tls_enabled=tls_enabled, known_hosts=known_hosts,
+                connect_timeout=connect_timeout, addresses=addresses,
+            )
+            break
+        except ConnectError as exc:
+            # Stopped (SIGSTOP, Ctrl-Z) while it connected: its timer ran out across the stop,
+            # or the daemon let the half-made connection go meanwhile; not the daemon's fault.
+            # Once more, from the start.
+            late = exc.late if isinstance(exc, _TimedOut) else 0.0
+            if attempt == 2 or isinstance(exc, CertificateMismatchError) or (late <= OVERSLEPT and CONTINUED[0] == continued):
+                raise
+            log.debug("connecting to %s again: this process was stopped while it connected", netloc)
+    try:
         conn = H2Connection(stream, client_side=True)
         with collapse_groups():
             async with trio.open_nursery() as nursery:
