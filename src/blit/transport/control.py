@@ -875,6 +875,15 @@ async def _connect_first(addresses: Sequence[str], port: int, stagger: float = 0
     raise errors[0]
 
 
+async def _close_quietly(stream: trio.abc.AsyncResource) -> None:
+    """Close `stream` on the way out of a failure (shielded, at most 0.5 s, errors ignored)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+        try:
+            await stream.aclose()
+        except Exception:
+            pass
+
+
 class _TimedOut(ConnectError):
     """A connect or TLS handshake that ran out of time, its timer `late` s past its deadline
     when it woke (connect_control may try again)."""
@@ -950,11 +959,7 @@ async def _open_transport(
                 raise ConnectError(f"{netloc} does not speak HTTP/2 over TLS (ALPN)")
             stream = ssl_stream
     except BaseException:
-        with trio.CancelScope(shield=True), trio.move_on_after(0.5):
-            try:
-                await stream.aclose()
-            except Exception:
-                pass
+        await _close_quietly(stream)
         raise
     return stream, address, fp
 
@@ -1039,11 +1044,7 @@ async def connect_control(
                         await conn.close(grace=0.5)
                     nursery.cancel_scope.cancel()
     except BaseException:
-        with trio.CancelScope(shield=True), trio.move_on_after(0.5):
-            try:
-                await stream.aclose()
-            except Exception:
-                pass
+        await _close_quietly(stream)
         raise
 
 
