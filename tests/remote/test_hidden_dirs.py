@@ -265,8 +265,11 @@ def test_a_run_cut_short_that_reveals_while_the_rerun_fills_the_same_directory(t
         run1.land("p/d/e", "x")
         for name in ("d/a", "d/e/x"):  # changed since the first run read them
             (src / "p" / name).write_bytes(b"new " + name.encode())
+        (src / "o").mkdir()  # the rerun's first new directory (made in place): its d is hidden
         run2 = _Run(src, dst)
         run2.plan("", False)
+        run2.plan("o", True)
+        assert (dst / "o").is_dir()
         run2.plan("p", False)  # the first run's hidden d is not a name the rerun sees
         run2.plan("p/d", True)
         run2.plan("p/d/e", True)
@@ -290,6 +293,92 @@ def test_a_run_cut_short_that_reveals_while_the_rerun_fills_the_same_directory(t
     for q in src.rglob("*"):
         if q.is_file():
             assert (dst / q.relative_to(src)).read_bytes() == q.read_bytes()
+
+
+@pytest.mark.parametrize("same_source", [True, False], ids=["same-source", "other-source"])
+def test_two_live_runs_into_the_same_place_merge_without_harming_each_other(tmp_path: Path, same_source: bool) -> None:
+    """Two pushes into one destination at once (QA): each filled its own hidden `d` and the one
+    that came second swapped its own into place, pulling the first run's directory (and the
+    hidden subdirectories still filling inside it) from under it: hidden directories were left
+    behind, real ones hollow, and runs failed with `No such file or directory`. Now the second
+    merges into the first's, which stays where it is: both go on, no failure, no temporary, and
+    every file is whole (one run's or the other's)."""
+    files = {"d/a": b"a" * 10, "d/b": b"b" * 10, "d/e/x": b"x", "d/e/y": b"y", "d/e/f/z": b"z"}
+    runa = _setup(tmp_path, files)
+    src_a, dst = runa.src, runa.dst
+    src_b = tmp_path / "src_b"
+    _tree(src_b, files if same_source else {rel: b"B" + c for rel, c in files.items()})
+    runb = _Run(src_b, dst)
+    try:
+        runa.start()
+        runa.plan("p/d", True)
+        runa.plan("p/d/e", True)
+        runb.plan("", False)
+        runb.land("", "first")
+        runb.plan("p", False)  # a's p, made in place; its d is hidden: b makes its own
+        runb.plan("p/d", True)
+        runb.plan("p/d/e", True)
+        runb.plan("p/d/e/f", True)
+        runa.land("p/d", "a", "b")  # a's d in place, its e still hidden inside
+        runb.land("p/d", "a", "b")  # b's d merges into a's
+        runa.plan("p/d/e/f", True)  # a goes on inside its d
+        runa.land("p/d/e/f", "z")
+        runa.land("p/d/e", "x", "y")
+        runb.land("p/d/e/f", "z")
+        runb.land("p/d/e", "x", "y")
+        for run in (runa, runb):
+            run.dest.finish(True)
+            assert run.dest.failures == []
+    finally:
+        runa.close()
+        runb.close()
+    assert _tmp_names(dst) == []
+    got = sorted(str(q.relative_to(dst)) for q in dst.rglob("*"))
+    assert got == sorted(str(q.relative_to(src_a)) for q in src_a.rglob("*"))
+    for q in src_a.rglob("*"):
+        if q.is_file():
+            rel = q.relative_to(src_a)
+            assert (dst / rel).read_bytes() in (q.read_bytes(), (src_b / rel).read_bytes()), rel
+
+
+def test_a_first_directory_someone_made_meanwhile_is_taken_as_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's first new directory is made in place (its files are seen as they land). One
+    that another writer made between the run's scan and its mkdir failed `mkdir: File exists`
+    with every file in it, and every later new directory was tried in place again and failed
+    the same way (QA: 200 directories, 0 files, exit 3). Now it is taken as it is (as mkdir -p
+    would), what lands replaces the names it holds, its other entries stay, and the run's
+    later directories are hidden as usual."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dst.mkdir()
+    for d in ("p", "q", "r"):
+        (src / d).mkdir(parents=True)
+        for f in ("a", "b"):
+            (src / d / f).write_bytes(f"{d}/{f}".encode())
+    made = fsops.make_dir
+
+    def racing_make_dir(parent_fd: int, name: str, acl_inherited: bool = False) -> None:
+        if name == "p" and not (dst / name).exists():
+            (dst / name).mkdir()  # the other writer, just before us
+            (dst / name / "theirs").write_bytes(b"kept")
+            (dst / name / "a").write_bytes(b"an older a")
+        made(parent_fd, name, acl_inherited)
+
+    monkeypatch.setattr(fsops, "make_dir", racing_make_dir)
+    run = _Run(src, dst)
+    try:
+        run.plan("", False)
+        assert len(_tmp_names(dst)) == 2  # q and r hidden: not tried in place again
+        for d in ("p", "q", "r"):
+            run.plan(d, True)
+            run.land(d, "a", "b")
+        run.dest.finish(True)
+        assert run.dest.failures == []
+    finally:
+        run.close()
+    assert _tmp_names(dst) == []
+    for d in ("p", "q", "r"):
+        assert (dst / d / "a").read_bytes() == f"{d}/a".encode() and (dst / d / "b").read_bytes() == f"{d}/b".encode()
+    assert sorted(os.listdir(dst / "p")) == ["a", "b", "theirs"]
 
 
 def test_a_dead_runs_directory_goes_and_a_live_ones_stays(tmp_path: Path) -> None:

@@ -30,7 +30,6 @@ void blit_land_many(int dfd, int n, const int64_t *in, const char *names, const 
                     const int64_t *data_off, const int64_t *flags, int64_t *out, int umask_bits);
 void blit_set_copy_modes(int tmpfile, int link);
 int blit_rename_noreplace(int odfd, const char *old, int ndfd, const char *new_);
-int blit_rename_exchange(int odfd, const char *old, int ndfd, const char *new_);
 int blit_open_dir_beneath(int dfd, const char *path);
 int blit_frame_small(int dfd, int n, const char *names, const int64_t *name_off, const int64_t *ids,
                      int oflags, int64_t max, char *out, int64_t cap, int64_t *status,

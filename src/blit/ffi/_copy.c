@@ -320,19 +320,6 @@ static int blit_rename_noreplace(int odfd, const char *old, int ndfd, const char
     return renameat(odfd, old, ndfd, new_) == 0 ? 0 : -errno;
 }
 
-/* Swap two entries (renameat2 RENAME_EXCHANGE): a hidden directory whose name another run's
- * directory took meanwhile goes into place, and theirs takes the temporary name to be merged
- * into it (blit.transport.tree). Returns 0 or -errno (-EINVAL or -ENOSYS where the filesystem
- * or the kernel cannot). */
-static int blit_rename_exchange(int odfd, const char *old, int ndfd, const char *new_) {
-#ifdef SYS_renameat2
-    return syscall(SYS_renameat2, odfd, old, ndfd, new_, 2 /* RENAME_EXCHANGE */) == 0 ? 0 : -errno;
-#else
-    (void)odfd; (void)old; (void)ndfd; (void)new_;
-    return -ENOSYS;
-#endif
-}
-
 /* Land one small file whose whole content is in memory (a remote transfer's destination,
  * blit.transport.tree.DestTree.land_many), exactly as fsops.Landing does for a file without xattrs:
  * create, write `size` bytes of `data`, owner, mode, times, link (BLIT_CC_REPLACE: an entry of

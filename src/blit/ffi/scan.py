@@ -45,7 +45,7 @@ try:
     from blit.ffi._scan import ffi as _ffi
     from blit.ffi._scan import lib as _lib
 
-    HAVE_CMPDIR = _lib.blit_version() == 14  # a stale build of an older _scan.c is not used
+    HAVE_CMPDIR = _lib.blit_version() == 13  # a stale build of an older _scan.c is not used
     _from_buffer = _ffi.from_buffer
 except ImportError:  # built without a C compiler: the pure-Python path does everything
     HAVE_CMPDIR = False
@@ -261,14 +261,6 @@ def rename_noreplace(old_dir_fd: int, old: bytes, new_dir_fd: int, new: bytes) -
     where the filesystem lacks it). Raises OSError (FileExistsError when `new` exists). Only
     with HAVE_CMPDIR."""
     r = _lib.blit_rename_noreplace(old_dir_fd, old, new_dir_fd, new)
-    if r:
-        raise OSError(-r, os.strerror(-r), os.fsdecode(new))
-
-
-def rename_exchange(old_dir_fd: int, old: bytes, new_dir_fd: int, new: bytes) -> None:
-    """Swap entries `old` and `new` (renameat2 RENAME_EXCHANGE). Raises OSError (EINVAL or
-    ENOSYS where the filesystem or kernel cannot). Only with HAVE_CMPDIR."""
-    r = _lib.blit_rename_exchange(old_dir_fd, old, new_dir_fd, new)
     if r:
         raise OSError(-r, os.strerror(-r), os.fsdecode(new))
 

@@ -873,6 +873,7 @@ class _DirNode:
 class _Held(threading.local):
     rel: str | None = None
     fd: int = -1
+    forgotten: int = 0
 
 
 class _DirFds:
@@ -887,6 +888,8 @@ class _DirFds:
         self._fds: dict[str, list[int]] = {}  # rel -> [fd, users]
         self._idle: OrderedDict[str, None] = OrderedDict()
         self._gone: list[int] = []  # forgotten while in use
+        self.forgotten = 0
+        """How many times `forget` ran: a thread's held fd from before is acquired again."""
         self._held = _Held()
         self.opened_up: set[str] = set()
         """Directories of ours that refused us (mode 000) and were given u+rwx to be opened
@@ -897,10 +900,11 @@ class _DirFds:
         directory: a data-stream thread's files come directory by directory, so this is one
         acquire per directory, not per file (closed with the others by `close`)."""
         h = self._held
-        if h.rel != rel:
+        if h.rel != rel or h.forgotten != self.forgotten:
             if h.rel is not None:
-                self.release(h.rel)
+                self.release(h.rel, h.fd)
                 h.rel = None
+            h.forgotten = self.forgotten
             h.fd = self.acquire(rel)
             h.rel = rel
         return h.fd
@@ -933,11 +937,12 @@ class _DirFds:
             self._fds[rel] = [fd, 1]
 
     def forget(self, rels: list[str]) -> None:
-        """Directories `rels` are no longer where their fds point (a run cut short merged them
-        into another run's and removed its own, R41): the next acquire opens them by path.
+        """Directories `rels` are no longer where their fds point (merged into a directory made
+        meanwhile under their name and removed, R55): the next acquire opens them by path.
         Idle fds close now, those still in use at `close`."""
         close: list[int] = []
         with self._lock:
+            self.forgotten += 1
             for rel in rels:
                 slot = self._fds.pop(rel, None)
                 self._idle.pop(rel, None)
@@ -946,11 +951,20 @@ class _DirFds:
         for fd in close:
             os.close(fd)
 
-    def release(self, rel: str) -> None:
+    def fd_of(self, rel: str) -> int:
+        """The fd open for `rel` (-1 if none), for a `release` that must not count against a
+        slot opened again after `forget`."""
+        with self._lock:
+            slot = self._fds.get(rel)
+            return -1 if slot is None else slot[0]
+
+    def release(self, rel: str, fd: int = -1) -> None:
+        """One user less of `rel`'s fd (`fd`: only if that is still the one open for `rel`;
+        after `forget` the fd a user held is not)."""
         close: list[int] = []
         with self._lock:
             slot = self._fds.get(rel)
-            if slot is None:  # forgotten while in use (forget): closed by close()
+            if slot is None or (fd >= 0 and slot[0] != fd):  # forgotten while in use: closed by close()
                 return
             slot[1] -= 1
             if slot[1] == 0:
@@ -1111,8 +1125,14 @@ class DestTree:
                 except OSError:  # (no flock here, say): made as before, and any error is its own
                     pass
             if hidden is None:
-                fsops.make_dir(dfd, dname, acl)
-                self._made_one = True
+                self._made_one = True  # (after a failure too: the next ones are hidden, not tried in place again)
+                try:
+                    fsops.make_dir(dfd, dname, acl)
+                except FileExistsError:
+                    # Made meanwhile by another writer (another run into the same place): taken
+                    # as it is, as mkdir -p would; what lands in it replaces names it holds.
+                    if not stat.S_ISDIR(os.stat(dname, dir_fd=dfd, follow_symlinks=False).st_mode):
+                        raise
         with self._hide_lock:
             if hidden is not None:
                 # The fd holding its flock serves as its open directory until it is in place.
@@ -1158,6 +1178,7 @@ class DestTree:
                 tmp = self._hidden.pop(rel, None)
             if tmp is None:
                 return
+            pin = self.dirs.fd_of(rel)
             parent, _, name = rel.rpartition("/")
             try:
                 pfd = self.dirs.acquire(parent)
@@ -1166,66 +1187,83 @@ class DestTree:
                 except OSError as exc:
                     if exc.errno == errno.EEXIST and self._merge(pfd, tmp, name, rel):
                         return
-                    self._fail(rel, "mkdir", f"{_msg(exc)}: the new directory could not be moved into place (what landed in it was removed)")
                     files, nbytes, dirs, links = fsops.tally_tree(pfd, tmp)
-                    with self._lock:  # the summary counts what is there, not what was removed
-                        self.files_copied -= files
-                        self.bytes_copied -= nbytes
-                        self.dirs_created -= dirs
-                        self.links_created -= links
                     try:
                         fsops.remove_tree(pfd, tmp)
+                        removed = " (what landed in it was removed)"
+                        with self._lock:  # the summary counts what is there, not what was removed
+                            self.files_copied -= files
+                            self.bytes_copied -= nbytes
+                            self.dirs_created -= dirs
+                            self.links_created -= links
                     except OSError:
-                        pass
+                        removed = ""
+                    self._fail(rel, "mkdir", f"{_msg(exc)}: the new directory could not be moved into place{removed}")
                 finally:
                     self.dirs.release(parent)
             except OSError as exc:
                 self._fail(rel, "mkdir", f"{_msg(exc)}: the new directory could not be moved into place")
             finally:
-                self.dirs.release(rel)  # its pin (_new_dir)
+                self.dirs.release(rel, pin)  # its pin (_new_dir)
 
     def _merge(self, pfd: int, tmp: str, name: str, rel: str) -> bool:
         """Under the hide lock: a directory took `name` while ours filled under `tmp` (the run
-        before this one, cut short, still moving its own into place; or another writer); the
-        two merge. A live run's copy wins (as it would have replaced what it found there had
-        the directory been there when it planned): ours goes into place and theirs takes the
-        temporary name in one step (RENAME_EXCHANGE: every fd of ours stays right, nothing
-        unseen), and what theirs holds and ours does not moves into ours. A run cut short
-        (`close`) yields: what ours holds and theirs does not moves into theirs. Either way
-        the rest (names both have) is removed with the temporary name. False, with nothing
-        changed, when `name` is no directory or the exchange cannot be done."""
+        before this one, cut short, still moving its own into place; another run into the same
+        place; any writer). Ours merges into it, and theirs stays where it is: whoever made it
+        keeps every fd it holds on it, and what they land there goes on landing. Each entry
+        of ours moves in; a directory both have merges the same way; another name both have
+        is ours (this run's copy of the source, which it would have replaced had it been there
+        when the run planned), unless this run was cut short (`close`: theirs is the newer);
+        a directory against anything else stays theirs and is reported. Then ours is removed
+        and the fds of what was removed are forgotten. False, with nothing changed, when
+        `name` is no directory, or while something of ours in place below `rel` still has
+        files to land (a directory moved into place early: parts, a large file)."""
         try:
             if not stat.S_ISDIR(os.stat(name, dir_fd=pfd, follow_symlinks=False).st_mode):
                 return False
-            if not self.stopped:
-                cscan.rename_exchange(pfd, _b(tmp), pfd, _b(name))
         except OSError:
             return False
-        problems: list[tuple[str, OSError]] = []
+        if self._hiding and self._busy_below(rel):
+            return False
+        problems: list[tuple[str, str]] = []
         merged = [rel]
         ours = self.dirs.acquire(rel)  # its pin: our directory
         try:
-            other = os.open(name if self.stopped else tmp, fsops.O_DIR, dir_fd=pfd)
+            theirs = os.open(name, fsops.O_DIR, dir_fd=pfd)
             try:
-                if self.stopped:
-                    _merge_into(ours, other, rel, problems, merged)
-                else:
-                    _merge_into(other, ours, rel, problems, merged)
+                _merge_into(ours, theirs, rel, not self.stopped, problems, merged)
             finally:
-                os.close(other)
+                os.close(theirs)
         except OSError as exc:
-            problems.append((rel, exc))
+            problems.append((rel, f"{_msg(exc)}: the new directory could not be merged with the one made meanwhile under its name"))
         finally:
-            self.dirs.release(rel)
-        for path, err in problems:
-            self._fail(path, "merge", f"{_msg(err)}: an entry of the directory made meanwhile under this name could not be kept")
+            self.dirs.release(rel, ours)
+        for path, message in problems:
+            self._fail(path, "merge", message)
         try:
             fsops.remove_tree(pfd, tmp)
         except OSError:
             pass
-        if self.stopped:  # ours are gone: their fds must not serve the reveals still to come
-            self.dirs.forget(merged)
+        self.dirs.forget(merged)  # ours are gone: the next use of these opens theirs by path
         return True
+
+    def _busy_below(self, rel: str) -> bool:
+        """Under the hide lock, while the run goes on: a directory of ours at or below `rel`,
+        not inside a hidden one (those move whole), still has files to land or its manifest
+        to plan."""
+        hidden = self._hidden
+        with self._lock:
+            for r, node in self.nodes.items():
+                if r != rel and not r.startswith(rel + "/"):
+                    continue
+                if node.waiting <= 0 and node.planned:
+                    continue
+                up = r
+                while up != rel and up not in hidden:
+                    up = up.rpartition("/")[0]
+                if up == rel:
+                    return True
+        return False
 
     def _reveal_all(self) -> None:
         """The end (finish or close): nothing more is hidden; once the direct landings in flight
@@ -2203,38 +2241,42 @@ class DestTree:
         )
 
 
-def _merge_into(theirs: int, ours: int, rel: str, problems: list[tuple[str, OSError]], merged: list[str]) -> None:
-    """Move each entry of directory `theirs` into `ours` unless ours has that name (entries
-    both have: ours stays; directories both have: merged the same way, depth first, their
-    paths added to `merged`). What could not move is added to `problems` as (path, error)."""
-    for name in sorted(os.listdir(theirs)):
+def _merge_into(ours: int, theirs: int, rel: str, replace: bool, problems: list[tuple[str, str]], merged: list[str]) -> None:
+    """Move each entry of directory `ours` into `theirs` (DestTree._merge). A name both have:
+    directories merge the same way, depth first (their paths added to `merged`); other
+    entries are replaced by ours if `replace`, else theirs stays; a directory against anything
+    else stays theirs, reported in `problems` as (path, message), as is whatever could not move."""
+    for name in sorted(os.listdir(ours)):
         path = _join(rel, name)
         try:
-            cscan.rename_noreplace(theirs, _b(name), ours, _b(name))
+            cscan.rename_noreplace(ours, _b(name), theirs, _b(name))
             continue
         except FileExistsError:
             pass
         except OSError as exc:
-            problems.append((path, exc))
+            problems.append((path, f"{_msg(exc)}: could not be moved into the directory made meanwhile under its parent's name"))
             continue
         try:
-            if not (
-                stat.S_ISDIR(os.stat(name, dir_fd=theirs, follow_symlinks=False).st_mode)
-                and stat.S_ISDIR(os.stat(name, dir_fd=ours, follow_symlinks=False).st_mode)
-            ):
-                continue
-            t = os.open(name, fsops.O_DIR, dir_fd=theirs)
-            try:
+            mine = stat.S_ISDIR(os.stat(name, dir_fd=ours, follow_symlinks=False).st_mode)
+            other = stat.S_ISDIR(os.stat(name, dir_fd=theirs, follow_symlinks=False).st_mode)
+            if mine and other:
+                merged.append(path)
                 o = os.open(name, fsops.O_DIR, dir_fd=ours)
                 try:
-                    merged.append(path)
-                    _merge_into(t, o, path, problems, merged)
+                    t = os.open(name, fsops.O_DIR, dir_fd=theirs)
+                    try:
+                        _merge_into(o, t, path, replace, problems, merged)
+                    finally:
+                        os.close(t)
                 finally:
                     os.close(o)
-            finally:
-                os.close(t)
+            elif mine or other:
+                what = "a directory" if other else "an entry that is not a directory"
+                problems.append((path, f"File exists: {what} took its name meanwhile (kept; this run's was not)"))
+            elif replace:
+                os.rename(name, name, src_dir_fd=ours, dst_dir_fd=theirs)
         except OSError as exc:
-            problems.append((path, exc))
+            problems.append((path, f"{_msg(exc)}: could not be moved into the directory made meanwhile under its parent's name"))
 
 
 def _dir_differs(m: Meta, d: Meta) -> bool:
