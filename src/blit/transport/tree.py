@@ -1170,9 +1170,9 @@ class DestTree:
         return done
 
     def _reveal(self, rel: str) -> None:
-        """Move hidden directory `rel` into place (never over an entry that took its name: a
-        directory there is merged with ours (_merge); anything else stays, what landed in the
-        hidden one is removed and the directory reported)."""
+        """Move hidden directory `rel` into place (never over an entry that took its name: ours
+        merges into a directory there (_merge); anything else stays, what landed in the hidden
+        one is removed and the directory reported)."""
         with self._hide_lock:
             with self._lock:  # (what _settled and _after_plan look at)
                 tmp = self._hidden.pop(rel, None)
