@@ -317,7 +317,12 @@ def _remove_extra(
 ) -> tuple[int, bool]:  # fmt: skip
     """remove_extra's walk, and count_extra's (`dry`: nothing is changed; what cannot be looked
     at counts as one that goes). Returns (entries removed, something was kept)."""
-    fd = _open_to_count(parent_fd, name) if dry else _unlink_or_open(parent_fd, name)
+    try:
+        fd = _open_to_count(parent_fd, name) if dry else _unlink_or_open(parent_fd, name)
+    except FileNotFoundError:  # gone before its turn: what the delete wanted, as rsync (not counted)
+        if dry:
+            raise
+        return 0, False
     if fd < 0:
         _went(gone, rel, base)
         return 1, False
@@ -351,6 +356,10 @@ def _remove_extra(
                     continue
                 try:
                     cfd = _open_to_count(lv.fd, child) if dry else _unlink_or_open(lv.fd, child)
+                except FileNotFoundError as exc:  # gone before its turn (see above)
+                    if dry:
+                        fail(lv, crel, exc)
+                    continue
                 except OSError as exc:
                     fail(lv, crel, exc)
                     continue
@@ -368,6 +377,8 @@ def _remove_extra(
                 if not lv.kept and not dry:
                     try:
                         os.rmdir(lv.name, dir_fd=lv.parent_fd)
+                        whole = True
+                    except FileNotFoundError:  # someone else removed it meanwhile: gone all the same
                         whole = True
                     except OSError as exc:
                         if not stack:  # `name` itself: the caller reports it, and counts what went
