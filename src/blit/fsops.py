@@ -1035,17 +1035,20 @@ def is_tmp_name(name: str) -> bool:
     return name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX) and len(name) == 26
 
 
-def without_tmp(dir_fd: int, entries: list[tuple[str, os.stat_result]], dry_run: bool) -> dict[str, os.stat_result]:
+def without_tmp(
+    dir_fd: int, entries: list[tuple[str, os.stat_result]], dry_run: bool, held: list[str] | None = None
+) -> dict[str, os.stat_result]:
     """A scanned destination directory's entries by name, without the temporaries of an
     interrupted run: those are ours to remove (left in place by a dry run, and then listed).
     A temporary directory (make_hidden_dir) or file (hold_tmp) still held by a live run is
-    left to it, unlisted."""
+    left to it, unlisted (and its name added to `held`)."""
     out = {}
     for name, m in entries:
         if is_tmp_name(name) and not dry_run:
             try:
                 if stat.S_ISDIR(m.st_mode) or stat.S_ISREG(m.st_mode):
-                    _remove_stale(dir_fd, name, stat.S_ISDIR(m.st_mode))
+                    if not remove_stale(dir_fd, name, stat.S_ISDIR(m.st_mode)) and held is not None:
+                        held.append(name)
                 else:
                     os.unlink(name, dir_fd=dir_fd)
             except OSError:
@@ -1086,9 +1089,9 @@ def make_hidden_dir(parent_fd: int, acl_inherited: bool = False) -> tuple[str, i
     return name, fd
 
 
-def _remove_stale(parent_fd: int, name: str, is_dir: bool) -> None:
+def remove_stale(parent_fd: int, name: str, is_dir: bool) -> bool:
     """Remove a temporary file or directory left by a run that died, unless a live run holds
-    it (a shared flock: make_hidden_dir, hold_tmp)."""
+    it (a shared flock: make_hidden_dir, hold_tmp): False then."""
     import fcntl
 
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECTORY if is_dir else os.O_NONBLOCK)
@@ -1097,11 +1100,12 @@ def _remove_stale(parent_fd: int, name: str, is_dir: bool) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return  # being written, filled or renamed by a live run
+            return False  # being written, filled or renamed by a live run
         if is_dir:
             remove_tree(parent_fd, name)
         else:
             os.unlink(name, dir_fd=parent_fd)
+        return True
     finally:
         os.close(fd)
 

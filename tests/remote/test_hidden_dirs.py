@@ -381,6 +381,78 @@ def test_a_first_directory_someone_made_meanwhile_is_taken_as_it_is(tmp_path: Pa
     assert sorted(os.listdir(dst / "p")) == ["a", "b", "theirs"]
 
 
+def test_a_run_cut_short_that_ends_after_the_rerun_changes_nothing(tmp_path: Path) -> None:
+    """A push session stopped (its client SIGSTOPped) while a rerun completes, then ended (the
+    client killed): the stopped session moved its hidden directories into the rerun's tree at
+    its end, and every directory it touched kept a new mtime (QA: 364-628 `.d..t......` lines
+    from `rsync -anci` on a deep tree, 10 of 10 runs). Its hidden directory is stale once a
+    newer run's directory has the name: it is removed, and its parent's times kept."""
+    run1 = _setup(tmp_path, {"d/a": b"a" * 10, "d/b": b"b" * 10, "d/e/x": b"x"})
+    src, dst = run1.src, run1.dst
+    p = dst / "p"
+    try:
+        run1.start()
+        run1.plan("p/d", True)
+        run1.plan("p/d/e", True)
+        run1.land("p/d", "a")
+        run1.land("p/d/e", "x")  # e in place inside run1's still hidden d
+        (src / "o").mkdir()  # the rerun's first new directory (in place): its d is hidden
+        run2 = _Run(src, dst)
+        try:
+            run2.plan("", False)
+            run2.plan("o", True)
+            run2.plan("p", False)
+            run2.plan("p/d", True)
+            run2.plan("p/d/e", True)
+            run2.land("p/d/e", "x")
+            run2.land("p/d", "a", "b")
+            run2.dest.finish(True)
+            assert run2.dest.failures == []
+        finally:
+            run2.close()
+        times = {q: (q.stat().st_mtime_ns, stat.S_IMODE(q.stat().st_mode)) for q in (dst, p, p / "d", p / "d" / "e")}
+    finally:
+        run1.close()  # its end, after the rerun's
+    assert _tmp_names(dst) == []
+    assert {q: (q.stat().st_mtime_ns, stat.S_IMODE(q.stat().st_mode)) for q in times} == times
+    assert times[p / "d"][0] == (src / "p" / "d").stat().st_mtime_ns
+    got = sorted(str(q.relative_to(dst)) for q in dst.rglob("*"))
+    assert got == sorted(str(q.relative_to(src)) for q in src.rglob("*"))
+
+
+def test_a_run_that_died_during_the_rerun_leaves_nothing_hidden(tmp_path: Path) -> None:
+    """A pulling client stopped, and killed while the rerun ran (QA: 3 of 4): the rerun's
+    scans left its hidden directories alone (a live run held them), and once it died nobody
+    removed them: 171-1,621 `.blit-*.tmp` stayed, whole files inside, extras to `rsync -anci
+    --delete`. The rerun now removes, at its end, those whose run died meanwhile."""
+    run1 = _setup(tmp_path, {"d/a": b"a" * 10, "d/b": b"b" * 10})
+    src, dst = run1.src, run1.dst
+    p = dst / "p"
+    run1.start()
+    run1.plan("p/d", True)
+    run1.land("p/d", "a")
+    assert len(_tmp_names(dst)) == 1
+    (src / "o").mkdir()
+    run2 = _Run(src, dst)
+    try:
+        run2.plan("", False)
+        run2.plan("o", True)
+        run2.plan("p", False)  # run1's hidden d: held, left alone
+        run2.plan("p/d", True)
+        run2.land("p/d", "a", "b")
+        run1.dest.dirs.close()  # run1 killed: its fds (and flocks) gone, nothing moved into place
+        run1.source.close()
+        os.close(run1.dest.root_fd)
+        run2.dest.finish(True)
+        assert run2.dest.failures == []
+        assert _tmp_names(dst) == []
+        assert p.stat().st_mtime_ns == (src / "p").stat().st_mtime_ns
+    finally:
+        run2.close()
+    got = sorted(str(q.relative_to(dst)) for q in dst.rglob("*"))
+    assert got == sorted(str(q.relative_to(src)) for q in src.rglob("*"))
+
+
 def test_a_dead_runs_directory_goes_and_a_live_ones_stays(tmp_path: Path) -> None:
     """A destination scan removes temporary directories whose run died, and leaves alone (and
     out of a mirror's extras) one that a live run still holds."""

@@ -1004,6 +1004,9 @@ class DestTree:
         # New directories stay under a temporary name until their files have landed (R41):
         # destination rel -> that name; the lock orders opens by path against the renames.
         self._hidden: dict[str, str] = {}
+        self._others_tmp: list[tuple[str, str]] = []
+        """(directory, name) of temporaries another live run held when a scan met them
+        (fsops.without_tmp): `finish` removes those whose run died meanwhile (_sweep)."""
         self._hide_lock = threading.RLock()
         self._hiding = _HIDE and not spec.dry_run and spec.operation != "move"
         # ... but the run's first new directory is made in place: its files are the first to
@@ -1185,6 +1188,10 @@ class DestTree:
                 try:
                     cscan.rename_noreplace(pfd, _b(tmp), pfd, _b(name))
                 except OSError as exc:
+                    if exc.errno == errno.EEXIST and self.stopped and _is_dir(pfd, name):
+                        # Cut short, and a newer run's directory has the name: ours is stale.
+                        _keeping_times(pfd, lambda: fsops.remove_tree(pfd, tmp))
+                        return
                     if exc.errno == errno.EEXIST and self._merge(pfd, tmp, name, rel):
                         return
                     files, nbytes, dirs, links = fsops.tally_tree(pfd, tmp)
@@ -1207,23 +1214,18 @@ class DestTree:
                 self.dirs.release(rel, pin)  # its pin (_new_dir)
 
     def _merge(self, pfd: int, tmp: str, name: str, rel: str) -> bool:
-        """Under the hide lock: a directory took `name` while ours filled under `tmp` (the run
-        before this one, cut short, still moving its own into place; another run into the same
-        place; any writer). Ours merges into it, and theirs stays where it is: whoever made it
-        keeps every fd it holds on it, and what they land there goes on landing. Each entry
-        of ours moves in; a directory both have merges the same way; another name both have
-        is ours (this run's copy of the source, which it would have replaced had it been there
-        when the run planned), unless this run was cut short (`close`: theirs is the newer);
-        a directory against anything else stays theirs and is reported. Then ours is removed
-        and the fds of what was removed are forgotten. False, with nothing changed, when
-        `name` is no directory, or while something of ours in place below `rel` still has
-        files to land (a directory moved into place early: parts, a large file)."""
-        try:
-            if not stat.S_ISDIR(os.stat(name, dir_fd=pfd, follow_symlinks=False).st_mode):
-                return False
-        except OSError:
-            return False
-        if self._hiding and self._busy_below(rel):
+        """Under the hide lock, while the run goes on or at its finish: a directory took `name`
+        while ours filled under `tmp` (the run before this one, cut short, still moving its own
+        into place; another run into the same place; any writer). Ours merges into it, and
+        theirs stays where it is: whoever made it keeps every fd it holds on it, and what they
+        land there goes on landing. Each entry of ours moves in; a directory both have merges
+        the same way; another name both have is ours (this run's copy of the source, which it
+        would have replaced had it been there when the run planned); a directory against
+        anything else stays theirs and is reported. Then ours is removed and the fds of what
+        was removed are forgotten. False, with nothing changed, when `name` is no directory,
+        or while something of ours in place below `rel` still has files to land (a directory
+        moved into place early: parts, a large file)."""
+        if not _is_dir(pfd, name) or (self._hiding and self._busy_below(rel)):
             return False
         problems: list[tuple[str, str]] = []
         merged = [rel]
@@ -1231,7 +1233,7 @@ class DestTree:
         try:
             theirs = os.open(name, fsops.O_DIR, dir_fd=pfd)
             try:
-                _merge_into(ours, theirs, rel, not self.stopped, problems, merged)
+                _merge_into(ours, theirs, rel, problems, merged)
             finally:
                 os.close(theirs)
         except OSError as exc:
@@ -1246,6 +1248,25 @@ class DestTree:
             pass
         self.dirs.forget(merged)  # ours are gone: the next use of these opens theirs by path
         return True
+
+    def _sweep(self) -> None:
+        """The end of a run that goes on to its finish: temporaries another run held when our
+        scans met them, and that nobody holds now (that run died, a client killed while we
+        ran), are removed, the times of their directory kept (no next run is left to)."""
+        with self._lock:
+            found, self._others_tmp = self._others_tmp, []
+        for rel, name in found:
+            try:
+                fd = self.dirs.acquire(rel)
+            except OSError:
+                continue
+            try:
+                m = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                _keeping_times(fd, lambda: fsops.remove_stale(fd, name, stat.S_ISDIR(m.st_mode)))
+            except OSError:
+                pass
+            finally:
+                self.dirs.release(rel)
 
     def _busy_below(self, rel: str) -> bool:
         """Under the hide lock, while the run goes on: a directory of ours at or below `rel`,
@@ -1423,7 +1444,11 @@ class DestTree:
                 except OSError as exc:
                     failures.append(PathFailure(path=_b(dst_rel or "."), op="scan destination", message=_msg(exc)))
                     return self._unplanned(rel, parted, failures)
-                dst = fsops.without_tmp(dfd, dents, dry)
+                others: list[str] = []
+                dst = fsops.without_tmp(dfd, dents, dry, others)
+                if others:  # another live run's: removed at our end if that run died meanwhile
+                    with self._lock:
+                        self._others_tmp += ((dst_rel, n) for n in others)
                 keep.update(n for n, _ in derrs)
                 if len(dst) < len(dents):  # stale temporaries went: the directory's mtime moved
                     with self._lock:
@@ -2099,6 +2124,7 @@ class DestTree:
         self._reveal_all()
         if self.fatal is not None:
             return
+        self._sweep()
         with self._lock:
             missing = list(self.pending.items())
             self.pending.clear()
@@ -2241,11 +2267,11 @@ class DestTree:
         )
 
 
-def _merge_into(ours: int, theirs: int, rel: str, replace: bool, problems: list[tuple[str, str]], merged: list[str]) -> None:
+def _merge_into(ours: int, theirs: int, rel: str, problems: list[tuple[str, str]], merged: list[str]) -> None:
     """Move each entry of directory `ours` into `theirs` (DestTree._merge). A name both have:
     directories merge the same way, depth first (their paths added to `merged`); other
-    entries are replaced by ours if `replace`, else theirs stays; a directory against anything
-    else stays theirs, reported in `problems` as (path, message), as is whatever could not move."""
+    entries are replaced by ours; a directory against anything else stays theirs, reported in
+    `problems` as (path, message), as is whatever could not move."""
     for name in sorted(os.listdir(ours)):
         path = _join(rel, name)
         try:
@@ -2257,15 +2283,14 @@ def _merge_into(ours: int, theirs: int, rel: str, replace: bool, problems: list[
             problems.append((path, f"{_msg(exc)}: could not be moved into the directory made meanwhile under its parent's name"))
             continue
         try:
-            mine = stat.S_ISDIR(os.stat(name, dir_fd=ours, follow_symlinks=False).st_mode)
-            other = stat.S_ISDIR(os.stat(name, dir_fd=theirs, follow_symlinks=False).st_mode)
+            mine, other = _is_dir(ours, name), _is_dir(theirs, name)
             if mine and other:
                 merged.append(path)
                 o = os.open(name, fsops.O_DIR, dir_fd=ours)
                 try:
                     t = os.open(name, fsops.O_DIR, dir_fd=theirs)
                     try:
-                        _merge_into(o, t, path, replace, problems, merged)
+                        _merge_into(o, t, path, problems, merged)
                     finally:
                         os.close(t)
                 finally:
@@ -2273,10 +2298,31 @@ def _merge_into(ours: int, theirs: int, rel: str, replace: bool, problems: list[
             elif mine or other:
                 what = "a directory" if other else "an entry that is not a directory"
                 problems.append((path, f"File exists: {what} took its name meanwhile (kept; this run's was not)"))
-            elif replace:
+            else:
                 os.rename(name, name, src_dir_fd=ours, dst_dir_fd=theirs)
         except OSError as exc:
             problems.append((path, f"{_msg(exc)}: could not be moved into the directory made meanwhile under its parent's name"))
+
+
+def _is_dir(dir_fd: int, name: str) -> bool:
+    """`name` in `dir_fd` is a directory (not through a link); False if it cannot be looked at."""
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _keeping_times(dir_fd: int, change: Callable[[], object]) -> None:
+    """Run `change` (a removal inside directory `dir_fd`) and put the directory's times back:
+    removing a stale temporary is no change the directory's metadata should show."""
+    st = os.fstat(dir_fd)
+    try:
+        change()
+    finally:
+        try:
+            os.utime(dir_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        except OSError:
+            pass
 
 
 def _dir_differs(m: Meta, d: Meta) -> bool:
