@@ -50,6 +50,11 @@ class _Run:
         self.land("", "first")
         self.plan("p", True)
 
+    def plan_new(self, *rels: str) -> None:
+        """Plan each of `rels`, new directories, in order."""
+        for rel in rels:
+            self.plan(rel, True)
+
     def plan(self, rel: str, new: bool) -> None:
         manifest = self.source.scan(rel)
         planned = self.dest.plan(rel, rel, new, None, manifest.entries, False)
@@ -142,8 +147,7 @@ def test_subdirectories_land_inside_a_hidden_parent_and_appear_with_it(tmp_path:
     p = dst / "p"
     try:
         run.start()
-        run.plan("p/d", True)
-        run.plan("p/d/e", True)
+        run.plan_new("p/d", "p/d/e")
         run.land("p/d/e", "x", "y")  # complete inside the still hidden d
         assert not (p / "d").exists()
         run.land("p/d", "a")
@@ -177,8 +181,7 @@ def test_a_run_cut_short_moves_what_it_hid_into_place(tmp_path: Path) -> None:
     p = dst / "p"
     try:
         run.start()
-        run.plan("p/d", True)
-        run.plan("p/d/e", True)
+        run.plan_new("p/d", "p/d/e")
         run.land("p/d", "a")
         assert _tmp_names(dst) != []
     finally:
@@ -220,8 +223,7 @@ def test_a_directory_made_meanwhile_under_the_name_is_merged_with_ours(tmp_path:
     p = dst / "p"
     try:
         run.start()
-        run.plan("p/d", True)
-        run.plan("p/d/e", True)
+        run.plan_new("p/d", "p/d/e")
         run.land("p/d/e", "x")  # e complete: in place inside the hidden d
         run.land("p/d", "a")
         (p / "d" / "e").mkdir(parents=True)  # theirs
@@ -271,8 +273,7 @@ def test_a_run_cut_short_that_reveals_while_the_rerun_fills_the_same_directory(t
         run2.plan("o", True)
         assert (dst / "o").is_dir()
         run2.plan("p", False)  # the first run's hidden d is not a name the rerun sees
-        run2.plan("p/d", True)
-        run2.plan("p/d/e", True)
+        run2.plan_new("p/d", "p/d/e")
         run2.land("p/d", "a", *(["b"] if rerun_first else []))
         run1.close()  # the first run's end: d and d/e in place, partly filled
         run1 = None
@@ -311,13 +312,11 @@ def test_two_live_runs_into_the_same_place_merge_without_harming_each_other(tmp_
     runb = _Run(src_b, dst)
     try:
         runa.start()
-        runa.plan("p/d", True)
-        runa.plan("p/d/e", True)
+        runa.plan_new("p/d", "p/d/e")
         runb.plan("", False)
         runb.land("", "first")
         runb.plan("p", False)  # a's p, made in place; its d is hidden: b makes its own
-        runb.plan("p/d", True)
-        runb.plan("p/d/e", True)
+        runb.plan_new("p/d", "p/d/e")
         runb.plan("p/d/e/f", True)
         runa.land("p/d", "a", "b")  # a's d in place, its e still hidden inside
         runb.land("p/d", "a", "b")  # b's d merges into a's
@@ -392,8 +391,7 @@ def test_a_run_cut_short_that_ends_after_the_rerun_changes_nothing(tmp_path: Pat
     p = dst / "p"
     try:
         run1.start()
-        run1.plan("p/d", True)
-        run1.plan("p/d/e", True)
+        run1.plan_new("p/d", "p/d/e")
         run1.land("p/d", "a")
         run1.land("p/d/e", "x")  # e in place inside run1's still hidden d
         (src / "o").mkdir()  # the rerun's first new directory (in place): its d is hidden
@@ -402,8 +400,7 @@ def test_a_run_cut_short_that_ends_after_the_rerun_changes_nothing(tmp_path: Pat
             run2.plan("", False)
             run2.plan("o", True)
             run2.plan("p", False)
-            run2.plan("p/d", True)
-            run2.plan("p/d/e", True)
+            run2.plan_new("p/d", "p/d/e")
             run2.land("p/d/e", "x")
             run2.land("p/d", "a", "b")
             run2.dest.finish(True)

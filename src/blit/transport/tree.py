@@ -1231,11 +1231,7 @@ class DestTree:
         merged = [rel]
         ours = self.dirs.acquire(rel)  # its pin: our directory
         try:
-            theirs = os.open(name, fsops.O_DIR, dir_fd=pfd)
-            try:
-                _merge_into(ours, theirs, rel, problems, merged)
-            finally:
-                os.close(theirs)
+            _merge_into_named(ours, pfd, name, rel, problems, merged)
         except OSError as exc:
             problems.append((rel, f"{_msg(exc)}: the new directory could not be merged with the one made meanwhile under its name"))
         finally:
@@ -2288,11 +2284,7 @@ def _merge_into(ours: int, theirs: int, rel: str, problems: list[tuple[str, str]
                 merged.append(path)
                 o = os.open(name, fsops.O_DIR, dir_fd=ours)
                 try:
-                    t = os.open(name, fsops.O_DIR, dir_fd=theirs)
-                    try:
-                        _merge_into(o, t, path, problems, merged)
-                    finally:
-                        os.close(t)
+                    _merge_into_named(o, theirs, name, path, problems, merged)
                 finally:
                     os.close(o)
             elif mine or other:
@@ -2302,6 +2294,15 @@ def _merge_into(ours: int, theirs: int, rel: str, problems: list[tuple[str, str]
                 os.rename(name, name, src_dir_fd=ours, dst_dir_fd=theirs)
         except OSError as exc:
             problems.append((path, f"{_msg(exc)}: could not be moved into the directory made meanwhile under its parent's name"))
+
+
+def _merge_into_named(ours: int, parent: int, name: str, rel: str, problems: list[tuple[str, str]], merged: list[str]) -> None:
+    """_merge_into the directory `name` of `parent`."""
+    theirs = os.open(name, fsops.O_DIR, dir_fd=parent)
+    try:
+        _merge_into(ours, theirs, rel, problems, merged)
+    finally:
+        os.close(theirs)
 
 
 def _is_dir(dir_fd: int, name: str) -> bool:
