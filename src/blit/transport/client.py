@@ -222,7 +222,15 @@ class RemoteTransfer:
                     stats.on_progress = guard.progress
                     if kind == "send":
                         source, jobs = arg
-                        await data.h2_send_loop(st, source, jobs, stats, limiter=s.fs_limiter)
+                        try:
+                            await data.h2_send_loop(st, source, jobs, stats, limiter=s.fs_limiter)
+                        except control.StreamClosed:
+                            # The daemon refused the stream (an expired token) and reset it
+                            # (NO_ERROR: an early answer) while we sent: its answer says why.
+                            status = st.header(b":status") if st.headers is not None else None
+                            if status is None or status == b"200":
+                                raise
+                            self._refused(stats, status, await st.read_body(protocol.MAX_MESSAGE))
                         await s.client.conn.wait_response(st, s.timeouts.stall)
                         status = st.header(b":status")
                         body = await st.read_body(protocol.MAX_MESSAGE)
