@@ -751,7 +751,7 @@ class ControlClient:
                     reply = await st.read_body(protocol.MAX_MESSAGE)
             if cs.cancelled_caught:
                 late = trio.current_time() - cs.deadline
-                if late > OVERSLEPT or CONTINUED[0] != continued:  # this process was stopped meanwhile
+                if stopped_meanwhile(late, continued):
                     raise await self._stopped_during(op, timeout, late) from None
                 raise daemon_stalled(self.authority, f"no answer to {op}", timeout)
         except StreamClosed as exc:
@@ -808,6 +808,12 @@ class ControlClient:
 CONTINUED = [0]
 """How many times this process was continued (SIGCONT after SIGSTOP or Ctrl-Z): a request
 whose timer ran out across a change of it was stopped, not left unanswered (watch_continue)."""
+
+
+def stopped_meanwhile(late: float, continued: int) -> bool:
+    """This process was stopped while a timer ran: it woke `late` s past its deadline by more
+    than OVERSLEPT, or a SIGCONT came since CONTINUED read `continued`."""
+    return late > OVERSLEPT or CONTINUED[0] != continued
 
 
 def watch_continue() -> None:
@@ -1000,7 +1006,7 @@ async def connect_control(
             # or the daemon let the half-made connection go meanwhile; not the daemon's fault.
             # Once more, from the start.
             late = exc.late if isinstance(exc, _TimedOut) else 0.0
-            if attempt == 2 or isinstance(exc, CertificateMismatchError) or (late <= OVERSLEPT and CONTINUED[0] == continued):
+            if attempt == 2 or isinstance(exc, CertificateMismatchError) or not stopped_meanwhile(late, continued):
                 raise
             log.debug("connecting to %s again: this process was stopped while it connected", netloc)
     try:
