@@ -1021,6 +1021,7 @@ class DestTree:
         self.nodes: dict[str, _DirNode] = {}
         self.deletions: list[tuple[str, list[tuple[str, bool]]]] = []
         self.incomplete: list[str] = []
+        self.unlanded: set[str] = set()  # new directories that never moved into place (reported)
         self.unplanned = 0  # of `incomplete`: directories this side could not open or scan
         self.links: dict[tuple[int, int], Any] = {}  # source (dev, ino) -> landed (rel, name, ino) | waiters list
         self.failures: list[tuple[str, str, str]] = []
@@ -1205,13 +1206,20 @@ class DestTree:
                             self.links_created -= links
                     except OSError:
                         removed = ""
-                    self._fail(rel, "mkdir", f"{_msg(exc)}: the new directory could not be moved into place{removed}")
+                    self._unlanded(rel, f"{_msg(exc)}: the new directory could not be moved into place{removed}")
                 finally:
                     self.dirs.release(parent)
             except OSError as exc:
-                self._fail(rel, "mkdir", f"{_msg(exc)}: the new directory could not be moved into place")
+                self._unlanded(rel, f"{_msg(exc)}: the new directory could not be moved into place")
             finally:
                 self.dirs.release(rel, pin)  # its pin (_new_dir)
+
+    def _unlanded(self, rel: str, message: str) -> None:
+        """New directory `rel` did not move into place: reported once (its metadata and what
+        was below it are not tried on whatever has the name)."""
+        with self._lock:
+            self.unlanded.add(rel)
+        self._fail(rel, "mkdir", message)
 
     def _merge(self, pfd: int, tmp: str, name: str, rel: str) -> bool:
         """Under the hide lock, while the run goes on or at its finish: a directory took `name`
@@ -1238,6 +1246,8 @@ class DestTree:
             self.dirs.release(rel, ours)
         for path, message in problems:
             self._fail(path, "merge", message)
+            with self._lock:
+                self.unlanded.add(path)
         try:
             fsops.remove_tree(pfd, tmp)
         except OSError:
@@ -2142,6 +2152,9 @@ class DestTree:
                 node = self.nodes[rel]
                 if node.meta is None or (node.src_rel or ".") in unread:
                     continue
+                if self.unlanded and _within(rel, self.unlanded):
+                    kept.add(rel)  # never in place (reported): its source stays
+                    continue
                 top = not rel  # an existing top directory (`SRC/ DST/`): no parent's plan syncs its xattrs
                 if not (top or node.new or node.changed or node.dst_meta is None or _dir_differs(node.meta, node.dst_meta)):
                     continue
@@ -2303,6 +2316,15 @@ def _merge_into_named(ours: int, parent: int, name: str, rel: str, problems: lis
         _merge_into(ours, theirs, rel, problems, merged)
     finally:
         os.close(theirs)
+
+
+def _within(rel: str, roots: set[str]) -> bool:
+    """`rel` is one of `roots` or below one."""
+    while rel:
+        if rel in roots:
+            return True
+        rel = rel.rpartition("/")[0]
+    return False
 
 
 def _is_dir(dir_fd: int, name: str) -> bool:
