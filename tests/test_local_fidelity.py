@@ -88,6 +88,8 @@ def test_second_run_copies_nothing_and_rewrites_nothing(full_src: Path, tmp_path
     run_blit("copy", f"{full_src}/", dst, check=0)
     before = snapshot(dst)
     inodes = {p: st.st_ino for p, st in walk(dst)}
+    ctimes = {p: st.st_ctime_ns for p, st in walk(dst)}
+    ctimes["."] = os.lstat(dst).st_ctime_ns  # the top too (`SRC/ DST/`): nothing to write there either
     for flags in ([], ["--checksum"]):
         proc = run_blit("copy", "--json", *flags, f"{full_src}/", dst, check=0)
         summary = summary_of(proc)
@@ -98,6 +100,9 @@ def test_second_run_copies_nothing_and_rewrites_nothing(full_src: Path, tmp_path
     assert_same_tree(before, snapshot(dst))
     rewritten = [p for p, st in walk(dst) if inodes.get(p) != st.st_ino]
     assert not rewritten, f"entries replaced by an up-to-date run: {rewritten[:10]}"
+    touched = {p: st.st_ctime_ns for p, st in walk(dst)}
+    touched["."] = os.lstat(dst).st_ctime_ns
+    assert touched == ctimes, f"metadata rewritten by an up-to-date run: {[p for p in ctimes if touched.get(p) != ctimes[p]][:10]}"
 
 
 def test_a_file_hard_linked_outside_the_source_lands_as_a_plain_file(tmp_path: Path) -> None:
@@ -549,3 +554,18 @@ def test_a_hard_link_group_that_cannot_be_read_is_reported_member_by_member(nobo
     assert sorted(stderr_lines(proc)) == [f"blit: {p}: copy: Permission denied" for p in ("a/x", "b/y", "c/z")]
     assert _landed_members(dst) == {}
     assert sorted(os.listdir(dst / "a")) == ["pa"]
+
+
+def test_bytes_copied_counts_a_sparse_file_at_its_size(tmp_path: Path) -> None:
+    """A sparse file counts its size in the summary whatever its size or the copier (a push
+    counts the same; QA: a 1 MiB sparse file counted only its 4 KiB of data, a 5 MiB one all)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    sizes = {"s1m": MiB, "s5m": 5 * MiB, "s40m": 40 * MiB}
+    for name, size in sizes.items():
+        with open(src / name, "wb") as f:
+            f.seek(size - 4096)
+            f.write(b"Q" * 4096)
+    summary = summary_of(run_blit("copy", "--json", f"{src}/", tmp_path / "dst", check=0))
+    assert (summary["files_copied"], summary["bytes_copied"]) == (3, sum(sizes.values())), summary
+    assert_same_tree(src, tmp_path / "dst")

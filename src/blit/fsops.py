@@ -707,24 +707,24 @@ def _unlink_or_open(parent_fd: int, name: str) -> int:
 
 
 def set_dir_meta(fd: int, m: Meta, xattrs: list[tuple[str, bytes]] | None) -> None:
-    """Apply owner, xattrs, mode and times to an open directory. A directory that is not ours
-    (EPERM) but already has the owner, mode and mtime asked for is no failure: a mirror that
-    only emptied an extra directory inside it changed nothing in it (rsync says nothing)."""
+    """Apply owner, xattrs, mode and times to an open directory; owner, mode and times only when
+    they differ (one fstat, after the xattrs, whose ACLs may have moved the mode): a directory
+    already as asked, the top of a run that changed nothing say, keeps its ctime, and one that
+    is not ours (EPERM otherwise) is no failure (a mirror that only emptied an extra directory
+    inside it changed nothing in it; rsync says nothing)."""
     if xattrs:
         put_xattrs(fd, xattrs, "directory")
-    try:
-        if IS_ROOT:
-            os.fchown(fd, m.st_uid, m.st_gid)
-        os.fchmod(fd, stat.S_IMODE(m.st_mode))
-        os.utime(fd, ns=(m.st_atime_ns, m.st_mtime_ns))
-    except PermissionError:
-        d = os.fstat(fd)
-        if (
-            stat.S_IMODE(d.st_mode) != stat.S_IMODE(m.st_mode)
-            or d.st_mtime_ns != m.st_mtime_ns
-            or (IS_ROOT and (d.st_uid, d.st_gid) != (m.st_uid, m.st_gid))
-        ):
-            raise
+    d = os.fstat(fd)
+    if (
+        stat.S_IMODE(d.st_mode) == stat.S_IMODE(m.st_mode)
+        and d.st_mtime_ns == m.st_mtime_ns
+        and (not IS_ROOT or (d.st_uid, d.st_gid) == (m.st_uid, m.st_gid))
+    ):
+        return
+    if IS_ROOT:
+        os.fchown(fd, m.st_uid, m.st_gid)
+    os.fchmod(fd, stat.S_IMODE(m.st_mode))
+    os.utime(fd, ns=(m.st_atime_ns, m.st_mtime_ns))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1162,7 +1162,8 @@ def copy_small(
         landing = Landing(dst_dir, stat.S_IMODE(m.st_mode))
         try:
             if is_sparse(m):
-                n = copy_sparse(sfd, landing.fd, m.st_size)
+                copy_sparse(sfd, landing.fd, m.st_size)
+                n = m.st_size  # counted at its size, as every other copier counts it
             elif m.st_size:
                 data = read_all(sfd, m.st_size)
                 write_all(landing.fd, data)

@@ -70,7 +70,7 @@ async def _push(daemon: Daemon, src: Path, spec: TreeSpec | None = None, spy: Sp
 
 
 def _ctimes(root: Path) -> dict[str, int]:
-    out = {}
+    out = {str(root): os.lstat(root).st_ctime_ns}  # the top too: an unchanged run leaves it be
     for dirpath, dirnames, filenames in os.walk(root):
         for n in dirnames + filenames:
             p = os.path.join(dirpath, n)
