@@ -272,6 +272,20 @@ def open_dst_dir(open_dir: Callable[[int, str], int], root_fd: int, rel: str) ->
     return open_dir(root_fd, rel), True
 
 
+def chmod_at(dir_fd: int, name: str, mode: int) -> None:
+    """chmod of the entry `name` itself, never of what it points to: a name that another writer
+    made a symlink since it was looked at fails (ELOOP) instead of changing a file elsewhere,
+    outside a daemon's module say. (Python 3.11's chmod with dir_fd cannot refuse to follow;
+    through an O_PATH fd, as glibc's fchmodat does for AT_SYMLINK_NOFOLLOW.)"""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            raise OSError(errno.ELOOP, "it is a symbolic link now (changed meanwhile)")
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
+
+
 def make_dir(parent_fd: int, name: str, acl_inherited: bool = False) -> None:
     """Create a directory writable by us; its real mode is applied when it is finalised.
     `acl_inherited`: the parent has a default ACL (has_default_acl), which the new directory
@@ -280,7 +294,7 @@ def make_dir(parent_fd: int, name: str, acl_inherited: bool = False) -> None:
     if acl_inherited:
         path = _xattr_path(parent_fd, name)
         drop_inherited_acls(path, (), directory=True)
-        os.chmod(path, 0o700)  # the default ACL, not the umask, gave it its mode
+        chmod_at(parent_fd, name, 0o700)  # the default ACL, not the umask, gave it its mode
 
 
 def remove_extra(
@@ -1412,7 +1426,7 @@ def fix_meta(dst_dir: int, name: str, src: Meta, dst: Meta, force_mode: bool = F
             os.setxattr(_xattr_path(dst_dir, name), _CAPABILITY, cap, follow_symlinks=False)
         changed = True
     if not is_link and (stat.S_IMODE(src.st_mode) != stat.S_IMODE(dst.st_mode) or changed):
-        os.chmod(name, stat.S_IMODE(src.st_mode), dir_fd=dst_dir)
+        chmod_at(dst_dir, name, stat.S_IMODE(src.st_mode))
         changed = True
     if src.st_mtime_ns != dst.st_mtime_ns:
         os.utime(name, ns=(src.st_atime_ns, src.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)

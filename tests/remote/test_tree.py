@@ -132,6 +132,48 @@ async def test_symlinked_destination_directory_is_not_followed(daemon: Daemon, t
     assert os.listdir(outside) == []
 
 
+@pytest.mark.parametrize("kind", ["file", "fifo"])
+async def test_an_entry_made_a_symlink_meanwhile_never_passes_its_mode_outside(
+    daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """An up-to-date entry whose mode the push changes is swapped for a symlink to a file
+    outside the module between the daemon's look and its chmod (QA: a push made a root-owned
+    0600 file outside the module 04777): the chmod does not follow, the entry is reported."""
+    from blit import fsops
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim"
+    victim.write_bytes(b"secret")
+    os.chmod(victim, 0o600)
+    src = tmp_path / "src"
+    src.mkdir()
+    dst = daemon.modules["data"] / "dst"
+    dst.mkdir()
+    for top in (src, dst):
+        if kind == "file":
+            (top / "f").write_bytes(b"same")
+        else:
+            os.mkfifo(top / "f")
+        os.utime(top / "f", ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    os.chmod(src / "f", 0o4777)
+    os.chmod(dst / "f", 0o600)
+    real = fsops.fix_meta
+
+    def swapped(dst_dir: int, name: str, *args: object, **kw: object) -> bool:
+        os.unlink(name, dir_fd=dst_dir)
+        os.symlink(victim, name, dir_fd=dst_dir)
+        return real(dst_dir, name, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fsops, "fix_meta", swapped)
+    async with daemon.session() as s:
+        done = await push_tree(s, os.fsencode(src) + b"/", "data", b"dst", TopJob(), TreeSpec())
+    assert os.stat(victim).st_mode & 0o7777 == 0o600
+    assert victim.read_bytes() == b"secret"
+    assert [f.path for f in done.failures] == [b"f"], done.failures
+    assert "symbolic link" in done.failures[0].message, done.failures
+
+
 # --- remote_transfer: rsync's trailing-slash rules across topologies --------------------------
 
 from blit.transport.remote import remote_transfer  # noqa: E402
