@@ -87,6 +87,13 @@ CASES = [
     ("src/sub", "d", "missing"),
     ("src/sub/", "d/new", "empty dir"),
     ("./src/", "./d", "missing"),
+    # A last component `.` or `..` names the directory's contents, as a trailing slash does
+    # (QA: `SRC/.` and `.` landed SRC itself, and `cd SRC && blit move . ../d/` took the cwd).
+    ("src/.", "d", "missing"),
+    ("src/.", "d", "dir with entries"),
+    ("src/sub/..", "d", "empty dir"),
+    ("src/.", "d/.", "dir with entries"),
+    ("f", "d/.", "dir with entries"),
     # A destination that is a symlink: followed when it leads to a directory, else replaced.
     ("src/", "d", "symlink to a dir"),
     ("src", "d", "symlink to a dir"),
@@ -153,3 +160,14 @@ def test_single_file_lands_with_its_metadata(tmp_path: Path) -> None:
     assert_same_tree(src / "f", tmp_path / "d" / "f")
     run_blit("copy", src / "f", tmp_path / "renamed", check=0)
     assert_same_tree(src / "f", tmp_path / "renamed")
+
+
+def test_moving_dot_moves_the_contents_and_keeps_the_directory(tmp_path: Path) -> None:
+    """`cd SRC && blit move . ../d/`: SRC's entries move and SRC itself stays, as with rsync
+    --remove-source-files (it moved the working directory itself, as `d/SRC`)."""
+    root = make_tree(tmp_path / "t", {"src/": {"a.txt": "alpha\n", "sub/": {"b.txt": "beta\n"}}, "d/": {}})
+    proc = run_blit("move", ".", "../d/", cwd=root / "src")
+    assert proc.returncode == 0, describe_output(proc)
+    assert sorted(os.listdir(root / "d")) == ["a.txt", "sub"]
+    assert (root / "d" / "sub" / "b.txt").read_text() == "beta\n"
+    assert (root / "src").is_dir() and os.listdir(root / "src") == []

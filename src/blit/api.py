@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from .endpoint import contents_form
 from .errors import FatalError, UsageError
 from .plan import Compare
 from .report import NullProgress, Progress, Summary, finish_command
@@ -113,8 +114,8 @@ def resolve(src: str, dst: str, operation: Operation) -> _Resolved:
     bsrc, bdst = os.fsencode(src), os.fsencode(dst)
     if b"\0" in bsrc or b"\0" in bdst:
         raise UsageError("paths may not contain NUL")
-    src_slash = bsrc.endswith(b"/")
-    dst_slash = bdst.endswith(b"/")
+    src_slash = contents_form(bsrc)  # `SRC/`, `SRC/.`, `.`: its contents
+    dst_slash = contents_form(bdst)  # `DST/`, `DST/.`: a directory
     src_abs = os.path.abspath(bsrc)
     dst_abs = os.path.abspath(bdst)
     sst = _lstat(src_abs)

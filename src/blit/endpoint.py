@@ -17,6 +17,8 @@ This module must not resolve names, touch the filesystem or import trio.
 
 from __future__ import annotations
 
+import os
+
 import re
 from dataclasses import dataclass
 
@@ -34,6 +36,15 @@ HOST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,252}[A-Za-z0-9])?$")
 """A host name as typed in an endpoint (`peer_pull_from` in the daemon's config too)."""
 
 
+def contents_form(path: str | bytes) -> bool:
+    """rsync's "the contents of": a trailing slash, or a last component `.` or `..` (`SRC/.`,
+    `.`: that directory's entries, never the directory itself under its own name)."""
+    p = os.fsencode(path)
+    if p.endswith(b"/"):
+        return True
+    return p.rpartition(b"/")[2] in (b".", b"..")
+
+
 @dataclass(frozen=True, slots=True)
 class LocalEndpoint:
     path: str
@@ -41,7 +52,8 @@ class LocalEndpoint:
 
     @property
     def trailing_slash(self) -> bool:
-        return self.path.endswith("/")
+        """The contents form (contents_form): a trailing slash, `/.` or `/..`."""
+        return contents_form(self.path)
 
     def __str__(self) -> str:
         return self.path
@@ -82,7 +94,8 @@ class RemoteEndpoint:
 
     @property
     def trailing_slash(self) -> bool:
-        return self.path.endswith("/")
+        """The contents form (contents_form): a trailing slash, `/.` or `/..`."""
+        return contents_form(self.path)
 
     @property
     def is_root_export(self) -> bool:

@@ -193,6 +193,9 @@ async def _run(d: Daemon, op: str, src: str, dst: str, **kw: object):  # type: i
         ("tree/f", "/out", "dir", {"out/f"}),  # file into a dir
         ("tree/f", "/out", None, {"out"}),  # file as DST
         ("tree/f", "/new/deeper/", None, {"new/deeper/f"}),  # file into a new dir (trailing /)
+        ("tree/.", "/out", "dir", {"out/f", "out/sub/g"}),  # `/.` and `/..`: contents, as `/`
+        ("tree/sub/..", "/out", "dir", {"out/f", "out/sub/g"}),
+        ("tree/f", "/out/.", "dir", {"out/f"}),
     ],
 )
 async def test_push_follows_rsync_slash_rules(daemon: Daemon, tmp_path: Path, src_suffix: str, dst_suffix: str, pre: str | None, expected: set[str]) -> None:
@@ -217,6 +220,8 @@ async def test_push_follows_rsync_slash_rules(daemon: Daemon, tmp_path: Path, sr
         ("/tree/f", "out", "dir", {"out/f"}),
         ("/tree/f", "out", None, {"out"}),
         ("", "out", None, {"out/tree/f", "out/tree/sub/g"}),  # the module's top: its contents
+        ("/tree/.", "out", "dir", {"out/f", "out/sub/g"}),  # `/.`: contents, as `/`
+        ("/tree/.", "out/.", "dir", {"out/f", "out/sub/g"}),
     ],
 )
 async def test_pull_follows_rsync_slash_rules(daemon: Daemon, tmp_path: Path, src_suffix: str, dst_name: str, pre: str | None, expected: set[str]) -> None:

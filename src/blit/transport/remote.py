@@ -38,7 +38,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from ..endpoint import LocalEndpoint, RemoteEndpoint, parse_endpoint
+from ..endpoint import LocalEndpoint, RemoteEndpoint, contents_form, parse_endpoint
 from ..errors import UsageError
 from ..plan import Compare
 from ..report import Failure, Summary, finish_command
@@ -119,7 +119,7 @@ class RemoteSide(Side):
         self.module = module
         self.label = label
         self.path = path
-        self.trailing_slash = path.endswith(b"/")
+        self.trailing_slash = contents_form(path)
         try:
             self.at_top = not protocol.split_path(path)
         except protocol.Refused as exc:  # what the daemon would refuse: one line, nothing sent
