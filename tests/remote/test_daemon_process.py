@@ -99,20 +99,44 @@ def test_cli_unreachable_daemon(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "cleartext"])
 def test_a_daemon_at_its_connection_limit_is_said_to_be_busy(tmp_path: Path, tls: bool) -> None:
-    """It closes a connection beyond `max_connections` at once: the client says the daemon may
-    be busy, in one line (a cleartext client sometimes died on getpeername before)."""
-    import socket
-
+    """It closes a connection beyond `max_connections`, all of them sessions that said hello, at
+    once: the client says the daemon may be busy, in one line (a cleartext client sometimes
+    died on getpeername before)."""
     with run_daemon_process(tmp_path, tls=tls, extra="max_connections = 1") as d:
         time.sleep(0.5)  # the start-up probe's connection has gone
-        with socket.create_connection(("127.0.0.1", d.port)):  # holds the one slot (for 10 s)
-            time.sleep(0.2)
+        known = Path(d.env["HOME"]) / "kh"
+
+        async def main() -> None:
+            async with open_session(HostSpec("127.0.0.1", d.port), known_hosts=known, tls_enabled=tls):  # holds the one slot
+                for _ in range(3):
+                    r = await trio.to_thread.run_sync(lambda: run_cli(d, "list", *([] if tls else ["--no-tls"]), f"127.0.0.1:{d.port}"))
+                    assert r.returncode == 1, r.stderr
+                    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("blit:") and "pinned the TLS certificate" not in ln]
+                    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+                    assert "busy" in lines[0], lines[0]
+
+        trio.run(main)
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "cleartext"])
+def test_connections_that_never_say_hello_make_room_for_clients(tmp_path: Path, tls: bool) -> None:
+    """Connections to the control port that send nothing held every slot until their hello
+    timeout (QA: 300 of them refused every client for as long as they were renewed). When the
+    daemon is full, the oldest connection without a hello now goes for a new one."""
+    import socket
+
+    with run_daemon_process(tmp_path, tls=tls, extra="max_connections = 4") as d:
+        time.sleep(0.5)
+        idle = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(30)]  # the daemon closes most at once
+        try:
+            time.sleep(0.3)
             for _ in range(3):
                 r = run_cli(d, "list", *([] if tls else ["--no-tls"]), f"127.0.0.1:{d.port}")
-                assert r.returncode == 1, r.stderr
-                lines = [ln for ln in r.stderr.splitlines() if ln.startswith("blit:") and "pinned the TLS certificate" not in ln]
-                assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-                assert "busy" in lines[0], lines[0]
+                assert r.returncode == 0 and "data" in r.stdout, r.stderr
+        finally:
+            for s in idle:
+                s.close()
+        assert "Traceback" not in d.log()
 
 
 def test_malformed_config_is_refused_at_start(tmp_path: Path) -> None:
@@ -338,3 +362,37 @@ def test_data_connections_that_trickle_their_handshake_are_cut_and_transfers_go_
         assert push is not None and push.returncode == 0, push
         assert (d.modules["data"] / "out" / "f").read_bytes() == b"pushed while the data port is trickled\n"
         assert len(cut) == len(socks) and max(cut.values()) < 16, sorted(cut.values())
+
+
+def test_idle_data_connections_do_not_hold_transfers_back(tmp_path: Path) -> None:
+    """600 connections to the data port that send nothing and 80 that send one byte of their
+    hello (more than the daemon's admission threads) held every admission turn until their
+    timeout (QA: pulls took 10 s or failed `data stream ...: timed out`). A connection now waits
+    for its first byte holding no thread, and when every admission thread is taken the one
+    held longest goes: a push made meanwhile lands at once."""
+    import socket
+
+    with run_daemon_process(tmp_path / "d", tls=False) as d:
+        src = tmp_path / "src"
+        src.mkdir()
+        for i in range(20):
+            (src / f"f{i}").write_bytes(b"x" * i)
+        socks = [socket.create_connection(("127.0.0.1", d.data_port)) for _ in range(600)]
+        try:
+            trickle = [socket.create_connection(("127.0.0.1", d.data_port)) for _ in range(80)]
+            socks += trickle
+            for s in trickle:
+                s.send(b"B")
+            time.sleep(0.5)
+            for n in range(3):
+                t0 = time.monotonic()
+                push = subprocess.run([*blit_cmd(), "copy", "--no-tls", f"{src}/", f"127.0.0.1:{d.port}:/data/out{n}/"],
+                                      env=d.env, capture_output=True, text=True, timeout=60)  # fmt: skip
+                took = time.monotonic() - t0
+                assert push.returncode == 0, push.stderr
+                assert took < 5, took
+                assert sorted(os.listdir(d.modules["data"] / f"out{n}")) == sorted(os.listdir(src))
+        finally:
+            for s in socks:
+                s.close()
+        assert "Traceback" not in d.log()

@@ -38,6 +38,48 @@ from .config import DaemonConfig, unmapped
 log = logging.getLogger("blit.daemon")
 
 HELLO_TIMEOUT = 10.0
+PENDING_DATA = 1024
+"""Data connections that have sent nothing yet, at most; the oldest goes for a new one."""
+
+
+class _Oldest:
+    """Connections that have not yet proved themselves (before the control plane's hello;
+    before the data port's admission), oldest first. When one finds no room, the oldest is
+    ended to make it (its `end`), not the newcomer refused: a client that opens connections
+    and sends nothing, or a byte now and then, then holds each only until newer ones come,
+    while a real client's handshake takes milliseconds (QA: 300 idle connections to the
+    control port refused every client; 1,500 to the data port made transfers time out)."""
+
+    def __init__(self) -> None:
+        self._ends: dict[int, Any] = {}  # insertion order is age
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def add(self, end: Any) -> int:
+        self._next += 1
+        self._ends[self._next] = end
+        return self._next
+
+    def remove(self, key: int) -> None:
+        self._ends.pop(key, None)
+
+    def evict(self) -> bool:
+        """End the oldest; False when there is none."""
+        for key in self._ends:
+            end = self._ends.pop(key)
+            end()
+            return True
+        return False
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # a thread blocked on it wakes and closes it
+    except OSError:
+        pass
+
 """A control connection must complete TLS and say hello within this many seconds."""
 IDLE_TIMEOUT = 600.0
 """A control connection with no open stream and no frame for this long is closed (clients ping)."""
@@ -111,16 +153,18 @@ async def serve(config: DaemonConfig, *, task_status: Any = trio.TASK_STATUS_IGN
             raise FatalError(f"cannot listen for data on {config.bind or '*'}:{want}: {exc.strerror or exc}") from None
         state.data_port = data_listeners[0].socket.getsockname()[1]
     connections = trio.CapacityLimiter(config.max_connections)
+    unproven = _Oldest()  # control connections before their hello
+    data_idle, data_admitting = _Oldest(), _Oldest()  # data connections before their first byte; in a thread
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
             trio.serve_listeners,
-            lambda stream: _guarded(_handle_control, state, ssl_ctx, connections, stream),
+            lambda stream: _guarded(_handle_control, state, ssl_ctx, connections, unproven, stream),
             control_listeners,
         )
         if data_listeners:
             nursery.start_soon(
                 trio.serve_listeners,
-                lambda stream: _guarded(_handle_data, state, data_ctx, stream),
+                lambda stream: _guarded(_handle_data, state, data_ctx, data_idle, data_admitting, stream),
                 data_listeners,
             )
         if config.mdns:
@@ -204,51 +248,73 @@ async def _handle_control(
     state: handlers.DaemonState,
     ssl_ctx: ssl.SSLContext | None,
     connections: trio.CapacityLimiter,
+    unproven: _Oldest,
     tcp: trio.SocketStream,
 ) -> None:
     peer = _peer(tcp)
     try:
         connections.acquire_nowait()
     except trio.WouldBlock:
-        log.warning("refusing %s: too many connections", peer)
-        await tcp.aclose()
-        return
+        # Full: the oldest connection still without its hello makes room, if there is one.
+        got = False
+        if unproven.evict():
+            with trio.move_on_after(2.0):
+                await connections.acquire()
+                got = True
+        if not got:
+            log.warning("refusing %s: too many connections", peer)
+            await tcp.aclose()
+            return
+    scope = trio.CancelScope()
+    key = unproven.add(scope.cancel)
     try:
-        stream: trio.abc.Stream = tcp
-        if ssl_ctx is not None:
-            ssl_stream = trio.SSLStream(tcp, ssl_ctx, server_side=True)
-            try:
-                with trio.fail_after(HELLO_TIMEOUT):
-                    await ssl_stream.do_handshake()
-            except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-                log.info("TLS handshake with %s failed: %s", peer, exc.__cause__ or exc)
-                await trio.aclose_forcefully(tcp)
-                return
-            stream = ssl_stream
-        conn = control.H2Connection(stream, client_side=False, idle_timeout=IDLE_TIMEOUT)
-        session = handlers.Session(state, peer, _peer_ip(tcp))
-        state.sessions += 1
-        try:
-            async with trio.open_nursery() as nursery:
-
-                async def hello_deadline() -> None:
-                    with trio.move_on_after(HELLO_TIMEOUT) as cs:
-                        await session.ready.wait()
-                    if cs.cancelled_caught:
-                        log.info("closing %s: no hello in %g s", peer, HELLO_TIMEOUT)
-                        await conn.close(h2.errors.ErrorCodes.PROTOCOL_ERROR, why=f"no hello within {HELLO_TIMEOUT:g} s")
-                    elif session.silence is not None:  # a client that pings (R53)
-                        conn.end_when_silent(session.silence, f"nothing came from this client for {session.silence:g} s (was it stopped?)")
-
-                nursery.start_soon(hello_deadline)
-                session.nursery = nursery  # remote to remote jobs: cancelled when the connection ends
-                await conn.run(lambda st: _handle_stream(session, st))
-                nursery.cancel_scope.cancel()
-        finally:
-            state.sessions -= 1
-            session.close()
+        with scope:
+            await _control_connection(state, ssl_ctx, unproven, key, peer, tcp)
+        if scope.cancelled_caught:
+            log.info("closed %s before its hello to make room for a newer connection", peer)
+            await trio.aclose_forcefully(tcp)
     finally:
+        unproven.remove(key)
         connections.release()
+
+
+async def _control_connection(
+    state: handlers.DaemonState, ssl_ctx: ssl.SSLContext | None, unproven: _Oldest, key: int, peer: str, tcp: trio.SocketStream
+) -> None:
+    stream: trio.abc.Stream = tcp
+    if ssl_ctx is not None:
+        ssl_stream = trio.SSLStream(tcp, ssl_ctx, server_side=True)
+        try:
+            with trio.fail_after(HELLO_TIMEOUT):
+                await ssl_stream.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+            log.info("TLS handshake with %s failed: %s", peer, exc.__cause__ or exc)
+            await trio.aclose_forcefully(tcp)
+            return
+        stream = ssl_stream
+    conn = control.H2Connection(stream, client_side=False, idle_timeout=IDLE_TIMEOUT)
+    session = handlers.Session(state, peer, _peer_ip(tcp))
+    state.sessions += 1
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def hello_deadline() -> None:
+                with trio.move_on_after(HELLO_TIMEOUT) as cs:
+                    await session.ready.wait()
+                    unproven.remove(key)  # proved itself: no longer ended to make room
+                if cs.cancelled_caught:
+                    log.info("closing %s: no hello in %g s", peer, HELLO_TIMEOUT)
+                    await conn.close(h2.errors.ErrorCodes.PROTOCOL_ERROR, why=f"no hello within {HELLO_TIMEOUT:g} s")
+                elif session.silence is not None:  # a client that pings (R53)
+                    conn.end_when_silent(session.silence, f"nothing came from this client for {session.silence:g} s (was it stopped?)")
+
+            nursery.start_soon(hello_deadline)
+            session.nursery = nursery  # remote to remote jobs: cancelled when the connection ends
+            await conn.run(lambda st: _handle_stream(session, st))
+            nursery.cancel_scope.cancel()
+    finally:
+        state.sessions -= 1
+        session.close()
 
 
 _OK_HEADERS = [(b":status", b"200"), (b"content-type", protocol.CONTENT_TYPE)]
@@ -272,7 +338,7 @@ async def _handle_stream(session: handlers.Session, st: control.H2Stream) -> Non
     async with session.request_slots:
         try:
             try:
-                body = await st.read_body(session.proto.max_message, stall=session.state.stall)
+                body = await st.read_body(session.proto.body_limit, stall=session.state.stall)
             except RemoteProtocolError as exc:
                 raise Refused(ErrorCode.TOO_LARGE if exc.code == 413 else ErrorCode.BAD_REQUEST, str(exc)) from None
             msg = session.proto.receive_request(path, body)
@@ -362,28 +428,52 @@ def _peer_pull_anywhere(config: DaemonConfig) -> list[tuple[str, str]]:
     return out
 
 
-async def _handle_data(state: handlers.DaemonState, ssl_ctx: ssl.SSLContext | None, tcp: trio.SocketStream) -> None:
+async def _handle_data(
+    state: handlers.DaemonState, ssl_ctx: ssl.SSLContext | None, idle: _Oldest, admitting: _Oldest, tcp: trio.SocketStream
+) -> None:
     """A raw data stream: handshake and token check, then the transfer's worker owns it."""
     peer = _peer(tcp)
     addr = _peer_ip(tcp)
-    raw = socket.socket(fileno=tcp.socket.detach())
-    # One deadline for the whole admission (waiting for a turn, TLS, hello): a client that
-    # sends a byte now and then passed every per-read timeout and kept a worker for ever
-    # (530 of them stopped every transfer). Its socket is shut down, which ends the thread.
+    # One deadline for the whole admission (its first byte, waiting for a turn, TLS, hello): a
+    # client that sends a byte now and then passed every per-read timeout and kept a worker
+    # for ever (530 of them stopped every transfer). Its socket is shut down, which ends the
+    # thread. A connection waits for its first byte here, holding no thread (at most
+    # PENDING_DATA of them); one that has sent something takes an admission thread, and when
+    # all are taken the one that has held its thread longest is ended (_Oldest).
+    raw: socket.socket | None = None
     with trio.move_on_after(data.ADMIT_TIMEOUT) as deadline:
+        if len(idle) >= PENDING_DATA:
+            idle.evict()
+        wait = trio.CancelScope()
+        key = idle.add(wait.cancel)
+        try:
+            with wait:
+                await trio.lowlevel.wait_readable(tcp.socket)
+        finally:
+            idle.remove(key)
+        if wait.cancelled_caught:
+            await trio.aclose_forcefully(tcp)
+            return
+        raw = socket.socket(fileno=tcp.socket.detach())
+        if state.admit_limiter.available_tokens == 0:
+            admitting.evict()
+        sock = raw
+        key = admitting.add(lambda: _shut(sock))
         try:
             got = await data.run_sync_owned(
-                lambda: data.accept_handshake(raw, ssl_ctx), lambda r: r[0].close(), limiter=state.admit_limiter
+                lambda: data.accept_handshake(sock, ssl_ctx), lambda r: r[0].close(), limiter=state.admit_limiter
             )
         except (OSError, ssl.SSLError, ConnectionError) as exc:
             log.info("data connection from %s failed before admission: %s", peer, exc)
             return
+        finally:
+            admitting.remove(key)
     if deadline.cancelled_caught:
         log.info("data connection from %s: no admission within %g s", peer, data.ADMIT_TIMEOUT)
-        try:
-            raw.shutdown(socket.SHUT_RDWR)  # the abandoned thread's read fails; it closes the socket
-        except OSError:
-            pass
+        if raw is not None:
+            _shut(raw)  # the abandoned thread's read fails; it closes the socket
+        else:
+            await trio.aclose_forcefully(tcp)
         return
     assert got is not None
     link: data.Link | None

@@ -42,6 +42,9 @@ PROTOCOL_VERSION = 1
 # --- limits (the daemon enforces them on everything a peer sends) --------------------------------
 MAX_MESSAGE = 8 << 20
 """Largest control body in bytes (request or reply). Manifests are split to stay below it."""
+MAX_HELLO = 64 << 10
+"""Largest body before a connection's hello (a hello is a few hundred bytes): what a peer that
+has not said who it is may make the daemon decode (8 MiB of empty CBOR maps decode to ~600 MiB)."""
 MAX_DEPTH = 8
 """Deepest CBOR nesting a message may use."""
 MAX_PATH = 64 << 10
@@ -1685,6 +1688,11 @@ class ServerSession:
         self.max_message = max_message
         self.peer_software: str | None = None
 
+    @property
+    def body_limit(self) -> int:
+        """The largest request body accepted now: MAX_HELLO until the hello, then max_message."""
+        return min(MAX_HELLO, self.max_message) if self.state is SessionState.AWAIT_HELLO else self.max_message
+
     def receive_request(self, path: str, body: bytes) -> Message:
         """Decode the request at `path` ("/blit/<op>") for the current state.
 
@@ -1705,7 +1713,7 @@ class ServerSession:
                 raise Refused(ErrorCode.SHUTTING_DOWN, "the session is closed")
             raise Refused(ErrorCode.NO_SESSION, f"{name} is not allowed now")
         try:
-            msg = decode(op.request, body, max_size=self.max_message)
+            msg = decode(op.request, body, max_size=self.body_limit)
         except RemoteProtocolError as exc:
             raise Refused(ErrorCode.TOO_LARGE if exc.code == 413 else ErrorCode.BAD_REQUEST, str(exc)) from None
         if isinstance(msg, Hello):
