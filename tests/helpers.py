@@ -709,8 +709,8 @@ def snapshot(
                     e.sha256 = _hash_fd(fd)
                 finally:
                     os.close(fd)
-            if st.st_nlink > 1:
-                by_ino.setdefault(st.st_ino, []).append(rel)
+        if kind != "dir" and st.st_nlink > 1:  # any non-directory may have other names
+            by_ino.setdefault(st.st_ino, []).append(rel)
         e.xattrs = _xattrs(_via(dir_fd, name))
         snap[rel] = e
 
@@ -1060,3 +1060,38 @@ def assert_json_fatal(proc: subprocess.CompletedProcess[bytes], needle: str) -> 
     summaries = [e for e in events if e["event"] == "summary"]
     assert summaries == [events[-1]], f"one summary, last\n{describe_output(proc)}"
     assert needle in summaries[0]["fatal"] and summaries[0]["exit_code"] == 1, summaries[0]
+
+
+def make_linked_others(src: Path) -> None:
+    """Hard-linked entries that are not regular files (QA: each name landed as an inode of its
+    own where rsync -aH links them): a symlink with three names in two directories, a FIFO,
+    a socket and a character device (root) with two each, and a plain file pair beside them."""
+    import socket
+
+    (src / "sub").mkdir(parents=True)
+    os.symlink("target", src / "sl")
+    os.link(src / "sl", src / "sl2", follow_symlinks=False)
+    os.link(src / "sl", src / "sub" / "sl3", follow_symlinks=False)
+    os.mkfifo(src / "fifo")
+    os.link(src / "fifo", src / "sub" / "fifo2")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(src / "sock"))
+    os.link(src / "sock", src / "sock2")
+    if os.geteuid() == 0:
+        os.mknod(src / "null", 0o620 | stat.S_IFCHR, os.makedev(1, 3))
+        os.link(src / "null", src / "sub" / "null2")
+    (src / "f").write_bytes(b"data\n")
+    os.link(src / "f", src / "f2")
+    set_times(src)
+
+
+def link_groups(root: Path) -> list[list[str]]:
+    """The names of each inode with several below root (non-directories), sorted."""
+    by_ino: dict[int, list[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                by_ino.setdefault(st.st_ino, []).append(os.path.relpath(p, root))
+    return sorted(sorted(g) for g in by_ino.values())

@@ -32,7 +32,9 @@ from helpers import (
     cp_a,
     describe_output,
     make_bulk_tree,
+    link_groups,
     make_full_tree,
+    make_linked_others,
     make_tree,
     run_blit,
     run_rsync,
@@ -569,3 +571,26 @@ def test_bytes_copied_counts_a_sparse_file_at_its_size(tmp_path: Path) -> None:
     summary = summary_of(run_blit("copy", "--json", f"{src}/", tmp_path / "dst", check=0))
     assert (summary["files_copied"], summary["bytes_copied"]) == (3, sum(sizes.values())), summary
     assert_same_tree(src, tmp_path / "dst")
+
+
+def test_hard_linked_symlinks_fifos_sockets_and_devices_stay_linked(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_linked_others(src)
+    want = link_groups(src)
+    assert len(want) == (5 if os.geteuid() == 0 else 4)
+    dry = summary_of(run_blit("copy", "--json", "-n", f"{src}/", tmp_path / "dst", check=0))
+    real = summary_of(run_blit("copy", "--json", f"{src}/", tmp_path / "dst", check=0))
+    assert link_groups(tmp_path / "dst") == want
+    assert_same_tree(src, tmp_path / "dst")
+    assert (dry["files_copied"], dry["links_created"]) == (real["files_copied"], real["links_created"]), (dry, real)
+    # A destination with each name its own inode (rsync -a without -H) is linked up, the first
+    # name of each group kept as it is (up to date).
+    run_rsync("-a", f"{src}/", str(tmp_path / "flat"))
+    assert link_groups(tmp_path / "flat") == []
+    again = summary_of(run_blit("copy", "--json", f"{src}/", tmp_path / "flat", check=0))
+    assert link_groups(tmp_path / "flat") == want and again["failures"] == [], again
+    assert_same_tree(src, tmp_path / "flat")
+    # A move keeps them linked too, and takes every name from the source.
+    moved = summary_of(run_blit("move", "--json", f"{src}/", tmp_path / "moved", check=0))
+    assert moved["failures"] == [] and link_groups(tmp_path / "moved") == want, moved
+    assert [p for p in src.rglob("*") if not p.is_dir()] == []

@@ -16,7 +16,7 @@ import functools
 import os
 import stat
 from contextlib import contextmanager
-from typing import Callable, Collection, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Collection, Iterable, Iterator, NamedTuple
 
 from . import ffi
 from .filters import Filters
@@ -1328,6 +1328,34 @@ def make_special(
         os.utime(tmp, ns=(m.st_atime_ns, m.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
 
     _via_tmp(dst_dir, name, lambda t: os.mknod(t, stat.S_IFMT(m.st_mode) | 0o600, m.st_rdev, dir_fd=dst_dir), finish)
+
+
+def land_other(
+    dst_dir: int, name: str, m: Meta, d: Any, target: str | None, xattrs: dict[str, bytes], acl_inherited: bool, dry: bool
+) -> str | None:  # fmt: skip
+    """The first name of a hard-linked symlink (`target`), FIFO, socket or device `m` at `name`,
+    where `d` (a stat, or None) is: "symlink" or "special" when it is made (a dry run: would be),
+    None when the one there is already it (its metadata and `xattrs` then made the source's).
+    Its other names are linked to it (make_hardlink)."""
+    kind = stat.S_IFMT(m.st_mode)
+    if kind in (stat.S_IFCHR, stat.S_IFBLK) and not IS_ROOT:
+        raise OSError(errno.EPERM, "device nodes are recreated only as root")
+    if d is not None and stat.S_IFMT(d.st_mode) == kind:
+        if kind == stat.S_IFLNK:
+            same = os.readlink(name, dir_fd=dst_dir) == target
+        else:
+            same = d.st_rdev == m.st_rdev
+        if same:
+            if not dry:
+                acl = replace_xattrs(dst_dir, name, xattrs_at(dst_dir, name), xattrs)
+                fix_meta(dst_dir, name, m, meta_of(d), acl)
+            return None
+    if not dry:
+        if target is not None:
+            make_symlink(target, dst_dir, name, m, d is not None, xattrs or None)
+        else:
+            make_special(dst_dir, name, m, d is not None, acl_inherited, xattrs or None)
+    return "symlink" if kind == stat.S_IFLNK else "special"
 
 
 def make_hardlink(dst_dir: int, name: str, first_dir: int, first_name: str, replace: bool) -> None:

@@ -35,7 +35,7 @@ class Op(IntEnum):
     HASH = 4  # equal sizes under --checksum: hash both to decide
     SYMLINK = 5  # symlink; executor compares targets when the destination is a symlink too
     SPECIAL = 6  # fifo, socket, device
-    HARDLINK = 7  # regular file with nlink > 1: settled globally by the coordinator
+    HARDLINK = 7  # non-directory with nlink > 1: settled globally by the coordinator
 
 
 CREATES = frozenset({Op.MKDIR, Op.COPY, Op.HASH, Op.SPECIAL, Op.HARDLINK})
@@ -154,6 +154,8 @@ def plan_dir(
                 op = up_to_date(m, d, compare, granularity)
         elif kind == IFDIR:
             op = Op.SUBDIR if d is not None else Op.MKDIR
+        elif m.st_nlink > 1:
+            op = Op.HARDLINK  # a symlink, FIFO, socket or device with other names: linked as files are
         elif kind == IFLNK:
             op = Op.SYMLINK
         else:

@@ -444,7 +444,11 @@ class LocalTransfer:
         self.files_planned += res.files_copied + res.files_skipped + res.links_created + len(res.big) + len(res.links)
         self.bytes_planned += res.bytes_copied + sum(b[2].st_size for b in res.big)
         for _, _, m, d in res.links:  # a group's data is copied once, unless it is up to date
-            if (m.st_dev, m.st_ino) not in self._planned_groups and (d is None or up_to_date(m, d, self.spec.compare) is Op.COPY):
+            if (
+                stat.S_ISREG(m.st_mode)
+                and (m.st_dev, m.st_ino) not in self._planned_groups
+                and (d is None or up_to_date(m, d, self.spec.compare) is Op.COPY)
+            ):
                 self._planned_groups.add((m.st_dev, m.st_ino))
                 self.bytes_planned += m.st_size
         for action, path in res.actions:
@@ -680,6 +684,8 @@ class LocalTransfer:
     ) -> tuple[int, bool]:
         """Land the first member of a group: its destination inode and whether it was written."""
         w = self.worker
+        if not stat.S_ISREG(m.st_mode):
+            return await self._other_first(job, name, dname, m, d, path, acl)
 
         def _granularity() -> int:
             with fsops.dir_at(w.dst_root_fd, job.dst_rel) as ddir:
@@ -722,6 +728,31 @@ class LocalTransfer:
                 return os.stat(dname, dir_fd=ddir, follow_symlinks=False).st_ino
 
         return await trio.to_thread.run_sync(_ino), True
+
+    async def _other_first(self, job: DirJob, name: str, dname: str, m: Meta, d: Meta | None, path: str, acl: bool) -> tuple[int, bool]:
+        """The first name of a hard-linked symlink, FIFO, socket or device, made here (or found
+        already made): its destination inode (-1 in a dry run that would make it) and whether
+        it was made."""
+        w = self.worker
+        dry = self.spec.dry_run
+
+        def _land() -> tuple[str | None, int]:
+            with fsops.dir_at(w.src_root_fd, job.rel) as sdir, fsops.dir_at(w.dst_root_fd, job.dst_rel) as ddir:
+                target = os.readlink(name, dir_fd=sdir) if stat.S_ISLNK(m.st_mode) else None
+                act = fsops.land_other(ddir, dname, m, d, target, fsops.xattrs_at(sdir, name), acl, dry)
+                if act is None:
+                    assert d is not None
+                    return None, d.st_ino
+                return act, -1 if dry else os.stat(dname, dir_fd=ddir, follow_symlinks=False).st_ino
+
+        act, ino = await trio.to_thread.run_sync(_land)
+        if act is None:
+            self.summary.files_skipped += 1
+            return ino, False
+        if self.spec.record_actions:
+            self.progress.action(act, path)
+        self.summary.links_created += 1
+        return ino, not dry
 
     def _defer_removal(self, job: DirJob, name: str, m: Meta) -> None:
         """Move: a hard-link member is at the destination; its source goes at the end of the run
@@ -943,6 +974,6 @@ class LocalTransfer:
 def _link_order(link: tuple[str, str, Meta, Meta | None]) -> tuple[bool, str]:
     """Hard-link members of one directory: an up-to-date one (size and mtime) first, then by name."""
     name, _dname, m, d = link
-    fresh = d is not None and stat.S_ISREG(d.st_mode) and d.st_size == m.st_size and d.st_mtime_ns == m.st_mtime_ns
+    fresh = d is not None and stat.S_IFMT(d.st_mode) == stat.S_IFMT(m.st_mode) and d.st_size == m.st_size and d.st_mtime_ns == m.st_mtime_ns
     return (not fresh, name)
 

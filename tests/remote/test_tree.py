@@ -56,6 +56,29 @@ async def test_pull_a_tree_with_every_kind_of_entry(daemon: Daemon, tmp_path: Pa
     assert again.files_copied == 0 and not again.failures, again
 
 
+async def test_hard_linked_symlinks_fifos_sockets_and_devices_stay_linked(daemon: Daemon, tmp_path: Path, force_h2: bool) -> None:
+    """Pushed and pulled back, every group keeps its names on one inode, as rsync -aH keeps
+    them (each name landed as an inode of its own); a rerun onto an unlinked copy links it."""
+    from helpers import link_groups, make_linked_others
+
+    src = tmp_path / "src"
+    await trio.to_thread.run_sync(make_linked_others, src)
+    want = link_groups(src)
+    dst = daemon.modules["data"] / "dst"
+    dst.mkdir()
+    back = tmp_path / "back"
+    back.mkdir()
+    async with daemon.session(force_h2_data=force_h2) as s:
+        done = await push_tree(s, os.fsencode(src), "data", b"dst", TopJob(), TreeSpec())
+        assert not done.failures, done.failures
+        assert link_groups(dst) == want
+        assert_same_tree(src, dst)
+        done = await pull_tree(s, "data", b"dst", os.fsencode(back), TopJob(), TreeSpec())
+        assert not done.failures, done.failures
+    assert link_groups(back) == want
+    assert_same_tree(src, back)
+
+
 async def test_push_mirror_deletes_extras_and_updates_changes(daemon: Daemon, tmp_path: Path) -> None:
     src = tmp_path / "src"
     (src / "keep").mkdir(parents=True)

@@ -76,11 +76,11 @@ def snapshot(root: Path, *, times: bool = True) -> dict[bytes, tuple]:
             kind = stat.S_IFMT(st.st_mode)
             extra: object = None
             link_of = None
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:  # any non-directory may have other names
+                link_of = inodes.setdefault(st.st_ino, rel)
             if stat.S_ISREG(st.st_mode):
                 with open(p, "rb") as f:
                     extra = f.read()
-                if st.st_nlink > 1:
-                    link_of = inodes.setdefault(st.st_ino, rel)
             elif stat.S_ISLNK(st.st_mode):
                 extra = os.readlink(p)
             elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):

@@ -1636,6 +1636,10 @@ class DestTree:
                     self._act("mkdir", prefix + name)
                     subdirs.append(SubDir(name=_b(name), dname=_b(dname), new=True))
                 elif op is Op.HARDLINK:
+                    if m.st_mode & 0o170000 != 0o100000:  # a symlink, FIFO, socket or device: no data
+                        self._other_link(rel, name, dst_rel, dname, m, d, xattrs, dfd, prefix + name, acl, _target(e))
+                        settled += 1
+                        continue
                     fid = self._hardlink(rel, name, dst_rel, dname, m, d, xattrs, dfd, prefix + name, acl)
                     if fid == _HASH:
                         hash_names.append(_b(name))
@@ -1917,6 +1921,48 @@ class DestTree:
         _, frel, fname, fino = group_landed
         self._link_to(frel, fname, fino, dst_rel, dname, d.st_ino if d is not None else None, path, src)
         return None
+
+    def _other_link(
+        self, rel: str, name: str, dst_rel: str, dname: str, m: Meta, d: Any, xattrs: list[tuple[str, bytes]] | None, dfd: int, path: str,
+        acl: bool, target: bytes | None,
+    ) -> None:  # fmt: skip
+        """One member of a hard-linked symlink, FIFO, socket or device group: the first is made
+        here at once (there is no data to wait for), the others are linked to it."""
+        key = (m.st_dev, m.st_ino)
+        src = (rel, name, m)
+        d_ino = d.st_ino if d is not None else None
+        with self._lock:
+            group = self.links.get(key)
+            if group is None:
+                self.links[key] = ("waiting", [])
+            elif group[0] == "waiting":  # another thread is making its first
+                group[1].append((dst_rel, dname, d_ino, path, src))
+                return
+        if group is not None:
+            _, frel, fname, fino = group
+            self._link_to(frel, fname, fino, dst_rel, dname, d_ino, path, src)
+            return
+        dry = self.spec.dry_run
+        try:
+            link_target = _s(target or b"") if stat.S_ISLNK(m.st_mode) else None
+            act = fsops.land_other(dfd, dname, m, d, link_target, dict(xattrs or ()), acl, dry)
+            ino = d_ino if act is None else -1 if dry else os.stat(dname, dir_fd=dfd, follow_symlinks=False).st_ino
+        except OSError:
+            self._group_failed(key, path)
+            raise
+        if act is None:
+            with self._lock:
+                self.files_skipped += 1
+            self._record_same(rel, name, m, d.st_dev, d.st_ino, path)
+        else:
+            with self._lock:
+                self.links_created += 1
+                if not dry:
+                    self._changed(dst_rel)
+            self._act(act, path)
+            self._record(rel, name, m)
+        assert ino is not None
+        self._group_landed(key, dst_rel, dname, ino)
 
     def _link_to(
         self, frel: str, fname: str, fino: int, dst_rel: str, dname: str, d_ino: int | None, path: str, src: tuple[str, str, Meta] | None = None
