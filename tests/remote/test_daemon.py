@@ -514,3 +514,25 @@ async def test_requests_the_client_abandons_mid_answer_leave_no_error_in_the_log
         assert status == 200 and p.decode(p.ModuleList, got).modules
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
+
+
+async def test_a_full_daemon_ends_the_session_idle_longest_for_a_new_one(nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sessions that said hello and then sit with nothing running held their slots until
+    IDLE_TIMEOUT (QA: 256 parked sessions refused every client). When the daemon is full and no
+    connection is still without its hello, the session idle longest (IDLE_EVICT, nothing of its
+    own running) is ended for the newcomer; one with a transfer open is never."""
+    from blit.daemon import server
+
+    from .conftest import start_daemon
+
+    monkeypatch.setattr(server, "IDLE_EVICT", 0.3)
+    d = await start_daemon(nursery, tmp_path / "d", tls=False, extra="max_connections = 2")
+    async with d.session() as busy, busy.transfer("data", b"", "pull"):
+        async with d.session() as parked:
+            await trio.sleep(0.5)
+            async with d.session() as newcomer:  # the parked one makes room
+                assert (await newcomer.modules()).modules
+            with pytest.raises(Exception):
+                await parked.modules()
+        await trio.sleep(0.5)
+        assert (await busy.modules()).modules  # its transfer kept it

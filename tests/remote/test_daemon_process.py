@@ -107,7 +107,8 @@ def test_a_daemon_at_its_connection_limit_is_said_to_be_busy(tmp_path: Path, tls
         known = Path(d.env["HOME"]) / "kh"
 
         async def main() -> None:
-            async with open_session(HostSpec("127.0.0.1", d.port), known_hosts=known, tls_enabled=tls):  # holds the one slot
+            async with open_session(HostSpec("127.0.0.1", d.port), known_hosts=known, tls_enabled=tls) as s, s.transfer("data", b"", "pull"):
+                # holds the one slot, busy with a transfer (a session idle for long may make room)
                 for _ in range(3):
                     r = await trio.to_thread.run_sync(lambda: run_cli(d, "list", *([] if tls else ["--no-tls"]), f"127.0.0.1:{d.port}"))
                     assert r.returncode == 1, r.stderr

@@ -396,6 +396,10 @@ class Session:
         self.proto = protocol.ServerSession(software=state.software)
         self.transfers: dict[int, Transfer] = {}
         self.ready = trio.Event()
+        self.last_request = trio.current_time()
+        """When its latest request began or ended (server._Sessions: an idle one may make room)."""
+        self.active = 0
+        """Requests being answered now."""
         self.request_slots = trio.Semaphore(4)
         self.nursery: trio.Nursery | None = None
         """The connection's nursery (server.py): remote to remote jobs run in it and end with it."""

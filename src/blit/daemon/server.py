@@ -38,6 +38,9 @@ from .config import DaemonConfig, unmapped
 log = logging.getLogger("blit.daemon")
 
 HELLO_TIMEOUT = 10.0
+IDLE_EVICT = 10.0
+"""A session idle this long (no request, no transfer or job of its own) may be ended to make room
+for a new connection when the daemon is full and no connection is still without its hello."""
 PENDING_DATA = 1024
 """Data connections that have sent nothing yet, at most; the oldest goes for a new one."""
 
@@ -72,6 +75,35 @@ class _Oldest:
             end()
             return True
         return False
+
+
+class _Sessions:
+    """Sessions past their hello, each with the way to end its connection."""
+
+    def __init__(self) -> None:
+        self._all: dict[int, tuple[handlers.Session, Any]] = {}
+
+    def add(self, key: int, session: handlers.Session, end: Any) -> None:
+        self._all[key] = (session, end)
+
+    def remove(self, key: int) -> None:
+        self._all.pop(key, None)
+
+    def evict_idle(self) -> handlers.Session | None:
+        """End the session idle longest, if one has been for IDLE_EVICT with nothing of its own
+        running; the session, or None."""
+        now = trio.current_time()
+        best: tuple[float, int] | None = None
+        for key, (session, _end) in self._all.items():
+            if session.active or session.transfers or session.jobs or now - session.last_request < IDLE_EVICT:
+                continue
+            if best is None or session.last_request < best[0]:
+                best = (session.last_request, key)
+        if best is None:
+            return None
+        session, end = self._all.pop(best[1])
+        end()
+        return session
 
 
 def _shut(sock: socket.socket) -> None:
@@ -154,11 +186,12 @@ async def serve(config: DaemonConfig, *, task_status: Any = trio.TASK_STATUS_IGN
         state.data_port = data_listeners[0].socket.getsockname()[1]
     connections = trio.CapacityLimiter(config.max_connections)
     unproven = _Oldest()  # control connections before their hello
+    proven = _Sessions()  # and after it
     data_idle, data_admitting = _Oldest(), _Oldest()  # data connections before their first byte; in a thread
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
             trio.serve_listeners,
-            lambda stream: _guarded(_handle_control, state, ssl_ctx, connections, unproven, stream),
+            lambda stream: _guarded(_handle_control, state, ssl_ctx, connections, unproven, proven, stream),
             control_listeners,
         )
         if data_listeners:
@@ -249,15 +282,25 @@ async def _handle_control(
     ssl_ctx: ssl.SSLContext | None,
     connections: trio.CapacityLimiter,
     unproven: _Oldest,
+    proven: _Sessions,
     tcp: trio.SocketStream,
 ) -> None:
     peer = _peer(tcp)
     try:
         connections.acquire_nowait()
     except trio.WouldBlock:
-        # Full: the oldest connection still without its hello makes room, if there is one.
+        # Full: the oldest connection still without its hello makes room, if there is one; else
+        # a session idle for IDLE_EVICT with nothing running (one that said hello and parked).
         got = False
-        if unproven.evict():
+        room = unproven.evict()
+        if room:
+            log.info("closed the oldest connection without a hello to make room for %s", peer)
+        else:
+            idle = proven.evict_idle()
+            if idle is not None:
+                log.info("ending %s, idle for %.0f s, to make room for %s", idle.peer, trio.current_time() - idle.last_request, peer)
+                room = True
+        if room:
             with trio.move_on_after(2.0):
                 await connections.acquire()
                 got = True
@@ -269,17 +312,24 @@ async def _handle_control(
     key = unproven.add(scope.cancel)
     try:
         with scope:
-            await _control_connection(state, ssl_ctx, unproven, key, peer, tcp)
+            await _control_connection(state, ssl_ctx, unproven, proven, scope, key, peer, tcp)
         if scope.cancelled_caught:
-            log.info("closed %s before its hello to make room for a newer connection", peer)
             await trio.aclose_forcefully(tcp)
     finally:
         unproven.remove(key)
+        proven.remove(key)
         connections.release()
 
 
 async def _control_connection(
-    state: handlers.DaemonState, ssl_ctx: ssl.SSLContext | None, unproven: _Oldest, key: int, peer: str, tcp: trio.SocketStream
+    state: handlers.DaemonState,
+    ssl_ctx: ssl.SSLContext | None,
+    unproven: _Oldest,
+    proven: _Sessions,
+    scope: trio.CancelScope,
+    key: int,
+    peer: str,
+    tcp: trio.SocketStream,
 ) -> None:
     stream: trio.abc.Stream = tcp
     if ssl_ctx is not None:
@@ -301,7 +351,8 @@ async def _control_connection(
             async def hello_deadline() -> None:
                 with trio.move_on_after(HELLO_TIMEOUT) as cs:
                     await session.ready.wait()
-                    unproven.remove(key)  # proved itself: no longer ended to make room
+                    unproven.remove(key)  # proved itself: ended to make room only once idle (_Sessions)
+                    proven.add(key, session, scope.cancel)
                 if cs.cancelled_caught:
                     log.info("closing %s: no hello in %g s", peer, HELLO_TIMEOUT)
                     await conn.close(h2.errors.ErrorCodes.PROTOCOL_ERROR, why=f"no hello within {HELLO_TIMEOUT:g} s")
@@ -327,6 +378,16 @@ async def _reply_error(st: control.H2Stream, code: ErrorCode, message: str) -> N
 
 
 async def _handle_stream(session: handlers.Session, st: control.H2Stream) -> None:
+    session.last_request = trio.current_time()
+    session.active += 1
+    try:
+        await _serve_stream(session, st)
+    finally:
+        session.active -= 1
+        session.last_request = trio.current_time()
+
+
+async def _serve_stream(session: handlers.Session, st: control.H2Stream) -> None:
     method = st.header(b":method")
     path = (st.header(b":path") or b"").decode("ascii", "replace")
     if method != b"POST":
