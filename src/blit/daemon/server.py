@@ -38,6 +38,9 @@ from .config import DaemonConfig, unmapped
 log = logging.getLogger("blit.daemon")
 
 HELLO_TIMEOUT = 10.0
+"""A control connection must complete TLS and say hello within this many seconds."""
+IDLE_TIMEOUT = 600.0
+"""A control connection with no open stream and no frame for this long is closed (clients ping)."""
 IDLE_EVICT = 10.0
 """A session idle this long (no request, no transfer or job of its own) may be ended to make room
 for a new connection when the daemon is full and no connection is still without its hello."""
@@ -112,9 +115,6 @@ def _shut(sock: socket.socket) -> None:
     except OSError:
         pass
 
-"""A control connection must complete TLS and say hello within this many seconds."""
-IDLE_TIMEOUT = 600.0
-"""A control connection with no open stream and no frame for this long is closed (clients ping)."""
 
 
 @dataclass(frozen=True)
