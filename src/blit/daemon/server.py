@@ -19,9 +19,11 @@ This module must not interpret messages (handlers.py) or frames (transport/data.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +109,36 @@ class _Sessions:
         session, end = self._all.pop(best[1])
         end()
         return session
+
+
+class _Budget:
+    """Lines about connections that never became sessions or streams (refused, timed out, ended
+    for room): at most LINES per PERIOD seconds go to the log, the rest are counted and named in
+    one line when the next period begins (QA: a flood of idle connections wrote 13 MB of log in
+    minutes, a line each)."""
+
+    LINES = 20
+    PERIOD = 10.0
+
+    def __init__(self) -> None:
+        self.start = -math.inf
+        self.logged = 0
+        self.dropped = 0
+
+    def __call__(self, level: int, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.start >= self.PERIOD:
+            if self.dropped:
+                log.log(level, "%d more lines about connections not logged in %g s", self.dropped, self.PERIOD)
+            self.start, self.logged, self.dropped = now, 0, 0
+        if self.logged < self.LINES:
+            self.logged += 1
+            log.log(level, msg, *args)
+        else:
+            self.dropped += 1
+
+
+_conn_log = _Budget()
 
 
 def _shut(sock: socket.socket) -> None:
@@ -294,18 +326,18 @@ async def _handle_control(
         got = False
         room = unproven.evict()
         if room:
-            log.info("closed the oldest connection without a hello to make room for %s", peer)
+            _conn_log(logging.INFO, "closed the oldest connection without a hello to make room for %s", peer)
         else:
             idle = proven.evict_idle()
             if idle is not None:
-                log.info("ending %s, idle for %.0f s, to make room for %s", idle.peer, trio.current_time() - idle.last_request, peer)
+                _conn_log(logging.INFO, "ending %s, idle for %.0f s, to make room for %s", idle.peer, trio.current_time() - idle.last_request, peer)
                 room = True
         if room:
             with trio.move_on_after(2.0):
                 await connections.acquire()
                 got = True
         if not got:
-            log.warning("refusing %s: too many connections", peer)
+            _conn_log(logging.WARNING, "refusing %s: too many connections", peer)
             await tcp.aclose()
             return
     scope = trio.CancelScope()
@@ -338,7 +370,7 @@ async def _control_connection(
             with trio.fail_after(HELLO_TIMEOUT):
                 await ssl_stream.do_handshake()
         except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-            log.info("TLS handshake with %s failed: %s", peer, exc.__cause__ or exc)
+            _conn_log(logging.INFO, "TLS handshake with %s failed: %s", peer, exc.__cause__ or exc)
             await trio.aclose_forcefully(tcp)
             return
         stream = ssl_stream
@@ -354,7 +386,7 @@ async def _control_connection(
                     unproven.remove(key)  # proved itself: ended to make room only once idle (_Sessions)
                     proven.add(key, session, scope.cancel)
                 if cs.cancelled_caught:
-                    log.info("closing %s: no hello in %g s", peer, HELLO_TIMEOUT)
+                    _conn_log(logging.INFO, "closing %s: no hello in %g s", peer, HELLO_TIMEOUT)
                     await conn.close(h2.errors.ErrorCodes.PROTOCOL_ERROR, why=f"no hello within {HELLO_TIMEOUT:g} s")
                 elif session.silence is not None:  # a client that pings (R53)
                     conn.end_when_silent(session.silence, f"nothing came from this client for {session.silence:g} s (was it stopped?)")
@@ -525,12 +557,12 @@ async def _handle_data(
                 lambda: data.accept_handshake(sock, ssl_ctx), lambda r: r[0].close(), limiter=state.admit_limiter
             )
         except (OSError, ssl.SSLError, ConnectionError) as exc:
-            log.info("data connection from %s failed before admission: %s", peer, exc)
+            _conn_log(logging.INFO, "data connection from %s failed before admission: %s", peer, exc)
             return
         finally:
             admitting.remove(key)
     if deadline.cancelled_caught:
-        log.info("data connection from %s: no admission within %g s", peer, data.ADMIT_TIMEOUT)
+        _conn_log(logging.INFO, "data connection from %s: no admission within %g s", peer, data.ADMIT_TIMEOUT)
         if raw is not None:
             _shut(raw)  # the abandoned thread's read fails; it closes the socket
         else:
@@ -552,7 +584,7 @@ async def _handle_data(
             # stream's own address must pass the module's address rules too.
             transfer.session.check_address(transfer.module, state.export(transfer.module)[2], addr)
         except Refused as exc:
-            log.info("data stream from %s refused: %s", peer, exc.message)
+            _conn_log(logging.INFO, "data stream from %s refused: %s", peer, exc.message)
             await trio.to_thread.run_sync(_answer_quietly, link, AdmitStatus.BAD_TOKEN, exc.message)
             return
         # Counted before the client hears "admitted", so a finish request that follows at once
