@@ -325,3 +325,21 @@ def test_an_extra_gone_before_its_delete_is_no_failure(tmp_path: Path) -> None:
         os.close(fd)
     assert (removed, kept, failed) == (3, False, [])  # a, c and x itself
     assert not (top / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("cwd", "src", "dst"),
+    [("src/sub", ".", ".."), (".", "src/sub/", "src/"), (".", "src/sub/deep/.", "src"), (".", "src/sub/", "lnk")],
+    ids=["dot-into-parent", "into-parent", "into-grandparent", "through-a-symlink"],
+)
+def test_a_mirror_into_a_directory_holding_its_source_is_refused(tmp_path: Path, cwd: str, src: str, dst: str) -> None:
+    """The source would be an extra of the destination, and deleted (QA: `cd src/sub && blit
+    mirror . ..` deleted src/sub, the working directory, with everything in it; rsync empties
+    src entirely)."""
+    root = make_tree(tmp_path / "t", {"src/": {"a": "a\n", "sub/": {"b": "b\n", "deep/": {"c": "c\n"}}}, "lnk": Symlink("src")})
+    before = snapshot(root)
+    proc = run_blit("mirror", src, dst, cwd=root / cwd)
+    assert proc.returncode == 2, describe_output(proc)
+    err = proc.stderr.decode()
+    assert "inside the destination" in err and "would delete it" in err, err
+    assert snapshot(root) == before

@@ -192,6 +192,8 @@ def resolve(src: str, dst: str, operation: Operation) -> _Resolved:
         raise UsageError(f"destination {dst} is inside the source {src}")
     if src_is_dir:  # the same checks by identity: another path to the source (a bind mount)
         refuse_nesting(target, (sst.st_dev, sst.st_ino), src, dst)
+        if operation == "mirror":
+            refuse_holding(src_abs, target, src, dst)
     as_new = src_is_dir and not src_slash and dst_st is None and not dst_slash
     return _Resolved(src_base, dst_base, job, node, make_dst, rename_ok, target, as_new)
 
@@ -212,6 +214,24 @@ def refuse_nesting(target: bytes, source_dir: tuple[int, int], src: str, dst: st
         raise UsageError(f"source and destination are the same directory: {src} and {dst}")
     if found == "inside":
         raise UsageError(f"destination {dst} is inside the source {src}")
+
+
+def refuse_holding(source: bytes, target: bytes, src: str, dst: str) -> None:
+    """Refuse a mirror whose destination directory `target` holds the source directory (`cd
+    dir/sub && blit mirror . ..`): the source would be an extra there, and deleted. By identity,
+    as refuse_nesting (a bind mount is another path to the same directory).
+
+    Raises:
+        UsageError: the source lies inside the destination.
+    """
+    from . import fsops
+
+    try:
+        st = os.stat(target)  # a symlink to a directory is that directory, as DST
+    except OSError:
+        return  # made by this run: it holds nothing yet
+    if stat.S_ISDIR(st.st_mode) and fsops.reaches(source, (st.st_dev, st.st_ino)) == "inside":
+        raise UsageError(f"the source {src} is inside the destination {dst}: the mirror would delete it")
 
 
 def check_source_readable(path: bytes, trailing_slash: bool, shown: str) -> None:
