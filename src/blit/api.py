@@ -226,12 +226,12 @@ def refuse_holding(source: bytes, target: bytes, src: str, dst: str) -> None:
     """
     from . import fsops
 
-    try:
-        st = os.stat(target)  # a symlink to a directory is that directory, as DST
-    except OSError:
-        return  # made by this run: it holds nothing yet
-    if stat.S_ISDIR(st.st_mode) and fsops.reaches(source, (st.st_dev, st.st_ino)) == "inside":
-        raise UsageError(f"the source {src} is inside the destination {dst}: the mirror would delete it")
+    if fsops.holds(target, fsops.ancestors(source)):  # (a symlink to a directory is that directory, as DST)
+        raise UsageError(holding(src, dst))
+
+
+def holding(src: str, dst: str) -> str:
+    return f"the source {src} is inside the destination {dst}: the mirror would delete it"
 
 
 def check_source_readable(path: bytes, trailing_slash: bool, shown: str) -> None:

@@ -1429,6 +1429,35 @@ def reaches(target: bytes, ident: tuple[int, int]) -> str | None:
         path, first = parent, False
 
 
+def ancestors(path: bytes, most: int = 1024) -> list[int]:
+    """The (device, inode) of each directory above `path`'s real path, its parent's first, up
+    to `/` (at most `most`), flat: what a mirror on this machine must not have as its
+    destination, which would hold the source (decisions R59)."""
+    out: list[int] = []
+    path = os.path.realpath(path)
+    while len(out) < 2 * most:
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        out += [st.st_dev, st.st_ino]
+    return out
+
+
+def holds(target: bytes, up: list[int]) -> bool:
+    """Whether the directory `target` is one of the ancestors `up` (ancestors()) lists."""
+    try:
+        st = os.stat(target)
+    except OSError:
+        return False
+    pairs = set(zip(up[::2], up[1::2]))
+    return stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) in pairs
+
+
 _CAPABILITY = "security.capability"
 
 

@@ -223,6 +223,22 @@ async def test_a_daemon_pulling_from_itself_refuses_to_land_inside_the_source(pa
     assert s.exit_code == 0 and (b.modules["data"] / "y" / "sub").is_dir()
 
 
+async def test_a_daemon_mirroring_from_itself_refuses_a_destination_that_holds_the_source(pair: tuple[Daemon, Daemon]) -> None:
+    """B pulling from itself: a mirror of data/t/sub/ into data/t would delete the source as an
+    extra (R59; it did). A copy there deletes nothing and goes on."""
+    _a, b = pair
+    t = b.modules["data"] / "t"
+    (t / "sub" / "deep").mkdir(parents=True)
+    (t / "a").write_text("a")
+    (t / "sub" / "deep" / "c").write_text("c")
+    for src in ("data/t/sub/", "data/t/sub/."):
+        with pytest.raises(UsageError, match="inside the destination"):
+            await run(b, "mirror", ep(b, src), ep(b, "data/t/"))
+    assert files_below(t) == {"a", "sub", "sub/deep", "sub/deep/c"}
+    s = await run(b, "copy", ep(b, "data/t/sub/"), ep(b, "data/t/"))
+    assert s.exit_code == 0 and (t / "deep" / "c").read_text() == "c" and (t / "sub" / "deep" / "c").is_file()
+
+
 async def test_polls_keep_the_client_within_its_request_timeout(pair: tuple[Daemon, Daemon], monkeypatch: pytest.MonkeyPatch) -> None:
     """A's scan of one directory takes 2.5 s; the client's request timeout is 1 s. The client
     polls B (each answer within 0.25 s) instead of holding one request open, so it succeeds."""

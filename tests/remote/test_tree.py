@@ -262,6 +262,24 @@ async def test_pull_follows_rsync_slash_rules(daemon: Daemon, tmp_path: Path, sr
     assert got == expected
 
 
+@pytest.mark.parametrize("direction", ["push", "pull"])
+async def test_a_mirror_into_a_directory_holding_its_source_is_refused(daemon: Daemon, tmp_path: Path, direction: str) -> None:
+    """The daemon on this machine, the module holding the local source (push) or the local
+    destination holding the module's source (pull): the source would be an extra of the
+    mirror's destination, and deleted (R59; it was)."""
+    t = daemon.modules["data"] / "t"
+    (t / "sub" / "deep").mkdir(parents=True)
+    (t / "a").write_text("a")
+    (t / "sub" / "deep" / "c").write_text("c")
+    host = f"127.0.0.1:{daemon.info.port}"
+    cases = [(f"{t}/sub/", f"{host}:/data/t"), (f"{t}/sub/deep/.", f"{host}:/data/t/")] if direction == "push" else [
+        (f"{host}:/data/t/sub/", str(t)), (f"{host}:/data/t/sub/.", f"{t}/")]  # fmt: skip
+    for src, dst in cases:
+        with pytest.raises(UsageError, match="inside the destination"):
+            await _run(daemon, "mirror", src, dst)
+    assert {str(p.relative_to(t)) for p in t.rglob("*")} == {"a", "sub", "sub/deep", "sub/deep/c"}
+
+
 async def test_remote_transfer_bad_input(daemon: Daemon, tmp_path: Path) -> None:
     host = f"127.0.0.1:{daemon.info.port}"
     (tmp_path / "f").write_text("x")

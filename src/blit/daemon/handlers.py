@@ -416,6 +416,8 @@ class Session:
         """The client speaks protocol.FEATURE_MACHINE: a pull's tree/open names this machine."""
         self.nest = False
         """The client speaks protocol.FEATURE_NEST: a directory's stat names its identity."""
+        self.hold = False
+        """The client speaks protocol.FEATURE_HOLD: a directory's stat names its ancestors'."""
         self.silence: float | None = None
         """The client speaks protocol.FEATURE_SILENCE: it pings, and the connection ends when
         nothing came from it for this many seconds (the stall timeout; server.py applies it)."""
@@ -545,6 +547,7 @@ async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
     s.dir_batch = protocol.FEATURE_DIR_BATCH in granted
     s.machine = protocol.FEATURE_MACHINE in granted
     s.nest = protocol.FEATURE_NEST in granted
+    s.hold = protocol.FEATURE_HOLD in granted
     if protocol.FEATURE_SILENCE in granted and math.isfinite(s.state.stall):
         s.silence = s.state.stall
     log.info("session from %s (%s)", s.peer, msg.software)
@@ -565,7 +568,7 @@ def _features(asked: list[str]) -> list[str]:
     from .. import fsops
     from ..ffi import scan
 
-    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_MACHINE, protocol.FEATURE_NEST, protocol.FEATURE_SILENCE) if f in asked]
+    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_MACHINE, protocol.FEATURE_NEST, protocol.FEATURE_HOLD, protocol.FEATURE_SILENCE) if f in asked]
     if protocol.FEATURE_DIR_BATCH in asked and protocol.FEATURE_PARTS in asked:
         out.append(protocol.FEATURE_DIR_BATCH)
     if protocol.FEATURE_DIR_DIGEST in asked and scan.HAVE_CMPDIR:
@@ -597,7 +600,11 @@ async def handle_stat(s: Session, msg: protocol.Stat) -> protocol.StatReply:
     root, _ro = s.module(msg.module)
     protocol.split_path(msg.path)
     entry, ident = await s.fs(contain.stat_path, root, msg.path)
-    return protocol.StatReply(entry=entry, source_dir=list(ident) if s.nest and entry is not None and entry.kind == "dir" else [])
+    is_dir = entry is not None and entry.kind == "dir"
+    up: list[int] = []
+    if s.hold and is_dir:
+        up = await s.fs(fsops.ancestors, os.path.join(os.fsencode(root), *protocol.split_path(msg.path)))
+    return protocol.StatReply(entry=entry, source_dir=list(ident) if s.nest and is_dir else [], source_up=up)
 
 
 async def handle_open_transfer(s: Session, msg: protocol.OpenTransfer) -> protocol.TransferOpened:
@@ -786,6 +793,8 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
         create = msg.create_base and msg.direction == "push"
         if msg.direction == "push" and len(msg.source_dir) == 2 and fsops.this_machine(msg.machine):
             _refuse_nesting(root, base, msg)
+            if msg.operation == "mirror" and msg.source_up:
+                _refuse_holding(root, base, msg)
         if create and not msg.dry_run:
             _make_base(root, base, contain.label(msg.module, msg.path))
         root_fd = contain.open_root(root)
@@ -837,6 +846,15 @@ def _refuse_nesting(root: Path, base: list[bytes], msg: protocol.OpenTree) -> No
     if found == "same":
         raise Refused(ErrorCode.BAD_REQUEST, f"source and destination are the same directory: {where} is the source by another path")
     raise Refused(ErrorCode.BAD_REQUEST, f"destination {where} is inside the source (by another path to it)")
+
+
+def _refuse_holding(root: Path, base: list[bytes], msg: protocol.OpenTree) -> None:
+    """A mirror push from this machine (FEATURE_HOLD) into a directory that holds its source:
+    the source would be an extra there, and deleted (R59)."""
+    target = os.path.join(os.fsencode(root), *base, *([msg.source_name] if msg.source_name else []))
+    if fsops.holds(target, msg.source_up):
+        where = contain.label(msg.module, os.path.join(msg.path, msg.source_name) if msg.source_name else msg.path)
+        raise Refused(ErrorCode.BAD_REQUEST, f"the source is inside the destination {where} (by another path to it): the mirror would delete it")
 
 
 def _rel(b: bytes) -> str:

@@ -218,7 +218,7 @@ class PeerJob:
             target = os.path.join(os.fsencode(self.root), *protocol.split_path(r.dst_base))
             self.result = await pull_tree(
                 a, peer.module, r.src_base, None, r.top, spec, msg.streams, open_dest=open_dest, for_client=self.client,
-                refuse_nesting=nesting_check(src, target, r.top, contain.label(msg.module, msg.path)),
+                refuse_nesting=nesting_check(src, target, r.top, contain.label(msg.module, msg.path), mirror=spec.operation == "mirror"),
             )
 
     async def _refuse_peer(self, host: HostSpec, addresses: list[str]) -> None:

@@ -42,6 +42,8 @@ PROTOCOL_VERSION = 1
 # --- limits (the daemon enforces them on everything a peer sends) --------------------------------
 MAX_MESSAGE = 8 << 20
 """Largest control body in bytes (request or reply). Manifests are split to stay below it."""
+MAX_UP = 2 * 1024
+"""Most integers in a source_up list: the (device, inode) of 1,024 ancestors."""
 MAX_HELLO = 64 << 10
 """Largest body before a connection's hello (a hello is a few hundred bytes): what a peer that
 has not said who it is may make the daemon decode (8 MiB of empty CBOR maps decode to ~600 MiB)."""
@@ -372,6 +374,9 @@ class StatReply(Message):
     source_dir: list[int] = field(default_factory=list, metadata=_lim(2, omit=True))
     """Feature FEATURE_NEST: a directory's (device, inode), with which a destination on the
     same machine refuses to land inside it."""
+    source_up: list[int] = field(default_factory=list, metadata=_lim(MAX_UP, omit=True))
+    """Feature FEATURE_HOLD: a directory's ancestors' (device, inode) pairs, flat, its parent's
+    first, up to `/`: a mirror on the same machine refuses a destination that holds it."""
 
 
 @message_class
@@ -590,6 +595,10 @@ class OpenTree(Message):
     source_name: bytes = field(default=b"", metadata=_lim(MAX_NAME, omit=True))
     """Feature FEATURE_NEST: the name the source directory lands as in `path`; empty when its
     contents land in `path` itself."""
+    source_up: list[int] = field(default_factory=list, metadata=_lim(MAX_UP, omit=True))
+    """Feature FEATURE_HOLD, mirror push of a directory: its ancestors' (device, inode) pairs,
+    flat (StatReply.source_up). A daemon on the same machine refuses a destination that is one
+    of them: the source would be an extra there, and deleted (R59)."""
 
 
 FEATURE_CLIENT = "client-addr-1"
@@ -603,6 +612,10 @@ FEATURE_NEST = "nest-1"
 """Hello feature: a directory's stat reply carries its (device, inode) and a push's tree/open
 its source directory's (StatReply.source_dir, OpenTree.source_dir), so that a destination on
 the source's machine refuses a copy into the source by another path, a bind mount (R52)."""
+FEATURE_HOLD = "hold-1"
+"""Hello feature: a directory's stat reply and a mirror push's tree/open carry its ancestors'
+(device, inode) (StatReply.source_up, OpenTree.source_up), so that a mirror on the source's
+machine refuses a destination that holds the source (R59)."""
 FEATURE_SILENCE = "silence-1"
 """Hello feature: the client pings at least every HelloReply.silence_ms / SILENCE_PINGS, and the
 daemon ends a session silent for silence_ms (a frozen or vanished client: its transfers are
@@ -1740,7 +1753,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_MACHINE, FEATURE_NEST, FEATURE_SILENCE])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_MACHINE, FEATURE_NEST, FEATURE_HOLD, FEATURE_SILENCE])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""
@@ -2031,6 +2044,7 @@ __all__ = [
     "FEATURE_ACTIONS",
     "FEATURE_CLIENT",
     "FEATURE_NEST",
+    "FEATURE_HOLD",
     "FEATURE_SILENCE",
     "SILENCE_PINGS",
     "ACTION_NAMES",

@@ -78,6 +78,9 @@ class Side:
     ident: tuple[int, int] | None = None
     """The directory at `path` by (device, inode), once `kind` looked at it (a daemon says it
     with FEATURE_NEST): a destination on its machine must not lie inside it (R52)."""
+    up: list[int] = []
+    """Its ancestors' (device, inode) pairs, flat (fsops.ancestors; a daemon says them with
+    FEATURE_HOLD): a mirror's destination on its machine must not be one of them (R59)."""
 
     async def kind(self, path: bytes, follow: bool) -> str | None:
         """"dir", "link" (a symlink a daemon does not follow), "other", or None when missing;
@@ -102,7 +105,10 @@ class LocalSide(Side):
         if not stat.S_ISDIR(st.st_mode):
             return "other"
         if path == self.path:
+            from .. import fsops
+
             self.ident = (st.st_dev, st.st_ino)
+            self.up = fsops.ancestors(path)
         return "dir"
 
     def split(self, path: bytes) -> tuple[bytes, bytes]:
@@ -131,6 +137,7 @@ class RemoteSide(Side):
             return None
         if path == self.path and len(reply.source_dir) == 2:
             self.ident = (reply.source_dir[0], reply.source_dir[1])
+            self.up = reply.source_up
         return side_kind(reply.entry)
 
     def split(self, path: bytes) -> tuple[bytes, bytes]:
@@ -242,17 +249,27 @@ async def resolve(src: Side, dst: Side) -> Resolved:
     return Resolved(src_base, base, top, create_dst=create, as_new=src_is_dir and dkind is None and not dst.trailing_slash)
 
 
-def nesting_check(src: Side, dst_base: bytes, top: TopJob, dst_label: str) -> Callable[[], None] | None:
+def nesting_check(src: Side, dst_base: bytes, top: TopJob, dst_label: str, mirror: bool = False) -> Callable[[], None] | None:
     """For pull_tree: the check that a pull's destination (`dst_base`, a path on this machine,
     and the top job's name in it) is not the source directory by another path, nor inside it,
-    once the source's daemon proves to be on this machine (R52). None for a file's pull."""
+    nor (`mirror`) a directory that holds it, once the source's daemon proves to be on this
+    machine (R52, R59). None for a file's pull."""
     ident = src.ident
     if ident is None:
         return None
-    from ..api import refuse_nesting
+    from ..api import holding, refuse_nesting
 
     target = os.path.join(dst_base, os.fsencode(next(iter(top.only.values())))) if top.only else dst_base
-    return lambda: refuse_nesting(target, ident, src.label, dst_label)
+    up = src.up if mirror else []
+
+    def check() -> None:
+        from .. import fsops
+
+        refuse_nesting(target, ident, src.label, dst_label)
+        if up and fsops.holds(target, up):
+            raise UsageError(holding(src.label, dst_label))
+
+    return check
 
 
 def side_kind(entry: protocol.Entry | None) -> str | None:
@@ -445,7 +462,7 @@ async def remote_transfer(
                 await trio.to_thread.run_sync(check_source_readable, local.path, local.trailing_slash, local.label)
                 done = await push_tree(
                     session, r.src_base, d_ep.module, r.dst_base, r.top, spec, streams, create_base=r.create_dst, counters=counters,
-                    actions=actions, actions_room=room, source_dir=local.ident,
+                    actions=actions, actions_room=room, source_dir=local.ident, source_up=local.up if operation == "mirror" else None,
                 )
             else:
                 assert isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, LocalEndpoint)
@@ -461,7 +478,7 @@ async def remote_transfer(
                 done = await pull_tree(
                     session, s_ep.module, r.src_base, r.dst_base, r.top, spec, streams,
                     create_root=r.create_dst and not dry_run, counters=counters, dest=dest, actions=actions, actions_room=room,
-                    refuse_nesting=nesting_check(rside, r.dst_base, r.top, d_ep.path),
+                    refuse_nesting=nesting_check(rside, r.dst_base, r.top, d_ep.path, mirror=operation == "mirror"),
                 )
             nursery.cancel_scope.cancel()  # the ticker
             carriers = "h2" if session.force_h2_data or session.peer.data_port is None else "tcp"

@@ -2634,6 +2634,7 @@ async def push_tree(
     actions: Callable[[str, str], None] | None = None,
     actions_room: Callable[[], Awaitable[None]] | None = None,
     source_dir: tuple[int, int] | None = None,
+    source_up: list[int] | None = None,
 ) -> TreeDone:
     """Push a local tree (source) to a daemon module directory (destination); `create_base`
     asks the daemon to `mkdir -p` the base first. Move: the sources the daemon confirms
@@ -2643,7 +2644,9 @@ async def push_tree(
     `await actions_room()` after each page: a Progress's `room` (the next page waits while
     the output's reader is far behind; the run, its pings included, goes on).
     `source_dir`: the source directory's (device, inode), a directory's push: a daemon on this
-    machine refuses a destination inside it (FEATURE_NEST).
+    machine refuses a destination inside it (FEATURE_NEST); `source_up`: its ancestors'
+    (fsops.ancestors), a mirror's: such a daemon refuses a destination that holds it
+    (FEATURE_HOLD).
 
     Returns the daemon's tally (with the local removal count and failures for a move).
     Raises UsageError when the daemon refuses the request as such (a destination inside the
@@ -2670,6 +2673,7 @@ async def push_tree(
             machine=fsops.machine_id() if protocol.FEATURE_MACHINE in session.peer.features else b"",
             source_dir=list(source_dir) if nest and source_dir is not None else [],
             source_name=_b(next(iter(top.only.values()))) if nest and top.only else b"",
+            source_up=source_up if nest and source_up and protocol.FEATURE_HOLD in session.peer.features else [],
         ))
     except RemoteError as exc:
         if exc.code == protocol.ErrorCode.BAD_REQUEST.value:  # the request, not the session
