@@ -171,3 +171,15 @@ def test_moving_dot_moves_the_contents_and_keeps_the_directory(tmp_path: Path) -
     assert sorted(os.listdir(root / "d")) == ["a.txt", "sub"]
     assert (root / "d" / "sub" / "b.txt").read_text() == "beta\n"
     assert (root / "src").is_dir() and os.listdir(root / "src") == []
+
+
+def test_dot_dot_after_a_symlink_is_the_parent_of_its_target(tmp_path: Path) -> None:
+    """`src/lnk/..` with lnk -> ../other/inner names other, as the kernel, ls and cp -a read it
+    (QA: blit struck out `lnk` by text and copied src; a move would have emptied the wrong
+    directory)."""
+    root = make_tree(tmp_path / "t", {"src/": {"s": "s\n", "lnk": Symlink("../other/inner")}, "other/": {"o": "o\n", "inner/": {}}})
+    proc = run_blit("copy", "src/lnk/..", "d", cwd=root)
+    assert proc.returncode == 0, describe_output(proc)
+    assert sorted(os.listdir(root / "d")) == ["inner", "o"]
+    proc = run_blit("copy", "src/lnk/../o", "f", cwd=root)
+    assert proc.returncode == 0 and (root / "f").read_text() == "o\n", describe_output(proc)

@@ -116,8 +116,8 @@ def resolve(src: str, dst: str, operation: Operation) -> _Resolved:
         raise UsageError("paths may not contain NUL")
     src_slash = contents_form(bsrc)  # `SRC/`, `SRC/.`, `.`: its contents
     dst_slash = contents_form(bdst)  # `DST/`, `DST/.`: a directory
-    src_abs = os.path.abspath(bsrc)
-    dst_abs = os.path.abspath(bdst)
+    src_abs = fsops.kernel_abspath(bsrc)
+    dst_abs = fsops.kernel_abspath(bdst)
     sst = _lstat(src_abs)
     if sst is None:
         raise UsageError(f"source does not exist: {src}")

@@ -1429,6 +1429,20 @@ def reaches(target: bytes, ident: tuple[int, int]) -> str | None:
         path, first = parent, False
 
 
+def kernel_abspath(path: bytes) -> bytes:
+    """`path` made absolute as the kernel reads it: a `..` is the parent of what the path before
+    it names (after a symlink, of its target), not the previous name struck out as
+    os.path.abspath does (`src/lnk/..` with lnk -> ../other/inner is other, as cp and ls see it).
+    Without `..` it is os.path.abspath."""
+    parts = path.split(b"/")
+    if b".." not in parts:
+        return os.path.abspath(path)
+    last = len(parts) - 1 - parts[::-1].index(b"..")
+    base = os.path.realpath(b"/".join(parts[: last + 1]))
+    rest = b"/".join(parts[last + 1 :])
+    return os.path.abspath(os.path.join(base, rest)) if rest.strip(b"/") else base
+
+
 def ancestors(path: bytes, most: int = 1024) -> list[int]:
     """The (device, inode) of each directory above `path`'s real path, its parent's first, up
     to `/` (at most `most`), flat: what a mirror on this machine must not have as its

@@ -93,8 +93,10 @@ class Side:
 
 class LocalSide(Side):
     def __init__(self, ep: LocalEndpoint) -> None:
+        from .. import fsops
+
         self.label = ep.path
-        self.path = os.path.abspath(os.fsencode(ep.path))
+        self.path = fsops.kernel_abspath(os.fsencode(ep.path))
         self.trailing_slash = ep.trailing_slash
 
     async def kind(self, path: bytes, follow: bool) -> str | None:
