@@ -536,3 +536,63 @@ async def test_a_full_daemon_ends_the_session_idle_longest_for_a_new_one(nursery
                 await parked.modules()
         await trio.sleep(0.5)
         assert (await busy.modules()).modules  # its transfer kept it
+
+
+async def test_clients_arriving_together_at_a_full_daemon_succeed_or_hear_it_is_busy(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """12 clients at once against max_connections = 4: each says hello or is refused at once
+    (the client says the daemon may be busy). None is ended half-way by a newer one (QA: with
+    R57's first version the newcomers ended the older ones' TLS handshakes: most failed
+    `did not complete the hello: the peer closed the connection`, a few said busy)."""
+    from blit.errors import ConnectError
+
+    from .conftest import start_daemon
+
+    d = await start_daemon(nursery, tmp_path / "d", tls=True, extra="max_connections = 4")
+    outcomes: list[str] = []
+
+    async def client() -> None:
+        try:
+            async with d.session() as s:
+                assert (await s.modules()).modules
+                await trio.sleep(0.3)  # hold the slot while the others arrive
+            outcomes.append("ok")
+        except ConnectError as exc:
+            outcomes.append(str(exc))
+
+    async with trio.open_nursery() as clients:
+        for _ in range(12):
+            clients.start_soon(client)
+    assert len(outcomes) == 12 and outcomes.count("ok") >= 4, outcomes
+    assert all(o == "ok" or "busy" in o for o in outcomes), outcomes
+
+
+async def test_one_address_with_many_connections_without_a_hello_ends_its_own_oldest(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A flood from one address ends its own connections, not other clients' (R57): its 17th
+    connection without a hello, once the oldest has had its grace, ends that oldest; another
+    address's connection of the same age stays."""
+    from blit.daemon import server
+
+    from .conftest import start_daemon
+
+    d = await start_daemon(nursery, tmp_path / "d", tls=False, extra="max_connections = 100")
+    other = await trio.open_tcp_stream("127.0.0.1", d.info.port, local_address="127.0.0.3")
+    flood = [await trio.open_tcp_stream("127.0.0.1", d.info.port, local_address="127.0.0.2") for _ in range(server.UNPROVEN_PER_ADDRESS)]
+    await trio.sleep(server.UNPROVEN_GRACE + 0.2)
+    flood.append(await trio.open_tcp_stream("127.0.0.1", d.info.port, local_address="127.0.0.2"))
+
+    async def closed(st: trio.SocketStream, wait: float) -> bool:
+        """Whether the daemon closed it within `wait` s (what came before, its SETTINGS, is read)."""
+        with trio.move_on_after(wait):
+            try:
+                while await st.receive_some(65536):
+                    pass
+            except trio.BrokenResourceError:
+                pass
+            return True
+        return False
+
+    assert await closed(flood[0], 1.0)
+    assert not await closed(flood[1], 0.3)
+    assert not await closed(other, 0.3)
+    for st in [other, *flood]:
+        await st.aclose()

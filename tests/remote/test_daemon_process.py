@@ -130,7 +130,7 @@ def test_connections_that_never_say_hello_make_room_for_clients(tmp_path: Path, 
         time.sleep(0.5)
         idle = [socket.create_connection(("127.0.0.1", d.port)) for _ in range(30)]  # the daemon closes most at once
         try:
-            time.sleep(0.3)
+            time.sleep(1.3)  # older than UNPROVEN_GRACE: they may be ended for room
             for _ in range(3):
                 r = run_cli(d, "list", *([] if tls else ["--no-tls"]), f"127.0.0.1:{d.port}")
                 assert r.returncode == 0 and "data" in r.stdout, r.stderr

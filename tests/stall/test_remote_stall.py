@@ -144,8 +144,9 @@ class Proxy:
     writing, holding both sockets open: a frozen path) or slowed to `rate` bytes/s."""
 
     def __init__(
-        self, control_port: int, data_port: int, *, freeze_after: int | None = None, rate: float | None = None, hold_first: bool = False
-    ) -> None:
+        self, control_port: int, data_port: int, *, freeze_after: int | None = None, rate: float | None = None, hold_first: bool = False,
+        connect_first: bool = False,
+    ) -> None:  # fmt: skip
         self.ports = (control_port, data_port)
         self.data_port = data_port
         self.freeze_after = freeze_after
@@ -153,6 +154,9 @@ class Proxy:
         self.frozen = 0
         self.hold_first = hold_first
         """The first control connection's first bytes from the client wait for `release`."""
+        self.connect_first = connect_first
+        """With hold_first: the daemon's side of that connection is opened at once (the daemon
+        sees a connection whose first bytes, the hello in cleartext, have not come)."""
         self.held = False
         self.release = trio.Event()
         self.connections = 0
@@ -173,11 +177,17 @@ class Proxy:
         if not is_data:
             self.connections += 1
             if self.hold_first and self.connections == 1:
+                early = await trio.open_tcp_stream("127.0.0.1", port) if self.connect_first else None
                 first = await down.receive_some(65536)
                 self.held = True
                 await self.release.wait()
-                up = await trio.open_tcp_stream("127.0.0.1", port)
-                await up.send_all(first)
+                up = early or await trio.open_tcp_stream("127.0.0.1", port)
+                try:
+                    await up.send_all(first)
+                except (trio.BrokenResourceError, OSError):  # the daemon closed it meanwhile
+                    await down.aclose()
+                    await up.aclose()
+                    return
                 async with down, up, trio.open_nursery() as n:
                     n.start_soon(self._pump, down, up, is_data, moved)
                     n.start_soon(self._pump, up, down, is_data, moved)
@@ -253,6 +263,38 @@ async def test_a_client_stopped_during_its_tls_handshake_connects_again(nursery:
             finally:
                 os.kill(c.proc.pid, signal.SIGCONT)
             await _wait_until(lambda: c.proc.poll() is not None, 30, "the list to end")
+            assert c.proc.returncode == 0, c.stderr()
+            assert c.out.read_text().split()[0] == "data", c.out.read_text()
+            assert proxy.connections == 2
+
+
+async def test_a_client_stopped_during_its_hello_at_a_full_daemon_says_it_again(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """`blit list` stopped while its hello is under way, at a daemon full of connections without
+    a hello: the daemon ends the client's (the oldest, R57) to make room; continued, the client
+    said `did not complete the hello: ... the peer closed the connection`, exit 1 (QA). Now it
+    connects once more and lists, exit 0."""
+    from remote.conftest import subprocess_env
+
+    d = await start_daemon(nursery, tmp_path, tls=False, stall=10.0, extra="max_connections = 2")
+    (tmp_path / "home").mkdir()
+    env = subprocess_env(tmp_path)
+    async with proxied(d, hold_first=True, connect_first=True) as proxy:
+        with cli(env, tmp_path, "list", "list", "--no-tls", f"{PROXY_HOST}:{d.info.port}") as c:
+            await _wait_until(lambda: proxy.held, 30, "the client's hello")
+            os.kill(c.proc.pid, signal.SIGSTOP)
+            idle = []
+            try:
+                idle.append(await trio.open_tcp_stream("127.0.0.1", d.info.port))  # the daemon is full
+                await trio.sleep(1.2)
+                idle.append(await trio.open_tcp_stream("127.0.0.1", d.info.port))  # the client's goes for it
+                await trio.sleep(0.5)
+                proxy.release.set()
+                await trio.sleep(1.2)  # the idle ones are old enough to go for the client's second try
+            finally:
+                os.kill(c.proc.pid, signal.SIGCONT)
+            await _wait_until(lambda: c.proc.poll() is not None, 30, "the list to end")
+            for st in idle:
+                await st.aclose()
             assert c.proc.returncode == 0, c.stderr()
             assert c.out.read_text().split()[0] == "data", c.out.read_text()
             assert proxy.connections == 2

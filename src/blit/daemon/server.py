@@ -46,37 +46,52 @@ IDLE_TIMEOUT = 600.0
 IDLE_EVICT = 10.0
 """A session idle this long (no request, no transfer or job of its own) may be ended to make room
 for a new connection when the daemon is full and no connection is still without its hello."""
+UNPROVEN_GRACE = 1.0
+"""A control connection without its hello is ended to make room only once it has had this
+long (a TLS handshake and hello take milliseconds on a LAN)."""
+UNPROVEN_PER_ADDRESS = 16
+"""Control connections without their hello from one address: beyond this, its own oldest that
+has had UNPROVEN_GRACE goes (a flood from one address ends its own connections, not other
+clients')."""
 PENDING_DATA = 1024
 """Data connections that have sent nothing yet, at most; the oldest goes for a new one."""
 
 
 class _Oldest:
     """Connections that have not yet proved themselves (before the control plane's hello;
-    before the data port's admission), oldest first. When one finds no room, the oldest is
-    ended to make it (its `end`), not the newcomer refused: a client that opens connections
-    and sends nothing, or a byte now and then, then holds each only until newer ones come,
-    while a real client's handshake takes milliseconds (QA: 300 idle connections to the
-    control port refused every client; 1,500 to the data port made transfers time out)."""
+    before the data port's admission), oldest first, each with the way to end it, its address
+    and when it came. A full daemon ends the oldest to make room for a newcomer rather than
+    refusing it (QA: 300 idle connections to the control port refused every client; 1,500 to
+    the data port made transfers time out), but never one younger than the `min_age` asked (a
+    real client in its TLS handshake: 40 clients arriving at once ended each other's, QA)."""
 
     def __init__(self) -> None:
-        self._ends: dict[int, Any] = {}  # insertion order is age
+        self._ends: dict[int, tuple[Any, Any, float]] = {}  # key -> (end, address, since); insertion order is age
         self._next = 0
 
     def __len__(self) -> int:
         return len(self._ends)
 
-    def add(self, end: Any) -> int:
+    def add(self, end: Any, addr: Any = None) -> int:
         self._next += 1
-        self._ends[self._next] = end
+        self._ends[self._next] = (end, addr, trio.current_time())
         return self._next
 
     def remove(self, key: int) -> None:
         self._ends.pop(key, None)
 
-    def evict(self) -> bool:
-        """End the oldest; False when there is none."""
-        for key in self._ends:
-            end = self._ends.pop(key)
+    def count(self, addr: Any) -> int:
+        return sum(1 for _end, a, _since in self._ends.values() if a == addr)
+
+    def evict(self, *, addr: Any = None, min_age: float = 0.0) -> bool:
+        """End the oldest (from `addr`, if given) that has waited `min_age`; False if none."""
+        now = trio.current_time()
+        for key, (end, a, since) in self._ends.items():
+            if addr is not None and a != addr:
+                continue
+            if now - since < min_age:
+                return False  # the rest are younger
+            del self._ends[key]
             end()
             return True
         return False
@@ -318,13 +333,17 @@ async def _handle_control(
     tcp: trio.SocketStream,
 ) -> None:
     peer = _peer(tcp)
+    addr = _peer_ip(tcp)
+    # One address with many connections still without their hello ends its own oldest.
+    own = addr is not None and unproven.count(addr) >= UNPROVEN_PER_ADDRESS and unproven.evict(addr=addr, min_age=UNPROVEN_GRACE)
     try:
         connections.acquire_nowait()
     except trio.WouldBlock:
-        # Full: the oldest connection still without its hello makes room, if there is one; else
-        # a session idle for IDLE_EVICT with nothing running (one that said hello and parked).
+        # Full: the oldest connection still without its hello after UNPROVEN_GRACE makes room,
+        # if there is one; else a session idle for IDLE_EVICT with nothing running (one that
+        # said hello and parked); else the newcomer is refused (the client says: busy).
         got = False
-        room = unproven.evict()
+        room = own or unproven.evict(min_age=UNPROVEN_GRACE)
         if room:
             _conn_log(logging.INFO, "closed the oldest connection without a hello to make room for %s", peer)
         else:
@@ -341,7 +360,7 @@ async def _handle_control(
             await tcp.aclose()
             return
     scope = trio.CancelScope()
-    key = unproven.add(scope.cancel)
+    key = unproven.add(scope.cancel, addr)
     try:
         with scope:
             await _control_connection(state, ssl_ctx, unproven, proven, scope, key, peer, tcp)

@@ -1000,7 +1000,6 @@ async def connect_control(
                 host, port, netloc, tls_enabled=tls_enabled, known_hosts=known_hosts,
                 connect_timeout=connect_timeout, addresses=addresses,
             )
-            break
         except ConnectError as exc:
             # Stopped (SIGSTOP, Ctrl-Z) while it connected: its timer ran out across the stop,
             # or the daemon let the half-made connection go meanwhile; not the daemon's fault.
@@ -1009,6 +1008,26 @@ async def connect_control(
             if attempt == 2 or isinstance(exc, CertificateMismatchError) or not stopped_meanwhile(late, continued):
                 raise
             log.debug("connecting to %s again: this process was stopped while it connected", netloc)
+            continue
+        try:
+            async with _session(stream, netloc, address, fp, tls_enabled, connect_timeout, request_timeout, keepalive, attempt, continued) as client:
+                yield client
+            return
+        except _HelloAgain:
+            log.debug("saying hello to %s again: this process was stopped while it did", netloc)
+
+
+class _HelloAgain(Exception):
+    """The daemon closed a connection whose hello was under way while this process was stopped
+    (a full daemon ends the oldest connections without a hello, decisions R57): once more."""
+
+
+@asynccontextmanager
+async def _session(
+    stream: trio.abc.Stream, netloc: str, address: str, fp: str | None, tls_enabled: bool, connect_timeout: float,
+    request_timeout: float, keepalive: float, attempt: int, continued: int,
+) -> AsyncIterator[ControlClient]:
+    """The HTTP/2 connection over `stream` and its hello (connect_control)."""
     try:
         conn = H2Connection(stream, client_side=True)
         with collapse_groups():
@@ -1023,10 +1042,12 @@ async def connect_control(
                         hello_reply = await client.call(client.session.hello(), timeout=connect_timeout)
                     except TransportError as exc:
                         if isinstance(exc, (StallError,)) or "closed" in str(exc) or "lost" in str(exc):
+                            if attempt == 1 and not isinstance(exc, StallError) and stopped_meanwhile(0.0, continued):
+                                raise _HelloAgain() from None
                             hint = (
                                 " (the daemon may expect TLS: drop --no-tls; or it may be busy: too many connections)"
                                 if not tls_enabled
-                                else ""
+                                else " (it may be busy: too many connections)"
                             )
                             raise ConnectError(f"the daemon at {netloc} did not complete the hello: {exc}{hint}") from None
                         raise
