@@ -1074,6 +1074,9 @@ def make_linked_others(src: Path) -> None:
     os.link(src / "sl", src / "sub" / "sl3", follow_symlinks=False)
     os.mkfifo(src / "fifo")
     os.link(src / "fifo", src / "sub" / "fifo2")
+    (src / "new").mkdir()  # a group all of whose names are in one directory new at the destination
+    os.mkfifo(src / "new" / "fa")
+    os.link(src / "new" / "fa", src / "new" / "fb")
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(src / "sock"))
     os.link(src / "sock", src / "sock2")

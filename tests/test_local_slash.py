@@ -183,3 +183,17 @@ def test_dot_dot_after_a_symlink_is_the_parent_of_its_target(tmp_path: Path) -> 
     assert sorted(os.listdir(root / "d")) == ["inner", "o"]
     proc = run_blit("copy", "src/lnk/../o", "f", cwd=root)
     assert proc.returncode == 0 and (root / "f").read_text() == "o\n", describe_output(proc)
+
+
+@pytest.mark.parametrize("dst", ["D/missing/..", "D/afile/.."])
+def test_dot_dot_after_a_missing_name_or_a_file_is_no_path(tmp_path: Path, dst: str) -> None:
+    """The kernel has no `missing/..` (ENOENT) nor `afile/..` (ENOTDIR); struck out by text it
+    was D, and a mirror deleted D's entries, the named file with them (QA)."""
+    root = make_tree(tmp_path / "t", {"S/": {"a": "a\n"}, "D/": {"keep": "k\n", "afile": "x\n"}})
+    before = snapshot(root)
+    proc = run_blit("mirror", "S/", dst, cwd=root)
+    assert proc.returncode == 2, describe_output(proc)
+    assert snapshot(root) == before
+    proc = run_blit("move", "S/ghost/..", "E", cwd=root)
+    assert proc.returncode == 2 and "source does not exist" in proc.stderr.decode(), describe_output(proc)
+    assert snapshot(root) == before

@@ -116,8 +116,14 @@ def resolve(src: str, dst: str, operation: Operation) -> _Resolved:
         raise UsageError("paths may not contain NUL")
     src_slash = contents_form(bsrc)  # `SRC/`, `SRC/.`, `.`: its contents
     dst_slash = contents_form(bdst)  # `DST/`, `DST/.`: a directory
-    src_abs = fsops.kernel_abspath(bsrc)
-    dst_abs = fsops.kernel_abspath(bdst)
+    try:
+        src_abs = fsops.kernel_abspath(bsrc)
+    except OSError as exc:  # a `..` after a missing name or a file: no path, as the kernel says
+        raise UsageError(f"source does not exist: {src} ({exc.strerror})") from None
+    try:
+        dst_abs = fsops.kernel_abspath(bdst)
+    except OSError as exc:
+        raise UsageError(f"destination path cannot be reached: {dst} ({exc.strerror})") from None
     sst = _lstat(src_abs)
     if sst is None:
         raise UsageError(f"source does not exist: {src}")

@@ -1433,12 +1433,16 @@ def kernel_abspath(path: bytes) -> bytes:
     """`path` made absolute as the kernel reads it: a `..` is the parent of what the path before
     it names (after a symlink, of its target), not the previous name struck out as
     os.path.abspath does (`src/lnk/..` with lnk -> ../other/inner is other, as cp and ls see it).
-    Without `..` it is os.path.abspath."""
+    Without `..` it is os.path.abspath.
+    Raises OSError (ENOENT, ENOTDIR) when what a `..` follows is missing or no directory, as
+    the kernel does: `missing/..` is no path (os.path.realpath would make it the parent)."""
     parts = path.split(b"/")
     if b".." not in parts:
         return os.path.abspath(path)
     last = len(parts) - 1 - parts[::-1].index(b"..")
-    base = os.path.realpath(b"/".join(parts[: last + 1]))
+    head = b"/".join(parts[: last + 1])
+    os.stat(head)  # the kernel's reading of every `..` in it, or its error
+    base = os.path.realpath(head)
     rest = b"/".join(parts[last + 1 :])
     return os.path.abspath(os.path.join(base, rest)) if rest.strip(b"/") else base
 

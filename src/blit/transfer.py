@@ -737,9 +737,13 @@ class LocalTransfer:
         dry = self.spec.dry_run
 
         def _land() -> tuple[str | None, int]:
-            with fsops.dir_at(w.src_root_fd, job.rel) as sdir, fsops.dir_at(w.dst_root_fd, job.dst_rel) as ddir:
+            with fsops.dir_at(w.src_root_fd, job.rel) as sdir:
                 target = os.readlink(name, dir_fd=sdir) if stat.S_ISLNK(m.st_mode) else None
-                act = fsops.land_other(ddir, dname, m, d, target, fsops.xattrs_at(sdir, name), acl, dry)
+                xattrs = fsops.xattrs_at(sdir, name)
+            if dry and d is None:  # (its directory may not exist: a dry run made none)
+                return fsops.land_other(-1, dname, m, None, target, xattrs, acl, dry), -1
+            with fsops.dir_at(w.dst_root_fd, job.dst_rel) as ddir:
+                act = fsops.land_other(ddir, dname, m, d, target, xattrs, acl, dry)
                 if act is None:
                     assert d is not None
                     return None, d.st_ino

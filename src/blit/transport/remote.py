@@ -96,7 +96,10 @@ class LocalSide(Side):
         from .. import fsops
 
         self.label = ep.path
-        self.path = fsops.kernel_abspath(os.fsencode(ep.path))
+        try:
+            self.path = fsops.kernel_abspath(os.fsencode(ep.path))
+        except OSError as exc:  # a `..` after a missing name or a file: no path, as the kernel says
+            raise UsageError(f"{ep.path}: no such path ({exc.strerror})") from None
         self.trailing_slash = ep.trailing_slash
 
     async def kind(self, path: bytes, follow: bool) -> str | None:
