@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,16 @@ async def test_hard_linked_symlinks_fifos_sockets_and_devices_stay_linked(daemon
         assert not done.failures, done.failures
     assert link_groups(back) == want
     assert_same_tree(src, back)
+    # Onto a copy whose names are each an inode of their own (rsync -a), up to date name by
+    # name: the push links them up (QA: the directory digests matched, so no manifest went, and
+    # nothing was linked, run after run).
+    flat = daemon.modules["data"] / "flat"
+    subprocess.run(["rsync", "-a", f"{src}/", f"{flat}/"], check=True)
+    assert link_groups(flat) == []
+    async with daemon.session(force_h2_data=force_h2) as s:
+        done = await push_tree(s, os.fsencode(src), "data", b"flat", TopJob(), TreeSpec())
+    assert not done.failures, done.failures
+    assert link_groups(flat) == want
 
 
 async def test_push_mirror_deletes_extras_and_updates_changes(daemon: Daemon, tmp_path: Path) -> None:

@@ -342,6 +342,8 @@ class Transfer:
         worker thread can use them any more (now, or when the last stream ends: closing their
         directory fds under a thread still landing a file made its rename fail, leaving a
         temporary behind, or could land it through a number another session reopened)."""
+        if self.tree_dest is not None:
+            self.tree_dest.stop()  # at once: plans still queued make nothing more (tree.DestTree.plan)
         self.end_streams()
         if self.finished_streams >= self.attached:
             self._close_trees()

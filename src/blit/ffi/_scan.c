@@ -27,7 +27,7 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
-#define BLIT_SCAN_VERSION 13
+#define BLIT_SCAN_VERSION 14
 #define BLIT_CHECK_OWNER 1
 #define BLIT_CHECK_XATTRS 2
 #define BLIT_REC_FIELDS 25
@@ -439,12 +439,14 @@ static int blit_digest_dir(int dfd, int flags, char *out, int64_t out_cap, int64
         }
         char kind;
         ssize_t tlen = 0;
+        if (!S_ISDIR(s.st_mode) && s.st_nlink > 1) {
+            /* any non-directory with other names (a file, symlink, FIFO...): its group is settled
+               from manifests (decisions R58), never hidden behind a digest */
+            why = BLIT_DD_HARDLINK;
+            break;
+        }
         if (S_ISREG(s.st_mode)) {
             kind = 'f';
-            if (s.st_nlink > 1) {
-                why = BLIT_DD_HARDLINK;
-                break;
-            }
         } else if (S_ISDIR(s.st_mode)) {
             kind = 'd';
         } else if (S_ISLNK(s.st_mode)) {

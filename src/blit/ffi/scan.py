@@ -45,7 +45,7 @@ try:
     from blit.ffi._scan import ffi as _ffi
     from blit.ffi._scan import lib as _lib
 
-    HAVE_CMPDIR = _lib.blit_version() == 13  # a stale build of an older _scan.c is not used
+    HAVE_CMPDIR = _lib.blit_version() == 14  # a stale build of an older _scan.c is not used
     _from_buffer = _ffi.from_buffer
 except ImportError:  # built without a C compiler: the pure-Python path does everything
     HAVE_CMPDIR = False

@@ -1344,6 +1344,11 @@ class DestTree:
         `more` on all but the last. The destination is scanned once, for part 0; mirror's
         extras and the source's `incomplete` are settled with the last part. A hidden new
         directory (R41) stays hidden only when it came whole and its files are small."""
+        if self.stopped:
+            # Its client went (or was interrupted): nothing more is made for it. A cancelled
+            # session's queued plans made every special file and link they named, racing the
+            # rerun that was already filling the same directories (QA).
+            return DirPlanned(subdirs=[], need=[])
         whole = False
         try:
             planned = self._plan(rel, dst_rel, dst_new, only, manifest, incomplete, dir_entry, part, more)
