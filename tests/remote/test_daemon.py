@@ -298,9 +298,13 @@ async def test_a_cancelled_transfer_closes_its_trees_only_once_its_streams_are_o
 
     class Tree:
         closed = False
+        stopped = False
 
         def close(self) -> None:
             self.closed = True
+
+        def stop(self) -> None:
+            self.stopped = True
 
     state = DaemonState(config=DaemonConfig(), software="test")
     session = Session(state, "127.0.0.1:1", "127.0.0.1")
@@ -311,6 +315,7 @@ async def test_a_cancelled_transfer_closes_its_trees_only_once_its_streams_are_o
     t.attached = 2  # two streams admitted, their threads still running
     t.cancel()
     assert t.closed and not tree.closed
+    assert tree.stopped  # at once: its queued plans make nothing more (R58)
     t.stream_done()
     assert not tree.closed
     t.stream_done()
