@@ -5,8 +5,9 @@ mDNS, and a clean stop.
     ├── control listener(s) -> handle_control: TLS handshake, H2Connection, one Session
     │       ├── per request: unary handler (CBOR in, CBOR out), or the HTTP/2 data fallback
     │       └── remote to remote jobs (relay.py): this daemon pulling from a peer daemon
-    ├── data listener(s)    -> handle_data: handshake + token in a worker thread, then the
-    │                          stream's worker thread, owned by its Transfer
+    ├── data listener(s)    -> handle_data: its first byte awaited in Trio, handshake + token
+    │                          in a worker thread, then the stream's worker thread, owned by
+    │                          its Transfer (connections not yet proved: _Oldest, R57)
     └── mDNS advertisement (zeroconf on its own thread)
 
 Stopping = cancelling serve(): every connection task is cancelled, every stream worker is kicked
