@@ -18,7 +18,6 @@ This module must not resolve names, touch the filesystem or import trio.
 from __future__ import annotations
 
 import os
-
 import re
 from dataclasses import dataclass
 

@@ -1415,18 +1415,15 @@ def reaches(target: bytes, ident: tuple[int, int]) -> str | None:
     lies in it: a copy there would chase its own output), else None. By identity, not by
     name: a bind mount is another path to the same directory (decisions R51, R52). The walk
     goes up the real path (symlinks, `..` and a relative start resolved), as the kernel would."""
-    path, first = os.path.realpath(target), True
-    while True:
-        try:
-            st: os.stat_result | None = os.stat(path)
-        except OSError:
-            st = None
-        if st is not None and (st.st_dev, st.st_ino) == ident:
-            return "same" if first else "inside"
-        parent = os.path.dirname(path)
-        if parent == path:
-            return None
-        path, first = parent, False
+    path = os.path.realpath(target)
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    if st is not None and (st.st_dev, st.st_ino) == ident:
+        return "same"
+    up = ancestors(path)
+    return "inside" if ident in zip(up[::2], up[1::2]) else None
 
 
 def kernel_abspath(path: bytes) -> bytes:
@@ -1447,13 +1444,14 @@ def kernel_abspath(path: bytes) -> bytes:
     return os.path.abspath(os.path.join(base, rest)) if rest.strip(b"/") else base
 
 
-def ancestors(path: bytes, most: int = 1024) -> list[int]:
-    """The (device, inode) of each directory above `path`'s real path, its parent's first, up
-    to `/` (at most `most`), flat: what a mirror on this machine must not have as its
-    destination, which would hold the source (decisions R59)."""
+def ancestors(path: bytes) -> list[int]:
+    """The (device, inode) of each existing directory above `path`'s real path, its parent's
+    first, up to `/`, flat: where a copy into `path` would be inside it (reaches), and what a
+    mirror on this machine must not have as its destination, which would hold the source
+    (decisions R59)."""
     out: list[int] = []
     path = os.path.realpath(path)
-    while len(out) < 2 * most:
+    while True:
         parent = os.path.dirname(path)
         if parent == path:
             break

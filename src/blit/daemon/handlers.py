@@ -605,7 +605,7 @@ async def handle_stat(s: Session, msg: protocol.Stat) -> protocol.StatReply:
     is_dir = entry is not None and entry.kind == "dir"
     up: list[int] = []
     if s.hold and is_dir:
-        up = await s.fs(fsops.ancestors, os.path.join(os.fsencode(root), *protocol.split_path(msg.path)))
+        up = (await s.fs(fsops.ancestors, os.path.join(os.fsencode(root), *protocol.split_path(msg.path))))[: protocol.MAX_UP]
     return protocol.StatReply(entry=entry, source_dir=list(ident) if s.nest and is_dir else [], source_up=up)
 
 

@@ -164,7 +164,6 @@ def _shut(sock: socket.socket) -> None:
         pass
 
 
-
 @dataclass(frozen=True)
 class ServeInfo:
     """What `serve()` reports through task_status once it accepts connections."""
@@ -364,7 +363,7 @@ async def _handle_control(
     key = unproven.add(scope.cancel, addr)
     try:
         with scope:
-            await _control_connection(state, ssl_ctx, unproven, proven, scope, key, peer, tcp)
+            await _control_connection(state, ssl_ctx, unproven, proven, scope, key, peer, addr, tcp)
         if scope.cancelled_caught:
             await trio.aclose_forcefully(tcp)
     finally:
@@ -381,6 +380,7 @@ async def _control_connection(
     scope: trio.CancelScope,
     key: int,
     peer: str,
+    addr: Any,
     tcp: trio.SocketStream,
 ) -> None:
     stream: trio.abc.Stream = tcp
@@ -395,7 +395,7 @@ async def _control_connection(
             return
         stream = ssl_stream
     conn = control.H2Connection(stream, client_side=False, idle_timeout=IDLE_TIMEOUT)
-    session = handlers.Session(state, peer, _peer_ip(tcp))
+    session = handlers.Session(state, peer, addr)
     state.sessions += 1
     try:
         async with trio.open_nursery() as nursery:

@@ -79,8 +79,8 @@ class Side:
     """The directory at `path` by (device, inode), once `kind` looked at it (a daemon says it
     with FEATURE_NEST): a destination on its machine must not lie inside it (R52)."""
     up: list[int] = []
-    """Its ancestors' (device, inode) pairs, flat (fsops.ancestors; a daemon says them with
-    FEATURE_HOLD): a mirror's destination on its machine must not be one of them (R59)."""
+    """A daemon's directory at `path`: its ancestors' (device, inode) pairs, flat (it says them
+    with FEATURE_HOLD): a mirror's destination on its machine must not be one of them (R59)."""
 
     async def kind(self, path: bytes, follow: bool) -> str | None:
         """"dir", "link" (a symlink a daemon does not follow), "other", or None when missing;
@@ -110,10 +110,7 @@ class LocalSide(Side):
         if not stat.S_ISDIR(st.st_mode):
             return "other"
         if path == self.path:
-            from .. import fsops
-
             self.ident = (st.st_dev, st.st_ino)
-            self.up = fsops.ancestors(path)
         return "dir"
 
     def split(self, path: bytes) -> tuple[bytes, bytes]:
@@ -465,9 +462,14 @@ async def remote_transfer(
                 if r.as_new and not dry_run:
                     summary.finish_with = finish_command(operation, src, dst)
                 await trio.to_thread.run_sync(check_source_readable, local.path, local.trailing_slash, local.label)
+                up = None
+                if operation == "mirror" and local.ident is not None:  # R59: only a mirror deletes
+                    from .. import fsops
+
+                    up = (await trio.to_thread.run_sync(fsops.ancestors, local.path))[: protocol.MAX_UP]
                 done = await push_tree(
                     session, r.src_base, d_ep.module, r.dst_base, r.top, spec, streams, create_base=r.create_dst, counters=counters,
-                    actions=actions, actions_room=room, source_dir=local.ident, source_up=local.up if operation == "mirror" else None,
+                    actions=actions, actions_room=room, source_dir=local.ident, source_up=up,
                 )
             else:
                 assert isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, LocalEndpoint)
