@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from .filters import Filters
-from .fsops import Meta
+from .fsops import IS_ROOT, Meta
 
 
 class Compare(IntEnum):
@@ -38,6 +38,7 @@ class Op(IntEnum):
     HARDLINK = 7  # non-directory with nlink > 1: settled globally by the coordinator
 
 
+_DEVICES = frozenset({stat.S_IFCHR, stat.S_IFBLK})
 CREATES = frozenset({Op.MKDIR, Op.COPY, Op.HASH, Op.SPECIAL, Op.HARDLINK})
 """Ops that may create an entry in the destination directory (which then inherits its default
 ACL, if it has one: fsops.has_default_acl)."""
@@ -154,8 +155,9 @@ def plan_dir(
                 op = up_to_date(m, d, compare, granularity)
         elif kind == IFDIR:
             op = Op.SUBDIR if d is not None else Op.MKDIR
-        elif m.st_nlink > 1:
+        elif m.st_nlink > 1 and (IS_ROOT or kind not in _DEVICES):
             op = Op.HARDLINK  # a symlink, FIFO, socket or device with other names: linked as files are
+            # (a device only as root: otherwise each name is skipped, as a device of one name is)
         elif kind == IFLNK:
             op = Op.SYMLINK
         else:

@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 import os
 import shutil
+import stat
 import struct
 import subprocess
 from pathlib import Path
@@ -424,6 +425,26 @@ def test_pull_lands_or_reports_each_member_of_a_hard_link_group(nobody_tmp: Path
             if landed:
                 assert len(set(landed.values())) == 1, f"landed as separate files: {landed}"
                 assert os.stat(dst / next(iter(landed))).st_nlink == len(landed)
+
+
+@pytest.mark.root
+def test_unprivileged_pull_skips_each_name_of_a_device(nobody_tmp: Path, tmp_path: Path) -> None:
+    """A pull by a plain user: every name of a device node, one of a hard-linked pair too, is
+    skipped with the words a local copy uses (exit 3); the rest lands."""
+    with run_daemon_process(tmp_path, tls=False) as d:
+        src = d.modules["data"] / "devs"
+        src.mkdir()
+        os.mknod(src / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        os.mknod(src / "zero", 0o600 | stat.S_IFCHR, os.makedev(1, 5))
+        os.link(src / "zero", src / "zero2")
+        (src / "f").write_text("f")
+        env = {**d.env, "HOME": str(nobody_tmp / "home")}
+        dst = nobody_tmp / "dst"
+        r = blit(d, "copy", "--no-tls", url(d, "data/devs/"), str(dst), as_nobody=True, env=env)
+        assert r.returncode == 3, (r.stdout, r.stderr)
+        skipped = ": skipped: device nodes are recreated only as root"
+        assert sorted(errors(r)) == sorted(f"blit: {n}{skipped}" for n in ("null", "zero", "zero2")), r.stderr
+        assert sorted(os.listdir(dst)) == ["f"]
 
 
 @pytest.mark.parametrize("direction", ["push", "pull"])
