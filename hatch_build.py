@@ -1,5 +1,5 @@
-"""Build hook: compile blit's C directory comparer, small-file copier and small-file framer
-(src/blit/ffi/_scan.c, _copy.c, _frame.c) with cffi.
+"""Build hook: compile blit's C directory comparer, small-file copier, small-file framer and CBOR
+container counter (src/blit/ffi/_scan.c, _copy.c, _frame.c, _cbor.c) with cffi.
 
 Hatchling runs this for wheels and editable installs. The extension is optional: without a C
 compiler the build still succeeds (with a warning) and blit uses its pure-Python scan. It must

@@ -382,3 +382,48 @@ def test_messages_are_frozen_keyword_only_values() -> None:
         p.Hello(protocol=1)  # type: ignore[call-arg]
     assert dataclasses.replace(a, protocol=3) == p.Hello(protocol=3, software="x")
     assert [f.name for f in dataclasses.fields(p.Hello)] == ["protocol", "software", "features"]
+
+
+def test_a_body_with_too_many_maps_and_arrays_is_refused_before_decoding() -> None:
+    """MAX_CONTAINERS bounds what a body may make the decoder allocate (~60 bytes per map or
+    array, from one byte each); a real manifest part of PART_ENTRIES entries, each with two
+    xattrs, stays well inside it and decodes."""
+    from blit.ffi import scan
+
+    if not scan.HAVE_CMPDIR:
+        pytest.skip("the C module was not built: bodies are not counted")
+    n = p.MAX_CONTAINERS + 1
+    bomb = b"\x9a" + n.to_bytes(4, "big") + b"\x80" * n  # an array of empty arrays
+    with pytest.raises(RemoteProtocolError, match="more than 1048576 maps, arrays and tags") as info:
+        p.decode(p.DirManifest, bomb)
+    assert info.value.code == 413
+    xa = [p.XAttr(name="user.a", value=b"1"), p.XAttr(name="user.b", value=b"")]
+    entries = [
+        p.SrcEntry(name=b"f%d" % i, mode=0o100644, size=1, mtime_ns=1, atime_ns=1, uid=0, gid=0, ino=i, dev=1, nlink=1, rdev=0, blocks=8, xattrs=xa)
+        for i in range(p.PART_ENTRIES)
+    ]
+    wire = p.encode(p.DirManifest(entries=entries, incomplete=False))
+    assert len(wire) > 1 << 20
+    assert scan.cbor_containers(wire, p.MAX_CONTAINERS) == 1 + 1 + p.PART_ENTRIES * (1 + 1 + 2 * 1)
+    assert len(p.decode(p.DirManifest, wire).entries) == p.PART_ENTRIES
+
+
+@pytest.mark.parametrize(
+    ("body", "count"),
+    [
+        (cbor2.dumps({"a": [1, {"b": b"x" * 300}], "c": cbor2.CBORTag(2, b"\x01")}), 4),
+        (bytes([0x9F, 0x01, 0xA0, 0xFF]), 2),  # indefinite array holding a map
+        (bytes([0x5F, 0x41, 0x61, 0xFF]), 0),  # indefinite byte string: no container
+        (bytes([0x9F, 0x01]), -2),  # unterminated: the decoder says why
+        (bytes([0x82, 0x01]), -2),  # an array shorter than its count
+        (bytes([0x9A, 0xFF, 0xFF, 0xFF, 0xFF]), -2),  # a count longer than the body
+        (b"\xff", -2),
+        (b"\x1c", -2),  # a reserved argument encoding
+    ],
+)
+def test_the_container_count_walks_cbor_without_decoding_it(body: bytes, count: int) -> None:
+    from blit.ffi import scan
+
+    if not scan.HAVE_CMPDIR:
+        pytest.skip("the C module was not built")
+    assert scan.cbor_containers(body, 100) == count

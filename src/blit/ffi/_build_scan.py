@@ -1,6 +1,6 @@
 """Compile ``blit.ffi._scan``, the C directory comparer and digester (``_scan.c``), small-file
-copier (``_copy.c``) and small-file framer (``_frame.c``), one translation unit, with cffi's API
-mode.
+copier (``_copy.c``), small-file framer (``_frame.c``) and CBOR container counter (``_cbor.c``),
+one translation unit, with cffi's API mode.
 
 Called at build time by ``hatch_build.py`` (wheel and editable installs) and by hand with
 ``python src/blit/ffi/_build_scan.py``; it writes the extension next to this file. It must not be
@@ -37,8 +37,9 @@ int blit_frame_small(int dfd, int n, const char *names, const int64_t *name_off,
 int blit_scan_packed(int dfd, int flags, char *out, int64_t out_cap, int64_t *rec, int64_t rec_cap,
                      char *names, int64_t names_cap, char *others, int64_t others_cap,
                      int64_t *counts);
+int64_t blit_cbor_containers(const char *body, int64_t len, int64_t limit);
 """
-SOURCES = ("_scan.c", "_copy.c", "_frame.c")
+SOURCES = ("_scan.c", "_copy.c", "_frame.c", "_cbor.c")
 
 
 def build(out_dir: pathlib.Path = HERE) -> pathlib.Path:

@@ -27,7 +27,7 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
-#define BLIT_SCAN_VERSION 14
+#define BLIT_SCAN_VERSION 15
 #define BLIT_CHECK_OWNER 1
 #define BLIT_CHECK_XATTRS 2
 #define BLIT_REC_FIELDS 25

@@ -45,7 +45,7 @@ try:
     from blit.ffi._scan import ffi as _ffi
     from blit.ffi._scan import lib as _lib
 
-    HAVE_CMPDIR = _lib.blit_version() == 14  # a stale build of an older _scan.c is not used
+    HAVE_CMPDIR = _lib.blit_version() == 15  # a stale build of an older _scan.c is not used
     _from_buffer = _ffi.from_buffer
 except ImportError:  # built without a C compiler: the pure-Python path does everything
     HAVE_CMPDIR = False
@@ -263,6 +263,13 @@ def rename_noreplace(old_dir_fd: int, old: bytes, new_dir_fd: int, new: bytes) -
     r = _lib.blit_rename_noreplace(old_dir_fd, old, new_dir_fd, new)
     if r:
         raise OSError(-r, os.strerror(-r), os.fsdecode(new))
+
+
+def cbor_containers(body: bytes, limit: int) -> int:
+    """The maps, arrays and tags in CBOR `body` (its first item), counted without decoding it:
+    -1 as soon as there are more than `limit`, -2 when the walk cannot tell (the decoder then
+    says what is wrong). Only with HAVE_CMPDIR."""
+    return int(_lib.blit_cbor_containers(body, len(body), limit))
 
 
 def open_dir_beneath(dfd: int, path: bytes) -> int:

@@ -49,6 +49,11 @@ MAX_HELLO = 64 << 10
 has not said who it is may make the daemon decode (8 MiB of empty CBOR maps decode to ~600 MiB)."""
 MAX_DEPTH = 8
 """Deepest CBOR nesting a message may use."""
+MAX_CONTAINERS = 1 << 20
+"""Most maps, arrays and tags in one body. Each decodes to a Python object of ~60 bytes from a
+byte of CBOR: 8 MiB of empty maps decode to ~600 MiB. The largest real messages hold a few
+hundred thousand (a manifest part of 50,000 entries with their xattrs)."""
+_COUNT_FROM = 64 << 10  # a smaller body cannot hold MAX_CONTAINERS: not counted
 MAX_PATH = 64 << 10
 """Longest relative path: blit lands trees deeper than PATH_MAX (every syscall is dir-fd relative)."""
 MAX_TARGET = 4096
@@ -1417,6 +1422,8 @@ def decode(cls: type[M], body: bytes, *, max_size: int = MAX_MESSAGE) -> M:
     """
     if len(body) > max_size:
         raise RemoteProtocolError(f"message of {len(body)} bytes is above the limit of {max_size}", 413)
+    if len(body) > _COUNT_FROM and _too_many_containers(body):
+        raise RemoteProtocolError(f"message holds more than {MAX_CONTAINERS} maps, arrays and tags", 413)
     try:
         obj = cbor2.loads(
             body,
@@ -1443,6 +1450,14 @@ def decode(cls: type[M], body: bytes, *, max_size: int = MAX_MESSAGE) -> M:
         raise RemoteProtocolError(f"invalid {cls.__name__}: {exc}", 400) from None
     except RecursionError:
         raise RemoteProtocolError(f"invalid {cls.__name__}: nested too deeply", 400) from None
+
+
+def _too_many_containers(body: bytes) -> bool:
+    """Whether `body` holds more than MAX_CONTAINERS maps, arrays and tags (counted in C; without
+    the C module nothing is counted and cbor2 decodes what it is given)."""
+    from blit.ffi import scan  # noqa: PLC0415 (only bodies above _COUNT_FROM need it)
+
+    return scan.HAVE_CMPDIR and scan.cbor_containers(body, MAX_CONTAINERS) == -1
 
 
 def error_body(code: ErrorCode, message: str) -> bytes:
