@@ -232,6 +232,25 @@ def scan(dir_fd: int, *, source: bool = False) -> tuple[list[tuple[str, os.stat_
     return out, errs
 
 
+def scan_names(dir_fd: int, names: Iterable[str], *, source: bool = False) -> tuple[list[tuple[str, os.stat_result]], list[tuple[str, OSError]]]:
+    """`scan` of only these names of a directory (`SRC` without a slash: the parent's other
+    entries are no part of the transfer, and a failure among them is none of its business).
+    A name that is not there is an error (ENOENT), as one that vanished from a listing is."""
+    out: list[tuple[str, os.stat_result]] = []
+    errs: list[tuple[str, OSError]] = []
+    for name in names:
+        if source and is_tmp_name(name):
+            continue
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if source:
+                check_times(st)
+            out.append((name, st))
+        except OSError as exc:
+            errs.append((name, exc))
+    return out, errs
+
+
 def open_up(dfd: int) -> bool:
     """A read-only destination directory of ours (kept from an earlier run, 0555): made writable
     for the entries about to land in it, as rsync does; its mode is put back when the directory

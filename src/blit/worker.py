@@ -156,7 +156,10 @@ class Worker:
                 if dfd < -1:  # answered
                     return res
             try:
-                entries, errs = fsops.scan(sfd, source=True)
+                if job.only is None:
+                    entries, errs = fsops.scan(sfd, source=True)
+                else:  # `SRC`: its parent's other entries are no part of the run
+                    entries, errs = fsops.scan_names(sfd, job.only, source=True)
             except OSError as exc:
                 res.scan_error = ("scan", _msg(exc))
                 return res

@@ -427,6 +427,37 @@ def test_pull_lands_or_reports_each_member_of_a_hard_link_group(nobody_tmp: Path
                 assert os.stat(dst / next(iter(landed))).st_nlink == len(landed)
 
 
+@pytest.mark.parametrize("where", ["local", "push", "pull"])
+def test_src_without_a_slash_reads_nothing_else_of_its_parent(daemon_process: DaemonProcess, tmp_path: Path, where: str) -> None:
+    """`blit mirror par/src DST`: par's other entries are no part of the run. A sibling whose
+    time blit cannot keep failed the run (exit 3) and stopped mirror's deletions (QA, every
+    topology); so did `blit copy par/file DST`."""
+    d = daemon_process
+    local = tmp_path / "local"
+    par = (d.modules["data"] if where == "pull" else local) / "par"
+    (par / "src" / "d").mkdir(parents=True)
+    (par / "src" / "a").write_text("a")
+    (par / "src" / "d" / "b").write_text("b")
+    (par / "file1").write_text("1")
+    (par / "sibling").touch()
+    os.utime(par / "sibling", ns=(0, 10_413_792_000 * 10**9))  # the year 2300
+    dst_root = d.modules["data"] / "out" if where == "push" else local / "out"
+    (dst_root / "src").mkdir(parents=True)
+    (dst_root / "src" / "extra").write_text("x")
+
+    def end(p: str) -> str:
+        return url(d, f"data/{p}") if where != "local" else str(local / p)
+
+    src = url(d, "data/par/src") if where == "pull" else str(par / "src")
+    one = url(d, "data/par/file1") if where == "pull" else str(par / "file1")
+    r = blit(d, "mirror", src, end("out") if where == "push" else str(dst_root))
+    assert (r.returncode, errors(r)) == (0, []), r.stderr
+    assert sorted(os.listdir(dst_root / "src")) == ["a", "d"]
+    r = blit(d, "copy", one, end("out/one") if where == "push" else str(dst_root / "one"))
+    assert (r.returncode, errors(r)) == (0, []), r.stderr
+    assert (dst_root / "one").read_text() == "1"
+
+
 @pytest.mark.root
 def test_unprivileged_pull_skips_each_name_of_a_device(nobody_tmp: Path, tmp_path: Path) -> None:
     """A pull by a plain user: every name of a device node, one of a hard-linked pair too, is

@@ -31,7 +31,7 @@ import threading
 import time
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -466,13 +466,14 @@ class SourceTree:
         except OSError:
             pass
 
-    def scan(self, rel: str, pack: bool = False) -> DirManifest:
+    def scan(self, rel: str, pack: bool = False, names: Collection[str] | None = None) -> DirManifest:
         """Worker thread: the manifest of directory `rel` (names, lstat, link targets, xattrs)
         in one message, whatever its size (a peer without protocol.FEATURE_PARTS); `pack`:
-        entries without a link target or xattrs go packed (protocol.FEATURE_PACKED)."""
-        return self.scan_parts(rel, pack, split=False)[0]
+        entries without a link target or xattrs go packed (protocol.FEATURE_PACKED); `names`:
+        only these entries (`SRC`: its parent, where nothing else is part of the run)."""
+        return self.scan_parts(rel, pack, split=False, names=names)[0]
 
-    def scan_parts(self, rel: str, pack: bool = False, split: bool = True) -> list[DirManifest]:
+    def scan_parts(self, rel: str, pack: bool = False, split: bool = True, names: Collection[str] | None = None) -> list[DirManifest]:
         """Worker thread: `scan`, in parts of at most protocol.PART_ENTRIES entries and about
         protocol.PART_BYTES each (FEATURE_PARTS), in scan order; every part but the last says
         `more`. Failures travel with the first part; `incomplete` is the directory's."""
@@ -482,13 +483,13 @@ class SourceTree:
             return [DirManifest(entries=[], incomplete=True, failures=[PathFailure(path=_b(rel or "."), op="open", message=_msg(exc))])]
         try:
             base = None if self.base is None else (f"{self.base}/{rel}" if rel else self.base)
-            fast = cscan.scan_packed(dfd) if pack else None
+            fast = cscan.scan_packed(dfd) if pack and names is None else None
             if fast is not None:
                 one = self._scan_packed(rel, dfd, base, *fast)
                 if one is not None:
                     return [one]
             try:
-                entries, errs = fsops.scan(dfd, source=True)
+                entries, errs = fsops.scan(dfd, source=True) if names is None else fsops.scan_names(dfd, names, source=True)
             except OSError as exc:
                 return [DirManifest(entries=[], incomplete=True, failures=[PathFailure(path=_b(rel or "."), op="scan", message=_msg(exc))])]
             failures = [PathFailure(path=_b(_join(rel, n)), op="stat", message=_msg(e)) for n, e in errs]
@@ -2462,6 +2463,15 @@ class TopJob:
     only: dict[str, str] | None = None
 
 
+def _narrowed(manifest: DirManifest, only: dict[str, str]) -> DirManifest:
+    """Pull of `SRC`: the daemon lists SRC's parent whole; only the named entries, their
+    failures and their incompleteness are the run's (QA: a sibling whose time blit cannot keep
+    failed the run and stopped mirror's deletions)."""
+    entries = [e for e in cast("list[Entry]", manifest.entries) if _s(e[0]) in only]
+    failures = [f for f in manifest.failures if _s(f.path.rpartition(b"/")[2]) in only]
+    return dataclasses.replace(manifest, entries=cast("list[SrcEntry]", entries), failures=failures, incomplete=bool(failures), packed=None)
+
+
 def _only_wire(only: dict[str, str] | None) -> list[protocol.Rename] | None:
     if only is None:
         return None
@@ -2769,8 +2779,8 @@ async def push_tree(
         if parts is None:
             if only is None and parts_ok:
                 parts = await trio.to_thread.run_sync(source.scan_parts, rel, packed)
-            else:  # `SRC` (its parent, filtered to one name), or a daemon without FEATURE_PARTS
-                parts = [await trio.to_thread.run_sync(source.scan, rel, packed and only is None)]
+            else:  # `SRC` (its parent, only that name), or a daemon without FEATURE_PARTS
+                parts = [await trio.to_thread.run_sync(source.scan, rel, packed and only is None, only)]
         subdirs: list[tuple[str, str, bool]] = []
         for i, manifest in enumerate(parts):
             subdirs += await visit_part(rel, dst_rel, dst_new, only, manifest, i)
@@ -3164,13 +3174,13 @@ async def pull_tree(
         """One part of one directory's manifest: planned here, its files asked for (by_dir:
         added to `groups` when given, for the caller to ask for)."""
         nonlocal complete, asked
+        if only is not None:
+            manifest = _narrowed(manifest, only)
         if manifest.incomplete:
             complete = False
         for f in manifest.failures:
             sink._fail(_s(f.path), f.op, f.message)
         entries = cast("list[Entry]", manifest.entries)
-        if only is not None:
-            entries = [e for e in entries if _s(e[0]) in only]
         planned = await trio.to_thread.run_sync(
             sink.plan, rel, dst_rel, dst_new, only, entries, manifest.incomplete, cast("Entry | None", manifest.dir_entry), part, manifest.more
         )
