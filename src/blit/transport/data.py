@@ -1048,6 +1048,8 @@ def receive_loop(io: StreamIO, sink: FileSink, stats: StreamStats) -> None:
         while True:
             if landing.stop is not None:
                 landing.check()
+            if io._kicked:  # stopped: the frames still buffered are not landed either (QA: a
+                raise io._closed()  # 1 MiB buffer of tiny files kept landing for seconds)
             if io._rend - io._rpos < FRAME_SIZE:
                 io._fill(FRAME_SIZE)
             kind, _f, _r, fid, offset, length = unpack_from(io._rbuf, io._rpos)
