@@ -67,8 +67,14 @@ class Rule:
     """A directory's path is matched with a `/` after it (a pattern ending in `***`)."""
 
 
+def _quoted(pattern: str) -> str:
+    """A pattern as it was typed, in single quotes (a repr doubled its backslashes); one with a
+    control character or a byte that is not UTF-8 as its repr (one line whatever it holds)."""
+    return f"'{pattern}'" if pattern.isprintable() else repr(pattern)
+
+
 def _bad(pattern: str, why: str) -> UsageError:
-    return UsageError(f"bad filter pattern {pattern!r}: {why}")
+    return UsageError(f"bad filter pattern {_quoted(pattern)}: {why}")
 
 
 def _class(p: bytes, i: int, pattern: str) -> tuple[str, int]:
@@ -164,7 +170,7 @@ def _wild_to_regex(p: bytes, pattern: str) -> str:
 
 def compile_rule(include: bool, pattern: str) -> Rule:
     if not pattern or pattern == "/":
-        raise UsageError(f"empty filter pattern {pattern!r}")
+        raise UsageError(f"empty filter pattern {_quoted(pattern)}")
     p = os.fsencode(pattern)
     dir_only = len(p) > 1 and p.endswith(b"/")
     if dir_only:
