@@ -235,6 +235,11 @@ def _run_list(target: str, *, json_out: bool, tls_enabled: bool, verbose: int, s
                 from .errors import RemoteError
 
                 raise RemoteError("not-found", f"{what}: no such file or directory")
+            if what.trailing_slash and entry.kind != "dir":  # as a transfer's `SRC/` (and ls)
+                from .errors import UsageError
+
+                why = "a symbolic link, which a daemon never follows, not a directory" if entry.kind == "symlink" else "not a directory"
+                raise UsageError(f"{what} is {why}")
             if entry.kind == "dir":
                 entries = await s.list_dir(what.module, path)
             else:
@@ -276,8 +281,8 @@ def _run_list(target: str, *, json_out: bool, tls_enabled: bool, verbose: int, s
 
     from .cli import shown
 
-    def text(name: str) -> str:  # not UTF-8: \xNN; control characters: \#NNN (as -v shows them)
-        return shown(name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+    def text(name: str) -> str:  # control characters and bytes that are not UTF-8: \#NNN, as -v shows them
+        return shown(name)
 
     for r in rows:
         mode = stat_mod.filemode(r["mode"])

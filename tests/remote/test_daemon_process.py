@@ -57,7 +57,8 @@ def test_cli_list_into_a_closed_stdout_says_so_and_fails(daemon_process: DaemonP
 
 def test_cli_list_shows_control_characters_escaped(daemon_process: DaemonProcess) -> None:
     """A name can hold an escape sequence or a newline: `blit list` shows them as -v does
-    (\\#033, \\#012), one line per entry, never raw to a terminal; bytes that are not UTF-8 as \\xNN."""
+    (\\#033, \\#012), one line per entry, never raw to a terminal; bytes that are not UTF-8 too
+    (\\#377, as -v and failure lines show them; it was \\xff)."""
     d = daemon_process
     lst = d.modules["data"] / "lst"
     lst.mkdir()
@@ -69,8 +70,24 @@ def test_cli_list_shows_control_characters_escaped(daemon_process: DaemonProcess
     lines = r.stdout.splitlines()
     assert len(lines) == 3, lines
     text = r.stdout
-    assert "esc\\#033[31mred" in text and "nl -> a\\#012b" in text and "bad -> tgt\\xff" in text
+    assert "esc\\#033[31mred" in text and "nl -> a\\#012b" in text and "bad -> tgt\\#377" in text
     assert "\x1b" not in text
+
+
+def test_cli_list_of_a_file_or_symlink_written_with_a_slash_is_refused(daemon_process: DaemonProcess) -> None:
+    """`blit list HOST:/m/file/` is refused as a transfer's `SRC/` is (and as ls says "Not a
+    directory"), exit 2; it listed the file, exit 0 (QA)."""
+    d = daemon_process
+    lst = d.modules["data"] / "sl"
+    lst.mkdir()
+    (lst / "file").write_text("x")
+    os.symlink("/", lst / "dirlnk")
+    for name, why in (("file", "is not a directory"), ("dirlnk", "is a symbolic link, which a daemon never follows, not a directory")):
+        r = run_cli(d, "list", f"127.0.0.1:{d.port}:/data/sl/{name}/")
+        assert (r.returncode, r.stdout) == (2, ""), r.stderr
+        assert r.stderr.strip().splitlines()[-1] == f"blit: error: 127.0.0.1:{d.port}:/data/sl/{name}/ {why}"
+        r = run_cli(d, "list", f"127.0.0.1:{d.port}:/data/sl/{name}")
+        assert r.returncode == 0 and r.stdout.split()[-1 if name == "file" else -3] == name, r.stdout
 
 
 @pytest.mark.parametrize(
