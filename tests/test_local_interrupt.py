@@ -695,3 +695,49 @@ def test_a_signal_during_start_up_ends_the_run_at_once_with_one_line(tmp_path: P
             assert err.decode().splitlines()[-1].startswith(("blit: interrupted", "blit: error: interrupted")), err.decode()
             assert not [p for p in dst.rglob("*") if p.is_file() and p.stat().st_size != 100], "a half-written file"
     assert codes.count(130) >= 6, codes
+
+
+def test_relinking_a_name_that_already_is_that_link_leaves_no_temporary(tmp_path: Path) -> None:
+    """A hard link made over a name that became the same link meanwhile (another run's, or the
+    daemon still landing for a client that went): rename(2) of the temporary over it did
+    nothing, so the temporary stayed in the group, run after run (QA: a push move rerun at once
+    after an interrupted one left 1,010-6,000 `.blit-*.tmp` FIFOs linked into groups)."""
+    from blit import fsops
+
+    os.mkfifo(tmp_path / "f")
+    os.link(tmp_path / "f", tmp_path / "g")
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fsops.make_hardlink(dfd, "g", dfd, "f", True)
+    finally:
+        os.close(dfd)
+    assert sorted(os.listdir(tmp_path)) == ["f", "g"]
+    assert os.stat(tmp_path / "f").st_nlink == 2
+
+
+def test_a_fresh_link_or_fifo_temporary_is_left_to_the_run_renaming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scan meets another live run's temporary FIFO or symlink (made, not yet renamed into
+    place; it cannot be locked as a file's can): it is left alone and named as held, where it
+    was removed under the other run, whose rename then failed (QA: two pushes of hard-linked
+    FIFOs at once, exit 3 with `No such file or directory`). One older than STALE_OTHER is a
+    dead run's and goes."""
+    from blit import fsops
+
+    fifo, link = fsops.new_tmp_name(), fsops.new_tmp_name()
+    os.mkfifo(tmp_path / fifo)
+    os.symlink("x", tmp_path / link)
+    (tmp_path / "real").write_text("r")
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        entries, _ = fsops.scan(dfd)
+        held: list[str] = []
+        assert list(fsops.without_tmp(dfd, entries, False, held)) == ["real"]
+        assert sorted(held) == sorted([fifo, link])
+        assert sorted(os.listdir(tmp_path)) == sorted([fifo, link, "real"])
+        later = time.time() + fsops.STALE_OTHER + 1
+        monkeypatch.setattr(fsops.time, "time", lambda: later)
+        held.clear()
+        assert list(fsops.without_tmp(dfd, entries, False, held)) == ["real"]
+        assert held == [] and os.listdir(tmp_path) == ["real"]
+    finally:
+        os.close(dfd)

@@ -15,6 +15,7 @@ import errno
 import functools
 import os
 import stat
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Collection, Iterable, Iterator, NamedTuple
 
@@ -1068,19 +1069,30 @@ def is_tmp_name(name: str) -> bool:
     return name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIX) and len(name) == 26
 
 
+STALE_OTHER = 10.0
+"""Seconds after which a temporary that is not a regular file or directory is another run's leftover."""
+
+
 def without_tmp(
     dir_fd: int, entries: list[tuple[str, os.stat_result]], dry_run: bool, held: list[str] | None = None
 ) -> dict[str, os.stat_result]:
     """A scanned destination directory's entries by name, without the temporaries of an
     interrupted run: those are ours to remove (left in place by a dry run, and then listed).
     A temporary directory (make_hidden_dir) or file (hold_tmp) still held by a live run is
-    left to it, unlisted (and its name added to `held`)."""
+    left to it, unlisted (and its name added to `held`). Another kind (a symlink, FIFO or link
+    being renamed into place by _via_tmp: it cannot be locked) is removed only once its inode
+    has not changed for STALE_OTHER seconds: removing a live run's failed its rename (QA:
+    concurrent pushes of hard-linked FIFOs, exit 3)."""
     out = {}
+    now = time.time()
     for name, m in entries:
         if is_tmp_name(name) and not dry_run:
             try:
                 if stat.S_ISDIR(m.st_mode) or stat.S_ISREG(m.st_mode):
                     if not remove_stale(dir_fd, name, stat.S_ISDIR(m.st_mode)) and held is not None:
+                        held.append(name)
+                elif now - m.st_ctime < STALE_OTHER:
+                    if held is not None:
                         held.append(name)
                 else:
                     os.unlink(name, dir_fd=dir_fd)
@@ -1292,6 +1304,12 @@ def _via_tmp(dst_dir: int, name: str, create: Callable[[str], None], finish: Cal
         if finish is not None:
             finish(tmp)
         os.rename(tmp, name, src_dir_fd=dst_dir, dst_dir_fd=dst_dir)
+        # rename(2) does nothing when both names are links to one inode (`name` became the
+        # same link meanwhile, another run's): the temporary would stay in the group (QA).
+        try:
+            os.unlink(tmp, dir_fd=dst_dir)
+        except FileNotFoundError:
+            pass
     except BaseException:
         try:
             os.unlink(tmp, dir_fd=dst_dir)

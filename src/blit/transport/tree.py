@@ -1269,7 +1269,10 @@ class DestTree:
                 continue
             try:
                 m = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                _keeping_times(fd, lambda: fsops.remove_stale(fd, name, stat.S_ISDIR(m.st_mode)))
+                if stat.S_ISDIR(m.st_mode) or stat.S_ISREG(m.st_mode):
+                    _keeping_times(fd, lambda: fsops.remove_stale(fd, name, stat.S_ISDIR(m.st_mode)))
+                else:  # a link or special still there since our scan: no live run is renaming it
+                    _keeping_times(fd, lambda: os.unlink(name, dir_fd=fd))
             except OSError:
                 pass
             finally:
