@@ -109,9 +109,14 @@ def _pair(scan: Any, flags: int, src: str, dst: str, sfd: int, dfd: int, depth: 
     if _stop or len(_results) >= MAX_DIRS:
         return
     got = scan.cmpdir(sfd, dfd, flags)
-    if got is None or got[2] != got[3]:
-        return  # the worker falls back to its own scan here; below it, it compares itself
+    if got is None:
+        return
     _results[(src, dst)] = got
+    if got[2] != got[3]:
+        # Extras or temporaries: the worker falls back to its own scan here, without comparing
+        # the pair a second time (QA: twice over a 300,000-entry directory); below it, it
+        # compares itself.
+        return
     if depth >= 64:
         return
     for name, m, d in sorted(got[4], reverse=True):  # the coordinator's queue is LIFO: last first
