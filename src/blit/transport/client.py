@@ -126,6 +126,10 @@ class RemoteTransfer:
         self.stats: list[data.StreamStats] = []
         self.carriers: list[str] = []
         self._wanted = 1 if lazy else len(self.tokens)  # streams that may connect
+        ttl = opened.expires_ms / 1000
+        self._expires = trio.current_time() + ttl - min(1.0, ttl / 4)
+        """When a stream not yet opened is no longer worth opening: its token expires about then
+        (the daemon's clock started a moment before ours; the margin covers that)."""
         self._no_more = False
         self._wanted_changed = trio.Event()
 
@@ -171,6 +175,13 @@ class RemoteTransfer:
 
         async def one(i: int, token: bytes) -> None:
             if not await self._stream_wanted(i):
+                return
+            if i and trio.current_time() >= self._expires:
+                # Its token has expired (a long --checksum phase, a client stopped a while):
+                # the streams already open carry the transfer. Over HTTP/2 a refused stream
+                # had already taken files from the queue, which then never went ("the data
+                # never arrived": the daemon's refusal comes after the first data).
+                log.info("data stream %d of transfer %d not opened: its token has expired", i + 1, self.id)
                 return
             stats = data.StreamStats(what=f"data stream {i + 1} of transfer {self.id}")
             self.stats.append(stats)
