@@ -741,3 +741,21 @@ def test_a_fresh_link_or_fifo_temporary_is_left_to_the_run_renaming_it(tmp_path:
         assert held == [] and os.listdir(tmp_path) == ["real"]
     finally:
         os.close(dfd)
+
+
+def test_a_local_rerun_removes_a_dead_move_s_fresh_temporaries(tmp_path: Path) -> None:
+    """A local run (which has no end-of-run sweep) removes temporary FIFOs and symlinks at once,
+    however young: after a killed local move its rerun left them for good, the source emptied
+    and no later run looking at that directory again (QA)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "d").mkdir(parents=True)
+    os.mkfifo(src / "d" / "p")
+    os.link(src / "d" / "p", src / "d" / "q")
+    (dst / "d").mkdir(parents=True)
+    from blit import fsops
+
+    os.mkfifo(dst / "d" / fsops.new_tmp_name())
+    os.symlink("x", dst / "d" / fsops.new_tmp_name())
+    run_blit("move", f"{src}/", f"{dst}/", check=0)
+    assert sorted(os.listdir(dst / "d")) == ["p", "q"]
+    assert os.stat(dst / "d" / "p").st_ino == os.stat(dst / "d" / "q").st_ino

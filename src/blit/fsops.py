@@ -1080,9 +1080,11 @@ def without_tmp(
     interrupted run: those are ours to remove (left in place by a dry run, and then listed).
     A temporary directory (make_hidden_dir) or file (hold_tmp) still held by a live run is
     left to it, unlisted (and its name added to `held`). Another kind (a symlink, FIFO or link
-    being renamed into place by _via_tmp: it cannot be locked) is removed only once its inode
-    has not changed for STALE_OTHER seconds: removing a live run's failed its rename (QA:
-    concurrent pushes of hard-linked FIFOs, exit 3)."""
+    being renamed into place by _via_tmp: it cannot be locked) is, for a caller that takes
+    `held` (a daemon's run, which removes what is still there at its end: DestTree._sweep),
+    removed only once its inode has not changed for STALE_OTHER seconds: removing a live run's
+    failed its rename (QA: concurrent pushes of hard-linked FIFOs, exit 3). A local run (no
+    `held`) removes it at once: it would stay for good after a move emptied its source (QA)."""
     out = {}
     now = time.time()
     for name, m in entries:
@@ -1091,9 +1093,8 @@ def without_tmp(
                 if stat.S_ISDIR(m.st_mode) or stat.S_ISREG(m.st_mode):
                     if not remove_stale(dir_fd, name, stat.S_ISDIR(m.st_mode)) and held is not None:
                         held.append(name)
-                elif now - m.st_ctime < STALE_OTHER:
-                    if held is not None:
-                        held.append(name)
+                elif held is not None and now - m.st_ctime < STALE_OTHER:
+                    held.append(name)  # the caller removes it at its end if it is still there
                 else:
                     os.unlink(name, dir_fd=dir_fd)
             except OSError:
