@@ -53,6 +53,30 @@ def test_missing_source(tmp_path: Path, op: str) -> None:
     assert_same_tree(before, snapshot(tmp_path, include_root=False))
 
 
+def test_a_fatal_line_shows_a_name_s_odd_bytes_escaped_on_one_line(tmp_path: Path) -> None:
+    """A newline or a byte that is not UTF-8 in a name a fatal error quotes: one line, the name
+    shown as -v and failure lines show it (a newline split the line; \\udce9 for \\#351, QA)."""
+    for raw, shown in ((b"no\nsuch", "no\\#012such"), (b"caf\xe9", "caf\\#351")):
+        proc = run_blit("copy", os.fsencode(tmp_path) + b"/" + raw, tmp_path / "dst")
+        assert proc.returncode == 2, describe_output(proc)
+        assert _one_error_line(proc).endswith(f"source does not exist: {tmp_path}/{shown}")
+
+
+def test_a_source_below_a_directory_we_may_not_search(nobody_tmp: Path) -> None:
+    """As a plain user, a source inside a directory of mode 000: one line, exit 2 (it was a
+    Python traceback, exit 1, QA)."""
+    par = nobody_tmp / "par"
+    (par / "noread").mkdir(parents=True)
+    (par / "noread" / "y").write_text("y")
+    os.chmod(par / "noread", 0)
+    try:
+        proc = run_blit("copy", par / "noread" / "y", nobody_tmp / "dst", as_nobody=True)
+        assert proc.returncode == 2, describe_output(proc)
+        assert _one_error_line(proc).endswith(f"cannot read source {par}/noread/y: Permission denied")
+    finally:
+        os.chmod(par / "noread", 0o755)
+
+
 @pytest.mark.parametrize(
     ("src", "dst"),
     [("src/", "src/sub/dst"), ("src", "src/dst"), ("src/", "src/sub"), ("src", "src/sub/deeper/x"),

@@ -83,13 +83,17 @@ class _Resolved:
     as_new: bool = False  # a directory lands as a DST that does not exist yet (Summary.finish_with)
 
 
-def _lstat(p: bytes) -> os.stat_result | None:
+def _lstat(p: bytes, what: str | None = None) -> os.stat_result | None:
+    """lstat, None for a name that is not there. Raises UsageError (`what`: the words before
+    the reason) when it cannot be looked at (a parent we may not search: a traceback, QA)."""
     try:
         return os.lstat(p)
     except FileNotFoundError:
         return None
     except NotADirectoryError:
         return None
+    except OSError as exc:
+        raise UsageError(f"{what or f'cannot reach {os.fsdecode(p)}'}: {exc.strerror}") from None
 
 
 def _real(p: bytes) -> bytes:
@@ -124,7 +128,7 @@ def resolve(src: str, dst: str, operation: Operation) -> _Resolved:
         dst_abs = fsops.kernel_abspath(bdst)
     except OSError as exc:
         raise UsageError(f"destination path cannot be reached: {dst} ({exc.strerror})") from None
-    sst = _lstat(src_abs)
+    sst = _lstat(src_abs, f"cannot read source {src}")
     if sst is None:
         raise UsageError(f"source does not exist: {src}")
     if src_slash or (stat.S_ISLNK(sst.st_mode) and src_slash):

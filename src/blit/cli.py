@@ -38,7 +38,7 @@ the process at once (blit.entry)."""
 
 
 def _err(msg: str) -> None:
-    sys.stderr.write(f"blit: error: {msg}\n")
+    sys.stderr.write(f"blit: error: {shown(msg)}\n")  # one line, names escaped as -v shows them
     sys.stderr.flush()
 
 

@@ -19,7 +19,9 @@ from .errors import BlitError
 
 
 def _fail(exc: BlitError) -> typer.Exit:
-    typer.echo(f"blit: error: {exc}", err=True)
+    from .cli import shown
+
+    typer.echo(f"blit: error: {shown(str(exc))}", err=True)  # one line, names escaped as -v shows them
     return typer.Exit(code=exc.exit_code)
 
 
