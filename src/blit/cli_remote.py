@@ -239,9 +239,9 @@ def _run_list(target: str, *, json_out: bool, tls_enabled: bool, verbose: int, s
                 raise RemoteError("not-found", f"{what}: no such file or directory")
             if what.trailing_slash and entry.kind != "dir":  # as a transfer's `SRC/` (and ls)
                 from .errors import UsageError
+                from .transport.remote import not_dir, side_kind
 
-                why = "a symbolic link, which a daemon never follows, not a directory" if entry.kind == "symlink" else "not a directory"
-                raise UsageError(f"{what} is {why}")
+                raise UsageError(f"{what} is {not_dir(side_kind(entry) or 'other')}")
             if entry.kind == "dir":
                 entries = await s.list_dir(what.module, path)
             else:

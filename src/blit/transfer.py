@@ -798,25 +798,12 @@ class LocalTransfer:
 
     def _copy_small(self, job: DirJob, name: str, dname: str, m: Meta, replace: bool, acl: bool) -> int:
         """Worker thread (_Hops): a small first member of a hard-link group copied in one call
-        (what _copy_big does in several hops); returns its destination inode."""
+        (fsops.copy_small, as the worker copies a plain small file; _copy_big takes several
+        hops); returns its destination inode."""
         w = self.worker
-        with fsops.dir_at(w.src_root_fd, job.rel) as sdir:
-            sfd = fsops.open_source(sdir, name)
-        try:
-            with fsops.dir_at(w.dst_root_fd, job.dst_rel) as ddir:
-                landing = fsops.Landing(ddir, stat.S_IMODE(m.st_mode))
-                try:
-                    xattrs = fsops.get_xattrs(sfd)
-                    if not ffi.reflink(sfd, landing.fd) and fsops.copy_range(sfd, landing.fd, 0, m.st_size) < m.st_size:
-                        raise OSError(errno.EAGAIN, fsops.CHANGED_SIZE)
-                    landing.finish_meta(m, xattrs, name, acl_inherited=acl)
-                    landing.commit(dname, replace)
-                except BaseException:
-                    landing.abort()
-                    raise
-                return os.stat(dname, dir_fd=ddir, follow_symlinks=False).st_ino
-        finally:
-            os.close(sfd)
+        with fsops.dir_at(w.src_root_fd, job.rel) as sdir, fsops.dir_at(w.dst_root_fd, job.dst_rel) as ddir:
+            fsops.copy_small(sdir, name, ddir, dname, m, replace, acl_inherited=acl)
+            return os.stat(dname, dir_fd=ddir, follow_symlinks=False).st_ino
 
     def _hop(self) -> _Hops:
         """The run's batcher of short blocking calls (started on first use)."""

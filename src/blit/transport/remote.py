@@ -189,7 +189,7 @@ async def resolve(src: Side, dst: Side) -> Resolved:
         raise UsageError(f"source does not exist: {src.label}")
     src_is_dir = skind == "dir"
     if src.trailing_slash and not src_is_dir:
-        raise UsageError(f"source is {_not_dir(skind)}: {src.label}")
+        raise UsageError(f"source is {not_dir(skind)}: {src.label}")
 
     async def dst_kind(path: bytes) -> str | None:
         try:
@@ -224,7 +224,7 @@ async def resolve(src: Side, dst: Side) -> Resolved:
         dkind = await dst_kind(dst.path)
     if contents:
         if dkind is not None and dkind != "dir":
-            raise UsageError(f"destination exists and is {_not_dir(dkind)}: {dst.label}")
+            raise UsageError(f"destination exists and is {not_dir(dkind)}: {dst.label}")
         return Resolved(src.path, dst.path, TopJob(dst_new=dkind is None), create_dst=dkind is None)
     src_base, name = src.split(src.path)
     if dkind == "dir":
@@ -235,7 +235,7 @@ async def resolve(src: Side, dst: Side) -> Resolved:
         if dkind is not None and src_is_dir:
             raise UsageError(f"cannot overwrite non-directory {dst.label} with directory {src.label}")
         if dkind is not None and dst.trailing_slash:  # cp and rsync: "Not a directory"
-            raise UsageError(f"destination is {_not_dir(dkind)}: {dst.label}")
+            raise UsageError(f"destination is {not_dir(dkind)}: {dst.label}")
         base, dname = dst.split(dst.path)
         if not dname:
             raise UsageError(f"destination {dst.label} names no file")
@@ -281,7 +281,7 @@ def side_kind(entry: protocol.Entry | None) -> str | None:
     return "dir" if entry.kind == "dir" else "link" if entry.kind == "symlink" else "other"
 
 
-def _not_dir(kind: str) -> str:
+def not_dir(kind: str) -> str:
     """What a `kind` other than "dir" is, for a message where a directory was needed."""
     if kind == "link":
         return "a symbolic link, which a daemon never follows, not a directory"

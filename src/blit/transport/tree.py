@@ -2795,9 +2795,7 @@ async def push_tree(
         if manifest.incomplete:
             complete = False
         local_failures.extend(manifest.failures)  # what this side could not read
-        entries = cast("list[Entry]", manifest.entries)
-        if only is not None:
-            entries = [e for e in entries if _s(e[0]) in only]
+        entries = cast("list[Entry]", manifest.entries)  # (`SRC`: scanned for its name alone)
         return protocol.TreeDir(
             transfer=t.id,
             rel=_b(rel),
