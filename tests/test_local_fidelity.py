@@ -626,3 +626,54 @@ def test_many_hard_link_groups_copy_within_a_small_file_descriptor_limit(tmp_pat
     assert (proc.returncode, proc.stderr) == (0, b""), describe_output(proc)
     assert_same_tree(snapshot(src), snapshot(dst))
     assert len({os.stat(p).st_ino for p in dst.rglob("*") if p.is_file()}) == 1000
+
+
+def test_hard_link_groups_are_made_in_batches_not_one_task_and_hop_per_member(tmp_path: Path) -> None:
+    """1,500 groups of three names in three directories, copied, then copied again (all up to
+    date): each lands linked, and the run starts a handful of Trio tasks and thread hops, not one
+    per member. A task, an Event and a hop per member kept the Trio thread busy: 5,000 such
+    groups took 2.1 s against rsync -aH's 0.5 s (R63); the up-to-date rerun made one thread hop
+    per group (1.5-1.9 s against rsync's 0.16 s). Before: 4,500+ tasks, and 1,500+ hops again."""
+    import trio
+
+    import blit
+
+    src = tmp_path / "src"
+    dirs = [src / n for n in "abc"]
+    for d in dirs:
+        d.mkdir(parents=True)
+    for g in range(1500):
+        first = dirs[0] / f"g{g}"
+        first.write_bytes(b"%d" % g)
+        os.utime(first, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000 + g))
+        for d in dirs[1:]:
+            os.link(first, d / f"g{g}")
+    dst = tmp_path / "dst"
+
+    class Count(trio.abc.Instrument):
+        tasks = 0
+
+        def task_spawned(self, task: trio.lowlevel.Task) -> None:
+            Count.tasks += 1
+
+    hops = 0
+    real = trio.to_thread.run_sync
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        nonlocal hops
+        hops += 1
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    for run in ("fresh", "up to date"):
+        Count.tasks, hops = 0, 0
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(trio.to_thread, "run_sync", counted)
+            summary = trio.run(blit.copy, f"{src}/", str(dst), instruments=[Count()])
+        assert summary.failures == [], (run, summary.failures)
+        if run == "fresh":
+            assert (summary.files_copied, summary.links_created) == (1500, 3000), summary
+        else:
+            assert (summary.files_skipped, summary.files_copied, summary.links_created) == (4500, 0, 0), summary
+        assert Count.tasks < 100 and hops < 100, (run, Count.tasks, hops)
+    assert_same_tree(snapshot(src), snapshot(dst))
+    assert len({os.stat(p).st_ino for p in dst.rglob("*") if p.is_file()}) == 1500
