@@ -67,3 +67,63 @@ async def test_options_select_compare_mode_and_filters(tmp_path: Path) -> None:
     summary = await blit.copy(f"{src}/", str(dst), opts)
     assert summary.files_copied == 1
     assert (dst / "keep.c").read_bytes() == b"c\n"
+
+
+async def test_a_directory_made_by_another_program_after_the_scan_is_merged_into(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A destination directory that appears between the scan and blit's mkdir (an app's
+    `mkdir -p`, another run) is used as it is, as rsync does: it failed `mkdir: File exists`
+    and nothing below it was copied (QA: 0 of 500 files, 4 of 4 runs)."""
+    from blit import fsops
+
+    src = make_tree(tmp_path / "src", {"z/f": "1\n", "z/sub/g": "2\n", "a": "x\n"})
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    real = fsops.make_dir
+
+    def racing(parent_fd: int, name: str, acl_inherited: bool = False) -> None:
+        os.mkdir(name, 0o777, dir_fd=parent_fd)  # the other program, just before us
+        real(parent_fd, name, acl_inherited)
+
+    monkeypatch.setattr(fsops, "make_dir", racing)
+    summary = await blit.copy(f"{src}/", str(dst))
+    assert summary.failures == [], summary.failures
+    assert_same_tree(snapshot(src), snapshot(dst))
+
+
+async def test_a_source_whose_first_entry_vanishes_during_the_readable_check_is_copied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The source root's readability check stats one entry; one renamed away meanwhile (an
+    atomic save's temporary) refused the whole run, `cannot read source ...: No such file or
+    directory`, exit 1 (QA: 3 of 30 local runs, 12 of 30 pushes). The next entry does."""
+    src = make_tree(tmp_path / "src", {"tmp1": "t\n", "keep": "k\n"})
+    real = os.scandir
+    calls = 0
+
+    def scandir(path: object = ".") -> object:
+        nonlocal calls
+        calls += 1
+        it = real(path)  # type: ignore[call-overload]
+        if calls > 1:
+            return it
+
+        class Vanishing:
+            def __enter__(self) -> Vanishing:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                it.close()
+
+            def __iter__(self) -> object:
+                for e in it:
+                    if os.path.lexists(src / e.name):
+                        os.unlink(src / e.name)  # the first one goes before its stat
+                        yield e
+                        break
+                yield from it
+
+        return Vanishing()
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    summary = await blit.copy(f"{src}/", str(tmp_path / "dst"))
+    monkeypatch.undo()
+    assert summary.failures == [] and summary.files_copied == 1, summary
+    assert os.listdir(tmp_path / "dst") == ["keep"] and (tmp_path / "dst/keep").read_bytes() == b"k\n"

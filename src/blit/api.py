@@ -266,7 +266,10 @@ def _check_readable(path: bytes, st: os.stat_result, shown: str) -> None:
             try:
                 with os.scandir(fd) as it:
                     for e in it:
-                        e.stat(follow_symlinks=False)  # search (x) permission
+                        try:
+                            e.stat(follow_symlinks=False)  # search (x) permission
+                        except FileNotFoundError:
+                            continue  # gone meanwhile (an atomic save's temporary): the next (QA)
                         break
             finally:
                 os.close(fd)

@@ -324,7 +324,19 @@ class Worker:
                     res.subdirs.append((name, dname, meta_of(m), False, meta_of(d) if d is not None else None))
                 elif op is Op.MKDIR:
                     if not dry:
-                        fsops.make_dir(dfd, dname, acl)
+                        try:
+                            fsops.make_dir(dfd, dname, acl)
+                        except FileExistsError:
+                            # Another program made it since the scan (an app's mkdir -p, another
+                            # run): merged into as an existing directory, as rsync does (QA).
+                            st = os.stat(dname, dir_fd=dfd, follow_symlinks=False)
+                            if not stat.S_ISDIR(st.st_mode):
+                                raise
+                            fsops.sync_xattrs(sfd, name, dfd, dname)
+                            if job.only is not None:
+                                res.dst_top = (st.st_dev, st.st_ino)
+                            res.subdirs.append((name, dname, meta_of(m), False, meta_of(st)))
+                            continue
                         res.changed = True
                         if job.only is not None:
                             st = os.stat(dname, dir_fd=dfd, follow_symlinks=False)
