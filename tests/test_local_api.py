@@ -4,6 +4,7 @@ same trees as the CLI, return a Summary, and raise documented errors on bad inpu
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,32 @@ async def test_a_source_whose_first_entry_vanishes_during_the_readable_check_is_
     monkeypatch.undo()
     assert summary.failures == [] and summary.files_copied == 1, summary
     assert os.listdir(tmp_path / "dst") == ["keep"] and (tmp_path / "dst/keep").read_bytes() == b"k\n"
+
+
+async def test_a_cancelled_large_file_copy_lets_go_of_its_descriptors(tmp_path: Path) -> None:
+    """A caller's cancel scope that ends a run inside a large file's copy: the thread still
+    copying a chunk closes the run's descriptors and drops its unfinished temporary when the
+    chunk is done. They were left open for the life of the process (QA: 7 cancels, 21 fds
+    and 384 MiB held, invisible to du)."""
+    import trio
+
+    big = tmp_path / "src" / "big"
+    big.parent.mkdir()
+    with open(big, "wb") as f:
+        for _ in range(96):
+            f.write(os.urandom(1 << 20))
+    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    before = fds()
+    cut = 0
+    for delay in (0.02, 0.05, 0.1, 0.2, 0.02, 0.05):
+        with trio.move_on_after(delay) as scope:
+            await blit.copy(f"{big.parent}/", str(tmp_path / "dst"))
+        cut += scope.cancelled_caught
+        with trio.move_on_after(10):
+            while fds() > before:
+                await trio.sleep(0.02)
+        assert fds() == before, os.listdir("/proc/self/fd")
+        if (tmp_path / "dst").exists():
+            assert [p.name for p in (tmp_path / "dst").iterdir() if p.name != "big"] == []
+        shutil.rmtree(tmp_path / "dst", ignore_errors=True)
+    assert cut, "no run was cut short"
