@@ -241,6 +241,16 @@ def test_the_source_daemon_checks_the_address_of_the_client_a_pull_is_for(tmp_pa
         assert r.returncode == 1, (r.stdout, r.stderr, a.log())
         assert stderr_lines(r)[-1].endswith("access to module 'other' denied for ::1"), stderr_lines(r)
         assert not (b.modules["data"] / "secret.txt").exists()
+        # B's stat of the source (before tree/open) named its client too: the answer is the
+        # same for paths that exist, that do not, and of every kind, and the unknown-module
+        # line lists no module the client may not use (QA: a missing path said "source does
+        # not exist", `secret.txt/` "is not a directory", and `nosuch` "(modules: data, other, ro)").
+        (a.modules["other"] / "dir").mkdir()
+        for path in ("missing", "secret.txt/", "dir/", "missing/x"):
+            r = blit(b, "copy", f"127.0.0.1:{a.port}:/other/{path}", to_b)
+            assert (r.returncode, stderr_lines(r)[-1:]) == (1, [f"blit: error: the source daemon 127.0.0.1:{a.port} refused: access to module 'other' denied for ::1"]), (path, r.stderr)
+        r = blit(b, "copy", f"127.0.0.1:{a.port}:/nosuch/", to_b)
+        assert stderr_lines(r)[-1].endswith("unknown module 'nosuch' (modules: data, ro)"), r.stderr
         r = blit(b, "copy", f"127.0.0.1:{a.port}:/data/open.txt", to_b)  # a module without rules: as before
         assert r.returncode == 0, (r.stdout, r.stderr)
         assert (b.modules["data"] / "open.txt").read_text() == "for anyone"

@@ -68,13 +68,14 @@ class DaemonState:
     shutting_down: bool = False
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
-    def export(self, name: str, addr: Address | None = None) -> tuple[Path, bool, Access]:
+    def export(self, name: str, addr: Address | None = None, client: Address | None = None) -> tuple[Path, bool, Access]:
         """(root path, read_only, access rules) of a module, "" being the root export. Only
         `Session.module` may hand a module to a request: it applies the access rules.
 
         Raises:
             Refused(UNKNOWN_MODULE): no such module (its name is in the message, with the
-                modules a client at `addr` may use: those `modules` lists it).
+                modules a client at `addr`, and `client` when given, may use: those `modules`
+                lists it).
         """
         if name == "":
             if self.config.root is None:
@@ -82,7 +83,7 @@ class DaemonState:
             return self.config.root, self.config.root_read_only, self.config.root_access
         m: ModuleConfig | None = self.config.module(name)
         if m is None:
-            known = ", ".join(x.name for x in self.config.modules if x.access.allows(addr)) or "none"
+            known = ", ".join(x.name for x in self.config.modules if x.access.allows(addr) and (client is None or x.access.allows(client))) or "none"
             raise Refused(ErrorCode.UNKNOWN_MODULE, f"unknown module {name!r} (modules: {known})")
         return m.path, m.read_only, m.access
 
@@ -448,7 +449,7 @@ class Session:
                 client (or `client`); AUTH_REQUIRED when the module needs `auth` and this
                 session has not.
         """
-        root, read_only, access = self.state.export(name, self.addr)
+        root, read_only, access = self.state.export(name, self.addr, client)
         self.check_address(name, access)
         if client is not None:
             self.check_address(name, access, client)
@@ -570,7 +571,7 @@ def _features(asked: list[str]) -> list[str]:
     from .. import fsops
     from ..ffi import scan
 
-    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_MACHINE, protocol.FEATURE_NEST, protocol.FEATURE_HOLD, protocol.FEATURE_SILENCE) if f in asked]
+    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_CLIENT_STAT, protocol.FEATURE_MACHINE, protocol.FEATURE_NEST, protocol.FEATURE_HOLD, protocol.FEATURE_SILENCE) if f in asked]
     if protocol.FEATURE_DIR_BATCH in asked and protocol.FEATURE_PARTS in asked:
         out.append(protocol.FEATURE_DIR_BATCH)
     if protocol.FEATURE_DIR_DIGEST in asked and scan.HAVE_CMPDIR:
@@ -599,7 +600,7 @@ async def handle_list(s: Session, msg: protocol.ListDir) -> protocol.DirListing:
 
 
 async def handle_stat(s: Session, msg: protocol.Stat) -> protocol.StatReply:
-    root, _ro = s.module(msg.module)
+    root, _ro = s.module(msg.module, _client_of(msg.client))
     protocol.split_path(msg.path)
     entry, ident = await s.fs(contain.stat_path, root, msg.path)
     is_dir = entry is not None and entry.kind == "dir"
@@ -607,6 +608,17 @@ async def handle_stat(s: Session, msg: protocol.Stat) -> protocol.StatReply:
     if s.hold and is_dir:
         up = (await s.fs(fsops.ancestors, os.path.join(os.fsencode(root), *protocol.split_path(msg.path))))[: protocol.MAX_UP]
     return protocol.StatReply(entry=entry, source_dir=list(ident) if s.nest and is_dir else [], source_up=up)
+
+
+def _client_of(text: str) -> Address | None:
+    """The address a pulling daemon acts for (OpenTree.client, Stat.client), which a module's
+    address rules must admit too; None when the request names none."""
+    if not text:
+        return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise Refused(ErrorCode.BAD_REQUEST, f"client: {text!r} is not an IP address") from None
 
 
 async def handle_open_transfer(s: Session, msg: protocol.OpenTransfer) -> protocol.TransferOpened:
@@ -765,13 +777,7 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
         raise Refused(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down")
     if msg.direction not in ("push", "pull") or msg.operation not in ("copy", "mirror", "move"):
         raise Refused(ErrorCode.BAD_REQUEST, "direction must be push or pull; operation copy, mirror or move")
-    client = None
-    if msg.client:  # a daemon pulling for its client: the client's address must pass too
-        try:
-            client = ipaddress.ip_address(msg.client)
-        except ValueError:
-            raise Refused(ErrorCode.BAD_REQUEST, f"client: {msg.client!r} is not an IP address") from None
-    root, read_only = s.module(msg.module, client)
+    root, read_only = s.module(msg.module, _client_of(msg.client))
     if read_only and (msg.direction == "push" or msg.operation == "move"):
         name = f"module {msg.module!r}" if msg.module else "the root export"
         why = ": a move from it would remove its files (copy instead)" if msg.direction == "pull" else ""

@@ -192,6 +192,7 @@ class PeerJob:
             force_h2_data=msg.h2_data,
             timeouts=Timeouts(stall=state.stall),
         ) as a:
+            a.acting_for = self.client
             src = RemoteSide(a, peer.module, peer.path, self.source)
             r = await resolve(src, ModuleSide(self.root, msg.module, msg.path, state.fs_limiter))
             await self._refuse_overlap(a, r)

@@ -55,6 +55,9 @@ class RemoteSession:
         self.timeouts = timeouts
         self.stream_limiter = trio.CapacityLimiter(64)
         self.fs_limiter = trio.CapacityLimiter(8)
+        self.acting_for = ""
+        """A daemon pulling for a client (remote to remote): that client's address, which the
+        source daemon checks its module's rules against too (Stat.client, OpenTree.client)."""
 
     @property
     def peer(self) -> protocol.HelloReply:
@@ -98,7 +101,8 @@ class RemoteSession:
 
     async def stat_reply(self, module: str, path: bytes) -> protocol.StatReply:
         """The entry and, for a directory (FEATURE_NEST), its (device, inode)."""
-        reply: protocol.StatReply = await self.call(protocol.Stat(module=module, path=path))
+        client = self.acting_for if protocol.FEATURE_CLIENT_STAT in self.peer.features else ""
+        reply: protocol.StatReply = await self.call(protocol.Stat(module=module, path=path, client=client))
         return reply
 
     @asynccontextmanager

@@ -370,6 +370,10 @@ class DirListing(Message):
 class Stat(Message):
     module: str = field(metadata=_lim(MAX_NAME))
     path: bytes = field(metadata=_lim(MAX_PATH))
+    client: str = field(default="", metadata=_lim(64, omit=True))
+    """Feature FEATURE_CLIENT_STAT: as OpenTree.client, the address of the client a pulling
+    daemon stats for; the module's address rules must admit it too (QA: without it a client
+    refused by a module learnt through another daemon which of its paths exist)."""
 
 
 @message_class
@@ -608,6 +612,8 @@ class OpenTree(Message):
 
 FEATURE_CLIENT = "client-addr-1"
 """Hello feature: tree/open may carry `client` (OpenTree.client)."""
+FEATURE_CLIENT_STAT = "client-stat-1"
+"""Hello feature: stat may carry `client` (Stat.client)."""
 FEATURE_MACHINE = "machine-1"
 """Hello feature: tree/open names the source's machine (OpenTree.machine on a push,
 TransferOpened.machine on a pull), so that a destination on the same machine can tell an
@@ -1768,7 +1774,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_MACHINE, FEATURE_NEST, FEATURE_HOLD, FEATURE_SILENCE])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_CLIENT_STAT, FEATURE_MACHINE, FEATURE_NEST, FEATURE_HOLD, FEATURE_SILENCE])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""
@@ -2058,6 +2064,7 @@ __all__ = [
     "TreeRemoved",
     "FEATURE_ACTIONS",
     "FEATURE_CLIENT",
+    "FEATURE_CLIENT_STAT",
     "FEATURE_NEST",
     "FEATURE_HOLD",
     "FEATURE_SILENCE",
