@@ -157,6 +157,59 @@ def test_connections_that_never_say_hello_make_room_for_clients(tmp_path: Path, 
         assert "Traceback" not in d.log()
 
 
+_HOLD_FROM_127_0_0_2 = """
+import socket, sys, trio
+real = socket.socket.connect
+def connect(self, addr):
+    if self.family == socket.AF_INET and self.getsockname()[1] == 0:
+        self.bind(("127.0.0.2", 0))
+    return real(self, addr)
+socket.socket.connect = connect
+from blit.endpoint import HostSpec
+from blit.transport import client, protocol
+port, n = int(sys.argv[1]), int(sys.argv[2])
+up = 0
+async def one():
+    global up
+    async with client.open_session(HostSpec("127.0.0.1", port), tls_enabled=True) as s:
+        up += 1
+        while True:
+            await s.call(protocol.ListModules())
+            await trio.sleep(1)
+async def main():
+    with trio.move_on_after(40):
+        async with trio.open_nursery() as nursery:
+            for _ in range(n):
+                nursery.start_soon(one)
+            while up < n:
+                await trio.sleep(0.05)
+            print("up", flush=True)
+trio.run(main)
+"""
+
+
+def test_sessions_from_an_address_no_export_admits_make_room_for_one_it_admits(tmp_path: Path) -> None:
+    """Every module admits 127.0.0.1 only; 127.0.0.2 holds every slot (4) with sessions that
+    list the modules (none for it) every second. A client at 127.0.0.1 still gets in: the
+    oldest session from an address no export admits is ended for it. It was refused, "it may be
+    busy" (QA: 8 such sessions, 10 of 10 tries); rsync's per-module rules let no denied host
+    hold a module's slot."""
+    import sys
+
+    rule = 'hosts_allow = ["127.0.0.1"]'
+    with run_daemon_process(tmp_path, extra="max_connections = 4", module_extra={m: rule for m in ("data", "ro", "other")}) as d:
+        hold = subprocess.Popen([sys.executable, "-c", _HOLD_FROM_127_0_0_2, str(d.port), "4"], env=d.env, stdout=subprocess.PIPE, text=True)
+        try:
+            assert hold.stdout is not None and hold.stdout.readline() == "up\n", d.log()
+            for _ in range(3):
+                r = run_cli(d, "list", f"127.0.0.1:{d.port}:/data")
+                assert r.returncode == 0, (r.stderr, d.log()[-2000:])
+        finally:
+            hold.kill()
+            hold.wait()
+        assert "which no export admits, to make room" in d.log()
+
+
 def test_malformed_config_is_refused_at_start(tmp_path: Path) -> None:
     from .conftest import subprocess_env
 

@@ -90,6 +90,14 @@ class DaemonState:
     def next_id(self) -> int:
         return int(next(self._ids))
 
+    def admits(self, addr: Address | None) -> bool:
+        """Whether any export's address rules admit a client at `addr` (one that none admits
+        can list no module and use none)."""
+        cfg = self.config
+        if cfg.root is not None and cfg.root_access.allows(addr):
+            return True
+        return any(m.access.allows(addr) for m in cfg.modules)
+
     def peer_pull_allowed(self, name: str) -> bool:
         """Whether the config lets clients make this module pull from other daemons."""
         if name == "":

@@ -110,6 +110,17 @@ class _Sessions:
     def remove(self, key: int) -> None:
         self._all.pop(key, None)
 
+    def evict_unadmitted(self, state: handlers.DaemonState) -> handlers.Session | None:
+        """End the oldest session from an address no export admits (it can use nothing here,
+        and held a slot a client could use: QA, 8 of them shut out the one allowed client of a
+        daemon of 8 slots, as rsync's per-module rules would not); the session, or None."""
+        for key, (session, end) in self._all.items():
+            if not state.admits(session.addr):
+                del self._all[key]
+                end()
+                return session
+        return None
+
     def evict_idle(self) -> handlers.Session | None:
         """End the session idle longest, if one has been for IDLE_EVICT with nothing of its own
         running; the session, or None."""
@@ -340,15 +351,20 @@ async def _handle_control(
         connections.acquire_nowait()
     except trio.WouldBlock:
         # Full: the oldest connection still without its hello after UNPROVEN_GRACE makes room,
-        # if there is one; else a session idle for IDLE_EVICT with nothing running (one that
-        # said hello and parked); else the newcomer is refused (the client says: busy).
+        # if there is one; else, for a newcomer some export admits, a session from an address
+        # none admits; else a session idle for IDLE_EVICT with nothing running (one that said
+        # hello and parked); else the newcomer is refused (the client says: busy).
         got = False
         room = own or unproven.evict(min_age=UNPROVEN_GRACE)
         if room:
             _conn_log(logging.INFO, "closed the oldest connection without a hello to make room for %s", peer)
         else:
-            idle = proven.evict_idle()
-            if idle is not None:
+            useless = proven.evict_unadmitted(state) if state.admits(addr) else None
+            idle = proven.evict_idle() if useless is None else None
+            if useless is not None:
+                _conn_log(logging.INFO, "ending %s, which no export admits, to make room for %s", useless.peer, peer)
+                room = True
+            elif idle is not None:
                 _conn_log(logging.INFO, "ending %s, idle for %.0f s, to make room for %s", idle.peer, trio.current_time() - idle.last_request, peer)
                 room = True
         if room:
