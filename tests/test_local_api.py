@@ -157,3 +157,28 @@ async def test_a_cancelled_large_file_copy_lets_go_of_its_descriptors(tmp_path: 
             assert [p.name for p in (tmp_path / "dst").iterdir() if p.name != "big"] == []
         shutil.rmtree(tmp_path / "dst", ignore_errors=True)
     assert cut, "no run was cut short"
+
+
+async def test_arguments_of_the_wrong_type_raise_a_usage_error_and_change_nothing(tmp_path: Path) -> None:
+    """The API raises from blit.errors, whatever it is given (QA: `compare="checksum"` was
+    ignored silently and a changed file of the same size and time was skipped; a bad filter
+    list raised ValueError, options as a dict, an int destination or progress=object()
+    AttributeError). A pathlib.Path or bytes is a path, as os functions take them."""
+    src = make_tree(tmp_path / "src", {"f": "new\n"})
+    dst = make_tree(tmp_path / "dst", {"f": "old\n"})
+    os.utime(dst / "f", ns=(os.stat(src / "f").st_atime_ns, os.stat(src / "f").st_mtime_ns))
+    before = snapshot(tmp_path)
+    for kwargs, why in (
+        ({"options": blit.Options(compare="bogus")}, "options.compare must be a blit.Compare"),  # type: ignore[arg-type]
+        ({"options": blit.Options(filters=["*.o"])}, "options.filters must be a list of"),  # type: ignore[list-item]
+        ({"options": blit.Options(dry_run="yes")}, "options.dry_run must be True or False"),  # type: ignore[arg-type]
+        ({"options": {"dry_run": True}}, "options must be a blit.Options, not dict"),
+        ({"progress": object()}, "progress must be a blit.Progress"),
+    ):
+        with pytest.raises(blit.UsageError, match=why):
+            await blit.copy(f"{src}/", str(dst), **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(blit.UsageError, match="the destination must be a path"):
+        await blit.copy(f"{src}/", 42)  # type: ignore[arg-type]
+    assert_same_tree(before, snapshot(tmp_path))
+    summary = await blit.copy(src / "f", os.fsencode(dst / "f"), blit.Options(compare="checksum"))  # type: ignore[arg-type]
+    assert summary.files_copied == 1 and (dst / "f").read_text() == "new\n", summary

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from .worker import DirJob
 
 Operation = Literal["copy", "mirror", "move"]
+PathArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+"""A path as the library takes it (returned as str, surrogateescape)."""
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Options:
     secrets_file: Path | None = None
 
 
-async def copy(src: str, dst: str, options: Options | None = None, progress: Progress | None = None) -> Summary:
+async def copy(src: PathArg, dst: PathArg, options: Options | None = None, progress: Progress | None = None) -> Summary:
     """Copy SRC to DST (rsync -a semantics, atomic writes). Returns the Summary.
 
     Raises:
@@ -58,7 +60,7 @@ async def copy(src: str, dst: str, options: Options | None = None, progress: Pro
     return await transfer("copy", src, dst, options, progress)
 
 
-async def mirror(src: str, dst: str, options: Options | None = None, progress: Progress | None = None) -> Summary:
+async def mirror(src: PathArg, dst: PathArg, options: Options | None = None, progress: Progress | None = None) -> Summary:
     """Make DST identical to SRC: copy, then delete DST entries absent from SRC (within the filters).
 
     Deletes nothing when any part of SRC could not be read (Summary.deletions_skipped says why).
@@ -66,9 +68,53 @@ async def mirror(src: str, dst: str, options: Options | None = None, progress: P
     return await transfer("mirror", src, dst, options, progress)
 
 
-async def move(src: str, dst: str, options: Options | None = None, progress: Progress | None = None) -> Summary:
+async def move(src: PathArg, dst: PathArg, options: Options | None = None, progress: Progress | None = None) -> Summary:
     """Copy SRC to DST, make sure the data is on disk, then remove each source entry that landed."""
     return await transfer("move", src, dst, options, progress)
+
+
+def _path_arg(what: str, p: object) -> str:
+    """A library caller's path: str, bytes or os.PathLike (a pathlib.Path), as a str."""
+    if isinstance(p, (str, bytes, os.PathLike)):
+        return os.fsdecode(os.fspath(p))
+    raise UsageError(f"the {what} must be a path (str, bytes or os.PathLike), not {type(p).__name__}")
+
+
+def _checked_options(options: object) -> Options:
+    """A library caller's Options, each field of the type it must be (a wrong one was ignored
+    silently: `compare="checksum"` compared by size and time, QA); a Compare may be given by
+    name ("checksum"). Raises UsageError naming the field."""
+    if options is None:
+        return Options()
+    if not isinstance(options, Options):
+        raise UsageError(f"options must be a blit.Options, not {type(options).__name__}")
+    compare = options.compare
+    if isinstance(compare, str) and not isinstance(compare, Compare):
+        try:
+            compare = Compare[compare.upper().replace("-", "_")]
+        except KeyError:
+            compare = None
+    if not isinstance(compare, Compare):
+        names = ", ".join(c.name.lower() for c in Compare)
+        raise UsageError(f"options.compare must be a blit.Compare ({names}), not {options.compare!r}")
+    filters = options.filters
+    if not isinstance(filters, list) or not all(
+        isinstance(f, tuple) and len(f) == 2 and isinstance(f[0], bool) and isinstance(f[1], str) for f in filters
+    ):
+        raise UsageError("options.filters must be a list of (include: bool, pattern: str) pairs")
+    for name in ("dry_run", "record_actions", "tls", "force_h2_data"):
+        if not isinstance(getattr(options, name), bool):
+            raise UsageError(f"options.{name} must be True or False, not {getattr(options, name)!r}")
+    if not isinstance(options.timeouts, Timeouts):
+        raise UsageError(f"options.timeouts must be a blit.Timeouts, not {type(options.timeouts).__name__}")
+    secrets = options.secrets_file
+    if secrets is not None and not isinstance(secrets, (str, os.PathLike)):
+        raise UsageError(f"options.secrets_file must be a path, not {type(secrets).__name__}")
+    if compare is not options.compare or (secrets is not None and not isinstance(secrets, Path)):
+        from dataclasses import replace
+
+        options = replace(options, compare=compare, secrets_file=None if secrets is None else Path(secrets))
+    return options
 
 
 @dataclass
@@ -294,14 +340,17 @@ def _makedirs(path: bytes) -> None:
 
 async def transfer(
     operation: Operation,
-    src: str,
-    dst: str,
+    src: PathArg,
+    dst: PathArg,
     options: Options | None = None,
     progress: Progress | None = None,
 ) -> Summary:
     import trio
 
-    opts = options or Options()
+    src, dst = _path_arg("source", src), _path_arg("destination", dst)
+    opts = _checked_options(options)
+    if progress is not None and not all(callable(getattr(progress, m, None)) for m in ("start", "update", "action", "error", "finish")):
+        raise UsageError(f"progress must be a blit.Progress (start, update, action, error, finish), not {type(progress).__name__}")
     progress = progress or NullProgress()
     from .endpoint import is_local
 
