@@ -4,6 +4,7 @@ stop on SIGTERM/SIGINT within 5 s, also mid-transfer."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -254,6 +255,104 @@ def test_a_mangled_certificate_is_one_line_at_start(tmp_path: Path) -> None:
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("blit:") and "pinned the TLS certificate" not in ln]
     assert len(lines) == 1 and f"certificate {state}/cert.pem or key {state}/key.pem cannot be used" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _start_on_state(tmp: Path, state: Path, prefix: tuple[str, ...] = ()) -> tuple[int | None, str]:
+    """`blit daemon` on `state` as its state directory: (exit code, stderr); None when it
+    started instead (its "listening" line: then it is killed)."""
+    import threading
+
+    from .conftest import subprocess_env
+
+    (tmp / "m").mkdir(exist_ok=True)
+    cfg = tmp / "d.toml"
+    cfg.write_text(f"[daemon]\nbind = '127.0.0.1'\nport = 0\nstate_dir = '{state}'\n[[module]]\nname = 'm'\npath = '{tmp / 'm'}'\n")
+    proc = subprocess.Popen([*prefix, *blit_cmd(), "daemon", "--config", str(cfg), "--no-mdns"],
+                            env=subprocess_env(tmp), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    watchdog = threading.Timer(30, proc.kill)
+    watchdog.start()
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "listening on" in line:
+                proc.kill()
+                proc.wait()
+                return None, "".join(lines)
+        return proc.wait(), "".join(lines)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _state_with_a_pair(state: Path) -> tuple[bytes, bytes]:
+    from blit.transport import tls
+
+    state.mkdir(mode=0o700)
+    cert_pem, key_pem = tls.make_self_signed("test")
+    (state / "cert.pem").write_bytes(cert_pem)
+    (state / "key.pem").write_bytes(key_pem)
+    os.chmod(state / "key.pem", 0o600)
+    return cert_pem, key_pem
+
+
+@pytest.mark.parametrize("case", ["cert-is-a-directory", "key-of-another-user"])
+def test_a_certificate_or_key_the_daemon_cannot_read_is_one_line_at_start(tmp_path: Path, case: str) -> None:
+    """QA pass 5, F3: a cert.pem that is a directory, or a key.pem (0600) the daemon's user may
+    not read (made by an earlier run as root), ended the daemon with a 64-line traceback."""
+    state = tmp_path / "state"
+    _state_with_a_pair(state)
+    prefix: tuple[str, ...] = ()
+    if case == "cert-is-a-directory":
+        (state / "cert.pem").unlink()
+        (state / "cert.pem").mkdir()
+        want = f"blit: error: the daemon's TLS certificate {state}/cert.pem is not a regular file"
+    else:
+        # Another user's 0600 key, and a daemon without the capabilities that let root read
+        # any file: what a daemon run as nobody meets on a state directory root's run made.
+        if os.geteuid() != 0 or not shutil.which("setpriv"):
+            pytest.skip("needs root and setpriv (to drop root's file capabilities)")
+        os.chown(state / "key.pem", 65534, 65534)
+        prefix = ("setpriv", "--inh-caps=-all", "--bounding-set=-all")
+        want = f"blit: error: cannot read the daemon's TLS key {state}/key.pem: Permission denied"
+    rc, err = _start_on_state(tmp_path, state, prefix)
+    assert rc == 1, err
+    assert err.splitlines() == [want], err
+
+
+@pytest.mark.parametrize("gone", ["key.pem", "cert.pem"])
+def test_a_certificate_without_its_key_is_refused_not_replaced(tmp_path: Path, gone: str) -> None:
+    """QA pass 5, F9: with key.pem gone, a new key and certificate were written over cert.pem,
+    and every client then refused the daemon as changed. Both files, or neither."""
+    state = tmp_path / "state"
+    pair = dict(zip(("cert.pem", "key.pem"), _state_with_a_pair(state)))
+    (state / gone).unlink()
+    kept = "key.pem" if gone == "cert.pem" else "cert.pem"
+    rc, err = _start_on_state(tmp_path, state)
+    assert rc == 1, err
+    (line,) = err.splitlines()
+    assert line.startswith("blit: error: ") and f"{state / kept} is there but its" in line and f"{state / gone} is missing" in line, line
+    assert sorted(os.listdir(state)) == [kept] and (state / kept).read_bytes() == pair[kept]
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604], ids=["0644", "0640", "0604"])
+def test_a_key_group_or_others_may_read_is_refused(tmp_path: Path, mode: int) -> None:
+    """QA pass 5, F9: a key.pem of mode 0644 was used without a word (secrets files with that
+    mode are refused). A 0600 one starts."""
+    state = tmp_path / "state"
+    _state_with_a_pair(state)
+    os.chmod(state / "key.pem", mode)
+    rc, err = _start_on_state(tmp_path, state)
+    assert rc == 1, err
+    assert err.splitlines() == [
+        f"blit: error: the daemon's TLS key {state}/key.pem is accessible by group or others (mode {mode:04o}): run chmod 600 on it"
+    ], err
+    os.chmod(state / "key.pem", 0o600)
+    rc, err = _start_on_state(tmp_path, state)
+    assert rc is None and "listening on 127.0.0.1" in err, err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from blit.transport import data, protocol as p, tls
 from blit.transport.client import LocalSink
 from blit.transport.remote import remote_transfer
 
-from .conftest import start_daemon
+from .conftest import DaemonProcess, blit_cmd, run_daemon_process, start_daemon
 from .treeutil import sparse_ok
 
 MiB = 1 << 20
@@ -244,3 +245,59 @@ def test_a_known_hosts_file_that_is_mangled_is_one_line_never_a_new_pin(tmp_path
         assert kh.read_bytes() == text  # nothing pinned
     kh.write_text("127.0.0.1:1 " + fp.upper().replace("SHA256", "SHA256") + "\n")
     assert KnownHosts(kh).check("127.0.0.1:1", fp) is True
+
+
+def _list(d: DaemonProcess, host: str, port: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*blit_cmd(), "list", f"{host}:{port}:/data"], env=d.env, capture_output=True, text=True, timeout=60)
+
+
+def _known_hosts(d: DaemonProcess) -> Path:
+    return Path(d.env["HOME"]) / ".local/share/blit/known_hosts"
+
+
+def test_a_pin_after_a_last_line_without_its_newline_starts_a_line_of_its_own(tmp_path: Path) -> None:
+    """QA pass 5, F4: a known_hosts whose last line had no newline (a hand edit) got the next
+    pin glued onto it, and from then on every connection failed on that line."""
+    with run_daemon_process(tmp_path / "d") as d:
+        assert _list(d, "127.0.0.1", d.port).returncode == 0
+        kh = _known_hosts(d)
+        first = kh.read_text()
+        kh.write_text(first.rstrip("\n"))
+        r = _list(d, "localhost", d.port)
+        assert r.returncode == 0 and "pinned the TLS certificate of localhost" in r.stderr, r.stderr
+        lines = kh.read_text().splitlines()
+        assert kh.read_text().endswith("\n") and lines[0] == first.rstrip("\n") and lines[1].startswith(f"localhost:{d.port} sha256:"), lines
+        r = _list(d, "127.0.0.1", d.port)
+        assert r.returncode == 0 and "pinned" not in r.stderr, r.stderr
+
+
+def test_a_pin_holds_for_every_spelling_of_its_host(tmp_path: Path) -> None:
+    """QA pass 5, F5: pins were keyed by the host as typed, so after a certificate change
+    127.1, 127.000.000.001, LOCALHOST, [0:0:0:0:0:0:0:1] (...) were each "pinned on first use"
+    again and the new certificate was taken. IP literals are keyed by the address the connect
+    reaches, names in lower case; lines already in the file are read the same way."""
+    other = "sha256:" + "0" * 64
+    with run_daemon_process(tmp_path / "v4") as d4, run_daemon_process(tmp_path / "v6", bind="::1") as d6:
+        kh = _known_hosts(d4)
+        kh.parent.mkdir(parents=True)
+        pins = f"127.0.0.1:{d4.port} {other}\nlocalhost:{d4.port} {other}\n[::1]:{d6.port} {other}\n"
+        kh.write_text(pins)
+        for host, port in (("127.1", d4.port), ("127.000.000.001", d4.port), ("[::ffff:127.0.0.1]", d4.port),
+                           ("LOCALHOST", d4.port), ("[0:0:0:0:0:0:0:1]", d6.port), ("[::0:1]", d6.port)):  # fmt: skip
+            r = _list(d4, host, port)
+            assert r.returncode == 1 and "has changed" in r.stderr and "pinned the TLS" not in r.stderr, (host, r.stderr)
+            assert kh.read_text() == pins
+        # Lines written under another spelling (by an older blit) still hold, for the right certificate.
+        real4 = tls.fingerprint_of_file(tmp_path / "v4/state/cert.pem")
+        real6 = tls.fingerprint_of_file(tmp_path / "v6/state/cert.pem")
+        pins = f"127.1:{d4.port} {real4}\nLocalHost:{d4.port} {real4}\n[0::1]:{d6.port} {real6}\n"
+        kh.write_text(pins)
+        for host, port in (("127.0.0.1", d4.port), ("localhost", d4.port), ("[::1]", d6.port)):
+            r = _list(d4, host, port)
+            assert r.returncode == 0 and "pinned" not in r.stderr, (host, r.stderr)
+        assert kh.read_text() == pins
+        # A first use is written in the one spelling.
+        kh.unlink()
+        assert _list(d4, "127.000.000.001", d4.port).returncode == 0
+        assert _list(d4, "[0:0:0:0:0:0:0:1]", d6.port).returncode == 0
+        assert kh.read_text() == f"127.0.0.1:{d4.port} {real4}\n[::1]:{d6.port} {real6}\n"

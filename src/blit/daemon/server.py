@@ -222,6 +222,8 @@ async def serve(config: DaemonConfig, *, task_status: Any = trio.TASK_STATUS_IGN
                 f"the daemon's certificate {cert} or key {key} cannot be used ({getattr(exc, 'reason', None) or exc}); "
                 "remove both to have new ones made (clients will then refuse the new certificate until they drop their pin)"
             ) from None
+        except OSError as exc:  # checked by ensure_certificate; changed since (a race)
+            raise ConfigFileError(f"cannot read the daemon's TLS certificate {cert} or key {key}: {exc.strerror or exc}") from None
     host = None if config.bind in ("", "*") else config.bind
     try:
         control_listeners = await trio.open_tcp_listeners(config.port, host=host)

@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import ssl
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -46,14 +47,32 @@ def default_known_hosts() -> Path:
 
 
 def ensure_certificate(state_dir: Path) -> tuple[Path, Path]:
-    """The daemon's (cert, key) paths, made on first use.
+    """The daemon's (cert, key) paths, made on first use (when neither file exists).
+
+    Both files must be there, or neither: a certificate without its key (or the reverse) is
+    refused, never replaced, since a new certificate makes every client refuse the daemon. The
+    key must not be accessible by group or others (as secrets files); both must be readable.
 
     Raises:
-        ConfigFileError: the state directory cannot be created or written.
+        ConfigFileError: one file without the other, an unreadable file, a key others may read,
+            or a state directory that cannot be created or written.
     """
     cert, key = state_dir / CERT_NAME, state_dir / KEY_NAME
-    if cert.exists() and key.exists():
+    have_cert, have_key = _present(cert, "certificate"), _present(key, "key")
+    if have_cert and have_key:
+        from ..credentials import read_private_file
+
+        _readable(cert)
+        read_private_file(key, "the daemon's TLS key")  # readable, a regular file, mode 0600 or stricter
         return cert, key
+    if have_cert or have_key:
+        there, missing = (cert, key) if have_cert else (key, cert)
+        raise ConfigFileError(
+            f"the daemon's TLS {'certificate' if have_cert else 'key'} {there} is there but its "
+            f"{'key' if have_cert else 'certificate'} {missing} is missing: put it back, or remove "
+            f"{there} too to have a new pair made (clients will then refuse the new certificate "
+            "until they drop their pin)"
+        )
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cert_pem, key_pem = make_self_signed(socket.gethostname())
@@ -62,6 +81,33 @@ def ensure_certificate(state_dir: Path) -> tuple[Path, Path]:
     except OSError as exc:
         raise ConfigFileError(f"cannot write the TLS certificate into {state_dir}: {exc.strerror or exc}") from None
     return cert, key
+
+
+def _readable(cert: Path) -> None:
+    """Refuse a certificate file the daemon cannot read (a directory, another user's 0600 file)
+    with one line, before OpenSSL does with a traceback."""
+    try:
+        fd = os.open(cert, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigFileError(f"the daemon's TLS certificate {cert} is not a regular file")
+            os.read(fd, 1)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ConfigFileError(f"cannot read the daemon's TLS certificate {cert}: {exc.strerror or exc}") from None
+
+
+def _present(path: Path, what: str) -> bool:
+    """Whether `path` exists (through a symlink); a state directory that is a file counts as
+    no files (then writing them says so)."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise ConfigFileError(f"cannot read the daemon's TLS {what} {path}: {exc.strerror or exc}") from None
+    return True
 
 
 def make_self_signed(hostname: str) -> tuple[bytes, bytes]:
@@ -188,8 +234,49 @@ def text_line(exc: UnicodeDecodeError) -> int:
     return bytes(exc.object[: exc.start]).count(b"\n") + 1
 
 
+_INET_ATON = re.compile(r"[0-9][0-9a-fA-FxX.]*")  # might be an IPv4 address libc reads (inet_aton)
+
+
+def pin_host(host: str) -> str:
+    """The spelling of `host` that pins are kept under: an IP literal as the address a connect to
+    it reaches (libc's reading, so `127.1` and `127.000.000.001` are 127.0.0.1, `0:0::1` is ::1,
+    and an IPv4-mapped IPv6 address is its IPv4 address; an IPv6 zone is kept as written), a host
+    name in lower case. No name is looked up."""
+    addr, pct, zone = host.partition("%")
+    try:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(addr)
+    except ValueError:
+        if not _INET_ATON.fullmatch(addr):
+            return host.lower()
+        try:  # what getaddrinfo (trio's connect) makes of an inet_aton form: 127.1, 0x7f.1, 010.1
+            found = socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+            ip = ipaddress.ip_address(found[0][4][0])
+        except (OSError, UnicodeError, ValueError, IndexError):
+            return host.lower()
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None and not pct:
+            return str(ip.ipv4_mapped)
+        return str(ip) + pct + zone
+    return host.lower() if pct else str(ip)
+
+
+def pin_key(netloc: str) -> str:
+    """`host:port` (`[v6]:port`) with its host as `pin_host` writes it; text that is not
+    host:port is left as it is (it matches nothing)."""
+    if netloc.startswith("["):
+        host, sep, port = netloc[1:].partition("]:")
+    else:
+        host, sep, port = netloc.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return netloc
+    host = pin_host(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class KnownHosts:
-    """The client's pins: one `host:port sha256:<hex>` line per daemon. Thread-safe appends."""
+    """The client's pins: one `host:port sha256:<hex>` line per daemon. Thread-safe appends.
+    Hosts are compared as `pin_key` spells them, in the file as in the caller's `host:port`, so
+    one daemon written two ways (`127.1`, `LOCALHOST`) has one pin; new lines are written so."""
 
     _lock = threading.Lock()
 
@@ -214,11 +301,12 @@ class KnownHosts:
                 # A truncated or mangled pin: taking the host as unknown would pin whatever
                 # certificate it presents next (trust on first use, again).
                 raise ConfigFileError(f"{self.path}, line {n}: not a 'host:port sha256:<64 hex digits>' line; remove or fix it")
-            out.append((n, parts[0], parts[1].lower()))
+            out.append((n, pin_key(parts[0]), parts[1].lower()))
         return out
 
     def lookup(self, host: str) -> tuple[int, str] | None:
         """(line, fingerprint) pinned for `host` ("host:port"), if any."""
+        host = pin_key(host)
         for n, h, fp in self._read():
             if h == host:
                 return n, fp
@@ -250,7 +338,11 @@ class KnownHosts:
     def _append(self, host: str, fp: str) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(f"{host} {fp}\n")
+            with open(self.path, "ab+") as f:
+                # A last line without its newline (a hand edit) must not swallow the new pin.
+                end = f.seek(0, os.SEEK_END)
+                f.seek(max(end - 1, 0))
+                sep = b"\n" if end and f.read(1) != b"\n" else b""
+                f.write(sep + f"{pin_key(host)} {fp}\n".encode())
         except OSError as exc:
             raise ConfigFileError(f"cannot record the daemon's certificate in {self.path}: {exc.strerror or exc}") from None
