@@ -11,8 +11,11 @@ The client's `--secrets-file` has one entry per line (docs/cli.md "Authenticatio
     s3cret                           a line that is only a secret: for every other endpoint
 
 Blank lines and lines starting with '#' are skipped; the secret is the rest of the line with
-surrounding blanks removed. The user always comes from the endpoint (`alice@nas:/photos/x`);
-no environment variable is read. This module must not talk to the network.
+surrounding blanks removed. A line is a key line when it has a blank and its first word is
+shaped `user@host:...` (then it must be a valid key); any other line is a secret alone, '@',
+':' and blanks included. No message quotes a line's text (it may hold a secret): messages name
+the file and the line. The user always comes from the endpoint (`alice@nas:/photos/x`); no
+environment variable is read. This module must not talk to the network.
 """
 
 from __future__ import annotations
@@ -25,11 +28,16 @@ from pathlib import Path
 from .errors import ConfigFileError, UsageError
 
 MAX_SECRETS_FILE = 1 << 20
+# A first word shaped user@host:..., followed by more words: a key line (docs/cli.md). A line
+# of one word is always a secret alone, whatever it holds ('me@home:Zebra42').
+_KEYISH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*@[^:\s]*:")
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*@(\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._-]+):(//|[A-Za-z0-9][A-Za-z0-9._-]*)$")
 
 
 def read_private_file(path: Path, what: str, *, owners: tuple[int, ...] | None = None) -> bytes:
-    """The content of a secrets file, refusing one that group or others may access.
+    """The content of a secrets file, refusing one that group or others may access. A symlink is
+    followed, as rsync does (Kubernetes secret volumes, dotfile managers): the checks apply to
+    the file it leads to, as opened (fstat), not to the link.
 
     Args:
         what: how messages name the file ("the secrets file").
@@ -39,7 +47,7 @@ def read_private_file(path: Path, what: str, *, owners: tuple[int, ...] | None =
         ConfigFileError: unreadable, not a regular file, too permissive, wrong owner, too large.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise ConfigFileError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     try:
@@ -82,16 +90,16 @@ def parse_client_secrets(raw: bytes, path: Path) -> tuple[dict[str, bytes], byte
         ConfigFileError: a malformed line (its number named), two default lines, a key twice.
     """
     keyed: dict[str, bytes] = {}
+    lines: dict[str, int] = {}
     default: bytes | None = None
+    default_line = 0
     for n, line in enumerate(raw.split(b"\n"), 1):
         text = line.strip()
         if not text or text.startswith(b"#"):
             continue
         words = text.split(None, 1)
         key = words[0].decode("utf-8", "surrogateescape")
-        if _KEY.match(key):
-            if len(words) < 2:
-                raise ConfigFileError(f"the secrets file {path}, line {n}: {key} has no secret after it")
+        if len(words) == 2 and _KEY.match(key):
             k_user, _, k_where = key.partition("@")
             if k_where.endswith("://"):
                 k_host, k_module = k_where[:-3], "//"
@@ -99,17 +107,21 @@ def parse_client_secrets(raw: bytes, path: Path) -> tuple[dict[str, bytes], byte
                 k_host, _, k_module = k_where.rpartition(":")
             norm = f"{k_user}@{k_host.lower()}:{k_module}"
             if norm in keyed:
-                raise ConfigFileError(f"the secrets file {path}, line {n}: {key} appears twice")
+                raise ConfigFileError(f"the secrets file {path}, line {n}: the same key as line {lines[norm]}")
             keyed[norm] = words[1].strip()
-        else:
-            if len(words) == 2 and "@" in key:  # a key mistyped (a port, a '/'): never a secret for every daemon
-                raise ConfigFileError(
-                    f"the secrets file {path}, line {n}: {key} is not a user@host:module key "
-                    "(no port, no '/': alice@nas:photos, alice@nas:// for the root export)"
-                )
-            if default is not None:
-                raise ConfigFileError(f"the secrets file {path}, line {n}: a second line with a secret alone")
-            default = text
+            lines[norm] = n
+            continue
+        if len(words) == 2 and _KEYISH.match(key):
+            # A key mistyped (a port, a '/'): never a secret for every daemon. The line may hold
+            # a secret, so the message names the line, never its text.
+            raise ConfigFileError(
+                f"the secrets file {path}, line {n}: its first word looks like a user@host:module key but"
+                " is not one (no port, no '/': alice@nas:photos, alice@nas:// for the root export);"
+                " a secret alone that starts so must follow a key instead"
+            )
+        if default is not None:
+            raise ConfigFileError(f"the secrets file {path}, line {n}: a second line with a secret alone (the first: line {default_line})")
+        default, default_line = text, n
     return keyed, default
 
 

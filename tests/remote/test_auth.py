@@ -244,13 +244,69 @@ def test_secrets_file_lines_are_checked(tmp_path: Path) -> None:
 @pytest.mark.parametrize("line", ["alice@127.0.0.1:/priv wonderland", "alice@127.0.0.1:9031:priv wonderland"])
 def test_a_mistyped_client_secrets_key_is_named_not_taken_for_the_default_secret(tmp_path: Path, line: str) -> None:
     """A key written as the endpoint is (a '/', a port) became the secret for every daemon,
-    and the run failed with a bare 'authentication failed'."""
+    and the run failed with a bare 'authentication failed'. The message names the line, never
+    its text (which may be a secret: QA pass 5, F6)."""
     from blit.credentials import parse_client_secrets
     from blit.errors import ConfigFileError
 
-    with pytest.raises(ConfigFileError, match=r"line 2: alice@127\.0\.0\.1:\S+ is not a user@host:module key"):
+    with pytest.raises(ConfigFileError, match=r"line 2: its first word looks like a user@host:module key but is not one") as exc:
         parse_client_secrets(f"# mine\n{line}\n".encode(), tmp_path / "s")
+    assert "wonderland" not in str(exc.value) and "alice@127" not in str(exc.value)
     assert parse_client_secrets(b"just-a-secret\n", tmp_path / "s") == ({}, b"just-a-secret")
+    for text, problem in ((b"a@h:m Qx1\na@H:m Qy2\n", "line 2: the same key as line 1"),
+                          (b"P@ss Qx1\nP@ss Qy2\n", "line 2: a second line with a secret alone \\(the first: line 1\\)")):  # fmt: skip
+        with pytest.raises(ConfigFileError, match=problem) as exc:
+            parse_client_secrets(text, tmp_path / "s")
+        assert not any(w in str(exc.value) for w in ("Qx1", "Qy2", "P@ss")), exc.value
+
+
+AT_SECRETS = {"alice": "P@ssw0rd 2024", "bob": "me@home:Zebra42"}
+
+
+def test_a_secret_alone_may_hold_at_signs_colons_and_blanks(tmp_path: Path) -> None:
+    """QA pass 5, F6: docs/cli.md allows "a line that is only the secret", but one holding '@'
+    was refused ('P@ssw0rd 2024': "P@ssw0rd is not a user@host:module key"; 'me@home:Zebra42':
+    "has no secret after it"), and the message printed the secret."""
+    secrets = tmp_path / "d" / "daemon-secrets"
+    secrets.parent.mkdir()
+    secrets.write_text("".join(f"{u}:{s}\n" for u, s in AT_SECRETS.items()))
+    secrets.chmod(0o600)
+    with run_daemon_process(tmp_path / "d", extra=f'secrets_file = "{secrets}"', module_extra={"data": 'auth_users = ["alice", "bob"]'}) as d:
+        (d.modules["data"] / "seen").write_text("x")
+        for user, secret in AT_SECRETS.items():
+            creds = client_secrets(tmp_path, f"# {user}\n{secret}\n")
+            r = blit(d, "list", f"{user}@127.0.0.1:{d.port}:/data", "--secrets-file", str(creds))
+            assert r.returncode == 0 and "seen" in r.stdout, r.stderr
+            creds.write_text("Zebra42\n")  # a wrong secret alone: refused, and nothing quotes the file
+            r = blit(d, "list", f"{user}@127.0.0.1:{d.port}:/data", "--secrets-file", str(creds))
+            assert r.returncode == 1 and errors(r) == ["blit: error: authentication failed for module 'data'"], r.stderr
+
+
+def test_secrets_files_reached_through_a_symlink_are_read_and_checked_at_their_target(tmp_path: Path) -> None:
+    """QA pass 5, F8: a secrets file behind a symlink (Kubernetes secret volumes, dotfile
+    managers) was refused on both ends with "Too many levels of symbolic links". rsync follows
+    it; so does blit, and the mode and owner checks are the target's (a link is 0777)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "daemon.secrets").write_text(f"alice:{SECRET}\n")
+    (real / "client.secrets").write_text(f"{SECRET}\n")
+    for f in real.iterdir():
+        f.chmod(0o600)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "daemon.secrets").symlink_to("../real/daemon.secrets")
+    link = tmp_path / "client.secrets"
+    link.symlink_to("real/client.secrets")
+    with run_daemon_process(tmp_path / "d", extra=f'secrets_file = "{tmp_path / "d" / "daemon.secrets"}"',
+                            module_extra={"data": 'auth_users = ["alice"]'}) as d:  # fmt: skip
+        r = blit(d, "list", f"alice@127.0.0.1:{d.port}:/data", "--secrets-file", str(link))
+        assert r.returncode == 0, r.stderr
+        (real / "client.secrets").chmod(0o644)
+        r = blit(d, "list", f"alice@127.0.0.1:{d.port}:/data", "--secrets-file", str(link))
+        assert r.returncode == 1
+        assert errors(r) == [f"blit: error: the secrets file {link} is accessible by group or others (mode 0644): run chmod 600 on it"]
+    (real / "daemon.secrets").chmod(0o640)
+    with pytest.raises(ConfigError, match=r"secrets file .*daemon\.secrets is accessible by group or others \(mode 0640\)"):
+        load_config(d.config_path)
 
 
 # --- the protocol itself, on raw HTTP/2 (an in-process daemon) ---------------------------------
