@@ -183,17 +183,27 @@ def test_an_export_inside_a_looser_one_is_named_at_start(tmp_path: Path) -> None
     silent). Modules side by side, or an inner one that is no stricter, are not named."""
     from blit.daemon.server import _overlaps
 
-    for d in ("srv/ro", "srv/lan", "srv/plain", "side"):
+    for d in ("srv/ro", "srv/lan", "srv/plain", "side", "wide/narrow", "mal/ali"):
         (tmp_path / d).mkdir(parents=True)
+    secrets = tmp_path / "secrets"
+    secrets.write_text("alice:a\nmallory:m\n")
+    secrets.chmod(0o600)
     cfg = load_config(write(tmp_path, (
         "[daemon]\nroot = 'srv'\n"
         "[[module]]\nname = 'ro'\npath = 'srv/ro'\nread_only = true\n"
         "[[module]]\nname = 'lan'\npath = 'srv/lan'\nhosts_allow = ['10.0.0.0/8']\n"
         "[[module]]\nname = 'plain'\npath = 'srv/plain'\n"
         "[[module]]\nname = 'side'\npath = 'side'\nread_only = true\n"
+        # QA: an outer export with other address rules, or other users, was not named
+        "[[module]]\nname = 'wide'\npath = 'wide'\nhosts_allow = ['0.0.0.0/0']\n"
+        "[[module]]\nname = 'narrow'\npath = 'wide/narrow'\nhosts_allow = ['127.0.0.1']\n"
+        f"[[module]]\nname = 'mal'\npath = 'mal'\nauth_users = ['mallory']\nsecrets_file = '{secrets}'\n"
+        f"[[module]]\nname = 'ali'\npath = 'mal/ali'\nauth_users = ['alice']\nsecrets_file = '{secrets}'\n"
     )))  # fmt: skip
     assert sorted(_overlaps(cfg)) == [
+        ("module 'ali'", "module 'mal'", "open to other users"),
         ("module 'lan'", "the root export", "open to any address"),
+        ("module 'narrow'", "module 'wide'", "under other address rules"),
         ("module 'ro'", "the root export", "writable"),
     ]
 

@@ -521,8 +521,9 @@ async def _handle_h2_data(session: handlers.Session, st: control.H2Stream) -> No
 
 def _overlaps(config: DaemonConfig) -> list[tuple[str, str, str]]:
     """(inner export, outer export, how the outer is looser) of every export whose directory
-    lies inside another's that guards it less: writable around a read-only one, without the
-    credentials or address rules it has. Each export's rules hold for its own name only (as
+    lies inside another's that guards it less or otherwise: writable around a read-only one,
+    without the credentials it asks or open to other users, without its address rules or with
+    other ones. Each export's rules hold for its own name only (as
     rsyncd's modules), so the inner one's files are reachable through the outer with the
     outer's rules: the daemon says so at start (a QA pass found it silent)."""
     exports = [("the root export", config.root, config.root_read_only, config.root_access)] if config.root is not None else []
@@ -538,7 +539,14 @@ def _overlaps(config: DaemonConfig) -> list[tuple[str, str, str]]:
                 for what, yes in (
                     ("writable", iro and not oro),
                     ("open without credentials", iacc.needs_auth and not oacc.needs_auth),
+                    ("open to other users", iacc.needs_auth and oacc.needs_auth and bool(set(oacc.auth_users) - set(iacc.auth_users))),
                     ("open to any address", bool(iacc.hosts_allow or iacc.hosts_deny) and not (oacc.hosts_allow or oacc.hosts_deny)),
+                    (  # not proved looser (address sets), but other rules: QA found 0.0.0.0/0 around 127.0.0.1 silent
+                        "under other address rules",
+                        bool(iacc.hosts_allow or iacc.hosts_deny)
+                        and bool(oacc.hosts_allow or oacc.hosts_deny)
+                        and (set(oacc.hosts_allow), set(oacc.hosts_deny)) != (set(iacc.hosts_allow), set(iacc.hosts_deny)),
+                    ),
                 )
                 if yes
             ]
