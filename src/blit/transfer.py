@@ -23,9 +23,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 
@@ -38,7 +37,6 @@ from .stall import StallGuard, Timeouts, run_stoppable
 from .worker import DirJob, DirResult, RunSpec, StopFlag, Worker, frame
 
 CHUNK = 32 << 20  # bytes per thread hop when copying a large file
-T = TypeVar("T")
 LINK_COPIES = 32  # hard-link groups whose first member copies at once (trio's thread limit is 40)
 LINK_SMALL = 1 << 20  # a first member up to this size is copied in one call (a batch of them per thread hop)
 HOP_BATCH = 256  # hard-link members made per thread hop (R63)
@@ -306,9 +304,10 @@ class LocalTransfer:
         self.link_sources: dict[str, tuple[str, list[tuple[str, Meta]]]] = {}
         self.big_limiter = trio.CapacityLimiter(self.planner.big_jobs)
         self.link_limiter = trio.CapacityLimiter(LINK_COPIES)
-        self.hop_limiter = trio.CapacityLimiter(HOP_THREADS)
         """First members of hard-link groups being copied at once (each holds three fds while it
         copies: 20,000 groups at once ran out of file descriptors, QA)."""
+        self.hop_limiter = trio.CapacityLimiter(HOP_THREADS)
+        """Thread hops making hard-link members (HOP_BATCH each) at once."""
         self.bytes_done = 0
         self.files_done = 0
         self.files_planned = 0
@@ -725,9 +724,9 @@ class LocalTransfer:
 
     async def _links_of_dir(self, node: Node, job: DirJob, members: list[_Member]) -> None:
         """The hard-link members of one directory that need no per-member care (R63): its
-        first members that are new small regular files (copied, HOP_BATCH per thread hop),
-        then the members whose first lands elsewhere (linked, HOP_BATCH per hop, once their
-        firsts have landed). One task per directory: a task, an Event and a hop per member
+        first members that are small regular files, new or out of date (copied) or up to date
+        (settled), HOP_BATCH per thread hop (`_first_op`); then the members whose first lands
+        elsewhere (linked, HOP_BATCH per hop, once their firsts have landed). One task per directory: a task, an Event and a hop per member
         kept the Trio thread busy (5,000 groups of three: 2.1 s against rsync -aH's 0.5 s).
         A member whose first failed is handed to `_hardlink`, which copies it as the new first."""
         try:
