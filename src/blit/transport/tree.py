@@ -2534,6 +2534,7 @@ async def _walk(
             changed.set()
             changed = trio.Event()
 
+    batches = 0
     async with trio.open_nursery() as nursery:
         while (stack or active) and not errors:
             while stack and active < WALK_CONCURRENCY and not errors:
@@ -2541,7 +2542,11 @@ async def _walk(
                 job, full = stack.pop()
                 if many is not None and not full and (group is None or job[2]):
                     batch = [job]
-                    while len(batch) < protocol.BATCH_DIRS and stack and not stack[-1][1] and (group is None or stack[-1][0][2]):
+                    # The first batches small (1, 2, 4, ...): the data starts while later
+                    # directories are still listed and planned.
+                    limit = min(protocol.BATCH_DIRS, 1 << batches)
+                    batches += 1
+                    while len(batch) < limit and stack and not stack[-1][1] and (group is None or stack[-1][0][2]):
                         batch.append(stack.pop()[0])
                     nursery.start_soon(run, batch, True if len(batch) == 1 else None)
                     continue
