@@ -604,28 +604,32 @@ def test_hard_linked_symlinks_fifos_sockets_and_devices_stay_linked(tmp_path: Pa
 
 
 def test_many_hard_link_groups_copy_within_a_small_file_descriptor_limit(tmp_path: Path) -> None:
-    """1,000 groups of two names in different directories, under `ulimit -n 256`: every group
-    lands linked. Each group's first member held three descriptors while it copied, all groups
-    at once: 20,000 groups failed with "Too many open files" under the usual 20,000 (QA); 1,000
-    failed 792 members here."""
+    """3,000 groups of three names spread over 300 directories, under `ulimit -n 56`: every
+    group lands linked. Each group's first member held three descriptors while it
+    copied, all groups at once: 20,000 groups failed with "Too many open files" under the usual
+    20,000 (QA); 1,000 failed 792 members under 256. Then (R63) each link hop kept up to 17
+    directories open, four hops at once: QA's tree failed under 64, this one 3 of 4 times."""
     import resource
 
     src = tmp_path / "src"
-    for k in range(20):
-        (src / f"g{k:02d}").mkdir(parents=True)
-    for g in range(1000):
-        first = src / f"g{g % 20:02d}" / f"h{g:04d}"
+    dirs = [src / f"d{k % 4}" / f"e{k:03d}" for k in range(300)]
+    for d in dirs:
+        d.mkdir(parents=True)
+    rnd = random.Random(7)
+    for g in range(3000):
+        first = rnd.choice(dirs) / f"h{g:04d}"
         first.write_bytes(b"z" * (g % 300))
-        os.link(first, src / f"g{(g + 7) % 20:02d}" / f"l{g:04d}")
+        for k in range(2):
+            os.link(first, rnd.choice(dirs) / f"l{g:04d}_{k}")
     dst = tmp_path / "dst"
 
     def small_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (56, 56))
 
     proc = subprocess.run([BLIT, "copy", f"{src}/", str(dst)], env=BLIT_ENV, capture_output=True, timeout=120, preexec_fn=small_limit)
     assert (proc.returncode, proc.stderr) == (0, b""), describe_output(proc)
     assert_same_tree(snapshot(src), snapshot(dst))
-    assert len({os.stat(p).st_ino for p in dst.rglob("*") if p.is_file()}) == 1000
+    assert len({os.stat(p).st_ino for p in dst.rglob("*") if p.is_file()}) == 3000
 
 
 def test_hard_link_groups_are_made_in_batches_not_one_task_and_hop_per_member(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ LINK_COPIES = 32  # hard-link groups whose first member copies at once (trio's t
 LINK_SMALL = 1 << 20  # a first member up to this size is copied in one call (a batch of them per thread hop)
 HOP_BATCH = 256  # hard-link members made per thread hop (R63)
 HOP_THREADS = 4  # such hops at once
+LINK_DIRS_OPEN = 4  # first members' directories a link hop keeps open (besides its own)
 _Member = tuple[str, str, Meta, "Meta | None", Op]
 """A hard-link member for `_links_of_dir`: name, dname, source, destination (None), and what
 it is: a first member to copy (COPY) or found up to date (SAME), or one to link (HARDLINK)."""
@@ -875,7 +876,7 @@ class LocalTransfer:
     def _link_many(self, dst_rel: str, items: list[tuple[str, str, str, bool]]) -> list[OSError | None]:
         """Worker thread: each (name, first's directory, first's name, replace) linked in
         directory `dst_rel`; None or the error, per item. The firsts' directories stay open
-        for the batch (a few at a time)."""
+        for the batch, LINK_DIRS_OPEN at a time."""
         w = self.worker
         dirs: dict[str, int] = {}
         try:
@@ -888,7 +889,7 @@ class LocalTransfer:
                 try:
                     fdir = dirs.get(first_dir)
                     if fdir is None:
-                        if len(dirs) >= 16:
+                        if len(dirs) > LINK_DIRS_OPEN:  # (QA: 16 each, 4 hops, failed under ulimit -n 64)
                             for rel, fd in list(dirs.items()):
                                 if rel != dst_rel:
                                     os.close(fd)
