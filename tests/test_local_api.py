@@ -174,6 +174,11 @@ async def test_arguments_of_the_wrong_type_raise_a_usage_error_and_change_nothin
         ({"options": blit.Options(dry_run="yes")}, "options.dry_run must be True or False"),  # type: ignore[arg-type]
         ({"options": {"dry_run": True}}, "options must be a blit.Options, not dict"),
         ({"progress": object()}, "progress must be a blit.Progress"),
+        # QA pass 7: a stall of "5" raised a bare TypeError (after making the destination), 0 or -1
+        # failed every file as stalled, NaN was taken
+        ({"options": blit.Options(timeouts=blit.Timeouts(stall="5"))}, "options.timeouts.stall must be a number"),  # type: ignore[arg-type]
+        ({"options": blit.Options(timeouts=blit.Timeouts(stall=0))}, "options.timeouts.stall must be a number"),
+        ({"options": blit.Options(timeouts=blit.Timeouts(stall=float("nan")))}, "options.timeouts.stall must be a number"),
     ):
         with pytest.raises(blit.UsageError, match=why):
             await blit.copy(f"{src}/", str(dst), **kwargs)  # type: ignore[arg-type]
@@ -182,3 +187,5 @@ async def test_arguments_of_the_wrong_type_raise_a_usage_error_and_change_nothin
     assert_same_tree(before, snapshot(tmp_path))
     summary = await blit.copy(src / "f", os.fsencode(dst / "f"), blit.Options(compare="checksum"))  # type: ignore[arg-type]
     assert summary.files_copied == 1 and (dst / "f").read_text() == "new\n", summary
+    summary = await blit.copy(src / "f", dst / "f", blit.Options(compare="ignore-times", secrets_file=b"/nonexistent"))  # type: ignore[arg-type]
+    assert summary.files_copied == 1, summary  # --ignore-times by its flag's name; a bytes path taken

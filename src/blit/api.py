@@ -11,6 +11,7 @@ This module never prints and never exits; it returns a Summary or raises from bl
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from dataclasses import dataclass, field
@@ -89,13 +90,10 @@ def _checked_options(options: object) -> Options:
     if not isinstance(options, Options):
         raise UsageError(f"options must be a blit.Options, not {type(options).__name__}")
     compare = options.compare
-    if isinstance(compare, str) and not isinstance(compare, Compare):
-        try:
-            compare = Compare[compare.upper().replace("-", "_")]
-        except KeyError:
-            compare = None
+    if isinstance(compare, str) and not isinstance(compare, Compare):  # as the CLI's flags say it too
+        compare = _COMPARE_NAMES.get(compare.lower().replace("_", "-"))
     if not isinstance(compare, Compare):
-        names = ", ".join(c.name.lower() for c in Compare)
+        names = ", ".join(sorted(_COMPARE_NAMES))
         raise UsageError(f"options.compare must be a blit.Compare ({names}), not {options.compare!r}")
     filters = options.filters
     if not isinstance(filters, list) or not all(
@@ -107,14 +105,28 @@ def _checked_options(options: object) -> Options:
             raise UsageError(f"options.{name} must be True or False, not {getattr(options, name)!r}")
     if not isinstance(options.timeouts, Timeouts):
         raise UsageError(f"options.timeouts must be a blit.Timeouts, not {type(options.timeouts).__name__}")
+    stall = options.timeouts.stall
+    if isinstance(stall, bool) or not isinstance(stall, (int, float)) or not 0 < stall <= math.inf or stall != stall:
+        raise UsageError(f"options.timeouts.stall must be a number of seconds above 0, not {stall!r}")
     secrets = options.secrets_file
-    if secrets is not None and not isinstance(secrets, (str, os.PathLike)):
+    if secrets is not None and not isinstance(secrets, (str, bytes, os.PathLike)):
         raise UsageError(f"options.secrets_file must be a path, not {type(secrets).__name__}")
     if compare is not options.compare or (secrets is not None and not isinstance(secrets, Path)):
         from dataclasses import replace
 
-        options = replace(options, compare=compare, secrets_file=None if secrets is None else Path(secrets))
+        options = replace(options, compare=compare, secrets_file=None if secrets is None else Path(os.fsdecode(secrets)))
     return options
+
+
+_COMPARE_NAMES = {
+    "size-mtime": Compare.SIZE_MTIME,
+    "checksum": Compare.CHECKSUM,
+    "size-only": Compare.SIZE_ONLY,
+    "ignore-times": Compare.ALWAYS,
+    "always": Compare.ALWAYS,
+}
+"""Compare modes by name (a library caller's `compare="checksum"`): the enum's names and the
+CLI's flags (`--size-only`, `--ignore-times`)."""
 
 
 @dataclass

@@ -338,6 +338,20 @@ def test_a_certificate_without_its_key_is_refused_not_replaced(tmp_path: Path, g
     assert sorted(os.listdir(state)) == [kept] and (state / kept).read_bytes() == pair[kept]
 
 
+def test_a_certificate_and_key_linked_to_nothing_are_refused_not_replaced(tmp_path: Path) -> None:
+    """QA pass 7: cert.pem and key.pem as symlinks into a volume that is not mounted were taken
+    for no files: the links were replaced by a new pair, which every pinned client refuses."""
+    state = tmp_path / "state"
+    state.mkdir()
+    for name in ("cert.pem", "key.pem"):
+        (state / name).symlink_to(tmp_path / "unmounted" / name)
+    rc, err = _start_on_state(tmp_path, state)
+    assert rc == 1, err
+    (line,) = err.splitlines()
+    assert line.startswith(f"blit: error: the daemon's TLS certificate {state}/cert.pem is a symbolic link to nothing"), line
+    assert sorted(os.listdir(state)) == ["cert.pem", "key.pem"] and all((state / n).is_symlink() for n in ("cert.pem", "key.pem"))
+
+
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604], ids=["0644", "0640", "0604"])
 def test_a_key_group_or_others_may_read_is_refused(tmp_path: Path, mode: int) -> None:
     """QA pass 5, F9: a key.pem of mode 0644 was used without a word (secrets files with that

@@ -283,7 +283,7 @@ def test_a_pin_holds_for_every_spelling_of_its_host(tmp_path: Path) -> None:
         pins = f"127.0.0.1:{d4.port} {other}\nlocalhost:{d4.port} {other}\n[::1]:{d6.port} {other}\n"
         kh.write_text(pins)
         for host, port in (("127.1", d4.port), ("127.000.000.001", d4.port), ("[::ffff:127.0.0.1]", d4.port),
-                           ("LOCALHOST", d4.port), ("[0:0:0:0:0:0:0:1]", d6.port), ("[::0:1]", d6.port)):  # fmt: skip
+                           ("LOCALHOST", d4.port), ("[0:0:0:0:0:0:0:1]", d6.port), ("[::0:1]", d6.port), ("[::1%1]", d6.port)):  # fmt: skip
             r = _list(d4, host, port)
             assert r.returncode == 1 and "has changed" in r.stderr and "pinned the TLS" not in r.stderr, (host, r.stderr)
             assert kh.read_text() == pins

@@ -100,11 +100,22 @@ def _readable(cert: Path) -> None:
 
 def _present(path: Path, what: str) -> bool:
     """Whether `path` exists (through a symlink); a state directory that is a file counts as
-    no files (then writing them says so)."""
+    no files (then writing them says so). A symlink to nothing is refused, never taken for no
+    file: the pair would be made anew over it (QA: an unmounted secret volume's links)."""
     try:
-        os.stat(path)
+        os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return False
+    except OSError as exc:
+        raise ConfigFileError(f"cannot read the daemon's TLS {what} {path}: {exc.strerror or exc}") from None
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise ConfigFileError(
+            f"the daemon's TLS {what} {path} is a symbolic link to nothing: make its target reachable, "
+            "or remove the certificate and key to have a new pair made (clients will then refuse the "
+            "new certificate until they drop their pin)"
+        ) from None
     except OSError as exc:
         raise ConfigFileError(f"cannot read the daemon's TLS {what} {path}: {exc.strerror or exc}") from None
     return True
@@ -240,7 +251,8 @@ _INET_ATON = re.compile(r"[0-9][0-9a-fA-FxX.]*")  # might be an IPv4 address lib
 def pin_host(host: str) -> str:
     """The spelling of `host` that pins are kept under: an IP literal as the address a connect to
     it reaches (libc's reading, so `127.1` and `127.000.000.001` are 127.0.0.1, `0:0::1` is ::1,
-    and an IPv4-mapped IPv6 address is its IPv4 address; an IPv6 zone is kept as written), a host
+    and an IPv4-mapped IPv6 address is its IPv4 address; an IPv6 zone is kept as written on a
+    link-local address and dropped on others, where it reaches the same host), a host
     name in lower case. No name is looked up."""
     addr, pct, zone = host.partition("%")
     try:
@@ -254,6 +266,8 @@ def pin_host(host: str) -> str:
         except (OSError, UnicodeError, ValueError, IndexError):
             return host.lower()
     if isinstance(ip, ipaddress.IPv6Address):
+        if pct and not ip.is_link_local:  # a zone only tells link-local addresses apart (QA:
+            pct = zone = ""  # `[::1%1]` pinned ::1 a second time)
         if ip.ipv4_mapped is not None and not pct:
             return str(ip.ipv4_mapped)
         return str(ip) + pct + zone
