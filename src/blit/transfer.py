@@ -43,7 +43,6 @@ T = TypeVar("T")
 LINK_COPIES = 32  # hard-link groups whose first member copies at once (trio's thread limit is 40)
 LINK_SMALL = 1 << 20  # a first member up to this size is copied in one call (a batch of them per thread hop)
 HOP_BATCH = 256  # hard-link members made per thread hop (R63)
-HOP_THREADS = 4  # `_hardlink`'s single-member hops at once
 LINK_DIRS_OPEN = 4  # first members' directories a link hop keeps open (besides its own)
 _Member = tuple[str, str, Meta, "Meta | None", Op]
 """A hard-link member for `_links_of_dir`: name, dname, source, destination (None), and what
@@ -259,16 +258,35 @@ class ProcessExecutor:
 # ------------------------------------------------------------------------------------------------
 
 
+class _Results:
+    """A batch call's results so far, per item in order (a worker thread appends them), and
+    whether its caller stopped waiting (a hung disk): the thread then makes no more."""
+
+    def __init__(self) -> None:
+        self.done: list[Any] = []
+        self.stopped = False
+
+    def stop(self, n: int, exc: StallError) -> list[Any]:
+        """Give up: the results of the items done, then a stall failure for each of the rest
+        of the `n`."""
+        self.stopped = True
+        done = list(self.done)
+        return done + [OSError(errno.ETIMEDOUT, str(exc))] * (n - len(done))
+
+
 class _Batcher:
     """Blocking calls of many tasks (each a directory's batch of hard-link members) run together
     in one worker-thread hop, one hop at a time: a hop per directory kept threads handing the
     GIL to each other (QA: 5,000 groups over 500 directories, 2.4-2.6 s against rsync -aH's
     0.5-0.6 s; 712,000 futex calls). Each call runs even if its caller was cancelled meanwhile
-    (the calls are short); its result or what it raised goes back to its caller."""
+    (the calls are short); its result or what it raised goes back to its caller. A hop with no
+    call done for `stall` seconds (a hung disk) is left to its thread, which stops after the
+    call under way, and its calls not done fail with StallError."""
 
     CALLS = 64  # calls per hop at most
 
-    def __init__(self, nursery: trio.Nursery) -> None:
+    def __init__(self, nursery: trio.Nursery, stall: float) -> None:
+        self.stall = stall
         self._send, self._recv = trio.open_memory_channel[tuple[Callable[[], Any], list[Any], trio.Event]](math.inf)
         nursery.start_soon(self._worker)
 
@@ -290,20 +308,35 @@ class _Batcher:
                     batch.append(self._recv.receive_nowait())
                 except trio.WouldBlock:
                     break
+            guard = StallGuard("hard links", self.stall)
+            stopped = threading.Event()
 
-            def run_all() -> None:
-                for fn, box, _ in batch:
+            def run_all() -> list[tuple[bool, Any]]:
+                out: list[tuple[bool, Any]] = []
+                for fn, _box, _done in batch:
+                    if stopped.is_set():
+                        break
                     try:
-                        box.append((True, fn()))
+                        out.append((True, fn()))
                     except Exception as exc:  # noqa: BLE001 (handed to its caller)
-                        box.append((False, exc))
+                        out.append((False, exc))
+                    try:
+                        trio.from_thread.run_sync(guard.progress)
+                    except trio.RunFinishedError:
+                        break
+                return out
 
+            results: list[tuple[bool, Any]] = []
+            why: Exception = OSError(errno.ECANCELED, "the run stopped")
             try:
-                await trio.to_thread.run_sync(run_all)
+                with guard:
+                    results = await trio.to_thread.run_sync(run_all, abandon_on_cancel=True)
+            except StallError as exc:
+                why = exc
             finally:
-                for _, box, done in batch:
-                    if not box:
-                        box.append((False, OSError(errno.ECANCELED, "the run stopped")))
+                stopped.set()
+                for i, (_, box, done) in enumerate(batch):
+                    box.append(results[i] if i < len(results) else (False, why))
                     done.set()
 
 
@@ -358,8 +391,6 @@ class LocalTransfer:
         self.link_limiter = trio.CapacityLimiter(LINK_COPIES)
         """First members of hard-link groups being copied at once (each holds three fds while it
         copies: 20,000 groups at once ran out of file descriptors, QA)."""
-        self.hop_limiter = trio.CapacityLimiter(HOP_THREADS)
-        """Thread hops of `_hardlink` (one member each) at once."""
         self._batcher: _Batcher | None = None
         self.bytes_done = 0
         self.files_done = 0
@@ -756,7 +787,7 @@ class LocalTransfer:
                     kept = True
                 else:
                     if not self.spec.dry_run:
-                        await trio.to_thread.run_sync(self._link_to_first, job.dst_rel, dname, first_dir, first_name, d is not None, limiter=self.hop_limiter)
+                        await self._batched(self._link_to_first, job.dst_rel, dname, first_dir, first_name, d is not None)
                         node.changed = True
                     if self.spec.record_actions:
                         self.progress.action("link", path)
@@ -815,10 +846,11 @@ class LocalTransfer:
             self._release(node)
 
     async def _batched(self, fn: Callable[..., T], *args: Any) -> T:
-        """fn(*args) in the run's batcher of hard-link hops (started on first use)."""
+        """fn(*args) in the run's batcher of hard-link hops (started on first use). Raises
+        StallError when its hop made no progress for the stall time."""
         if self._batcher is None:
             assert self._nursery is not None
-            self._batcher = _Batcher(self._nursery)
+            self._batcher = _Batcher(self._nursery, self.timeouts.stall)
         return await self._batcher.run(fn, *args)
 
     def _first_op(self, m: Meta, d: Meta | None) -> Op | None:
@@ -846,7 +878,11 @@ class LocalTransfer:
         if dry:
             results = [-1 if d is None or how is Op.COPY else d.st_ino for _n, _dn, _m, d, how in firsts]
         else:
-            results = await self._batched(self._firsts, job, firsts, node.acl)
+            out = _Results()
+            try:
+                results = await self._batched(self._firsts, job, firsts, node.acl, out)
+            except StallError as exc:  # a hung disk: those not done fail, their groups hand over
+                results = out.stop(len(firsts), exc)
         fatal: str | None = None
         for (name, dname, m, d, how), r in zip(firsts, results):
             key = (m.st_dev, m.st_ino)
@@ -882,26 +918,28 @@ class LocalTransfer:
         if fatal is not None:
             self._fatal(fatal)
 
-    def _firsts(self, job: DirJob, firsts: list[_Member], acl: bool) -> list[int | OSError]:
+    def _firsts(self, job: DirJob, firsts: list[_Member], acl: bool, out: _Results | None = None) -> list[int | OSError]:
         """Worker thread: first members of one directory copied (fsops.copy_small, as the
         worker copies a plain small file) or, up to date, their xattrs and metadata settled;
         each one's destination inode or its error."""
         w = self.worker
         try:
             with fsops.dir_at(w.src_root_fd, job.rel) as sdir, fsops.dir_at(w.dst_root_fd, job.dst_rel) as ddir:
-                out: list[int | OSError] = []
+                res = out if out is not None else _Results()
                 for name, dname, m, d, how in firsts:
+                    if res.stopped:  # its caller gave up on a hung disk
+                        break
                     try:
                         if how is Op.SAME:
                             assert d is not None
                             fsops.fix_meta(ddir, dname, m, d, fsops.sync_xattrs(sdir, name, ddir, dname))
-                            out.append(d.st_ino)
+                            res.done.append(d.st_ino)
                         else:
                             fsops.copy_small(sdir, name, ddir, dname, m, d is not None, acl_inherited=acl)
-                            out.append(os.stat(dname, dir_fd=ddir, follow_symlinks=False).st_ino)
+                            res.done.append(os.stat(dname, dir_fd=ddir, follow_symlinks=False).st_ino)
                     except OSError as exc:
-                        out.append(exc)
-                return out
+                        res.done.append(exc)
+                return res.done
         except OSError as exc:  # a directory could not be opened
             return [exc] * len(firsts)
 
@@ -912,7 +950,11 @@ class LocalTransfer:
             results = [None] * len(links)
         else:
             items = [(dname, first_dir, first_name, d is not None) for _n, dname, _m, d, first_dir, first_name in links]
-            results = await self._batched(self._link_many, job.dst_rel, items)
+            out = _Results()
+            try:
+                results = await self._batched(self._link_many, job.dst_rel, items, out)
+            except StallError as exc:  # a hung disk: those not done fail
+                results = out.stop(len(links), exc)
         fatal: str | None = None
         for (name, dname, m, _d, _fd, _fn), r in zip(links, results):
             path = _join(job.rel, name)
@@ -932,7 +974,7 @@ class LocalTransfer:
         if fatal is not None:
             self._fatal(fatal)
 
-    def _link_many(self, dst_rel: str, items: list[tuple[str, str, str, bool]]) -> list[OSError | None]:
+    def _link_many(self, dst_rel: str, items: list[tuple[str, str, str, bool]], out: _Results | None = None) -> list[OSError | None]:
         """Worker thread: each (name, first's directory, first's name, replace) linked in
         directory `dst_rel`; None or the error, per item. The firsts' directories stay open
         for the batch, LINK_DIRS_OPEN at a time."""
@@ -943,8 +985,10 @@ class LocalTransfer:
                 ddir = dirs[dst_rel] = fsops.open_rel(w.dst_root_fd, dst_rel)
             except OSError as exc:
                 return [exc] * len(items)
-            out: list[OSError | None] = []
+            res = out if out is not None else _Results()
             for dname, first_dir, first_name, replace in items:
+                if res.stopped:  # its caller gave up on a hung disk
+                    break
                 try:
                     fdir = dirs.get(first_dir)
                     if fdir is None:
@@ -955,10 +999,10 @@ class LocalTransfer:
                                     del dirs[rel]
                         fdir = dirs[first_dir] = fsops.open_rel(w.dst_root_fd, first_dir)
                     fsops.make_hardlink(ddir, dname, fdir, first_name, replace)
-                    out.append(None)
+                    res.done.append(None)
                 except OSError as exc:
-                    out.append(exc)
-            return out
+                    res.done.append(exc)
+            return res.done
         finally:
             for fd in dirs.values():
                 os.close(fd)
@@ -1006,7 +1050,7 @@ class LocalTransfer:
             self.summary.bytes_copied += m.st_size
             return -1, False
         if m.st_size <= LINK_SMALL and not fsops.is_sparse(m):
-            r = (await trio.to_thread.run_sync(self._firsts, job, [(name, dname, m, d, Op.COPY)], acl, limiter=self.hop_limiter))[0]
+            r = (await self._batched(self._firsts, job, [(name, dname, m, d, Op.COPY)], acl))[0]
             if isinstance(r, OSError):
                 raise r
             ino = r

@@ -86,3 +86,45 @@ async def test_stuck_large_file_chunk_is_reported_as_stall(tmp_path: Path, monke
     assert (dst / "small").read_bytes() == b"ok"
     assert not (dst / "big").exists()
     assert [p.name for p in dst.iterdir() if p.name.startswith(".blit-")] == []
+
+
+async def test_a_hung_hard_link_member_is_reported_as_a_stall_and_its_group_hands_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hard-link members are made in batches per thread hop (R63): a copy in such a batch that
+    never returns (a hung disk) is reported within the stall time, the other members of its
+    group land linked to the next one, and the run ends. The batches had no stall guard: the
+    run waited for the disk forever (QA pass 4)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for d in ("a", "b"):
+        (src / d).mkdir(parents=True)
+    for g in range(20):
+        (src / "a" / f"g{g}").write_bytes(b"%d" % g)
+        os.link(src / "a" / f"g{g}", src / "b" / f"g{g}")
+    release = threading.Event()
+    real = fsops.copy_small
+    hung: list[str] = []
+
+    def stuck(src_dir, name, dst_dir, dst_name, m, replace, inherit_gid=True, acl_inherited=False):  # type: ignore[no-untyped-def]
+        if name == "g7" and not hung:  # the group's first copy, in whichever directory
+            hung.append(os.path.basename(os.readlink(f"/proc/self/fd/{src_dir}")))
+            release.wait(30)  # a hung syscall, as on a dead NFS mount
+        return real(src_dir, name, dst_dir, dst_name, m, replace, inherit_gid, acl_inherited)
+
+    monkeypatch.setattr(fsops, "copy_small", stuck)
+    try:
+        with trio.fail_after(15):
+            summary = await blit.copy(f"{src}/", str(dst), blit.Options(timeouts=Timeouts(stall=0.5)))
+    finally:
+        release.set()
+    first = hung[0]
+    other = "b" if first == "a" else "a"
+    # g7 and the firsts after it in the same call (name order) were not done: each is a stall
+    # failure, and the other name of its group became the group's first.
+    names = sorted(f"g{g}" for g in range(20))
+    failed = names[names.index("g7") :]
+    assert [(f.path, f.op) for f in summary.failures] == [(f"{first}/{n}", "copy") for n in failed], summary.failures
+    assert all(f.message == "hard links: no progress for 0.5 s" for f in summary.failures), summary.failures
+    assert summary.exit_code == 3
+    for n in names:
+        assert (dst / other / n).read_bytes() == (src / other / n).read_bytes()
+        if n not in failed:
+            assert os.stat(dst / "a" / n).st_ino == os.stat(dst / "b" / n).st_ino
