@@ -140,7 +140,7 @@ async def test_a_cancelled_large_file_copy_lets_go_of_its_descriptors(tmp_path: 
     big = tmp_path / "src" / "big"
     big.parent.mkdir()
     with open(big, "wb") as f:
-        for _ in range(96):
+        for _ in range(48):
             f.write(os.urandom(1 << 20))
     fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
     before = fds()

@@ -670,10 +670,14 @@ class LocalTransfer:
                     chunks = deque(
                         (o, min(CHUNK, off + length - o)) for off, length in ranges for o in range(off, off + length, CHUNK)
                     )
-                    state = {"abandoned": False, "short": False, "running": False}
+                    state = {"abandoned": False, "short": False, "running": False, "left": False}
                     lock = threading.Lock()
 
                     def step(off: int, want: int) -> int:
+                        with lock:
+                            if state["left"]:  # its caller was cancelled before it began and
+                                return 0  # closed the fds itself: they may be others' now
+                            state["running"] = True
                         try:
                             return fsops.copy_range(sfd, landing.fd, off, want)
                         finally:
@@ -689,12 +693,12 @@ class LocalTransfer:
                     try:
                         while chunks and not state["short"]:
                             off, want = chunks.popleft()
-                            state["running"] = True
                             try:
                                 n = await trio.to_thread.run_sync(step, off, want, abandon_on_cancel=True)
                             except trio.Cancelled:
-                                with lock:  # the thread may still use the fds: it closes them
-                                    state["abandoned"] = bool(state["running"])
+                                with lock:  # a thread in the copy closes the fds when done; one
+                                    state["abandoned"] = bool(state["running"])  # not yet begun
+                                    state["left"] = not state["abandoned"]  # (CI) does nothing
                                 raise
                             guard.progress()
                             self.bytes_done += n

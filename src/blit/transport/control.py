@@ -758,6 +758,13 @@ class ControlClient:
             if self.conn.stalled:
                 raise daemon_stalled(self.authority, "nothing received", self.conn.stalled_for) from None
             raise TransportError(f"{op} to {self.authority}: {exc}") from None
+        if status == 408:
+            # The daemon's wait for the body ran out: if this process was stopped meanwhile, its
+            # wait for a silent client did too, and that is what happened (CI: the 408 came
+            # before the GOAWAY).
+            ended = await self.ended_by_daemon(wait=1.0)
+            if ended is not None:
+                raise ended
         return self.session.reply(type(msg), status, reply)
 
     async def _stopped_during(self, op: str, timeout: float, late: float) -> TransportError:
