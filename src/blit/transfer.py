@@ -24,8 +24,8 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import trio
@@ -796,10 +796,7 @@ class LocalTransfer:
                     if self.spec.record_actions:
                         self.progress.action("link", path)
                     self.summary.links_created += 1
-            if self.spec.move and kept and fsops.same_inode(m, d):
-                self._fail(path, "remove source", fsops.SAME_FILE)  # the destination is the source itself
-            elif self.spec.move and not self.spec.dry_run:
-                self._defer_removal(job, name, m)
+            self._member_done(job, name, m, d, kept)
         except StallError as exc:
             self._fail(path, "copy", str(exc))
         except OSError as exc:
@@ -814,8 +811,9 @@ class LocalTransfer:
         """The hard-link members of one directory that need no per-member care (R63): its
         first members that are small regular files, new or out of date (copied) or up to date
         (settled), HOP_BATCH per thread hop (`_first_op`); then the members whose first lands
-        elsewhere (linked, HOP_BATCH per hop, once their firsts have landed). One task per directory: a task, an Event and a hop per member
-        kept the Trio thread busy (5,000 groups of three: 2.1 s against rsync -aH's 0.5 s).
+        elsewhere (linked, HOP_BATCH per hop, once their firsts have landed). One task per
+        directory: a task, an Event and a hop per member kept the Trio thread busy (5,000
+        groups of three: 2.1 s against rsync -aH's 0.5 s).
         A member whose first failed is handed to `_hardlink`, which copies it as the new first."""
         try:
             firsts = [mb for mb in members if mb[4] is not Op.HARDLINK]
@@ -838,10 +836,7 @@ class LocalTransfer:
                 if d is not None and d.st_ino == first_ino:  # linked already
                     self.summary.files_skipped += 1
                     self.files_done += 1
-                    if self.spec.move and fsops.same_inode(m, d):
-                        self._fail(_join(job.rel, name), "remove source", fsops.SAME_FILE)
-                    elif self.spec.move and not self.spec.dry_run:
-                        self._defer_removal(job, name, m)
+                    self._member_done(job, name, m, d, kept=True)
                     continue
                 links.append((name, dname, m, d, first_dir, first_name))
             for i in range(0, len(links), HOP_BATCH):
@@ -901,22 +896,15 @@ class LocalTransfer:
             else:
                 self.inodes[key] = (job.dst_rel, dname, r)
                 if how is Op.SAME:
-                    assert d is not None
                     self.summary.files_skipped += 1
-                    if self.spec.move and fsops.same_inode(m, d):
-                        self._fail(path, "remove source", fsops.SAME_FILE)  # the destination is the source itself
-                    elif self.spec.move and not dry:
-                        self._defer_removal(job, name, m)
                 else:
                     self.bytes_done += m.st_size
                     self.summary.files_copied += 1
                     self.summary.bytes_copied += m.st_size
                     if self.spec.record_actions:
                         self.progress.action("copy", path)
-                    if not dry:
-                        node.changed = True
-                        if self.spec.move:
-                            self._defer_removal(job, name, m)
+                    node.changed |= not dry
+                self._member_done(job, name, m, d, kept=how is Op.SAME)
             if isinstance(ev, trio.Event):
                 ev.set()
         if fatal is not None:
@@ -973,8 +961,7 @@ class LocalTransfer:
             if self.spec.record_actions:
                 self.progress.action("link", path)
             self.summary.links_created += 1
-            if self.spec.move and not self.spec.dry_run:
-                self._defer_removal(job, name, m)
+            self._member_done(job, name, m, None, kept=False)
         if fatal is not None:
             self._fatal(fatal)
 
@@ -1102,6 +1089,16 @@ class LocalTransfer:
             self.progress.action(act, path)
         self.summary.links_created += 1
         return ino, not dry
+
+    def _member_done(self, job: DirJob, name: str, m: Meta, d: Meta | None, kept: bool) -> None:
+        """Move: a hard-link member is at the destination (landed, or `kept` as it was); its
+        source goes at the end of the run, unless it is that destination itself."""
+        if not self.spec.move:
+            return
+        if kept and fsops.same_inode(m, d):
+            self._fail(_join(job.rel, name), "remove source", fsops.SAME_FILE)  # the destination is the source itself
+        elif not self.spec.dry_run:
+            self._defer_removal(job, name, m)
 
     def _defer_removal(self, job: DirJob, name: str, m: Meta) -> None:
         """Move: a hard-link member is at the destination; its source goes at the end of the run

@@ -316,6 +316,21 @@ class Worker:
             path = prefix + name
             op = it.op
             try:
+                if op is Op.MKDIR and not dry:
+                    try:
+                        fsops.make_dir(dfd, dname, acl)
+                    except FileExistsError:
+                        # Another program made it since the scan (an app's mkdir -p, another
+                        # run): merged into as an existing directory, as rsync does (QA).
+                        d = os.stat(dname, dir_fd=dfd, follow_symlinks=False)
+                        if not stat.S_ISDIR(d.st_mode):
+                            raise
+                        op = Op.SUBDIR
+                    else:
+                        res.changed = True
+                        if job.only is not None:
+                            st = os.stat(dname, dir_fd=dfd, follow_symlinks=False)
+                            res.dst_top = (st.st_dev, st.st_ino)
                 if op is Op.SUBDIR:
                     if not dry:
                         fsops.sync_xattrs(sfd, name, dfd, dname)
@@ -323,24 +338,6 @@ class Worker:
                         res.dst_top = (d.st_dev, d.st_ino)
                     res.subdirs.append((name, dname, meta_of(m), False, meta_of(d) if d is not None else None))
                 elif op is Op.MKDIR:
-                    if not dry:
-                        try:
-                            fsops.make_dir(dfd, dname, acl)
-                        except FileExistsError:
-                            # Another program made it since the scan (an app's mkdir -p, another
-                            # run): merged into as an existing directory, as rsync does (QA).
-                            st = os.stat(dname, dir_fd=dfd, follow_symlinks=False)
-                            if not stat.S_ISDIR(st.st_mode):
-                                raise
-                            fsops.sync_xattrs(sfd, name, dfd, dname)
-                            if job.only is not None:
-                                res.dst_top = (st.st_dev, st.st_ino)
-                            res.subdirs.append((name, dname, meta_of(m), False, meta_of(st)))
-                            continue
-                        res.changed = True
-                        if job.only is not None:
-                            st = os.stat(dname, dir_fd=dfd, follow_symlinks=False)
-                            res.dst_top = (st.st_dev, st.st_ino)
                     if rec:  # a real run lists what it did, once done
                         res.actions.append(("mkdir", path))
                     res.dirs_created += 1

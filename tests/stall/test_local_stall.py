@@ -24,6 +24,16 @@ def _tree(root: Path, dirs: int = 4, files: int = 5) -> None:
             (p / f"f{f}").write_bytes(os.urandom(100))
 
 
+async def _copy_stalled(src: Path, dst: Path, release: threading.Event, limit: float) -> blit.Summary:
+    """Copy `src/` to `dst` with a 0.5 s stall time, failing the test past `limit` s; the hung
+    call is let go afterwards, whatever happened."""
+    try:
+        with trio.fail_after(limit):
+            return await blit.copy(f"{src}/", str(dst), blit.Options(timeouts=Timeouts(stall=0.5)))
+    finally:
+        release.set()
+
+
 async def test_stuck_small_file_copy_is_reported_as_stall_and_others_land(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     _tree(src)
@@ -46,11 +56,7 @@ async def test_stuck_small_file_copy_is_reported_as_stall_and_others_land(tmp_pa
 
     monkeypatch.setattr(fsops, "copy_small", stuck)
     monkeypatch.setattr(scan, "copy_new", stuck_batch)
-    try:
-        with trio.fail_after(10):
-            summary = await blit.copy(f"{src}/", str(dst), blit.Options(timeouts=Timeouts(stall=0.5)))
-    finally:
-        release.set()
+    summary = await _copy_stalled(src, dst, release, 10)
     stalls = [f for f in summary.failures if f.op == "stall"]
     assert [f.path for f in stalls] == ["d1"]
     assert "no progress for 0.5 s" in stalls[0].message
@@ -110,11 +116,7 @@ async def test_a_hung_hard_link_member_is_reported_as_a_stall_and_its_group_hand
         return real(src_dir, name, dst_dir, dst_name, m, replace, inherit_gid, acl_inherited)
 
     monkeypatch.setattr(fsops, "copy_small", stuck)
-    try:
-        with trio.fail_after(15):
-            summary = await blit.copy(f"{src}/", str(dst), blit.Options(timeouts=Timeouts(stall=0.5)))
-    finally:
-        release.set()
+    summary = await _copy_stalled(src, dst, release, 15)
     first = hung[0]
     other = "b" if first == "a" else "a"
     # g7 and the firsts after it in the same call (name order) were not done: each is a stall
