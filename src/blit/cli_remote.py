@@ -146,6 +146,12 @@ def _run_daemon(config: Path | None, *, verbose: int, **overrides: Any) -> None:
         async with trio.open_nursery() as nursery:
             # SIGHUP (its terminal closed) stops it cleanly too, rather than killing it mid-write.
             stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            # What the receiver puts back when it ends, and gets the signals it has not handed
+            # out: ignored, since the daemon is stopping by then (entry.py's start-up handler
+            # would end it at once with exit 130, before the clean stop; CI saw a SIGTERM and a
+            # second stop signal after a SIGSTOP do that).
+            for stop in stops:
+                signal.signal(stop, signal.SIG_IGN)
             with trio.open_signal_receiver(*stops) as signals:
                 console.on_signals(stops)
                 await nursery.start(serve, cfg)

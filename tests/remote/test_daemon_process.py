@@ -382,6 +382,21 @@ def test_signal_stops_the_daemon_quickly(tmp_path: Path, sig: signal.Signals) ->
     assert "stopped" in d.log()
 
 
+def test_stop_signals_that_come_together_stop_the_daemon_cleanly(tmp_path: Path) -> None:
+    """A stopped daemon that gets SIGTERM, SIGHUP and SIGINT before it runs again (CI: SIGCONT
+    and SIGTERM after a SIGSTOP): the first stops it, the others are ignored. They reached the
+    start-up handler once the stop began, which ended the daemon at once with exit 130 ("blit:
+    interrupted") instead of its clean stop; 3 of 3 before."""
+    with run_daemon_process(tmp_path) as d:
+        d.proc.send_signal(signal.SIGSTOP)
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            d.proc.send_signal(sig)
+        d.proc.send_signal(signal.SIGCONT)
+        rc = d.proc.wait(10)
+    assert rc == 0, d.log()
+    assert "interrupted" not in d.log() and d.log().rstrip().endswith("stopped"), d.log()
+
+
 def test_a_log_nobody_reads_does_not_stop_the_daemon(tmp_path: Path) -> None:
     """The daemon's log goes into a pipe whose reader has stopped reading (`blit daemon 2>&1 |
     logger`, logger hung). Each failed TLS handshake logs a line; the log was written on the
