@@ -260,7 +260,11 @@ def test_unknown_paths_and_operations() -> None:
 
 def test_data_hello_round_trip_and_refusals() -> None:
     tok = bytes(range(32))
-    assert p.unpack_data_hello(p.pack_data_hello(tok)) == tok
+    assert p.unpack_data_hello(p.pack_data_hello(tok)) == (tok, False)
+    # Sealed (R67): the hello names the token's id; its secret never crosses the data port.
+    assert p.unpack_data_hello(p.pack_data_hello(tok, sealed=True)) == (tok[: p.TOKEN_ID_BYTES] + bytes(p.TOKEN_SECRET_BYTES), True)
+    with pytest.raises(p.Refused, match="unknown data hello flags"):
+        p.unpack_data_hello(p.DATA_HELLO.pack(p.DATA_MAGIC, p.PROTOCOL_VERSION, 6, tok))
     with pytest.raises(p.Refused, match="not a blit data stream"):
         p.unpack_data_hello(b"GET / HTTP/1.1\r\n" + b"\0" * 28)
     other = p.DATA_HELLO.pack(p.DATA_MAGIC, 7, 0, tok)

@@ -80,11 +80,11 @@ async def test_large_and_sparse_files_land_identical_over_tls(nursery: trio.Nurs
     assert sparse_ok(dst / "sparse.img")
 
 
-@pytest.mark.parametrize("ending", ["tcp-close", "close-notify"])
+@pytest.mark.parametrize("ending", ["tcp-close", "close-notify", "sealed-close"])
 async def test_a_tls_stream_cut_mid_file_fails_the_file_and_leaves_nothing(nursery: trio.Nursery, tmp_path: Path, ending: str) -> None:
     """The client sends 2 MiB of an 8 MiB file, then its stream ends (a plain TCP close, or a
-    TLS close_notify first): the daemon reports the file as failed because the peer closed the
-    stream, and lands nothing."""
+    TLS close_notify first; or a sealed stream's plain close): the daemon reports the file as
+    failed because the peer closed the stream, and lands nothing."""
     d = await start_daemon(nursery, tmp_path, tls=True, stall=10)
     (d.modules["data"] / "dst").mkdir()
     async with d.session() as s:
@@ -93,7 +93,8 @@ async def test_a_tls_stream_cut_mid_file_fails_the_file_and_leaves_nothing(nurse
 
         def send_part_then_end() -> None:
             sock = socket.create_connection(("127.0.0.1", opened.data_port), timeout=5)
-            io = data.admit_client(sock, opened.tokens[0], tls_ctx=tls.client_context(), fingerprint=d.info.fingerprint)
+            sealed = ending == "sealed-close"
+            io = data.admit_client(sock, opened.tokens[0], tls_ctx=None if sealed else tls.client_context(), fingerprint=d.info.fingerprint, sealed=sealed)
             try:
                 io.send_all(p.pack_frame(p.FrameType.DATA, 1, 0, 8 * MiB), more=True)
                 io.send_all(os.urandom(2 * MiB))
@@ -117,7 +118,8 @@ async def test_a_tls_stream_cut_mid_file_fails_the_file_and_leaves_nothing(nurse
     assert os.listdir(d.modules["data"] / "dst") == []
 
 
-async def test_a_tls_file_trickling_slower_than_the_low_mark_lands(nursery: trio.Nursery, tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", ["sealed", "tls"])
+async def test_a_tls_file_trickling_slower_than_the_low_mark_lands(nursery: trio.Nursery, tmp_path: Path, form: str) -> None:
     """A receiver inside a large TLS payload waits for data.LOWAT bytes at a time (fewer
     wake-ups); a link too slow to bring them within the stall timeout must not be taken for a
     stall: 160 KiB sent 16 KiB every 0.3 s (3 s in all, the daemon's stall timeout 2 s) land
@@ -133,7 +135,8 @@ async def test_a_tls_file_trickling_slower_than_the_low_mark_lands(nursery: trio
 
         def trickle() -> None:
             sock = socket.create_connection(("127.0.0.1", opened.data_port), timeout=5)
-            io = data.admit_client(sock, opened.tokens[0], tls_ctx=tls.client_context(), fingerprint=d.info.fingerprint)
+            sealed = form == "sealed"
+            io = data.admit_client(sock, opened.tokens[0], tls_ctx=None if sealed else tls.client_context(), fingerprint=d.info.fingerprint, sealed=sealed)
             try:
                 io.send_all(p.pack_frame(p.FrameType.DATA, 1, 0, size), more=True)
                 for at in range(0, size, piece):
@@ -186,7 +189,12 @@ class _ImpostorTLS:
         self.thread.join(10)
 
 
-async def test_a_data_port_with_another_certificate_is_refused(nursery: trio.Nursery, tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", ["sealed", "tls"])
+async def test_a_data_port_with_another_certificate_is_refused(nursery: trio.Nursery, tmp_path: Path, form: str) -> None:
+    """A TLS server with its own certificate at the data port. Sealed (the client's default
+    since R67): it cannot make sense of the hello and the stream fails; the secret was never
+    sent. A TLS session per stream (the form before R67): refused after the handshake, before
+    the token is sent."""
     d = await start_daemon(nursery, tmp_path, tls=True)
     (d.modules["data"] / "x").write_bytes(b"payload" * 1000)
     out = tmp_path / "x.out"
@@ -194,13 +202,22 @@ async def test_a_data_port_with_another_certificate_is_refused(nursery: trio.Nur
     try:
         async with d.session() as s:
             async with s.transfer("data", b"", "pull") as t:
-                t.data_port = impostor.port  # the control plane is the daemon's; this port is not
-                await t.send_files([p.FileRef(id=1, path=b"x")], last=True)
-                with pytest.raises(ConnectError, match="presented another certificate than the daemon"):
-                    await t.run_receivers(LocalSink({1: (out, None, None)}))
+                if form == "sealed":
+                    t.data_port = impostor.port  # the control plane is the daemon's; this port is not
+                    await t.send_files([p.FileRef(id=1, path=b"x")], last=True)
+                    with pytest.raises(ConnectError, match="data stream to 127.0.0.1"):
+                        await t.run_receivers(LocalSink({1: (out, None, None)}))
+                else:
+
+                    def legacy() -> None:
+                        sock = socket.create_connection(("127.0.0.1", impostor.port), timeout=10)
+                        data.admit_client(sock, t.tokens[0], tls_ctx=tls.client_context(), fingerprint=d.info.fingerprint)
+
+                    with pytest.raises(ConnectError, match="presented another certificate than the daemon"):
+                        await trio.to_thread.run_sync(legacy)
     finally:
         await trio.to_thread.run_sync(impostor.close)
-    assert impostor.handshakes == 1  # it was reached, and refused after the handshake
+    assert impostor.handshakes == (1 if form == "tls" else 0)  # reached; refused after the handshake
     assert impostor.received == b""  # the token never went to it
     assert not out.exists()
 

@@ -579,7 +579,7 @@ def _features(asked: list[str]) -> list[str]:
     from .. import fsops
     from ..ffi import scan
 
-    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_CLIENT_STAT, protocol.FEATURE_MACHINE, protocol.FEATURE_NEST, protocol.FEATURE_HOLD, protocol.FEATURE_SILENCE) if f in asked]
+    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_CLIENT_STAT, protocol.FEATURE_MACHINE, protocol.FEATURE_NEST, protocol.FEATURE_HOLD, protocol.FEATURE_SILENCE, protocol.FEATURE_SEALED) if f in asked]
     if protocol.FEATURE_DIR_BATCH in asked and protocol.FEATURE_PARTS in asked:
         out.append(protocol.FEATURE_DIR_BATCH)
     if protocol.FEATURE_DIR_DIGEST in asked and scan.HAVE_CMPDIR:

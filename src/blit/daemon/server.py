@@ -213,6 +213,8 @@ async def serve(config: DaemonConfig, *, task_status: Any = trio.TASK_STATUS_IGN
     if config.tls:
         state_dir = config.state_dir or tls_mod.default_state_dir()
         cert, key = await trio.to_thread.run_sync(tls_mod.ensure_certificate, state_dir)
+        from ..transport import seal  # noqa: F401  (sealed data streams: imported now, not on the first one)
+
         try:
             ssl_ctx = tls_mod.server_context(cert, key)
             data_ctx = tls_mod.data_server_context(cert, key)
@@ -600,7 +602,7 @@ async def _handle_data(
         key = admitting.add(lambda: _shut(sock))
         try:
             got = await data.run_sync_owned(
-                lambda: data.accept_handshake(sock, ssl_ctx), lambda r: r[0].close(), limiter=state.admit_limiter
+                lambda: data.accept_handshake(sock, ssl_ctx, state.grants.secret), lambda r: r[0].close(), limiter=state.admit_limiter
             )
         except (OSError, ssl.SSLError, ConnectionError) as exc:
             _conn_log(logging.INFO, "data connection from %s failed before admission: %s", peer, exc)
@@ -619,7 +621,8 @@ async def _handle_data(
     link, token = got
     try:
         if isinstance(token, Refused):
-            status = AdmitStatus.VERSION if token.code is ErrorCode.VERSION else AdmitStatus.BAD_HELLO
+            status = {ErrorCode.VERSION: AdmitStatus.VERSION, ErrorCode.BAD_TOKEN: AdmitStatus.BAD_TOKEN}.get(token.code, AdmitStatus.BAD_HELLO)
+            _conn_log(logging.INFO, "data stream from %s refused: %s", peer, token.message)
             await trio.to_thread.run_sync(_answer_quietly, link, status, token.message)
             return
         try:

@@ -282,11 +282,13 @@ class RemoteTransfer:
         except OSError as exc:
             log.warning("data port %s:%d unreachable (%s): falling back to HTTP/2", host, port, exc.strerror or exc)
             return None
+        sealed = s.tls_enabled and protocol.FEATURE_SEALED in s.peer.features
         return data.admit_client(
             sock,
             token,
-            tls_ctx=tls.client_context() if s.tls_enabled else None,
+            tls_ctx=tls.client_context() if s.tls_enabled and not sealed else None,
             fingerprint=s.client.fingerprint,
+            sealed=sealed,
             stall=s.timeouts.stall,
             what=f"data stream to {host}:{port}",
         )

@@ -46,7 +46,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 import trio
 
@@ -55,6 +55,9 @@ from ..fsops import CHANGED_SIZE
 from . import protocol
 from .protocol import FRAME_SIZE, AdmitStatus, ErrorCode, FrameType, Refused, pack_frame
 from .tlsbio import TLSBio
+
+if TYPE_CHECKING:  # seal.py imports `cryptography` (~50 ms): only once a sealed stream opens
+    from .seal import SealedChannel
 
 log = logging.getLogger("blit.data")
 
@@ -147,6 +150,15 @@ class GrantTable:
             self._purge()
             self._grants[tid] = _Grant(secret, self._clock() + self.ttl, owner)
         return tid + secret
+
+    def secret(self, tid: bytes) -> bytes | None:
+        """The secret of the outstanding, unexpired grant `tid` (a sealed stream derives its keys
+        from it and must prove it before `redeem`), else None. Nothing is spent."""
+        with self._lock:
+            grant = self._grants.get(tid)
+        if grant is None or self._clock() > grant.expires:
+            return None
+        return grant.secret
 
     def redeem(self, token: bytes) -> Any:
         """The owner of a valid token, consuming it.
@@ -347,11 +359,17 @@ class StreamIO:
     calls, in large pieces. `kick()` (any thread) shuts the socket down to unblock the worker.
     """
 
-    def __init__(self, sock: socket.socket, *, tls: TLSBio | None = None, what: str, stall: float = DEFAULT_STALL) -> None:
+    def __init__(
+        self, sock: socket.socket, *, tls: TLSBio | None = None, sealed: SealedChannel | None = None, what: str, stall: float = DEFAULT_STALL
+    ) -> None:
         self.sock = sock
         self.what = what
         self.stall = stall
         self.tls = tls
+        self.sealed = sealed
+        """A sealed stream's records (seal.py); `tls` is the older TLS session (a daemon before
+        FEATURE_SEALED, or its client); both None: cleartext."""
+        plain = tls is None and sealed is None
         self.fd = sock.fileno()
         self._kicked = False
         self.moved = 0
@@ -364,16 +382,16 @@ class StreamIO:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(stall))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(min(stall, SEND_WAIT)))
         self._pipe: tuple[int, int] | None = None
-        self._splice_ok = hasattr(os, "splice") and tls is None
-        self._sendfile_ok = hasattr(os, "sendfile") and tls is None
+        self._splice_ok = hasattr(os, "splice") and plain
+        self._sendfile_ok = hasattr(os, "sendfile") and plain
         self._rbuf = _buffer(RECV_BUFFER)
         self._rview = memoryview(self._rbuf)
         self._rpos = self._rend = 0
         self._cview = memoryview(_buffer(RECV_BUFFER)) if tls is not None else None
         """TLS: where ciphertext lands from the socket before it is fed to `tls`."""
         self._fview: memoryview | None = None
-        self._lowat = 1 if tls is not None and hasattr(socket, "SO_RCVLOWAT") else 0
-        """The socket's SO_RCVLOWAT (TLS, see LOWAT); 0: not used."""
+        self._lowat = 1 if not plain and hasattr(socket, "SO_RCVLOWAT") else 0
+        """The socket's SO_RCVLOWAT (TLS or sealed, see LOWAT); 0: not used."""
         """The reused buffer a file is read into when it cannot be sent with sendfile (TLS)."""
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -418,7 +436,7 @@ class StreamIO:
         """What a failed socket call raises."""
         if self._kicked:
             return self._closed()
-        if self.tls is not None and exc.errno in (errno.EPIPE, errno.ECONNRESET):
+        if (self.tls is not None or self.sealed is not None) and exc.errno in (errno.EPIPE, errno.ECONNRESET):
             return self._closed()
         return TransportError(f"{self.what}: {exc.strerror or exc}")
 
@@ -449,6 +467,16 @@ class StreamIO:
                 raise self._closed() from None
             raise TransportError(f"{self.what}: {exc}") from None
 
+    def _open_sealed(self, view: memoryview) -> int:
+        """Sealed: open the records received into `view`; 0 when the socket must be read."""
+        assert self.sealed is not None
+        try:
+            return self.sealed.open_into(view)
+        except RemoteProtocolError as exc:  # a record that does not open (seal.py)
+            if self._kicked:
+                raise self._closed() from None
+            raise TransportError(f"{self.what}: {exc}") from None
+
     # --- receiving -------------------------------------------------------------------------------
     def recv_into(self, view: memoryview) -> int:
         """Receive some bytes from the socket into `view` (ciphertext, on a TLS stream); raises
@@ -473,6 +501,16 @@ class StreamIO:
             self._rbuf[:left] = self._rbuf[self._rpos : self._rend]
             self._rpos, self._rend = 0, left
         want = min(want, len(self._rbuf))
+        sealed = self.sealed
+        if sealed is not None:
+            while True:
+                self._rend += self._open_sealed(self._rview[self._rend :])
+                if self._rend >= want:
+                    return
+                if self._lowat and self._mark(want - self._rend - sealed.held) > 1:
+                    self._recv_marked()
+                else:
+                    sealed.received(self.recv_into(sealed.recv_space()))
         if self.tls is None:
             while self._rend < want:
                 self._rend += self.recv_into(self._rview[self._rend :])
@@ -499,20 +537,25 @@ class StreamIO:
         return lowat
 
     def _recv_marked(self) -> None:
-        """TLS: receive ciphertext under a low mark above 1. A link too slow for it (a wait of
-        LOWAT_SLOW, the socket's timeout meanwhile) turns the mark off for good; the stall
-        timeout then runs as usual, from the last bytes received."""
-        assert self.tls is not None and self._cview is not None
+        """TLS or sealed: receive ciphertext under a low mark above 1. A link too slow for it (a
+        wait of LOWAT_SLOW, the socket's timeout meanwhile) turns the mark off for good; the
+        stall timeout then runs as usual, from the last bytes received."""
+        view = self.sealed.recv_space() if self.sealed is not None else self._cview
+        assert view is not None
         t0 = time.monotonic()
         try:
-            n = self.recv_into(self._cview)
+            n = self.recv_into(view)
         except StallError:  # nothing within LOWAT_SLOW: the mark's timeout, not a stall
             n = 0
         if not n or time.monotonic() - t0 >= LOWAT_SLOW:
             self._set_lowat(1)
             self._lowat = 0  # off for good
         if n:
-            self.tls.feed(self._cview[:n])
+            if self.sealed is not None:
+                self.sealed.received(n)
+            else:
+                assert self.tls is not None
+                self.tls.feed(view[:n])
 
     def _set_lowat(self, lowat: int) -> None:
         """SO_RCVLOWAT, and while it is above 1 a receive timeout of LOWAT_SLOW."""
@@ -650,6 +693,11 @@ class StreamIO:
     def send_all(self, data: bytes | memoryview, *, more: bool = False) -> None:
         """Send `data`; `more`: more follows at once (a frame header before its payload), so it
         may wait to go out with it."""
+        if self.sealed is not None:
+            self.sealed.write(data)
+            if not more or self.sealed.pending >= SEND_PIECE:
+                self._send_sealed()
+            return
         if self.tls is not None:
             self.tls.seal(data)
             if not more or self.tls.sealed_bytes >= SEND_PIECE:
@@ -673,13 +721,24 @@ class StreamIO:
             view = view[n:]
 
     def _send_sealed(self) -> None:
-        """TLS: send the ciphertext waiting in memory."""
+        """TLS or sealed: send the ciphertext waiting in memory."""
+        if self.sealed is not None:
+            view = self.sealed.take()
+            if view:
+                self._send_view(view)
+            self.sealed.sent()
+            return
         assert self.tls is not None
         if self.tls.sealed_bytes:
             self._send_view(memoryview(self.tls.sealed()))
 
     def send_parts(self, parts: list[bytes]) -> None:
         """Several buffers in one sendmsg where possible (small files)."""
+        if self.sealed is not None:
+            for p in parts:
+                self.sealed.write(p)
+            self._send_sealed()
+            return
         if self.tls is not None:
             self.send_all(b"".join(parts))  # one seal: whole records, not one per part
             return
@@ -724,6 +783,17 @@ class StreamIO:
                 done += n
             if done == length:
                 return done
+        sealed = self.sealed
+        if sealed is not None:  # read into the record itself, sealed in place
+            while done < length:
+                n = os.preadv(fd, [sealed.space(length - done)], offset + done)
+                if not n:
+                    return done
+                sealed.wrote(n)
+                done += n
+                if sealed.pending >= SEND_PIECE:
+                    self._send_sealed()
+            return done
         # TLS (or no sendfile): a buffer-full per read, sealed and sent whole.
         if self._fview is None:
             self._fview = memoryview(_buffer(READ_CHUNK))
@@ -1229,19 +1299,28 @@ async def run_sync_owned(fn: Callable[[], T | None], close: Callable[[T], None],
 
 @dataclass(slots=True)
 class Link:
-    """A data connection during admission: the socket (Python-level timeout) and its TLS
-    session (None: cleartext). Its methods raise OSError / ssl.SSLError."""
+    """A data connection during admission: the socket (Python-level timeout) and its session:
+    `sealed` (seal.py), `tls` (a TLS session: a daemon or client before FEATURE_SEALED), or
+    neither (cleartext). Its methods raise OSError / ssl.SSLError / RemoteProtocolError (a sealed
+    record that does not open)."""
 
     sock: socket.socket
     tls: TLSBio | None = None
+    sealed: SealedChannel | None = None
 
     def sendall(self, data: bytes) -> None:
-        if self.tls is not None:
+        if self.sealed is not None:
+            self.sealed.write(data)
+            self.sock.sendall(self.sealed.take())
+            self.sealed.sent()
+        elif self.tls is not None:
             self.tls.sendall(self.sock, data)
         else:
             self.sock.sendall(data)
 
     def recv_exact(self, n: int) -> bytes:
+        if self.sealed is not None:
+            return self._open_exact(self.sealed, n)
         buf = bytearray()
         while len(buf) < n:
             chunk = self.tls.recv(self.sock, n - len(buf)) if self.tls is not None else self.sock.recv(n - len(buf))
@@ -1250,12 +1329,30 @@ class Link:
             buf += chunk
         return bytes(buf)
 
+    def recv_plain(self, n: int) -> bytes:
+        """`n` cleartext bytes, read exactly (nothing past them is taken from the socket)."""
+        return Link(self.sock).recv_exact(n)
+
+    def _open_exact(self, sealed: SealedChannel, n: int) -> bytes:
+        out = memoryview(bytearray(n))
+        got = 0
+        while got < n:
+            k = sealed.open_into(out[got:])
+            if k:
+                got += k
+                continue
+            r = self.sock.recv_into(sealed.recv_space())
+            if not r:
+                raise ConnectionError("the peer closed the data stream")
+            sealed.received(r)
+        return bytes(out)
+
     def close(self) -> None:
         self.sock.close()
 
     def stream(self, *, what: str, stall: float) -> StreamIO:
         """The admitted stream (it owns the socket from now on)."""
-        return StreamIO(self.sock, tls=self.tls, what=what, stall=stall)
+        return StreamIO(self.sock, tls=self.tls, sealed=self.sealed, what=what, stall=stall)
 
 
 def _start_tls(sock: socket.socket, tls_ctx: ssl.SSLContext | None, *, server_side: bool) -> Link:
@@ -1272,30 +1369,45 @@ def admit_client(
     *,
     tls_ctx: ssl.SSLContext | None,
     fingerprint: str | None,
+    sealed: bool = False,
     timeout: float = ADMIT_TIMEOUT,
     stall: float = DEFAULT_STALL,
     what: str = "data stream",
 ) -> StreamIO:
-    """Client side, worker thread: TLS (checking the certificate is the control plane's), then
-    the hello with the token, then the daemon's answer. Takes ownership of `sock`.
+    """Client side, worker thread: the hello with the token, then the daemon's answer. Takes
+    ownership of `sock`. `sealed` (FEATURE_SEALED, a TLS control plane): the hello names the
+    token's id and its sealed copy proves the secret; the daemon's admission is proved by its
+    first sealed record. Otherwise with `tls_ctx`: a TLS session whose certificate must be the
+    control plane's.
 
     Raises:
-        ConnectError: refused by the daemon, TLS failure, or another certificate.
+        ConnectError: refused by the daemon, TLS failure, another certificate, or a daemon that
+            does not hold the token's secret.
     """
     from . import tls as tls_mod
 
     try:
         sock.settimeout(timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        link = _start_tls(sock, tls_ctx, server_side=False)
-        if link.tls is not None:
-            der = link.tls.peer_certificate()
-            if not der or tls_mod.fingerprint(der) != fingerprint:
-                raise ConnectError(f"{what}: the data port presented another certificate than the daemon")
-        link.sendall(protocol.pack_data_hello(token))
-        head = link.recv_exact(protocol.ADMIT.size)
-        status, n = protocol.ADMIT.unpack(head)
-        message = link.recv_exact(n).decode("utf-8", "replace") if n else ""
+        if sealed:
+            from .seal import SealedChannel
+
+            channel = SealedChannel(token[: protocol.TOKEN_ID_BYTES], token[protocol.TOKEN_ID_BYTES :], client_side=True)
+            link = Link(sock, sealed=channel)
+            hello = protocol.pack_data_hello(token, sealed=True)
+            channel.write(hello)  # the proof: the hello again, sealed
+            sock.sendall(hello + channel.take())
+            channel.sent()
+        else:
+            link = _start_tls(sock, tls_ctx, server_side=False)
+            if link.tls is not None:
+                der = link.tls.peer_certificate()
+                if not der or tls_mod.fingerprint(der) != fingerprint:
+                    raise ConnectError(f"{what}: the data port presented another certificate than the daemon")
+            link.sendall(protocol.pack_data_hello(token))
+        read = link.recv_plain if sealed else link.recv_exact
+        status, n = protocol.ADMIT.unpack(read(protocol.ADMIT.size))
+        message = read(n).decode("utf-8", "replace") if n else ""
         if status != AdmitStatus.OK:
             try:
                 name = AdmitStatus(status).name
@@ -1303,6 +1415,13 @@ def admit_client(
                 name = str(status)
             err = TokenRefused if status == AdmitStatus.BAD_TOKEN else ConnectError
             raise err(f"{what}: refused by the daemon: {message or name}")
+        if sealed:
+            try:
+                proof = link.recv_exact(len(protocol.SEALED_ADMITTED))
+            except RemoteProtocolError:  # the answer did not open (seal.py)
+                proof = b""
+            if not hmac.compare_digest(proof, protocol.SEALED_ADMITTED):
+                raise ConnectError(f"{what}: the data port does not hold the transfer's key (not the daemon of the control connection)")
     except (OSError, ssl.SSLError) as exc:
         sock.close()
         raise ConnectError(f"{what}: {exc}") from None
@@ -1312,29 +1431,83 @@ def admit_client(
     return link.stream(what=what, stall=stall)
 
 
-def accept_handshake(sock: socket.socket, tls_ctx: ssl.SSLContext | None, timeout: float = ADMIT_TIMEOUT) -> tuple[Link, bytes | Refused]:
-    """Daemon side, worker thread: TLS handshake and the client's hello.
+def accept_handshake(
+    sock: socket.socket,
+    tls_ctx: ssl.SSLContext | None,
+    secret_of: Callable[[bytes], bytes | None] = lambda tid: None,
+    timeout: float = ADMIT_TIMEOUT,
+) -> tuple[Link, bytes | Refused]:
+    """Daemon side, worker thread: the client's hello (after a TLS handshake if its first byte
+    starts one).
 
-    Returns the connection and the token, or the refusal to answer with (not a blit data
-    hello, another version). On a connection failure the socket is closed and OSError /
-    ssl.SSLError raised.
+    A daemon with TLS (`tls_ctx`) takes a TLS session or a sealed stream, never cleartext: a
+    sealed hello names its token's id, `secret_of(id)` gives the secret of an outstanding grant
+    (None: unknown or expired; the grant is not spent here), and the stream's first sealed
+    record must open under its keys and repeat the hello. Returns the connection and the whole
+    token (to redeem), or the refusal to answer with (not a blit data hello, another version, a
+    stream that is not what this daemon takes, an unknown token, a failed proof). On a
+    connection failure the socket is closed and OSError / ssl.SSLError raised.
     """
     try:
         sock.settimeout(timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        link = _start_tls(sock, tls_ctx, server_side=True)
+        link: Link | None = None
+        if tls_ctx is not None:
+            first = sock.recv(1, socket.MSG_PEEK)
+            if not first:
+                raise ConnectionError("the peer closed the data stream")
+            if first[0] == _TLS_HANDSHAKE:
+                link = _start_tls(sock, tls_ctx, server_side=True)
+        if link is None:
+            link = Link(sock)
         hello = link.recv_exact(protocol.DATA_HELLO.size)
     except BaseException:
         sock.close()
         raise
     try:
-        return link, protocol.unpack_data_hello(hello)
+        token, sealed = protocol.unpack_data_hello(hello)
     except Refused as exc:
         return link, exc
+    if sealed and (tls_ctx is None or link.tls is not None):
+        return link, Refused(ErrorCode.BAD_REQUEST, "a sealed data stream needs a daemon with TLS, outside a TLS session")
+    if not sealed and tls_ctx is not None and link.tls is None:
+        return link, Refused(ErrorCode.BAD_REQUEST, "this daemon's data streams are encrypted (TLS on): a cleartext stream is refused")
+    if not sealed:
+        return link, token
+    tid = token[: protocol.TOKEN_ID_BYTES]
+    secret = secret_of(tid)
+    if secret is None:
+        return link, Refused(ErrorCode.BAD_TOKEN, "unknown, expired or already used data token")
+    from .seal import SealedChannel
+
+    link.sealed = SealedChannel(tid, secret, client_side=False)
+    try:
+        proof = link.recv_exact(protocol.DATA_HELLO.size)
+    except RemoteProtocolError:  # the proof did not open (seal.py)
+        proof = b""
+    except BaseException:
+        sock.close()
+        raise
+    if not hmac.compare_digest(proof, hello):
+        link.sealed = None  # the answer goes in the clear
+        return link, Refused(ErrorCode.BAD_TOKEN, "the data stream did not prove its token")
+    return link, tid + secret
+
+
+_TLS_HANDSHAKE = 0x16
+"""The first byte of a TLS ClientHello record (content type handshake)."""
 
 
 def answer_admission(link: Link, status: AdmitStatus, message: str = "") -> None:
-    link.sendall(protocol.pack_admit(status, message))
+    """The daemon's answer: on a sealed stream in the clear (a refusal may come before any key
+    is known), then, once admitted, the first sealed record (SEALED_ADMITTED)."""
+    raw = protocol.pack_admit(status, message)
+    if link.sealed is None:
+        link.sendall(raw)
+        return
+    link.sock.sendall(raw)
+    if status == AdmitStatus.OK:
+        link.sendall(protocol.SEALED_ADMITTED)
 
 
 # =================================================================================================

@@ -627,6 +627,10 @@ FEATURE_HOLD = "hold-1"
 """Hello feature: a directory's stat reply and a mirror push's tree/open carry its ancestors'
 (device, inode) (StatReply.source_up, OpenTree.source_up), so that a mirror on the source's
 machine refuses a destination that holds the source (R59)."""
+FEATURE_SEALED = "sealed-data-1"
+"""Hello feature: the daemon's data port takes sealed streams (HELLO_SEALED, transport/seal.py):
+AES-128-GCM records keyed by the token's secret, instead of a TLS session per stream
+(decisions R67). The client uses them when the control plane is TLS."""
 FEATURE_SILENCE = "silence-1"
 """Hello feature: the client pings at least every HelloReply.silence_ms / SILENCE_PINGS, and the
 daemon ends a session silent for silence_ms (a frozen or vanished client: its transfers are
@@ -1774,7 +1778,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_CLIENT_STAT, FEATURE_MACHINE, FEATURE_NEST, FEATURE_HOLD, FEATURE_SILENCE])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_CLIENT_STAT, FEATURE_MACHINE, FEATURE_NEST, FEATURE_HOLD, FEATURE_SILENCE, FEATURE_SEALED])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""
@@ -1819,7 +1823,14 @@ class ClientSession:
 
 DATA_MAGIC = b"BLITDATA"
 DATA_HELLO = struct.Struct("!8sHH32s")
-"""Sent first by the client on a raw data stream: magic, protocol version, reserved, token."""
+"""Sent first by the client on a raw data stream: magic, protocol version, flags, token."""
+HELLO_SEALED = 1
+"""DATA_HELLO flag (FEATURE_SEALED): a sealed stream (transport/seal.py). The token field holds
+the token's id, then zeros: the secret never crosses the data port; the hello follows again in
+the stream's first sealed record, which proves the client holds it."""
+SEALED_ADMITTED = b"BLITDATA admitted"
+"""On a sealed stream, the daemon's first sealed record, after its cleartext ADMIT answer OK:
+proof that the daemon holds the token's secret too."""
 ADMIT = struct.Struct("!BH")
 """The daemon's answer: status (0 = admitted), length of a UTF-8 message that follows."""
 
@@ -1832,21 +1843,24 @@ class AdmitStatus(enum.IntEnum):
     BUSY = 4
 
 
-def pack_data_hello(token: bytes) -> bytes:
+def pack_data_hello(token: bytes, *, sealed: bool = False) -> bytes:
     if len(token) != TOKEN_BYTES:
         raise LocalProtocolError("bad token length")
+    if sealed:
+        return DATA_HELLO.pack(DATA_MAGIC, PROTOCOL_VERSION, HELLO_SEALED, token[:TOKEN_ID_BYTES] + bytes(TOKEN_SECRET_BYTES))
     return DATA_HELLO.pack(DATA_MAGIC, PROTOCOL_VERSION, 0, token)
 
 
-def unpack_data_hello(data: bytes) -> bytes:
-    """The token of a data-stream hello.
+def unpack_data_hello(data: bytes) -> tuple[bytes, bool]:
+    """The token field of a data-stream hello, and whether the stream is sealed (the field then
+    holds the token's id, then zeros).
 
     Raises:
         Refused(BAD_REQUEST): not a blit data hello; Refused(VERSION): another protocol version.
     """
     if len(data) != DATA_HELLO.size:
         raise Refused(ErrorCode.BAD_REQUEST, "short data hello")
-    magic, version, _reserved, token = DATA_HELLO.unpack(data)
+    magic, version, flags, token = DATA_HELLO.unpack(data)
     if magic != DATA_MAGIC:
         raise Refused(ErrorCode.BAD_REQUEST, "not a blit data stream")
     if version != PROTOCOL_VERSION:
@@ -1855,7 +1869,9 @@ def unpack_data_hello(data: bytes) -> bytes:
             f"data stream protocol version mismatch: the daemon speaks {PROTOCOL_VERSION}, "
             f"the client speaks {version}",
         )
-    return bytes(token)
+    if flags & ~HELLO_SEALED:
+        raise Refused(ErrorCode.BAD_REQUEST, f"unknown data hello flags {flags:#x}")
+    return bytes(token), bool(flags & HELLO_SEALED)
 
 
 def pack_admit(status: AdmitStatus, message: str = "") -> bytes:
@@ -2067,7 +2083,10 @@ __all__ = [
     "FEATURE_CLIENT_STAT",
     "FEATURE_NEST",
     "FEATURE_HOLD",
+    "FEATURE_SEALED",
     "FEATURE_SILENCE",
+    "HELLO_SEALED",
+    "SEALED_ADMITTED",
     "SILENCE_PINGS",
     "ACTION_NAMES",
     "Action",

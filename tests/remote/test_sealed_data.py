@@ -1,0 +1,298 @@
+"""Sealed data streams (the default with TLS, decisions R67): what crosses the data port is
+AES-128-GCM records keyed by the token's secret, which itself never crosses it. Seen through a
+recording proxy: no byte of a file and no byte of the secret on the wire, both ways. A record
+altered on the way fails the stream and lands nothing; an opening replayed on a new connection
+is refused; a data port that does not hold the key is refused before a file is sent; a daemon
+with TLS refuses cleartext streams; and the previous form, a TLS session per stream, is still
+admitted."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from blit.errors import ConnectError
+from blit.transport import data, protocol as p, tls
+from blit.transport.client import LocalSink
+
+from .conftest import Daemon, start_daemon
+
+MiB = 1 << 20
+MARK = b"BLIT-PLAINTEXT-MARK-0123456789ab"
+
+
+class _Proxy:
+    """One TCP connection relayed to 127.0.0.1:`port`, both directions recorded; `alter(n,
+    chunk)` may change a chunk going to the daemon (`n`: bytes relayed before it)."""
+
+    def __init__(self, port: int, alter: Callable[[int, bytes], bytes] | None = None) -> None:
+        self.target = port
+        self.alter = alter
+        self.up = bytearray()  # client -> daemon
+        self.down = bytearray()  # daemon -> client
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(20)
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            client, _ = self.listener.accept()
+        except OSError:
+            return
+        daemon = socket.create_connection(("127.0.0.1", self.target), timeout=20)
+        pumps = [
+            threading.Thread(target=self._pump, args=(client, daemon, self.up, True), daemon=True),
+            threading.Thread(target=self._pump, args=(daemon, client, self.down, False), daemon=True),
+        ]
+        for t in pumps:
+            t.start()
+        for t in pumps:
+            t.join(30)
+        client.close()
+        daemon.close()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, log: bytearray, up: bool) -> None:
+        try:
+            while chunk := src.recv(1 << 16):
+                if up and self.alter is not None:
+                    chunk = self.alter(len(log), chunk)
+                log += chunk
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        for s in (dst, src):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(30)
+
+
+def _payload(size: int) -> bytes:
+    return (MARK * (size // len(MARK) + 1))[:size]
+
+
+def _admit(port: int, token: bytes, *, sealed: bool = True, d: Daemon | None = None) -> data.StreamIO:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if sealed:
+        return data.admit_client(sock, token, tls_ctx=None, fingerprint=None, sealed=True)
+    assert d is not None
+    return data.admit_client(sock, token, tls_ctx=tls.client_context(), fingerprint=d.info.fingerprint)
+
+
+def _push_file(io: data.StreamIO, payload: bytes) -> None:
+    """File 1 in one DATA frame, its END, and the stream's DONE."""
+    try:
+        io.send_all(p.pack_frame(p.FrameType.DATA, 1, 0, len(payload)), more=True)
+        io.send_all(payload)
+        io.send_all(p.pack_frame(p.FrameType.END, 1, len(payload)))
+        io.send_all(p.pack_frame(p.FrameType.DONE))
+    finally:
+        io.close()
+
+
+async def _open_push(s, size: int) -> p.TransferOpened:
+    opened: p.TransferOpened = await s.call(p.OpenTransfer(module="data", path=b"dst", direction="push", streams=1))
+    await s.call(p.ExpectFiles(transfer=opened.transfer, files=[p.FileOffer(id=1, path=b"f", size=size, mtime_ns=0, mode=0o644)]))
+    return opened
+
+
+async def test_a_push_shows_no_plaintext_and_no_secret_on_the_wire(nursery: trio.Nursery, tmp_path: Path) -> None:
+    d = await start_daemon(nursery, tmp_path, tls=True, stall=10)
+    (d.modules["data"] / "dst").mkdir()
+    payload = _payload(3 * MiB + 12_345)
+    async with d.session() as s:
+        assert p.FEATURE_SEALED in s.peer.features
+        opened = await _open_push(s, len(payload))
+        token = opened.tokens[0]
+        proxy = _Proxy(opened.data_port)
+        try:
+            await trio.to_thread.run_sync(lambda: _push_file(_admit(proxy.port, token), payload))
+            with trio.fail_after(20):
+                done = await s.call(p.FinishTransfer(transfer=opened.transfer))
+        finally:
+            await trio.to_thread.run_sync(proxy.close)
+    assert done.failures == [] and done.files == 1
+    assert (d.modules["data"] / "dst" / "f").read_bytes() == payload
+    wire = bytes(proxy.up) + bytes(proxy.down)
+    assert len(proxy.up) > len(payload)  # it all went through the proxy
+    assert MARK[:16] not in wire
+    assert token[p.TOKEN_ID_BYTES :] not in wire and token[p.TOKEN_ID_BYTES : p.TOKEN_ID_BYTES + 8] not in wire
+    # In the clear: the hello (magic, version, the sealed flag, the token's id) and the answer.
+    assert p.unpack_data_hello(bytes(proxy.up[: p.DATA_HELLO.size])) == (token[: p.TOKEN_ID_BYTES] + bytes(p.TOKEN_SECRET_BYTES), True)
+
+
+async def test_a_pull_shows_no_plaintext_on_the_wire(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The client's own path (RemoteTransfer.run_receivers), pointed at the proxy."""
+    d = await start_daemon(nursery, tmp_path, tls=True, stall=10)
+    payload = _payload(5 * MiB + 7)
+    (d.modules["data"] / "x").write_bytes(payload)
+    out = tmp_path / "x.out"
+    async with d.session() as s:
+        async with s.transfer("data", b"", "pull") as t:
+            proxy = _Proxy(t.data_port)
+            try:
+                t.data_port = proxy.port
+                await t.send_files([p.FileRef(id=1, path=b"x")], last=True)
+                await t.run_receivers(LocalSink({1: (out, None, None)}))
+            finally:
+                await trio.to_thread.run_sync(proxy.close)
+            assert t.carriers == ["raw"]
+            secret = t.tokens[0][p.TOKEN_ID_BYTES :]
+    assert out.read_bytes() == payload
+    wire = bytes(proxy.up) + bytes(proxy.down)
+    assert len(proxy.down) > len(payload)
+    assert MARK[:16] not in wire
+    assert secret not in wire
+
+
+async def test_a_record_altered_on_the_way_fails_the_stream_and_lands_nothing(nursery: trio.Nursery, tmp_path: Path) -> None:
+    d = await start_daemon(nursery, tmp_path, tls=True, stall=10)
+    (d.modules["data"] / "dst").mkdir()
+    payload = _payload(8 * MiB)
+
+    def flip(before: int, chunk: bytes) -> bytes:
+        at = 2 * MiB + 77 - before  # one bit of a record in the middle of the file
+        if 0 <= at < len(chunk):
+            return chunk[:at] + bytes([chunk[at] ^ 0x10]) + chunk[at + 1 :]
+        return chunk
+
+    async with d.session() as s:
+        opened = await _open_push(s, len(payload))
+        proxy = _Proxy(opened.data_port, alter=flip)
+        try:
+
+            def push() -> None:
+                try:
+                    _push_file(_admit(proxy.port, opened.tokens[0]), payload)
+                except (OSError, data.TransportError):
+                    pass  # the daemon ends the stream at the altered record
+
+            await trio.to_thread.run_sync(push)
+            with trio.fail_after(20):
+                done = await s.call(p.FinishTransfer(transfer=opened.transfer))
+        finally:
+            await trio.to_thread.run_sync(proxy.close)
+        assert (await s.modules()).modules  # the session goes on
+    assert done.files == 0
+    ((fid, message),) = [(f.id, f.message) for f in done.failures]
+    assert fid == 1 and "did not authenticate" in message
+    assert os.listdir(d.modules["data"] / "dst") == []
+
+
+async def test_an_opening_replayed_on_a_new_connection_is_refused(nursery: trio.Nursery, tmp_path: Path) -> None:
+    d = await start_daemon(nursery, tmp_path, tls=True, stall=10)
+    (d.modules["data"] / "dst").mkdir()
+    payload = _payload(100_000)
+    async with d.session() as s:
+        opened = await _open_push(s, len(payload))
+        proxy = _Proxy(opened.data_port)
+        try:
+            await trio.to_thread.run_sync(lambda: _push_file(_admit(proxy.port, opened.tokens[0]), payload))
+        finally:
+            await trio.to_thread.run_sync(proxy.close)
+        opening = bytes(proxy.up[: p.DATA_HELLO.size + 4 + p.DATA_HELLO.size + 16])  # hello + its sealed copy
+
+        def replay() -> tuple[int, bytes]:
+            with socket.create_connection(("127.0.0.1", opened.data_port), timeout=5) as sock:
+                sock.sendall(opening)
+                head = sock.recv(p.ADMIT.size, socket.MSG_WAITALL)
+                status, n = p.ADMIT.unpack(head)
+                return status, sock.recv(n, socket.MSG_WAITALL)
+
+        status, message = await trio.to_thread.run_sync(replay)
+        with trio.fail_after(20):
+            done = await s.call(p.FinishTransfer(transfer=opened.transfer))
+    assert status == p.AdmitStatus.BAD_TOKEN and b"data token" in message
+    assert done.failures == [] and done.files == 1
+    assert (d.modules["data"] / "dst" / "f").read_bytes() == payload
+
+
+class _Impostor:
+    """A data port that answers "admitted" in the clear without the key, then sends 64 bytes;
+    records what it is sent."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(10)
+        self.port = self.listener.getsockname()[1]
+        self.received = b""
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(5)
+            try:
+                self.received = conn.recv(p.DATA_HELLO.size, socket.MSG_WAITALL)
+                conn.sendall(p.pack_admit(p.AdmitStatus.OK) + (p.DATA_HELLO.size + 16).to_bytes(4, "big") + os.urandom(p.DATA_HELLO.size + 16))
+                while chunk := conn.recv(65536):
+                    self.received += chunk
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(10)
+
+
+async def test_a_data_port_without_the_key_is_refused_before_a_byte_of_a_file(nursery: trio.Nursery, tmp_path: Path) -> None:
+    d = await start_daemon(nursery, tmp_path, tls=True)
+    (d.modules["data"] / "dst").mkdir()
+    impostor = _Impostor()
+    try:
+        async with d.session() as s:
+            opened = await _open_push(s, 10)
+            with pytest.raises(ConnectError, match="does not hold the transfer's key"):
+                await trio.to_thread.run_sync(lambda: _admit(impostor.port, opened.tokens[0]))
+    finally:
+        await trio.to_thread.run_sync(impostor.close)
+    secret = opened.tokens[0][p.TOKEN_ID_BYTES :]
+    assert impostor.received.startswith(p.DATA_MAGIC) and secret not in impostor.received
+    assert len(impostor.received) == p.DATA_HELLO.size + 4 + p.DATA_HELLO.size + 16  # the hello and its sealed copy, no more
+
+
+async def test_a_tls_daemon_refuses_a_cleartext_stream_and_the_token_stays_good(nursery: trio.Nursery, tmp_path: Path) -> None:
+    d = await start_daemon(nursery, tmp_path, tls=True, stall=10)
+    (d.modules["data"] / "dst").mkdir()
+    payload = _payload(200_000)
+    async with d.session() as s:
+        opened = await _open_push(s, len(payload))
+
+        def cleartext() -> None:
+            sock = socket.create_connection(("127.0.0.1", opened.data_port), timeout=5)
+            data.admit_client(sock, opened.tokens[0], tls_ctx=None, fingerprint=None, sealed=False)
+
+        with pytest.raises(ConnectError, match="cleartext stream is refused"):
+            await trio.to_thread.run_sync(cleartext)
+        # The previous form, a TLS session per stream (a client before FEATURE_SEALED), is admitted.
+        await trio.to_thread.run_sync(lambda: _push_file(_admit(opened.data_port, opened.tokens[0], sealed=False, d=d), payload))
+        with trio.fail_after(20):
+            done = await s.call(p.FinishTransfer(transfer=opened.transfer))
+    assert done.failures == [] and done.files == 1
+    assert (d.modules["data"] / "dst" / "f").read_bytes() == payload
+
+
+async def test_a_daemon_without_tls_refuses_a_sealed_stream(nursery: trio.Nursery, tmp_path: Path) -> None:
+    d = await start_daemon(nursery, tmp_path, tls=False, stall=10)
+    (d.modules["data"] / "dst").mkdir()
+    async with d.session() as s:
+        assert p.FEATURE_SEALED in s.peer.features  # the feature names what the port takes with TLS on
+        opened = await _open_push(s, 10)
+        with pytest.raises(ConnectError, match="sealed data stream needs a daemon with TLS"):
+            await trio.to_thread.run_sync(lambda: _admit(opened.data_port, opened.tokens[0]))
