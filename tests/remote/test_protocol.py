@@ -72,6 +72,7 @@ SAMPLES: list[p.Message] = [
     p.HashList(hashes=[p.FileHash(name=b"f", digest=b"\x02" * 16)], failures=[p.PathFailure(path=b"g", op="checksum", message="Permission denied")]),
     p.TreeLanded(transfer=1),
     p.LandedPage(groups=[p.RemoveGroup(rel=b"a", files=[p.Landed(name=b"\xff", size=3, mtime_ns=-1)], dirs=[]), p.RemoveGroup(rel=b"", files=[], dirs=[b"a"])], more=False),
+    p.LandedPage(groups=[p.RemoveGroup(rel=b"a", files=[p.Landed(name=b"f", size=3, mtime_ns=-1, ino=(1 << 64) - 1)], dirs=[])], more=True),
     p.TreeRemove(transfer=1, groups=[], last=True),
     p.TreeRemoved(removed=3, failures=[]),
     p.PeerPull(module="n", path=b"y/", peer=p.Peer(host="::1", port=9031, module="m", path=b"x", tls=False), operation="mirror", compare=0,

@@ -287,3 +287,49 @@ async def test_checksum_move_removes_equal_sources(daemon: Daemon, tmp_path: Pat
     assert s.exit_code == 0, s.failures
     assert leftovers(local) == []
     assert await trio.to_thread.run_sync(snapshot, remote) == want
+
+
+async def test_a_source_file_replaced_after_its_copy_is_kept(daemon: Daemon, tmp_path: Path) -> None:
+    """A confirmation names the source's inode (FEATURE_LANDED_INO): a file that another took
+    the place of between the copy and the removal (same size, same mtime to the nanosecond, a
+    new inode: an atomic save that kept the time) stays. Before, size and mtime alone were
+    compared and the new file was removed. The same confirmation for the file that was copied
+    removes it."""
+    from blit.transport import protocol as p
+
+    mod = daemon.modules["data"]
+    (mod / "d").mkdir()
+    for name in ("kept", "gone"):
+        (mod / "d" / name).write_bytes(b"old content")
+    copied = {name: os.stat(mod / "d" / name) for name in ("kept", "gone")}
+    # Replaced: same size, same ns mtime, another inode.
+    (mod / "d" / ".tmp").write_bytes(b"NEW CONTENT")
+    os.utime(mod / "d" / ".tmp", ns=(copied["kept"].st_atime_ns, copied["kept"].st_mtime_ns))
+    os.rename(mod / "d" / ".tmp", mod / "d" / "kept")
+    now = os.stat(mod / "d" / "kept")
+    assert (now.st_size, now.st_mtime_ns) == (copied["kept"].st_size, copied["kept"].st_mtime_ns) and now.st_ino != copied["kept"].st_ino
+    async with daemon.session() as s:
+        assert p.FEATURE_LANDED_INO in s.peer.features
+        opened = await s.call(p.OpenTree(module="data", path=b"d", direction="pull", operation="move", compare=0))
+        files = [p.Landed(name=n.encode(), size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino) for n, st in copied.items()]
+        reply = await s.call(p.TreeRemove(transfer=opened.transfer, groups=[p.RemoveGroup(rel=b"", files=files, dirs=[])]))
+    assert reply.removed == 1
+    assert [(f.path, f.message) for f in reply.failures] == [(b"kept", "changed since it was copied; kept")]
+    assert (mod / "d" / "kept").read_bytes() == b"NEW CONTENT" and not (mod / "d" / "gone").exists()
+
+
+@pytest.mark.parametrize("peer_reads_ino", [True, False])
+def test_move_confirmations_name_the_inode_only_for_a_peer_that_reads_it(peer_reads_ino: bool) -> None:
+    from blit.fsops import Meta
+    from blit.transport import protocol as p
+
+    log = tree.LandedLog()
+    log.with_ino = peer_reads_ino
+    log.add("a", "f", Meta(0o100644, 3, 5, 5, 0, 0, 77, 1, 1, 0, 1))
+    (group,) = log.take()
+    (landed,) = group.files
+    assert (landed.name, landed.size, landed.mtime_ns, landed.ino) == (b"f", 3, 5, 77 if peer_reads_ino else None)
+    # Without it the array is the three fields an older peer decodes.
+    import cbor2
+
+    assert len(cbor2.loads(p.encode(p.TreeRemove(transfer=1, groups=[group])))["groups"][0][1][0]) == (4 if peer_reads_ino else 3)

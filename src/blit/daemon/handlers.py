@@ -429,6 +429,8 @@ class Session:
         """The client speaks protocol.FEATURE_NEST: a directory's stat names its identity."""
         self.hold = False
         """The client speaks protocol.FEATURE_HOLD: a directory's stat names its ancestors'."""
+        self.landed_ino = False
+        """The client speaks protocol.FEATURE_LANDED_INO: a push move's confirmations name inodes."""
         self.silence: float | None = None
         """The client speaks protocol.FEATURE_SILENCE: it pings, and the connection ends when
         nothing came from it for this many seconds (the stall timeout; server.py applies it)."""
@@ -558,6 +560,7 @@ async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
     s.dir_batch = protocol.FEATURE_DIR_BATCH in granted
     s.machine = protocol.FEATURE_MACHINE in granted
     s.nest = protocol.FEATURE_NEST in granted
+    s.landed_ino = protocol.FEATURE_LANDED_INO in granted
     s.hold = protocol.FEATURE_HOLD in granted
     if protocol.FEATURE_SILENCE in granted and math.isfinite(s.state.stall):
         s.silence = s.state.stall
@@ -579,7 +582,7 @@ def _features(asked: list[str]) -> list[str]:
     from .. import fsops
     from ..ffi import scan
 
-    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_CLIENT_STAT, protocol.FEATURE_MACHINE, protocol.FEATURE_NEST, protocol.FEATURE_HOLD, protocol.FEATURE_SILENCE, protocol.FEATURE_SEALED) if f in asked]
+    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_CLIENT_STAT, protocol.FEATURE_MACHINE, protocol.FEATURE_NEST, protocol.FEATURE_HOLD, protocol.FEATURE_SILENCE, protocol.FEATURE_SEALED, protocol.FEATURE_LANDED_INO) if f in asked]
     if protocol.FEATURE_DIR_BATCH in asked and protocol.FEATURE_PARTS in asked:
         out.append(protocol.FEATURE_DIR_BATCH)
     if protocol.FEATURE_DIR_DIGEST in asked and scan.HAVE_CMPDIR:
@@ -830,6 +833,8 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
         )
         t.tree_dest = tree.DestTree(base_fd, spec, open_dir=contained_open_dir)
         t.tree_dest.same_machine = fsops.this_machine(msg.machine)
+        if t.tree_dest.landed is not None:
+            t.tree_dest.landed.with_ino = s.landed_ino
         t.sink = t.tree_dest
         t.actions = t.tree_dest.actions
     else:

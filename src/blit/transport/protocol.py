@@ -627,6 +627,9 @@ FEATURE_HOLD = "hold-1"
 """Hello feature: a directory's stat reply and a mirror push's tree/open carry its ancestors'
 (device, inode) (StatReply.source_up, OpenTree.source_up), so that a mirror on the source's
 machine refuses a destination that holds the source (R59)."""
+FEATURE_LANDED_INO = "landed-ino-1"
+"""Hello feature: the peer reads Landed.ino (a move's confirmations name the source's inode, and
+its remover keeps a file whose inode is another)."""
 FEATURE_SEALED = "sealed-data-1"
 """Hello feature: the daemon's data port takes sealed streams (HELLO_SEALED, transport/seal.py):
 AES-128-GCM records keyed by the token's secret, instead of a TLS session per stream
@@ -884,13 +887,16 @@ class HashList(Message):
 
 @message_class
 class Landed(Message):
-    """A source entry now safely at the destination: [name, size, mtime_ns] as the source's
-    manifest had them (the remover keeps an entry that changed since)."""
+    """A source entry now safely at the destination: [name, size, mtime_ns, ino] as the source's
+    manifest had them (the remover keeps an entry that changed since). `ino` (FEATURE_LANDED_INO,
+    only towards a peer that announced it): also kept when another file took its name, whatever
+    its size and mtime."""
 
     ARRAY: ClassVar[bool] = True
     name: bytes = field(metadata=_lim(MAX_NAME))
     size: int = field(metadata=_lim(min=0, max=1 << 63))
     mtime_ns: int = field(metadata=_lim(min=-(1 << 63), max=(1 << 63) - 1))
+    ino: int | None = field(default=None, metadata=_lim(min=0, max=(1 << 64) - 1))
 
 
 @message_class
@@ -1778,7 +1784,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_CLIENT_STAT, FEATURE_MACHINE, FEATURE_NEST, FEATURE_HOLD, FEATURE_SILENCE, FEATURE_SEALED])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_CLIENT_STAT, FEATURE_MACHINE, FEATURE_NEST, FEATURE_HOLD, FEATURE_SILENCE, FEATURE_SEALED, FEATURE_LANDED_INO])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""
@@ -2083,6 +2089,7 @@ __all__ = [
     "FEATURE_CLIENT_STAT",
     "FEATURE_NEST",
     "FEATURE_HOLD",
+    "FEATURE_LANDED_INO",
     "FEATURE_SEALED",
     "FEATURE_SILENCE",
     "HELLO_SEALED",

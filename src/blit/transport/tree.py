@@ -228,10 +228,12 @@ class LandedLog:
     confirmations cannot grow the daemon). Thread-safe.
     """
 
-    REC = struct.Struct("<QqH")  # size, mtime_ns, name length; then the name
+    REC = struct.Struct("<QqQH")  # size, mtime_ns, inode, name length; then the name
 
     def __init__(self, cap: int = 64 << 20) -> None:
         self.cap = cap
+        self.with_ino = False
+        """The pages name each entry's inode (the peer announced FEATURE_LANDED_INO)."""
         self._lock = threading.Lock()
         self._files: dict[str, bytearray] = {}
         self._deferred: dict[str, bytearray] = {}
@@ -246,7 +248,7 @@ class LandedLog:
 
     def add(self, rel: str, name: str, m: Meta) -> None:
         nb = _b(name)
-        rec = self.REC.pack(m.st_size, m.st_mtime_ns, len(nb)) + nb
+        rec = self.REC.pack(m.st_size, m.st_mtime_ns, m.st_ino, len(nb)) + nb
         with self._lock:
             if self.nbytes + len(rec) > self.cap:
                 self.dropped += 1
@@ -284,6 +286,7 @@ class LandedLog:
         groups: list[RemoveGroup] = []
         n = size = 0
         rec = self.REC
+        with_ino = self.with_ino
         with self._lock:
             while self._files and n < max_entries and size < max_bytes:
                 rel = next(iter(self._files))
@@ -291,12 +294,12 @@ class LandedLog:
                 files: list[protocol.Landed] = []
                 pos = 0
                 while pos < len(buf) and n < max_entries and size < max_bytes:
-                    fsize, mtime, ln = rec.unpack_from(buf, pos)
+                    fsize, mtime, ino, ln = rec.unpack_from(buf, pos)
                     pos += rec.size
-                    files.append(protocol.Landed(name=bytes(buf[pos : pos + ln]), size=fsize, mtime_ns=mtime))
+                    files.append(protocol.Landed(name=bytes(buf[pos : pos + ln]), size=fsize, mtime_ns=mtime, ino=ino if with_ino else None))
                     pos += ln
                     n += 1
-                    size += ln + 24
+                    size += ln + 34
                 if pos >= len(buf):
                     del self._files[rel]
                 else:
@@ -643,7 +646,8 @@ class SourceTree:
 
     def remove(self, groups: list[RemoveGroup]) -> tuple[int, list[PathFailure]]:
         """Worker thread, move: unlink the landed source entries of each group (only if they are
-        still what was copied: same size and mtime, not a directory), then remove the group's
+        still what was copied: same size and mtime, not a directory, and the same inode when the
+        confirmation names it), then remove the group's
         directories that are now empty. Returns (entries removed, failures). The caller has
         checked the groups (check_groups)."""
         removed = 0
@@ -660,7 +664,7 @@ class SourceTree:
                 for f in g.files:
                     try:
                         st = os.stat(f.name, dir_fd=dfd, follow_symlinks=False)
-                        if stat.S_ISDIR(st.st_mode) or st.st_size != f.size or st.st_mtime_ns != f.mtime_ns:
+                        if stat.S_ISDIR(st.st_mode) or st.st_size != f.size or st.st_mtime_ns != f.mtime_ns or f.ino not in (None, st.st_ino):
                             failures.append(PathFailure(path=_b(_join(rel, _s(f.name))), op="remove source", message="changed since it was copied; kept"))
                             continue
                         os.unlink(f.name, dir_fd=dfd)
@@ -3043,6 +3047,8 @@ async def pull_tree(
     t = RemoteTransfer(session, opened, "pull", lazy=True)
     by_dir = protocol.FEATURE_SEND_DIRS in session.peer.features
     sink: DestTree = dest
+    if sink.landed is not None:
+        sink.landed.with_ino = protocol.FEATURE_LANDED_INO in session.peer.features
     if counters is not None:
         counters.streams = t.stats
         counters.dest = sink
