@@ -5,11 +5,13 @@ streams are connected by the client to the daemon's data port and admitted by a 
 (`GrantTable`: 192-bit secret, constant-time compare, single use, short expiry). The frames on a
 raw stream are moved by ONE worker thread per stream, entered once per stream (STACK-NOTES §2):
 the sender uses `os.sendfile` (plain TCP); the receiver `splice`s socket -> pipe -> file. Small
-files go header + data + END in one `sendmsg`. No thread hop per chunk. A TLS stream is the same
-blocking socket with its records sealed and opened in memory (`tlsbio`): the sender reads 1 MiB
-of the file, seals it and sends the ciphertext in 256 KiB calls; the receiver takes what the
-socket holds per `recv_into`, decrypts it into its reused buffer and writes a buffer-full per
-`pwrite` (the same path serves where splice is not supported).
+files go header + data + END in one `sendmsg`. No thread hop per chunk. With TLS on, a stream is
+the same blocking socket carrying sealed records (`seal`, decisions R67: AES-128-GCM keyed from
+the token's secret): the sender `preadv`s the file straight into a record, seals it in place and
+sends 256 KiB at a time; the receiver reads what the socket holds into the record buffer, opens
+the whole records into its frame buffer and writes a buffer-full per `pwrite` (the path that
+also serves where splice is not supported). A client before sealed streams still gets a TLS
+session per stream (`tlsbio`, records sealed and opened through memory BIOs).
 
 When the data port cannot be reached (or `--force-h2-data`), the same frames travel in the body
 of an HTTP/2 stream (`POST /blit/data`, token in a header); those loops run in trio and hop to a
@@ -354,9 +356,10 @@ class StreamIO:
     also bound splice and sendfile: a receive fails after `stall` seconds without a byte; a send
     wakes every SEND_WAIT to check that some bytes went out in the last `stall` seconds (the
     kernel's send timeout is a budget for the whole call, so a call that straddles the moment
-    the peer stopped would return its few bytes only after the timeout). A TLS stream is the same socket with its records
-    sealed and opened in memory (`tlsbio.TLSBio`), so its ciphertext goes through the same
-    calls, in large pieces. `kick()` (any thread) shuts the socket down to unblock the worker.
+    the peer stopped would return its few bytes only after the timeout). A sealed stream
+    (`seal.SealedChannel`) or a TLS one (`tlsbio.TLSBio`) is the same socket, its records
+    sealed and opened in memory, so its ciphertext goes through the same calls, in large
+    pieces. `kick()` (any thread) shuts the socket down to unblock the worker.
     """
 
     def __init__(
