@@ -22,12 +22,13 @@ from blit.transport import data, protocol as p, tls
 from blit.transport.client import LocalSink
 
 from .conftest import Daemon, start_daemon
+from .oneshot import OneConnection
 
 MiB = 1 << 20
 MARK = b"BLIT-PLAINTEXT-MARK-0123456789ab"
 
 
-class _Proxy:
+class _Proxy(OneConnection):
     """One TCP connection relayed to 127.0.0.1:`port`, both directions recorded; `alter(n,
     chunk)` may change a chunk going to the daemon (`n`: bytes relayed before it)."""
 
@@ -36,17 +37,9 @@ class _Proxy:
         self.alter = alter
         self.up = bytearray()  # client -> daemon
         self.down = bytearray()  # daemon -> client
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(20)
-        self.port = self.listener.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        try:
-            client, _ = self.listener.accept()
-        except OSError:
-            return
+    def serve(self, client: socket.socket) -> None:
         daemon = socket.create_connection(("127.0.0.1", self.target), timeout=20)
         pumps = [
             threading.Thread(target=self._pump, args=(client, daemon, self.up, True), daemon=True),
@@ -56,7 +49,6 @@ class _Proxy:
             t.start()
         for t in pumps:
             t.join(30)
-        client.close()
         daemon.close()
 
     def _pump(self, src: socket.socket, dst: socket.socket, log: bytearray, up: bool) -> None:
@@ -74,9 +66,6 @@ class _Proxy:
             except OSError:
                 pass
 
-    def close(self) -> None:
-        self.listener.close()
-        self.thread.join(30)
 
 
 def _payload(size: int) -> bytes:
@@ -219,36 +208,23 @@ async def test_an_opening_replayed_on_a_new_connection_is_refused(nursery: trio.
     assert (d.modules["data"] / "dst" / "f").read_bytes() == payload
 
 
-class _Impostor:
-    """A data port that answers "admitted" in the clear without the key, then sends 64 bytes;
-    records what it is sent."""
+class _Impostor(OneConnection):
+    """A data port that answers "admitted" in the clear without the key, then a record it
+    cannot have sealed; records what it is sent."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(10)
-        self.port = self.listener.getsockname()[1]
         self.received = b""
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__(timeout=10)
 
-    def _serve(self) -> None:
+    def serve(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
         try:
-            conn, _ = self.listener.accept()
+            self.received = conn.recv(p.DATA_HELLO.size, socket.MSG_WAITALL)
+            conn.sendall(p.pack_admit(p.AdmitStatus.OK) + (p.DATA_HELLO.size + 16).to_bytes(4, "big") + os.urandom(p.DATA_HELLO.size + 16))
+            while chunk := conn.recv(65536):
+                self.received += chunk
         except OSError:
-            return
-        with conn:
-            conn.settimeout(5)
-            try:
-                self.received = conn.recv(p.DATA_HELLO.size, socket.MSG_WAITALL)
-                conn.sendall(p.pack_admit(p.AdmitStatus.OK) + (p.DATA_HELLO.size + 16).to_bytes(4, "big") + os.urandom(p.DATA_HELLO.size + 16))
-                while chunk := conn.recv(65536):
-                    self.received += chunk
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.listener.close()
-        self.thread.join(10)
+            pass
 
 
 async def test_a_data_port_without_the_key_is_refused_before_a_byte_of_a_file(nursery: trio.Nursery, tmp_path: Path) -> None:

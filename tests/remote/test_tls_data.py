@@ -8,7 +8,6 @@ import os
 import socket
 import ssl
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from blit.transport.client import LocalSink
 from blit.transport.remote import remote_transfer
 
 from .conftest import DaemonProcess, blit_cmd, run_daemon_process, start_daemon
+from .oneshot import OneConnection
 from .treeutil import sparse_ok
 
 MiB = 1 << 20
@@ -154,7 +154,7 @@ async def test_a_tls_file_trickling_slower_than_the_low_mark_lands(nursery: trio
     assert (d.modules["data"] / "dst" / "f").read_bytes() == payload
 
 
-class _ImpostorTLS:
+class _ImpostorTLS(OneConnection):
     """A TLS server on 127.0.0.1 with its own certificate; records what it is sent."""
 
     def __init__(self, tmp: Path) -> None:
@@ -162,19 +162,11 @@ class _ImpostorTLS:
         (tmp / "imp.crt").write_bytes(cert_pem)
         (tmp / "imp.key").write_bytes(key_pem)
         self.ctx = tls.server_context(tmp / "imp.crt", tmp / "imp.key")
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(10)
-        self.port = self.listener.getsockname()[1]
         self.received = b""
         self.handshakes = 0
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__(timeout=10)
 
-    def _serve(self) -> None:
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
+    def serve(self, conn: socket.socket) -> None:
         try:
             conn.settimeout(5)
             with self.ctx.wrap_socket(conn, server_side=True) as tconn:
@@ -183,10 +175,6 @@ class _ImpostorTLS:
                     self.received += chunk
         except (OSError, ssl.SSLError):
             pass
-
-    def close(self) -> None:
-        self.listener.close()
-        self.thread.join(10)
 
 
 @pytest.mark.parametrize("form", ["sealed", "tls"])
