@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -272,3 +273,121 @@ async def test_a_daemon_without_tls_refuses_a_sealed_stream(nursery: trio.Nurser
         opened = await _open_push(s, 10)
         with pytest.raises(ConnectError, match="sealed data stream needs a daemon with TLS"):
             await trio.to_thread.run_sync(lambda: _admit(opened.data_port, opened.tokens[0]))
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_openings_that_name_a_live_token_without_its_secret_cost_the_daemon_nothing(tmp_path: Path) -> None:
+    """Anyone who sees a data port's traffic learns a live token's id. 300 connections naming it
+    and holding back their proof, then 300 with a proof that does not open: the daemon's memory
+    stays where it was, each is refused, and the token stays good. Before, each built the
+    stream's 1.6 MiB of buffers before the proof came: 400 took a daemon from 62 to 472 MB, and
+    it kept them (QA pass 8)."""
+    from blit.endpoint import HostSpec
+    from blit.transport.client import open_session
+
+    from .conftest import run_daemon_process
+
+    with run_daemon_process(tmp_path) as d:
+        (d.modules["data"] / "dst").mkdir()
+
+        async def main() -> None:
+            async with open_session(HostSpec("127.0.0.1", d.port), known_hosts=tmp_path / "kh") as s:
+                opened = await _open_push(s, 1000)
+                hello = p.pack_data_hello(opened.tokens[0], sealed=True)
+                forged = hello + (len(hello) + 16).to_bytes(4, "big") + os.urandom(len(hello) + 16)
+
+                def knock(n: int) -> list[int]:
+                    statuses = []
+                    for _ in range(n):
+                        with socket.create_connection(("127.0.0.1", opened.data_port), timeout=10) as sock:
+                            sock.sendall(forged)
+                            statuses.append(p.ADMIT.unpack(sock.recv(p.ADMIT.size, socket.MSG_WAITALL))[0])
+                    return statuses
+
+                def hold(n: int) -> int:
+                    """n connections that send the hello alone, all open at once: the daemon's
+                    growth meanwhile (KiB)."""
+                    socks = []
+                    try:
+                        for _ in range(n):
+                            sock = socket.create_connection(("127.0.0.1", opened.data_port), timeout=10)
+                            socks.append(sock)
+                            sock.sendall(hello)
+                        time.sleep(1)
+                        return _rss_kib(d.proc.pid) - before
+                    finally:
+                        for sock in socks:
+                            sock.close()
+
+                await trio.to_thread.run_sync(knock, 5)  # the daemon's first admissions warm up
+                before = _rss_kib(d.proc.pid)
+                held = await trio.to_thread.run_sync(hold, 300)
+                async with trio.open_nursery() as n:  # four at once, as an attacker would
+                    for _ in range(4):
+                        n.start_soon(trio.to_thread.run_sync, lambda: results.extend(knock(75)))
+                grown = _rss_kib(d.proc.pid) - before
+                assert held < 40 * 1024, f"the daemon grew by {held} KiB while 300 openings waited"
+                assert results == [p.AdmitStatus.BAD_TOKEN] * 300
+                assert grown < 40 * 1024, f"the daemon grew by {grown} KiB"
+                # The token was not spent: its own client still gets in.
+                await trio.to_thread.run_sync(lambda: _push_file(_admit(opened.data_port, opened.tokens[0]), b"x" * 1000))
+                with trio.fail_after(20):
+                    done = await s.call(p.FinishTransfer(transfer=opened.transfer))
+                assert done.failures == [] and done.files == 1
+
+        results: list[int] = []
+        trio.run(main)
+
+
+class _Trickle(OneConnection):
+    """A data port that admits in the clear, then sends a byte of a record every 0.5 s."""
+
+    def serve(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        try:
+            conn.recv(4096)
+            conn.sendall(p.pack_admit(p.AdmitStatus.OK))
+            for b in (33).to_bytes(4, "big") + bytes(33):
+                conn.sendall(bytes([b]))
+                time.sleep(0.5)
+        except OSError:
+            pass
+
+
+def test_a_data_port_that_trickles_its_answer_is_given_up_on_at_the_admission_deadline() -> None:
+    """Each read's own timeout never fired: a byte every 0.5 s held the client for ever (QA
+    pass 8: killed at 240 s). Admission has one deadline for all its reads."""
+    trickle = _Trickle()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ConnectError, match="timed out"):
+            sock = socket.create_connection(("127.0.0.1", trickle.port), timeout=5)
+            data.admit_client(sock, bytes(32), tls_ctx=None, fingerprint=None, sealed=True, timeout=2)
+    finally:
+        trickle.close()
+    assert time.monotonic() - t0 < 4
+
+
+async def test_without_a_cryptography_that_seals_in_place_streams_are_tls_sessions(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cryptography before 47 has no encrypt_into: with it every TLS transfer failed (a client's
+    traceback, a daemon's dropped streams; QA pass 8). Neither end then offers sealed streams,
+    and a stream is a TLS session as before R67."""
+    from blit.transport import seal
+    from blit.transport.remote import remote_transfer
+
+    monkeypatch.setattr(seal, "AVAILABLE", False)
+    d = await start_daemon(nursery, tmp_path, tls=True, stall=10)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(_payload(300_000))
+    async with d.session() as s:
+        assert p.FEATURE_SEALED not in s.peer.features
+    summary = await remote_transfer("copy", f"{src}/", f"127.0.0.1:{d.info.port}:/data/t/", known_hosts=d.known_hosts)
+    assert summary.failures == [] and summary.files_copied == 1 and summary.strategy.startswith("push:tcp:")
+    assert (d.modules["data"] / "t" / "f").read_bytes() == (src / "f").read_bytes()

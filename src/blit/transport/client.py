@@ -282,7 +282,7 @@ class RemoteTransfer:
         except OSError as exc:
             log.warning("data port %s:%d unreachable (%s): falling back to HTTP/2", host, port, exc.strerror or exc)
             return None
-        sealed = s.tls_enabled and protocol.FEATURE_SEALED in s.peer.features
+        sealed = s.tls_enabled and protocol.FEATURE_SEALED in s.peer.features and _can_seal()
         return data.admit_client(
             sock,
             token,
@@ -292,6 +292,12 @@ class RemoteTransfer:
             stall=s.timeouts.stall,
             what=f"data stream to {host}:{port}",
         )
+
+
+def _can_seal() -> bool:
+    from .seal import AVAILABLE
+
+    return AVAILABLE
 
 
 @asynccontextmanager

@@ -1310,6 +1310,17 @@ class Link:
     sock: socket.socket
     tls: TLSBio | None = None
     sealed: SealedChannel | None = None
+    deadline: float = math.inf
+    """time.monotonic() by which every read must be done (a peer that trickles a byte now and
+    then passes each read's own timeout)."""
+
+    def _left(self) -> None:
+        """Each read gets what is left of the deadline as its timeout."""
+        if self.deadline != math.inf:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out")
+            self.sock.settimeout(left)
 
     def sendall(self, data: bytes) -> None:
         if self.sealed is not None:
@@ -1326,6 +1337,7 @@ class Link:
             return self._open_exact(self.sealed, n)
         buf = bytearray()
         while len(buf) < n:
+            self._left()
             chunk = self.tls.recv(self.sock, n - len(buf)) if self.tls is not None else self.sock.recv(n - len(buf))
             if not chunk:
                 raise ConnectionError("the peer closed the data stream")
@@ -1334,7 +1346,7 @@ class Link:
 
     def recv_plain(self, n: int) -> bytes:
         """`n` cleartext bytes, read exactly (nothing past them is taken from the socket)."""
-        return Link(self.sock).recv_exact(n)
+        return Link(self.sock, deadline=self.deadline).recv_exact(n)
 
     def _open_exact(self, sealed: SealedChannel, n: int) -> bytes:
         out = memoryview(bytearray(n))
@@ -1344,6 +1356,7 @@ class Link:
             if k:
                 got += k
                 continue
+            self._left()
             r = self.sock.recv_into(sealed.recv_space())
             if not r:
                 raise ConnectionError("the peer closed the data stream")
@@ -1392,11 +1405,12 @@ def admit_client(
     try:
         sock.settimeout(timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        deadline = time.monotonic() + timeout
         if sealed:
             from .seal import SealedChannel
 
             channel = SealedChannel(token[: protocol.TOKEN_ID_BYTES], token[protocol.TOKEN_ID_BYTES :], client_side=True)
-            link = Link(sock, sealed=channel)
+            link = Link(sock, sealed=channel, deadline=deadline)
             hello = protocol.pack_data_hello(token, sealed=True)
             channel.write(hello)  # the proof: the hello again, sealed
             sock.sendall(hello + channel.take())
@@ -1477,23 +1491,20 @@ def accept_handshake(
         return link, Refused(ErrorCode.BAD_REQUEST, "this daemon's data streams are encrypted (TLS on): a cleartext stream is refused")
     if not sealed:
         return link, token
+    from . import seal
+
     tid = token[: protocol.TOKEN_ID_BYTES]
-    secret = secret_of(tid)
+    secret = secret_of(tid) if seal.AVAILABLE else None
     if secret is None:
         return link, Refused(ErrorCode.BAD_TOKEN, "unknown, expired or already used data token")
-    from .seal import SealedChannel
-
-    link.sealed = SealedChannel(tid, secret, client_side=False)
-    try:
-        proof = link.recv_exact(protocol.DATA_HELLO.size)
-    except RemoteProtocolError:  # the proof did not open (seal.py)
-        proof = b""
+    try:  # the proof, read whole and opened before the stream's buffers are made
+        record = link.recv_exact(seal.HEAD.size + len(hello) + seal.TAG)
     except BaseException:
         sock.close()
         raise
-    if not hmac.compare_digest(proof, hello):
-        link.sealed = None  # the answer goes in the clear
+    if not seal.opening_proves(tid, secret, record, hello):
         return link, Refused(ErrorCode.BAD_TOKEN, "the data stream did not prove its token")
+    link.sealed = seal.SealedChannel(tid, secret, client_side=False, opened=1)
     return link, tid + secret
 
 

@@ -24,6 +24,7 @@ files (the data plane's `StreamIO` moves its bytes), and it never logs key mater
 
 from __future__ import annotations
 
+import mmap
 import struct
 
 from cryptography.exceptions import InvalidTag
@@ -41,11 +42,34 @@ MAX_RECORD = 256 << 10
 KEY_BYTES = 16
 IV_BYTES = 12
 INFO = b"blit sealed data stream v1"
+AVAILABLE = hasattr(AESGCM, "encrypt_into") and hasattr(AESGCM, "decrypt_into")
+"""This `cryptography` seals in place (47 and later): without it, neither end offers sealed
+streams and a TLS session per stream is used, as before R67."""
 
 _IN_SIZE = 4 * (MAX_RECORD + TAG + HEAD.size)
 _IN_ROOM = 64 << 10
 """The receive space offered is at least this (the unopened tail moves to the front first)."""
 _OUT_SIZE = 2 * (MAX_RECORD + TAG + HEAD.size)
+
+
+def _buffer(size: int) -> mmap.mmap:
+    """Anonymous memory, mapped as it is first written and given back whole when freed (a
+    bytearray of this size writes every byte up front, and glibc may keep it after)."""
+    return mmap.mmap(-1, size)
+
+
+def opening_proves(token_id: bytes, secret: bytes, record: bytes, hello: bytes) -> bool:
+    """Whether `record` (the first from the client, read whole: length, ciphertext, tag) opens
+    under the stream's keys and repeats `hello`: checked before a channel's buffers exist, so a
+    connection that names a live token id without its secret costs nothing."""
+    if len(record) != HEAD.size + len(hello) + TAG or HEAD.unpack_from(record)[0] != len(hello) + TAG:
+        return False
+    key, iv, _, _ = derive(token_id, secret)
+    try:
+        plain = AESGCM(key).decrypt(SealedChannel._nonce(int.from_bytes(iv, "big"), 0), record[HEAD.size :], record[: HEAD.size])
+    except InvalidTag:
+        return False
+    return plain == hello
 
 
 def derive(token_id: bytes, secret: bytes) -> tuple[bytes, bytes, bytes, bytes]:
@@ -69,7 +93,8 @@ class SealedChannel:
 
     __slots__ = ("_seal", "_siv", "_sseq", "_open", "_riv", "_rseq", "_out", "_oview", "_oend", "_rec", "_in", "_iview", "_istart", "_iend", "_spill", "_spos", "_spillbuf")
 
-    def __init__(self, token_id: bytes, secret: bytes, *, client_side: bool) -> None:
+    def __init__(self, token_id: bytes, secret: bytes, *, client_side: bool, opened: int = 0) -> None:
+        """`opened`: records of the peer's already opened (`opening_proves`)."""
         c_key, c_iv, d_key, d_iv = derive(token_id, secret)
         send_key, send_iv, recv_key, recv_iv = (c_key, c_iv, d_key, d_iv) if client_side else (d_key, d_iv, c_key, c_iv)
         self._seal = AESGCM(send_key)
@@ -77,14 +102,14 @@ class SealedChannel:
         self._sseq = 0
         self._open = AESGCM(recv_key)
         self._riv = int.from_bytes(recv_iv, "big")
-        self._rseq = 0
-        self._out = bytearray(_OUT_SIZE)
+        self._rseq = opened
+        self._out = _buffer(_OUT_SIZE)
         self._oview = memoryview(self._out)
         self._oend = 0
         """Bytes waiting in `_out`: sealed records, then the open record (header room + plaintext)."""
         self._rec = -1
         """Where the open record starts in `_out` (its header); -1: none."""
-        self._in = bytearray(_IN_SIZE)
+        self._in = _buffer(_IN_SIZE)
         self._iview = memoryview(self._in)
         self._istart = self._iend = 0
         self._spill: memoryview | None = None
@@ -136,7 +161,7 @@ class SealedChannel:
             self._close()
         need = self._oend + HEAD.size + MAX_RECORD + TAG
         if need > len(self._out):  # more than a send's worth waiting: a new, larger buffer
-            out = bytearray(max(need, 2 * len(self._out)))
+            out = _buffer(max(need, 2 * len(self._out)))
             out[: self._oend] = self._oview[: self._oend]
             self._out, self._oview = out, memoryview(out)
         self._rec = self._oend
@@ -173,7 +198,7 @@ class SealedChannel:
             self._istart = self._iend = 0
         elif len(self._in) - self._iend < _IN_ROOM:
             left = self._iend - self._istart
-            self._in[:left] = self._iview[self._istart : self._iend]
+            self._in[:left] = self._in[self._istart : self._iend]  # a copy first: the ranges may overlap
             self._istart, self._iend = 0, left
         return self._iview[self._iend :]
 
@@ -216,7 +241,7 @@ class SealedChannel:
                 self._istart = start + HEAD.size + clen
                 continue
             if self._spillbuf is None:
-                self._spillbuf = memoryview(bytearray(MAX_RECORD))
+                self._spillbuf = memoryview(_buffer(MAX_RECORD))
             spill = self._spillbuf[:plain]
             self._decrypt(body, head, spill)
             self._istart = start + HEAD.size + clen
