@@ -1417,6 +1417,7 @@ def admit_client(
             channel.sent()
         else:
             link = _start_tls(sock, tls_ctx, server_side=False)
+            link.deadline = deadline
             if link.tls is not None:
                 der = link.tls.peer_certificate()
                 if not der or tls_mod.fingerprint(der) != fingerprint:
