@@ -61,6 +61,9 @@ from .tlsbio import TLSBio
 if TYPE_CHECKING:  # seal.py imports `cryptography` (~50 ms): only once a sealed stream opens
     from .seal import SealedChannel
 
+    Records = SealedChannel | TLSBio
+    """A stream's records, sealed and opened in memory: both have the same calls (seal.py)."""
+
 log = logging.getLogger("blit.data")
 
 DEFAULT_STALL = 60.0
@@ -372,7 +375,9 @@ class StreamIO:
         self.sealed = sealed
         """A sealed stream's records (seal.py); `tls` is the older TLS session (a daemon before
         FEATURE_SEALED, or its client); both None: cleartext."""
-        plain = tls is None and sealed is None
+        self.records: Records | None = sealed if sealed is not None else tls
+        """The one of them in use: the same calls either way."""
+        plain = self.records is None
         self.fd = sock.fileno()
         self._kicked = False
         self.moved = 0
@@ -390,12 +395,10 @@ class StreamIO:
         self._rbuf = _buffer(RECV_BUFFER)
         self._rview = memoryview(self._rbuf)
         self._rpos = self._rend = 0
-        self._cview = memoryview(_buffer(RECV_BUFFER)) if tls is not None else None
-        """TLS: where ciphertext lands from the socket before it is fed to `tls`."""
         self._fview: memoryview | None = None
+        """The reused buffer a file is read into when it cannot be sent with sendfile."""
         self._lowat = 1 if not plain and hasattr(socket, "SO_RCVLOWAT") else 0
         """The socket's SO_RCVLOWAT (TLS or sealed, see LOWAT); 0: not used."""
-        """The reused buffer a file is read into when it cannot be sent with sendfile (TLS)."""
 
     # --- lifecycle ----------------------------------------------------------------------------
     def kick(self) -> None:
@@ -439,7 +442,7 @@ class StreamIO:
         """What a failed socket call raises."""
         if self._kicked:
             return self._closed()
-        if (self.tls is not None or self.sealed is not None) and exc.errno in (errno.EPIPE, errno.ECONNRESET):
+        if self.records is not None and exc.errno in (errno.EPIPE, errno.ECONNRESET):
             return self._closed()
         return TransportError(f"{self.what}: {exc.strerror or exc}")
 
@@ -458,24 +461,13 @@ class StreamIO:
         except OSError as exc:
             raise self._failed(exc) from None
 
-    def _open_records(self, view: memoryview) -> int:
-        """TLS: decrypt what was received into `view`; 0 when the socket must be read."""
-        assert self.tls is not None
+    def _open_records(self, records: Records, view: memoryview) -> int:
+        """Open the records received into `view`; 0 when the socket must be read."""
         try:
-            return self.tls.open_into(view)
-        except ssl.SSLZeroReturnError:  # close_notify: the peer ended the session
+            return records.open_into(view)
+        except ssl.SSLZeroReturnError:  # close_notify: the peer ended the TLS session
             raise self._closed() from None
-        except ssl.SSLError as exc:
-            if self._kicked:
-                raise self._closed() from None
-            raise TransportError(f"{self.what}: {exc}") from None
-
-    def _open_sealed(self, view: memoryview) -> int:
-        """Sealed: open the records received into `view`; 0 when the socket must be read."""
-        assert self.sealed is not None
-        try:
-            return self.sealed.open_into(view)
-        except RemoteProtocolError as exc:  # a record that does not open (seal.py)
+        except (ssl.SSLError, RemoteProtocolError) as exc:  # a record that does not open
             if self._kicked:
                 raise self._closed() from None
             raise TransportError(f"{self.what}: {exc}") from None
@@ -504,30 +496,19 @@ class StreamIO:
             self._rbuf[:left] = self._rbuf[self._rpos : self._rend]
             self._rpos, self._rend = 0, left
         want = min(want, len(self._rbuf))
-        sealed = self.sealed
-        if sealed is not None:
-            while True:
-                self._rend += self._open_sealed(self._rview[self._rend :])
-                if self._rend >= want:
-                    return
-                if self._lowat and self._mark(want - self._rend - sealed.held) > 1:
-                    self._recv_marked()
-                else:
-                    sealed.received(self.recv_into(sealed.recv_space()))
-        if self.tls is None:
+        records = self.records
+        if records is None:
             while self._rend < want:
                 self._rend += self.recv_into(self._rview[self._rend :])
             return
-        cview = self._cview
-        assert cview is not None
         while True:
-            self._rend += self._open_records(self._rview[self._rend :])
+            self._rend += self._open_records(records, self._rview[self._rend :])
             if self._rend >= want:
                 return
-            if self._lowat and self._mark(want - self._rend - self.tls.fed_bytes) > 1:
-                self._recv_marked()
+            if self._lowat and self._mark(want - self._rend - records.held) > 1:
+                self._recv_marked(records)
             else:
-                self.tls.feed(cview[: self.recv_into(cview)])
+                records.received(self.recv_into(records.recv_space()))
 
     def _mark(self, need: int) -> int:
         """TLS: the socket's low mark for the next receive, `need`: bytes the peer must still
@@ -539,26 +520,20 @@ class StreamIO:
             self._set_lowat(lowat)
         return lowat
 
-    def _recv_marked(self) -> None:
+    def _recv_marked(self, records: Records) -> None:
         """TLS or sealed: receive ciphertext under a low mark above 1. A link too slow for it (a
         wait of LOWAT_SLOW, the socket's timeout meanwhile) turns the mark off for good; the
         stall timeout then runs as usual, from the last bytes received."""
-        view = self.sealed.recv_space() if self.sealed is not None else self._cview
-        assert view is not None
         t0 = time.monotonic()
         try:
-            n = self.recv_into(view)
+            n = self.recv_into(records.recv_space())
         except StallError:  # nothing within LOWAT_SLOW: the mark's timeout, not a stall
             n = 0
         if not n or time.monotonic() - t0 >= LOWAT_SLOW:
             self._set_lowat(1)
             self._lowat = 0  # off for good
         if n:
-            if self.sealed is not None:
-                self.sealed.received(n)
-            else:
-                assert self.tls is not None
-                self.tls.feed(view[:n])
+            records.received(n)
 
     def _set_lowat(self, lowat: int) -> None:
         """SO_RCVLOWAT, and while it is above 1 a receive timeout of LOWAT_SLOW."""
@@ -696,15 +671,10 @@ class StreamIO:
     def send_all(self, data: bytes | memoryview, *, more: bool = False) -> None:
         """Send `data`; `more`: more follows at once (a frame header before its payload), so it
         may wait to go out with it."""
-        if self.sealed is not None:
-            self.sealed.write(data)
-            if not more or self.sealed.pending >= SEND_PIECE:
-                self._send_sealed()
-            return
-        if self.tls is not None:
-            self.tls.seal(data)
-            if not more or self.tls.sealed_bytes >= SEND_PIECE:
-                self._send_sealed()
+        if self.records is not None:
+            self.records.write(data)
+            if not more or self.records.pending >= SEND_PIECE:
+                self._send_sealed(self.records)
             return
         self._send_view(memoryview(data), socket.MSG_MORE if more and hasattr(socket, "MSG_MORE") else 0)
 
@@ -723,27 +693,18 @@ class StreamIO:
             self.moved += n
             view = view[n:]
 
-    def _send_sealed(self) -> None:
-        """TLS or sealed: send the ciphertext waiting in memory."""
-        if self.sealed is not None:
-            view = self.sealed.take()
-            if view:
-                self._send_view(view)
-            self.sealed.sent()
-            return
-        assert self.tls is not None
-        if self.tls.sealed_bytes:
-            self._send_view(memoryview(self.tls.sealed()))
+    def _send_sealed(self, records: Records) -> None:
+        """Send the ciphertext waiting in memory."""
+        view = records.take()
+        if view:
+            self._send_view(view)
+        records.sent()
 
     def send_parts(self, parts: list[bytes]) -> None:
         """Several buffers in one sendmsg where possible (small files)."""
-        if self.sealed is not None:
-            for p in parts:
-                self.sealed.write(p)
-            self._send_sealed()
-            return
-        if self.tls is not None:
-            self.send_all(b"".join(parts))  # one seal: whole records, not one per part
+        if self.records is not None:
+            self.records.write_parts(parts)
+            self._send_sealed(self.records)
             return
         since = time.monotonic()
         while True:
@@ -786,18 +747,18 @@ class StreamIO:
                 done += n
             if done == length:
                 return done
-        sealed = self.sealed
-        if sealed is not None:  # read into the record itself, sealed in place
+        records = self.records
+        if records is not None:  # read where it is sealed (a sealed stream: the record itself)
             while done < length:
-                n = os.preadv(fd, [sealed.space(length - done)], offset + done)
+                n = os.preadv(fd, [records.space(length - done)], offset + done)
                 if not n:
                     return done
-                sealed.wrote(n)
+                records.wrote(n)
                 done += n
-                if sealed.pending >= SEND_PIECE:
-                    self._send_sealed()
+                if records.pending >= SEND_PIECE:
+                    self._send_sealed(records)
             return done
-        # TLS (or no sendfile): a buffer-full per read, sealed and sent whole.
+        # No sendfile: a buffer-full per read.
         if self._fview is None:
             self._fview = memoryview(_buffer(READ_CHUNK))
         buf = self._fview
@@ -1322,23 +1283,27 @@ class Link:
                 raise TimeoutError("timed out")
             self.sock.settimeout(left)
 
+    @property
+    def records(self) -> Records | None:
+        return self.sealed if self.sealed is not None else self.tls
+
     def sendall(self, data: bytes) -> None:
-        if self.sealed is not None:
-            self.sealed.write(data)
-            self.sock.sendall(self.sealed.take())
-            self.sealed.sent()
-        elif self.tls is not None:
-            self.tls.sendall(self.sock, data)
-        else:
+        records = self.records
+        if records is None:
             self.sock.sendall(data)
+            return
+        records.write(data)
+        self.sock.sendall(records.take())
+        records.sent()
 
     def recv_exact(self, n: int) -> bytes:
-        if self.sealed is not None:
-            return self._open_exact(self.sealed, n)
+        records = self.records
+        if records is not None:
+            return self._open_exact(records, n)
         buf = bytearray()
         while len(buf) < n:
             self._left()
-            chunk = self.tls.recv(self.sock, n - len(buf)) if self.tls is not None else self.sock.recv(n - len(buf))
+            chunk = self.sock.recv(n - len(buf))
             if not chunk:
                 raise ConnectionError("the peer closed the data stream")
             buf += chunk
@@ -1348,19 +1313,22 @@ class Link:
         """`n` cleartext bytes, read exactly (nothing past them is taken from the socket)."""
         return Link(self.sock, deadline=self.deadline).recv_exact(n)
 
-    def _open_exact(self, sealed: SealedChannel, n: int) -> bytes:
+    def _open_exact(self, records: Records, n: int) -> bytes:
         out = memoryview(bytearray(n))
         got = 0
         while got < n:
-            k = sealed.open_into(out[got:])
+            try:
+                k = records.open_into(out[got:])
+            except ssl.SSLZeroReturnError:  # close_notify
+                raise ConnectionError("the peer closed the data stream") from None
             if k:
                 got += k
                 continue
             self._left()
-            r = self.sock.recv_into(sealed.recv_space())
+            r = self.sock.recv_into(records.recv_space())
             if not r:
                 raise ConnectionError("the peer closed the data stream")
-            sealed.received(r)
+            records.received(r)
         return bytes(out)
 
     def close(self) -> None:

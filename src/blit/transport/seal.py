@@ -146,6 +146,10 @@ class SealedChannel:
             self.wrote(n)
             view = view[n:]
 
+    def write_parts(self, parts: list[bytes]) -> None:
+        for p in parts:
+            self.write(p)
+
     def take(self) -> memoryview:
         """Seal the open record; every sealed byte not yet sent (valid until `sent`)."""
         if self._rec >= 0:

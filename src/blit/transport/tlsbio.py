@@ -6,10 +6,11 @@ An `ssl.SSLSocket` makes one write() per 16 KiB record and two read()s per recor
 ciphertext through its own socket in pieces as large as it likes (the data plane: hundreds of
 KiB per send, what the socket holds per recv), with the socket's own timeouts and errors.
 
-`handshake`, `sendall` and `recv` are for the short exchanges before a stream is handed over
-(the handshake, the data hello and the admission answer): they use the socket directly, bounded
-by its Python-level timeout (`settimeout`), and raise OSError / ssl.SSLError as `SSLSocket`
-would.
+`handshake` runs over the socket directly, bounded by its Python-level timeout (`settimeout`),
+and raises OSError / ssl.SSLError as `SSLSocket` would. After it, the records are moved through
+the same calls as a sealed stream's (`seal.SealedChannel`, which a daemon or client of sealed
+streams uses instead): `write`/`space`+`wrote`, `take`, `sent` to send; `recv_space`+`received`,
+`open_into` to receive.
 
 This module must not open connections, set timeouts, or check certificates (the caller pins the
 peer's certificate, `peer_certificate`).
@@ -17,12 +18,15 @@ peer's certificate, `peer_certificate`).
 
 from __future__ import annotations
 
+import mmap
 import socket
 import ssl
 from typing import cast
 
 HANDSHAKE_READ = 64 << 10
-"""Bytes asked of the socket per read while handshaking or admitting (the rest stays fed)."""
+"""Bytes asked of the socket per read while handshaking (the rest stays fed)."""
+BUFFER = 1 << 20
+"""A file's bytes are read, and the socket's ciphertext received, this much at a time."""
 
 
 def _closed() -> ssl.SSLZeroReturnError:
@@ -32,12 +36,16 @@ def _closed() -> ssl.SSLZeroReturnError:
 class TLSBio:
     """One TLS connection's state; the ciphertext travels through the caller's socket."""
 
-    __slots__ = ("obj", "_in", "_out")
+    __slots__ = ("obj", "_in", "_out", "_read", "_recv")
 
     def __init__(self, ctx: ssl.SSLContext, *, server_side: bool) -> None:
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(self._in, self._out, server_side=server_side)
+        self._read: memoryview | None = None
+        """Where a file's bytes are read before they are sealed (made at the first)."""
+        self._recv: memoryview | None = None
+        """Where ciphertext lands from the socket before it is fed (made at the first)."""
 
     # --- the blocking exchanges before a stream is handed over -----------------------------------
     def handshake(self, sock: socket.socket) -> None:
@@ -56,57 +64,65 @@ class TLSBio:
         """The peer's certificate (DER), None if it sent none."""
         return self.obj.getpeercert(binary_form=True) or None
 
-    def sendall(self, sock: socket.socket, data: bytes) -> None:
-        self.seal(data)
-        self._send_sealed(sock)
-
-    def recv(self, sock: socket.socket, n: int) -> bytes:
-        """Up to `n` plaintext bytes (at least one); b"" when the peer closed. Plaintext past
-        `n` stays here for the next call (or the stream)."""
-        while True:
-            try:
-                return self.obj.read(n)
-            except ssl.SSLWantReadError:
-                if not self._recv_some(sock, eof_ok=True):
-                    return b""
-            except ssl.SSLZeroReturnError:
-                return b""
-
     def _send_sealed(self, sock: socket.socket) -> None:
         if self._out.pending:
             sock.sendall(self._out.read())
 
-    def _recv_some(self, sock: socket.socket, *, eof_ok: bool = False) -> bool:
+    def _recv_some(self, sock: socket.socket) -> None:
         data = sock.recv(HANDSHAKE_READ)
         if not data:
-            if eof_ok:
-                return False
             raise ConnectionError("the peer closed the connection during the TLS handshake")
         self._in.write(data)
-        return True
 
     # --- bulk: the caller moves the ciphertext ---------------------------------------------------
-    def seal(self, data: bytes | bytearray | memoryview) -> None:
-        """Encrypt `data` (whole records, kept until `sealed` takes them)."""
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt `data` (whole records, kept until `take`)."""
         self.obj.write(data)
 
+    def write_parts(self, parts: list[bytes]) -> None:
+        self.obj.write(b"".join(parts))  # one write: whole records, not one per part
+
+    def space(self, most: int) -> memoryview:
+        """Room for up to `most` bytes to be sealed (a file's, read in place); `wrote(n)`
+        seals what was put there."""
+        if self._read is None:
+            self._read = memoryview(mmap.mmap(-1, BUFFER))
+        return self._read[: min(most, BUFFER)]
+
+    def wrote(self, n: int) -> None:
+        assert self._read is not None
+        self.obj.write(self._read[:n])
+
     @property
-    def sealed_bytes(self) -> int:
+    def pending(self) -> int:
         """Ciphertext waiting to be sent."""
         return self._out.pending
 
-    def sealed(self, n: int = -1) -> bytes:
-        """Take up to `n` bytes (all by default) of the ciphertext waiting to be sent."""
-        return self._out.read(n)
+    def take(self) -> memoryview:
+        """The ciphertext waiting to be sent (taken: `sent` has nothing to do)."""
+        return memoryview(self._out.read())
+
+    def sent(self) -> None:
+        pass
+
+    def sealed(self) -> bytes:
+        """The ciphertext waiting to be sent, taken (tests send a close_notify with it)."""
+        return self._out.read()
 
     @property
-    def fed_bytes(self) -> int:
+    def held(self) -> int:
         """Ciphertext fed and not yet decrypted (part of a record)."""
         return self._in.pending
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Ciphertext received from the peer."""
-        self._in.write(data)
+    def recv_space(self) -> memoryview:
+        """Where the next ciphertext from the socket goes (`received(n)` feeds it)."""
+        if self._recv is None:
+            self._recv = memoryview(mmap.mmap(-1, BUFFER))
+        return self._recv
+
+    def received(self, n: int) -> None:
+        assert self._recv is not None
+        self._in.write(self._recv[:n])
 
     def open_into(self, view: memoryview) -> int:
         """Decrypt what was fed into `view`, as far as it fits; 0 when a whole record more is
