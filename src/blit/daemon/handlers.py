@@ -576,22 +576,18 @@ async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
     )
 
 
-def _can_seal() -> bool:
-    """Sealed data streams need a `cryptography` that seals in place (seal.AVAILABLE)."""
-    from ..transport import seal
-
-    return seal.AVAILABLE
-
-
 def _features(asked: list[str]) -> list[str]:
     """The hello features this daemon answers with: those it shares with the client, and
     whether it preserves owners (the digests of a push must cover them)."""
     from .. import fsops
     from ..ffi import scan
 
-    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_CLIENT_STAT, protocol.FEATURE_MACHINE, protocol.FEATURE_NEST, protocol.FEATURE_HOLD, protocol.FEATURE_SILENCE, protocol.FEATURE_SEALED, protocol.FEATURE_LANDED_INO) if f in asked]
-    if protocol.FEATURE_SEALED in out and not _can_seal():
-        out.remove(protocol.FEATURE_SEALED)
+    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_CLIENT_STAT, protocol.FEATURE_MACHINE, protocol.FEATURE_NEST, protocol.FEATURE_HOLD, protocol.FEATURE_SILENCE, protocol.FEATURE_LANDED_INO) if f in asked]
+    if protocol.FEATURE_SEALED in asked:
+        from ..transport import seal
+
+        if seal.AVAILABLE:  # a `cryptography` that seals in place
+            out.append(protocol.FEATURE_SEALED)
     if protocol.FEATURE_DIR_BATCH in asked and protocol.FEATURE_PARTS in asked:
         out.append(protocol.FEATURE_DIR_BATCH)
     if protocol.FEATURE_DIR_DIGEST in asked and scan.HAVE_CMPDIR:

@@ -282,7 +282,11 @@ class RemoteTransfer:
         except OSError as exc:
             log.warning("data port %s:%d unreachable (%s): falling back to HTTP/2", host, port, exc.strerror or exc)
             return None
-        sealed = s.tls_enabled and protocol.FEATURE_SEALED in s.peer.features and _can_seal()
+        sealed = s.tls_enabled and protocol.FEATURE_SEALED in s.peer.features
+        if sealed:  # seal.py imports `cryptography`: only for a stream that may use it
+            from .seal import AVAILABLE  # a `cryptography` that seals in place
+
+            sealed = AVAILABLE
         return data.admit_client(
             sock,
             token,
@@ -292,12 +296,6 @@ class RemoteTransfer:
             stall=s.timeouts.stall,
             what=f"data stream to {host}:{port}",
         )
-
-
-def _can_seal() -> bool:
-    from .seal import AVAILABLE
-
-    return AVAILABLE
 
 
 @asynccontextmanager
