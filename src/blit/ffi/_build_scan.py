@@ -27,13 +27,13 @@ void blit_set_xattr_mode(int mode);
 int blit_copy_new(int sfd, int dfd, int n, const int64_t *in, const char *names, int64_t *out,
                   int flags, int umask_bits, char *buf, int64_t cap);
 void blit_land_many(int dfd, int n, const int64_t *in, const char *names, const char *data,
-                    const int64_t *data_off, const int64_t *flags, int64_t *out, int umask_bits);
+                    const int64_t *data_off, const int64_t *flags, int common, int64_t *out,
+                    int umask_bits);
 void blit_set_copy_modes(int tmpfile, int link);
 int blit_rename_noreplace(int odfd, const char *old, int ndfd, const char *new_);
 int blit_open_dir_beneath(int dfd, const char *path);
-int blit_frame_small(int dfd, int n, const char *names, const int64_t *name_off, const int64_t *ids,
-                     int oflags, int64_t max, char *out, int64_t cap, int64_t *status,
-                     int64_t *counts);
+int blit_frame_small(int dfd, int n, const char *names, const int64_t *ids, int oflags,
+                     int64_t max, char *out, int64_t cap, int64_t *status, int64_t *counts);
 int blit_scan_packed(int dfd, int flags, char *out, int64_t out_cap, int64_t *rec, int64_t rec_cap,
                      char *names, int64_t names_cap, char *others, int64_t others_cap,
                      int64_t *counts);

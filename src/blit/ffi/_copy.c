@@ -346,15 +346,19 @@ static int cc_land(int dfd, const char *name, const char *data, const int64_t *f
 }
 
 /* `n` small files of directory `dfd` in one call, each as cc_land: file i's fields are at
- * in + i * BLIT_CC_FIELDS (its name at names + name_off), its content at data + data_off[i],
- * its flags in flags[i]. out[i] receives 0 or -errno; every file is attempted. */
+ * in + i * BLIT_CC_FIELDS (name_off unused: the names follow one another in `names`, each
+ * NUL-terminated, in file order), its content at data + data_off[i], its flags in flags[i] |
+ * `common`. out[i] receives 0 or -errno; every file is attempted. */
 static void blit_land_many(int dfd, int n, const int64_t *in, const char *names, const char *data,
-                           const int64_t *data_off, const int64_t *flags, int64_t *out, int umask_bits) {
+                           const int64_t *data_off, const int64_t *flags, int common, int64_t *out,
+                           int umask_bits) {
     uid_t euid = geteuid();
     gid_t egid = getegid();
+    const char *name = names;
     for (int i = 0; i < n; i++) {
         const int64_t *f = in + (int64_t)i * BLIT_CC_FIELDS;
-        out[i] = cc_land(dfd, names + f[0], data + data_off[i], f, (int)flags[i], umask_bits, euid, egid);
+        out[i] = cc_land(dfd, name, data + data_off[i], f, (int)flags[i] | common, umask_bits, euid, egid);
+        name += strlen(name) + 1;
     }
 }
 

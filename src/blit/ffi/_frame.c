@@ -42,20 +42,23 @@ static void fr_put(char *p, int kind, int64_t id, int64_t offset, int64_t length
     }
 }
 
-/* Files `n` of directory `dfd`: names NUL-terminated at names + name_off[i], frame ids ids[i].
- * status[i] receives BLIT_FR_FRAMED, BLIT_FR_CALLER, BLIT_FR_CHANGED, BLIT_FR_NOT_REGULAR or
- * -errno. Frames go to `out` (cap bytes), *used their length, *nbytes the payload bytes.
- * Stops before a file whose frames might not fit (a file read is at most max + 1 bytes);
- * returns the number of files done (the caller calls again with the rest). */
-static int blit_frame_small(int dfd, int n, const char *names, const int64_t *name_off,
-                            const int64_t *ids, int oflags, int64_t max, char *out, int64_t cap,
-                            int64_t *status, int64_t *counts) {
+/* Files `n` of directory `dfd`: their names one after another in `names`, each NUL-terminated;
+ * frame ids ids[i]. status[i] receives BLIT_FR_FRAMED, BLIT_FR_CALLER, BLIT_FR_CHANGED,
+ * BLIT_FR_NOT_REGULAR or -errno. Frames go to `out` (cap bytes); counts[0] receives their
+ * length, counts[1] the payload bytes, counts[2] the frames, counts[3] the bytes of `names`
+ * of the files done. Stops before a file whose frames might not fit (a file read is at most
+ * max + 1 bytes); returns the number of files done (the caller calls again with the rest). */
+static int blit_frame_small(int dfd, int n, const char *names, const int64_t *ids, int oflags,
+                            int64_t max, char *out, int64_t cap, int64_t *status, int64_t *counts) {
     int64_t pos = 0, payload = 0, frames = 0;
+    const char *next = names;
     int i;
     for (i = 0; i < n; i++) {
         if (cap - pos < max + 1 + 2 * BLIT_FR_SIZE)
             break;
-        int fd = openat(dfd, names + name_off[i], oflags);
+        const char *name = next;
+        next += strlen(name) + 1;
+        int fd = openat(dfd, name, oflags);
         if (fd < 0) {
             status[i] = -errno;
             continue;
@@ -118,5 +121,6 @@ static int blit_frame_small(int dfd, int n, const char *names, const int64_t *na
     counts[0] = pos;
     counts[1] = payload;
     counts[2] = frames;
+    counts[3] = next - names;
     return i;
 }

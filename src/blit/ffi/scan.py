@@ -19,7 +19,7 @@ whenever the directory cannot take that shortcut, and the caller sends the full 
 files with xattrs, and a name that appears at the destination meanwhile, come back to the caller
 as ``PYTHON``; sparse files, hard links and replacements are never sent.
 
-``land_many`` is the remote destination's counterpart (docs/decisions.md R20, R33): small
+``land_columns`` is the remote destination's counterpart (docs/decisions.md R20, R33): small
 files whose data is in memory, landed as ``fsops.Landing`` would (xattrs excepted: never sent
 here).
 
@@ -179,28 +179,26 @@ def copy_new(sfd: int, dfd: int, batch: list[tuple[bytes, Meta]], inherit_gid: b
     return _ffi.unpack(out, n)  # type: ignore[no-any-return]
 
 
-def land_many(dfd: int, buf: Any, files: list[tuple[bytes, int, int, Meta, bool, bool]], direct: bool = False) -> list[int]:
+# land_columns: per-file flags, and the order of the seven values each file has in `ints`.
+LAND_INHERIT_GID = _CC_INHERIT_GID  # the directory may give new files another group: chown
+LAND_REPLACE = _CC_REPLACE  # an entry of that name may exist: replaced through a temporary name
+LAND_FIELDS = ("unused", "st_mode", "size", "st_atime_ns", "st_mtime_ns", "st_uid", "st_gid")
+
+
+def land_columns(dfd: int, buf: Any, names: bytes, ints: list[int], offs: list[int], flags: list[int], direct: bool = False) -> list[int]:
     """Land small regular files without xattrs into directory `dfd` in one C call (the GIL
     released once): each created unnamed, written, owner (root), mode, times, linked (an
-    existing entry replaced through a temporary name). Each of `files` is (name, offset and
-    length of its content in `buf`, source Meta, replace, inherit_gid). `direct`: `dfd` is a
-    hidden new directory nobody else writes to (DestTree, R41): each file is created under its
-    real name, with no temporary and no link. Returns 0 or -errno per file (nothing is left
-    behind for a failed one); every file is attempted. Only with HAVE_CMPDIR."""
-    ints: list[int] = []
-    offs: list[int] = []
-    fl: list[int] = []
-    off = 0
-    root = (_CC_ROOT if IS_ROOT else 0) | (_CC_DIRECT if direct else 0)
-    for name, at, size, m, replace, inherit_gid in files:
-        ints += (off, m.st_mode, size, m.st_atime_ns, m.st_mtime_ns, m.st_uid, m.st_gid)
-        off += len(name) + 1
-        offs.append(at)
-        fl.append(root | (_CC_INHERIT_GID if inherit_gid else 0) | (_CC_REPLACE if replace else 0))
-    n = len(files)
+    existing entry replaced through a temporary name). `names`: the files' names, each
+    NUL-terminated, in order; `ints`: LAND_FIELDS values for each file, one after another;
+    `offs`: where each file's content starts in `buf` (its length is its size); `flags`:
+    LAND_REPLACE and LAND_INHERIT_GID for each. `direct`: `dfd` is a hidden new directory
+    nobody else writes to (DestTree, R41): each file is created under its real name, with no
+    temporary and no link. Returns 0 or -errno per file (nothing is left behind for a failed
+    one); every file is attempted. Only with HAVE_CMPDIR."""
+    n = len(offs)
     out = _ffi.new("int64_t[]", n)
-    names = b"\0".join([f[0] for f in files]) + b"\0"
-    _lib.blit_land_many(dfd, n, _ffi.new("int64_t[]", ints), names, _from_buffer(buf), _ffi.new("int64_t[]", offs), _ffi.new("int64_t[]", fl), out, UMASK)
+    common = (_CC_ROOT if IS_ROOT else 0) | (_CC_DIRECT if direct else 0)
+    _lib.blit_land_many(dfd, n, _ffi.new("int64_t[]", ints), names + b"\0", _from_buffer(buf), _ffi.new("int64_t[]", offs), _ffi.new("int64_t[]", flags), common, out, UMASK)
     return _ffi.unpack(out, n)  # type: ignore[no-any-return]
 
 
@@ -216,7 +214,7 @@ _FR_LIMIT = 1 << 20
 class _FrameBuffer(threading.local):
     def __init__(self) -> None:
         self.out = _ffi.new("char[]", _FR_BUF)
-        self.counts = _ffi.new("int64_t[3]")
+        self.counts = _ffi.new("int64_t[4]")
 
 
 _frame_buf: _FrameBuffer | None = None
@@ -236,19 +234,15 @@ def frame_small(dfd: int, names: list[bytes], ids: list[int], oflags: int, limit
     if b is None:
         b = _frame_buf = _FrameBuffer()
     n = len(names)
-    offs, off = [], 0
-    for name in names:
-        offs.append(off)
-        off += len(name) + 1
-    blob = b"\0".join(names) + b"\0"
-    c_offs = _ffi.new("int64_t[]", offs)
+    blob = _ffi.from_buffer(b"\0".join(names) + b"\0")
     c_ids = _ffi.new("int64_t[]", ids)
     status = _ffi.new("int64_t[]", n)
     parts: list[bytes] = []
-    nbytes = frames = done = 0
+    nbytes = frames = done = at = 0
     counts = b.counts
     while done < n:
-        done += _lib.blit_frame_small(dfd, n - done, blob, c_offs + done, c_ids + done, oflags, limit, b.out, _FR_BUF, status + done, counts)
+        done += _lib.blit_frame_small(dfd, n - done, blob + at, c_ids + done, oflags, limit, b.out, _FR_BUF, status + done, counts)
+        at += counts[3]
         if counts[0]:
             parts.append(_ffi.buffer(b.out, counts[0])[:])
             nbytes += counts[1]

@@ -493,7 +493,7 @@ class StreamIO:
         taking what the socket has each time: a TLS stream decrypts all it received that fits."""
         if self._rpos:
             left = self._rend - self._rpos
-            self._rbuf[:left] = self._rbuf[self._rpos : self._rend]
+            self._rbuf.move(0, self._rpos, left)  # memmove: the ranges may overlap
             self._rpos, self._rend = 0, left
         want = min(want, len(self._rbuf))
         records = self.records
@@ -1041,7 +1041,10 @@ def _land_batch(io: StreamIO, landing: _Landing, stats: StreamStats, batch: list
     rbuf, rend = io._rbuf, io._rend
     unpack_from = protocol.FRAME.unpack_from
     is_open = landing.open.__contains__
-    while len(batch) < LAND_BATCH and rend - end >= FRAME_SIZE:
+    append = batch.append
+    frames = nbytes = 0
+    room = LAND_BATCH - len(batch)
+    while room and rend - end >= FRAME_SIZE:
         kind, _f, _r, fid, offset, length = unpack_from(rbuf, end)
         if kind == _DATA and not offset and length <= SMALL_FILE and rend - end >= length + 2 * FRAME_SIZE:
             pos = end + FRAME_SIZE
@@ -1049,14 +1052,17 @@ def _land_batch(io: StreamIO, landing: _Landing, stats: StreamStats, batch: list
             if k2 != _END or fid2 != fid or size != length or len2 or is_open(fid):
                 break
             end = pos + length + FRAME_SIZE
-            stats.frames += 2
-            stats.bytes += length
+            frames += 2
+            nbytes += length
         elif kind == _END and not offset and not length and not is_open(fid):
             pos = end = end + FRAME_SIZE
-            stats.frames += 1
+            frames += 1
         else:
             break
-        batch.append((fid, pos, length))
+        append((fid, pos, length))
+        room -= 1
+    stats.frames += frames
+    stats.bytes += nbytes
     landing.land_many(batch, rbuf)
     return end
 

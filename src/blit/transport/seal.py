@@ -202,7 +202,7 @@ class SealedChannel:
             self._istart = self._iend = 0
         elif len(self._in) - self._iend < _IN_ROOM:
             left = self._iend - self._istart
-            self._in[:left] = self._in[self._istart : self._iend]  # a copy first: the ranges may overlap
+            self._in.move(0, self._istart, left)  # memmove: the ranges may overlap
             self._istart, self._iend = 0, left
         return self._iview[self._iend :]
 

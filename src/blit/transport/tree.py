@@ -64,7 +64,8 @@ from .protocol import (
 log = logging.getLogger("blit.tree")
 
 _C_LAND = cscan.HAVE_CMPDIR
-"""DestTree.land_many lands plain small files in C (scan.land_many) when the C module is built."""
+_LAND_REPLACE, _LAND_INHERIT_GID = cscan.LAND_REPLACE, cscan.LAND_INHERIT_GID
+"""DestTree.land_many lands plain small files in C (scan.land_columns) when the C module is built."""
 _HIDE = _C_LAND and os.name == "posix"
 """DestTree makes new directories under a temporary name and fills them with direct creates
 (decisions R41): only with the C module (its direct landing and rename) and flock."""
@@ -739,6 +740,9 @@ class SourceTree:
             out.parts += parts
             out.nbytes += nbytes
             out.frames += frames
+            if not any(status):  # all FRAMED (0): the usual answer
+                out.files += len(status)
+                continue
             for (fid, _, name), st in zip(group, status):
                 if st == cscan.FRAMED:
                     out.files += 1
@@ -1398,12 +1402,13 @@ class DestTree:
         plain_names: list[bytes] = []
         make = Meta._make
         for e in manifest:
-            check(e[0])
-            name = _s(e[0])
+            bname = e[0]
+            check(bname)
+            name = _s(bname)
             m = make(e[1:12])
-            if plain is not None and m.st_mode & 0o170000 == 0o100000 and m.st_nlink == 1 and not (len(e) > 13 and e[13]):
+            if plain is not None and e[1] & 0o170000 == 0o100000 and e[9] == 1 and not (len(e) > 13 and e[13]):
                 plain.append((name, m, None, False, name))
-                plain_names.append(e[0])
+                plain_names.append(bname)
                 continue
             by_name[name] = e
             src.append((name, m))
@@ -1765,19 +1770,19 @@ class DestTree:
     ) -> range:
         """Under the lock: files (dname, meta, xattrs, replace, source name) of one directory
         await their data; returns their ids."""
-        first = fid = self._next_id
-        self._next_id += len(files)
-        self.bytes_needed += sum(f[1].st_size for f in files)
+        first = self._next_id
+        end = self._next_id = first + len(files)
+        sizes = [f[1][1] for f in files]  # st_size
+        self.bytes_needed += sum(sizes)
         node = self.nodes.get(dst_rel)
         inherit = node.inherit_gid if node is not None else True
-        pend = self.pending
-        for dname, m, xattrs, replace, name in files:
-            pend[fid] = _Pending(dst_rel, dname, m, xattrs, replace, link_key, inherit, rel, name, acl)
-            fid += 1
+        self.pending.update(
+            zip(range(first, end), [_Pending(dst_rel, dname, m, xattrs, replace, link_key, inherit, rel, name, acl) for dname, m, xattrs, replace, name in files])
+        )
         if node is not None and dst_rel in self._hidden:
             node.waiting += len(files)
-            node.big = node.big or any(f[1].st_size > HIDE_FILE_MAX for f in files)
-        return range(first, fid)
+            node.big = node.big or max(sizes, default=0) > HIDE_FILE_MAX
+        return range(first, end)
 
     # --- --checksum ---------------------------------------------------------------------------------
     def _await_hash(self, rel: str, dst_rel: str, item: _HashItem) -> None:
@@ -2065,7 +2070,7 @@ class DestTree:
     def land_many(self, batch: list[tuple[int, int, int]], buf: bytearray | mmap.mmap) -> list[tuple[int, OSError]]:
         """Data-stream thread: land whole small files whose contents lie in `buf` (file id,
         offset, length each) in one step each (what `open` + write + commit do, without their
-        objects): one C call per run of plain files of one directory (scan.land_many),
+        objects): one C call per run of plain files of one directory (scan.land_columns),
         fsops.land_data for one with xattrs or under a default ACL, or without the C module.
         Hard-link groups and LandedLog are kept as `commit` keeps them. Returns the files that
         did not land with their error (nothing is left behind; `failed` then reports each).
@@ -2095,7 +2100,6 @@ class DestTree:
 
     def _land_many(self, batch: list[tuple[int, int, int]], buf: bytearray | mmap.mmap, ps: list[_Pending], hiding: bool) -> list[tuple[int, OSError]]:
         failed: list[tuple[int, OSError]] = []  # (index in batch, error)
-        landed: list[tuple[_Pending, int]] = []
         i, n = 0, len(batch)
         while i < n:
             rel = ps[i].dst_rel
@@ -2108,59 +2112,80 @@ class DestTree:
                 failed += ((k, exc) for k in range(i, j))
                 i = j
                 continue
-            c_files, c_idx = [], []
+            landed: list[_Pending] = []
+            nbytes = 0
+            c_idx: list[int] = []
+            c_names: list[str] = []
+            c_ints: list[int] = []
+            c_offs: list[int] = []
+            c_flags: list[int] = []
             for k in range(i, j):
                 p = ps[k]
                 _, at, size = batch[k]
                 if p.xattrs is None and not p.acl and _C_LAND:
-                    c_files.append((_b(p.dname), at, size, p.meta, p.replace, p.inherit_gid))
+                    m = p.meta
                     c_idx.append(k)
+                    c_names.append(p.dname)
+                    c_ints += (0, m[0], size, m[3], m[2], m[4], m[5])  # scan.LAND_FIELDS order
+                    c_offs.append(at)
+                    c_flags.append((_LAND_REPLACE if p.replace else 0) | (_LAND_INHERIT_GID if p.inherit_gid else 0))
                     continue
                 try:
                     fsops.land_data(dfd, p.dname, memoryview(buf)[at : at + size], p.meta, p.xattrs, p.replace, p.inherit_gid, p.acl)
                 except OSError as exc:
                     failed.append((k, exc))
                     continue
-                landed.append((p, size))
-            if c_files:
+                landed.append(p)
+                nbytes += size
+            if c_idx:
                 # In a hidden directory (R41) a file is created under its own name: nobody sees
                 # it before the directory moves into place, which waits for these files.
                 direct = hiding and rel in self._hidden
-                for k, r in zip(c_idx, cscan.land_many(dfd, buf, c_files, direct)):
-                    if r:
-                        failed.append((k, OSError(-r, os.strerror(-r))))
-                    else:
-                        landed.append((ps[k], batch[k][2]))
+                res = cscan.land_columns(dfd, buf, _b("\0".join(c_names)), c_ints, c_offs, c_flags, direct)
+                if any(res):
+                    for k, r in zip(c_idx, res):
+                        if r:
+                            failed.append((k, OSError(-r, os.strerror(-r))))
+                        else:
+                            landed.append(ps[k])
+                            nbytes += batch[k][2]
+                else:
+                    landed += [ps[k] for k in c_idx]
+                    nbytes += sum(c_ints[2::7])
+            if landed:
+                self._done_group(rel, landed, nbytes)
             i = j
         if failed:
             with self._lock:
                 for k, _ in failed:
                     self._open[batch[k][0]] = ps[k]  # for `failed`
-        if landed:
-            self._done_many(landed)
         return [(batch[k][0], exc) for k, exc in failed]
 
     def _done(self, p: _Pending, size: int) -> None:
-        self._done_many([(p, size)])
+        self._done_group(p.dst_rel, [p], size)
 
-    def _done_many(self, files: list[tuple[_Pending, int]]) -> None:
-        """Files landed: count them, mark their directories changed, log them for a move, link
-        the rest of their hard-link groups."""
+    def _done_group(self, dst_rel: str, files: list[_Pending], nbytes: int) -> None:
+        """Files of one destination directory landed (`nbytes` in all): count them, mark the
+        directory changed, log them for a move, link the rest of their hard-link groups."""
+        done: list[str] = []
         with self._lock:
             self.files_copied += len(files)
-            last = None
-            for p, size in files:
-                self.bytes_copied += size
-                if p.dst_rel != last:
-                    self._changed(p.dst_rel)
-                    last = p.dst_rel
-            done = self._settled([p for p, _ in files]) if self._hidden else []
+            self.bytes_copied += nbytes
+            self._changed(dst_rel)
+            if self._hidden:
+                node = self.nodes.get(dst_rel)
+                if node is not None and dst_rel in self._hidden:
+                    node.waiting -= len(files)
+                    if node.waiting == 0 and node.planned:
+                        done.append(dst_rel)
         for rel in done:
             self._reveal(rel)
-        for p, _ in files:
-            self._act("copy", _join(p.rel, p.name))
-            if self.landed is not None:
-                self.landed.add(p.rel, p.name, p.meta)
+        if self.actions is not None or self.landed is not None:
+            for p in files:
+                self._act("copy", _join(p.rel, p.name))
+                if self.landed is not None:
+                    self.landed.add(p.rel, p.name, p.meta)
+        for p in files:
             if p.link_key is not None:
                 self._landed(p)
 
