@@ -571,6 +571,45 @@ def test_closed_stdout_stops_the_run_with_one_line_and_a_rerun_completes(
     rmtree(dst)
 
 
+@pytest.mark.parametrize("output", ["-v", "--json"])
+def test_lines_lost_after_the_work_is_done_still_fail_the_run(tmp_path: Path, output: str) -> None:
+    """The same closed pipe, closed only once the copy is complete: the run's lines wait in the
+    console's queue behind a full pipe, then the reader goes. They were lost silently and the
+    run exited 0 (a fast remote run raced this way in CI); like `cp -v`, a run whose lines were
+    lost fails: exit 1 and one line that says the copy itself completed."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i:02d}").write_bytes(b"x" * i)
+    r, w = os.pipe()
+    try:
+        os.set_blocking(w, False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(w, b"\n" * 4096)  # full: the run's first write waits for a reader
+        os.set_blocking(w, True)
+        proc = subprocess.Popen([BLIT, "copy", output, f"{src}/", str(dst)], stdout=w, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, env=BLIT_ENV)  # fmt: skip
+        os.close(w)
+        w = -1
+        deadline = time.monotonic() + 60
+        while not (dst.is_dir() and sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in src.iterdir())):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before its copy was complete"
+            time.sleep(0.05)
+        time.sleep(0.5)  # its work done: it waits to hand over its lines
+        assert proc.poll() is None, "the run ended although nobody had read its lines"
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    _out, err_b = proc.communicate(timeout=60)
+    err = err_b.decode(errors="backslashreplace")
+    assert proc.returncode == 1, err
+    assert err.splitlines() == ["blit: error: standard output was closed (broken pipe) before the run's last lines were "
+                                "written; the copy itself completed"], err  # fmt: skip
+    assert_same_tree(snapshot(src), snapshot(dst))
+
+
 # --- A stdout nobody reads (`blit copy -v ... | pager` whose pager stopped reading) ------------
 
 

@@ -58,14 +58,35 @@ def _write(text: str) -> bool:
         return True
 
 
+_OUT_MARK: int | None = None
+"""stdout's console mark after the last line `_out` wrote (None: none yet, or no console)."""
+
+
 def _out(text: str) -> None:
     """A line of a run that goes on: a closed stdout ends the run with one line on stderr, like
     an interrupt, instead of a traceback. (The run's last line uses `_write`: the work is done,
-    so a closed stdout only loses the line.)"""
+    so a closed stdout only loses the line; lines of `_out` lost after the work was done fail
+    the run at its end, `_lines_lost`.)"""
+    global _OUT_MARK
     if not _write(text):
         from .errors import OutputClosed
 
         raise OutputClosed("standard output was closed (broken pipe); stopped, run the same command again to finish")
+    from . import console
+
+    _OUT_MARK = console.stdout_mark()
+
+
+def _lines_lost(operation: str) -> bool:
+    """After a run whose work is done: whether `-v` lines or `--json` events it wrote never
+    reached stdout's reader, who went while they waited in the console's queue (`cp -v` then
+    fails with "write error"). Says so in one line."""
+    from . import console
+
+    if _OUT_MARK is None or not console.stdout_lost(_OUT_MARK):
+        return False
+    _err(f"standard output was closed (broken pipe) before the run's last lines were written; the {operation} itself completed")
+    return True
 
 
 def _flush() -> None:
@@ -430,6 +451,8 @@ def _run(
     summary = outcome["summary"]
     if finish_with and summary.exit_code == 3:  # type: ignore[attr-defined]
         sys.stderr.write(f"blit: {dst} was made by this run: finish with {finish_with} (run as it was, the command would copy into a new directory inside it)\n")
+    if summary.exit_code == 0 and _lines_lost(operation):  # type: ignore[attr-defined]
+        return 1
     return summary.exit_code  # type: ignore[attr-defined,no-any-return]
 
 

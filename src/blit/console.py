@@ -76,6 +76,8 @@ class _Writer:
         self._sleeping = False
         self._purged = False
         self.broken = False  # the reader closed its end
+        self.accepted = 0  # bytes ever queued (put), and of them written whole to the fd
+        self.written = 0
         self.interrupted = False  # set from a signal handler: no lock, read by the waits
         self._thread = threading.Thread(target=self._run, name=f"blit-console-{fd}", daemon=True)
         self._thread.start()
@@ -91,6 +93,7 @@ class _Writer:
             self._purge_once()
             self._items.append(data)
             self._queued += len(data)
+            self.accepted += len(data)
             if self._sleeping:
                 self._cond.notify()
 
@@ -168,7 +171,7 @@ class _Writer:
                 if cut >= done:
                     end = cut + 1
             try:
-                done += os.write(self.fd, view[done:end])
+                n = os.write(self.fd, view[done:end])
             except InterruptedError:
                 continue
             except OSError as exc:
@@ -176,6 +179,8 @@ class _Writer:
                     self.broken = True
                 to_null(self.fd)
                 return
+            done += n
+            self.written += n
 
 
 def to_null(fd: int) -> None:
@@ -273,6 +278,24 @@ def drain() -> None:
     exit (registered with atexit, and called before os._exit)."""
     for w in list(_writers):
         w.drain()
+
+
+def stdout_mark() -> int | None:
+    """How many bytes stdout has accepted so far (None when it is not a `Stream`): a mark for
+    `stdout_lost`."""
+    out = sys.stdout
+    return out._writer.accepted if isinstance(out, Stream) else None
+
+
+def stdout_lost(mark: int) -> bool:
+    """Whether any of stdout's first `mark` bytes never reached its reader, who closed its end
+    (EPIPE): waits until the queue is written or given up (as `drain`)."""
+    out = sys.stdout
+    if not isinstance(out, Stream):
+        return False
+    w = out._writer
+    w.drain()
+    return w.broken and w.written < mark
 
 
 def was_interrupted() -> bool:

@@ -500,10 +500,13 @@ def test_closed_stdout_stops_a_remote_run_with_one_line(daemon_process: DaemonPr
     finally:
         os.close(w)
     assert proc.returncode == 1, proc.stderr
-    assert errors(proc) == ["blit: error: standard output was closed (broken pipe); stopped, run the same "
-                            "command again to finish"], proc.stderr  # fmt: skip
     # (Action lines of a remote run come in pages, so the data may all have landed by the time
-    # the first page fails to print: how much landed is not asserted, only that it is whole.)
+    # the first page fails to print: how much landed is not asserted, only that it is whole,
+    # and the line says which it was.)
+    assert errors(proc) in (["blit: error: standard output was closed (broken pipe); stopped, run the same "
+                             "command again to finish"],
+                            ["blit: error: standard output was closed (broken pipe) before the run's last lines "
+                             "were written; the copy itself completed"]), proc.stderr  # fmt: skip
     # A pushing client exits before the daemon has torn the session down; new directories
     # still hidden then (R41) move into place as it does.
     assert temporaries_after_settling(dst) == []
