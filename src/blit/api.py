@@ -316,25 +316,11 @@ def check_source_readable(path: bytes, trailing_slash: bool, shown: str) -> None
 
 def _check_readable(path: bytes, st: os.stat_result, shown: str) -> None:
     """The source root must be readable, or nothing is done at all (exit 1)."""
-    if stat.S_ISLNK(st.st_mode):
-        return
-    try:
-        if stat.S_ISDIR(st.st_mode):
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                with os.scandir(fd) as it:
-                    for e in it:
-                        try:
-                            e.stat(follow_symlinks=False)  # search (x) permission
-                        except FileNotFoundError:
-                            continue  # gone meanwhile (an atomic save's temporary): the next (QA)
-                        break
-            finally:
-                os.close(fd)
-        elif stat.S_ISREG(st.st_mode):
-            os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW))
-    except OSError as exc:
-        raise FatalError(f"cannot read source {shown}: {exc.strerror}") from None
+    from . import fsops
+
+    why = fsops.source_unreadable(path, st.st_mode, follow=True)
+    if why:
+        raise FatalError(f"cannot read source {shown}: {why}")
 
 
 def _makedirs(path: bytes) -> None:

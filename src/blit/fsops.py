@@ -1482,6 +1482,32 @@ def kernel_abspath(path: bytes) -> bytes:
     return os.path.abspath(os.path.join(base, rest)) if rest.strip(b"/") else base
 
 
+def source_unreadable(name: bytes, st_mode: int, *, dir_fd: int | None = None, follow: bool = False) -> str:
+    """Why a transfer's source root `name` (relative to `dir_fd`, or a path) of type `st_mode`
+    cannot be read, as strerror: a directory that cannot be opened or searched (its first
+    entry's lstat), a regular file that cannot be opened. "" when it can, and for any other
+    kind (never opened here). `follow`: a symlink to a directory is opened (`SRC/`)."""
+    nofollow = 0 if follow else os.O_NOFOLLOW
+    try:
+        if stat.S_ISDIR(st_mode):
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | nofollow, dir_fd=dir_fd)
+            try:
+                with os.scandir(fd) as it:
+                    for e in it:
+                        try:
+                            e.stat(follow_symlinks=False)  # search (x) permission
+                        except FileNotFoundError:
+                            continue  # gone meanwhile (an atomic save's temporary): the next (QA)
+                        break
+            finally:
+                os.close(fd)
+        elif stat.S_ISREG(st_mode):
+            os.close(os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return ""
+
+
 def ancestors(path: bytes) -> list[int]:
     """The (device, inode) of each existing directory above `path`'s real path, its parent's
     first, up to `/`, flat: where a copy into `path` would be inside it (reaches), and what a

@@ -496,3 +496,33 @@ def test_mirror_deletes_an_extra_in_a_read_only_directory_of_ours_in_every_topol
             if (root / "ro").exists():
                 os.chmod(root / "ro", 0o755)
         shutil.rmtree(twin, ignore_errors=True)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("what", ["dir", "dir contents", "file"])
+def test_a_pull_whose_source_root_cannot_be_read_is_one_line(nobody_daemon: DaemonProcess, nobody_tmp: Path, what: str) -> None:
+    """As locally and on push (test_a_push_whose_source_root_cannot_be_read_is_one_line): a
+    named source the daemon cannot read ends the run before anything is made: exit 1, one line.
+    (A pull said `blit: src: open: Permission denied` or `blit: a: copy: Permission denied`,
+    exit 3 as if the rest had been copied, or `blit: error: src: permission denied`.)"""
+    src = nobody_daemon.modules["data"] / "src"
+    src.mkdir()
+    (src / "a").write_text("a")
+    chown_tree(src, NOBODY, NOBODY)
+    if what == "file":
+        os.chmod(src / "a", 0o000)
+        arg = url(nobody_daemon, "data/src/a")
+    else:
+        os.chmod(src, 0o000)
+        arg = url(nobody_daemon, "data/src" + ("/" if what == "dir contents" else ""))
+    dst = nobody_tmp / "dst"
+    try:
+        for op in ("copy", "mirror", "move"):
+            r = run_blit(op, "--no-tls", arg, f"{dst}/", as_nobody=True)
+            assert r.returncode == 1, describe_output(r)
+            assert stderr_lines(r) == [f"blit: error: cannot read source {arg}: Permission denied"], describe_output(r)
+            assert not dst.exists()
+    finally:
+        os.chmod(src, 0o755)
+        os.chmod(src / "a", 0o644)
+    assert (src / "a").read_text() == "a"

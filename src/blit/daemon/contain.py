@@ -139,6 +139,29 @@ def stat_path(root: Path, path: bytes) -> tuple[Entry | None, tuple[int, int]]:
         os.close(dfd)
 
 
+def unreadable(root: Path, path: bytes) -> str:
+    """Why module/path cannot be read as a transfer's source root (fsops.source_unreadable,
+    never following a link); "" when it can, or when it does not exist (the transfer reports
+    that)."""
+    from .. import fsops
+
+    root_fd = open_root(root)
+    try:
+        dfd, name, _parts = resolve_parent(root_fd, path)
+    finally:
+        os.close(root_fd)
+    try:
+        if name is None:
+            return fsops.source_unreadable(b".", os.fstat(dfd).st_mode, dir_fd=dfd)
+        try:
+            st = os.lstat(name, dir_fd=dfd)
+        except FileNotFoundError:
+            return ""
+        return fsops.source_unreadable(name, st.st_mode, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
 PAGE_BYTES = MAX_MESSAGE // 2
 """A listing page stops at about this many bytes of names and link targets (the encoding's
 overhead must fit the message limit too): a page of long link targets is shorter, never refused."""

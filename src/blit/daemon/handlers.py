@@ -582,7 +582,7 @@ def _features(asked: list[str]) -> list[str]:
     from .. import fsops
     from ..ffi import scan
 
-    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_CLIENT_STAT, protocol.FEATURE_MACHINE, protocol.FEATURE_NEST, protocol.FEATURE_HOLD, protocol.FEATURE_SILENCE, protocol.FEATURE_LANDED_INO) if f in asked]
+    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_CLIENT_STAT, protocol.FEATURE_STAT_READ, protocol.FEATURE_MACHINE, protocol.FEATURE_NEST, protocol.FEATURE_HOLD, protocol.FEATURE_SILENCE, protocol.FEATURE_LANDED_INO) if f in asked]
     if protocol.FEATURE_SEALED in asked:
         from ..transport import seal
 
@@ -623,7 +623,8 @@ async def handle_stat(s: Session, msg: protocol.Stat) -> protocol.StatReply:
     up: list[int] = []
     if s.hold and is_dir:
         up = (await s.fs(fsops.ancestors, os.path.join(os.fsencode(root), *protocol.split_path(msg.path))))[: protocol.MAX_UP]
-    return protocol.StatReply(entry=entry, source_dir=list(ident) if s.nest and is_dir else [], source_up=up)
+    unreadable = await s.fs(contain.unreadable, root, msg.path) if msg.read and entry is not None else ""
+    return protocol.StatReply(entry=entry, source_dir=list(ident) if s.nest and is_dir else [], source_up=up, unreadable=unreadable)
 
 
 def _client_of(text: str) -> Address | None:

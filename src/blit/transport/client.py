@@ -99,10 +99,12 @@ class RemoteSession:
     async def stat(self, module: str, path: bytes) -> protocol.Entry | None:
         return (await self.stat_reply(module, path)).entry
 
-    async def stat_reply(self, module: str, path: bytes) -> protocol.StatReply:
-        """The entry and, for a directory (FEATURE_NEST), its (device, inode)."""
+    async def stat_reply(self, module: str, path: bytes, *, read: bool = False) -> protocol.StatReply:
+        """The entry and, for a directory (FEATURE_NEST), its (device, inode); `read`
+        (FEATURE_STAT_READ): and why the daemon cannot read it as a source root, if it cannot."""
         client = self.acting_for if protocol.FEATURE_CLIENT_STAT in self.peer.features else ""
-        reply: protocol.StatReply = await self.call(protocol.Stat(module=module, path=path, client=client))
+        read = read and protocol.FEATURE_STAT_READ in self.peer.features
+        reply: protocol.StatReply = await self.call(protocol.Stat(module=module, path=path, client=client, read=read))
         return reply
 
     @asynccontextmanager

@@ -374,6 +374,10 @@ class Stat(Message):
     """Feature FEATURE_CLIENT_STAT: as OpenTree.client, the address of the client a pulling
     daemon stats for; the module's address rules must admit it too (QA: without it a client
     refused by a module learnt through another daemon which of its paths exist)."""
+    read: bool = field(default=False, metadata=_lim(omit=True))
+    """Feature FEATURE_STAT_READ: also say whether the entry can be read as a transfer's source
+    root (StatReply.unreadable): a pull's client then refuses an unreadable source before
+    anything is made, as a local run and a push do."""
 
 
 @message_class
@@ -386,6 +390,10 @@ class StatReply(Message):
     source_up: list[int] = field(default_factory=list, metadata=_lim(MAX_UP, omit=True))
     """Feature FEATURE_HOLD: a directory's ancestors' (device, inode) pairs, flat, its parent's
     first, up to `/`: a mirror on the same machine refuses a destination that holds it."""
+    unreadable: str = field(default="", metadata=_lim(256, omit=True))
+    """Feature FEATURE_STAT_READ, asked with Stat.read: why the daemon cannot read the entry
+    as a source root (strerror: a directory it cannot open or search, a file it cannot open);
+    empty when it can."""
 
 
 @message_class
@@ -614,6 +622,9 @@ FEATURE_CLIENT = "client-addr-1"
 """Hello feature: tree/open may carry `client` (OpenTree.client)."""
 FEATURE_CLIENT_STAT = "client-stat-1"
 """Hello feature: stat may carry `client` (Stat.client)."""
+FEATURE_STAT_READ = "stat-read-1"
+"""Hello feature: stat may ask whether the entry can be read as a source root (Stat.read,
+StatReply.unreadable)."""
 FEATURE_MACHINE = "machine-1"
 """Hello feature: tree/open names the source's machine (OpenTree.machine on a push,
 TransferOpened.machine on a pull), so that a destination on the same machine can tell an
@@ -1784,7 +1795,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_CLIENT_STAT, FEATURE_MACHINE, FEATURE_NEST, FEATURE_HOLD, FEATURE_SILENCE, FEATURE_SEALED, FEATURE_LANDED_INO])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_CLIENT_STAT, FEATURE_STAT_READ, FEATURE_MACHINE, FEATURE_NEST, FEATURE_HOLD, FEATURE_SILENCE, FEATURE_SEALED, FEATURE_LANDED_INO])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""
@@ -2087,6 +2098,7 @@ __all__ = [
     "FEATURE_ACTIONS",
     "FEATURE_CLIENT",
     "FEATURE_CLIENT_STAT",
+    "FEATURE_STAT_READ",
     "FEATURE_NEST",
     "FEATURE_HOLD",
     "FEATURE_LANDED_INO",

@@ -122,11 +122,13 @@ class RemoteSide(Side):
 
     overlap_lookups = True
 
-    def __init__(self, session: Any, module: str, path: bytes, label: str) -> None:
+    def __init__(self, session: Any, module: str, path: bytes, label: str, *, source: bool = False) -> None:
         self.session = session
         self.module = module
         self.label = label
         self.path = path
+        self.source = source  # a pull's: the daemon says whether it can read it (`unreadable`)
+        self.unreadable = ""
         self.trailing_slash = contents_form(path)
         try:
             self.at_top = not protocol.split_path(path)
@@ -134,9 +136,11 @@ class RemoteSide(Side):
             raise UsageError(f"{label}: {exc.message}") from None
 
     async def kind(self, path: bytes, follow: bool) -> str | None:
-        reply = await _rstat(self.session, self.module, path)
+        reply = await _rstat(self.session, self.module, path, read=self.source and path == self.path)
         if reply is None:
             return None
+        if path == self.path:
+            self.unreadable = reply.unreadable
         if path == self.path and len(reply.source_dir) == 2:
             self.ident = (reply.source_dir[0], reply.source_dir[1])
             self.up = reply.source_up
@@ -146,17 +150,18 @@ class RemoteSide(Side):
         return split_remote(path)
 
 
-def remote_side(session: Any, ep: RemoteEndpoint) -> RemoteSide:
-    return RemoteSide(session, ep.module, ep.path_bytes, str(ep))
+def remote_side(session: Any, ep: RemoteEndpoint, *, source: bool = False) -> RemoteSide:
+    return RemoteSide(session, ep.module, ep.path_bytes, str(ep), source=source)
 
 
-async def _rstat(session: Any, module: str, path: bytes) -> protocol.StatReply | None:
-    """stat on the daemon; None also when a parent is missing. NotADirectoryError when a
-    parent is not a directory (as os.stat says it)."""
+async def _rstat(session: Any, module: str, path: bytes, *, read: bool = False) -> protocol.StatReply | None:
+    """stat on the daemon (`read`: and whether it can read the entry as a source root); None
+    also when a parent is missing. NotADirectoryError when a parent is not a directory (as
+    os.stat says it)."""
     from ..errors import RemoteError
 
     try:
-        reply: protocol.StatReply = await session.stat_reply(module, path)
+        reply: protocol.StatReply = await session.stat_reply(module, path, read=read)
         return reply
     except RemoteError as exc:
         if exc.code == "not-found":
@@ -474,8 +479,12 @@ async def remote_transfer(
             else:
                 assert isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, LocalEndpoint)
                 direction = "pull"
-                rside = remote_side(session, s_ep)
+                rside = remote_side(session, s_ep, source=True)
                 r = await resolve(rside, LocalSide(d_ep))
+                if rside.unreadable:  # as a local run's and a push's source (api.check_source_readable)
+                    from ..errors import FatalError
+
+                    raise FatalError(f"cannot read source {rside.label}: {rside.unreadable}")
                 if r.as_new and not dry_run:
                     summary.finish_with = finish_command(operation, src, dst)
                 # A missing local destination is made once the daemon accepted the transfer (a
