@@ -17,9 +17,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ..transport.protocol import MAX_MESSAGE, Entry, ErrorCode, Refused, split_path
+
+_T = TypeVar("_T")
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
 O_FILE = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | getattr(os, "O_NOCTTY", 0)
@@ -118,25 +122,29 @@ def entry_of(name: bytes, st: os.stat_result, dir_fd: int) -> Entry:
     )
 
 
-def stat_path(root: Path, path: bytes) -> tuple[Entry | None, tuple[int, int]]:
-    """lstat of module/path (never following a link); None if the last name does not exist.
-    With the entry its (device, inode) ((0, 0) with None)."""
+def _looked_up(root: Path, path: bytes, use: Callable[[int, bytes | None, os.stat_result], _T]) -> _T | None:
+    """`use(directory fd, last name, its lstat)` for module/path (name None and the directory's
+    own fstat for the module's top); None if the last name does not exist."""
     root_fd = open_root(root)
     try:
         dfd, name, _parts = resolve_parent(root_fd, path)
     finally:
         os.close(root_fd)
     try:
-        if name is None:
-            st = os.fstat(dfd)
-            return entry_of(b"", st, dfd), (st.st_dev, st.st_ino)
         try:
-            st = os.lstat(name, dir_fd=dfd)
+            st = os.fstat(dfd) if name is None else os.lstat(name, dir_fd=dfd)
         except FileNotFoundError:
-            return None, (0, 0)
-        return entry_of(name, st, dfd), (st.st_dev, st.st_ino)
+            return None
+        return use(dfd, name, st)
     finally:
         os.close(dfd)
+
+
+def stat_path(root: Path, path: bytes) -> tuple[Entry | None, tuple[int, int]]:
+    """lstat of module/path (never following a link); None if the last name does not exist.
+    With the entry its (device, inode) ((0, 0) with None)."""
+    got = _looked_up(root, path, lambda dfd, name, st: (entry_of(name or b"", st, dfd), (st.st_dev, st.st_ino)))
+    return got if got is not None else (None, (0, 0))
 
 
 def unreadable(root: Path, path: bytes) -> str:
@@ -145,21 +153,7 @@ def unreadable(root: Path, path: bytes) -> str:
     that)."""
     from .. import fsops
 
-    root_fd = open_root(root)
-    try:
-        dfd, name, _parts = resolve_parent(root_fd, path)
-    finally:
-        os.close(root_fd)
-    try:
-        if name is None:
-            return fsops.source_unreadable(b".", os.fstat(dfd).st_mode, dir_fd=dfd)
-        try:
-            st = os.lstat(name, dir_fd=dfd)
-        except FileNotFoundError:
-            return ""
-        return fsops.source_unreadable(name, st.st_mode, dir_fd=dfd)
-    finally:
-        os.close(dfd)
+    return _looked_up(root, path, lambda dfd, name, st: fsops.source_unreadable(name or b".", st.st_mode, dir_fd=dfd)) or ""
 
 
 PAGE_BYTES = MAX_MESSAGE // 2
