@@ -64,8 +64,8 @@ from .protocol import (
 log = logging.getLogger("blit.tree")
 
 _C_LAND = cscan.HAVE_CMPDIR
-_LAND_REPLACE, _LAND_INHERIT_GID = cscan.LAND_REPLACE, cscan.LAND_INHERIT_GID
 """DestTree.land_many lands plain small files in C (scan.land_columns) when the C module is built."""
+_LAND_REPLACE, _LAND_INHERIT_GID = cscan.LAND_REPLACE, cscan.LAND_INHERIT_GID
 _HIDE = _C_LAND and os.name == "posix"
 """DestTree makes new directories under a temporary name and fills them with direct creates
 (decisions R41): only with the C module (its direct landing and rename) and flock."""
