@@ -112,6 +112,31 @@ def test_mirror_deletes_nothing_on_b_when_a_cannot_read_everything(tmp_path: Pat
         os.chmod(src / "locked", 0o755)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the source daemon as nobody, which needs root")
+@pytest.mark.parametrize("what", ["dir", "dir contents", "file"])
+def test_a_source_root_a_cannot_read_ends_the_run_with_one_line(tmp_path: Path, nobody_tmp: Path, what: str) -> None:
+    """As a pull from A into a local directory does (R69): the named source A cannot read ends
+    the run before B makes anything, exit 1, `cannot read source A:/...: Permission denied`."""
+    a_dir = nobody_tmp / "A"
+    a_dir.mkdir()
+    os.chown(a_dir, 65534, 65534)
+    with run_daemon_process(a_dir, prefix=AS_NOBODY) as a, run_daemon_process(tmp_path / "B", peer_pull=True) as b:
+        src = a.modules["data"] / "src"
+        src.mkdir()
+        (src / "f").write_text("f")
+        locked = src / "f" if what == "file" else src
+        os.chmod(locked, 0)
+        try:
+            arg = ep(a, "data/src" + {"dir": "", "dir contents": "/", "file": "/f"}[what])
+            for op in ("copy", "mirror"):
+                r = blit(b, op, arg, ep(b, "data/dst/"))
+                assert r.returncode == 1, (r.stdout, r.stderr, a.log())
+                assert stderr_lines(r) == [f"blit: error: cannot read source {arg}: Permission denied"], r.stderr
+                assert not (b.modules["data"] / "dst").exists()
+        finally:
+            os.chmod(locked, 0o755 if locked == src else 0o644)
+
+
 # --- move: B's pull is a pull move, A removes what landed on B ------------------------------------
 
 COUNTS = ("files_copied", "bytes_copied", "files_skipped", "dirs_created", "links_created", "files_removed", "failures", "exit_code")
