@@ -90,7 +90,7 @@ def _step_until(proc: subprocess.Popen[bytes], reached: Callable[[], bool], what
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         proc.send_signal(signal.SIGSTOP)
-        if proc.poll() is not None:
+        if not _stopped(proc):  # it ended meanwhile (a SIGSTOP sent during its exit does nothing)
             out, err = proc.communicate()
             pytest.fail(
                 f"blit exited ({proc.returncode}) before {what}: the tree is too small to "
@@ -103,6 +103,26 @@ def _step_until(proc: subprocess.Popen[bytes], reached: Callable[[], bool], what
     proc.kill()
     proc.wait()
     pytest.fail(f"not {what} within {timeout} s")
+
+
+def _stopped(proc: subprocess.Popen[bytes]) -> bool:
+    """Wait until the SIGSTOP just sent has stopped `proc` (True) or it has ended (False). A
+    process in its exit when the signal came is not stopped by it: looking at the destination
+    then (`reached`) raced the end of the run, and a SIGKILL after the look found it exited 0
+    (CI, at 85%)."""
+    stat_path = Path(f"/proc/{proc.pid}/stat")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            state = stat_path.read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        if state in ("T", "t"):
+            return True
+        time.sleep(0.0005)
+    raise AssertionError(f"blit (pid {proc.pid}) neither stopped nor ended within 10 s of SIGSTOP")
 
 
 def _run_until(proc: subprocess.Popen[bytes], dst: Path, nbytes: int) -> None:

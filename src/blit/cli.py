@@ -394,6 +394,9 @@ def _run(
         stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         with trio.open_signal_receiver(*stops) as signals:
             console.on_signals(stops)
+            if _entry.STOP_PENDING:  # it came while trio started: stop before the run begins
+                outcome["interrupted"] = True
+                return
             async with trio.open_nursery() as nursery:
 
                 async def watch() -> None:

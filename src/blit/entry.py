@@ -44,15 +44,27 @@ def _interrupted_early(signum: int, frame: object) -> None:
     os._exit(EXIT_INTERRUPTED)
 
 
+STOP_PENDING = 0
+"""SIGTERM or SIGHUP that came after `early_signals(False)` and before the run's own handling
+began (trio's start-up): the run stops as soon as it looks (cli._run's `main`)."""
+
+
+def _stop_pending(signum: int, frame: object) -> None:
+    global STOP_PENDING
+    STOP_PENDING = signum
+
+
 def early_signals(on: bool) -> None:
     """Install (`on`) or take back the early handlers. A command that writes takes them back
     just before its own handling begins (cli._run, before trio.run: trio guards against
-    KeyboardInterrupt only if SIGINT has Python's default handler then)."""
+    KeyboardInterrupt only if SIGINT has Python's default handler then). SIGTERM and SIGHUP
+    are then recorded (STOP_PENDING) until the run's handling replaces that: with their default
+    action, one in those milliseconds killed the process silently (exit -15, CI)."""
     import signal
 
     signal.signal(signal.SIGINT, _interrupted_early if on else signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupted_early if on else signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, _interrupted_early if on else signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, _interrupted_early if on else _stop_pending)
+    signal.signal(signal.SIGHUP, _interrupted_early if on else _stop_pending)
 
 
 STDOUT_CLOSED = False
