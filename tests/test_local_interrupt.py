@@ -188,10 +188,12 @@ def _assert_clean_and_rerun(src: Path, src_snap: Snapshot, dst: Path, sig: signa
     rmtree(dst)
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.05, 0.3, 0.6, 0.85])
+@pytest.mark.parametrize("fraction", [0.0, 0.05, 0.3, 0.6, 0.75])
 def test_kill_9_leaves_no_partial_file_and_a_rerun_completes(
     big_src: tuple[Path, Snapshot, int], tmp_path: Path, fraction: float
 ) -> None:
+    # (The last mark leaves a quarter to do: the last big files each go in one copy_file_range
+    # of up to 20 MiB, which no SIGSTOP splits; from 85% the copy was complete twice in CI.)
     src, src_snap, total = big_src
     dst = tmp_path / "dst"
     proc = _start(src, dst)
