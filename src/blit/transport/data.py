@@ -366,18 +366,16 @@ class StreamIO:
     """
 
     def __init__(
-        self, sock: socket.socket, *, tls: TLSBio | None = None, sealed: SealedChannel | None = None, what: str, stall: float = DEFAULT_STALL
+        self, sock: socket.socket, *, records: Records | None = None, what: str, stall: float = DEFAULT_STALL
     ) -> None:
         self.sock = sock
         self.what = what
         self.stall = stall
-        self.tls = tls
-        self.sealed = sealed
-        """A sealed stream's records (seal.py); `tls` is the older TLS session (a daemon before
-        FEATURE_SEALED, or its client); both None: cleartext."""
-        self.records: Records | None = sealed if sealed is not None else tls
-        """The one of them in use: the same calls either way."""
-        plain = self.records is None
+        self.records = records
+        """The stream's records: sealed (seal.SealedChannel), or the older TLS session
+        (tlsbio.TLSBio: a daemon before FEATURE_SEALED, or its client), with the same calls
+        either way; None: cleartext."""
+        plain = records is None
         self.fd = sock.fileno()
         self._kicked = False
         self.moved = 0
@@ -1342,7 +1340,7 @@ class Link:
 
     def stream(self, *, what: str, stall: float) -> StreamIO:
         """The admitted stream (it owns the socket from now on)."""
-        return StreamIO(self.sock, tls=self.tls, sealed=self.sealed, what=what, stall=stall)
+        return StreamIO(self.sock, records=self.records, what=what, stall=stall)
 
 
 def _start_tls(sock: socket.socket, tls_ctx: ssl.SSLContext | None, *, server_side: bool) -> Link:

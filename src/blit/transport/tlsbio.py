@@ -105,10 +105,6 @@ class TLSBio:
     def sent(self) -> None:
         pass
 
-    def sealed(self) -> bytes:
-        """The ciphertext waiting to be sent, taken (tests send a close_notify with it)."""
-        return self._out.read()
-
     @property
     def held(self) -> int:
         """Ciphertext fed and not yet decrypted (part of a record)."""
