@@ -58,23 +58,29 @@ def _write(text: str) -> bool:
         return True
 
 
-_OUT_MARK: int | None = None
-"""stdout's console mark after the last line `_out` wrote (None: none yet, or no console)."""
+_END_MARK: int | None = None
+"""stdout's console mark when the run's summary was about to go out (`_ending`): the bytes of
+its lines (None: no console, or the run did not get there)."""
 
 
 def _out(text: str) -> None:
     """A line of a run that goes on: a closed stdout ends the run with one line on stderr, like
     an interrupt, instead of a traceback. (The run's last line uses `_write`: the work is done,
-    so a closed stdout only loses the line; lines of `_out` lost after the work was done fail
-    the run at its end, `_lines_lost`.)"""
-    global _OUT_MARK
+    so a closed stdout only loses the line; lines lost after the work was done fail the run at
+    its end, `_lines_lost`.)"""
     if not _write(text):
         from .errors import OutputClosed
 
         raise OutputClosed("standard output was closed (broken pipe); stopped, run the same command again to finish")
+
+
+def _ending() -> None:
+    """The run's work is done and its summary comes next: what stdout accepted until now are
+    its lines (`-v`, `--json` events), which `_lines_lost` checks."""
+    global _END_MARK
     from . import console
 
-    _OUT_MARK = console.stdout_mark()
+    _END_MARK = console.stdout_mark()
 
 
 def _lines_lost(operation: str) -> bool:
@@ -83,7 +89,7 @@ def _lines_lost(operation: str) -> bool:
     fails with "write error"). Says so in one line."""
     from . import console
 
-    if _OUT_MARK is None or not console.stdout_lost(_OUT_MARK):
+    if not _END_MARK or not console.stdout_lost(_END_MARK):
         return False
     _err(f"standard output was closed (broken pipe) before the run's last lines were written; the {operation} itself completed")
     return True
@@ -256,6 +262,7 @@ class TextProgress:
         self.stderr(f"blit: {shown(failure.path)}: {failure.op}: {failure.message}")
 
     def finish(self, summary: "Summary") -> None:
+        _ending()
         self.stop()
         if summary.deletions_skipped:
             sys.stderr.write(f"blit: mirror {summary.deletions_skipped}\n")
@@ -323,6 +330,7 @@ class JsonProgress:
         self._emit({"event": "error", **failure.as_dict()})
 
     def finish(self, summary: "Summary") -> None:
+        _ending()
         _write(self._dumps(summary.as_dict()) + "\n")
         _flush()
         self.finished = True
