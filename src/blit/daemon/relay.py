@@ -195,8 +195,7 @@ class PeerJob:
             a.acting_for = self.client
             src = RemoteSide(a, peer.module, peer.path, self.source, source=True)
             r = await resolve(src, ModuleSide(self.root, msg.module, msg.path, state.fs_limiter))
-            if src.unreadable:  # as a client's pull (R69): before anything is made here
-                raise FatalError(f"cannot read source {self.source}: {src.unreadable}")
+            src.check_readable()  # as a client's pull: before anything is made here
             await self._refuse_overlap(a, r)
 
             def open_base() -> int:

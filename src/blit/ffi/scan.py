@@ -179,17 +179,17 @@ def copy_new(sfd: int, dfd: int, batch: list[tuple[bytes, Meta]], inherit_gid: b
     return _ffi.unpack(out, n)  # type: ignore[no-any-return]
 
 
-# land_columns: per-file flags, and the order of the seven values each file has in `ints`.
+# land_columns: per-file flags.
 LAND_INHERIT_GID = _CC_INHERIT_GID  # the directory may give new files another group: chown
 LAND_REPLACE = _CC_REPLACE  # an entry of that name may exist: replaced through a temporary name
-LAND_FIELDS = ("unused", "st_mode", "size", "st_atime_ns", "st_mtime_ns", "st_uid", "st_gid")
 
 
 def land_columns(dfd: int, buf: Any, names: bytes, ints: list[int], offs: list[int], flags: list[int], direct: bool = False) -> list[int]:
     """Land small regular files without xattrs into directory `dfd` in one C call (the GIL
     released once): each created unnamed, written, owner (root), mode, times, linked (an
-    existing entry replaced through a temporary name). `names`: the files' names, each
-    NUL-terminated, in order; `ints`: LAND_FIELDS values for each file, one after another;
+    existing entry replaced through a temporary name). `names`: the files' names in order,
+    joined by NULs; `ints`: seven values for each file, one after another (0, mode,
+    size, atime_ns, mtime_ns, uid, gid: the C side's BLIT_CC_FIELDS, its name offset unused);
     `offs`: where each file's content starts in `buf` (its length is its size); `flags`:
     LAND_REPLACE and LAND_INHERIT_GID for each. `direct`: `dfd` is a hidden new directory
     nobody else writes to (DestTree, R41): each file is created under its real name, with no

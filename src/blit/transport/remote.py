@@ -149,6 +149,14 @@ class RemoteSide(Side):
     def split(self, path: bytes) -> tuple[bytes, bytes]:
         return split_remote(path)
 
+    def check_readable(self) -> None:
+        """A source the daemon said it cannot read (`unreadable`, R69) ends the run before
+        anything is made, as a local run's does (api.check_source_readable)."""
+        if self.unreadable:
+            from ..errors import FatalError
+
+            raise FatalError(f"cannot read source {self.label}: {self.unreadable}")
+
 
 def remote_side(session: Any, ep: RemoteEndpoint, *, source: bool = False) -> RemoteSide:
     return RemoteSide(session, ep.module, ep.path_bytes, str(ep), source=source)
@@ -481,10 +489,7 @@ async def remote_transfer(
                 direction = "pull"
                 rside = remote_side(session, s_ep, source=True)
                 r = await resolve(rside, LocalSide(d_ep))
-                if rside.unreadable:  # as a local run's and a push's source (api.check_source_readable)
-                    from ..errors import FatalError
-
-                    raise FatalError(f"cannot read source {rside.label}: {rside.unreadable}")
+                rside.check_readable()
                 if r.as_new and not dry_run:
                     summary.finish_with = finish_command(operation, src, dst)
                 # A missing local destination is made once the daemon accepted the transfer (a

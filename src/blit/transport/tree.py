@@ -2126,7 +2126,7 @@ class DestTree:
                     m = p.meta
                     c_idx.append(k)
                     c_names.append(p.dname)
-                    c_ints += (0, m[0], size, m[3], m[2], m[4], m[5])  # scan.LAND_FIELDS order
+                    c_ints += (0, m[0], size, m[3], m[2], m[4], m[5])  # scan.land_columns' order
                     c_offs.append(at)
                     c_flags.append((_LAND_REPLACE if p.replace else 0) | (_LAND_INHERIT_GID if p.inherit_gid else 0))
                     continue
