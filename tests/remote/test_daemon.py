@@ -414,6 +414,51 @@ async def test_a_request_body_left_unfinished_is_answered_after_the_stall_time(n
                 pass
 
 
+@pytest.mark.parametrize("pinging", [False, True], ids=["silent-client", "pinging-client"])
+async def test_a_body_that_stops_with_its_whole_session_is_the_sessions_silence(nursery: trio.Nursery, tmp_path: Path, pinging: bool) -> None:
+    """A client that promised to ping (FEATURE_SILENCE) sends part of a request's body, one
+    more PING, and then nothing: it was stopped. The body's stall time runs out first, but
+    the session's silence is the cause: the daemon ends the session and says so, and sends no
+    408 for the body (a frozen client read the 408 first and showed 'the request body stopped
+    coming', CI). A client that goes on pinging while one body stops gets the 408."""
+    import time
+
+    from blit.transport import control
+    from blit.transport import protocol as proto
+
+    from .conftest import start_daemon
+
+    stall = 1.5
+    d = await start_daemon(nursery, tmp_path / "d", tls=False, stall=stall)
+    async with raw_h2(d) as conn:
+        session = proto.ClientSession(software="test")
+        status, _ = await h2_post(conn, *session.request(session.hello()))
+        assert status == 200
+        async with conn.open_stream(control._request_headers("127.0.0.1", "/blit/stat", [])) as st:
+            await st.send_data(b"\xa1")  # part of a body, never ended
+            t0 = time.monotonic()
+
+            async def ping(times: int) -> None:
+                for _ in range(times):
+                    await trio.sleep(0.3)
+                    conn._h2.ping(b"testping")
+                    conn._wake()
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as n:
+                    n.start_soon(ping, 20 if pinging else 1)  # the last byte: 0.3 s after the body's
+                    while st.headers is None and not conn.closed:
+                        await st._changed.wait()
+                    n.cancel_scope.cancel()
+            took = time.monotonic() - t0
+        if pinging:
+            assert int(st.header(b":status") or 0) == 400, (st.headers, conn.close_reason)
+            assert not conn.closed
+        else:
+            assert st.headers is None, f"answered {st.headers} before the session ended"
+            assert conn.peer_reason == f"nothing came from this client for {stall:g} s (was it stopped?)", conn.close_reason
+            assert stall + 0.3 - 0.1 < took < stall + 2, took
+
 
 async def test_a_large_frame_right_after_the_settings_ack_is_taken() -> None:
     """A connection allows frames of 1 MiB once the peer acknowledges its settings. h2 set the

@@ -176,6 +176,8 @@ class H2Stream:
             with trio.move_on_after(stall) as waited:
                 chunk = await self.receive_chunk()
             if waited.cancelled_caught:
+                if await self._conn.ended_for_silence():
+                    raise StreamClosed(self._conn.close_reason or "connection closed")
                 raise RemoteProtocolError(f"the request body stopped coming for {stall:g} s", 408)
             if chunk is None:
                 return b"".join(parts)
@@ -363,6 +365,27 @@ class H2Connection:
         self._silence_reason = why
         self._watch_changed.set()
 
+    async def ended_for_silence(self) -> bool:
+        """Server: a request's body stopped coming; True if the peer as a whole went silent (it
+        missed a PING it promised, end_when_silent) and the connection is now ended for that,
+        as the watchdog would end it at its silence limit. So a frozen client hears why its
+        session ended, not that one body stopped: both timers run out at the same time, and
+        which answer it read first was a race (CI)."""
+        if self.closed or not math.isfinite(self._silence_limit):
+            return self.closed
+        if trio.current_time() - self._last_activity < self._silence_limit / 2:
+            return False  # it still pings: only this body stopped
+        last = self._last_activity
+        with trio.move_on_at(last + self._silence_limit):
+            await self.wait_closed()
+        if self._last_activity == last and not self.closed:
+            await self._end_silent()
+        return self.closed
+
+    async def _end_silent(self) -> None:
+        log.info("closing a connection: %s", self._silence_reason)
+        await self.close(why=self._silence_reason)
+
     async def _idle_watchdog(self) -> None:
         # Not a timeout around receive_some: cancelling a read can break an SSLStream.
         late = 0.0
@@ -375,8 +398,7 @@ class H2Connection:
             now = trio.current_time()
             idle_for = now - self._last_activity
             if idle_for >= self._silence_limit:
-                log.info("closing a connection: %s", self._silence_reason)
-                await self.close(why=self._silence_reason)
+                await self._end_silent()
                 return
             if idle_for >= self._idle_timeout and not self._streams:
                 log.info("closing a connection idle for %.0f s", idle_for)
