@@ -55,6 +55,7 @@ import trio
 from ..errors import FATAL_ERRNOS, ConnectError, FatalError, RemoteProtocolError, StallError, TokenRefused, TransportError
 from ..fsops import CHANGED_SIZE
 from . import protocol
+from .buffers import anonymous
 from .protocol import FRAME_SIZE, AdmitStatus, ErrorCode, FrameType, Refused, pack_frame
 from .tlsbio import TLSBio
 
@@ -86,12 +87,6 @@ RECV_BUFFER = 1 << 20
 """The receiver's read buffer: many small frames per recv()."""
 
 
-def _buffer(size: int) -> mmap.mmap:
-    """A zeroed buffer whose pages the kernel maps as they are first written: a stream's buffers
-    cost nothing until data arrives, and a small transfer touches a few pages of them
-    (bytearray(1 MiB) writes every byte up front, 0.7 ms of CPU per buffer, at each stream's
-    set-up on both sides)."""
-    return mmap.mmap(-1, size)
 SPLICE_MIN = 256 << 10
 """Payload rests at least this large are spliced; smaller ones go through the buffer."""
 BATCH_BYTES = 256 << 10
@@ -390,7 +385,7 @@ class StreamIO:
         self._pipe: tuple[int, int] | None = None
         self._splice_ok = hasattr(os, "splice") and plain
         self._sendfile_ok = hasattr(os, "sendfile") and plain
-        self._rbuf = _buffer(RECV_BUFFER)
+        self._rbuf = anonymous(RECV_BUFFER)
         self._rview = memoryview(self._rbuf)
         self._rpos = self._rend = 0
         self._fview: memoryview | None = None
@@ -758,7 +753,7 @@ class StreamIO:
             return done
         # No sendfile: a buffer-full per read.
         if self._fview is None:
-            self._fview = memoryview(_buffer(READ_CHUNK))
+            self._fview = memoryview(anonymous(READ_CHUNK))
         buf = self._fview
         while done < length:
             n = os.preadv(fd, [buf[: min(length - done, len(buf))]], offset + done)

@@ -24,7 +24,6 @@ files (the data plane's `StreamIO` moves its bytes), and it never logs key mater
 
 from __future__ import annotations
 
-import mmap
 import struct
 
 from cryptography.exceptions import InvalidTag
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import RemoteProtocolError
+from .buffers import anonymous
 
 HEAD = struct.Struct("!I")
 """A record's header: the length of its ciphertext and tag."""
@@ -50,12 +50,6 @@ _IN_SIZE = 4 * (MAX_RECORD + TAG + HEAD.size)
 _IN_ROOM = 64 << 10
 """The receive space offered is at least this (the unopened tail moves to the front first)."""
 _OUT_SIZE = 2 * (MAX_RECORD + TAG + HEAD.size)
-
-
-def _buffer(size: int) -> mmap.mmap:
-    """Anonymous memory, mapped as it is first written and given back whole when freed (a
-    bytearray of this size writes every byte up front, and glibc may keep it after)."""
-    return mmap.mmap(-1, size)
 
 
 def opening_proves(token_id: bytes, secret: bytes, record: bytes, hello: bytes) -> bool:
@@ -103,13 +97,13 @@ class SealedChannel:
         self._open = AESGCM(recv_key)
         self._riv = int.from_bytes(recv_iv, "big")
         self._rseq = opened
-        self._out = _buffer(_OUT_SIZE)
+        self._out = anonymous(_OUT_SIZE)
         self._oview = memoryview(self._out)
         self._oend = 0
         """Bytes waiting in `_out`: sealed records, then the open record (header room + plaintext)."""
         self._rec = -1
         """Where the open record starts in `_out` (its header); -1: none."""
-        self._in = _buffer(_IN_SIZE)
+        self._in = anonymous(_IN_SIZE)
         self._iview = memoryview(self._in)
         self._istart = self._iend = 0
         self._spill: memoryview | None = None
@@ -165,7 +159,7 @@ class SealedChannel:
             self._close()
         need = self._oend + HEAD.size + MAX_RECORD + TAG
         if need > len(self._out):  # more than a send's worth waiting: a new, larger buffer
-            out = _buffer(max(need, 2 * len(self._out)))
+            out = anonymous(max(need, 2 * len(self._out)))
             out[: self._oend] = self._oview[: self._oend]
             self._out, self._oview = out, memoryview(out)
         self._rec = self._oend
@@ -245,7 +239,7 @@ class SealedChannel:
                 self._istart = start + HEAD.size + clen
                 continue
             if self._spillbuf is None:
-                self._spillbuf = memoryview(_buffer(MAX_RECORD))
+                self._spillbuf = memoryview(anonymous(MAX_RECORD))
             spill = self._spillbuf[:plain]
             self._decrypt(body, head, spill)
             self._istart = start + HEAD.size + clen

@@ -18,10 +18,11 @@ peer's certificate, `peer_certificate`).
 
 from __future__ import annotations
 
-import mmap
 import socket
 import ssl
 from typing import cast
+
+from .buffers import anonymous
 
 HANDSHAKE_READ = 64 << 10
 """Bytes asked of the socket per read while handshaking (the rest stays fed)."""
@@ -86,7 +87,7 @@ class TLSBio:
         """Room for up to `most` bytes to be sealed (a file's, read in place); `wrote(n)`
         seals what was put there."""
         if self._read is None:
-            self._read = memoryview(mmap.mmap(-1, BUFFER))
+            self._read = memoryview(anonymous(BUFFER))
         return self._read[: min(most, BUFFER)]
 
     def wrote(self, n: int) -> None:
@@ -113,7 +114,7 @@ class TLSBio:
     def recv_space(self) -> memoryview:
         """Where the next ciphertext from the socket goes (`received(n)` feeds it)."""
         if self._recv is None:
-            self._recv = memoryview(mmap.mmap(-1, BUFFER))
+            self._recv = memoryview(anonymous(BUFFER))
         return self._recv
 
     def received(self, n: int) -> None:
