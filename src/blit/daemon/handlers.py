@@ -266,7 +266,7 @@ class Transfer:
         self.direction = msg.direction
         self.module = msg.module
         self.base = protocol.split_path(msg.path)
-        self.jobs = data.JobQueue()
+        self.jobs = data.JobQueue(split=msg.streams if session.split else 1)
         self.source = ModuleSource(root, self.base)
         self.sink = ModuleSink(root, self.base)
         self.h2_data = msg.h2_data
@@ -431,6 +431,8 @@ class Session:
         """The client speaks protocol.FEATURE_HOLD: a directory's stat names its ancestors'."""
         self.landed_ino = False
         """The client speaks protocol.FEATURE_LANDED_INO: a push move's confirmations name inodes."""
+        self.split = False
+        """The client speaks protocol.FEATURE_SPLIT: a pull sends its large files in parts."""
         self.silence: float | None = None
         """The client speaks protocol.FEATURE_SILENCE: it pings, and the connection ends when
         nothing came from it for this many seconds (the stall timeout; server.py applies it)."""
@@ -561,6 +563,7 @@ async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
     s.machine = protocol.FEATURE_MACHINE in granted
     s.nest = protocol.FEATURE_NEST in granted
     s.landed_ino = protocol.FEATURE_LANDED_INO in granted
+    s.split = protocol.FEATURE_SPLIT in granted
     s.hold = protocol.FEATURE_HOLD in granted
     if protocol.FEATURE_SILENCE in granted and math.isfinite(s.state.stall):
         s.silence = s.state.stall
@@ -582,7 +585,7 @@ def _features(asked: list[str]) -> list[str]:
     from .. import fsops
     from ..ffi import scan
 
-    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_CLIENT_STAT, protocol.FEATURE_STAT_READ, protocol.FEATURE_MACHINE, protocol.FEATURE_NEST, protocol.FEATURE_HOLD, protocol.FEATURE_SILENCE, protocol.FEATURE_LANDED_INO) if f in asked]
+    out = [f for f in (protocol.FEATURE_PACKED, protocol.FEATURE_SEND_DIRS, protocol.FEATURE_ACTIONS, protocol.FEATURE_NEED_PACKED, protocol.FEATURE_PARTS, protocol.FEATURE_CLIENT, protocol.FEATURE_CLIENT_STAT, protocol.FEATURE_STAT_READ, protocol.FEATURE_MACHINE, protocol.FEATURE_NEST, protocol.FEATURE_HOLD, protocol.FEATURE_SILENCE, protocol.FEATURE_LANDED_INO, protocol.FEATURE_SPLIT) if f in asked]
     if protocol.FEATURE_SEALED in asked:
         from ..transport import seal
 

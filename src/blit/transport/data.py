@@ -46,6 +46,7 @@ import ssl
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
@@ -111,6 +112,14 @@ H2_CHUNK = 4 << 20
 """Bytes read per thread hop by the HTTP/2 fallback sender."""
 H2_WRITE_BATCH = 8 << 20
 """Bytes the HTTP/2 fallback receiver gathers before it hops to a thread to write them."""
+
+SPLIT_MIN = 64 << 20
+"""A file at least this large, and not sparse, goes in parts over the transfer's raw streams at
+once (one part each, FRAME_CHUNK-aligned) when the receiver takes parts (FEATURE_SPLIT): each
+stream's thread reads, seals, sends and on the other side receives, opens and writes its part,
+so a large file uses as many cores on each end as there are streams (decisions R71)."""
+MAX_PARTS = 4
+"""Most parts a file is sent in (at most one per raw stream)."""
 
 SHRANK = CHANGED_SIZE
 """The reason a file is aborted when it holds fewer bytes than announced."""
@@ -289,15 +298,103 @@ class StreamStats:
             self.on_progress()
 
 
+class _SharedSource:
+    """A source file sent in parts by several streams: closed when the last part is sent."""
+
+    __slots__ = ("file", "_refs", "_lock")
+
+    def __init__(self, f: SourceFile, refs: int) -> None:
+        self.file = f
+        self._refs = refs
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            self._refs -= 1
+            last = self._refs == 0
+        if last:
+            self.file.close()
+
+
+@dataclass(slots=True)
+class _Part:
+    """One part of a file sent in parts: bytes [start, end) of `source`, part `index` of `total`."""
+
+    file_id: int
+    source: _SharedSource
+    start: int
+    end: int
+    index: int
+    total: int
+
+
 class JobQueue:
-    """File ids waiting to be sent, shared by a transfer's sender streams (thread-safe)."""
+    """File ids waiting to be sent, shared by a transfer's sender streams (thread-safe); and the
+    parts of large files waiting for a raw stream (`split`: the receiver takes parts)."""
 
     EMPTY = -1
 
-    def __init__(self) -> None:
+    def __init__(self, *, split: int = 1) -> None:
+        """`split`: most parts a large file is sent in (the streams granted, when the receiver
+        takes parts; 1: never)."""
         self._q: collections.deque[int] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
+        self._parts: collections.deque[_Part] = collections.deque()
+        self._split = min(split, MAX_PARTS)
+        self.on_split: Callable[[], None] | None = None
+        """Called (in the stream's thread) when a file is split: a transfer that connects its
+        streams as work comes may want another now."""
+        self._raw = 0
+        """Raw send loops running (they alone take parts)."""
+        self._working = 0
+        """Raw send loops busy with work they took (which may yet put parts)."""
+
+    @property
+    def splits(self) -> bool:
+        """Large files may go in parts."""
+        return self._split > 1
+
+    def parts_for(self, size: int) -> int:
+        """In how many parts to send a file of `size` bytes (1: whole)."""
+        if self._split < 2 or size < SPLIT_MIN:
+            return 1
+        return max(1, min(self._split, size // FRAME_CHUNK))
+
+    def put_parts(self, parts: list[_Part]) -> None:
+        with self._cv:
+            self._parts.extend(parts)
+            self._cv.notify_all()
+
+    def join_raw(self) -> None:
+        with self._cv:
+            self._raw += 1
+
+    def leave_raw(self, held: bool) -> None:
+        """A raw send loop ended (`held`: in the middle of work it took); the last one releases
+        the parts no stream will send (it ends normally only once there are none)."""
+        with self._cv:
+            self._raw -= 1
+            self._working -= held
+            left = list(self._parts) if not self._raw else []
+            if left:
+                self._parts.clear()
+            self._cv.notify_all()
+        for part in left:
+            part.source.release()
+
+    def get_work(self, timeout: float, most: int, held: bool) -> _Part | list[int] | None:
+        """A raw send loop's next work (`held`: it is done with work it took before): a part
+        waiting, else as `get_many`; None only once no other raw loop is working on something
+        that may yet be split (the last file of a transfer is split when it is taken)."""
+        with self._cv:
+            if held:
+                self._working -= 1
+                self._cv.notify_all()
+            got = self._take(timeout, most, True)
+            if got:
+                self._working += 1
+            return got
 
     def put_many(self, ids: Iterable[int]) -> None:
         with self._cv:
@@ -327,17 +424,25 @@ class JobQueue:
         """Up to `most` file ids in queue order; None when closed and drained; [] after
         `timeout` s of nothing."""
         with self._cv:
-            q = self._q
-            if not q:
-                end = time.monotonic() + timeout
-                while not q:
-                    if self._closed:
-                        return None
-                    left = end - time.monotonic()
-                    if left <= 0:
-                        return []
-                    self._cv.wait(left)
-            return [q.popleft() for _ in range(min(most, len(q)))]
+            got = self._take(timeout, most, False)
+        assert not isinstance(got, _Part)
+        return got
+
+    def _take(self, timeout: float, most: int, parts: bool) -> _Part | list[int] | None:
+        """(Holding the lock.) `parts`: a raw loop's call (get_work)."""
+        q, pq = self._q, self._parts
+        end = time.monotonic() + timeout
+        while True:
+            if parts and pq:
+                return pq.popleft()
+            if q:
+                return [q.popleft() for _ in range(min(most, len(q)))]
+            if self._closed and not (parts and self._working):
+                return None
+            left = end - time.monotonic()
+            if left <= 0:
+                return []
+            self._cv.wait(left)
 
     def __len__(self) -> int:
         return len(self._q)
@@ -796,35 +901,51 @@ def send_loop(io: StreamIO, source: FileSource, jobs: JobQueue, stats: StreamSta
     TAKE at a time in one call."""
     batch = _Batch(io, stats)
     frame_small = getattr(source, "frame_small", None)
-    while True:
-        ids = jobs.get_many(0, TAKE)
-        if ids == []:
-            batch.flush()  # nothing more right now: what we hold goes out
-            ids = jobs.get_many(HEARTBEAT, TAKE)
-        if ids is None:
-            batch.add([pack_frame(FrameType.DONE)], 0)
-            batch.flush()
-            stats.done = True
-            return
-        if not ids:
-            io.send_all(pack_frame(FrameType.NOOP))
-            stats.frames += 1
-            continue
-        framed = frame_small(ids) if frame_small is not None else None
-        if framed is not None:
-            if framed.parts:
-                batch.add(framed.parts, framed.nbytes, frames=framed.frames)
-                stats.files += framed.files
-            if framed.failed:
+    held = False
+    jobs.join_raw()
+    try:
+        while True:
+            work = jobs.get_work(0, TAKE, held)
+            held = bool(work)
+            if work == []:
+                batch.flush()  # nothing more right now: what we hold goes out
+                work = jobs.get_work(HEARTBEAT, TAKE, False)
+                held = bool(work)
+            if work is None:
+                batch.add([pack_frame(FrameType.DONE)], 0)
                 batch.flush()
-                for file_id, why in framed.failed:
-                    _send_abort(io, file_id, why, stats)
-            ids = framed.rest
-            if len(ids) > 1:  # large files: one now, the others to whichever stream comes first
-                jobs.put_front(ids[1:])
-                ids = ids[:1]
-        for file_id in ids:
-            _send_one(io, source, file_id, stats, batch)
+                stats.done = True
+                return
+            if not work:
+                io.send_all(pack_frame(FrameType.NOOP))
+                stats.frames += 1
+                continue
+            if isinstance(work, _Part):
+                batch.flush()
+                _send_part(io, work, stats)
+                continue
+            _send_ids(io, source, jobs, stats, batch, frame_small, work)
+    finally:
+        jobs.leave_raw(held)
+
+
+def _send_ids(io: StreamIO, source: FileSource, jobs: JobQueue, stats: StreamStats, batch: "_Batch", frame_small: Any, ids: list[int]) -> None:
+    """Send the file ids a raw loop took: small ones framed together, a large one alone."""
+    framed = frame_small(ids) if frame_small is not None else None
+    if framed is not None:
+        if framed.parts:
+            batch.add(framed.parts, framed.nbytes, frames=framed.frames)
+            stats.files += framed.files
+        if framed.failed:
+            batch.flush()
+            for file_id, why in framed.failed:
+                _send_abort(io, file_id, why, stats)
+        ids = framed.rest
+        if len(ids) > 1:  # large files: one now, the others to whichever stream comes first
+            jobs.put_front(ids[1:])
+            ids = ids[:1]
+    for file_id in ids:
+        _send_one(io, source, file_id, stats, batch, jobs)
 
 
 class _Batch:
@@ -853,12 +974,24 @@ class _Batch:
             self.size = 0
 
 
-def _send_one(io: StreamIO, source: FileSource, file_id: int, stats: StreamStats, batch: _Batch) -> None:
+def _send_one(io: StreamIO, source: FileSource, file_id: int, stats: StreamStats, batch: _Batch, jobs: JobQueue | None = None) -> None:
     try:
         f = source.open(file_id)
     except OSError as exc:
         batch.flush()
         _send_abort(io, file_id, _reason(exc), stats)
+        return
+    n_parts = jobs.parts_for(f.size) if jobs is not None and f.extents is None else 1
+    if n_parts > 1:  # in parts: this stream sends the first, the others whichever comes first
+        batch.flush()
+        shared = _SharedSource(f, n_parts)
+        step = -(-f.size // n_parts // FRAME_CHUNK) * FRAME_CHUNK
+        parts = [_Part(file_id, shared, i * step, min(f.size, (i + 1) * step), i, n_parts) for i in range(n_parts)]
+        assert jobs is not None and parts[-1].end == f.size and all(p.start < p.end for p in parts)
+        jobs.put_parts(parts[1:])
+        if jobs.on_split is not None:
+            jobs.on_split()
+        _send_part(io, parts[0], stats)
         return
     try:
         size = f.size
@@ -894,6 +1027,39 @@ def _send_one(io: StreamIO, source: FileSource, file_id: int, stats: StreamStats
         raise TransportError(f"{stats.what}: reading file {file_id} failed: {_reason(exc)}") from exc
     finally:
         f.close()
+
+
+def _send_part(io: StreamIO, part: _Part, stats: StreamStats) -> None:
+    """Send one part of a file sent in parts (FRAME_PART frames), then release its source."""
+    fid, total, pack = part.file_id, part.total, protocol.FRAME.pack
+    f = part.source.file
+    DATA, END, ABORT = (int(t) for t in (FrameType.DATA, FrameType.END, FrameType.ABORT))
+    try:
+        offset = part.start
+        while offset < part.end:
+            n = min(FRAME_CHUNK, part.end - offset)
+            io.send_all(pack(DATA, protocol.FRAME_PART, total, fid, offset, n), more=True)
+            got = io.send_file_range(f.fd, offset, n)
+            stats.frames += 1
+            stats.bytes += got
+            if got < n:  # the file shrank under us: keep the framing whole, abort the part
+                _send_zeros(io, n - got)
+                text = SHRANK.encode()
+                io.send_all(pack(ABORT, protocol.FRAME_PART, total, fid, 0, len(text)) + text)
+                stats.frames += 1
+                stats.failures.append((fid, SHRANK))
+                return
+            offset += n
+        io.send_all(pack(END, protocol.FRAME_PART, total, fid, f.size, 0))
+        stats.frames += 1
+        if part.index == 0:
+            stats.files += 1
+    except TransportError:
+        raise
+    except OSError as exc:  # reading the source failed mid-file (EIO...)
+        raise TransportError(f"{stats.what}: reading file {fid} failed: {_reason(exc)}") from exc
+    finally:
+        part.source.release()
 
 
 def _chunks(f: SourceFile, chunk: int) -> Iterable[tuple[int, int]]:
@@ -932,6 +1098,45 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+class _PartFile:
+    """A file received in parts (FRAME_PART) by several streams of one sink."""
+
+    __slots__ = ("file", "total", "left", "holders", "failed", "end")
+
+    def __init__(self, total: int) -> None:
+        self.file: SinkFile | None = None
+        self.total = total
+        self.left = total
+        """Parts not ended yet (END or ABORT, or their stream broke)."""
+        self.holders = 0
+        """Streams in the middle of a part (writing into `file`)."""
+        self.failed: str | None = None
+        self.end = 0
+
+
+class _Parts:
+    """The files one sink receives in parts, shared by its receive loops (a registry per sink:
+    the loops of a transfer share nothing else)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.files: dict[int, _PartFile] = {}
+        self.broken = False
+        """A stream of this sink broke: parts that have not begun will never come."""
+
+
+_PARTS: weakref.WeakKeyDictionary[Any, _Parts] = weakref.WeakKeyDictionary()
+_PARTS_LOCK = threading.Lock()
+
+
+def _parts_of(sink: Any) -> _Parts:
+    with _PARTS_LOCK:
+        reg = _PARTS.get(sink)
+        if reg is None:
+            reg = _PARTS[sink] = _Parts()
+        return reg
+
+
 class _Landing:
     """Receiver-side bookkeeping shared by both carriers: which files are open, which failed."""
 
@@ -946,6 +1151,9 @@ class _Landing:
         """Set when a write failed with FATAL_ERRNOS: the destination takes nothing more, so the
         receive loops end the stream (FatalError) instead of reading the rest of what the sender
         has (a pushed 100 GiB file into a full disk stops within a frame, not at its end)."""
+        self._parts: _Parts | None = None
+        self._held: set[int] = set()
+        """Files of which this stream is in the middle of a part."""
 
     def wrote_to(self, file_id: int, end: int) -> None:
         if end > self.ends.get(file_id, 0):
@@ -1024,6 +1232,130 @@ class _Landing:
                 f.abort()
                 self._failure(fid, why or "the data stream ended before the file was complete")
         self.open.clear()
+        if self._parts is not None and (why or self._held):
+            self._break_parts(why or "the data stream ended before the file was complete")
+
+    # --- files in parts (FRAME_PART) -------------------------------------------------------------
+    def part_target(self, file_id: int, total: int) -> int:
+        """The fd to write a part of `file_id` into (-1: the file failed, discard)."""
+        reg = self._parts
+        if reg is None:
+            reg = self._parts = _parts_of(self.sink)
+        if not 2 <= total <= protocol.MAX_PARTS:
+            raise RemoteProtocolError(f"file {file_id} in {total} parts")
+        error: OSError | None = None
+        with reg.lock:
+            pf = reg.files.get(file_id)
+            if pf is None:
+                pf = reg.files[file_id] = _PartFile(total)
+                try:
+                    pf.file = self.sink.open(file_id)
+                except KeyError:
+                    raise RemoteProtocolError(f"data for file {file_id}, which was never announced") from None
+                except OSError as exc:
+                    error = exc
+                    pf.failed = _reason(exc)
+            elif pf.total != total or not pf.left:
+                raise RemoteProtocolError(f"file {file_id}: parts that do not agree")
+            if file_id not in self._held:  # a part begins on this stream
+                self._held.add(file_id)
+                pf.holders += 1
+            fd = pf.file.fd if pf.file is not None and pf.failed is None else -1
+        if error is not None:
+            self._failure(file_id, _reason(error), error.errno or 0)
+        return fd
+
+    def part_wrote(self, file_id: int, end: int, exc: OSError | None) -> None:
+        """A part's DATA frame up to `end` was written (or its write failed: `exc`)."""
+        assert self._parts is not None
+        with self._parts.lock:
+            pf = self._parts.files[file_id]
+            pf.end = max(pf.end, end)
+            first = exc is not None and pf.failed is None
+            if first:
+                pf.failed = _reason(exc)  # type: ignore[arg-type]
+        if first:
+            self._failure(file_id, _reason(exc), exc.errno or 0)  # type: ignore[arg-type, union-attr]
+
+    def part_end(self, file_id: int, size: int, reason: str | None = None) -> None:
+        """This stream's part of `file_id` ended: whole (END, the file's `size`), or aborted by
+        the sender (`reason`). The last part to end commits the file, or aborts it."""
+        reg = self._parts
+        if reg is None or file_id not in self._held:
+            raise RemoteProtocolError(f"the end of a part of file {file_id}, which had no data")
+        with reg.lock:
+            self._held.discard(file_id)
+            pf = reg.files[file_id]
+            pf.holders -= 1
+            pf.left -= 1
+            newly = None
+            if reason is not None and pf.failed is None:
+                newly = pf.failed = reason or "failed on the sender"
+            done, cut = self._part_done(reg, file_id, pf)
+        for why in (newly, cut):
+            if why is not None:
+                self._failure(file_id, why)
+        if done:
+            self._finish_part_file(file_id, pf, size)
+
+    @staticmethod
+    def _part_done(reg: _Parts, file_id: int, pf: _PartFile) -> tuple[bool, str | None]:
+        """(Holding the lock.) Whether `pf` is over, taken out of the registry if so: every part
+        ended, or no stream is in it and a broken stream means the rest will never come (then
+        also the failure this sets, if it is the file's first)."""
+        if pf.left and not (reg.broken and not pf.holders):
+            return False, None
+        del reg.files[file_id]
+        cut = None
+        if pf.left:
+            pf.left = 0
+            if pf.failed is None:
+                cut = pf.failed = "the data stream ended before the file was complete"
+        return True, cut
+
+    def _finish_part_file(self, file_id: int, pf: _PartFile, size: int) -> None:
+        f = pf.file
+        if f is None:
+            return
+        if pf.failed is not None:
+            f.abort()
+            return
+        try:
+            if pf.end != size:
+                os.ftruncate(f.fd, size)
+            f.commit(size)
+        except OSError as exc:
+            f.abort()
+            self._failure(file_id, _reason(exc), exc.errno or 0)
+            return
+        self.stats.files += 1
+
+    def _break_parts(self, why: str) -> None:
+        """This stream broke: its parts fail, and files no stream is in are over."""
+        reg = self._parts
+        assert reg is not None
+        over: list[tuple[int, _PartFile]] = []
+        failed: list[tuple[int, str]] = []
+        with reg.lock:
+            reg.broken = True
+            for fid in self._held:
+                pf = reg.files[fid]
+                pf.holders -= 1
+                pf.left -= 1
+                if pf.failed is None:
+                    pf.failed = why
+                    failed.append((fid, why))
+            self._held.clear()
+            for fid, pf in list(reg.files.items()):
+                done, cut = self._part_done(reg, fid, pf)
+                if done:
+                    over.append((fid, pf))
+                if cut is not None:
+                    failed.append((fid, cut))
+        for fid, text in failed:
+            self._failure(fid, text)
+        for fid, pf in over:
+            self._finish_part_file(fid, pf, pf.end)
 
 
 def _land_batch(io: StreamIO, landing: _Landing, stats: StreamStats, batch: list[tuple[int, int, int]], end: int) -> int:
@@ -1063,6 +1395,28 @@ def _land_batch(io: StreamIO, landing: _Landing, stats: StreamStats, batch: list
 _DATA, _END = int(FrameType.DATA), int(FrameType.END)
 
 
+def _receive_part(io: StreamIO, landing: _Landing, stats: StreamStats, kind: int, flags: int, parts: int, fid: int, offset: int, length: int) -> None:
+    """A frame of a file sent in parts (FRAME_PART)."""
+    if flags != protocol.FRAME_PART:
+        raise RemoteProtocolError(f"data frame with unknown flags {flags:#x}")
+    if kind == _DATA:
+        fd = landing.part_target(fid, parts)
+        write_error = io.recv_to_fd(fd, offset, length)
+        landing.part_wrote(fid, offset + length, write_error)
+        stats.bytes += length
+    elif kind == _END:
+        if length:
+            raise RemoteProtocolError("END frame of a part with a payload")
+        landing.part_end(fid, offset)
+    elif kind == int(FrameType.ABORT):
+        if length > protocol.MAX_ABORT_TEXT:
+            raise RemoteProtocolError("ABORT frame reason too long")
+        text = io.recv_exact(length).decode("utf-8", "replace") if length else ""
+        landing.part_end(fid, 0, text)
+    else:
+        raise RemoteProtocolError(f"frame type {kind} of a part")
+
+
 def receive_loop(io: StreamIO, sink: FileSink, stats: StreamStats) -> None:
     """Receive frames and land files until DONE. On any error, files still open are aborted.
 
@@ -1085,11 +1439,14 @@ def receive_loop(io: StreamIO, sink: FileSink, stats: StreamStats) -> None:
                 raise io._closed()  # 1 MiB buffer of tiny files kept landing for seconds)
             if io._rend - io._rpos < FRAME_SIZE:
                 io._fill(FRAME_SIZE)
-            kind, _f, _r, fid, offset, length = unpack_from(io._rbuf, io._rpos)
+            kind, flags, parts, fid, offset, length = unpack_from(io._rbuf, io._rpos)
             io._rpos += FRAME_SIZE
             stats.frames += 1
             if offset > limit or length > limit or offset + length > limit:
                 raise RemoteProtocolError("data frame beyond the largest file size")
+            if flags:
+                _receive_part(io, landing, stats, kind, flags, parts, fid, offset, length)
+                continue
             if kind == DATA:
                 if whole and offset == 0 and length <= SMALL_FILE and not is_open(fid):
                     # A small file comes whole (DATA, payload, END in one sendmsg): buffer it all.

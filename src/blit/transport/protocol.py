@@ -645,6 +645,9 @@ FEATURE_SEALED = "sealed-data-1"
 """Hello feature: the daemon's data port takes sealed streams (HELLO_SEALED, transport/seal.py):
 AES-128-GCM records keyed by the token's secret, instead of a TLS session per stream
 (decisions R67). The client uses them when the control plane is TLS."""
+FEATURE_SPLIT = "split-files-1"
+"""Hello feature: the peer receives a large file in parts over several raw data streams at once
+(FRAME_PART frames; decisions R71). A sender splits a file only for a peer that announced it."""
 FEATURE_SILENCE = "silence-1"
 """Hello feature: the client pings at least every HelloReply.silence_ms / SILENCE_PINGS, and the
 daemon ends a session silent for silence_ms (a frozen or vanished client: its transfers are
@@ -1795,7 +1798,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_CLIENT_STAT, FEATURE_STAT_READ, FEATURE_MACHINE, FEATURE_NEST, FEATURE_HOLD, FEATURE_SILENCE, FEATURE_SEALED, FEATURE_LANDED_INO])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_CLIENT_STAT, FEATURE_STAT_READ, FEATURE_MACHINE, FEATURE_NEST, FEATURE_HOLD, FEATURE_SILENCE, FEATURE_SEALED, FEATURE_LANDED_INO, FEATURE_SPLIT])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""
@@ -1912,6 +1915,12 @@ class FrameType(enum.IntEnum):
 _FRAME_TYPES = {t.value: t for t in FrameType}
 FRAME = struct.Struct("!BBHIQQ")
 """type u8, flags u8, reserved u16, file_id u32, offset u64, length u64 (payload bytes)."""
+FRAME_PART = 1
+"""Flag (FEATURE_SPLIT): a DATA, END or ABORT frame of one part of a file sent in parts, one
+part per stream; `reserved` holds how many parts the file has (2..MAX_PARTS). A part is its DATA
+frames, then an END (`offset`: the file's size) or an ABORT: the file is complete once every
+part has ended, and fails if any part aborts or its stream breaks."""
+MAX_PARTS = 16
 FRAME_SIZE = FRAME.size
 MAX_ABORT_TEXT = 4096
 MAX_OFFSET = (1 << 63) - 1
@@ -2104,6 +2113,8 @@ __all__ = [
     "FEATURE_LANDED_INO",
     "FEATURE_SEALED",
     "FEATURE_SILENCE",
+    "FEATURE_SPLIT",
+    "FRAME_PART",
     "HELLO_SEALED",
     "SEALED_ADMITTED",
     "SILENCE_PINGS",

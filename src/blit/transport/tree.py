@@ -1051,6 +1051,8 @@ class DestTree:
         self.actions: ActionLog | None = ActionLog() if spec.report_actions else None
         self.stopped = False
         self.bytes_needed = 0
+        self.big_needed = 0
+        """Files asked for that a sender may split (data.SPLIT_MIN): each wants another stream."""
         """Bytes of the files registered to receive data so far (progress totals)."""
         self.same_machine = False
         """The source is on this machine (FEATURE_MACHINE): an up-to-date entry may be the
@@ -1774,6 +1776,8 @@ class DestTree:
         end = self._next_id = first + len(files)
         sizes = [f[1][1] for f in files]  # st_size
         self.bytes_needed += sum(sizes)
+        if sizes and max(sizes) >= data.SPLIT_MIN:
+            self.big_needed += sum(1 for n in sizes if n >= data.SPLIT_MIN)
         node = self.nodes.get(dst_rel)
         inherit = node.inherit_gid if node is not None else True
         self.pending.update(
@@ -2738,7 +2742,7 @@ async def push_tree(
     counters.streams = t.stats
     root_fd = await trio.to_thread.run_sync(fsops.open_root, local_root)
     source = SourceTree(root_fd, base_path=local_root)
-    jobs = data.JobQueue()
+    jobs = data.JobQueue(split=len(opened.tokens) if protocol.FEATURE_SPLIT in session.peer.features else 1)
     complete = True
     move = spec.operation == "move" and not spec.dry_run
     hash_slots = trio.Semaphore(HASH_CALLS)
@@ -2748,6 +2752,12 @@ async def push_tree(
     local_failures: list[PathFailure] = []  # source entries not read; move: sources kept
     finished = trio.Event()
     queued = 0  # files put in `jobs` so far (RemoteTransfer.files_queued)
+    trio_token = trio.lowlevel.current_trio_token()
+
+    def split() -> None:  # a stream's thread split a file: it wants another stream
+        trio_token.run_sync_soon(lambda: t.files_queued(queued + 1))
+
+    jobs.on_split = split
 
     async def poll_actions() -> None:
         """Report the daemon's actions page by page until it says the transfer is over."""
@@ -2881,6 +2891,8 @@ async def push_tree(
         nonlocal walked
         entries = cast("list[Entry]", msg.entries)
         queue(rel, planned)
+        if queued == 1 and jobs.splits and _needed_bytes(msg, planned) >= data.SPLIT_MIN:
+            t.files_queued(2)  # one file so far, which the stream taking it will split
         if counters.want_totals and (planned.need or planned.packed_need is not None):
             counters.needed += _needed_bytes(msg, planned)
         if planned.hash:
@@ -3240,7 +3252,7 @@ async def pull_tree(
                 refs += [protocol.FileRef(id=i, path=_b(_join(rel, _s(n)))) for i, n in zip(ids, names)]
             await session.call(protocol.SendFiles(transfer=t.id, files=refs))
             asked += len(refs)
-        t.files_queued(asked)
+        t.files_queued(asked + sink.big_needed)  # a file the daemon will split wants another stream
         if sink.landed is not None and len(sink.landed) >= LANDED_DRAIN and not drain_lock.locked():
             await give_back(False)
         return [(_s(sd.name), _s(sd.dname), sd.new) for sd in planned.subdirs]
