@@ -115,3 +115,21 @@ async def test_a_part_whose_stream_breaks_leaves_no_file(nursery, tmp_path: Path
     assert broke, "the second part was never sent"
     assert not (dst / "big").exists()
     assert not [p for p in dst.rglob("*") if p.name.startswith(".blit-")]
+
+
+async def test_a_file_pulled_in_parts_through_the_file_api_lands_whole(nursery, tmp_path: Path, small_parts: list[tuple[int, int]]) -> None:  # type: ignore[no-untyped-def]
+    """The file-level API (`RemoteSession.transfer`, a LocalSink: a dataclass, not hashable)
+    takes a file in parts too."""
+    from blit.transport import protocol as p
+    from blit.transport.client import LocalSink
+
+    d = await start_daemon(nursery, tmp_path / "d", tls=True)
+    payload = os.urandom((2 << 20) + 7)
+    (d.modules["data"] / "x").write_bytes(payload)
+    out = tmp_path / "x.out"
+    async with d.session() as s:
+        async with s.transfer("data", b"", "pull", streams=2) as t:
+            await t.send_files([p.FileRef(id=1, path=b"x")], last=True)
+            await t.run_receivers(LocalSink({1: (out, None, None)}))
+    assert out.read_bytes() == payload
+    assert sorted(small_parts) == [(1, 2), (1, 2)]

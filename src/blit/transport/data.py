@@ -46,7 +46,6 @@ import ssl
 import struct
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
@@ -1125,15 +1124,17 @@ class _Parts:
         """A stream of this sink broke: parts that have not begun will never come."""
 
 
-_PARTS: weakref.WeakKeyDictionary[Any, _Parts] = weakref.WeakKeyDictionary()
 _PARTS_LOCK = threading.Lock()
 
 
 def _parts_of(sink: Any) -> _Parts:
+    """The sink's registry of files in parts, kept on the sink (it lives as long as the
+    transfer; a sink may be a dataclass, which is not hashable)."""
     with _PARTS_LOCK:
-        reg = _PARTS.get(sink)
+        reg: _Parts | None = getattr(sink, "_blit_parts", None)
         if reg is None:
-            reg = _PARTS[sink] = _Parts()
+            reg = _Parts()
+            setattr(sink, "_blit_parts", reg)  # noqa: B010
         return reg
 
 
