@@ -300,12 +300,19 @@ class StreamStats:
 class _SharedSource:
     """A source file sent in parts by several streams: closed when the last part is sent."""
 
-    __slots__ = ("file", "_refs", "_lock")
+    __slots__ = ("file", "_refs", "_lock", "_failed")
 
     def __init__(self, f: SourceFile, refs: int) -> None:
         self.file = f
         self._refs = refs
         self._lock = threading.Lock()
+        self._failed = False
+
+    def first_failure(self) -> bool:
+        """True for the first part that fails (the file's failure is counted once)."""
+        with self._lock:
+            first, self._failed = not self._failed, True
+        return first
 
     def release(self) -> None:
         with self._lock:
@@ -1046,7 +1053,8 @@ def _send_part(io: StreamIO, part: _Part, stats: StreamStats) -> None:
                 text = SHRANK.encode()
                 io.send_all(pack(ABORT, protocol.FRAME_PART, total, fid, 0, len(text)) + text)
                 stats.frames += 1
-                stats.failures.append((fid, SHRANK))
+                if part.source.first_failure():
+                    stats.failures.append((fid, SHRANK))
                 return
             offset += n
         io.send_all(pack(END, protocol.FRAME_PART, total, fid, f.size, 0))
