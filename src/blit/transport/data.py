@@ -1205,11 +1205,15 @@ class _Landing:
     def end(self, file_id: int, size: int) -> None:
         self.target(file_id)
         f = self.open.pop(file_id)
-        if f is None:
-            return
+        if f is not None:
+            self._commit(file_id, f, self.ends.pop(file_id, 0), size)
+
+    def _commit(self, file_id: int, f: SinkFile, written_to: int, size: int) -> None:
+        """Land `f` at `size`, truncated to it when what was written ends elsewhere (a trailing
+        hole, or a file that shrank); a failure aborts it."""
         try:
-            if self.ends.pop(file_id, 0) != size:
-                os.ftruncate(f.fd, size)  # trailing hole, or a file that shrank
+            if written_to != size:
+                os.ftruncate(f.fd, size)
             f.commit(size)
         except OSError as exc:
             f.abort()
@@ -1329,15 +1333,7 @@ class _Landing:
         if pf.failed is not None:
             f.abort()
             return
-        try:
-            if pf.end != size:
-                os.ftruncate(f.fd, size)
-            f.commit(size)
-        except OSError as exc:
-            f.abort()
-            self._failure(file_id, _reason(exc), exc.errno or 0)
-            return
-        self.stats.files += 1
+        self._commit(file_id, f, pf.end, size)
 
     def _break_parts(self, why: str) -> None:
         """This stream broke: its parts fail, and files no stream is in are over."""
