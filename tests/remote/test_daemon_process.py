@@ -17,6 +17,8 @@ from blit.endpoint import HostSpec
 from blit.transport import data, protocol as p
 from blit.transport.client import LocalSink, LocalSource, open_session
 
+from helpers import NOBODY
+
 from .conftest import DaemonProcess, blit_cmd, run_daemon_process
 from .test_data import MiB, digest, make_file
 
@@ -365,6 +367,22 @@ def test_a_key_group_or_others_may_read_is_refused(tmp_path: Path, mode: int) ->
         f"blit: error: the daemon's TLS key {state}/key.pem is accessible by group or others (mode {mode:04o}): run chmod 600 on it"
     ], err
     os.chmod(state / "key.pem", 0o600)
+    rc, err = _start_on_state(tmp_path, state)
+    assert rc is None and "listening on 127.0.0.1" in err, err
+
+
+@pytest.mark.root
+def test_a_key_another_user_owns_is_refused(tmp_path: Path) -> None:
+    """QA pass 7: a key.pem of mode 0600 owned by another user was used; that user could put
+    its own key there and be this daemon to every client that pinned it. The daemon's secrets
+    file was already refused so. Root's or the daemon's own key starts."""
+    state = tmp_path / "state"
+    _state_with_a_pair(state)
+    os.chown(state / "key.pem", NOBODY, NOBODY)
+    rc, err = _start_on_state(tmp_path, state)
+    assert rc == 1, err
+    assert err.splitlines() == [f"blit: error: the daemon's TLS key {state}/key.pem belongs to uid {NOBODY}, not to uid 0"], err
+    os.chown(state / "key.pem", 0, 0)
     rc, err = _start_on_state(tmp_path, state)
     assert rc is None and "listening on 127.0.0.1" in err, err
 

@@ -51,7 +51,8 @@ def ensure_certificate(state_dir: Path) -> tuple[Path, Path]:
 
     Both files must be there, or neither: a certificate without its key (or the reverse) is
     refused, never replaced, since a new certificate makes every client refuse the daemon. The
-    key must not be accessible by group or others (as secrets files); both must be readable.
+    key must not be accessible by group or others, and must be this process's user's or root's
+    (as the daemon's secrets file); both must be readable.
 
     Raises:
         ConfigFileError: one file without the other, an unreadable file, a key others may read,
@@ -63,7 +64,9 @@ def ensure_certificate(state_dir: Path) -> tuple[Path, Path]:
         from ..credentials import read_private_file
 
         _readable(cert)
-        read_private_file(key, "the daemon's TLS key")  # readable, a regular file, mode 0600 or stricter
+        # Readable, a regular file, mode 0600 or stricter, and ours or root's (as the secrets
+        # file: whoever owns the key could replace it, and be this daemon to its clients).
+        read_private_file(key, "the daemon's TLS key", owners=tuple(dict.fromkeys((os.geteuid(), 0))))
         return cert, key
     if have_cert or have_key:
         there, missing = (cert, key) if have_cert else (key, cert)
