@@ -353,8 +353,6 @@ class JobQueue:
         streams as work comes may want another now."""
         self._raw = 0
         """Raw send loops running (they alone take parts)."""
-        self._working = 0
-        """Raw send loops busy with work they took (which may yet put parts)."""
 
     @property
     def splits(self) -> bool:
@@ -376,31 +374,22 @@ class JobQueue:
         with self._cv:
             self._raw += 1
 
-    def leave_raw(self, held: bool) -> None:
-        """A raw send loop ended (`held`: in the middle of work it took); the last one releases
-        the parts no stream will send (it ends normally only once there are none)."""
+    def leave_raw(self) -> None:
+        """A raw send loop ended; the last one releases the parts no stream will send (it ends
+        normally only once there are none). A loop that ends while another splits a file
+        leaves the parts to that one."""
         with self._cv:
             self._raw -= 1
-            self._working -= held
             left = list(self._parts) if not self._raw else []
             if left:
                 self._parts.clear()
-            self._cv.notify_all()
         for part in left:
             part.source.release()
 
-    def get_work(self, timeout: float, most: int, held: bool) -> _Part | list[int] | None:
-        """A raw send loop's next work (`held`: it is done with work it took before): a part
-        waiting, else as `get_many`; None only once no other raw loop is working on something
-        that may yet be split (the last file of a transfer is split when it is taken)."""
+    def get_work(self, timeout: float, most: int) -> _Part | list[int] | None:
+        """A raw send loop's next work: a part waiting, else as `get_many`."""
         with self._cv:
-            if held:
-                self._working -= 1
-                self._cv.notify_all()
-            got = self._take(timeout, most, True)
-            if got:
-                self._working += 1
-            return got
+            return self._take(timeout, most, True)
 
     def put_many(self, ids: Iterable[int]) -> None:
         with self._cv:
@@ -443,7 +432,7 @@ class JobQueue:
                 return pq.popleft()
             if q:
                 return [q.popleft() for _ in range(min(most, len(q)))]
-            if self._closed and not (parts and self._working):
+            if self._closed:
                 return None
             left = end - time.monotonic()
             if left <= 0:
@@ -907,16 +896,13 @@ def send_loop(io: StreamIO, source: FileSource, jobs: JobQueue, stats: StreamSta
     TAKE at a time in one call."""
     batch = _Batch(io, stats)
     frame_small = getattr(source, "frame_small", None)
-    held = False
     jobs.join_raw()
     try:
         while True:
-            work = jobs.get_work(0, TAKE, held)
-            held = bool(work)
+            work = jobs.get_work(0, TAKE)
             if work == []:
                 batch.flush()  # nothing more right now: what we hold goes out
-                work = jobs.get_work(HEARTBEAT, TAKE, False)
-                held = bool(work)
+                work = jobs.get_work(HEARTBEAT, TAKE)
             if work is None:
                 batch.add([pack_frame(FrameType.DONE)], 0)
                 batch.flush()
@@ -932,7 +918,7 @@ def send_loop(io: StreamIO, source: FileSource, jobs: JobQueue, stats: StreamSta
                 continue
             _send_ids(io, source, jobs, stats, batch, frame_small, work)
     finally:
-        jobs.leave_raw(held)
+        jobs.leave_raw()
 
 
 def _send_ids(io: StreamIO, source: FileSource, jobs: JobQueue, stats: StreamStats, batch: "_Batch", frame_small: Any, ids: list[int]) -> None:
@@ -1108,7 +1094,7 @@ def _reason(exc: BaseException) -> str:
 class _PartFile:
     """A file received in parts (FRAME_PART) by several streams of one sink."""
 
-    __slots__ = ("file", "total", "left", "holders", "failed", "end")
+    __slots__ = ("file", "total", "left", "holders", "failed", "fatal", "end")
 
     def __init__(self, total: int) -> None:
         self.file: SinkFile | None = None
@@ -1118,6 +1104,9 @@ class _PartFile:
         self.holders = 0
         """Streams in the middle of a part (writing into `file`)."""
         self.failed: str | None = None
+        self.fatal: str | None = None
+        """A write failed with FATAL_ERRNOS (the destination is full): every stream writing a
+        part stops at its next frame, as the one that met it (R40)."""
         self.end = 0
 
 
@@ -1274,8 +1263,11 @@ class _Landing:
                 self._held.add(file_id)
                 pf.holders += 1
             fd = pf.file.fd if pf.file is not None and pf.failed is None else -1
+            fatal = pf.fatal
         if error is not None:
             self._failure(file_id, _reason(error), error.errno or 0)
+        if fatal is not None and self.stop is None:
+            self.stop = fatal
         return fd
 
     def part_wrote(self, file_id: int, end: int, exc: OSError | None) -> None:
@@ -1289,6 +1281,9 @@ class _Landing:
                 pf.failed = _reason(exc)  # type: ignore[arg-type]
         if first:
             self._failure(file_id, _reason(exc), exc.errno or 0)  # type: ignore[arg-type, union-attr]
+            if self.stop is not None:  # the destination is full: the other parts' streams stop too
+                with self._parts.lock:
+                    pf.fatal = self.stop
 
     def part_end(self, file_id: int, size: int, reason: str | None = None) -> None:
         """This stream's part of `file_id` ended: whole (END, the file's `size`), or aborted by
@@ -1406,6 +1401,8 @@ def _receive_part(io: StreamIO, landing: _Landing, stats: StreamStats, kind: int
         raise RemoteProtocolError(f"data frame with unknown flags {flags:#x}")
     if kind == _DATA:
         fd = landing.part_target(fid, parts)
+        if landing.stop is not None:  # another part met a full destination
+            landing.check()
         write_error = io.recv_to_fd(fd, offset, length)
         landing.part_wrote(fid, offset + length, write_error)
         stats.bytes += length
