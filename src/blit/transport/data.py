@@ -117,8 +117,9 @@ SPLIT_MIN = 64 << 20
 once (one part each, FRAME_CHUNK-aligned) when the receiver takes parts (FEATURE_SPLIT): each
 stream's thread reads, seals, sends and on the other side receives, opens and writes its part,
 so a large file uses as many cores on each end as there are streams (decisions R71)."""
-MAX_PARTS = 4
-"""Most parts a file is sent in (at most one per raw stream)."""
+MOST_PARTS = 4
+"""Most parts this sender splits a file into (at most one per stream granted; a receiver takes
+up to protocol.MAX_PARTS)."""
 
 SHRANK = CHANGED_SIZE
 """The reason a file is aborted when it holds fewer bytes than announced."""
@@ -347,7 +348,7 @@ class JobQueue:
         self._cv = threading.Condition()
         self._closed = False
         self._parts: collections.deque[_Part] = collections.deque()
-        self._split = min(split, MAX_PARTS)
+        self._split = min(split, MOST_PARTS)
         self.on_split: Callable[[], None] | None = None
         """Called (in the stream's thread) when a file is split: a transfer that connects its
         streams as work comes may want another now."""

@@ -1051,9 +1051,9 @@ class DestTree:
         self.actions: ActionLog | None = ActionLog() if spec.report_actions else None
         self.stopped = False
         self.bytes_needed = 0
+        """Bytes of the files registered to receive data so far (progress totals)."""
         self.big_needed = 0
         """Files asked for that a sender may split (data.SPLIT_MIN): each wants another stream."""
-        """Bytes of the files registered to receive data so far (progress totals)."""
         self.same_machine = False
         """The source is on this machine (FEATURE_MACHINE): an up-to-date entry may be the
         source itself, reached by another path (`_record_same`)."""
