@@ -2,6 +2,7 @@
 
     read_private_file(path)      the bytes of a file only its owner can read (rsync's strict
                                  modes): refused when group or others have any access
+    self_or_root()               the owners a daemon's private file may have
     client_credentials(ep, file) (user, secret) for a remote endpoint written user@host:...
 
 The client's `--secrets-file` has one entry per line (docs/cli.md "Authentication"):
@@ -32,6 +33,12 @@ MAX_SECRETS_FILE = 1 << 20
 # of one word is always a secret alone, whatever it holds ('me@home:Zebra42').
 _KEYISH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*@[^:\s]*:")
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*@(\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._-]+):(//|[A-Za-z0-9][A-Za-z0-9._-]*)$")
+
+
+def self_or_root() -> tuple[int, ...]:
+    """The owners a daemon's private file may have: this process's user, or root (whoever
+    owns the file could replace it)."""
+    return tuple(dict.fromkeys((os.geteuid(), 0)))
 
 
 def read_private_file(path: Path, what: str, *, owners: tuple[int, ...] | None = None) -> bytes:
@@ -146,4 +153,4 @@ def client_credentials(user: str | None, host: str, module: str, secrets_file: P
     return user, secret
 
 
-__all__ = ["read_private_file", "parse_client_secrets", "client_credentials", "entry_key"]
+__all__ = ["read_private_file", "self_or_root", "parse_client_secrets", "client_credentials", "entry_key"]

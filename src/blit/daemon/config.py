@@ -425,10 +425,10 @@ def _read_secrets(file: Path, cache: dict[Path, dict[str, bytes]], fail: Any) ->
     must belong to the daemon's user or root."""
     if file in cache:
         return cache[file]
-    from ..credentials import read_private_file
+    from ..credentials import read_private_file, self_or_root
 
     try:
-        raw = read_private_file(file, "the secrets file", owners=tuple(dict.fromkeys((os.geteuid(), 0))))
+        raw = read_private_file(file, "the secrets file", owners=self_or_root())
     except ConfigError as exc:
         raise fail(str(exc)) from None
     out: dict[str, bytes] = {}

@@ -1001,64 +1001,66 @@ def _send_one(io: StreamIO, source: FileSource, file_id: int, stats: StreamStats
             stats.files += 1
             return
         batch.flush()
-        for offset, n in _chunks(f, FRAME_CHUNK):
-            io.send_all(pack_frame(FrameType.DATA, file_id, offset, n), more=True)
-            got = io.send_file_range(f.fd, offset, n)
-            stats.frames += 1
-            stats.bytes += got
-            if got < n:
-                # The file shrank under us: keep the framing whole, then abort the file.
-                _send_zeros(io, n - got)
-                _send_abort(io, file_id, SHRANK, stats)
-                return
+        if not _send_frames(io, f.fd, file_id, _chunks(f, FRAME_CHUNK), stats):
+            _send_abort(io, file_id, SHRANK, stats)
+            return
         io.send_all(pack_frame(FrameType.END, file_id, size))
         stats.frames += 1
         stats.files += 1
     except TransportError:  # the stream (StallError is also an OSError: not a read failure)
         raise
-    except OSError as exc:  # reading the source failed mid-file (EIO...)
-        raise TransportError(f"{stats.what}: reading file {file_id} failed: {_reason(exc)}") from exc
+    except OSError as exc:
+        raise _read_failed(stats, file_id, exc) from exc
     finally:
         f.close()
 
 
+def _send_frames(io: StreamIO, fd: int, file_id: int, pieces: Iterable[tuple[int, int]], stats: StreamStats, flags: int = 0, parts: int = 0) -> bool:
+    """A DATA frame for each (offset, length) of `pieces`, its bytes from `fd`; False once the
+    file turns out shorter (it shrank under us): that frame is padded with zeros, so the framing
+    stays whole, and the caller aborts the file."""
+    for offset, n in pieces:
+        io.send_all(pack_frame(FrameType.DATA, file_id, offset, n, flags, parts), more=True)
+        got = io.send_file_range(fd, offset, n)
+        stats.frames += 1
+        stats.bytes += got
+        if got < n:
+            _send_zeros(io, n - got)
+            return False
+    return True
+
+
+def _read_failed(stats: StreamStats, file_id: int, exc: OSError) -> TransportError:
+    """Reading the source failed mid-file (EIO...): the stream's error."""
+    return TransportError(f"{stats.what}: reading file {file_id} failed: {_reason(exc)}")
+
+
 def _send_part(io: StreamIO, part: _Part, stats: StreamStats) -> None:
     """Send one part of a file sent in parts (FRAME_PART frames), then release its source."""
-    fid, total, pack = part.file_id, part.total, protocol.FRAME.pack
-    f = part.source.file
-    DATA, END, ABORT = (int(t) for t in (FrameType.DATA, FrameType.END, FrameType.ABORT))
+    fid, total, f = part.file_id, part.total, part.source.file
     try:
-        offset = part.start
-        while offset < part.end:
-            n = min(FRAME_CHUNK, part.end - offset)
-            io.send_all(pack(DATA, protocol.FRAME_PART, total, fid, offset, n), more=True)
-            got = io.send_file_range(f.fd, offset, n)
+        if not _send_frames(io, f.fd, fid, _chunks(f, FRAME_CHUNK, [(part.start, part.end - part.start)]), stats, protocol.FRAME_PART, total):
+            io.send_all(_abort_frame(fid, SHRANK, protocol.FRAME_PART, total))
             stats.frames += 1
-            stats.bytes += got
-            if got < n:  # the file shrank under us: keep the framing whole, abort the part
-                _send_zeros(io, n - got)
-                text = SHRANK.encode()
-                io.send_all(pack(ABORT, protocol.FRAME_PART, total, fid, 0, len(text)) + text)
-                stats.frames += 1
-                if part.source.first_failure():
-                    stats.failures.append((fid, SHRANK))
-                return
-            offset += n
-        io.send_all(pack(END, protocol.FRAME_PART, total, fid, f.size, 0))
+            if part.source.first_failure():
+                stats.failures.append((fid, SHRANK))
+            return
+        io.send_all(pack_frame(FrameType.END, fid, f.size, 0, protocol.FRAME_PART, total))
         stats.frames += 1
         if part.index == 0:
             stats.files += 1
     except TransportError:
         raise
-    except OSError as exc:  # reading the source failed mid-file (EIO...)
-        raise TransportError(f"{stats.what}: reading file {fid} failed: {_reason(exc)}") from exc
+    except OSError as exc:
+        raise _read_failed(stats, fid, exc) from exc
     finally:
         part.source.release()
 
 
-def _chunks(f: SourceFile, chunk: int) -> Iterable[tuple[int, int]]:
-    """(offset, length) pieces of at most `chunk` bytes covering the file's data regions."""
-    for offset, length in f.extents if f.extents is not None else [(0, f.size)]:
+def _chunks(f: SourceFile, chunk: int, ranges: list[tuple[int, int]] | None = None) -> Iterable[tuple[int, int]]:
+    """(offset, length) pieces of at most `chunk` bytes covering `ranges` (offset, length), by
+    default the file's data regions."""
+    for offset, length in ranges or (f.extents if f.extents is not None else [(0, f.size)]):
         end = offset + length
         while offset < end:
             n = min(chunk, end - offset)
@@ -1080,10 +1082,11 @@ def _send_abort(io: StreamIO, file_id: int, reason: str, stats: StreamStats) -> 
     stats.failures.append((file_id, reason))
 
 
-def _abort_frame(file_id: int, reason: str) -> bytes:
-    """The ABORT frame of `file_id`, with its reason (cut to the protocol's limit)."""
+def _abort_frame(file_id: int, reason: str, flags: int = 0, parts: int = 0) -> bytes:
+    """The ABORT frame of `file_id` (or of one of its parts), with its reason (cut to the
+    protocol's limit)."""
     text = reason.encode("utf-8", "replace")[: protocol.MAX_ABORT_TEXT]
-    return pack_frame(FrameType.ABORT, file_id, 0, len(text)) + text
+    return pack_frame(FrameType.ABORT, file_id, 0, len(text), flags, parts) + text
 
 
 def _reason(exc: BaseException) -> str:

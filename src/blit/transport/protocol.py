@@ -1934,8 +1934,9 @@ class FrameHeader:
     length: int
 
 
-def pack_frame(kind: FrameType, file_id: int = 0, offset: int = 0, length: int = 0) -> bytes:
-    return FRAME.pack(kind, 0, 0, file_id, offset, length)
+def pack_frame(kind: FrameType, file_id: int = 0, offset: int = 0, length: int = 0, flags: int = 0, parts: int = 0) -> bytes:
+    """A frame header; `flags` FRAME_PART with `parts`, the file's number of parts."""
+    return FRAME.pack(kind, flags, parts, file_id, offset, length)
 
 
 def unpack_frame(data: bytes | bytearray | memoryview) -> FrameHeader:

@@ -61,12 +61,12 @@ def ensure_certificate(state_dir: Path) -> tuple[Path, Path]:
     cert, key = state_dir / CERT_NAME, state_dir / KEY_NAME
     have_cert, have_key = _present(cert, "certificate"), _present(key, "key")
     if have_cert and have_key:
-        from ..credentials import read_private_file
+        from ..credentials import read_private_file, self_or_root
 
         _readable(cert)
         # Readable, a regular file, mode 0600 or stricter, and ours or root's (as the secrets
         # file: whoever owns the key could replace it, and be this daemon to its clients).
-        read_private_file(key, "the daemon's TLS key", owners=tuple(dict.fromkeys((os.geteuid(), 0))))
+        read_private_file(key, "the daemon's TLS key", owners=self_or_root())
         return cert, key
     if have_cert or have_key:
         there, missing = (cert, key) if have_cert else (key, cert)
