@@ -213,12 +213,16 @@ def _manifest_entries(m: p.DirManifest) -> dict[bytes, tuple[object, ...]]:
 def test_the_c_scan_makes_the_manifest_the_python_scan_makes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, many: bool) -> None:
     """The sender's scan in C (scan.scan_packed, R37) against the Python scan as the oracle:
     plain files and directories packed, symlinks, xattr carriers, a fifo and a non-UTF-8 name
-    as they were; a directory too large for the C buffers (`many`) is scanned in Python."""
+    as they were. A directory larger than a manifest part (`many`, parts of 2,000 entries here)
+    is scanned in C too since R72 and cut into parts as the Python scan cuts it (8,192 entries
+    and up went to the Python scan before)."""
     from blit.ffi import scan as cscan
     from blit.transport.tree import SourceTree
 
     if not cscan.HAVE_CMPDIR:
         pytest.fail("blit.ffi._scan is not built")
+    if many:
+        monkeypatch.setattr(p, "PART_ENTRIES", 2000)
     d = tmp_path / "d"
     (d / "sub").mkdir(parents=True)
     for i in range(9000 if many else 30):
@@ -240,13 +244,22 @@ def test_the_c_scan_makes_the_manifest_the_python_scan_makes(tmp_path: Path, mon
     monkeypatch.setattr(cscan, "scan_packed", spy)
     st = SourceTree(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY))
     try:
-        (fast,) = st.scan_parts("d", pack=True)
+        fast_parts = st.scan_parts("d", pack=True)
         monkeypatch.setattr(cscan, "scan_packed", lambda dfd: None)
-        (slow,) = st.scan_parts("d", pack=True)
+        slow_parts = st.scan_parts("d", pack=True)
     finally:
         st.close()
-    assert calls == [not many]
-    assert _manifest_entries(fast) == _manifest_entries(slow)
+    assert calls == [True]
+    for parts in (fast_parts, slow_parts):
+        assert len(parts) == (5 if many else 1)  # 9,000 + 5 entries in parts of 2,000
+        assert [m.more for m in parts] == [True] * (len(parts) - 1) + [False]
+        assert all(len(m.entries) + p.packed_count(m.packed or b"\0\0\0\0") <= 2000 for m in parts)
+        assert all(not m.failures for m in parts[1:])
+    merged = {k: v for m in fast_parts for k, v in _manifest_entries(m).items()}
+    assert merged == {k: v for m in slow_parts for k, v in _manifest_entries(m).items()}
+    assert sum(map(len, map(_manifest_entries, fast_parts))) == len(merged) == (9005 if many else 35)
+    fast, slow = fast_parts[0], slow_parts[0]
+    assert all((m.incomplete, m.dir_entry) == (slow.incomplete, slow.dir_entry) for m in fast_parts)
     assert (fast.incomplete, fast.failures, fast.dir_entry) == (slow.incomplete, slow.failures, slow.dir_entry)
     names = {bytes(e[0]) for e in fast.entries}
     assert names == {b"link", b"dangling", b"f00002", b"sub"}  # the rest travels packed

@@ -24,6 +24,7 @@ int blit_cmpdir(int sfd, int dfd, int flags, int64_t *rec, int rec_cap, char *na
 int blit_digest_dir(int dfd, int flags, char *out, int64_t out_cap, int64_t *sub, int sub_cap,
                     char *names, int64_t names_cap, int64_t *counts);
 void blit_set_xattr_mode(int mode);
+int blit_xattr_flags(int dfd, const char *names, int64_t n, unsigned char *out);
 int blit_copy_new(int sfd, int dfd, int n, const int64_t *in, const char *names, int64_t *out,
                   int flags, int umask_bits, char *buf, int64_t cap);
 void blit_land_many(int dfd, int n, const int64_t *in, const char *names, const char *data,
@@ -34,9 +35,9 @@ int blit_rename_noreplace(int odfd, const char *old, int ndfd, const char *new_)
 int blit_open_dir_beneath(int dfd, const char *path);
 int blit_frame_small(int dfd, int n, const char *names, const int64_t *ids, int oflags,
                      int64_t max, char *out, int64_t cap, int64_t *status, int64_t *counts);
-int blit_scan_packed(int dfd, int flags, char *out, int64_t out_cap, int64_t *rec, int64_t rec_cap,
-                     char *names, int64_t names_cap, char *others, int64_t others_cap,
+int blit_scan_packed(int dfd, int flags, int64_t max_entries, char **out_p, char **others_p,
                      int64_t *counts);
+void blit_free(void *p);
 int64_t blit_cbor_containers(const char *body, int64_t len, int64_t limit);
 """
 SOURCES = ("_scan.c", "_copy.c", "_frame.c", "_cbor.c")

@@ -27,9 +27,10 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
-#define BLIT_SCAN_VERSION 15
+#define BLIT_SCAN_VERSION 18
 #define BLIT_CHECK_OWNER 1
 #define BLIT_CHECK_XATTRS 2
+#define BLIT_KEEP_TMP 4 /* blit_scan_packed: temporaries go to `others` (a destination's scan) */
 #define BLIT_REC_FIELDS 25
 
 #ifndef SYS_listxattrat
@@ -324,6 +325,25 @@ static int blit_cmpdir(int sfd, int dfd, int flags, int64_t *rec, int rec_cap, c
 /* Tests: 1 = use listxattrat, -1 = use the private-cwd fallback, 0 = probe again. */
 static void blit_set_xattr_mode(int mode) { have_listxattrat = mode; }
 
+/* blit_xattr_flags: whether each of `n` entries of directory `dfd` (`names`, each followed by
+ * a NUL) carries an xattr: out[i] = 0 none (or the filesystem keeps none), 1 some, 2 unknown (a
+ * failure, the entry vanished: the caller's per-entry path decides and reports). One call per
+ * directory for the destination's up-to-date files (decisions R72). Returns 0, or -errno when
+ * the thread's cwd could not be put back. It must not change anything on disk or follow a
+ * symlink. */
+static int blit_xattr_flags(int dfd, const char *names, int64_t n, unsigned char *out) {
+    if (have_listxattrat == 0)
+        probe_listxattrat();
+    struct cwd_state cwd = CWD_STATE_INIT;
+    const char *p = names;
+    for (int64_t i = 0; i < n; i++) {
+        int x = has_xattrs(dfd, p, &cwd);
+        out[i] = x < 0 ? 2 : (unsigned char)x;
+        p += strlen(p) + 1;
+    }
+    return cwd_restore(&cwd, 0);
+}
+
 /* blit_digest_dir: one directory's canonical record stream, for the remote digest shortcut
  * (docs/decisions.md R18). Both sides of a transfer run it on their directory and compare a hash
  * of the bytes: equal means every entry matches in everything the destination's planner and
@@ -524,23 +544,41 @@ out:
 }
 
 /* blit_scan_packed: one directory's plain entries as a packed manifest (the remote sender's
- * scan, docs/decisions.md R37), in protocol.pack_entries' layout: u32 count, then one
- * little-endian column per lstat field (mode u32, size i64, mtime_ns i64, atime_ns i64, uid u32,
- * gid u32, ino u64, dev u64, nlink u32, rdev u64, blocks i64), then the names, each followed by a
- * NUL. An entry is plain unless it is a symlink, carries an xattr (or its xattrs cannot be
- * listed), or vanished before its lstat: those names go to `others` (each followed by a NUL) for
- * the caller's per-entry path, in directory order. `rec` (rec_cap x 11 int64) and `names`
- * (names_cap bytes) are scratch.
+ * scan, docs/decisions.md R37; any size since R72), in protocol.pack_entries' layout: u32 count,
+ * then one little-endian column per lstat field (mode u32, size i64, mtime_ns i64, atime_ns i64,
+ * uid u32, gid u32, ino u64, dev u64, nlink u32, rdev u64, blocks i64), then the names, each
+ * followed by a NUL. An entry is plain unless it is a symlink, carries an xattr (or its xattrs
+ * cannot be listed), or vanished before its lstat: those names go to `*others_p` (each followed
+ * by a NUL) for the caller's per-entry path, in directory order. Temporaries (.blit-*.tmp) are
+ * left out, or go to `*others_p` with BLIT_KEEP_TMP (the destination's scan, R72). `*out_p` and `*others_p` are
+ * malloc'ed here (NULL when empty or on failure); the caller frees them with blit_free.
  *
- * counts[0] = bytes used in `out`, counts[1] = plain entries, counts[2] = bytes used in
- * `others`, counts[3] = other entries. Returns 0, or -errno: -ENOBUFS when a buffer is too
- * small (the caller scans in Python), anything else from the system. It must not change anything
+ * counts[0] = bytes in `*out_p`, counts[1] = plain entries, counts[2] = bytes in `*others_p`,
+ * counts[3] = other entries. Returns 0, or -errno: -ENOBUFS past `max_entries` entries (the
+ * caller scans in Python), -ENOMEM, anything else from the system. It must not change anything
  * on disk or follow a symlink.
  */
-static int blit_scan_packed(int dfd, int flags, char *out, int64_t out_cap, int64_t *rec, int64_t rec_cap,
-                            char *names, int64_t names_cap, char *others, int64_t others_cap,
-                            int64_t *counts) {
+/* Grow `*buf` (of `*cap` bytes) to hold at least `need`; 0, or -ENOMEM (the buffer unchanged). */
+static int grow(char **buf, int64_t *cap, int64_t need) {
+    if (need <= *cap)
+        return 0;
+    int64_t c = *cap ? *cap : 4096;
+    while (c < need)
+        c *= 2;
+    char *nb = realloc(*buf, (size_t)c);
+    if (!nb)
+        return -ENOMEM;
+    *buf = nb;
+    *cap = c;
+    return 0;
+}
+
+static void blit_free(void *p) { free(p); }
+
+static int blit_scan_packed(int dfd, int flags, int64_t max_entries, char **out_p, char **others_p, int64_t *counts) {
     static const int widths[11] = {4, 8, 8, 8, 4, 4, 8, 8, 4, 8, 8};
+    *out_p = NULL;
+    *others_p = NULL;
     if (have_listxattrat == 0 && (flags & BLIT_CHECK_XATTRS))
         probe_listxattrat();
     int oerr = 0;
@@ -548,16 +586,25 @@ static int blit_scan_packed(int dfd, int flags, char *out, int64_t out_cap, int6
     if (!d)
         return -oerr;
     int64_t n = 0, name_used = 0, other_used = 0, nother = 0;
+    int64_t rec_cap = 0, names_cap = 0, others_cap = 0;
+    char *rec = NULL, *names = NULL, *others = NULL;
     int ret = 0;
     struct cwd_state cwd = CWD_STATE_INIT;
     struct stat s;
     const char *name;
     while ((name = next_name(d, &ret)) != NULL) {
         size_t len = strlen(name);
-        if (is_tmp_name(name, len))
+        int tmp = is_tmp_name(name, len);
+        if (tmp && !(flags & BLIT_KEEP_TMP))
             continue; /* a run's temporary is never a source entry (fsops.scan) */
+        if (n + nother >= max_entries) {
+            ret = -ENOBUFS;
+            break;
+        }
         int plain = 1;
-        if (fstatat(dfd, name, &s, AT_SYMLINK_NOFOLLOW) != 0) {
+        if (tmp) {
+            plain = 0; /* the destination's: fsops.without_tmp decides */
+        } else if (fstatat(dfd, name, &s, AT_SYMLINK_NOFOLLOW) != 0) {
             if (errno != ENOENT) {
                 ret = -errno;
                 break;
@@ -569,40 +616,46 @@ static int blit_scan_packed(int dfd, int flags, char *out, int64_t out_cap, int6
             plain = has_xattrs(dfd, name, &cwd) == 0;
         }
         if (!plain) {
-            if (other_used + (int64_t)len + 1 > others_cap) {
-                ret = -ENOBUFS;
+            if ((ret = grow(&others, &others_cap, other_used + (int64_t)len + 1)) < 0)
                 break;
-            }
             memcpy(others + other_used, name, len + 1);
             other_used += (int64_t)len + 1;
             nother++;
             continue;
         }
-        if (n >= rec_cap || name_used + (int64_t)len + 1 > names_cap) {
-            ret = -ENOBUFS;
+        if ((ret = grow(&names, &names_cap, name_used + (int64_t)len + 1)) < 0 ||
+            (ret = grow(&rec, &rec_cap, (n + 1) * 11 * (int64_t)sizeof(int64_t))) < 0)
             break;
-        }
         memcpy(names + name_used, name, len + 1);
         name_used += (int64_t)len + 1;
-        put_stat(rec + n * 11, &s);
+        put_stat((int64_t *)rec + n * 11, &s);
         n++;
     }
     closedir(d);
     ret = cwd_restore(&cwd, ret);
-    if (ret < 0)
-        return ret;
+    char *out = NULL;
     int64_t need = 4 + n * 72 + name_used;
-    if (need > out_cap)
-        return -ENOBUFS;
-    char *p = out;
-    p = put_le(p, (uint64_t)n, 4);
-    for (int c = 0; c < 11; c++)
-        for (int64_t i = 0; i < n; i++)
-            p = put_le(p, (uint64_t)rec[i * 11 + c], widths[c]);
-    memcpy(p, names, (size_t)name_used);
-    counts[0] = need;
-    counts[1] = n;
-    counts[2] = other_used;
-    counts[3] = nother;
-    return 0;
+    if (ret >= 0 && !(out = malloc((size_t)need)))
+        ret = -ENOMEM;
+    if (ret >= 0) {
+        char *p = out;
+        const int64_t *r = (const int64_t *)rec;
+        p = put_le(p, (uint64_t)n, 4);
+        for (int c = 0; c < 11; c++)
+            for (int64_t i = 0; i < n; i++)
+                p = put_le(p, (uint64_t)r[i * 11 + c], widths[c]);
+        if (name_used)
+            memcpy(p, names, (size_t)name_used);
+        counts[0] = need;
+        counts[1] = n;
+        counts[2] = other_used;
+        counts[3] = nother;
+        *out_p = out;
+        *others_p = others;
+        others = NULL;
+    }
+    free(rec);
+    free(names);
+    free(others);
+    return ret < 0 ? ret : 0;
 }

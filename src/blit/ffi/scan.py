@@ -45,13 +45,14 @@ try:
     from blit.ffi._scan import ffi as _ffi
     from blit.ffi._scan import lib as _lib
 
-    HAVE_CMPDIR = _lib.blit_version() == 15  # a stale build of an older _scan.c is not used
+    HAVE_CMPDIR = _lib.blit_version() == 18  # a stale build of an older _scan.c is not used
     _from_buffer = _ffi.from_buffer
 except ImportError:  # built without a C compiler: the pure-Python path does everything
     HAVE_CMPDIR = False
 
 CHECK_OWNER = 1
 CHECK_XATTRS = 2
+KEEP_TMP = 4
 # What a transfer compares on up-to-date files: xattrs always, owners when we can set them.
 CMP_FLAGS = CHECK_XATTRS | (CHECK_OWNER if IS_ROOT else 0)
 _FIELDS = 25
@@ -156,6 +157,19 @@ def digest_dir(dfd: int, flags: int) -> tuple[bytes, int, int, list[tuple[bytes,
         for r in _SUB.iter_unpack(_ffi.buffer(b.rec, n * _SUB_FIELDS * 8)):
             subdirs.append((names[r[0] : r[0] + r[1]], Meta(*r[2:13])))
     return h.digest(), c[1], c[3], subdirs
+
+
+def xattr_flags(dfd: int, names: list[bytes]) -> bytes | None:
+    """Per entry of directory `dfd` named in `names`: 0 it carries no xattr (or its filesystem
+    keeps none), 1 it carries some, 2 unknown (a failure: the caller's per-entry path decides).
+    One call for a directory's names (decisions R72). None without the C module."""
+    if not HAVE_CMPDIR:
+        return None
+    out = _ffi.new("unsigned char[]", len(names) or 1)
+    if _lib.blit_xattr_flags(dfd, b"\0".join(names) + b"\0", len(names), out) < 0:
+        return None
+    flags: bytes = _ffi.buffer(out, len(names))[:]
+    return flags
 
 
 def copy_new(sfd: int, dfd: int, batch: list[tuple[bytes, Meta]], inherit_gid: bool) -> list[int]:
@@ -292,38 +306,42 @@ def set_xattr_mode(mode: int) -> None:
         _lib.blit_set_xattr_mode(mode)
 
 
-_SP_MAX = 8192
-"""scan_packed: most plain entries per call (a larger directory is scanned in Python)."""
-_SP_NAMES = 1 << 20
-_SP_OUT = 4 + _SP_MAX * 72 + _SP_NAMES
+SCAN_MAX = 4_000_000
+"""scan_packed: most entries of one directory (a larger one is scanned in Python)."""
 
 
-class _ScanBuffers(threading.local):
+class _ScanOut(threading.local):
     def __init__(self) -> None:
-        self.out = _ffi.new("char[]", _SP_OUT)
-        self.rec = _ffi.new("int64_t[]", _SP_MAX * 11)
-        self.names = _ffi.new("char[]", _SP_NAMES)
-        self.others = _ffi.new("char[]", _SP_NAMES)
+        self.out = _ffi.new("char *[1]")
+        self.others = _ffi.new("char *[1]")
         self.counts = _ffi.new("int64_t[4]")
 
 
-_scan_bufs: _ScanBuffers | None = None
+_scan_out: _ScanOut | None = None
 
 
-def scan_packed(dfd: int) -> tuple[bytes, int, list[bytes]] | None:
+def scan_packed(dfd: int, keep_tmp: bool = False) -> tuple[bytes, int, list[bytes]] | None:
     """Directory `dfd`'s plain entries (neither symlinks nor carrying xattrs) as a packed
     manifest (protocol.pack_entries' bytes) and their count, and the names of the others, for
-    the caller's per-entry path (which also meets the ones that vanished). None when the caller
-    must scan in Python: no compiled module, more than 8,192 plain entries or 1 MiB of names,
-    or a failure (the Python scan then reports it)."""
-    global _scan_bufs
+    the caller's per-entry path (which also meets the ones that vanished). One pass in C, for a
+    directory of any size up to SCAN_MAX entries. Temporaries (.blit-*.tmp) are left out, or
+    (`keep_tmp`: a destination's scan) among the others. None when the caller must scan in
+    Python: no compiled module, a larger directory, or a failure (the Python scan then reports
+    it)."""
+    global _scan_out
     if not HAVE_CMPDIR:
         return None
-    if _scan_bufs is None:
-        _scan_bufs = _ScanBuffers()
-    b = _scan_bufs
-    if _lib.blit_scan_packed(dfd, CHECK_XATTRS, b.out, _SP_OUT, b.rec, _SP_MAX, b.names, _SP_NAMES, b.others, _SP_NAMES, b.counts) < 0:
-        return None
-    c = b.counts
-    others = _ffi.buffer(b.others, c[2])[:].split(b"\0")[:-1] if c[3] else []
-    return _ffi.buffer(b.out, c[0])[:], c[1], others
+    if _scan_out is None:
+        _scan_out = _ScanOut()
+    b = _scan_out
+    r = _lib.blit_scan_packed(dfd, CHECK_XATTRS | (KEEP_TMP if keep_tmp else 0), SCAN_MAX, b.out, b.others, b.counts)
+    out, others_p = b.out[0], b.others[0]
+    try:
+        if r < 0:
+            return None
+        c = b.counts
+        others = _ffi.buffer(others_p, c[2])[:].split(b"\0")[:-1] if c[3] else []
+        return _ffi.buffer(out, c[0])[:], c[1], others
+    finally:
+        _lib.blit_free(out)
+        _lib.blit_free(others_p)

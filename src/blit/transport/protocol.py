@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import os
 import struct
 import sys
@@ -1672,6 +1673,37 @@ def packed_count(blob: bytes) -> int:
     return int.from_bytes(blob[:4], "little")
 
 
+def split_packed(blob: bytes, max_entries: int, max_bytes: int, entry_bytes: int, first: tuple[int, int] = (0, 0)) -> list[bytes]:
+    """A packed manifest we made, cut into consecutive packed manifests of at most `max_entries`
+    entries and about `max_bytes` each, an entry weighing `entry_bytes` plus its name's length
+    (as a manifest part is cut); the first of them already holds `first` (entries, bytes)."""
+    n = packed_count(blob)
+    end = 4 + n * _PACK_FIXED
+    lens = [len(x) for x in blob[end:].split(b"\0")[:-1]]
+    cuts: list[int] = []
+    count, nbytes = first
+    for i, ln in enumerate(lens):
+        size = entry_bytes + ln
+        if count and (count >= max_entries or nbytes + size > max_bytes):
+            cuts.append(i)
+            count = nbytes = 0
+        count += 1
+        nbytes += size
+    if not cuts:
+        return [blob]
+    name_at = list(itertools.accumulate((ln + 1 for ln in lens), initial=0))
+    out = []
+    for a, b in zip([0, *cuts], [*cuts, n]):
+        parts = [(b - a).to_bytes(4, "little")]
+        pos = 4
+        for _code, w in _PACK_COLUMNS:
+            parts.append(blob[pos + a * w : pos + b * w])
+            pos += n * w
+        parts.append(blob[end + name_at[a] : end + name_at[b]])
+        out.append(b"".join(parts))
+    return out
+
+
 def unpack_entries(blob: bytes, limit: int = MAX_LIST) -> list[tuple[Any, ...]]:
     """A packed manifest as raw entries: (name, mode, size, mtime_ns, atime_ns, uid, gid, ino,
     dev, nlink, rdev, blocks) tuples, read as SrcEntry arrays are (`Meta._make(e[1:12])`).
@@ -1682,6 +1714,13 @@ def unpack_entries(blob: bytes, limit: int = MAX_LIST) -> list[tuple[Any, ...]]:
     Raises:
         _Invalid: anything else (decode answers it as a malformed message).
     """
+    names, cols = unpack_columns(blob, limit)
+    return list(zip(names, *cols))
+
+
+def unpack_columns(blob: bytes, limit: int = MAX_LIST) -> tuple[list[bytes], list["array[int]"]]:
+    """`unpack_entries` as its names and its columns (one array per lstat field, in fsops.Meta
+    order), checked the same way. Raises _Invalid."""
     if len(blob) < 4:
         raise _Invalid("packed: shorter than its count")
     n = int.from_bytes(blob[:4], "little")
@@ -1703,11 +1742,11 @@ def unpack_entries(blob: bytes, limit: int = MAX_LIST) -> list[tuple[Any, ...]]:
     if not n:
         if len(blob) != end:
             raise _Invalid("packed: names without entries")
-        return []
+        return [], cols
     names = _unpack_names(blob[end:], n, "packed")
     if min(cols[1]) < 0 or min(cols[10]) < 0:
         raise _Invalid("packed: negative size or blocks")
-    return list(zip(names, *cols))
+    return names, cols
 
 
 _UNPACK = frozenset({TreeDir, DirManifest})

@@ -489,9 +489,9 @@ class SourceTree:
             base = None if self.base is None else (f"{self.base}/{rel}" if rel else self.base)
             fast = cscan.scan_packed(dfd) if pack and names is None else None
             if fast is not None:
-                one = self._scan_packed(rel, dfd, base, *fast)
-                if one is not None:
-                    return [one]
+                got = self._scan_packed(rel, dfd, base, *fast, split=split)
+                if got is not None:
+                    return got
             try:
                 entries, errs = fsops.scan(dfd, source=True) if names is None else fsops.scan_names(dfd, names, source=True)
             except OSError as exc:
@@ -538,13 +538,16 @@ class SourceTree:
         finally:
             os.close(dfd)
 
-    def _scan_packed(self, rel: str, dfd: int, base: str | None, packed: bytes, n: int, others: list[bytes]) -> DirManifest | None:
+    def _scan_packed(
+        self, rel: str, dfd: int, base: str | None, packed: bytes, n: int, others: list[bytes], split: bool = True
+    ) -> list[DirManifest] | None:
         """`scan_parts` for a directory scan.scan_packed answered: its plain entries packed in
-        C, the others (symlinks, xattr carriers, entries that vanished) as the Python scan makes
-        them. None when the whole would not fit one part (the caller scans in Python)."""
+        C (cut into parts as `scan_parts` cuts them, R72), the others (symlinks, xattr carriers,
+        entries that vanished) as the Python scan makes them, in the first part. None when they
+        would not fit (the caller scans in Python)."""
         failures: list[PathFailure] = []
         out: list[Any] = []
-        size = len(packed)
+        size = 0
         if others:
             found: list[tuple[str, os.stat_result]] = []
             for bname in others:
@@ -562,15 +565,26 @@ class SourceTree:
                     x = xattrs.get(name)
                     out.append(entry_of(name, st, target, x))
                     size += _entry_bytes(_b(name), target, x)
-        if n + len(out) > protocol.PART_ENTRIES or size > protocol.PART_BYTES:
+        if len(out) > protocol.PART_ENTRIES // 2 or size > protocol.PART_BYTES // 2:
             return None
-        return DirManifest(
-            entries=cast("list[SrcEntry]", out),
-            incomplete=bool(failures),
-            failures=failures,
-            dir_entry=cast("SrcEntry | None", _dir_entry(dfd)),
-            packed=packed,
-        )
+        if split:
+            blobs = protocol.split_packed(packed, protocol.PART_ENTRIES, protocol.PART_BYTES, _ENTRY_BYTES, (len(out), size))
+        elif n + len(out) > protocol.PART_ENTRIES or len(packed) + size > protocol.PART_BYTES:
+            return None
+        else:
+            blobs = [packed]
+        dir_entry = cast("SrcEntry | None", _dir_entry(dfd))
+        return [
+            DirManifest(
+                entries=cast("list[SrcEntry]", out if i == 0 else []),
+                incomplete=bool(failures),
+                failures=failures if i == 0 else [],
+                dir_entry=dir_entry,
+                packed=blob,
+                more=i < len(blobs) - 1,
+            )
+            for i, blob in enumerate(blobs)
+        ]
 
     def scan_part(self, rel: str, part: int, pack: bool) -> DirManifest:
         """Worker thread (the daemon, pull): part `part` of directory `rel`'s manifest. Part 0
@@ -804,6 +818,23 @@ Digest = tuple[bytes, int, int, list[tuple[bytes, Meta]]]
 """scan.digest_dir's answer: (digest, entries, entries that are not directories, subdirs)."""
 
 
+def _dest_scan(dfd: int) -> tuple[list[tuple[str, Any]], list[tuple[str, OSError]], set[str] | None]:
+    """A destination directory's listing as fsops.scan gives it (entries, errors), and the names
+    of the entries known to carry no xattr: scanned in C when it can (scan.scan_packed; its
+    symlinks, xattr carriers, temporaries and vanished entries by fsops.scan_names), else by
+    fsops.scan, and then None (R72). Raises OSError when the directory cannot be read."""
+    got = cscan.scan_packed(dfd, keep_tmp=True)
+    if got is None:
+        slow, errs = fsops.scan(dfd)
+        return slow, errs, None
+    packed, _n, others = got
+    bnames, cols = protocol.unpack_columns(packed, cscan.SCAN_MAX)
+    names = list(map(_s, bnames))
+    dents: list[tuple[str, Any]] = list(zip(names, map(Meta._make, zip(*cols))))
+    more, derrs = fsops.scan_names(dfd, map(_s, others))
+    return dents + more, derrs, set(names)
+
+
 def dir_digests(root_fd: int, open_dir: Callable[[int, str], int], rels: list[str], flags: int) -> list[Digest | None]:
     """Worker thread: the digests of these directories (None: no shortcut for that one; a
     directory that cannot be opened too, its full visit reports why)."""
@@ -844,6 +875,7 @@ class _Parted:
     dst: dict[str, Any] | None = None  # its listing, scanned for part 0
     keep: set[str] = field(default_factory=set)
     acl: bool = False
+    bare: set[str] | None = None  # its entries the scan found without xattrs (_dest_scan)
     seen: set[str] = field(default_factory=set)  # source names of the parts so far
     failed: bool = False  # part 0 could not open or scan it: the rest are answered with nothing
 
@@ -1047,6 +1079,14 @@ class DestTree:
         self.hashing: dict[str, tuple[str, dict[str, _HashItem]]] = {}
         # move: what landed, for the source side to remove (None unless a real move)
         self.landed: LandedLog | None = LandedLog() if spec.operation == "move" and not spec.dry_run else None
+        self._settles = (
+            cscan.HAVE_CMPDIR
+            and self.landed is None
+            and spec.compare in (Compare.SIZE_MTIME, Compare.SIZE_ONLY)
+            and not spec.filters.active
+        )
+        """Whether _plan may settle up-to-date files in bulk (_settle_same): a move logs each one
+        (LandedLog), and filters or another comparison decide per entry."""
         # -v / --dry-run: what changed here (None unless asked for)
         self.actions: ActionLog | None = ActionLog() if spec.report_actions else None
         self.stopped = False
@@ -1462,11 +1502,12 @@ class DestTree:
                 src = [(n, m) for n, m in src if n not in hit]
         try:
             acl: bool | None = None
+            bare: set[str] | None = None
             if parted is not None and part:
-                dst, keep, acl = parted.dst, parted.keep, parted.acl
+                dst, keep, acl, bare = parted.dst, parted.keep, parted.acl, parted.bare
             elif dfd >= 0 and not dst_new:
                 try:
-                    dents, derrs = fsops.scan(dfd)
+                    dents, derrs, bare = _dest_scan(dfd)
                 except OSError as exc:
                     failures.append(PathFailure(path=_b(dst_rel or "."), op="scan destination", message=_msg(exc)))
                     return self._unplanned(rel, parted, failures)
@@ -1479,6 +1520,9 @@ class DestTree:
                 if len(dst) < len(dents):  # stale temporaries went: the directory's mtime moved
                     with self._lock:
                         self.nodes[dst_rel].changed = True
+            settled = self._settle_same(dfd, src, by_name, dst, bare) if dst and only is None and self._settles else 0
+            if settled:
+                src = [x for x in src if x[0] in by_name]  # what _settle_same left to plan
             p = plan_dir(
                 # A source directory not read at all (incomplete, nothing listed) has no extras
                 # to count in "N destination entries kept": a local run does not plan it.
@@ -1494,17 +1538,59 @@ class DestTree:
                 creates = parted is not None or bool(plain) or any(it.op in CREATES for it in p.items)
                 acl = not dry and dfd >= 0 and fsops.creates_under_acl(dfd, dst_new, creates)
                 if parted is not None:
-                    parted.dst, parted.keep, parted.acl = dst, keep, acl
+                    parted.dst, parted.keep, parted.acl, parted.bare = dst, keep, acl, bare
             if p.extras:
                 with self._lock:
                     self.deletions.append((dst_rel, p.extras))
             if dfd >= 0 and not dst_new and not dry and not fsops.IS_ROOT and p.writes() and fsops.open_up(dfd):
                 with self._lock:  # a read-only directory of ours: its mode comes back when finalised
                     self.nodes[dst_rel].changed = True
-            return self._execute(rel, dst_rel, prefix, dprefix, p, dfd, by_name, failures, acl, plain, plain_names)
+            return self._execute(rel, dst_rel, prefix, dprefix, p, dfd, by_name, failures, acl, plain, plain_names, settled)
         finally:
             if dfd >= 0:
                 self.dirs.release(dst_rel)
+
+    def _settle_same(
+        self, dfd: int, src: list[tuple[str, Meta]], by_name: dict[str, Entry], dst: dict[str, Any], bare: set[str] | None
+    ) -> int:
+        """The up-to-date files of one directory (part), settled in bulk (decisions R72): a
+        regular file of one name on both sides, without xattrs on either, whose size, mtime,
+        mode bits (and owner, as root) are the source's, is one plan_dir calls SAME and _same
+        leaves as it is. Those leave `by_name` and `dst` (so no mirror takes one for an
+        extra) and are counted as skipped; returns how many. `bare`: the destination's entries
+        its scan found without xattrs (_dest_scan); None, their xattrs are looked at in one C
+        call for the directory, where _same makes a listxattr through /proc per file."""
+        root = fsops.IS_ROOT
+        get = dst.get
+        cand: list[str] = []
+        for name, m in src:
+            d = get(name)
+            if (
+                d is not None
+                and m.st_mode == d.st_mode
+                and m.st_size == d.st_size
+                and m.st_mtime_ns == d.st_mtime_ns
+                and m.st_nlink == 1
+                and d.st_nlink == 1
+                and m.st_mode & 0o170000 == 0o100000
+                and (not root or (m.st_uid == d.st_uid and m.st_gid == d.st_gid))
+            ):
+                e = by_name[name]
+                if not (len(e) > 13 and e[13]) and (bare is None or name in bare):
+                    cand.append(name)
+        if not cand:
+            return 0
+        flags = bytes(len(cand)) if bare is not None else cscan.xattr_flags(dfd, [_b(n) for n in cand])
+        if flags is None:
+            return 0
+        n = 0
+        for name, f in zip(cand, flags):
+            if not f:
+                del by_name[name], dst[name]
+                n += 1
+        with self._lock:
+            self.files_skipped += n
+        return n
 
     def _part(self, rel: str, dst_rel: str, part: int, more: bool) -> _Parted | None:
         """The state of a directory planned in parts (None for one in a single message):
@@ -1588,17 +1674,18 @@ class DestTree:
         acl: bool,
         plain: list[tuple[str, Meta, None, bool, str]] | None = None,
         plain_names: list[bytes] | None = None,
+        settled: int = 0,
     ) -> DirPlanned:
         """Do what the plan `p` of one directory needs no data for; `acl`: the directory has a
         default ACL, which what is created in it must drop. `plain`: copies into a new
-        directory that bypassed plan_dir (their manifest names in `plain_names`)."""
+        directory that bypassed plan_dir (their manifest names in `plain_names`); `settled`: its
+        files _settle_same took (counted with the ones settled here)."""
         spec = self.spec
         dry = spec.dry_run
         subdirs: list[SubDir] = []
         need_ids: array[int] = array("I")
         need_names: list[bytes] = []
         hash_names: list[bytes] = []
-        settled = 0
         blocked: set[str] = set()
         changed = False
         copies: list[tuple[str, Meta, list[tuple[str, bytes]] | None, bool, str]] = []
