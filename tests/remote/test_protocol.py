@@ -69,6 +69,9 @@ SAMPLES: list[p.Message] = [
     p.TreeDigests(transfer=1, dirs=[p.DirDigest(rel=b"a", dst_rel=b"b", digest=b"\x03" * 16, subdirs=[
         p.SrcEntry(name=b"s", mode=0o40755, size=0, mtime_ns=1, atime_ns=2, uid=0, gid=0, dev=5, ino=6, nlink=2, rdev=0, blocks=0)])]),
     p.DigestsChecked(equal=[True, False], settled=500),
+    p.TreeHave(transfer=1, flags=1, dirs=[p.DirHave(rel=b"a/b", digest=b"\x04" * 16)]),
+    p.HaveChecked(dirs=[p.SameDir(equal=False, subdirs=[]), p.SameDir(equal=True, subdirs=[
+        p.SrcEntry(name=b"s", mode=0o40755, size=0, mtime_ns=1, atime_ns=2, uid=0, gid=0, dev=5, ino=6, nlink=2, rdev=0, blocks=0)])]),
     p.HashList(hashes=[p.FileHash(name=b"f", digest=b"\x02" * 16)], failures=[p.PathFailure(path=b"g", op="checksum", message="Permission denied")]),
     p.TreeLanded(transfer=1),
     p.LandedPage(groups=[p.RemoveGroup(rel=b"a", files=[p.Landed(name=b"\xff", size=3, mtime_ns=-1)], dirs=[]), p.RemoveGroup(rel=b"", files=[], dirs=[b"a"])], more=False),

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from blit.transport import protocol
-from blit.transport.tree import TopJob, TreeSpec, push_tree
+from blit.transport.tree import TopJob, TreeSpec, pull_tree, push_tree
 
 from .conftest import Daemon
 from .treeutil import assert_same_tree, snapshot
@@ -207,3 +207,143 @@ async def test_the_full_listing_is_used_where_digests_do_not_apply(daemon: Daemo
         assert spy.digests == [] and set(spy.manifests) == {b"", b"d1", b"d1/sub", b"d2", b"d3"}, spec
     await trio.to_thread.run_sync(assert_same_tree, src, dst)
     assert snapshot(src) == snapshot(dst)
+
+
+# --- pull (the client is the destination; hello feature pull-digest-1, decisions R72) ----------
+
+
+class PullSpy:
+    """Counts what a pulling client asks for: manifests by directory (tree/scan, tree/scans)
+    and the directories it offered as digests (tree/have), with how many were equal."""
+
+    def __init__(self) -> None:
+        self.manifests: Counter[bytes] = Counter()
+        self.have: list[bytes] = []
+        self.equal = 0
+
+    def wrap(self, session) -> None:  # type: ignore[no-untyped-def]
+        real = session.call
+
+        async def call(msg):  # type: ignore[no-untyped-def]
+            reply = await real(msg)
+            if isinstance(msg, protocol.TreeScan):
+                self.manifests[msg.rel] += 1
+            elif isinstance(msg, protocol.TreeScans):
+                for rel in msg.rels[: len(reply.manifests)]:
+                    self.manifests[rel] += 1
+            elif isinstance(msg, protocol.TreeHave):
+                self.have += [d.rel for d in msg.dirs]
+                self.equal += sum(a.equal for a in reply.dirs)
+            return reply
+
+        session.call = call
+
+
+async def _pull(daemon: Daemon, dst: Path, spec: TreeSpec | None = None, spy: PullSpy | None = None) -> protocol.TreeDone:
+    async with daemon.session() as s:
+        if spy is not None:
+            spy.wrap(s)
+        return await pull_tree(s, "data", b"src", os.fsencode(dst), TopJob(), spec or TreeSpec(operation="mirror"), create_root=True)
+
+
+async def test_an_unchanged_pull_asks_for_no_manifest_below_the_top(daemon: Daemon, tmp_path: Path) -> None:
+    src = daemon.modules["data"] / "src"
+    await trio.to_thread.run_sync(make_tree, src)
+    dst = tmp_path / "dst"
+    first = await _pull(daemon, dst)
+    assert first.files_copied == 20 and not first.failures, first
+    before = _ctimes(dst)
+    spy = PullSpy()
+    again = await _pull(daemon, dst, spy=spy)
+    assert not again.failures and again.files_copied == 0 and again.links_created == 0 and again.files_deleted == 0, again
+    assert spy.manifests == Counter({b"": 1}), spy.manifests
+    assert sorted(spy.have) == [b"d1", b"d1/sub", b"d2", b"d3"] and spy.equal == 4
+    assert again.files_skipped == first.files_copied + 2 and again.entries_seen == first.entries_seen, again
+    assert _ctimes(dst) == before
+    await trio.to_thread.run_sync(assert_same_tree, src, dst)
+
+
+@pytest.mark.parametrize("drift", list(DRIFTS))
+async def test_drift_at_a_pulling_destination_is_repaired(daemon: Daemon, tmp_path: Path, drift: str) -> None:
+    src = daemon.modules["data"] / "src"
+    await trio.to_thread.run_sync(make_tree, src)
+    dst = tmp_path / "dst"
+    await _pull(daemon, dst)
+    DRIFTS[drift](src, dst)
+    spy = PullSpy()
+    done = await _pull(daemon, dst, spy=spy)
+    assert not done.failures, done.failures
+    await trio.to_thread.run_sync(assert_same_tree, src, dst)
+    assert os.listdir(dst / "d1").count(".blit-0123456789abcdef.tmp") == 0
+    assert spy.equal >= 1, (spy.have, spy.manifests)  # directories that did not drift
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="owners are preserved only as root")
+async def test_an_owner_drift_at_a_pulling_destination_is_repaired_as_root(daemon: Daemon, tmp_path: Path) -> None:
+    src = daemon.modules["data"] / "src"
+    await trio.to_thread.run_sync(make_tree, src)
+    dst = tmp_path / "dst"
+    await _pull(daemon, dst)
+    os.chown(dst / "d1" / "f2", 65534, 65534, follow_symlinks=False)
+    os.chown(dst / "d1" / "sub", 65534, 65534)
+    done = await _pull(daemon, dst)
+    assert not done.failures, done.failures
+    for rel in ("d1/f2", "d1/sub"):
+        s, d = os.lstat(src / rel), os.lstat(dst / rel)
+        assert (d.st_uid, d.st_gid) == (s.st_uid, s.st_gid), rel
+
+
+async def test_a_daemon_without_pull_digests_sends_manifests(daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older daemon (no pull-digest-1): the client never sends tree/have, and the daemon
+    refuses one it did not agree to."""
+    from blit.daemon import handlers
+    from blit.errors import RemoteError
+
+    real = handlers._features
+    monkeypatch.setattr(handlers, "_features", lambda asked: [f for f in real(asked) if f != protocol.FEATURE_PULL_DIGEST])
+    src = daemon.modules["data"] / "src"
+    await trio.to_thread.run_sync(make_tree, src)
+    dst = tmp_path / "dst"
+    await _pull(daemon, dst)
+    spy = PullSpy()
+    again = await _pull(daemon, dst, spy=spy)
+    assert not again.failures and again.files_copied == 0, again
+    assert spy.have == [] and set(spy.manifests) == {b"", b"d1", b"d1/sub", b"d2", b"d3"}
+    async with daemon.session() as s:
+        opened = await s.call(protocol.OpenTree(module="data", path=b"src", direction="pull", operation="copy", compare=0, filters=[], dry_run=False, streams=1))
+        with pytest.raises(RemoteError, match="tree/have needs the hello feature pull-digest-1") as info:
+            await s.call(protocol.TreeHave(transfer=opened.transfer, flags=0, dirs=[protocol.DirHave(rel=b"d1", digest=b"\0" * 16)]))
+        assert info.value.code == "bad-request"
+
+
+async def test_the_daemon_answers_only_what_the_digest_proves(daemon: Daemon, tmp_path: Path) -> None:
+    """tree/have by hand: a wrong digest, a directory outside the module's reach and a missing
+    one answer not equal; a right one answers equal with the source's subdirectories."""
+    from blit.ffi import scan as cscan
+
+    src = daemon.modules["data"] / "src"
+    await trio.to_thread.run_sync(make_tree, src)
+    os.symlink("/etc", src / "escape")
+    fd = os.open(src / "d1", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        right = cscan.digest_dir(fd, 0)
+    finally:
+        os.close(fd)
+    assert right is not None
+    async with daemon.session() as s:
+        opened = await s.call(protocol.OpenTree(module="data", path=b"src", direction="pull", operation="copy", compare=0, filters=[], dry_run=False, streams=1))
+        reply = await s.call(
+            protocol.TreeHave(
+                transfer=opened.transfer,
+                flags=0,
+                dirs=[
+                    protocol.DirHave(rel=b"d1", digest=right[0]),
+                    protocol.DirHave(rel=b"d1", digest=b"\x01" * 16),
+                    protocol.DirHave(rel=b"escape", digest=right[0]),
+                    protocol.DirHave(rel=b"nowhere", digest=right[0]),
+                ],
+            )
+        )
+    assert [a.equal for a in reply.dirs] == [True, False, False, False]
+    assert [e[0] for e in reply.dirs[0].subdirs] == [b"sub"] and all(a.subdirs == [] for a in reply.dirs[1:])
+    assert reply.dirs[0].subdirs[0][3] == os.lstat(src / "d1" / "sub").st_mtime_ns

@@ -423,6 +423,8 @@ class Session:
         """The client speaks protocol.FEATURE_PARTS: a large directory's manifest goes in parts."""
         self.dir_batch = False
         """The client speaks protocol.FEATURE_DIR_BATCH (with FEATURE_PARTS): tree/scans, tree/dirs."""
+        self.pull_digest = False
+        """The client speaks protocol.FEATURE_PULL_DIGEST: tree/have."""
         self.machine = False
         """The client speaks protocol.FEATURE_MACHINE: a pull's tree/open names this machine."""
         self.nest = False
@@ -560,6 +562,7 @@ async def handle_hello(s: Session, msg: protocol.Hello) -> protocol.HelloReply:
     s.need_packed = protocol.FEATURE_NEED_PACKED in granted
     s.parts = protocol.FEATURE_PARTS in granted
     s.dir_batch = protocol.FEATURE_DIR_BATCH in granted
+    s.pull_digest = protocol.FEATURE_PULL_DIGEST in granted
     s.machine = protocol.FEATURE_MACHINE in granted
     s.nest = protocol.FEATURE_NEST in granted
     s.landed_ino = protocol.FEATURE_LANDED_INO in granted
@@ -595,6 +598,8 @@ def _features(asked: list[str]) -> list[str]:
         out.append(protocol.FEATURE_DIR_BATCH)
     if protocol.FEATURE_DIR_DIGEST in asked and scan.HAVE_CMPDIR:
         out += [protocol.FEATURE_DIR_DIGEST] + ([protocol.FEATURE_OWNERS] if fsops.IS_ROOT else [])
+    if protocol.FEATURE_PULL_DIGEST in asked and scan.HAVE_CMPDIR:
+        out.append(protocol.FEATURE_PULL_DIGEST)
     return out
 
 
@@ -938,6 +943,15 @@ async def handle_tree_digests(s: Session, msg: protocol.TreeDigests) -> protocol
     return reply
 
 
+async def handle_tree_have(s: Session, msg: protocol.TreeHave) -> protocol.HaveChecked:
+    """Pull, FEATURE_PULL_DIGEST: which of the client's directory digests equal the source's."""
+    src = s.src_tree(msg.transfer, "tree/have")
+    if not s.pull_digest:
+        raise Refused(ErrorCode.BAD_REQUEST, "tree/have needs the hello feature " + protocol.FEATURE_PULL_DIGEST)
+    answers: list[protocol.SameDir] = await s.fs(src.check_have, [(_rel(d.rel), d.digest) for d in msg.dirs], msg.flags)
+    return protocol.HaveChecked(dirs=answers)
+
+
 async def handle_tree_scan(s: Session, msg: protocol.TreeScan) -> protocol.DirManifest:
     src = s.src_tree(msg.transfer, "tree/scan")
     if s.parts:
@@ -1101,6 +1115,7 @@ _HANDLERS: dict[type[protocol.Message], Any] = {
     protocol.OpenTree: handle_open_tree,
     protocol.TreeDir: handle_tree_dir,
     protocol.TreeDigests: handle_tree_digests,
+    protocol.TreeHave: handle_tree_have,
     protocol.TreeScan: handle_tree_scan,
     protocol.TreeScans: handle_tree_scans,
     protocol.TreeDirs: handle_tree_dirs,

@@ -755,6 +755,11 @@ FEATURE_PARTS; negotiated as FEATURE_PACKED."""
 FEATURE_OWNERS = "owners"
 """HelloReply feature: this daemon, as a destination, preserves owners (runs as root): a push's
 digests must cover uid/gid."""
+FEATURE_PULL_DIGEST = "pull-digest-1"
+"""Hello feature: a pull's destination (the client) offers its existing directories as digests
+(tree/have, decisions R72) before asking for their manifests; the daemon says which equal its
+source directories'. A client sends it; a daemon that knows it (and has the C module) answers
+with it."""
 
 
 @message_class
@@ -785,6 +790,44 @@ class DigestsChecked(Message):
     equal: list[bool] = field(metadata=_lim(1000))
     settled: int = field(default=0, metadata=_lim(min=0, max=1 << 63))
     """Entries found up to date in the equal directories (for progress)."""
+
+
+@message_class
+class DirHave(Message):
+    """Pull: one existing destination directory, summarised (scan.digest_dir), by the source
+    directory it mirrors."""
+
+    ARRAY: ClassVar[bool] = True
+    rel: bytes = field(metadata=_lim(MAX_PATH))
+    digest: bytes = field(metadata=_lim(16))
+
+
+@message_class
+class TreeHave(Message):
+    """Pull, FEATURE_PULL_DIGEST: directories the destination already holds."""
+
+    transfer: int = field(metadata=_lim(min=0, max=(1 << 63) - 1))
+    flags: int = field(metadata=_lim(min=0, max=1))
+    """The digests' flags (scan.DIGEST_OWNER: the client preserves owners, they are covered)."""
+    dirs: list[DirHave] = field(metadata=_lim(1000))
+
+
+@message_class
+class SameDir(Message):
+    """One answer of tree/have: `equal`, and then the source directory's subdirectories (the
+    metadata the destination gives them at the end), in name order."""
+
+    ARRAY: ClassVar[bool] = True
+    equal: bool
+    subdirs: list[SrcEntry] = field(metadata=_lim(MAX_LIST))
+
+
+@message_class
+class HaveChecked(Message):
+    """Per directory of tree/have, in order: equal (nothing to do in it: the walk descends into
+    its subdirectories), or not (ask for its manifest)."""
+
+    dirs: list[SameDir] = field(metadata=_lim(1000))
 
 
 @message_class
@@ -1096,6 +1139,7 @@ OPERATIONS: dict[str, Operation] = {
         Operation("tree/finish", TreeFinish, TreeDone),
         Operation("tree/hashes", TreeHashes, DirPlanned),
         Operation("tree/digests", TreeDigests, DigestsChecked),
+        Operation("tree/have", TreeHave, HaveChecked),
         Operation("tree/hash", TreeHash, HashList),
         Operation("tree/landed", TreeLanded, LandedPage),
         Operation("tree/remove", TreeRemove, TreeRemoved),
@@ -1837,7 +1881,7 @@ class ClientSession:
         self.peer: HelloReply | None = None
 
     def hello(self) -> Hello:
-        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_CLIENT_STAT, FEATURE_STAT_READ, FEATURE_MACHINE, FEATURE_NEST, FEATURE_HOLD, FEATURE_SILENCE, FEATURE_SEALED, FEATURE_LANDED_INO, FEATURE_SPLIT])
+        return Hello(protocol=PROTOCOL_VERSION, software=self.software, features=[FEATURE_DIR_DIGEST, FEATURE_PACKED, FEATURE_SEND_DIRS, FEATURE_ACTIONS, FEATURE_NEED_PACKED, FEATURE_PARTS, FEATURE_DIR_BATCH, FEATURE_CLIENT, FEATURE_CLIENT_STAT, FEATURE_STAT_READ, FEATURE_MACHINE, FEATURE_NEST, FEATURE_HOLD, FEATURE_SILENCE, FEATURE_SEALED, FEATURE_LANDED_INO, FEATURE_SPLIT, FEATURE_PULL_DIGEST])
 
     def request(self, msg: Message) -> tuple[str, bytes]:
         """(path, body) for a request message."""
@@ -2154,6 +2198,11 @@ __all__ = [
     "FEATURE_SEALED",
     "FEATURE_SILENCE",
     "FEATURE_SPLIT",
+    "FEATURE_PULL_DIGEST",
+    "DirHave",
+    "TreeHave",
+    "SameDir",
+    "HaveChecked",
     "FRAME_PART",
     "HELLO_SEALED",
     "SEALED_ADMITTED",

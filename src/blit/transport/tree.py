@@ -56,6 +56,7 @@ from .protocol import (
     PathFailure,
     Refused,
     RemoveGroup,
+    SameDir,
     SrcEntry,
     SubDir,
     TreeDone,
@@ -621,6 +622,33 @@ class SourceTree:
             out.append(m)
             if budget.full(m):
                 break
+        return out
+
+    def check_have(self, dirs: list[tuple[str, bytes]], flags: int) -> list[SameDir]:
+        """Worker thread (the daemon, pull, tree/have): per (rel, digest) the destination
+        holds, whether source directory `rel` has the same digest (scan.digest_dir with the
+        destination's `flags`), and then its subdirectories. Once the subdirectories answered
+        reach protocol.BATCH_ENTRIES, the rest answer not equal (their manifests are asked
+        for), so the answer stays well below MAX_MESSAGE."""
+        out: list[SameDir] = []
+        room = protocol.BATCH_ENTRIES
+        for rel, digest in dirs:
+            got: Digest | None = None
+            if room > 0:
+                try:
+                    dfd = self.open_dir(self.root_fd, rel)
+                except OSError:
+                    pass  # its tree/scan reports why
+                else:
+                    try:
+                        got = cscan.digest_dir(dfd, flags & cscan.DIGEST_OWNER)
+                    finally:
+                        os.close(dfd)
+            if got is None or got[0] != digest or len(got[3]) > room:
+                out.append(SameDir(equal=False, subdirs=[]))
+                continue
+            room -= len(got[3]) + 1
+            out.append(SameDir(equal=True, subdirs=cast("list[SrcEntry]", [[name, *m, None, None] for name, m in got[3]])))
         return out
 
     def scan_batch(self, rels: list[str], pack: bool) -> list[list[DirManifest]]:
@@ -1646,20 +1674,63 @@ class DestTree:
                 got = cscan.digest_dir(dfd, flags)
             finally:
                 self.dirs.release(dst_rel)
-            if got is None or got[0] != digest or [n for n, _ in got[3]] != [e[0] for e in subdirs]:
+            if got is None or got[0] != digest or not self._same_dir(rel, dst_rel, got, subdirs):
                 equal.append(False)
                 continue
-            with self._lock:
-                self.entries_seen += got[1]
-                self.files_skipped += got[2]
-                for e, (name, d) in zip(subdirs, got[3]):
-                    sname = _s(name)
-                    self.nodes[_join(dst_rel, sname)] = _DirNode(
-                        meta_of_entry(e), d, False, None, inherit_gid=bool(d.st_mode & stat.S_ISGID), src_rel=_join(rel, sname)
-                    )
             settled += got[2]
             equal.append(True)
         return DigestsChecked(equal=equal, settled=settled)
+
+    def _same_dir(self, rel: str, dst_rel: str, got: Digest, subdirs: list[Entry]) -> bool:
+        """A directory whose digest equals its source's (`got`: ours) is done: its entries
+        count as seen and its files as up to date, and its subdirectories are recorded for the
+        end as a plan records them (the source's `subdirs` entries, our lstat). False, and
+        nothing recorded, when the subdirectories' names differ from ours."""
+        if [n for n, _ in got[3]] != [e[0] for e in subdirs]:
+            return False
+        with self._lock:
+            self.entries_seen += got[1]
+            self.files_skipped += got[2]
+            for e, (name, d) in zip(subdirs, got[3]):
+                sname = _s(name)
+                self.nodes[_join(dst_rel, sname)] = _DirNode(
+                    meta_of_entry(e), d, False, None, inherit_gid=bool(d.st_mode & stat.S_ISGID), src_rel=_join(rel, sname)
+                )
+        return True
+
+    def have_digests(self, dst_rels: list[str], flags: int) -> list[Digest | None]:
+        """Worker thread, pull (FEATURE_PULL_DIGEST): the digests of these existing destination
+        directories, for tree/have (None: no shortcut for that one; its manifest is asked for).
+        Only directories a parent's plan recorded as there already, never the top."""
+        if not digests_apply(self.spec):
+            return [None] * len(dst_rels)
+        out: list[Digest | None] = []
+        for dst_rel in dst_rels:
+            with self._lock:
+                node = self.nodes.get(dst_rel)
+            if node is None or node.new or not dst_rel:
+                out.append(None)
+                continue
+            try:
+                dfd = self.dirs.acquire(dst_rel)
+            except OSError:
+                out.append(None)  # its manifest's plan reports why
+                continue
+            try:
+                out.append(cscan.digest_dir(dfd, flags))
+            finally:
+                self.dirs.release(dst_rel)
+        return out
+
+    def settle_have(self, jobs: list[tuple[str, str, Digest, SameDir]]) -> list[bool]:
+        """Worker thread, pull: tree/have's answers for (rel, dst_rel, our digest, answer): an
+        equal directory is done (`_same_dir`); True for those."""
+        out = []
+        for rel, dst_rel, got, answer in jobs:
+            for e in answer.subdirs:
+                protocol.check_name(e[0])  # type: ignore[index]  # RAW: decoded as its CBOR array
+            out.append(answer.equal and self._same_dir(rel, dst_rel, got, cast("list[Entry]", answer.subdirs)))
+        return out
 
     def _execute(
         self,
@@ -2617,11 +2688,12 @@ async def _walk(
 ) -> None:
     """Depth-first over directories, WALK_CONCURRENCY jobs at a time; `visit` returns the subdirs
     [(name, dname, new)] to descend into (decided by the destination side). `group`, when given,
-    takes up to DIGEST_GROUP existing directories below the top at once (push digests) and
-    returns (jobs to descend into, jobs to visit in full). `many` visits up to
-    protocol.BATCH_DIRS directories below the top at once (pull: tree/scans; push: new
-    directories, tree/dirs) and returns each one's subdirs, or None for one it did not get to
-    (visited again later). The first error cancels the rest of the walk and is raised alone."""
+    takes up to DIGEST_GROUP existing directories below the top at once (digests: push
+    tree/digests, pull tree/have) and returns (jobs to descend into, jobs to visit in full).
+    `many` visits up to protocol.BATCH_DIRS directories below the top at once (pull:
+    tree/scans; push: new directories, tree/dirs) and returns each one's subdirs, or None for
+    one it did not get to (visited again later). The first error cancels the rest of the walk
+    and is raised alone."""
     stack: list[tuple[Job, bool]] = [((top.rel, top.dst_rel, top.dst_new, top.only), True)]  # (job, full)
     active = 0
     changed = trio.Event()
@@ -3298,6 +3370,37 @@ async def pull_tree(
         await ask(groups)
         return out + [None] * (len(jobs) - len(out))
 
+    use_have = protocol.FEATURE_PULL_DIGEST in session.peer.features and digests_apply(spec)
+    have_flags = cscan.DIGEST_OWNER if fsops.IS_ROOT else 0
+
+    async def have(batch: list[Job]) -> tuple[list[Job], list[Job]]:
+        """FEATURE_PULL_DIGEST (R72): existing directories offered as digests; descend into the
+        equal ones, ask for the others' manifests."""
+        got = await trio.to_thread.run_sync(sink.have_digests, [j[1] for j in batch], have_flags)
+        children: list[Job] = []
+        again = [j for j, g in zip(batch, got) if g is None]
+        todo = [(j, g) for j, g in zip(batch, got) if g is not None]
+        while todo:
+            part: list[tuple[Job, Digest]] = []
+            n = 0
+            while todo and (not part or n + todo[0][1][1] <= DIGEST_ENTRIES):
+                part.append(todo.pop(0))
+                n += part[-1][1][1]
+            reply: protocol.HaveChecked = await session.call(
+                protocol.TreeHave(transfer=t.id, flags=have_flags, dirs=[protocol.DirHave(rel=_b(j[0]), digest=g[0]) for j, g in part])
+            )
+            if len(reply.dirs) != len(part):
+                from ..errors import RemoteProtocolError
+
+                raise RemoteProtocolError(f"tree/have: {len(reply.dirs)} answers for {len(part)} directories")
+            equal = await trio.to_thread.run_sync(sink.settle_have, [(j[0], j[1], g, a) for (j, g), a in zip(part, reply.dirs)])
+            for (j, g), ok in zip(part, equal):
+                if ok:
+                    children.extend((_join(j[0], _s(name)), _join(j[1], _s(name)), False, None) for name, _m in g[3])
+                else:
+                    again.append(j)
+        return children, again
+
     async def ask(groups: list[protocol.FileGroup]) -> None:
         """Ask the daemon for the files of `groups` (and empty it)."""
         if groups:
@@ -3352,7 +3455,7 @@ async def pull_tree(
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(receive)
                     scans = by_dir and protocol.FEATURE_DIR_BATCH in session.peer.features
-                    await _walk(top, visit, many=visit_many if scans else None)
+                    await _walk(top, visit, have if use_have else None, visit_many if scans else None)
                     if counters is not None:
                         counters.planned = True
                     # No more files: the daemon's senders end with DONE. (Not on a failed walk: the
