@@ -237,12 +237,12 @@ _register(Workload(
 
 _register(Workload(
     key="remote-nochange",
-    title="nothing-changed mirror of the small tree, pushed to a daemon on loopback",
+    title="nothing-changed mirror of the small tree, pushed to and pulled from a daemon on loopback",
     specs=_specs(_small),
-    cases=(Case("push", "nothing changed (mirror push)", tools.MIRROR, "unchanged",
-                tools.REMOTE, (
-                    Target("faster than rsync -a --delete (daemon)", "ratio_gt", 1.0, "rsync"),
-                ), ttfb=False, direction="push"),),
+    cases=tuple(Case(d, f"nothing changed (mirror {d})", tools.MIRROR, "unchanged",
+                     tools.REMOTE, (
+                         Target("faster than rsync -a --delete (daemon)", "ratio_gt", 1.0, "rsync"),
+                     ), ttfb=False, direction=d) for d in ("push", "pull")),
     kind="remote",
     session=_remote_session,
 ))

@@ -36,7 +36,7 @@ WORKLOADS = {
     "incremental": ["first copy", "1% of files changed", "nothing changed"],
     "huge": ["fresh copy"],
     "remote-small": ["push", "pull"],
-    "remote-nochange": ["nothing changed (mirror push)"],
+    "remote-nochange": ["nothing changed (mirror push)", "nothing changed (mirror pull)"],
     "remote-large": ["push", "pull"],
     "remote-mixed": ["push", "pull"],
 }
