@@ -168,3 +168,29 @@ async def test_a_directory_in_parts_settles_and_mirrors_exactly(
     assert (done.files_copied, done.files_deleted, done.files_skipped) == (2, 1, 2998), done
     assert spy.names == ["w01500"], spy.names  # only the file whose mode drifted
     await trio.to_thread.run_sync(assert_same_tree, src, dst)
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+async def test_the_top_is_listed_while_the_source_is(daemon: Daemon, tmp_path: Path, direction: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The destination lists an existing top directory as soon as the transfer opens (the
+    daemon on a push, the client on a pull: DestTree.prefetch), and its plan takes that
+    listing instead of making its own."""
+    src, dst = _sides(daemon, tmp_path, direction)
+    await trio.to_thread.run_sync(_flat, src)
+    local = tmp_path / "local"
+    dst.mkdir()
+    await _run(daemon, direction, local)
+    (dst / "t1").write_bytes(b"drift")
+    taken: list[tuple[str, bool]] = []
+    real = DestTree._scanned
+
+    def spy(tree: DestTree, dst_rel: str, part: int) -> object:
+        got = real(tree, dst_rel, part)
+        taken.append((dst_rel, got is not None))
+        return got
+
+    monkeypatch.setattr(DestTree, "_scanned", spy)
+    done = await _run(daemon, direction, local)
+    assert not done.failures and done.files_copied == 1, done
+    assert ("", True) in taken and all(ok == (rel == "") for rel, ok in taken), taken
+    await trio.to_thread.run_sync(assert_same_tree, src, dst)

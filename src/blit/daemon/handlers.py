@@ -283,6 +283,9 @@ class Transfer:
         self.actions: Any = None  # transport.tree.ActionLog (push with report_actions)
         self.move = getattr(msg, "operation", "copy") == "move" and not getattr(msg, "dry_run", False)
         self.finished = False  # a move's tree/finish came: only removal requests are left
+        self.prefetching = False
+        """Push: the top destination directory is being listed ahead (`prefetch`): the trees
+        stay open until that thread is done."""
 
     @property
     def daemon_sends(self) -> bool:
@@ -330,8 +333,26 @@ class Transfer:
         """One attached stream is over (counted in `attached` when it was admitted)."""
         self.finished_streams += 1
         self._notify()
-        if self.closed and self.finished_streams >= self.attached:
+        if self.closed and self._idle():
             self._close_trees()
+
+    def _idle(self) -> bool:
+        """No worker thread of this transfer uses its trees any more."""
+        return self.finished_streams >= self.attached and not self.prefetching
+
+    async def prefetch(self) -> None:
+        """Push: list the top destination directory while the client still lists its source
+        (tree.DestTree.prefetch, R72)."""
+        dest = self.tree_dest
+        if dest is None or self.closed:
+            return
+        self.prefetching = True
+        try:
+            await trio.to_thread.run_sync(dest.prefetch, "", limiter=self.state.fs_limiter)
+        finally:
+            self.prefetching = False
+            if self.closed and self._idle():
+                self._close_trees()
 
     async def drain(self) -> None:
         """The client says no more streams or files: revoke unused grants, end the send queue,
@@ -354,7 +375,7 @@ class Transfer:
         if self.tree_dest is not None:
             self.tree_dest.stop()  # at once: plans still queued make nothing more (tree.DestTree.plan)
         self.end_streams()
-        if self.finished_streams >= self.attached:
+        if self._idle():
             self._close_trees()
 
     def _close_trees(self) -> None:
@@ -851,6 +872,8 @@ async def handle_open_tree(s: Session, msg: protocol.OpenTree) -> protocol.Trans
             t.tree_dest.landed.with_ino = s.landed_ino
         t.sink = t.tree_dest
         t.actions = t.tree_dest.actions
+        if base_fd >= 0 and not msg.create_base and s.nursery is not None:
+            s.nursery.start_soon(t.prefetch)
     else:
         t.tree_src = tree.SourceTree(base_fd, open_dir=contained_open_dir)
         t.source.tree = t.tree_src

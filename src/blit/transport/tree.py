@@ -20,18 +20,21 @@ This module must not parse bytes (protocol.py) or own sockets (data.py, control.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import mmap
 import logging
 import os
 import stat
 import struct
+import sys
 import dataclasses
 import threading
 import time
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Collection
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -129,8 +132,12 @@ def _b(s: str) -> bytes:
     return os.fsencode(s)
 
 
+_FS = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
+
+
 def _s(b: bytes) -> str:
-    return os.fsdecode(b)
+    """os.fsdecode of a name: a quarter of its cost, which is per entry (200,000 in a directory)."""
+    return b.decode(*_FS) if type(b) is bytes else os.fsdecode(b)
 
 
 # Manifest entries travel and are handled as raw arrays (protocol.SrcEntry is RAW):
@@ -857,10 +864,15 @@ def _dest_scan(dfd: int) -> tuple[list[tuple[str, Any]], list[tuple[str, OSError
         return slow, errs, None
     packed, _n, others = got
     bnames, cols = protocol.unpack_columns(packed, cscan.SCAN_MAX)
-    names = list(map(_s, bnames))
-    dents: list[tuple[str, Any]] = list(zip(names, map(Meta._make, zip(*cols))))
+    enc, how = _FS
+    names = [b.decode(enc, how) for b in bnames]
+    dents: list[tuple[str, Any]] = list(zip(names, map(_new_meta, zip(*cols))))
     more, derrs = fsops.scan_names(dfd, map(_s, others))
-    return dents + more, derrs, set(names)
+    return dents + more, derrs, set(names)  # the plain entries first (DestTree._plan counts on it)
+
+
+_new_meta = functools.partial(tuple.__new__, Meta)
+"""A Meta of an 11-tuple (the columns of a packed listing), without Meta._make's length check."""
 
 
 def dir_digests(root_fd: int, open_dir: Callable[[int, str], int], rels: list[str], flags: int) -> list[Digest | None]:
@@ -1077,6 +1089,8 @@ class DestTree:
         """(directory, name) of temporaries another live run held when a scan met them
         (fsops.without_tmp): `finish` removes those whose run died meanwhile (_sweep)."""
         self._hide_lock = threading.RLock()
+        self._prefetched: dict[str, Future[Any]] = {}
+        """Destination directories listed ahead of their plan (`prefetch`), by rel."""
         self._hiding = _HIDE and not spec.dry_run and spec.operation != "move"
         # ... but the run's first new directory is made in place: its files are the first to
         # come and are seen as each lands (perceived latency, SPEC).
@@ -1535,12 +1549,14 @@ class DestTree:
                 dst, keep, acl, bare = parted.dst, parted.keep, parted.acl, parted.bare
             elif dfd >= 0 and not dst_new:
                 try:
-                    dents, derrs, bare = _dest_scan(dfd)
+                    dents, derrs, bare = self._scanned(dst_rel, part) or _dest_scan(dfd)
                 except OSError as exc:
                     failures.append(PathFailure(path=_b(dst_rel or "."), op="scan destination", message=_msg(exc)))
                     return self._unplanned(rel, parted, failures)
                 others: list[str] = []
-                dst = fsops.without_tmp(dfd, dents, dry, others)
+                clean = len(bare) if bare is not None else 0  # _dest_scan's first, never temporaries
+                dst = dict(dents[:clean]) if clean else {}
+                dst.update(fsops.without_tmp(dfd, dents[clean:], dry, others))
                 if others:  # another live run's: removed at our end if that run died meanwhile
                     with self._lock:
                         self._others_tmp += ((dst_rel, n) for n in others)
@@ -1577,6 +1593,38 @@ class DestTree:
         finally:
             if dfd >= 0:
                 self.dirs.release(dst_rel)
+
+    def prefetch(self, dst_rel: str) -> None:
+        """Worker thread: list existing destination directory `dst_rel` (`_dest_scan`) ahead
+        of its plan, which then takes this listing (R72): the top of a transfer, listed while the
+        source side still lists its own (both took 0.6-0.8 s for 200,000 entries, one after the
+        other). A failure here leaves the plan to list it, and to say why. The caller keeps the
+        tree open until this returns."""
+        fut: Future[Any] = Future()
+        with self._lock:
+            if self.stopped or dst_rel in self._prefetched:
+                return
+            self._prefetched[dst_rel] = fut
+        got = None
+        try:
+            dfd = self.dirs.acquire(dst_rel)
+            try:
+                got = _dest_scan(dfd)
+            finally:
+                self.dirs.release(dst_rel)
+        except Exception:  # noqa: BLE001 - the plan lists it again, and reports what fails
+            pass
+        finally:
+            fut.set_result(got)
+
+    def _scanned(self, dst_rel: str, part: int) -> Any:
+        """The `prefetch` listing of `dst_rel` for its first part (waiting for it if it is
+        still being made), or None."""
+        if part:
+            return None
+        with self._lock:
+            fut = self._prefetched.pop(dst_rel, None)
+        return None if fut is None else fut.result()
 
     def _settle_same(
         self, dfd: int, src: list[tuple[str, Meta]], by_name: dict[str, Entry], dst: dict[str, Any], bare: set[str] | None
@@ -3454,6 +3502,9 @@ async def pull_tree(
                     reporter.start_soon(pass_actions)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(receive)
+                    if not top.dst_new and top.only is None:
+                        # Listed here while the daemon lists the source (R72).
+                        nursery.start_soon(functools.partial(trio.to_thread.run_sync, sink.prefetch, top.dst_rel))
                     scans = by_dir and protocol.FEATURE_DIR_BATCH in session.peer.features
                     await _walk(top, visit, have if use_have else None, visit_many if scans else None)
                     if counters is not None:
