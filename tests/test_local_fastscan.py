@@ -168,3 +168,33 @@ def test_cli_rerun_with_prefetch_repairs_drift_in_every_directory(tmp_path: Path
     assert_same_tree(src, dst)
     again = summary_of(run_blit("mirror", "--json", f"{src}/", dst, check=0))
     assert (again["files_copied"], again["files_deleted"], again["files_skipped"]) == (0, 0, 800)
+
+
+async def test_extras_are_listed_without_a_full_scan(tmp_path: Path, xattr_mode: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory the comparer finds clean but for names only the destination holds (extras, a
+    stale temporary): its answer stands, and only those names are looked at, not both
+    directories in full (R72: 100,000 extras of 200,000 took 2.2x rsync's time that way)."""
+    from blit import fsops
+
+    src = make_tree(tmp_path / "src", {**{f"f{i:03}": f"{i}\n" for i in range(60)}, "sub/": {"g": "g\n"}})
+    dst = tmp_path / "dst"
+    assert (await blit.mirror(f"{src}/", str(dst))).exit_code == 0
+    for i in range(25):
+        write_file(dst / f"extra{i:02}", b"extra\n")
+    make_tree(dst / "extra-dir", {"inner/": {"x": "x\n"}, "y": "y\n"})
+    write_file(dst / ".blit-0123456789abcdef.tmp", b"stale temporary\n")
+    write_file(dst / "sub" / "extra", b"extra\n")
+    os.chmod(dst / "f007", 0o600)
+    scans: list[object] = []
+    real = fsops.scan
+    monkeypatch.setattr(fsops, "scan", lambda *a, **k: scans.append(a) or real(*a, **k))
+    fixed = await blit.mirror(f"{src}/", str(dst))
+    assert fixed.exit_code == 0, fixed.failures
+    assert scans == []
+    assert (fixed.files_copied, fixed.files_skipped) == (0, 61), fixed
+    assert fixed.files_deleted == 25 + 1 + 1 + 3  # the extras, sub/extra, extra-dir and what it held
+    assert_same_tree(src, dst)
+    assert not (dst / ".blit-0123456789abcdef.tmp").exists()
+    assert os.stat(dst / "f007").st_mode & 0o777 == os.stat(src / "f007").st_mode & 0o777
+    copy = await blit.copy(f"{src}/", str(dst))  # a copy leaves extras be
+    assert (copy.files_deleted, copy.files_copied) == (0, 0) and scans == []

@@ -216,15 +216,26 @@ class Worker:
             t = time.thread_time()
             got = scan.cmpdir(sfd, dfd, scan.CMP_FLAGS)
             res.c_seconds += time.thread_time() - t
-        if got is None or got[2] != got[3]:  # no answer, or extras/temporaries to look at
+        if got is None:
             return dfd
-        clean, total, _, _, others = got
+        clean, total, dst_count, present, others = got
+        dst = {n: d for n, _, d in others if d is not None}
+        keep: frozenset[str] = frozenset()
+        if dst_count != present:  # extras or temporaries at the destination
+            try:
+                extra = _dest_only(sfd, dfd)
+                if len(extra) != dst_count - present:
+                    return dfd  # either side changed since the comparison: list both in full
+                dents, derrs = fsops.scan_names(dfd, extra)
+            except OSError:
+                return dfd  # the ordinary path reports it
+            dst.update(fsops.without_tmp(dfd, dents, self.spec.dry_run))
+            keep = frozenset(n for n, _ in derrs)
         res.entries_seen = total
         res.files_skipped += clean
         try:
-            if others:  # _plan_and_execute sorts the entries
-                dst = {n: d for n, _, d in others if d is not None}
-                self._plan_and_execute(job, [(n, m) for n, m, _ in others], dst, frozenset(), sfd, dfd, res)
+            if others or dst:  # _plan_and_execute sorts the entries
+                self._plan_and_execute(job, [(n, m) for n, m, _ in others], dst, keep, sfd, dfd, res)
         finally:
             os.close(dfd)
         return -2
@@ -520,6 +531,15 @@ def _open_up(dfd: int, res: DirResult) -> None:
     job (fsops.open_up); the coordinator restores its mode when the directory is finalised."""
     if fsops.open_up(dfd):
         res.changed = True
+
+
+def _dest_only(sfd: int, dfd: int) -> list[str]:
+    """The names of directory `dfd` that `sfd` does not hold (a source's temporaries are no
+    source entries): a mirror's extras and stale temporaries, for a directory the C comparer
+    answered otherwise (R72: a directory with extras was listed and planned whole in Python,
+    2.2x rsync for 100,000 deletions). Raises OSError."""
+    src = set(os.listdir(sfd))
+    return [n for n in os.listdir(dfd) if n not in src or fsops.is_tmp_name(n)]
 
 
 def _join(base: str, rel: str) -> str:
