@@ -1,6 +1,7 @@
-"""Pushes of unchanged directories travel as digests (docs/decisions.md R17): no manifest for a
-directory the destination already has exactly, nothing written there, and every kind of drift
-at the destination repaired as by a full manifest."""
+"""Unchanged directories travel as digests, on a push (docs/decisions.md R18, tree/digests) and
+on a pull (R72, tree/have): no manifest for a directory the destination already has exactly,
+nothing written there, and every kind of drift at the destination repaired as by a full
+manifest."""
 
 from __future__ import annotations
 
@@ -37,8 +38,10 @@ def make_tree(root: Path) -> None:
 
 
 class Spy:
-    """Counts what the client sends: manifests by source directory (tree/dir, and each of a
-    tree/dirs batch) and the directories offered as digests."""
+    """Counts the manifests a transfer moves, by source directory (a push's tree/dir and each of
+    a tree/dirs batch; a pull's tree/scan and each manifest a tree/scans brought), and the
+    directories offered as digests (a push's tree/digests, a pull's tree/have) with how many
+    were equal."""
 
     def __init__(self) -> None:
         self.manifests: Counter[bytes] = Counter()
@@ -57,6 +60,14 @@ class Spy:
             if isinstance(msg, protocol.TreeDigests):
                 self.digests += [d.rel for d in msg.dirs]
                 self.equal += sum(reply.equal)
+            elif isinstance(msg, protocol.TreeScan):
+                self.manifests[msg.rel] += 1
+            elif isinstance(msg, protocol.TreeScans):
+                for rel in msg.rels[: len(reply.manifests)]:
+                    self.manifests[rel] += 1
+            elif isinstance(msg, protocol.TreeHave):
+                self.digests += [d.rel for d in msg.dirs]
+                self.equal += sum(a.equal for a in reply.dirs)
             return reply
 
         session.call = call
@@ -69,6 +80,29 @@ async def _push(daemon: Daemon, src: Path, spec: TreeSpec | None = None, spy: Sp
         return await push_tree(s, os.fsencode(src), "data", b"dst", TopJob(), spec or TreeSpec(operation="mirror"))
 
 
+async def _pull(daemon: Daemon, dst: Path, spec: TreeSpec | None = None, spy: Spy | None = None) -> protocol.TreeDone:
+    async with daemon.session() as s:
+        if spy is not None:
+            spy.wrap(s)
+        return await pull_tree(s, "data", b"src", os.fsencode(dst), TopJob(), spec or TreeSpec(operation="mirror"), create_root=True)
+
+
+async def _sides(daemon: Daemon, tmp_path: Path, direction: str) -> tuple[Path, Path]:
+    """make_tree's source and the destination of `direction`, the local one in tmp_path and the
+    daemon's in its module ("dst" for a push, "src" for a pull)."""
+    if direction == "push":
+        src, dst = tmp_path / "src", daemon.modules["data"] / "dst"
+        dst.mkdir()
+    else:
+        src, dst = daemon.modules["data"] / "src", tmp_path / "dst"
+    await trio.to_thread.run_sync(make_tree, src)
+    return src, dst
+
+
+async def _run(daemon: Daemon, direction: str, src: Path, dst: Path, spec: TreeSpec | None = None, spy: Spy | None = None) -> protocol.TreeDone:
+    return await (_push(daemon, src, spec, spy) if direction == "push" else _pull(daemon, dst, spec, spy))
+
+
 def _ctimes(root: Path) -> dict[str, int]:
     out = {str(root): os.lstat(root).st_ctime_ns}  # the top too: an unchanged run leaves it be
     for dirpath, dirnames, filenames in os.walk(root):
@@ -78,16 +112,15 @@ def _ctimes(root: Path) -> dict[str, int]:
     return out
 
 
-async def test_an_unchanged_push_sends_no_manifest_below_the_top(daemon: Daemon, tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    await trio.to_thread.run_sync(make_tree, src)
-    dst = daemon.modules["data"] / "dst"
-    dst.mkdir()
-    first = await _push(daemon, src)
+@pytest.mark.parametrize("direction", ["push", "pull"])
+async def test_an_unchanged_run_sends_no_manifest_below_the_top(daemon: Daemon, tmp_path: Path, direction: str) -> None:
+    """Push (tree/digests, R18) and pull (tree/have, R72)."""
+    src, dst = await _sides(daemon, tmp_path, direction)
+    first = await _run(daemon, direction, src, dst)
     assert first.files_copied == 20 and not first.failures, first
     before = _ctimes(dst)
     spy = Spy()
-    again = await _push(daemon, src, spy=spy)
+    again = await _run(daemon, direction, src, dst, spy=spy)
     assert not again.failures and again.files_copied == 0 and again.links_created == 0 and again.files_deleted == 0, again
     # The top travels as a manifest (its own metadata and its subdirectories); below it only
     # digests, all equal: nothing else to send.
@@ -136,16 +169,14 @@ DRIFTS: dict[str, Callable[[Path, Path], None]] = {
 }
 
 
+@pytest.mark.parametrize("direction", ["push", "pull"])
 @pytest.mark.parametrize("drift", list(DRIFTS))
-async def test_drift_at_the_destination_is_repaired(daemon: Daemon, tmp_path: Path, drift: str) -> None:
-    src = tmp_path / "src"
-    await trio.to_thread.run_sync(make_tree, src)
-    dst = daemon.modules["data"] / "dst"
-    dst.mkdir()
-    await _push(daemon, src)
+async def test_drift_at_the_destination_is_repaired(daemon: Daemon, tmp_path: Path, drift: str, direction: str) -> None:
+    src, dst = await _sides(daemon, tmp_path, direction)
+    await _run(daemon, direction, src, dst)
     DRIFTS[drift](src, dst)
     spy = Spy()
-    done = await _push(daemon, src, spy=spy)
+    done = await _run(daemon, direction, src, dst, spy=spy)
     assert not done.failures, done.failures
     await trio.to_thread.run_sync(assert_same_tree, src, dst)
     assert os.listdir(dst / "d1").count(".blit-0123456789abcdef.tmp") == 0
@@ -171,15 +202,13 @@ async def test_same_size_and_mtime_is_not_looked_into(daemon: Daemon, tmp_path: 
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="owners are preserved only as root")
-async def test_owner_drift_is_repaired_as_root(daemon: Daemon, tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    await trio.to_thread.run_sync(make_tree, src)
-    dst = daemon.modules["data"] / "dst"
-    dst.mkdir()
-    await _push(daemon, src)
+@pytest.mark.parametrize("direction", ["push", "pull"])
+async def test_owner_drift_is_repaired_as_root(daemon: Daemon, tmp_path: Path, direction: str) -> None:
+    src, dst = await _sides(daemon, tmp_path, direction)
+    await _run(daemon, direction, src, dst)
     os.chown(dst / "d1" / "f2", 65534, 65534, follow_symlinks=False)
     os.chown(dst / "d1" / "sub", 65534, 65534)
-    done = await _push(daemon, src)
+    done = await _run(daemon, direction, src, dst)
     assert not done.failures, done.failures
     for rel in ("d1/f2", "d1/sub"):
         s, d = os.lstat(src / rel), os.lstat(dst / rel)
@@ -209,88 +238,7 @@ async def test_the_full_listing_is_used_where_digests_do_not_apply(daemon: Daemo
     assert snapshot(src) == snapshot(dst)
 
 
-# --- pull (the client is the destination; hello feature pull-digest-1, decisions R72) ----------
-
-
-class PullSpy:
-    """Counts what a pulling client asks for: manifests by directory (tree/scan, tree/scans)
-    and the directories it offered as digests (tree/have), with how many were equal."""
-
-    def __init__(self) -> None:
-        self.manifests: Counter[bytes] = Counter()
-        self.have: list[bytes] = []
-        self.equal = 0
-
-    def wrap(self, session) -> None:  # type: ignore[no-untyped-def]
-        real = session.call
-
-        async def call(msg):  # type: ignore[no-untyped-def]
-            reply = await real(msg)
-            if isinstance(msg, protocol.TreeScan):
-                self.manifests[msg.rel] += 1
-            elif isinstance(msg, protocol.TreeScans):
-                for rel in msg.rels[: len(reply.manifests)]:
-                    self.manifests[rel] += 1
-            elif isinstance(msg, protocol.TreeHave):
-                self.have += [d.rel for d in msg.dirs]
-                self.equal += sum(a.equal for a in reply.dirs)
-            return reply
-
-        session.call = call
-
-
-async def _pull(daemon: Daemon, dst: Path, spec: TreeSpec | None = None, spy: PullSpy | None = None) -> protocol.TreeDone:
-    async with daemon.session() as s:
-        if spy is not None:
-            spy.wrap(s)
-        return await pull_tree(s, "data", b"src", os.fsencode(dst), TopJob(), spec or TreeSpec(operation="mirror"), create_root=True)
-
-
-async def test_an_unchanged_pull_asks_for_no_manifest_below_the_top(daemon: Daemon, tmp_path: Path) -> None:
-    src = daemon.modules["data"] / "src"
-    await trio.to_thread.run_sync(make_tree, src)
-    dst = tmp_path / "dst"
-    first = await _pull(daemon, dst)
-    assert first.files_copied == 20 and not first.failures, first
-    before = _ctimes(dst)
-    spy = PullSpy()
-    again = await _pull(daemon, dst, spy=spy)
-    assert not again.failures and again.files_copied == 0 and again.links_created == 0 and again.files_deleted == 0, again
-    assert spy.manifests == Counter({b"": 1}), spy.manifests
-    assert sorted(spy.have) == [b"d1", b"d1/sub", b"d2", b"d3"] and spy.equal == 4
-    assert again.files_skipped == first.files_copied + 2 and again.entries_seen == first.entries_seen, again
-    assert _ctimes(dst) == before
-    await trio.to_thread.run_sync(assert_same_tree, src, dst)
-
-
-@pytest.mark.parametrize("drift", list(DRIFTS))
-async def test_drift_at_a_pulling_destination_is_repaired(daemon: Daemon, tmp_path: Path, drift: str) -> None:
-    src = daemon.modules["data"] / "src"
-    await trio.to_thread.run_sync(make_tree, src)
-    dst = tmp_path / "dst"
-    await _pull(daemon, dst)
-    DRIFTS[drift](src, dst)
-    spy = PullSpy()
-    done = await _pull(daemon, dst, spy=spy)
-    assert not done.failures, done.failures
-    await trio.to_thread.run_sync(assert_same_tree, src, dst)
-    assert os.listdir(dst / "d1").count(".blit-0123456789abcdef.tmp") == 0
-    assert spy.equal >= 1, (spy.have, spy.manifests)  # directories that did not drift
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="owners are preserved only as root")
-async def test_an_owner_drift_at_a_pulling_destination_is_repaired_as_root(daemon: Daemon, tmp_path: Path) -> None:
-    src = daemon.modules["data"] / "src"
-    await trio.to_thread.run_sync(make_tree, src)
-    dst = tmp_path / "dst"
-    await _pull(daemon, dst)
-    os.chown(dst / "d1" / "f2", 65534, 65534, follow_symlinks=False)
-    os.chown(dst / "d1" / "sub", 65534, 65534)
-    done = await _pull(daemon, dst)
-    assert not done.failures, done.failures
-    for rel in ("d1/f2", "d1/sub"):
-        s, d = os.lstat(src / rel), os.lstat(dst / rel)
-        assert (d.st_uid, d.st_gid) == (s.st_uid, s.st_gid), rel
+# --- pull digests only (hello feature pull-digest-1, decisions R72) ------------------------------
 
 
 async def test_a_daemon_without_pull_digests_sends_manifests(daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -305,10 +253,10 @@ async def test_a_daemon_without_pull_digests_sends_manifests(daemon: Daemon, tmp
     await trio.to_thread.run_sync(make_tree, src)
     dst = tmp_path / "dst"
     await _pull(daemon, dst)
-    spy = PullSpy()
+    spy = Spy()
     again = await _pull(daemon, dst, spy=spy)
     assert not again.failures and again.files_copied == 0, again
-    assert spy.have == [] and set(spy.manifests) == {b"", b"d1", b"d1/sub", b"d2", b"d3"}
+    assert spy.digests == [] and set(spy.manifests) == {b"", b"d1", b"d1/sub", b"d2", b"d3"}
     async with daemon.session() as s:
         opened = await s.call(protocol.OpenTree(module="data", path=b"src", direction="pull", operation="copy", compare=0, filters=[], dry_run=False, streams=1))
         with pytest.raises(RemoteError, match="tree/have needs the hello feature pull-digest-1") as info:
