@@ -198,3 +198,29 @@ async def test_extras_are_listed_without_a_full_scan(tmp_path: Path, xattr_mode:
     assert os.stat(dst / "f007").st_mode & 0o777 == os.stat(src / "f007").st_mode & 0o777
     copy = await blit.copy(f"{src}/", str(dst))  # a copy leaves extras be
     assert (copy.files_deleted, copy.files_copied) == (0, 0) and scans == []
+
+
+@pytest.mark.parametrize("compare", ["size-mtime", "size-only"])  # the C comparer's path, the Python scan's
+async def test_a_removed_temporary_leaves_its_directory_at_the_source_time(tmp_path: Path, compare: str) -> None:
+    """A directory whose only difference is a stale temporary: the run removes it and puts the
+    directory's mtime back (QA: it kept the time of the removal until the next run). Neither
+    `-n -v` nor the real run names it (QA: the dry run announced its deletion)."""
+    from blit.plan import Compare
+
+    opts = blit.Options(compare=Compare.SIZE_ONLY if compare == "size-only" else Compare.SIZE_MTIME)
+    src = make_tree(tmp_path / "src", {"a/": {"b/": {"f1": "1\n", "f2": "2\n"}}, "g": "g\n"})
+    t = 1_700_000_000_123_456_789
+    for p in (src / "a" / "b" / "f1", src / "a" / "b" / "f2", src / "a" / "b", src / "a", src):
+        os.utime(p, ns=(t, t))
+    dst = tmp_path / "dst"
+    assert (await blit.mirror(f"{src}/", str(dst), opts)).exit_code == 0
+    write_file(dst / "a" / "b" / ".blit-0123456789abcdef.tmp", b"stale\n")
+    os.utime(dst / "a" / "b", ns=(t, t))
+    dry = run_blit("mirror", "-n", "-v", *(["--size-only"] if compare == "size-only" else []), f"{src}/", dst, check=0)
+    assert b"blit-0123456789abcdef" not in dry.stdout, dry.stdout
+    assert (dst / "a" / "b" / ".blit-0123456789abcdef.tmp").exists()  # a dry run removes nothing
+    again = await blit.mirror(f"{src}/", str(dst), opts)
+    assert again.exit_code == 0 and (again.files_copied, again.files_deleted) == (0, 0), again
+    assert not (dst / "a" / "b" / ".blit-0123456789abcdef.tmp").exists()
+    assert os.stat(dst / "a" / "b").st_mtime_ns == t
+    assert_same_tree(src, dst)

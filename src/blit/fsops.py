@@ -1077,7 +1077,9 @@ def without_tmp(
     dir_fd: int, entries: list[tuple[str, os.stat_result]], dry_run: bool, held: list[str] | None = None
 ) -> dict[str, os.stat_result]:
     """A scanned destination directory's entries by name, without the temporaries of an
-    interrupted run: those are ours to remove (left in place by a dry run, and then listed).
+    interrupted run: those are ours to remove, without a line or a count (a dry run leaves
+    them in place and does not list them either, so that `-n -v` names what the real run
+    names: QA, it announced their deletion).
     A temporary directory (make_hidden_dir) or file (hold_tmp) still held by a live run is
     left to it, unlisted (and its name added to `held`). Another kind (a symlink, FIFO or link
     being renamed into place by _via_tmp: it cannot be locked) is, for a caller that takes
@@ -1088,7 +1090,9 @@ def without_tmp(
     out = {}
     now = time.time()
     for name, m in entries:
-        if is_tmp_name(name) and not dry_run:
+        if is_tmp_name(name):
+            if dry_run:
+                continue
             try:
                 if stat.S_ISDIR(m.st_mode) or stat.S_ISREG(m.st_mode):
                     if not remove_stale(dir_fd, name, stat.S_ISDIR(m.st_mode)) and held is not None:

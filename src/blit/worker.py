@@ -191,6 +191,9 @@ class Worker:
                         res.dst_unread = True
                         return res
                     dst = fsops.without_tmp(dfd, dents, spec.dry_run)
+                    # Stale temporaries went: the directory's mtime moved (QA: it kept the
+                    # time of the removal until the next run).
+                    res.changed |= len(dst) < len(dents) and not spec.dry_run
                     for dname, _ in derrs:
                         keep.add(dname)
             self._plan_and_execute(job, entries, dst, frozenset(keep), sfd, dfd, res)
@@ -229,7 +232,9 @@ class Worker:
                 dents, derrs = fsops.scan_names(dfd, extra)
             except OSError:
                 return dfd  # the ordinary path reports it
-            dst.update(fsops.without_tmp(dfd, dents, self.spec.dry_run))
+            kept = fsops.without_tmp(dfd, dents, self.spec.dry_run)
+            res.changed |= len(kept) < len(dents) and not self.spec.dry_run  # temporaries went
+            dst.update(kept)
             keep = frozenset(n for n, _ in derrs)
         res.entries_seen = total
         res.files_skipped += clean

@@ -1561,7 +1561,7 @@ class DestTree:
                     with self._lock:
                         self._others_tmp += ((dst_rel, n) for n in others)
                 keep.update(n for n, _ in derrs)
-                if len(dst) < len(dents):  # stale temporaries went: the directory's mtime moved
+                if len(dst) < len(dents) and not dry:  # stale temporaries went: the directory's mtime moved
                     with self._lock:
                         self.nodes[dst_rel].changed = True
             settled = self._settle_same(dfd, src, by_name, dst, bare) if dst and only is None and self._settles else 0
