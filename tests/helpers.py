@@ -1052,14 +1052,15 @@ def assert_changed_file_outcome(proc: subprocess.CompletedProcess[bytes], src: P
         assert os.listdir(dst) == ["big.bin"]
 
 
-def assert_json_fatal(proc: subprocess.CompletedProcess[bytes], needle: str) -> None:
+def assert_json_fatal(proc: subprocess.CompletedProcess[bytes], needle: str) -> dict[str, Any]:
     """A --json run that stopped on a fatal error: exit 1, and its last line, the only summary,
-    says why (`fatal` holds `needle`)."""
+    says why (`fatal` holds `needle`). Returns that summary."""
     assert proc.returncode == 1, describe_output(proc)
     events = json_events(proc)
     summaries = [e for e in events if e["event"] == "summary"]
     assert summaries == [events[-1]], f"one summary, last\n{describe_output(proc)}"
     assert needle in summaries[0]["fatal"] and summaries[0]["exit_code"] == 1, summaries[0]
+    return summaries[0]
 
 
 def make_linked_others(src: Path) -> None:

@@ -59,6 +59,11 @@ class Summary:
     strategy: str = ""
     duration_s: float = 0.0
     predicted_s: float | None = None
+    fatal_code: int = 1
+    """The exit code of a fatal run: 1, or 2 when a remote run's request was refused as bad usage."""
+    counts_known: bool = True
+    """False when a run stopped by a fatal error cannot vouch for its counts (a push or a remote
+    to remote run: the destination daemon held them); the JSON summary then leaves them out."""
     finish_with: str | None = None
     """Set when a directory SRC lands as a DST this run creates (`blit copy dir new`): once DST
     exists the same command would copy into DST/SRC, so a run that stops early names the
@@ -67,12 +72,19 @@ class Summary:
     @property
     def exit_code(self) -> int:
         if self.fatal:
-            return 1
+            return self.fatal_code
         if self.failures or self.deletions_skipped:
             return 3
         return 0
 
     def as_dict(self) -> dict[str, object]:
+        out = self._as_dict()
+        if not self.counts_known:
+            for key in _COUNTS:
+                del out[key]
+        return out
+
+    def _as_dict(self) -> dict[str, object]:
         return {
             "event": "summary",
             "operation": self.operation,
@@ -95,6 +107,10 @@ class Summary:
             "dry_run": self.dry_run,
             "exit_code": self.exit_code,
         }
+
+
+_COUNTS = ("files_copied", "bytes_copied", "files_deleted", "files_skipped", "dirs_created",
+           "links_created", "files_removed", "entries_seen")
 
 
 class Progress(Protocol):

@@ -135,17 +135,36 @@ def test_pull_from_a_daemon_that_cannot_read_everything(nobody_daemon: DaemonPro
 # --- a destination that fills up ----------------------------------------------------------------
 
 
-def _check_full_then_rerun(src: Path, dst: Path, mnt: Path, run, op: str = "copy") -> None:  # type: ignore[no-untyped-def]
+def _files_under(root: Path) -> int:
+    return sum(1 for _, _, names in os.walk(root) for n in names) if root.exists() else 0
+
+
+def _check_full_then_rerun(src: Path, dst: Path, mnt: Path, run, op: str = "copy", counted: bool = False) -> None:  # type: ignore[no-untyped-def]
     """run(op, *options): the same transfer each time. Mirror deletes the destination's extra
-    file only on the run that completes."""
+    file only on the run that completes. `counted` (a pull): the --json summary of the run the
+    full disk stopped counts the files it landed; otherwise (the destination daemon held the
+    counts) it has no counts at all, rather than zeros."""
     src_snap = snapshot(src)
     if op == "mirror":
         write_file(dst / "extra.txt", b"only here\n")
+    before = _files_under(dst)
+    summary = assert_json_fatal(run(op, "--json"), "No space left on device")
+    assert summary["operation"] == op and summary["duration_s"] > 0, summary
+    if counted:
+        landed = _files_under(dst) - before
+        assert landed > 0 and summary["files_copied"] == landed, (summary, landed)
+        assert summary["bytes_copied"] > 0 and summary["files_deleted"] == 0, summary
+    else:
+        assert "files_copied" not in summary and "bytes_copied" not in summary, summary
     proc = run(op)
     assert proc.returncode == 1, describe_output(proc)
     lines = blit_lines(proc)
-    assert len(lines) == 1 and lines[0].startswith("blit: error: No space left on device (writing "), describe_output(proc)
-    assert_json_fatal(run(op, "--json"), "No space left on device")
+    # One fatal line; a pull, like a local run, also names the files the full disk failed.
+    errors = [ln for ln in lines if ln.startswith("blit: error:")]
+    assert len(errors) == 1 and errors[0].startswith("blit: error: No space left on device (writing "), describe_output(proc)
+    others = [ln for ln in lines if ln not in errors]
+    assert all(ln.endswith(": No space left on device") for ln in others), describe_output(proc)
+    assert not others or counted, describe_output(proc)
     if op == "mirror":
         assert (dst / "extra.txt").read_bytes() == b"only here\n"
         os.unlink(dst / "extra.txt")
@@ -173,7 +192,7 @@ def test_push_into_a_full_module(daemon: DaemonProcess, tmp_path: Path, op: str,
 def test_pull_into_a_full_disk(daemon: DaemonProcess, tmp_path: Path, small: bool) -> None:
     src = full_disk_source(daemon.modules["data"] / "src", small)
     with mounted_tmpfs(tmp_path / "mnt", "3m") as mnt:
-        _check_full_then_rerun(src, mnt / "dst", mnt, lambda *o: run_blit(*o[:1], "--no-tls", *o[1:], url(daemon, "data/src/"), mnt / "dst"))
+        _check_full_then_rerun(src, mnt / "dst", mnt, lambda *o: run_blit(*o[:1], "--no-tls", *o[1:], url(daemon, "data/src/"), mnt / "dst"), counted=True)
 
 
 @pytest.mark.root

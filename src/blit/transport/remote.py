@@ -301,6 +301,27 @@ def not_dir(kind: str) -> str:
     return "not a directory"
 
 
+def _fatal_summary(summary: Summary, exc: BaseException, stage: str, counters: Any, progress: Any, t0: float) -> None:
+    """A remote run that a BlitError stopped after it started: its summary goes out now, with
+    the error and, as far as this side can vouch for them, its counts: a pull's landed here
+    (but a move's, whose removals the daemon made); a push's or a relay's were the destination
+    daemon's, so they are left out. Any other exception (an interrupt) is left to the caller."""
+    from ..errors import BlitError, leaves
+
+    errors = [e for e in leaves(exc) if isinstance(e, BlitError)] if isinstance(exc, BaseExceptionGroup) else [exc]
+    if progress is None or not errors or not isinstance(errors[0], BlitError):
+        return
+    summary.fatal = str(errors[0])
+    summary.fatal_code = errors[0].exit_code
+    if stage == "pull" and summary.operation != "move":
+        if counters.dest is not None:
+            _summarize(summary, counters.dest.result(), progress)
+    elif stage:
+        summary.counts_known = False
+    summary.duration_s = time.perf_counter() - t0
+    progress.finish(summary)
+
+
 def _summarize(summary: Summary, done: protocol.TreeDone, progress: Any) -> None:
     summary.files_copied = done.files_copied
     summary.bytes_copied = done.bytes_copied
@@ -455,54 +476,61 @@ async def remote_transfer(
     room = getattr(progress, "room", None) if report else None
     t0 = time.perf_counter()
     counters = TreeCounters()
-    async with open_session(
-        remote.host, tls_enabled=tls_enabled, known_hosts=known_hosts, force_h2_data=force_h2_data, timeouts=timeouts or Timeouts()
-    ) as session, trio.open_nursery() as nursery:
-        if creds is not None:
-            await session.authenticate(remote.module, *creds)
-        if isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, RemoteEndpoint):
-            direction = "relay"  # progress: relay() reports each poll's counters
-            done, carriers = await relay(session, s_ep, d_ep, spec, streams, tls_enabled=tls_enabled, progress=progress)
-        else:
-            if progress is not None and not isinstance(progress, NullProgress):
-                counters.want_totals = True
-                nursery.start_soon(tick, progress, counters.snapshot, t0, counters.totals)
-            if isinstance(d_ep, RemoteEndpoint):
-                assert isinstance(s_ep, LocalEndpoint)
-                direction = "push"
-                local = LocalSide(s_ep)
-                r = await resolve(local, remote_side(session, d_ep))
-                if r.as_new and not dry_run:
-                    summary.finish_with = finish_command(operation, src, dst)
-                await trio.to_thread.run_sync(check_source_readable, local.path, local.trailing_slash, local.label)
-                up = None
-                if operation == "mirror" and local.ident is not None:  # R59: only a mirror deletes
-                    from .. import fsops
-
-                    up = (await trio.to_thread.run_sync(fsops.ancestors, local.path))[: protocol.MAX_UP]
-                done = await push_tree(
-                    session, r.src_base, d_ep.module, r.dst_base, r.top, spec, streams, create_base=r.create_dst, counters=counters,
-                    actions=actions, actions_room=room, source_dir=local.ident, source_up=up,
-                )
+    stage = ""  # the transfer under way, once it is: "push", "pull" or "relay"
+    try:
+        async with open_session(
+            remote.host, tls_enabled=tls_enabled, known_hosts=known_hosts, force_h2_data=force_h2_data, timeouts=timeouts or Timeouts()
+        ) as session, trio.open_nursery() as nursery:
+            if creds is not None:
+                await session.authenticate(remote.module, *creds)
+            if isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, RemoteEndpoint):
+                direction = stage = "relay"  # progress: relay() reports each poll's counters
+                done, carriers = await relay(session, s_ep, d_ep, spec, streams, tls_enabled=tls_enabled, progress=progress)
             else:
-                assert isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, LocalEndpoint)
-                direction = "pull"
-                rside = remote_side(session, s_ep, source=True)
-                r = await resolve(rside, LocalSide(d_ep))
-                rside.check_readable()
-                if r.as_new and not dry_run:
-                    summary.finish_with = finish_command(operation, src, dst)
-                # A missing local destination is made once the daemon accepted the transfer (a
-                # refused move leaves nothing behind); a dry run makes nothing and opens nothing
-                # (the top job is new, see resolve).
-                dest = DestTree(-1, spec) if r.create_dst and dry_run else None
-                done = await pull_tree(
-                    session, s_ep.module, r.src_base, r.dst_base, r.top, spec, streams,
-                    create_root=r.create_dst and not dry_run, counters=counters, dest=dest, actions=actions, actions_room=room,
-                    refuse_nesting=nesting_check(rside, r.dst_base, r.top, d_ep.path, mirror=operation == "mirror"),
-                )
-            nursery.cancel_scope.cancel()  # the ticker
-            carriers = "h2" if session.force_h2_data or session.peer.data_port is None else "tcp"
+                if progress is not None and not isinstance(progress, NullProgress):
+                    counters.want_totals = True
+                    nursery.start_soon(tick, progress, counters.snapshot, t0, counters.totals)
+                if isinstance(d_ep, RemoteEndpoint):
+                    assert isinstance(s_ep, LocalEndpoint)
+                    direction = "push"
+                    local = LocalSide(s_ep)
+                    r = await resolve(local, remote_side(session, d_ep))
+                    if r.as_new and not dry_run:
+                        summary.finish_with = finish_command(operation, src, dst)
+                    await trio.to_thread.run_sync(check_source_readable, local.path, local.trailing_slash, local.label)
+                    up = None
+                    if operation == "mirror" and local.ident is not None:  # R59: only a mirror deletes
+                        from .. import fsops
+
+                        up = (await trio.to_thread.run_sync(fsops.ancestors, local.path))[: protocol.MAX_UP]
+                    stage = "push"
+                    done = await push_tree(
+                        session, r.src_base, d_ep.module, r.dst_base, r.top, spec, streams, create_base=r.create_dst, counters=counters,
+                        actions=actions, actions_room=room, source_dir=local.ident, source_up=up,
+                    )
+                else:
+                    assert isinstance(s_ep, RemoteEndpoint) and isinstance(d_ep, LocalEndpoint)
+                    direction = "pull"
+                    rside = remote_side(session, s_ep, source=True)
+                    r = await resolve(rside, LocalSide(d_ep))
+                    rside.check_readable()
+                    if r.as_new and not dry_run:
+                        summary.finish_with = finish_command(operation, src, dst)
+                    # A missing local destination is made once the daemon accepted the transfer (a
+                    # refused move leaves nothing behind); a dry run makes nothing and opens nothing
+                    # (the top job is new, see resolve).
+                    dest = DestTree(-1, spec) if r.create_dst and dry_run else None
+                    stage = "pull"
+                    done = await pull_tree(
+                        session, s_ep.module, r.src_base, r.dst_base, r.top, spec, streams,
+                        create_root=r.create_dst and not dry_run, counters=counters, dest=dest, actions=actions, actions_room=room,
+                        refuse_nesting=nesting_check(rside, r.dst_base, r.top, d_ep.path, mirror=operation == "mirror"),
+                    )
+                nursery.cancel_scope.cancel()  # the ticker
+                carriers = "h2" if session.force_h2_data or session.peer.data_port is None else "tcp"
+    except BaseException as exc:
+        _fatal_summary(summary, exc, stage, counters, progress, t0)
+        raise
     _summarize(summary, done, progress)
     summary.strategy = f"{direction}:{carriers}:{streams}"
     summary.duration_s = time.perf_counter() - t0
