@@ -1235,7 +1235,8 @@ class LocalTransfer:
         if not self.deletions:
             return
         if self.scan_incomplete or self.dst_unread:
-            n = sum(len(x) for _, x, _ in self.deletions)
+            # Counted as the deletion would have counted them: every entry below an extra directory.
+            n = await trio.to_thread.run_sync(self._count_deletions, self.deletions, [])
             self.summary.deletions_skipped = nothing_deleted(len(self.scan_incomplete), self.dst_unread, n)
             return
         gone: list[str] = []  # what the `delete` lines name, once done (a dry run: would be)

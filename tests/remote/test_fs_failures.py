@@ -9,6 +9,7 @@ temporary left, and a rerun that finishes the job. Cleartext daemons: TLS is not
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,6 +96,8 @@ def _check_unreadable_runs(src: Path, dst: Path, run) -> None:  # type: ignore[n
         assert (dst / "ok.txt").read_bytes() == b"ok\n" and (dst / "sub/b.txt").read_bytes() == b"b\n"
         assert not os.path.lexists(dst / "secret.txt") and os.listdir(dst / "locked") == []
     write_file(dst / "extra.txt", b"only here\n")
+    write_file(dst / "extras/a.txt", b"only here\n")  # kept: the directory and all 3 below it
+    write_file(dst / "extras/deep/b.txt", b"only here\n")
     write_file(dst / "locked/stale.txt", b"only here\n")
     chown_tree(dst, NOBODY, NOBODY)
     proc = run("mirror")
@@ -103,9 +106,12 @@ def _check_unreadable_runs(src: Path, dst: Path, run) -> None:  # type: ignore[n
     assert [ln for ln in lines if "mirror" not in ln] == LOCKED_LINES, describe_output(proc)
     # The same count as a local run's: the top's extra; locked/ was not read, so what it holds
     # is not counted as extras (push and pull counted them).
-    assert "blit: mirror deleted nothing: 1 source directory could not be read completely (1 destination entry kept)" in lines, lines
+    # As many as the complete run deletes: every entry below an extra directory counts.
+    assert "blit: mirror deleted nothing: 1 source directory could not be read completely (5 destination entries kept)" in lines, lines
     assert (dst / "extra.txt").exists() and (dst / "locked/stale.txt").exists()
+    assert (dst / "extras/deep/b.txt").exists()
     os.unlink(dst / "extra.txt")
+    shutil.rmtree(dst / "extras")
     os.unlink(dst / "locked/stale.txt")
     lock_tree(src, False)
     proc = run("copy")

@@ -2468,7 +2468,11 @@ class DestTree:
         if not self.deletions:
             return
         if self.incomplete or not source_complete:
-            n = sum(len(x) for _, x in self.deletions)
+            # Counted as the deletion would have counted them: every entry below an extra directory.
+            n = sum(
+                fsops.count_extras(self.root_fd, dst_rel, [name for name, _ in extras], self.spec.filters, self.dirs.open_dir)
+                for dst_rel, extras in self.deletions
+            )
             k = len(self.incomplete) - self.unplanned  # source directories not read whole
             if not k and not self.unplanned:
                 k = 1  # the source's walk itself stopped short (source_complete)
