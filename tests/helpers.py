@@ -1099,3 +1099,53 @@ def link_groups(root: Path) -> list[list[str]]:
             if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
                 by_ino.setdefault(st.st_ino, []).append(os.path.relpath(p, root))
     return sorted(sorted(g) for g in by_ino.values())
+
+
+# --- JSON Schema (the subset schemas/*.schema.json use) -----------------------------------------
+
+
+def _type_ok(value: Any, t: str) -> bool:
+    return {
+        "object": isinstance(value, dict),
+        "array": isinstance(value, list),
+        "string": isinstance(value, str),
+        "integer": isinstance(value, int) and not isinstance(value, bool),
+        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "boolean": isinstance(value, bool),
+        "null": value is None,
+    }[t]
+
+
+def schema_matches(value: Any, schema: dict[str, Any]) -> bool:
+    """Whether `value` is valid under `schema`: type, const, enum, required, properties,
+    additionalProperties (false only) and items."""
+    t = schema.get("type")
+    if t is not None and not any(_type_ok(value, x) for x in ([t] if isinstance(t, str) else t)):
+        return False
+    if "const" in schema and value != schema["const"]:
+        return False
+    if "enum" in schema and value not in schema["enum"]:
+        return False
+    if isinstance(value, dict):
+        if any(k not in value for k in schema.get("required", ())):
+            return False
+        props = schema.get("properties", {})
+        if schema.get("additionalProperties") is False and any(k not in props for k in value):
+            return False
+        for k, sub in props.items():
+            if k in value and not schema_matches(value[k], sub):
+                return False
+    if isinstance(value, list) and "items" in schema:
+        return all(schema_matches(v, schema["items"]) for v in value)
+    return True
+
+
+def assert_one_branch(schema: dict[str, Any], value: Any) -> None:
+    """Exactly one branch of the schema's oneOf accepts `value`."""
+    hits = [b for b in schema["oneOf"] if schema_matches(value, b)]
+    assert len(hits) == 1, f"{len(hits)} schema branches accept {value}"
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """schemas/NAME from the repository."""
+    return json.loads((Path(__file__).resolve().parents[1] / "schemas" / name).read_text())  # type: ignore[no-any-return]

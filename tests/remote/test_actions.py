@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from helpers import cp_a
+from helpers import assert_one_branch, cp_a, schema_matches
 
 from .conftest import Daemon, DaemonProcess, blit_cmd, run_daemon_process
 from .treeutil import assert_same_tree, make_full_tree
@@ -23,50 +23,18 @@ ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "schemas" / "events.schema.json").read_text())
 
 
-# --- the JSON schema of events (the subset of JSON Schema it uses) ------------------------------
-
-
-def _type_ok(value: Any, t: str) -> bool:
-    return {
-        "object": isinstance(value, dict),
-        "array": isinstance(value, list),
-        "string": isinstance(value, str),
-        "integer": isinstance(value, int) and not isinstance(value, bool),
-        "number": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "boolean": isinstance(value, bool),
-        "null": value is None,
-    }[t]
-
-
-def _matches(value: Any, schema: dict[str, Any]) -> bool:
-    t = schema.get("type")
-    if t is not None and not any(_type_ok(value, x) for x in ([t] if isinstance(t, str) else t)):
-        return False
-    if "const" in schema and value != schema["const"]:
-        return False
-    if "enum" in schema and value not in schema["enum"]:
-        return False
-    if isinstance(value, dict):
-        if any(k not in value for k in schema.get("required", ())):
-            return False
-        for k, sub in schema.get("properties", {}).items():
-            if k in value and not _matches(value[k], sub):
-                return False
-    if isinstance(value, list) and "items" in schema:
-        return all(_matches(v, schema["items"]) for v in value)
-    return True
+# --- the JSON schema of events -------------------------------------------------------------------
 
 
 def assert_valid_event(event: dict[str, Any]) -> None:
     """Exactly one branch of schemas/events.schema.json accepts the event."""
-    hits = [b for b in SCHEMA["oneOf"] if _matches(event, b)]
-    assert len(hits) == 1, f"{len(hits)} schema branches accept {event}"
+    assert_one_branch(SCHEMA, event)
 
 
 def test_the_schema_check_refuses_what_the_schema_refuses() -> None:
     assert_valid_event({"event": "action", "action": "delete", "path": "a/\udcff"})
     for bad in ({"event": "action", "action": "remove", "path": "a"}, {"event": "action", "action": "copy"}, {"event": "action", "action": "copy", "path": 3}):
-        assert not any(_matches(bad, b) for b in SCHEMA["oneOf"]), bad
+        assert not any(schema_matches(bad, b) for b in SCHEMA["oneOf"]), bad
 
 
 # --- running blit ---------------------------------------------------------------------------------

@@ -3,9 +3,11 @@ stop on SIGTERM/SIGINT within 5 s, also mid-transfer."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ from blit.endpoint import HostSpec
 from blit.transport import data, protocol as p
 from blit.transport.client import LocalSink, LocalSource, open_session
 
-from helpers import NOBODY
+from helpers import NOBODY, assert_one_branch, load_schema
 
 from .conftest import DaemonProcess, blit_cmd, run_daemon_process
 from .test_data import MiB, digest, make_file
@@ -45,6 +47,43 @@ def test_cli_lists_modules_and_entries(daemon_process: DaemonProcess) -> None:
     assert len(lines) == 2 and lines[0].endswith(" hello.txt") and lines[1].startswith("d")
     r = run_cli(d, "list", "--json", f"127.0.0.1:{d.port}:/data/hello.txt")
     assert r.returncode == 0 and '"size": 2' in r.stdout and "pinned" not in r.stderr
+
+
+def test_cli_list_json_follows_its_schema(daemon_process: DaemonProcess) -> None:
+    """`blit list --json`, modules and entries of every kind (a non-UTF-8 name too): each line
+    is one object that exactly one branch of schemas/list.schema.json accepts, with the values
+    lstat gives on the daemon."""
+    d = daemon_process
+    schema = load_schema("list.schema.json")
+    r = run_cli(d, "list", "--json", f"127.0.0.1:{d.port}")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    for row in rows:
+        assert_one_branch(schema, row)
+    assert [(x["module"], x["read_only"]) for x in rows] == [("data", False), ("ro", True), ("other", False)]
+    top = d.modules["data"] / "kinds"
+    top.mkdir()
+    (top / "f").write_bytes(b"12345")
+    (top / "sub").mkdir()
+    os.symlink("f", top / "ln")
+    os.mkfifo(top / "fifo")
+    os.mknod(top / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    (top / os.fsdecode(b"n\xff")).write_bytes(b"")
+    r = run_cli(d, "list", "--json", f"127.0.0.1:{d.port}:/data/kinds/")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    for row in rows:
+        assert_one_branch(schema, row)
+    by_name = {os.fsencode(x["name"]): x for x in rows}
+    assert sorted(by_name) == sorted([b"f", b"sub", b"ln", b"fifo", b"null", b"n\xff"])
+    assert {k: v["kind"] for k, v in by_name.items()} == {
+        b"f": "file", b"sub": "dir", b"ln": "symlink", b"fifo": "fifo", b"null": "char", b"n\xff": "file"
+    }
+    for name, row in by_name.items():
+        st = os.lstat(os.path.join(os.fsencode(top), name))
+        assert (row["mode"], row["mtime_ns"]) == (st.st_mode, st.st_mtime_ns), (name, row)
+    assert by_name[b"f"]["size"] == 5 and by_name[b"ln"]["target"] == "f"
+    assert all("target" not in v for k, v in by_name.items() if k != b"ln")
 
 
 def test_cli_list_into_a_closed_stdout_says_so_and_fails(daemon_process: DaemonProcess) -> None:

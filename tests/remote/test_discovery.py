@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import assert_one_branch, load_schema
+
 from .conftest import SRC, blit_cmd, write_config
 
 pytestmark = pytest.mark.skipif(
@@ -75,6 +77,8 @@ wait $pid
     )
     assert r.returncode == 0, r.stderr + (tmp_path / "d.log").read_text()
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    for x in rows:
+        assert_one_branch(load_schema("list.schema.json"), x)
     (row,) = [x for x in rows if x["name"] == "nsbox"]
     assert row["port"] == 19555 and row["modules"] == ["data", "ro", "other"] and row["version"] == 1
 
