@@ -91,11 +91,11 @@ def test_destination_inside_the_source(tmp_path: Path, op: str, src: str, dst: s
     _assert_refused_untouched(tmp_path, op, src, dst, pattern="inside|within")
 
 
-def _assert_refused_untouched(tmp_path: Path, op: str, src: str, dst: str, *, pattern: str) -> None:
-    """`blit op src dst` (in tmp_path) exits 2 with one error line matching `pattern`, and
-    changes nothing under tmp_path."""
+def _assert_refused_untouched(tmp_path: Path, op: str, src: str, dst: str, *flags: str, pattern: str) -> None:
+    """`blit op [flags] src dst` (in tmp_path) exits 2 with one error line matching `pattern`,
+    and changes nothing under tmp_path."""
     before = snapshot(tmp_path, include_root=False)
-    proc = run_blit(op, src, dst, cwd=tmp_path)
+    proc = run_blit(op, *flags, src, dst, cwd=tmp_path)
     assert proc.returncode == 2, describe_output(proc)
     _one_error_line(proc, pattern=pattern)
     assert_same_tree(before, snapshot(tmp_path, include_root=False))
@@ -112,6 +112,18 @@ def test_source_equal_to_destination(tmp_path: Path, op: str, src: str, dst: str
     make_tree(tmp_path / "src", TREE)
     os.symlink("src", tmp_path / "alias")
     _assert_refused_untouched(tmp_path, op, src, dst, pattern="same|equal|itself")
+
+
+@pytest.mark.parametrize("flags", [["--no-tls"], ["--force-h2-data"], ["--secrets-file", "secrets"]], ids=lambda f: f[0])
+@pytest.mark.parametrize("op", ["copy", "mirror", "move"])
+def test_a_daemon_only_flag_on_a_local_run_is_refused(tmp_path: Path, op: str, flags: list[str]) -> None:
+    """A flag that only a transfer through a daemon uses is refused on a local one (where it
+    would change nothing: likely a remote endpoint mistyped), before anything is done."""
+    make_tree(tmp_path / "src", TREE)
+    write_file(tmp_path / "secrets", b"s3cret\n")
+    _assert_refused_untouched(
+        tmp_path, op, "src/", "dst/", *flags, pattern=f"^blit: error: {flags[0]} is for a transfer through a daemon .*both local$"
+    )
 
 
 @pytest.mark.parametrize("op", ["copy", "mirror", "move"])

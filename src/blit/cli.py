@@ -362,9 +362,16 @@ def _run(
     from .errors import BlitError, leaves
     from .plan import Compare
 
+    from .endpoint import is_local
+
+    # A daemon-only flag on a local run would change nothing: likely a remote endpoint mistyped.
+    # (The API takes one Options for either kind of run and leaves them be.)
+    daemon_only = [f for f, on in (("--no-tls", not tls), ("--force-h2-data", force_h2_data), ("--secrets-file", secrets_file is not None)) if on]
     for clash, message in (
         (sum((checksum, size_only, ignore_times)) > 1, "--checksum, --size-only and --ignore-times exclude each other"),
         (quiet and verbose, "--quiet and --verbose exclude each other"),
+        (bool(daemon_only) and is_local(src) and is_local(dst),
+         f"{daemon_only[0] if daemon_only else ''} is for a transfer through a daemon (HOST:/module/path); {src} and {dst} are both local"),
     ):
         if clash:
             _err(message)
