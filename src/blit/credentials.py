@@ -14,7 +14,8 @@ The client's `--secrets-file` has one entry per line (docs/cli.md "Authenticatio
 Blank lines and lines starting with '#' are skipped; the secret is the rest of the line with
 surrounding blanks removed. A line is a key line when it has a blank and its first word is
 shaped `user@host:...` (then it must be a valid key); any other line is a secret alone, '@',
-':' and blanks included. No message quotes a line's text (it may hold a secret): messages name
+':' and blanks included, except one that starts with the endpoint's own `user@host` and goes
+on: a key whose module was left out, refused. No message quotes a line's text (it may hold a secret): messages name
 the file and the line. The user always comes from the endpoint (`alice@nas:/photos/x`); no
 environment variable is read. This module must not talk to the network.
 """
@@ -132,6 +133,24 @@ def parse_client_secrets(raw: bytes, path: Path) -> tuple[dict[str, bytes], byte
     return keyed, default
 
 
+def _check_not_a_bare_key(raw: bytes, secret: bytes, user: str, host: str, path: Path) -> None:
+    """The secret alone about to be used starts with this endpoint's own `user@host` and goes on:
+    a key line whose module was left out (`alice@nas s3cret`), not a secret. Taken as one, it
+    failed as a wrong secret (QA pass 7). A secret alone that merely starts with some `x@y`
+    (`P@ssw0rd 2024`) is left as it is."""
+    words = secret.split(None, 1)
+    first = words[0].decode("utf-8", "surrogateescape")
+    k_user, at, k_host = first.partition("@")
+    if len(words) < 2 or not at or k_user != user or k_host.strip("[]").lower() != host.lower():
+        return
+    n = next((i for i, line in enumerate(raw.split(b"\n"), 1) if line.strip() == secret), 0)
+    shown = f"{user}@" + (f"[{host}]" if ":" in host else host)
+    raise ConfigFileError(
+        f"the secrets file {path}, line {n}: it starts with {shown} but names no module; write the key"
+        f" as {shown}:MODULE (or {shown}:// for the root export), then the secret"
+    )
+
+
 def client_credentials(user: str | None, host: str, module: str, secrets_file: Path | None) -> tuple[str, bytes] | None:
     """The (user, secret) to authenticate with, or None when the endpoint names no user (then
     a protected module refuses with "requires a user and secret").
@@ -144,8 +163,11 @@ def client_credentials(user: str | None, host: str, module: str, secrets_file: P
     where = f"{user}@" + (f"[{host}]" if ":" in host else host) + (f":/{module}" if module else "://")
     if secrets_file is None:
         raise UsageError(f"{where} names user {user!r}: give the secret with --secrets-file FILE")
-    keyed, default = parse_client_secrets(read_private_file(secrets_file, "the secrets file"), secrets_file)
+    raw = read_private_file(secrets_file, "the secrets file")
+    keyed, default = parse_client_secrets(raw, secrets_file)
     secret = keyed.get(entry_key(user, host, module), default)
+    if secret is not None and secret is default:
+        _check_not_a_bare_key(raw, secret, user, host, secrets_file)
     if secret is None:
         raise ConfigFileError(
             f"the secrets file {secrets_file} has no line for {entry_key(user, host, module)} (and no line with a secret alone)"

@@ -6,6 +6,7 @@ secret never crosses the wire; hosts_allow / hosts_deny; config errors name the 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -258,6 +259,27 @@ def test_a_mistyped_client_secrets_key_is_named_not_taken_for_the_default_secret
         with pytest.raises(ConfigFileError, match=problem) as exc:
             parse_client_secrets(text, tmp_path / "s")
         assert not any(w in str(exc.value) for w in ("Qx1", "Qy2", "P@ss")), exc.value
+
+
+def test_a_key_line_without_its_module_is_named_not_taken_for_the_secret(tmp_path: Path) -> None:
+    """QA pass 7: `alice@nas s3cret` (the module left out) was a secret alone, the whole line,
+    and the run failed as a wrong secret. A secret alone that starts with this endpoint's own
+    user@host and goes on is refused, naming the line and the key to write; one that merely
+    starts with some x@y ('P@ssw0rd 2024', bob's line for alice) is still a secret."""
+    from blit.credentials import client_credentials
+    from blit.errors import ConfigFileError
+
+    secrets = tmp_path / "s"
+    for text, host in ((b"# mine\nalice@nas s3cret\n", "nas"), (b"# mine\nalice@NAS   s3cret\n", "nas")):
+        secrets.write_bytes(text)
+        secrets.chmod(0o600)
+        shown = "alice@nas"  # (alice@[::1] s3cret: the line above's refusal, its ':' inside)
+        with pytest.raises(ConfigFileError, match=rf"line 2: it starts with {re.escape(shown)} but names no module; write the key as {re.escape(shown)}:MODULE") as exc:
+            client_credentials("alice", host, "photos", secrets)
+        assert "s3cret" not in str(exc.value)
+    for text, want in ((b"P@ssw0rd 2024\n", b"P@ssw0rd 2024"), (b"bob@nas s3cret\n", b"bob@nas s3cret"), (b"alice@nas:photos x\nalice@nas s3cret\n", b"x")):
+        secrets.write_bytes(text)
+        assert client_credentials("alice", "nas", "photos", secrets) == ("alice", want), text
 
 
 AT_SECRETS = {"alice": "P@ssw0rd 2024", "bob": "me@home:Zebra42"}
