@@ -316,7 +316,7 @@ def _fatal_summary(summary: Summary, exc: BaseException, stage: str, counters: A
     if stage == "pull" and summary.operation != "move":
         if counters.dest is not None:
             _summarize(summary, counters.dest.result(), progress)
-    elif stage:
+    elif stage:  # a push, a relay, a pull's move
         summary.counts_known = False
     summary.duration_s = time.perf_counter() - t0
     progress.finish(summary)
