@@ -15,8 +15,8 @@ Blank lines and lines starting with '#' are skipped; the secret is the rest of t
 surrounding blanks removed. A line is a key line when it has a blank and its first word is
 shaped `user@host:...` (then it must be a valid key); any other line is a secret alone, '@',
 ':' and blanks included, except one that starts with the endpoint's own `user@host` and goes
-on: a key whose module was left out, refused. No message quotes a line's text (it may hold a secret): messages name
-the file and the line. The user always comes from the endpoint (`alice@nas:/photos/x`); no
+on: a key whose module was left out, refused. No message quotes a line's text (it may hold a
+secret): messages name the file and the line. The user always comes from the endpoint (`alice@nas:/photos/x`); no
 environment variable is read. This module must not talk to the network.
 """
 
