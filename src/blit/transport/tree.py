@@ -83,7 +83,11 @@ directories into place (a landing stuck longer leaves them to the next run's cle
 WALK_CONCURRENCY = 8
 """Directories in flight at once in a client's walk (requests pipelined on the session)."""
 MAX_QUEUED_FILES = 20_000
-"""A pushing client stops walking ahead while this many files wait for a data stream."""
+"""A pushing client stops walking ahead while this many files wait for a data stream; a pulling
+client while this many files it asked for have not landed; a push's destination daemon plans
+no more while this many files it needs have not landed (handlers._behind_landing). Without it, a tree of millions of
+small or empty files, whose data lags its listing, was held in memory nearly whole (a
+1,000,000-file pull: 412 MiB)."""
 MAX_PARTED = 16
 """Directories whose manifest parts a pull's source keeps waiting at once (SourceTree.scan_part)."""
 _ENTRY_BYTES = 96
@@ -107,6 +111,8 @@ mid-hash is noticed only after this (a 1 GiB batch: about 5 minutes)."""
 HASH_CALLS = 2
 """--checksum requests in flight per transfer (the daemon serves 4 requests per session at once:
 hashing never takes them all)."""
+BEHIND_POLL = 0.01
+"""Seconds between looks at `_walk`'s `behind` while the walk waits for the data."""
 
 
 def _msg(exc: OSError) -> str:
@@ -2737,6 +2743,7 @@ async def _walk(
     visit: Callable[[str, str, bool, dict[str, str] | None], Any],
     group: Callable[[list[Job]], Any] | None = None,
     many: Callable[[list[Job]], Awaitable[list[list[tuple[str, str, bool]] | None]]] | None = None,
+    behind: Callable[[], bool] | None = None,
 ) -> None:
     """Depth-first over directories, WALK_CONCURRENCY jobs at a time; `visit` returns the subdirs
     [(name, dname, new)] to descend into (decided by the destination side). `group`, when given,
@@ -2744,8 +2751,10 @@ async def _walk(
     tree/digests, pull tree/have) and returns (jobs to descend into, jobs to visit in full).
     `many` visits up to protocol.BATCH_DIRS directories below the top at once (pull:
     tree/scans; push: new directories, tree/dirs) and returns each one's subdirs, or None for
-    one it did not get to (visited again later). The first error cancels the rest of the walk
-    and is raised alone."""
+    one it did not get to (visited again later). While `behind()` says the data is far behind
+    the walk (a pull: MAX_QUEUED_FILES asked for and not landed), no new job starts, so the
+    walk's memory stays bounded on any tree. The first error cancels the rest of the walk and is
+    raised alone."""
     stack: list[tuple[Job, bool]] = [((top.rel, top.dst_rel, top.dst_new, top.only), True)]  # (job, full)
     active = 0
     changed = trio.Event()
@@ -2781,6 +2790,10 @@ async def _walk(
     batches = 0
     async with trio.open_nursery() as nursery:
         while (stack or active) and not errors:
+            if stack and behind is not None and behind():
+                with trio.move_on_after(BEHIND_POLL):  # landing threads: no event to wait on
+                    await changed.wait()
+                continue
             while stack and active < WALK_CONCURRENCY and not errors:
                 active += 1
                 job, full = stack.pop()
@@ -3418,6 +3431,9 @@ async def pull_tree(
         out: list[list[tuple[str, str, bool]] | None] = []
         groups: list[protocol.FileGroup] = []
         for job, manifest in zip(jobs, got.manifests):
+            if behind():  # a batch of large directories: planned no further ahead of the data
+                await ask(groups)
+                await catch_up()
             out.append(await visit(*job, manifest, groups))
         await ask(groups)
         return out + [None] * (len(jobs) - len(out))
@@ -3452,6 +3468,16 @@ async def pull_tree(
                 else:
                     again.append(j)
         return children, again
+
+    def behind() -> bool:
+        """More files asked for and not landed than a walk may run ahead (MAX_QUEUED_FILES)."""
+        return len(sink.pending) > MAX_QUEUED_FILES
+
+    async def catch_up() -> None:
+        """Wait until the data is no longer behind (every file waited for was asked for)."""
+        while behind():
+            stop_if_fatal()
+            await trio.sleep(BEHIND_POLL)
 
     async def ask(groups: list[protocol.FileGroup]) -> None:
         """Ask the daemon for the files of `groups` (and empty it)."""
@@ -3510,7 +3536,8 @@ async def pull_tree(
                         # Listed here while the daemon lists the source (R72).
                         nursery.start_soon(functools.partial(trio.to_thread.run_sync, sink.prefetch, top.dst_rel))
                     scans = by_dir and protocol.FEATURE_DIR_BATCH in session.peer.features
-                    await _walk(top, visit, have if use_have else None, visit_many if scans else None)
+                    # Listed no further ahead of the data than a push is (MAX_QUEUED_FILES).
+                    await _walk(top, visit, have if use_have else None, visit_many if scans else None, behind)
                     if counters is not None:
                         counters.planned = True
                     # No more files: the daemon's senders end with DONE. (Not on a failed walk: the
