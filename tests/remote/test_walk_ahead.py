@@ -109,3 +109,45 @@ async def test_a_pull_lists_no_further_ahead_than_it_lands(daemon: Daemon, tmp_p
     assert_same_tree(src, tmp_path / "dst")
     assert waited, "the pull's walk never asked whether it was ahead of its data"
     assert max(spy.seen) <= LIMIT + tree.WALK_CONCURRENCY * FILES, spy.seen
+
+
+async def test_a_pull_of_one_large_directory_lists_its_parts_no_further_ahead_than_it_lands(
+    daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One directory in parts (PART_ENTRIES 200 here, 4,000 entries): the next part is fetched
+    and planned only once at most LIMIT files asked for have not landed."""
+    from blit.transport import protocol
+
+    monkeypatch.setattr(protocol, "PART_ENTRIES", 200)
+    monkeypatch.setattr(tree, "MAX_QUEUED_FILES", LIMIT)
+    spy = PendingSpy(monkeypatch, "plan")
+    src = daemon.modules["data"] / "flat"
+    src.mkdir()
+    for i in range(DIRS * FILES):
+        (src / f"f{i:04}").touch()
+    async with daemon.session() as s:
+        done = await pull_tree(s, "data", b"flat", os.fsencode(tmp_path / "dst"), TopJob(), TreeSpec(operation="copy"), create_root=True)
+    assert done.files_copied == DIRS * FILES and not done.failures, done
+    assert_same_tree(src, tmp_path / "dst")
+    assert len(spy.seen) >= DIRS * FILES // 200 and max(spy.seen) <= LIMIT, spy.seen
+
+
+async def test_a_push_of_one_large_directory_is_planned_part_by_part_no_further_ahead_than_it_lands(
+    daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same directory pushed: each part (tree/dir) is planned once at most LIMIT files the
+    daemon needs have not landed."""
+    from blit.transport import protocol
+
+    monkeypatch.setattr(protocol, "PART_ENTRIES", 200)
+    monkeypatch.setattr(handlers, "MAX_QUEUED_FILES", LIMIT)
+    spy = PendingSpy(monkeypatch, "plan")
+    src = tmp_path / "flat"
+    src.mkdir()
+    for i in range(DIRS * FILES):
+        (src / f"f{i:04}").touch()
+    async with daemon.session() as s:
+        done = await push_tree(s, os.fsencode(src), "data", b"dst", TopJob(), TreeSpec(operation="copy"), create_base=True)
+    assert done.files_copied == DIRS * FILES and not done.failures, done
+    assert_same_tree(src, daemon.modules["data"] / "dst")
+    assert len(spy.seen) >= DIRS * FILES // 200 and max(spy.seen) <= LIMIT, spy.seen

@@ -3417,6 +3417,7 @@ async def pull_tree(
                 return subdirs
             if groups is not None:
                 await ask(groups)
+            await catch_up()  # a directory of millions: its parts no further ahead of the data
             part += 1
             manifest = None
 
