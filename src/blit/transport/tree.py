@@ -85,9 +85,9 @@ WALK_CONCURRENCY = 8
 MAX_QUEUED_FILES = 20_000
 """A pushing client stops walking ahead while this many files wait for a data stream; a pulling
 client while this many files it asked for have not landed; a push's destination daemon plans
-no more while this many files it needs have not landed (handlers._behind_landing). Without it, a tree of millions of
-small or empty files, whose data lags its listing, was held in memory nearly whole (a
-1,000,000-file pull: 412 MiB)."""
+no more while this many files it needs have not landed (handlers._plan_behind_landing).
+Without it, a tree of millions of small or empty files, whose data lags its listing, was held
+in memory nearly whole (a 1,000,000-file pull: 412 MiB)."""
 MAX_PARTED = 16
 """Directories whose manifest parts a pull's source keeps waiting at once (SourceTree.scan_part)."""
 _ENTRY_BYTES = 96
